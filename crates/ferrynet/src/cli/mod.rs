@@ -1,0 +1,426 @@
+//! The command line: networks, containers, CNI installation.
+
+mod hostroutes;
+mod install;
+mod table;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use ferrynet_dataplane::netns::Netns;
+use ferrynet_model::names::{parse_mac, validate_container_name};
+use ferrynet_model::network::{Network, NetworkMode, Subnet};
+use ipnet::IpNet;
+
+use crate::container::{self, netns_name, netns_path, parse_publish, Container};
+use crate::control::endpoint::AttachRequest;
+use crate::control::{Control, Paths};
+use table::Table;
+
+/// Container networking: bridged and host networks, published ports, a CNI plugin.
+///
+/// Run as root. State lives in an embedded store under --state-dir (default /var/lib/ferrynet).
+/// When CNI_COMMAND is set in the environment, ferrynet acts as a CNI plugin instead
+/// (configuration on stdin, result on stdout), so the same binary is installed into the CNI
+/// bin directory by `ferrynet install-cni`.
+#[derive(Parser, Debug)]
+#[command(name = "ferrynet", version, about, long_about)]
+struct Cli {
+    /// State directory holding the embedded store.
+    #[arg(long, global = true, env = "FERRYNET_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create, list, inspect and remove networks.
+    #[command(subcommand)]
+    Network(NetworkCmd),
+    /// Start a container: a new network namespace attached to a network, running CMD.
+    Run(RunArgs),
+    /// List containers started with `ferrynet run`.
+    Ps(JsonFlag),
+    /// Run a command inside a container's network namespace (in the foreground).
+    Exec {
+        /// Container name.
+        name: String,
+        /// Command and arguments.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Stop a container's process (SIGTERM, then SIGKILL after --time seconds).
+    Stop {
+        /// Container name.
+        name: String,
+        /// Seconds to wait before SIGKILL.
+        #[arg(long, short, default_value_t = 10)]
+        time: u64,
+    },
+    /// Remove a container: its process, its network attachment and its namespace.
+    Rm {
+        /// Container name.
+        name: String,
+        /// Stop it first if it is running.
+        #[arg(long, short)]
+        force: bool,
+    },
+    /// Install ferrynet as a CNI plugin: copy the binary and write a conflist.
+    InstallCni(install::InstallArgs),
+    /// Rebuild ferrynet's nftables table from the store (after a firewall reload wiped it).
+    Reload,
+}
+
+#[derive(Args, Debug)]
+struct JsonFlag {
+    /// Print JSON for programs instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum NetworkCmd {
+    /// Create a network.
+    Create(CreateArgs),
+    /// List networks.
+    Ls(JsonFlag),
+    /// Show one network with its endpoints (JSON).
+    Inspect {
+        /// Network name.
+        name: String,
+    },
+    /// Remove a network (refused while containers are attached, unless --force).
+    Rm {
+        /// Network name.
+        name: String,
+        /// Detach attached containers first.
+        #[arg(long, short)]
+        force: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct CreateArgs {
+    /// Network name: letters, digits, `_ . -`, at most 64 characters.
+    name: String,
+    /// A subnet (IPv4 or IPv6 CIDR); repeat for several. Default: a free 10.89.N.0/24.
+    #[arg(long, value_name = "CIDR")]
+    subnet: Vec<IpNet>,
+    /// Gateway address for the subnet given at the same position (default: its first address).
+    #[arg(long, value_name = "IP")]
+    gateway: Vec<IpAddr>,
+    /// MTU of the bridge and the containers' interfaces.
+    #[arg(long)]
+    mtu: Option<u32>,
+    /// No outside access: no default route, no masquerade.
+    #[arg(long)]
+    internal: bool,
+    /// Do not masquerade traffic leaving the network.
+    #[arg(long)]
+    no_masquerade: bool,
+    /// Bridge name (must start with `fn-`, at most 15 bytes; default derived from the name).
+    #[arg(long)]
+    bridge: Option<String>,
+    /// Host networking: containers share the host's namespace; nothing is created.
+    #[arg(long, conflicts_with_all = ["subnet", "internal", "bridge"])]
+    host: bool,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Container name.
+    #[arg(long)]
+    name: String,
+    /// Network to attach to.
+    #[arg(long, alias = "network")]
+    net: String,
+    /// Publish a port: [HOSTIP:]HOSTPORT[-END]:PORT[-END][/tcp|udp|sctp]; repeatable.
+    #[arg(short = 'p', long = "publish", value_name = "SPEC")]
+    publish: Vec<String>,
+    /// Static address (one per address family).
+    #[arg(long)]
+    ip: Vec<IpAddr>,
+    /// Static MAC address.
+    #[arg(long)]
+    mac: Option<String>,
+    /// Interface name inside the container.
+    #[arg(long, default_value = "eth0")]
+    ifname: String,
+    /// Command and arguments to run.
+    #[arg(last = true, required = true)]
+    cmd: Vec<String>,
+}
+
+/// Parse arguments, run, and map failures to a message and exit code 1.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ferrynet: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("ferrynet must run as root: it creates network namespaces, links and nftables rules");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
+    let ctl = Control::open(Paths::resolve(cli.state_dir.as_deref()))?;
+    rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Network(c) => network(&ctl, c).await.map(|_| ExitCode::SUCCESS),
+            Cmd::Run(a) => run_container(&ctl, a).await.map(|_| ExitCode::SUCCESS),
+            Cmd::Ps(f) => ps(&ctl, f.json).await.map(|_| ExitCode::SUCCESS),
+            Cmd::Exec { name, cmd } => exec(&ctl, &name, &cmd).await,
+            Cmd::Stop { name, time } => stop(&ctl, &name, time).await.map(|_| ExitCode::SUCCESS),
+            Cmd::Rm { name, force } => rm(&ctl, &name, force).await.map(|_| ExitCode::SUCCESS),
+            Cmd::InstallCni(a) => install::install_cni(&ctl, a).await.map(|_| ExitCode::SUCCESS),
+            Cmd::Reload => {
+                let n = ctl.reload_edge().await?;
+                println!("ruleset restored ({n} published port element(s))");
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    })
+}
+
+async fn network(ctl: &Control, cmd: NetworkCmd) -> anyhow::Result<()> {
+    match cmd {
+        NetworkCmd::Create(a) => {
+            let net = network_from_args(ctl, a).await?;
+            let net = ctl.create_network(net).await?;
+            println!("{}", net.name);
+        }
+        NetworkCmd::Ls(f) => {
+            let nets = ctl.networks().await?;
+            if f.json {
+                println!("{}", serde_json::to_string_pretty(&nets)?);
+                return Ok(());
+            }
+            let mut t = Table::new(&["NAME", "MODE", "BRIDGE", "SUBNETS", "MTU", "FLAGS", "ENDPOINTS"]);
+            for n in &nets {
+                let eps = ctl.endpoints(&n.name).await?.len();
+                let mut flags = Vec::new();
+                if n.internal {
+                    flags.push("internal");
+                }
+                if !n.ip_masq {
+                    flags.push("no-masq");
+                }
+                t.row(vec![
+                    n.name.clone(),
+                    format!("{:?}", n.mode).to_lowercase(),
+                    if n.mode == NetworkMode::Host { "-".into() } else { n.bridge.clone() },
+                    n.subnets.iter().map(|s| s.cidr.to_string()).collect::<Vec<_>>().join(","),
+                    n.mtu.map(|m| m.to_string()).unwrap_or_else(|| "-".into()),
+                    flags.join(","),
+                    eps.to_string(),
+                ]);
+            }
+            print!("{t}");
+        }
+        NetworkCmd::Inspect { name } => {
+            let (net, _) = ctl.network(&name).await?.with_context(|| format!("network {name} does not exist"))?;
+            let eps = ctl.endpoints(&name).await?;
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({"network": net, "endpoints": eps}))?);
+        }
+        NetworkCmd::Rm { name, force } => {
+            ctl.delete_network(&name, force).await?;
+            println!("{name}");
+        }
+    }
+    Ok(())
+}
+
+async fn network_from_args(ctl: &Control, a: CreateArgs) -> anyhow::Result<Network> {
+    if a.host {
+        return Ok(Network {
+            name: a.name,
+            mode: NetworkMode::Host,
+            bridge: String::new(),
+            subnets: Vec::new(),
+            mtu: None,
+            internal: false,
+            ip_masq: false,
+        });
+    }
+    if a.gateway.len() > a.subnet.len() {
+        bail!("{} --gateway given for {} --subnet", a.gateway.len(), a.subnet.len());
+    }
+    let host_routes = hostroutes::foreign_routes().unwrap_or_default();
+    let mut subnets: Vec<Subnet> = Vec::new();
+    for (i, cidr) in a.subnet.iter().enumerate() {
+        if cidr.trunc() != *cidr {
+            bail!("--subnet {cidr} has host bits set; did you mean {}?", cidr.trunc());
+        }
+        if let Some(r) = host_routes.iter().find(|r| ferrynet_model::ipam::overlaps(&r.dst, cidr)) {
+            bail!(
+                "--subnet {cidr} overlaps the host route {} via {} (a LAN or VPN); containers could not reach it. Pick another subnet.",
+                r.dst,
+                r.dev
+            );
+        }
+        let mut s = Subnet::new(*cidr);
+        s.gateway = a.gateway.get(i).copied();
+        subnets.push(s);
+    }
+    if subnets.is_empty() {
+        let taken: Vec<IpNet> = ctl
+            .networks()
+            .await?
+            .iter()
+            .flat_map(|n| n.subnets.iter().map(|s| s.cidr))
+            .chain(host_routes.iter().map(|r| r.dst))
+            .collect();
+        let cidr = hostroutes::pick_free_subnet(&taken).context("no free 10.89.N.0/24 left for a default subnet; pass --subnet")?;
+        subnets.push(Subnet::new(cidr));
+    }
+    Ok(Network {
+        name: a.name,
+        mode: NetworkMode::Bridge,
+        bridge: a.bridge.unwrap_or_default(),
+        subnets,
+        mtu: a.mtu,
+        internal: a.internal,
+        ip_masq: !a.internal && !a.no_masquerade,
+    })
+}
+
+async fn run_container(ctl: &Control, a: RunArgs) -> anyhow::Result<()> {
+    validate_container_name(&a.name)?;
+    let (net, _) = ctl.network(&a.net).await?.with_context(|| format!("network {} does not exist", a.net))?;
+    let mut ports = Vec::new();
+    for spec in &a.publish {
+        ports.extend(parse_publish(spec).map_err(anyhow::Error::msg)?);
+    }
+    let mac = a.mac.as_deref().map(parse_mac).transpose()?;
+    let host_mode = net.mode == NetworkMode::Host;
+    let ns_name = netns_name(&a.name);
+    let mut c = Container {
+        name: a.name.clone(),
+        network: net.name.clone(),
+        netns: (!host_mode).then(|| netns_path(&ns_name).display().to_string()),
+        ifname: a.ifname.clone(),
+        command: a.cmd.clone(),
+        pid: None,
+        start_ticks: None,
+        ips: Vec::new(),
+        ports: ports.clone(),
+    };
+    ctl.claim_container(&c).await?;
+    // From here on, undo everything on failure.
+    let result = async {
+        if !host_mode {
+            Netns::create_named(&ns_name).with_context(|| format!("creating netns {ns_name}"))?;
+        }
+        let ep = ctl
+            .attach(
+                &net,
+                AttachRequest {
+                    container_id: a.name.clone(),
+                    ifname: a.ifname.clone(),
+                    netns: c.netns.clone().unwrap_or_default(),
+                    static_ips: a.ip.clone(),
+                    mac,
+                    port_mappings: ports.clone(),
+                },
+            )
+            .await?;
+        c.ips = ep.ips.clone();
+        let dir = ctl.paths.container_dir(&a.name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let ns_path = c.netns.as_ref().map(PathBuf::from);
+        let (pid, ticks) = container::spawn_in(ns_path.as_deref(), &a.cmd, &dir.join("log"))?;
+        c.pid = Some(pid);
+        c.start_ticks = Some(ticks);
+        ctl.save_container(&c).await?;
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        let _ = ctl.detach(&net, &a.name, &a.ifname, c.netns.as_deref()).await;
+        if !host_mode {
+            let _ = Netns::delete_named(&ns_name);
+        }
+        let _ = ctl.forget_container(&a.name).await;
+        return Err(e);
+    }
+    let ips: Vec<String> = c.ips.iter().map(|i| i.addr().to_string()).collect();
+    println!("{} {} pid={}", c.name, if ips.is_empty() { "host".into() } else { ips.join(",") }, c.pid.unwrap_or(0));
+    Ok(())
+}
+
+async fn ps(ctl: &Control, json: bool) -> anyhow::Result<()> {
+    let cs = ctl.containers().await?;
+    if json {
+        let v: Vec<serde_json::Value> = cs
+            .iter()
+            .map(|c| {
+                let mut v = serde_json::to_value(c).unwrap_or_default();
+                v["running"] = serde_json::Value::Bool(c.running());
+                v
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let mut t = Table::new(&["NAME", "NETWORK", "ADDRESSES", "PORTS", "STATUS", "PID", "COMMAND"]);
+    for c in &cs {
+        t.row(vec![
+            c.name.clone(),
+            c.network.clone(),
+            c.ips.iter().map(|i| i.addr().to_string()).collect::<Vec<_>>().join(","),
+            c.ports
+                .iter()
+                .map(|p| format!("{}{}->{}/{}", p.host_ip.map(|i| format!("{i}:")).unwrap_or_default(), p.host_port, p.container_port, p.protocol.as_str()))
+                .collect::<Vec<_>>()
+                .join(","),
+            if c.running() { "running".into() } else { "exited".into() },
+            c.pid.map(|p| p.to_string()).unwrap_or_default(),
+            c.command.join(" "),
+        ]);
+    }
+    print!("{t}");
+    Ok(())
+}
+
+async fn exec(ctl: &Control, name: &str, cmd: &[String]) -> anyhow::Result<ExitCode> {
+    let c = ctl.container(name).await?.with_context(|| format!("no container named {name}"))?;
+    let code = container::exec_in(c.netns.as_ref().map(PathBuf::from).as_deref(), cmd)?;
+    Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}
+
+async fn stop(ctl: &Control, name: &str, time: u64) -> anyhow::Result<()> {
+    let c = ctl.container(name).await?.with_context(|| format!("no container named {name}"))?;
+    container::stop_process(&c, Duration::from_secs(time));
+    println!("{name}");
+    Ok(())
+}
+
+async fn rm(ctl: &Control, name: &str, force: bool) -> anyhow::Result<()> {
+    let c = ctl.container(name).await?.with_context(|| format!("no container named {name}"))?;
+    if c.running() {
+        if !force {
+            bail!("container {name} is running; stop it first or use --force");
+        }
+        container::stop_process(&c, Duration::from_secs(5));
+    }
+    if let Some((net, _)) = ctl.network(&c.network).await? {
+        ctl.detach(&net, &c.name, &c.ifname, c.netns.as_deref()).await?;
+    }
+    if c.netns.is_some() {
+        Netns::delete_named(&netns_name(name)).with_context(|| format!("removing netns of {name}"))?;
+    }
+    let _ = std::fs::remove_dir_all(ctl.paths.container_dir(name));
+    ctl.forget_container(name).await?;
+    println!("{name}");
+    Ok(())
+}

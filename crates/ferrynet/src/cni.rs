@@ -1,0 +1,395 @@
+//! The CNI plugin: selected when `CNI_COMMAND` is set; config on stdin, result on stdout.
+
+use std::io::Read;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use ferrynet_model::cni::{CniEnv, CniError, CniResult, Command, Interface, IpConfig, NetConf, Route};
+use ferrynet_model::ipam::validate_network_subnets;
+use ferrynet_model::names::parse_mac;
+use ferrynet_model::network::{Endpoint, Network, NetworkMode, Subnet};
+use ipnet::IpNet;
+use serde_json::Value;
+
+use crate::control::endpoint::{container_routes, AttachRequest};
+use crate::control::{Control, Paths};
+use crate::error::ControlError;
+
+/// Run as a CNI plugin; returns the process exit code.
+pub fn main() -> i32 {
+    let mut stdin = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
+        return emit_error(&CniError::io(format!("reading the network configuration from stdin: {e}")), "1.1.0");
+    }
+    let version = serde_json::from_slice::<Value>(&stdin)
+        .ok()
+        .and_then(|v| v.get("cniVersion").and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_else(|| "1.1.0".to_string());
+    let env = match CniEnv::from_vars(|k| std::env::var(k).ok()) {
+        Ok(env) => env,
+        Err(e) => return emit_error(&e, &version),
+    };
+    if env.command == Command::Version {
+        println!("{}", ferrynet_model::cni::version_result(&version));
+        return 0;
+    }
+    let conf = match NetConf::parse(&stdin) {
+        Ok(c) => c,
+        Err(e) => return emit_error(&e, &version),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => return emit_error(&CniError::io(format!("starting the async runtime: {e}")), &version),
+    };
+    match runtime.block_on(dispatch(&env, &conf)) {
+        Ok(Some(out)) => {
+            println!("{out}");
+            0
+        }
+        Ok(None) => 0,
+        Err(e) => emit_error(&e, &conf.cni_version),
+    }
+}
+
+fn emit_error(e: &CniError, version: &str) -> i32 {
+    tracing::error!(code = e.code, "{}", e.msg);
+    println!("{}", e.to_json(version));
+    1
+}
+
+fn ctl_err(e: ControlError) -> CniError {
+    e.to_cni()
+}
+
+async fn dispatch(env: &CniEnv, conf: &NetConf) -> Result<Option<Value>, CniError> {
+    let paths = Paths::resolve(conf_str(conf, "stateDir").map(PathBuf::from).as_deref());
+    let ctl = Control::open(paths).map_err(|e| match e {
+        ControlError::Store(_) => CniError::try_again_later(format!("cannot open the ferrynet store: {e}")),
+        other => ctl_err(other),
+    })?;
+    match env.command {
+        Command::Add => add(&ctl, env, conf).await.map(Some),
+        Command::Del => del(&ctl, env, conf).await.map(|_| None),
+        Command::Check => check(&ctl, env, conf).await.map(|_| None),
+        Command::Gc => gc(&ctl, conf).await.map(|_| None),
+        Command::Status => status(&ctl).await.map(|_| None),
+        Command::Version => Ok(Some(ferrynet_model::cni::version_result(&conf.cni_version))),
+    }
+}
+
+fn conf_str<'a>(conf: &'a NetConf, key: &str) -> Option<&'a str> {
+    conf.extra.get(key).and_then(Value::as_str)
+}
+
+/// The network a config describes: from its own keys (`subnets`, or host-local style
+/// `ipam.subnet` / `ipam.ranges`), or None when it only names a network made by the CLI.
+pub fn network_from_conf(conf: &NetConf) -> Result<Option<Network>, CniError> {
+    let mode = match conf_str(conf, "mode") {
+        None | Some("bridge") => NetworkMode::Bridge,
+        Some("host") => NetworkMode::Host,
+        Some(other) => return Err(CniError::invalid_config(format!("mode {other:?} is not one of \"bridge\", \"host\""))),
+    };
+    let mut subnets: Vec<Subnet> = match conf.extra.get("subnets") {
+        Some(v) => serde_json::from_value(v.clone())
+            .map_err(|e| CniError::invalid_config(format!("subnets: {e} (expected [{{\"cidr\": \"10.88.0.0/16\"}}, ...])")))?,
+        None => Vec::new(),
+    };
+    if let Some(ipam) = &conf.ipam {
+        subnets.extend(subnets_from_ipam(ipam)?);
+    }
+    if subnets.is_empty() && mode == NetworkMode::Bridge {
+        return Ok(None);
+    }
+    let mtu = match conf.extra.get("mtu") {
+        None => None,
+        Some(v) => Some(
+            v.as_u64()
+                .and_then(|m| u32::try_from(m).ok())
+                .ok_or_else(|| CniError::invalid_config(format!("mtu must be a number, not {v}")))?,
+        ),
+    };
+    let flag = |k: &str, default: bool| -> Result<bool, CniError> {
+        match conf.extra.get(k) {
+            None => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(v) => Err(CniError::invalid_config(format!("{k} must be true or false, not {v}"))),
+        }
+    };
+    let internal = flag("internal", false)?;
+    Ok(Some(crate::control::network::with_defaults(Network {
+        name: conf.name.clone(),
+        mode,
+        bridge: conf_str(conf, "bridge").unwrap_or_default().to_string(),
+        subnets,
+        mtu,
+        internal,
+        ip_masq: flag("ipMasq", !internal)?,
+    })))
+}
+
+/// Accept the host-local IPAM shapes so existing conflists work: `subnet` (+ `gateway`,
+/// `rangeStart`, `rangeEnd`) or `ranges: [[{subnet, gateway, rangeStart, rangeEnd}]]`.
+/// ferrynet does the allocation itself either way.
+fn subnets_from_ipam(ipam: &Value) -> Result<Vec<Subnet>, CniError> {
+    let kind = ipam.get("type").and_then(Value::as_str).unwrap_or("ferrynet");
+    if !matches!(kind, "ferrynet" | "host-local") {
+        return Err(CniError::unsupported_field(
+            "ipam.type",
+            format!("{kind} (ferrynet allocates addresses itself; use \"ferrynet\" or host-local-style ranges)"),
+        ));
+    }
+    let one = |v: &Value| -> Result<Subnet, CniError> {
+        let get_ip = |k: &str| -> Result<Option<IpAddr>, CniError> {
+            match v.get(k).and_then(Value::as_str) {
+                None => Ok(None),
+                Some(s) => s.parse().map(Some).map_err(|_| CniError::invalid_config(format!("ipam {k} {s:?} is not an IP address"))),
+            }
+        };
+        let cidr: IpNet = v
+            .get("subnet")
+            .and_then(Value::as_str)
+            .ok_or_else(|| CniError::invalid_config("ipam range without \"subnet\""))?
+            .parse()
+            .map_err(|_| CniError::invalid_config(format!("ipam subnet {} is not a CIDR", v["subnet"])))?;
+        let mut s = Subnet::new(cidr);
+        s.gateway = get_ip("gateway")?;
+        s.range_start = get_ip("rangeStart")?;
+        s.range_end = get_ip("rangeEnd")?;
+        Ok(s)
+    };
+    let mut out = Vec::new();
+    if ipam.get("subnet").is_some() {
+        out.push(one(ipam)?);
+    }
+    if let Some(ranges) = ipam.get("ranges").and_then(Value::as_array) {
+        for set in ranges {
+            let set = set.as_array().ok_or_else(|| CniError::invalid_config("ipam ranges must be a list of lists"))?;
+            for r in set {
+                out.push(one(r)?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn resolve_network(ctl: &Control, conf: &NetConf) -> Result<Network, CniError> {
+    match network_from_conf(conf)? {
+        Some(net) => ctl.ensure_network(net).await.map_err(ctl_err),
+        None => ctl.network(&conf.name).await.map_err(ctl_err)?.map(|(n, _)| n).ok_or_else(|| {
+            CniError::invalid_config(format!(
+                "network {} has no subnets in its config and does not exist in the store (create it with `ferrynet network create`)",
+                conf.name
+            ))
+        }),
+    }
+}
+
+/// Static addresses and MAC: from the `ips`/`mac` capabilities or `CNI_ARGS` `IP=`/`MAC=`.
+fn static_requests(env: &CniEnv, conf: &NetConf) -> Result<(Vec<IpAddr>, Option<[u8; 6]>), CniError> {
+    let mut ips = Vec::new();
+    let mut from_args = Vec::new();
+    let mut mac_s = conf.runtime_config.mac.clone();
+    for (k, v) in &env.args {
+        match k.as_str() {
+            "IP" => from_args.extend(v.split(',').map(str::to_string)),
+            "MAC" => mac_s = Some(v.clone()),
+            _ => {}
+        }
+    }
+    for s in conf.runtime_config.ips.iter().chain(from_args.iter()) {
+        let s = s.trim();
+        let ip = s
+            .split('/')
+            .next()
+            .and_then(|a| a.parse::<IpAddr>().ok())
+            .ok_or_else(|| CniError::invalid_config(format!("requested address {s:?} is not an IP address")))?;
+        ips.push(ip);
+    }
+    let mac = match mac_s {
+        Some(m) => Some(parse_mac(&m).map_err(|e| CniError::invalid_config(format!("mac {m:?}: {e}")))?),
+        None => None,
+    };
+    Ok((ips, mac))
+}
+
+/// The CNI result for an endpoint, merged after a previous plugin's result if there is one.
+pub fn build_result(net: &Network, ep: &Endpoint, prev: Option<CniResult>, version: &str) -> Result<CniResult, CniError> {
+    let mut res = prev.unwrap_or_else(|| CniResult { cni_version: version.to_string(), ..Default::default() });
+    res.cni_version = version.to_string();
+    if net.mode == NetworkMode::Host {
+        // Honest: host networking creates no interface and assigns no address.
+        return Ok(res);
+    }
+    let subnets = validate_network_subnets(&net.subnets).map_err(|e| CniError::invalid_config(e.to_string()))?;
+    if let Some(hv) = &ep.host_veth {
+        res.interfaces.push(Interface { name: hv.clone(), mac: ep.host_mac.clone(), ..Default::default() });
+    }
+    let idx = res.interfaces.len();
+    res.interfaces.push(Interface {
+        name: ep.ifname.clone(),
+        mac: ep.mac.clone(),
+        mtu: net.mtu,
+        sandbox: ep.netns.clone(),
+        ..Default::default()
+    });
+    for ip in &ep.ips {
+        res.ips.push(IpConfig {
+            address: *ip,
+            gateway: crate::control::endpoint::gateway_for(&subnets, ip.addr()),
+            interface: Some(idx),
+        });
+    }
+    for r in container_routes(net, &subnets, &ep.ips) {
+        res.routes.push(Route { dst: r.dst, gw: r.gateway, ..Default::default() });
+    }
+    Ok(res)
+}
+
+fn need<'a>(v: &'a Option<String>, name: &str) -> Result<&'a str, CniError> {
+    v.as_deref().ok_or_else(|| CniError::invalid_env(format!("{name} is required")))
+}
+
+async fn add(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
+    let net = resolve_network(ctl, conf).await?;
+    let netns = need(&env.netns, "CNI_NETNS")?;
+    if net.mode == NetworkMode::Bridge && !std::path::Path::new(netns).exists() {
+        return Err(CniError::invalid_env(format!("CNI_NETNS {netns} does not exist")));
+    }
+    let (static_ips, mac) = static_requests(env, conf)?;
+    let prev = match &conf.prev_result {
+        Some(v) => Some(CniResult::from_prev_result(v, &conf.cni_version)?),
+        None => None,
+    };
+    let ep = ctl
+        .attach(
+            &net,
+            AttachRequest {
+                container_id: need(&env.container_id, "CNI_CONTAINERID")?.to_string(),
+                ifname: need(&env.ifname, "CNI_IFNAME")?.to_string(),
+                netns: netns.to_string(),
+                static_ips,
+                mac,
+                port_mappings: conf.runtime_config.port_mappings.clone(),
+            },
+        )
+        .await
+        .map_err(ctl_err)?;
+    let mut res = build_result(&net, &ep, prev, &conf.cni_version)?;
+    if let Some(dns) = &conf.dns {
+        res.dns = dns.clone();
+    }
+    Ok(res.to_json_for_version(&conf.cni_version))
+}
+
+async fn del(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
+    let cid = need(&env.container_id, "CNI_CONTAINERID")?;
+    let ifname = need(&env.ifname, "CNI_IFNAME")?;
+    // DEL must succeed for networks that were never set up: use the config's definition, or
+    // the stored one, and if neither exists there is nothing to remove.
+    let net = match network_from_conf(conf)? {
+        Some(n) => match ctl.network(&n.name).await.map_err(ctl_err)? {
+            Some((stored, _)) => stored,
+            None => n,
+        },
+        None => match ctl.network(&conf.name).await.map_err(ctl_err)? {
+            Some((n, _)) => n,
+            None => return Ok(()),
+        },
+    };
+    ctl.detach(&net, cid, ifname, env.netns.as_deref().filter(|s| !s.is_empty())).await.map_err(ctl_err)
+}
+
+async fn check(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
+    let net = resolve_network(ctl, conf).await?;
+    let ep = ctl
+        .check(&net, need(&env.container_id, "CNI_CONTAINERID")?, need(&env.ifname, "CNI_IFNAME")?, need(&env.netns, "CNI_NETNS")?)
+        .await
+        .map_err(ctl_err)?;
+    if let Some(prev) = &conf.prev_result {
+        let prev = CniResult::from_prev_result(prev, &conf.cni_version)?;
+        for ip in &ep.ips {
+            if !prev.ips.iter().any(|p| p.address == *ip) {
+                return Err(CniError::plugin(
+                    crate::error::codes::CHECK_FAILED,
+                    format!("address {ip} of {} is missing from prevResult", ep.ifname),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn gc(ctl: &Control, conf: &NetConf) -> Result<(), CniError> {
+    let Some((net, _)) = ctl.network(&conf.name).await.map_err(ctl_err)? else {
+        return Ok(());
+    };
+    let valid: Vec<(String, String)> =
+        conf.valid_attachments.iter().map(|a| (a.container_id.clone(), a.ifname.clone())).collect();
+    let (removed, errors) = ctl.gc(&net, &valid).await.map_err(ctl_err)?;
+    tracing::info!(network = %net.name, removed, "gc done");
+    if !errors.is_empty() {
+        return Err(CniError::io(format!("gc removed {removed} attachment(s) but failed on: {}", errors.join("; "))));
+    }
+    Ok(())
+}
+
+async fn status(ctl: &Control) -> Result<(), CniError> {
+    ctl.store
+        .revision()
+        .await
+        .map_err(|e| CniError::not_available(format!("the ferrynet store is not usable: {e}")))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conf(extra: Value) -> NetConf {
+        let mut v = serde_json::json!({"cniVersion": "1.1.0", "name": "blue", "type": "ferrynet"});
+        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            for (k, val) in e {
+                o.insert(k.clone(), val.clone());
+            }
+        }
+        NetConf::parse(v.to_string().as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn network_from_subnets_key() {
+        let n = network_from_conf(&conf(serde_json::json!({"subnets": [{"cidr": "10.7.0.0/24"}, {"cidr": "fd07::/64"}], "mtu": 1400})))
+            .unwrap()
+            .unwrap();
+        assert_eq!(n.subnets.len(), 2);
+        assert_eq!(n.mtu, Some(1400));
+        assert_eq!(n.bridge, "fn-blue");
+        assert!(n.ip_masq);
+    }
+
+    #[test]
+    fn network_from_host_local_ranges() {
+        let n = network_from_conf(&conf(serde_json::json!({"ipam": {"type": "host-local", "ranges": [[{"subnet": "10.8.0.0/24", "rangeStart": "10.8.0.10"}]]}})))
+            .unwrap()
+            .unwrap();
+        assert_eq!(n.subnets[0].range_start, Some("10.8.0.10".parse().unwrap()));
+    }
+
+    #[test]
+    fn name_only_config_defers_to_store() {
+        assert!(network_from_conf(&conf(serde_json::json!({}))).unwrap().is_none());
+    }
+
+    #[test]
+    fn bad_keys_are_config_errors() {
+        assert_eq!(network_from_conf(&conf(serde_json::json!({"mode": "weird"}))).unwrap_err().code, 7);
+        assert_eq!(network_from_conf(&conf(serde_json::json!({"subnets": "x"}))).unwrap_err().code, 7);
+        assert_eq!(network_from_conf(&conf(serde_json::json!({"ipam": {"type": "dhcp"}}))).unwrap_err().code, 2);
+        assert_eq!(network_from_conf(&conf(serde_json::json!({"subnets": [{"cidr": "10.0.0.0/24"}], "ipMasq": "yes"}))).unwrap_err().code, 7);
+    }
+
+    #[test]
+    fn internal_defaults_to_no_masquerade() {
+        let n = network_from_conf(&conf(serde_json::json!({"subnets": [{"cidr": "10.9.0.0/24"}], "internal": true}))).unwrap().unwrap();
+        assert!(n.internal && !n.ip_masq);
+    }
+}

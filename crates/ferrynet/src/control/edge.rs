@@ -1,0 +1,125 @@
+//! The edge: nftables rules for masquerade, isolation and published ports.
+//!
+//! The skeleton (chains, per-network rules) is re-applied only when networks change or the
+//! table is found missing; a container ADD/DEL only adds or removes map elements, one atomic
+//! transaction each, so its cost does not depend on how many ports are already published.
+
+use ferrynet_dataplane::bridge::{delete_bridge, ensure_bridge, BridgeSpec};
+use ferrynet_dataplane::firewall_compat::ensure_forward_accept;
+use ferrynet_dataplane::netlink::Netlink;
+use ferrynet_model::edge::{add_ports, base_ruleset, published_ports, remove_ports_tolerant, EdgeNetwork};
+use ferrynet_model::ipam::validate_network_subnets;
+use ferrynet_model::network::{Endpoint, Network, NetworkMode};
+
+use super::Control;
+use crate::error::{ControlError, Result};
+
+/// The edge's view of a network.
+pub fn edge_network(n: &Network) -> EdgeNetwork {
+    EdgeNetwork {
+        name: n.name.clone(),
+        bridge: n.bridge.clone(),
+        subnets: n.subnets.iter().map(|s| s.cidr).collect(),
+        internal: n.internal,
+        ip_masq: n.ip_masq && !n.internal,
+    }
+}
+
+impl Control {
+    /// Re-apply the nftables skeleton for every bridged network in the store (atomic; keeps
+    /// published-port elements).
+    pub async fn sync_edge(&self) -> Result<()> {
+        let nets: Vec<EdgeNetwork> =
+            self.networks().await?.iter().filter(|n| n.mode == NetworkMode::Bridge).map(edge_network).collect();
+        self.nft.apply(&base_ruleset(&nets)).map_err(ControlError::firewall("applying the ferrynet nftables ruleset"))?;
+        Ok(())
+    }
+
+    /// Make sure the network's bridge exists with its gateway addresses; on first creation also
+    /// install the firewall skeleton and the iptables FORWARD accept for `fn-*` interfaces.
+    /// Returns the bridge's ifindex.
+    pub async fn ensure_bridge(&self, host: &Netlink, net: &Network) -> Result<u32> {
+        let existed = host
+            .link_index(&net.bridge)
+            .await
+            .map_err(ControlError::dataplane(format!("looking up bridge {}", net.bridge)))?
+            .is_some();
+        let subnets = validate_network_subnets(&net.subnets).map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+        let spec = BridgeSpec {
+            name: net.bridge.clone(),
+            mtu: net.mtu,
+            addresses: subnets.iter().map(|s| s.gateway_net()).collect(),
+            route_localnet: true,
+        };
+        let index = ensure_bridge(host, &spec)
+            .await
+            .map_err(ControlError::dataplane(format!("setting up bridge {}", net.bridge)))?;
+        if !existed {
+            ensure_forward_accept().map_err(ControlError::dataplane("allowing fn-* interfaces in iptables FORWARD"))?;
+            self.sync_edge().await?;
+            tracing::info!(bridge = %net.bridge, network = %net.name, "bridge created");
+        }
+        Ok(index)
+    }
+
+    /// Delete a network's bridge (nothing else uses it once the network is gone).
+    pub async fn remove_bridge(&self, net: &Network) -> Result<()> {
+        if net.mode != NetworkMode::Bridge {
+            return Ok(());
+        }
+        let host = Netlink::current().map_err(ControlError::dataplane("opening netlink"))?;
+        delete_bridge(&host, &net.bridge)
+            .await
+            .map_err(ControlError::dataplane(format!("deleting bridge {}", net.bridge)))?;
+        Ok(())
+    }
+
+    /// Publish an endpoint's ports (one transaction). If the table was removed behind our back
+    /// (a firewall reload), the skeleton is re-applied and the publish retried once.
+    pub async fn publish_ports(&self, ep: &Endpoint) -> Result<()> {
+        if ep.port_mappings.is_empty() {
+            return Ok(());
+        }
+        let ips: Vec<_> = ep.ips.iter().map(|n| n.addr()).collect();
+        let batch = add_ports(&published_ports(&ep.port_mappings, &ips));
+        if let Err(first) = self.nft.apply(&batch) {
+            tracing::warn!(error = %first, "publishing ports failed; restoring the ruleset from the store and retrying");
+            self.reload_edge().await?;
+            self.nft.apply(&batch).map_err(ControlError::firewall("publishing ports"))?;
+        }
+        Ok(())
+    }
+
+    /// Rebuild the whole edge from the store: skeleton plus every endpoint's published ports.
+    /// This is what `ferrynet reload` runs after someone flushed the ruleset.
+    pub async fn reload_edge(&self) -> Result<usize> {
+        self.sync_edge().await?;
+        let mut ports = Vec::new();
+        for net in self.networks().await? {
+            for ep in self.endpoints(&net.name).await? {
+                let ips: Vec<_> = ep.ips.iter().map(|n| n.addr()).collect();
+                ports.extend(published_ports(&ep.port_mappings, &ips));
+            }
+        }
+        if !ports.is_empty() {
+            self.nft.apply(&add_ports(&ports)).map_err(ControlError::firewall("restoring published ports"))?;
+        }
+        Ok(ports.len())
+    }
+
+    /// Withdraw an endpoint's ports; succeeds when they are already gone.
+    pub async fn unpublish_ports(&self, ep: &Endpoint) -> Result<()> {
+        if ep.port_mappings.is_empty() {
+            return Ok(());
+        }
+        let ips: Vec<_> = ep.ips.iter().map(|n| n.addr()).collect();
+        let batch = remove_ports_tolerant(&published_ports(&ep.port_mappings, &ips));
+        if self.nft.apply(&batch).is_err() {
+            // The maps are missing (table flushed): restore the rest; this endpoint's elements
+            // come back only if it is still recorded, and the caller releases it afterwards.
+            self.reload_edge().await?;
+            let _ = self.nft.apply(&batch);
+        }
+        Ok(())
+    }
+}

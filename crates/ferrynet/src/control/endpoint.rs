@@ -1,0 +1,347 @@
+//! Attaching containers to networks and detaching them: the ADD/DEL/CHECK/GC flows.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::path::Path;
+
+use ferrynet_dataplane::error::DataplaneError;
+use ferrynet_dataplane::netlink::{Netlink, RouteSpec};
+use ferrynet_dataplane::netns::Netns;
+use ferrynet_dataplane::veth::{self, ContainerIface, VethSpec};
+use ferrynet_model::ipam::{validate_network_subnets, ResolvedSubnet};
+use ferrynet_model::names::{format_mac, host_veth_name, temp_peer_name};
+use ferrynet_model::network::{keys, Endpoint, Network, NetworkMode};
+use ferrynet_model::portmap::PortMapping;
+use ipnet::IpNet;
+
+use super::{decode, Control};
+use crate::error::{ControlError, Result};
+
+/// What a runtime asks for when it attaches a container.
+#[derive(Debug, Clone)]
+pub struct AttachRequest {
+    /// The runtime's container id.
+    pub container_id: String,
+    /// Interface name inside the container.
+    pub ifname: String,
+    /// Path of the container's network namespace.
+    pub netns: String,
+    /// Static addresses (empty: allocate).
+    pub static_ips: Vec<IpAddr>,
+    /// Static MAC address.
+    pub mac: Option<[u8; 6]>,
+    /// Ports to publish.
+    pub port_mappings: Vec<PortMapping>,
+}
+
+/// The gateway of the subnet holding `ip`.
+pub fn gateway_for(subnets: &[ResolvedSubnet], ip: IpAddr) -> Option<IpAddr> {
+    subnets.iter().find(|s| s.cidr.contains(&ip)).map(|s| s.gateway)
+}
+
+/// Routes a container gets: a default route per address family via that family's gateway,
+/// none on internal networks (the subnet route comes with the address itself).
+pub fn container_routes(net: &Network, subnets: &[ResolvedSubnet], ips: &[IpNet]) -> Vec<RouteSpec> {
+    if net.internal {
+        return Vec::new();
+    }
+    let mut seen = BTreeSet::new();
+    ips.iter()
+        .filter_map(|ip| {
+            let gw = gateway_for(subnets, ip.addr())?;
+            let dst: IpNet = if ip.addr().is_ipv4() { "0.0.0.0/0".parse().ok()? } else { "::/0".parse().ok()? };
+            seen.insert(dst).then_some(RouteSpec { dst, gateway: Some(gw) })
+        })
+        .collect()
+}
+
+impl Control {
+    /// Attach a container to `net`; safe to retry with the same container id and ifname.
+    /// On failure nothing is left: no link, no allocation, no nft element.
+    pub async fn attach(&self, net: &Network, req: AttachRequest) -> Result<Endpoint> {
+        let template = Endpoint {
+            network: net.name.clone(),
+            container_id: req.container_id.clone(),
+            ifname: req.ifname.clone(),
+            netns: Some(req.netns.clone()),
+            ips: Vec::new(),
+            mac: req.mac.map(|m| format_mac(&m)),
+            host_veth: None,
+            host_mac: None,
+            port_mappings: req.port_mappings.clone(),
+        };
+        if net.mode == NetworkMode::Host {
+            if !req.port_mappings.is_empty() {
+                return Err(ControlError::InvalidConfig(format!(
+                    "network {} uses host networking: the container already listens on host ports, so portMappings cannot apply",
+                    net.name
+                )));
+            }
+            let (ep, _) = self.reserve_host_mode(net, template).await?;
+            return Ok(ep);
+        }
+
+        let subnets = validate_network_subnets(&net.subnets).map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+        let container_ns = Netns::open(&req.netns).map_err(ControlError::dataplane(format!("opening netns {}", req.netns)))?;
+        let host = Netlink::current().map_err(ControlError::dataplane("opening netlink"))?;
+        let container = Netlink::in_netns(&container_ns).map_err(ControlError::dataplane(format!("opening netlink in {}", req.netns)))?;
+
+        let (ep, fresh) = self.reserve(net, template, &req.static_ips).await?;
+        if !fresh {
+            // A retried ADD: the same allocation, and nothing to do if the interface is in place.
+            if ep.netns.as_deref() != Some(req.netns.as_str()) {
+                return Err(ControlError::IfaceExists(format!(
+                    "container {} already has {} on network {} in netns {}",
+                    ep.container_id,
+                    ep.ifname,
+                    net.name,
+                    ep.netns.as_deref().unwrap_or("?")
+                )));
+            }
+            if let Some(state) = veth::inspect(&container, &req.ifname)
+                .await
+                .map_err(ControlError::dataplane(format!("inspecting {} in {}", req.ifname, req.netns)))?
+            {
+                if ep.ips.iter().all(|ip| state.addresses.contains(ip)) {
+                    tracing::info!(container = %ep.container_id, "ADD repeated; endpoint already in place");
+                    self.publish_ports(&ep).await?;
+                    return Ok(ep);
+                }
+                return Err(ControlError::IfaceExists(format!(
+                    "interface {} already exists in netns {} with other addresses",
+                    req.ifname, req.netns
+                )));
+            }
+            tracing::info!(container = %ep.container_id, "resuming an interrupted ADD with its recorded addresses");
+        }
+
+        match self.plumb(net, &subnets, &host, &container_ns, &container, &ep).await {
+            Ok(done) => {
+                self.update_endpoint(&done).await?;
+                tracing::info!(container = %done.container_id, network = %net.name, ips = ?done.ips, "attached");
+                Ok(done)
+            }
+            Err(e) => {
+                // Undo in reverse: ports, link, reservation. Errors here are logged, the first kept.
+                if let Err(u) = self.unpublish_ports(&ep).await {
+                    tracing::warn!(error = %u, "cleanup: unpublishing ports failed");
+                }
+                let host_name = host_veth_name(&net.name, &ep.container_id, &ep.ifname);
+                if !matches!(e, ControlError::IfaceExists(_)) {
+                    if let Err(u) = veth::detach(&host, Some(&container), &ep.ifname, &host_name).await {
+                        tracing::warn!(error = %u, "cleanup: removing the veth failed");
+                    }
+                } else if let Err(u) = veth::detach(&host, None, &ep.ifname, &host_name).await {
+                    tracing::warn!(error = %u, "cleanup: removing the host veth failed");
+                }
+                if let Err(u) = self.release(&ep).await {
+                    tracing::warn!(error = %u, "cleanup: releasing the reservation failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The kernel side of an attach: bridge, veth, addresses, routes, published ports.
+    async fn plumb(
+        &self,
+        net: &Network,
+        subnets: &[ResolvedSubnet],
+        host: &Netlink,
+        container_ns: &Netns,
+        container: &Netlink,
+        ep: &Endpoint,
+    ) -> Result<Endpoint> {
+        let bridge_index = self.ensure_bridge(host, net).await?;
+        let host_name = host_veth_name(&net.name, &ep.container_id, &ep.ifname);
+        let mac = match &ep.mac {
+            Some(m) => Some(ferrynet_model::names::parse_mac(m).map_err(|e| ControlError::InvalidConfig(e.to_string()))?),
+            None => None,
+        };
+        let spec = VethSpec {
+            host_name: host_name.clone(),
+            peer_temp_name: temp_peer_name(&net.name, &ep.container_id, &ep.ifname),
+            bridge_index,
+            mtu: net.mtu,
+            hairpin: true,
+            container: ContainerIface {
+                ifname: ep.ifname.clone(),
+                mac,
+                mtu: net.mtu,
+                addresses: ep.ips.clone(),
+                routes: container_routes(net, subnets, &ep.ips),
+            },
+        };
+        let attached = veth::attach(host, container_ns, container, &spec).await.map_err(|e| match e {
+            DataplaneError::Conflict(m) => ControlError::IfaceExists(m),
+            other => ControlError::Dataplane { context: format!("attaching {} to {}", ep.container_id, net.bridge), source: other },
+        })?;
+        self.publish_ports(ep).await?;
+        let mut done = ep.clone();
+        done.mac = Some(format_mac(&attached.container_mac));
+        done.host_veth = Some(host_name);
+        done.host_mac = Some(format_mac(&attached.host_mac));
+        Ok(done)
+    }
+
+    /// Host networking: record the endpoint (so GC and `ps` know it) and create nothing.
+    async fn reserve_host_mode(&self, net: &Network, template: Endpoint) -> Result<(Endpoint, bool)> {
+        let key = keys::endpoint(&net.name, &template.container_id, &template.ifname);
+        if let Some(kv) = self.store.get(&key).await? {
+            return Ok((decode(&kv)?, false));
+        }
+        self.store
+            .txn(
+                vec![ferrynet_store::Compare::Missing(key.clone())],
+                vec![ferrynet_store::Op::put(key, super::encode(&template))],
+            )
+            .await?;
+        Ok((template, true))
+    }
+
+    /// The recorded endpoint, if any.
+    pub async fn endpoint(&self, network: &str, container_id: &str, ifname: &str) -> Result<Option<Endpoint>> {
+        match self.store.get(&keys::endpoint(network, container_id, ifname)).await? {
+            Some(kv) => Ok(Some(decode(&kv)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Detach a container: idempotent, succeeds for unknown containers and vanished netns.
+    pub async fn detach(&self, net: &Network, container_id: &str, ifname: &str, netns: Option<&str>) -> Result<()> {
+        let ep = self.endpoint(&net.name, container_id, ifname).await?;
+        if net.mode == NetworkMode::Host {
+            if let Some(ep) = ep {
+                self.release(&ep).await?;
+            }
+            return Ok(());
+        }
+        if let Some(ep) = &ep {
+            self.unpublish_ports(ep).await?;
+        }
+        let host = Netlink::current().map_err(ControlError::dataplane("opening netlink"))?;
+        let ns_path = netns.map(str::to_string).or_else(|| ep.as_ref().and_then(|e| e.netns.clone()));
+        // Only touch the container's interface when we recorded it: without a record it is not ours.
+        let container = match (&ep, ns_path.as_deref()) {
+            (Some(_), Some(p)) if !p.is_empty() && Path::new(p).exists() => match Netns::open(p) {
+                Ok(ns) => Netlink::in_netns(&ns).ok(),
+                Err(_) => None,
+            },
+            _ => None,
+        };
+        let host_name = ep
+            .as_ref()
+            .and_then(|e| e.host_veth.clone())
+            .unwrap_or_else(|| host_veth_name(&net.name, container_id, ifname));
+        veth::detach(&host, container.as_ref(), ifname, &host_name)
+            .await
+            .map_err(ControlError::dataplane(format!("removing {ifname} of {container_id}")))?;
+        if let Some(ep) = &ep {
+            self.release(ep).await?;
+            tracing::info!(container = %container_id, network = %net.name, "detached");
+        }
+        Ok(())
+    }
+
+    /// Verify a container's attachment is as set up; returns the endpoint.
+    pub async fn check(&self, net: &Network, container_id: &str, ifname: &str, netns: &str) -> Result<Endpoint> {
+        let ep = self.endpoint(&net.name, container_id, ifname).await?.ok_or_else(|| {
+            ControlError::UnknownContainer(format!("container {container_id} has no {ifname} on network {}", net.name))
+        })?;
+        if net.mode == NetworkMode::Host {
+            return Ok(ep);
+        }
+        let ns = Netns::open(netns).map_err(ControlError::dataplane(format!("opening netns {netns}")))?;
+        let nl = Netlink::in_netns(&ns).map_err(ControlError::dataplane("opening netlink"))?;
+        let state = veth::inspect(&nl, ifname)
+            .await
+            .map_err(ControlError::dataplane(format!("inspecting {ifname}")))?
+            .ok_or_else(|| ControlError::CheckFailed(format!("interface {ifname} is missing from netns {netns}")))?;
+        for ip in &ep.ips {
+            if !state.addresses.contains(ip) {
+                return Err(ControlError::CheckFailed(format!("address {ip} is missing from {ifname}")));
+            }
+        }
+        if let Some(mac) = &ep.mac {
+            if &format_mac(&state.mac) != mac {
+                return Err(ControlError::CheckFailed(format!("{ifname} has MAC {} instead of {mac}", format_mac(&state.mac))));
+            }
+        }
+        if !state.up {
+            return Err(ControlError::CheckFailed(format!("{ifname} is down")));
+        }
+        let subnets = validate_network_subnets(&net.subnets).map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+        for r in container_routes(net, &subnets, &ep.ips) {
+            if !state.routes.iter().any(|have| have.dst == r.dst && have.gateway == r.gateway) {
+                return Err(ControlError::CheckFailed(format!(
+                    "route {} via {} is missing",
+                    r.dst,
+                    r.gateway.map(|g| g.to_string()).unwrap_or_default()
+                )));
+            }
+        }
+        let host = Netlink::current().map_err(ControlError::dataplane("opening netlink"))?;
+        if let Some(hv) = &ep.host_veth {
+            if host.link_index(hv).await.map_err(ControlError::dataplane("looking up host veth"))?.is_none() {
+                return Err(ControlError::CheckFailed(format!("host interface {hv} is missing")));
+            }
+        }
+        Ok(ep)
+    }
+
+    /// CNI GC: detach every endpoint of `net` not in `valid` (container id, ifname). Keeps going
+    /// past failures and returns how many were removed and the errors met.
+    pub async fn gc(&self, net: &Network, valid: &[(String, String)]) -> Result<(usize, Vec<String>)> {
+        let mut removed = 0;
+        let mut errors = Vec::new();
+        for ep in self.endpoints(&net.name).await? {
+            if valid.iter().any(|(c, i)| c == &ep.container_id && i == &ep.ifname) {
+                continue;
+            }
+            match self.detach(net, &ep.container_id, &ep.ifname, ep.netns.as_deref()).await {
+                Ok(()) => removed += 1,
+                Err(e) => errors.push(format!("{}/{}: {e}", ep.container_id, ep.ifname)),
+            }
+        }
+        Ok((removed, errors))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrynet_model::ipam::validate_network_subnets;
+    use ferrynet_model::network::Subnet;
+
+    fn net(internal: bool) -> Network {
+        Network {
+            name: "n".into(),
+            mode: NetworkMode::Bridge,
+            bridge: "fn-n".into(),
+            subnets: vec![Subnet::new("10.5.0.0/24".parse().unwrap()), Subnet::new("fd05::/64".parse().unwrap())],
+            mtu: None,
+            internal,
+            ip_masq: true,
+        }
+    }
+
+    #[test]
+    fn default_routes_per_family_via_gateway() {
+        let n = net(false);
+        let subnets = validate_network_subnets(&n.subnets).unwrap();
+        let ips: Vec<IpNet> = vec!["10.5.0.2/24".parse().unwrap(), "fd05::2/64".parse().unwrap()];
+        let r = container_routes(&n, &subnets, &ips);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].dst.to_string(), "0.0.0.0/0");
+        assert_eq!(r[0].gateway, Some("10.5.0.1".parse().unwrap()));
+        assert_eq!(r[1].dst.to_string(), "::/0");
+        assert_eq!(r[1].gateway, Some("fd05::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn internal_networks_get_no_default_route() {
+        let n = net(true);
+        let subnets = validate_network_subnets(&n.subnets).unwrap();
+        assert!(container_routes(&n, &subnets, &["10.5.0.2/24".parse().unwrap()]).is_empty());
+    }
+}

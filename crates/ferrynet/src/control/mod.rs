@@ -1,0 +1,79 @@
+//! The control layer: decisions from the model, state in the store, effects in the dataplane.
+//!
+//! Every operation here is safe to repeat and safe to interrupt: state is written to the store
+//! before the kernel is touched (so a crash leaves a record that DEL or GC can clean up), and
+//! every kernel change is idempotent.
+
+pub mod edge;
+pub mod endpoint;
+pub mod ipam;
+pub mod network;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ferrynet_dataplane::nft::{default_executor, NftExecutor};
+use ferrynet_store::{EmbeddedStore, KeyValue, Store};
+use serde::de::DeserializeOwned;
+
+use crate::error::{ControlError, Result};
+
+/// Default location of ferrynet's state on a host.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferrynet";
+
+/// Where ferrynet keeps its files; `FERRYNET_STATE_DIR` overrides the default.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// The state directory.
+    pub state_dir: PathBuf,
+}
+
+impl Paths {
+    /// Paths from an explicit state directory, else `FERRYNET_STATE_DIR`, else the default.
+    pub fn resolve(explicit: Option<&Path>) -> Paths {
+        let state_dir = explicit
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("FERRYNET_STATE_DIR").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        Paths { state_dir }
+    }
+    /// The embedded store file.
+    pub fn store_file(&self) -> PathBuf {
+        self.state_dir.join("store.redb")
+    }
+    /// Directory for a CLI container's files (log, resolv.conf).
+    pub fn container_dir(&self, name: &str) -> PathBuf {
+        self.state_dir.join("containers").join(name)
+    }
+}
+
+/// The control plane of one host: a store and a firewall executor.
+pub struct Control {
+    /// Cluster state.
+    pub store: Arc<dyn Store>,
+    /// nftables transactions.
+    pub nft: Box<dyn NftExecutor>,
+    /// Where files live.
+    pub paths: Paths,
+}
+
+impl Control {
+    /// Open the embedded store under `paths` and load the nft executor.
+    pub fn open(paths: Paths) -> Result<Control> {
+        std::fs::create_dir_all(&paths.state_dir)
+            .map_err(ControlError::io(format!("creating state directory {}", paths.state_dir.display())))?;
+        let store = EmbeddedStore::open(paths.store_file())?;
+        Ok(Control { store: Arc::new(store), nft: default_executor(), paths })
+    }
+}
+
+/// Decode a JSON record from the store.
+pub(crate) fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T> {
+    serde_json::from_slice(&kv.value).map_err(|source| ControlError::Decode { key: kv.key.clone(), source })
+}
+
+/// Encode a record for the store.
+pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    // Serializing our own plain structs cannot fail (no maps with non-string keys).
+    serde_json::to_vec(v).unwrap_or_default()
+}

@@ -1,0 +1,220 @@
+//! Network records: create, read, list, delete.
+
+use ferrynet_model::ipam::{find_overlap, validate_network_subnets};
+use ferrynet_model::names::{bridge_name, validate_network_name};
+use ferrynet_model::network::{keys, Endpoint, Network, NetworkMode};
+use ferrynet_store::{Compare, Op, Revision};
+use ipnet::IpNet;
+
+use super::{decode, encode, Control};
+use crate::error::{ControlError, Result};
+
+/// Check a network's own fields (name, subnets, MTU) without looking at other networks.
+pub fn validate_network(net: &Network) -> Result<()> {
+    validate_network_name(&net.name).map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+    if net.bridge.is_empty() || net.bridge.len() > 15 || !net.bridge.starts_with("fn-") {
+        return Err(ControlError::InvalidConfig(format!(
+            "bridge name {:?} must start with \"fn-\" and be at most 15 bytes",
+            net.bridge
+        )));
+    }
+    if let Some(mtu) = net.mtu {
+        if !(576..=65535).contains(&mtu) {
+            return Err(ControlError::InvalidConfig(format!("mtu {mtu} is outside 576..=65535")));
+        }
+    }
+    if net.mode == NetworkMode::Bridge {
+        validate_network_subnets(&net.subnets).map_err(|e| ControlError::InvalidConfig(format!("network {}: {e}", net.name)))?;
+    }
+    Ok(())
+}
+
+/// A network with its bridge name filled in from its name when empty.
+pub fn with_defaults(mut net: Network) -> Network {
+    if net.bridge.is_empty() {
+        net.bridge = bridge_name(&net.name);
+    }
+    for s in &mut net.subnets {
+        s.cidr = s.cidr.trunc();
+    }
+    net
+}
+
+impl Control {
+    /// The network called `name` and the revision of its record.
+    pub async fn network(&self, name: &str) -> Result<Option<(Network, Revision)>> {
+        match self.store.get(&keys::network(name)).await? {
+            Some(kv) => Ok(Some((decode(&kv)?, kv.mod_revision))),
+            None => Ok(None),
+        }
+    }
+
+    /// Every network, sorted by name.
+    pub async fn networks(&self) -> Result<Vec<Network>> {
+        let (kvs, _) = self.store.range(&keys::networks()).await?;
+        kvs.iter().map(decode).collect()
+    }
+
+    /// Every endpoint of a network.
+    pub async fn endpoints(&self, network: &str) -> Result<Vec<Endpoint>> {
+        let (kvs, _) = self.store.range(&keys::endpoints(network)).await?;
+        kvs.iter().map(decode).collect()
+    }
+
+    /// Refuse `net` if a subnet or bridge name clashes with another network.
+    async fn check_against_others(&self, net: &Network) -> Result<()> {
+        let others: Vec<Network> = self.networks().await?.into_iter().filter(|n| n.name != net.name).collect();
+        let existing: Vec<(String, IpNet)> =
+            others.iter().flat_map(|n| n.subnets.iter().map(move |s| (n.name.clone(), s.cidr))).collect();
+        let mine: Vec<IpNet> = net.subnets.iter().map(|s| s.cidr).collect();
+        if let Some((ours, other_name, theirs)) = find_overlap(&mine, &existing) {
+            return Err(ControlError::InvalidConfig(format!(
+                "subnet {ours} of network {} overlaps subnet {theirs} of network {other_name}",
+                net.name
+            )));
+        }
+        if let Some(o) = others.iter().find(|o| o.bridge == net.bridge) {
+            return Err(ControlError::InvalidConfig(format!(
+                "bridge {} is already used by network {}",
+                net.bridge, o.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Create a network; fails if the name is taken or a subnet overlaps another network's.
+    pub async fn create_network(&self, net: Network) -> Result<Network> {
+        let net = with_defaults(net);
+        validate_network(&net)?;
+        self.check_against_others(&net).await?;
+        let key = keys::network(&net.name);
+        let res = self.store.txn(vec![Compare::Missing(key.clone())], vec![Op::put(key, encode(&net))]).await?;
+        if !res.succeeded {
+            return Err(ControlError::InvalidConfig(format!("network {} already exists", net.name)));
+        }
+        tracing::info!(network = %net.name, bridge = %net.bridge, "network created");
+        Ok(net)
+    }
+
+    /// Make the stored network match a definition from a CNI config: create it if missing,
+    /// replace it if the definition changed (refused while it has endpoints and the subnets change).
+    pub async fn ensure_network(&self, net: Network) -> Result<Network> {
+        let net = with_defaults(net);
+        validate_network(&net)?;
+        loop {
+            match self.network(&net.name).await? {
+                Some((stored, _)) if stored == net => return Ok(stored),
+                Some((stored, rev)) => {
+                    if stored.subnets != net.subnets && !self.endpoints(&net.name).await?.is_empty() {
+                        return Err(ControlError::InvalidConfig(format!(
+                            "network {} exists with subnets {}; it has endpoints, so its subnets cannot change to {}",
+                            net.name,
+                            subnet_list(&stored),
+                            subnet_list(&net)
+                        )));
+                    }
+                    self.check_against_others(&net).await?;
+                    let key = keys::network(&net.name);
+                    let ok = self.store.txn(vec![Compare::ModRevision(key.clone(), rev)], vec![Op::put(key, encode(&net))]).await?;
+                    if ok.succeeded {
+                        tracing::info!(network = %net.name, "network definition updated from config");
+                        return Ok(net);
+                    }
+                }
+                None => match self.create_network(net.clone()).await {
+                    Ok(n) => return Ok(n),
+                    // Lost a race with a concurrent ADD creating the same network: re-read.
+                    Err(ControlError::InvalidConfig(m)) if m.ends_with("already exists") => continue,
+                    Err(e) => return Err(e),
+                },
+            }
+        }
+    }
+
+    /// Remove a network record and its allocations. Refuses while endpoints exist unless
+    /// `force`, in which case they are detached first. Removes the bridge and its rules.
+    pub async fn delete_network(&self, name: &str, force: bool) -> Result<()> {
+        let Some((net, rev)) = self.network(name).await? else {
+            return Err(ControlError::InvalidConfig(format!("network {name} does not exist")));
+        };
+        let eps = self.endpoints(name).await?;
+        if !eps.is_empty() && !force {
+            let ids: Vec<String> = eps.iter().map(|e| e.container_id.clone()).collect();
+            return Err(ControlError::InvalidConfig(format!(
+                "network {name} has {} endpoint(s) ({}); detach them first or use --force",
+                eps.len(),
+                ids.join(", ")
+            )));
+        }
+        for ep in &eps {
+            self.detach(&net, &ep.container_id, &ep.ifname, ep.netns.as_deref()).await?;
+        }
+        let key = keys::network(name);
+        let res = self
+            .store
+            .txn(
+                vec![Compare::ModRevision(key.clone(), rev)],
+                vec![
+                    Op::delete(key),
+                    Op::DeletePrefix(keys::ipam_prefix(name)),
+                    Op::delete(keys::ipam_last(name)),
+                    Op::DeletePrefix(keys::endpoints(name)),
+                ],
+            )
+            .await?;
+        if !res.succeeded {
+            return Err(ControlError::InvalidConfig(format!("network {name} changed while it was being removed; try again")));
+        }
+        self.remove_bridge(&net).await?;
+        self.sync_edge().await?;
+        tracing::info!(network = %name, "network removed");
+        Ok(())
+    }
+}
+
+fn subnet_list(n: &Network) -> String {
+    n.subnets.iter().map(|s| s.cidr.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrynet_model::network::Subnet;
+
+    fn net(name: &str, cidr: &str) -> Network {
+        with_defaults(Network {
+            name: name.into(),
+            mode: NetworkMode::Bridge,
+            bridge: String::new(),
+            subnets: vec![Subnet::new(cidr.parse().unwrap())],
+            mtu: None,
+            internal: false,
+            ip_masq: true,
+        })
+    }
+
+    #[test]
+    fn defaults_fill_bridge_and_truncate_cidr() {
+        let n = net("blue", "10.1.2.3/24");
+        assert_eq!(n.bridge, "fn-blue");
+        assert_eq!(n.subnets[0].cidr.to_string(), "10.1.2.0/24");
+        assert!(validate_network(&n).is_ok());
+    }
+
+    #[test]
+    fn rejects_bad_mtu_and_bridge() {
+        let mut n = net("blue", "10.1.2.0/24");
+        n.mtu = Some(100);
+        assert!(validate_network(&n).unwrap_err().to_string().contains("mtu"));
+        let mut n = net("blue", "10.1.2.0/24");
+        n.bridge = "docker0".into();
+        assert!(validate_network(&n).unwrap_err().to_string().contains("fn-"));
+    }
+
+    #[test]
+    fn rejects_network_without_subnets() {
+        let mut n = net("blue", "10.1.2.0/24");
+        n.subnets.clear();
+        assert!(validate_network(&n).is_err());
+    }
+}

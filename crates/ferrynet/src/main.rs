@@ -1,0 +1,27 @@
+//! ferrynet: container networking. One binary: a CNI plugin (when `CNI_COMMAND` is set), a CLI.
+
+mod cli;
+mod cni;
+mod container;
+mod control;
+mod error;
+
+use std::process::ExitCode;
+
+use tracing_subscriber::EnvFilter;
+
+fn init_logging(default: &str) {
+    // stdout is the CNI protocol channel, so logs always go to stderr.
+    let filter = EnvFilter::try_from_env("FERRYNET_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+fn main() -> ExitCode {
+    // A CNI runtime selects the command with an environment variable, not argv.
+    if std::env::var_os("CNI_COMMAND").is_some() {
+        init_logging("warn");
+        return ExitCode::from(cni::main() as u8);
+    }
+    init_logging("info");
+    cli::main()
+}

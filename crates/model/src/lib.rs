@@ -1,0 +1,6 @@
+pub mod cni;
+pub mod edge;
+pub mod ipam;
+pub mod names;
+pub mod network;
+pub mod portmap;

@@ -1,0 +1,173 @@
+//! Networks and endpoints: the records ferrynet keeps in its store.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::portmap::PortMapping;
+
+/// How containers on a network are attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// A Linux bridge, a veth pair per container, one netns per container.
+    #[default]
+    Bridge,
+    /// The container shares the host's network namespace; nothing is created.
+    Host,
+}
+
+/// One subnet of a network's address pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Subnet {
+    /// The subnet, e.g. `10.88.0.0/16` or `fd00:88::/64`.
+    pub cidr: IpNet,
+    /// The gateway (bridge) address; defaults to the first host address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<IpAddr>,
+    /// First address handed to containers (inclusive); defaults to the one after the gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range_start: Option<IpAddr>,
+    /// Last address handed to containers (inclusive); defaults to the last usable address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range_end: Option<IpAddr>,
+    /// Addresses or blocks never handed out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<IpNet>,
+}
+
+impl Subnet {
+    /// A subnet with defaults for everything but the CIDR.
+    pub fn new(cidr: IpNet) -> Self {
+        Subnet {
+            cidr: cidr.trunc(),
+            gateway: None,
+            range_start: None,
+            range_end: None,
+            exclude: Vec::new(),
+        }
+    }
+}
+
+/// A ferrynet network as stored under `/ferrynet/v1/networks/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Network {
+    /// Unique name, also the CNI network name.
+    pub name: String,
+    /// Attachment mode.
+    #[serde(default)]
+    pub mode: NetworkMode,
+    /// The Linux bridge's name (at most 15 bytes); derived from the name when empty.
+    #[serde(default)]
+    pub bridge: String,
+    /// Address pool: any number of IPv4 and IPv6 subnets.
+    #[serde(default)]
+    pub subnets: Vec<Subnet>,
+    /// MTU for the bridge and container interfaces (None: kernel default, 1500).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    /// No route out: no default route, no masquerade, no published ports from outside.
+    #[serde(default)]
+    pub internal: bool,
+    /// Masquerade traffic leaving the network's subnets (default true unless internal).
+    #[serde(default = "default_true")]
+    pub ip_masq: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A container's attachment to a network, stored under
+/// `/ferrynet/v1/endpoints/<network>/<container_id>/<ifname>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    /// The network this endpoint is on.
+    pub network: String,
+    /// The runtime's container id (CNI_CONTAINERID).
+    pub container_id: String,
+    /// Interface name inside the container (CNI_IFNAME).
+    pub ifname: String,
+    /// Path of the container's network namespace (CNI_NETNS), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+    /// Addresses with the subnet's prefix length, e.g. `10.88.0.2/16`.
+    pub ips: Vec<IpNet>,
+    /// MAC address of the container interface.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// Name of the host side of the veth pair.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_veth: Option<String>,
+    /// MAC address of the host side of the veth pair.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_mac: Option<String>,
+    /// Ports published for this endpoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_mappings: Vec<PortMapping>,
+}
+
+/// Store key layout; one place so every reader and writer agrees.
+pub mod keys {
+    /// Root of ferrynet's keyspace.
+    pub const ROOT: &str = "/ferrynet/v1/";
+
+    /// Key of a network record.
+    pub fn network(name: &str) -> String {
+        format!("{ROOT}networks/{name}")
+    }
+    /// Prefix of all network records.
+    pub fn networks() -> String {
+        format!("{ROOT}networks/")
+    }
+    /// Key of an IP allocation (value: the owner `container_id/ifname`).
+    pub fn ipam(network: &str, ip: std::net::IpAddr) -> String {
+        format!("{ROOT}ipam/{network}/{ip}")
+    }
+    /// Prefix of a network's IP allocations.
+    pub fn ipam_prefix(network: &str) -> String {
+        format!("{ROOT}ipam/{network}/")
+    }
+    /// Key of an endpoint record.
+    pub fn endpoint(network: &str, container_id: &str, ifname: &str) -> String {
+        format!("{ROOT}endpoints/{network}/{container_id}/{ifname}")
+    }
+    /// Prefix of a network's endpoints.
+    pub fn endpoints(network: &str) -> String {
+        format!("{ROOT}endpoints/{network}/")
+    }
+    /// Prefix of every endpoint on every network.
+    pub fn all_endpoints() -> String {
+        format!("{ROOT}endpoints/")
+    }
+    /// Key of a published host port (value: the owning endpoint key), so a port is taken once.
+    pub fn host_port(proto: &str, host_ip: Option<std::net::IpAddr>, port: u16) -> String {
+        let ip = host_ip.map(|i| i.to_string()).unwrap_or_else(|| "*".into());
+        format!("{ROOT}ports/{proto}/{ip}/{port}")
+    }
+    /// Prefix of all published host ports.
+    pub fn host_ports() -> String {
+        format!("{ROOT}ports/")
+    }
+    /// Bumped by every transaction that publishes ports, so two concurrent publishers of
+    /// overlapping ports (one on any address, one on a specific one) cannot both win.
+    pub fn host_ports_seq() -> String {
+        format!("{ROOT}ports-seq")
+    }
+    /// Last address handed out per subnet of a network (JSON map cidr -> ip), for rotation.
+    pub fn ipam_last(network: &str) -> String {
+        format!("{ROOT}ipam-last/{network}")
+    }
+    /// Key of a CLI container record.
+    pub fn container(name: &str) -> String {
+        format!("{ROOT}containers/{name}")
+    }
+    /// Prefix of CLI container records.
+    pub fn containers() -> String {
+        format!("{ROOT}containers/")
+    }
+}

@@ -1,0 +1,185 @@
+//! ferrynet's cluster state store: one trait, etcd v3 semantics, several backends.
+//!
+//! Every write bumps one global revision; readers watch a key prefix from a revision, so no
+//! update is missed and none is applied twice. Writes that depend on what is there are
+//! transactions with preconditions (compare-and-swap).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+
+pub mod conformance;
+pub mod embedded;
+
+pub use embedded::EmbeddedStore;
+
+/// A store-wide, monotonically increasing version number; every committed write gets a new one.
+pub type Revision = u64;
+
+/// Identifier of a lease; keys attached to a lease are deleted when it expires or is revoked.
+pub type LeaseId = i64;
+
+/// A key and its value as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyValue {
+    /// The key (UTF-8 path such as `/ferrynet/v1/networks/blue`).
+    pub key: String,
+    /// The value bytes.
+    pub value: Vec<u8>,
+    /// Revision at which this key was created (since its last deletion).
+    pub create_revision: Revision,
+    /// Revision of the last write to this key.
+    pub mod_revision: Revision,
+    /// Lease the key is attached to, if any.
+    pub lease: Option<LeaseId>,
+}
+
+/// A precondition of a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Compare {
+    /// The key exists.
+    Exists(String),
+    /// The key does not exist.
+    Missing(String),
+    /// The key's last write was at exactly this revision (0 means: the key does not exist).
+    ModRevision(String, Revision),
+    /// The key exists and holds exactly these bytes.
+    Value(String, Vec<u8>),
+}
+
+/// A write inside a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Set a key, optionally attached to a lease.
+    Put {
+        /// Key.
+        key: String,
+        /// New value.
+        value: Vec<u8>,
+        /// Lease to attach the key to.
+        lease: Option<LeaseId>,
+    },
+    /// Delete one key (no error if missing).
+    Delete(String),
+    /// Delete every key under a prefix.
+    DeletePrefix(String),
+}
+
+impl Op {
+    /// A put without a lease.
+    pub fn put(key: impl Into<String>, value: impl Into<Vec<u8>>) -> Op {
+        Op::Put {
+            key: key.into(),
+            value: value.into(),
+            lease: None,
+        }
+    }
+    /// A delete of one key.
+    pub fn delete(key: impl Into<String>) -> Op {
+        Op::Delete(key.into())
+    }
+}
+
+/// The outcome of a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxnResult {
+    /// True when every precondition held and the ops were applied.
+    pub succeeded: bool,
+    /// The store's revision after the transaction (unchanged when it failed or wrote nothing).
+    pub revision: Revision,
+}
+
+/// What happened to a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    /// Created or updated.
+    Put,
+    /// Deleted (explicitly, by prefix, or by lease expiry).
+    Delete,
+}
+
+/// One change seen by a watcher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchEvent {
+    /// Put or delete.
+    pub kind: EventKind,
+    /// The key and, for puts, its new value (for deletes `value` is empty and
+    /// `mod_revision` is the deleting revision).
+    pub kv: KeyValue,
+}
+
+/// Errors from any backend.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be reached now (etcd down, file locked for too long); retry later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A watch asked for history that was already compacted away; resync from a fresh read.
+    #[error("revision {requested} was compacted (oldest kept is {compacted})")]
+    Compacted {
+        /// The revision asked for.
+        requested: Revision,
+        /// The oldest revision still available.
+        compacted: Revision,
+    },
+    /// The lease does not exist or has expired.
+    #[error("lease {0} not found")]
+    LeaseNotFound(LeaseId),
+    /// The store's data is not what this version understands.
+    #[error("store data corrupt: {0}")]
+    Corrupt(String),
+    /// An I/O error from the backend.
+    #[error("store I/O error: {0}")]
+    Io(String),
+}
+
+/// Result alias for store operations.
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The store interface; backends: [`EmbeddedStore`] (one file, one host) and etcd (clusters).
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// The value of one key, if present.
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>>;
+
+    /// Every key under `prefix`, sorted by key, and the revision the read was taken at.
+    async fn range(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision)>;
+
+    /// Apply `ops` atomically if every compare holds; otherwise change nothing.
+    async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnResult>;
+
+    /// Set one key unconditionally.
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<Revision> {
+        Ok(self.txn(vec![], vec![Op::put(key, value)]).await?.revision)
+    }
+
+    /// Delete one key unconditionally; true if it existed.
+    async fn delete(&self, key: &str) -> Result<bool> {
+        let existed = self.get(key).await?.is_some();
+        self.txn(vec![], vec![Op::delete(key)]).await?;
+        Ok(existed)
+    }
+
+    /// Every change under `prefix` with a revision greater than `after`, in revision order,
+    /// then live changes as they commit. Fails with [`StoreError::Compacted`] when that
+    /// history is gone.
+    async fn watch(
+        &self,
+        prefix: &str,
+        after: Revision,
+    ) -> Result<BoxStream<'static, Result<WatchEvent>>>;
+
+    /// Create a lease that expires `ttl` after its last keep-alive.
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId>;
+
+    /// Renew a lease; fails with [`StoreError::LeaseNotFound`] once it has expired.
+    async fn keep_alive(&self, lease: LeaseId) -> Result<()>;
+
+    /// End a lease now, deleting its keys.
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<()>;
+
+    /// The store's current revision.
+    async fn revision(&self) -> Result<Revision>;
+}

@@ -1,0 +1,210 @@
+//! The shared store conformance suite, plus embedded-only behaviour, against EmbeddedStore.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferrynet_store::conformance::{self, DynStore};
+use ferrynet_store::{EmbeddedStore, EventKind, Op, Store, StoreError};
+use futures::{FutureExt, StreamExt};
+
+/// A store in its own temp dir; the dir lives as long as the returned guard.
+fn fresh() -> (tempfile::TempDir, EmbeddedStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path().join("state/store.redb")).unwrap();
+    (dir, store)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_suite() {
+    let dirs = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = dirs.clone();
+    conformance::run_all(move || {
+        let (dir, store) = fresh();
+        keep.lock().unwrap().push(dir);
+        async move { Arc::new(store) as DynStore }.boxed()
+    })
+    .await;
+}
+
+/// The suite must also pass on a single-threaded runtime (how CNI invocations run).
+#[tokio::test(flavor = "current_thread")]
+async fn conformance_concurrency_on_current_thread() {
+    for (name, check) in conformance::checks() {
+        if name.starts_with("concurrent_") || name.starts_with("watch_live") {
+            let (_dir, store) = fresh();
+            conformance::run_one(name, check, Arc::new(store)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn new_store_is_at_revision_zero_and_reopens_with_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a/b/store.redb");
+    let store = EmbeddedStore::open(&path).unwrap();
+    assert_eq!(store.revision().await.unwrap(), 0);
+    assert_eq!(store.put("/k", b"v".to_vec()).await.unwrap(), 1);
+    drop(store);
+    let store = EmbeddedStore::open(&path).unwrap();
+    assert_eq!(store.revision().await.unwrap(), 1);
+    assert_eq!(store.get("/k").await.unwrap().unwrap().value, b"v");
+    // Two handles on one file (as two processes would have) see each other's writes.
+    let other = EmbeddedStore::open(&path).unwrap();
+    other.put("/k2", b"w".to_vec()).await.unwrap();
+    assert_eq!(store.get("/k2").await.unwrap().unwrap().mod_revision, 2);
+}
+
+#[tokio::test]
+async fn watch_before_kept_history_is_compacted() {
+    let (_dir, store) = fresh();
+    let store = store.with_history(5);
+    for i in 0..12 {
+        store.put(&format!("/c/{i}"), vec![]).await.unwrap();
+    }
+    // Revisions 1..=7 are gone; history after 7 remains.
+    let mut w = store.watch("/c/", 3).await.unwrap();
+    match w.next().await {
+        Some(Err(StoreError::Compacted {
+            requested,
+            compacted,
+        })) => assert_eq!((requested, compacted), (4, 8)),
+        other => panic!("expected Compacted, got {other:?}"),
+    }
+    assert!(w.next().await.is_none(), "a compacted watch ends");
+    let mut w = store.watch("/c/", 7).await.unwrap();
+    let first = w.next().await.unwrap().unwrap();
+    assert_eq!(
+        (first.kind, first.kv.key.as_str(), first.kv.mod_revision),
+        (EventKind::Put, "/c/7", 8)
+    );
+}
+
+#[tokio::test]
+async fn lock_held_elsewhere_times_out_as_unavailable() {
+    let (dir, store) = fresh();
+    let store = store.with_lock_timeout(Duration::from_millis(200));
+    let lock_file = std::fs::File::open(dir.path().join("state/store.redb.lock")).unwrap();
+    let held = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive).unwrap();
+    let started = Instant::now();
+    match store.put("/k", b"v".to_vec()).await {
+        Err(StoreError::Unavailable(msg)) => {
+            assert!(msg.contains("locked by another process"), "{msg}")
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    drop(held);
+    assert_eq!(store.put("/k", b"v".to_vec()).await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn lease_moved_key_survives_old_lease_revoke() {
+    let (_dir, store) = fresh();
+    let a = store.grant_lease(Duration::from_secs(60)).await.unwrap();
+    let b = store.grant_lease(Duration::from_secs(60)).await.unwrap();
+    assert_ne!(a, b);
+    let put = |lease| Op::Put {
+        key: "/m".into(),
+        value: b"v".to_vec(),
+        lease: Some(lease),
+    };
+    store.txn(vec![], vec![put(a)]).await.unwrap();
+    store.txn(vec![], vec![put(b)]).await.unwrap();
+    let before = store.revision().await.unwrap();
+    store.revoke_lease(a).await.unwrap();
+    assert_eq!(
+        store.revision().await.unwrap(),
+        before,
+        "revoking an empty lease writes nothing"
+    );
+    assert_eq!(store.get("/m").await.unwrap().unwrap().lease, Some(b));
+    store.revoke_lease(b).await.unwrap();
+    assert_eq!(store.get("/m").await.unwrap(), None);
+    assert!(matches!(
+        store.revoke_lease(b).await,
+        Err(StoreError::LeaseNotFound(_))
+    ));
+}
+
+/// Per-operation cost (lock + open + one transaction + close); printed with --nocapture.
+#[tokio::test]
+async fn measure_put_latency() {
+    let (_dir, store) = fresh();
+    let n = 1000u64;
+    let started = Instant::now();
+    for i in 0..n {
+        store
+            .put(&format!("/bench/{i}"), b"0123456789abcdef".to_vec())
+            .await
+            .unwrap();
+    }
+    let put_mean = started.elapsed() / n as u32;
+    let started = Instant::now();
+    for i in 0..n {
+        store.get(&format!("/bench/{i}")).await.unwrap().unwrap();
+    }
+    let get_mean = started.elapsed() / n as u32;
+    eprintln!(
+        "embedded store: {n} puts, mean {} us; {n} gets, mean {} us",
+        put_mean.as_micros(),
+        get_mean.as_micros()
+    );
+    assert_eq!(store.revision().await.unwrap(), n);
+    assert_eq!(store.range("/bench/").await.unwrap().0.len(), n as usize);
+}
+
+/// A watcher on another handle (no shared in-process wake-up, as in another process) still
+/// sees writes and lease expiries promptly, through the lock-file hint and polling.
+#[tokio::test]
+async fn watch_from_another_handle_sees_writes_and_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let writer = EmbeddedStore::open(&path).unwrap();
+    let watcher = EmbeddedStore::open(&path).unwrap();
+    let mut w = watcher.watch("/x/", 0).await.unwrap();
+    let started = Instant::now();
+    writer.put("/x/a", b"1".to_vec()).await.unwrap();
+    let ev = next(&mut w).await;
+    assert_eq!((ev.kind, ev.kv.key.as_str()), (EventKind::Put, "/x/a"));
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    let lease = writer
+        .grant_lease(Duration::from_millis(300))
+        .await
+        .unwrap();
+    writer
+        .txn(
+            vec![],
+            vec![Op::Put {
+                key: "/x/l".into(),
+                value: vec![],
+                lease: Some(lease),
+            }],
+        )
+        .await
+        .unwrap();
+    assert_eq!(next(&mut w).await.kv.key, "/x/l");
+    // Nobody touches the store now: the watcher itself must notice the due lease and sweep it.
+    let started = Instant::now();
+    let ev = next(&mut w).await;
+    assert_eq!((ev.kind, ev.kv.key.as_str()), (EventKind::Delete, "/x/l"));
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+async fn next(
+    w: &mut futures::stream::BoxStream<'static, ferrynet_store::Result<ferrynet_store::WatchEvent>>,
+) -> ferrynet_store::WatchEvent {
+    tokio::time::timeout(Duration::from_secs(5), w.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+}

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Installs the Debian packages ferrynet's demo, tests or benchmarks need, when missing.
+# Usage: scripts/deps.sh demo|test|bench
+set -euo pipefail
+
+need_root() {
+  if [ "$(id -u)" != 0 ]; then
+    echo "ferrynet: run this as root (it creates network namespaces, links and nftables rules)" >&2
+    exit 1
+  fi
+}
+
+packages_for() {
+  local base="iproute2 nftables iptables util-linux procps iputils-ping python3 ca-certificates"
+  case "$1" in
+    demo) echo "$base" ;;
+    test) echo "$base containernetworking-plugins" ;;
+    bench) echo "$base containernetworking-plugins netavark iperf3 hyperfine" ;;
+    *) echo "unknown set $1" >&2; exit 2 ;;
+  esac
+}
+
+install_missing() {
+  local missing=()
+  for p in $(packages_for "$1"); do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "==> installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  if ! command -v cargo >/dev/null 2>&1; then
+    for d in "$HOME/.cargo/bin" /usr/local/cargo/bin; do
+      [ -x "$d/cargo" ] && export PATH="$d:$PATH"
+    done
+  fi
+  command -v cargo >/dev/null 2>&1 || {
+    echo "ferrynet: cargo (Rust >= 1.90) is needed to build; install it with rustup" >&2
+    exit 1
+  }
+}
+
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  need_root
+  install_missing "${1:-test}"
+fi
