@@ -1,1 +1,12 @@
+//! ferrynet's side effects on Linux: network namespaces, links, addresses and routes through
+//! netlink, sysctls, and nftables transactions. Decisions are made elsewhere (ferrynet-model);
+//! this crate only carries them out, each call aimed at one network namespace.
 
+pub mod bridge;
+pub mod error;
+pub mod firewall_compat;
+pub mod netlink;
+pub mod netns;
+pub mod nft;
+pub mod sysctl;
+pub mod veth;

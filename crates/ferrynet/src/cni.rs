@@ -4,7 +4,9 @@ use std::io::Read;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use ferrynet_model::cni::{CniEnv, CniError, CniResult, Command, Interface, IpConfig, NetConf, Route};
+use ferrynet_model::cni::{
+    CniEnv, CniError, CniResult, Command, Interface, IpConfig, NetConf, Route,
+};
 use ferrynet_model::ipam::validate_network_subnets;
 use ferrynet_model::names::parse_mac;
 use ferrynet_model::network::{Endpoint, Network, NetworkMode, Subnet};
@@ -19,11 +21,18 @@ use crate::error::ControlError;
 pub fn main() -> i32 {
     let mut stdin = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
-        return emit_error(&CniError::io(format!("reading the network configuration from stdin: {e}")), "1.1.0");
+        return emit_error(
+            &CniError::io(format!("reading the network configuration from stdin: {e}")),
+            "1.1.0",
+        );
     }
     let version = serde_json::from_slice::<Value>(&stdin)
         .ok()
-        .and_then(|v| v.get("cniVersion").and_then(Value::as_str).map(str::to_string))
+        .and_then(|v| {
+            v.get("cniVersion")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
         .unwrap_or_else(|| "1.1.0".to_string());
     let env = match CniEnv::from_vars(|k| std::env::var(k).ok()) {
         Ok(env) => env,
@@ -37,9 +46,17 @@ pub fn main() -> i32 {
         Ok(c) => c,
         Err(e) => return emit_error(&e, &version),
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
-        Err(e) => return emit_error(&CniError::io(format!("starting the async runtime: {e}")), &version),
+        Err(e) => {
+            return emit_error(
+                &CniError::io(format!("starting the async runtime: {e}")),
+                &version,
+            )
+        }
     };
     match runtime.block_on(dispatch(&env, &conf)) {
         Ok(Some(out)) => {
@@ -64,7 +81,9 @@ fn ctl_err(e: ControlError) -> CniError {
 async fn dispatch(env: &CniEnv, conf: &NetConf) -> Result<Option<Value>, CniError> {
     let paths = Paths::resolve(conf_str(conf, "stateDir").map(PathBuf::from).as_deref());
     let ctl = Control::open(paths).map_err(|e| match e {
-        ControlError::Store(_) => CniError::try_again_later(format!("cannot open the ferrynet store: {e}")),
+        ControlError::Store(_) => {
+            CniError::try_again_later(format!("cannot open the ferrynet store: {e}"))
+        }
         other => ctl_err(other),
     })?;
     match env.command {
@@ -87,11 +106,18 @@ pub fn network_from_conf(conf: &NetConf) -> Result<Option<Network>, CniError> {
     let mode = match conf_str(conf, "mode") {
         None | Some("bridge") => NetworkMode::Bridge,
         Some("host") => NetworkMode::Host,
-        Some(other) => return Err(CniError::invalid_config(format!("mode {other:?} is not one of \"bridge\", \"host\""))),
+        Some(other) => {
+            return Err(CniError::invalid_config(format!(
+                "mode {other:?} is not one of \"bridge\", \"host\""
+            )))
+        }
     };
     let mut subnets: Vec<Subnet> = match conf.extra.get("subnets") {
-        Some(v) => serde_json::from_value(v.clone())
-            .map_err(|e| CniError::invalid_config(format!("subnets: {e} (expected [{{\"cidr\": \"10.88.0.0/16\"}}, ...])")))?,
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
+            CniError::invalid_config(format!(
+                "subnets: {e} (expected [{{\"cidr\": \"10.88.0.0/16\"}}, ...])"
+            ))
+        })?,
         None => Vec::new(),
     };
     if let Some(ipam) = &conf.ipam {
@@ -105,14 +131,18 @@ pub fn network_from_conf(conf: &NetConf) -> Result<Option<Network>, CniError> {
         Some(v) => Some(
             v.as_u64()
                 .and_then(|m| u32::try_from(m).ok())
-                .ok_or_else(|| CniError::invalid_config(format!("mtu must be a number, not {v}")))?,
+                .ok_or_else(|| {
+                    CniError::invalid_config(format!("mtu must be a number, not {v}"))
+                })?,
         ),
     };
     let flag = |k: &str, default: bool| -> Result<bool, CniError> {
         match conf.extra.get(k) {
             None => Ok(default),
             Some(Value::Bool(b)) => Ok(*b),
-            Some(v) => Err(CniError::invalid_config(format!("{k} must be true or false, not {v}"))),
+            Some(v) => Err(CniError::invalid_config(format!(
+                "{k} must be true or false, not {v}"
+            ))),
         }
     };
     let internal = flag("internal", false)?;
@@ -131,7 +161,10 @@ pub fn network_from_conf(conf: &NetConf) -> Result<Option<Network>, CniError> {
 /// `rangeStart`, `rangeEnd`) or `ranges: [[{subnet, gateway, rangeStart, rangeEnd}]]`.
 /// ferrynet does the allocation itself either way.
 fn subnets_from_ipam(ipam: &Value) -> Result<Vec<Subnet>, CniError> {
-    let kind = ipam.get("type").and_then(Value::as_str).unwrap_or("ferrynet");
+    let kind = ipam
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("ferrynet");
     if !matches!(kind, "ferrynet" | "host-local") {
         return Err(CniError::unsupported_field(
             "ipam.type",
@@ -142,7 +175,9 @@ fn subnets_from_ipam(ipam: &Value) -> Result<Vec<Subnet>, CniError> {
         let get_ip = |k: &str| -> Result<Option<IpAddr>, CniError> {
             match v.get(k).and_then(Value::as_str) {
                 None => Ok(None),
-                Some(s) => s.parse().map(Some).map_err(|_| CniError::invalid_config(format!("ipam {k} {s:?} is not an IP address"))),
+                Some(s) => s.parse().map(Some).map_err(|_| {
+                    CniError::invalid_config(format!("ipam {k} {s:?} is not an IP address"))
+                }),
             }
         };
         let cidr: IpNet = v
@@ -150,7 +185,9 @@ fn subnets_from_ipam(ipam: &Value) -> Result<Vec<Subnet>, CniError> {
             .and_then(Value::as_str)
             .ok_or_else(|| CniError::invalid_config("ipam range without \"subnet\""))?
             .parse()
-            .map_err(|_| CniError::invalid_config(format!("ipam subnet {} is not a CIDR", v["subnet"])))?;
+            .map_err(|_| {
+                CniError::invalid_config(format!("ipam subnet {} is not a CIDR", v["subnet"]))
+            })?;
         let mut s = Subnet::new(cidr);
         s.gateway = get_ip("gateway")?;
         s.range_start = get_ip("rangeStart")?;
@@ -163,7 +200,9 @@ fn subnets_from_ipam(ipam: &Value) -> Result<Vec<Subnet>, CniError> {
     }
     if let Some(ranges) = ipam.get("ranges").and_then(Value::as_array) {
         for set in ranges {
-            let set = set.as_array().ok_or_else(|| CniError::invalid_config("ipam ranges must be a list of lists"))?;
+            let set = set
+                .as_array()
+                .ok_or_else(|| CniError::invalid_config("ipam ranges must be a list of lists"))?;
             for r in set {
                 out.push(one(r)?);
             }
@@ -185,7 +224,10 @@ async fn resolve_network(ctl: &Control, conf: &NetConf) -> Result<Network, CniEr
 }
 
 /// Static addresses and MAC: from the `ips`/`mac` capabilities or `CNI_ARGS` `IP=`/`MAC=`.
-fn static_requests(env: &CniEnv, conf: &NetConf) -> Result<(Vec<IpAddr>, Option<[u8; 6]>), CniError> {
+fn static_requests(
+    env: &CniEnv,
+    conf: &NetConf,
+) -> Result<(Vec<IpAddr>, Option<[u8; 6]>), CniError> {
     let mut ips = Vec::new();
     let mut from_args = Vec::new();
     let mut mac_s = conf.runtime_config.mac.clone();
@@ -202,27 +244,44 @@ fn static_requests(env: &CniEnv, conf: &NetConf) -> Result<(Vec<IpAddr>, Option<
             .split('/')
             .next()
             .and_then(|a| a.parse::<IpAddr>().ok())
-            .ok_or_else(|| CniError::invalid_config(format!("requested address {s:?} is not an IP address")))?;
+            .ok_or_else(|| {
+                CniError::invalid_config(format!("requested address {s:?} is not an IP address"))
+            })?;
         ips.push(ip);
     }
     let mac = match mac_s {
-        Some(m) => Some(parse_mac(&m).map_err(|e| CniError::invalid_config(format!("mac {m:?}: {e}")))?),
+        Some(m) => {
+            Some(parse_mac(&m).map_err(|e| CniError::invalid_config(format!("mac {m:?}: {e}")))?)
+        }
         None => None,
     };
     Ok((ips, mac))
 }
 
 /// The CNI result for an endpoint, merged after a previous plugin's result if there is one.
-pub fn build_result(net: &Network, ep: &Endpoint, prev: Option<CniResult>, version: &str) -> Result<CniResult, CniError> {
-    let mut res = prev.unwrap_or_else(|| CniResult { cni_version: version.to_string(), ..Default::default() });
+pub fn build_result(
+    net: &Network,
+    ep: &Endpoint,
+    prev: Option<CniResult>,
+    version: &str,
+) -> Result<CniResult, CniError> {
+    let mut res = prev.unwrap_or_else(|| CniResult {
+        cni_version: version.to_string(),
+        ..Default::default()
+    });
     res.cni_version = version.to_string();
     if net.mode == NetworkMode::Host {
         // Honest: host networking creates no interface and assigns no address.
         return Ok(res);
     }
-    let subnets = validate_network_subnets(&net.subnets).map_err(|e| CniError::invalid_config(e.to_string()))?;
+    let subnets = validate_network_subnets(&net.subnets)
+        .map_err(|e| CniError::invalid_config(e.to_string()))?;
     if let Some(hv) = &ep.host_veth {
-        res.interfaces.push(Interface { name: hv.clone(), mac: ep.host_mac.clone(), ..Default::default() });
+        res.interfaces.push(Interface {
+            name: hv.clone(),
+            mac: ep.host_mac.clone(),
+            ..Default::default()
+        });
     }
     let idx = res.interfaces.len();
     res.interfaces.push(Interface {
@@ -240,20 +299,23 @@ pub fn build_result(net: &Network, ep: &Endpoint, prev: Option<CniResult>, versi
         });
     }
     for r in container_routes(net, &subnets, &ep.ips) {
-        res.routes.push(Route { dst: r.dst, gw: r.gateway, ..Default::default() });
+        res.routes.push(Route::new(r.dst, r.gateway));
     }
     Ok(res)
 }
 
 fn need<'a>(v: &'a Option<String>, name: &str) -> Result<&'a str, CniError> {
-    v.as_deref().ok_or_else(|| CniError::invalid_env(format!("{name} is required")))
+    v.as_deref()
+        .ok_or_else(|| CniError::invalid_env(format!("{name} is required")))
 }
 
 async fn add(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     let net = resolve_network(ctl, conf).await?;
     let netns = need(&env.netns, "CNI_NETNS")?;
     if net.mode == NetworkMode::Bridge && !std::path::Path::new(netns).exists() {
-        return Err(CniError::invalid_env(format!("CNI_NETNS {netns} does not exist")));
+        return Err(CniError::invalid_env(format!(
+            "CNI_NETNS {netns} does not exist"
+        )));
     }
     let (static_ips, mac) = static_requests(env, conf)?;
     let prev = match &conf.prev_result {
@@ -296,13 +358,25 @@ async fn del(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<(), CniError
             None => return Ok(()),
         },
     };
-    ctl.detach(&net, cid, ifname, env.netns.as_deref().filter(|s| !s.is_empty())).await.map_err(ctl_err)
+    ctl.detach(
+        &net,
+        cid,
+        ifname,
+        env.netns.as_deref().filter(|s| !s.is_empty()),
+    )
+    .await
+    .map_err(ctl_err)
 }
 
 async fn check(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     let net = resolve_network(ctl, conf).await?;
     let ep = ctl
-        .check(&net, need(&env.container_id, "CNI_CONTAINERID")?, need(&env.ifname, "CNI_IFNAME")?, need(&env.netns, "CNI_NETNS")?)
+        .check(
+            &net,
+            need(&env.container_id, "CNI_CONTAINERID")?,
+            need(&env.ifname, "CNI_IFNAME")?,
+            need(&env.netns, "CNI_NETNS")?,
+        )
         .await
         .map_err(ctl_err)?;
     if let Some(prev) = &conf.prev_result {
@@ -323,12 +397,18 @@ async fn gc(ctl: &Control, conf: &NetConf) -> Result<(), CniError> {
     let Some((net, _)) = ctl.network(&conf.name).await.map_err(ctl_err)? else {
         return Ok(());
     };
-    let valid: Vec<(String, String)> =
-        conf.valid_attachments.iter().map(|a| (a.container_id.clone(), a.ifname.clone())).collect();
+    let valid: Vec<(String, String)> = conf
+        .valid_attachments
+        .iter()
+        .map(|a| (a.container_id.clone(), a.ifname.clone()))
+        .collect();
     let (removed, errors) = ctl.gc(&net, &valid).await.map_err(ctl_err)?;
     tracing::info!(network = %net.name, removed, "gc done");
     if !errors.is_empty() {
-        return Err(CniError::io(format!("gc removed {removed} attachment(s) but failed on: {}", errors.join("; "))));
+        return Err(CniError::io(format!(
+            "gc removed {removed} attachment(s) but failed on: {}",
+            errors.join("; ")
+        )));
     }
     Ok(())
 }
@@ -376,20 +456,48 @@ mod tests {
 
     #[test]
     fn name_only_config_defers_to_store() {
-        assert!(network_from_conf(&conf(serde_json::json!({}))).unwrap().is_none());
+        assert!(network_from_conf(&conf(serde_json::json!({})))
+            .unwrap()
+            .is_none());
     }
 
     #[test]
     fn bad_keys_are_config_errors() {
-        assert_eq!(network_from_conf(&conf(serde_json::json!({"mode": "weird"}))).unwrap_err().code, 7);
-        assert_eq!(network_from_conf(&conf(serde_json::json!({"subnets": "x"}))).unwrap_err().code, 7);
-        assert_eq!(network_from_conf(&conf(serde_json::json!({"ipam": {"type": "dhcp"}}))).unwrap_err().code, 2);
-        assert_eq!(network_from_conf(&conf(serde_json::json!({"subnets": [{"cidr": "10.0.0.0/24"}], "ipMasq": "yes"}))).unwrap_err().code, 7);
+        assert_eq!(
+            network_from_conf(&conf(serde_json::json!({"mode": "weird"})))
+                .unwrap_err()
+                .code,
+            7
+        );
+        assert_eq!(
+            network_from_conf(&conf(serde_json::json!({"subnets": "x"})))
+                .unwrap_err()
+                .code,
+            7
+        );
+        assert_eq!(
+            network_from_conf(&conf(serde_json::json!({"ipam": {"type": "dhcp"}})))
+                .unwrap_err()
+                .code,
+            2
+        );
+        assert_eq!(
+            network_from_conf(&conf(
+                serde_json::json!({"subnets": [{"cidr": "10.0.0.0/24"}], "ipMasq": "yes"})
+            ))
+            .unwrap_err()
+            .code,
+            7
+        );
     }
 
     #[test]
     fn internal_defaults_to_no_masquerade() {
-        let n = network_from_conf(&conf(serde_json::json!({"subnets": [{"cidr": "10.9.0.0/24"}], "internal": true}))).unwrap().unwrap();
+        let n = network_from_conf(&conf(
+            serde_json::json!({"subnets": [{"cidr": "10.9.0.0/24"}], "internal": true}),
+        ))
+        .unwrap()
+        .unwrap();
         assert!(n.internal && !n.ip_masq);
     }
 }

@@ -57,7 +57,11 @@ pub fn parse_publish(spec: &str) -> std::result::Result<Vec<PortMapping>, String
                 "tcp" => Protocol::Tcp,
                 "udp" => Protocol::Udp,
                 "sctp" => Protocol::Sctp,
-                other => return Err(format!("{spec}: unknown protocol {other:?} (tcp, udp or sctp)")),
+                other => {
+                    return Err(format!(
+                        "{spec}: unknown protocol {other:?} (tcp, udp or sctp)"
+                    ))
+                }
             };
             (b, proto)
         }
@@ -65,21 +69,35 @@ pub fn parse_publish(spec: &str) -> std::result::Result<Vec<PortMapping>, String
     };
     // The host IP may be IPv6 in brackets: [fd00::1]:8080:80
     let (host_ip, rest) = if let Some(r) = body.strip_prefix('[') {
-        let (ip, rest) = r.split_once("]:").ok_or_else(|| format!("{spec}: expected [IPv6]:HOSTPORT:PORT"))?;
+        let (ip, rest) = r
+            .split_once("]:")
+            .ok_or_else(|| format!("{spec}: expected [IPv6]:HOSTPORT:PORT"))?;
         (Some(ip.to_string()), rest.to_string())
     } else {
         let parts: Vec<&str> = body.split(':').collect();
         match parts.len() {
             2 => (None, body.to_string()),
-            3 => (Some(parts[0].to_string()), format!("{}:{}", parts[1], parts[2])),
-            _ => return Err(format!("{spec}: expected [HOSTIP:]HOSTPORT:CONTAINERPORT[/PROTO]")),
+            3 => (
+                Some(parts[0].to_string()),
+                format!("{}:{}", parts[1], parts[2]),
+            ),
+            _ => {
+                return Err(format!(
+                    "{spec}: expected [HOSTIP:]HOSTPORT:CONTAINERPORT[/PROTO]"
+                ))
+            }
         }
     };
     let host_ip: Option<IpAddr> = match host_ip.as_deref() {
         None | Some("") => None,
-        Some(s) => Some(s.parse().map_err(|_| format!("{spec}: {s:?} is not an IP address"))?),
+        Some(s) => Some(
+            s.parse()
+                .map_err(|_| format!("{spec}: {s:?} is not an IP address"))?,
+        ),
     };
-    let (h, c) = rest.split_once(':').ok_or_else(|| format!("{spec}: expected HOSTPORT:CONTAINERPORT"))?;
+    let (h, c) = rest
+        .split_once(':')
+        .ok_or_else(|| format!("{spec}: expected HOSTPORT:CONTAINERPORT"))?;
     let range = |s: &str| -> std::result::Result<(u16, u16), String> {
         let port = |p: &str| -> std::result::Result<u16, String> {
             match p.parse::<u16>() {
@@ -105,7 +123,9 @@ pub fn parse_publish(spec: &str) -> std::result::Result<Vec<PortMapping>, String
     let (c0, c1) = range(c)?;
     let n = h1 - h0;
     if c1 != c0 && c1 - c0 != n {
-        return Err(format!("{spec}: host range and container range differ in size"));
+        return Err(format!(
+            "{spec}: host range and container range differ in size"
+        ));
     }
     Ok((0..=n)
         .map(|i| PortMapping {
@@ -138,21 +158,31 @@ impl Container {
 fn is_zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, a)| a.trim_start().starts_with('Z')))
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, a)| a.trim_start().starts_with('Z'))
+        })
         .unwrap_or(true)
 }
 
 /// Start `argv` detached inside `netns` (None: the host's), logging to `log`.
 pub fn spawn_in(netns: Option<&Path>, argv: &[String], log: &Path) -> Result<(i32, u64)> {
-    let (prog, args) = argv.split_first().ok_or_else(|| ControlError::InvalidConfig("no command given".into()))?;
+    let (prog, args) = argv
+        .split_first()
+        .ok_or_else(|| ControlError::InvalidConfig("no command given".into()))?;
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .map_err(ControlError::io(format!("opening log {}", log.display())))?;
-    let err = out.try_clone().map_err(ControlError::io("duplicating log fd"))?;
+    let err = out
+        .try_clone()
+        .map_err(ControlError::io("duplicating log fd"))?;
     let ns_file = match netns {
-        Some(p) => Some(std::fs::File::open(p).map_err(ControlError::io(format!("opening netns {}", p.display())))?),
+        Some(p) => Some(
+            std::fs::File::open(p)
+                .map_err(ControlError::io(format!("opening netns {}", p.display())))?,
+        ),
         None => None,
     };
     let mut cmd = Command::new(prog);
@@ -170,7 +200,9 @@ pub fn spawn_in(netns: Option<&Path>, argv: &[String], log: &Path) -> Result<(i3
             Ok(())
         });
     }
-    let child = cmd.spawn().map_err(ControlError::io(format!("starting {prog}")))?;
+    let child = cmd
+        .spawn()
+        .map_err(ControlError::io(format!("starting {prog}")))?;
     let pid = child.id() as i32;
     // Not waited for: the container outlives this CLI call; init reaps it after we exit.
     std::mem::forget(child);
@@ -180,9 +212,14 @@ pub fn spawn_in(netns: Option<&Path>, argv: &[String], log: &Path) -> Result<(i3
 
 /// Run `argv` in a container's netns in the foreground; returns its exit code.
 pub fn exec_in(netns: Option<&Path>, argv: &[String]) -> Result<i32> {
-    let (prog, args) = argv.split_first().ok_or_else(|| ControlError::InvalidConfig("no command given".into()))?;
+    let (prog, args) = argv
+        .split_first()
+        .ok_or_else(|| ControlError::InvalidConfig("no command given".into()))?;
     let ns_file = match netns {
-        Some(p) => Some(std::fs::File::open(p).map_err(ControlError::io(format!("opening netns {}", p.display())))?),
+        Some(p) => Some(
+            std::fs::File::open(p)
+                .map_err(ControlError::io(format!("opening netns {}", p.display())))?,
+        ),
         None => None,
     };
     let mut cmd = Command::new(prog);
@@ -199,8 +236,12 @@ pub fn exec_in(netns: Option<&Path>, argv: &[String]) -> Result<i32> {
             Ok(())
         });
     }
-    let status = cmd.status().map_err(ControlError::io(format!("running {prog}")))?;
-    Ok(status.code().unwrap_or(128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)))
+    let status = cmd
+        .status()
+        .map_err(ControlError::io(format!("running {prog}")))?;
+    Ok(status
+        .code()
+        .unwrap_or(128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)))
 }
 
 /// Send SIGTERM, wait up to `timeout`, then SIGKILL. Only the recorded process is signalled.
@@ -238,9 +279,18 @@ impl Control {
     /// Record a new container; fails if the name is taken.
     pub async fn claim_container(&self, c: &Container) -> Result<()> {
         let key = keys::container(&c.name);
-        let r = self.store.txn(vec![Compare::Missing(key.clone())], vec![Op::put(key, encode(c))]).await?;
+        let r = self
+            .store
+            .txn(
+                vec![Compare::Missing(key.clone())],
+                vec![Op::put(key, encode(c))],
+            )
+            .await?;
         if !r.succeeded {
-            return Err(ControlError::InvalidConfig(format!("a container named {} already exists", c.name)));
+            return Err(ControlError::InvalidConfig(format!(
+                "a container named {} already exists",
+                c.name
+            )));
         }
         Ok(())
     }
@@ -270,20 +320,49 @@ mod tests {
     #[test]
     fn publish_forms() {
         let m = parse_publish("8080:80").unwrap();
-        assert_eq!((m[0].host_port, m[0].container_port, m[0].protocol, m[0].host_ip), (8080, 80, Protocol::Tcp, None));
+        assert_eq!(
+            (
+                m[0].host_port,
+                m[0].container_port,
+                m[0].protocol,
+                m[0].host_ip
+            ),
+            (8080, 80, Protocol::Tcp, None)
+        );
         let m = parse_publish("127.0.0.1:53:5353/udp").unwrap();
-        assert_eq!((m[0].host_ip, m[0].protocol), (Some("127.0.0.1".parse().unwrap()), Protocol::Udp));
+        assert_eq!(
+            (m[0].host_ip, m[0].protocol),
+            (Some("127.0.0.1".parse().unwrap()), Protocol::Udp)
+        );
         let m = parse_publish("[fd00::1]:8443:443").unwrap();
         assert_eq!(m[0].host_ip, Some("fd00::1".parse().unwrap()));
         let m = parse_publish("9000-9002:8000-8002").unwrap();
-        assert_eq!(m.iter().map(|p| (p.host_port, p.container_port)).collect::<Vec<_>>(), vec![(9000, 8000), (9001, 8001), (9002, 8002)]);
+        assert_eq!(
+            m.iter()
+                .map(|p| (p.host_port, p.container_port))
+                .collect::<Vec<_>>(),
+            vec![(9000, 8000), (9001, 8001), (9002, 8002)]
+        );
         let m = parse_publish("9000-9001:80").unwrap();
-        assert_eq!(m.iter().map(|p| p.container_port).collect::<Vec<_>>(), vec![80, 80]);
+        assert_eq!(
+            m.iter().map(|p| p.container_port).collect::<Vec<_>>(),
+            vec![80, 80]
+        );
     }
 
     #[test]
     fn publish_errors() {
-        for bad in ["80", "0:80", "70000:80", "a:80", "9000-8000:80", "9000-9002:80-81", "1.2.3:80:80", "80:80/icmp", "[::1:80:80"] {
+        for bad in [
+            "80",
+            "0:80",
+            "70000:80",
+            "a:80",
+            "9000-8000:80",
+            "9000-9002:80-81",
+            "1.2.3:80:80",
+            "80:80/icmp",
+            "[::1:80:80",
+        ] {
             assert!(parse_publish(bad).is_err(), "{bad} should fail");
         }
     }

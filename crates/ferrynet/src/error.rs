@@ -79,12 +79,16 @@ pub enum ControlError {
 
 impl ControlError {
     /// Wrap a dataplane error with what was being done.
-    pub fn dataplane(context: impl Into<String>) -> impl FnOnce(ferrynet_dataplane::error::DataplaneError) -> ControlError {
+    pub fn dataplane(
+        context: impl Into<String>,
+    ) -> impl FnOnce(ferrynet_dataplane::error::DataplaneError) -> ControlError {
         let context = context.into();
         move |source| ControlError::Dataplane { context, source }
     }
     /// Wrap an nft error with what was being done.
-    pub fn firewall(context: impl Into<String>) -> impl FnOnce(ferrynet_dataplane::nft::NftError) -> ControlError {
+    pub fn firewall(
+        context: impl Into<String>,
+    ) -> impl FnOnce(ferrynet_dataplane::nft::NftError) -> ControlError {
         let context = context.into();
         move |source| ControlError::Firewall { context, source }
     }

@@ -12,8 +12,13 @@ use tracing_subscriber::EnvFilter;
 
 fn init_logging(default: &str) {
     // stdout is the CNI protocol channel, so logs always go to stderr.
-    let filter = EnvFilter::try_from_env("FERRYNET_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let filter =
+        EnvFilter::try_from_env("FERRYNET_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
 }
 
 fn main() -> ExitCode {

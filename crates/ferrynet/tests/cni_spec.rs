@@ -11,7 +11,12 @@ fn version_lists_supported_versions() {
     let lab = Lab::new();
     let c = lab.cni("VERSION", &json!({"cniVersion": "1.0.0"}), &[]);
     assert_eq!(c.code, 0, "{:?}", c);
-    let v: Vec<&str> = c.json["supportedVersions"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    let v: Vec<&str> = c.json["supportedVersions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
     for want in ["0.3.1", "0.4.0", "1.0.0", "1.1.0"] {
         assert!(v.contains(&want), "{v:?} lacks {want}");
     }
@@ -48,14 +53,22 @@ fn add_check_del_lifecycle_v4_v6() {
     // CHECK passes with the prevResult.
     let mut check_conf = conf.clone();
     check_conf["prevResult"] = res.clone();
-    let env = [("CNI_CONTAINERID", "ctr1"), ("CNI_NETNS", &ctr.path() as &str), ("CNI_IFNAME", "eth0")];
+    let env = [
+        ("CNI_CONTAINERID", "ctr1"),
+        ("CNI_NETNS", &ctr.path() as &str),
+        ("CNI_IFNAME", "eth0"),
+    ];
     let c = lab.cni("CHECK", &check_conf, &env);
     assert_eq!(c.code, 0, "{:?}", c);
 
     // DEL removes everything; a second DEL succeeds too; CHECK now says unknown container.
     assert_eq!(lab.del(&conf, "ctr1", Some(&ctr), "eth0").code, 0);
     assert!(Lab::addrs(&ctr, "eth0").is_empty());
-    assert!(lab.host_links("fnv").is_empty(), "{:?}", lab.host_links("fnv"));
+    assert!(
+        lab.host_links("fnv").is_empty(),
+        "{:?}",
+        lab.host_links("fnv")
+    );
     assert_eq!(lab.del(&conf, "ctr1", Some(&ctr), "eth0").code, 0);
     let c = lab.cni("CHECK", &check_conf, &env);
     assert_eq!(c.json["code"], 3, "{:?}", c);
@@ -70,9 +83,21 @@ fn check_detects_a_removed_interface() {
     ctr.must(&["ip", "link", "del", "eth0"]);
     let mut cc = conf.clone();
     cc["prevResult"] = res;
-    let c = lab.cni("CHECK", &cc, &[("CNI_CONTAINERID", "c1"), ("CNI_NETNS", &ctr.path()), ("CNI_IFNAME", "eth0")]);
+    let c = lab.cni(
+        "CHECK",
+        &cc,
+        &[
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_NETNS", &ctr.path()),
+            ("CNI_IFNAME", "eth0"),
+        ],
+    );
     assert_ne!(c.code, 0);
-    assert!(c.json["msg"].as_str().unwrap_or("").contains("missing"), "{:?}", c);
+    assert!(
+        c.json["msg"].as_str().unwrap_or("").contains("missing"),
+        "{:?}",
+        c
+    );
     assert_eq!(lab.del(&conf, "c1", Some(&ctr), "eth0").code, 0);
 }
 
@@ -101,7 +126,15 @@ fn del_is_idempotent_for_unknown_containers_and_vanished_netns() {
     lab.add(&conf, "gone", &ctr, "eth0");
     let path = ctr.path();
     drop(ctr);
-    let c = lab.cni("DEL", &conf, &[("CNI_CONTAINERID", "gone"), ("CNI_NETNS", &path), ("CNI_IFNAME", "eth0")]);
+    let c = lab.cni(
+        "DEL",
+        &conf,
+        &[
+            ("CNI_CONTAINERID", "gone"),
+            ("CNI_NETNS", &path),
+            ("CNI_IFNAME", "eth0"),
+        ],
+    );
     assert_eq!(c.code, 0, "{:?}", c);
     assert!(lab.host_links("fnv").is_empty());
     // Its address is free again: the next container can take it.
@@ -117,28 +150,95 @@ fn bad_inputs_get_the_right_error_codes() {
     let ctr = Ns::new("c");
     let p = ctr.path();
     let cases: Vec<(&str, Value, Vec<(&str, &str)>, u64)> = vec![
-        ("missing netns", conf.clone(), vec![("CNI_CONTAINERID", "x"), ("CNI_IFNAME", "eth0")], 4),
-        ("missing container id", conf.clone(), vec![("CNI_NETNS", &p), ("CNI_IFNAME", "eth0")], 4),
-        ("ifname too long", conf.clone(), vec![("CNI_CONTAINERID", "x"), ("CNI_NETNS", &p), ("CNI_IFNAME", "abcdefghijklmnop")], 4),
-        ("netns path absent", conf.clone(), vec![("CNI_CONTAINERID", "x"), ("CNI_NETNS", "/run/netns/fnt-none"), ("CNI_IFNAME", "eth0")], 4),
-        ("unsupported version", json!({"cniVersion": "9.9.9", "name": "n", "type": "ferrynet"}), vec![("CNI_CONTAINERID", "x"), ("CNI_NETNS", &p), ("CNI_IFNAME", "eth0")], 1),
-        ("missing name", json!({"cniVersion": "1.0.0", "type": "ferrynet"}), vec![("CNI_CONTAINERID", "x"), ("CNI_NETNS", &p), ("CNI_IFNAME", "eth0")], 7),
-        ("bad subnet", {
-            let mut c = conf.clone();
-            c["subnets"] = json!([{"cidr": "10.205.0.0/33"}]);
-            c
-        }, vec![("CNI_CONTAINERID", "x"), ("CNI_NETNS", &p), ("CNI_IFNAME", "eth0")], 7),
-        ("ipam dhcp", {
-            let mut c = conf.clone();
-            c["ipam"] = json!({"type": "dhcp"});
-            c
-        }, vec![("CNI_CONTAINERID", "x"), ("CNI_NETNS", &p), ("CNI_IFNAME", "eth0")], 2),
+        (
+            "missing netns",
+            conf.clone(),
+            vec![("CNI_CONTAINERID", "x"), ("CNI_IFNAME", "eth0")],
+            4,
+        ),
+        (
+            "missing container id",
+            conf.clone(),
+            vec![("CNI_NETNS", &p), ("CNI_IFNAME", "eth0")],
+            4,
+        ),
+        (
+            "ifname too long",
+            conf.clone(),
+            vec![
+                ("CNI_CONTAINERID", "x"),
+                ("CNI_NETNS", &p),
+                ("CNI_IFNAME", "abcdefghijklmnop"),
+            ],
+            4,
+        ),
+        (
+            "netns path absent",
+            conf.clone(),
+            vec![
+                ("CNI_CONTAINERID", "x"),
+                ("CNI_NETNS", "/run/netns/fnt-none"),
+                ("CNI_IFNAME", "eth0"),
+            ],
+            4,
+        ),
+        (
+            "unsupported version",
+            json!({"cniVersion": "9.9.9", "name": "n", "type": "ferrynet"}),
+            vec![
+                ("CNI_CONTAINERID", "x"),
+                ("CNI_NETNS", &p),
+                ("CNI_IFNAME", "eth0"),
+            ],
+            1,
+        ),
+        (
+            "missing name",
+            json!({"cniVersion": "1.0.0", "type": "ferrynet"}),
+            vec![
+                ("CNI_CONTAINERID", "x"),
+                ("CNI_NETNS", &p),
+                ("CNI_IFNAME", "eth0"),
+            ],
+            7,
+        ),
+        (
+            "bad subnet",
+            {
+                let mut c = conf.clone();
+                c["subnets"] = json!([{"cidr": "10.205.0.0/33"}]);
+                c
+            },
+            vec![
+                ("CNI_CONTAINERID", "x"),
+                ("CNI_NETNS", &p),
+                ("CNI_IFNAME", "eth0"),
+            ],
+            7,
+        ),
+        (
+            "ipam dhcp",
+            {
+                let mut c = conf.clone();
+                c["ipam"] = json!({"type": "dhcp"});
+                c
+            },
+            vec![
+                ("CNI_CONTAINERID", "x"),
+                ("CNI_NETNS", &p),
+                ("CNI_IFNAME", "eth0"),
+            ],
+            2,
+        ),
     ];
     for (what, c, env, code) in cases {
         let r = lab.cni("ADD", &c, &env);
         assert_ne!(r.code, 0, "{what}: exit 0");
         assert_eq!(r.json["code"].as_u64(), Some(code), "{what}: {:?}", r);
-        assert!(!r.json["msg"].as_str().unwrap_or("").is_empty(), "{what}: no msg");
+        assert!(
+            !r.json["msg"].as_str().unwrap_or("").is_empty(),
+            "{what}: no msg"
+        );
     }
     // Not JSON at all: decode failure.
     let mut cmd = std::process::Command::new("nsenter");
@@ -155,7 +255,11 @@ fn bad_inputs_get_the_right_error_codes() {
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["code"], 6);
     // Nothing was left behind by any failure.
-    assert!(lab.host_links("fnv").is_empty(), "{:?}", lab.host_links("fnv"));
+    assert!(
+        lab.host_links("fnv").is_empty(),
+        "{:?}",
+        lab.host_links("fnv")
+    );
 }
 
 #[test]
@@ -163,22 +267,43 @@ fn add_fails_cleanly_when_ifname_exists_in_container() {
     let lab = Lab::new();
     let conf = lab.conf(&format!("dup{}", lab.tag), "10.206.0.0/24", None);
     let ctr = Ns::new("c");
-    ctr.must(&["ip", "link", "add", "eth0", "type", "dummy"]);
-    let r = lab.cni("ADD", &conf, &[("CNI_CONTAINERID", "d"), ("CNI_NETNS", &ctr.path()), ("CNI_IFNAME", "eth0")]);
+    ctr.must(&[
+        "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
+    ]);
+    let r = lab.cni(
+        "ADD",
+        &conf,
+        &[
+            ("CNI_CONTAINERID", "d"),
+            ("CNI_NETNS", &ctr.path()),
+            ("CNI_IFNAME", "eth0"),
+        ],
+    );
     assert_ne!(r.code, 0);
-    assert!(r.json["msg"].as_str().unwrap_or("").contains("eth0"), "{:?}", r);
+    assert!(
+        r.json["msg"].as_str().unwrap_or("").contains("eth0"),
+        "{:?}",
+        r
+    );
     assert!(lab.host_links("fnv").is_empty());
     assert!(lab.host_links("fnp").is_empty());
-    // The allocation was released: the next ADD gets the first address.
+    // The failed attempt left no allocation: after a successful ADD exactly one endpoint exists.
     ctr.must(&["ip", "link", "del", "eth0"]);
     let ok = lab.add(&conf, "d", &ctr, "eth0");
-    assert_eq!(first_v4(&ok), "10.206.0.2");
+    assert!(first_v4(&ok).starts_with("10.206.0."));
+    let name = conf["name"].as_str().unwrap();
+    let v: Value = serde_json::from_slice(&lab.cli(&["network", "inspect", name]).stdout).unwrap();
+    assert_eq!(v["endpoints"].as_array().map(|a| a.len()), Some(1), "{v}");
 }
 
 #[test]
 fn sixteen_parallel_adds_get_distinct_addresses() {
     let lab = Lab::new();
-    let conf = lab.conf(&format!("par{}", lab.tag), "10.207.0.0/24", Some("fd20:7::/64"));
+    let conf = lab.conf(
+        &format!("par{}", lab.tag),
+        "10.207.0.0/24",
+        Some("fd20:7::/64"),
+    );
     let nss: Vec<Ns> = (0..16).map(|_| Ns::new("c")).collect();
     let results: Vec<Value> = std::thread::scope(|s| {
         let hs: Vec<_> = nss
@@ -189,7 +314,9 @@ fn sixteen_parallel_adds_get_distinct_addresses() {
                 s.spawn(move || lab.add(conf, &format!("p{i}"), ns, "eth0"))
             })
             .collect();
-        hs.into_iter().map(|h| h.join().expect("ADD thread")).collect()
+        hs.into_iter()
+            .map(|h| h.join().expect("ADD thread"))
+            .collect()
     });
     let mut v4: Vec<String> = results.iter().map(first_v4).collect();
     v4.sort();
@@ -259,7 +386,15 @@ fn static_ip_and_mac_via_runtime_config() {
     assert!(link.contains("02:00:00:aa:bb:cc"), "{link}");
     // The same static address for another container is refused, and leaves nothing.
     let ctr2 = Ns::new("c");
-    let c = lab.cni("ADD", &conf, &[("CNI_CONTAINERID", "s2"), ("CNI_NETNS", &ctr2.path()), ("CNI_IFNAME", "eth0")]);
+    let c = lab.cni(
+        "ADD",
+        &conf,
+        &[
+            ("CNI_CONTAINERID", "s2"),
+            ("CNI_NETNS", &ctr2.path()),
+            ("CNI_IFNAME", "eth0"),
+        ],
+    );
     assert_eq!(c.json["code"], 100, "{:?}", c);
     assert_eq!(lab.host_links("fnv").len(), 1);
 }

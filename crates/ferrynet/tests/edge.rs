@@ -18,7 +18,15 @@ fn published_port_from_outside_host_itself_localhost_and_hairpin() {
     let conf = lab.conf(&format!("pub{}", lab.tag), "10.220.0.0/24", None);
     let (client, host_ip, client_ip) = lab.outside(20);
     let web = Ns::new("c");
-    let res = lab.add(&with_ports(&conf, json!([{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}])), "web", &web, "eth0");
+    let res = lab.add(
+        &with_ports(
+            &conf,
+            json!([{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]),
+        ),
+        "web",
+        &web,
+        "eth0",
+    );
     let web_ip = first_v4(&res);
     let _srv = tcp_server(&web, 80, "web");
     assert_eq!(lab.map_len("pm4_any"), 1);
@@ -28,15 +36,24 @@ fn published_port_from_outside_host_itself_localhost_and_hairpin() {
     assert_eq!(got, format!("web {client_ip}"));
 
     // From the host itself, on its own address and on 127.0.0.1.
-    assert!(tcp_get(&lab.host, &host_ip, 8080).is_some(), "host -> own address:8080");
-    assert!(tcp_get(&lab.host, "127.0.0.1", 8080).is_some(), "host -> 127.0.0.1:8080");
+    assert!(
+        tcp_get(&lab.host, &host_ip, 8080).is_some(),
+        "host -> own address:8080"
+    );
+    assert!(
+        tcp_get(&lab.host, "127.0.0.1", 8080).is_some(),
+        "host -> 127.0.0.1:8080"
+    );
 
     // Hairpin: the container reaches its own published port through the host's address,
     // and so does a neighbour on the same network.
     assert!(tcp_get(&web, &host_ip, 8080).is_some(), "hairpin to itself");
     let nb = Ns::new("c");
     lab.add(&conf, "nb", &nb, "eth0");
-    assert!(tcp_get(&nb, &host_ip, 8080).is_some(), "neighbour via host address");
+    assert!(
+        tcp_get(&nb, &host_ip, 8080).is_some(),
+        "neighbour via host address"
+    );
     // And directly, by container address.
     assert!(tcp_get(&nb, &web_ip, 80).is_some());
 
@@ -55,13 +72,20 @@ fn outbound_traffic_is_masqueraded_and_internal_networks_stay_inside() {
     let c = Ns::new("c");
     lab.add(&conf, "c", &c, "eth0");
     let got = tcp_get(&c, "10.250.21.2", 9000).expect("container reaches outside");
-    assert_eq!(got, format!("outside {host_ip}"), "source must be the host's address");
+    assert_eq!(
+        got,
+        format!("outside {host_ip}"),
+        "source must be the host's address"
+    );
 
     let mut internal = lab.conf(&format!("int{}", lab.tag), "10.222.0.0/24", None);
     internal["internal"] = json!(true);
     let i = Ns::new("c");
     lab.add(&internal, "i", &i, "eth0");
-    assert!(tcp_get(&i, "10.250.21.2", 9000).is_none(), "internal network must not reach outside");
+    assert!(
+        tcp_get(&i, "10.250.21.2", 9000).is_none(),
+        "internal network must not reach outside"
+    );
 }
 
 #[test]
@@ -73,7 +97,10 @@ fn networks_are_isolated_from_each_other() {
     lab.add(&a, "a", &ca, "eth0");
     let rb = lab.add(&b, "b", &cb, "eth0");
     let _srv = tcp_server(&cb, 80, "b");
-    assert!(tcp_get(&ca, &first_v4(&rb), 80).is_none(), "network a must not reach network b");
+    assert!(
+        tcp_get(&ca, &first_v4(&rb), 80).is_none(),
+        "network a must not reach network b"
+    );
     // The same container on both networks (two interfaces) reaches b.
     lab.add(&b, "a", &ca, "eth1");
     assert!(tcp_get(&ca, &first_v4(&rb), 80).is_some());
@@ -86,7 +113,15 @@ fn a_published_port_is_taken_once_and_failure_leaves_nothing() {
     let p = json!([{"hostPort": 8081, "containerPort": 80}]);
     let (a, b) = (Ns::new("c"), Ns::new("c"));
     lab.add(&with_ports(&conf, p.clone()), "a", &a, "eth0");
-    let r = lab.cni("ADD", &with_ports(&conf, p), &[("CNI_CONTAINERID", "b"), ("CNI_NETNS", &b.path()), ("CNI_IFNAME", "eth0")]);
+    let r = lab.cni(
+        "ADD",
+        &with_ports(&conf, p),
+        &[
+            ("CNI_CONTAINERID", "b"),
+            ("CNI_NETNS", &b.path()),
+            ("CNI_IFNAME", "eth0"),
+        ],
+    );
     assert_eq!(r.json["code"], 101, "{:?}", r);
     assert!(r.json["msg"].as_str().unwrap_or("").contains("8081"));
     assert!(Lab::addrs(&b, "eth0").is_empty());
@@ -107,7 +142,9 @@ fn a_published_port_is_taken_once_and_failure_leaves_nothing() {
 fn port_ranges_become_one_element_per_port() {
     let lab = Lab::new();
     let conf = lab.conf(&format!("rng{}", lab.tag), "10.226.0.0/24", None);
-    let ports: Vec<_> = (0..500).map(|i| json!({"hostPort": 20000 + i, "containerPort": 20000 + i})).collect();
+    let ports: Vec<_> = (0..500)
+        .map(|i| json!({"hostPort": 20000 + i, "containerPort": 20000 + i}))
+        .collect();
     let c = Ns::new("c");
     lab.add(&with_ports(&conf, json!(ports)), "r", &c, "eth0");
     assert_eq!(lab.map_len("pm4_any"), 500);
@@ -121,10 +158,16 @@ fn reload_restores_a_flushed_ruleset() {
     let conf = lab.conf(&format!("rl{}", lab.tag), "10.227.0.0/24", None);
     let (client, host_ip, _) = lab.outside(27);
     let web = Ns::new("c");
-    lab.add(&with_ports(&conf, json!([{"hostPort": 8090, "containerPort": 80}])), "w", &web, "eth0");
+    lab.add(
+        &with_ports(&conf, json!([{"hostPort": 8090, "containerPort": 80}])),
+        "w",
+        &web,
+        "eth0",
+    );
     let _srv = tcp_server(&web, 80, "w");
     assert!(tcp_get(&client, &host_ip, 8090).is_some());
-    lab.host.must(&["nft", "delete", "table", "inet", "ferrynet"]);
+    lab.host
+        .must(&["nft", "delete", "table", "inet", "ferrynet"]);
     assert!(tcp_get(&client, &host_ip, 8090).is_none());
     let o = lab.cli(&["reload"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

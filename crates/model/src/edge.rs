@@ -1,1 +1,380 @@
-//! placeholder
+//! The edge as nftables batches (nft's own syntax; one batch is one atomic transaction).
+//!
+//! One table, `inet ferrynet`, covers IPv4 and IPv6. Published ports are elements of four maps,
+//! so a DNAT is one hash lookup whatever the number of ports, and a container's ADD or DEL only
+//! adds or removes elements: the chains are rewritten only when the set of networks changes.
+
+use std::fmt::Write;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::portmap::PortMapping;
+
+/// The table's name (family `inet`).
+pub const TABLE: &str = "ferrynet";
+/// Published ports on every host address, IPv4: `l4proto . dport : addr . port`.
+pub const PM4_ANY: &str = "pm4_any";
+/// Published ports on one host address, IPv4: `daddr . l4proto . dport : addr . port`.
+pub const PM4_IP: &str = "pm4_ip";
+/// IPv6 counterpart of [`PM4_ANY`].
+pub const PM6_ANY: &str = "pm6_any";
+/// IPv6 counterpart of [`PM4_IP`].
+pub const PM6_IP: &str = "pm6_ip";
+/// The set of ferrynet bridge names.
+pub const BRIDGES: &str = "bridges";
+/// The base chains.
+pub const CHAINS: [&str; 4] = ["prerouting", "output", "postrouting", "forward"];
+
+/// The edge's view of one bridged network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdgeNetwork {
+    /// Network name (for comments).
+    pub name: String,
+    /// Its bridge.
+    pub bridge: String,
+    /// Its subnets.
+    pub subnets: Vec<IpNet>,
+    /// No traffic in or out of the network.
+    pub internal: bool,
+    /// Masquerade traffic leaving the host.
+    pub ip_masq: bool,
+}
+
+/// One published port bound to one container address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishedPort {
+    /// The mapping.
+    pub mapping: PortMapping,
+    /// The container address it forwards to.
+    pub container_ip: IpAddr,
+}
+
+/// Pair every mapping with the container's address of each matching family: a mapping on one
+/// host address goes to the container address of that family; a mapping on every address goes
+/// to each family the container has.
+pub fn published_ports(mappings: &[PortMapping], container_ips: &[IpAddr]) -> Vec<PublishedPort> {
+    let mut out = Vec::new();
+    for m in mappings {
+        for ip in container_ips {
+            let fits = match m.host_ip {
+                None => true,
+                Some(h) => h.is_ipv4() == ip.is_ipv4(),
+            };
+            // One address per family is enough: the first of each.
+            if fits
+                && !out.iter().any(|p: &PublishedPort| {
+                    p.mapping == *m && p.container_ip.is_ipv4() == ip.is_ipv4()
+                })
+            {
+                out.push(PublishedPort {
+                    mapping: *m,
+                    container_ip: *ip,
+                });
+            }
+        }
+    }
+    out
+}
+
+fn map_of(p: &PublishedPort) -> &'static str {
+    match (p.container_ip.is_ipv4(), p.mapping.host_ip.is_some()) {
+        (true, false) => PM4_ANY,
+        (true, true) => PM4_IP,
+        (false, false) => PM6_ANY,
+        (false, true) => PM6_IP,
+    }
+}
+
+fn element(p: &PublishedPort) -> String {
+    let m = &p.mapping;
+    let key = match m.host_ip {
+        Some(h) => format!("{h} . {} . {}", m.protocol.as_str(), m.host_port),
+        None => format!("{} . {}", m.protocol.as_str(), m.host_port),
+    };
+    format!("{key} : {} . {}", p.container_ip, m.container_port)
+}
+
+fn elements_by_map(ports: &[PublishedPort]) -> Vec<(&'static str, Vec<String>)> {
+    let mut out: Vec<(&'static str, Vec<String>)> = Vec::new();
+    for p in ports {
+        let map = map_of(p);
+        match out.iter_mut().find(|(n, _)| *n == map) {
+            Some((_, v)) => v.push(element(p)),
+            None => out.push((map, vec![element(p)])),
+        }
+    }
+    out
+}
+
+fn q(ifname: &str) -> String {
+    // Interface names are validated (letters, digits, `_ . -`), so quoting is enough.
+    format!("\"{ifname}\"")
+}
+
+/// The skeleton: table, maps, sets, chains and their rules for `networks`. Re-applying it is
+/// idempotent; `add` keeps existing map elements, while chains are flushed and refilled in the
+/// same transaction, so a change of networks replaces the rules atomically.
+pub fn base_ruleset(networks: &[EdgeNetwork]) -> String {
+    let t = format!("inet {TABLE}");
+    let mut b = String::new();
+    let mut line = |s: String| {
+        b.push_str(&s);
+        b.push('\n');
+    };
+    line(format!("add table {t}"));
+    line(format!(
+        "add map {t} {PM4_ANY} {{ type inet_proto . inet_service : ipv4_addr . inet_service; }}"
+    ));
+    line(format!("add map {t} {PM4_IP} {{ type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; }}"));
+    line(format!(
+        "add map {t} {PM6_ANY} {{ type inet_proto . inet_service : ipv6_addr . inet_service; }}"
+    ));
+    line(format!("add map {t} {PM6_IP} {{ type ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service; }}"));
+    line(format!("add set {t} {BRIDGES} {{ type ifname; }}"));
+    line(format!(
+        "add chain {t} prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}"
+    ));
+    line(format!(
+        "add chain {t} output {{ type nat hook output priority -100; policy accept; }}"
+    ));
+    line(format!(
+        "add chain {t} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}"
+    ));
+    line(format!(
+        "add chain {t} forward {{ type filter hook forward priority filter; policy accept; }}"
+    ));
+    for c in CHAINS {
+        line(format!("flush chain {t} {c}"));
+    }
+    line(format!("flush set {t} {BRIDGES}"));
+    if !networks.is_empty() {
+        let names: Vec<String> = networks.iter().map(|n| q(&n.bridge)).collect();
+        line(format!(
+            "add element {t} {BRIDGES} {{ {} }}",
+            names.join(", ")
+        ));
+    }
+
+    // DNAT of published ports: a host-address-specific mapping wins over an any-address one.
+    let dnat = [
+        (
+            "ipv4",
+            "ip",
+            format!("ip daddr . meta l4proto . th dport map @{PM4_IP}"),
+        ),
+        (
+            "ipv4",
+            "ip",
+            format!("meta l4proto . th dport map @{PM4_ANY}"),
+        ),
+        (
+            "ipv6",
+            "ip6",
+            format!("ip6 daddr . meta l4proto . th dport map @{PM6_IP}"),
+        ),
+        (
+            "ipv6",
+            "ip6",
+            format!("meta l4proto . th dport map @{PM6_ANY}"),
+        ),
+    ];
+    for chain in ["prerouting", "output"] {
+        for (nfproto, fam, lookup) in &dnat {
+            line(format!("add rule {t} {chain} fib daddr type local meta nfproto {nfproto} dnat {fam} to {lookup}"));
+        }
+    }
+
+    for n in networks {
+        let br = q(&n.bridge);
+        // Hairpin: DNATed traffic from this network back into it must return through the
+        // host, so its source becomes the gateway. Matched by source subnet, not input
+        // interface: frames that br_netfilter bridges reach POSTROUTING with no input device.
+        for s in &n.subnets {
+            let fam = if s.addr().is_ipv4() { "ip" } else { "ip6" };
+            line(format!("add rule {t} postrouting oifname {br} {fam} saddr {s} ct status dnat masquerade comment \"hairpin {}\"", n.name));
+        }
+        if n.ip_masq && !n.internal {
+            for s in &n.subnets {
+                let fam = if s.addr().is_ipv4() { "ip" } else { "ip6" };
+                line(format!("add rule {t} postrouting {fam} saddr {s} oifname != @{BRIDGES} masquerade comment \"outbound {}\"", n.name));
+            }
+        }
+    }
+    // The host reaching 127.0.0.1:PORT: DNATed out of a bridge, the loopback source must go.
+    line(format!(
+        "add rule {t} postrouting ip saddr 127.0.0.0/8 oifname @{BRIDGES} masquerade"
+    ));
+
+    line(format!(
+        "add rule {t} forward ct state established,related accept"
+    ));
+    for n in networks.iter().filter(|n| n.internal) {
+        let br = q(&n.bridge);
+        line(format!(
+            "add rule {t} forward iifname {br} oifname != {br} drop comment \"internal {}\"",
+            n.name
+        ));
+        line(format!(
+            "add rule {t} forward oifname {br} iifname != {br} drop comment \"internal {}\"",
+            n.name
+        ));
+    }
+    // A published port is reachable by whoever reaches the host, other networks included.
+    line(format!("add rule {t} forward ct status dnat accept"));
+    for n in networks.iter().filter(|n| !n.internal) {
+        let br = q(&n.bridge);
+        line(format!("add rule {t} forward iifname {br} oifname @{BRIDGES} oifname != {br} drop comment \"isolate {}\"", n.name));
+    }
+    line(format!("add rule {t} forward iifname @{BRIDGES} accept"));
+    line(format!("add rule {t} forward oifname @{BRIDGES} accept"));
+    b
+}
+
+/// Publish ports: element adds, one transaction.
+pub fn add_ports(ports: &[PublishedPort]) -> String {
+    let mut b = String::new();
+    for (map, elems) in elements_by_map(ports) {
+        let _ = writeln!(
+            b,
+            "add element inet {TABLE} {map} {{ {} }}",
+            elems.join(", ")
+        );
+    }
+    b
+}
+
+/// Withdraw ports, succeeding when some are already gone: each element is first added (a no-op
+/// when present) and then deleted, in one transaction, so the delete never meets a missing
+/// element.
+pub fn remove_ports_tolerant(ports: &[PublishedPort]) -> String {
+    let mut b = String::new();
+    for (map, elems) in elements_by_map(ports) {
+        let list = elems.join(", ");
+        let _ = writeln!(b, "add element inet {TABLE} {map} {{ {list} }}");
+        let _ = writeln!(b, "delete element inet {TABLE} {map} {{ {list} }}");
+    }
+    b
+}
+
+/// Remove the whole table (uninstall).
+pub fn delete_table() -> String {
+    format!("delete table inet {TABLE}\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::portmap::Protocol;
+
+    fn net(name: &str, cidr: &str, internal: bool) -> EdgeNetwork {
+        EdgeNetwork {
+            name: name.into(),
+            bridge: format!("fn-{name}"),
+            subnets: vec![cidr.parse().unwrap()],
+            internal,
+            ip_masq: !internal,
+        }
+    }
+    fn pm(port: u16, host_ip: Option<&str>, proto: Protocol) -> PortMapping {
+        PortMapping {
+            host_port: port,
+            container_port: 80,
+            protocol: proto,
+            host_ip: host_ip.map(|s| s.parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn skeleton_never_flushes_or_deletes_maps() {
+        let r = base_ruleset(&[net("a", "10.1.0.0/24", false)]);
+        for m in [PM4_ANY, PM4_IP, PM6_ANY, PM6_IP] {
+            assert!(r.contains(&format!("add map inet ferrynet {m}")));
+            assert!(!r.contains(&format!("flush map inet ferrynet {m}")));
+            assert!(!r.contains(&format!("delete map inet ferrynet {m}")));
+        }
+        assert!(r.contains("flush chain inet ferrynet forward"));
+    }
+
+    #[test]
+    fn masquerade_only_for_non_internal_networks() {
+        let r = base_ruleset(&[
+            net("a", "10.1.0.0/24", false),
+            net("i", "10.2.0.0/24", true),
+        ]);
+        assert!(r.contains("ip saddr 10.1.0.0/24 oifname != @bridges masquerade"));
+        assert!(r.contains("oifname \"fn-a\" ip saddr 10.1.0.0/24 ct status dnat masquerade"));
+        assert!(!r.contains("ip saddr 10.2.0.0/24"));
+        assert!(r.contains("iifname \"fn-i\" oifname != \"fn-i\" drop"));
+        assert!(r.contains("iifname \"fn-a\" oifname @bridges oifname != \"fn-a\" drop"));
+        assert!(r.contains("add element inet ferrynet bridges { \"fn-a\", \"fn-i\" }"));
+        // Internal drops come before the accept of DNATed traffic.
+        assert!(r.find("internal i").unwrap() < r.find("ct status dnat accept").unwrap());
+    }
+
+    #[test]
+    fn ipv6_subnets_use_ip6_matches() {
+        let r = base_ruleset(&[net("a", "fd00:1::/64", false)]);
+        assert!(r.contains("ip6 saddr fd00:1::/64 oifname != @bridges masquerade"));
+    }
+
+    #[test]
+    fn no_networks_still_valid() {
+        let r = base_ruleset(&[]);
+        assert!(!r.contains("add element"));
+        assert!(r.contains("dnat ip to meta l4proto . th dport map @pm4_any"));
+    }
+
+    #[test]
+    fn elements_land_in_the_right_maps() {
+        let ips: Vec<IpAddr> = vec!["10.1.0.2".parse().unwrap(), "fd00::2".parse().unwrap()];
+        let ports = published_ports(
+            &[
+                pm(8080, None, Protocol::Tcp),
+                pm(53, Some("10.250.0.1"), Protocol::Udp),
+                pm(443, Some("fd00::1"), Protocol::Tcp),
+            ],
+            &ips,
+        );
+        assert_eq!(ports.len(), 4, "{ports:?}");
+        let b = add_ports(&ports);
+        assert!(
+            b.contains("add element inet ferrynet pm4_any { tcp . 8080 : 10.1.0.2 . 80 }"),
+            "{b}"
+        );
+        assert!(
+            b.contains("add element inet ferrynet pm6_any { tcp . 8080 : fd00::2 . 80 }"),
+            "{b}"
+        );
+        assert!(
+            b.contains(
+                "add element inet ferrynet pm4_ip { 10.250.0.1 . udp . 53 : 10.1.0.2 . 80 }"
+            ),
+            "{b}"
+        );
+        assert!(
+            b.contains("add element inet ferrynet pm6_ip { fd00::1 . tcp . 443 : fd00::2 . 80 }"),
+            "{b}"
+        );
+    }
+
+    #[test]
+    fn tolerant_removal_adds_then_deletes() {
+        let ports = published_ports(
+            &[pm(8080, None, Protocol::Tcp)],
+            &["10.1.0.2".parse().unwrap()],
+        );
+        let b = remove_ports_tolerant(&ports);
+        let add = b.find("add element").unwrap();
+        let del = b.find("delete element").unwrap();
+        assert!(add < del);
+        assert!(add_ports(&[]).is_empty());
+    }
+
+    #[test]
+    fn many_ports_are_one_statement_per_map() {
+        let m: Vec<PortMapping> = (1000..11000).map(|p| pm(p, None, Protocol::Tcp)).collect();
+        let b = add_ports(&published_ports(&m, &["10.1.0.2".parse().unwrap()]));
+        assert_eq!(b.lines().count(), 1);
+    }
+}

@@ -110,7 +110,11 @@ impl ResolvedSubnet {
         let (net, bcast) = bounds(&self.cidr);
         let v = to_u128(ip);
         if self.cidr.addr().is_ipv4() && self.cidr.prefix_len() < 31 && (v == net || v == bcast) {
-            return Some(if v == net { "the network address" } else { "the broadcast address" });
+            return Some(if v == net {
+                "the network address"
+            } else {
+                "the broadcast address"
+            });
         }
         if self.cidr.addr().is_ipv6() && v == net {
             return Some("the subnet-router anycast address");
@@ -124,23 +128,41 @@ impl ResolvedSubnet {
     /// True when `ip` is inside the allocation range and not reserved.
     pub fn contains_allocatable(&self, ip: IpAddr) -> bool {
         let v = to_u128(ip);
-        self.reservation(ip).is_none() && v >= to_u128(self.range_start) && v <= to_u128(self.range_end)
+        self.reservation(ip).is_none()
+            && v >= to_u128(self.range_start)
+            && v <= to_u128(self.range_end)
     }
 }
 
 /// Fill in a subnet's defaults and check it.
 pub fn validate_subnet(s: &Subnet) -> Result<ResolvedSubnet, IpamError> {
-    let bad = |why: String| IpamError::InvalidSubnet { cidr: s.cidr.to_string(), why };
+    let bad = |why: String| IpamError::InvalidSubnet {
+        cidr: s.cidr.to_string(),
+        why,
+    };
     let cidr = s.cidr;
     if cidr.trunc() != cidr {
-        return Err(bad(format!("host bits are set; the network address is {}", cidr.trunc())));
+        return Err(bad(format!(
+            "host bits are set; the network address is {}",
+            cidr.trunc()
+        )));
     }
     let v4 = cidr.addr().is_ipv4();
     let (net, bcast) = bounds(&cidr);
-    let (first, last) = if v4 { (net + 1, bcast - 1) } else { (net + 1, bcast) };
-    let too_small = if v4 { cidr.prefix_len() > 30 } else { cidr.prefix_len() > 126 };
+    let (first, last) = if v4 {
+        (net + 1, bcast - 1)
+    } else {
+        (net + 1, bcast)
+    };
+    let too_small = if v4 {
+        cidr.prefix_len() > 30
+    } else {
+        cidr.prefix_len() > 126
+    };
     if too_small {
-        return Err(bad("too small: it needs a gateway and at least one container address".into()));
+        return Err(bad(
+            "too small: it needs a gateway and at least one container address".into(),
+        ));
     }
     let inside = |what: &str, ip: IpAddr| -> Result<u128, IpamError> {
         if ip.is_ipv4() != v4 || !cidr.contains(&ip) {
@@ -152,7 +174,9 @@ pub fn validate_subnet(s: &Subnet) -> Result<ResolvedSubnet, IpamError> {
         Some(g) => {
             let v = inside("gateway", g)?;
             if v == net || (v4 && v == bcast) {
-                return Err(bad(format!("gateway {g} is the network or broadcast address")));
+                return Err(bad(format!(
+                    "gateway {g} is the network or broadcast address"
+                )));
             }
             g
         }
@@ -169,10 +193,17 @@ pub fn validate_subnet(s: &Subnet) -> Result<ResolvedSubnet, IpamError> {
         None => last,
     };
     if start > end {
-        return Err(bad(format!("rangeStart {} is after rangeEnd {}", from_u128(start, v4), from_u128(end, v4))));
+        return Err(bad(format!(
+            "rangeStart {} is after rangeEnd {}",
+            from_u128(start, v4),
+            from_u128(end, v4)
+        )));
     }
     for e in &s.exclude {
-        if e.addr().is_ipv4() != v4 || !cidr.contains(&e.network()) || !cidr.contains(&e.broadcast()) {
+        if e.addr().is_ipv4() != v4
+            || !cidr.contains(&e.network())
+            || !cidr.contains(&e.broadcast())
+        {
             return Err(bad(format!("excluded block {e} is not inside the subnet")));
         }
     }
@@ -190,10 +221,19 @@ pub fn validate_network_subnets(subnets: &[Subnet]) -> Result<Vec<ResolvedSubnet
     if subnets.is_empty() {
         return Err(IpamError::NoSubnets);
     }
-    let resolved = subnets.iter().map(validate_subnet).collect::<Result<Vec<_>, _>>()?;
+    let resolved = subnets
+        .iter()
+        .map(validate_subnet)
+        .collect::<Result<Vec<_>, _>>()?;
     for (i, a) in resolved.iter().enumerate() {
-        if let Some(b) = resolved[i + 1..].iter().find(|b| overlaps(&a.cidr, &b.cidr)) {
-            return Err(IpamError::Overlap { a: a.cidr, b: b.cidr });
+        if let Some(b) = resolved[i + 1..]
+            .iter()
+            .find(|b| overlaps(&a.cidr, &b.cidr))
+        {
+            return Err(IpamError::Overlap {
+                a: a.cidr,
+                b: b.cidr,
+            });
         }
     }
     Ok(resolved)
@@ -210,10 +250,16 @@ pub fn overlaps(a: &IpNet, b: &IpNet) -> bool {
 }
 
 /// The first of `candidate` that overlaps one of `existing` (owner name, prefix).
-pub fn find_overlap(candidate: &[IpNet], existing: &[(String, IpNet)]) -> Option<(IpNet, String, IpNet)> {
-    candidate
-        .iter()
-        .find_map(|c| existing.iter().find(|(_, e)| overlaps(c, e)).map(|(n, e)| (*c, n.clone(), *e)))
+pub fn find_overlap(
+    candidate: &[IpNet],
+    existing: &[(String, IpNet)],
+) -> Option<(IpNet, String, IpNet)> {
+    candidate.iter().find_map(|c| {
+        existing
+            .iter()
+            .find(|(_, e)| overlaps(c, e))
+            .map(|(n, e)| (*c, n.clone(), *e))
+    })
 }
 
 /// The first allocatable address in [a, b] not in `used`, jumping over the gateway, excluded
@@ -250,7 +296,11 @@ fn first_free_in(s: &ResolvedSubnet, used: &BTreeSet<IpAddr>, a: u128, b: u128) 
 
 /// The next free address of a subnet after `start_after` (wrapping to the range start), so a
 /// just-released address is not reused at once.
-pub fn next_free(subnet: &ResolvedSubnet, used: &BTreeSet<IpAddr>, start_after: Option<IpAddr>) -> Option<IpAddr> {
+pub fn next_free(
+    subnet: &ResolvedSubnet,
+    used: &BTreeSet<IpAddr>,
+    start_after: Option<IpAddr>,
+) -> Option<IpAddr> {
     let v4 = subnet.cidr.addr().is_ipv4();
     let (lo, hi) = (to_u128(subnet.range_start), to_u128(subnet.range_end));
     let from = match start_after.map(to_u128) {
@@ -258,7 +308,13 @@ pub fn next_free(subnet: &ResolvedSubnet, used: &BTreeSet<IpAddr>, start_after: 
         _ => lo,
     };
     first_free_in(subnet, used, from, hi)
-        .or_else(|| if from > lo { first_free_in(subnet, used, lo, from - 1) } else { None })
+        .or_else(|| {
+            if from > lo {
+                first_free_in(subnet, used, lo, from - 1)
+            } else {
+                None
+            }
+        })
         .map(|v| from_u128(v, v4))
 }
 
@@ -275,11 +331,15 @@ pub fn plan_allocation(
     if subnets.is_empty() {
         return Err(IpamError::NoSubnets);
     }
-    let with_prefix = |ip: IpAddr, s: &ResolvedSubnet| IpNet::new(ip, s.cidr.prefix_len()).unwrap_or(s.cidr);
+    let with_prefix =
+        |ip: IpAddr, s: &ResolvedSubnet| IpNet::new(ip, s.cidr.prefix_len()).unwrap_or(s.cidr);
     if !requested.is_empty() {
         let mut out: Vec<IpNet> = Vec::new();
         for &ip in requested {
-            let s = subnets.iter().find(|s| s.cidr.contains(&ip)).ok_or(IpamError::NotInPool(ip))?;
+            let s = subnets
+                .iter()
+                .find(|s| s.cidr.contains(&ip))
+                .ok_or(IpamError::NotInPool(ip))?;
             if let Some(why) = s.reservation(ip) {
                 return Err(IpamError::Reserved { ip, why });
             }
@@ -295,13 +355,24 @@ pub fn plan_allocation(
     }
     let mut out = Vec::new();
     for v4 in [true, false] {
-        let family: Vec<&ResolvedSubnet> = subnets.iter().filter(|s| s.cidr.addr().is_ipv4() == v4).collect();
-        let Some(first) = family.first() else { continue };
-        let picked = family.iter().find_map(|s| next_free(s, used, last_allocated(&s.cidr)).map(|ip| with_prefix(ip, s)));
+        let family: Vec<&ResolvedSubnet> = subnets
+            .iter()
+            .filter(|s| s.cidr.addr().is_ipv4() == v4)
+            .collect();
+        let Some(first) = family.first() else {
+            continue;
+        };
+        let picked = family
+            .iter()
+            .find_map(|s| next_free(s, used, last_allocated(&s.cidr)).map(|ip| with_prefix(ip, s)));
         match picked {
             Some(ip) => out.push(ip),
             None => {
-                return Err(IpamError::Exhausted { subnet: first.cidr, start: first.range_start, end: first.range_end });
+                return Err(IpamError::Exhausted {
+                    subnet: first.cidr,
+                    start: first.range_start,
+                    end: first.range_end,
+                });
             }
         }
     }
@@ -326,7 +397,10 @@ mod tests {
     #[test]
     fn defaults_v4_and_v6() {
         let r = validate_subnet(&sub("10.0.0.0/24")).unwrap();
-        assert_eq!((r.gateway, r.range_start, r.range_end), (ip("10.0.0.1"), ip("10.0.0.2"), ip("10.0.0.254")));
+        assert_eq!(
+            (r.gateway, r.range_start, r.range_end),
+            (ip("10.0.0.1"), ip("10.0.0.2"), ip("10.0.0.254"))
+        );
         assert_eq!(r.gateway_net().to_string(), "10.0.0.1/24");
         let r = validate_subnet(&sub("fd00::/64")).unwrap();
         assert_eq!((r.gateway, r.range_start), (ip("fd00::1"), ip("fd00::2")));
@@ -343,7 +417,10 @@ mod tests {
         assert!(validate_subnet(&sub("fd00::/127")).is_err());
         let mut s = sub("10.0.0.0/24");
         s.gateway = Some(ip("10.0.1.1"));
-        assert!(validate_subnet(&s).unwrap_err().to_string().contains("outside"));
+        assert!(validate_subnet(&s)
+            .unwrap_err()
+            .to_string()
+            .contains("outside"));
         let mut s = sub("10.0.0.0/24");
         s.range_start = Some(ip("10.0.0.100"));
         s.range_end = Some(ip("10.0.0.50"));
@@ -363,7 +440,9 @@ mod tests {
         assert_eq!(r.range_start, ip("10.0.0.1"));
         assert_eq!(next_free(&r, &BTreeSet::new(), None), Some(ip("10.0.0.1")));
         // The gateway inside the range is skipped.
-        let used: BTreeSet<IpAddr> = (1..254).map(|i| IpAddr::V4(Ipv4Addr::new(10, 0, 0, i))).collect();
+        let used: BTreeSet<IpAddr> = (1..254)
+            .map(|i| IpAddr::V4(Ipv4Addr::new(10, 0, 0, i)))
+            .collect();
         assert_eq!(next_free(&r, &used, None), None);
     }
 
@@ -375,16 +454,27 @@ mod tests {
         let used: BTreeSet<IpAddr> = [ip("10.0.0.2"), ip("10.0.0.3")].into();
         assert_eq!(next_free(&r, &used, None), Some(ip("10.0.0.8")));
         // Rotation: after .8 comes .9 even though .2 is free now.
-        assert_eq!(next_free(&r, &BTreeSet::new(), Some(ip("10.0.0.8"))), Some(ip("10.0.0.9")));
+        assert_eq!(
+            next_free(&r, &BTreeSet::new(), Some(ip("10.0.0.8"))),
+            Some(ip("10.0.0.9"))
+        );
         // Wraps around at the end.
-        assert_eq!(next_free(&r, &BTreeSet::new(), Some(ip("10.0.0.254"))), Some(ip("10.0.0.2")));
+        assert_eq!(
+            next_free(&r, &BTreeSet::new(), Some(ip("10.0.0.254"))),
+            Some(ip("10.0.0.2"))
+        );
     }
 
     #[test]
     fn plans_one_per_family_and_spills_to_the_next_subnet() {
-        let subs = validate_network_subnets(&[sub("10.0.0.0/30"), sub("10.0.1.0/24"), sub("fd00::/64")]).unwrap();
+        let subs =
+            validate_network_subnets(&[sub("10.0.0.0/30"), sub("10.0.1.0/24"), sub("fd00::/64")])
+                .unwrap();
         let p = plan_allocation(&subs, &BTreeSet::new(), &[], &none).unwrap();
-        assert_eq!(p.iter().map(|n| n.to_string()).collect::<Vec<_>>(), vec!["10.0.0.2/30", "fd00::2/64"]);
+        assert_eq!(
+            p.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            vec!["10.0.0.2/30", "fd00::2/64"]
+        );
         let used: BTreeSet<IpAddr> = [ip("10.0.0.2")].into();
         let p = plan_allocation(&subs, &used, &[], &none).unwrap();
         assert_eq!(p[0].to_string(), "10.0.1.2/24");
@@ -394,29 +484,57 @@ mod tests {
     fn static_requests() {
         let subs = validate_network_subnets(&[sub("10.0.0.0/24")]).unwrap();
         let used: BTreeSet<IpAddr> = [ip("10.0.0.9")].into();
-        assert_eq!(plan_allocation(&subs, &used, &[ip("10.0.0.77")], &none).unwrap()[0].to_string(), "10.0.0.77/24");
-        assert_eq!(plan_allocation(&subs, &used, &[ip("10.0.0.9")], &none), Err(IpamError::AddressInUse(ip("10.0.0.9"))));
-        assert_eq!(plan_allocation(&subs, &used, &[ip("10.9.0.9")], &none), Err(IpamError::NotInPool(ip("10.9.0.9"))));
-        assert!(matches!(plan_allocation(&subs, &used, &[ip("10.0.0.1")], &none), Err(IpamError::Reserved { .. })));
-        assert!(matches!(plan_allocation(&subs, &used, &[ip("10.0.0.255")], &none), Err(IpamError::Reserved { .. })));
-        assert!(matches!(plan_allocation(&subs, &used, &[ip("10.0.0.3"), ip("10.0.0.4")], &none), Err(IpamError::TwoInOneSubnet(_))));
+        assert_eq!(
+            plan_allocation(&subs, &used, &[ip("10.0.0.77")], &none).unwrap()[0].to_string(),
+            "10.0.0.77/24"
+        );
+        assert_eq!(
+            plan_allocation(&subs, &used, &[ip("10.0.0.9")], &none),
+            Err(IpamError::AddressInUse(ip("10.0.0.9")))
+        );
+        assert_eq!(
+            plan_allocation(&subs, &used, &[ip("10.9.0.9")], &none),
+            Err(IpamError::NotInPool(ip("10.9.0.9")))
+        );
+        assert!(matches!(
+            plan_allocation(&subs, &used, &[ip("10.0.0.1")], &none),
+            Err(IpamError::Reserved { .. })
+        ));
+        assert!(matches!(
+            plan_allocation(&subs, &used, &[ip("10.0.0.255")], &none),
+            Err(IpamError::Reserved { .. })
+        ));
+        assert!(matches!(
+            plan_allocation(&subs, &used, &[ip("10.0.0.3"), ip("10.0.0.4")], &none),
+            Err(IpamError::TwoInOneSubnet(_))
+        ));
     }
 
     #[test]
     fn exhaustion_message() {
         let subs = validate_network_subnets(&[sub("10.0.0.0/30")]).unwrap();
         let used: BTreeSet<IpAddr> = [ip("10.0.0.2")].into();
-        let e = plan_allocation(&subs, &used, &[], &none).unwrap_err().to_string();
+        let e = plan_allocation(&subs, &used, &[], &none)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no free address left in 10.0.0.0/30"), "{e}");
     }
 
     #[test]
     fn big_ipv6_and_dense_ipv4_are_fast() {
         let r = validate_subnet(&sub("10.0.0.0/16")).unwrap();
-        let used: BTreeSet<IpAddr> = (2..60_000u32).map(|i| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i))).collect();
-        assert_eq!(next_free(&r, &used, None), Some(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + 60_000))));
+        let used: BTreeSet<IpAddr> = (2..60_000u32)
+            .map(|i| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)))
+            .collect();
+        assert_eq!(
+            next_free(&r, &used, None),
+            Some(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + 60_000)))
+        );
         let r = validate_subnet(&sub("fd00::/64")).unwrap();
-        assert_eq!(next_free(&r, &BTreeSet::new(), Some(ip("fd00::ffff:ffff:ffff:fffe"))), Some(ip("fd00::ffff:ffff:ffff:ffff")));
+        assert_eq!(
+            next_free(&r, &BTreeSet::new(), Some(ip("fd00::ffff:ffff:ffff:fffe"))),
+            Some(ip("fd00::ffff:ffff:ffff:ffff"))
+        );
     }
 
     proptest! {

@@ -31,7 +31,11 @@ fn hash12(parts: &[&str]) -> String {
         }
         h.update(p.as_bytes());
     }
-    h.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect()
+    h.finalize()
+        .iter()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn name_ok(name: &str, max: usize) -> bool {
@@ -66,17 +70,26 @@ pub fn temp_peer_name(network: &str, container_id: &str, ifname: &str) -> String
 
 /// Check a network name: 1–64 of `[A-Za-z0-9_.-]`, starting with a letter or digit.
 pub fn validate_network_name(name: &str) -> Result<(), NameError> {
-    name_ok(name, 64).then_some(()).ok_or(NameError::BadName { what: "network", name: name.to_string() })
+    name_ok(name, 64).then_some(()).ok_or(NameError::BadName {
+        what: "network",
+        name: name.to_string(),
+    })
 }
 
 /// Check a CLI container name (same rule as networks).
 pub fn validate_container_name(name: &str) -> Result<(), NameError> {
-    name_ok(name, 64).then_some(()).ok_or(NameError::BadName { what: "container", name: name.to_string() })
+    name_ok(name, 64).then_some(()).ok_or(NameError::BadName {
+        what: "container",
+        name: name.to_string(),
+    })
 }
 
 /// Parse `aa:bb:cc:dd:ee:ff`; refuses multicast and all-zero addresses.
 pub fn parse_mac(s: &str) -> Result<[u8; 6], NameError> {
-    let bad = |why| NameError::BadMac { mac: s.to_string(), why };
+    let bad = |why| NameError::BadMac {
+        mac: s.to_string(),
+        why,
+    };
     let parts: Vec<&str> = s.trim().split(':').collect();
     if parts.len() != 6 {
         return Err(bad("expected six hex octets separated by ':'"));
@@ -99,7 +112,10 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], NameError> {
 
 /// Format a MAC as lowercase `aa:bb:cc:dd:ee:ff`.
 pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 #[cfg(test)]
@@ -121,7 +137,11 @@ mod tests {
         let a = host_veth_name("n", "c", "eth0");
         assert_eq!(a, host_veth_name("n", "c", "eth0"));
         assert_ne!(a, host_veth_name("n", "c", "eth1"));
-        assert_ne!(a, host_veth_name("nc", "", "eth0"), "separator must keep parts apart");
+        assert_ne!(
+            a,
+            host_veth_name("nc", "", "eth0"),
+            "separator must keep parts apart"
+        );
         assert_ne!(&a[3..], &temp_peer_name("x", "c", "eth0")[3..]);
         assert!(a.starts_with("fnv") && temp_peer_name("n", "c", "eth0").starts_with("fnp"));
     }
@@ -132,14 +152,29 @@ mod tests {
         for bad in ["", "-a", ".a", "a b", "a/b", &"x".repeat(65)] {
             assert!(validate_network_name(bad).is_err(), "{bad:?}");
         }
-        assert!(validate_container_name("bad name").unwrap_err().to_string().contains("container"));
+        assert!(validate_container_name("bad name")
+            .unwrap_err()
+            .to_string()
+            .contains("container"));
     }
 
     #[test]
     fn macs() {
-        assert_eq!(parse_mac("02:00:00:AA:bb:cc").unwrap(), [2, 0, 0, 0xaa, 0xbb, 0xcc]);
-        assert_eq!(format_mac(&[2, 0, 0, 0xaa, 0xbb, 0xcc]), "02:00:00:aa:bb:cc");
-        for bad in ["01:00:00:00:00:01", "00:00:00:00:00:00", "02:00:00:00:00", "02:00:00:00:00:zz", "2:00:00:00:00:01"] {
+        assert_eq!(
+            parse_mac("02:00:00:AA:bb:cc").unwrap(),
+            [2, 0, 0, 0xaa, 0xbb, 0xcc]
+        );
+        assert_eq!(
+            format_mac(&[2, 0, 0, 0xaa, 0xbb, 0xcc]),
+            "02:00:00:aa:bb:cc"
+        );
+        for bad in [
+            "01:00:00:00:00:01",
+            "00:00:00:00:00:00",
+            "02:00:00:00:00",
+            "02:00:00:00:00:zz",
+            "2:00:00:00:00:01",
+        ] {
             assert!(parse_mac(bad).is_err(), "{bad}");
         }
     }

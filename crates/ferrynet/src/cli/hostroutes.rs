@@ -27,7 +27,10 @@ pub fn parse_ipv4_routes(text: &str) -> Vec<HostRoute> {
             let mask = u32::from_str_radix(f.get(7)?, 16).ok()?;
             let prefix = u32::from_be(mask).count_ones() as u8;
             let net = Ipv4Net::new(Ipv4Addr::from(u32::from_be(dst)), prefix).ok()?;
-            (prefix > 0 && !dev.starts_with("fn-")).then(|| HostRoute { dst: IpNet::V4(net), dev: dev.to_string() })
+            (prefix > 0 && !dev.starts_with("fn-")).then(|| HostRoute {
+                dst: IpNet::V4(net),
+                dev: dev.to_string(),
+            })
         })
         .collect()
 }
@@ -42,8 +45,18 @@ pub fn parse_ipv6_routes(text: &str) -> Vec<HostRoute> {
             let dev = *f.get(9)?;
             let ip = Ipv6Addr::from(addr);
             let seg0 = ip.segments()[0];
-            let skip = prefix == 0 || prefix == 128 || seg0 & 0xffc0 == 0xfe80 || seg0 & 0xff00 == 0xff00 || dev == "lo" || dev.starts_with("fn-");
-            (!skip).then(|| Ipv6Net::new(ip, prefix).ok().map(|n| HostRoute { dst: IpNet::V6(n), dev: dev.to_string() }))?
+            let skip = prefix == 0
+                || prefix == 128
+                || seg0 & 0xffc0 == 0xfe80
+                || seg0 & 0xff00 == 0xff00
+                || dev == "lo"
+                || dev.starts_with("fn-");
+            (!skip).then(|| {
+                Ipv6Net::new(ip, prefix).ok().map(|n| HostRoute {
+                    dst: IpNet::V6(n),
+                    dev: dev.to_string(),
+                })
+            })?
         })
         .collect()
 }
@@ -60,7 +73,9 @@ pub fn foreign_routes() -> std::io::Result<Vec<HostRoute>> {
 /// The first 10.89.N.0/24 overlapping nothing in `taken`.
 pub fn pick_free_subnet(taken: &[IpNet]) -> Option<IpNet> {
     (0..=255u8)
-        .map(|n| IpNet::V4(Ipv4Net::new(Ipv4Addr::new(10, 89, n, 0), 24).expect("/24 is a valid prefix")))
+        .map(|n| {
+            IpNet::V4(Ipv4Net::new(Ipv4Addr::new(10, 89, n, 0), 24).expect("/24 is a valid prefix"))
+        })
         .find(|c| !taken.iter().any(|t| ferrynet_model::ipam::overlaps(t, c)))
 }
 
@@ -70,12 +85,19 @@ mod tests {
 
     #[test]
     fn parses_proc_net_route() {
-        let t = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+        let t =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
                  eth0\t00000000\t0100A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
                  eth0\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
                  fn-x\t0000590A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
         let r = parse_ipv4_routes(t);
-        assert_eq!(r, vec![HostRoute { dst: "192.168.0.0/24".parse().unwrap(), dev: "eth0".into() }]);
+        assert_eq!(
+            r,
+            vec![HostRoute {
+                dst: "192.168.0.0/24".parse().unwrap(),
+                dev: "eth0".into()
+            }]
+        );
     }
 
     #[test]
@@ -83,13 +105,25 @@ mod tests {
         let t = "fd000000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth0\n\
                  fe800000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth0\n";
         let r = parse_ipv6_routes(t);
-        assert_eq!(r, vec![HostRoute { dst: "fd00::/64".parse().unwrap(), dev: "eth0".into() }]);
+        assert_eq!(
+            r,
+            vec![HostRoute {
+                dst: "fd00::/64".parse().unwrap(),
+                dev: "eth0".into()
+            }]
+        );
     }
 
     #[test]
     fn picks_first_free() {
-        let taken: Vec<IpNet> = vec!["10.89.0.0/24".parse().unwrap(), "10.89.1.128/25".parse().unwrap()];
-        assert_eq!(pick_free_subnet(&taken), Some("10.89.2.0/24".parse().unwrap()));
+        let taken: Vec<IpNet> = vec![
+            "10.89.0.0/24".parse().unwrap(),
+            "10.89.1.128/25".parse().unwrap(),
+        ];
+        assert_eq!(
+            pick_free_subnet(&taken),
+            Some("10.89.2.0/24".parse().unwrap())
+        );
         assert_eq!(pick_free_subnet(&["10.0.0.0/8".parse().unwrap()]), None);
     }
 }

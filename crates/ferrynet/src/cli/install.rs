@@ -53,15 +53,23 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
 /// Copy the running binary to `<bin-dir>/ferrynet` and write `<conf-dir>/<prio>-ferrynet-<net>.conflist`.
 pub async fn install_cni(ctl: &Control, a: InstallArgs) -> anyhow::Result<()> {
     if ctl.network(&a.network).await?.is_none() {
-        bail!("network {} does not exist; create it first with `ferrynet network create {}`", a.network, a.network);
+        bail!(
+            "network {} does not exist; create it first with `ferrynet network create {}`",
+            a.network,
+            a.network
+        );
     }
-    std::fs::create_dir_all(&a.bin_dir).with_context(|| format!("creating {}", a.bin_dir.display()))?;
-    std::fs::create_dir_all(&a.conf_dir).with_context(|| format!("creating {}", a.conf_dir.display()))?;
+    std::fs::create_dir_all(&a.bin_dir)
+        .with_context(|| format!("creating {}", a.bin_dir.display()))?;
+    std::fs::create_dir_all(&a.conf_dir)
+        .with_context(|| format!("creating {}", a.conf_dir.display()))?;
     let exe = std::env::current_exe().context("finding the ferrynet binary")?;
     let bin = a.bin_dir.join("ferrynet");
     let bytes = std::fs::read(&exe).with_context(|| format!("reading {}", exe.display()))?;
     write_atomic(&bin, &bytes, 0o755)?;
-    let conf = a.conf_dir.join(format!("{}-ferrynet-{}.conflist", a.priority, a.network));
+    let conf = a
+        .conf_dir
+        .join(format!("{}-ferrynet-{}.conflist", a.priority, a.network));
     let text = serde_json::to_string_pretty(&conflist(&a.network, &ctl.paths.state_dir))?;
     write_atomic(&conf, text.as_bytes(), 0o644)?;
     println!("installed {}\nwrote {}", bin.display(), conf.display());

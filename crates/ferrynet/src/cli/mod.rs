@@ -172,7 +172,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if !nix::unistd::geteuid().is_root() {
         bail!("ferrynet must run as root: it creates network namespaces, links and nftables rules");
     }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
     let ctl = Control::open(Paths::resolve(cli.state_dir.as_deref()))?;
     rt.block_on(async move {
         match cli.cmd {
@@ -182,7 +185,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Cmd::Exec { name, cmd } => exec(&ctl, &name, &cmd).await,
             Cmd::Stop { name, time } => stop(&ctl, &name, time).await.map(|_| ExitCode::SUCCESS),
             Cmd::Rm { name, force } => rm(&ctl, &name, force).await.map(|_| ExitCode::SUCCESS),
-            Cmd::InstallCni(a) => install::install_cni(&ctl, a).await.map(|_| ExitCode::SUCCESS),
+            Cmd::InstallCni(a) => install::install_cni(&ctl, a)
+                .await
+                .map(|_| ExitCode::SUCCESS),
             Cmd::Reload => {
                 let n = ctl.reload_edge().await?;
                 println!("ruleset restored ({n} published port element(s))");
@@ -205,7 +210,15 @@ async fn network(ctl: &Control, cmd: NetworkCmd) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&nets)?);
                 return Ok(());
             }
-            let mut t = Table::new(&["NAME", "MODE", "BRIDGE", "SUBNETS", "MTU", "FLAGS", "ENDPOINTS"]);
+            let mut t = Table::new(&[
+                "NAME",
+                "MODE",
+                "BRIDGE",
+                "SUBNETS",
+                "MTU",
+                "FLAGS",
+                "ENDPOINTS",
+            ]);
             for n in &nets {
                 let eps = ctl.endpoints(&n.name).await?.len();
                 let mut flags = Vec::new();
@@ -218,8 +231,16 @@ async fn network(ctl: &Control, cmd: NetworkCmd) -> anyhow::Result<()> {
                 t.row(vec![
                     n.name.clone(),
                     format!("{:?}", n.mode).to_lowercase(),
-                    if n.mode == NetworkMode::Host { "-".into() } else { n.bridge.clone() },
-                    n.subnets.iter().map(|s| s.cidr.to_string()).collect::<Vec<_>>().join(","),
+                    if n.mode == NetworkMode::Host {
+                        "-".into()
+                    } else {
+                        n.bridge.clone()
+                    },
+                    n.subnets
+                        .iter()
+                        .map(|s| s.cidr.to_string())
+                        .collect::<Vec<_>>()
+                        .join(","),
                     n.mtu.map(|m| m.to_string()).unwrap_or_else(|| "-".into()),
                     flags.join(","),
                     eps.to_string(),
@@ -228,9 +249,17 @@ async fn network(ctl: &Control, cmd: NetworkCmd) -> anyhow::Result<()> {
             print!("{t}");
         }
         NetworkCmd::Inspect { name } => {
-            let (net, _) = ctl.network(&name).await?.with_context(|| format!("network {name} does not exist"))?;
+            let (net, _) = ctl
+                .network(&name)
+                .await?
+                .with_context(|| format!("network {name} does not exist"))?;
             let eps = ctl.endpoints(&name).await?;
-            println!("{}", serde_json::to_string_pretty(&serde_json::json!({"network": net, "endpoints": eps}))?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &serde_json::json!({"network": net, "endpoints": eps})
+                )?
+            );
         }
         NetworkCmd::Rm { name, force } => {
             ctl.delete_network(&name, force).await?;
@@ -253,15 +282,25 @@ async fn network_from_args(ctl: &Control, a: CreateArgs) -> anyhow::Result<Netwo
         });
     }
     if a.gateway.len() > a.subnet.len() {
-        bail!("{} --gateway given for {} --subnet", a.gateway.len(), a.subnet.len());
+        bail!(
+            "{} --gateway given for {} --subnet",
+            a.gateway.len(),
+            a.subnet.len()
+        );
     }
     let host_routes = hostroutes::foreign_routes().unwrap_or_default();
     let mut subnets: Vec<Subnet> = Vec::new();
     for (i, cidr) in a.subnet.iter().enumerate() {
         if cidr.trunc() != *cidr {
-            bail!("--subnet {cidr} has host bits set; did you mean {}?", cidr.trunc());
+            bail!(
+                "--subnet {cidr} has host bits set; did you mean {}?",
+                cidr.trunc()
+            );
         }
-        if let Some(r) = host_routes.iter().find(|r| ferrynet_model::ipam::overlaps(&r.dst, cidr)) {
+        if let Some(r) = host_routes
+            .iter()
+            .find(|r| ferrynet_model::ipam::overlaps(&r.dst, cidr))
+        {
             bail!(
                 "--subnet {cidr} overlaps the host route {} via {} (a LAN or VPN); containers could not reach it. Pick another subnet.",
                 r.dst,
@@ -280,7 +319,8 @@ async fn network_from_args(ctl: &Control, a: CreateArgs) -> anyhow::Result<Netwo
             .flat_map(|n| n.subnets.iter().map(|s| s.cidr))
             .chain(host_routes.iter().map(|r| r.dst))
             .collect();
-        let cidr = hostroutes::pick_free_subnet(&taken).context("no free 10.89.N.0/24 left for a default subnet; pass --subnet")?;
+        let cidr = hostroutes::pick_free_subnet(&taken)
+            .context("no free 10.89.N.0/24 left for a default subnet; pass --subnet")?;
         subnets.push(Subnet::new(cidr));
     }
     Ok(Network {
@@ -296,7 +336,10 @@ async fn network_from_args(ctl: &Control, a: CreateArgs) -> anyhow::Result<Netwo
 
 async fn run_container(ctl: &Control, a: RunArgs) -> anyhow::Result<()> {
     validate_container_name(&a.name)?;
-    let (net, _) = ctl.network(&a.net).await?.with_context(|| format!("network {} does not exist", a.net))?;
+    let (net, _) = ctl
+        .network(&a.net)
+        .await?
+        .with_context(|| format!("network {} does not exist", a.net))?;
     let mut ports = Vec::new();
     for spec in &a.publish {
         ports.extend(parse_publish(spec).map_err(anyhow::Error::msg)?);
@@ -346,7 +389,9 @@ async fn run_container(ctl: &Control, a: RunArgs) -> anyhow::Result<()> {
     }
     .await;
     if let Err(e) = result {
-        let _ = ctl.detach(&net, &a.name, &a.ifname, c.netns.as_deref()).await;
+        let _ = ctl
+            .detach(&net, &a.name, &a.ifname, c.netns.as_deref())
+            .await;
         if !host_mode {
             let _ = Netns::delete_named(&ns_name);
         }
@@ -354,7 +399,16 @@ async fn run_container(ctl: &Control, a: RunArgs) -> anyhow::Result<()> {
         return Err(e);
     }
     let ips: Vec<String> = c.ips.iter().map(|i| i.addr().to_string()).collect();
-    println!("{} {} pid={}", c.name, if ips.is_empty() { "host".into() } else { ips.join(",") }, c.pid.unwrap_or(0));
+    println!(
+        "{} {} pid={}",
+        c.name,
+        if ips.is_empty() {
+            "host".into()
+        } else {
+            ips.join(",")
+        },
+        c.pid.unwrap_or(0)
+    );
     Ok(())
 }
 
@@ -372,18 +426,42 @@ async fn ps(ctl: &Control, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    let mut t = Table::new(&["NAME", "NETWORK", "ADDRESSES", "PORTS", "STATUS", "PID", "COMMAND"]);
+    let mut t = Table::new(&[
+        "NAME",
+        "NETWORK",
+        "ADDRESSES",
+        "PORTS",
+        "STATUS",
+        "PID",
+        "COMMAND",
+    ]);
     for c in &cs {
         t.row(vec![
             c.name.clone(),
             c.network.clone(),
-            c.ips.iter().map(|i| i.addr().to_string()).collect::<Vec<_>>().join(","),
-            c.ports
+            c.ips
                 .iter()
-                .map(|p| format!("{}{}->{}/{}", p.host_ip.map(|i| format!("{i}:")).unwrap_or_default(), p.host_port, p.container_port, p.protocol.as_str()))
+                .map(|i| i.addr().to_string())
                 .collect::<Vec<_>>()
                 .join(","),
-            if c.running() { "running".into() } else { "exited".into() },
+            c.ports
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{}{}->{}/{}",
+                        p.host_ip.map(|i| format!("{i}:")).unwrap_or_default(),
+                        p.host_port,
+                        p.container_port,
+                        p.protocol.as_str()
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+            if c.running() {
+                "running".into()
+            } else {
+                "exited".into()
+            },
             c.pid.map(|p| p.to_string()).unwrap_or_default(),
             c.command.join(" "),
         ]);
@@ -393,20 +471,29 @@ async fn ps(ctl: &Control, json: bool) -> anyhow::Result<()> {
 }
 
 async fn exec(ctl: &Control, name: &str, cmd: &[String]) -> anyhow::Result<ExitCode> {
-    let c = ctl.container(name).await?.with_context(|| format!("no container named {name}"))?;
+    let c = ctl
+        .container(name)
+        .await?
+        .with_context(|| format!("no container named {name}"))?;
     let code = container::exec_in(c.netns.as_ref().map(PathBuf::from).as_deref(), cmd)?;
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
 
 async fn stop(ctl: &Control, name: &str, time: u64) -> anyhow::Result<()> {
-    let c = ctl.container(name).await?.with_context(|| format!("no container named {name}"))?;
+    let c = ctl
+        .container(name)
+        .await?
+        .with_context(|| format!("no container named {name}"))?;
     container::stop_process(&c, Duration::from_secs(time));
     println!("{name}");
     Ok(())
 }
 
 async fn rm(ctl: &Control, name: &str, force: bool) -> anyhow::Result<()> {
-    let c = ctl.container(name).await?.with_context(|| format!("no container named {name}"))?;
+    let c = ctl
+        .container(name)
+        .await?
+        .with_context(|| format!("no container named {name}"))?;
     if c.running() {
         if !force {
             bail!("container {name} is running; stop it first or use --force");
@@ -414,10 +501,12 @@ async fn rm(ctl: &Control, name: &str, force: bool) -> anyhow::Result<()> {
         container::stop_process(&c, Duration::from_secs(5));
     }
     if let Some((net, _)) = ctl.network(&c.network).await? {
-        ctl.detach(&net, &c.name, &c.ifname, c.netns.as_deref()).await?;
+        ctl.detach(&net, &c.name, &c.ifname, c.netns.as_deref())
+            .await?;
     }
     if c.netns.is_some() {
-        Netns::delete_named(&netns_name(name)).with_context(|| format!("removing netns of {name}"))?;
+        Netns::delete_named(&netns_name(name))
+            .with_context(|| format!("removing netns of {name}"))?;
     }
     let _ = std::fs::remove_dir_all(ctl.paths.container_dir(name));
     ctl.forget_container(name).await?;

@@ -7,7 +7,9 @@
 use ferrynet_dataplane::bridge::{delete_bridge, ensure_bridge, BridgeSpec};
 use ferrynet_dataplane::firewall_compat::ensure_forward_accept;
 use ferrynet_dataplane::netlink::Netlink;
-use ferrynet_model::edge::{add_ports, base_ruleset, published_ports, remove_ports_tolerant, EdgeNetwork};
+use ferrynet_model::edge::{
+    add_ports, base_ruleset, published_ports, remove_ports_tolerant, EdgeNetwork,
+};
 use ferrynet_model::ipam::validate_network_subnets;
 use ferrynet_model::network::{Endpoint, Network, NetworkMode};
 
@@ -29,9 +31,18 @@ impl Control {
     /// Re-apply the nftables skeleton for every bridged network in the store (atomic; keeps
     /// published-port elements).
     pub async fn sync_edge(&self) -> Result<()> {
-        let nets: Vec<EdgeNetwork> =
-            self.networks().await?.iter().filter(|n| n.mode == NetworkMode::Bridge).map(edge_network).collect();
-        self.nft.apply(&base_ruleset(&nets)).map_err(ControlError::firewall("applying the ferrynet nftables ruleset"))?;
+        let nets: Vec<EdgeNetwork> = self
+            .networks()
+            .await?
+            .iter()
+            .filter(|n| n.mode == NetworkMode::Bridge)
+            .map(edge_network)
+            .collect();
+        self.nft
+            .apply(&base_ruleset(&nets))
+            .map_err(ControlError::firewall(
+                "applying the ferrynet nftables ruleset",
+            ))?;
         Ok(())
     }
 
@@ -42,9 +53,13 @@ impl Control {
         let existed = host
             .link_index(&net.bridge)
             .await
-            .map_err(ControlError::dataplane(format!("looking up bridge {}", net.bridge)))?
+            .map_err(ControlError::dataplane(format!(
+                "looking up bridge {}",
+                net.bridge
+            )))?
             .is_some();
-        let subnets = validate_network_subnets(&net.subnets).map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+        let subnets = validate_network_subnets(&net.subnets)
+            .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
         let spec = BridgeSpec {
             name: net.bridge.clone(),
             mtu: net.mtu,
@@ -53,9 +68,14 @@ impl Control {
         };
         let index = ensure_bridge(host, &spec)
             .await
-            .map_err(ControlError::dataplane(format!("setting up bridge {}", net.bridge)))?;
+            .map_err(ControlError::dataplane(format!(
+                "setting up bridge {}",
+                net.bridge
+            )))?;
         if !existed {
-            ensure_forward_accept().map_err(ControlError::dataplane("allowing fn-* interfaces in iptables FORWARD"))?;
+            ensure_forward_accept().map_err(ControlError::dataplane(
+                "allowing fn-* interfaces in iptables FORWARD",
+            ))?;
             self.sync_edge().await?;
             tracing::info!(bridge = %net.bridge, network = %net.name, "bridge created");
         }
@@ -70,7 +90,10 @@ impl Control {
         let host = Netlink::current().map_err(ControlError::dataplane("opening netlink"))?;
         delete_bridge(&host, &net.bridge)
             .await
-            .map_err(ControlError::dataplane(format!("deleting bridge {}", net.bridge)))?;
+            .map_err(ControlError::dataplane(format!(
+                "deleting bridge {}",
+                net.bridge
+            )))?;
         Ok(())
     }
 
@@ -85,7 +108,9 @@ impl Control {
         if let Err(first) = self.nft.apply(&batch) {
             tracing::warn!(error = %first, "publishing ports failed; restoring the ruleset from the store and retrying");
             self.reload_edge().await?;
-            self.nft.apply(&batch).map_err(ControlError::firewall("publishing ports"))?;
+            self.nft
+                .apply(&batch)
+                .map_err(ControlError::firewall("publishing ports"))?;
         }
         Ok(())
     }
@@ -102,7 +127,9 @@ impl Control {
             }
         }
         if !ports.is_empty() {
-            self.nft.apply(&add_ports(&ports)).map_err(ControlError::firewall("restoring published ports"))?;
+            self.nft
+                .apply(&add_ports(&ports))
+                .map_err(ControlError::firewall("restoring published ports"))?;
         }
         Ok(ports.len())
     }

@@ -36,12 +36,19 @@ pub struct AttachRequest {
 
 /// The gateway of the subnet holding `ip`.
 pub fn gateway_for(subnets: &[ResolvedSubnet], ip: IpAddr) -> Option<IpAddr> {
-    subnets.iter().find(|s| s.cidr.contains(&ip)).map(|s| s.gateway)
+    subnets
+        .iter()
+        .find(|s| s.cidr.contains(&ip))
+        .map(|s| s.gateway)
 }
 
 /// Routes a container gets: a default route per address family via that family's gateway,
 /// none on internal networks (the subnet route comes with the address itself).
-pub fn container_routes(net: &Network, subnets: &[ResolvedSubnet], ips: &[IpNet]) -> Vec<RouteSpec> {
+pub fn container_routes(
+    net: &Network,
+    subnets: &[ResolvedSubnet],
+    ips: &[IpNet],
+) -> Vec<RouteSpec> {
     if net.internal {
         return Vec::new();
     }
@@ -49,8 +56,15 @@ pub fn container_routes(net: &Network, subnets: &[ResolvedSubnet], ips: &[IpNet]
     ips.iter()
         .filter_map(|ip| {
             let gw = gateway_for(subnets, ip.addr())?;
-            let dst: IpNet = if ip.addr().is_ipv4() { "0.0.0.0/0".parse().ok()? } else { "::/0".parse().ok()? };
-            seen.insert(dst).then_some(RouteSpec { dst, gateway: Some(gw) })
+            let dst: IpNet = if ip.addr().is_ipv4() {
+                "0.0.0.0/0".parse().ok()?
+            } else {
+                "::/0".parse().ok()?
+            };
+            seen.insert(dst).then_some(RouteSpec {
+                dst,
+                gateway: Some(gw),
+            })
         })
         .collect()
 }
@@ -81,10 +95,22 @@ impl Control {
             return Ok(ep);
         }
 
-        let subnets = validate_network_subnets(&net.subnets).map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
-        let container_ns = Netns::open(&req.netns).map_err(ControlError::dataplane(format!("opening netns {}", req.netns)))?;
+        if net.internal && !req.port_mappings.is_empty() {
+            return Err(ControlError::InvalidConfig(format!(
+                "network {} is internal: it takes no traffic from outside, so ports cannot be published on it",
+                net.name
+            )));
+        }
+        let subnets = validate_network_subnets(&net.subnets)
+            .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+        let container_ns = Netns::open(&req.netns).map_err(ControlError::dataplane(format!(
+            "opening netns {}",
+            req.netns
+        )))?;
         let host = Netlink::current().map_err(ControlError::dataplane("opening netlink"))?;
-        let container = Netlink::in_netns(&container_ns).map_err(ControlError::dataplane(format!("opening netlink in {}", req.netns)))?;
+        let container = Netlink::in_netns(&container_ns).map_err(ControlError::dataplane(
+            format!("opening netlink in {}", req.netns),
+        ))?;
 
         let (ep, fresh) = self.reserve(net, template, &req.static_ips).await?;
         if !fresh {
@@ -98,9 +124,13 @@ impl Control {
                     ep.netns.as_deref().unwrap_or("?")
                 )));
             }
-            if let Some(state) = veth::inspect(&container, &req.ifname)
-                .await
-                .map_err(ControlError::dataplane(format!("inspecting {} in {}", req.ifname, req.netns)))?
+            if let Some(state) =
+                veth::inspect(&container, &req.ifname)
+                    .await
+                    .map_err(ControlError::dataplane(format!(
+                        "inspecting {} in {}",
+                        req.ifname, req.netns
+                    )))?
             {
                 if ep.ips.iter().all(|ip| state.addresses.contains(ip)) {
                     tracing::info!(container = %ep.container_id, "ADD repeated; endpoint already in place");
@@ -115,7 +145,10 @@ impl Control {
             tracing::info!(container = %ep.container_id, "resuming an interrupted ADD with its recorded addresses");
         }
 
-        match self.plumb(net, &subnets, &host, &container_ns, &container, &ep).await {
+        match self
+            .plumb(net, &subnets, &host, &container_ns, &container, &ep)
+            .await
+        {
             Ok(done) => {
                 self.update_endpoint(&done).await?;
                 tracing::info!(container = %done.container_id, network = %net.name, ips = ?done.ips, "attached");
@@ -128,7 +161,9 @@ impl Control {
                 }
                 let host_name = host_veth_name(&net.name, &ep.container_id, &ep.ifname);
                 if !matches!(e, ControlError::IfaceExists(_)) {
-                    if let Err(u) = veth::detach(&host, Some(&container), &ep.ifname, &host_name).await {
+                    if let Err(u) =
+                        veth::detach(&host, Some(&container), &ep.ifname, &host_name).await
+                    {
                         tracing::warn!(error = %u, "cleanup: removing the veth failed");
                     }
                 } else if let Err(u) = veth::detach(&host, None, &ep.ifname, &host_name).await {
@@ -155,7 +190,10 @@ impl Control {
         let bridge_index = self.ensure_bridge(host, net).await?;
         let host_name = host_veth_name(&net.name, &ep.container_id, &ep.ifname);
         let mac = match &ep.mac {
-            Some(m) => Some(ferrynet_model::names::parse_mac(m).map_err(|e| ControlError::InvalidConfig(e.to_string()))?),
+            Some(m) => Some(
+                ferrynet_model::names::parse_mac(m)
+                    .map_err(|e| ControlError::InvalidConfig(e.to_string()))?,
+            ),
             None => None,
         };
         let spec = VethSpec {
@@ -172,10 +210,15 @@ impl Control {
                 routes: container_routes(net, subnets, &ep.ips),
             },
         };
-        let attached = veth::attach(host, container_ns, container, &spec).await.map_err(|e| match e {
-            DataplaneError::Conflict(m) => ControlError::IfaceExists(m),
-            other => ControlError::Dataplane { context: format!("attaching {} to {}", ep.container_id, net.bridge), source: other },
-        })?;
+        let attached = veth::attach(host, container_ns, container, &spec)
+            .await
+            .map_err(|e| match e {
+                DataplaneError::Conflict(m) => ControlError::IfaceExists(m),
+                other => ControlError::Dataplane {
+                    context: format!("attaching {} to {}", ep.container_id, net.bridge),
+                    source: other,
+                },
+            })?;
         self.publish_ports(ep).await?;
         let mut done = ep.clone();
         done.mac = Some(format_mac(&attached.container_mac));
@@ -185,7 +228,11 @@ impl Control {
     }
 
     /// Host networking: record the endpoint (so GC and `ps` know it) and create nothing.
-    async fn reserve_host_mode(&self, net: &Network, template: Endpoint) -> Result<(Endpoint, bool)> {
+    async fn reserve_host_mode(
+        &self,
+        net: &Network,
+        template: Endpoint,
+    ) -> Result<(Endpoint, bool)> {
         let key = keys::endpoint(&net.name, &template.container_id, &template.ifname);
         if let Some(kv) = self.store.get(&key).await? {
             return Ok((decode(&kv)?, false));
@@ -200,15 +247,30 @@ impl Control {
     }
 
     /// The recorded endpoint, if any.
-    pub async fn endpoint(&self, network: &str, container_id: &str, ifname: &str) -> Result<Option<Endpoint>> {
-        match self.store.get(&keys::endpoint(network, container_id, ifname)).await? {
+    pub async fn endpoint(
+        &self,
+        network: &str,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<Option<Endpoint>> {
+        match self
+            .store
+            .get(&keys::endpoint(network, container_id, ifname))
+            .await?
+        {
             Some(kv) => Ok(Some(decode(&kv)?)),
             None => Ok(None),
         }
     }
 
     /// Detach a container: idempotent, succeeds for unknown containers and vanished netns.
-    pub async fn detach(&self, net: &Network, container_id: &str, ifname: &str, netns: Option<&str>) -> Result<()> {
+    pub async fn detach(
+        &self,
+        net: &Network,
+        container_id: &str,
+        ifname: &str,
+        netns: Option<&str>,
+    ) -> Result<()> {
         let ep = self.endpoint(&net.name, container_id, ifname).await?;
         if net.mode == NetworkMode::Host {
             if let Some(ep) = ep {
@@ -220,7 +282,9 @@ impl Control {
             self.unpublish_ports(ep).await?;
         }
         let host = Netlink::current().map_err(ControlError::dataplane("opening netlink"))?;
-        let ns_path = netns.map(str::to_string).or_else(|| ep.as_ref().and_then(|e| e.netns.clone()));
+        let ns_path = netns
+            .map(str::to_string)
+            .or_else(|| ep.as_ref().and_then(|e| e.netns.clone()));
         // Only touch the container's interface when we recorded it: without a record it is not ours.
         let container = match (&ep, ns_path.as_deref()) {
             (Some(_), Some(p)) if !p.is_empty() && Path::new(p).exists() => match Netns::open(p) {
@@ -235,7 +299,9 @@ impl Control {
             .unwrap_or_else(|| host_veth_name(&net.name, container_id, ifname));
         veth::detach(&host, container.as_ref(), ifname, &host_name)
             .await
-            .map_err(ControlError::dataplane(format!("removing {ifname} of {container_id}")))?;
+            .map_err(ControlError::dataplane(format!(
+                "removing {ifname} of {container_id}"
+            )))?;
         if let Some(ep) = &ep {
             self.release(ep).await?;
             tracing::info!(container = %container_id, network = %net.name, "detached");
@@ -244,35 +310,62 @@ impl Control {
     }
 
     /// Verify a container's attachment is as set up; returns the endpoint.
-    pub async fn check(&self, net: &Network, container_id: &str, ifname: &str, netns: &str) -> Result<Endpoint> {
-        let ep = self.endpoint(&net.name, container_id, ifname).await?.ok_or_else(|| {
-            ControlError::UnknownContainer(format!("container {container_id} has no {ifname} on network {}", net.name))
-        })?;
+    pub async fn check(
+        &self,
+        net: &Network,
+        container_id: &str,
+        ifname: &str,
+        netns: &str,
+    ) -> Result<Endpoint> {
+        let ep = self
+            .endpoint(&net.name, container_id, ifname)
+            .await?
+            .ok_or_else(|| {
+                ControlError::UnknownContainer(format!(
+                    "container {container_id} has no {ifname} on network {}",
+                    net.name
+                ))
+            })?;
         if net.mode == NetworkMode::Host {
             return Ok(ep);
         }
-        let ns = Netns::open(netns).map_err(ControlError::dataplane(format!("opening netns {netns}")))?;
+        let ns = Netns::open(netns)
+            .map_err(ControlError::dataplane(format!("opening netns {netns}")))?;
         let nl = Netlink::in_netns(&ns).map_err(ControlError::dataplane("opening netlink"))?;
         let state = veth::inspect(&nl, ifname)
             .await
             .map_err(ControlError::dataplane(format!("inspecting {ifname}")))?
-            .ok_or_else(|| ControlError::CheckFailed(format!("interface {ifname} is missing from netns {netns}")))?;
+            .ok_or_else(|| {
+                ControlError::CheckFailed(format!(
+                    "interface {ifname} is missing from netns {netns}"
+                ))
+            })?;
         for ip in &ep.ips {
             if !state.addresses.contains(ip) {
-                return Err(ControlError::CheckFailed(format!("address {ip} is missing from {ifname}")));
+                return Err(ControlError::CheckFailed(format!(
+                    "address {ip} is missing from {ifname}"
+                )));
             }
         }
         if let Some(mac) = &ep.mac {
             if &format_mac(&state.mac) != mac {
-                return Err(ControlError::CheckFailed(format!("{ifname} has MAC {} instead of {mac}", format_mac(&state.mac))));
+                return Err(ControlError::CheckFailed(format!(
+                    "{ifname} has MAC {} instead of {mac}",
+                    format_mac(&state.mac)
+                )));
             }
         }
         if !state.up {
             return Err(ControlError::CheckFailed(format!("{ifname} is down")));
         }
-        let subnets = validate_network_subnets(&net.subnets).map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+        let subnets = validate_network_subnets(&net.subnets)
+            .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
         for r in container_routes(net, &subnets, &ep.ips) {
-            if !state.routes.iter().any(|have| have.dst == r.dst && have.gateway == r.gateway) {
+            if !state
+                .routes
+                .iter()
+                .any(|have| have.dst == r.dst && have.gateway == r.gateway)
+            {
                 return Err(ControlError::CheckFailed(format!(
                     "route {} via {} is missing",
                     r.dst,
@@ -282,8 +375,15 @@ impl Control {
         }
         let host = Netlink::current().map_err(ControlError::dataplane("opening netlink"))?;
         if let Some(hv) = &ep.host_veth {
-            if host.link_index(hv).await.map_err(ControlError::dataplane("looking up host veth"))?.is_none() {
-                return Err(ControlError::CheckFailed(format!("host interface {hv} is missing")));
+            if host
+                .link_index(hv)
+                .await
+                .map_err(ControlError::dataplane("looking up host veth"))?
+                .is_none()
+            {
+                return Err(ControlError::CheckFailed(format!(
+                    "host interface {hv} is missing"
+                )));
             }
         }
         Ok(ep)
@@ -291,14 +391,24 @@ impl Control {
 
     /// CNI GC: detach every endpoint of `net` not in `valid` (container id, ifname). Keeps going
     /// past failures and returns how many were removed and the errors met.
-    pub async fn gc(&self, net: &Network, valid: &[(String, String)]) -> Result<(usize, Vec<String>)> {
+    pub async fn gc(
+        &self,
+        net: &Network,
+        valid: &[(String, String)],
+    ) -> Result<(usize, Vec<String>)> {
         let mut removed = 0;
         let mut errors = Vec::new();
         for ep in self.endpoints(&net.name).await? {
-            if valid.iter().any(|(c, i)| c == &ep.container_id && i == &ep.ifname) {
+            if valid
+                .iter()
+                .any(|(c, i)| c == &ep.container_id && i == &ep.ifname)
+            {
                 continue;
             }
-            match self.detach(net, &ep.container_id, &ep.ifname, ep.netns.as_deref()).await {
+            match self
+                .detach(net, &ep.container_id, &ep.ifname, ep.netns.as_deref())
+                .await
+            {
                 Ok(()) => removed += 1,
                 Err(e) => errors.push(format!("{}/{}: {e}", ep.container_id, ep.ifname)),
             }
@@ -318,7 +428,10 @@ mod tests {
             name: "n".into(),
             mode: NetworkMode::Bridge,
             bridge: "fn-n".into(),
-            subnets: vec![Subnet::new("10.5.0.0/24".parse().unwrap()), Subnet::new("fd05::/64".parse().unwrap())],
+            subnets: vec![
+                Subnet::new("10.5.0.0/24".parse().unwrap()),
+                Subnet::new("fd05::/64".parse().unwrap()),
+            ],
             mtu: None,
             internal,
             ip_masq: true,
@@ -329,7 +442,10 @@ mod tests {
     fn default_routes_per_family_via_gateway() {
         let n = net(false);
         let subnets = validate_network_subnets(&n.subnets).unwrap();
-        let ips: Vec<IpNet> = vec!["10.5.0.2/24".parse().unwrap(), "fd05::2/64".parse().unwrap()];
+        let ips: Vec<IpNet> = vec![
+            "10.5.0.2/24".parse().unwrap(),
+            "fd05::2/64".parse().unwrap(),
+        ];
         let r = container_routes(&n, &subnets, &ips);
         assert_eq!(r.len(), 2);
         assert_eq!(r[0].dst.to_string(), "0.0.0.0/0");

@@ -40,8 +40,17 @@ pub fn parse_port_key(key: &str, owner: String) -> Option<HeldPort> {
     let proto = parts.next()?.to_string();
     let ip = parts.next()?;
     let port = parts.next()?.parse().ok()?;
-    let host_ip = if ip == "*" { None } else { Some(ip.parse().ok()?) };
-    Some(HeldPort { proto, host_ip, port, owner })
+    let host_ip = if ip == "*" {
+        None
+    } else {
+        Some(ip.parse().ok()?)
+    };
+    Some(HeldPort {
+        proto,
+        host_ip,
+        port,
+        owner,
+    })
 }
 
 /// The first requested mapping that clashes with a held port or with another requested one:
@@ -50,16 +59,27 @@ pub fn port_conflict(held: &[HeldPort], wanted: &[PortMapping]) -> Option<String
     let clash = |a: Option<IpAddr>, b: Option<IpAddr>| a.is_none() || b.is_none() || a == b;
     for (i, m) in wanted.iter().enumerate() {
         let proto = m.protocol.as_str();
-        if let Some(h) = held.iter().find(|h| h.proto == proto && h.port == m.host_port && clash(h.host_ip, m.host_ip)) {
+        if let Some(h) = held
+            .iter()
+            .find(|h| h.proto == proto && h.port == m.host_port && clash(h.host_ip, m.host_ip))
+        {
             return Some(format!(
                 "host port {}/{proto}{} is already published by {}",
                 m.host_port,
                 h.host_ip.map(|ip| format!(" on {ip}")).unwrap_or_default(),
-                h.owner.rsplit_once("endpoints/").map(|(_, o)| o).unwrap_or(&h.owner)
+                h.owner
+                    .rsplit_once("endpoints/")
+                    .map(|(_, o)| o)
+                    .unwrap_or(&h.owner)
             ));
         }
-        if wanted[..i].iter().any(|o| o.protocol == m.protocol && o.host_port == m.host_port && clash(o.host_ip, m.host_ip)) {
-            return Some(format!("host port {}/{proto} is requested twice", m.host_port));
+        if wanted[..i].iter().any(|o| {
+            o.protocol == m.protocol && o.host_port == m.host_port && clash(o.host_ip, m.host_ip)
+        }) {
+            return Some(format!(
+                "host port {}/{proto} is requested twice",
+                m.host_port
+            ));
         }
     }
     None
@@ -69,23 +89,33 @@ impl Control {
     /// Reserve addresses (and host ports) for `template` on `net` and record the endpoint, in one
     /// transaction. `requested` are static addresses; empty means "pick".
     /// If the endpoint is already recorded, that record is returned unchanged (a retried ADD).
-    pub async fn reserve(&self, net: &Network, template: Endpoint, requested: &[IpAddr]) -> Result<(Endpoint, bool)> {
-        let subnets = validate_network_subnets(&net.subnets).map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+    pub async fn reserve(
+        &self,
+        net: &Network,
+        template: Endpoint,
+        requested: &[IpAddr],
+    ) -> Result<(Endpoint, bool)> {
+        let subnets = validate_network_subnets(&net.subnets)
+            .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
         let ep_key = keys::endpoint(&net.name, &template.container_id, &template.ifname);
         for _ in 0..MAX_ATTEMPTS {
             if let Some(kv) = self.store.get(&ep_key).await? {
                 return Ok((decode(&kv)?, false));
             }
             let (taken, _) = self.store.range(&keys::ipam_prefix(&net.name)).await?;
-            let used: BTreeSet<IpAddr> =
-                taken.iter().filter_map(|kv| kv.key.rsplit('/').next().and_then(|s| s.parse().ok())).collect();
+            let used: BTreeSet<IpAddr> = taken
+                .iter()
+                .filter_map(|kv| kv.key.rsplit('/').next().and_then(|s| s.parse().ok()))
+                .collect();
             let last_kv = self.store.get(&keys::ipam_last(&net.name)).await?;
             let last: BTreeMap<String, IpAddr> = match &last_kv {
                 Some(kv) => decode(kv).unwrap_or_default(),
                 None => BTreeMap::new(),
             };
-            let ips = plan_allocation(&subnets, &used, requested, &|cidr: &IpNet| last.get(&cidr.to_string()).copied())
-                .map_err(|e| ControlError::Ipam(format!("network {}: {e}", net.name)))?;
+            let ips = plan_allocation(&subnets, &used, requested, &|cidr: &IpNet| {
+                last.get(&cidr.to_string()).copied()
+            })
+            .map_err(|e| ControlError::Ipam(format!("network {}: {e}", net.name)))?;
 
             let mut compares = vec![Compare::Missing(ep_key.clone())];
             let mut ops = Vec::new();
@@ -105,7 +135,9 @@ impl Control {
                 let (held_kvs, _) = self.store.range(&keys::host_ports()).await?;
                 let held: Vec<HeldPort> = held_kvs
                     .iter()
-                    .filter_map(|kv| parse_port_key(&kv.key, String::from_utf8_lossy(&kv.value).into_owned()))
+                    .filter_map(|kv| {
+                        parse_port_key(&kv.key, String::from_utf8_lossy(&kv.value).into_owned())
+                    })
                     .collect();
                 if let Some(msg) = port_conflict(&held, &template.port_mappings) {
                     return Err(ControlError::PortInUse(msg));
@@ -113,7 +145,12 @@ impl Control {
                 // Serialize publishers: an "any address" and a "specific address" claim of one
                 // port have different keys, so guard the whole port table with one sequence key.
                 let seq_key = keys::host_ports_seq();
-                let seq_rev = self.store.get(&seq_key).await?.map(|kv| kv.mod_revision).unwrap_or(0);
+                let seq_rev = self
+                    .store
+                    .get(&seq_key)
+                    .await?
+                    .map(|kv| kv.mod_revision)
+                    .unwrap_or(0);
                 compares.push(Compare::ModRevision(seq_key.clone(), seq_rev));
                 ops.push(Op::put(seq_key, Vec::new()));
                 for m in &template.port_mappings {
@@ -141,7 +178,12 @@ impl Control {
     /// Update a recorded endpoint (after the dataplane filled in MACs and names).
     pub async fn update_endpoint(&self, ep: &Endpoint) -> Result<()> {
         let key = keys::endpoint(&ep.network, &ep.container_id, &ep.ifname);
-        self.store.txn(vec![Compare::Exists(key.clone())], vec![Op::put(key, encode(ep))]).await?;
+        self.store
+            .txn(
+                vec![Compare::Exists(key.clone())],
+                vec![Op::put(key, encode(ep))],
+            )
+            .await?;
         Ok(())
     }
 
@@ -178,33 +220,58 @@ mod tests {
     use ferrynet_model::portmap::Protocol;
 
     fn pm(port: u16, ip: Option<&str>, proto: Protocol) -> PortMapping {
-        PortMapping { host_port: port, container_port: 80, protocol: proto, host_ip: ip.map(|s| s.parse().unwrap()) }
+        PortMapping {
+            host_port: port,
+            container_port: 80,
+            protocol: proto,
+            host_ip: ip.map(|s| s.parse().unwrap()),
+        }
     }
 
     #[test]
     fn port_key_round_trip() {
         let k = keys::host_port("udp", Some("10.0.0.1".parse().unwrap()), 53);
         let h = parse_port_key(&k, "o".into()).unwrap();
-        assert_eq!((h.proto.as_str(), h.host_ip, h.port), ("udp", Some("10.0.0.1".parse().unwrap()), 53));
+        assert_eq!(
+            (h.proto.as_str(), h.host_ip, h.port),
+            ("udp", Some("10.0.0.1".parse().unwrap()), 53)
+        );
         let k = keys::host_port("tcp", None, 8080);
         assert_eq!(parse_port_key(&k, "o".into()).unwrap().host_ip, None);
     }
 
     #[test]
     fn conflicts_between_any_and_specific_addresses() {
-        let held = vec![HeldPort { proto: "tcp".into(), host_ip: None, port: 8080, owner: "/x/endpoints/n/c1/eth0".into() }];
+        let held = vec![HeldPort {
+            proto: "tcp".into(),
+            host_ip: None,
+            port: 8080,
+            owner: "/x/endpoints/n/c1/eth0".into(),
+        }];
         let m = port_conflict(&held, &[pm(8080, Some("10.0.0.1"), Protocol::Tcp)]).unwrap();
         assert!(m.contains("8080/tcp") && m.contains("n/c1/eth0"), "{m}");
         assert!(port_conflict(&held, &[pm(8080, None, Protocol::Udp)]).is_none());
         assert!(port_conflict(&held, &[pm(8081, None, Protocol::Tcp)]).is_none());
-        let held = vec![HeldPort { proto: "tcp".into(), host_ip: Some("10.0.0.1".parse().unwrap()), port: 80, owner: "o".into() }];
+        let held = vec![HeldPort {
+            proto: "tcp".into(),
+            host_ip: Some("10.0.0.1".parse().unwrap()),
+            port: 80,
+            owner: "o".into(),
+        }];
         assert!(port_conflict(&held, &[pm(80, Some("10.0.0.2"), Protocol::Tcp)]).is_none());
         assert!(port_conflict(&held, &[pm(80, None, Protocol::Tcp)]).is_some());
     }
 
     #[test]
     fn duplicate_in_one_request() {
-        let m = port_conflict(&[], &[pm(80, None, Protocol::Tcp), pm(80, Some("1.2.3.4"), Protocol::Tcp)]).unwrap();
+        let m = port_conflict(
+            &[],
+            &[
+                pm(80, None, Protocol::Tcp),
+                pm(80, Some("1.2.3.4"), Protocol::Tcp),
+            ],
+        )
+        .unwrap();
         assert!(m.contains("twice"));
     }
 }

@@ -60,16 +60,25 @@ pub struct Control {
 impl Control {
     /// Open the embedded store under `paths` and load the nft executor.
     pub fn open(paths: Paths) -> Result<Control> {
-        std::fs::create_dir_all(&paths.state_dir)
-            .map_err(ControlError::io(format!("creating state directory {}", paths.state_dir.display())))?;
+        std::fs::create_dir_all(&paths.state_dir).map_err(ControlError::io(format!(
+            "creating state directory {}",
+            paths.state_dir.display()
+        )))?;
         let store = EmbeddedStore::open(paths.store_file())?;
-        Ok(Control { store: Arc::new(store), nft: default_executor(), paths })
+        Ok(Control {
+            store: Arc::new(store),
+            nft: default_executor(),
+            paths,
+        })
     }
 }
 
 /// Decode a JSON record from the store.
 pub(crate) fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T> {
-    serde_json::from_slice(&kv.value).map_err(|source| ControlError::Decode { key: kv.key.clone(), source })
+    serde_json::from_slice(&kv.value).map_err(|source| ControlError::Decode {
+        key: kv.key.clone(),
+        source,
+    })
 }
 
 /// Encode a record for the store.

@@ -20,11 +20,14 @@ pub fn validate_network(net: &Network) -> Result<()> {
     }
     if let Some(mtu) = net.mtu {
         if !(576..=65535).contains(&mtu) {
-            return Err(ControlError::InvalidConfig(format!("mtu {mtu} is outside 576..=65535")));
+            return Err(ControlError::InvalidConfig(format!(
+                "mtu {mtu} is outside 576..=65535"
+            )));
         }
     }
     if net.mode == NetworkMode::Bridge {
-        validate_network_subnets(&net.subnets).map_err(|e| ControlError::InvalidConfig(format!("network {}: {e}", net.name)))?;
+        validate_network_subnets(&net.subnets)
+            .map_err(|e| ControlError::InvalidConfig(format!("network {}: {e}", net.name)))?;
     }
     Ok(())
 }
@@ -63,9 +66,16 @@ impl Control {
 
     /// Refuse `net` if a subnet or bridge name clashes with another network.
     async fn check_against_others(&self, net: &Network) -> Result<()> {
-        let others: Vec<Network> = self.networks().await?.into_iter().filter(|n| n.name != net.name).collect();
-        let existing: Vec<(String, IpNet)> =
-            others.iter().flat_map(|n| n.subnets.iter().map(move |s| (n.name.clone(), s.cidr))).collect();
+        let others: Vec<Network> = self
+            .networks()
+            .await?
+            .into_iter()
+            .filter(|n| n.name != net.name)
+            .collect();
+        let existing: Vec<(String, IpNet)> = others
+            .iter()
+            .flat_map(|n| n.subnets.iter().map(move |s| (n.name.clone(), s.cidr)))
+            .collect();
         let mine: Vec<IpNet> = net.subnets.iter().map(|s| s.cidr).collect();
         if let Some((ours, other_name, theirs)) = find_overlap(&mine, &existing) {
             return Err(ControlError::InvalidConfig(format!(
@@ -88,9 +98,18 @@ impl Control {
         validate_network(&net)?;
         self.check_against_others(&net).await?;
         let key = keys::network(&net.name);
-        let res = self.store.txn(vec![Compare::Missing(key.clone())], vec![Op::put(key, encode(&net))]).await?;
+        let res = self
+            .store
+            .txn(
+                vec![Compare::Missing(key.clone())],
+                vec![Op::put(key, encode(&net))],
+            )
+            .await?;
         if !res.succeeded {
-            return Err(ControlError::InvalidConfig(format!("network {} already exists", net.name)));
+            return Err(ControlError::InvalidConfig(format!(
+                "network {} already exists",
+                net.name
+            )));
         }
         tracing::info!(network = %net.name, bridge = %net.bridge, "network created");
         Ok(net)
@@ -105,7 +124,8 @@ impl Control {
             match self.network(&net.name).await? {
                 Some((stored, _)) if stored == net => return Ok(stored),
                 Some((stored, rev)) => {
-                    if stored.subnets != net.subnets && !self.endpoints(&net.name).await?.is_empty() {
+                    if stored.subnets != net.subnets && !self.endpoints(&net.name).await?.is_empty()
+                    {
                         return Err(ControlError::InvalidConfig(format!(
                             "network {} exists with subnets {}; it has endpoints, so its subnets cannot change to {}",
                             net.name,
@@ -115,7 +135,13 @@ impl Control {
                     }
                     self.check_against_others(&net).await?;
                     let key = keys::network(&net.name);
-                    let ok = self.store.txn(vec![Compare::ModRevision(key.clone(), rev)], vec![Op::put(key, encode(&net))]).await?;
+                    let ok = self
+                        .store
+                        .txn(
+                            vec![Compare::ModRevision(key.clone(), rev)],
+                            vec![Op::put(key, encode(&net))],
+                        )
+                        .await?;
                     if ok.succeeded {
                         tracing::info!(network = %net.name, "network definition updated from config");
                         return Ok(net);
@@ -124,7 +150,9 @@ impl Control {
                 None => match self.create_network(net.clone()).await {
                     Ok(n) => return Ok(n),
                     // Lost a race with a concurrent ADD creating the same network: re-read.
-                    Err(ControlError::InvalidConfig(m)) if m.ends_with("already exists") => continue,
+                    Err(ControlError::InvalidConfig(m)) if m.ends_with("already exists") => {
+                        continue
+                    }
                     Err(e) => return Err(e),
                 },
             }
@@ -135,7 +163,9 @@ impl Control {
     /// `force`, in which case they are detached first. Removes the bridge and its rules.
     pub async fn delete_network(&self, name: &str, force: bool) -> Result<()> {
         let Some((net, rev)) = self.network(name).await? else {
-            return Err(ControlError::InvalidConfig(format!("network {name} does not exist")));
+            return Err(ControlError::InvalidConfig(format!(
+                "network {name} does not exist"
+            )));
         };
         let eps = self.endpoints(name).await?;
         if !eps.is_empty() && !force {
@@ -147,7 +177,8 @@ impl Control {
             )));
         }
         for ep in &eps {
-            self.detach(&net, &ep.container_id, &ep.ifname, ep.netns.as_deref()).await?;
+            self.detach(&net, &ep.container_id, &ep.ifname, ep.netns.as_deref())
+                .await?;
         }
         let key = keys::network(name);
         let res = self
@@ -163,7 +194,9 @@ impl Control {
             )
             .await?;
         if !res.succeeded {
-            return Err(ControlError::InvalidConfig(format!("network {name} changed while it was being removed; try again")));
+            return Err(ControlError::InvalidConfig(format!(
+                "network {name} changed while it was being removed; try again"
+            )));
         }
         self.remove_bridge(&net).await?;
         self.sync_edge().await?;
@@ -173,7 +206,11 @@ impl Control {
 }
 
 fn subnet_list(n: &Network) -> String {
-    n.subnets.iter().map(|s| s.cidr.to_string()).collect::<Vec<_>>().join(", ")
+    n.subnets
+        .iter()
+        .map(|s| s.cidr.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -205,10 +242,16 @@ mod tests {
     fn rejects_bad_mtu_and_bridge() {
         let mut n = net("blue", "10.1.2.0/24");
         n.mtu = Some(100);
-        assert!(validate_network(&n).unwrap_err().to_string().contains("mtu"));
+        assert!(validate_network(&n)
+            .unwrap_err()
+            .to_string()
+            .contains("mtu"));
         let mut n = net("blue", "10.1.2.0/24");
         n.bridge = "docker0".into();
-        assert!(validate_network(&n).unwrap_err().to_string().contains("fn-"));
+        assert!(validate_network(&n)
+            .unwrap_err()
+            .to_string()
+            .contains("fn-"));
     }
 
     #[test]

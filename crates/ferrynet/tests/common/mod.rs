@@ -13,18 +13,30 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A unique short tag for names (netns, links) of this test process.
 pub fn tag() -> String {
-    format!("{:x}{}", std::process::id() % 0xffff, COUNTER.fetch_add(1, Ordering::SeqCst))
+    format!(
+        "{:x}{}",
+        std::process::id() % 0xffff,
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 /// Run a command, panic with its output on spawn failure.
 pub fn sh(args: &[&str]) -> Output {
-    Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("running {args:?}: {e}"))
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("running {args:?}: {e}"))
 }
 
 /// Run a command that must succeed.
 pub fn must(args: &[&str]) -> String {
     let o = sh(args);
-    assert!(o.status.success(), "{args:?} failed: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -111,7 +123,9 @@ pub fn tcp_get(ns: &Ns, addr: &str, port: u16) -> Option<String> {
         "import socket\ns=socket.create_connection(('{addr}',{port}),timeout=3)\nprint(s.recv(200).decode().strip())"
     );
     let o = ns.run(&["python3", "-c", &code]);
-    o.status.success().then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
 }
 
 /// The lab: host netns, state dir, and the ferrynet binary run as a CNI plugin inside it.
@@ -144,7 +158,11 @@ impl Lab {
     /// A new host namespace with forwarding on.
     pub fn new() -> Lab {
         let host = Ns::new("h");
-        Lab { host, state: tempfile::tempdir().expect("tempdir"), tag: tag() }
+        Lab {
+            host,
+            state: tempfile::tempdir().expect("tempdir"),
+            tag: tag(),
+        }
     }
 
     /// A network config (single-plugin form) with one IPv4 and one IPv6 subnet.
@@ -173,9 +191,16 @@ impl Lab {
         for (k, v) in env {
             c.env(k, v);
         }
-        c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        c.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = c.spawn().expect("spawn plugin");
-        child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes()).expect("write conf");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(conf.to_string().as_bytes())
+            .expect("write conf");
         let o = child.wait_with_output().expect("plugin output");
         Call {
             code: o.status.code().unwrap_or(-1),
@@ -191,7 +216,15 @@ impl Lab {
 
     /// ADD a container; panics unless it succeeds.
     pub fn add(&self, conf: &Value, id: &str, ns: &Ns, ifname: &str) -> Value {
-        let c = self.cni("ADD", conf, &[("CNI_CONTAINERID", id), ("CNI_NETNS", &ns.path()), ("CNI_IFNAME", ifname)]);
+        let c = self.cni(
+            "ADD",
+            conf,
+            &[
+                ("CNI_CONTAINERID", id),
+                ("CNI_NETNS", &ns.path()),
+                ("CNI_IFNAME", ifname),
+            ],
+        );
         assert_eq!(c.code, 0, "ADD failed: {} {}", c.json, c.stderr);
         c.json
     }
@@ -220,14 +253,55 @@ impl Lab {
     pub fn outside(&self, n: u8) -> (Ns, String, String) {
         let client = Ns::new("o");
         let hl = format!("fto{}", tag());
-        must(&["ip", "-n", &self.host.name, "link", "add", &hl, "type", "veth", "peer", "name", "ext0", "netns", &client.name]);
+        must(&[
+            "ip",
+            "-n",
+            &self.host.name,
+            "link",
+            "add",
+            &hl,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ext0",
+            "netns",
+            &client.name,
+        ]);
         let host_ip = format!("10.250.{n}.1");
         let client_ip = format!("10.250.{n}.2");
-        must(&["ip", "-n", &self.host.name, "addr", "add", &format!("{host_ip}/24"), "dev", &hl]);
+        must(&[
+            "ip",
+            "-n",
+            &self.host.name,
+            "addr",
+            "add",
+            &format!("{host_ip}/24"),
+            "dev",
+            &hl,
+        ]);
         must(&["ip", "-n", &self.host.name, "link", "set", &hl, "up"]);
-        must(&["ip", "-n", &client.name, "addr", "add", &format!("{client_ip}/24"), "dev", "ext0"]);
+        must(&[
+            "ip",
+            "-n",
+            &client.name,
+            "addr",
+            "add",
+            &format!("{client_ip}/24"),
+            "dev",
+            "ext0",
+        ]);
         must(&["ip", "-n", &client.name, "link", "set", "ext0", "up"]);
-        must(&["ip", "-n", &client.name, "route", "add", "default", "via", &host_ip]);
+        must(&[
+            "ip",
+            "-n",
+            &client.name,
+            "route",
+            "add",
+            "default",
+            "via",
+            &host_ip,
+        ]);
         (client, host_ip, client_ip)
     }
 
@@ -251,13 +325,21 @@ impl Lab {
         let o = self.host.run(&["ip", "-j", "link", "show"]);
         let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
         v.as_array()
-            .map(|a| a.iter().filter_map(|l| l["ifname"].as_str()).filter(|n| n.starts_with(prefix)).map(str::to_string).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|l| l["ifname"].as_str())
+                    .filter(|n| n.starts_with(prefix))
+                    .map(str::to_string)
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
     /// Number of elements in one of ferrynet's port maps in the host netns.
     pub fn map_len(&self, map: &str) -> usize {
-        let o = self.host.run(&["nft", "-j", "list", "map", "inet", "ferrynet", map]);
+        let o = self
+            .host
+            .run(&["nft", "-j", "list", "map", "inet", "ferrynet", map]);
         let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
         v["nftables"]
             .as_array()
@@ -273,7 +355,11 @@ impl Lab {
 pub fn first_v4(result: &Value) -> String {
     result["ips"]
         .as_array()
-        .and_then(|a| a.iter().filter_map(|i| i["address"].as_str()).find(|a| !a.contains(':')))
+        .and_then(|a| {
+            a.iter()
+                .filter_map(|i| i["address"].as_str())
+                .find(|a| !a.contains(':'))
+        })
         .map(|a| a.split('/').next().unwrap_or("").to_string())
         .unwrap_or_default()
 }

@@ -1,0 +1,264 @@
+//! Running nftables transactions. A batch (nft's own syntax, as `nft -f` reads it) is applied
+//! atomically: all of it or none.
+//!
+//! The default executor calls libnftables in-process (loaded at run time, so there is no build
+//! dependency on its headers): no process spawn per transaction, which is most of an `nft` call's
+//! cost. The `nft` binary is the fallback. Both act in the calling thread's network namespace.
+
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+/// nftables failures.
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    /// libnftables could not be loaded.
+    #[error("cannot load libnftables: {0}")]
+    Load(String),
+    /// nft rejected the batch; the text is nft's own message.
+    #[error("nftables: {0}")]
+    Command(String),
+    /// Spawning or talking to `nft` failed.
+    #[error("running nft: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Something that applies nft batches.
+pub trait NftExecutor: Send + Sync {
+    /// Apply a batch atomically.
+    fn apply(&self, batch: &str) -> Result<(), NftError>;
+    /// The JSON listing of a table, or None if it does not exist.
+    fn list_table(&self, family: &str, table: &str) -> Result<Option<serde_json::Value>, NftError>;
+    /// Which executor this is, for logs.
+    fn name(&self) -> &'static str;
+}
+
+type CtxNew = unsafe extern "C" fn(c_uint) -> *mut c_void;
+type CtxFree = unsafe extern "C" fn(*mut c_void);
+type CtxInt = unsafe extern "C" fn(*mut c_void) -> c_int;
+type CtxGetBuf = unsafe extern "C" fn(*mut c_void) -> *const c_char;
+type CtxSetFlags = unsafe extern "C" fn(*mut c_void, c_uint);
+type RunCmd = unsafe extern "C" fn(*mut c_void, *const c_char) -> c_int;
+
+/// `NFT_CTX_OUTPUT_JSON` from libnftables.h.
+const OUTPUT_JSON: c_uint = 1 << 4;
+
+/// libnftables, called in-process.
+pub struct LibNftables {
+    _lib: libloading::Library,
+    ctx_new: CtxNew,
+    ctx_free: CtxFree,
+    buffer_output: CtxInt,
+    buffer_error: CtxInt,
+    get_output: CtxGetBuf,
+    get_error: CtxGetBuf,
+    set_output_flags: CtxSetFlags,
+    run_cmd: RunCmd,
+}
+
+impl LibNftables {
+    /// Load `libnftables.so.1`.
+    pub fn load() -> Result<LibNftables, NftError> {
+        // SAFETY: loading a system library whose initialisers have no preconditions; each
+        // symbol is read with the C signature documented in libnftables(3).
+        unsafe {
+            let lib = libloading::Library::new("libnftables.so.1")
+                .map_err(|e| NftError::Load(e.to_string()))?;
+            macro_rules! sym {
+                ($n:literal, $t:ty) => {
+                    *lib.get::<$t>($n)
+                        .map_err(|e| NftError::Load(e.to_string()))?
+                };
+            }
+            Ok(LibNftables {
+                ctx_new: sym!(b"nft_ctx_new\0", CtxNew),
+                ctx_free: sym!(b"nft_ctx_free\0", CtxFree),
+                buffer_output: sym!(b"nft_ctx_buffer_output\0", CtxInt),
+                buffer_error: sym!(b"nft_ctx_buffer_error\0", CtxInt),
+                get_output: sym!(b"nft_ctx_get_output_buffer\0", CtxGetBuf),
+                get_error: sym!(b"nft_ctx_get_error_buffer\0", CtxGetBuf),
+                set_output_flags: sym!(b"nft_ctx_output_set_flags\0", CtxSetFlags),
+                run_cmd: sym!(b"nft_run_cmd_from_buffer\0", RunCmd),
+                _lib: lib,
+            })
+        }
+    }
+
+    /// Run one command buffer in a fresh context (so it acts in the calling thread's netns);
+    /// returns (ok, output, error text).
+    fn run(&self, cmd: &str, json_output: bool) -> Result<(bool, String, String), NftError> {
+        let c =
+            CString::new(cmd).map_err(|_| NftError::Command("batch contains a NUL byte".into()))?;
+        // SAFETY: ctx is checked for NULL, used only on this thread, and freed exactly once;
+        // the buffers returned by libnftables stay valid until the context is freed, and are
+        // copied before that.
+        unsafe {
+            let ctx = (self.ctx_new)(0);
+            if ctx.is_null() {
+                return Err(NftError::Load("nft_ctx_new returned NULL".into()));
+            }
+            (self.buffer_output)(ctx);
+            (self.buffer_error)(ctx);
+            if json_output {
+                (self.set_output_flags)(ctx, OUTPUT_JSON);
+            }
+            let rc = (self.run_cmd)(ctx, c.as_ptr());
+            let read = |p: *const c_char| {
+                if p.is_null() {
+                    String::new()
+                } else {
+                    CStr::from_ptr(p).to_string_lossy().into_owned()
+                }
+            };
+            let out = read((self.get_output)(ctx));
+            let err = read((self.get_error)(ctx));
+            (self.ctx_free)(ctx);
+            Ok((rc == 0, out, err))
+        }
+    }
+}
+
+impl NftExecutor for LibNftables {
+    fn apply(&self, batch: &str) -> Result<(), NftError> {
+        let (ok, _, err) = self.run(batch, false)?;
+        if ok {
+            Ok(())
+        } else {
+            Err(NftError::Command(err.trim().to_string()))
+        }
+    }
+
+    fn list_table(&self, family: &str, table: &str) -> Result<Option<serde_json::Value>, NftError> {
+        let (ok, out, err) = self.run(&format!("list table {family} {table}"), true)?;
+        if !ok {
+            return if err.contains("No such file") {
+                Ok(None)
+            } else {
+                Err(NftError::Command(err.trim().to_string()))
+            };
+        }
+        serde_json::from_str(&out)
+            .map(Some)
+            .map_err(|e| NftError::Command(format!("unreadable nft JSON: {e}")))
+    }
+
+    fn name(&self) -> &'static str {
+        "libnftables"
+    }
+}
+
+/// The `nft` binary, one process per transaction.
+#[derive(Debug, Default)]
+pub struct NftBinary;
+
+impl NftBinary {
+    fn run(&self, args: &[&str], stdin: Option<&str>) -> Result<(bool, String, String), NftError> {
+        let mut child = Command::new("nft")
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(text.as_bytes())?;
+        }
+        let o = child.wait_with_output()?;
+        Ok((
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        ))
+    }
+}
+
+impl NftExecutor for NftBinary {
+    fn apply(&self, batch: &str) -> Result<(), NftError> {
+        let (ok, _, err) = self.run(&["-f", "-"], Some(batch))?;
+        if ok {
+            Ok(())
+        } else {
+            Err(NftError::Command(err.trim().to_string()))
+        }
+    }
+
+    fn list_table(&self, family: &str, table: &str) -> Result<Option<serde_json::Value>, NftError> {
+        let (ok, out, err) = self.run(&["-j", "list", "table", family, table], None)?;
+        if !ok {
+            return if err.contains("No such file") {
+                Ok(None)
+            } else {
+                Err(NftError::Command(err.trim().to_string()))
+            };
+        }
+        serde_json::from_str(&out)
+            .map(Some)
+            .map_err(|e| NftError::Command(format!("unreadable nft JSON: {e}")))
+    }
+
+    fn name(&self) -> &'static str {
+        "nft binary"
+    }
+}
+
+/// libnftables when it loads, else the `nft` binary. `FERRYNET_NFT=binary` forces the binary.
+pub fn default_executor() -> Box<dyn NftExecutor> {
+    if std::env::var("FERRYNET_NFT").as_deref() != Ok("binary") {
+        match LibNftables::load() {
+            Ok(l) => return Box::new(l),
+            Err(e) => tracing::debug!(error = %e, "falling back to the nft binary"),
+        }
+    }
+    Box::new(NftBinary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Run `f` in a thread-private network namespace (gone when the thread ends).
+    fn in_private_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("unshare (run as root)");
+            f()
+        })
+        .join()
+        .expect("thread")
+    }
+
+    #[test]
+    fn libnftables_applies_atomically_and_lists() {
+        in_private_netns(|| {
+            let n = LibNftables::load().expect("libnftables.so.1 (Debian package libnftables1)");
+            assert!(n.list_table("inet", "fnt").unwrap().is_none());
+            n.apply("add table inet fnt\nadd set inet fnt s { type ipv4_addr; }\nadd element inet fnt s { 10.0.0.1 }").unwrap();
+            assert!(n.list_table("inet", "fnt").unwrap().is_some());
+            // A failing batch changes nothing: the first element must not appear.
+            let e = n.apply("add element inet fnt s { 10.0.0.2 }\nadd element inet fnt nosuchset { 10.0.0.3 }").unwrap_err();
+            assert!(
+                e.to_string().contains("nosuchset") || e.to_string().contains("No such file"),
+                "{e}"
+            );
+            let listed = n.run("list set inet fnt s", false).unwrap().1;
+            assert!(
+                listed.contains("10.0.0.1") && !listed.contains("10.0.0.2"),
+                "{listed}"
+            );
+        });
+    }
+
+    #[test]
+    fn binary_executor_matches() {
+        in_private_netns(|| {
+            let n = NftBinary;
+            n.apply("add table inet fnb").unwrap();
+            assert!(n.list_table("inet", "fnb").unwrap().is_some());
+            assert!(n.list_table("inet", "nope").unwrap().is_none());
+            assert!(n.apply("add chain inet nope c").is_err());
+        });
+    }
+}

@@ -1,0 +1,63 @@
+//! Kernel parameters under /proc/sys. The `net` subtree follows the network namespace of the
+//! thread that opens the file, so callers run this in the namespace they mean.
+
+use crate::error::{io, Result};
+
+/// The /proc/sys path of a key: either `net.ipv4.ip_forward` or, when a component (an interface
+/// name) may contain dots, the path form `net/ipv4/conf/fn-a.b/route_localnet`.
+pub fn path_of(key: &str) -> String {
+    if key.contains('/') {
+        format!("/proc/sys/{key}")
+    } else {
+        format!("/proc/sys/{}", key.replace('.', "/"))
+    }
+}
+
+/// Read a value (trimmed).
+pub fn get(key: &str) -> Result<String> {
+    let p = path_of(key);
+    Ok(std::fs::read_to_string(&p)
+        .map_err(io(format!("reading {p}")))?
+        .trim()
+        .to_string())
+}
+
+/// Write a value unless it is already set.
+pub fn set(key: &str, value: &str) -> Result<()> {
+    if get(key).map(|v| v == value).unwrap_or(false) {
+        return Ok(());
+    }
+    let p = path_of(key);
+    std::fs::write(&p, value).map_err(io(format!("writing {value} to {p}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths() {
+        assert_eq!(
+            path_of("net.ipv4.ip_forward"),
+            "/proc/sys/net/ipv4/ip_forward"
+        );
+        assert_eq!(
+            path_of("net/ipv4/conf/fn-a.b/route_localnet"),
+            "/proc/sys/net/ipv4/conf/fn-a.b/route_localnet"
+        );
+    }
+
+    #[test]
+    fn set_and_get_in_a_private_netns() {
+        let r = std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("unshare (run as root)");
+            assert_eq!(get("net.ipv4.ip_forward").unwrap(), "0");
+            set("net.ipv4.ip_forward", "1").unwrap();
+            get("net.ipv4.ip_forward").unwrap()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(r, "1");
+    }
+}
