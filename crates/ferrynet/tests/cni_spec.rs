@@ -143,13 +143,16 @@ fn del_is_idempotent_for_unknown_containers_and_vanished_netns() {
     assert!(!first_v4(&r).is_empty());
 }
 
+/// What is wrong, the config, the environment, the expected CNI error code.
+type BadCase<'a> = (&'a str, Value, Vec<(&'a str, &'a str)>, u64);
+
 #[test]
 fn bad_inputs_get_the_right_error_codes() {
     let lab = Lab::new();
     let conf = lab.conf(&format!("bad{}", lab.tag), "10.205.0.0/24", None);
     let ctr = Ns::new("c");
     let p = ctr.path();
-    let cases: Vec<(&str, Value, Vec<(&str, &str)>, u64)> = vec![
+    let cases: Vec<BadCase> = vec![
         (
             "missing netns",
             conf.clone(),

@@ -173,3 +173,47 @@ fn reload_restores_a_flushed_ruleset() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(tcp_get(&client, &host_ip, 8090).is_some());
 }
+
+#[test]
+fn works_beside_a_forward_drop_policy_without_changing_it() {
+    // What Docker does to every host it runs on: iptables FORWARD policy DROP. With
+    // br_netfilter even bridged frames traverse it.
+    let lab = Lab::new();
+    lab.host.must(&["iptables", "-P", "FORWARD", "DROP"]);
+    lab.host.must(&["ip6tables", "-P", "FORWARD", "DROP"]);
+    lab.host.must(&["iptables", "-N", "DOCKER-USER"]);
+    let conf = lab.conf(
+        &format!("dk{}", lab.tag),
+        "10.228.0.0/24",
+        Some("fd22:8::/64"),
+    );
+    let (client, host_ip, _) = lab.outside(28);
+    let (a, b) = (Ns::new("c"), Ns::new("c"));
+    let ra = lab.add(
+        &with_ports(&conf, json!([{"hostPort": 8095, "containerPort": 80}])),
+        "a",
+        &a,
+        "eth0",
+    );
+    lab.add(&conf, "b", &b, "eth0");
+    let _srv = tcp_server(&a, 80, "a");
+    assert!(
+        tcp_get(&b, &first_v4(&ra), 80).is_some(),
+        "container to container across the bridge"
+    );
+    b.must(&["ping", "-6", "-c1", "-W2", "fd22:8::2"]);
+    assert!(
+        tcp_get(&client, &host_ip, 8095).is_some(),
+        "outside client to the published port"
+    );
+    // The policies and the foreign chain are untouched.
+    let rules = lab.host.must(&["iptables", "-S"]);
+    assert!(
+        rules.contains("-P FORWARD DROP") && rules.contains("-N DOCKER-USER"),
+        "{rules}"
+    );
+    assert!(lab
+        .host
+        .must(&["ip6tables", "-S"])
+        .contains("-P FORWARD DROP"));
+}

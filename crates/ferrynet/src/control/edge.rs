@@ -5,10 +5,11 @@
 //! transaction each, so its cost does not depend on how many ports are already published.
 
 use ferrynet_dataplane::bridge::{delete_bridge, ensure_bridge, BridgeSpec};
-use ferrynet_dataplane::firewall_compat::ensure_forward_accept;
+use ferrynet_dataplane::firewall_compat::{ensure_forward_accept, remove_forward_accept};
 use ferrynet_dataplane::netlink::Netlink;
 use ferrynet_model::edge::{
-    add_ports, base_ruleset, published_ports, remove_ports_tolerant, EdgeNetwork,
+    add_ports, base_ruleset, delete_table, published_ports, remove_ports_tolerant, EdgeNetwork,
+    TABLE,
 };
 use ferrynet_model::ipam::validate_network_subnets;
 use ferrynet_model::network::{Endpoint, Network, NetworkMode};
@@ -80,6 +81,25 @@ impl Control {
             tracing::info!(bridge = %net.bridge, network = %net.name, "bridge created");
         }
         Ok(index)
+    }
+
+    /// Remove ferrynet's nftables table and its iptables FORWARD accepts (nothing left to serve).
+    pub fn remove_edge(&self) -> Result<()> {
+        if self
+            .nft
+            .list_table("inet", TABLE)
+            .map_err(ControlError::firewall("listing the ferrynet table"))?
+            .is_some()
+        {
+            self.nft
+                .apply(&delete_table())
+                .map_err(ControlError::firewall("deleting the ferrynet table"))?;
+        }
+        remove_forward_accept().map_err(ControlError::dataplane(
+            "removing the iptables FORWARD accepts",
+        ))?;
+        tracing::info!("no networks left: removed the ferrynet nftables table and FORWARD accepts");
+        Ok(())
     }
 
     /// Delete a network's bridge (nothing else uses it once the network is gone).

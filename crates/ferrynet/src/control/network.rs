@@ -199,7 +199,12 @@ impl Control {
             )));
         }
         self.remove_bridge(&net).await?;
-        self.sync_edge().await?;
+        if self.networks().await?.is_empty() {
+            // The last network is gone: leave the host as ferrynet found it.
+            self.remove_edge()?;
+        } else {
+            self.sync_edge().await?;
+        }
         tracing::info!(network = %name, "network removed");
         Ok(())
     }
