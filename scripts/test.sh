@@ -13,4 +13,13 @@ echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo test"
 # Integration tests mostly wait on the kernel and child processes: run more than 2 at once.
-cargo test --workspace --locked -- --test-threads="${FERRYNET_TEST_THREADS:-6}"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --locked -- --test-threads="${FERRYNET_TEST_THREADS:-6}" 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+# One closing line over every test binary (cargo's own last line is the doc-tests' count).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "%d passed, %d failed\n", p, f }' "$log"
+exit "$rc"

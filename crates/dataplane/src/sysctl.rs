@@ -49,15 +49,19 @@ mod tests {
 
     #[test]
     fn set_and_get_in_a_private_netns() {
-        let r = std::thread::spawn(|| {
+        let host_before = get("net.ipv4.ip_forward").unwrap();
+        let (after_zero, after_one) = std::thread::spawn(|| {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
                 .expect("unshare (run as root)");
-            assert_eq!(get("net.ipv4.ip_forward").unwrap(), "0");
+            set("net.ipv4.ip_forward", "0").unwrap();
+            let zero = get("net.ipv4.ip_forward").unwrap();
             set("net.ipv4.ip_forward", "1").unwrap();
-            get("net.ipv4.ip_forward").unwrap()
+            (zero, get("net.ipv4.ip_forward").unwrap())
         })
         .join()
         .unwrap();
-        assert_eq!(r, "1");
+        assert_eq!((after_zero.as_str(), after_one.as_str()), ("0", "1"));
+        // The writes stayed in the thread's namespace.
+        assert_eq!(get("net.ipv4.ip_forward").unwrap(), host_before);
     }
 }

@@ -190,7 +190,8 @@ pub fn base_ruleset(networks: &[EdgeNetwork]) -> String {
         // Hairpin: DNATed traffic from this network back into it must return through the
         // host, so its source becomes the gateway. Matched by source subnet, not input
         // interface: frames that br_netfilter bridges reach POSTROUTING with no input device.
-        for s in &n.subnets {
+        // Internal networks publish no ports, so they need no hairpin.
+        for s in n.subnets.iter().filter(|_| !n.internal) {
             let fam = if s.addr().is_ipv4() { "ip" } else { "ip6" };
             line(format!("add rule {t} postrouting oifname {br} {fam} saddr {s} ct status dnat masquerade comment \"hairpin {}\"", n.name));
         }
