@@ -15,7 +15,7 @@ packages_for() {
   case "$1" in
     demo) echo "$base" ;;
     test) echo "$base containernetworking-plugins" ;;
-    bench) echo "$base containernetworking-plugins netavark iperf3 hyperfine" ;;
+    bench) echo "$base containernetworking-plugins netavark iperf3 time" ;;
     *) echo "unknown set $1" >&2; exit 2 ;;
   esac
 }

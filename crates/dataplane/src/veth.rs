@@ -1,10 +1,11 @@
 //! Attaching a container: a veth pair from the bridge into the container's namespace.
 
 use ipnet::IpNet;
-use rtnetlink::{LinkBridgePort, LinkUnspec, LinkVeth};
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute};
+use rtnetlink::{LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth};
 
 use crate::error::{errno, DataplaneError, Result};
-use crate::netlink::{LinkInfo, Netlink, RouteInfo, RouteSpec};
+use crate::netlink::{Netlink, RouteInfo, RouteSpec};
 use crate::netns::Netns;
 
 /// The container side of an attachment.
@@ -27,8 +28,6 @@ pub struct ContainerIface {
 pub struct VethSpec {
     /// Host end's name.
     pub host_name: String,
-    /// Container end's name before it is moved and renamed.
-    pub peer_temp_name: String,
     /// The bridge to enslave the host end to.
     pub bridge_index: u32,
     /// MTU of the host end.
@@ -69,8 +68,10 @@ pub struct IfaceState {
     pub routes: Vec<RouteInfo>,
 }
 
-/// Create the veth pair, move and configure the container end, enslave the host end.
-/// On any failure the pair is deleted before the error is returned.
+/// Create the veth pair with its container end born inside the container's namespace (so the
+/// kernel never moves a device between namespaces, which waits for an RCU grace period, ~20 ms)
+/// under its final name, MAC and MTU, and the host end already in the bridge; then addresses,
+/// routes, hairpin, up. On any failure the pair is deleted before the error is returned.
 pub async fn attach(
     host: &Netlink,
     container_ns: &Netns,
@@ -87,8 +88,19 @@ pub async fn attach(
     }
     // A host end with our deterministic name is a leftover of an interrupted attempt: replace it.
     host.delete_link(&spec.host_name).await?;
-    host.delete_link(&spec.peer_temp_name).await?;
-    let mut b = LinkVeth::new(&spec.host_name, &spec.peer_temp_name);
+    let mut peer = LinkUnspec::new_with_name(&c.ifname).build();
+    peer.attributes
+        .push(LinkAttribute::NetNsFd(container_ns.fd()));
+    if let Some(mac) = c.mac {
+        peer.attributes.push(LinkAttribute::Address(mac.to_vec()));
+    }
+    if let Some(mtu) = c.mtu {
+        peer.attributes.push(LinkAttribute::Mtu(mtu));
+    }
+    let mut b = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+        .name(spec.host_name.clone())
+        .controller(spec.bridge_index)
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)));
     if let Some(m) = spec.mtu {
         b = b.mtu(m);
     }
@@ -96,8 +108,8 @@ pub async fn attach(
         Ok(()) => {}
         Err(e) if errno(&e) == Some(17) => {
             return Err(DataplaneError::Conflict(format!(
-                "interface {} already exists on the host",
-                spec.host_name
+                "interface {} (host) or {} (container) already exists",
+                spec.host_name, c.ifname
             )));
         }
         Err(e) => {
@@ -107,107 +119,36 @@ pub async fn attach(
             })
         }
     }
-    match plumb(host, container_ns, container, spec).await {
+    match plumb(host, container, spec).await {
         Ok(a) => Ok(a),
         Err(e) => {
-            // Deleting either end removes the pair, wherever the peer now is.
+            // Deleting either end removes the pair.
             let _ = host.delete_link(&spec.host_name).await;
-            let _ = host.delete_link(&spec.peer_temp_name).await;
-            let _ = container.delete_link(&spec.peer_temp_name).await;
             Err(e)
         }
     }
 }
 
-async fn plumb(
-    host: &Netlink,
-    container_ns: &Netns,
-    container: &Netlink,
-    spec: &VethSpec,
-) -> Result<Attached> {
+async fn plumb(host: &Netlink, container: &Netlink, spec: &VethSpec) -> Result<Attached> {
     let c = &spec.container;
-    let peer = host
-        .link_by_name(&spec.peer_temp_name)
-        .await?
-        .ok_or_else(|| {
-            DataplaneError::NotFound(format!(
-                "veth peer {} missing after creation",
-                spec.peer_temp_name
-            ))
-        })?;
-    host.set_link(
-        LinkUnspec::new_with_index(peer.index)
-            .setns_by_fd(container_ns.fd())
-            .build(),
-        &format!(
-            "moving {} into {}",
-            spec.peer_temp_name,
-            container_ns.path().display()
-        ),
-    )
-    .await?;
-
-    // Container side: rename (while down), MAC, MTU, up, addresses, routes.
-    let moved = container
-        .link_by_name(&spec.peer_temp_name)
-        .await?
-        .ok_or_else(|| {
-            DataplaneError::NotFound(format!(
-                "{} did not arrive in the container",
-                spec.peer_temp_name
-            ))
-        })?;
-    let mut m = LinkUnspec::new_with_index(moved.index).name(c.ifname.clone());
-    if let Some(mac) = c.mac {
-        m = m.address(mac.to_vec());
-    }
-    if let Some(mtu) = c.mtu {
-        m = m.mtu(mtu);
-    }
-    container
-        .set_link(
-            m.build(),
-            &format!("renaming {} to {}", spec.peer_temp_name, c.ifname),
-        )
-        .await
-        .map_err(|e| {
-            if Netlink::is_gone(&e) {
-                e
-            } else if let DataplaneError::Netlink { source, .. } = &e {
-                if errno(source) == Some(17) {
-                    return DataplaneError::Conflict(format!(
-                        "interface {} already exists in the container",
-                        c.ifname
-                    ));
-                }
-                e
-            } else {
-                e
-            }
-        })?;
+    let cl = container.link_by_name(&c.ifname).await?.ok_or_else(|| {
+        DataplaneError::NotFound(format!("{} did not appear in the container", c.ifname))
+    })?;
     if let Some(lo) = container.link_index("lo").await? {
         container.set_up(lo).await?;
     }
     for a in &c.addresses {
-        container.add_address(moved.index, *a).await?;
+        container.add_address(cl.index, *a).await?;
     }
-    container.set_up(moved.index).await?;
+    container.set_up(cl.index).await?;
     for r in &c.routes {
-        container.add_route(r, moved.index).await?;
+        container.add_route(r, cl.index).await?;
     }
 
-    // Host side: into the bridge, hairpin, up.
     let host_link = host
         .link_by_name(&spec.host_name)
         .await?
         .ok_or_else(|| DataplaneError::NotFound(format!("host end {} vanished", spec.host_name)))?;
-    host.set_link(
-        LinkUnspec::new_with_index(host_link.index)
-            .controller(spec.bridge_index)
-            .build(),
-        &format!("adding {} to bridge #{}", spec.host_name, spec.bridge_index),
-    )
-    .await?;
     if spec.hairpin {
         host.handle
             .link()
@@ -217,14 +158,10 @@ async fn plumb(
             .map_err(crate::error::nl(format!("hairpin on {}", spec.host_name)))?;
     }
     host.set_up(host_link.index).await?;
-
-    let cl: LinkInfo = container.link_by_index(moved.index).await?.ok_or_else(|| {
-        DataplaneError::NotFound(format!("{} vanished in the container", c.ifname))
-    })?;
     Ok(Attached {
         host_index: host_link.index,
         host_mac: host_link.mac.unwrap_or_default(),
-        container_index: moved.index,
+        container_index: cl.index,
         container_mac: cl.mac.unwrap_or_default(),
     })
 }

@@ -154,6 +154,38 @@ impl Control {
         Ok(ports.len())
     }
 
+    /// Start withdrawing an endpoint's ports on a blocking thread and return at once: deleting
+    /// map elements waits for an RCU grace period in the kernel (~16 ms), which can overlap the
+    /// link deletion's own wait. Await the handle with [`Control::finish_unpublish`].
+    pub fn unpublish_ports_in_background(
+        &self,
+        ep: &Endpoint,
+    ) -> Option<tokio::task::JoinHandle<bool>> {
+        if ep.port_mappings.is_empty() {
+            return None;
+        }
+        let ips: Vec<_> = ep.ips.iter().map(|n| n.addr()).collect();
+        let batch = remove_ports_tolerant(&published_ports(&ep.port_mappings, &ips));
+        let nft = self.nft.clone();
+        Some(tokio::task::spawn_blocking(move || {
+            nft.apply(&batch).is_ok()
+        }))
+    }
+
+    /// Wait for a background withdrawal; if it failed (table flushed), restore the edge from the
+    /// store and withdraw again.
+    pub async fn finish_unpublish(
+        &self,
+        ep: &Endpoint,
+        handle: Option<tokio::task::JoinHandle<bool>>,
+    ) -> Result<()> {
+        let Some(h) = handle else { return Ok(()) };
+        if h.await.unwrap_or(false) {
+            return Ok(());
+        }
+        self.unpublish_ports(ep).await
+    }
+
     /// Withdraw an endpoint's ports; succeeds when they are already gone.
     pub async fn unpublish_ports(&self, ep: &Endpoint) -> Result<()> {
         if ep.port_mappings.is_empty() {

@@ -9,7 +9,7 @@ use ferrynet_dataplane::netlink::{Netlink, RouteSpec};
 use ferrynet_dataplane::netns::Netns;
 use ferrynet_dataplane::veth::{self, ContainerIface, VethSpec};
 use ferrynet_model::ipam::{validate_network_subnets, ResolvedSubnet};
-use ferrynet_model::names::{format_mac, host_veth_name, temp_peer_name};
+use ferrynet_model::names::{format_mac, host_veth_name};
 use ferrynet_model::network::{keys, Endpoint, Network, NetworkMode};
 use ferrynet_model::portmap::PortMapping;
 use ipnet::IpNet;
@@ -198,7 +198,6 @@ impl Control {
         };
         let spec = VethSpec {
             host_name: host_name.clone(),
-            peer_temp_name: temp_peer_name(&net.name, &ep.container_id, &ep.ifname),
             bridge_index,
             mtu: net.mtu,
             hairpin: true,
@@ -278,9 +277,9 @@ impl Control {
             }
             return Ok(());
         }
-        if let Some(ep) = &ep {
-            self.unpublish_ports(ep).await?;
-        }
+        let withdrawing = ep
+            .as_ref()
+            .and_then(|e| self.unpublish_ports_in_background(e));
         let host = Netlink::current().map_err(ControlError::dataplane("opening netlink"))?;
         let ns_path = netns
             .map(str::to_string)
@@ -297,11 +296,16 @@ impl Control {
             .as_ref()
             .and_then(|e| e.host_veth.clone())
             .unwrap_or_else(|| host_veth_name(&net.name, container_id, ifname));
-        veth::detach(&host, container.as_ref(), ifname, &host_name)
+        let unplugged = veth::detach(&host, container.as_ref(), ifname, &host_name)
             .await
             .map_err(ControlError::dataplane(format!(
                 "removing {ifname} of {container_id}"
-            )))?;
+            )));
+        // Ports are withdrawn and the link is gone before the addresses are released.
+        if let Some(ep) = &ep {
+            self.finish_unpublish(ep, withdrawing).await?;
+        }
+        unplugged?;
         if let Some(ep) = &ep {
             self.release(ep).await?;
             tracing::info!(container = %container_id, network = %net.name, "detached");

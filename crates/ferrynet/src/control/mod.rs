@@ -51,8 +51,8 @@ impl Paths {
 pub struct Control {
     /// Cluster state.
     pub store: Arc<dyn Store>,
-    /// nftables transactions.
-    pub nft: Box<dyn NftExecutor>,
+    /// nftables transactions (shared so a transaction can run on a blocking thread).
+    pub nft: Arc<dyn NftExecutor>,
     /// Where files live.
     pub paths: Paths,
 }
@@ -67,7 +67,7 @@ impl Control {
         let store = EmbeddedStore::open(paths.store_file())?;
         Ok(Control {
             store: Arc::new(store),
-            nft: default_executor(),
+            nft: Arc::from(default_executor()),
             paths,
         })
     }
