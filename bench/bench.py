@@ -155,7 +155,9 @@ class RefChain:
     def bridge_conf(self):
         return {"cniVersion": "1.0.0", "name": "bench", "type": "bridge", "bridge": "cnibench0", "isGateway": True,
                 "ipMasq": True, "hairpinMode": True,
-                "ipam": {"type": "host-local", "ranges": [[{"subnet": self.cidr}]], "dataDir": self.state}}
+                "ipam": {"type": "host-local", "ranges": [[{"subnet": self.cidr}]], "dataDir": self.state,
+                         # host-local gives the container a default route only when asked to.
+                         "routes": [{"dst": "0.0.0.0/0"}]}}
 
     def portmap_conf(self, ports, prev):
         c = {"cniVersion": "1.0.0", "name": "bench", "type": "portmap", "capabilities": {"portMappings": True},
