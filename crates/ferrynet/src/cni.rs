@@ -80,7 +80,9 @@ fn ctl_err(e: ControlError) -> CniError {
 
 async fn dispatch(env: &CniEnv, conf: &NetConf) -> Result<Option<Value>, CniError> {
     let paths = Paths::resolve(conf_str(conf, "stateDir").map(PathBuf::from).as_deref());
-    let ctl = Control::open(paths).map_err(|e| match e {
+    let ctl = Control::open_with(paths, conf_str(conf, "store"), None)
+        .await
+        .map_err(|e| match e {
         ControlError::Store(_) => {
             CniError::try_again_later(format!("cannot open the ferrynet store: {e}"))
         }
@@ -154,6 +156,7 @@ pub fn network_from_conf(conf: &NetConf) -> Result<Option<Network>, CniError> {
         mtu,
         internal,
         ip_masq: flag("ipMasq", !internal)?,
+        fabric: None,
     })))
 }
 
@@ -212,15 +215,17 @@ fn subnets_from_ipam(ipam: &Value) -> Result<Vec<Subnet>, CniError> {
 }
 
 async fn resolve_network(ctl: &Control, conf: &NetConf) -> Result<Network, CniError> {
-    match network_from_conf(conf)? {
-        Some(net) => ctl.ensure_network(net).await.map_err(ctl_err),
+    let net = match network_from_conf(conf)? {
+        Some(net) => ctl.ensure_network(net).await.map_err(ctl_err)?,
         None => ctl.network(&conf.name).await.map_err(ctl_err)?.map(|(n, _)| n).ok_or_else(|| {
             CniError::invalid_config(format!(
                 "network {} has no subnets in its config and does not exist in the store (create it with `ferrynet network create`)",
                 conf.name
             ))
-        }),
-    }
+        })?,
+    };
+    // A multi-host network is seen through this host's blocks.
+    ctl.host_view(&net).await.map_err(ctl_err)
 }
 
 /// Static addresses and MAC: from the `ips`/`mac` capabilities or `CNI_ARGS` `IP=`/`MAC=`.
@@ -336,6 +341,12 @@ async fn add(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<Value, CniEr
         )
         .await
         .map_err(ctl_err)?;
+    // The attach may have claimed a new block (and gateway) for this host: report from a fresh view.
+    let net = if net.fabric.is_some() {
+        ctl.host_view(&net).await.map_err(ctl_err)?
+    } else {
+        net
+    };
     let mut res = build_result(&net, &ep, prev, &conf.cni_version)?;
     if let Some(dns) = &conf.dns {
         res.dns = dns.clone();

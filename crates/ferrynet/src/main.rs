@@ -1,5 +1,6 @@
 //! ferrynet: container networking. One binary: a CNI plugin (when `CNI_COMMAND` is set), a CLI.
 
+mod agent;
 mod cli;
 mod cni;
 mod container;

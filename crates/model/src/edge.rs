@@ -196,9 +196,18 @@ pub fn base_ruleset(networks: &[EdgeNetwork]) -> String {
             line(format!("add rule {t} postrouting oifname {br} {fam} saddr {s} ct status dnat masquerade comment \"hairpin {}\"", n.name));
         }
         if n.ip_masq && !n.internal {
+            // Traffic to the network's own subnets keeps its source: on a multi-host network it
+            // leaves through the underlay or a tunnel towards a container on another host.
             for s in &n.subnets {
                 let fam = if s.addr().is_ipv4() { "ip" } else { "ip6" };
-                line(format!("add rule {t} postrouting {fam} saddr {s} oifname != @{BRIDGES} masquerade comment \"outbound {}\"", n.name));
+                let own: Vec<String> = n
+                    .subnets
+                    .iter()
+                    .filter(|o| o.addr().is_ipv4() == s.addr().is_ipv4())
+                    .map(|o| o.to_string())
+                    .collect();
+                let own = own.join(", ");
+                line(format!("add rule {t} postrouting {fam} saddr {s} {fam} daddr != {{ {own} }} oifname != @{BRIDGES} masquerade comment \"outbound {}\"", n.name));
             }
         }
     }
@@ -303,7 +312,7 @@ mod tests {
             net("a", "10.1.0.0/24", false),
             net("i", "10.2.0.0/24", true),
         ]);
-        assert!(r.contains("ip saddr 10.1.0.0/24 oifname != @bridges masquerade"));
+        assert!(r.contains("ip saddr 10.1.0.0/24 ip daddr != { 10.1.0.0/24 } oifname != @bridges masquerade"));
         assert!(r.contains("oifname \"fn-a\" ip saddr 10.1.0.0/24 ct status dnat masquerade"));
         assert!(!r.contains("ip saddr 10.2.0.0/24"));
         assert!(r.contains("iifname \"fn-i\" oifname != \"fn-i\" drop"));
@@ -316,7 +325,7 @@ mod tests {
     #[test]
     fn ipv6_subnets_use_ip6_matches() {
         let r = base_ruleset(&[net("a", "fd00:1::/64", false)]);
-        assert!(r.contains("ip6 saddr fd00:1::/64 oifname != @bridges masquerade"));
+        assert!(r.contains("ip6 saddr fd00:1::/64 ip6 daddr != { fd00:1::/64 } oifname != @bridges masquerade"));
     }
 
     #[test]

@@ -1,5 +1,8 @@
+pub mod blocks;
 pub mod cni;
 pub mod edge;
+pub mod fabric;
+pub mod host;
 pub mod ipam;
 pub mod names;
 pub mod network;

@@ -75,6 +75,49 @@ pub struct Network {
     /// Masquerade traffic leaving the network's subnets (default true unless internal).
     #[serde(default = "default_true")]
     pub ip_masq: bool,
+    /// Set for a multi-host network: its pool is carved into per-host blocks and the agents
+    /// connect the hosts with this fabric. None: a single-host network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fabric: Option<FabricSpec>,
+}
+
+/// How a multi-host network spans hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FabricSpec {
+    /// How hosts reach each other's blocks.
+    pub backend: crate::fabric::Backend,
+    /// VXLAN network identifier (used by the vxlan and auto backends).
+    pub vni: u32,
+    /// Prefix length of an IPv4 block (default 26: 64 addresses).
+    #[serde(default = "default_block_v4")]
+    pub block_v4: u8,
+    /// Prefix length of an IPv6 block (default 122: 64 addresses, matching the IPv4 block).
+    #[serde(default = "default_block_v6")]
+    pub block_v6: u8,
+}
+
+/// Default IPv4 block prefix length.
+pub const DEFAULT_BLOCK_V4: u8 = 26;
+/// Default IPv6 block prefix length.
+pub const DEFAULT_BLOCK_V6: u8 = 122;
+
+fn default_block_v4() -> u8 {
+    DEFAULT_BLOCK_V4
+}
+fn default_block_v6() -> u8 {
+    DEFAULT_BLOCK_V6
+}
+
+impl FabricSpec {
+    /// The block prefix length for an address family.
+    pub fn block_len(&self, v6: bool) -> u8 {
+        if v6 {
+            self.block_v6
+        } else {
+            self.block_v4
+        }
+    }
 }
 
 fn default_true() -> bool {
@@ -109,6 +152,10 @@ pub struct Endpoint {
     /// Ports published for this endpoint.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub port_mappings: Vec<PortMapping>,
+    /// The host the endpoint lives on (multi-host networks), so a dead host's endpoints can be
+    /// released by the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// Store key layout; one place so every reader and writer agrees.
@@ -169,5 +216,35 @@ pub mod keys {
     /// Prefix of CLI container records.
     pub fn containers() -> String {
         format!("{ROOT}containers/")
+    }
+    /// Key of a live host's registration (attached to the host agent's lease).
+    pub fn host(name: &str) -> String {
+        format!("{ROOT}hosts/{name}")
+    }
+    /// Prefix of host registrations.
+    pub fn hosts() -> String {
+        format!("{ROOT}hosts/")
+    }
+    /// Key of a block claim (value: the owning host). `/` in the CIDR becomes `_`.
+    pub fn block(network: &str, block: &ipnet::IpNet) -> String {
+        format!("{ROOT}blocks/{network}/{}", block.to_string().replace('/', "_"))
+    }
+    /// Prefix of a network's block claims.
+    pub fn blocks(network: &str) -> String {
+        format!("{ROOT}blocks/{network}/")
+    }
+    /// Prefix of every block claim.
+    pub fn all_blocks() -> String {
+        format!("{ROOT}blocks/")
+    }
+    /// The block a block key names, if it is one.
+    pub fn parse_block(key: &str) -> Option<(String, ipnet::IpNet)> {
+        let rest = key.strip_prefix(ROOT)?.strip_prefix("blocks/")?;
+        let (net, cidr) = rest.split_once('/')?;
+        Some((net.to_string(), cidr.replace('_', "/").parse().ok()?))
+    }
+    /// Key reserving a VXLAN network identifier (value: the network name).
+    pub fn vni(vni: u32) -> String {
+        format!("{ROOT}vni/{vni}")
     }
 }

@@ -2,6 +2,8 @@
 
 mod hostroutes;
 mod install;
+mod lab;
+mod status;
 mod table;
 
 use std::net::IpAddr;
@@ -13,7 +15,8 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use ferrynet_dataplane::netns::Netns;
 use ferrynet_model::names::{parse_mac, validate_container_name};
-use ferrynet_model::network::{Network, NetworkMode, Subnet};
+use ferrynet_model::fabric::Backend;
+use ferrynet_model::network::{FabricSpec, Network, NetworkMode, Subnet, DEFAULT_BLOCK_V4, DEFAULT_BLOCK_V6};
 use ipnet::IpNet;
 
 use crate::container::{self, netns_name, netns_path, parse_publish, Container};
@@ -33,6 +36,10 @@ struct Cli {
     /// State directory holding the embedded store.
     #[arg(long, global = true, env = "FERRYNET_STATE_DIR", value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// Cluster store: `etcd://host:2379[,host:2379]` (or `etcds://` with TLS). Default: what
+    /// this host's agent recorded in <state-dir>/host.json, else the embedded file.
+    #[arg(long, global = true, env = "FERRYNET_STORE", value_name = "URL")]
+    store: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -74,6 +81,48 @@ enum Cmd {
     InstallCni(install::InstallArgs),
     /// Rebuild ferrynet's nftables table from the store (after a firewall reload wiped it).
     Reload,
+    /// Run the per-host agent of a multi-host cluster (foreground; stop with SIGTERM).
+    Agent(AgentArgs),
+    /// Show the agent's view: hosts, blocks, peers, the backend to each, the last reconcile.
+    Status(JsonFlag),
+    /// A multi-host lab on this machine: hosts as network namespaces, etcd, an agent per host.
+    #[command(subcommand)]
+    Lab(lab::LabCmd),
+}
+
+#[derive(Args, Debug)]
+struct AgentArgs {
+    /// This host's name in the cluster (default: the system host name).
+    #[arg(long, value_name = "NAME")]
+    host_name: Option<String>,
+    /// Underlay interface other hosts are reached through (default: the default route's).
+    #[arg(long, value_name = "DEV")]
+    underlay_dev: Option<String>,
+    /// TTL of the host's registration; a host silent for longer is considered gone.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    lease_ttl: Duration,
+    /// How long a gone host keeps its routes and blocks before they are released.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    grace: Duration,
+    /// How often the kernel is re-checked against the store even without changes.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    resync: Duration,
+}
+
+/// `10s`, `500ms`, `2m` or a bare number of seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration like 10s, 500ms or 2m");
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(bad()),
+    }
 }
 
 #[derive(Args, Debug)]
@@ -127,8 +176,21 @@ struct CreateArgs {
     #[arg(long)]
     bridge: Option<String>,
     /// Host networking: containers share the host's namespace; nothing is created.
-    #[arg(long, conflicts_with_all = ["subnet", "internal", "bridge"])]
+    #[arg(long, conflicts_with_all = ["subnet", "internal", "bridge", "backend"])]
     host: bool,
+    /// Make the network span hosts (needs `ferrynet agent` on each host and a shared store):
+    /// route (hosts share a link), vxlan (overlay) or auto (route where possible, else vxlan).
+    #[arg(long, value_name = "BACKEND", conflicts_with = "internal")]
+    backend: Option<Backend>,
+    /// VXLAN network identifier for a multi-host network (default: the lowest free one).
+    #[arg(long, requires = "backend", value_parser = clap::value_parser!(u32).range(1..16_777_216))]
+    vni: Option<u32>,
+    /// Prefix length of the IPv4 block each host claims from the pool.
+    #[arg(long, requires = "backend", default_value_t = DEFAULT_BLOCK_V4, value_parser = clap::value_parser!(u8).range(8..=30))]
+    block_size: u8,
+    /// Prefix length of the IPv6 block each host claims from the pool.
+    #[arg(long, requires = "backend", default_value_t = DEFAULT_BLOCK_V6, value_parser = clap::value_parser!(u8).range(48..=126))]
+    block_size6: u8,
 }
 
 #[derive(Args, Debug)]
@@ -176,9 +238,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let ctl = Control::open(Paths::resolve(cli.state_dir.as_deref()))?;
     rt.block_on(async move {
+        let paths = Paths::resolve(cli.state_dir.as_deref());
         match cli.cmd {
+            Cmd::Agent(a) => {
+                let opts = crate::agent::AgentOptions {
+                    host: a.host_name,
+                    store: cli.store,
+                    underlay_dev: a.underlay_dev,
+                    lease_ttl: a.lease_ttl,
+                    grace: a.grace,
+                    resync: a.resync,
+                };
+                return crate::agent::run(paths, opts).await.map(|_| ExitCode::SUCCESS);
+            }
+            Cmd::Status(f) => return status::show(&paths, f.json).await.map(|_| ExitCode::SUCCESS),
+            Cmd::Lab(c) => {
+                let exe = std::env::current_exe().context("locating the ferrynet binary")?;
+                return lab::run(c, &exe).await;
+            }
+            _ => {}
+        }
+        let ctl = Control::open_with(paths, cli.store.as_deref(), None).await?;
+        match cli.cmd {
+            Cmd::Agent(_) | Cmd::Status(_) | Cmd::Lab(_) => unreachable!("handled above"),
             Cmd::Network(c) => network(&ctl, c).await.map(|_| ExitCode::SUCCESS),
             Cmd::Run(a) => run_container(&ctl, a).await.map(|_| ExitCode::SUCCESS),
             Cmd::Ps(f) => ps(&ctl, f.json).await.map(|_| ExitCode::SUCCESS),
@@ -279,6 +362,7 @@ async fn network_from_args(ctl: &Control, a: CreateArgs) -> anyhow::Result<Netwo
             mtu: None,
             internal: false,
             ip_masq: false,
+            fabric: None,
         });
     }
     if a.gateway.len() > a.subnet.len() {
@@ -331,6 +415,13 @@ async fn network_from_args(ctl: &Control, a: CreateArgs) -> anyhow::Result<Netwo
         mtu: a.mtu,
         internal: a.internal,
         ip_masq: !a.internal && !a.no_masquerade,
+        fabric: a.backend.map(|backend| FabricSpec {
+            backend,
+            // 0: the control layer picks the lowest free VNI.
+            vni: a.vni.unwrap_or(0),
+            block_v4: a.block_size,
+            block_v6: a.block_size6,
+        }),
     })
 }
 

@@ -83,6 +83,7 @@ impl Control {
             host_veth: None,
             host_mac: None,
             port_mappings: req.port_mappings.clone(),
+            host: None,
         };
         if net.mode == NetworkMode::Host {
             if !req.port_mappings.is_empty() {
@@ -145,6 +146,16 @@ impl Control {
             tracing::info!(container = %ep.container_id, "resuming an interrupted ADD with its recorded addresses");
         }
 
+        // The reservation may have claimed a new block: plumb with this host's current view.
+        let (net, subnets) = if net.fabric.is_some() {
+            let view = self.host_view(net).await?;
+            let subnets = validate_network_subnets(&view.subnets)
+                .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+            (view, subnets)
+        } else {
+            (net.clone(), subnets)
+        };
+        let net = &net;
         match self
             .plumb(net, &subnets, &host, &container_ns, &container, &ep)
             .await
@@ -439,6 +450,7 @@ mod tests {
             mtu: None,
             internal,
             ip_masq: true,
+            fabric: None,
         }
     }
 

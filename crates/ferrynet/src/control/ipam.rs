@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use ferrynet_model::ipam::{plan_allocation, validate_network_subnets};
+use ferrynet_model::ipam::{plan_allocation, validate_network_subnets, IpamError};
 use ferrynet_model::network::{keys, Endpoint, Network};
 use ferrynet_model::portmap::PortMapping;
 use ferrynet_store::{Compare, Op};
@@ -95,13 +95,29 @@ impl Control {
         template: Endpoint,
         requested: &[IpAddr],
     ) -> Result<(Endpoint, bool)> {
-        let subnets = validate_network_subnets(&net.subnets)
-            .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+        // A multi-host network allocates inside this host's blocks, claiming blocks as needed.
+        let pool = match &net.fabric {
+            Some(_) => {
+                let (stored, _) = self.network(&net.name).await?.ok_or_else(|| {
+                    ControlError::InvalidConfig(format!("network {} does not exist", net.name))
+                })?;
+                self.ensure_blocks(&stored).await?;
+                Some(stored)
+            }
+            None => None,
+        };
+        let mut template = template;
+        if pool.is_some() {
+            template.host = Some(self.host.clone());
+        }
+        let mut view = self.host_view(net).await?;
         let ep_key = keys::endpoint(&net.name, &template.container_id, &template.ifname);
         for _ in 0..MAX_ATTEMPTS {
             if let Some(kv) = self.store.get(&ep_key).await? {
                 return Ok((decode(&kv)?, false));
             }
+            let subnets = validate_network_subnets(&view.subnets)
+                .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
             let (taken, _) = self.store.range(&keys::ipam_prefix(&net.name)).await?;
             let used: BTreeSet<IpAddr> = taken
                 .iter()
@@ -112,10 +128,26 @@ impl Control {
                 Some(kv) => decode(kv).unwrap_or_default(),
                 None => BTreeMap::new(),
             };
-            let ips = plan_allocation(&subnets, &used, requested, &|cidr: &IpNet| {
+            let planned = plan_allocation(&subnets, &used, requested, &|cidr: &IpNet| {
                 last.get(&cidr.to_string()).copied()
-            })
-            .map_err(|e| ControlError::Ipam(format!("network {}: {e}", net.name)))?;
+            });
+            let ips = match (planned, &pool) {
+                (Ok(ips), _) => ips,
+                // This host's blocks of that family are full: claim another and plan again.
+                (Err(IpamError::Exhausted { subnet, .. }), Some(p)) => {
+                    if self.claim_block(p, subnet.addr().is_ipv6()).await?.is_none() {
+                        return Err(ControlError::Ipam(format!(
+                            "network {}: every block of the pool is claimed and host {}'s blocks are full",
+                            net.name, self.host
+                        )));
+                    }
+                    view = self.host_view(net).await?;
+                    continue;
+                }
+                (Err(e), _) => {
+                    return Err(ControlError::Ipam(format!("network {}: {e}", net.name)))
+                }
+            };
 
             let mut compares = vec![Compare::Missing(ep_key.clone())];
             let mut ops = Vec::new();

@@ -6,6 +6,7 @@
 
 pub mod edge;
 pub mod endpoint;
+pub mod host;
 pub mod ipam;
 pub mod network;
 
@@ -17,6 +18,7 @@ use ferrynet_store::{EmbeddedStore, KeyValue, Store};
 use serde::de::DeserializeOwned;
 
 use crate::error::{ControlError, Result};
+use host::{system_hostname, LocalConfig};
 
 /// Default location of ferrynet's state on a host.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferrynet";
@@ -55,21 +57,57 @@ pub struct Control {
     pub nft: Arc<dyn NftExecutor>,
     /// Where files live.
     pub paths: Paths,
+    /// This host's name in the cluster (from host.json, else the system host name).
+    pub host: String,
 }
 
 impl Control {
-    /// Open the embedded store under `paths` and load the nft executor.
-    pub fn open(paths: Paths) -> Result<Control> {
+    /// Open the store this host is configured for (`FERRYNET_STORE`, else host.json, else the
+    /// embedded file in the state directory) and load the nft executor.
+    pub async fn open(paths: Paths) -> Result<Control> {
+        Self::open_with(paths, None, None).await
+    }
+
+    /// Like [`Control::open`], with an explicit store URL and host name taking precedence.
+    pub async fn open_with(
+        paths: Paths,
+        store: Option<&str>,
+        host: Option<&str>,
+    ) -> Result<Control> {
         std::fs::create_dir_all(&paths.state_dir).map_err(ControlError::io(format!(
             "creating state directory {}",
             paths.state_dir.display()
         )))?;
-        let store = EmbeddedStore::open(paths.store_file())?;
+        let local = LocalConfig::load(&paths.state_dir)?;
+        let url = store
+            .map(str::to_string)
+            .or_else(|| std::env::var("FERRYNET_STORE").ok().filter(|s| !s.is_empty()))
+            .or(local.store);
+        let store = open_store(&paths, url.as_deref()).await?;
+        let host = host
+            .map(str::to_string)
+            .or_else(|| std::env::var("FERRYNET_HOST").ok().filter(|s| !s.is_empty()))
+            .or(local.host)
+            .unwrap_or_else(system_hostname);
         Ok(Control {
-            store: Arc::new(store),
+            store,
             nft: Arc::from(default_executor()),
             paths,
+            host,
         })
+    }
+}
+
+/// Open the store a URL names; None is the embedded file in the state directory.
+pub async fn open_store(paths: &Paths, url: Option<&str>) -> Result<Arc<dyn Store>> {
+    match url {
+        None => Ok(Arc::new(EmbeddedStore::open(paths.store_file())?)),
+        Some(u) if u.starts_with("file://") => Ok(Arc::new(EmbeddedStore::open(
+            u.trim_start_matches("file://"),
+        )?)),
+        Some(u) => Err(ControlError::InvalidConfig(format!(
+            "store {u}: only the embedded store is available in this build"
+        ))),
     }
 }
 

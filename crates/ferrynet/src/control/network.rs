@@ -1,5 +1,7 @@
 //! Network records: create, read, list, delete.
 
+use std::collections::BTreeSet;
+
 use ferrynet_model::ipam::{find_overlap, validate_network_subnets};
 use ferrynet_model::names::{bridge_name, validate_network_name};
 use ferrynet_model::network::{keys, Endpoint, Network, NetworkMode};
@@ -29,7 +31,35 @@ pub fn validate_network(net: &Network) -> Result<()> {
         validate_network_subnets(&net.subnets)
             .map_err(|e| ControlError::InvalidConfig(format!("network {}: {e}", net.name)))?;
     }
+    if let Some(f) = &net.fabric {
+        if net.mode != NetworkMode::Bridge || net.internal {
+            return Err(ControlError::InvalidConfig(format!(
+                "network {}: a multi-host network must be a bridged, non-internal network",
+                net.name
+            )));
+        }
+        if f.vni >= 1 << 24 {
+            return Err(ControlError::InvalidConfig(format!(
+                "vni {} is outside 1..16777215",
+                f.vni
+            )));
+        }
+        for s in &net.subnets {
+            let len = f.block_len(s.cidr.addr().is_ipv6());
+            if len < s.cidr.prefix_len() || len > s.cidr.max_prefix_len() - 2 {
+                return Err(ControlError::InvalidConfig(format!(
+                    "network {}: block size /{len} does not fit subnet {} (blocks must be smaller than the subnet and hold at least 4 addresses)",
+                    net.name, s.cidr
+                )));
+            }
+        }
+    }
     Ok(())
+}
+
+/// The lowest VXLAN network identifier not in `taken`.
+pub fn lowest_free_vni(taken: &BTreeSet<u32>) -> u32 {
+    (1..1 << 24).find(|v| !taken.contains(v)).unwrap_or(0)
 }
 
 /// A network with its bridge name filled in from its name when empty.
@@ -94,20 +124,38 @@ impl Control {
 
     /// Create a network; fails if the name is taken or a subnet overlaps another network's.
     pub async fn create_network(&self, net: Network) -> Result<Network> {
-        let net = with_defaults(net);
+        let mut net = with_defaults(net);
         validate_network(&net)?;
         self.check_against_others(&net).await?;
         let key = keys::network(&net.name);
-        let res = self
-            .store
-            .txn(
-                vec![Compare::Missing(key.clone())],
-                vec![Op::put(key, encode(&net))],
-            )
-            .await?;
+        let mut compares = vec![Compare::Missing(key.clone())];
+        let mut ops = Vec::new();
+        if let Some(f) = &mut net.fabric {
+            // The VNI is reserved in the same transaction, so two networks never share one.
+            if f.vni == 0 {
+                let (kvs, _) = self.store.range(&format!("{}vni/", keys::ROOT)).await?;
+                let taken = kvs
+                    .iter()
+                    .filter_map(|kv| kv.key.rsplit('/').next()?.parse().ok())
+                    .collect();
+                f.vni = lowest_free_vni(&taken);
+            }
+            let vkey = keys::vni(f.vni);
+            if let Some(kv) = self.store.get(&vkey).await? {
+                return Err(ControlError::InvalidConfig(format!(
+                    "vni {} is already used by network {}",
+                    f.vni,
+                    String::from_utf8_lossy(&kv.value)
+                )));
+            }
+            compares.push(Compare::Missing(vkey.clone()));
+            ops.push(Op::put(vkey, net.name.clone().into_bytes()));
+        }
+        ops.push(Op::put(key, encode(&net)));
+        let res = self.store.txn(compares, ops).await?;
         if !res.succeeded {
             return Err(ControlError::InvalidConfig(format!(
-                "network {} already exists",
+                "network {} already exists (or its vni was taken meanwhile)",
                 net.name
             )));
         }
@@ -123,6 +171,9 @@ impl Control {
         loop {
             match self.network(&net.name).await? {
                 Some((stored, _)) if stored == net => return Ok(stored),
+                // A multi-host network is defined once, by `ferrynet network create`; configs
+                // on each host only name it.
+                Some((stored, _)) if stored.fabric.is_some() => return Ok(stored),
                 Some((stored, rev)) => {
                     if stored.subnets != net.subnets && !self.endpoints(&net.name).await?.is_empty()
                     {
@@ -150,7 +201,7 @@ impl Control {
                 None => match self.create_network(net.clone()).await {
                     Ok(n) => return Ok(n),
                     // Lost a race with a concurrent ADD creating the same network: re-read.
-                    Err(ControlError::InvalidConfig(m)) if m.ends_with("already exists") => {
+                    Err(ControlError::InvalidConfig(m)) if m.contains("already exists") => {
                         continue
                     }
                     Err(e) => return Err(e),
@@ -177,21 +228,27 @@ impl Control {
             )));
         }
         for ep in &eps {
+            // Interfaces on other hosts are not ours to remove; their records go below.
+            if ep.host.as_deref().is_some_and(|h| h != self.host) {
+                continue;
+            }
             self.detach(&net, &ep.container_id, &ep.ifname, ep.netns.as_deref())
                 .await?;
         }
         let key = keys::network(name);
+        let mut ops = vec![
+            Op::delete(key.clone()),
+            Op::DeletePrefix(keys::ipam_prefix(name)),
+            Op::delete(keys::ipam_last(name)),
+            Op::DeletePrefix(keys::endpoints(name)),
+            Op::DeletePrefix(keys::blocks(name)),
+        ];
+        if let Some(f) = &net.fabric {
+            ops.push(Op::delete(keys::vni(f.vni)));
+        }
         let res = self
             .store
-            .txn(
-                vec![Compare::ModRevision(key.clone(), rev)],
-                vec![
-                    Op::delete(key),
-                    Op::DeletePrefix(keys::ipam_prefix(name)),
-                    Op::delete(keys::ipam_last(name)),
-                    Op::DeletePrefix(keys::endpoints(name)),
-                ],
-            )
+            .txn(vec![Compare::ModRevision(key.clone(), rev)], ops)
             .await?;
         if !res.succeeded {
             return Err(ControlError::InvalidConfig(format!(
@@ -232,6 +289,7 @@ mod tests {
             mtu: None,
             internal: false,
             ip_masq: true,
+            fabric: None,
         })
     }
 

@@ -1,0 +1,196 @@
+//! `ferrynet agent`: the per-host daemon of a multi-host cluster.
+//!
+//! It registers the host under a lease, claims this host's first blocks of every multi-host
+//! network, and keeps the kernel in line with the store: routes to the other hosts' blocks,
+//! VXLAN devices with their FDB and neighbour entries, bridge addresses. It reads the kernel
+//! and diffs, never flushes, so restarting it drops no traffic.
+
+pub mod api;
+pub mod reconcile;
+pub mod register;
+pub mod status;
+pub mod underlay;
+pub mod view;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ferrynet_dataplane::netlink::Netlink;
+use ferrynet_model::host::HostRecord;
+use ferrynet_model::network::keys;
+use ferrynet_store::{Revision, StoreError};
+use futures::StreamExt;
+
+use crate::control::host::LocalConfig;
+use crate::control::{Control, Paths};
+use status::AgentStatus;
+use view::ClusterView;
+
+/// How the agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Host name (default: host.json, else the system's).
+    pub host: Option<String>,
+    /// Store URL (default: FERRYNET_STORE, host.json, else the embedded file).
+    pub store: Option<String>,
+    /// Underlay interface (default: the IPv4 default route's).
+    pub underlay_dev: Option<String>,
+    /// TTL of the host's registration lease.
+    pub lease_ttl: Duration,
+    /// How long a vanished host keeps its routes and blocks before they are released.
+    pub grace: Duration,
+    /// Full re-read of the kernel and store, to repair drift nobody told us about.
+    pub resync: Duration,
+}
+
+/// Run the agent until SIGINT/SIGTERM.
+pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
+    let ctl = Arc::new(
+        Control::open_with(paths.clone(), opts.store.as_deref(), opts.host.as_deref()).await?,
+    );
+    let store_url = opts
+        .store
+        .clone()
+        .or_else(|| std::env::var("FERRYNET_STORE").ok().filter(|s| !s.is_empty()))
+        .or(LocalConfig::load(&paths.state_dir)?.store);
+    // The CNI plugin and CLI on this host find the same identity and store here.
+    LocalConfig {
+        host: Some(ctl.host.clone()),
+        store: store_url.clone(),
+    }
+    .save(&paths.state_dir)?;
+
+    let nl = Netlink::current().context("opening netlink")?;
+    let underlay = underlay::find(&nl, opts.underlay_dev.as_deref()).await?;
+    let record = HostRecord {
+        name: ctl.host.clone(),
+        underlay: underlay.addrs.clone(),
+        underlay_mtu: underlay.mtu,
+        capabilities: vec!["route".into(), "vxlan".into()],
+        version: env!("CARGO_PKG_VERSION").into(),
+        started_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    };
+    tracing::info!(host = %ctl.host, underlay = %underlay.dev, addrs = ?underlay.addrs, store = store_url.as_deref().unwrap_or("embedded"), "agent starting");
+
+    let status = Arc::new(Mutex::new(AgentStatus {
+        host: ctl.host.clone(),
+        store: store_url.unwrap_or_else(|| paths.store_file().display().to_string()),
+        underlay_dev: underlay.dev.clone(),
+        underlay: underlay.addrs.clone(),
+        underlay_mtu: underlay.mtu,
+        ..Default::default()
+    }));
+    let sock = api::socket_path(&paths.state_dir);
+    let listener = api::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
+    let api_task = tokio::spawn(api::serve(listener, status.clone()));
+    let reg_task = tokio::spawn(register::keep_registered(
+        ctl.store.clone(),
+        record,
+        opts.lease_ttl,
+    ));
+
+    let mut rec = reconcile::Reconciler::new(ctl.clone(), nl, underlay, status.clone());
+    let mut view = ClusterView::default();
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            r = follow(&mut rec, &mut view, &opts) => {
+                let e = match r { Ok(()) => break, Err(e) => e };
+                tracing::warn!(error = %e, "store connection lost; the kernel keeps its last state; retrying");
+                if let Ok(mut s) = status.lock() {
+                    s.store_ok = false;
+                    s.store_error = Some(e.to_string());
+                }
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    // The lease is left to expire: a restarting agent finds its registration still there, and
+    // peers keep routing to this host meanwhile.
+    api_task.abort();
+    reg_task.abort();
+    let _ = std::fs::remove_file(&sock);
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+/// Read the cluster, reconcile, then follow the store's changes until an error.
+async fn follow(
+    rec: &mut reconcile::Reconciler,
+    view: &mut ClusterView,
+    opts: &AgentOptions,
+) -> Result<(), StoreError> {
+    let store = rec.ctl.store.clone();
+    let mut kvs = Vec::new();
+    let mut streams = Vec::new();
+    let mut revs: Vec<Revision> = Vec::new();
+    for prefix in [keys::networks(), keys::hosts(), keys::all_blocks()] {
+        let (mut part, rev) = store.range(&prefix).await?;
+        kvs.append(&mut part);
+        revs.push(rev);
+        streams.push(store.watch(&prefix, rev).await?);
+    }
+    view.reset(&kvs, Instant::now());
+    rec.mark_store_ok();
+    rec.run(view).await;
+    let mut events = futures::stream::select_all(streams);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_full = Instant::now();
+    loop {
+        tokio::select! {
+            ev = events.next() => {
+                let ev = match ev {
+                    Some(ev) => ev?,
+                    None => return Err(StoreError::Unavailable("watch ended".into())),
+                };
+                let now = Instant::now();
+                view.apply(&ev, now);
+                // Take whatever else is already queued, then reconcile once.
+                while let Some(Some(more)) = futures::FutureExt::now_or_never(events.next()) {
+                    view.apply(&more?, now);
+                }
+                rec.run(view).await;
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                let expired = view.expired(now, opts.grace);
+                if !expired.is_empty() {
+                    rec.release_departed(view, &expired).await?;
+                    for h in &expired {
+                        view.departed.remove(h);
+                    }
+                    rec.run(view).await;
+                } else if now.duration_since(last_full) >= opts.resync {
+                    last_full = now;
+                    rec.run(view).await;
+                }
+                for h in view.unknown_owners() {
+                    view.departed.insert(h.clone(), (view::placeholder(&h), now));
+                }
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

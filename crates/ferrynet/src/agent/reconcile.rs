@@ -1,0 +1,278 @@
+//! One reconcile: from the cluster view to the kernel, by diff (never by flush).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use ferrynet_dataplane::vxlan::VxlanSpec;
+use ferrynet_dataplane::netlink::Netlink;
+use ferrynet_model::fabric::{desired, diff, vtep_mac, vxlan_dev_name, Backend, FabricInput, FabricState};
+use ferrynet_model::network::{keys, Endpoint, Network};
+use ferrynet_store::{Compare, Op, StoreError};
+
+use super::status::{AgentStatus, HostStatus, NetworkStatus, PeerReport};
+use super::underlay::Underlay;
+use super::view::ClusterView;
+use crate::control::host::overlay_mtu;
+use crate::control::Control;
+
+/// The IANA port for VXLAN.
+const VXLAN_PORT: u16 = 4789;
+
+/// Carries out reconciles and remembers what it made.
+pub struct Reconciler {
+    /// The control plane (store, firewall, bridges).
+    pub ctl: Arc<Control>,
+    nl: Netlink,
+    underlay: Underlay,
+    status: Arc<Mutex<AgentStatus>>,
+    /// Multi-host networks served at the last reconcile, to clean up after removed ones.
+    served: BTreeMap<String, Network>,
+}
+
+impl Reconciler {
+    /// A reconciler for this host.
+    pub fn new(
+        ctl: Arc<Control>,
+        nl: Netlink,
+        underlay: Underlay,
+        status: Arc<Mutex<AgentStatus>>,
+    ) -> Self {
+        Reconciler {
+            ctl,
+            nl,
+            underlay,
+            status,
+            served: BTreeMap::new(),
+        }
+    }
+
+    /// Note that the store answered again.
+    pub fn mark_store_ok(&self) {
+        if let Ok(mut s) = self.status.lock() {
+            s.store_ok = true;
+            s.store_error = None;
+        }
+    }
+
+    /// The underlay address VXLAN tunnels start from: IPv4 when there is one.
+    fn tunnel_source(&self) -> Option<IpAddr> {
+        let addrs = &self.underlay.addrs;
+        addrs
+            .iter()
+            .find(|a| a.addr().is_ipv4())
+            .or_else(|| addrs.first())
+            .map(|a| a.addr())
+    }
+
+    /// Bring the kernel in line with `view`; errors are recorded in the status, not returned,
+    /// so one broken peer or network never stops the others from converging.
+    pub async fn run(&mut self, view: &ClusterView) {
+        let started = Instant::now();
+        let me = self.ctl.host.clone();
+        let mut errors = Vec::new();
+        let mut want = FabricState::default();
+        let mut vxlan_devs = Vec::new();
+        let mut networks = Vec::new();
+        let mut served = BTreeMap::new();
+
+        for net in view.fabric_networks() {
+            let Some(spec) = net.fabric else { continue };
+            let mine = view.blocks_of(&net.name, &me);
+            let families_wanted = net.subnets.iter().map(|s| s.cidr.addr().is_ipv6());
+            let missing = families_wanted
+                .clone()
+                .any(|v6| !mine.iter().any(|b| b.addr().is_ipv6() == v6));
+            if missing {
+                // Claim this host's first blocks now, so peers route to it before its first
+                // container; the claim comes back as a watch event and a new reconcile.
+                if let Err(e) = self.ctl.ensure_blocks(net).await {
+                    errors.push(format!("network {}: claiming blocks: {e}", net.name));
+                }
+            }
+            let hv = view.host_view(net, &me);
+            if !hv.subnets.is_empty() {
+                if let Err(e) = self.ctl.ensure_bridge(&self.nl, &hv).await {
+                    errors.push(format!("network {}: bridge: {e}", net.name));
+                }
+            }
+            let vxlan_dev = vxlan_dev_name(&net.name);
+            if spec.backend != Backend::Route {
+                match self.tunnel_source() {
+                    Some(local) => {
+                        let vx = VxlanSpec {
+                            name: vxlan_dev.clone(),
+                            vni: spec.vni,
+                            local,
+                            underlay_index: Some(self.underlay.index),
+                            port: VXLAN_PORT,
+                            mtu: overlay_mtu(self.underlay.mtu, local.is_ipv6()),
+                            mac: vtep_mac(&me, &net.name),
+                        };
+                        match self.nl.ensure_vxlan(&vx).await {
+                            Ok(_) => vxlan_devs.push(vxlan_dev.clone()),
+                            Err(e) => errors.push(format!(
+                                "network {}: vxlan device {vxlan_dev}: {e}",
+                                net.name
+                            )),
+                        }
+                    }
+                    None => errors.push(format!(
+                        "network {}: the underlay has no address to tunnel from",
+                        net.name
+                    )),
+                }
+            }
+            let peers = view.peers(&net.name, &me);
+            let (state, peer_status) = desired(&FabricInput {
+                me: &me,
+                my_underlay: &self.underlay.addrs,
+                underlay_dev: &self.underlay.dev,
+                vxlan_dev: &vxlan_dev,
+                backend: spec.backend,
+                peers: &peers,
+            });
+            want.merge(state);
+            networks.push(NetworkStatus {
+                name: net.name.clone(),
+                backend: spec.backend.to_string(),
+                vni: spec.vni,
+                blocks: mine,
+                peers: peer_status
+                    .into_iter()
+                    .map(|p| PeerReport {
+                        blocks: peers
+                            .iter()
+                            .find(|q| q.host == p.host)
+                            .map(|q| q.blocks.clone())
+                            .unwrap_or_default(),
+                        host: p.host,
+                        backend: p.backend.map(|b| b.to_string()),
+                        errors: p.errors,
+                    })
+                    .collect(),
+            });
+            served.insert(net.name.clone(), net.clone());
+        }
+
+        // Networks removed from the store: their tunnel and (on hosts that did not remove them
+        // themselves) their bridge go too.
+        for (name, old) in &self.served {
+            if served.contains_key(name) {
+                continue;
+            }
+            if let Err(e) = self.nl.delete_link(&vxlan_dev_name(name)).await {
+                errors.push(format!("network {name}: removing its vxlan device: {e}"));
+            }
+            if !view.networks.contains_key(name) {
+                if let Err(e) = self.ctl.remove_bridge(old).await {
+                    errors.push(format!("network {name}: removing its bridge: {e}"));
+                }
+            }
+        }
+        self.served = served;
+
+        let mut changes = 0u64;
+        match self.nl.read_fabric(&vxlan_devs).await {
+            Ok(have) => {
+                let d = diff(&have, &want);
+                if !d.is_empty() {
+                    changes = (d.add_routes.len()
+                        + d.del_routes.len()
+                        + d.add_fdb.len()
+                        + d.del_fdb.len()
+                        + d.add_neigh.len()
+                        + d.del_neigh.len()) as u64;
+                    tracing::info!(
+                        add_routes = d.add_routes.len(),
+                        del_routes = d.del_routes.len(),
+                        add_fdb = d.add_fdb.len(),
+                        del_fdb = d.del_fdb.len(),
+                        add_neigh = d.add_neigh.len(),
+                        del_neigh = d.del_neigh.len(),
+                        "reconciling the fabric"
+                    );
+                    match self.nl.apply_fabric(&d).await {
+                        Ok(failed) => errors.extend(failed),
+                        Err(e) => errors.push(format!("applying the fabric: {e}")),
+                    }
+                }
+            }
+            Err(e) => errors.push(format!("reading the kernel's fabric state: {e}")),
+        }
+        for e in &errors {
+            tracing::warn!(error = %e, "reconcile");
+        }
+
+        let hosts = view
+            .hosts
+            .values()
+            .map(|h| HostStatus {
+                name: h.name.clone(),
+                underlay: h.underlay.clone(),
+                live: true,
+            })
+            .chain(view.departed.values().map(|(h, _)| HostStatus {
+                name: h.name.clone(),
+                underlay: h.underlay.clone(),
+                live: false,
+            }))
+            .collect();
+        if let Ok(mut s) = self.status.lock() {
+            s.last_reconcile_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            s.last_reconcile_took_ms = started.elapsed().as_secs_f64() * 1000.0;
+            s.reconciles += 1;
+            s.changes += changes;
+            s.errors = errors;
+            s.hosts = hosts;
+            s.networks = networks;
+        }
+    }
+
+    /// Release what departed hosts held once their grace period is over: their blocks and the
+    /// records and addresses of their endpoints. Guarded by "the host is still absent", so a
+    /// host that came back in the meantime keeps everything.
+    pub async fn release_departed(
+        &self,
+        view: &ClusterView,
+        hosts: &[String],
+    ) -> Result<(), StoreError> {
+        let store = &self.ctl.store;
+        for h in hosts {
+            for net in view.networks.values().filter(|n| n.fabric.is_some()) {
+                let mut ops: Vec<Op> = view
+                    .blocks_of(&net.name, h)
+                    .iter()
+                    .map(|b| Op::delete(keys::block(&net.name, b)))
+                    .collect();
+                let (eps, _) = store.range(&keys::endpoints(&net.name)).await?;
+                for kv in &eps {
+                    let Ok(ep) = serde_json::from_slice::<Endpoint>(&kv.value) else {
+                        continue;
+                    };
+                    if ep.host.as_deref() == Some(h.as_str()) {
+                        ops.push(Op::delete(kv.key.clone()));
+                        for ip in &ep.ips {
+                            ops.push(Op::delete(keys::ipam(&net.name, ip.addr())));
+                        }
+                    }
+                }
+                if ops.is_empty() {
+                    continue;
+                }
+                let n = ops.len();
+                let res = store
+                    .txn(vec![Compare::Missing(keys::host(h))], ops)
+                    .await?;
+                if res.succeeded {
+                    tracing::info!(host = %h, network = %net.name, keys = n, "released a departed host's blocks and endpoints");
+                }
+            }
+        }
+        Ok(())
+    }
+}

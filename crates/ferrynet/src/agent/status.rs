@@ -1,0 +1,82 @@
+//! What `ferrynet status` shows: the agent's view of hosts, blocks and peers, and how its last
+//! reconcile went.
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// The agent's report, served as JSON on its unix socket.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    /// This host's name.
+    pub host: String,
+    /// The store URL (or the embedded file).
+    pub store: String,
+    /// False while the store cannot be reached (the kernel keeps its last good state).
+    pub store_ok: bool,
+    /// Why the store is unreachable, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_error: Option<String>,
+    /// The underlay interface.
+    pub underlay_dev: String,
+    /// Its addresses.
+    pub underlay: Vec<IpNet>,
+    /// Its MTU.
+    pub underlay_mtu: u32,
+    /// Unix time (ms) of the last reconcile.
+    pub last_reconcile_ms: u64,
+    /// How long it took, in milliseconds.
+    pub last_reconcile_took_ms: f64,
+    /// Reconciles since start.
+    pub reconciles: u64,
+    /// Errors of the last reconcile (empty when all went well).
+    pub errors: Vec<String>,
+    /// Kernel changes made since start (routes, FDB and neighbour entries added or removed).
+    pub changes: u64,
+    /// Known hosts.
+    pub hosts: Vec<HostStatus>,
+    /// Multi-host networks.
+    pub networks: Vec<NetworkStatus>,
+}
+
+/// A host as this agent sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostStatus {
+    /// Name.
+    pub name: String,
+    /// Underlay addresses.
+    pub underlay: Vec<IpNet>,
+    /// False once its registration vanished (routes stay until the grace period ends).
+    pub live: bool,
+}
+
+/// One multi-host network on this host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkStatus {
+    /// Network name.
+    pub name: String,
+    /// Configured backend.
+    pub backend: String,
+    /// VXLAN network identifier.
+    pub vni: u32,
+    /// This host's blocks.
+    pub blocks: Vec<IpNet>,
+    /// Peers and how each is reached.
+    pub peers: Vec<PeerReport>,
+}
+
+/// One peer of a network.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerReport {
+    /// Peer host.
+    pub host: String,
+    /// The backend used to reach it (`route` or `vxlan`), if it can be reached.
+    pub backend: Option<String>,
+    /// Its blocks.
+    pub blocks: Vec<IpNet>,
+    /// Why it cannot be reached, if so.
+    pub errors: Vec<String>,
+}

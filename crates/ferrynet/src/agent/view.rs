@@ -1,0 +1,316 @@
+//! The agent's in-memory view of the cluster, fed by a snapshot and then by watch events.
+//! Pure: no I/O, so the rules (who is a peer, which blocks are whose, when a host is gone) are
+//! unit-tested here.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use ferrynet_model::blocks::block_subnets;
+use ferrynet_model::fabric::{vtep_mac, Backend, Peer};
+use ferrynet_model::host::{BlockClaim, HostRecord};
+use ferrynet_model::network::{keys, Network};
+use ferrynet_store::{EventKind, KeyValue, WatchEvent};
+use ipnet::IpNet;
+
+use crate::control::host::overlay_mtu;
+
+/// What the agent knows about the cluster.
+#[derive(Debug, Default, Clone)]
+pub struct ClusterView {
+    /// Networks by name (only multi-host ones matter to the fabric).
+    pub networks: BTreeMap<String, Network>,
+    /// Live hosts (their registration exists).
+    pub hosts: BTreeMap<String, HostRecord>,
+    /// Hosts whose registration vanished, with their last record and when it vanished; they
+    /// keep their routes until the grace period ends, so an agent restart drops nothing.
+    pub departed: BTreeMap<String, (HostRecord, Instant)>,
+    /// Block claims per network: block -> owning host.
+    pub blocks: BTreeMap<String, BTreeMap<IpNet, String>>,
+}
+
+impl ClusterView {
+    /// Apply one stored key (from a snapshot or a put event).
+    pub fn put(&mut self, kv: &KeyValue) {
+        let Some(rest) = kv.key.strip_prefix(keys::ROOT) else {
+            return;
+        };
+        if let Some(name) = rest.strip_prefix("networks/") {
+            if let Ok(n) = serde_json::from_slice::<Network>(&kv.value) {
+                self.networks.insert(name.to_string(), n);
+            }
+        } else if let Some(name) = rest.strip_prefix("hosts/") {
+            if let Ok(h) = serde_json::from_slice::<HostRecord>(&kv.value) {
+                self.departed.remove(name);
+                self.hosts.insert(name.to_string(), h);
+            }
+        } else if let Some((net, block)) = keys::parse_block(&kv.key) {
+            if let Ok(c) = serde_json::from_slice::<BlockClaim>(&kv.value) {
+                self.blocks.entry(net).or_default().insert(block, c.host);
+            }
+        }
+    }
+
+    /// Apply a deletion seen at `now`.
+    pub fn delete(&mut self, key: &str, now: Instant) {
+        let Some(rest) = key.strip_prefix(keys::ROOT) else {
+            return;
+        };
+        if let Some(name) = rest.strip_prefix("networks/") {
+            self.networks.remove(name);
+            self.blocks.remove(name);
+        } else if let Some(name) = rest.strip_prefix("hosts/") {
+            if let Some(h) = self.hosts.remove(name) {
+                self.departed.insert(name.to_string(), (h, now));
+            }
+        } else if let Some((net, block)) = keys::parse_block(key) {
+            if let Some(m) = self.blocks.get_mut(&net) {
+                m.remove(&block);
+            }
+        }
+    }
+
+    /// Apply a watch event.
+    pub fn apply(&mut self, ev: &WatchEvent, now: Instant) {
+        match ev.kind {
+            EventKind::Put => self.put(&ev.kv),
+            EventKind::Delete => self.delete(&ev.kv.key, now),
+        }
+    }
+
+    /// Replace everything with a fresh snapshot; hosts that disappeared since become departed.
+    pub fn reset(&mut self, kvs: &[KeyValue], now: Instant) {
+        let before = std::mem::take(&mut self.hosts);
+        self.networks.clear();
+        self.blocks.clear();
+        for kv in kvs {
+            self.put(kv);
+        }
+        for (name, rec) in before {
+            if !self.hosts.contains_key(&name) && !self.departed.contains_key(&name) {
+                self.departed.insert(name, (rec, now));
+            }
+        }
+    }
+
+    /// Multi-host networks.
+    pub fn fabric_networks(&self) -> impl Iterator<Item = &Network> {
+        self.networks.values().filter(|n| n.fabric.is_some())
+    }
+
+    /// Blocks of `network` owned by `host`.
+    pub fn blocks_of(&self, network: &str, host: &str) -> Vec<IpNet> {
+        self.blocks
+            .get(network)
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, h)| *h == host)
+                    .map(|(b, _)| *b)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The record of a live or departed (still in grace) host.
+    pub fn host(&self, name: &str) -> Option<&HostRecord> {
+        self.hosts
+            .get(name)
+            .or_else(|| self.departed.get(name).map(|(h, _)| h))
+    }
+
+    /// The peers of `me` on `network`: every other live or departed host that owns blocks there.
+    pub fn peers(&self, network: &str, me: &str) -> Vec<Peer> {
+        let mut owners: BTreeMap<&str, Vec<IpNet>> = BTreeMap::new();
+        if let Some(m) = self.blocks.get(network) {
+            for (b, h) in m {
+                if h != me {
+                    owners.entry(h.as_str()).or_default().push(*b);
+                }
+            }
+        }
+        owners
+            .into_iter()
+            .filter_map(|(h, blocks)| {
+                let rec = self.host(h)?;
+                Some(Peer {
+                    host: h.to_string(),
+                    underlay: rec.underlay.clone(),
+                    vtep_mac: vtep_mac(h, network),
+                    blocks,
+                })
+            })
+            .collect()
+    }
+
+    /// Owners of blocks that have no record at all (neither live nor departed): hosts that left
+    /// while this agent was not watching. Their grace period starts now.
+    pub fn unknown_owners(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .blocks
+            .values()
+            .flat_map(|m| m.values())
+            .filter(|h| self.host(h).is_none())
+            .cloned()
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Departed hosts whose grace period is over at `now`.
+    pub fn expired(&self, now: Instant, grace: Duration) -> Vec<String> {
+        self.departed
+            .iter()
+            .filter(|(_, (_, since))| now.duration_since(*since) >= grace)
+            .map(|(h, _)| h.clone())
+            .collect()
+    }
+
+    /// The network as host `me` sees it (its own blocks as subnets, the overlay MTU).
+    pub fn host_view(&self, net: &Network, me: &str) -> Network {
+        let mut view = net.clone();
+        view.subnets = block_subnets(&net.subnets, &self.blocks_of(&net.name, me));
+        if let (Some(f), Some(rec)) = (&net.fabric, self.host(me)) {
+            if view.mtu.is_none() && f.backend != Backend::Route {
+                view.mtu = Some(overlay_mtu(rec.underlay_mtu, !rec.has_v4_underlay()));
+            }
+        }
+        view
+    }
+}
+
+/// A stand-in record for a block owner this agent never saw registered (it left while the
+/// agent was down): no underlay, so nothing is routed to it, but its grace period runs.
+pub fn placeholder(name: &str) -> HostRecord {
+    HostRecord {
+        name: name.to_string(),
+        underlay: Vec::new(),
+        underlay_mtu: 0,
+        capabilities: Vec::new(),
+        version: String::new(),
+        started_at: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrynet_model::network::{FabricSpec, Subnet};
+
+    fn kv(key: String, v: Vec<u8>) -> KeyValue {
+        KeyValue {
+            key,
+            value: v,
+            create_revision: 1,
+            mod_revision: 1,
+            lease: None,
+        }
+    }
+    fn host(name: &str, ip: &str) -> KeyValue {
+        let h = HostRecord {
+            name: name.into(),
+            underlay: vec![ip.parse().unwrap()],
+            underlay_mtu: 1500,
+            capabilities: vec![],
+            version: String::new(),
+            started_at: 0,
+        };
+        kv(keys::host(name), serde_json::to_vec(&h).unwrap())
+    }
+    fn block(net: &str, b: &str, h: &str) -> KeyValue {
+        kv(
+            keys::block(net, &b.parse().unwrap()),
+            serde_json::to_vec(&BlockClaim { host: h.into() }).unwrap(),
+        )
+    }
+    fn net(backend: Backend) -> KeyValue {
+        let n = Network {
+            name: "blue".into(),
+            mode: Default::default(),
+            bridge: "fn-blue".into(),
+            subnets: vec![Subnet::new("10.20.0.0/16".parse().unwrap())],
+            mtu: None,
+            internal: false,
+            ip_masq: true,
+            fabric: Some(FabricSpec {
+                backend,
+                vni: 7,
+                block_v4: 26,
+                block_v6: 122,
+            }),
+        };
+        kv(keys::network("blue"), serde_json::to_vec(&n).unwrap())
+    }
+
+    fn sample() -> ClusterView {
+        let mut v = ClusterView::default();
+        let now = Instant::now();
+        v.reset(
+            &[
+                net(Backend::Vxlan),
+                host("h1", "192.168.1.1/24"),
+                host("h2", "192.168.1.2/24"),
+                block("blue", "10.20.0.0/26", "h1"),
+                block("blue", "10.20.0.64/26", "h2"),
+                block("blue", "10.20.0.128/26", "h2"),
+            ],
+            now,
+        );
+        v
+    }
+
+    #[test]
+    fn peers_exclude_me_and_group_blocks() {
+        let v = sample();
+        let p = v.peers("blue", "h1");
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].host, "h2");
+        assert_eq!(p[0].blocks.len(), 2);
+        assert_eq!(p[0].vtep_mac, vtep_mac("h2", "blue"));
+        assert!(v.peers("blue", "h2").iter().all(|p| p.host == "h1"));
+    }
+
+    #[test]
+    fn departed_host_keeps_routes_until_grace_ends() {
+        let mut v = sample();
+        let t0 = Instant::now();
+        v.delete(&keys::host("h2"), t0);
+        assert_eq!(v.peers("blue", "h1").len(), 1, "still routed during grace");
+        assert!(v.expired(t0, Duration::from_secs(30)).is_empty());
+        assert_eq!(
+            v.expired(t0 + Duration::from_secs(31), Duration::from_secs(30)),
+            vec!["h2".to_string()]
+        );
+        // It comes back: no longer departed.
+        v.put(&host("h2", "192.168.1.2/24"));
+        assert!(v.departed.is_empty());
+    }
+
+    #[test]
+    fn block_owner_without_record_is_unknown() {
+        let mut v = sample();
+        v.put(&block("blue", "10.20.1.0/26", "h9"));
+        assert_eq!(v.unknown_owners(), vec!["h9".to_string()]);
+        assert!(v.peers("blue", "h1").iter().all(|p| p.host != "h9"));
+    }
+
+    #[test]
+    fn host_view_uses_my_blocks_and_overlay_mtu() {
+        let v = sample();
+        let n = v.networks["blue"].clone();
+        let view = v.host_view(&n, "h2");
+        assert_eq!(view.subnets.len(), 2);
+        assert_eq!(view.mtu, Some(1450));
+        assert_eq!(
+            view.subnets[0].gateway,
+            Some("10.20.0.65".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn network_delete_drops_blocks() {
+        let mut v = sample();
+        v.delete(&keys::network("blue"), Instant::now());
+        assert!(v.peers("blue", "h1").is_empty());
+        assert_eq!(v.fabric_networks().count(), 0);
+    }
+}

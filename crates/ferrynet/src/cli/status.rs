@@ -1,0 +1,81 @@
+//! `ferrynet status`: the agent's report for people (tables) or programs (`--json`).
+
+use ipnet::IpNet;
+
+use super::table::Table;
+use crate::agent::api::{query_status, socket_path};
+use crate::control::Paths;
+
+fn list(v: &[IpNet]) -> String {
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",")
+    }
+}
+
+/// Print the status of the agent of the host whose state directory is `paths`.
+pub async fn show(paths: &Paths, json: bool) -> anyhow::Result<()> {
+    let s = query_status(&socket_path(&paths.state_dir)).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    println!(
+        "host {}  underlay {} {} mtu {}  store {} ({})",
+        s.host,
+        s.underlay_dev,
+        list(&s.underlay),
+        s.underlay_mtu,
+        s.store,
+        if s.store_ok { "ok" } else { "UNREACHABLE" }
+    );
+    if let Some(e) = &s.store_error {
+        println!("store error: {e}");
+    }
+    println!(
+        "last reconcile: {:.1} ms, {} reconciles, {} kernel changes since start, {} error(s)",
+        s.last_reconcile_took_ms,
+        s.reconciles,
+        s.changes,
+        s.errors.len()
+    );
+    for e in &s.errors {
+        println!("  error: {e}");
+    }
+    println!();
+    let mut t = Table::new(&["HOST", "UNDERLAY", "STATE"]);
+    for h in &s.hosts {
+        t.row(vec![
+            h.name.clone(),
+            list(&h.underlay),
+            if h.live { "live" } else { "gone (grace)" }.into(),
+        ]);
+    }
+    print!("{t}");
+    for n in &s.networks {
+        println!();
+        println!(
+            "network {} backend {} vni {}  my blocks {}",
+            n.name,
+            n.backend,
+            n.vni,
+            list(&n.blocks)
+        );
+        let mut t = Table::new(&["PEER", "VIA", "BLOCKS", "PROBLEM"]);
+        for p in &n.peers {
+            t.row(vec![
+                p.host.clone(),
+                p.backend.clone().unwrap_or_else(|| "-".into()),
+                list(&p.blocks),
+                if p.errors.is_empty() {
+                    "-".into()
+                } else {
+                    p.errors.join("; ")
+                },
+            ]);
+        }
+        print!("{t}");
+    }
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! This host's identity in a cluster and its view of multi-host networks (its own blocks).
+
+use std::path::Path;
+
+use ferrynet_model::blocks::{block_subnets, next_block};
+use ferrynet_model::fabric::Backend;
+use ferrynet_model::host::{BlockClaim, HostRecord};
+use ferrynet_model::network::{keys, Network};
+use ferrynet_store::{Compare, Op};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use super::{decode, encode, Control};
+use crate::error::{ControlError, Result};
+
+/// Bytes VXLAN adds to a packet over an IPv4 underlay (outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14).
+const VXLAN_OVERHEAD_V4: u32 = 50;
+/// The same over an IPv6 underlay (outer header 40 instead of 20).
+const VXLAN_OVERHEAD_V6: u32 = 70;
+
+/// The MTU of interfaces on a VXLAN network over an underlay of `underlay_mtu`.
+pub fn overlay_mtu(underlay_mtu: u32, underlay_v6: bool) -> u32 {
+    underlay_mtu.saturating_sub(if underlay_v6 {
+        VXLAN_OVERHEAD_V6
+    } else {
+        VXLAN_OVERHEAD_V4
+    })
+}
+
+/// What a host's `ferrynet agent` writes to `<state_dir>/host.json` so the CNI plugin and the
+/// CLI on that host use the same identity and store without being told again.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalConfig {
+    /// This host's name in the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The store URL (absent: the embedded store in the state directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+}
+
+impl LocalConfig {
+    /// Read `<state_dir>/host.json`; a missing file is the default (single host, embedded store).
+    pub fn load(state_dir: &Path) -> Result<LocalConfig> {
+        let path = state_dir.join("host.json");
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+                ControlError::InvalidConfig(format!("{}: {e}", path.display()))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LocalConfig::default()),
+            Err(e) => Err(ControlError::io(format!("reading {}", path.display()))(e)),
+        }
+    }
+
+    /// Write it atomically (temp file + rename).
+    pub fn save(&self, state_dir: &Path) -> Result<()> {
+        let path = state_dir.join("host.json");
+        let tmp = state_dir.join("host.json.tmp");
+        std::fs::write(&tmp, encode(self))
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .map_err(ControlError::io(format!("writing {}", path.display())))
+    }
+}
+
+/// The machine's host name, the default cluster identity.
+pub fn system_hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+impl Control {
+    /// Blocks of `network` and their owners.
+    pub async fn block_claims(&self, network: &str) -> Result<Vec<(IpNet, String)>> {
+        let (kvs, _) = self.store.range(&keys::blocks(network)).await?;
+        let mut out = Vec::new();
+        for kv in &kvs {
+            if let Some((_, b)) = keys::parse_block(&kv.key) {
+                let claim: BlockClaim = decode(kv)?;
+                out.push((b, claim.host));
+            }
+        }
+        Ok(out)
+    }
+
+    /// This host's blocks of `network`.
+    pub async fn my_blocks(&self, network: &str) -> Result<Vec<IpNet>> {
+        Ok(self
+            .block_claims(network)
+            .await?
+            .into_iter()
+            .filter(|(_, h)| *h == self.host)
+            .map(|(b, _)| b)
+            .collect())
+    }
+
+    /// Claim one more block of the given family for this host; None when the pool is full.
+    pub async fn claim_block(&self, net: &Network, v6: bool) -> Result<Option<IpNet>> {
+        let Some(spec) = &net.fabric else {
+            return Ok(None);
+        };
+        for _ in 0..16 {
+            let taken: Vec<IpNet> = self
+                .block_claims(&net.name)
+                .await?
+                .into_iter()
+                .map(|(b, _)| b)
+                .collect();
+            let Some(block) = next_block(&net.subnets, spec, v6, &taken) else {
+                return Ok(None);
+            };
+            let key = keys::block(&net.name, &block);
+            let claim = BlockClaim {
+                host: self.host.clone(),
+            };
+            let res = self
+                .store
+                .txn(
+                    vec![Compare::Missing(key.clone())],
+                    vec![Op::put(key, encode(&claim))],
+                )
+                .await?;
+            if res.succeeded {
+                tracing::info!(network = %net.name, %block, host = %self.host, "claimed block");
+                return Ok(Some(block));
+            }
+        }
+        Err(ControlError::Store(ferrynet_store::StoreError::Unavailable(
+            format!("could not claim a block of network {} (heavy contention)", net.name),
+        )))
+    }
+
+    /// Make sure this host owns at least one block of every address family of the pool.
+    pub async fn ensure_blocks(&self, net: &Network) -> Result<Vec<IpNet>> {
+        let mut mine = self.my_blocks(&net.name).await?;
+        for v6 in [false, true] {
+            let wanted = net.subnets.iter().any(|s| s.cidr.addr().is_ipv6() == v6);
+            let have = mine.iter().any(|b| b.addr().is_ipv6() == v6);
+            if wanted && !have {
+                match self.claim_block(net, v6).await? {
+                    Some(b) => mine.push(b),
+                    None => {
+                        return Err(ControlError::Ipam(format!(
+                            "network {}: no free {} block left in the pool for host {}",
+                            net.name,
+                            if v6 { "IPv6" } else { "IPv4" },
+                            self.host
+                        )))
+                    }
+                }
+            }
+        }
+        Ok(mine)
+    }
+
+    /// This host's registration, if its agent is up.
+    pub async fn host_record(&self, name: &str) -> Result<Option<HostRecord>> {
+        match self.store.get(&keys::host(name)).await? {
+            Some(kv) => Ok(Some(decode(&kv)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The network as this host sees it. For a multi-host network: its subnets are this host's
+    /// blocks (each gatewayed by its first address) and, over VXLAN, its MTU is the underlay's
+    /// minus the encapsulation. Single-host networks are returned unchanged.
+    pub async fn host_view(&self, net: &Network) -> Result<Network> {
+        if net.fabric.is_none() {
+            return Ok(net.clone());
+        }
+        // Always from the stored record: `net` may itself be a host view (blocks, not the pool).
+        let (net, _) = self.network(&net.name).await?.ok_or_else(|| {
+            ControlError::InvalidConfig(format!("network {} does not exist", net.name))
+        })?;
+        let Some(spec) = &net.fabric else {
+            return Ok(net);
+        };
+        let mut view = net.clone();
+        view.subnets = block_subnets(&net.subnets, &self.my_blocks(&net.name).await?);
+        if view.mtu.is_none() && spec.backend != Backend::Route {
+            let rec = self.host_record(&self.host).await?.ok_or_else(|| {
+                ControlError::Store(ferrynet_store::StoreError::Unavailable(format!(
+                    "network {} spans hosts, but host {} has no running agent registered; start `ferrynet agent` on it",
+                    net.name, self.host
+                )))
+            })?;
+            view.mtu = Some(overlay_mtu(rec.underlay_mtu, !rec.has_v4_underlay()));
+        }
+        Ok(view)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vxlan_overhead() {
+        assert_eq!(overlay_mtu(1500, false), 1450);
+        assert_eq!(overlay_mtu(1500, true), 1430);
+        assert_eq!(overlay_mtu(9000, false), 8950);
+    }
+
+    #[test]
+    fn local_config_round_trip() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(LocalConfig::load(d.path()).unwrap(), LocalConfig::default());
+        let c = LocalConfig {
+            host: Some("h1".into()),
+            store: Some("etcd://10.0.0.1:2379".into()),
+        };
+        c.save(d.path()).unwrap();
+        assert_eq!(LocalConfig::load(d.path()).unwrap(), c);
+    }
+}

@@ -1,0 +1,133 @@
+//! Per-host address blocks: carving a network's pool into blocks a host owns.
+//!
+//! A multi-host network's pool (its subnets) is split into fixed-size blocks (default /26 and
+//! /122). A host claims blocks as it needs them and hands out addresses only from its own, so
+//! hosts never coordinate per address and every other host routes a whole block to its owner.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::ipam::overlaps;
+use crate::network::{FabricSpec, Subnet};
+
+/// The first block of `pool` with prefix `len` that overlaps none of `taken`, if any is left.
+/// `taken` may hold blocks of any size (claims made with another block size still count).
+pub fn free_block(pool: &IpNet, len: u8, taken: &[IpNet]) -> Option<IpNet> {
+    if len < pool.prefix_len() {
+        return None;
+    }
+    let subnets = pool.subnets(len).ok()?;
+    // Each skipped candidate overlaps a taken block, so this walks at most taken.len()+1 blocks
+    // when claims are packed from the start, and stays cheap on a huge IPv6 pool.
+    for candidate in subnets {
+        match taken.iter().find(|t| overlaps(t, &candidate)) {
+            None => return Some(candidate),
+            Some(_) => continue,
+        }
+    }
+    None
+}
+
+/// The block to claim next for one address family: the first free block in the first subnet
+/// of that family with room.
+pub fn next_block(subnets: &[Subnet], spec: &FabricSpec, v6: bool, taken: &[IpNet]) -> Option<IpNet> {
+    subnets
+        .iter()
+        .filter(|s| s.cidr.addr().is_ipv6() == v6)
+        .find_map(|s| free_block(&s.cidr, spec.block_len(v6), taken))
+}
+
+/// The bridge address of a block on its host: the block's first host address.
+pub fn block_gateway(block: &IpNet) -> IpAddr {
+    match block {
+        IpNet::V4(n) => IpAddr::V4(std::net::Ipv4Addr::from(u32::from(n.network()) + 1)),
+        IpNet::V6(n) => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(n.network()) + 1)),
+    }
+}
+
+/// A host's view of a multi-host network's pool: one subnet per block it owns, gatewayed by
+/// the block's first address, carrying the network's exclusions that fall inside it.
+pub fn block_subnets(network_subnets: &[Subnet], my_blocks: &[IpNet]) -> Vec<Subnet> {
+    my_blocks
+        .iter()
+        .map(|b| {
+            let exclude = network_subnets
+                .iter()
+                .filter(|s| s.cidr.contains(&b.network()))
+                .flat_map(|s| s.exclude.iter().copied())
+                .filter(|e| overlaps(e, b))
+                .collect();
+            Subnet {
+                cidr: *b,
+                gateway: Some(block_gateway(b)),
+                range_start: None,
+                range_end: None,
+                exclude,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fabric::Backend;
+
+    fn n(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+    fn spec() -> FabricSpec {
+        FabricSpec {
+            backend: Backend::Route,
+            vni: 1,
+            block_v4: 26,
+            block_v6: 122,
+        }
+    }
+
+    #[test]
+    fn first_free_blocks_in_order() {
+        let pool = n("10.20.0.0/24");
+        assert_eq!(free_block(&pool, 26, &[]), Some(n("10.20.0.0/26")));
+        assert_eq!(free_block(&pool, 26, &[n("10.20.0.0/26")]), Some(n("10.20.0.64/26")));
+        let taken = [n("10.20.0.0/26"), n("10.20.0.128/26")];
+        assert_eq!(free_block(&pool, 26, &taken), Some(n("10.20.0.64/26")));
+        let all: Vec<IpNet> = pool.subnets(26).unwrap().collect();
+        assert_eq!(free_block(&pool, 26, &all), None);
+    }
+
+    #[test]
+    fn claims_of_another_size_count() {
+        let pool = n("10.20.0.0/24");
+        assert_eq!(free_block(&pool, 26, &[n("10.20.0.0/25")]), Some(n("10.20.0.128/26")));
+        assert_eq!(free_block(&pool, 23, &[]), None, "block larger than the pool");
+    }
+
+    #[test]
+    fn v6_pool_is_cheap() {
+        let pool = n("fd00:20::/64");
+        let taken: Vec<IpNet> = pool.subnets(122).unwrap().take(1000).collect();
+        assert_eq!(free_block(&pool, 122, &taken), Some(n("fd00:20::fa00/122")));
+    }
+
+    #[test]
+    fn next_block_per_family() {
+        let subnets = vec![Subnet::new(n("10.20.0.0/16")), Subnet::new(n("fd00:20::/64"))];
+        assert_eq!(next_block(&subnets, &spec(), false, &[]), Some(n("10.20.0.0/26")));
+        assert_eq!(next_block(&subnets, &spec(), true, &[]), Some(n("fd00:20::/122")));
+        let only_v4 = vec![Subnet::new(n("10.20.0.0/16"))];
+        assert_eq!(next_block(&only_v4, &spec(), true, &[]), None);
+    }
+
+    #[test]
+    fn block_view_has_gateway_and_exclusions() {
+        let mut s = Subnet::new(n("10.20.0.0/16"));
+        s.exclude = vec![n("10.20.0.10/32"), n("10.20.9.0/24")];
+        let v = block_subnets(&[s], &[n("10.20.0.0/26")]);
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].gateway, Some("10.20.0.1".parse().unwrap()));
+        assert_eq!(v[0].exclude, vec![n("10.20.0.10/32")]);
+        assert_eq!(block_gateway(&n("fd00::40/122")), "fd00::41".parse::<IpAddr>().unwrap());
+    }
+}
