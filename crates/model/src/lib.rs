@@ -1,5 +1,6 @@
 pub mod cni;
 pub mod edge;
+pub mod fabric;
 pub mod ipam;
 pub mod names;
 pub mod network;
