@@ -4,9 +4,11 @@
 
 pub mod bridge;
 pub mod error;
+pub mod fabric;
 pub mod firewall_compat;
 pub mod netlink;
 pub mod netns;
 pub mod nft;
 pub mod sysctl;
 pub mod veth;
+pub mod vxlan;

@@ -4,10 +4,9 @@
 //! /122). A host claims blocks as it needs them and hands out addresses only from its own, so
 //! hosts never coordinate per address and every other host routes a whole block to its owner.
 
-use std::net::IpAddr;
-
 use ipnet::IpNet;
 
+pub use crate::fabric::block_gateway;
 use crate::ipam::overlaps;
 use crate::network::{FabricSpec, Subnet};
 
@@ -36,14 +35,6 @@ pub fn next_block(subnets: &[Subnet], spec: &FabricSpec, v6: bool, taken: &[IpNe
         .iter()
         .filter(|s| s.cidr.addr().is_ipv6() == v6)
         .find_map(|s| free_block(&s.cidr, spec.block_len(v6), taken))
-}
-
-/// The bridge address of a block on its host: the block's first host address.
-pub fn block_gateway(block: &IpNet) -> IpAddr {
-    match block {
-        IpNet::V4(n) => IpAddr::V4(std::net::Ipv4Addr::from(u32::from(n.network()) + 1)),
-        IpNet::V6(n) => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(n.network()) + 1)),
-    }
 }
 
 /// A host's view of a multi-host network's pool: one subnet per block it owns, gatewayed by
@@ -128,6 +119,6 @@ mod tests {
         assert_eq!(v.len(), 1);
         assert_eq!(v[0].gateway, Some("10.20.0.1".parse().unwrap()));
         assert_eq!(v[0].exclude, vec![n("10.20.0.10/32")]);
-        assert_eq!(block_gateway(&n("fd00::40/122")), "fd00::41".parse::<IpAddr>().unwrap());
+        assert_eq!(block_gateway(&n("fd00::40/122")), "fd00::41".parse::<std::net::IpAddr>().unwrap());
     }
 }

@@ -23,7 +23,7 @@ pub enum NameError {
     },
 }
 
-fn hash12(parts: &[&str]) -> String {
+pub(crate) fn hash12(parts: &[&str]) -> String {
     let mut h = Sha256::new();
     for (i, p) in parts.iter().enumerate() {
         if i > 0 {

@@ -1,20 +1,20 @@
 //! One reconcile: from the cluster view to the kernel, by diff (never by flush).
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ferrynet_dataplane::vxlan::VxlanSpec;
 use ferrynet_dataplane::netlink::Netlink;
-use ferrynet_model::fabric::{desired, diff, vtep_mac, vxlan_dev_name, Backend, FabricInput, FabricState};
+use ferrynet_model::fabric::{
+    desired, diff, vtep_mac, vxlan_dev_name, vxlan_local, vxlan_mtu, Backend, FabricInput, FabricState,
+};
 use ferrynet_model::network::{keys, Endpoint, Network};
 use ferrynet_store::{Compare, Op, StoreError};
 
 use super::status::{AgentStatus, HostStatus, NetworkStatus, PeerReport};
 use super::underlay::Underlay;
 use super::view::ClusterView;
-use crate::control::host::overlay_mtu;
 use crate::control::Control;
 
 /// The IANA port for VXLAN.
@@ -56,16 +56,6 @@ impl Reconciler {
         }
     }
 
-    /// The underlay address VXLAN tunnels start from: IPv4 when there is one.
-    fn tunnel_source(&self) -> Option<IpAddr> {
-        let addrs = &self.underlay.addrs;
-        addrs
-            .iter()
-            .find(|a| a.addr().is_ipv4())
-            .or_else(|| addrs.first())
-            .map(|a| a.addr())
-    }
-
     /// Bring the kernel in line with `view`; errors are recorded in the status, not returned,
     /// so one broken peer or network never stops the others from converging.
     pub async fn run(&mut self, view: &ClusterView) {
@@ -99,7 +89,7 @@ impl Reconciler {
             }
             let vxlan_dev = vxlan_dev_name(&net.name);
             if spec.backend != Backend::Route {
-                match self.tunnel_source() {
+                match vxlan_local(&self.underlay.addrs) {
                     Some(local) => {
                         let vx = VxlanSpec {
                             name: vxlan_dev.clone(),
@@ -107,7 +97,7 @@ impl Reconciler {
                             local,
                             underlay_index: Some(self.underlay.index),
                             port: VXLAN_PORT,
-                            mtu: overlay_mtu(self.underlay.mtu, local.is_ipv6()),
+                            mtu: vxlan_mtu(self.underlay.mtu, local.is_ipv6()),
                             mac: vtep_mac(&me, &net.name),
                         };
                         match self.nl.ensure_vxlan(&vx).await {

@@ -6,13 +6,12 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use ferrynet_model::blocks::block_subnets;
-use ferrynet_model::fabric::{vtep_mac, Backend, Peer};
+use ferrynet_model::fabric::{vtep_mac, vxlan_mtu, Backend, Peer};
 use ferrynet_model::host::{BlockClaim, HostRecord};
 use ferrynet_model::network::{keys, Network};
 use ferrynet_store::{EventKind, KeyValue, WatchEvent};
 use ipnet::IpNet;
 
-use crate::control::host::overlay_mtu;
 
 /// What the agent knows about the cluster.
 #[derive(Debug, Default, Clone)]
@@ -171,7 +170,7 @@ impl ClusterView {
         view.subnets = block_subnets(&net.subnets, &self.blocks_of(&net.name, me));
         if let (Some(f), Some(rec)) = (&net.fabric, self.host(me)) {
             if view.mtu.is_none() && f.backend != Backend::Route {
-                view.mtu = Some(overlay_mtu(rec.underlay_mtu, !rec.has_v4_underlay()));
+                view.mtu = Some(vxlan_mtu(rec.underlay_mtu, !rec.has_v4_underlay()));
             }
         }
         view
@@ -294,7 +293,7 @@ mod tests {
     }
 
     #[test]
-    fn host_view_uses_my_blocks_and_overlay_mtu() {
+    fn host_view_uses_my_blocks_and_vxlan_mtu() {
         let v = sample();
         let n = v.networks["blue"].clone();
         let view = v.host_view(&n, "h2");

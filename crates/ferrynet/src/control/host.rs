@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use ferrynet_model::blocks::{block_subnets, next_block};
-use ferrynet_model::fabric::Backend;
+use ferrynet_model::fabric::{vxlan_mtu, Backend};
 use ferrynet_model::host::{BlockClaim, HostRecord};
 use ferrynet_model::network::{keys, Network};
 use ferrynet_store::{Compare, Op};
@@ -12,20 +12,6 @@ use serde::{Deserialize, Serialize};
 
 use super::{decode, encode, Control};
 use crate::error::{ControlError, Result};
-
-/// Bytes VXLAN adds to a packet over an IPv4 underlay (outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14).
-const VXLAN_OVERHEAD_V4: u32 = 50;
-/// The same over an IPv6 underlay (outer header 40 instead of 20).
-const VXLAN_OVERHEAD_V6: u32 = 70;
-
-/// The MTU of interfaces on a VXLAN network over an underlay of `underlay_mtu`.
-pub fn overlay_mtu(underlay_mtu: u32, underlay_v6: bool) -> u32 {
-    underlay_mtu.saturating_sub(if underlay_v6 {
-        VXLAN_OVERHEAD_V6
-    } else {
-        VXLAN_OVERHEAD_V4
-    })
-}
 
 /// What a host's `ferrynet agent` writes to `<state_dir>/host.json` so the CNI plugin and the
 /// CLI on that host use the same identity and store without being told again.
@@ -187,7 +173,7 @@ impl Control {
                     net.name, self.host
                 )))
             })?;
-            view.mtu = Some(overlay_mtu(rec.underlay_mtu, !rec.has_v4_underlay()));
+            view.mtu = Some(vxlan_mtu(rec.underlay_mtu, !rec.has_v4_underlay()));
         }
         Ok(view)
     }
@@ -196,13 +182,6 @@ impl Control {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn vxlan_overhead() {
-        assert_eq!(overlay_mtu(1500, false), 1450);
-        assert_eq!(overlay_mtu(1500, true), 1430);
-        assert_eq!(overlay_mtu(9000, false), 8950);
-    }
 
     #[test]
     fn local_config_round_trip() {
