@@ -1,0 +1,485 @@
+//! Multi-host tests on a real kernel with a real etcd: `ferrynet lab` builds hosts as network
+//! namespaces with an agent each; containers on every host must reach each other over IPv4
+//! and IPv6 with each backend, survive an agent restart and an etcd outage, and a removed
+//! host's peers must clean up. Every lab is removed on drop, also when a test fails.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ferrynet")
+}
+
+fn out(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A lab, removed on drop.
+struct Lab {
+    name: String,
+    containers: Vec<Container>,
+}
+
+/// A container made with `ferrynet run` on a lab host.
+#[derive(Clone, Debug)]
+struct Container {
+    name: String,
+    host: String,
+    v4: String,
+    v6: String,
+}
+
+impl Container {
+    fn netns(&self) -> String {
+        format!("fnc-{}", self.name)
+    }
+}
+
+impl Lab {
+    fn up(name: &str, hosts: u8, subnets: u8, backend: &str, extra: &[&str]) -> Lab {
+        assert!(
+            std::path::Path::new("/usr/bin/etcd").exists(),
+            "etcd is missing: apt-get install etcd-server"
+        );
+        // A leftover lab of the same name (a killed earlier run) is removed first.
+        let _ = Command::new(bin()).args(["lab", "down", "--name", name]).output();
+        let h = hosts.to_string();
+        let s = subnets.to_string();
+        let mut args = vec![
+            "lab", "up", "--name", name, "--hosts", &h, "--subnets", &s, "--backend", backend,
+        ];
+        args.extend_from_slice(extra);
+        let lab = Lab {
+            name: name.to_string(),
+            containers: Vec::new(),
+        };
+        let o = Command::new(bin()).args(&args).output().expect("run lab up");
+        assert!(o.status.success(), "lab up failed: {}", out(&o));
+        lab
+    }
+
+    fn exec(&self, host: &str, args: &[&str]) -> Output {
+        Command::new(bin())
+            .args(["lab", "exec", "--name", &self.name, host, "--", bin()])
+            .args(args)
+            .output()
+            .expect("lab exec")
+    }
+
+    fn lab(&self, args: &[&str]) {
+        let mut a = vec!["lab"];
+        a.extend_from_slice(args);
+        a.extend_from_slice(&["--name", &self.name]);
+        let o = Command::new(bin()).args(&a).output().expect("lab cmd");
+        assert!(o.status.success(), "lab {args:?}: {}", out(&o));
+    }
+
+    fn status(&self, host: &str) -> Value {
+        let o = self.exec(host, &["status", "--json"]);
+        assert!(o.status.success(), "status on {host}: {}", out(&o));
+        serde_json::from_slice(&o.stdout).expect("status json")
+    }
+
+    /// Start a container on `host` running a dual-stack TCP echo server on port 7000.
+    fn container(&mut self, host: &str, short: &str) -> Container {
+        let name = format!("{}{short}", self.name);
+        let server = "import socket,threading\n\
+            s=socket.socket(socket.AF_INET6);s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+            s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0);s.bind(('::',7000));s.listen(64)\n\
+            def serve(c):\n  while True:\n    d=c.recv(4096)\n    if not d: break\n    c.sendall(d)\n  c.close()\n\
+            while True:\n  c,_=s.accept();threading.Thread(target=serve,args=(c,),daemon=True).start()\n";
+        let o = self.exec(
+            host,
+            &["run", "--name", &name, "--net", "fabric", "--", "python3", "-c", server],
+        );
+        assert!(o.status.success(), "run {name} on {host}: {}", out(&o));
+        let ps = self.exec(host, &["ps", "--json"]);
+        let list: Vec<Value> = serde_json::from_slice(&ps.stdout).expect("ps json");
+        let me = list
+            .iter()
+            .find(|c| c["name"] == name.as_str())
+            .expect("container listed");
+        let ips: Vec<String> = me["ips"]
+            .as_array()
+            .expect("ips")
+            .iter()
+            .map(|v| v.as_str().unwrap().split('/').next().unwrap().to_string())
+            .collect();
+        let c = Container {
+            name,
+            host: host.to_string(),
+            v4: ips.iter().find(|i| !i.contains(':')).cloned().expect("v4"),
+            v6: ips.iter().find(|i| i.contains(':')).cloned().expect("v6"),
+        };
+        self.containers.push(c.clone());
+        c
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &self.containers {
+            let _ = self.exec(&c.host, &["rm", "--force", &c.name]);
+        }
+        let _ = Command::new(bin())
+            .args(["lab", "down", "--name", &self.name])
+            .output();
+    }
+}
+
+/// One TCP round trip from `from` to `addr`:7000 (retried for up to `within`).
+fn echo(from: &Container, addr: &str, within: Duration) -> Result<(), String> {
+    let code = format!(
+        "import socket\ns=socket.create_connection(('{addr}',7000),timeout=2)\ns.sendall(b'ping')\nassert s.recv(4)==b'ping'\n"
+    );
+    let until = Instant::now() + within;
+    loop {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &from.netns(), "python3", "-c", &code])
+            .output()
+            .expect("python3");
+        if o.status.success() {
+            return Ok(());
+        }
+        if Instant::now() > until {
+            return Err(format!("{} -> {addr}: {}", from.name, out(&o)));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn all_pairs(cs: &[Container]) {
+    let mut failures = Vec::new();
+    for a in cs {
+        for b in cs {
+            if a.name == b.name {
+                continue;
+            }
+            for addr in [&b.v4, &b.v6] {
+                if let Err(e) = echo(a, addr, Duration::from_secs(5)) {
+                    failures.push(e);
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "unreachable pairs:\n{}", failures.join("\n"));
+}
+
+fn three_containers(lab: &mut Lab) -> Vec<Container> {
+    ["h1", "h2", "h3"]
+        .iter()
+        .enumerate()
+        .map(|(i, h)| lab.container(h, &format!("c{}", i + 1)))
+        .collect()
+}
+
+fn peer_backend(status: &Value, peer: &str) -> Option<String> {
+    status["networks"][0]["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["host"] == peer)?["backend"]
+        .as_str()
+        .map(str::to_string)
+}
+
+#[test]
+fn route_backend_all_pairs() {
+    let mut lab = Lab::up("mhroute", 3, 1, "route", &[]);
+    let cs = three_containers(&mut lab);
+    all_pairs(&cs);
+    let st = lab.status("h1");
+    assert_eq!(peer_backend(&st, "h2").as_deref(), Some("route"), "{st}");
+    assert_eq!(st["errors"].as_array().map(Vec::len), Some(0), "{st}");
+}
+
+#[test]
+fn vxlan_backend_all_pairs_with_overlay_mtu() {
+    let mut lab = Lab::up("mhvxlan", 3, 1, "vxlan", &[]);
+    let cs = three_containers(&mut lab);
+    all_pairs(&cs);
+    // Container interfaces carry the underlay MTU minus the VXLAN overhead.
+    let o = Command::new("ip")
+        .args(["netns", "exec", &cs[0].netns(), "cat", "/sys/class/net/eth0/mtu"])
+        .output()
+        .unwrap();
+    let mtu = Command::new("ip")
+        .args(["-n", &cs[0].netns(), "-o", "link", "show", "eth0"])
+        .output()
+        .unwrap();
+    assert!(
+        out(&mtu).contains("mtu 1450"),
+        "container mtu: {} {}",
+        out(&mtu),
+        out(&o)
+    );
+    assert_eq!(peer_backend(&lab.status("h2"), "h3").as_deref(), Some("vxlan"));
+}
+
+#[test]
+fn auto_backend_routes_on_link_and_tunnels_across() {
+    // Two underlay subnets joined by a router: h1 and h3 share one, h2 is on the other.
+    let mut lab = Lab::up("mhauto", 3, 2, "auto", &[]);
+    let cs = three_containers(&mut lab);
+    all_pairs(&cs);
+    let st = lab.status("h1");
+    assert_eq!(peer_backend(&st, "h3").as_deref(), Some("route"), "{st}");
+    assert_eq!(peer_backend(&st, "h2").as_deref(), Some("vxlan"), "{st}");
+}
+
+#[test]
+fn route_backend_reports_a_peer_off_link() {
+    let lab = Lab::up("mhoff", 2, 2, "route", &[]);
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = lab.status("h1");
+        let peers = st["networks"][0]["peers"].as_array().cloned().unwrap_or_default();
+        if let Some(p) = peers.iter().find(|p| p["host"] == "h2") {
+            let errs = p["errors"].to_string();
+            assert!(errs.contains("not on a shared link"), "{st}");
+            break;
+        }
+        assert!(Instant::now() < until, "h2 never appeared as a peer: {st}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A client in `from` that sends a line every 20 ms to `addr`:7000 and checks the echo,
+/// for `secs`; prints the longest gap it saw and exits non-zero on any error.
+fn stream(from: &Container, addr: &str, secs: u32) -> Child {
+    let code = format!(
+        "import socket,time,sys\n\
+         s=socket.create_connection(('{addr}',7000),timeout=5)\n\
+         print('connected',flush=True)\n\
+         end=time.time()+{secs};worst=0;n=0\n\
+         while time.time()<end:\n  t=time.time();s.sendall(b'x'*64);d=b''\n  \
+         while len(d)<64:\n    r=s.recv(64-len(d))\n    assert r,'closed'\n    d+=r\n  \
+         worst=max(worst,time.time()-t);n+=1;time.sleep(0.02)\n\
+         print('ok',n,round(worst,3),flush=True)\n"
+    );
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &from.netns(), "python3", "-u", "-c", &code])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("stream client");
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "connected");
+    child
+}
+
+#[test]
+fn agent_kill_and_restart_keeps_a_stream_flowing() {
+    let mut lab = Lab::up("mhrest", 2, 1, "vxlan", &[]);
+    let c1 = lab.container("h1", "c1");
+    let c2 = lab.container("h2", "c2");
+    echo(&c1, &c2.v4, Duration::from_secs(5)).unwrap();
+    let client = stream(&c1, &c2.v4, 8);
+    std::thread::sleep(Duration::from_secs(1));
+    lab.lab(&["stop-agent", "h2", "--kill"]);
+    std::thread::sleep(Duration::from_secs(2));
+    lab.lab(&["start-agent", "h2"]);
+    let o = client.wait_with_output().unwrap();
+    assert!(o.status.success(), "stream broke across the restart: {}", out(&o));
+    // The restarted agent found the kernel already right: it changed nothing.
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let o = lab.exec("h2", &["status", "--json"]);
+        if o.status.success() {
+            let st: Value = serde_json::from_slice(&o.stdout).unwrap();
+            if st["reconciles"].as_u64().unwrap_or(0) > 0 {
+                assert_eq!(st["changes"], 0, "restart rewrote the fabric: {st}");
+                break;
+            }
+        }
+        assert!(Instant::now() < until, "restarted agent never reconciled");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    echo(&c2, &c1.v6, Duration::from_secs(5)).unwrap();
+}
+
+fn cni_add(lab: &Lab, host: &str, id: &str, netns: &str) -> (i32, Value) {
+    let state = format!("/run/ferrynet-lab/{}/{host}", lab.name);
+    let conf = serde_json::json!({
+        "cniVersion": "1.1.0", "name": "fabric", "type": "ferrynet", "stateDir": state
+    });
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}-{host}", lab.name))
+        .arg(bin())
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", id)
+        .env("CNI_NETNS", format!("/run/netns/{netns}"))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        serde_json::from_slice(&o.stdout).unwrap_or(Value::Null),
+    )
+}
+
+fn cni_del(lab: &Lab, host: &str, id: &str, netns: &str) {
+    let state = format!("/run/ferrynet-lab/{}/{host}", lab.name);
+    let conf = serde_json::json!({
+        "cniVersion": "1.1.0", "name": "fabric", "type": "ferrynet", "stateDir": state
+    });
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}-{host}", lab.name))
+        .arg(bin())
+        .env("CNI_COMMAND", "DEL")
+        .env("CNI_CONTAINERID", id)
+        .env("CNI_NETNS", format!("/run/netns/{netns}"))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    let _ = child.wait_with_output();
+}
+
+/// A bare network namespace for a CNI ADD, removed on drop.
+struct Netns(String);
+impl Netns {
+    fn new(name: &str) -> Netns {
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        let o = Command::new("ip").args(["netns", "add", name]).output().unwrap();
+        assert!(o.status.success());
+        Netns(name.to_string())
+    }
+}
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+#[test]
+fn etcd_outage_keeps_traffic_and_fails_adds_with_try_again() {
+    let mut lab = Lab::up("mhetcd", 2, 1, "route", &[]);
+    let c1 = lab.container("h1", "c1");
+    let c2 = lab.container("h2", "c2");
+    echo(&c1, &c2.v4, Duration::from_secs(5)).unwrap();
+    lab.lab(&["stop-etcd"]);
+    let started = Instant::now();
+    // Existing traffic does not depend on the store.
+    echo(&c1, &c2.v4, Duration::from_secs(1)).unwrap();
+    echo(&c2, &c1.v6, Duration::from_secs(1)).unwrap();
+    let ns = Netns::new(&format!("{}-cni", lab.name));
+    let t = Instant::now();
+    let (code, err) = cni_add(&lab, "h1", "outage1", &ns.0);
+    assert_ne!(code, 0, "ADD succeeded with etcd down: {err}");
+    assert_eq!(err["code"], 11, "expected try-again-later: {err}");
+    assert!(
+        err["msg"].as_str().unwrap_or("").contains("store"),
+        "message should name the store: {err}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(20), "ADD hung for {:?}", t.elapsed());
+    // Agents report the outage.
+    let until = Instant::now() + Duration::from_secs(15);
+    while lab.status("h2")["storeOk"] != false {
+        assert!(Instant::now() < until, "agent never noticed the outage");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The outage lasts 30 s; traffic keeps flowing all along.
+    while started.elapsed() < Duration::from_secs(30) {
+        echo(&c1, &c2.v4, Duration::from_secs(1)).unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    lab.lab(&["start-etcd"]);
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, res) = cni_add(&lab, "h1", "outage1", &ns.0);
+        if code == 0 {
+            let ip = res["ips"][0]["address"].as_str().unwrap().to_string();
+            assert!(ip.starts_with("10.20."), "{res}");
+            break;
+        }
+        assert!(Instant::now() < until, "ADD still failing after etcd returned: {res}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for h in ["h1", "h2"] {
+        let until = Instant::now() + Duration::from_secs(20);
+        while lab.status(h)["storeOk"] != true {
+            assert!(Instant::now() < until, "agent on {h} never reconnected");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    echo(&c2, &c1.v4, Duration::from_secs(5)).unwrap();
+    cni_del(&lab, "h1", "outage1", &ns.0);
+}
+
+#[test]
+fn removed_host_is_cleaned_up_by_its_peers() {
+    let mut lab = Lab::up("mhgone", 3, 1, "vxlan", &["--grace", "3s", "--lease-ttl", "2s"]);
+    let c3 = lab.container("h3", "c3");
+    let block = |st: &Value| -> Vec<String> {
+        st["networks"][0]["peers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter(|p| p["host"] == "h3")
+            .flat_map(|p| p["blocks"].as_array().cloned().unwrap_or_default())
+            .filter_map(|b| b.as_str().map(str::to_string))
+            .collect()
+    };
+    let h3_blocks = block(&lab.status("h1"));
+    assert!(!h3_blocks.is_empty(), "h1 should see h3's blocks");
+    lab.lab(&["stop-agent", "h3", "--kill"]);
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = lab.status("h1");
+        let routes = Command::new("ip")
+            .args(["-n", &format!("{}-h1", lab.name), "route", "show", "proto", "113"])
+            .output()
+            .unwrap();
+        let routes = out(&routes);
+        let v4_block = h3_blocks.iter().find(|b| !b.contains(':')).unwrap();
+        if block(&st).is_empty() && !routes.contains(v4_block.as_str()) {
+            // Its endpoint was released too: the address is free in the store.
+            let o = lab.exec("h1", &["network", "inspect", "fabric"]);
+            assert!(
+                !out(&o).contains(&c3.v4),
+                "h3's endpoint still recorded: {}",
+                out(&o)
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "h1 still routes to h3 after 30 s: {st}\n{routes}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Its container goes with the lab (its netns stays until rm).
+}
