@@ -2,6 +2,7 @@
 
 mod cli;
 mod cni;
+mod cnm;
 mod container;
 mod control;
 mod error;

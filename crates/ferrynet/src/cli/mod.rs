@@ -1,6 +1,6 @@
 //! The command line: networks, containers, CNI installation.
 
-mod hostroutes;
+pub(crate) mod hostroutes;
 mod install;
 mod table;
 
@@ -74,6 +74,8 @@ enum Cmd {
     InstallCni(install::InstallArgs),
     /// Rebuild ferrynet's nftables table from the store (after a firewall reload wiped it).
     Reload,
+    /// Serve Docker's network and IPAM driver API in the foreground (see docs/DOCKER.md).
+    DockerPlugin(crate::cnm::PluginArgs),
 }
 
 #[derive(Args, Debug)]
@@ -193,6 +195,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("ruleset restored ({n} published port element(s))");
                 Ok(ExitCode::SUCCESS)
             }
+            Cmd::DockerPlugin(a) => crate::cnm::run_plugin(std::sync::Arc::new(ctl), a)
+                .await
+                .map(|_| ExitCode::SUCCESS),
         }
     })
 }
@@ -219,9 +224,20 @@ async fn network(ctl: &Control, cmd: NetworkCmd) -> anyhow::Result<()> {
                 "FLAGS",
                 "ENDPOINTS",
             ]);
+            // Networks that are Docker networks (ferrynet's CNM driver) say which.
+            let docker = crate::cnm::records::docker_networks(ctl)
+                .await
+                .unwrap_or_default();
             for n in &nets {
                 let eps = ctl.endpoints(&n.name).await?.len();
                 let mut flags = Vec::new();
+                let docker_flag = docker
+                    .iter()
+                    .find(|d| d.name == n.name)
+                    .map(|d| format!("docker={}", d.docker_id.get(..12).unwrap_or(&d.docker_id)));
+                if let Some(f) = &docker_flag {
+                    flags.push(f.as_str());
+                }
                 if n.internal {
                     flags.push("internal");
                 }

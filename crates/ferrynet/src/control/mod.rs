@@ -4,6 +4,7 @@
 //! before the kernel is touched (so a crash leaves a record that DEL or GC can clean up), and
 //! every kernel change is idempotent.
 
+pub mod cnm_endpoint;
 pub mod edge;
 pub mod endpoint;
 pub mod ipam;
