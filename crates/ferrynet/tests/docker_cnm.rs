@@ -240,7 +240,7 @@ fn import_image(made: &mut Made) -> String {
     std::fs::create_dir_all(&binp).expect("bin dir");
     std::fs::copy("/bin/busybox", binp.join("busybox")).expect("copy busybox");
     for applet in [
-        "sh", "nc", "wget", "httpd", "ip", "ping", "cat", "echo", "sleep", "true",
+        "sh", "nc", "wget", "httpd", "ip", "ping", "cat", "echo", "sleep", "true", "nslookup",
     ] {
         std::os::unix::fs::symlink("busybox", binp.join(applet)).expect("symlink");
     }
@@ -388,6 +388,14 @@ fn docker_containers_talk_publish_a_port_and_leave_nothing() {
         "{ls}"
     );
 
+    // ferrynet's CLI leaves a Docker network to Docker.
+    let o = plugin.cli(&["network", "rm", &fname]);
+    assert!(
+        !o.status.success() && out(&o).contains("docker network rm"),
+        "{}",
+        out(&o)
+    );
+
     let server = format!("{d}-srv");
     let web = format!("{d}-web");
     made.containers.extend([server.clone(), web.clone()]);
@@ -445,6 +453,9 @@ fn docker_containers_talk_publish_a_port_and_leave_nothing() {
         nc_reply(&["exec", &web, "/bin/nc", "-w", "3", &srv_ip, "7000"])
     });
     assert_eq!(reply, "pong");
+    // Docker's embedded DNS knows containers of a ferrynet network by name.
+    let dns = docker_ok(&["exec", &web, "/bin/nslookup", &server, "127.0.0.11"]);
+    assert!(dns.contains(&srv_ip), "{dns}");
 
     // The published port answers a client in another namespace, through the host's address.
     let (client, host_ip) = outside_client(1);
@@ -976,4 +987,162 @@ fn the_driver_api_without_docker_publishes_and_cleans_up() {
     );
     ok("IpamDriver.ReleasePool", json!({"PoolID": pool_id}));
     assert!(plugin.store_keys().is_empty(), "{:?}", plugin.store_keys());
+}
+
+#[test]
+fn dual_stack_internal_network() {
+    require_docker();
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let plugin = Plugin::start();
+    let mut made = Made::default();
+    let image = import_image(&mut made);
+    let d = plugin.driver.clone();
+    let net = format!("{d}-net");
+    made.networks.push(net.clone());
+    let netid = docker_ok(&[
+        "network",
+        "create",
+        "-d",
+        &d,
+        "--ipam-driver",
+        &d,
+        "--ipv6",
+        "--internal",
+        "--subnet",
+        "10.231.4.0/24",
+        "--subnet",
+        "fd31:4::/64",
+        &net,
+    ]);
+    let ls = out(&plugin.cli(&["network", "ls"]));
+    let row = ls
+        .lines()
+        .find(|l| l.contains(&netid[..12]))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        row.contains("10.231.4.0/24,fd31:4::/64") && row.contains("internal"),
+        "{ls}"
+    );
+
+    let a = format!("{d}-a");
+    made.containers.push(a.clone());
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &a,
+        "--network",
+        &net,
+        &image,
+        "/bin/nc",
+        "-ll",
+        "-p",
+        "7000",
+        "-e",
+        "/bin/echo",
+        "pong6",
+    ]);
+    let a6 = docker_ok(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.GlobalIPv6Address}}{{end}}",
+        &a,
+    ]);
+    assert!(a6.starts_with("fd31:4::"), "{a6}");
+    // Internal: no default route of either family.
+    let r4 = docker_ok(&["exec", &a, "/bin/ip", "route"]);
+    let r6 = docker_ok(&["exec", &a, "/bin/ip", "-6", "route"]);
+    assert!(
+        !r4.contains("default") && !r6.contains("default"),
+        "{r4}\n{r6}"
+    );
+    let r = eventually("the IPv6 server", || {
+        nc_reply(&[
+            "run",
+            "--rm",
+            "--network",
+            &net,
+            &image,
+            "/bin/nc",
+            "-w",
+            "3",
+            &a6,
+            "7000",
+        ])
+    });
+    assert_eq!(r, "pong6");
+    // Ports cannot be published on an internal network: Docker reports ferrynet's reason.
+    let o = docker(&[
+        "run",
+        "--rm",
+        "--network",
+        &net,
+        "-p",
+        "18081:80",
+        &image,
+        "/bin/true",
+    ]);
+    if o.status.success() {
+        // Docker skips external connectivity on networks it knows are internal.
+        assert_eq!(map_len("pm4_any"), 0);
+    } else {
+        assert!(out(&o).contains("internal"), "{}", out(&o));
+    }
+    docker_ok(&["rm", "-f", &a]);
+    made.containers.clear();
+    docker_ok(&["network", "rm", &net]);
+    made.networks.clear();
+    assert!(plugin.store_keys().is_empty(), "{:?}", plugin.store_keys());
+    assert!(host_links(&["fnv", "fnp"]).is_empty());
+}
+
+#[test]
+fn a_stale_socket_is_replaced_and_a_live_one_kept() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    // A socket file nobody listens on (a plugin that was killed) is replaced.
+    let driver = format!("fnt-{}", tag());
+    let path = PathBuf::from(format!("/run/docker/plugins/{driver}.sock"));
+    std::fs::create_dir_all("/run/docker/plugins").expect("plugins dir");
+    drop(std::os::unix::net::UnixListener::bind(&path).expect("bind a socket"));
+    assert!(path.exists());
+    let state = tempfile::tempdir().expect("state");
+    let s = state.path().display().to_string();
+    let p = path.display().to_string();
+    let mut child = Command::new(bin())
+        .args(["--state-dir", &s, "docker-plugin", "--socket", &p])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let guard = Proc(child.id());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while UnixStream::connect(&path).is_err() {
+        assert!(
+            child.try_wait().ok().flatten().is_none(),
+            "the plugin exited"
+        );
+        assert!(Instant::now() < deadline, "the plugin never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(post(&path, "Plugin.Activate", "").0, 200);
+    // A second plugin on a live socket refuses to start and leaves it alone.
+    let o = sh(&[bin(), "--state-dir", &s, "docker-plugin", "--socket", &p]);
+    assert!(!o.status.success());
+    assert!(out(&o).contains("another running plugin"), "{}", out(&o));
+    assert_eq!(post(&path, "Plugin.Activate", "").0, 200);
+    drop(guard);
+    let st = child.wait().expect("wait");
+    assert!(st.success(), "{st}");
+    assert!(!path.exists(), "the socket is removed on SIGTERM");
+}
+
+/// SIGTERM to a process by PID on drop.
+struct Proc(u32);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0 as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
 }

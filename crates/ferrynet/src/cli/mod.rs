@@ -278,6 +278,20 @@ async fn network(ctl: &Control, cmd: NetworkCmd) -> anyhow::Result<()> {
             );
         }
         NetworkCmd::Rm { name, force } => {
+            // A Docker network's ferrynet network is removed through Docker, which owns it.
+            if let Some(d) = crate::cnm::records::docker_networks(ctl)
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .find(|d| d.name == name)
+            {
+                if !force {
+                    bail!(
+                        "network {name} is Docker network {}; remove it with `docker network rm` (or use --force)",
+                        d.docker_id.get(..12).unwrap_or(&d.docker_id)
+                    );
+                }
+            }
             ctl.delete_network(&name, force).await?;
             println!("{name}");
         }
