@@ -4,7 +4,7 @@
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute};
 use rtnetlink::{LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth};
 
-use crate::error::{errno, nl, DataplaneError, Result};
+use crate::error::{errno, nl as nl_err, DataplaneError, Result};
 use crate::netlink::Netlink;
 
 /// A pair to create: one end on a bridge, the other loose for the runtime to take.
@@ -37,9 +37,9 @@ pub struct Pair {
 
 /// Create the pair in `nl`'s namespace, replacing leftovers with the same names (an
 /// interrupted earlier attempt). On failure nothing is left.
-pub async fn create_pair(nl_: &Netlink, spec: &PairSpec) -> Result<Pair> {
-    nl_.delete_link(&spec.host_name).await?;
-    nl_.delete_link(&spec.peer_name).await?;
+pub async fn create_pair(nl: &Netlink, spec: &PairSpec) -> Result<Pair> {
+    nl.delete_link(&spec.host_name).await?;
+    nl.delete_link(&spec.peer_name).await?;
     let mut peer = LinkUnspec::new_with_name(&spec.peer_name).build();
     if let Some(mac) = spec.peer_mac {
         peer.attributes.push(LinkAttribute::Address(mac.to_vec()));
@@ -54,7 +54,7 @@ pub async fn create_pair(nl_: &Netlink, spec: &PairSpec) -> Result<Pair> {
     if let Some(m) = spec.mtu {
         b = b.mtu(m);
     }
-    match nl_.handle.link().add(b.build()).execute().await {
+    match nl.handle.link().add(b.build()).execute().await {
         Ok(()) => {}
         Err(e) if errno(&e) == Some(17) => {
             return Err(DataplaneError::Conflict(format!(
@@ -62,35 +62,35 @@ pub async fn create_pair(nl_: &Netlink, spec: &PairSpec) -> Result<Pair> {
                 spec.host_name, spec.peer_name
             )))
         }
-        Err(e) => return Err(nl(format!("creating veth pair {}", spec.host_name))(e)),
+        Err(e) => return Err(nl_err(format!("creating veth pair {}", spec.host_name))(e)),
     }
-    match finish(nl_, spec).await {
+    match finish(nl, spec).await {
         Ok(p) => Ok(p),
         Err(e) => {
-            let _ = nl_.delete_link(&spec.host_name).await;
+            let _ = nl.delete_link(&spec.host_name).await;
             Err(e)
         }
     }
 }
 
-async fn finish(nl_: &Netlink, spec: &PairSpec) -> Result<Pair> {
-    let host = nl_
+async fn finish(nl: &Netlink, spec: &PairSpec) -> Result<Pair> {
+    let host = nl
         .link_by_name(&spec.host_name)
         .await?
         .ok_or_else(|| DataplaneError::NotFound(format!("{} vanished", spec.host_name)))?;
-    let peer = nl_
+    let peer = nl
         .link_by_name(&spec.peer_name)
         .await?
         .ok_or_else(|| DataplaneError::NotFound(format!("{} vanished", spec.peer_name)))?;
     if spec.hairpin {
-        nl_.handle
+        nl.handle
             .link()
             .set_port(LinkBridgePort::new(host.index).hairpin(true).build())
             .execute()
             .await
-            .map_err(nl(format!("hairpin on {}", spec.host_name)))?;
+            .map_err(nl_err(format!("hairpin on {}", spec.host_name)))?;
     }
-    nl_.set_up(host.index).await?;
+    nl.set_up(host.index).await?;
     Ok(Pair {
         host_index: host.index,
         host_mac: host.mac.unwrap_or_default(),

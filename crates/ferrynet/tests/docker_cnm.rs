@@ -1146,3 +1146,66 @@ impl Drop for Proc {
         );
     }
 }
+
+#[test]
+fn docker_default_ipam_with_the_ferrynet_driver() {
+    require_docker();
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let plugin = Plugin::start();
+    let mut made = Made::default();
+    let image = import_image(&mut made);
+    let d = plugin.driver.clone();
+    let net = format!("{d}-net");
+    made.networks.push(net.clone());
+    // Docker's own IPAM chooses the addresses; ferrynet records them on its endpoints.
+    let netid = docker_ok(&[
+        "network",
+        "create",
+        "-d",
+        &d,
+        "--subnet",
+        "10.231.5.0/24",
+        &net,
+    ]);
+    let a = format!("{d}-a");
+    made.containers.push(a.clone());
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &a,
+        "--network",
+        &net,
+        &image,
+        "/bin/nc",
+        "-ll",
+        "-p",
+        "7000",
+        "-e",
+        "/bin/echo",
+        "pong",
+    ]);
+    let ip = ip_of(&a);
+    let r = eventually("the server", || {
+        nc_reply(&[
+            "run",
+            "--rm",
+            "--network",
+            &net,
+            &image,
+            "/bin/nc",
+            "-w",
+            "3",
+            &ip,
+            "7000",
+        ])
+    });
+    assert_eq!(r, "pong");
+    let inspect = out(&plugin.cli(&["network", "inspect", &format!("docker-{}", &netid[..12])]));
+    assert!(inspect.contains(&format!("{ip}/24")), "{inspect}");
+    docker_ok(&["rm", "-f", &a]);
+    made.containers.clear();
+    docker_ok(&["network", "rm", &net]);
+    made.networks.clear();
+    assert!(plugin.store_keys().is_empty(), "{:?}", plugin.store_keys());
+}
