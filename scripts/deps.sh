@@ -14,7 +14,7 @@ packages_for() {
   local base="iproute2 nftables iptables util-linux procps iputils-ping python3 ca-certificates"
   case "$1" in
     demo) echo "$base" ;;
-    test) echo "$base containernetworking-plugins" ;;
+    test) echo "$base containernetworking-plugins busybox-static" ;;
     bench) echo "$base containernetworking-plugins netavark iperf3 time" ;;
     *) echo "unknown set $1" >&2; exit 2 ;;
   esac

@@ -6,6 +6,7 @@ pub mod bridge;
 pub mod error;
 pub mod fabric;
 pub mod firewall_compat;
+pub mod hostpair;
 pub mod netlink;
 pub mod netns;
 pub mod nft;

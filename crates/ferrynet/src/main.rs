@@ -3,6 +3,7 @@
 mod agent;
 mod cli;
 mod cni;
+mod cnm;
 mod container;
 mod control;
 mod error;

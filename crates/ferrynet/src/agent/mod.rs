@@ -42,6 +42,8 @@ pub struct AgentOptions {
     pub grace: Duration,
     /// Full re-read of the kernel and store, to repair drift nobody told us about.
     pub resync: Duration,
+    /// Serve Docker's network and IPAM driver on this unix socket too.
+    pub docker_socket: Option<std::path::PathBuf>,
 }
 
 /// Run the agent until SIGINT/SIGTERM.
@@ -87,6 +89,18 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     let sock = api::socket_path(&paths.state_dir);
     let listener = api::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
     let api_task = tokio::spawn(api::serve(listener, status.clone()));
+    let docker_task = match &opts.docker_socket {
+        Some(path) => {
+            let listener = crate::cnm::bind_socket(path)?;
+            tracing::info!(socket = %path.display(), "serving the Docker network and IPAM driver");
+            Some(tokio::spawn(crate::cnm::serve(
+                ctl.clone(),
+                listener,
+                std::future::pending::<()>(),
+            )))
+        }
+        None => None,
+    };
     let reg_task = tokio::spawn(register::keep_registered(
         ctl.store.clone(),
         record,
@@ -121,6 +135,10 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     api_task.abort();
     reg_task.abort();
     let _ = std::fs::remove_file(&sock);
+    if let (Some(t), Some(path)) = (docker_task, &opts.docker_socket) {
+        t.abort();
+        let _ = std::fs::remove_file(path);
+    }
     tracing::info!("agent stopped");
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! The command line: networks, containers, CNI installation.
 
-mod hostroutes;
+pub(crate) mod hostroutes;
 mod install;
 mod lab;
 mod status;
@@ -81,6 +81,8 @@ enum Cmd {
     InstallCni(install::InstallArgs),
     /// Rebuild ferrynet's nftables table from the store (after a firewall reload wiped it).
     Reload,
+    /// Serve Docker's network and IPAM driver API in the foreground (see docs/DOCKER.md).
+    DockerPlugin(crate::cnm::PluginArgs),
     /// Run the per-host agent of a multi-host cluster (foreground; stop with SIGTERM).
     Agent(AgentArgs),
     /// Show the agent's view: hosts, blocks, peers, the backend to each, the last reconcile.
@@ -107,6 +109,10 @@ struct AgentArgs {
     /// How often the kernel is re-checked against the store even without changes.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     resync: Duration,
+    /// Also serve Docker's remote network + IPAM driver on this socket (Docker finds
+    /// /run/docker/plugins/ferrynet.sock as driver `ferrynet`; see docs/DOCKER.md).
+    #[arg(long, value_name = "PATH")]
+    docker_socket: Option<PathBuf>,
 }
 
 /// `10s`, `500ms`, `2m` or a bare number of seconds.
@@ -249,6 +255,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     lease_ttl: a.lease_ttl,
                     grace: a.grace,
                     resync: a.resync,
+                    docker_socket: a.docker_socket,
                 };
                 return crate::agent::run(paths, opts).await.map(|_| ExitCode::SUCCESS);
             }
@@ -276,6 +283,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("ruleset restored ({n} published port element(s))");
                 Ok(ExitCode::SUCCESS)
             }
+            Cmd::DockerPlugin(a) => crate::cnm::run_plugin(std::sync::Arc::new(ctl), a)
+                .await
+                .map(|_| ExitCode::SUCCESS),
         }
     })
 }
@@ -302,9 +312,20 @@ async fn network(ctl: &Control, cmd: NetworkCmd) -> anyhow::Result<()> {
                 "FLAGS",
                 "ENDPOINTS",
             ]);
+            // Networks that are Docker networks (ferrynet's CNM driver) say which.
+            let docker = crate::cnm::records::docker_networks(ctl)
+                .await
+                .unwrap_or_default();
             for n in &nets {
                 let eps = ctl.endpoints(&n.name).await?.len();
                 let mut flags = Vec::new();
+                let docker_flag = docker
+                    .iter()
+                    .find(|d| d.name == n.name)
+                    .map(|d| format!("docker={}", d.docker_id.get(..12).unwrap_or(&d.docker_id)));
+                if let Some(f) = &docker_flag {
+                    flags.push(f.as_str());
+                }
                 if n.internal {
                     flags.push("internal");
                 }
@@ -345,6 +366,20 @@ async fn network(ctl: &Control, cmd: NetworkCmd) -> anyhow::Result<()> {
             );
         }
         NetworkCmd::Rm { name, force } => {
+            // A Docker network's ferrynet network is removed through Docker, which owns it.
+            if let Some(d) = crate::cnm::records::docker_networks(ctl)
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .find(|d| d.name == name)
+            {
+                if !force {
+                    bail!(
+                        "network {name} is Docker network {}; remove it with `docker network rm` (or use --force)",
+                        d.docker_id.get(..12).unwrap_or(&d.docker_id)
+                    );
+                }
+            }
             ctl.delete_network(&name, force).await?;
             println!("{name}");
         }

@@ -4,6 +4,7 @@
 //! before the kernel is touched (so a crash leaves a record that DEL or GC can clean up), and
 //! every kernel change is idempotent.
 
+pub mod cnm_endpoint;
 pub mod edge;
 pub mod endpoint;
 pub mod host;
@@ -62,13 +63,9 @@ pub struct Control {
 }
 
 impl Control {
-    /// Open the store this host is configured for (`FERRYNET_STORE`, else host.json, else the
-    /// embedded file in the state directory) and load the nft executor.
-    pub async fn open(paths: Paths) -> Result<Control> {
-        Self::open_with(paths, None, None).await
-    }
-
-    /// Like [`Control::open`], with an explicit store URL and host name taking precedence.
+    /// Open the store this host is configured for (an explicit URL, else `FERRYNET_STORE`, else
+    /// host.json, else the embedded file in the state directory) and load the nft executor; an
+    /// explicit host name likewise wins over `FERRYNET_HOST`, host.json and the system's.
     pub async fn open_with(
         paths: Paths,
         store: Option<&str>,

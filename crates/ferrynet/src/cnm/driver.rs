@@ -1,0 +1,579 @@
+//! `NetworkDriver.*`: Docker networks as ferrynet networks, Docker endpoints as ferrynet
+//! endpoints whose veth pair Docker moves into the container itself.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ferrynet_model::ipam::validate_network_subnets;
+use ferrynet_model::names::{format_mac, host_veth_name, parse_mac, temp_peer_name};
+use ferrynet_model::network::{Endpoint, Network, NetworkMode, Subnet};
+use ferrynet_store::{Compare, Op};
+use ipnet::IpNet;
+use serde_json::{json, Value};
+
+use super::error::{CnmError, Result};
+use super::options::{
+    bindings_of, derived_name, endpoint_mac, families, network_options, parse_addr, parse_pool,
+    port_bindings, resolve_bindings, subnet_for_pool, NetworkOptions,
+};
+use super::protocol::*;
+use super::records::{
+    self, network_key, pool_key, to_bytes, DockerNetwork, DOCKER_IFNAME, IPAM_OWNER,
+};
+use super::Plugin;
+use crate::error::ControlError;
+
+/// Prefix Docker gives the interface in the container (it appends a number: `eth0`).
+pub const DST_PREFIX: &str = "eth";
+
+/// One pool of a `CreateNetwork` request, parsed.
+struct PoolData {
+    pool: IpNet,
+    gateway: Option<IpAddr>,
+    aux: Vec<IpAddr>,
+}
+
+fn parse_pools(data: &[IpamData], v6: bool) -> Result<Vec<PoolData>> {
+    data.iter()
+        .map(|d| {
+            let pool = parse_pool("pool", &d.pool)?;
+            if pool.addr().is_ipv6() != v6 || pool.prefix_len() == 0 {
+                return Err(CnmError::Invalid(format!(
+                    "pool {pool} is not a usable IPv{} subnet (is an IPAM driver with real pools in use?)",
+                    if v6 { 6 } else { 4 }
+                )));
+            }
+            let gateway = match d.gateway.trim() {
+                "" => None,
+                g => Some(parse_addr("gateway", g)?),
+            };
+            let aux = d
+                .aux_addresses
+                .values()
+                .map(|a| parse_addr("auxiliary address", a))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(PoolData { pool, gateway, aux })
+        })
+        .collect()
+}
+
+fn need(what: &str, v: &str) -> Result<()> {
+    if v.trim().is_empty() {
+        return Err(CnmError::Invalid(format!("the request has no {what}")));
+    }
+    Ok(())
+}
+
+impl Plugin {
+    /// `NetworkDriver.GetCapabilities`: one host's networks.
+    pub fn capabilities(&self) -> CapabilitiesResponse {
+        CapabilitiesResponse {
+            scope: "local".into(),
+            connectivity_scope: "local".into(),
+        }
+    }
+
+    /// The ferrynet network behind a Docker network id.
+    async fn bound(&self, docker_id: &str) -> Result<(DockerNetwork, Network)> {
+        need("NetworkID", docker_id)?;
+        let b = records::docker_network(&self.ctl, docker_id)
+            .await?
+            .ok_or_else(|| {
+                CnmError::NotFound(format!(
+                    "Docker network {docker_id} is not a ferrynet network"
+                ))
+            })?;
+        let (net, _) = self.ctl.network(&b.name).await?.ok_or_else(|| {
+            CnmError::NotFound(format!(
+                "ferrynet network {} of Docker network {docker_id} no longer exists",
+                b.name
+            ))
+        })?;
+        Ok((b, net))
+    }
+
+    /// `NetworkDriver.CreateNetwork`: create (or adopt) the ferrynet network and bind it to
+    /// Docker's id. Repeating it for a bound id succeeds.
+    pub async fn create_network(&self, req: CreateNetworkRequest) -> Result<Empty> {
+        need("NetworkID", &req.network_id)?;
+        let opts = network_options(&req.options)?;
+        let mut pools = parse_pools(&req.ipv4_data, false)?;
+        pools.extend(parse_pools(&req.ipv6_data, true)?);
+        if pools.is_empty() {
+            return Err(CnmError::Invalid(
+                "Docker passed no address pool; create the network with --subnet or an IPAM driver"
+                    .into(),
+            ));
+        }
+        let _g = self.lock.lock().await;
+        let ctl = &self.ctl;
+        if let Some(b) = records::docker_network(ctl, &req.network_id).await? {
+            tracing::info!(docker = %req.network_id, network = %b.name, "CreateNetwork repeated");
+            return Ok(Empty {});
+        }
+        // Pools from ferrynet's IPAM carry their sub-range and, when adopted, their network.
+        let mut records = Vec::new();
+        for p in &pools {
+            records.push(records::pool(ctl, &p.pool.to_string()).await?);
+        }
+        let adopted: Vec<String> = records
+            .iter()
+            .flatten()
+            .filter(|(r, _)| r.adopted)
+            .filter_map(|(r, _)| r.network.clone())
+            .collect();
+        let name = match (adopted.first(), &opts.name) {
+            (Some(a), Some(n)) if a != n => {
+                return Err(CnmError::Invalid(format!(
+                    "the pools belong to ferrynet network {a} but -o ferrynet.network={n}"
+                )))
+            }
+            (Some(a), _) => {
+                if adopted.iter().any(|x| x != a) {
+                    return Err(CnmError::Invalid(
+                        "the pools belong to different ferrynet networks".into(),
+                    ));
+                }
+                a.clone()
+            }
+            (None, Some(n)) => n.clone(),
+            (None, None) => derived_name(&req.network_id)?,
+        };
+        if let Some(other) = records::docker_networks(ctl)
+            .await?
+            .into_iter()
+            .find(|d| d.name == name)
+        {
+            return Err(CnmError::Invalid(format!(
+                "ferrynet network {name} is already Docker network {}",
+                other.docker_id
+            )));
+        }
+        let adopt = match ctl.network(&name).await? {
+            Some((existing, _)) => {
+                check_adoptable(&existing, &pools, &opts)?;
+                true
+            }
+            None => {
+                let mut subnets: Vec<Subnet> = Vec::new();
+                for (p, rec) in pools.iter().zip(&records) {
+                    let sub_pool = rec.as_ref().and_then(|(r, _)| r.sub_pool);
+                    subnets.push(subnet_for_pool(p.pool, p.gateway, sub_pool, &p.aux)?);
+                }
+                let net = Network {
+                    name: name.clone(),
+                    mode: NetworkMode::Bridge,
+                    bridge: opts.bridge.clone().unwrap_or_default(),
+                    subnets,
+                    mtu: opts.mtu,
+                    internal: opts.internal,
+                    ip_masq: opts.masquerade.unwrap_or(true) && !opts.internal,
+                    fabric: None,
+                };
+                ctl.create_network(net).await?;
+                false
+            }
+        };
+        let binding = DockerNetwork {
+            docker_id: req.network_id.clone(),
+            name: name.clone(),
+            adopted: adopt,
+            ipv6: opts.ipv6,
+        };
+        let mut compares = vec![Compare::Missing(network_key(&req.network_id))];
+        let mut ops = vec![Op::put(network_key(&req.network_id), to_bytes(&binding))];
+        for (p, rec) in pools.iter().zip(&records) {
+            if let Some((r, rev)) = rec {
+                let mut r = r.clone();
+                r.network = Some(name.clone());
+                let k = pool_key(&p.pool.to_string());
+                compares.push(Compare::ModRevision(k.clone(), *rev));
+                ops.push(Op::put(k, to_bytes(&r)));
+            }
+        }
+        let res = ctl.store.txn(compares, ops).await;
+        if !matches!(res, Ok(r) if r.succeeded) {
+            if !adopt {
+                if let Err(e) = ctl.delete_network(&name, true).await {
+                    tracing::warn!(error = %e, network = %name, "cleanup: removing the network failed");
+                }
+            }
+            res?;
+            return Err(CnmError::Invalid(format!(
+                "Docker network {} or its pools changed meanwhile; try again",
+                req.network_id
+            )));
+        }
+        tracing::info!(docker = %req.network_id, network = %name, adopted = adopt, "Docker network bound");
+        Ok(Empty {})
+    }
+
+    /// `NetworkDriver.DeleteNetwork`: remove the ferrynet network (unless it was adopted or
+    /// containers outside Docker still use it) and the binding. Unknown ids succeed.
+    pub async fn delete_network(&self, req: NetworkRequest) -> Result<Empty> {
+        need("NetworkID", &req.network_id)?;
+        let _g = self.lock.lock().await;
+        let ctl = &self.ctl;
+        let Some(b) = records::docker_network(ctl, &req.network_id).await? else {
+            return Ok(Empty {});
+        };
+        if !b.adopted && ctl.network(&b.name).await?.is_some() {
+            let others: Vec<String> = ctl
+                .endpoints(&b.name)
+                .await?
+                .into_iter()
+                .filter(|e| e.ifname != DOCKER_IFNAME)
+                .map(|e| e.container_id)
+                .collect();
+            if others.is_empty() {
+                ctl.delete_network(&b.name, true).await?;
+            } else {
+                tracing::warn!(
+                    network = %b.name,
+                    containers = %others.join(","),
+                    "Docker network removed; the ferrynet network stays for its other containers"
+                );
+            }
+        }
+        ctl.store.delete(&network_key(&req.network_id)).await?;
+        tracing::info!(docker = %req.network_id, network = %b.name, "Docker network unbound");
+        Ok(Empty {})
+    }
+
+    /// `NetworkDriver.AllocateNetwork`: only swarm managers call it, for global-scope drivers;
+    /// a local network needs nothing allocated cluster-wide.
+    pub fn allocate_network(&self, req: AllocateNetworkRequest) -> Result<AllocateNetworkResponse> {
+        need("NetworkID", &req.network_id)?;
+        Ok(AllocateNetworkResponse::default())
+    }
+
+    /// `NetworkDriver.FreeNetwork`: nothing was allocated.
+    pub fn free_network(&self, req: NetworkRequest) -> Result<Empty> {
+        need("NetworkID", &req.network_id)?;
+        Ok(Empty {})
+    }
+
+    /// The recorded endpoint of a Docker endpoint.
+    async fn docker_endpoint(
+        &self,
+        network_id: &str,
+        endpoint_id: &str,
+    ) -> Result<(Network, Endpoint)> {
+        need("EndpointID", endpoint_id)?;
+        let (_, net) = self.bound(network_id).await?;
+        let ep = self
+            .ctl
+            .endpoint(&net.name, endpoint_id, DOCKER_IFNAME)
+            .await?
+            .ok_or_else(|| {
+                CnmError::NotFound(format!(
+                    "endpoint {endpoint_id} does not exist on ferrynet network {}",
+                    net.name
+                ))
+            })?;
+        Ok((net, ep))
+    }
+
+    /// `NetworkDriver.CreateEndpoint`: record the endpoint with the addresses Docker's IPAM gave
+    /// (ferrynet's own or another), allocating a family Docker left empty, and a MAC.
+    pub async fn create_endpoint(
+        &self,
+        req: CreateEndpointRequest,
+    ) -> Result<CreateEndpointResponse> {
+        need("EndpointID", &req.endpoint_id)?;
+        let (binding, net) = self.bound(&req.network_id).await?;
+        if net.mode != NetworkMode::Bridge {
+            return Err(CnmError::Invalid(format!(
+                "ferrynet network {} is not a bridged network",
+                net.name
+            )));
+        }
+        let iface = req.interface.clone().unwrap_or_default();
+        let mut requested = Vec::new();
+        if !iface.address.trim().is_empty() {
+            requested.push(parse_addr("Address", &iface.address)?);
+        }
+        if !iface.address_ipv6.trim().is_empty() {
+            requested.push(parse_addr("AddressIPv6", &iface.address_ipv6)?);
+        }
+        let docker_mac = match iface.mac_address.trim() {
+            "" => None,
+            m => Some(parse_mac(m).map_err(|e| CnmError::Invalid(e.to_string()))?),
+        };
+        let (has4, has6) = families(&net.subnets);
+        let allocate = (
+            has4 && iface.address.trim().is_empty(),
+            has6 && binding.ipv6 && iface.address_ipv6.trim().is_empty(),
+        );
+        let v4 = requested.iter().copied().find(IpAddr::is_ipv4);
+        let mac = docker_mac.unwrap_or_else(|| endpoint_mac(v4, &req.endpoint_id));
+        let template = Endpoint {
+            network: net.name.clone(),
+            container_id: req.endpoint_id.clone(),
+            ifname: DOCKER_IFNAME.into(),
+            netns: None,
+            ips: Vec::new(),
+            mac: Some(format_mac(&mac)),
+            host_veth: Some(host_veth_name(&net.name, &req.endpoint_id, DOCKER_IFNAME)),
+            host_mac: None,
+            port_mappings: Vec::new(),
+            host: None,
+        };
+        let _g = self.lock.lock().await;
+        let (ep, fresh) = self
+            .ctl
+            .record_endpoint(&net, template, &requested, allocate, IPAM_OWNER)
+            .await?;
+        if !fresh {
+            tracing::info!(endpoint = %req.endpoint_id, "CreateEndpoint repeated");
+        }
+        let mut out = EndpointInterface::default();
+        for ip in &ep.ips {
+            if requested.contains(&ip.addr()) {
+                continue;
+            }
+            if ip.addr().is_ipv4() {
+                out.address = ip.to_string();
+            } else {
+                out.address_ipv6 = ip.to_string();
+            }
+        }
+        if docker_mac.is_none() {
+            out.mac_address = ep.mac.clone().unwrap_or_default();
+        }
+        tracing::info!(endpoint = %req.endpoint_id, network = %net.name, ips = ?ep.ips, "Docker endpoint created");
+        Ok(CreateEndpointResponse {
+            interface: (out != EndpointInterface::default()).then_some(out),
+        })
+    }
+
+    /// `NetworkDriver.EndpointOperInfo`: addresses, MAC, host link and published ports.
+    pub async fn endpoint_info(&self, req: EndpointRequest) -> Result<EndpointInfoResponse> {
+        let (net, ep) = self
+            .docker_endpoint(&req.network_id, &req.endpoint_id)
+            .await?;
+        let v4 = ep.ips.iter().map(|i| i.addr()).find(IpAddr::is_ipv4);
+        let mut value = BTreeMap::new();
+        value.insert("ferrynet.network".into(), Value::String(net.name.clone()));
+        value.insert(
+            "ferrynet.addresses".into(),
+            json!(ep.ips.iter().map(|i| i.to_string()).collect::<Vec<_>>()),
+        );
+        if let Some(m) = &ep.mac {
+            value.insert("com.docker.network.endpoint.macaddress".into(), json!(m));
+        }
+        if let Some(h) = &ep.host_veth {
+            value.insert("ferrynet.host_veth".into(), json!(h));
+        }
+        value.insert(PORTMAP.into(), json!(bindings_of(&ep.port_mappings, v4)));
+        Ok(EndpointInfoResponse { value })
+    }
+
+    /// `NetworkDriver.DeleteEndpoint`: remove the veth if still there, withdraw ports, release
+    /// what the endpoint holds. Unknown endpoints succeed.
+    pub async fn delete_endpoint(&self, req: EndpointRequest) -> Result<Empty> {
+        need("EndpointID", &req.endpoint_id)?;
+        let Some(b) = records::docker_network(&self.ctl, &req.network_id).await? else {
+            return Ok(Empty {});
+        };
+        let _g = self.lock.lock().await;
+        let Some(ep) = self
+            .ctl
+            .endpoint(&b.name, &req.endpoint_id, DOCKER_IFNAME)
+            .await?
+        else {
+            return Ok(Empty {});
+        };
+        let host = ep
+            .host_veth
+            .clone()
+            .unwrap_or_else(|| host_veth_name(&b.name, &req.endpoint_id, DOCKER_IFNAME));
+        self.ctl.delete_host_link(&host).await?;
+        self.ctl.forget_endpoint(&ep).await?;
+        tracing::info!(endpoint = %req.endpoint_id, network = %b.name, "Docker endpoint deleted");
+        Ok(Empty {})
+    }
+
+    /// `NetworkDriver.Join`: a veth pair in the host namespace, one end on the bridge, the other
+    /// for Docker to move into the container as `eth<N>`, plus the gateways.
+    pub async fn join(&self, req: JoinRequest) -> Result<JoinResponse> {
+        let (net, ep) = self
+            .docker_endpoint(&req.network_id, &req.endpoint_id)
+            .await?;
+        let host_name = ep
+            .host_veth
+            .clone()
+            .unwrap_or_else(|| host_veth_name(&net.name, &ep.container_id, DOCKER_IFNAME));
+        let peer_name = temp_peer_name(&net.name, &ep.container_id, DOCKER_IFNAME);
+        let mac = match &ep.mac {
+            Some(m) => Some(parse_mac(m).map_err(|e| CnmError::Invalid(e.to_string()))?),
+            None => None,
+        };
+        let _g = self.lock.lock().await;
+        let pair = self
+            .ctl
+            .create_host_pair(&net, &host_name, &peer_name, mac)
+            .await?;
+        let mut done = ep.clone();
+        done.host_veth = Some(pair.host_name.clone());
+        done.host_mac = Some(format_mac(&pair.host_mac));
+        if let Err(e) = self.ctl.update_endpoint(&done).await {
+            let _ = self.ctl.delete_host_link(&pair.host_name).await;
+            return Err(e.into());
+        }
+        let mut resp = JoinResponse {
+            interface_name: InterfaceName {
+                src_name: pair.peer_name.clone(),
+                dst_prefix: DST_PREFIX.into(),
+            },
+            disable_gateway_service: net.internal,
+            ..Default::default()
+        };
+        if !net.internal {
+            let subnets = validate_network_subnets(&net.subnets)
+                .map_err(|e| CnmError::Invalid(e.to_string()))?;
+            for ip in &ep.ips {
+                let Some(s) = subnets.iter().find(|s| s.cidr.contains(&ip.addr())) else {
+                    continue;
+                };
+                if ip.addr().is_ipv4() {
+                    resp.gateway = s.gateway.to_string();
+                } else {
+                    resp.gateway_ipv6 = s.gateway.to_string();
+                }
+            }
+        }
+        tracing::info!(endpoint = %ep.container_id, network = %net.name, veth = %pair.host_name, "Docker endpoint joined");
+        Ok(resp)
+    }
+
+    /// `NetworkDriver.Leave`: remove the veth pair (Docker has moved our end back or the
+    /// container's namespace is gone). Unknown endpoints succeed.
+    pub async fn leave(&self, req: EndpointRequest) -> Result<Empty> {
+        need("EndpointID", &req.endpoint_id)?;
+        let Some(b) = records::docker_network(&self.ctl, &req.network_id).await? else {
+            return Ok(Empty {});
+        };
+        let _g = self.lock.lock().await;
+        let ep = self
+            .ctl
+            .endpoint(&b.name, &req.endpoint_id, DOCKER_IFNAME)
+            .await?;
+        let host = ep
+            .as_ref()
+            .and_then(|e| e.host_veth.clone())
+            .unwrap_or_else(|| host_veth_name(&b.name, &req.endpoint_id, DOCKER_IFNAME));
+        self.ctl.delete_host_link(&host).await?;
+        let peer = temp_peer_name(&b.name, &req.endpoint_id, DOCKER_IFNAME);
+        self.ctl.delete_host_link(&peer).await?;
+        if let Some(mut ep) = ep {
+            ep.host_mac = None;
+            self.ctl.update_endpoint(&ep).await?;
+        }
+        tracing::info!(endpoint = %req.endpoint_id, network = %b.name, "Docker endpoint left");
+        Ok(Empty {})
+    }
+
+    /// `NetworkDriver.ProgramExternalConnectivity`: publish the container's `-p` ports through
+    /// ferrynet's nftables maps.
+    pub async fn program_external(&self, req: ProgramExternalRequest) -> Result<Empty> {
+        let bindings = port_bindings(&req.options)?;
+        let (net, ep) = self
+            .docker_endpoint(&req.network_id, &req.endpoint_id)
+            .await?;
+        if bindings.is_empty() {
+            return Ok(Empty {});
+        }
+        if net.internal {
+            return Err(CnmError::Invalid(format!(
+                "ferrynet network {} is internal: it takes no traffic from outside, so ports cannot be published on it",
+                net.name
+            )));
+        }
+        let _g = self.lock.lock().await;
+        let ctl = &self.ctl;
+        // Ports this endpoint already holds are not a conflict (a repeated call).
+        let ep_key =
+            ferrynet_model::network::keys::endpoint(&ep.network, &ep.container_id, &ep.ifname);
+        let held: Vec<_> = ctl
+            .held_ports()
+            .await?
+            .into_iter()
+            .filter(|h| h.owner != ep_key)
+            .collect();
+        let mappings = resolve_bindings(&bindings, &held)?;
+        let done = ctl.claim_ports(&ep, mappings).await.map_err(|e| match e {
+            ControlError::InvalidConfig(m) if m.contains("already publishes") => {
+                CnmError::Invalid(format!("{m} (RevokeExternalConnectivity first)"))
+            }
+            other => other.into(),
+        })?;
+        tracing::info!(endpoint = %ep.container_id, ports = ?done.port_mappings, "ports published");
+        Ok(Empty {})
+    }
+
+    /// `NetworkDriver.RevokeExternalConnectivity`: withdraw the published ports. Unknown
+    /// endpoints succeed.
+    pub async fn revoke_external(&self, req: EndpointRequest) -> Result<Empty> {
+        need("EndpointID", &req.endpoint_id)?;
+        let Some(b) = records::docker_network(&self.ctl, &req.network_id).await? else {
+            return Ok(Empty {});
+        };
+        let _g = self.lock.lock().await;
+        if let Some(ep) = self
+            .ctl
+            .endpoint(&b.name, &req.endpoint_id, DOCKER_IFNAME)
+            .await?
+        {
+            self.ctl.withdraw_ports(&ep).await?;
+            tracing::info!(endpoint = %req.endpoint_id, "ports withdrawn");
+        }
+        Ok(Empty {})
+    }
+}
+
+/// Whether an existing ferrynet network can serve as a Docker network with these pools and
+/// options: every pool is one of its subnets (with the same gateway), and options given agree.
+fn check_adoptable(net: &Network, pools: &[PoolData], opts: &NetworkOptions) -> Result<()> {
+    let subnets = validate_network_subnets(&net.subnets)
+        .map_err(|e| CnmError::Invalid(format!("ferrynet network {}: {e}", net.name)))?;
+    let have = || {
+        net.subnets
+            .iter()
+            .map(|s| s.cidr.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for p in pools {
+        let s = subnets.iter().find(|s| s.cidr == p.pool).ok_or_else(|| {
+            CnmError::Invalid(format!(
+                "ferrynet network {} exists with subnets {}; pool {} is not one of them",
+                net.name,
+                have(),
+                p.pool
+            ))
+        })?;
+        if let Some(g) = p.gateway.filter(|g| *g != s.gateway) {
+            return Err(CnmError::Invalid(format!(
+                "ferrynet network {} has the gateway {} in {}, not {g}",
+                net.name, s.gateway, s.cidr
+            )));
+        }
+    }
+    let mismatch = |what: &str, theirs: String, ours: String| {
+        CnmError::Invalid(format!(
+            "ferrynet network {} exists with {what} {ours}; the Docker network asks for {theirs}",
+            net.name
+        ))
+    };
+    if let Some(m) = opts.mtu.filter(|m| Some(*m) != net.mtu) {
+        return Err(mismatch("MTU", m.to_string(), format!("{:?}", net.mtu)));
+    }
+    if opts.internal && !net.internal {
+        return Err(mismatch("internal", "true".into(), "false".into()));
+    }
+    if let Some(b) = opts.bridge.as_ref().filter(|b| **b != net.bridge) {
+        return Err(mismatch("bridge", b.clone(), net.bridge.clone()));
+    }
+    Ok(())
+}

@@ -1,0 +1,364 @@
+//! `IpamDriver.*`: pools are ferrynet subnets, addresses come from the same store keys as CNI's.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ferrynet_model::ipam::{overlaps, validate_network_subnets, validate_subnet};
+use ferrynet_model::network::{Network, Subnet};
+use ferrynet_store::{Compare, Op};
+use ipnet::IpNet;
+
+use super::error::{CnmError, Result};
+use super::options::{parse_addr, parse_pool, pick_free_v6, OPT_NETWORK};
+use super::protocol::*;
+use super::records::{self, pool_key, to_bytes, PoolRecord, IPAM_OWNER};
+use super::Plugin;
+use crate::cli::hostroutes;
+
+/// Address space names (ferrynet has one space; Docker insists on names).
+pub const LOCAL_SPACE: &str = "ferrynet-local";
+/// Address space of global-scope networks.
+pub const GLOBAL_SPACE: &str = "ferrynet-global";
+
+fn with_len(ip: IpAddr, pool: &IpNet) -> String {
+    format!("{ip}/{}", pool.prefix_len())
+}
+
+impl Plugin {
+    /// `IpamDriver.GetCapabilities`.
+    pub fn ipam_capabilities(&self) -> IpamCapabilitiesResponse {
+        IpamCapabilitiesResponse {
+            requires_mac_address: false,
+            requires_request_replay: false,
+        }
+    }
+
+    /// `IpamDriver.GetDefaultAddressSpaces`.
+    pub fn address_spaces(&self) -> AddressSpacesResponse {
+        AddressSpacesResponse {
+            local_default_address_space: LOCAL_SPACE.into(),
+            global_default_address_space: GLOBAL_SPACE.into(),
+        }
+    }
+
+    /// `IpamDriver.RequestPool`: a new pool overlapping no ferrynet network, no other pool and no
+    /// host route; or, with `--ipam-opt ferrynet.network=NAME`, a subnet of that existing network.
+    pub async fn request_pool(&self, req: RequestPoolRequest) -> Result<RequestPoolResponse> {
+        for k in req.options.keys() {
+            if k.starts_with("ferrynet.") && k != OPT_NETWORK {
+                return Err(CnmError::Invalid(format!(
+                    "unknown IPAM option {k}; ferrynet's IPAM understands {OPT_NETWORK}"
+                )));
+            }
+        }
+        let _g = self.lock.lock().await;
+        let ctl = &self.ctl;
+        let adopt = req.options.get(OPT_NETWORK).map(|s| s.trim().to_string());
+        let want_pool = match req.pool.trim() {
+            "" => None,
+            p => Some(parse_pool("pool", p)?),
+        };
+        if let Some(p) = want_pool {
+            if p.addr().is_ipv6() != req.v6 {
+                return Err(CnmError::Invalid(format!(
+                    "pool {p} is not an IPv{} pool",
+                    if req.v6 { 6 } else { 4 }
+                )));
+            }
+        }
+        let sub_pool = match req.sub_pool.trim() {
+            "" => None,
+            s => Some(parse_pool("ip range", s)?),
+        };
+        let taken: Vec<PoolRecord> = records::pools(ctl).await?;
+        let (pool, adopted_net) = match &adopt {
+            Some(name) => {
+                let (net, _) = ctl.network(name).await?.ok_or_else(|| {
+                    CnmError::NotFound(format!(
+                        "ferrynet network {name} (--ipam-opt {OPT_NETWORK}) does not exist; to name a new network use -o {OPT_NETWORK}={name}"
+                    ))
+                })?;
+                let family: Vec<&Subnet> = net
+                    .subnets
+                    .iter()
+                    .filter(|s| s.cidr.addr().is_ipv6() == req.v6)
+                    .collect();
+                let s = match want_pool {
+                    Some(p) => family.iter().find(|s| s.cidr == p).ok_or_else(|| {
+                        CnmError::Invalid(format!(
+                            "ferrynet network {name} has no subnet {p} (it has {})",
+                            subnet_list(&net)
+                        ))
+                    })?,
+                    None => family.first().ok_or_else(|| {
+                        CnmError::Invalid(format!(
+                            "ferrynet network {name} has no IPv{} subnet",
+                            if req.v6 { 6 } else { 4 }
+                        ))
+                    })?,
+                };
+                (s.cidr, Some(net.clone()))
+            }
+            None => {
+                let others: Vec<(String, IpNet)> = ctl
+                    .networks()
+                    .await?
+                    .iter()
+                    .flat_map(|n| n.subnets.iter().map(move |s| (n.name.clone(), s.cidr)))
+                    .collect();
+                let routes = hostroutes::foreign_routes().unwrap_or_default();
+                let pool = match want_pool {
+                    Some(p) => {
+                        if let Some((name, c)) = others.iter().find(|(_, c)| overlaps(c, &p)) {
+                            return Err(CnmError::Invalid(format!(
+                                "pool {p} overlaps subnet {c} of ferrynet network {name}"
+                            )));
+                        }
+                        if let Some(r) = routes.iter().find(|r| overlaps(&r.dst, &p)) {
+                            return Err(CnmError::Invalid(format!(
+                                "pool {p} overlaps the host route {} via {} (a LAN or VPN); containers could not reach it",
+                                r.dst, r.dev
+                            )));
+                        }
+                        p
+                    }
+                    None => {
+                        let busy: Vec<IpNet> = others
+                            .iter()
+                            .map(|(_, c)| *c)
+                            .chain(routes.iter().map(|r| r.dst))
+                            .chain(taken.iter().map(|t| t.pool))
+                            .collect();
+                        let picked = if req.v6 {
+                            pick_free_v6(&busy)
+                        } else {
+                            hostroutes::pick_free_subnet(&busy)
+                        };
+                        picked.ok_or_else(|| {
+                            CnmError::Invalid("no free subnet left to pick; pass --subnet".into())
+                        })?
+                    }
+                };
+                (pool, None)
+            }
+        };
+        if let Some(t) = taken.iter().find(|t| overlaps(&t.pool, &pool)) {
+            return Err(CnmError::Invalid(format!(
+                "pool {pool} overlaps pool {} already given to a Docker network{}",
+                t.pool,
+                t.network
+                    .as_ref()
+                    .map(|n| format!(" (ferrynet network {n})"))
+                    .unwrap_or_default()
+            )));
+        }
+        if let Some(sp) = sub_pool {
+            if sp.addr().is_ipv4() != pool.addr().is_ipv4()
+                || !pool.contains(&sp.network())
+                || !pool.contains(&sp.broadcast())
+            {
+                return Err(CnmError::Invalid(format!(
+                    "ip range {sp} is not inside the pool {pool}"
+                )));
+            }
+            if adopted_net.is_some() {
+                return Err(CnmError::Invalid(format!(
+                    "--ip-range cannot change the existing ferrynet network {}; set its range with ferrynet",
+                    adopt.as_deref().unwrap_or_default()
+                )));
+            }
+        }
+        // Check the subnet is usable at all (size, host bits) before giving it out.
+        validate_subnet(&Subnet::new(pool)).map_err(|e| CnmError::Invalid(e.to_string()))?;
+        let id = pool.to_string();
+        let rec = PoolRecord {
+            pool,
+            sub_pool,
+            gateway: None,
+            aux: Vec::new(),
+            network: adopted_net.as_ref().map(|n| n.name.clone()),
+            adopted: adopted_net.is_some(),
+        };
+        let key = pool_key(&id);
+        let res = ctl
+            .store
+            .txn(
+                vec![Compare::Missing(key.clone())],
+                vec![Op::put(key, to_bytes(&rec))],
+            )
+            .await?;
+        if !res.succeeded {
+            return Err(CnmError::Invalid(format!(
+                "pool {pool} is already given to a Docker network"
+            )));
+        }
+        let mut data = BTreeMap::new();
+        if let Some(net) = &adopted_net {
+            // Tell Docker the network's gateway so it does not ask for another one.
+            let subnets = validate_network_subnets(&net.subnets)
+                .map_err(|e| CnmError::Invalid(e.to_string()))?;
+            if let Some(s) = subnets.iter().find(|s| s.cidr == pool) {
+                data.insert(GATEWAY_TYPE.to_string(), with_len(s.gateway, &pool));
+            }
+        }
+        tracing::info!(pool = %id, adopted = ?rec.network, "pool given to Docker");
+        Ok(RequestPoolResponse {
+            pool_id: id,
+            pool: pool.to_string(),
+            data,
+        })
+    }
+
+    /// `IpamDriver.ReleasePool`: forget the pool (the network itself goes with `DeleteNetwork`).
+    pub async fn release_pool(&self, req: ReleasePoolRequest) -> Result<Empty> {
+        if req.pool_id.trim().is_empty() {
+            return Err(CnmError::Invalid("ReleasePool needs a PoolID".into()));
+        }
+        let _g = self.lock.lock().await;
+        self.ctl.store.delete(&pool_key(&req.pool_id)).await?;
+        tracing::info!(pool = %req.pool_id, "pool released");
+        Ok(Empty {})
+    }
+
+    /// The network a pool serves, if it exists now.
+    async fn pool_network(&self, rec: &PoolRecord) -> Result<Option<Network>> {
+        match &rec.network {
+            Some(n) => Ok(self.ctl.network(n).await?.map(|(net, _)| net)),
+            None => Ok(None),
+        }
+    }
+
+    /// `IpamDriver.RequestAddress`: the gateway, an `--aux-address`, a container's `--ip`, or the
+    /// next free address, from the same allocation keys the CNI plugin uses.
+    pub async fn request_address(
+        &self,
+        req: RequestAddressRequest,
+    ) -> Result<RequestAddressResponse> {
+        let _g = self.lock.lock().await;
+        let ctl = &self.ctl;
+        let (mut rec, rev) = records::pool(ctl, &req.pool_id)
+            .await?
+            .ok_or_else(|| CnmError::NotFound(format!("unknown pool {:?}", req.pool_id)))?;
+        let pool = rec.pool;
+        let wanted = match req.address.trim() {
+            "" => None,
+            a => Some(parse_addr("address", a)?),
+        };
+        if let Some(ip) = wanted {
+            if !pool.contains(&ip) {
+                return Err(CnmError::Invalid(format!(
+                    "address {ip} is not in the pool {pool}"
+                )));
+            }
+        }
+        let is_gateway =
+            req.options.get(REQUEST_ADDRESS_TYPE).map(String::as_str) == Some(GATEWAY_TYPE);
+        let net = self.pool_network(&rec).await?;
+        if is_gateway {
+            if let Some(net) = &net {
+                let subnets = validate_network_subnets(&net.subnets)
+                    .map_err(|e| CnmError::Invalid(e.to_string()))?;
+                let s = subnets.iter().find(|s| s.cidr == pool).ok_or_else(|| {
+                    CnmError::Invalid(format!(
+                        "ferrynet network {} has no subnet {pool}",
+                        net.name
+                    ))
+                })?;
+                if let Some(ip) = wanted.filter(|ip| *ip != s.gateway) {
+                    return Err(CnmError::Invalid(format!(
+                        "ferrynet network {} has the gateway {}, not {ip}",
+                        net.name, s.gateway
+                    )));
+                }
+                return Ok(RequestAddressResponse {
+                    address: with_len(s.gateway, &pool),
+                    data: BTreeMap::new(),
+                });
+            }
+            let mut probe = Subnet::new(pool);
+            probe.gateway = wanted;
+            let resolved = validate_subnet(&probe).map_err(|e| CnmError::Invalid(e.to_string()))?;
+            rec.gateway = Some(resolved.gateway);
+            self.put_pool(&req.pool_id, &rec, rev).await?;
+            return Ok(RequestAddressResponse {
+                address: with_len(resolved.gateway, &pool),
+                data: BTreeMap::new(),
+            });
+        }
+        match (&net, wanted) {
+            (Some(net), _) => {
+                let ip = ctl
+                    .reserve_address(net, pool, wanted, IPAM_OWNER)
+                    .await?;
+                Ok(RequestAddressResponse {
+                    address: ip.to_string(),
+                    data: BTreeMap::new(),
+                })
+            }
+            (None, Some(ip)) => {
+                // An --aux-address before the network exists: excluded when it is created.
+                if rec.gateway == Some(ip) || rec.aux.contains(&ip) {
+                    return Err(CnmError::Invalid(format!("address {ip} is already reserved in {pool}")));
+                }
+                rec.aux.push(ip);
+                self.put_pool(&req.pool_id, &rec, rev).await?;
+                Ok(RequestAddressResponse {
+                    address: with_len(ip, &pool),
+                    data: BTreeMap::new(),
+                })
+            }
+            (None, None) => Err(CnmError::Invalid(format!(
+                "pool {pool} belongs to no ferrynet network yet: ferrynet's IPAM serves networks of the ferrynet driver (docker network create -d <ferrynet> --ipam-driver <ferrynet>)"
+            ))),
+        }
+    }
+
+    /// `IpamDriver.ReleaseAddress`: give back a gateway, an aux address or a container address.
+    /// Releasing what is not held succeeds.
+    pub async fn release_address(&self, req: ReleaseAddressRequest) -> Result<Empty> {
+        let ip = parse_addr("address", &req.address)?;
+        let _g = self.lock.lock().await;
+        let Some((mut rec, rev)) = records::pool(&self.ctl, &req.pool_id).await? else {
+            return Ok(Empty {});
+        };
+        if rec.gateway == Some(ip) || rec.aux.contains(&ip) {
+            if rec.gateway == Some(ip) {
+                rec.gateway = None;
+            }
+            rec.aux.retain(|a| *a != ip);
+            self.put_pool(&req.pool_id, &rec, rev).await?;
+            // An aux address of a live network is also held in the store: fall through.
+        }
+        if let Some(net) = &rec.network {
+            self.ctl.release_address(net, ip, IPAM_OWNER).await?;
+        }
+        Ok(Empty {})
+    }
+
+    /// Write a pool record if it did not change since `rev`.
+    pub(crate) async fn put_pool(&self, id: &str, rec: &PoolRecord, rev: u64) -> Result<()> {
+        let key = pool_key(id);
+        let res = self
+            .ctl
+            .store
+            .txn(
+                vec![Compare::ModRevision(key.clone(), rev)],
+                vec![Op::put(key, to_bytes(rec))],
+            )
+            .await?;
+        if !res.succeeded {
+            return Err(CnmError::Invalid(format!(
+                "pool {id} changed or was released meanwhile; try again"
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn subnet_list(n: &Network) -> String {
+    n.subnets
+        .iter()
+        .map(|s| s.cidr.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}

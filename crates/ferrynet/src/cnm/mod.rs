@@ -1,0 +1,141 @@
+//! Docker's Container Network Model: ferrynet as a libnetwork remote network driver and IPAM
+//! driver, served as HTTP/1.1 + JSON on a unix socket that Docker discovers under
+//! `/run/docker/plugins/<driver-name>.sock`.
+//!
+//! The driver and the IPAM share ferrynet's store with the CNI plugin and the CLI, so Docker and
+//! CNI containers on one network get distinct addresses and reach each other. See
+//! `docs/ARCHITECTURE.md` ("Docker (CNM)") for the mapping and `docs/DOCKER.md` for usage.
+
+pub mod driver;
+pub mod error;
+pub mod ipam;
+pub mod options;
+pub mod protocol;
+pub mod records;
+pub mod server;
+
+use std::future::Future;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use tokio::net::UnixListener;
+
+use crate::control::Control;
+
+/// Where Docker looks for the plugin by default (driver name `ferrynet`).
+pub const DEFAULT_SOCKET: &str = "/run/docker/plugins/ferrynet.sock";
+
+/// The plugin's state: the control plane and a lock that serialises its multi-key updates.
+pub struct Plugin {
+    /// ferrynet's control plane.
+    pub ctl: Arc<Control>,
+    /// Held while a handler reads and rewrites pool, binding and endpoint records.
+    pub(crate) lock: tokio::sync::Mutex<()>,
+}
+
+impl Plugin {
+    /// A plugin over `ctl`.
+    pub fn new(ctl: Arc<Control>) -> Plugin {
+        Plugin {
+            ctl,
+            lock: tokio::sync::Mutex::new(()),
+        }
+    }
+}
+
+/// Serve the Docker plugin API on `listener` until `shutdown` completes (for the per-host
+/// agent to mount; `ferrynet docker-plugin` runs it in the foreground).
+pub async fn serve(
+    control: Arc<Control>,
+    listener: UnixListener,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    server::run(Arc::new(Plugin::new(control)), listener, shutdown).await
+}
+
+/// Arguments of `ferrynet docker-plugin`.
+#[derive(clap::Args, Debug)]
+pub struct PluginArgs {
+    /// Unix socket to serve; Docker knows the driver by the file's name without `.sock`.
+    #[arg(long, default_value = DEFAULT_SOCKET, value_name = "PATH")]
+    pub socket: PathBuf,
+}
+
+/// Bind the socket: refuse if a live plugin already answers there, remove a stale file.
+pub fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                bail!(
+                    "{} is served by another running plugin; stop it first",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing the stale socket {}", path.display()))?;
+            tracing::info!(socket = %path.display(), "removed a stale socket");
+        }
+        Ok(_) => bail!("{} exists and is not a socket", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("inspecting {}", path.display())),
+    }
+    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("setting permissions of {}", path.display()))?;
+    Ok(l)
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn termination() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    Ok(())
+}
+
+/// `ferrynet docker-plugin`: serve in the foreground until SIGTERM/SIGINT, then remove the socket.
+pub async fn run_plugin(ctl: Arc<Control>, args: PluginArgs) -> anyhow::Result<()> {
+    let listener = bind_socket(&args.socket)?;
+    let driver = args
+        .socket
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    tracing::info!(
+        socket = %args.socket.display(),
+        driver = %driver,
+        state = %ctl.paths.state_dir.display(),
+        "serving the Docker network and IPAM driver (docker network create -d {driver} --ipam-driver {driver} ...)"
+    );
+    let (sig_tx, sig_rx) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
+    tokio::spawn(async move {
+        let _ = sig_tx.send(termination().await);
+    });
+    let mut signal_err = None;
+    let served = serve(ctl, listener, async {
+        if let Ok(Err(e)) = sig_rx.await {
+            signal_err = Some(e);
+        }
+    })
+    .await;
+    if let Err(e) = std::fs::remove_file(&args.socket) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(error = %e, socket = %args.socket.display(), "removing the socket failed");
+        }
+    }
+    if let Some(e) = signal_err {
+        return Err(e);
+    }
+    served.context("serving the plugin API")?;
+    tracing::info!("stopped");
+    Ok(())
+}

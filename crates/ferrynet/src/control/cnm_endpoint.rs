@@ -1,0 +1,421 @@
+//! Endpoints whose container side a runtime plumbs itself (Docker's libnetwork): addresses
+//! reserved before any endpoint exists (an IPAM driver's), endpoints that take or reference
+//! addresses, ports published after the endpoint exists, and a veth pair left whole in the
+//! host namespace for the runtime to move.
+//!
+//! Everything shares the CNI path's keys (`ipam/<network>/<ip>`, `ports/…`, `endpoints/…`), so
+//! a Docker container and a CNI container on one network never get the same address or port.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ferrynet_dataplane::hostpair::{create_pair, PairSpec};
+use ferrynet_dataplane::netlink::Netlink;
+use ferrynet_model::ipam::{plan_allocation, validate_network_subnets, IpamError, ResolvedSubnet};
+use ferrynet_model::network::{keys, Endpoint, Network};
+use ferrynet_model::portmap::PortMapping;
+use ferrynet_store::{Compare, Op};
+use ipnet::IpNet;
+
+use super::ipam::{parse_port_key, port_conflict, HeldPort};
+use super::{decode, encode, Control};
+use crate::error::{ControlError, Result};
+
+/// How often a transaction is retried after losing a race.
+const MAX_ATTEMPTS: usize = 64;
+
+/// The veth pair made for a runtime that moves the container end itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPair {
+    /// The end on the bridge.
+    pub host_name: String,
+    /// Its MAC.
+    pub host_mac: [u8; 6],
+    /// The end the runtime moves.
+    pub peer_name: String,
+}
+
+fn ipam_error(net: &Network, e: IpamError) -> ControlError {
+    ControlError::Ipam(format!("network {}: {e}", net.name))
+}
+
+fn owner_of(ep: &Endpoint) -> String {
+    format!("{}/{}", ep.container_id, ep.ifname)
+}
+
+impl Control {
+    /// Addresses of a network that are held, with their owners.
+    async fn held_addresses(&self, network: &str) -> Result<BTreeMap<IpAddr, String>> {
+        let (kvs, _) = self.store.range(&keys::ipam_prefix(network)).await?;
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| {
+                let ip = kv.key.rsplit('/').next()?.parse().ok()?;
+                Some((ip, String::from_utf8_lossy(&kv.value).into_owned()))
+            })
+            .collect())
+    }
+
+    /// Rotation hints of a network (last address handed out per subnet).
+    async fn last_allocated(&self, network: &str) -> Result<BTreeMap<String, IpAddr>> {
+        Ok(match self.store.get(&keys::ipam_last(network)).await? {
+            Some(kv) => decode(&kv).unwrap_or_default(),
+            None => BTreeMap::new(),
+        })
+    }
+
+    /// Reserve one address of the subnet `cidr` of `net` for `owner`, without an endpoint
+    /// record: `requested`, or else the next free one. The address comes back with the subnet's
+    /// prefix length. Fails when the address is taken, reserved or outside the subnet.
+    pub async fn reserve_address(
+        &self,
+        net: &Network,
+        cidr: IpNet,
+        requested: Option<IpAddr>,
+        owner: &str,
+    ) -> Result<IpNet> {
+        let subnets = validate_network_subnets(&net.subnets)
+            .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+        let subnet: ResolvedSubnet =
+            subnets
+                .into_iter()
+                .find(|s| s.cidr == cidr)
+                .ok_or_else(|| {
+                    ControlError::Ipam(format!("network {} has no subnet {cidr}", net.name))
+                })?;
+        if let Some(ip) = requested {
+            if !cidr.contains(&ip) {
+                return Err(ipam_error(net, IpamError::NotInPool(ip)));
+            }
+        }
+        for _ in 0..MAX_ATTEMPTS {
+            let held = self.held_addresses(&net.name).await?;
+            let used: BTreeSet<IpAddr> = held.keys().copied().collect();
+            let last = self.last_allocated(&net.name).await?;
+            let wanted: Vec<IpAddr> = requested.into_iter().collect();
+            let ips = plan_allocation(std::slice::from_ref(&subnet), &used, &wanted, &|c| {
+                last.get(&c.to_string()).copied()
+            })
+            .map_err(|e| match (e, requested) {
+                (IpamError::AddressInUse(ip), _) => ControlError::Ipam(format!(
+                    "network {}: address {ip} is already in use by {}",
+                    net.name,
+                    held.get(&ip)
+                        .map(String::as_str)
+                        .unwrap_or("another container")
+                )),
+                (e, _) => ipam_error(net, e),
+            })?;
+            let Some(ip) = ips.first().copied() else {
+                return Err(ControlError::Ipam(format!(
+                    "network {}: no address planned in {cidr}",
+                    net.name
+                )));
+            };
+            let key = keys::ipam(&net.name, ip.addr());
+            let mut ops = vec![Op::put(key.clone(), owner.as_bytes().to_vec())];
+            if requested.is_none() {
+                let mut new_last = last.clone();
+                new_last.insert(cidr.to_string(), ip.addr());
+                ops.push(Op::put(keys::ipam_last(&net.name), encode(&new_last)));
+            }
+            if self
+                .store
+                .txn(vec![Compare::Missing(key)], ops)
+                .await?
+                .succeeded
+            {
+                tracing::debug!(network = %net.name, %ip, owner, "address reserved");
+                return Ok(ip);
+            }
+        }
+        Err(ControlError::Store(
+            ferrynet_store::StoreError::Unavailable(format!(
+                "could not reserve an address on network {} (heavy contention)",
+                net.name
+            )),
+        ))
+    }
+
+    /// Release an address if `owner` holds it; true when it did.
+    pub async fn release_address(&self, network: &str, ip: IpAddr, owner: &str) -> Result<bool> {
+        let key = keys::ipam(network, ip);
+        let res = self
+            .store
+            .txn(
+                vec![Compare::Value(key.clone(), owner.as_bytes().to_vec())],
+                vec![Op::delete(key)],
+            )
+            .await?;
+        Ok(res.succeeded)
+    }
+
+    /// Record an endpoint with the addresses a runtime chose (`requested`) plus, for each family
+    /// in `allocate` (IPv4, IPv6) that has none, the next free one. A requested address already
+    /// held by `shared_owner` (the runtime's IPAM) is referenced, a free one is taken for the
+    /// endpoint, one held by anyone else is refused. An existing record is returned unchanged
+    /// with `false`.
+    pub async fn record_endpoint(
+        &self,
+        net: &Network,
+        template: Endpoint,
+        requested: &[IpAddr],
+        allocate: (bool, bool),
+        shared_owner: &str,
+    ) -> Result<(Endpoint, bool)> {
+        let subnets = validate_network_subnets(&net.subnets)
+            .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+        let ep_key = keys::endpoint(&net.name, &template.container_id, &template.ifname);
+        let owner = owner_of(&template);
+        for _ in 0..MAX_ATTEMPTS {
+            if let Some(kv) = self.store.get(&ep_key).await? {
+                return Ok((decode(&kv)?, false));
+            }
+            let held = self.held_addresses(&net.name).await?;
+            let mut compares = vec![Compare::Missing(ep_key.clone())];
+            let mut ops = Vec::new();
+            let mut ips: Vec<IpNet> = Vec::new();
+            let mut fresh: Vec<IpAddr> = Vec::new();
+            for &ip in requested {
+                let key = keys::ipam(&net.name, ip);
+                match held.get(&ip) {
+                    Some(o) if o == shared_owner => {
+                        let s = subnets
+                            .iter()
+                            .find(|s| s.cidr.contains(&ip))
+                            .ok_or_else(|| ipam_error(net, IpamError::NotInPool(ip)))?;
+                        ips.push(IpNet::new(ip, s.cidr.prefix_len()).unwrap_or(s.cidr));
+                        compares.push(Compare::Value(key, shared_owner.as_bytes().to_vec()));
+                    }
+                    Some(o) if o == &owner => {
+                        return Err(ControlError::Ipam(format!(
+                        "network {}: address {ip} is held by a stale record of endpoint {owner}",
+                        net.name
+                    )))
+                    }
+                    Some(o) => {
+                        return Err(ControlError::Ipam(format!(
+                            "network {}: address {ip} is already in use by {o}",
+                            net.name
+                        )))
+                    }
+                    None => fresh.push(ip),
+                }
+            }
+            let used: BTreeSet<IpAddr> = held.keys().copied().collect();
+            if !fresh.is_empty() {
+                let planned = plan_allocation(&subnets, &used, &fresh, &|_| None)
+                    .map_err(|e| ipam_error(net, e))?;
+                for ip in planned {
+                    let key = keys::ipam(&net.name, ip.addr());
+                    compares.push(Compare::Missing(key.clone()));
+                    ops.push(Op::put(key, owner.clone().into_bytes()));
+                    ips.push(ip);
+                }
+            }
+            let have = |v4: bool| ips.iter().any(|i| i.addr().is_ipv4() == v4);
+            let missing: Vec<ResolvedSubnet> = subnets
+                .iter()
+                .filter(|s| {
+                    let v4 = s.cidr.addr().is_ipv4();
+                    (if v4 { allocate.0 } else { allocate.1 }) && !have(v4)
+                })
+                .cloned()
+                .collect();
+            if !missing.is_empty() {
+                let last = self.last_allocated(&net.name).await?;
+                let planned =
+                    plan_allocation(&missing, &used, &[], &|c| last.get(&c.to_string()).copied())
+                        .map_err(|e| ipam_error(net, e))?;
+                let mut new_last = last.clone();
+                for ip in planned {
+                    let key = keys::ipam(&net.name, ip.addr());
+                    compares.push(Compare::Missing(key.clone()));
+                    ops.push(Op::put(key, owner.clone().into_bytes()));
+                    if let Some(s) = missing.iter().find(|s| s.cidr.contains(&ip.addr())) {
+                        new_last.insert(s.cidr.to_string(), ip.addr());
+                    }
+                    ips.push(ip);
+                }
+                ops.push(Op::put(keys::ipam_last(&net.name), encode(&new_last)));
+            }
+            ips.sort_by_key(|i| !i.addr().is_ipv4());
+            let mut ep = template.clone();
+            ep.ips = ips;
+            ops.push(Op::put(ep_key.clone(), encode(&ep)));
+            if self.store.txn(compares, ops).await?.succeeded {
+                tracing::debug!(endpoint = %ep_key, ips = ?ep.ips, "endpoint recorded");
+                return Ok((ep, true));
+            }
+        }
+        Err(ControlError::Store(
+            ferrynet_store::StoreError::Unavailable(format!(
+                "could not record endpoint {} on network {} (heavy contention)",
+                template.container_id, net.name
+            )),
+        ))
+    }
+
+    /// Every published host port ferrynet holds.
+    pub async fn held_ports(&self) -> Result<Vec<HeldPort>> {
+        let (kvs, _) = self.store.range(&keys::host_ports()).await?;
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| {
+                parse_port_key(&kv.key, String::from_utf8_lossy(&kv.value).into_owned())
+            })
+            .collect())
+    }
+
+    /// Publish `mappings` for a recorded endpoint that has none yet (or exactly these): claim the
+    /// host ports in the store, record them on the endpoint, then add the nftables elements. On
+    /// failure nothing stays claimed.
+    pub async fn claim_ports(&self, ep: &Endpoint, mappings: Vec<PortMapping>) -> Result<Endpoint> {
+        let ep_key = keys::endpoint(&ep.network, &ep.container_id, &ep.ifname);
+        for _ in 0..MAX_ATTEMPTS {
+            let kv = self.store.get(&ep_key).await?.ok_or_else(|| {
+                ControlError::UnknownContainer(format!(
+                    "endpoint {} on network {} is not recorded",
+                    ep.container_id, ep.network
+                ))
+            })?;
+            let current: Endpoint = decode(&kv)?;
+            if current.port_mappings == mappings {
+                self.publish_ports(&current).await?;
+                return Ok(current);
+            }
+            if !current.port_mappings.is_empty() {
+                return Err(ControlError::InvalidConfig(format!(
+                    "endpoint {} already publishes other ports; withdraw them first",
+                    ep.container_id
+                )));
+            }
+            let held: Vec<HeldPort> = self.held_ports().await?;
+            if let Some(msg) = port_conflict(&held, &mappings) {
+                return Err(ControlError::PortInUse(msg));
+            }
+            let seq_key = keys::host_ports_seq();
+            let seq_rev = self
+                .store
+                .get(&seq_key)
+                .await?
+                .map(|kv| kv.mod_revision)
+                .unwrap_or(0);
+            let mut compares = vec![
+                Compare::ModRevision(ep_key.clone(), kv.mod_revision),
+                Compare::ModRevision(seq_key.clone(), seq_rev),
+            ];
+            let mut ops = vec![Op::put(seq_key, Vec::new())];
+            for m in &mappings {
+                let k = keys::host_port(m.protocol.as_str(), m.host_ip, m.host_port);
+                compares.push(Compare::Missing(k.clone()));
+                ops.push(Op::put(k, ep_key.clone().into_bytes()));
+            }
+            let mut next = current.clone();
+            next.port_mappings = mappings.clone();
+            ops.push(Op::put(ep_key.clone(), encode(&next)));
+            if !self.store.txn(compares, ops).await?.succeeded {
+                continue;
+            }
+            if let Err(e) = self.publish_ports(&next).await {
+                if let Err(u) = self.forget_ports(&next).await {
+                    tracing::warn!(error = %u, "cleanup: releasing claimed ports failed");
+                }
+                return Err(e);
+            }
+            return Ok(next);
+        }
+        Err(ControlError::Store(
+            ferrynet_store::StoreError::Unavailable(format!(
+                "could not publish ports of {} (heavy contention)",
+                ep.container_id
+            )),
+        ))
+    }
+
+    /// Withdraw an endpoint's published ports: nftables elements first, then the store's claims;
+    /// returns the endpoint as now recorded (unchanged if it is not recorded).
+    pub async fn withdraw_ports(&self, ep: &Endpoint) -> Result<Endpoint> {
+        let ep_key = keys::endpoint(&ep.network, &ep.container_id, &ep.ifname);
+        let current: Endpoint = match self.store.get(&ep_key).await? {
+            Some(kv) => decode(&kv)?,
+            None => ep.clone(),
+        };
+        self.unpublish_ports(&current).await?;
+        self.forget_ports(&current).await
+    }
+
+    /// Drop the store's claims of an endpoint's ports and clear them on its record.
+    async fn forget_ports(&self, ep: &Endpoint) -> Result<Endpoint> {
+        let ep_key = keys::endpoint(&ep.network, &ep.container_id, &ep.ifname);
+        let mut ops = Vec::new();
+        for m in &ep.port_mappings {
+            let k = keys::host_port(m.protocol.as_str(), m.host_ip, m.host_port);
+            if let Some(kv) = self.store.get(&k).await? {
+                if kv.value == ep_key.as_bytes() {
+                    ops.push(Op::delete(k));
+                }
+            }
+        }
+        let mut next = ep.clone();
+        next.port_mappings.clear();
+        let mut compares = Vec::new();
+        if self.store.get(&ep_key).await?.is_some() {
+            compares.push(Compare::Exists(ep_key.clone()));
+            ops.push(Op::put(ep_key, encode(&next)));
+        }
+        self.store.txn(compares, ops).await?;
+        Ok(next)
+    }
+
+    /// Create a veth pair in the host namespace: `host_name` on the network's bridge (created if
+    /// missing), up, in hairpin mode; `peer_name` with `mac` and the network's MTU, left down for
+    /// the runtime to move into the container.
+    pub async fn create_host_pair(
+        &self,
+        net: &Network,
+        host_name: &str,
+        peer_name: &str,
+        mac: Option<[u8; 6]>,
+    ) -> Result<HostPair> {
+        let host = Netlink::current().map_err(ControlError::dataplane("opening netlink"))?;
+        let bridge_index = self.ensure_bridge(&host, net).await?;
+        let pair = create_pair(
+            &host,
+            &PairSpec {
+                host_name: host_name.to_string(),
+                peer_name: peer_name.to_string(),
+                bridge_index,
+                mtu: net.mtu,
+                peer_mac: mac,
+                hairpin: true,
+            },
+        )
+        .await
+        .map_err(ControlError::dataplane(format!(
+            "creating veth pair {host_name}/{peer_name} on {}",
+            net.bridge
+        )))?;
+        Ok(HostPair {
+            host_name: host_name.to_string(),
+            host_mac: pair.host_mac,
+            peer_name: peer_name.to_string(),
+        })
+    }
+
+    /// Delete a link of the host namespace (a veth end takes its peer with it); true if it
+    /// existed.
+    pub async fn delete_host_link(&self, name: &str) -> Result<bool> {
+        let host = Netlink::current().map_err(ControlError::dataplane("opening netlink"))?;
+        host.delete_link(name)
+            .await
+            .map_err(ControlError::dataplane(format!("deleting {name}")))
+    }
+
+    /// Forget a recorded endpoint: withdraw its ports and release what it holds (addresses it
+    /// took itself, ports). Addresses it only referenced stay with their owner.
+    pub async fn forget_endpoint(&self, ep: &Endpoint) -> Result<()> {
+        let ep = self.withdraw_ports(ep).await?;
+        self.release(&ep).await
+    }
+}

@@ -1,0 +1,1211 @@
+//! ferrynet as Docker's network and IPAM driver, against the machine's real Docker engine.
+//!
+//! Each test serves the plugin under its own driver name (`/run/docker/plugins/fnt-<tag>.sock`)
+//! with its own state directory, imports its own busybox image, and removes every container,
+//! network, image, namespace and socket it made in Drop guards, also when it fails. Docker's
+//! containers live in the real host namespace, where ferrynet keeps one nftables table, so the
+//! tests take turns (a process-wide lock). Docker missing is a failure, not a skip.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::{bin, must, sh, tag, Ns};
+use serde_json::{json, Value};
+
+static TURN: Mutex<()> = Mutex::new(());
+
+fn out(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Fail (not skip) when there is no Docker engine to test against.
+fn require_docker() {
+    let o = Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+        .unwrap_or_else(|e| panic!("these tests need the docker CLI and a running engine: {e}"));
+    assert!(
+        o.status.success(),
+        "these tests need a running Docker engine: {}",
+        out(&o)
+    );
+    assert!(
+        Path::new("/bin/busybox").exists(),
+        "these tests build their image from Debian's busybox-static (/bin/busybox): apt-get install busybox-static"
+    );
+}
+
+fn docker(args: &[&str]) -> std::process::Output {
+    let mut v = vec!["docker"];
+    v.extend_from_slice(args);
+    sh(&v)
+}
+
+fn docker_ok(args: &[&str]) -> String {
+    let o = docker(args);
+    assert!(o.status.success(), "docker {args:?} failed: {}", out(&o));
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// A raw HTTP/1.1 POST over the plugin socket: (status, JSON body).
+fn post(socket: &Path, method: &str, body: &str) -> (u16, Value) {
+    raw(
+        socket,
+        format!(
+            "POST /{method} HTTP/1.1\r\nHost: plugin\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+}
+
+/// Send raw bytes, read the whole answer: (status, JSON body or Null).
+fn raw(socket: &Path, bytes: &[u8]) -> (u16, Value) {
+    let mut s = UnixStream::connect(socket).expect("connect to the plugin socket");
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    // The server may answer and close before reading everything (a body over its limit).
+    let _ = s.write_all(bytes);
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// `ferrynet docker-plugin` in the foreground, stopped with SIGTERM on drop.
+struct Plugin {
+    child: Option<Child>,
+    socket: PathBuf,
+    state: tempfile::TempDir,
+    log: PathBuf,
+    driver: String,
+}
+
+impl Plugin {
+    fn start() -> Plugin {
+        let driver = format!("fnt-{}", tag());
+        let socket = PathBuf::from(format!("/run/docker/plugins/{driver}.sock"));
+        let state = tempfile::tempdir().expect("state dir");
+        let log = state.path().join("plugin.log");
+        let logf = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(bin())
+            .args(["--state-dir", &state.path().display().to_string()])
+            .args(["docker-plugin", "--socket", &socket.display().to_string()])
+            .env("FERRYNET_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("start ferrynet docker-plugin");
+        let mut p = Plugin {
+            child: Some(child),
+            socket,
+            state,
+            log,
+            driver,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&p.socket).is_err() {
+            if let Some(Ok(Some(st))) = p.child.as_mut().map(|c| c.try_wait()) {
+                panic!("plugin exited early ({st}): {}", p.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "plugin socket never appeared: {}",
+                p.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        p
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        let state = self.state.path().display().to_string();
+        let mut v = vec![bin(), "--state-dir", &state];
+        v.extend_from_slice(args);
+        sh(&v)
+    }
+
+    /// SIGTERM and wait; the exit status and whether the socket is gone.
+    fn stop(&mut self) -> Option<(std::process::ExitStatus, bool)> {
+        let mut child = self.child.take()?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Some((st, !self.socket.exists()));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let st = child.wait().ok()?;
+                let _ = std::fs::remove_file(&self.socket);
+                return Some((st, false));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Every key left in this plugin's store except the global publish sequence.
+    fn store_keys(&self) -> Vec<String> {
+        let store = ferrynet_store::EmbeddedStore::open(self.state.path().join("store.redb"))
+            .expect("open the store");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let (kvs, _) = rt
+            .block_on(ferrynet_store::Store::range(&store, "/ferrynet/v1/"))
+            .expect("read the store");
+        kvs.into_iter()
+            .map(|kv| kv.key)
+            .filter(|k| k != "/ferrynet/v1/ports-seq")
+            .collect()
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        // Networks the test left in this state dir (after a failure): remove with their bridges.
+        if self.child.is_some() {
+            if let Ok(o) = Command::new(bin())
+                .args(["--state-dir", &self.state.path().display().to_string()])
+                .args(["network", "ls", "--json"])
+                .output()
+            {
+                let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+                for n in v.as_array().into_iter().flatten() {
+                    if let Some(name) = n["name"].as_str() {
+                        let _ = self.cli(&["network", "rm", "--force", name]);
+                    }
+                }
+            }
+        }
+        let _ = self.stop();
+        if std::thread::panicking() {
+            eprintln!("--- plugin log ---\n{}", self.log_text());
+        }
+    }
+}
+
+/// Docker objects and CLI containers made by a test, removed on drop (containers first).
+#[derive(Default)]
+struct Made {
+    containers: Vec<String>,
+    networks: Vec<String>,
+    images: Vec<String>,
+    cli_containers: Vec<(PathBuf, String)>,
+}
+
+impl Drop for Made {
+    fn drop(&mut self) {
+        for c in &self.containers {
+            let _ = docker(&["rm", "-f", c]);
+        }
+        for (state, c) in &self.cli_containers {
+            let s = state.display().to_string();
+            let _ = sh(&[bin(), "--state-dir", &s, "rm", "--force", c]);
+        }
+        for n in &self.networks {
+            let _ = docker(&["network", "rm", n]);
+        }
+        for i in &self.images {
+            let _ = docker(&["rmi", "-f", i]);
+        }
+    }
+}
+
+/// Import a busybox image: /bin/busybox with its applets as symlinks and /www/index.html.
+fn import_image(made: &mut Made) -> String {
+    let name = format!("fnt-busybox:{}", tag());
+    let root = tempfile::tempdir().expect("image root");
+    let binp = root.path().join("bin");
+    std::fs::create_dir_all(&binp).expect("bin dir");
+    std::fs::copy("/bin/busybox", binp.join("busybox")).expect("copy busybox");
+    for applet in [
+        "sh", "nc", "wget", "httpd", "ip", "ping", "cat", "echo", "sleep", "true", "nslookup",
+    ] {
+        std::os::unix::fs::symlink("busybox", binp.join(applet)).expect("symlink");
+    }
+    let www = root.path().join("www");
+    std::fs::create_dir_all(&www).expect("www dir");
+    std::fs::write(
+        www.join("index.html"),
+        "hello from a docker container on ferrynet\n",
+    )
+    .expect("index");
+    let tar = root.path().join("image.tar");
+    must(&[
+        "tar",
+        "-C",
+        &root.path().display().to_string(),
+        "-cf",
+        &tar.display().to_string(),
+        "bin",
+        "www",
+    ]);
+    made.images.push(name.clone());
+    docker_ok(&["import", &tar.display().to_string(), &name]);
+    name
+}
+
+fn ip_of(container: &str) -> String {
+    docker_ok(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        container,
+    ])
+}
+
+/// Links of the host namespace whose names start with one of `prefixes`.
+fn host_links(prefixes: &[&str]) -> Vec<String> {
+    let o = sh(&["ip", "-j", "link", "show"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l["ifname"].as_str())
+        .filter(|n| prefixes.iter().any(|p| n.starts_with(p)))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Elements of one of ferrynet's port maps in the host namespace (0 when the table is gone).
+fn map_len(map: &str) -> usize {
+    let o = sh(&["nft", "-j", "list", "map", "inet", "ferrynet", map]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    v["nftables"]
+        .as_array()
+        .and_then(|a| a.iter().find_map(|x| x.get("map")))
+        .and_then(|m| m.get("elem"))
+        .and_then(Value::as_array)
+        .map(|e| e.len())
+        .unwrap_or(0)
+}
+
+/// A client namespace wired to the host namespace by a veth: (namespace, host-side address).
+/// The host side is removed with the namespace (deleting the peer deletes the pair).
+fn outside_client(n: u8) -> (Ns, String) {
+    let client = Ns::new("dc");
+    let hl = format!("fto{}", tag());
+    must(&[
+        "ip",
+        "link",
+        "add",
+        &hl,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "ext0",
+        "netns",
+        &client.name,
+    ]);
+    let host_ip = format!("10.253.{n}.1");
+    must(&["ip", "addr", "add", &format!("{host_ip}/24"), "dev", &hl]);
+    must(&["ip", "link", "set", &hl, "up"]);
+    client.must(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("10.253.{n}.2/24"),
+        "dev",
+        "ext0",
+    ]);
+    client.must(&["ip", "link", "set", "ext0", "up"]);
+    client.must(&["ip", "route", "add", "default", "via", &host_ip]);
+    (client, host_ip)
+}
+
+/// Retry `f` for a few seconds until it returns Some.
+fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn nc_reply(client_args: &[&str]) -> Option<String> {
+    let o = docker(client_args);
+    let s = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    (o.status.success() && !s.is_empty()).then_some(s)
+}
+
+#[test]
+fn docker_containers_talk_publish_a_port_and_leave_nothing() {
+    require_docker();
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let mut plugin = Plugin::start();
+    let mut made = Made::default();
+    let image = import_image(&mut made);
+    let d = plugin.driver.clone();
+    let net = format!("{d}-net");
+    made.networks.push(net.clone());
+    let netid = docker_ok(&[
+        "network",
+        "create",
+        "-d",
+        &d,
+        "--ipam-driver",
+        &d,
+        "--subnet",
+        "10.231.1.0/24",
+        "-o",
+        "com.docker.network.driver.mtu=1400",
+        &net,
+    ]);
+    let fname = format!("docker-{}", &netid[..12]);
+
+    // The CLI shows the Docker network under its derived name, with Docker's short id.
+    let ls = out(&plugin.cli(&["network", "ls"]));
+    assert!(
+        ls.contains(&fname)
+            && ls.contains("10.231.1.0/24")
+            && ls.contains(&format!("docker={}", &netid[..12]))
+            && ls.contains("1400"),
+        "{ls}"
+    );
+
+    // ferrynet's CLI leaves a Docker network to Docker.
+    let o = plugin.cli(&["network", "rm", &fname]);
+    assert!(
+        !o.status.success() && out(&o).contains("docker network rm"),
+        "{}",
+        out(&o)
+    );
+
+    let server = format!("{d}-srv");
+    let web = format!("{d}-web");
+    made.containers.extend([server.clone(), web.clone()]);
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &server,
+        "--network",
+        &net,
+        &image,
+        "/bin/nc",
+        "-ll",
+        "-p",
+        "7000",
+        "-e",
+        "/bin/echo",
+        "pong",
+    ]);
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &web,
+        "--network",
+        &net,
+        "-p",
+        "18080:80",
+        &image,
+        "/bin/httpd",
+        "-f",
+        "-p",
+        "80",
+        "-h",
+        "/www",
+    ]);
+    let srv_ip = ip_of(&server);
+    let web_ip = ip_of(&web);
+    assert!(
+        srv_ip.starts_with("10.231.1.") && web_ip.starts_with("10.231.1."),
+        "{srv_ip} {web_ip}"
+    );
+    assert_ne!(srv_ip, web_ip);
+
+    // Inside: eth0 with the network's MTU, the default route via the bridge's gateway.
+    assert_eq!(
+        docker_ok(&["exec", &server, "/bin/cat", "/sys/class/net/eth0/mtu"]),
+        "1400"
+    );
+    let routes = docker_ok(&["exec", &server, "/bin/ip", "route"]);
+    assert!(routes.contains("default via 10.231.1.1"), "{routes}");
+
+    // Two containers reach each other over TCP.
+    let reply = eventually("pong from the server container", || {
+        nc_reply(&["exec", &web, "/bin/nc", "-w", "3", &srv_ip, "7000"])
+    });
+    assert_eq!(reply, "pong");
+    // Docker's embedded DNS knows containers of a ferrynet network by name.
+    let dns = docker_ok(&["exec", &web, "/bin/nslookup", &server, "127.0.0.11"]);
+    assert!(dns.contains(&srv_ip), "{dns}");
+
+    // The published port answers a client in another namespace, through the host's address.
+    let (client, host_ip) = outside_client(1);
+    let page = eventually("the published port", || {
+        let o = client.run(&[
+            "/bin/busybox",
+            "sh",
+            "-c",
+            &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 3 {host_ip} 18080"),
+        ]);
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        text.contains("200 OK").then_some(text)
+    });
+    assert!(
+        page.contains("hello from a docker container on ferrynet"),
+        "{page}"
+    );
+    assert_eq!(map_len("pm4_any"), 1, "one published port element");
+
+    // The driver reports the mapping in its endpoint info (docker inspect may not show it).
+    let links = host_links(&["fnv"]);
+    assert_eq!(links.len(), 2, "one host veth per container: {links:?}");
+
+    // Removal leaves nothing: no links, no nftables elements, no records.
+    docker_ok(&["rm", "-f", &server, &web]);
+    assert_eq!(
+        map_len("pm4_any"),
+        0,
+        "the published port is withdrawn with the container"
+    );
+    docker_ok(&["network", "rm", &net]);
+    made.networks.clear();
+    made.containers.clear();
+    let left = host_links(&["fnv", "fnp"]);
+    assert!(left.is_empty(), "veths left: {left:?}");
+    let ls = out(&plugin.cli(&["network", "ls", "--json"]));
+    assert_eq!(ls.trim(), "[]", "{ls}");
+    assert!(
+        !sh(&["nft", "list", "table", "inet", "ferrynet"])
+            .status
+            .success(),
+        "the nftables table goes with the last network"
+    );
+    let keys = plugin.store_keys();
+    assert!(keys.is_empty(), "records left in the store: {keys:?}");
+
+    // SIGTERM: a clean exit that removes the socket.
+    let (status, gone) = plugin.stop().expect("plugin was running");
+    assert!(
+        status.success(),
+        "exit status {status}: {}",
+        plugin.log_text()
+    );
+    assert!(gone, "the socket is removed on SIGTERM");
+}
+
+#[test]
+fn cni_and_docker_containers_share_one_network() {
+    require_docker();
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let plugin = Plugin::start();
+    let mut made = Made::default();
+    let image = import_image(&mut made);
+    let d = plugin.driver.clone();
+    let net = format!("{d}-net");
+    let fname = format!("shared{}", tag());
+    made.networks.push(net.clone());
+    docker_ok(&[
+        "network",
+        "create",
+        "-d",
+        &d,
+        "--ipam-driver",
+        &d,
+        "--subnet",
+        "10.231.2.0/24",
+        "--gateway",
+        "10.231.2.254",
+        "-o",
+        &format!("ferrynet.network={fname}"),
+        &net,
+    ]);
+
+    let dock = format!("{d}-dock");
+    made.containers.push(dock.clone());
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &dock,
+        "--network",
+        &net,
+        &image,
+        "/bin/nc",
+        "-ll",
+        "-p",
+        "7000",
+        "-e",
+        "/bin/echo",
+        "from-docker",
+    ]);
+    let dock_ip = ip_of(&dock);
+
+    // A CLI container on the same ferrynet network gets another address from the same pool.
+    let cni = format!("c{}", tag());
+    made.cli_containers
+        .push((plugin.state.path().to_path_buf(), cni.clone()));
+    let o = plugin.cli(&[
+        "run",
+        "--name",
+        &cni,
+        "--net",
+        &fname,
+        "--",
+        "/bin/busybox",
+        "nc",
+        "-ll",
+        "-p",
+        "7001",
+        "-e",
+        "/bin/busybox",
+        "echo",
+        "from-cni",
+    ]);
+    assert!(o.status.success(), "{}", out(&o));
+    let line = String::from_utf8_lossy(&o.stdout).into_owned();
+    let cni_ip = line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        cni_ip.starts_with("10.231.2.") && cni_ip != dock_ip,
+        "{line} vs {dock_ip}"
+    );
+
+    // Docker cannot take the CNI container's address: both use one allocation table.
+    let o = docker(&[
+        "run",
+        "--rm",
+        "--network",
+        &net,
+        "--ip",
+        &cni_ip,
+        &image,
+        "/bin/true",
+    ]);
+    assert!(!o.status.success(), "a second container got {cni_ip}");
+    assert!(out(&o).contains("already in use"), "{}", out(&o));
+
+    // Both ways over TCP.
+    let r = eventually("the CLI container from a Docker container", || {
+        nc_reply(&[
+            "run",
+            "--rm",
+            "--network",
+            &net,
+            &image,
+            "/bin/nc",
+            "-w",
+            "3",
+            &cni_ip,
+            "7001",
+        ])
+    });
+    assert_eq!(r, "from-cni");
+    let r = eventually("the Docker container from the CLI container", || {
+        let o = plugin.cli(&[
+            "exec",
+            &cni,
+            "--",
+            "/bin/busybox",
+            "nc",
+            "-w",
+            "3",
+            &dock_ip,
+            "7000",
+        ]);
+        let s = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        (o.status.success() && !s.is_empty()).then_some(s)
+    });
+    assert_eq!(r, "from-docker");
+    // The gateway Docker asked for is the bridge's address.
+    let routes = docker_ok(&["exec", &dock, "/bin/ip", "route"]);
+    assert!(routes.contains("default via 10.231.2.254"), "{routes}");
+
+    // Removing the Docker network while the CLI container still uses it keeps the ferrynet
+    // network (no longer marked as Docker's) for that container.
+    docker_ok(&["rm", "-f", &dock]);
+    made.containers.clear();
+    docker_ok(&["network", "rm", &net]);
+    made.networks.clear();
+    let ls = out(&plugin.cli(&["network", "ls"]));
+    assert!(ls.contains(&fname) && !ls.contains("docker="), "{ls}");
+    let o = plugin.cli(&["rm", "--force", &cni]);
+    assert!(o.status.success(), "{}", out(&o));
+    made.cli_containers.clear();
+    let o = plugin.cli(&["network", "rm", &fname]);
+    assert!(o.status.success(), "{}", out(&o));
+    let keys = plugin.store_keys();
+    assert!(keys.is_empty(), "records left in the store: {keys:?}");
+    assert!(host_links(&["fnv", "fnp"]).is_empty());
+}
+
+#[test]
+fn docker_network_adopts_an_existing_ferrynet_network() {
+    require_docker();
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let plugin = Plugin::start();
+    let mut made = Made::default();
+    let image = import_image(&mut made);
+    let d = plugin.driver.clone();
+    let fname = format!("adopt{}", tag());
+    let o = plugin.cli(&["network", "create", &fname, "--subnet", "10.231.3.0/24"]);
+    assert!(o.status.success(), "{}", out(&o));
+
+    // Without naming it, an overlapping pool is refused with a clear message.
+    let clash = format!("{d}-clash");
+    made.networks.push(clash.clone());
+    let o = docker(&[
+        "network",
+        "create",
+        "-d",
+        &d,
+        "--ipam-driver",
+        &d,
+        "--subnet",
+        "10.231.3.0/25",
+        &clash,
+    ]);
+    assert!(!o.status.success(), "an overlapping pool was accepted");
+    assert!(
+        out(&o).contains(&format!(
+            "overlaps subnet 10.231.3.0/24 of ferrynet network {fname}"
+        )),
+        "{}",
+        out(&o)
+    );
+
+    // Naming it (IPAM option and driver option) makes the Docker network that ferrynet network.
+    let net = format!("{d}-net");
+    made.networks.push(net.clone());
+    docker_ok(&[
+        "network",
+        "create",
+        "-d",
+        &d,
+        "--ipam-driver",
+        &d,
+        "--ipam-opt",
+        &format!("ferrynet.network={fname}"),
+        "-o",
+        &format!("ferrynet.network={fname}"),
+        &net,
+    ]);
+    let subnet = docker_ok(&[
+        "network",
+        "inspect",
+        "-f",
+        "{{range .IPAM.Config}}{{.Subnet}} {{.Gateway}}{{end}}",
+        &net,
+    ]);
+    assert_eq!(subnet, "10.231.3.0/24 10.231.3.1");
+    let c = format!("{d}-c");
+    made.containers.push(c.clone());
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &c,
+        "--network",
+        &net,
+        &image,
+        "/bin/sleep",
+        "600",
+    ]);
+    assert!(ip_of(&c).starts_with("10.231.3."));
+    docker_ok(&["rm", "-f", &c]);
+    made.containers.clear();
+    docker_ok(&["network", "rm", &net]);
+    made.networks.clear();
+    // The adopted network outlives the Docker network.
+    let ls = out(&plugin.cli(&["network", "ls"]));
+    assert!(ls.contains(&fname), "{ls}");
+    let o = plugin.cli(&["network", "rm", &fname]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(plugin.store_keys().is_empty(), "{:?}", plugin.store_keys());
+}
+
+#[test]
+fn malformed_and_unknown_requests_never_crash_the_server() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let plugin = Plugin::start();
+    let s = plugin.socket.clone();
+
+    let (st, v) = post(&s, "Plugin.Activate", "");
+    assert_eq!(
+        (st, v),
+        (200, json!({"Implements": ["NetworkDriver", "IpamDriver"]}))
+    );
+    let (st, v) = post(&s, "NetworkDriver.GetCapabilities", "");
+    assert_eq!(
+        (st, v),
+        (200, json!({"Scope": "local", "ConnectivityScope": "local"}))
+    );
+    let (st, v) = post(&s, "IpamDriver.GetCapabilities", "");
+    assert_eq!(st, 200);
+    assert_eq!(v["RequiresMACAddress"], false);
+
+    for (method, body) in [
+        ("NetworkDriver.CreateNetwork", "{\"NetworkID\":"),
+        ("NetworkDriver.CreateNetwork", "[]"),
+        ("NetworkDriver.CreateNetwork", "null"),
+        ("NetworkDriver.Join", "{\"NetworkID\": 5}"),
+        ("NetworkDriver.CreateEndpoint", ""),
+        ("IpamDriver.RequestPool", "{\"V6\": \"yes\"}"),
+        ("IpamDriver.RequestAddress", "\u{0}\u{1}garbage"),
+    ] {
+        let (st, v) = post(&s, method, body);
+        assert_eq!(st, 400, "{method} {body:?}: {v}");
+        assert!(
+            v["Err"].as_str().is_some_and(|e| e.contains(method)),
+            "{method}: {v}"
+        );
+    }
+    let (st, v) = post(&s, "NetworkDriver.Teleport", "{}");
+    assert_eq!(st, 404);
+    assert!(
+        v["Err"]
+            .as_str()
+            .is_some_and(|e| e.contains("does not implement NetworkDriver.Teleport")),
+        "{v}"
+    );
+    let (st, _) = raw(
+        &s,
+        b"GET /Plugin.Activate HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(st, 405);
+    let (st, _) = raw(&s, b"\x16\x03\x01 this is not http\r\n\r\n");
+    assert!(st == 400 || st == 0, "garbage got {st}");
+    let big = format!("{{\"NetworkID\":\"{}\"}}", "a".repeat(2 << 20));
+    let (st, v) = post(&s, "NetworkDriver.DeleteNetwork", &big);
+    assert_eq!(st, 400, "{v}");
+
+    // Well-formed requests the driver refuses: HTTP 200 with the error in the body.
+    let (st, v) = post(
+        &s,
+        "NetworkDriver.Join",
+        "{\"NetworkID\":\"nope\",\"EndpointID\":\"e\"}",
+    );
+    assert_eq!(st, 200);
+    assert!(
+        v["Err"]
+            .as_str()
+            .is_some_and(|e| e.contains("not a ferrynet network")),
+        "{v}"
+    );
+    let (st, v) = post(
+        &s,
+        "IpamDriver.RequestAddress",
+        "{\"PoolID\":\"10.9.9.0/24\"}",
+    );
+    assert_eq!(st, 200);
+    assert!(
+        v["Error"]
+            .as_str()
+            .is_some_and(|e| e.contains("unknown pool")),
+        "{v}"
+    );
+    let (st, v) = post(&s, "IpamDriver.RequestPool", "{\"Pool\":\"10.9.9.5/24\"}");
+    assert_eq!(st, 200);
+    assert!(
+        v["Error"]
+            .as_str()
+            .is_some_and(|e| e.contains("10.9.9.0/24")),
+        "{v}"
+    );
+    let (st, v) = post(&s, "NetworkDriver.CreateNetwork", "{\"NetworkID\":\"0123456789abcdef\",\"Options\":{\"com.docker.network.generic\":{\"ferrynet.bogus\":\"1\"}},\"IPv4Data\":[{\"Pool\":\"10.9.9.0/24\"}]}");
+    assert_eq!(st, 200);
+    assert!(
+        v["Err"]
+            .as_str()
+            .is_some_and(|e| e.contains("unknown option ferrynet.bogus")),
+        "{v}"
+    );
+    // Unknown things to delete are already deleted.
+    let (st, v) = post(
+        &s,
+        "NetworkDriver.DeleteEndpoint",
+        "{\"NetworkID\":\"x\",\"EndpointID\":\"y\"}",
+    );
+    assert_eq!((st, v), (200, json!({})));
+
+    // Still serving, one request per connection or several on one.
+    let (st, _) = post(&s, "Plugin.Activate", "");
+    assert_eq!(st, 200);
+    let two = "POST /Plugin.Activate HTTP/1.1\r\nHost: p\r\nContent-Length: 0\r\n\r\nPOST /NetworkDriver.GetCapabilities HTTP/1.1\r\nHost: p\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    let mut c = UnixStream::connect(&s).expect("connect");
+    c.write_all(two.as_bytes()).expect("write");
+    let mut buf = String::new();
+    let _ = c.read_to_string(&mut buf);
+    assert_eq!(buf.matches("HTTP/1.1 200").count(), 2, "{buf}");
+    assert!(plugin.store_keys().is_empty());
+}
+
+#[test]
+fn the_driver_api_without_docker_publishes_and_cleans_up() {
+    // The whole lifecycle as Docker drives it, with raw requests: pool, gateway, network,
+    // address, endpoint, join (veth in the host namespace), ports, and back.
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let plugin = Plugin::start();
+    let s = plugin.socket.clone();
+    let ok = |method: &str, body: Value| -> Value {
+        let (st, v) = post(&s, method, &body.to_string());
+        assert_eq!(st, 200, "{method}: {v}");
+        assert!(
+            v.get("Err").is_none() && v.get("Error").is_none(),
+            "{method}: {v}"
+        );
+        v
+    };
+    let pool = ok(
+        "IpamDriver.RequestPool",
+        json!({"AddressSpace": "ferrynet-local", "Pool": "", "SubPool": "", "Options": {}, "V6": false}),
+    );
+    let pool_id = pool["PoolID"].as_str().expect("pool id").to_string();
+    let cidr = pool["Pool"].as_str().expect("pool").to_string();
+    let again = post(
+        &s,
+        "IpamDriver.RequestPool",
+        &json!({"Pool": cidr}).to_string(),
+    )
+    .1;
+    assert!(
+        again["Error"]
+            .as_str()
+            .is_some_and(|e| e.contains("already given")),
+        "{again}"
+    );
+    let gw = ok(
+        "IpamDriver.RequestAddress",
+        json!({"PoolID": pool_id, "Address": "", "Options": {"RequestAddressType": "com.docker.network.gateway"}}),
+    );
+    let gw = gw["Address"].as_str().expect("gateway").to_string();
+    let netid = format!("{:0>64}", tag());
+    ok(
+        "NetworkDriver.CreateNetwork",
+        json!({"NetworkID": netid, "Options": {"com.docker.network.generic": {}},
+        "IPv4Data": [{"AddressSpace": "ferrynet-local", "Pool": cidr, "Gateway": gw}], "IPv6Data": []}),
+    );
+    ok(
+        "NetworkDriver.CreateNetwork",
+        json!({"NetworkID": netid, "IPv4Data": [{"Pool": cidr, "Gateway": gw}]}),
+    );
+    let addr = ok(
+        "IpamDriver.RequestAddress",
+        json!({"PoolID": pool_id, "Address": "", "Options": {}}),
+    );
+    let addr = addr["Address"].as_str().expect("address").to_string();
+    let epid = format!("{:f>64}", tag());
+    let ce = ok(
+        "NetworkDriver.CreateEndpoint",
+        json!({"NetworkID": netid, "EndpointID": epid, "Interface": {"Address": addr}, "Options": {}}),
+    );
+    let mac = ce["Interface"]["MacAddress"]
+        .as_str()
+        .expect("the driver picks a MAC")
+        .to_string();
+    assert!(
+        ce["Interface"].get("Address").is_none(),
+        "Docker's address is kept: {ce}"
+    );
+    let join = ok(
+        "NetworkDriver.Join",
+        json!({"NetworkID": netid, "EndpointID": epid, "SandboxKey": "/var/run/docker/netns/x", "Options": {}}),
+    );
+    let src = join["InterfaceName"]["SrcName"]
+        .as_str()
+        .expect("src")
+        .to_string();
+    assert_eq!(join["InterfaceName"]["DstPrefix"], "eth");
+    assert_eq!(join["Gateway"].as_str(), gw.split('/').next());
+    let peer = sh(&["ip", "-j", "link", "show", "dev", &src]);
+    let pv: Value = serde_json::from_slice(&peer.stdout).unwrap_or(Value::Null);
+    assert_eq!(pv[0]["address"].as_str(), Some(mac.as_str()), "{pv}");
+    assert_eq!(host_links(&["fnv"]).len(), 1);
+    ok(
+        "NetworkDriver.ProgramExternalConnectivity",
+        json!({"NetworkID": netid, "EndpointID": epid, "Options": {
+        "com.docker.network.portmap": [{"Proto": 6, "IP": "", "Port": 80, "HostIP": "", "HostPort": 0, "HostPortEnd": 0},
+                                       {"Proto": 17, "IP": "", "Port": 53, "HostIP": "", "HostPort": 18053, "HostPortEnd": 18053}]}}),
+    );
+    assert_eq!(map_len("pm4_any"), 2);
+    let info = ok(
+        "NetworkDriver.EndpointOperInfo",
+        json!({"NetworkID": netid, "EndpointID": epid}),
+    );
+    let pm = info["Value"]["com.docker.network.portmap"]
+        .as_array()
+        .expect("portmap")
+        .clone();
+    assert_eq!(pm.len(), 2);
+    assert!(
+        pm[0]["HostPort"].as_u64().is_some_and(|p| p >= 49153),
+        "an ephemeral port: {info}"
+    );
+    ok(
+        "NetworkDriver.RevokeExternalConnectivity",
+        json!({"NetworkID": netid, "EndpointID": epid}),
+    );
+    assert_eq!(map_len("pm4_any"), 0);
+    ok(
+        "NetworkDriver.Leave",
+        json!({"NetworkID": netid, "EndpointID": epid}),
+    );
+    assert!(host_links(&["fnv", "fnp"]).is_empty());
+    ok(
+        "NetworkDriver.DeleteEndpoint",
+        json!({"NetworkID": netid, "EndpointID": epid}),
+    );
+    ok(
+        "IpamDriver.ReleaseAddress",
+        json!({"PoolID": pool_id, "Address": addr.split('/').next()}),
+    );
+    ok("NetworkDriver.DeleteNetwork", json!({"NetworkID": netid}));
+    ok(
+        "IpamDriver.ReleaseAddress",
+        json!({"PoolID": pool_id, "Address": gw.split('/').next()}),
+    );
+    ok("IpamDriver.ReleasePool", json!({"PoolID": pool_id}));
+    assert!(plugin.store_keys().is_empty(), "{:?}", plugin.store_keys());
+}
+
+#[test]
+fn dual_stack_internal_network() {
+    require_docker();
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let plugin = Plugin::start();
+    let mut made = Made::default();
+    let image = import_image(&mut made);
+    let d = plugin.driver.clone();
+    let net = format!("{d}-net");
+    made.networks.push(net.clone());
+    let netid = docker_ok(&[
+        "network",
+        "create",
+        "-d",
+        &d,
+        "--ipam-driver",
+        &d,
+        "--ipv6",
+        "--internal",
+        "--subnet",
+        "10.231.4.0/24",
+        "--subnet",
+        "fd31:4::/64",
+        &net,
+    ]);
+    let ls = out(&plugin.cli(&["network", "ls"]));
+    let row = ls
+        .lines()
+        .find(|l| l.contains(&netid[..12]))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        row.contains("10.231.4.0/24,fd31:4::/64") && row.contains("internal"),
+        "{ls}"
+    );
+
+    let a = format!("{d}-a");
+    made.containers.push(a.clone());
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &a,
+        "--network",
+        &net,
+        &image,
+        "/bin/nc",
+        "-ll",
+        "-p",
+        "7000",
+        "-e",
+        "/bin/echo",
+        "pong6",
+    ]);
+    let a6 = docker_ok(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.GlobalIPv6Address}}{{end}}",
+        &a,
+    ]);
+    assert!(a6.starts_with("fd31:4::"), "{a6}");
+    // Internal: no default route of either family.
+    let r4 = docker_ok(&["exec", &a, "/bin/ip", "route"]);
+    let r6 = docker_ok(&["exec", &a, "/bin/ip", "-6", "route"]);
+    assert!(
+        !r4.contains("default") && !r6.contains("default"),
+        "{r4}\n{r6}"
+    );
+    let r = eventually("the IPv6 server", || {
+        nc_reply(&[
+            "run",
+            "--rm",
+            "--network",
+            &net,
+            &image,
+            "/bin/nc",
+            "-w",
+            "3",
+            &a6,
+            "7000",
+        ])
+    });
+    assert_eq!(r, "pong6");
+    // Ports cannot be published on an internal network: Docker reports ferrynet's reason.
+    let o = docker(&[
+        "run",
+        "--rm",
+        "--network",
+        &net,
+        "-p",
+        "18081:80",
+        &image,
+        "/bin/true",
+    ]);
+    if o.status.success() {
+        // Docker skips external connectivity on networks it knows are internal.
+        assert_eq!(map_len("pm4_any"), 0);
+    } else {
+        assert!(out(&o).contains("internal"), "{}", out(&o));
+    }
+    docker_ok(&["rm", "-f", &a]);
+    made.containers.clear();
+    docker_ok(&["network", "rm", &net]);
+    made.networks.clear();
+    assert!(plugin.store_keys().is_empty(), "{:?}", plugin.store_keys());
+    assert!(host_links(&["fnv", "fnp"]).is_empty());
+}
+
+#[test]
+fn a_stale_socket_is_replaced_and_a_live_one_kept() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    // A socket file nobody listens on (a plugin that was killed) is replaced.
+    let driver = format!("fnt-{}", tag());
+    let path = PathBuf::from(format!("/run/docker/plugins/{driver}.sock"));
+    std::fs::create_dir_all("/run/docker/plugins").expect("plugins dir");
+    drop(std::os::unix::net::UnixListener::bind(&path).expect("bind a socket"));
+    assert!(path.exists());
+    let state = tempfile::tempdir().expect("state");
+    let s = state.path().display().to_string();
+    let p = path.display().to_string();
+    let mut child = Command::new(bin())
+        .args(["--state-dir", &s, "docker-plugin", "--socket", &p])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let guard = Proc(child.id());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while UnixStream::connect(&path).is_err() {
+        assert!(
+            child.try_wait().ok().flatten().is_none(),
+            "the plugin exited"
+        );
+        assert!(Instant::now() < deadline, "the plugin never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(post(&path, "Plugin.Activate", "").0, 200);
+    // A second plugin on a live socket refuses to start and leaves it alone.
+    let o = sh(&[bin(), "--state-dir", &s, "docker-plugin", "--socket", &p]);
+    assert!(!o.status.success());
+    assert!(out(&o).contains("another running plugin"), "{}", out(&o));
+    assert_eq!(post(&path, "Plugin.Activate", "").0, 200);
+    drop(guard);
+    let st = child.wait().expect("wait");
+    assert!(st.success(), "{st}");
+    assert!(!path.exists(), "the socket is removed on SIGTERM");
+}
+
+/// SIGTERM to a process by PID on drop.
+struct Proc(u32);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0 as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+}
+
+#[test]
+fn docker_default_ipam_with_the_ferrynet_driver() {
+    require_docker();
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let plugin = Plugin::start();
+    let mut made = Made::default();
+    let image = import_image(&mut made);
+    let d = plugin.driver.clone();
+    let net = format!("{d}-net");
+    made.networks.push(net.clone());
+    // Docker's own IPAM chooses the addresses; ferrynet records them on its endpoints.
+    let netid = docker_ok(&[
+        "network",
+        "create",
+        "-d",
+        &d,
+        "--subnet",
+        "10.231.5.0/24",
+        &net,
+    ]);
+    let a = format!("{d}-a");
+    made.containers.push(a.clone());
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &a,
+        "--network",
+        &net,
+        &image,
+        "/bin/nc",
+        "-ll",
+        "-p",
+        "7000",
+        "-e",
+        "/bin/echo",
+        "pong",
+    ]);
+    let ip = ip_of(&a);
+    let r = eventually("the server", || {
+        nc_reply(&[
+            "run",
+            "--rm",
+            "--network",
+            &net,
+            &image,
+            "/bin/nc",
+            "-w",
+            "3",
+            &ip,
+            "7000",
+        ])
+    });
+    assert_eq!(r, "pong");
+    let inspect = out(&plugin.cli(&["network", "inspect", &format!("docker-{}", &netid[..12])]));
+    assert!(inspect.contains(&format!("{ip}/24")), "{inspect}");
+    docker_ok(&["rm", "-f", &a]);
+    made.containers.clear();
+    docker_ok(&["network", "rm", &net]);
+    made.networks.clear();
+    assert!(plugin.store_keys().is_empty(), "{:?}", plugin.store_keys());
+}
