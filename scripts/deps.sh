@@ -11,10 +11,12 @@ need_root() {
 }
 
 packages_for() {
-  local base="iproute2 nftables iptables util-linux procps iputils-ping python3 ca-certificates"
+  # protobuf-compiler: the etcd client's gRPC code is generated with protoc when ferrynet builds.
+  local base="iproute2 nftables iptables util-linux procps iputils-ping python3 ca-certificates protobuf-compiler"
   case "$1" in
     demo) echo "$base" ;;
-    test) echo "$base containernetworking-plugins" ;;
+    # etcd-server: the store tests run a throwaway etcd; openssl makes their TLS certificates.
+    test) echo "$base containernetworking-plugins etcd-server openssl" ;;
     bench) echo "$base containernetworking-plugins netavark iperf3 time" ;;
     *) echo "unknown set $1" >&2; exit 2 ;;
   esac
