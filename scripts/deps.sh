@@ -11,11 +11,14 @@ need_root() {
 }
 
 packages_for() {
-  local base="iproute2 nftables iptables util-linux procps iputils-ping python3 ca-certificates"
+  # protobuf-compiler: the etcd client's gRPC code is generated with protoc when ferrynet builds.
+  local base="iproute2 nftables iptables util-linux procps iputils-ping python3 ca-certificates protobuf-compiler"
   case "$1" in
     demo) echo "$base" ;;
-    test) echo "$base containernetworking-plugins busybox-static" ;;
-    bench) echo "$base containernetworking-plugins netavark iperf3 time" ;;
+    # etcd-server: the store and multi-host tests run a real etcd; openssl makes TLS
+    # certificates; busybox-static is the Docker tests' image.
+    test) echo "$base containernetworking-plugins etcd-server openssl busybox-static" ;;
+    bench) echo "$base containernetworking-plugins netavark iperf3 time etcd-server" ;;
     *) echo "unknown set $1" >&2; exit 2 ;;
   esac
 }

@@ -10,10 +10,16 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
+pub mod config;
 pub mod conformance;
 pub mod embedded;
+pub mod etcd;
+#[cfg(feature = "testing")]
+pub mod testing;
 
+pub use config::{open, ConfigError, EtcdConfig, StoreConfig};
 pub use embedded::EmbeddedStore;
+pub use etcd::EtcdStore;
 
 /// A store-wide, monotonically increasing version number; every committed write gets a new one.
 pub type Revision = u64;
@@ -138,7 +144,7 @@ pub enum StoreError {
 /// Result alias for store operations.
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-/// The store interface; backends: [`EmbeddedStore`] (one file, one host) and etcd (clusters).
+/// The store interface; backends: [`EmbeddedStore`] (one file, one host) and [`EtcdStore`] (clusters).
 #[async_trait]
 pub trait Store: Send + Sync {
     /// The value of one key, if present.
