@@ -1,5 +1,6 @@
 //! Throwaway etcd servers for tests (this crate's and others'): the Debian `etcd` binary
-//! (package `etcd-server`) on 127.0.0.1, on free ports, in a temp dir that goes with it.
+//! (package `etcd-server`) on 127.0.0.1 (or another local address a lab test chooses), on free
+//! ports, in a temp dir that goes with it.
 //!
 //! Enabled by the `testing` feature. Start one with [`EtcdServer::start`] (plain) or
 //! [`EtcdServer::start_tls`] (TLS with a client certificate, made with the `openssl` tool) and
@@ -7,7 +8,7 @@
 //! removes its directory; etcd is also killed if the test process dies without unwinding.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -80,7 +81,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> EtcdServerError
 pub struct TlsFiles {
     /// The CA that signed both certificates.
     pub ca: PathBuf,
-    /// Server certificate (for 127.0.0.1 and localhost).
+    /// Server certificate (for the listen address, 127.0.0.1 and localhost).
     pub server_cert: PathBuf,
     /// Server key.
     pub server_key: PathBuf,
@@ -97,6 +98,9 @@ pub struct EtcdServerOptions {
     pub binary: PathBuf,
     /// Serve clients over TLS and require a client certificate.
     pub tls: bool,
+    /// The address etcd listens on (clients, peers, health). Loopback by default; a multi-host
+    /// lab test may give an address of its own that its host namespaces can reach.
+    pub listen: IpAddr,
 }
 
 impl Default for EtcdServerOptions {
@@ -107,6 +111,7 @@ impl Default for EtcdServerOptions {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from(ETCD_BIN)),
             tls: false,
+            listen: IpAddr::V4(Ipv4Addr::LOCALHOST),
         }
     }
 }
@@ -116,7 +121,7 @@ impl Default for EtcdServerOptions {
 pub struct EtcdServer {
     /// The store location to connect to (`etcd://127.0.0.1:port`, or `etcds://…?ca=…&cert=…&key=…`).
     pub url: String,
-    /// The client endpoint, `127.0.0.1:port`.
+    /// The client endpoint, `127.0.0.1:port` (the listen address and the client port).
     pub endpoint: String,
     /// The certificates, for a TLS server.
     pub tls: Option<TlsFiles>,
@@ -131,6 +136,7 @@ pub struct EtcdServer {
 #[derive(Debug, Clone)]
 struct LaunchSpec {
     binary: PathBuf,
+    listen: IpAddr,
     ports: Ports,
     data_dir: PathBuf,
     tls: Option<TlsFiles>,
@@ -169,7 +175,7 @@ impl EtcdServer {
             .tempdir()
             .map_err(io("creating a temp dir for etcd"))?;
         let tls = if opts.tls {
-            Some(make_certs(dir.path())?)
+            Some(make_certs(dir.path(), opts.listen)?)
         } else {
             None
         };
@@ -177,13 +183,14 @@ impl EtcdServer {
         for attempt in 0..START_ATTEMPTS {
             let spec = LaunchSpec {
                 binary: opts.binary.clone(),
-                ports: free_ports()?,
+                listen: opts.listen,
+                ports: free_ports(opts.listen)?,
                 data_dir: dir.path().join(format!("data-{attempt}")),
                 tls: tls.clone(),
             };
             match launch(&spec, dir.path())? {
                 Ok(child) => {
-                    let endpoint = format!("127.0.0.1:{}", spec.ports.client);
+                    let endpoint = SocketAddr::new(opts.listen, spec.ports.client).to_string();
                     let mut cfg = EtcdConfig::new([endpoint.clone()]);
                     if let Some(t) = &tls {
                         cfg.tls = true;
@@ -270,9 +277,9 @@ impl Drop for EtcdServer {
     }
 }
 
-/// Three distinct free loopback ports (held together while picked, so they differ).
-fn free_ports() -> Result<Ports> {
-    let bind = || TcpListener::bind("127.0.0.1:0").map_err(io("finding a free port"));
+/// Three distinct free ports on `ip` (held together while picked, so they differ).
+fn free_ports(ip: IpAddr) -> Result<Ports> {
+    let bind = || TcpListener::bind((ip, 0)).map_err(io(format!("finding a free port on {ip}")));
     let ls = [bind()?, bind()?, bind()?];
     let port = |l: &TcpListener| Ok(l.local_addr().map_err(io("finding a free port"))?.port());
     Ok(Ports {
@@ -292,8 +299,9 @@ fn launch(spec: &LaunchSpec, dir: &Path) -> Result<Result<Child>> {
     } = spec.ports;
     let (bin, tls) = (&spec.binary, spec.tls.as_ref());
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let client_url = format!("{scheme}://127.0.0.1:{client}");
-    let peer_url = format!("http://127.0.0.1:{peer}");
+    let at = |port| SocketAddr::new(spec.listen, port);
+    let client_url = format!("{scheme}://{}", at(client));
+    let peer_url = format!("http://{}", at(peer));
     let log_path = dir.join("etcd.log");
     // Appending: a restarted member's log follows the first run's.
     let log = std::fs::OpenOptions::new()
@@ -321,7 +329,7 @@ fn launch(spec: &LaunchSpec, dir: &Path) -> Result<Result<Child>> {
         .arg("new")
         // Plain HTTP /health even when clients need TLS: readiness without a client cert.
         .arg("--listen-metrics-urls")
-        .arg(format!("http://127.0.0.1:{metrics}"))
+        .arg(format!("http://{}", at(metrics)))
         .arg("--logger")
         .arg("zap")
         .arg("--log-outputs")
@@ -347,7 +355,7 @@ fn launch(spec: &LaunchSpec, dir: &Path) -> Result<Result<Child>> {
     let mut child =
         spawn_tied_to_process(cmd).map_err(io(format!("starting {}", bin.display())))?;
     let started = Instant::now();
-    let health: SocketAddr = ([127, 0, 0, 1], metrics).into();
+    let health = at(metrics);
     loop {
         match child.try_wait() {
             Ok(Some(status)) => {
@@ -384,7 +392,7 @@ fn healthy(addr: SocketAddr) -> bool {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
-    if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+    if s.write_all(format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
         .is_err()
     {
         return false;
@@ -445,8 +453,14 @@ fn spawn_tied_to_process(mut cmd: Command) -> std::io::Result<Child> {
         .map_err(|_| std::io::Error::other("etcd spawner thread is gone"))?
 }
 
-/// A self-signed CA, a server certificate for 127.0.0.1/localhost and a client certificate.
-fn make_certs(dir: &Path) -> Result<TlsFiles> {
+/// A self-signed CA, a server certificate for `listen`, 127.0.0.1 and localhost, and a client
+/// certificate.
+fn make_certs(dir: &Path, listen: IpAddr) -> Result<TlsFiles> {
+    // clientAuth too: etcd's own gRPC gateway dials the server with this certificate.
+    let server_ext = format!(
+        "subjectAltName=IP:{listen},IP:127.0.0.1,DNS:localhost\n\
+         extendedKeyUsage=serverAuth,clientAuth\n"
+    );
     let tls = dir.join("tls");
     std::fs::create_dir_all(&tls).map_err(io("creating the tls dir"))?;
     let p = |name: &str| tls.join(name);
@@ -481,12 +495,7 @@ fn make_certs(dir: &Path) -> Result<TlsFiles> {
         .concat(),
     )?;
     for (name, cn, ext) in [
-        (
-            "server",
-            "127.0.0.1",
-            // clientAuth too: etcd's own gRPC gateway dials the server with this certificate.
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
-        ),
+        ("server", "ferrynet-test-etcd", server_ext.as_str()),
         ("client", "ferrynet-client", "extendedKeyUsage=clientAuth\n"),
     ] {
         let ext_file = format!("{name}.ext");

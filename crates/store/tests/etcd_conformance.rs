@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferrynet_store::conformance::{self, DynStore};
-use ferrynet_store::testing::EtcdServer;
+use ferrynet_store::testing::{EtcdServer, EtcdServerOptions};
 use ferrynet_store::{
     open, EtcdConfig, EtcdStore, EventKind, Op, Store, StoreConfig, StoreError, WatchEvent,
 };
@@ -366,11 +366,36 @@ async fn tls_with_client_certificate() {
     }
 }
 
+/// A lab test can put etcd on an address of its own (here another loopback address), TLS
+/// included: the server certificate names that address.
+#[tokio::test]
+async fn server_on_another_local_address_with_tls() {
+    let server = EtcdServer::start_with(&EtcdServerOptions {
+        tls: true,
+        listen: "127.0.0.2".parse().unwrap(),
+        ..EtcdServerOptions::default()
+    })
+    .unwrap_or_else(|e| panic!("cannot start a TLS etcd on 127.0.0.2: {e}"));
+    assert!(
+        server.endpoint.starts_with("127.0.0.2:"),
+        "{}",
+        server.endpoint
+    );
+    assert!(
+        server.url.starts_with("etcds://127.0.0.2:"),
+        "{}",
+        server.url
+    );
+    let store = server.connect().await.unwrap();
+    let rev = store.put("/addr", b"v".to_vec()).await.unwrap();
+    assert_eq!(store.get("/addr").await.unwrap().unwrap().mod_revision, rev);
+}
+
 #[test]
 fn missing_etcd_binary_is_an_error_naming_the_package() {
-    let err = EtcdServer::start_with(&ferrynet_store::testing::EtcdServerOptions {
+    let err = EtcdServer::start_with(&EtcdServerOptions {
         binary: "/nonexistent/etcd".into(),
-        tls: false,
+        ..EtcdServerOptions::default()
     })
     .unwrap_err();
     assert!(err.to_string().contains("etcd-server"), "{err}");
