@@ -83,11 +83,11 @@ async fn dispatch(env: &CniEnv, conf: &NetConf) -> Result<Option<Value>, CniErro
     let ctl = Control::open_with(paths, conf_str(conf, "store"), None)
         .await
         .map_err(|e| match e {
-        ControlError::Store(_) => {
-            CniError::try_again_later(format!("cannot open the ferrynet store: {e}"))
-        }
-        other => ctl_err(other),
-    })?;
+            ControlError::Store(_) => {
+                CniError::try_again_later(format!("cannot open the ferrynet store: {e}"))
+            }
+            other => ctl_err(other),
+        })?;
     match env.command {
         Command::Add => add(&ctl, env, conf).await.map(Some),
         Command::Del => del(&ctl, env, conf).await.map(|_| None),

@@ -26,7 +26,7 @@ pub enum ControlError {
     #[error("{0}")]
     InvalidConfig(String),
     /// The store is unavailable; retry later.
-    #[error("{0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
     /// Address management failed.
     #[error("{0}")]

@@ -18,6 +18,7 @@ fn init_logging(default: &str) {
         EnvFilter::try_from_env("FERRYNET_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .with_target(false)
         .try_init();
@@ -30,5 +31,10 @@ fn main() -> ExitCode {
         return ExitCode::from(cni::main() as u8);
     }
     init_logging("info");
+    // `ferrynet status | head` should end quietly when the reader goes away, like other tools.
+    // SAFETY: restoring the default disposition of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     cli::main()
 }

@@ -49,18 +49,32 @@ impl Lab {
             "etcd is missing: apt-get install etcd-server"
         );
         // A leftover lab of the same name (a killed earlier run) is removed first.
-        let _ = Command::new(bin()).args(["lab", "down", "--name", name]).output();
+        let _ = Command::new(bin())
+            .args(["lab", "down", "--name", name])
+            .output();
         let h = hosts.to_string();
         let s = subnets.to_string();
         let mut args = vec![
-            "lab", "up", "--name", name, "--hosts", &h, "--subnets", &s, "--backend", backend,
+            "lab",
+            "up",
+            "--name",
+            name,
+            "--hosts",
+            &h,
+            "--subnets",
+            &s,
+            "--backend",
+            backend,
         ];
         args.extend_from_slice(extra);
         let lab = Lab {
             name: name.to_string(),
             containers: Vec::new(),
         };
-        let o = Command::new(bin()).args(&args).output().expect("run lab up");
+        let o = Command::new(bin())
+            .args(&args)
+            .output()
+            .expect("run lab up");
         assert!(o.status.success(), "lab up failed: {}", out(&o));
         lab
     }
@@ -97,7 +111,9 @@ impl Lab {
             while True:\n  c,_=s.accept();threading.Thread(target=serve,args=(c,),daemon=True).start()\n";
         let o = self.exec(
             host,
-            &["run", "--name", &name, "--net", "fabric", "--", "python3", "-c", server],
+            &[
+                "run", "--name", &name, "--net", "fabric", "--", "python3", "-c", server,
+            ],
         );
         assert!(o.status.success(), "run {name} on {host}: {}", out(&o));
         let ps = self.exec(host, &["ps", "--json"]);
@@ -169,7 +185,11 @@ fn all_pairs(cs: &[Container]) {
             }
         }
     }
-    assert!(failures.is_empty(), "unreachable pairs:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "unreachable pairs:\n{}",
+        failures.join("\n")
+    );
 }
 
 fn three_containers(lab: &mut Lab) -> Vec<Container> {
@@ -206,7 +226,13 @@ fn vxlan_backend_all_pairs_with_overlay_mtu() {
     all_pairs(&cs);
     // Container interfaces carry the underlay MTU minus the VXLAN overhead.
     let o = Command::new("ip")
-        .args(["netns", "exec", &cs[0].netns(), "cat", "/sys/class/net/eth0/mtu"])
+        .args([
+            "netns",
+            "exec",
+            &cs[0].netns(),
+            "cat",
+            "/sys/class/net/eth0/mtu",
+        ])
         .output()
         .unwrap();
     let mtu = Command::new("ip")
@@ -219,7 +245,10 @@ fn vxlan_backend_all_pairs_with_overlay_mtu() {
         out(&mtu),
         out(&o)
     );
-    assert_eq!(peer_backend(&lab.status("h2"), "h3").as_deref(), Some("vxlan"));
+    assert_eq!(
+        peer_backend(&lab.status("h2"), "h3").as_deref(),
+        Some("vxlan")
+    );
 }
 
 #[test]
@@ -239,7 +268,10 @@ fn route_backend_reports_a_peer_off_link() {
     let until = Instant::now() + Duration::from_secs(10);
     loop {
         let st = lab.status("h1");
-        let peers = st["networks"][0]["peers"].as_array().cloned().unwrap_or_default();
+        let peers = st["networks"][0]["peers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         if let Some(p) = peers.iter().find(|p| p["host"] == "h2") {
             let errs = p["errors"].to_string();
             assert!(errs.contains("not on a shared link"), "{st}");
@@ -289,7 +321,11 @@ fn agent_kill_and_restart_keeps_a_stream_flowing() {
     std::thread::sleep(Duration::from_secs(2));
     lab.lab(&["start-agent", "h2"]);
     let o = client.wait_with_output().unwrap();
-    assert!(o.status.success(), "stream broke across the restart: {}", out(&o));
+    assert!(
+        o.status.success(),
+        "stream broke across the restart: {}",
+        out(&o)
+    );
     // The restarted agent found the kernel already right: it changed nothing.
     let until = Instant::now() + Duration::from_secs(10);
     loop {
@@ -372,7 +408,10 @@ struct Netns(String);
 impl Netns {
     fn new(name: &str) -> Netns {
         let _ = Command::new("ip").args(["netns", "del", name]).output();
-        let o = Command::new("ip").args(["netns", "add", name]).output().unwrap();
+        let o = Command::new("ip")
+            .args(["netns", "add", name])
+            .output()
+            .unwrap();
         assert!(o.status.success());
         Netns(name.to_string())
     }
@@ -403,7 +442,11 @@ fn etcd_outage_keeps_traffic_and_fails_adds_with_try_again() {
         err["msg"].as_str().unwrap_or("").contains("store"),
         "message should name the store: {err}"
     );
-    assert!(t.elapsed() < Duration::from_secs(20), "ADD hung for {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "ADD hung for {:?}",
+        t.elapsed()
+    );
     // Agents report the outage.
     let until = Instant::now() + Duration::from_secs(15);
     while lab.status("h2")["storeOk"] != false {
@@ -424,7 +467,10 @@ fn etcd_outage_keeps_traffic_and_fails_adds_with_try_again() {
             assert!(ip.starts_with("10.20."), "{res}");
             break;
         }
-        assert!(Instant::now() < until, "ADD still failing after etcd returned: {res}");
+        assert!(
+            Instant::now() < until,
+            "ADD still failing after etcd returned: {res}"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
     for h in ["h1", "h2"] {
@@ -440,7 +486,13 @@ fn etcd_outage_keeps_traffic_and_fails_adds_with_try_again() {
 
 #[test]
 fn removed_host_is_cleaned_up_by_its_peers() {
-    let mut lab = Lab::up("mhgone", 3, 1, "vxlan", &["--grace", "3s", "--lease-ttl", "2s"]);
+    let mut lab = Lab::up(
+        "mhgone",
+        3,
+        1,
+        "vxlan",
+        &["--grace", "3s", "--lease-ttl", "2s"],
+    );
     let c3 = lab.container("h3", "c3");
     let block = |st: &Value| -> Vec<String> {
         st["networks"][0]["peers"]
@@ -460,7 +512,14 @@ fn removed_host_is_cleaned_up_by_its_peers() {
     loop {
         let st = lab.status("h1");
         let routes = Command::new("ip")
-            .args(["-n", &format!("{}-h1", lab.name), "route", "show", "proto", "113"])
+            .args([
+                "-n",
+                &format!("{}-h1", lab.name),
+                "route",
+                "show",
+                "proto",
+                "113",
+            ])
             .output()
             .unwrap();
         let routes = out(&routes);

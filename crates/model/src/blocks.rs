@@ -30,7 +30,12 @@ pub fn free_block(pool: &IpNet, len: u8, taken: &[IpNet]) -> Option<IpNet> {
 
 /// The block to claim next for one address family: the first free block in the first subnet
 /// of that family with room.
-pub fn next_block(subnets: &[Subnet], spec: &FabricSpec, v6: bool, taken: &[IpNet]) -> Option<IpNet> {
+pub fn next_block(
+    subnets: &[Subnet],
+    spec: &FabricSpec,
+    v6: bool,
+    taken: &[IpNet],
+) -> Option<IpNet> {
     subnets
         .iter()
         .filter(|s| s.cidr.addr().is_ipv6() == v6)
@@ -81,7 +86,10 @@ mod tests {
     fn first_free_blocks_in_order() {
         let pool = n("10.20.0.0/24");
         assert_eq!(free_block(&pool, 26, &[]), Some(n("10.20.0.0/26")));
-        assert_eq!(free_block(&pool, 26, &[n("10.20.0.0/26")]), Some(n("10.20.0.64/26")));
+        assert_eq!(
+            free_block(&pool, 26, &[n("10.20.0.0/26")]),
+            Some(n("10.20.0.64/26"))
+        );
         let taken = [n("10.20.0.0/26"), n("10.20.0.128/26")];
         assert_eq!(free_block(&pool, 26, &taken), Some(n("10.20.0.64/26")));
         let all: Vec<IpNet> = pool.subnets(26).unwrap().collect();
@@ -91,8 +99,15 @@ mod tests {
     #[test]
     fn claims_of_another_size_count() {
         let pool = n("10.20.0.0/24");
-        assert_eq!(free_block(&pool, 26, &[n("10.20.0.0/25")]), Some(n("10.20.0.128/26")));
-        assert_eq!(free_block(&pool, 23, &[]), None, "block larger than the pool");
+        assert_eq!(
+            free_block(&pool, 26, &[n("10.20.0.0/25")]),
+            Some(n("10.20.0.128/26"))
+        );
+        assert_eq!(
+            free_block(&pool, 23, &[]),
+            None,
+            "block larger than the pool"
+        );
     }
 
     #[test]
@@ -104,9 +119,18 @@ mod tests {
 
     #[test]
     fn next_block_per_family() {
-        let subnets = vec![Subnet::new(n("10.20.0.0/16")), Subnet::new(n("fd00:20::/64"))];
-        assert_eq!(next_block(&subnets, &spec(), false, &[]), Some(n("10.20.0.0/26")));
-        assert_eq!(next_block(&subnets, &spec(), true, &[]), Some(n("fd00:20::/122")));
+        let subnets = vec![
+            Subnet::new(n("10.20.0.0/16")),
+            Subnet::new(n("fd00:20::/64")),
+        ];
+        assert_eq!(
+            next_block(&subnets, &spec(), false, &[]),
+            Some(n("10.20.0.0/26"))
+        );
+        assert_eq!(
+            next_block(&subnets, &spec(), true, &[]),
+            Some(n("fd00:20::/122"))
+        );
         let only_v4 = vec![Subnet::new(n("10.20.0.0/16"))];
         assert_eq!(next_block(&only_v4, &spec(), true, &[]), None);
     }
@@ -119,6 +143,9 @@ mod tests {
         assert_eq!(v.len(), 1);
         assert_eq!(v[0].gateway, Some("10.20.0.1".parse().unwrap()));
         assert_eq!(v[0].exclude, vec![n("10.20.0.10/32")]);
-        assert_eq!(block_gateway(&n("fd00::40/122")), "fd00::41".parse::<std::net::IpAddr>().unwrap());
+        assert_eq!(
+            block_gateway(&n("fd00::40/122")),
+            "fd00::41".parse::<std::net::IpAddr>().unwrap()
+        );
     }
 }

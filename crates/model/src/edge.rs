@@ -312,7 +312,9 @@ mod tests {
             net("a", "10.1.0.0/24", false),
             net("i", "10.2.0.0/24", true),
         ]);
-        assert!(r.contains("ip saddr 10.1.0.0/24 ip daddr != { 10.1.0.0/24 } oifname != @bridges masquerade"));
+        assert!(r.contains(
+            "ip saddr 10.1.0.0/24 ip daddr != { 10.1.0.0/24 } oifname != @bridges masquerade"
+        ));
         assert!(r.contains("oifname \"fn-a\" ip saddr 10.1.0.0/24 ct status dnat masquerade"));
         assert!(!r.contains("ip saddr 10.2.0.0/24"));
         assert!(r.contains("iifname \"fn-i\" oifname != \"fn-i\" drop"));
@@ -325,7 +327,9 @@ mod tests {
     #[test]
     fn ipv6_subnets_use_ip6_matches() {
         let r = base_ruleset(&[net("a", "fd00:1::/64", false)]);
-        assert!(r.contains("ip6 saddr fd00:1::/64 ip6 daddr != { fd00:1::/64 } oifname != @bridges masquerade"));
+        assert!(r.contains(
+            "ip6 saddr fd00:1::/64 ip6 daddr != { fd00:1::/64 } oifname != @bridges masquerade"
+        ));
     }
 
     #[test]

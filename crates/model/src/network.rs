@@ -227,7 +227,10 @@ pub mod keys {
     }
     /// Key of a block claim (value: the owning host). `/` in the CIDR becomes `_`.
     pub fn block(network: &str, block: &ipnet::IpNet) -> String {
-        format!("{ROOT}blocks/{network}/{}", block.to_string().replace('/', "_"))
+        format!(
+            "{ROOT}blocks/{network}/{}",
+            block.to_string().replace('/', "_")
+        )
     }
     /// Prefix of a network's block claims.
     pub fn blocks(network: &str) -> String {

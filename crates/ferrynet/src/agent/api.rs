@@ -75,12 +75,9 @@ pub async fn query_status(path: &Path) -> anyhow::Result<AgentStatus> {
     })?;
     conn.write_all(b"status\n").await?;
     let mut buf = String::new();
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        conn.read_to_string(&mut buf),
-    )
-    .await
-    .context("the agent did not answer within 5 s")??;
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_string(&mut buf))
+        .await
+        .context("the agent did not answer within 5 s")??;
     serde_json::from_str(&buf).with_context(|| format!("unexpected answer from the agent: {buf}"))
 }
 

@@ -54,7 +54,11 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     let store_url = opts
         .store
         .clone()
-        .or_else(|| std::env::var("FERRYNET_STORE").ok().filter(|s| !s.is_empty()))
+        .or_else(|| {
+            std::env::var("FERRYNET_STORE")
+                .ok()
+                .filter(|s| !s.is_empty())
+        })
         .or(LocalConfig::load(&paths.state_dir)?.store);
     // The CNI plugin and CLI on this host find the same identity and store here.
     LocalConfig {

@@ -4,10 +4,11 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use ferrynet_dataplane::vxlan::VxlanSpec;
 use ferrynet_dataplane::netlink::Netlink;
+use ferrynet_dataplane::vxlan::VxlanSpec;
 use ferrynet_model::fabric::{
-    desired, diff, vtep_mac, vxlan_dev_name, vxlan_local, vxlan_mtu, Backend, FabricInput, FabricState,
+    desired, diff, vtep_mac, vxlan_dev_name, vxlan_local, vxlan_mtu, Backend, FabricInput,
+    FabricState,
 };
 use ferrynet_model::network::{keys, Endpoint, Network};
 use ferrynet_store::{Compare, Op, StoreError};

@@ -18,9 +18,7 @@ pub fn usable(addrs: &[IpNet]) -> Vec<IpNet> {
         .iter()
         .filter(|a| match a.addr() {
             std::net::IpAddr::V4(v) => !v.is_loopback() && !v.is_link_local(),
-            std::net::IpAddr::V6(v) => {
-                !v.is_loopback() && (v.segments()[0] & 0xffc0) != 0xfe80
-            }
+            std::net::IpAddr::V6(v) => !v.is_loopback() && (v.segments()[0] & 0xffc0) != 0xfe80,
         })
         .copied()
         .collect()
@@ -74,7 +72,8 @@ mod tests {
 
     #[test]
     fn default_route_from_proc() {
-        let t = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+        let t =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
                  eth1\t0002A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
                  eth0\t00000000\t0101A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n";
         assert_eq!(default_route_dev(t).as_deref(), Some("eth0"));

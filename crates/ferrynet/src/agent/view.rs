@@ -12,7 +12,6 @@ use ferrynet_model::network::{keys, Network};
 use ferrynet_store::{EventKind, KeyValue, WatchEvent};
 use ipnet::IpNet;
 
-
 /// What the agent knows about the cluster.
 #[derive(Debug, Default, Clone)]
 pub struct ClusterView {
@@ -299,10 +298,7 @@ mod tests {
         let view = v.host_view(&n, "h2");
         assert_eq!(view.subnets.len(), 2);
         assert_eq!(view.mtu, Some(1450));
-        assert_eq!(
-            view.subnets[0].gateway,
-            Some("10.20.0.65".parse().unwrap())
-        );
+        assert_eq!(view.subnets[0].gateway, Some("10.20.0.65".parse().unwrap()));
     }
 
     #[test]

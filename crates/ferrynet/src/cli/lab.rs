@@ -138,12 +138,12 @@ pub fn host_ns(lab: &str, host: &str) -> String {
 
 /// Underlay addresses of host `i` (1-based): (v4 cidr, v6 cidr, subnet index).
 pub fn host_underlay(i: u8, subnets: u8) -> (String, String, u8) {
-    let s = if subnets == 2 && i % 2 == 0 { 1 } else { 0 };
-    (
-        format!("172.31.{s}.{i}/24"),
-        format!("fd31:{s}::{i}/64"),
-        s,
-    )
+    let s = if subnets == 2 && i.is_multiple_of(2) {
+        1
+    } else {
+        0
+    };
+    (format!("172.31.{s}.{i}/24"), format!("fd31:{s}::{i}/64"), s)
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
@@ -169,7 +169,8 @@ fn save(rec: &LabRecord) -> anyhow::Result<()> {
 
 fn load(name: &str) -> anyhow::Result<LabRecord> {
     let p = lab_dir(name).join("lab.json");
-    let b = std::fs::read(&p).with_context(|| format!("no lab {name} ({} missing)", p.display()))?;
+    let b =
+        std::fs::read(&p).with_context(|| format!("no lab {name} ({} missing)", p.display()))?;
     Ok(serde_json::from_slice(&b)?)
 }
 
@@ -187,7 +188,9 @@ fn spawn_in(ns: &str, cmd: &[&str], env: &[(&str, &str)], log: &Path) -> anyhow:
     }
     // Its own process group, so the lab outlives the `lab up` command.
     std::os::unix::process::CommandExt::process_group(&mut c, 0);
-    let child = c.spawn().with_context(|| format!("starting {}", cmd.join(" ")))?;
+    let child = c
+        .spawn()
+        .with_context(|| format!("starting {}", cmd.join(" ")))?;
     Ok(child.id())
 }
 
@@ -216,7 +219,11 @@ pub async fn run(cmd: LabCmd, exe: &Path) -> anyhow::Result<std::process::ExitCo
             if !rec.hosts.contains(&host) {
                 bail!("lab {name} has no host {host}");
             }
-            if rec.pids.iter().any(|(p, w)| *w == format!("agent {host}") && is_ours(*p, "agent")) {
+            if rec
+                .pids
+                .iter()
+                .any(|(p, w)| *w == format!("agent {host}") && is_ours(*p, "agent"))
+            {
                 bail!("the agent on {host} is already running");
             }
             start_agent(&mut rec, &host)?;
@@ -233,7 +240,11 @@ pub async fn run(cmd: LabCmd, exe: &Path) -> anyhow::Result<std::process::ExitCo
         }
         LabCmd::StartEtcd { name } => {
             let mut rec = load(&name)?;
-            if rec.pids.iter().any(|(p, w)| w == "etcd" && is_ours(*p, "etcd")) {
+            if rec
+                .pids
+                .iter()
+                .any(|(p, w)| w == "etcd" && is_ours(*p, "etcd"))
+            {
                 bail!("etcd is already running");
             }
             start_etcd(&mut rec)?;
@@ -247,7 +258,11 @@ pub async fn run(cmd: LabCmd, exe: &Path) -> anyhow::Result<std::process::ExitCo
 /// Stop the recorded process `what` (by its PID) and forget it.
 fn stop_process(rec: &mut LabRecord, what: &str, kill: bool) -> anyhow::Result<()> {
     let needle = if what == "etcd" { "etcd" } else { "agent" };
-    let Some(i) = rec.pids.iter().position(|(p, w)| w == what && is_ours(*p, needle)) else {
+    let Some(i) = rec
+        .pids
+        .iter()
+        .position(|(p, w)| w == what && is_ours(*p, needle))
+    else {
         bail!("{what} is not running in lab {}", rec.name);
     };
     let (pid, _) = rec.pids.remove(i);
@@ -258,7 +273,14 @@ fn stop_process(rec: &mut LabRecord, what: &str, kill: bool) -> anyhow::Result<(
 fn terminate(pid: u32, needle: &str, kill: bool) {
     use nix::sys::signal::{kill as send, Signal};
     let p = nix::unistd::Pid::from_raw(pid as i32);
-    let _ = send(p, if kill { Signal::SIGKILL } else { Signal::SIGTERM });
+    let _ = send(
+        p,
+        if kill {
+            Signal::SIGKILL
+        } else {
+            Signal::SIGTERM
+        },
+    );
     let until = Instant::now() + Duration::from_secs(5);
     while is_ours(pid, needle) && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(20));
@@ -344,7 +366,11 @@ async fn up(a: &UpArgs, exe: &Path) -> anyhow::Result<()> {
     }
     let dir = lab_dir(&a.name);
     if dir.join("lab.json").exists() {
-        bail!("lab {} is already up; `ferrynet lab down --name {}` first", a.name, a.name);
+        bail!(
+            "lab {} is already up; `ferrynet lab down --name {}` first",
+            a.name,
+            a.name
+        );
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut rec = LabRecord {
@@ -358,10 +384,19 @@ async fn up(a: &UpArgs, exe: &Path) -> anyhow::Result<()> {
     save(&rec)?;
     if let Err(e) = res {
         let _ = down(&a.name);
-        return Err(e.context(format!("lab {} could not be built; removed what was made", a.name)));
+        return Err(e.context(format!(
+            "lab {} could not be built; removed what was made",
+            a.name
+        )));
     }
-    println!("lab {} is up: {} host(s), store {}", a.name, a.hosts, rec.store);
-    println!("  run on a host:   ferrynet lab exec --name {} h1 -- ferrynet status", a.name);
+    println!(
+        "lab {} is up: {} host(s), store {}",
+        a.name, a.hosts, rec.store
+    );
+    println!(
+        "  run on a host:   ferrynet lab exec --name {} h1 -- ferrynet status",
+        a.name
+    );
     println!(
         "  a container:     ferrynet lab exec --name {} h1 -- ferrynet run --name c1 --net NET -- sleep infinity",
         a.name
@@ -379,8 +414,25 @@ async fn build(a: &UpArgs, exe: &Path, rec: &mut LabRecord) -> anyhow::Result<()
         let br = format!("ul{s}");
         ip(&["-n", &ul, "link", "add", &br, "type", "bridge"])?;
         ip(&["-n", &ul, "link", "set", &br, "up"])?;
-        ip(&["-n", &ul, "addr", "add", &format!("172.31.{s}.254/24"), "dev", &br])?;
-        ip(&["-n", &ul, "addr", "add", &format!("fd31:{s}::fe/64"), "dev", &br, "nodad"])?;
+        ip(&[
+            "-n",
+            &ul,
+            "addr",
+            "add",
+            &format!("172.31.{s}.254/24"),
+            "dev",
+            &br,
+        ])?;
+        ip(&[
+            "-n",
+            &ul,
+            "addr",
+            "add",
+            &format!("fd31:{s}::fe/64"),
+            "dev",
+            &br,
+            "nodad",
+        ])?;
     }
     // The underlay namespace routes between its subnets.
     sysctl_in(&ul, "net.ipv4.ip_forward", "1")?;
@@ -390,13 +442,18 @@ async fn build(a: &UpArgs, exe: &Path, rec: &mut LabRecord) -> anyhow::Result<()
         "etcd" => {
             let etcd = Path::new("/usr/bin/etcd");
             if !etcd.exists() {
-                bail!("/usr/bin/etcd is missing: apt-get install etcd-server (or use --store file)");
+                bail!(
+                    "/usr/bin/etcd is missing: apt-get install etcd-server (or use --store file)"
+                );
             }
             let ns = format!("{}-etcd", a.name);
             ip(&["netns", "add", &ns])?;
             rec.namespaces.push(ns.clone());
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-            ip(&["-n", &ul, "link", "add", "etcd", "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            ip(&[
+                "-n", &ul, "link", "add", "etcd", "type", "veth", "peer", "name", "eth0", "netns",
+                &ns,
+            ])?;
             ip(&["-n", &ul, "link", "set", "etcd", "master", "ul0", "up"])?;
             ip(&["-n", &ns, "addr", "add", "172.31.0.253/24", "dev", "eth0"])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
@@ -417,13 +474,41 @@ async fn build(a: &UpArgs, exe: &Path, rec: &mut LabRecord) -> anyhow::Result<()
         rec.hosts.push(host.clone());
         let (v4, v6, s) = host_underlay(i, a.subnets);
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &ul, "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
-        ip(&["-n", &ul, "link", "set", &host, "master", &format!("ul{s}"), "up"])?;
+        ip(&[
+            "-n", &ul, "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ])?;
+        ip(&[
+            "-n",
+            &ul,
+            "link",
+            "set",
+            &host,
+            "master",
+            &format!("ul{s}"),
+            "up",
+        ])?;
         ip(&["-n", &ns, "addr", "add", &v4, "dev", "eth0"])?;
         ip(&["-n", &ns, "addr", "add", &v6, "dev", "eth0", "nodad"])?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-        ip(&["-n", &ns, "route", "add", "default", "via", &format!("172.31.{s}.254")])?;
-        ip(&["-n", &ns, "-6", "route", "add", "default", "via", &format!("fd31:{s}::fe")])?;
+        ip(&[
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("172.31.{s}.254"),
+        ])?;
+        ip(&[
+            "-n",
+            &ns,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("fd31:{s}::fe"),
+        ])?;
         start_agent(rec, &host)?;
         save(rec)?;
     }
@@ -434,7 +519,12 @@ async fn build(a: &UpArgs, exe: &Path, rec: &mut LabRecord) -> anyhow::Result<()
         let sock = socket_path(&lab_dir(&a.name).join(host));
         loop {
             match query_status(&sock).await {
-                Ok(s) if s.store_ok && s.hosts.iter().filter(|h| h.live).count() == rec.hosts.len() => break,
+                Ok(s)
+                    if s.store_ok
+                        && s.hosts.iter().filter(|h| h.live).count() == rec.hosts.len() =>
+                {
+                    break
+                }
                 r => {
                     if Instant::now() > deadline {
                         let why = match r {
@@ -460,10 +550,25 @@ async fn build(a: &UpArgs, exe: &Path, rec: &mut LabRecord) -> anyhow::Result<()
         let out = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", host_ns(&a.name, "h1")))
             .arg(exe)
-            .args(["--state-dir", &state, "network", "create", "fabric", "--subnet", "10.20.0.0/16", "--subnet", "fd20::/64", "--backend", b])
+            .args([
+                "--state-dir",
+                &state,
+                "network",
+                "create",
+                "fabric",
+                "--subnet",
+                "10.20.0.0/16",
+                "--subnet",
+                "fd20::/64",
+                "--backend",
+                b,
+            ])
             .output()?;
         if !out.status.success() {
-            bail!("creating network fabric: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "creating network fabric: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         println!("network fabric (10.20.0.0/16, fd20::/64, backend {b}) created");
     }
@@ -471,7 +576,14 @@ async fn build(a: &UpArgs, exe: &Path, rec: &mut LabRecord) -> anyhow::Result<()
 }
 
 fn sysctl_in(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
-    ip(&["netns", "exec", ns, "sysctl", "-qw", &format!("{key}={value}")])
+    ip(&[
+        "netns",
+        "exec",
+        ns,
+        "sysctl",
+        "-qw",
+        &format!("{key}={value}"),
+    ])
 }
 
 /// True if `pid` is still the process we started (its command line names `what`).
@@ -488,7 +600,13 @@ fn remove_containers(rec: &LabRecord) {
         let state = lab_dir(&rec.name).join(host).display().to_string();
         let base = |c: &mut Command| {
             c.arg(format!("--net=/run/netns/{}", host_ns(&rec.name, host)))
-                .args([rec.exe.as_str(), "--state-dir", &state, "--store", &rec.store]);
+                .args([
+                    rec.exe.as_str(),
+                    "--state-dir",
+                    &state,
+                    "--store",
+                    &rec.store,
+                ]);
         };
         let mut ps = Command::new("nsenter");
         base(&mut ps);
@@ -532,7 +650,10 @@ fn down(name: &str) -> anyhow::Result<()> {
 fn exec(name: &str, host: &str, cmd: &[String]) -> anyhow::Result<std::process::ExitCode> {
     let rec = load(name)?;
     if !rec.hosts.iter().any(|h| h == host) {
-        bail!("lab {name} has no host {host} (hosts: {})", rec.hosts.join(", "));
+        bail!(
+            "lab {name} has no host {host} (hosts: {})",
+            rec.hosts.join(", ")
+        );
     }
     let state = lab_dir(name).join(host);
     // nsenter, not `ip netns exec`: the latter runs in a private mount namespace, so the
@@ -555,7 +676,10 @@ mod tests {
     fn hosts_alternate_subnets_when_asked() {
         assert_eq!(host_underlay(1, 1).2, 0);
         assert_eq!(host_underlay(2, 1).2, 0);
-        assert_eq!(host_underlay(2, 2), ("172.31.1.2/24".into(), "fd31:1::2/64".into(), 1));
+        assert_eq!(
+            host_underlay(2, 2),
+            ("172.31.1.2/24".into(), "fd31:1::2/64".into(), 1)
+        );
         assert_eq!(host_underlay(3, 2).2, 0);
     }
 }

@@ -14,9 +14,11 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use ferrynet_dataplane::netns::Netns;
-use ferrynet_model::names::{parse_mac, validate_container_name};
 use ferrynet_model::fabric::Backend;
-use ferrynet_model::network::{FabricSpec, Network, NetworkMode, Subnet, DEFAULT_BLOCK_V4, DEFAULT_BLOCK_V6};
+use ferrynet_model::names::{parse_mac, validate_container_name};
+use ferrynet_model::network::{
+    FabricSpec, Network, NetworkMode, Subnet, DEFAULT_BLOCK_V4, DEFAULT_BLOCK_V6,
+};
 use ipnet::IpNet;
 
 use crate::container::{self, netns_name, netns_path, parse_publish, Container};
@@ -257,9 +259,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     resync: a.resync,
                     docker_socket: a.docker_socket,
                 };
-                return crate::agent::run(paths, opts).await.map(|_| ExitCode::SUCCESS);
+                return crate::agent::run(paths, opts)
+                    .await
+                    .map(|_| ExitCode::SUCCESS);
             }
-            Cmd::Status(f) => return status::show(&paths, f.json).await.map(|_| ExitCode::SUCCESS),
+            Cmd::Status(f) => {
+                return status::show(&paths, f.json)
+                    .await
+                    .map(|_| ExitCode::SUCCESS)
+            }
             Cmd::Lab(c) => {
                 let exe = std::env::current_exe().context("locating the ferrynet binary")?;
                 return lab::run(c, &exe).await;

@@ -10,7 +10,10 @@ fn list(v: &[IpNet]) -> String {
     if v.is_empty() {
         "-".into()
     } else {
-        v.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",")
+        v.iter()
+            .map(|b| b.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 

@@ -31,9 +31,8 @@ impl LocalConfig {
     pub fn load(state_dir: &Path) -> Result<LocalConfig> {
         let path = state_dir.join("host.json");
         match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-                ControlError::InvalidConfig(format!("{}: {e}", path.display()))
-            }),
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| ControlError::InvalidConfig(format!("{}: {e}", path.display()))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LocalConfig::default()),
             Err(e) => Err(ControlError::io(format!("reading {}", path.display()))(e)),
         }
@@ -114,9 +113,12 @@ impl Control {
                 return Ok(Some(block));
             }
         }
-        Err(ControlError::Store(ferrynet_store::StoreError::Unavailable(
-            format!("could not claim a block of network {} (heavy contention)", net.name),
-        )))
+        Err(ControlError::Store(
+            ferrynet_store::StoreError::Unavailable(format!(
+                "could not claim a block of network {} (heavy contention)",
+                net.name
+            )),
+        ))
     }
 
     /// Make sure this host owns at least one block of every address family of the pool.

@@ -135,7 +135,11 @@ impl Control {
                 (Ok(ips), _) => ips,
                 // This host's blocks of that family are full: claim another and plan again.
                 (Err(IpamError::Exhausted { subnet, .. }), Some(p)) => {
-                    if self.claim_block(p, subnet.addr().is_ipv6()).await?.is_none() {
+                    if self
+                        .claim_block(p, subnet.addr().is_ipv6())
+                        .await?
+                        .is_none()
+                    {
                         return Err(ControlError::Ipam(format!(
                             "network {}: every block of the pool is claimed and host {}'s blocks are full",
                             net.name, self.host

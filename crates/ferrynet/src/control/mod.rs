@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ferrynet_dataplane::nft::{default_executor, NftExecutor};
+use ferrynet_store::config::StoreConfig;
 use ferrynet_store::{EmbeddedStore, KeyValue, Store};
 use serde::de::DeserializeOwned;
 
@@ -78,12 +79,20 @@ impl Control {
         let local = LocalConfig::load(&paths.state_dir)?;
         let url = store
             .map(str::to_string)
-            .or_else(|| std::env::var("FERRYNET_STORE").ok().filter(|s| !s.is_empty()))
+            .or_else(|| {
+                std::env::var("FERRYNET_STORE")
+                    .ok()
+                    .filter(|s| !s.is_empty())
+            })
             .or(local.store);
         let store = open_store(&paths, url.as_deref()).await?;
         let host = host
             .map(str::to_string)
-            .or_else(|| std::env::var("FERRYNET_HOST").ok().filter(|s| !s.is_empty()))
+            .or_else(|| {
+                std::env::var("FERRYNET_HOST")
+                    .ok()
+                    .filter(|s| !s.is_empty())
+            })
             .or(local.host)
             .unwrap_or_else(system_hostname);
         Ok(Control {
@@ -95,16 +104,16 @@ impl Control {
     }
 }
 
-/// Open the store a URL names; None is the embedded file in the state directory.
+/// Open the store a URL names (`etcd://…`, `etcds://…`, a path or `file://…`); None is the
+/// embedded file in the state directory.
 pub async fn open_store(paths: &Paths, url: Option<&str>) -> Result<Arc<dyn Store>> {
     match url {
         None => Ok(Arc::new(EmbeddedStore::open(paths.store_file())?)),
-        Some(u) if u.starts_with("file://") => Ok(Arc::new(EmbeddedStore::open(
-            u.trim_start_matches("file://"),
-        )?)),
-        Some(u) => Err(ControlError::InvalidConfig(format!(
-            "store {u}: only the embedded store is available in this build"
-        ))),
+        Some(u) => {
+            let cfg = StoreConfig::parse(u)
+                .map_err(|e| ControlError::InvalidConfig(format!("store {u}: {e}")))?;
+            Ok(ferrynet_store::config::open(&cfg).await?)
+        }
     }
 }
 

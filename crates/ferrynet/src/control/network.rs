@@ -201,9 +201,7 @@ impl Control {
                 None => match self.create_network(net.clone()).await {
                     Ok(n) => return Ok(n),
                     // Lost a race with a concurrent ADD creating the same network: re-read.
-                    Err(ControlError::InvalidConfig(m)) if m.contains("already exists") => {
-                        continue
-                    }
+                    Err(ControlError::InvalidConfig(m)) if m.contains("already exists") => continue,
                     Err(e) => return Err(e),
                 },
             }
