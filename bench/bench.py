@@ -341,7 +341,7 @@ def bench_ports(counts):
         print(f"| {name} | {count} | {ms(t)} | {rate:.0f} | {rate / base[name]:.2f} |")
 
 
-def bench_throughput(secs=5, reps=3):
+def bench_throughput(secs=5, reps=5):
     def iperf(server_ns, client_ns, addr):
         srv = subprocess.Popen(["ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-p", "5201"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -540,5 +540,26 @@ fn removed_host_is_cleaned_up_by_its_peers() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
-    // Its container goes with the lab (its netns stays until rm).
+    // It comes back under its name: it takes its former blocks again, as they are free.
+    lab.lab(&["start-agent", "h3"]);
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut now = block(&lab.status("h1"));
+        now.sort();
+        let mut before = h3_blocks.clone();
+        before.sort();
+        if now == before {
+            // Taken back from blocks.json, not merely the first free blocks again.
+            let log =
+                std::fs::read_to_string(format!("/run/ferrynet-lab/{}/h3/agent.log", lab.name))
+                    .unwrap_or_default();
+            assert!(log.contains("reclaimed a former block"), "{log}");
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "h3 did not reclaim {before:?}; h1 sees {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }

@@ -163,6 +163,10 @@ async fn follow(
         revs.push(rev);
         streams.push(store.watch(&prefix, rev).await?);
     }
+    if !rec.reclaimed {
+        rec.reclaim_saved_blocks().await?;
+        rec.reclaimed = true;
+    }
     view.reset(&kvs, Instant::now());
     rec.mark_store_ok();
     rec.run(view).await;

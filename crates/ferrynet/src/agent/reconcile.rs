@@ -10,8 +10,10 @@ use ferrynet_model::fabric::{
     desired, diff, vtep_mac, vxlan_dev_name, vxlan_local, vxlan_mtu, Backend, FabricInput,
     FabricState,
 };
+use ferrynet_model::host::BlockClaim;
 use ferrynet_model::network::{keys, Endpoint, Network};
 use ferrynet_store::{Compare, Op, StoreError};
+use ipnet::IpNet;
 
 use super::status::{AgentStatus, HostStatus, NetworkStatus, PeerReport};
 use super::underlay::Underlay;
@@ -30,6 +32,10 @@ pub struct Reconciler {
     status: Arc<Mutex<AgentStatus>>,
     /// Multi-host networks served at the last reconcile, to clean up after removed ones.
     served: BTreeMap<String, Network>,
+    /// This host's blocks as last saved to `<state-dir>/blocks.json`.
+    saved_blocks: BTreeMap<String, Vec<IpNet>>,
+    /// Former blocks were reclaimed (done once, at the first successful store read).
+    pub reclaimed: bool,
 }
 
 impl Reconciler {
@@ -46,6 +52,67 @@ impl Reconciler {
             underlay,
             status,
             served: BTreeMap::new(),
+            saved_blocks: BTreeMap::new(),
+            reclaimed: false,
+        }
+    }
+
+    fn blocks_file(&self) -> std::path::PathBuf {
+        self.ctl.paths.state_dir.join("blocks.json")
+    }
+
+    /// A host that comes back under its name takes its former blocks again where they are
+    /// still free (they were released after its grace period), so its addresses stay stable.
+    pub async fn reclaim_saved_blocks(&mut self) -> Result<(), StoreError> {
+        let saved: BTreeMap<String, Vec<IpNet>> = std::fs::read(self.blocks_file())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let claim = serde_json::to_vec(&BlockClaim {
+            host: self.ctl.host.clone(),
+        })
+        .unwrap_or_default();
+        for (net, blocks) in &saved {
+            for b in blocks {
+                let key = keys::block(net, b);
+                let res = self
+                    .ctl
+                    .store
+                    .txn(
+                        vec![
+                            Compare::Exists(keys::network(net)),
+                            Compare::Missing(key.clone()),
+                        ],
+                        vec![Op::put(key, claim.clone())],
+                    )
+                    .await?;
+                if res.succeeded {
+                    tracing::info!(network = %net, block = %b, "reclaimed a former block");
+                }
+            }
+        }
+        self.saved_blocks = saved;
+        Ok(())
+    }
+
+    fn save_blocks(&mut self, view: &ClusterView) {
+        let me = &self.ctl.host;
+        let now: BTreeMap<String, Vec<IpNet>> = view
+            .fabric_networks()
+            .map(|n| (n.name.clone(), view.blocks_of(&n.name, me)))
+            .filter(|(_, b)| !b.is_empty())
+            .collect();
+        if now == self.saved_blocks {
+            return;
+        }
+        let tmp = self.blocks_file().with_extension("json.tmp");
+        let ok = serde_json::to_vec(&now).ok().map(|b| {
+            std::fs::write(&tmp, b).and_then(|_| std::fs::rename(&tmp, self.blocks_file()))
+        });
+        match ok {
+            Some(Ok(())) => self.saved_blocks = now,
+            Some(Err(e)) => tracing::warn!(error = %e, "saving blocks.json"),
+            None => {}
         }
     }
 
@@ -163,6 +230,7 @@ impl Reconciler {
             }
         }
         self.served = served;
+        self.save_blocks(view);
 
         let mut changes = 0u64;
         match self.nl.read_fabric(&vxlan_devs).await {
