@@ -26,12 +26,14 @@ use crate::control::endpoint::AttachRequest;
 use crate::control::{Control, Paths};
 use table::Table;
 
-/// Container networking: bridged and host networks, published ports, a CNI plugin.
+/// Container networking: bridged and host networks, published ports, multi-host networks
+/// (routed or VXLAN) on etcd, a CNI plugin and a Docker network driver.
 ///
-/// Run as root. State lives in an embedded store under --state-dir (default /var/lib/ferrynet).
-/// When CNI_COMMAND is set in the environment, ferrynet acts as a CNI plugin instead
-/// (configuration on stdin, result on stdout), so the same binary is installed into the CNI
-/// bin directory by `ferrynet install-cni`.
+/// Run as root. State lives in an embedded store under --state-dir (default /var/lib/ferrynet),
+/// or in etcd with --store etcd://HOST:2379. When CNI_COMMAND is set in the environment,
+/// ferrynet acts as a CNI plugin instead (configuration on stdin, result on stdout), so the same
+/// binary is installed into the CNI bin directory by `ferrynet install-cni`. For several hosts,
+/// run `ferrynet agent` on each; try it on one machine with `ferrynet lab up`.
 #[derive(Parser, Debug)]
 #[command(name = "ferrynet", version, about, long_about)]
 struct Cli {
