@@ -87,50 +87,91 @@ fn raw(socket: &Path, bytes: &[u8]) -> (u16, Value) {
     (status, serde_json::from_str(body).unwrap_or(Value::Null))
 }
 
-/// `ferrynet docker-plugin` in the foreground, stopped with SIGTERM on drop.
+/// `ferrynet docker-plugin` (or `ferrynet agent --docker-socket`) in the foreground, stopped
+/// with SIGTERM on drop.
 struct Plugin {
     child: Option<Child>,
     socket: PathBuf,
     state: tempfile::TempDir,
     log: PathBuf,
     driver: String,
+    /// Served by the per-host agent rather than `ferrynet docker-plugin`.
+    agent: bool,
 }
 
 impl Plugin {
     fn start() -> Plugin {
+        Plugin::launch(false)
+    }
+
+    /// The agent serving the driver: `ferrynet agent --docker-socket` on the host's default
+    /// route interface, with the embedded store in its own state directory.
+    fn start_agent() -> Plugin {
+        Plugin::launch(true)
+    }
+
+    fn launch(agent: bool) -> Plugin {
         let driver = format!("fnt-{}", tag());
         let socket = PathBuf::from(format!("/run/docker/plugins/{driver}.sock"));
         let state = tempfile::tempdir().expect("state dir");
         let log = state.path().join("plugin.log");
-        let logf = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(bin())
-            .args(["--state-dir", &state.path().display().to_string()])
-            .args(["docker-plugin", "--socket", &socket.display().to_string()])
-            .env("FERRYNET_LOG", "debug")
-            .stdout(Stdio::null())
-            .stderr(logf)
-            .spawn()
-            .expect("start ferrynet docker-plugin");
         let mut p = Plugin {
-            child: Some(child),
+            child: None,
             socket,
             state,
             log,
             driver,
+            agent,
         };
+        p.spawn();
+        p
+    }
+
+    /// Start the process (again) on the same socket and state dir; wait until the socket answers.
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let state = self.state.path().display().to_string();
+        let socket = self.socket.display().to_string();
+        let mut cmd = Command::new(bin());
+        cmd.args(["--state-dir", &state]);
+        if self.agent {
+            cmd.args(["agent", "--docker-socket", &socket]);
+        } else {
+            cmd.args(["docker-plugin", "--socket", &socket]);
+        }
+        let child = cmd
+            .env("FERRYNET_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("start ferrynet");
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&p.socket).is_err() {
-            if let Some(Ok(Some(st))) = p.child.as_mut().map(|c| c.try_wait()) {
-                panic!("plugin exited early ({st}): {}", p.log_text());
+        while UnixStream::connect(&self.socket).is_err() {
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                self.child = None;
+                panic!("plugin exited early ({st}): {}", self.log_text());
             }
             assert!(
                 Instant::now() < deadline,
                 "plugin socket never appeared: {}",
-                p.log_text()
+                self.log_text()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        p
+    }
+
+    /// `kill -9` by PID: no chance to clean up. Returns once the process is gone.
+    fn kill9(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("plugin was running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill -9");
+        child.wait().expect("wait for the killed process")
     }
 
     fn log_text(&self) -> String {
@@ -177,6 +218,8 @@ impl Plugin {
         kvs.into_iter()
             .map(|kv| kv.key)
             .filter(|k| k != "/ferrynet/v1/ports-seq")
+            // The agent's registration of this host lives as long as the agent.
+            .filter(|k| !(self.agent && k.starts_with("/ferrynet/v1/hosts/")))
             .collect()
     }
 }
@@ -184,7 +227,8 @@ impl Plugin {
 impl Drop for Plugin {
     fn drop(&mut self) {
         // Networks the test left in this state dir (after a failure): remove with their bridges.
-        if self.child.is_some() {
+        // (The CLI works on the store alone, also when the process was killed.)
+        {
             if let Ok(o) = Command::new(bin())
                 .args(["--state-dir", &self.state.path().display().to_string()])
                 .args(["network", "ls", "--json"])
@@ -1208,4 +1252,161 @@ fn docker_default_ipam_with_the_ferrynet_driver() {
     docker_ok(&["network", "rm", &net]);
     made.networks.clear();
     assert!(plugin.store_keys().is_empty(), "{:?}", plugin.store_keys());
+}
+
+/// `docker exec FROM nc IP 7000`: the server's one-line answer, or None.
+fn talk(from: &str, ip: &str) -> Option<String> {
+    nc_reply(&["exec", from, "/bin/nc", "-w", "3", ip, "7000"])
+}
+
+#[test]
+fn agent_restart_keeps_docker_containers_talking() {
+    require_docker();
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let mut agent = Plugin::start_agent();
+    let mut made = Made::default();
+    let image = import_image(&mut made);
+    let d = agent.driver.clone();
+    let net = format!("{d}-net");
+    made.networks.push(net.clone());
+    docker_ok(&[
+        "network",
+        "create",
+        "-d",
+        &d,
+        "--ipam-driver",
+        &d,
+        "--subnet",
+        "10.231.6.0/24",
+        &net,
+    ]);
+    let (a, b) = (format!("{d}-a"), format!("{d}-b"));
+    made.containers.extend([a.clone(), b.clone()]);
+    for (name, reply, publish) in [
+        (a.as_str(), "pong-a", Some("18082:7000")),
+        (b.as_str(), "pong-b", None),
+    ] {
+        let mut args = vec!["run", "-d", "--name", name, "--network", net.as_str()];
+        if let Some(p) = publish {
+            args.extend(["-p", p]);
+        }
+        args.extend([
+            image.as_str(),
+            "/bin/nc",
+            "-ll",
+            "-p",
+            "7000",
+            "-e",
+            "/bin/echo",
+            reply,
+        ]);
+        docker_ok(&args);
+    }
+    let (a_ip, b_ip) = (ip_of(&a), ip_of(&b));
+    assert_ne!(a_ip, b_ip);
+    assert_eq!(
+        eventually("a from b", || talk(&b, &a_ip)),
+        "pong-a",
+        "before the restart"
+    );
+    assert_eq!(eventually("b from a", || talk(&a, &b_ip)), "pong-b");
+    let (client, host_ip) = outside_client(2);
+    let via_port = || {
+        let o = client.run(&["/bin/busybox", "nc", "-w", "3", &host_ip, "18082"]);
+        let s = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        (o.status.success() && !s.is_empty()).then_some(s)
+    };
+    assert_eq!(eventually("the published port", via_port), "pong-a");
+
+    // kill -9: the agent cleans nothing up; the kernel keeps bridge, veths and nftables.
+    // (Results are checked once the agent is back, so a failure still cleans up through it.)
+    let status = agent.kill9();
+    let socket_left = agent.socket.exists();
+    let while_dead = (talk(&b, &a_ip), talk(&a, &b_ip), via_port());
+    agent.spawn();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "{status}"
+    );
+    assert!(socket_left, "kill -9 leaves the socket file behind");
+    assert_eq!(
+        while_dead,
+        (
+            Some("pong-a".to_string()),
+            Some("pong-b".to_string()),
+            Some("pong-a".to_string())
+        ),
+        "the containers talk while the agent is dead"
+    );
+
+    // The restarted agent (same socket, same state): still talking, right away.
+    assert_eq!(
+        talk(&b, &a_ip).as_deref(),
+        Some("pong-a"),
+        "after the restart"
+    );
+    assert_eq!(talk(&a, &b_ip).as_deref(), Some("pong-b"));
+    assert_eq!(via_port().as_deref(), Some("pong-a"));
+
+    // A new container: Docker calls the restarted driver; the IPAM remembers a and b.
+    let c = format!("{d}-c");
+    made.containers.push(c.clone());
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &c,
+        "--network",
+        &net,
+        &image,
+        "/bin/nc",
+        "-ll",
+        "-p",
+        "7000",
+        "-e",
+        "/bin/echo",
+        "pong-c",
+    ]);
+    let c_ip = ip_of(&c);
+    assert!(
+        c_ip.starts_with("10.231.6.") && c_ip != a_ip && c_ip != b_ip,
+        "{c_ip} vs {a_ip} {b_ip}"
+    );
+    assert_eq!(eventually("a from c", || talk(&c, &a_ip)), "pong-a");
+    assert_eq!(eventually("b from c", || talk(&c, &b_ip)), "pong-b");
+    assert_eq!(eventually("c from a", || talk(&a, &c_ip)), "pong-c");
+    assert_eq!(host_links(&["fnv"]).len(), 3, "one host veth per container");
+
+    // Removal through the restarted agent leaves nothing behind. One container at a time:
+    // Docker 20.10 removing several of one network in parallel can lose count of its endpoints.
+    for x in [&a, &b, &c] {
+        docker_ok(&["rm", "-f", x]);
+    }
+    made.containers.clear();
+    assert_eq!(map_len("pm4_any"), 0, "the published port is withdrawn");
+    docker_ok(&["network", "rm", &net]);
+    made.networks.clear();
+    let left = host_links(&["fnv", "fnp"]);
+    assert!(left.is_empty(), "veths left: {left:?}");
+    let ls = out(&agent.cli(&["network", "ls", "--json"]));
+    assert_eq!(ls.trim(), "[]", "{ls}");
+    assert!(
+        !sh(&["nft", "list", "table", "inet", "ferrynet"])
+            .status
+            .success(),
+        "the nftables table goes with the last network"
+    );
+    let keys = agent.store_keys();
+    assert!(keys.is_empty(), "records left in the store: {keys:?}");
+    drop(client);
+
+    // SIGTERM: a clean exit that removes the Docker socket.
+    let (status, gone) = agent.stop().expect("agent was running");
+    assert!(
+        status.success(),
+        "exit status {status}: {}",
+        agent.log_text()
+    );
+    assert!(gone, "the socket is removed on SIGTERM");
 }
