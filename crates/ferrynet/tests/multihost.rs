@@ -563,3 +563,86 @@ fn removed_host_is_cleaned_up_by_its_peers() {
         std::thread::sleep(Duration::from_millis(300));
     }
 }
+
+#[test]
+fn first_add_on_a_host_claims_its_block_itself() {
+    // No agent on h1 has claimed anything yet when its first container arrives.
+    let mut lab = Lab::up("mhfirst", 2, 1, "route", &[]);
+    lab.lab(&["stop-agent", "h1"]);
+    let o = lab.exec(
+        "h2",
+        &[
+            "network",
+            "create",
+            "late",
+            "--subnet",
+            "10.30.0.0/16",
+            "--backend",
+            "route",
+        ],
+    );
+    assert!(o.status.success(), "{}", out(&o));
+    let ns = Netns::new(&format!("{}-cni", lab.name));
+    let state = format!("/run/ferrynet-lab/{}/h1", lab.name);
+    let conf = serde_json::json!({
+        "cniVersion": "1.1.0", "name": "late", "type": "ferrynet", "stateDir": state
+    });
+    let run = |cmd: &str| {
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}-h1", lab.name))
+            .arg(bin())
+            .env("CNI_COMMAND", cmd)
+            .env("CNI_CONTAINERID", "first")
+            .env("CNI_NETNS", format!("/run/netns/{}", ns.0))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/usr/lib/cni")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.to_string().as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let o = run("ADD");
+    assert!(o.status.success(), "first ADD failed: {}", out(&o));
+    let res: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let ip = res["ips"][0]["address"].as_str().unwrap().to_string();
+    assert!(ip.starts_with("10.30.") && ip.ends_with("/26"), "{res}");
+    assert!(res["ips"][0]["gateway"].as_str().is_some(), "{res}");
+    lab.lab(&["start-agent", "h1"]);
+    // h2's agent routes to the block h1 claimed by itself.
+    let until = Instant::now() + Duration::from_secs(10);
+    let h1_addr = ip.split('/').next().unwrap().to_string();
+    loop {
+        let o = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &format!("{}-h2", lab.name),
+                "ping",
+                "-c1",
+                "-W1",
+                &h1_addr,
+            ])
+            .output()
+            .unwrap();
+        if o.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "h2 cannot reach {h1_addr}: {}",
+            out(&o)
+        );
+    }
+    let o = run("DEL");
+    assert!(o.status.success(), "{}", out(&o));
+    let _ = &mut lab;
+}

@@ -102,8 +102,14 @@ impl Control {
                 net.name
             )));
         }
-        let subnets = validate_network_subnets(&net.subnets)
-            .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+        // A multi-host network's view may hold no block yet (the reservation claims one), so
+        // its subnets are checked after the reservation instead.
+        let subnets = if net.fabric.is_some() {
+            Vec::new()
+        } else {
+            validate_network_subnets(&net.subnets)
+                .map_err(|e| ControlError::InvalidConfig(e.to_string()))?
+        };
         let container_ns = Netns::open(&req.netns).map_err(ControlError::dataplane(format!(
             "opening netns {}",
             req.netns
