@@ -341,15 +341,17 @@ def bench_ports(counts):
         print(f"| {name} | {count} | {ms(t)} | {rate:.0f} | {rate / base[name]:.2f} |")
 
 
-def bench_throughput(secs=5, reps=5):
-    def iperf(server_ns, client_ns, addr):
-        srv = subprocess.Popen(["ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-p", "5201"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.3)
-        out = sh("ip", "netns", "exec", client_ns, "iperf3", "-c", addr, "-p", "5201", "-t", str(secs), "-J").stdout
-        srv.wait(timeout=10)
-        return json.loads(out)["end"]["sum_received"]["bits_per_second"]
+def iperf(server_ns, client_ns, addr, secs=5):
+    """One iperf3 run from `client_ns` to a one-shot server in `server_ns`; bits per second."""
+    srv = subprocess.Popen(["ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-p", "5201"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.3)
+    out = sh("ip", "netns", "exec", client_ns, "iperf3", "-c", addr, "-p", "5201", "-t", str(secs), "-J").stdout
+    srv.wait(timeout=10)
+    return json.loads(out)["end"]["sum_received"]["bits_per_second"]
 
+
+def bench_throughput(secs=5, reps=5):
     raw, fn = [], []
     try:
         a, b = netns("c"), netns("c")
@@ -365,8 +367,8 @@ def bench_throughput(secs=5, reps=5):
         f.add("t2", c2, [])
         ip1 = r1["ips"][0]["address"].split("/")[0]
         for _ in range(reps):
-            raw.append(iperf(a, b, "10.76.0.1"))
-            fn.append(iperf(c1, c2, ip1))
+            raw.append(iperf(a, b, "10.76.0.1", secs))
+            fn.append(iperf(c1, c2, ip1, secs))
         f.close()
     finally:
         cleanup()

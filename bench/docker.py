@@ -35,9 +35,8 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FERRYNET = os.path.join(ROOT, "target", "release", "ferrynet")
-CONNRATE = os.path.join(ROOT, "target", "release", "connrate")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import CONNRATE, FERRYNET, ms, pct  # noqa: E402
 DOCKER_SOCK = "/var/run/docker.sock"
 TAG = f"{os.getpid() % 100000}"
 DRIVER = f"fnb-{TAG}"
@@ -62,17 +61,6 @@ def sh(*args, check=True, **kw):
     if check and p.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed ({p.returncode}): {p.stderr.strip() or p.stdout.strip()}")
     return p
-
-
-def pct(xs, q):
-    xs = sorted(xs)
-    k = (len(xs) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-
-def ms(x):
-    return f"{x * 1000:.1f}"
 
 
 # --- Docker ------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import FERRYNET, cleanup, ms, netns, pct, run_plugin, sh  # noqa: E402
+from bench import FERRYNET, cleanup, iperf, ms, netns, pct, run_plugin, sh  # noqa: E402
 
 LAB_ROOT = "/run/ferrynet-lab"
 
@@ -54,62 +54,50 @@ def addr(result):
     return result["ips"][0]["address"].split("/")[0]
 
 
-def iperf(server_ns, client_ns, address, secs=5):
-    srv = subprocess.Popen(["ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-p", "5201"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.3)
-    out = sh("ip", "netns", "exec", client_ns, "iperf3", "-c", address, "-p", "5201", "-t", str(secs), "-J").stdout
-    srv.wait(timeout=10)
-    return json.loads(out)["end"]["sum_received"]["bits_per_second"]
+def hand_built_vxlan(lab):
+    """The vxlan anchor, over the same lab underlay between the same two hosts: a VXLAN pair
+    built by hand (static remote, another VNI, same MTU); returns (server ns, client ns, addr)."""
+    for me, peer in (("1", "2"), ("2", "1")):
+        ns = host_ns(lab, f"h{me}")
+        sh("ip", "-n", ns, "link", "add", "vxb", "type", "vxlan", "id", "4242", "local", f"172.31.0.{me}",
+           "remote", f"172.31.0.{peer}", "dstport", "4789", "dev", "eth0")
+        sh("ip", "-n", ns, "link", "set", "vxb", "mtu", "1450", "up")
+        sh("ip", "-n", ns, "addr", "add", f"10.80.0.{me}/24", "dev", "vxb")
+    return host_ns(lab, "h1"), host_ns(lab, "h2"), "10.80.0.1"
+
+
+def underlay(lab):
+    """The route anchor: the underlay itself, host h2 to host h1."""
+    return host_ns(lab, "h1"), host_ns(lab, "h2"), "172.31.0.1"
+
+
+def container_vs_anchor(lab, backend, anchor, reps):
+    """Median iperf3 rate container h2 -> container h1 and over the anchor, alternating."""
+    try:
+        lab_up(lab, 2, backend)
+        c1, c2 = netns("c"), netns("c")
+        _, r1 = cni(lab, "h1", "ADD", "t1", c1)
+        cni(lab, "h2", "ADD", "t2", c2)
+        a, b, a_addr = anchor(lab)
+        ours, theirs = [], []
+        for _ in range(reps):
+            theirs.append(iperf(a, b, a_addr))
+            ours.append(iperf(c1, c2, addr(r1)))
+        cni(lab, "h1", "DEL", "t1", c1)
+        cni(lab, "h2", "DEL", "t2", c2)
+        return statistics.median(ours), statistics.median(theirs)
+    finally:
+        lab_down(lab)
+        cleanup()
 
 
 def bench_throughput(reps=5):
     rows = []
-    # route: container on h1 <-> container on h2, beside the underlay host <-> host.
-    lab = "bthr"
-    try:
-        lab_up(lab, 2, "route")
-        c1, c2 = netns("c"), netns("c")
-        _, r1 = cni(lab, "h1", "ADD", "t1", c1)
-        cni(lab, "h2", "ADD", "t2", c2)
-        under, fab = [], []
-        for _ in range(reps):
-            under.append(iperf(host_ns(lab, "h1"), host_ns(lab, "h2"), "172.31.0.1"))
-            fab.append(iperf(c1, c2, addr(r1)))
-        rows.append(("route: container h2 -> container h1", statistics.median(fab),
-                     "underlay: host h2 -> host h1", statistics.median(under)))
-        cni(lab, "h1", "DEL", "t1", c1)
-        cni(lab, "h2", "DEL", "t2", c2)
-    finally:
-        lab_down(lab)
-        cleanup()
-    # vxlan: the same over ferrynet's VXLAN, beside a hand-built kernel VXLAN pair (same MTU).
-    lab = "bthv"
-    try:
-        lab_up(lab, 2, "vxlan")
-        c1, c2 = netns("c"), netns("c")
-        _, r1 = cni(lab, "h1", "ADD", "t1", c1)
-        cni(lab, "h2", "ADD", "t2", c2)
-        # The anchor runs over the same lab underlay, between the same two hosts: a VXLAN pair
-        # built by hand (static remote, another VNI, same MTU), host to host.
-        for me, peer in (("1", "2"), ("2", "1")):
-            ns = host_ns(lab, f"h{me}")
-            sh("ip", "-n", ns, "link", "add", "vxb", "type", "vxlan", "id", "4242", "local", f"172.31.0.{me}",
-               "remote", f"172.31.0.{peer}", "dstport", "4789", "dev", "eth0")
-            sh("ip", "-n", ns, "link", "set", "vxb", "mtu", "1450", "up")
-            sh("ip", "-n", ns, "addr", "add", f"10.80.0.{me}/24", "dev", "vxb")
-        a, b = host_ns(lab, "h1"), host_ns(lab, "h2")
-        raw, fab = [], []
-        for _ in range(reps):
-            raw.append(iperf(a, b, "10.80.0.1"))
-            fab.append(iperf(c1, c2, addr(r1)))
-        rows.append(("vxlan: container h2 -> container h1", statistics.median(fab),
-                     "hand-built kernel VXLAN pair between the same hosts, MTU 1450", statistics.median(raw)))
-        cni(lab, "h1", "DEL", "t1", c1)
-        cni(lab, "h2", "DEL", "t2", c2)
-    finally:
-        lab_down(lab)
-        cleanup()
+    x, y = container_vs_anchor("bthr", "route", underlay, reps)
+    rows.append(("route: container h2 -> container h1", x, "underlay: host h2 -> host h1", y))
+    x, y = container_vs_anchor("bthv", "vxlan", hand_built_vxlan, reps)
+    rows.append(("vxlan: container h2 -> container h1", x,
+                 "hand-built kernel VXLAN pair between the same hosts, MTU 1450", y))
     print(f"\n### Cross-host TCP throughput (iperf3, 5 s x {reps}, median)\n")
     print("| ferrynet path | Gbit/s | anchor | Gbit/s | ratio |")
     print("|---|---|---|---|---|")

@@ -11,14 +11,16 @@ need_root() {
 }
 
 packages_for() {
-  # protobuf-compiler: the etcd client's gRPC code is generated with protoc when ferrynet builds.
-  local base="iproute2 nftables iptables util-linux procps iputils-ping python3 ca-certificates protobuf-compiler"
+  # protobuf-compiler: the etcd client's gRPC code is generated with protoc when ferrynet builds;
+  # gcc and libc6-dev: rustc links through cc, and ring (TLS) compiles C.
+  local base="iproute2 nftables iptables util-linux procps iputils-ping python3 ca-certificates protobuf-compiler gcc libc6-dev"
   case "$1" in
     demo) echo "$base" ;;
     # etcd-server: the store and multi-host tests run a real etcd; openssl makes TLS
     # certificates; busybox-static is the Docker tests' image.
     test) echo "$base containernetworking-plugins etcd-server openssl busybox-static" ;;
-    bench) echo "$base containernetworking-plugins netavark iperf3 time etcd-server" ;;
+    # bench/docker.py imports the same busybox image as the Docker tests.
+    bench) echo "$base containernetworking-plugins netavark iperf3 time etcd-server busybox-static" ;;
     *) echo "unknown set $1" >&2; exit 2 ;;
   esac
 }

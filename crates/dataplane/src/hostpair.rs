@@ -1,11 +1,11 @@
 //! A veth pair left whole in one namespace, for runtimes that move the container end
 //! themselves (Docker's libnetwork moves `SrcName` into the sandbox and renames it).
 
-use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute};
-use rtnetlink::{LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth};
+use rtnetlink::LinkBridgePort;
 
 use crate::error::{errno, nl as nl_err, DataplaneError, Result};
 use crate::netlink::Netlink;
+use crate::veth::{pair_message, PairPeer};
 
 /// A pair to create: one end on a bridge, the other loose for the runtime to take.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,21 +40,18 @@ pub struct Pair {
 pub async fn create_pair(nl: &Netlink, spec: &PairSpec) -> Result<Pair> {
     nl.delete_link(&spec.host_name).await?;
     nl.delete_link(&spec.peer_name).await?;
-    let mut peer = LinkUnspec::new_with_name(&spec.peer_name).build();
-    if let Some(mac) = spec.peer_mac {
-        peer.attributes.push(LinkAttribute::Address(mac.to_vec()));
-    }
-    if let Some(mtu) = spec.mtu {
-        peer.attributes.push(LinkAttribute::Mtu(mtu));
-    }
-    let mut b = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
-        .name(spec.host_name.clone())
-        .controller(spec.bridge_index)
-        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)));
-    if let Some(m) = spec.mtu {
-        b = b.mtu(m);
-    }
-    match nl.handle.link().add(b.build()).execute().await {
+    let msg = pair_message(
+        &spec.host_name,
+        spec.bridge_index,
+        spec.mtu,
+        PairPeer {
+            name: &spec.peer_name,
+            mac: spec.peer_mac,
+            mtu: spec.mtu,
+            netns_fd: None,
+        },
+    );
+    match nl.handle.link().add(msg).execute().await {
         Ok(()) => {}
         Err(e) if errno(&e) == Some(17) => {
             return Err(DataplaneError::Conflict(format!(

@@ -127,8 +127,8 @@ impl Netlink {
         Ok(Netlink { handle })
     }
 
-    /// The link called `name`, if present.
-    pub async fn link_by_name(&self, name: &str) -> Result<Option<LinkInfo>> {
+    /// The raw netlink message of the link called `name`, if present.
+    pub(crate) async fn link_message(&self, name: &str) -> Result<Option<LinkMessage>> {
         let mut s = self
             .handle
             .link()
@@ -136,14 +136,18 @@ impl Netlink {
             .match_name(name.to_string())
             .execute();
         match s.try_next().await {
-            Ok(Some(m)) => Ok(Some(parse_link(&m))),
-            Ok(None) => Ok(None),
+            Ok(m) => Ok(m),
             Err(e) if matches!(errno(&e), Some(ENODEV)) => Ok(None),
             Err(e) => Err(DataplaneError::Netlink {
                 op: format!("looking up link {name}"),
                 source: e,
             }),
         }
+    }
+
+    /// The link called `name`, if present.
+    pub async fn link_by_name(&self, name: &str) -> Result<Option<LinkInfo>> {
+        Ok(self.link_message(name).await?.as_ref().map(parse_link))
     }
 
     /// The link with this index, if present.

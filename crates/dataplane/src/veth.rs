@@ -8,6 +8,45 @@ use crate::error::{errno, DataplaneError, Result};
 use crate::netlink::{Netlink, RouteInfo, RouteSpec};
 use crate::netns::Netns;
 
+/// The far end of a veth pair being created.
+pub(crate) struct PairPeer<'a> {
+    /// Its name.
+    pub name: &'a str,
+    /// Static MAC.
+    pub mac: Option<[u8; 6]>,
+    /// MTU.
+    pub mtu: Option<u32>,
+    /// Namespace to create it in (None: the same as the host end).
+    pub netns_fd: Option<std::os::fd::RawFd>,
+}
+
+/// The netlink request creating a veth pair whose host end is enslaved to a bridge.
+pub(crate) fn pair_message(
+    host_name: &str,
+    bridge_index: u32,
+    mtu: Option<u32>,
+    peer: PairPeer<'_>,
+) -> rtnetlink::packet_route::link::LinkMessage {
+    let mut p = LinkUnspec::new_with_name(peer.name).build();
+    if let Some(fd) = peer.netns_fd {
+        p.attributes.push(LinkAttribute::NetNsFd(fd));
+    }
+    if let Some(mac) = peer.mac {
+        p.attributes.push(LinkAttribute::Address(mac.to_vec()));
+    }
+    if let Some(m) = peer.mtu {
+        p.attributes.push(LinkAttribute::Mtu(m));
+    }
+    let mut b = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+        .name(host_name.to_string())
+        .controller(bridge_index)
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(p)));
+    if let Some(m) = mtu {
+        b = b.mtu(m);
+    }
+    b.build()
+}
+
 /// The container side of an attachment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerIface {
@@ -88,23 +127,18 @@ pub async fn attach(
     }
     // A host end with our deterministic name is a leftover of an interrupted attempt: replace it.
     host.delete_link(&spec.host_name).await?;
-    let mut peer = LinkUnspec::new_with_name(&c.ifname).build();
-    peer.attributes
-        .push(LinkAttribute::NetNsFd(container_ns.fd()));
-    if let Some(mac) = c.mac {
-        peer.attributes.push(LinkAttribute::Address(mac.to_vec()));
-    }
-    if let Some(mtu) = c.mtu {
-        peer.attributes.push(LinkAttribute::Mtu(mtu));
-    }
-    let mut b = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
-        .name(spec.host_name.clone())
-        .controller(spec.bridge_index)
-        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)));
-    if let Some(m) = spec.mtu {
-        b = b.mtu(m);
-    }
-    match host.handle.link().add(b.build()).execute().await {
+    let msg = pair_message(
+        &spec.host_name,
+        spec.bridge_index,
+        spec.mtu,
+        PairPeer {
+            name: &c.ifname,
+            mac: c.mac,
+            mtu: c.mtu,
+            netns_fd: Some(container_ns.fd()),
+        },
+    );
+    match host.handle.link().add(msg).execute().await {
         Ok(()) => {}
         Err(e) if errno(&e) == Some(17) => {
             return Err(DataplaneError::Conflict(format!(

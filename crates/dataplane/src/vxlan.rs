@@ -3,7 +3,6 @@
 
 use std::net::IpAddr;
 
-use futures::TryStreamExt;
 use rtnetlink::packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage};
 use rtnetlink::{LinkUnspec, LinkVxlan};
 
@@ -11,7 +10,6 @@ use crate::error::{errno, DataplaneError, Result};
 use crate::netlink::Netlink;
 
 const EEXIST: i32 = 17;
-const ENODEV: i32 = 19;
 
 /// The IANA VXLAN port.
 pub const VXLAN_PORT: u16 = 4789;
@@ -89,23 +87,6 @@ fn is_vxlan(m: &LinkMessage) -> Option<String> {
 }
 
 impl Netlink {
-    async fn link_message(&self, name: &str) -> Result<Option<LinkMessage>> {
-        let mut s = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute();
-        match s.try_next().await {
-            Ok(m) => Ok(m),
-            Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
-            Err(e) => Err(DataplaneError::Netlink {
-                op: format!("looking up link {name}"),
-                source: e,
-            }),
-        }
-    }
-
     async fn create_vxlan(&self, spec: &VxlanSpec) -> Result<()> {
         let mut b = LinkVxlan::new(&spec.name, spec.vni)
             .port(spec.port)

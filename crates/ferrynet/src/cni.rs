@@ -342,11 +342,7 @@ async fn add(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<Value, CniEr
         .await
         .map_err(ctl_err)?;
     // The attach may have claimed a new block (and gateway) for this host: report from a fresh view.
-    let net = if net.fabric.is_some() {
-        ctl.host_view(&net).await.map_err(ctl_err)?
-    } else {
-        net
-    };
+    let net = ctl.view_holding(&net, &ep).await.map_err(ctl_err)?;
     let mut res = build_result(&net, &ep, prev, &conf.cni_version)?;
     if let Some(dns) = &conf.dns {
         res.dns = dns.clone();

@@ -391,6 +391,27 @@ fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// Start a detached container `name` on `net` answering every TCP connection on port 7000
+/// with `reply`.
+fn echo_server(name: &str, net: &str, image: &str, reply: &str) {
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--network",
+        net,
+        image,
+        "/bin/nc",
+        "-ll",
+        "-p",
+        "7000",
+        "-e",
+        "/bin/echo",
+        reply,
+    ]);
+}
+
 fn nc_reply(client_args: &[&str]) -> Option<String> {
     let o = docker(client_args);
     let s = String::from_utf8_lossy(&o.stdout).trim().to_string();
@@ -443,22 +464,7 @@ fn docker_containers_talk_publish_a_port_and_leave_nothing() {
     let server = format!("{d}-srv");
     let web = format!("{d}-web");
     made.containers.extend([server.clone(), web.clone()]);
-    docker_ok(&[
-        "run",
-        "-d",
-        "--name",
-        &server,
-        "--network",
-        &net,
-        &image,
-        "/bin/nc",
-        "-ll",
-        "-p",
-        "7000",
-        "-e",
-        "/bin/echo",
-        "pong",
-    ]);
+    echo_server(&server, &net, &image, "pong");
     docker_ok(&[
         "run",
         "-d",
@@ -585,22 +591,7 @@ fn cni_and_docker_containers_share_one_network() {
 
     let dock = format!("{d}-dock");
     made.containers.push(dock.clone());
-    docker_ok(&[
-        "run",
-        "-d",
-        "--name",
-        &dock,
-        "--network",
-        &net,
-        &image,
-        "/bin/nc",
-        "-ll",
-        "-p",
-        "7000",
-        "-e",
-        "/bin/echo",
-        "from-docker",
-    ]);
+    echo_server(&dock, &net, &image, "from-docker");
     let dock_ip = ip_of(&dock);
 
     // A CLI container on the same ferrynet network gets another address from the same pool.
@@ -1071,22 +1062,7 @@ fn dual_stack_internal_network() {
 
     let a = format!("{d}-a");
     made.containers.push(a.clone());
-    docker_ok(&[
-        "run",
-        "-d",
-        "--name",
-        &a,
-        "--network",
-        &net,
-        &image,
-        "/bin/nc",
-        "-ll",
-        "-p",
-        "7000",
-        "-e",
-        "/bin/echo",
-        "pong6",
-    ]);
+    echo_server(&a, &net, &image, "pong6");
     let a6 = docker_ok(&[
         "inspect",
         "-f",
@@ -1213,22 +1189,7 @@ fn docker_default_ipam_with_the_ferrynet_driver() {
     ]);
     let a = format!("{d}-a");
     made.containers.push(a.clone());
-    docker_ok(&[
-        "run",
-        "-d",
-        "--name",
-        &a,
-        "--network",
-        &net,
-        &image,
-        "/bin/nc",
-        "-ll",
-        "-p",
-        "7000",
-        "-e",
-        "/bin/echo",
-        "pong",
-    ]);
+    echo_server(&a, &net, &image, "pong");
     let ip = ip_of(&a);
     let r = eventually("the server", || {
         nc_reply(&[
@@ -1352,22 +1313,7 @@ fn agent_restart_keeps_docker_containers_talking() {
     // A new container: Docker calls the restarted driver; the IPAM remembers a and b.
     let c = format!("{d}-c");
     made.containers.push(c.clone());
-    docker_ok(&[
-        "run",
-        "-d",
-        "--name",
-        &c,
-        "--network",
-        &net,
-        &image,
-        "/bin/nc",
-        "-ll",
-        "-p",
-        "7000",
-        "-e",
-        "/bin/echo",
-        "pong-c",
-    ]);
+    echo_server(&c, &net, &image, "pong-c");
     let c_ip = ip_of(&c);
     assert!(
         c_ip.starts_with("10.231.6.") && c_ip != a_ip && c_ip != b_ip,

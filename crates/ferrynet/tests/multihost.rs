@@ -343,15 +343,16 @@ fn agent_kill_and_restart_keeps_a_stream_flowing() {
     echo(&c2, &c1.v6, Duration::from_secs(5)).unwrap();
 }
 
-fn cni_add(lab: &Lab, host: &str, id: &str, netns: &str) -> (i32, Value) {
+/// Run the plugin as a runtime would, on lab host `host`, for container `id` in `netns`.
+fn cni(lab: &Lab, host: &str, network: &str, cmd: &str, id: &str, netns: &str) -> Output {
     let state = format!("/run/ferrynet-lab/{}/{host}", lab.name);
     let conf = serde_json::json!({
-        "cniVersion": "1.1.0", "name": "fabric", "type": "ferrynet", "stateDir": state
+        "cniVersion": "1.1.0", "name": network, "type": "ferrynet", "stateDir": state
     });
     let mut child = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}-{host}", lab.name))
         .arg(bin())
-        .env("CNI_COMMAND", "ADD")
+        .env("CNI_COMMAND", cmd)
         .env("CNI_CONTAINERID", id)
         .env("CNI_NETNS", format!("/run/netns/{netns}"))
         .env("CNI_IFNAME", "eth0")
@@ -368,39 +369,16 @@ fn cni_add(lab: &Lab, host: &str, id: &str, netns: &str) -> (i32, Value) {
         .unwrap()
         .write_all(conf.to_string().as_bytes())
         .unwrap();
-    let o = child.wait_with_output().unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// A CNI ADD on network `fabric`: exit code and the parsed result or error.
+fn cni_add(lab: &Lab, host: &str, id: &str, netns: &str) -> (i32, Value) {
+    let o = cni(lab, host, "fabric", "ADD", id, netns);
     (
         o.status.code().unwrap_or(-1),
         serde_json::from_slice(&o.stdout).unwrap_or(Value::Null),
     )
-}
-
-fn cni_del(lab: &Lab, host: &str, id: &str, netns: &str) {
-    let state = format!("/run/ferrynet-lab/{}/{host}", lab.name);
-    let conf = serde_json::json!({
-        "cniVersion": "1.1.0", "name": "fabric", "type": "ferrynet", "stateDir": state
-    });
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}-{host}", lab.name))
-        .arg(bin())
-        .env("CNI_COMMAND", "DEL")
-        .env("CNI_CONTAINERID", id)
-        .env("CNI_NETNS", format!("/run/netns/{netns}"))
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/usr/lib/cni")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(conf.to_string().as_bytes())
-        .unwrap();
-    let _ = child.wait_with_output();
 }
 
 /// A bare network namespace for a CNI ADD, removed on drop.
@@ -481,7 +459,7 @@ fn etcd_outage_keeps_traffic_and_fails_adds_with_try_again() {
         }
     }
     echo(&c2, &c1.v4, Duration::from_secs(5)).unwrap();
-    cni_del(&lab, "h1", "outage1", &ns.0);
+    cni(&lab, "h1", "fabric", "DEL", "outage1", &ns.0);
 }
 
 #[test]
@@ -567,7 +545,7 @@ fn removed_host_is_cleaned_up_by_its_peers() {
 #[test]
 fn first_add_on_a_host_claims_its_block_itself() {
     // No agent on h1 has claimed anything yet when its first container arrives.
-    let mut lab = Lab::up("mhfirst", 2, 1, "route", &[]);
+    let lab = Lab::up("mhfirst", 2, 1, "route", &[]);
     lab.lab(&["stop-agent", "h1"]);
     let o = lab.exec(
         "h2",
@@ -583,33 +561,7 @@ fn first_add_on_a_host_claims_its_block_itself() {
     );
     assert!(o.status.success(), "{}", out(&o));
     let ns = Netns::new(&format!("{}-cni", lab.name));
-    let state = format!("/run/ferrynet-lab/{}/h1", lab.name);
-    let conf = serde_json::json!({
-        "cniVersion": "1.1.0", "name": "late", "type": "ferrynet", "stateDir": state
-    });
-    let run = |cmd: &str| {
-        let mut child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}-h1", lab.name))
-            .arg(bin())
-            .env("CNI_COMMAND", cmd)
-            .env("CNI_CONTAINERID", "first")
-            .env("CNI_NETNS", format!("/run/netns/{}", ns.0))
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", "/usr/lib/cni")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(conf.to_string().as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
-    };
+    let run = |cmd: &str| cni(&lab, "h1", "late", cmd, "first", &ns.0);
     let o = run("ADD");
     assert!(o.status.success(), "first ADD failed: {}", out(&o));
     let res: Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -644,5 +596,4 @@ fn first_add_on_a_host_claims_its_block_itself() {
     }
     let o = run("DEL");
     assert!(o.status.success(), "{}", out(&o));
-    let _ = &mut lab;
 }

@@ -7,8 +7,10 @@
 use ipnet::IpNet;
 
 pub use crate::fabric::block_gateway;
+use crate::fabric::{vxlan_mtu, Backend};
+use crate::host::HostRecord;
 use crate::ipam::overlaps;
-use crate::network::{FabricSpec, Subnet};
+use crate::network::{FabricSpec, Network, Subnet};
 
 /// The first block of `pool` with prefix `len` that overlaps none of `taken`, if any is left.
 /// `taken` may hold blocks of any size (claims made with another block size still count).
@@ -63,6 +65,27 @@ pub fn block_subnets(network_subnets: &[Subnet], my_blocks: &[IpNet]) -> Vec<Sub
             }
         })
         .collect()
+}
+
+/// True when a host's view of `pool` depends on the host's underlay: a tunnelled network
+/// without an explicit MTU takes the underlay's minus the encapsulation.
+pub fn view_needs_underlay(pool: &Network) -> bool {
+    pool.mtu.is_none() && pool.fabric.is_some_and(|f| f.backend != Backend::Route)
+}
+
+/// The network as one host sees it: its subnets are the host's blocks (each gatewayed by its
+/// first address), and over VXLAN its MTU is the host's underlay MTU minus the encapsulation.
+/// Single-host networks are returned unchanged.
+pub fn host_view(pool: &Network, my_blocks: &[IpNet], me: Option<&HostRecord>) -> Network {
+    let mut view = pool.clone();
+    if pool.fabric.is_none() {
+        return view;
+    }
+    view.subnets = block_subnets(&pool.subnets, my_blocks);
+    if let (true, Some(rec)) = (view_needs_underlay(pool), me) {
+        view.mtu = Some(vxlan_mtu(rec.underlay_mtu, !rec.has_v4_underlay()));
+    }
+    view
 }
 
 #[cfg(test)]
@@ -133,6 +156,46 @@ mod tests {
         );
         let only_v4 = vec![Subnet::new(n("10.20.0.0/16"))];
         assert_eq!(next_block(&only_v4, &spec(), true, &[]), None);
+    }
+
+    #[test]
+    fn host_view_takes_blocks_and_overlay_mtu() {
+        let mut pool = Network {
+            name: "blue".into(),
+            mode: Default::default(),
+            bridge: "fn-blue".into(),
+            subnets: vec![Subnet::new(n("10.20.0.0/16"))],
+            mtu: None,
+            internal: false,
+            ip_masq: true,
+            fabric: Some(FabricSpec {
+                backend: Backend::Vxlan,
+                ..spec()
+            }),
+        };
+        let me = HostRecord {
+            name: "h1".into(),
+            underlay: vec![n("192.168.1.1/24")],
+            underlay_mtu: 1500,
+            capabilities: vec![],
+            version: String::new(),
+            started_at: 0,
+        };
+        let v = host_view(&pool, &[n("10.20.0.64/26")], Some(&me));
+        assert_eq!(v.subnets[0].cidr, n("10.20.0.64/26"));
+        assert_eq!(v.mtu, Some(1450));
+        pool.fabric = Some(spec());
+        assert_eq!(
+            host_view(&pool, &[], Some(&me)).mtu,
+            None,
+            "route keeps the MTU"
+        );
+        pool.fabric = None;
+        assert_eq!(
+            host_view(&pool, &[], None),
+            pool,
+            "single-host networks unchanged"
+        );
     }
 
     #[test]

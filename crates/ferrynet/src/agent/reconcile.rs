@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ferrynet_dataplane::netlink::Netlink;
-use ferrynet_dataplane::vxlan::VxlanSpec;
+use ferrynet_dataplane::vxlan::{VxlanSpec, VXLAN_PORT};
 use ferrynet_model::fabric::{
     desired, diff, vtep_mac, vxlan_dev_name, vxlan_local, vxlan_mtu, Backend, FabricInput,
     FabricState,
@@ -19,9 +19,6 @@ use super::status::{AgentStatus, HostStatus, NetworkStatus, PeerReport};
 use super::underlay::Underlay;
 use super::view::ClusterView;
 use crate::control::Control;
-
-/// The IANA port for VXLAN.
-const VXLAN_PORT: u16 = 4789;
 
 /// Carries out reconciles and remembers what it made.
 pub struct Reconciler {

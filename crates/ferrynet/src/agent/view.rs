@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use ferrynet_model::blocks::block_subnets;
-use ferrynet_model::fabric::{vtep_mac, vxlan_mtu, Backend, Peer};
+use ferrynet_model::blocks::host_view;
+use ferrynet_model::fabric::{vtep_mac, Peer};
 use ferrynet_model::host::{BlockClaim, HostRecord};
 use ferrynet_model::network::{keys, Network};
 use ferrynet_store::{EventKind, KeyValue, WatchEvent};
@@ -165,14 +165,7 @@ impl ClusterView {
 
     /// The network as host `me` sees it (its own blocks as subnets, the overlay MTU).
     pub fn host_view(&self, net: &Network, me: &str) -> Network {
-        let mut view = net.clone();
-        view.subnets = block_subnets(&net.subnets, &self.blocks_of(&net.name, me));
-        if let (Some(f), Some(rec)) = (&net.fabric, self.host(me)) {
-            if view.mtu.is_none() && f.backend != Backend::Route {
-                view.mtu = Some(vxlan_mtu(rec.underlay_mtu, !rec.has_v4_underlay()));
-            }
-        }
-        view
+        host_view(net, &self.blocks_of(&net.name, me), self.host(me))
     }
 }
 
@@ -192,6 +185,7 @@ pub fn placeholder(name: &str) -> HostRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferrynet_model::fabric::Backend;
     use ferrynet_model::network::{FabricSpec, Subnet};
 
     fn kv(key: String, v: Vec<u8>) -> KeyValue {

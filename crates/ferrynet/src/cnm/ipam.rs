@@ -14,6 +14,7 @@ use super::protocol::*;
 use super::records::{self, pool_key, to_bytes, PoolRecord, IPAM_OWNER};
 use super::Plugin;
 use crate::cli::hostroutes;
+use crate::control::network::subnet_list;
 
 /// Address space names (ferrynet has one space; Docker insists on names).
 pub const LOCAL_SPACE: &str = "ferrynet-local";
@@ -353,12 +354,4 @@ impl Plugin {
         }
         Ok(())
     }
-}
-
-fn subnet_list(n: &Network) -> String {
-    n.subnets
-        .iter()
-        .map(|s| s.cidr.to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
 }

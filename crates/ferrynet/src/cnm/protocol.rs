@@ -86,23 +86,9 @@ pub struct NetworkRequest {
     pub network_id: String,
 }
 
-/// `NetworkDriver.AllocateNetwork` request (swarm managers only).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "PascalCase", default)]
-pub struct AllocateNetworkRequest {
-    /// Docker's network id.
-    #[serde(rename = "NetworkID")]
-    pub network_id: String,
-    /// Options.
-    #[serde(deserialize_with = "nullable")]
-    pub options: BTreeMap<String, Value>,
-    /// IPv4 pools.
-    #[serde(rename = "IPv4Data", deserialize_with = "nullable")]
-    pub ipv4_data: Vec<IpamData>,
-    /// IPv6 pools.
-    #[serde(rename = "IPv6Data", deserialize_with = "nullable")]
-    pub ipv6_data: Vec<IpamData>,
-}
+/// `NetworkDriver.AllocateNetwork` request (swarm managers only): the same fields as
+/// `CreateNetwork`.
+pub type AllocateNetworkRequest = CreateNetworkRequest;
 
 /// `NetworkDriver.AllocateNetwork` answer.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]

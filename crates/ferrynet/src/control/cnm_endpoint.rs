@@ -17,7 +17,6 @@ use ferrynet_model::portmap::PortMapping;
 use ferrynet_store::{Compare, Op};
 use ipnet::IpNet;
 
-use super::ipam::{parse_port_key, port_conflict, HeldPort};
 use super::{decode, encode, Control};
 use crate::error::{ControlError, Result};
 
@@ -256,17 +255,6 @@ impl Control {
         ))
     }
 
-    /// Every published host port ferrynet holds.
-    pub async fn held_ports(&self) -> Result<Vec<HeldPort>> {
-        let (kvs, _) = self.store.range(&keys::host_ports()).await?;
-        Ok(kvs
-            .iter()
-            .filter_map(|kv| {
-                parse_port_key(&kv.key, String::from_utf8_lossy(&kv.value).into_owned())
-            })
-            .collect())
-    }
-
     /// Publish `mappings` for a recorded endpoint that has none yet (or exactly these): claim the
     /// host ports in the store, record them on the endpoint, then add the nftables elements. On
     /// failure nothing stays claimed.
@@ -290,27 +278,8 @@ impl Control {
                     ep.container_id
                 )));
             }
-            let held: Vec<HeldPort> = self.held_ports().await?;
-            if let Some(msg) = port_conflict(&held, &mappings) {
-                return Err(ControlError::PortInUse(msg));
-            }
-            let seq_key = keys::host_ports_seq();
-            let seq_rev = self
-                .store
-                .get(&seq_key)
-                .await?
-                .map(|kv| kv.mod_revision)
-                .unwrap_or(0);
-            let mut compares = vec![
-                Compare::ModRevision(ep_key.clone(), kv.mod_revision),
-                Compare::ModRevision(seq_key.clone(), seq_rev),
-            ];
-            let mut ops = vec![Op::put(seq_key, Vec::new())];
-            for m in &mappings {
-                let k = keys::host_port(m.protocol.as_str(), m.host_ip, m.host_port);
-                compares.push(Compare::Missing(k.clone()));
-                ops.push(Op::put(k, ep_key.clone().into_bytes()));
-            }
+            let (mut compares, mut ops) = self.port_claims(&ep_key, &mappings).await?;
+            compares.push(Compare::ModRevision(ep_key.clone(), kv.mod_revision));
             let mut next = current.clone();
             next.port_mappings = mappings.clone();
             ops.push(Op::put(ep_key.clone(), encode(&next)));

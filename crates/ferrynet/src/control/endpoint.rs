@@ -154,6 +154,7 @@ impl Control {
 
         // The reservation may have claimed a new block: plumb with this host's current view.
         let (net, subnets) = if net.fabric.is_some() {
+            // Callers pass either the stored pool (CLI) or a host view (CNI): always re-derive.
             let view = self.host_view(net).await?;
             let subnets = validate_network_subnets(&view.subnets)
                 .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;

@@ -2,10 +2,9 @@
 
 use std::path::Path;
 
-use ferrynet_model::blocks::{block_subnets, next_block};
-use ferrynet_model::fabric::{vxlan_mtu, Backend};
+use ferrynet_model::blocks::{host_view, next_block, view_needs_underlay};
 use ferrynet_model::host::{BlockClaim, HostRecord};
-use ferrynet_model::network::{keys, Network};
+use ferrynet_model::network::{keys, Endpoint, Network};
 use ferrynet_store::{Compare, Op};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -163,21 +162,37 @@ impl Control {
         let (net, _) = self.network(&net.name).await?.ok_or_else(|| {
             ControlError::InvalidConfig(format!("network {} does not exist", net.name))
         })?;
-        let Some(spec) = &net.fabric else {
-            return Ok(net);
-        };
-        let mut view = net.clone();
-        view.subnets = block_subnets(&net.subnets, &self.my_blocks(&net.name).await?);
-        if view.mtu.is_none() && spec.backend != Backend::Route {
-            let rec = self.host_record(&self.host).await?.ok_or_else(|| {
+        self.view_of(&net, &self.my_blocks(&net.name).await?).await
+    }
+
+    /// A host view that holds `ep`'s addresses: `view` (which must itself be a host view, not
+    /// the stored pool) or, when the reservation claimed a new block for them, a fresh one.
+    pub async fn view_holding(&self, view: &Network, ep: &Endpoint) -> Result<Network> {
+        let held = ep
+            .ips
+            .iter()
+            .all(|ip| view.subnets.iter().any(|s| s.cidr.contains(&ip.addr())));
+        if held || view.fabric.is_none() {
+            Ok(view.clone())
+        } else {
+            self.host_view(view).await
+        }
+    }
+
+    /// The host view of a stored multi-host network given this host's blocks (reads this
+    /// host's record only when the MTU depends on its underlay).
+    pub async fn view_of(&self, pool: &Network, my_blocks: &[IpNet]) -> Result<Network> {
+        let me = if view_needs_underlay(pool) {
+            Some(self.host_record(&self.host).await?.ok_or_else(|| {
                 ControlError::Store(ferrynet_store::StoreError::Unavailable(format!(
                     "network {} spans hosts, but host {} has no running agent registered; start `ferrynet agent` on it",
-                    net.name, self.host
+                    pool.name, self.host
                 )))
-            })?;
-            view.mtu = Some(vxlan_mtu(rec.underlay_mtu, !rec.has_v4_underlay()));
-        }
-        Ok(view)
+            })?)
+        } else {
+            None
+        };
+        Ok(host_view(pool, my_blocks, me.as_ref()))
     }
 }
 

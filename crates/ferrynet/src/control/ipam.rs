@@ -96,21 +96,19 @@ impl Control {
         requested: &[IpAddr],
     ) -> Result<(Endpoint, bool)> {
         // A multi-host network allocates inside this host's blocks, claiming blocks as needed.
-        let pool = match &net.fabric {
+        let mut template = template;
+        let (pool, mut mine, mut view) = match &net.fabric {
             Some(_) => {
                 let (stored, _) = self.network(&net.name).await?.ok_or_else(|| {
                     ControlError::InvalidConfig(format!("network {} does not exist", net.name))
                 })?;
-                self.ensure_blocks(&stored).await?;
-                Some(stored)
+                let mine = self.ensure_blocks(&stored).await?;
+                let view = self.view_of(&stored, &mine).await?;
+                template.host = Some(self.host.clone());
+                (Some(stored), mine, view)
             }
-            None => None,
+            None => (None, Vec::new(), net.clone()),
         };
-        let mut template = template;
-        if pool.is_some() {
-            template.host = Some(self.host.clone());
-        }
-        let mut view = self.host_view(net).await?;
         let ep_key = keys::endpoint(&net.name, &template.container_id, &template.ifname);
         for _ in 0..MAX_ATTEMPTS {
             if let Some(kv) = self.store.get(&ep_key).await? {
@@ -135,17 +133,14 @@ impl Control {
                 (Ok(ips), _) => ips,
                 // This host's blocks of that family are full: claim another and plan again.
                 (Err(IpamError::Exhausted { subnet, .. }), Some(p)) => {
-                    if self
-                        .claim_block(p, subnet.addr().is_ipv6())
-                        .await?
-                        .is_none()
-                    {
+                    let Some(block) = self.claim_block(p, subnet.addr().is_ipv6()).await? else {
                         return Err(ControlError::Ipam(format!(
                             "network {}: every block of the pool is claimed and host {}'s blocks are full",
                             net.name, self.host
                         )));
-                    }
-                    view = self.host_view(net).await?;
+                    };
+                    mine.push(block);
+                    view = self.view_of(p, &mine).await?;
                     continue;
                 }
                 (Err(e), _) => {
@@ -168,32 +163,9 @@ impl Control {
             ops.push(Op::put(keys::ipam_last(&net.name), encode(&new_last)));
 
             if !template.port_mappings.is_empty() {
-                let (held_kvs, _) = self.store.range(&keys::host_ports()).await?;
-                let held: Vec<HeldPort> = held_kvs
-                    .iter()
-                    .filter_map(|kv| {
-                        parse_port_key(&kv.key, String::from_utf8_lossy(&kv.value).into_owned())
-                    })
-                    .collect();
-                if let Some(msg) = port_conflict(&held, &template.port_mappings) {
-                    return Err(ControlError::PortInUse(msg));
-                }
-                // Serialize publishers: an "any address" and a "specific address" claim of one
-                // port have different keys, so guard the whole port table with one sequence key.
-                let seq_key = keys::host_ports_seq();
-                let seq_rev = self
-                    .store
-                    .get(&seq_key)
-                    .await?
-                    .map(|kv| kv.mod_revision)
-                    .unwrap_or(0);
-                compares.push(Compare::ModRevision(seq_key.clone(), seq_rev));
-                ops.push(Op::put(seq_key, Vec::new()));
-                for m in &template.port_mappings {
-                    let k = keys::host_port(m.protocol.as_str(), m.host_ip, m.host_port);
-                    compares.push(Compare::Missing(k.clone()));
-                    ops.push(Op::put(k, ep_key.clone().into_bytes()));
-                }
+                let (c, o) = self.port_claims(&ep_key, &template.port_mappings).await?;
+                compares.extend(c);
+                ops.extend(o);
             }
 
             let mut ep = template.clone();
@@ -209,6 +181,46 @@ impl Control {
             "could not reserve an address on network {} after {MAX_ATTEMPTS} attempts (heavy contention)",
             net.name
         ))))
+    }
+
+    /// Every host port claimed in the store.
+    pub async fn held_ports(&self) -> Result<Vec<HeldPort>> {
+        let (kvs, _) = self.store.range(&keys::host_ports()).await?;
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| {
+                parse_port_key(&kv.key, String::from_utf8_lossy(&kv.value).into_owned())
+            })
+            .collect())
+    }
+
+    /// The preconditions and writes that claim `mappings` for the endpoint at `ep_key`, after
+    /// checking them against the ports already held.
+    pub async fn port_claims(
+        &self,
+        ep_key: &str,
+        mappings: &[PortMapping],
+    ) -> Result<(Vec<Compare>, Vec<Op>)> {
+        if let Some(msg) = port_conflict(&self.held_ports().await?, mappings) {
+            return Err(ControlError::PortInUse(msg));
+        }
+        // Serialize publishers: an "any address" and a "specific address" claim of one port
+        // have different keys, so guard the whole port table with one sequence key.
+        let seq_key = keys::host_ports_seq();
+        let seq_rev = self
+            .store
+            .get(&seq_key)
+            .await?
+            .map(|kv| kv.mod_revision)
+            .unwrap_or(0);
+        let mut compares = vec![Compare::ModRevision(seq_key.clone(), seq_rev)];
+        let mut ops = vec![Op::put(seq_key, Vec::new())];
+        for m in mappings {
+            let k = keys::host_port(m.protocol.as_str(), m.host_ip, m.host_port);
+            compares.push(Compare::Missing(k.clone()));
+            ops.push(Op::put(k, ep_key.as_bytes().to_vec()));
+        }
+        Ok((compares, ops))
     }
 
     /// Update a recorded endpoint (after the dataplane filled in MACs and names).

@@ -265,7 +265,8 @@ impl Control {
     }
 }
 
-fn subnet_list(n: &Network) -> String {
+/// A network's subnets as `a, b` for messages.
+pub(crate) fn subnet_list(n: &Network) -> String {
     n.subnets
         .iter()
         .map(|s| s.cidr.to_string())
