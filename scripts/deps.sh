@@ -11,9 +11,10 @@ need_root() {
 }
 
 packages_for() {
-  # protobuf-compiler: the etcd client's gRPC code is generated with protoc when ferrynet builds;
+  # protobuf-compiler and libprotobuf-dev (its well-known .proto files): the etcd client's gRPC
+  # code is generated with protoc when ferrynet builds;
   # gcc and libc6-dev: rustc links through cc, and ring (TLS) compiles C.
-  local base="iproute2 nftables iptables util-linux procps iputils-ping python3 ca-certificates protobuf-compiler gcc libc6-dev"
+  local base="iproute2 nftables iptables util-linux procps iputils-ping python3 ca-certificates protobuf-compiler libprotobuf-dev gcc libc6-dev"
   case "$1" in
     demo) echo "$base" ;;
     # etcd-server: the store and multi-host tests run a real etcd; openssl makes TLS

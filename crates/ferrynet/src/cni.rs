@@ -337,6 +337,8 @@ async fn add(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<Value, CniEr
                 static_ips,
                 mac,
                 port_mappings: conf.runtime_config.port_mappings.clone(),
+                name: None,
+                aliases: Vec::new(),
             },
         )
         .await

@@ -1,5 +1,6 @@
 pub mod blocks;
 pub mod cni;
+pub mod discovery;
 pub mod edge;
 pub mod fabric;
 pub mod host;
@@ -7,3 +8,4 @@ pub mod ipam;
 pub mod names;
 pub mod network;
 pub mod portmap;
+pub mod service;

@@ -156,6 +156,13 @@ pub struct Endpoint {
     /// released by the others.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// The container's name in DNS on this network (CLI containers; CNI when the runtime
+    /// passes one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Further DNS names of this endpoint on its network.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
 }
 
 /// Store key layout; one place so every reader and writer agrees.

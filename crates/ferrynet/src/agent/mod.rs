@@ -6,6 +6,7 @@
 //! and diffs, never flushes, so restarting it drops no traffic.
 
 pub mod api;
+pub mod discovery;
 pub mod reconcile;
 pub mod register;
 pub mod status;
@@ -105,10 +106,18 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // Service discovery's feed; its consumers (DNS, load balancer, health checks) each hold a
+    // receiver.
+    let (disc_tx, disc_rx) = discovery::channel();
+    let disc_task = tokio::spawn(discovery::follow(ctl.store.clone(), disc_tx));
+    // The host's current lease, for keys that must vanish with the host (health records).
+    let (lease_tx, lease_rx) = tokio::sync::watch::channel(None);
+    let _discovery = (disc_rx, lease_rx);
     let reg_task = tokio::spawn(register::keep_registered(
         ctl.store.clone(),
         record,
         opts.lease_ttl,
+        lease_tx,
     ));
 
     let mut rec = reconcile::Reconciler::new(ctl.clone(), nl, underlay, status.clone());
@@ -138,6 +147,7 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     // peers keep routing to this host meanwhile.
     api_task.abort();
     reg_task.abort();
+    disc_task.abort();
     let _ = std::fs::remove_file(&sock);
     if let (Some(t), Some(path)) = (docker_task, &opts.docker_socket) {
         t.abort();

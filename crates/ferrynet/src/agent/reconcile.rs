@@ -12,6 +12,7 @@ use ferrynet_model::fabric::{
 };
 use ferrynet_model::host::BlockClaim;
 use ferrynet_model::network::{keys, Endpoint, Network};
+use ferrynet_model::service::{keys as service_keys, Producer};
 use ferrynet_store::{Compare, Op, StoreError};
 use ipnet::IpNet;
 
@@ -326,6 +327,25 @@ impl Reconciler {
                     .await?;
                 if res.succeeded {
                     tracing::info!(host = %h, network = %net.name, keys = n, "released a departed host's blocks and endpoints");
+                }
+            }
+            // Its service producers go too (its agent no longer checks them).
+            let (producers, _) = store.range(&service_keys::producers()).await?;
+            let ops: Vec<Op> = producers
+                .iter()
+                .filter(|kv| {
+                    serde_json::from_slice::<Producer>(&kv.value)
+                        .is_ok_and(|p| p.host.as_deref() == Some(h.as_str()))
+                })
+                .map(|kv| Op::delete(kv.key.clone()))
+                .collect();
+            if !ops.is_empty() {
+                let n = ops.len();
+                let res = store
+                    .txn(vec![Compare::Missing(keys::host(h))], ops)
+                    .await?;
+                if res.succeeded {
+                    tracing::info!(host = %h, producers = n, "released a departed host's service producers");
                 }
             }
         }

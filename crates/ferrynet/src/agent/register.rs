@@ -5,11 +5,18 @@ use std::time::Duration;
 
 use ferrynet_model::host::HostRecord;
 use ferrynet_model::network::keys;
-use ferrynet_store::{Op, Store, StoreError};
+use ferrynet_store::{LeaseId, Op, Store, StoreError};
+use tokio::sync::watch;
 
 /// Register `record` under a lease of `ttl` and keep it alive forever, re-registering after the
-/// lease is lost (store outage longer than the TTL) and retrying through store errors.
-pub async fn keep_registered(store: Arc<dyn Store>, record: HostRecord, ttl: Duration) {
+/// lease is lost (store outage longer than the TTL) and retrying through store errors. The
+/// current lease is published on `lease_tx`, for other keys that must vanish with the host.
+pub async fn keep_registered(
+    store: Arc<dyn Store>,
+    record: HostRecord,
+    ttl: Duration,
+    lease_tx: watch::Sender<Option<LeaseId>>,
+) {
     let value = serde_json::to_vec(&record).unwrap_or_default();
     let key = keys::host(&record.name);
     let beat = (ttl / 3).max(Duration::from_millis(100));
@@ -33,12 +40,14 @@ pub async fn keep_registered(store: Arc<dyn Store>, record: HostRecord, ttl: Dur
             continue;
         }
         tracing::info!(host = %record.name, lease, "host registered");
+        lease_tx.send_replace(Some(lease));
         loop {
             tokio::time::sleep(beat).await;
             match store.keep_alive(lease).await {
                 Ok(()) => {}
                 Err(StoreError::LeaseNotFound(_)) => {
                     tracing::warn!(host = %record.name, "host lease expired; registering again");
+                    lease_tx.send_replace(None);
                     break;
                 }
                 Err(e) => tracing::warn!(error = %e, "lease keep-alive failed; retrying"),

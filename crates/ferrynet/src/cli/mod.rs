@@ -510,6 +510,8 @@ async fn run_container(ctl: &Control, a: RunArgs) -> anyhow::Result<()> {
                     static_ips: a.ip.clone(),
                     mac,
                     port_mappings: ports.clone(),
+                    name: Some(a.name.clone()),
+                    aliases: Vec::new(),
                 },
             )
             .await?;

@@ -318,6 +318,8 @@ impl Plugin {
             host_mac: None,
             port_mappings: Vec::new(),
             host: None,
+            name: None,
+            aliases: Vec::new(),
         };
         let _g = self.lock.lock().await;
         let (ep, fresh) = self

@@ -32,6 +32,10 @@ pub struct AttachRequest {
     pub mac: Option<[u8; 6]>,
     /// Ports to publish.
     pub port_mappings: Vec<PortMapping>,
+    /// The container's DNS name on the network.
+    pub name: Option<String>,
+    /// Further DNS names.
+    pub aliases: Vec<String>,
 }
 
 /// The gateway of the subnet holding `ip`.
@@ -84,6 +88,8 @@ impl Control {
             host_mac: None,
             port_mappings: req.port_mappings.clone(),
             host: None,
+            name: req.name.clone(),
+            aliases: req.aliases.clone(),
         };
         if net.mode == NetworkMode::Host {
             if !req.port_mappings.is_empty() {

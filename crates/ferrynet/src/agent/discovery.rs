@@ -1,0 +1,78 @@
+//! The agent's discovery feed: one snapshot of the discovery prefixes, then their watch events,
+//! folded into a [`DiscoveryView`] and published to every consumer (DNS server, load balancer,
+//! health checker) through a `tokio::sync::watch` channel, so each sees the newest state and
+//! skips intermediate ones when it is busy.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrynet_model::discovery::{prefixes, DiscoveryView};
+use ferrynet_store::{EventKind, Store, StoreError};
+use futures::StreamExt;
+use tokio::sync::watch;
+
+/// The receiving side consumers hold.
+pub type ViewRx = watch::Receiver<Arc<DiscoveryView>>;
+
+/// A channel with an empty view; `follow` fills it.
+pub fn channel() -> (watch::Sender<Arc<DiscoveryView>>, ViewRx) {
+    watch::channel(Arc::new(DiscoveryView::default()))
+}
+
+/// Follow the store until `tx` has no receivers; store errors back off and resync from a
+/// fresh snapshot (consumers keep the last view meanwhile).
+pub async fn follow(store: Arc<dyn Store>, tx: watch::Sender<Arc<DiscoveryView>>) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match follow_once(&store, &tx).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "discovery feed lost the store; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn follow_once(
+    store: &Arc<dyn Store>,
+    tx: &watch::Sender<Arc<DiscoveryView>>,
+) -> Result<(), StoreError> {
+    let mut kvs = Vec::new();
+    let mut streams = Vec::new();
+    let mut top = 0;
+    for prefix in prefixes() {
+        let (mut part, rev) = store.range(&prefix).await?;
+        kvs.append(&mut part);
+        top = top.max(rev);
+        streams.push(store.watch(&prefix, rev).await?);
+    }
+    let mut view = DiscoveryView::default();
+    view.reset(
+        kvs.iter().map(|kv| (kv.key.as_str(), kv.value.as_slice())),
+        top,
+    );
+    if tx.send(Arc::new(view.clone())).is_err() {
+        return Ok(());
+    }
+    let mut events = futures::stream::select_all(streams);
+    while let Some(ev) = events.next().await {
+        let mut apply = |ev: ferrynet_store::WatchEvent| {
+            view.revision = view.revision.max(ev.kv.mod_revision);
+            match ev.kind {
+                EventKind::Put => view.put(&ev.kv.key, &ev.kv.value),
+                EventKind::Delete => view.delete(&ev.kv.key),
+            }
+        };
+        apply(ev?);
+        // Fold whatever else is already queued into the same publication.
+        while let Some(Some(more)) = futures::FutureExt::now_or_never(events.next()) {
+            apply(more?);
+        }
+        if tx.send(Arc::new(view.clone())).is_err() {
+            return Ok(());
+        }
+    }
+    Err(StoreError::Unavailable("discovery watch ended".into()))
+}

@@ -1,0 +1,323 @@
+//! What service discovery knows: networks, endpoints (container names and addresses),
+//! services, producers, their health and the live hosts. Fed by a store snapshot and then by
+//! watch events (pure: no I/O), read by the DNS server, the load balancer, the health checker
+//! and `ferrynet render`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use serde::de::DeserializeOwned;
+
+use crate::network::{keys as nkeys, Endpoint, Network};
+use crate::service::{keys as skeys, HealthRecord, Producer, Service, VipRanges};
+
+/// The store prefixes discovery follows.
+pub fn prefixes() -> Vec<String> {
+    vec![
+        nkeys::networks(),
+        nkeys::all_endpoints(),
+        nkeys::hosts(),
+        skeys::services(),
+        skeys::producers(),
+        skeys::all_health(),
+        skeys::vip_ranges(),
+        skeys::kvs(),
+    ]
+}
+
+/// Discovery's view of the cluster.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct DiscoveryView {
+    /// Networks by name.
+    pub networks: BTreeMap<String, Network>,
+    /// Endpoints by store key.
+    pub endpoints: BTreeMap<String, Endpoint>,
+    /// Hosts whose registration is live.
+    pub live_hosts: BTreeSet<String>,
+    /// Services by name.
+    pub services: BTreeMap<String, Service>,
+    /// Producers by (service, id).
+    pub producers: BTreeMap<(String, String), Producer>,
+    /// Health records by (service, id).
+    pub health: BTreeMap<(String, String), HealthRecord>,
+    /// The cluster's virtual IP ranges.
+    pub vip_ranges: VipRanges,
+    /// Free-form values (`ferrynet render` templates read them).
+    pub kv: BTreeMap<String, String>,
+    /// The store revision this view reflects.
+    pub revision: u64,
+}
+
+fn json<T: DeserializeOwned>(v: &[u8]) -> Option<T> {
+    serde_json::from_slice(v).ok()
+}
+
+impl DiscoveryView {
+    /// Apply one stored key (a snapshot entry or a put event). Undecodable values are ignored,
+    /// as if the key were absent.
+    pub fn put(&mut self, key: &str, value: &[u8]) {
+        let Some(rest) = key.strip_prefix(nkeys::ROOT) else {
+            return;
+        };
+        if let Some(name) = rest.strip_prefix("networks/") {
+            match json::<Network>(value) {
+                Some(n) => self.networks.insert(name.to_string(), n),
+                None => self.networks.remove(name),
+            };
+        } else if rest.starts_with("endpoints/") {
+            match json::<Endpoint>(value) {
+                Some(e) => self.endpoints.insert(key.to_string(), e),
+                None => self.endpoints.remove(key),
+            };
+        } else if let Some(name) = rest.strip_prefix("hosts/") {
+            self.live_hosts.insert(name.to_string());
+        } else if let Some(name) = rest.strip_prefix("services/") {
+            match json::<Service>(value) {
+                Some(s) => self.services.insert(name.to_string(), s),
+                None => self.services.remove(name),
+            };
+        } else if let Some(pair) = skeys::parse_pair(key, "producers") {
+            match json::<Producer>(value) {
+                Some(p) => self.producers.insert(pair, p),
+                None => self.producers.remove(&pair),
+            };
+        } else if let Some(pair) = skeys::parse_pair(key, "health") {
+            match json::<HealthRecord>(value) {
+                Some(h) => self.health.insert(pair, h),
+                None => self.health.remove(&pair),
+            };
+        } else if key == skeys::vip_ranges() {
+            self.vip_ranges = json(value).unwrap_or_default();
+        } else if let Some(name) = rest.strip_prefix("kv/") {
+            self.kv.insert(
+                name.to_string(),
+                String::from_utf8_lossy(value).into_owned(),
+            );
+        }
+    }
+
+    /// Apply a deletion.
+    pub fn delete(&mut self, key: &str) {
+        let Some(rest) = key.strip_prefix(nkeys::ROOT) else {
+            return;
+        };
+        if let Some(name) = rest.strip_prefix("networks/") {
+            self.networks.remove(name);
+        } else if rest.starts_with("endpoints/") {
+            self.endpoints.remove(key);
+        } else if let Some(name) = rest.strip_prefix("hosts/") {
+            self.live_hosts.remove(name);
+        } else if let Some(name) = rest.strip_prefix("services/") {
+            self.services.remove(name);
+        } else if let Some(pair) = skeys::parse_pair(key, "producers") {
+            self.producers.remove(&pair);
+        } else if let Some(pair) = skeys::parse_pair(key, "health") {
+            self.health.remove(&pair);
+        } else if key == skeys::vip_ranges() {
+            self.vip_ranges = VipRanges::default();
+        } else if let Some(name) = rest.strip_prefix("kv/") {
+            self.kv.remove(name);
+        }
+    }
+
+    /// Replace everything with a snapshot of `(key, value)` pairs taken at `revision`.
+    pub fn reset<'a>(&mut self, kvs: impl IntoIterator<Item = (&'a str, &'a [u8])>, revision: u64) {
+        *self = DiscoveryView::default();
+        for (k, v) in kvs {
+            self.put(k, v);
+        }
+        self.revision = revision;
+    }
+
+    /// True when the producer may receive traffic: its host (if it has one) is live, and its
+    /// check (if any) last passed. A producer with a check but no health record yet is not
+    /// healthy: it has not passed once.
+    pub fn is_healthy(&self, p: &Producer) -> bool {
+        if let Some(h) = &p.host {
+            if !self.live_hosts.contains(h) {
+                return false;
+            }
+        }
+        let svc = self.services.get(&p.service);
+        match p.effective_check(svc) {
+            None => true,
+            Some(_) => self
+                .health
+                .get(&(p.service.clone(), p.id.clone()))
+                .is_some_and(|h| h.healthy),
+        }
+    }
+
+    /// Every producer of `service`, in id order.
+    pub fn producers_of<'a>(&'a self, service: &str) -> impl Iterator<Item = &'a Producer> + 'a {
+        let service = service.to_string();
+        self.producers
+            .range((service.clone(), String::new())..)
+            .take_while(move |((s, _), _)| *s == service)
+            .map(|(_, p)| p)
+    }
+
+    /// The healthy producers of `service`, in id order.
+    pub fn healthy_producers(&self, service: &str) -> Vec<&Producer> {
+        self.producers_of(service)
+            .filter(|p| self.is_healthy(p))
+            .collect()
+    }
+
+    /// Services whose names containers on `network` resolve.
+    pub fn services_on<'a>(&'a self, network: &'a str) -> impl Iterator<Item = &'a Service> {
+        self.services
+            .values()
+            .filter(move |s| s.visible_on(network))
+    }
+
+    /// Endpoints on `network`.
+    pub fn endpoints_on<'a>(&'a self, network: &'a str) -> impl Iterator<Item = &'a Endpoint> {
+        self.endpoints
+            .values()
+            .filter(move |e| e.network == network)
+    }
+
+    /// Producers whose health this host's agent checks: those on `host` with a check.
+    pub fn checked_on<'a>(&'a self, host: &'a str) -> impl Iterator<Item = &'a Producer> {
+        self.producers.values().filter(move |p| {
+            p.host.as_deref() == Some(host)
+                && p.effective_check(self.services.get(&p.service)).is_some()
+        })
+    }
+
+    /// Every virtual IP in use, with its service.
+    pub fn vips(&self) -> BTreeMap<IpAddr, &str> {
+        self.services
+            .values()
+            .flat_map(|s| s.vips.iter().map(move |v| (*v, s.name.as_str())))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::portmap::Protocol;
+    use crate::service::{CheckKind, HealthCheck, ServicePort};
+
+    fn service(name: &str, check: bool) -> Service {
+        Service {
+            name: name.into(),
+            ports: vec![ServicePort {
+                name: "http".into(),
+                port: 80,
+                protocol: Protocol::Tcp,
+            }],
+            vips: vec!["10.96.0.10".parse().unwrap()],
+            networks: vec!["blue".into()],
+            ingress: vec![],
+            affinity: false,
+            check: check.then(|| HealthCheck::new(CheckKind::Tcp { port: 80 })),
+        }
+    }
+    fn producer(svc: &str, id: &str, host: &str, ip: &str) -> Producer {
+        Producer {
+            service: svc.into(),
+            id: id.into(),
+            host: Some(host.into()),
+            network: Some("blue".into()),
+            container: Some(id.into()),
+            netns: None,
+            addrs: vec![ip.parse().unwrap()],
+            ports: BTreeMap::new(),
+            check: None,
+        }
+    }
+    fn enc<T: serde::Serialize>(v: &T) -> Vec<u8> {
+        serde_json::to_vec(v).unwrap()
+    }
+
+    fn sample(check: bool) -> DiscoveryView {
+        let mut v = DiscoveryView::default();
+        v.put(&nkeys::host("h1"), b"{}");
+        v.put(&nkeys::host("h2"), b"{}");
+        v.put(&skeys::service("web"), &enc(&service("web", check)));
+        v.put(&skeys::service("webx"), &enc(&service("webx", false)));
+        v.put(
+            &skeys::producer("web", "a"),
+            &enc(&producer("web", "a", "h1", "10.20.0.2")),
+        );
+        v.put(
+            &skeys::producer("web", "b"),
+            &enc(&producer("web", "b", "h2", "10.20.0.66")),
+        );
+        v.put(
+            &skeys::producer("webx", "c"),
+            &enc(&producer("webx", "c", "h2", "10.20.0.67")),
+        );
+        v
+    }
+
+    #[test]
+    fn producers_of_does_not_leak_into_similar_names() {
+        let v = sample(false);
+        let ids: Vec<&str> = v.producers_of("web").map(|p| p.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+    }
+
+    #[test]
+    fn dead_host_takes_its_producers_out() {
+        let mut v = sample(false);
+        assert_eq!(v.healthy_producers("web").len(), 2);
+        v.delete(&nkeys::host("h2"));
+        let ids: Vec<&str> = v
+            .healthy_producers("web")
+            .iter()
+            .map(|p| p.id.as_str())
+            .collect();
+        assert_eq!(ids, ["a"]);
+    }
+
+    #[test]
+    fn checked_producers_need_a_passing_record() {
+        let mut v = sample(true);
+        assert!(v.healthy_producers("web").is_empty(), "not passed yet");
+        let rec = |ok| HealthRecord {
+            healthy: ok,
+            host: "h1".into(),
+            since_ms: 0,
+            output: String::new(),
+        };
+        v.put(&skeys::health("web", "a"), &enc(&rec(true)));
+        v.put(&skeys::health("web", "b"), &enc(&rec(false)));
+        let ids: Vec<&str> = v
+            .healthy_producers("web")
+            .iter()
+            .map(|p| p.id.as_str())
+            .collect();
+        assert_eq!(ids, ["a"]);
+        assert_eq!(v.checked_on("h1").count(), 1);
+        v.delete(&skeys::health("web", "a"));
+        assert!(v.healthy_producers("web").is_empty());
+    }
+
+    #[test]
+    fn visibility_and_vips() {
+        let v = sample(false);
+        assert_eq!(v.services_on("blue").count(), 2);
+        assert_eq!(v.services_on("red").count(), 0);
+        assert_eq!(
+            v.vips().len(),
+            1,
+            "both services share one VIP in this sample"
+        );
+    }
+
+    #[test]
+    fn garbage_values_count_as_absent() {
+        let mut v = sample(false);
+        v.put(&skeys::service("web"), b"not json");
+        assert!(!v.services.contains_key("web"));
+        v.put(&skeys::kv("greeting"), b"hello");
+        assert_eq!(v.kv["greeting"], "hello");
+        v.reset([(skeys::kv("a").as_str(), &b"1"[..])], 9);
+        assert_eq!(v.revision, 9);
+        assert!(v.services.is_empty());
+    }
+}
