@@ -588,3 +588,47 @@ fn a_stopped_hosts_producers_leave_then_go() {
     // h1's own producer stays.
     assert_eq!(lab.producer("h1", "web", "192.0.2.31")["healthy"], true);
 }
+
+#[test]
+fn health_survives_an_agent_restart() {
+    let lab = Lab::up("rgrest", 1, &["--lease-ttl", "2s"]);
+    let h = "h1";
+    lab.ok(
+        h,
+        &["network", "create", "rgnet", "--subnet", "10.234.0.0/24"],
+    );
+    let c = "rgrestc1";
+    lab.ok(
+        h,
+        &[
+            "run",
+            "--name",
+            c,
+            "--net",
+            "rgnet",
+            "--service",
+            "web:8080",
+            "--check",
+            "tcp:8080",
+            "--rise",
+            "3",
+            "--interval",
+            "300ms",
+            "--",
+            "python3",
+            "-m",
+            "http.server",
+            "8080",
+        ],
+    );
+    lab.wait_health("web", c, true, Duration::from_secs(20));
+    let since = lab.producer(h, "web", c)["health"]["sinceMs"].clone();
+    lab.lab(&["stop-agent", h, "--kill"]);
+    lab.lab(&["start-agent", h]);
+    // The old lease expires (TTL 2 s); the new agent rewrote the record on its own lease,
+    // keeping the verdict and its time (no transition: still healthy since the same moment).
+    std::thread::sleep(Duration::from_secs(6));
+    let p = lab.producer(h, "web", c);
+    assert_eq!(p["healthy"], true, "{p}");
+    assert_eq!(p["health"]["sinceMs"], since, "{p}");
+}

@@ -136,7 +136,7 @@ pub async fn run(
                 .health
                 .get(&k)
                 .filter(|h| h.host == host)
-                .map(|h| h.healthy);
+                .map(|h| (h.healthy, h.since_ms));
             let task = tokio::spawn(check_loop(
                 k.clone(),
                 t.clone(),
@@ -180,7 +180,7 @@ async fn check_loop(
     host: String,
     store: Arc<dyn Store>,
     mut lease_rx: watch::Receiver<Option<LeaseId>>,
-    seed: Option<bool>,
+    seed: Option<(bool, u64)>,
     status: Arc<Mutex<AgentStatus>>,
 ) {
     let status_key = format!("{}/{}", k.0, k.1);
@@ -188,11 +188,11 @@ async fn check_loop(
         service: k.0.clone(),
         id: k.1.clone(),
         check: describe(&t.check.kind),
-        healthy: seed,
-        since_ms: now_ms(),
+        healthy: seed.map(|s| s.0),
+        since_ms: seed.map(|s| s.1).unwrap_or_else(now_ms),
         ..Default::default()
     };
-    let mut state = HealthState::new(seed);
+    let mut state = HealthState::new(seed.map(|s| s.0));
     let mut first = true;
     let mut dirty = false;
     let mut tick = tokio::time::interval(t.check.interval());

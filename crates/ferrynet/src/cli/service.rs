@@ -403,6 +403,16 @@ async fn register(ctl: &Control, a: RegisterArgs) -> anyhow::Result<()> {
         })
     };
     let r = ctl.register_service(&req, producer).await?;
+    if r.service.check.is_some() {
+        // Producers without a host have no agent to run the service's check: they stay out.
+        let v = ctl.registry_view().await?;
+        for p in v.producers_of(&r.service.name).filter(|p| p.host.is_none()) {
+            eprintln!(
+                "warning: producer {} has no host, so nobody runs the service's check and it takes no traffic; give it a host or remove the check",
+                p.id
+            );
+        }
+    }
     let vips: Vec<String> = r.service.vips.iter().map(|v| v.to_string()).collect();
     match &r.producer {
         Some(p) => println!("{} {} producer={}", r.service.name, vips.join(","), p.id),
