@@ -262,6 +262,20 @@ fn register_deregister_ls_inspect_and_run_service() {
             &["service", "register", &format!("s{i}"), "--port", "80"],
         );
     }
+    // Racing registrations: of one name (one service, one VIP pair) and of different names
+    // (no VIP twice); lost races retry.
+    std::thread::scope(|sc| {
+        for i in 0..8 {
+            let lab = &lab;
+            sc.spawn(move || {
+                lab.ok(h, &["service", "register", "race", "--port", "80"]);
+                lab.ok(
+                    h,
+                    &["service", "register", &format!("r{i}"), "--port", "80"],
+                );
+            });
+        }
+    });
     let ls: Vec<Value> =
         serde_json::from_str(&lab.ok(h, &["service", "ls", "--json"])).expect("ls json");
     let all: Vec<String> = ls
@@ -270,7 +284,7 @@ fn register_deregister_ls_inspect_and_run_service() {
         .filter_map(|v| v.as_str().map(str::to_string))
         .collect();
     let unique: BTreeSet<&String> = all.iter().collect();
-    assert_eq!(all.len(), 51 * 2, "{all:?}");
+    assert_eq!(all.len(), (51 + 9) * 2, "{all:?}");
     assert_eq!(unique.len(), all.len(), "a VIP was given twice: {all:?}");
 
     // Deregistering a service releases its VIPs: registered again, it gets them back.
