@@ -191,6 +191,33 @@ fn register_deregister_ls_inspect_and_run_service() {
         ],
         "does not have",
     );
+    lab.fails(
+        h,
+        &["service", "register", "web", "--network", "nosuch"],
+        "network nosuch does not exist",
+    );
+    lab.fails(
+        h,
+        &[
+            "service", "register", "web", "--vip", "none", "--vip", "auto",
+        ],
+        "cannot be combined",
+    );
+    lab.fails(
+        h,
+        &[
+            "service",
+            "register",
+            "web",
+            "--addr",
+            "192.0.2.9",
+            "--host",
+            "none",
+            "--check",
+            "tcp:80",
+        ],
+        "no agent would run",
+    );
     lab.fails(h, &["service", "deregister", "nosuch"], "does not exist");
     lab.fails(h, &["service", "inspect", "nosuch"], "does not exist");
 
@@ -573,6 +600,19 @@ fn a_stopped_hosts_producers_leave_then_go() {
         "h1",
         &["service", "register", "web", "--addr", "192.0.2.31"],
     );
+    // Registered from h2 but owned by no host: it outlives h2.
+    lab.ok(
+        "h2",
+        &[
+            "service",
+            "register",
+            "web",
+            "--addr",
+            "192.0.2.32",
+            "--host",
+            "none",
+        ],
+    );
     let p = lab.producer("h1", "web", "192.0.2.30");
     assert_eq!(
         (p["host"].as_str(), p["healthy"].as_bool()),
@@ -599,8 +639,14 @@ fn a_stopped_hosts_producers_leave_then_go() {
         saw_out,
         "the producer vanished without first leaving service"
     );
-    // h1's own producer stays.
+    // h1's own producer and the hostless one stay.
     assert_eq!(lab.producer("h1", "web", "192.0.2.31")["healthy"], true);
+    let p = lab.producer("h1", "web", "192.0.2.32");
+    assert_eq!(
+        (p["healthy"].as_bool(), p.get("host")),
+        (Some(true), None),
+        "{p}"
+    );
 }
 
 #[test]

@@ -349,6 +349,11 @@ async fn register(ctl: &Control, a: RegisterArgs) -> anyhow::Result<()> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(anyhow::Error::msg)?;
     let check = a.check.to_check()?;
+    for n in &a.network {
+        if ctl.network(n).await?.is_none() {
+            bail!("--network {n}: network {n} does not exist");
+        }
+    }
     let mut req = ServiceRequest {
         name: a.name.clone(),
         ports: (!ports.is_empty()).then_some(ports),
