@@ -381,3 +381,118 @@ async fn exec(netns: Option<&str>, argv: &[String], timeout: Duration) -> Result
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrynet_store::EmbeddedStore;
+
+    async fn wait_until<F: Fn() -> bool>(what: &str, f: F) {
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        while !f() {
+            assert!(std::time::Instant::now() < until, "{what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn checks(status: &Mutex<AgentStatus>) -> u64 {
+        status
+            .lock()
+            .map(|s| s.health.get("web/a").map(|h| h.checks).unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    /// The record is written at the first verdict, on each change and on a new lease, and
+    /// not by the many checks in between (its revision stays).
+    #[tokio::test(flavor = "current_thread")]
+    async fn records_change_only_with_the_verdict_or_the_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path().join("s")).unwrap());
+        store
+            .put(&keys::producer("web", "a"), b"{}".to_vec())
+            .await
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            loop {
+                let _ = listener.accept().await;
+            }
+        });
+        let lease = store.grant_lease(Duration::from_secs(60)).await.unwrap();
+        let (lease_tx, lease_rx) = watch::channel(Some(lease));
+        let status = Arc::new(Mutex::new(AgentStatus::default()));
+        let mut check = HealthCheck::new(CheckKind::Tcp { port });
+        check.interval_ms = 20;
+        check.fall = 2;
+        let target = Target {
+            addrs: vec!["127.0.0.1".parse().unwrap()],
+            netns: None,
+            check,
+        };
+        let key = ("web".to_string(), "a".to_string());
+        let task = tokio::spawn(check_loop(
+            key,
+            target,
+            "h1".into(),
+            store.clone(),
+            lease_rx,
+            None,
+            status.clone(),
+        ));
+        let hkey = keys::health("web", "a");
+        let record = || async {
+            store.get(&hkey).await.unwrap().map(|kv| {
+                let h: HealthRecord = serde_json::from_slice(&kv.value).unwrap();
+                (h.healthy, kv.mod_revision, kv.lease)
+            })
+        };
+        wait_until("no first check", || checks(&status) >= 1).await;
+        let mut first = None;
+        for _ in 0..100 {
+            first = record().await;
+            if first.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (healthy, rev, on) = first.expect("no record after the first check");
+        assert!(healthy);
+        assert_eq!(on, Some(lease));
+        wait_until("checks stalled", || checks(&status) >= 20).await;
+        assert_eq!(record().await.unwrap().1, rev, "rewritten without a change");
+
+        server.abort();
+        let _ = server.await;
+        let mut down = None;
+        for _ in 0..500 {
+            down = record().await.filter(|r| !r.0);
+            if down.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (_, rev2, _) = down.expect("never unhealthy after the server went");
+        let n = checks(&status);
+        wait_until("checks stalled", || checks(&status) >= n + 20).await;
+        assert_eq!(
+            record().await.unwrap().1,
+            rev2,
+            "rewritten without a change"
+        );
+
+        let lease2 = store.grant_lease(Duration::from_secs(60)).await.unwrap();
+        lease_tx.send_replace(Some(lease2));
+        let mut moved = None;
+        for _ in 0..500 {
+            moved = record().await.filter(|r| r.2 == Some(lease2));
+            if moved.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (healthy, _, _) = moved.expect("record not rewritten on the new lease");
+        assert!(!healthy);
+        task.abort();
+    }
+}
