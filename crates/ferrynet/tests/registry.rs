@@ -356,6 +356,76 @@ fn register_deregister_ls_inspect_and_run_service() {
             "600",
         ],
     );
+    lab.fails(
+        h,
+        &[
+            "run", "--name", "rgregc2", "--net", "rgnet", "--check", "tcp:80", "--", "true",
+        ],
+        "--check needs --service",
+    );
+    lab.fails(
+        h,
+        &[
+            "run",
+            "--name",
+            "rgregc2",
+            "--net",
+            "rgnet",
+            "--service",
+            "Web:80",
+            "--",
+            "true",
+        ],
+        "lowercase",
+    );
+    lab.ok(h, &["network", "create", "rghost", "--host"]);
+    lab.fails(
+        h,
+        &[
+            "run",
+            "--name",
+            "rgregc2",
+            "--net",
+            "rghost",
+            "--service",
+            "web:80",
+            "--",
+            "true",
+        ],
+        "needs a bridged network",
+    );
+    // A registration failing after the container started (zz already names port p80 on
+    // 8080, so adding p80=80 is refused) undoes the container and its earlier producer (aa).
+    lab.ok(h, &["service", "register", "zz", "--port", "p80=8080"]);
+    lab.fails(
+        h,
+        &[
+            "run",
+            "--name",
+            "rgregc2",
+            "--net",
+            "rgnet",
+            "--service",
+            "aa:80",
+            "--service",
+            "zz:80",
+            "--",
+            "sleep",
+            "600",
+        ],
+        "given twice",
+    );
+    assert_eq!(
+        lab.producer(h, "aa", "rgregc2"),
+        Value::Null,
+        "aa kept the producer"
+    );
+    assert!(!std::path::Path::new("/run/netns/fnc-rgregc2").exists());
+    let ps = lab.ok(h, &["ps"]);
+    assert!(
+        !ps.contains("rgregc2"),
+        "a refused run left a container: {ps}"
+    );
     let p = lab.producer(h, "web", c);
     assert_eq!(p["container"], c, "{p}");
     assert_eq!(p["network"], "rgnet", "{p}");

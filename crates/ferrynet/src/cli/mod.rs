@@ -499,6 +499,12 @@ async fn run_container(ctl: &Control, a: RunArgs) -> anyhow::Result<()> {
         bail!("--check needs --service (it checks the container's service producers)");
     }
     let host_mode = net.mode == NetworkMode::Host;
+    if host_mode && !services.is_empty() {
+        bail!(
+            "--service needs a bridged network: a container on host network {} has no address of its own (register the host's address with `ferrynet service register NAME --addr IP`)",
+            net.name
+        );
+    }
     let ns_name = netns_name(&a.name);
     let mut c = Container {
         name: a.name.clone(),
