@@ -37,6 +37,9 @@ pub struct AgentStatus {
     pub hosts: Vec<HostStatus>,
     /// Multi-host networks.
     pub networks: Vec<NetworkStatus>,
+    /// Health checks this agent runs, by `service/id`.
+    #[serde(default)]
+    pub health: std::collections::BTreeMap<String, super::health::HealthReport>,
 }
 
 /// A host as this agent sees it.
