@@ -21,7 +21,6 @@ use minijinja::value::{Enumerator, Object, ObjectRepr, Serde, Value, ValueKind};
 use minijinja::{
     escape_formatter, AutoEscape, Environment, Error, ErrorKind, State, UndefinedBehavior,
 };
-use std::fmt::Write as _;
 
 use super::context::RenderContext;
 use super::envfile;
