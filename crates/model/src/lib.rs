@@ -8,4 +8,5 @@ pub mod ipam;
 pub mod names;
 pub mod network;
 pub mod portmap;
+pub mod registry;
 pub mod service;
