@@ -602,3 +602,75 @@ fn etcd_watch_with_wait_renders_a_burst_once() {
         r.log()
     );
 }
+
+#[test]
+fn services_registered_with_the_cli_render_their_healthy_producers() {
+    let env = Env::embedded();
+    let must = |args: &[&str]| {
+        let o = env.cli(args);
+        assert!(o.status.success(), "{args:?}: {}", text(&o));
+    };
+    must(&[
+        "service",
+        "register",
+        "api",
+        "--port",
+        "http=80",
+        "--vip",
+        "10.96.7.7",
+        "--addr",
+        "10.30.0.2",
+        "--id",
+        "a1",
+        "--host",
+        "none",
+        "--target",
+        "80:8080",
+    ]);
+    // On host `hosta`, whose agent is not running: registered, but not healthy.
+    must(&[
+        "service",
+        "register",
+        "api",
+        "--addr",
+        "10.30.0.3",
+        "--id",
+        "a2",
+    ]);
+    let tpl = env.path("api.tmpl");
+    fs::write(
+        &tpl,
+        r#"{% set api = service("api") %}
+api {{ api.vip }}:{{ api.port }} ->{% for p in api.producers %} {{ p.addr }}:{{ p.port }}{% endfor %}
+
+{% for p in all_producers|sort_by("id") %}
+{{ p.id }} healthy={{ p.healthy }}
+{% endfor %}
+"#,
+    )
+    .unwrap();
+    let out = env.path("api.txt");
+    let spec = format!("{}:{}", tpl.display(), out.display());
+    let r = env.render(&["-t", &spec]);
+    let content = || fs::read_to_string(&out).unwrap_or_default();
+    let only_a1 = "api 10.96.7.7:80 -> 10.30.0.2:8080\na1 healthy=true\na2 healthy=false\n";
+    wait_for("first render", || r.log(), || content() == only_a1);
+
+    // hosta's agent registers: a2's host is live, so a2 takes traffic and is rendered.
+    env.put_raw(&ferrynet_model::network::keys::host("hosta"), b"{}");
+    let both =
+        "api 10.96.7.7:80 -> 10.30.0.2:8080 10.30.0.3:80\na1 healthy=true\na2 healthy=true\n";
+    wait_for(
+        "a2 healthy",
+        || format!("{}\n{}", content(), r.log()),
+        || content() == both,
+    );
+
+    must(&["service", "deregister", "api", "--id", "a1"]);
+    let only_a2 = "api 10.96.7.7:80 -> 10.30.0.3:80\na2 healthy=true\n";
+    wait_for(
+        "a1 deregistered",
+        || format!("{}\n{}", content(), r.log()),
+        || content() == only_a2,
+    );
+}
