@@ -3,6 +3,7 @@
 pub(crate) mod hostroutes;
 mod install;
 mod lab;
+mod render;
 mod service;
 mod status;
 mod table;
@@ -98,6 +99,30 @@ enum Cmd {
     /// A multi-host lab on this machine: hosts as network namespaces, etcd, an agent per host.
     #[command(subcommand)]
     Lab(lab::LabCmd),
+    /// Keep files rendered from templates over services, producers and keys; reload on change.
+    ///
+    /// The confd / consul-template job, built in. Follows the store (embedded or etcd) and, on
+    /// every change, renders each template (Jinja2 syntax, minijinja); a file is rewritten only
+    /// when its content changed, atomically (temporary file in the same directory, fsync,
+    /// rename; mode and owner kept), then --exec runs once. A template error is reported with
+    /// its file and line; the file keeps its last good content and rendering goes on (--once
+    /// exits non-zero instead; a syntax error or a missing template stops it at the start).
+    ///
+    /// Template globals: `host`; `services` (by name: `services.web`; each with name, vip,
+    /// vip4, vip6, vips, port, ports[name, port, protocol], networks, affinity, ingress, and
+    /// `producers`: the healthy ones, each with id, addr, addrs, port, ports.<port name>, host,
+    /// network, container); `all_producers` (also unhealthy, with `healthy`); `kv` (ferrynet kv
+    /// values); `networks` (name, subnets, gateways, multi_host, internal); `endpoints` or
+    /// `containers` (name, network, ips, aliases, host). Functions: service("web"),
+    /// producers("web"), key("name"[, default]). Filters: sort_by("attr"[, reverse]) (addresses
+    /// and numbers in numeric order), shquote, and minijinja's (join, map, selectattr, tojson…).
+    /// Printing an undefined value is an error; testing it (`{% if s.vip6 %}`) is not.
+    ///
+    /// Example: ferrynet render -t nginx.conf.tmpl -o /etc/nginx/conf.d/web.conf --exec "nginx -s reload"
+    Render(render::RenderArgs),
+    /// Free-form keys for templates (`key("name")`, `kv.name` in `ferrynet render`).
+    #[command(subcommand)]
+    Kv(render::KvCmd),
 }
 
 #[derive(Args, Debug)]
@@ -308,6 +333,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Cmd::DockerPlugin(a) => crate::cnm::run_plugin(std::sync::Arc::new(ctl), a)
                 .await
                 .map(|_| ExitCode::SUCCESS),
+            Cmd::Render(a) => render::render(&ctl, a).await.map(|_| ExitCode::SUCCESS),
+            Cmd::Kv(c) => render::kv(&ctl, c).await,
         }
     })
 }
