@@ -670,6 +670,41 @@ fn a_stopped_hosts_producers_leave_then_go() {
         "h1",
         &["service", "register", "web", "--addr", "192.0.2.31"],
     );
+    // Registered on h1 for h2: h2's agent runs the check, in h2's namespace (only there does
+    // the underlay hold h2's address).
+    let st: Value = serde_json::from_str(&lab.ok("h2", &["status", "--json"])).expect("status");
+    let h2_v4 = st["underlay"]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .find(|a| !a.contains(':'))
+        })
+        .and_then(|a| a.split('/').next())
+        .expect("h2 underlay v4")
+        .to_string();
+    let check = format!("exec:sh -c 'ip -o addr | grep -q \"inet {h2_v4}/\"'");
+    lab.ok(
+        "h1",
+        &[
+            "service",
+            "register",
+            "web",
+            "--addr",
+            "192.0.2.33",
+            "--host",
+            "h2",
+            "--check",
+            &check,
+            "--interval",
+            "300ms",
+        ],
+    );
+    lab.wait_health("web", "192.0.2.33", true, Duration::from_secs(20));
+    assert_eq!(
+        lab.producer("h1", "web", "192.0.2.33")["health"]["host"],
+        "h2"
+    );
     // Registered from h2 but owned by no host: it outlives h2.
     lab.ok(
         "h2",
@@ -711,6 +746,11 @@ fn a_stopped_hosts_producers_leave_then_go() {
     );
     // h1's own producer and the hostless one stay.
     assert_eq!(lab.producer("h1", "web", "192.0.2.31")["healthy"], true);
+    assert_eq!(
+        lab.producer("h1", "web", "192.0.2.33"),
+        Value::Null,
+        "h2's checked producer stayed"
+    );
     let p = lab.producer("h1", "web", "192.0.2.32");
     assert_eq!(
         (p["healthy"].as_bool(), p.get("host")),

@@ -295,22 +295,26 @@ async fn http_get(addr: SocketAddr, path: &str) -> Result<u16, String> {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| e.to_string())?;
-    let driver = tokio::spawn(conn);
     let req = hyper::Request::get(path)
         .header(hyper::header::HOST, addr.to_string())
         .header(hyper::header::USER_AGENT, "ferrynet-health")
         .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string());
-    let res = match req {
-        Ok(req) => sender
-            .send_request(req)
-            .await
-            .map(|r| r.status().as_u16())
-            .map_err(|e| e.to_string()),
-        Err(e) => Err(e),
+        .map_err(|e| e.to_string())?;
+    // The connection is driven in this future, so a timeout drops it with the request.
+    let send = sender.send_request(req);
+    tokio::pin!(send);
+    let status = tokio::select! {
+        biased;
+        r = &mut send => r,
+        // Closed after answering (HTTP/1.0 servers do): the answer is in `send` already.
+        c = conn => match c {
+            Ok(()) => send.await,
+            Err(e) => return Err(e.to_string()),
+        },
     };
-    driver.abort();
-    res
+    status
+        .map(|r| r.status().as_u16())
+        .map_err(|e| e.to_string())
 }
 
 /// Run `argv` in `netns` (None: this host's) as its own process group; the whole group is
@@ -400,6 +404,76 @@ mod tests {
             .lock()
             .map(|s| s.health.get("web/a").map(|h| h.checks).unwrap_or(0))
             .unwrap_or(0)
+    }
+
+    fn http_target(port: u16, path: &str, status: u16) -> Target {
+        let mut check = HealthCheck::new(CheckKind::Http {
+            port,
+            path: path.into(),
+            status,
+        });
+        check.timeout_ms = 300;
+        Target {
+            addrs: vec!["127.0.0.1".parse().unwrap()],
+            netns: None,
+            check,
+        }
+    }
+
+    /// HTTP checks: an answer followed by close (HTTP/1.0) counts, the status must match, a
+    /// server that never answers fails at the timeout, a refused connection fails.
+    #[tokio::test(flavor = "current_thread")]
+    async fn http_checks() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let answering = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a_port = answering.local_addr().unwrap().port();
+        let answer = tokio::spawn(async move {
+            loop {
+                let Ok((mut c, _)) = answering.accept().await else {
+                    continue;
+                };
+                let mut buf = [0u8; 1024];
+                let n = c.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                let status = if req.starts_with("GET /ok ") {
+                    "204 No Content"
+                } else {
+                    "404 Not Found"
+                };
+                let _ = c
+                    .write_all(format!("HTTP/1.0 {status}\r\n\r\n").as_bytes())
+                    .await;
+            }
+        });
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s_port = silent.local_addr().unwrap().port();
+        let hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                if let Ok((c, _)) = silent.accept().await {
+                    held.push(c);
+                }
+            }
+        });
+        let ok = probe(&http_target(a_port, "/ok", 204)).await;
+        assert!(ok.as_deref().is_ok_and(|o| o.contains("204")), "{ok:?}");
+        let wrong = probe(&http_target(a_port, "/nosuch", 204)).await;
+        assert!(
+            wrong
+                .as_ref()
+                .is_err_and(|e| e.contains("status 404, expected 204")),
+            "{wrong:?}"
+        );
+        let hung = probe(&http_target(s_port, "/", 200)).await;
+        assert!(
+            hung.as_ref().is_err_and(|e| e.contains("no answer within")),
+            "{hung:?}"
+        );
+        answer.abort();
+        hold.abort();
+        let _ = answer.await;
+        let refused = probe(&http_target(a_port, "/ok", 204)).await;
+        assert!(refused.is_err(), "{refused:?}");
     }
 
     /// The record is written at the first verdict, on each change and on a new lease, and
