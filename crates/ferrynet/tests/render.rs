@@ -343,6 +343,18 @@ fn kv_keys_and_a_failing_template_in_watch_mode() {
     let o = env.cli(&["kv", "ls", "--json"]);
     let m: BTreeMap<String, String> = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(m["motd"], "hello");
+    let mut put = env
+        .cmd()
+        .args(["kv", "put", "multi"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut put.stdin.take().unwrap(), b"line 1\nline 2\n").unwrap();
+    let o = put.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(text(&env.cli(&["kv", "get", "multi"])), "line 1\nline 2\n");
     let o = env.cli(&["kv", "put", "/bad", "x"]);
     assert!(
         !o.status.success() && text(&o).contains("key name"),
@@ -673,4 +685,50 @@ api {{ api.vip }}:{{ api.port }} ->{% for p in api.producers %} {{ p.addr }}:{{ 
         || format!("{}\n{}", content(), r.log()),
         || content() == only_a2,
     );
+}
+
+#[test]
+fn sighup_reads_the_templates_again() {
+    let env = Env::embedded();
+    let tpl = env.path("t.tmpl");
+    fs::write(&tpl, "v1 {{ host }}\n").unwrap();
+    let out = env.path("t.txt");
+    let spec = format!("{}:{}", tpl.display(), out.display());
+    let mut r = env.render(&["-t", &spec]);
+    let content = || fs::read_to_string(&out).unwrap_or_default();
+    // Only after the first render is the handler surely installed (SIGHUP would end it before).
+    wait_for("first render", || r.log(), || content() == "v1 hosta\n");
+    let hup = |r: &Render| {
+        let o = Command::new("kill")
+            .args(["-HUP", &r.child.id().to_string()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+    };
+
+    fs::write(&tpl, "v2 {{ host }}\n").unwrap();
+    hup(&r);
+    wait_for(
+        "the edited template rendered",
+        || r.log(),
+        || content() == "v2 hosta\n",
+    );
+
+    // A broken edit is refused; the templates in use stay and the process goes on.
+    fs::write(&tpl, "{% if %}\n").unwrap();
+    hup(&r);
+    let want = format!("SIGHUP: template {}, line 1: syntax error", tpl.display());
+    wait_for(
+        "the refused edit logged",
+        || r.log(),
+        || r.log().contains(&want),
+    );
+    assert!(r.alive(), "{}", r.log());
+    let rev = env.put_raw(&keys::kv("any"), b"x");
+    wait_for(
+        "still rendering with v2",
+        || r.log(),
+        || r.unchanged_at(&out).is_some_and(|n| n >= rev),
+    );
+    assert_eq!(content(), "v2 hosta\n");
 }

@@ -107,6 +107,7 @@ enum Cmd {
     /// rename; mode and owner kept), then --exec runs once. A template error is reported with
     /// its file and line; the file keeps its last good content and rendering goes on (--once
     /// exits non-zero instead; a syntax error or a missing template stops it at the start).
+    /// SIGHUP reads the template files again (a broken edit is refused and logged).
     ///
     /// Template globals: `host`; `services` (by name: `services.web`; each with name, vip,
     /// vip4, vip6, vips, port, ports[name, port, protocol], networks, affinity, ingress, and

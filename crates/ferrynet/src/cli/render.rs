@@ -10,7 +10,6 @@ use ferrynet_model::service::keys;
 
 use super::{parse_duration, JsonFlag, Table};
 use crate::control::Control;
-use crate::render::template::Template;
 use crate::render::watch::{Format, Job, Target, Wait};
 
 /// Output formats on the command line.
@@ -83,19 +82,11 @@ fn targets(a: &RenderArgs, format: Format) -> anyhow::Result<Vec<Target>> {
         if bare > 1 {
             bail!("only one --template may go without :OUT (to --out)");
         }
-        let source =
-            std::fs::read_to_string(tpl).with_context(|| format!("reading template {tpl}"))?;
-        out.push(Target {
-            out: file,
-            template: Some(Template::new(tpl, source)?),
-        });
+        out.push(Target::load(PathBuf::from(tpl), file)?);
     }
     if out.is_empty() {
         match (format, &a.out) {
-            (Format::Env, Some(o)) => out.push(Target {
-                out: o.clone(),
-                template: None,
-            }),
+            (Format::Env, Some(o)) => out.push(Target::builtin_env(o.clone())),
             (Format::Env, None) => bail!("--format env needs --out FILE"),
             (Format::Text, _) => bail!("give --template FILE (with --out FILE) or --format env"),
         }
@@ -111,7 +102,7 @@ pub async fn render(ctl: &Control, a: RenderArgs) -> anyhow::Result<()> {
         FormatArg::Text => Format::Text,
         FormatArg::Env => Format::Env,
     };
-    let job = Job {
+    let mut job = Job {
         targets: targets(&a, format)?,
         format,
         exec: a.exec.clone(),

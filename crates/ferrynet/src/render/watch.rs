@@ -41,8 +41,33 @@ pub struct Wait {
 pub struct Target {
     /// The file written.
     pub out: PathBuf,
-    /// Its template; `None`: the built-in env file (env format only).
+    /// The template file, read again on SIGHUP; `None`: the built-in env file.
+    pub source: Option<PathBuf>,
+    /// Its compiled template.
     pub template: Option<Template>,
+}
+
+impl Target {
+    /// A target rendering the template file `source` into `out`.
+    pub fn load(source: PathBuf, out: PathBuf) -> anyhow::Result<Target> {
+        let name = source.display().to_string();
+        let text =
+            std::fs::read_to_string(&source).with_context(|| format!("reading template {name}"))?;
+        Ok(Target {
+            out,
+            template: Some(Template::new(&name, text)?),
+            source: Some(source),
+        })
+    }
+
+    /// The built-in env file into `out`.
+    pub fn builtin_env(out: PathBuf) -> Target {
+        Target {
+            out,
+            source: None,
+            template: None,
+        }
+    }
 }
 
 /// A render job as the command line describes it.
@@ -86,6 +111,19 @@ impl Job {
                 Ok(envfile::format(&pairs))
             }
         }
+    }
+
+    /// Read every template file again; on any failure nothing changes.
+    pub fn reread(&mut self) -> anyhow::Result<()> {
+        let mut fresh = Vec::with_capacity(self.targets.len());
+        for t in &self.targets {
+            fresh.push(match &t.source {
+                Some(src) => Target::load(src.clone(), t.out.clone())?,
+                None => Target::builtin_env(t.out.clone()),
+            });
+        }
+        self.targets = fresh;
+        Ok(())
     }
 
     /// Render every target for `view` and write those that changed.
@@ -178,15 +216,35 @@ impl Job {
         Ok(())
     }
 
-    /// Keep the files rendered until SIGTERM or SIGINT: one round per new view (after `wait`).
-    pub async fn watch(&self, store: Arc<dyn Store>) -> anyhow::Result<()> {
+    /// Keep the files rendered until SIGTERM or SIGINT: one round per new view (after `wait`);
+    /// SIGHUP reads the template files again and renders them.
+    pub async fn watch(&mut self, store: Arc<dyn Store>) -> anyhow::Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
         let (tx, mut rx) = discovery::channel();
         tokio::spawn(discovery::follow(store, tx));
         let stop = shutdown();
         tokio::pin!(stop);
+        let mut hup = signal(SignalKind::hangup()).context("handling SIGHUP")?;
+        // The channel's first value is an empty placeholder, not the store.
+        let mut have_view = false;
         loop {
             tokio::select! {
-                r = rx.changed() => r.context("the discovery feed ended")?,
+                r = rx.changed() => {
+                    r.context("the discovery feed ended")?;
+                    have_view = true;
+                }
+                _ = hup.recv() => {
+                    match self.reread() {
+                        Ok(()) => tracing::info!("SIGHUP: templates read again"),
+                        Err(e) => {
+                            tracing::error!("SIGHUP: {e:#}; keeping the templates in use");
+                            continue;
+                        }
+                    }
+                    if !have_view {
+                        continue;
+                    }
+                }
                 r = &mut stop => return r,
             }
             if let Some(w) = self.wait {
