@@ -117,6 +117,51 @@ struct AgentArgs {
     /// /run/docker/plugins/ferrynet.sock as driver `ferrynet`; see docs/DOCKER.md).
     #[arg(long, value_name = "PATH")]
     docker_socket: Option<PathBuf>,
+    /// Do not serve DNS on the networks' gateways (containers keep the host's resolver).
+    #[arg(long)]
+    no_dns: bool,
+    /// Cluster DNS domain: a container on network N resolves `X` and `X.N.<domain>`.
+    #[arg(long, default_value = crate::agent::dns::zone::DEFAULT_DOMAIN, value_name = "DOMAIN")]
+    dns_domain: String,
+    /// TTL of cluster names in DNS answers (short: names follow containers and health).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    dns_ttl: Duration,
+    /// Upstream resolver for names outside the cluster, IP[:PORT]; repeatable. Default: the
+    /// nameservers of the host's /etc/resolv.conf. `none`: answer them SERVFAIL.
+    #[arg(long, value_name = "IP[:PORT]")]
+    dns_upstream: Vec<String>,
+    /// Port the DNS server listens on at each gateway.
+    #[arg(long, default_value_t = 53, hide = true)]
+    dns_port: u16,
+}
+
+/// The agent's DNS settings from its flags.
+fn dns_options(a: &AgentArgs) -> anyhow::Result<Option<crate::agent::dns::DnsOptions>> {
+    use crate::agent::dns;
+    if a.no_dns {
+        return Ok(None);
+    }
+    let upstreams = if a.dns_upstream.is_empty() {
+        dns::host_upstreams()
+    } else if a.dns_upstream.iter().any(|u| u == "none") {
+        Vec::new()
+    } else {
+        a.dns_upstream
+            .iter()
+            .map(|u| dns::forward::parse_upstream(u).map_err(anyhow::Error::msg))
+            .collect::<anyhow::Result<_>>()
+            .context("--dns-upstream")?
+    };
+    let domain = a.dns_domain.trim_matches('.').to_ascii_lowercase();
+    if domain.is_empty() || hickory_proto::rr::Name::from_ascii(&domain).is_err() {
+        bail!("--dns-domain {:?} is not a domain name", a.dns_domain);
+    }
+    Ok(Some(dns::DnsOptions {
+        domain,
+        ttl: u32::try_from(a.dns_ttl.as_secs()).unwrap_or(u32::MAX),
+        upstreams,
+        port: a.dns_port,
+    }))
 }
 
 /// `10s`, `500ms`, `2m` or a bare number of seconds.
@@ -252,6 +297,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         let paths = Paths::resolve(cli.state_dir.as_deref());
         match cli.cmd {
             Cmd::Agent(a) => {
+                let dns = dns_options(&a)?;
                 let opts = crate::agent::AgentOptions {
                     host: a.host_name,
                     store: cli.store,
@@ -260,6 +306,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     grace: a.grace,
                     resync: a.resync,
                     docker_socket: a.docker_socket,
+                    dns,
                 };
                 return crate::agent::run(paths, opts)
                     .await
