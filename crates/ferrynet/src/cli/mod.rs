@@ -565,8 +565,18 @@ async fn run_container(ctl: &Control, a: RunArgs) -> anyhow::Result<()> {
         c.ips = ep.ips.clone();
         let dir = ctl.paths.container_dir(&a.name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let resolv = if host_mode {
+            None
+        } else {
+            container_resolver(ctl, &net, &ep, &ns_name).await?
+        };
         let ns_path = c.netns.as_ref().map(PathBuf::from);
-        let (pid, ticks) = container::spawn_in(ns_path.as_deref(), &a.cmd, &dir.join("log"))?;
+        let (pid, ticks) = container::spawn_in(
+            ns_path.as_deref(),
+            resolv.as_deref(),
+            &a.cmd,
+            &dir.join("log"),
+        )?;
         c.pid = Some(pid);
         c.start_ticks = Some(ticks);
         ctl.save_container(&c).await?;
@@ -579,6 +589,7 @@ async fn run_container(ctl: &Control, a: RunArgs) -> anyhow::Result<()> {
             .await;
         if !host_mode {
             let _ = Netns::delete_named(&ns_name);
+            container::remove_netns_etc(&ns_name);
         }
         let _ = ctl.forget_container(&a.name).await;
         return Err(e);
@@ -595,6 +606,34 @@ async fn run_container(ctl: &Control, a: RunArgs) -> anyhow::Result<()> {
         c.pid.unwrap_or(0)
     );
     Ok(())
+}
+
+/// When this host's agent serves DNS: the container's resolv.conf (the gateways of its
+/// addresses, the network's search domain), written where `ip netns exec` also finds it.
+async fn container_resolver(
+    ctl: &Control,
+    net: &Network,
+    ep: &ferrynet_model::network::Endpoint,
+    ns_name: &str,
+) -> anyhow::Result<Option<PathBuf>> {
+    let Some(dns) = crate::control::host::LocalConfig::load(&ctl.paths.state_dir)?.dns else {
+        return Ok(None);
+    };
+    let view = ctl.view_holding(&ctl.host_view(net).await?, ep).await?;
+    let subnets = ferrynet_model::ipam::validate_network_subnets(&view.subnets)?;
+    let mut gws: Vec<IpAddr> = Vec::new();
+    for ip in &ep.ips {
+        if let Some(g) = crate::control::endpoint::gateway_for(&subnets, ip.addr()) {
+            if !gws.contains(&g) {
+                gws.push(g);
+            }
+        }
+    }
+    if gws.is_empty() {
+        return Ok(None);
+    }
+    let content = container::resolv_conf(&gws, &net.name, &dns.domain);
+    Ok(Some(container::write_resolv_conf(ns_name, &content)?))
 }
 
 async fn ps(ctl: &Control, json: bool) -> anyhow::Result<()> {
@@ -660,7 +699,9 @@ async fn exec(ctl: &Control, name: &str, cmd: &[String]) -> anyhow::Result<ExitC
         .container(name)
         .await?
         .with_context(|| format!("no container named {name}"))?;
-    let code = container::exec_in(c.netns.as_ref().map(PathBuf::from).as_deref(), cmd)?;
+    let ns = c.netns.as_ref().map(PathBuf::from);
+    let resolv = container::resolv_conf_of(ns.as_deref());
+    let code = container::exec_in(ns.as_deref(), resolv.as_deref(), cmd)?;
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
 
@@ -692,6 +733,7 @@ async fn rm(ctl: &Control, name: &str, force: bool) -> anyhow::Result<()> {
     if c.netns.is_some() {
         Netns::delete_named(&netns_name(name))
             .with_context(|| format!("removing netns of {name}"))?;
+        container::remove_netns_etc(&netns_name(name));
     }
     let _ = std::fs::remove_dir_all(ctl.paths.container_dir(name));
     ctl.forget_container(name).await?;
