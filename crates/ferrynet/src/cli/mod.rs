@@ -268,6 +268,9 @@ struct RunArgs {
     /// Interface name inside the container.
     #[arg(long, default_value = "eth0")]
     ifname: String,
+    /// A further DNS name of the container on its network; repeatable.
+    #[arg(long = "alias", value_name = "NAME")]
+    aliases: Vec<String>,
     /// Command and arguments to run.
     #[arg(last = true, required = true)]
     cmd: Vec<String>,
@@ -558,7 +561,7 @@ async fn run_container(ctl: &Control, a: RunArgs) -> anyhow::Result<()> {
                     mac,
                     port_mappings: ports.clone(),
                     name: Some(a.name.clone()),
-                    aliases: Vec::new(),
+                    aliases: a.aliases.clone(),
                 },
             )
             .await?;

@@ -58,9 +58,11 @@ impl Upstreams {
     /// Ask over UDP; None when no upstream answered in time.
     pub async fn udp(&self, query: &[u8]) -> Option<Vec<u8>> {
         let deadline = Instant::now() + DEADLINE;
+        let mut refusal = None;
         for up in &self.addrs {
             let until = deadline.min(Instant::now() + PER_UPSTREAM);
             match timeout_at(until, udp_once(*up, query)).await {
+                Ok(Ok(r)) if refused(&r) => refusal = Some(r),
                 Ok(Ok(r)) => return Some(r),
                 Ok(Err(e)) => tracing::debug!(upstream = %up, error = %e, "upstream failed"),
                 Err(_) => tracing::debug!(upstream = %up, "upstream timed out"),
@@ -69,15 +71,17 @@ impl Upstreams {
                 break;
             }
         }
-        None
+        refusal
     }
 
     /// Ask over TCP (for clients that asked over TCP); None when no upstream answered in time.
     pub async fn tcp(&self, query: &[u8]) -> Option<Vec<u8>> {
         let deadline = Instant::now() + DEADLINE;
+        let mut refusal = None;
         for up in &self.addrs {
             let until = deadline.min(Instant::now() + PER_UPSTREAM);
             match timeout_at(until, tcp_once(*up, query)).await {
+                Ok(Ok(r)) if refused(&r) => refusal = Some(r),
                 Ok(Ok(r)) => return Some(r),
                 Ok(Err(e)) => tracing::debug!(upstream = %up, error = %e, "upstream failed"),
                 Err(_) => tracing::debug!(upstream = %up, "upstream timed out"),
@@ -86,8 +90,13 @@ impl Upstreams {
                 break;
             }
         }
-        None
+        refusal
     }
+}
+
+/// SERVFAIL or REFUSED: worth asking the next upstream, as a stub resolver would.
+fn refused(reply: &[u8]) -> bool {
+    reply.len() >= 4 && matches!(reply[3] & 0x0f, 2 | 5)
 }
 
 async fn udp_once(up: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
