@@ -390,3 +390,192 @@ print(res)
     assert!(took < Duration::from_secs(6), "SERVFAIL took {took:?}");
     let _ = &h.upstream;
 }
+
+/// A 3-host `ferrynet lab` on etcd (VXLAN), removed on drop.
+struct Cluster {
+    name: String,
+    containers: Vec<(String, String)>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (host, c) in &self.containers {
+            let _ = self.ferrynet(host, &["rm", "--force", c]);
+        }
+        let _ = Command::new(bin())
+            .args(["lab", "down", "--name", &self.name])
+            .output();
+    }
+}
+
+impl Cluster {
+    fn up(name: &str) -> Cluster {
+        need("dig", "dnsutils");
+        assert!(
+            std::path::Path::new("/usr/bin/etcd").exists(),
+            "etcd is missing: apt-get install etcd-server"
+        );
+        let _ = Command::new(bin())
+            .args(["lab", "down", "--name", name])
+            .output();
+        let c = Cluster {
+            name: name.to_string(),
+            containers: Vec::new(),
+        };
+        let o = Command::new(bin())
+            .args([
+                "lab",
+                "up",
+                "--name",
+                name,
+                "--hosts",
+                "3",
+                "--backend",
+                "vxlan",
+            ])
+            .output()
+            .expect("lab up");
+        assert!(o.status.success(), "lab up: {}", text(&o));
+        c
+    }
+
+    fn ferrynet(&self, host: &str, args: &[&str]) -> Output {
+        Command::new(bin())
+            .args(["lab", "exec", "--name", &self.name, host, "--", bin()])
+            .args(args)
+            .output()
+            .expect("lab exec")
+    }
+
+    fn run(&mut self, host: &str, short: &str) -> (String, Vec<String>) {
+        let name = format!("{}{short}", self.name);
+        let o = self.ferrynet(
+            host,
+            &[
+                "run", "--name", &name, "--net", "fabric", "--", "sleep", "600",
+            ],
+        );
+        assert!(o.status.success(), "run {name} on {host}: {}", text(&o));
+        self.containers.push((host.to_string(), name.clone()));
+        let ps = self.ferrynet(host, &["ps", "--json"]);
+        let list: Vec<Value> = serde_json::from_slice(&ps.stdout).expect("ps json");
+        let ips = list
+            .iter()
+            .find(|c| c["name"] == name.as_str())
+            .and_then(|c| c["ips"].as_array())
+            .expect("listed")
+            .iter()
+            .filter_map(|v| v.as_str()?.split('/').next().map(str::to_string))
+            .collect();
+        (name, ips)
+    }
+
+    /// `dig +short` inside a container, with the resolver ferrynet gave it.
+    fn short(&self, host: &str, c: &str, args: &[&str]) -> Vec<String> {
+        let mut a = vec!["exec", c, "--", "dig", "+short", "+tries=1", "+time=8"];
+        a.extend_from_slice(args);
+        let mut v: Vec<String> = String::from_utf8_lossy(&self.ferrynet(host, &a).stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Write (Some) or delete (None) a key through etcd's JSON gateway, from a lab host:
+    /// the registry's records exactly as `ferrynet service` stores them.
+    fn etcd(&self, key: &str, value: Option<&Value>) {
+        let code = match value {
+            Some(v) => format!(
+                "import base64,json,urllib.request\nb=lambda s: base64.b64encode(s.encode()).decode()\nurllib.request.urlopen('http://172.31.0.253:2379/v3/kv/put', json.dumps({{'key': b({key:?}), 'value': b({:?})}}).encode(), timeout=5).read()\n",
+                v.to_string()
+            ),
+            None => format!(
+                "import base64,json,urllib.request\nb=lambda s: base64.b64encode(s.encode()).decode()\nurllib.request.urlopen('http://172.31.0.253:2379/v3/kv/deleterange', json.dumps({{'key': b({key:?})}}).encode(), timeout=5).read()\n"
+            ),
+        };
+        let o = Command::new("nsenter")
+            .args([
+                &format!("--net=/run/netns/{}-h1", self.name),
+                "python3",
+                "-c",
+                &code,
+            ])
+            .output()
+            .expect("python3");
+        assert!(o.status.success(), "etcd write {key}: {}", text(&o));
+    }
+}
+
+#[test]
+fn names_and_services_across_three_hosts() {
+    let mut lab = Cluster::up("dnsvx");
+    let (c1, _ip1) = lab.run("h1", "a");
+    let (c2, ip2) = lab.run("h2", "b");
+    let (c3, ip3) = lab.run("h3", "c");
+    let zone = "fabric.ferrynet.internal";
+
+    // Containers on other hosts, by full and short name, from every host.
+    within(Duration::from_secs(20), || {
+        let got = lab.short("h1", &c1, &[&format!("{c2}.{zone}"), "A"]);
+        (got == [v4(&ip2)]).then_some(()).ok_or(format!("{got:?}"))
+    });
+    assert_eq!(lab.short("h1", &c1, &["+search", &c3, "AAAA"]), [v6(&ip3)]);
+    within(Duration::from_secs(20), || {
+        let got = lab.short("h3", &c3, &["+search", &c2, "A"]);
+        (got == [v4(&ip2)]).then_some(()).ok_or(format!("{got:?}"))
+    });
+
+    // A service with a VIP and two producers (on h2 and h3) with a target port.
+    lab.etcd(
+        "/ferrynet/v1/services/web",
+        Some(&serde_json::json!({
+            "name": "web", "ports": [{"name": "http", "port": 80, "protocol": "tcp"}],
+            "vips": ["10.96.0.10"], "networks": []
+        })),
+    );
+    for (id, host, ips) in [("p2", "h2", &ip2), ("p3", "h3", &ip3)] {
+        lab.etcd(
+            &format!("/ferrynet/v1/producers/web/{id}"),
+            Some(&serde_json::json!({
+                "service": "web", "id": id, "host": host, "network": "fabric",
+                "addrs": ips, "ports": {"80": 8080}
+            })),
+        );
+    }
+    let mut producers = vec![v4(&ip2), v4(&ip3)];
+    producers.sort();
+    for (host, c) in [("h1", &c1), ("h3", &c3)] {
+        within(Duration::from_secs(20), || {
+            let got = lab.short(host, c, &["+search", "web", "A"]);
+            (got == ["10.96.0.10"])
+                .then_some(())
+                .ok_or(format!("{host}: {got:?}"))
+        });
+        assert_eq!(
+            lab.short(host, c, &[&format!("tasks.web.{zone}"), "A"]),
+            producers
+        );
+        let srv = lab.short(host, c, &[&format!("_http._tcp.web.{zone}"), "SRV"]);
+        assert_eq!(
+            srv,
+            [
+                format!("0 10 8080 p2.tasks.web.{zone}."),
+                format!("0 10 8080 p3.tasks.web.{zone}.")
+            ],
+            "{host}"
+        );
+        assert_eq!(
+            lab.short(host, c, &[&format!("p3.tasks.web.{zone}"), "AAAA"]),
+            [v6(&ip3)]
+        );
+    }
+
+    // A producer that leaves the registry leaves DNS.
+    lab.etcd("/ferrynet/v1/producers/web/p2", None);
+    within(Duration::from_secs(20), || {
+        let got = lab.short("h1", &c1, &[&format!("tasks.web.{zone}"), "A"]);
+        (got == [v4(&ip3)]).then_some(()).ok_or(format!("{got:?}"))
+    });
+}
