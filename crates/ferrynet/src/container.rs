@@ -217,6 +217,10 @@ struct Mounts {
 fn mounts(resolv: Option<&Path>) -> Result<Option<Mounts>> {
     use std::os::unix::ffi::OsStrExt;
     let Some(r) = resolv else { return Ok(None) };
+    // Nothing to cover (a minimal system without one): the container goes without.
+    if std::fs::metadata("/etc/resolv.conf").is_err() {
+        return Ok(None);
+    }
     let c = |b: &[u8]| {
         std::ffi::CString::new(b).map_err(|_| ControlError::InvalidConfig("NUL in a path".into()))
     };
