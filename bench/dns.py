@@ -118,14 +118,16 @@ def dnsperf(client_ns, server, qfile, secs, clients):
 
 def ferrynet(names):
     host = netns("dnsh")
-    sh("ip", "-n", host, "link", "add", "dummy0", "type", "dummy")
-    sh("ip", "-n", host, "addr", "add", "10.254.77.1/24", "dev", "dummy0")
-    sh("ip", "-n", host, "link", "set", "dummy0", "up")
+    # An underlay for the agent to register (a veth pair inside the host: no dummy module needed).
+    sh("ip", "-n", host, "link", "add", "u0", "type", "veth", "peer", "name", "u1")
+    sh("ip", "-n", host, "addr", "add", "10.254.77.1/24", "dev", "u0")
+    sh("ip", "-n", host, "link", "set", "u0", "up")
+    sh("ip", "-n", host, "link", "set", "u1", "up")
     state = tempfile.mkdtemp(prefix="fnb-dns-")
     DIRS.append(state)
     agent_log = open(os.path.join(state, "agent.log"), "w")
     start(host, [FERRYNET, "--state-dir", state, "agent", "--host-name", "bench",
-                 "--underlay-dev", "dummy0", "--dns-upstream", "none"],
+                 "--underlay-dev", "u0", "--dns-upstream", "none"],
           stdout=agent_log, stderr=agent_log)
     cli = ["nsenter", f"--net=/run/netns/{host}", FERRYNET, "--state-dir", state]
     deadline = time.time() + 20
