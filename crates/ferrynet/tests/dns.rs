@@ -579,3 +579,69 @@ fn names_and_services_across_three_hosts() {
         (got == [v4(&ip3)]).then_some(()).ok_or(format!("{got:?}"))
     });
 }
+
+#[test]
+fn cni_containers_get_the_resolver_and_their_names() {
+    let h = Host::new();
+    let t = common::tag();
+    let net = format!("dnc{t}");
+    let mut conf = h.lab.conf(&net, "10.65.0.0/24", Some("fd65::/64"));
+    conf["args"] = serde_json::json!({"ferrynet": {"name": "Web", "aliases": ["www"]}});
+    let ns1 = Ns::new("c");
+    let r1 = h.lab.add(&conf, "cid1", &ns1, "eth0");
+    let search = format!("{net}.ferrynet.internal");
+    assert_eq!(
+        r1["dns"]["nameservers"],
+        serde_json::json!(["10.65.0.1", "fd65::1"]),
+        "{r1}"
+    );
+    assert_eq!(r1["dns"]["search"], serde_json::json!([search]), "{r1}");
+    let ip1 = common::first_v4(&r1);
+
+    // A Kubernetes runtime's pod name names the second container.
+    let plain = h.lab.conf(&net, "10.65.0.0/24", Some("fd65::/64"));
+    let ns2 = Ns::new("c");
+    let add = h.lab.cni(
+        "ADD",
+        &plain,
+        &[
+            ("CNI_CONTAINERID", "cid2"),
+            ("CNI_NETNS", &ns2.path()),
+            ("CNI_IFNAME", "eth0"),
+            (
+                "CNI_ARGS",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=pod2",
+            ),
+        ],
+    );
+    assert_eq!(add.code, 0, "{} {}", add.json, add.stderr);
+    let ip2 = common::first_v4(&add.json);
+
+    let dig = |ns: &Ns, name: &str| -> String {
+        let o = ns.run(&[
+            "dig",
+            "+short",
+            "+tries=1",
+            "+time=8",
+            "@10.65.0.1",
+            name,
+            "A",
+        ]);
+        text(&o).trim().to_string()
+    };
+    within(Duration::from_secs(20), || {
+        let got = dig(&ns2, &format!("web.{search}"));
+        (got == ip1)
+            .then_some(())
+            .ok_or(format!("{got:?}\n{}", h.agent_log()))
+    });
+    assert_eq!(dig(&ns2, &format!("www.{search}")), ip1);
+    within(Duration::from_secs(20), || {
+        let got = dig(&ns1, &format!("pod2.{search}"));
+        (got == ip2).then_some(()).ok_or(got)
+    });
+    for (id, ns) in [("cid1", &ns1), ("cid2", &ns2)] {
+        let c = h.lab.del(&plain, id, Some(ns), "eth0");
+        assert_eq!(c.code, 0, "DEL {id}: {}", c.stderr);
+    }
+}

@@ -57,6 +57,7 @@ pub fn handle(zone: &Zone, network: &str, packet: &[u8], ttl: u32, udp: bool) ->
     let (code, answers, additionals) = match zone.answer(network, &q.name().to_ascii(), qtype) {
         Answer::Forward => return Outcome::Forward,
         Answer::NxDomain => (ResponseCode::NXDomain, Vec::new(), Vec::new()),
+        Answer::Refused => return Outcome::Reply(error_reply(&req, ResponseCode::Refused)),
         Answer::Records {
             answers,
             additionals,

@@ -66,6 +66,8 @@ pub enum Answer {
     NxDomain,
     /// Not ours: ask the upstream resolvers.
     Forward,
+    /// Not ours, and the network may not reach outside (internal): not forwarded.
+    Refused,
 }
 
 impl Answer {
@@ -102,6 +104,8 @@ struct NetZone {
     ptr: HashMap<IpAddr, String>,
     /// The network's pool: reverse lookups inside it never leave the host.
     subnets: Vec<ipnet::IpNet>,
+    /// An internal network: its containers' queries are never forwarded.
+    internal: bool,
 }
 
 /// The compiled answers of one host's DNS server.
@@ -142,6 +146,7 @@ impl Zone {
             let mut z = NetZone {
                 name: name.to_ascii_lowercase(),
                 subnets: net.subnets.iter().map(|s| s.cidr).collect(),
+                internal: net.internal,
                 ..Default::default()
             };
             // Containers and aliases first; services overwrite them below.
@@ -209,10 +214,17 @@ impl Zone {
 
     /// The answer to `qname`/`qtype` asked on `network` (the network whose gateway received it).
     pub fn answer(&self, network: &str, qname: &str, qtype: QType) -> Answer {
-        let q = qname.trim_end_matches('.').to_ascii_lowercase();
         let Some(net) = self.nets.get(&network.to_ascii_lowercase()) else {
             return Answer::Forward;
         };
+        match self.local(net, qname, qtype) {
+            Answer::Forward if net.internal => Answer::Refused,
+            a => a,
+        }
+    }
+
+    fn local(&self, net: &NetZone, qname: &str, qtype: QType) -> Answer {
+        let q = qname.trim_end_matches('.').to_ascii_lowercase();
         if let Some(ip) = parse_reverse(&q) {
             return self.reverse(net, ip, qtype);
         }
@@ -658,6 +670,21 @@ mod tests {
         assert_eq!(z.answer("blue", &other, QType::Ptr), Answer::Forward);
         assert_eq!(parse_reverse("1.2.3.in-addr.arpa"), None);
         assert_eq!(parse_reverse("x.2.3.4.in-addr.arpa"), None);
+    }
+
+    #[test]
+    fn internal_networks_do_not_forward() {
+        let mut v = sample();
+        let mut red = net("red", &["10.31.0.0/24"]);
+        red.internal = true;
+        v.put(&nkeys::network("red"), &enc(&red));
+        let z = Zone::build(&v, DEFAULT_DOMAIN);
+        assert_eq!(z.answer("red", "example.org", QType::A), Answer::Refused);
+        assert_eq!(
+            recs(z.answer("red", "secret", QType::A)),
+            vec![addr("10.31.0.2")]
+        );
+        assert_eq!(z.answer("blue", "example.org", QType::A), Answer::Forward);
     }
 
     #[test]
