@@ -18,10 +18,12 @@ packages_for() {
   case "$1" in
     demo) echo "$base" ;;
     # etcd-server: the store and multi-host tests run a real etcd; openssl makes TLS
-    # certificates; busybox-static is the Docker tests' image.
-    test) echo "$base containernetworking-plugins etcd-server openssl busybox-static" ;;
-    # bench/docker.py imports the same busybox image as the Docker tests.
-    bench) echo "$base containernetworking-plugins netavark iperf3 time etcd-server busybox-static" ;;
+    # certificates; busybox-static is the Docker tests' image; dnsutils (dig), knot-dnsutils
+    # (kdig) and dnsmasq-base (a test upstream resolver) for the DNS tests.
+    test) echo "$base containernetworking-plugins etcd-server openssl busybox-static dnsutils knot-dnsutils dnsmasq-base" ;;
+    # bench/docker.py imports the same busybox image as the Docker tests; bench/dns.py runs
+    # dnsperf against ferrynet, aardvark-dns and dnsmasq (dig checks they answer).
+    bench) echo "$base containernetworking-plugins netavark iperf3 time etcd-server busybox-static dnsperf aardvark-dns dnsmasq-base dnsutils" ;;
     *) echo "unknown set $1" >&2; exit 2 ;;
   esac
 }

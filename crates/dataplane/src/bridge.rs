@@ -29,9 +29,12 @@ pub async fn ensure_bridge(nl: &Netlink, spec: &BridgeSpec) -> Result<u32> {
     let link = match existing {
         Some(l) => l,
         None => {
+            // A fixed MAC: otherwise the bridge takes its lowest port's, and removing that
+            // container changes the gateway's MAC under every other container's ARP cache.
             let mut b = LinkBridge::new(&spec.name)
                 .stp_state(rtnetlink::packet_route::link::BridgeStpState::Disabled)
-                .forward_delay(0);
+                .forward_delay(0)
+                .address(bridge_mac(&spec.name).to_vec());
             if let Some(m) = spec.mtu {
                 b = b.mtu(m);
             }
@@ -89,6 +92,16 @@ pub async fn ensure_bridge(nl: &Netlink, spec: &BridgeSpec) -> Result<u32> {
         nl.set_up(link.index).await?;
     }
     Ok(link.index)
+}
+
+/// The bridge's MAC: locally administered, derived from its name (FNV-1a), so it is stable
+/// across re-creation.
+pub fn bridge_mac(name: &str) -> [u8; 6] {
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let b = h.to_be_bytes();
+    [0x02, 0xfb, b[4], b[5], b[6], b[7]]
 }
 
 /// Delete a bridge; false if absent.

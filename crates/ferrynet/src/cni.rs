@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use ferrynet_model::cni::{
-    CniEnv, CniError, CniResult, Command, Interface, IpConfig, NetConf, Route,
+    CniEnv, CniError, CniResult, Command, Dns, Interface, IpConfig, NetConf, Route,
 };
 use ferrynet_model::ipam::validate_network_subnets;
 use ferrynet_model::names::parse_mac;
@@ -337,8 +337,8 @@ async fn add(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<Value, CniEr
                 static_ips,
                 mac,
                 port_mappings: conf.runtime_config.port_mappings.clone(),
-                name: None,
-                aliases: Vec::new(),
+                name: dns_name(env, conf),
+                aliases: dns_aliases(conf),
             },
         )
         .await
@@ -348,8 +348,57 @@ async fn add(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<Value, CniEr
     let mut res = build_result(&net, &ep, prev, &conf.cni_version)?;
     if let Some(dns) = &conf.dns {
         res.dns = dns.clone();
+    } else if let Some(d) = crate::control::host::LocalConfig::load(&ctl.paths.state_dir)
+        .map_err(ctl_err)?
+        .dns
+    {
+        // This host's agent answers DNS on the container's gateways.
+        res.dns = agent_dns(&res, &net.name, &d.domain);
     }
     Ok(res.to_json_for_version(&conf.cni_version))
+}
+
+/// The `dns` of a result when the agent serves DNS: the container's gateways as nameservers,
+/// its network's domain to search.
+fn agent_dns(res: &CniResult, network: &str, domain: &str) -> Dns {
+    let mut nameservers: Vec<String> = Vec::new();
+    for g in res.ips.iter().filter_map(|i| i.gateway) {
+        let g = g.to_string();
+        if !nameservers.contains(&g) {
+            nameservers.push(g);
+        }
+    }
+    if nameservers.is_empty() {
+        return Dns::default();
+    }
+    Dns {
+        nameservers,
+        domain: None,
+        search: vec![format!("{}.{domain}", network.to_ascii_lowercase())],
+        options: vec!["ndots:1".into()],
+    }
+}
+
+/// The container's DNS name: `args.ferrynet.name` in the configuration, else the
+/// Kubernetes pod name a runtime passes in CNI_ARGS.
+fn dns_name(env: &CniEnv, conf: &NetConf) -> Option<String> {
+    conf.args
+        .as_ref()
+        .and_then(|a| a.get("ferrynet")?.get("name")?.as_str())
+        .or_else(|| env.arg("K8S_POD_NAME"))
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+}
+
+/// Further DNS names: `args.ferrynet.aliases` (a list of strings).
+fn dns_aliases(conf: &NetConf) -> Vec<String> {
+    conf.args
+        .as_ref()
+        .and_then(|a| a.get("ferrynet")?.get("aliases")?.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect()
 }
 
 async fn del(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {

@@ -165,8 +165,120 @@ fn is_zombie(pid: i32) -> bool {
         .unwrap_or(true)
 }
 
-/// Start `argv` detached inside `netns` (None: the host's), logging to `log`.
-pub fn spawn_in(netns: Option<&Path>, argv: &[String], log: &Path) -> Result<(i32, u64)> {
+/// The directory `ip netns exec` (and ferrynet) bind-mounts over `/etc` for a named netns.
+pub fn netns_etc_dir(netns_name: &str) -> PathBuf {
+    Path::new("/etc/netns").join(netns_name)
+}
+
+/// The resolv.conf a container on `network` gets from this host's DNS server at `gateways`.
+pub fn resolv_conf(gateways: &[IpAddr], network: &str, domain: &str) -> String {
+    let mut s = String::from("# written by ferrynet: the agent's DNS server on the gateway\n");
+    for g in gateways {
+        s.push_str(&format!("nameserver {g}\n"));
+    }
+    // Names with a dot are tried as given first; bare names get the network's domain.
+    s.push_str(&format!(
+        "search {}.{domain}\noptions ndots:1 edns0\n",
+        network.to_ascii_lowercase()
+    ));
+    s
+}
+
+/// Write `/etc/netns/<netns>/resolv.conf`.
+pub fn write_resolv_conf(netns_name: &str, content: &str) -> Result<PathBuf> {
+    let dir = netns_etc_dir(netns_name);
+    std::fs::create_dir_all(&dir)
+        .map_err(ControlError::io(format!("creating {}", dir.display())))?;
+    let path = dir.join("resolv.conf");
+    std::fs::write(&path, content)
+        .map_err(ControlError::io(format!("writing {}", path.display())))?;
+    Ok(path)
+}
+
+/// Remove `/etc/netns/<netns>` (nothing there is fine).
+pub fn remove_netns_etc(netns_name: &str) {
+    let _ = std::fs::remove_dir_all(netns_etc_dir(netns_name));
+}
+
+/// The container's resolv.conf, when ferrynet wrote one.
+pub fn resolv_conf_of(netns: Option<&Path>) -> Option<PathBuf> {
+    let name = netns?.file_name()?.to_str()?;
+    let p = netns_etc_dir(name).join("resolv.conf");
+    p.exists().then_some(p)
+}
+
+/// C strings for [`enter`], made before fork (no allocation after it).
+struct Mounts {
+    src: std::ffi::CString,
+    dst: std::ffi::CString,
+    root: std::ffi::CString,
+}
+
+fn mounts(resolv: Option<&Path>) -> Result<Option<Mounts>> {
+    use std::os::unix::ffi::OsStrExt;
+    let Some(r) = resolv else { return Ok(None) };
+    // Nothing to cover (a minimal system without one): the container goes without.
+    if std::fs::metadata("/etc/resolv.conf").is_err() {
+        return Ok(None);
+    }
+    let c = |b: &[u8]| {
+        std::ffi::CString::new(b).map_err(|_| ControlError::InvalidConfig("NUL in a path".into()))
+    };
+    Ok(Some(Mounts {
+        src: c(r.as_os_str().as_bytes())?,
+        dst: c(b"/etc/resolv.conf")?,
+        root: c(b"/")?,
+    }))
+}
+
+/// Between fork and exec: join the netns, then (as `ip netns exec` does) a private mount
+/// namespace where the container's resolv.conf covers the host's. Only async-signal-safe calls.
+fn enter(ns_fd: Option<i32>, m: Option<&Mounts>) -> std::io::Result<()> {
+    if let Some(fd) = ns_fd {
+        if unsafe { libc::setns(fd, CloneFlags::CLONE_NEWNET.bits()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    if let Some(m) = m {
+        // SAFETY: plain syscalls on C strings that outlive the call.
+        unsafe {
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Our mounts must not propagate back to the host.
+            if libc::mount(
+                std::ptr::null(),
+                m.root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_SLAVE | libc::MS_REC,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::mount(
+                m.src.as_ptr(),
+                m.dst.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Start `argv` detached inside `netns` (None: the host's), logging to `log`; with
+/// `resolv`, that file is its /etc/resolv.conf.
+pub fn spawn_in(
+    netns: Option<&Path>,
+    resolv: Option<&Path>,
+    argv: &[String],
+    log: &Path,
+) -> Result<(i32, u64)> {
     let (prog, args) = argv
         .split_first()
         .ok_or_else(|| ControlError::InvalidConfig("no command given".into()))?;
@@ -188,14 +300,11 @@ pub fn spawn_in(netns: Option<&Path>, argv: &[String], log: &Path) -> Result<(i3
     let mut cmd = Command::new(prog);
     cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
     let ns_fd = ns_file.as_ref().map(|f| f.as_raw_fd());
-    // SAFETY: between fork and exec only async-signal-safe calls: setns(2) and setsid(2).
+    let m = mounts(resolv)?;
+    // SAFETY: between fork and exec only async-signal-safe calls: setns, unshare, mount, setsid.
     unsafe {
         cmd.pre_exec(move || {
-            if let Some(fd) = ns_fd {
-                if libc::setns(fd, CloneFlags::CLONE_NEWNET.bits()) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
+            enter(ns_fd, m.as_ref())?;
             libc::setsid();
             Ok(())
         });
@@ -210,8 +319,9 @@ pub fn spawn_in(netns: Option<&Path>, argv: &[String], log: &Path) -> Result<(i3
     Ok((pid, ticks))
 }
 
-/// Run `argv` in a container's netns in the foreground; returns its exit code.
-pub fn exec_in(netns: Option<&Path>, argv: &[String]) -> Result<i32> {
+/// Run `argv` in a container's netns in the foreground (with `resolv` as its
+/// /etc/resolv.conf); returns its exit code.
+pub fn exec_in(netns: Option<&Path>, resolv: Option<&Path>, argv: &[String]) -> Result<i32> {
     let (prog, args) = argv
         .split_first()
         .ok_or_else(|| ControlError::InvalidConfig("no command given".into()))?;
@@ -225,16 +335,10 @@ pub fn exec_in(netns: Option<&Path>, argv: &[String]) -> Result<i32> {
     let mut cmd = Command::new(prog);
     cmd.args(args);
     let ns_fd = ns_file.as_ref().map(|f| f.as_raw_fd());
-    // SAFETY: only setns(2) between fork and exec.
+    let m = mounts(resolv)?;
+    // SAFETY: only setns, unshare and mount between fork and exec.
     unsafe {
-        cmd.pre_exec(move || {
-            if let Some(fd) = ns_fd {
-                if libc::setns(fd, CloneFlags::CLONE_NEWNET.bits()) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
+        cmd.pre_exec(move || enter(ns_fd, m.as_ref()));
     }
     let status = cmd
         .status()
@@ -365,6 +469,17 @@ mod tests {
         ] {
             assert!(parse_publish(bad).is_err(), "{bad} should fail");
         }
+    }
+
+    #[test]
+    fn resolv_conf_content() {
+        let s = resolv_conf(
+            &["10.30.0.1".parse().unwrap(), "fd00:30::1".parse().unwrap()],
+            "Blue",
+            "ferrynet.internal",
+        );
+        assert!(s.contains("nameserver 10.30.0.1\nnameserver fd00:30::1\n"));
+        assert!(s.contains("search blue.ferrynet.internal\n"));
     }
 
     #[test]

@@ -6,7 +6,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use ipnet::IpNet;
 use serde::de::DeserializeOwned;
+
+use crate::host::BlockClaim;
 
 use crate::network::{keys as nkeys, Endpoint, Network};
 use crate::service::{keys as skeys, HealthRecord, Producer, Service, VipRanges};
@@ -17,6 +20,7 @@ pub fn prefixes() -> Vec<String> {
         nkeys::networks(),
         nkeys::all_endpoints(),
         nkeys::hosts(),
+        nkeys::all_blocks(),
         skeys::services(),
         skeys::producers(),
         skeys::all_health(),
@@ -34,6 +38,8 @@ pub struct DiscoveryView {
     pub endpoints: BTreeMap<String, Endpoint>,
     /// Hosts whose registration is live.
     pub live_hosts: BTreeSet<String>,
+    /// Block claims of multi-host networks: (network, block) -> owning host.
+    pub blocks: BTreeMap<(String, IpNet), String>,
     /// Services by name.
     pub services: BTreeMap<String, Service>,
     /// Producers by (service, id).
@@ -71,6 +77,11 @@ impl DiscoveryView {
             };
         } else if let Some(name) = rest.strip_prefix("hosts/") {
             self.live_hosts.insert(name.to_string());
+        } else if let Some(block) = nkeys::parse_block(key) {
+            match json::<BlockClaim>(value) {
+                Some(c) => self.blocks.insert(block, c.host),
+                None => self.blocks.remove(&block),
+            };
         } else if let Some(name) = rest.strip_prefix("services/") {
             match json::<Service>(value) {
                 Some(s) => self.services.insert(name.to_string(), s),
@@ -107,6 +118,8 @@ impl DiscoveryView {
             self.endpoints.remove(key);
         } else if let Some(name) = rest.strip_prefix("hosts/") {
             self.live_hosts.remove(name);
+        } else if let Some(block) = nkeys::parse_block(key) {
+            self.blocks.remove(&block);
         } else if let Some(name) = rest.strip_prefix("services/") {
             self.services.remove(name);
         } else if let Some(pair) = skeys::parse_pair(key, "producers") {
@@ -184,6 +197,15 @@ impl DiscoveryView {
             p.host.as_deref() == Some(host)
                 && p.effective_check(self.services.get(&p.service)).is_some()
         })
+    }
+
+    /// The blocks of `network` that `host` owns.
+    pub fn blocks_of(&self, network: &str, host: &str) -> Vec<IpNet> {
+        self.blocks
+            .iter()
+            .filter(|((n, _), h)| n == network && h.as_str() == host)
+            .map(|((_, b), _)| *b)
+            .collect()
     }
 
     /// Every virtual IP in use, with its service.
@@ -307,6 +329,19 @@ mod tests {
             1,
             "both services share one VIP in this sample"
         );
+    }
+
+    #[test]
+    fn block_claims_by_host() {
+        let mut v = DiscoveryView::default();
+        let b1: IpNet = "10.20.0.0/26".parse().unwrap();
+        let b2: IpNet = "10.20.0.64/26".parse().unwrap();
+        v.put(&nkeys::block("blue", &b1), br#"{"host":"h1"}"#);
+        v.put(&nkeys::block("blue", &b2), br#"{"host":"h2"}"#);
+        assert_eq!(v.blocks_of("blue", "h1"), vec![b1]);
+        v.delete(&nkeys::block("blue", &b1));
+        assert!(v.blocks_of("blue", "h1").is_empty());
+        assert_eq!(v.blocks_of("blue", "h2"), vec![b2]);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod discovery;
 pub mod health;
+pub mod dns;
 pub mod reconcile;
 pub mod register;
 pub mod status;
@@ -24,7 +25,7 @@ use ferrynet_model::network::keys;
 use ferrynet_store::{Revision, StoreError};
 use futures::StreamExt;
 
-use crate::control::host::LocalConfig;
+use crate::control::host::{LocalConfig, LocalDns};
 use crate::control::{Control, Paths};
 use status::AgentStatus;
 use view::ClusterView;
@@ -46,6 +47,8 @@ pub struct AgentOptions {
     pub resync: Duration,
     /// Serve Docker's network and IPAM driver on this unix socket too.
     pub docker_socket: Option<std::path::PathBuf>,
+    /// Serve DNS on the gateways (None: no DNS server, containers keep the host's resolver).
+    pub dns: Option<dns::DnsOptions>,
 }
 
 /// Run the agent until SIGINT/SIGTERM.
@@ -66,6 +69,9 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     LocalConfig {
         host: Some(ctl.host.clone()),
         store: store_url.clone(),
+        dns: opts.dns.as_ref().map(|d| LocalDns {
+            domain: d.domain.clone(),
+        }),
     }
     .save(&paths.state_dir)?;
 
@@ -120,6 +126,10 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
         lease_rx.clone(),
         status.clone(),
     ));
+    let dns_task = opts
+        .dns
+        .clone()
+        .map(|d| tokio::spawn(dns::serve(ctl.host.clone(), d, disc_rx.clone())));
     let _discovery = (disc_rx, lease_rx);
     let reg_task = tokio::spawn(register::keep_registered(
         ctl.store.clone(),
@@ -157,6 +167,9 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     reg_task.abort();
     disc_task.abort();
     health_task.abort();
+    if let Some(t) = dns_task {
+        t.abort();
+    }
     let _ = std::fs::remove_file(&sock);
     if let (Some(t), Some(path)) = (docker_task, &opts.docker_socket) {
         t.abort();

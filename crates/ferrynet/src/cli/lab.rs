@@ -99,6 +99,10 @@ pub struct UpArgs {
     /// Agents' lease TTL.
     #[arg(long, default_value = "10s")]
     pub lease_ttl: String,
+    /// Upstream resolver of the agents' DNS servers, IP[:PORT] (repeatable). Default: none,
+    /// so names outside the cluster get SERVFAIL and no lab query leaves the lab.
+    #[arg(long, value_name = "IP[:PORT]")]
+    pub dns_upstream: Vec<String>,
 }
 
 /// What `lab down` needs to undo a lab.
@@ -124,6 +128,9 @@ pub struct LabRecord {
     /// Agents' lease TTL.
     #[serde(default)]
     pub lease_ttl: String,
+    /// Agents' DNS upstreams (empty: none).
+    #[serde(default)]
+    pub dns_upstream: Vec<String>,
 }
 
 /// The lab's directory.
@@ -333,24 +340,29 @@ fn start_agent(rec: &mut LabRecord, host: &str) -> anyhow::Result<()> {
         .open(&log)
         .with_context(|| format!("opening {}", log.display()))?;
     let mut c = Command::new("nsenter");
-    c.arg(format!("--net=/run/netns/{ns}"))
-        .args([
-            rec.exe.as_str(),
-            "--state-dir",
-            &state_s,
-            "--store",
-            &rec.store,
-            "agent",
-            "--host-name",
-            host,
-            "--underlay-dev",
-            "eth0",
-            "--grace",
-            &rec.grace,
-            "--lease-ttl",
-            &rec.lease_ttl,
-        ])
-        .env("FERRYNET_LOG", "info")
+    c.arg(format!("--net=/run/netns/{ns}")).args([
+        rec.exe.as_str(),
+        "--state-dir",
+        &state_s,
+        "--store",
+        &rec.store,
+        "agent",
+        "--host-name",
+        host,
+        "--underlay-dev",
+        "eth0",
+        "--grace",
+        &rec.grace,
+        "--lease-ttl",
+        &rec.lease_ttl,
+    ]);
+    if rec.dns_upstream.is_empty() {
+        c.args(["--dns-upstream", "none"]);
+    }
+    for u in &rec.dns_upstream {
+        c.args(["--dns-upstream", u]);
+    }
+    c.env("FERRYNET_LOG", "info")
         .stdin(Stdio::null())
         .stdout(logf.try_clone()?)
         .stderr(logf);
@@ -378,6 +390,7 @@ async fn up(a: &UpArgs, exe: &Path) -> anyhow::Result<()> {
         exe: exe.display().to_string(),
         grace: a.grace.clone(),
         lease_ttl: a.lease_ttl.clone(),
+        dns_upstream: a.dns_upstream.clone(),
         ..Default::default()
     };
     let res = build(a, exe, &mut rec).await;

@@ -147,6 +147,51 @@ struct AgentArgs {
     /// /run/docker/plugins/ferrynet.sock as driver `ferrynet`; see docs/DOCKER.md).
     #[arg(long, value_name = "PATH")]
     docker_socket: Option<PathBuf>,
+    /// Do not serve DNS on the networks' gateways (containers keep the host's resolver).
+    #[arg(long)]
+    no_dns: bool,
+    /// Cluster DNS domain: a container on network N resolves `X` and `X.N.<domain>`.
+    #[arg(long, default_value = crate::agent::dns::zone::DEFAULT_DOMAIN, value_name = "DOMAIN")]
+    dns_domain: String,
+    /// TTL of cluster names in DNS answers (short: names follow containers and health).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    dns_ttl: Duration,
+    /// Upstream resolver for names outside the cluster, IP[:PORT]; repeatable. Default: the
+    /// nameservers of the host's /etc/resolv.conf. `none`: answer them SERVFAIL.
+    #[arg(long, value_name = "IP[:PORT]")]
+    dns_upstream: Vec<String>,
+    /// Port the DNS server listens on at each gateway.
+    #[arg(long, default_value_t = 53, hide = true)]
+    dns_port: u16,
+}
+
+/// The agent's DNS settings from its flags.
+fn dns_options(a: &AgentArgs) -> anyhow::Result<Option<crate::agent::dns::DnsOptions>> {
+    use crate::agent::dns;
+    if a.no_dns {
+        return Ok(None);
+    }
+    let upstreams = if a.dns_upstream.is_empty() {
+        dns::host_upstreams()
+    } else if a.dns_upstream.iter().any(|u| u == "none") {
+        Vec::new()
+    } else {
+        a.dns_upstream
+            .iter()
+            .map(|u| dns::forward::parse_upstream(u).map_err(anyhow::Error::msg))
+            .collect::<anyhow::Result<_>>()
+            .context("--dns-upstream")?
+    };
+    let domain = a.dns_domain.trim_matches('.').to_ascii_lowercase();
+    if domain.is_empty() || hickory_proto::rr::Name::from_ascii(&domain).is_err() {
+        bail!("--dns-domain {:?} is not a domain name", a.dns_domain);
+    }
+    Ok(Some(dns::DnsOptions {
+        domain,
+        ttl: u32::try_from(a.dns_ttl.as_secs()).unwrap_or(u32::MAX),
+        upstreams,
+        port: a.dns_port,
+    }))
 }
 
 /// `10s`, `500ms`, `2m` or a bare number of seconds.
@@ -260,6 +305,9 @@ struct RunArgs {
     /// Health check of the container's service producers.
     #[command(flatten)]
     check: service::CheckArgs,
+    /// A further DNS name of the container on its network; repeatable.
+    #[arg(long = "alias", value_name = "NAME")]
+    aliases: Vec<String>,
     /// Command and arguments to run.
     #[arg(last = true, required = true)]
     cmd: Vec<String>,
@@ -289,6 +337,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         let paths = Paths::resolve(cli.state_dir.as_deref());
         match cli.cmd {
             Cmd::Agent(a) => {
+                let dns = dns_options(&a)?;
                 let opts = crate::agent::AgentOptions {
                     host: a.host_name,
                     store: cli.store,
@@ -297,6 +346,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     grace: a.grace,
                     resync: a.resync,
                     docker_socket: a.docker_socket,
+                    dns,
                 };
                 return crate::agent::run(paths, opts)
                     .await
@@ -562,15 +612,25 @@ async fn run_container(ctl: &Control, a: RunArgs) -> anyhow::Result<()> {
                     mac,
                     port_mappings: ports.clone(),
                     name: Some(a.name.clone()),
-                    aliases: Vec::new(),
+                    aliases: a.aliases.clone(),
                 },
             )
             .await?;
         c.ips = ep.ips.clone();
         let dir = ctl.paths.container_dir(&a.name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let resolv = if host_mode {
+            None
+        } else {
+            container_resolver(ctl, &net, &ep, &ns_name).await?
+        };
         let ns_path = c.netns.as_ref().map(PathBuf::from);
-        let (pid, ticks) = container::spawn_in(ns_path.as_deref(), &a.cmd, &dir.join("log"))?;
+        let (pid, ticks) = container::spawn_in(
+            ns_path.as_deref(),
+            resolv.as_deref(),
+            &a.cmd,
+            &dir.join("log"),
+        )?;
         c.pid = Some(pid);
         c.start_ticks = Some(ticks);
         ctl.save_container(&c).await?;
@@ -606,6 +666,7 @@ async fn run_container(ctl: &Control, a: RunArgs) -> anyhow::Result<()> {
             .await;
         if !host_mode {
             let _ = Netns::delete_named(&ns_name);
+            container::remove_netns_etc(&ns_name);
         }
         let _ = ctl.forget_container(&a.name).await;
         return Err(e);
@@ -622,6 +683,34 @@ async fn run_container(ctl: &Control, a: RunArgs) -> anyhow::Result<()> {
         c.pid.unwrap_or(0)
     );
     Ok(())
+}
+
+/// When this host's agent serves DNS: the container's resolv.conf (the gateways of its
+/// addresses, the network's search domain), written where `ip netns exec` also finds it.
+async fn container_resolver(
+    ctl: &Control,
+    net: &Network,
+    ep: &ferrynet_model::network::Endpoint,
+    ns_name: &str,
+) -> anyhow::Result<Option<PathBuf>> {
+    let Some(dns) = crate::control::host::LocalConfig::load(&ctl.paths.state_dir)?.dns else {
+        return Ok(None);
+    };
+    let view = ctl.view_holding(&ctl.host_view(net).await?, ep).await?;
+    let subnets = ferrynet_model::ipam::validate_network_subnets(&view.subnets)?;
+    let mut gws: Vec<IpAddr> = Vec::new();
+    for ip in &ep.ips {
+        if let Some(g) = crate::control::endpoint::gateway_for(&subnets, ip.addr()) {
+            if !gws.contains(&g) {
+                gws.push(g);
+            }
+        }
+    }
+    if gws.is_empty() {
+        return Ok(None);
+    }
+    let content = container::resolv_conf(&gws, &net.name, &dns.domain);
+    Ok(Some(container::write_resolv_conf(ns_name, &content)?))
 }
 
 async fn ps(ctl: &Control, json: bool) -> anyhow::Result<()> {
@@ -687,7 +776,9 @@ async fn exec(ctl: &Control, name: &str, cmd: &[String]) -> anyhow::Result<ExitC
         .container(name)
         .await?
         .with_context(|| format!("no container named {name}"))?;
-    let code = container::exec_in(c.netns.as_ref().map(PathBuf::from).as_deref(), cmd)?;
+    let ns = c.netns.as_ref().map(PathBuf::from);
+    let resolv = container::resolv_conf_of(ns.as_deref());
+    let code = container::exec_in(ns.as_deref(), resolv.as_deref(), cmd)?;
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
 
@@ -721,6 +812,7 @@ async fn rm(ctl: &Control, name: &str, force: bool) -> anyhow::Result<()> {
     if c.netns.is_some() {
         Netns::delete_named(&netns_name(name))
             .with_context(|| format!("removing netns of {name}"))?;
+        container::remove_netns_etc(&netns_name(name));
     }
     let _ = std::fs::remove_dir_all(ctl.paths.container_dir(name));
     ctl.forget_container(name).await?;

@@ -23,6 +23,17 @@ pub struct LocalConfig {
     /// The store URL (absent: the embedded store in the state directory).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<String>,
+    /// Set while this host's agent serves DNS on the gateways: containers get it as resolver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<LocalDns>,
+}
+
+/// The agent's DNS service as containers on this host see it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalDns {
+    /// The cluster domain; a container on network N searches `N.<domain>`.
+    pub domain: String,
 }
 
 impl LocalConfig {
@@ -207,6 +218,9 @@ mod tests {
         let c = LocalConfig {
             host: Some("h1".into()),
             store: Some("etcd://10.0.0.1:2379".into()),
+            dns: Some(LocalDns {
+                domain: "ferrynet.internal".into(),
+            }),
         };
         c.save(d.path()).unwrap();
         assert_eq!(LocalConfig::load(d.path()).unwrap(), c);

@@ -1,0 +1,90 @@
+//! The agent's embedded DNS server: container names, aliases, services (VIPs, tasks, SRV) and
+//! reverse names per network, answered on each of this host's gateway addresses from the
+//! discovery view; other names forwarded to the upstream resolvers.
+
+pub mod forward;
+pub mod gateways;
+pub mod server;
+pub mod wire;
+pub mod zone;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::discovery::ViewRx;
+use server::{Ctx, Listener};
+use zone::Zone;
+
+/// How the DNS server runs.
+#[derive(Debug, Clone)]
+pub struct DnsOptions {
+    /// Cluster domain, e.g. `ferrynet.internal`.
+    pub domain: String,
+    /// TTL of cluster answers, in seconds.
+    pub ttl: u32,
+    /// Upstream resolvers for other names (empty: SERVFAIL for them).
+    pub upstreams: Vec<SocketAddr>,
+    /// Port to listen on (53).
+    pub port: u16,
+}
+
+/// How often binding a gateway that failed is retried.
+const RETRY: Duration = Duration::from_secs(2);
+
+/// Serve until the view channel closes: recompile the zone on every view change and keep one
+/// listener per gateway of this host's networks, binding new ones and closing departed ones.
+pub async fn serve(host: String, opts: DnsOptions, mut views: ViewRx) {
+    let (zone_tx, zone_rx) = watch::channel(Arc::new(Zone::default()));
+    let ctx = Ctx {
+        zones: zone_rx,
+        ttl: opts.ttl,
+        upstreams: Arc::new(forward::Upstreams {
+            addrs: opts.upstreams.clone(),
+        }),
+    };
+    tracing::info!(domain = %opts.domain, ttl = opts.ttl, upstreams = ?opts.upstreams, "dns: serving");
+    let mut listeners: BTreeMap<IpAddr, (String, Listener)> = BTreeMap::new();
+    loop {
+        let view = views.borrow_and_update().clone();
+        zone_tx.send_replace(Arc::new(Zone::build(&view, &opts.domain)));
+        let want = gateways::gateways(&view, &host);
+        listeners.retain(|ip, (net, _)| {
+            let keep = want.get(ip) == Some(net);
+            if !keep {
+                tracing::info!(%ip, network = %net, "dns: closing listener");
+            }
+            keep
+        });
+        let mut failed = false;
+        for (ip, net) in want {
+            if listeners.contains_key(&ip) {
+                continue;
+            }
+            match server::listen(ip, opts.port, net.clone(), ctx.clone()) {
+                Ok(l) => {
+                    tracing::info!(%ip, network = %net, "dns: listening");
+                    listeners.insert(ip, (net, l));
+                }
+                Err(e) => {
+                    tracing::warn!(%ip, network = %net, error = %e, "dns: cannot listen; retrying");
+                    failed = true;
+                }
+            }
+        }
+        tokio::select! {
+            r = views.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(RETRY), if failed => {}
+        }
+    }
+}
+
+/// The upstreams the host itself uses: its /etc/resolv.conf nameservers.
+pub fn host_upstreams() -> Vec<SocketAddr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .map(|s| forward::nameservers(&s))
+        .unwrap_or_default()
+}

@@ -1,0 +1,647 @@
+//! The agent's embedded DNS server on a real kernel, queried with real clients (dig, glibc's
+//! resolver through getent, python) from inside containers made by `ferrynet run`.
+//! Upstream resolvers are servers the tests run in their own namespaces (dnsmasq with one
+//! static record, and a "silent" one that never answers): no query leaves the test.
+
+mod common;
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{bin, must, Lab, Ns, Proc};
+use serde_json::Value;
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn need(tool: &str, package: &str) {
+    let found = std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+        .any(|d| std::path::Path::new(d).join(tool).exists());
+    assert!(found, "{tool} is missing: apt-get install {package}");
+}
+
+/// Retry `f` until it returns Some, for up to `within`; the last failure otherwise.
+fn within<T>(within: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let until = Instant::now() + within;
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) if Instant::now() > until => panic!("not within {within:?}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// A single host with its agent serving DNS, and upstream resolvers in their own namespace.
+struct Host {
+    /// Containers, removed first on drop.
+    containers: Vec<String>,
+    agent: Option<Proc>,
+    dnsmasq: Option<Proc>,
+    _silent: Proc,
+    upstream: Ns,
+    lab: Lab,
+    /// The upstream answering `outside.test`, and the silent one.
+    up_ip: String,
+    silent_ip: String,
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        for c in &self.containers {
+            let _ = self.lab.cli(&["rm", "--force", c]);
+        }
+        self.agent.take();
+        self.dnsmasq.take();
+    }
+}
+
+impl Host {
+    fn new() -> Host {
+        need("dig", "dnsutils");
+        need("kdig", "knot-dnsutils");
+        need("dnsmasq", "dnsmasq-base");
+        let lab = Lab::new();
+        let (upstream, _host_ip, up_ip) = lab.outside(1);
+        let silent_ip = "10.250.1.3".to_string();
+        must(&[
+            "ip",
+            "-n",
+            &upstream.name,
+            "addr",
+            "add",
+            &format!("{silent_ip}/24"),
+            "dev",
+            "ext0",
+        ]);
+        let dnsmasq = Command::new("nsenter")
+            .args([
+                &upstream.enter(),
+                "dnsmasq",
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                &format!("--listen-address={up_ip}"),
+                "--address=/outside.test/192.0.2.7",
+                "--pid-file",
+                "--user=root",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start dnsmasq");
+        // Reads queries and never answers.
+        let silent = Command::new("nsenter")
+            .args([
+                &upstream.enter(),
+                "python3",
+                "-c",
+                &format!(
+                    "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('{silent_ip}',53))\nwhile True: s.recv(65535)\n"
+                ),
+            ])
+            .spawn()
+            .expect("start the silent upstream");
+        let underlay = lab.host_links("fto").pop().expect("outside link");
+        let mut h = Host {
+            containers: Vec::new(),
+            agent: None,
+            dnsmasq: Some(Proc(dnsmasq)),
+            _silent: Proc(silent),
+            upstream,
+            lab,
+            up_ip,
+            silent_ip,
+        };
+        h.start_agent(&underlay);
+        h
+    }
+
+    fn start_agent(&mut self, underlay: &str) {
+        let state = self.lab.state.path().display().to_string();
+        let log = std::fs::File::create(self.lab.state.path().join("agent.log")).expect("log");
+        let child = Command::new("nsenter")
+            .args([
+                &self.lab.host.enter(),
+                bin(),
+                "--state-dir",
+                &state,
+                "agent",
+                "--host-name",
+                "h1",
+                "--underlay-dev",
+                underlay,
+                "--dns-ttl",
+                "1s",
+                "--dns-upstream",
+                &self.up_ip,
+                "--dns-upstream",
+                &self.silent_ip,
+            ])
+            .env("FERRYNET_LOG", "debug")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start agent");
+        self.agent = Some(Proc(child));
+        within(Duration::from_secs(20), || {
+            let o = self.lab.cli(&["status", "--json"]);
+            o.status.success().then_some(()).ok_or_else(|| text(&o))
+        });
+    }
+
+    fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.lab.state.path().join("agent.log")).unwrap_or_default()
+    }
+
+    fn network(&self, name: &str, v4: &str, v6: &str) {
+        let o = self
+            .lab
+            .cli(&["network", "create", name, "--subnet", v4, "--subnet", v6]);
+        assert!(o.status.success(), "network create: {}", text(&o));
+    }
+
+    /// `ferrynet run` a sleeping container; its addresses.
+    fn run(&mut self, name: &str, net: &str, extra: &[&str]) -> Vec<String> {
+        let mut args = vec!["run", "--name", name, "--net", net];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "sleep", "600"]);
+        let o = self.lab.cli(&args);
+        assert!(o.status.success(), "run {name}: {}", text(&o));
+        self.containers.push(name.to_string());
+        let ps = self.lab.cli(&["ps", "--json"]);
+        let list: Vec<Value> = serde_json::from_slice(&ps.stdout).expect("ps json");
+        list.iter()
+            .find(|c| c["name"] == name)
+            .and_then(|c| c["ips"].as_array())
+            .expect("container listed")
+            .iter()
+            .filter_map(|v| v.as_str()?.split('/').next().map(str::to_string))
+            .collect()
+    }
+
+    fn exec(&self, c: &str, cmd: &[&str]) -> Output {
+        let mut args = vec!["exec", c, "--"];
+        args.extend_from_slice(cmd);
+        self.lab.cli(&args)
+    }
+
+    /// `dig` from inside container `c` against `server`; the whole output.
+    fn dig(&self, c: &str, server: &str, args: &[&str]) -> String {
+        let at = format!("@{server}");
+        let mut cmd = vec!["dig", "+tries=1", "+time=8", at.as_str()];
+        cmd.extend_from_slice(args);
+        text(&self.exec(c, &cmd))
+    }
+
+    /// The answer lines (`+short`).
+    fn short(&self, c: &str, server: &str, args: &[&str]) -> Vec<String> {
+        let mut a = vec!["+short"];
+        a.extend_from_slice(args);
+        let mut v: Vec<String> = self
+            .dig(c, server, &a)
+            .lines()
+            .map(str::to_string)
+            .filter(|l| !l.is_empty())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+fn v4(ips: &[String]) -> String {
+    ips.iter().find(|i| !i.contains(':')).cloned().expect("v4")
+}
+fn v6(ips: &[String]) -> String {
+    ips.iter().find(|i| i.contains(':')).cloned().expect("v6")
+}
+
+#[test]
+fn container_names_on_one_host() {
+    let mut h = Host::new();
+    let t = common::tag();
+    let (blue, red) = (format!("dnb{t}"), format!("dnr{t}"));
+    h.network(&blue, "10.61.0.0/24", "fd61::/64");
+    h.network(&red, "10.62.0.0/24", "fd62::/64");
+    let (c1, c2, c3) = (format!("dn1{t}"), format!("dn2{t}"), format!("dn3{t}"));
+    let _ = h.run(&c1, &blue, &[]);
+    let ip2 = h.run(&c2, &blue, &["--alias", "Db"]);
+    let ip3 = h.run(&c3, &red, &[]);
+    let zone = format!("{blue}.ferrynet.internal");
+    let fq2 = format!("{c2}.{zone}");
+
+    // A and AAAA, on the IPv4 and the IPv6 gateway; names are case-insensitive.
+    within(Duration::from_secs(20), || {
+        let got = h.short(&c1, "10.61.0.1", &[&fq2, "A"]);
+        (got == [v4(&ip2)])
+            .then_some(())
+            .ok_or(format!("{got:?}\n{}", h.agent_log()))
+    });
+    assert_eq!(
+        h.short(&c1, "fd61::1", &[&fq2.to_uppercase(), "AAAA"]),
+        [v6(&ip2)]
+    );
+    assert_eq!(
+        h.short(&c1, "10.61.0.1", &[&format!("db.{zone}"), "A"]),
+        [v4(&ip2)]
+    );
+    // kdig over TCP agrees.
+    let o = h.exec(&c1, &["kdig", "+tcp", "+short", "@10.61.0.1", &fq2, "A"]);
+    assert_eq!(text(&o).trim(), v4(&ip2), "kdig +tcp");
+
+    // A name on another network does not exist from here, but does from there.
+    let fq3 = format!("{c3}.{red}.ferrynet.internal");
+    let out = h.dig(&c1, "10.61.0.1", &[&fq3, "A"]);
+    assert!(out.contains("status: NXDOMAIN"), "{out}");
+    let out = h.dig(&c1, "10.61.0.1", &[&format!("{c3}.{zone}"), "A"]);
+    assert!(out.contains("status: NXDOMAIN"), "{out}");
+    within(Duration::from_secs(20), || {
+        let got = h.short(&c3, "10.62.0.1", &[&fq3, "A"]);
+        (got == [v4(&ip3)]).then_some(()).ok_or(format!("{got:?}"))
+    });
+
+    // Reverse names of container addresses.
+    assert_eq!(
+        h.short(&c1, "10.61.0.1", &["-x", &v4(&ip2)]),
+        [format!("{fq2}.")]
+    );
+    assert_eq!(
+        h.short(&c1, "fd61::1", &["-x", &v6(&ip2)]),
+        [format!("{fq2}.")]
+    );
+
+    // The container's resolver is the gateway with the network's search domain: glibc and
+    // python find the short name.
+    let o = h.exec(&c1, &["cat", "/etc/resolv.conf"]);
+    assert!(
+        text(&o).contains("nameserver 10.61.0.1") && text(&o).contains(&format!("search {zone}")),
+        "{}",
+        text(&o)
+    );
+    let o = h.exec(&c1, &["getent", "ahostsv4", &c2]);
+    assert!(text(&o).contains(&v4(&ip2)), "getent: {}", text(&o));
+    let o = h.exec(
+        &c1,
+        &[
+            "python3",
+            "-c",
+            &format!("import socket;print(socket.gethostbyname('{c2}'))"),
+        ],
+    );
+    assert_eq!(text(&o).trim(), v4(&ip2), "python");
+
+    // A removed container leaves DNS within seconds.
+    let o = h.lab.cli(&["rm", "--force", &c2]);
+    assert!(o.status.success(), "rm: {}", text(&o));
+    h.containers.retain(|c| *c != c2);
+    assert!(
+        !std::path::Path::new(&format!("/etc/netns/fnc-{c2}")).exists(),
+        "rm leaves the container's resolv.conf behind"
+    );
+    within(Duration::from_secs(20), || {
+        let out = h.dig(&c1, "10.61.0.1", &[&fq2, "A"]);
+        out.contains("status: NXDOMAIN")
+            .then_some(())
+            .ok_or(format!("{out}\n{}", h.agent_log()))
+    });
+}
+
+#[test]
+fn forwarding_servfail_and_bad_packets() {
+    let mut h = Host::new();
+    let t = common::tag();
+    let net = format!("dnf{t}");
+    h.network(&net, "10.63.0.0/24", "fd63::/64");
+    let c1 = format!("dnf1{t}");
+    let _ = h.run(&c1, &net, &[]);
+    let gw = "10.63.0.1";
+
+    // Outside names go to the upstream (dnsmasq here), from the container's own resolver too.
+    within(Duration::from_secs(20), || {
+        let got = h.short(&c1, gw, &["outside.test", "A"]);
+        (got == ["192.0.2.7"])
+            .then_some(())
+            .ok_or(format!("{got:?}\n{}", h.agent_log()))
+    });
+    let o = h.exec(&c1, &["getent", "ahostsv4", "outside.test"]);
+    assert!(text(&o).contains("192.0.2.7"), "getent: {}", text(&o));
+    let o = h.exec(
+        &c1,
+        &[
+            "kdig",
+            "+tcp",
+            "+short",
+            &format!("@{gw}"),
+            "outside.test",
+            "A",
+        ],
+    );
+    assert_eq!(text(&o).trim(), "192.0.2.7", "forwarded over TCP");
+
+    // Malformed packets: FORMERR or silence, never a crash. Python sends them raw.
+    let probe = format!(
+        r#"
+import socket, struct
+gw = '{gw}'
+q = bytes.fromhex('abcd01000001000000000000') + b'\x04test\x00\x00\x01\x00\x01'
+res = []
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(2)
+for p in [b'\x12\x34junk', bytes.fromhex('beef01000001000000000000') + b'\xff' * 4096, q[:-3], b'\x00' * 12]:
+    u.sendto(p, (gw, 53))
+    try:
+        d = u.recv(65535); res.append(d[3] & 15 if d[:2] == p[:2] else 'wrong-id')
+    except socket.timeout:
+        res.append('drop')
+t = socket.create_connection((gw, 53), timeout=3)
+t.sendall(struct.pack('!H', 65535) + bytes.fromhex('beef01000001000000000000') + b'\xff' * 65523)
+try:
+    n = struct.unpack('!H', t.recv(2))[0]; res.append(t.recv(n)[3] & 15)
+except Exception as e:
+    res.append('drop')
+print(res)
+"#
+    );
+    let o = h.exec(&c1, &["python3", "-c", &probe]);
+    assert_eq!(
+        text(&o).trim(),
+        "['drop', 1, 1, 1, 1]",
+        "short: dropped; garbage, truncated, no question, 64 KiB TCP: FORMERR"
+    );
+    // Still serving.
+    assert_eq!(h.short(&c1, gw, &["outside.test", "A"]), ["192.0.2.7"]);
+
+    // The answering upstream goes away: the silent one is asked next, and the client gets
+    // SERVFAIL promptly instead of waiting out its own timeout.
+    h.dnsmasq.take();
+    let start = Instant::now();
+    let out = h.dig(&c1, gw, &["outside.test", "A"]);
+    let took = start.elapsed();
+    assert!(out.contains("status: SERVFAIL"), "{out}");
+    assert!(took < Duration::from_secs(6), "SERVFAIL took {took:?}");
+    let _ = &h.upstream;
+}
+
+/// A 3-host `ferrynet lab` on etcd (VXLAN), removed on drop.
+struct Cluster {
+    name: String,
+    containers: Vec<(String, String)>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (host, c) in &self.containers {
+            let _ = self.ferrynet(host, &["rm", "--force", c]);
+        }
+        let _ = Command::new(bin())
+            .args(["lab", "down", "--name", &self.name])
+            .output();
+    }
+}
+
+impl Cluster {
+    fn up(name: &str) -> Cluster {
+        need("dig", "dnsutils");
+        assert!(
+            std::path::Path::new("/usr/bin/etcd").exists(),
+            "etcd is missing: apt-get install etcd-server"
+        );
+        let _ = Command::new(bin())
+            .args(["lab", "down", "--name", name])
+            .output();
+        let c = Cluster {
+            name: name.to_string(),
+            containers: Vec::new(),
+        };
+        let o = Command::new(bin())
+            .args([
+                "lab",
+                "up",
+                "--name",
+                name,
+                "--hosts",
+                "3",
+                "--backend",
+                "vxlan",
+            ])
+            .output()
+            .expect("lab up");
+        assert!(o.status.success(), "lab up: {}", text(&o));
+        c
+    }
+
+    fn ferrynet(&self, host: &str, args: &[&str]) -> Output {
+        Command::new(bin())
+            .args(["lab", "exec", "--name", &self.name, host, "--", bin()])
+            .args(args)
+            .output()
+            .expect("lab exec")
+    }
+
+    fn run(&mut self, host: &str, short: &str) -> (String, Vec<String>) {
+        let name = format!("{}{short}", self.name);
+        let o = self.ferrynet(
+            host,
+            &[
+                "run", "--name", &name, "--net", "fabric", "--", "sleep", "600",
+            ],
+        );
+        assert!(o.status.success(), "run {name} on {host}: {}", text(&o));
+        self.containers.push((host.to_string(), name.clone()));
+        let ps = self.ferrynet(host, &["ps", "--json"]);
+        let list: Vec<Value> = serde_json::from_slice(&ps.stdout).expect("ps json");
+        let ips = list
+            .iter()
+            .find(|c| c["name"] == name.as_str())
+            .and_then(|c| c["ips"].as_array())
+            .expect("listed")
+            .iter()
+            .filter_map(|v| v.as_str()?.split('/').next().map(str::to_string))
+            .collect();
+        (name, ips)
+    }
+
+    /// `dig +short` inside a container, with the resolver ferrynet gave it.
+    fn short(&self, host: &str, c: &str, args: &[&str]) -> Vec<String> {
+        let mut a = vec!["exec", c, "--", "dig", "+short", "+tries=1", "+time=8"];
+        a.extend_from_slice(args);
+        let mut v: Vec<String> = String::from_utf8_lossy(&self.ferrynet(host, &a).stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Write (Some) or delete (None) a key through etcd's JSON gateway, from a lab host:
+    /// the registry's records exactly as `ferrynet service` stores them.
+    fn etcd(&self, key: &str, value: Option<&Value>) {
+        let code = match value {
+            Some(v) => format!(
+                "import base64,json,urllib.request\nb=lambda s: base64.b64encode(s.encode()).decode()\nurllib.request.urlopen('http://172.31.0.253:2379/v3/kv/put', json.dumps({{'key': b({key:?}), 'value': b({:?})}}).encode(), timeout=5).read()\n",
+                v.to_string()
+            ),
+            None => format!(
+                "import base64,json,urllib.request\nb=lambda s: base64.b64encode(s.encode()).decode()\nurllib.request.urlopen('http://172.31.0.253:2379/v3/kv/deleterange', json.dumps({{'key': b({key:?})}}).encode(), timeout=5).read()\n"
+            ),
+        };
+        let o = Command::new("nsenter")
+            .args([
+                &format!("--net=/run/netns/{}-h1", self.name),
+                "python3",
+                "-c",
+                &code,
+            ])
+            .output()
+            .expect("python3");
+        assert!(o.status.success(), "etcd write {key}: {}", text(&o));
+    }
+}
+
+#[test]
+fn names_and_services_across_three_hosts() {
+    let mut lab = Cluster::up("dnsvx");
+    let (c1, _ip1) = lab.run("h1", "a");
+    let (c2, ip2) = lab.run("h2", "b");
+    let (c3, ip3) = lab.run("h3", "c");
+    let zone = "fabric.ferrynet.internal";
+
+    // Containers on other hosts, by full and short name, from every host.
+    within(Duration::from_secs(20), || {
+        let got = lab.short("h1", &c1, &[&format!("{c2}.{zone}"), "A"]);
+        (got == [v4(&ip2)]).then_some(()).ok_or(format!("{got:?}"))
+    });
+    assert_eq!(lab.short("h1", &c1, &["+search", &c3, "AAAA"]), [v6(&ip3)]);
+    within(Duration::from_secs(20), || {
+        let got = lab.short("h3", &c3, &["+search", &c2, "A"]);
+        (got == [v4(&ip2)]).then_some(()).ok_or(format!("{got:?}"))
+    });
+
+    // A service with a VIP and two producers (on h2 and h3) with a target port.
+    lab.etcd(
+        "/ferrynet/v1/services/web",
+        Some(&serde_json::json!({
+            "name": "web", "ports": [{"name": "http", "port": 80, "protocol": "tcp"}],
+            "vips": ["10.96.0.10"], "networks": []
+        })),
+    );
+    for (id, host, ips) in [("p2", "h2", &ip2), ("p3", "h3", &ip3)] {
+        lab.etcd(
+            &format!("/ferrynet/v1/producers/web/{id}"),
+            Some(&serde_json::json!({
+                "service": "web", "id": id, "host": host, "network": "fabric",
+                "addrs": ips, "ports": {"80": 8080}
+            })),
+        );
+    }
+    let mut producers = vec![v4(&ip2), v4(&ip3)];
+    producers.sort();
+    for (host, c) in [("h1", &c1), ("h3", &c3)] {
+        within(Duration::from_secs(20), || {
+            let got = lab.short(host, c, &["+search", "web", "A"]);
+            (got == ["10.96.0.10"])
+                .then_some(())
+                .ok_or(format!("{host}: {got:?}"))
+        });
+        assert_eq!(
+            lab.short(host, c, &[&format!("tasks.web.{zone}"), "A"]),
+            producers
+        );
+        let srv = lab.short(host, c, &[&format!("_http._tcp.web.{zone}"), "SRV"]);
+        assert_eq!(
+            srv,
+            [
+                format!("0 10 8080 p2.tasks.web.{zone}."),
+                format!("0 10 8080 p3.tasks.web.{zone}.")
+            ],
+            "{host}"
+        );
+        assert_eq!(
+            lab.short(host, c, &[&format!("p3.tasks.web.{zone}"), "AAAA"]),
+            [v6(&ip3)]
+        );
+    }
+
+    // A producer that leaves the registry leaves DNS.
+    lab.etcd("/ferrynet/v1/producers/web/p2", None);
+    within(Duration::from_secs(20), || {
+        let got = lab.short("h1", &c1, &[&format!("tasks.web.{zone}"), "A"]);
+        (got == [v4(&ip3)]).then_some(()).ok_or(format!("{got:?}"))
+    });
+}
+
+#[test]
+fn cni_containers_get_the_resolver_and_their_names() {
+    let h = Host::new();
+    let t = common::tag();
+    let net = format!("dnc{t}");
+    let mut conf = h.lab.conf(&net, "10.65.0.0/24", Some("fd65::/64"));
+    conf["args"] = serde_json::json!({"ferrynet": {"name": "Web", "aliases": ["www"]}});
+    let ns1 = Ns::new("c");
+    let r1 = h.lab.add(&conf, "cid1", &ns1, "eth0");
+    let search = format!("{net}.ferrynet.internal");
+    assert_eq!(
+        r1["dns"]["nameservers"],
+        serde_json::json!(["10.65.0.1", "fd65::1"]),
+        "{r1}"
+    );
+    assert_eq!(r1["dns"]["search"], serde_json::json!([search]), "{r1}");
+    let ip1 = common::first_v4(&r1);
+
+    // A Kubernetes runtime's pod name names the second container.
+    let plain = h.lab.conf(&net, "10.65.0.0/24", Some("fd65::/64"));
+    let ns2 = Ns::new("c");
+    let add = h.lab.cni(
+        "ADD",
+        &plain,
+        &[
+            ("CNI_CONTAINERID", "cid2"),
+            ("CNI_NETNS", &ns2.path()),
+            ("CNI_IFNAME", "eth0"),
+            (
+                "CNI_ARGS",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=pod2",
+            ),
+        ],
+    );
+    assert_eq!(add.code, 0, "{} {}", add.json, add.stderr);
+    let ip2 = common::first_v4(&add.json);
+
+    let dig = |ns: &Ns, name: &str| -> String {
+        let o = ns.run(&[
+            "dig",
+            "+short",
+            "+tries=1",
+            "+time=8",
+            "@10.65.0.1",
+            name,
+            "A",
+        ]);
+        text(&o).trim().to_string()
+    };
+    within(Duration::from_secs(20), || {
+        let got = dig(&ns2, &format!("web.{search}"));
+        (got == ip1)
+            .then_some(())
+            .ok_or(format!("{got:?}\n{}", h.agent_log()))
+    });
+    assert_eq!(dig(&ns2, &format!("www.{search}")), ip1);
+    within(Duration::from_secs(20), || {
+        let got = dig(&ns1, &format!("pod2.{search}"));
+        (got == ip2).then_some(()).ok_or(got)
+    });
+    for (id, ns) in [("cid1", &ns1), ("cid2", &ns2)] {
+        let c = h.lab.del(&plain, id, Some(ns), "eth0");
+        assert_eq!(c.code, 0, "DEL {id}: {}", c.stderr);
+    }
+}
