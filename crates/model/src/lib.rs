@@ -5,6 +5,7 @@ pub mod edge;
 pub mod fabric;
 pub mod host;
 pub mod ipam;
+pub mod lb;
 pub mod names;
 pub mod network;
 pub mod portmap;

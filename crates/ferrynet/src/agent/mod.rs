@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod discovery;
+pub mod lb;
 pub mod reconcile;
 pub mod register;
 pub mod status;
@@ -112,7 +113,13 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     let disc_task = tokio::spawn(discovery::follow(ctl.store.clone(), disc_tx));
     // The host's current lease, for keys that must vanish with the host (health records).
     let (lease_tx, lease_rx) = tokio::sync::watch::channel(None);
-    let _discovery = (disc_rx, lease_rx);
+    let _discovery = (disc_rx.clone(), lease_rx);
+    let lb_task = tokio::spawn(lb::run(
+        ctl.nft.clone(),
+        disc_rx.clone(),
+        ctl.host.clone(),
+        status.clone(),
+    ));
     let reg_task = tokio::spawn(register::keep_registered(
         ctl.store.clone(),
         record,
@@ -148,6 +155,8 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     api_task.abort();
     reg_task.abort();
     disc_task.abort();
+    // The load balancer's table stays: restarts must not drop traffic.
+    lb_task.abort();
     let _ = std::fs::remove_file(&sock);
     if let (Some(t), Some(path)) = (docker_task, &opts.docker_socket) {
         t.abort();
