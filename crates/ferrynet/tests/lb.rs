@@ -541,29 +541,24 @@ fn vip_spreads_evenly_from_containers_and_hosts_with_affinity_and_ipv6() {
 }
 
 /// A client that connects to `addr`:80 until it reaches producer `want`, then sends a line
-/// every 50 ms for `secs` and checks the echo; prints `connected`, then `ok N`; exits
-/// non-zero on any error.
-fn long_lived(ns: &str, addr: &str, want: &str, secs: u32) -> Child {
+/// every 50 ms and checks the echo until its stdin closes; prints `connected`, then `ok N`;
+/// exits non-zero on any error.
+fn long_lived(ns: &str, addr: &str, want: &str) -> Child {
     let code = format!(
-        "import socket,time,sys\n\
+        "import socket,time,sys,select\n\
          for i in range(2000):\n  \
          s=socket.create_connection(('{addr}',80),timeout=5);f=s.makefile('rb')\n  \
          if f.readline().split()[0]==b'{want}': break\n  s.close()\n\
          else:\n  sys.exit('never reached {want}')\n\
          print('connected',flush=True)\n\
-         end=time.time()+{secs};n=0\n\
-         while time.time()<end:\n  s.sendall(b'x'*16+b'\\n');l=f.readline()\n  \
+         n=0\n\
+         while not select.select([sys.stdin],[],[],0)[0]:\n  s.sendall(b'x'*16+b'\\n');l=f.readline()\n  \
          assert l==b'x'*16+b'\\n',('bad echo',l)\n  n+=1;time.sleep(0.05)\n\
          print('ok',n,flush=True)\n"
     );
     let mut child = Command::new("nsenter")
-        .args([
-            &format!("--net=/run/netns/{ns}"),
-            "python3",
-            "-u",
-            "-c",
-            &code,
-        ])
+        .args([&format!("--net=/run/netns/{ns}"), "python3", "-u", "-c", &code])
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -576,9 +571,16 @@ fn long_lived(ns: &str, addr: &str, want: &str, secs: u32) -> Child {
     child
 }
 
-fn finished_ok(c: Child, what: &str) {
+/// Close the client's stdin (it stops) and check that it never failed.
+fn finished_ok(mut c: Child, what: &str) {
+    drop(c.stdin.take());
     let o = c.wait_with_output().unwrap();
     assert!(o.status.success(), "{what} broke: {}", out(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("ok "),
+        "{what}: {}",
+        out(&o)
+    );
 }
 
 #[test]
@@ -595,8 +597,8 @@ fn producer_changes_keep_established_connections_and_no_producers_refuse() {
     converge(&lab.name, &client.netns(), VIP4, 80, "web", all_three);
 
     // Long-lived connections to p3 (about to be removed) and to p1 (staying).
-    let to_p3 = long_lived(&client.netns(), VIP4, "p3", 12);
-    let to_p1 = long_lived(&client.netns(), VIP4, "p1", 12);
+    let to_p3 = long_lived(&client.netns(), VIP4, "p3");
+    let to_p1 = long_lived(&client.netns(), VIP4, "p1");
 
     // The agent on h1 restarts meanwhile: the table stays, nothing is dropped.
     let lab_cmd = |args: &[&str]| {
