@@ -9,10 +9,6 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use ferrynet_model::portmap::Protocol;
-use ferrynet_model::service::{
-    keys, CheckKind, HealthCheck, HealthRecord, IngressPort, Producer, Service, ServicePort,
-};
 use serde_json::Value;
 
 fn bin() -> &'static str {
@@ -29,7 +25,6 @@ fn out(o: &Output) -> String {
 
 const VIP4: &str = "10.96.0.10";
 const VIP6: &str = "fd00:96::10";
-const ETCD: &str = "etcd://172.31.0.253:2379";
 
 /// A lab with an "outside" namespace on its underlay, removed on drop.
 struct Lab {
@@ -260,95 +255,48 @@ impl Drop for Lab {
     }
 }
 
-/// Run `f` against the lab's etcd from inside host h1's namespace (the lab's store is only
-/// reachable there).
-fn with_store<T: Send + 'static>(
-    lab: &Lab,
-    f: impl FnOnce(std::sync::Arc<dyn ferrynet_store::Store>) -> futures::future::BoxFuture<'static, T>
-        + Send
-        + 'static,
-) -> T {
-    let ns = format!("/run/netns/{}", lab.host_ns("h1"));
-    std::thread::spawn(move || {
-        let fd = std::fs::File::open(&ns).expect("host netns");
-        nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let cfg = ferrynet_store::StoreConfig::parse(ETCD).expect("store url");
-            let store = ferrynet_store::open(&cfg).await.expect("open etcd");
-            f(store).await
-        })
-    })
-    .join()
-    .expect("store thread")
+/// A service's registration on the command line.
+struct Svc<'a> {
+    name: &'a str,
+    vips: &'a [&'a str],
+    affinity: bool,
+    ingress: Option<&'a str>,
 }
 
-fn put_json<T: serde::Serialize>(lab: &Lab, key: String, v: &T) {
-    let value = serde_json::to_vec(v).unwrap();
-    with_store(lab, move |s| {
-        Box::pin(async move {
-            s.put(&key, value).await.expect("put");
-        })
-    });
-}
-
-fn delete_key(lab: &Lab, key: String) {
-    with_store(lab, move |s| {
-        Box::pin(async move {
-            s.delete(&key).await.expect("delete");
-        })
-    });
-}
-
-fn service(name: &str, vips: &[&str], affinity: bool, ingress: Option<u16>) -> Service {
-    Service {
-        name: name.into(),
-        ports: vec![ServicePort {
-            name: "http".into(),
-            port: 80,
-            protocol: Protocol::Tcp,
-        }],
-        vips: vips.iter().map(|v| v.parse().unwrap()).collect(),
-        networks: vec![],
-        ingress: ingress
-            .map(|p| IngressPort {
-                published: p,
-                target: 80,
-                protocol: Protocol::Tcp,
-            })
-            .into_iter()
-            .collect(),
-        affinity,
-        check: None,
+impl Svc<'_> {
+    /// `ferrynet service register` one producer (container `c`, id `id`, port 80 -> 8080);
+    /// `extra` adds flags (a check).
+    fn register(&self, lab: &Lab, c: &Container, id: &str, extra: &[&str]) {
+        let mut args = vec!["service", "register", self.name, "--port", "http=80"];
+        for v in self.vips {
+            args.extend_from_slice(&["--vip", v]);
+        }
+        if self.affinity {
+            args.push("--affinity");
+        }
+        if let Some(i) = self.ingress {
+            args.extend_from_slice(&["--ingress", i]);
+        }
+        args.extend_from_slice(&[
+            "--addr", &c.v4, "--addr", &c.v6, "--id", id, "--target", "80:8080",
+        ]);
+        args.extend_from_slice(extra);
+        let o = lab.exec(&c.host, &args);
+        assert!(o.status.success(), "register {id}: {}", out(&o));
+    }
+    /// Register the three producers p1..p3.
+    fn register_all(&self, lab: &Lab, ps: &[Container]) {
+        for (i, c) in ps.iter().enumerate() {
+            self.register(lab, c, &format!("p{}", i + 1), &[]);
+        }
     }
 }
 
-fn producer_record(svc: &str, c: &Container, id: &str) -> Producer {
-    Producer {
-        service: svc.into(),
-        id: id.into(),
-        host: Some(c.host.clone()),
-        network: Some("fabric".into()),
-        container: Some(c.name.clone()),
-        netns: Some(format!("/run/netns/{}", c.netns())),
-        addrs: vec![c.v4.parse().unwrap(), c.v6.parse().unwrap()],
-        ports: [(80, 8080)].into(),
-        check: None,
-    }
-}
-
-fn register(lab: &Lab, svc: &Service, producers: &[(&Container, &str)]) {
-    put_json(lab, keys::service(&svc.name), svc);
-    for (c, id) in producers {
-        put_json(
-            lab,
-            keys::producer(&svc.name, id),
-            &producer_record(&svc.name, c, id),
-        );
-    }
+fn deregister(lab: &Lab, args: &[&str]) {
+    let mut a = vec!["service", "deregister"];
+    a.extend_from_slice(args);
+    let o = lab.exec("h1", &a);
+    assert!(o.status.success(), "deregister {args:?}: {}", out(&o));
 }
 
 /// Run the client in the namespace `ns` (a container's or a lab host's).
@@ -444,12 +392,13 @@ fn vip_spreads_evenly_from_containers_and_hosts_with_affinity_and_ipv6() {
     let mut lab = Lab::up("lbvip");
     let ps = three_producers(&mut lab);
     let client = lab.run("h1", "cl", &["sleep", "infinity"]);
-    let web = service("web", &[VIP4, VIP6], false, None);
-    register(
-        &lab,
-        &web,
-        &[(&ps[0], "p1"), (&ps[1], "p2"), (&ps[2], "p3")],
-    );
+    let web = Svc {
+        name: "web",
+        vips: &[VIP4, VIP6],
+        affinity: false,
+        ingress: None,
+    };
+    web.register_all(&lab, &ps);
     converge(
         &lab.name,
         &client.netns(),
@@ -496,12 +445,13 @@ fn vip_spreads_evenly_from_containers_and_hosts_with_affinity_and_ipv6() {
     );
 
     // Client-IP affinity: every connection of one client lands on one producer.
-    let sticky = service("sticky", &["10.96.0.11", "fd00:96::11"], true, None);
-    register(
-        &lab,
-        &sticky,
-        &[(&ps[0], "p1"), (&ps[1], "p2"), (&ps[2], "p3")],
-    );
+    let sticky = Svc {
+        name: "sticky",
+        vips: &["10.96.0.11", "fd00:96::11"],
+        affinity: true,
+        ingress: None,
+    };
+    sticky.register_all(&lab, &ps);
     let t = converge(
         &lab.name,
         &client.netns(),
@@ -557,7 +507,13 @@ fn long_lived(ns: &str, addr: &str, want: &str) -> Child {
          print('ok',n,flush=True)\n"
     );
     let mut child = Command::new("nsenter")
-        .args([&format!("--net=/run/netns/{ns}"), "python3", "-u", "-c", &code])
+        .args([
+            &format!("--net=/run/netns/{ns}"),
+            "python3",
+            "-u",
+            "-c",
+            &code,
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -588,12 +544,13 @@ fn producer_changes_keep_established_connections_and_no_producers_refuse() {
     let mut lab = Lab::up("lbchurn");
     let ps = three_producers(&mut lab);
     let client = lab.run("h1", "cl", &["sleep", "infinity"]);
-    let web = service("web", &[VIP4, VIP6], false, None);
-    register(
-        &lab,
-        &web,
-        &[(&ps[0], "p1"), (&ps[1], "p2"), (&ps[2], "p3")],
-    );
+    let web = Svc {
+        name: "web",
+        vips: &[VIP4, VIP6],
+        affinity: false,
+        ingress: None,
+    };
+    web.register_all(&lab, &ps);
     converge(&lab.name, &client.netns(), VIP4, 80, "web", all_three);
 
     // Long-lived connections to p3 (about to be removed) and to p1 (staying).
@@ -614,7 +571,7 @@ fn producer_changes_keep_established_connections_and_no_producers_refuse() {
     lab_cmd(&["start-agent", "h1"]);
 
     // p3 leaves (its container keeps running): new connections avoid it.
-    delete_key(&lab, keys::producer("web", "p3"));
+    deregister(&lab, &["web", "--id", "p3"]);
     converge(&lab.name, &client.netns(), VIP4, 80, "p3 removed", |t| {
         t.nerrors == 0 && !t.counts.contains_key("p3")
     });
@@ -625,20 +582,12 @@ fn producer_changes_keep_established_connections_and_no_producers_refuse() {
     );
 
     // p2 fails its health check: it leaves the LB too.
-    let mut p2 = producer_record("web", &ps[1], "p2");
-    p2.check = Some(HealthCheck::new(CheckKind::Exec {
-        command: vec!["false".into()],
-    }));
-    put_json(&lab, keys::producer("web", "p2"), &p2);
-    put_json(
+    // p2 fails its health check (run by h2's agent in p2's namespace): it leaves the LB.
+    web.register(
         &lab,
-        keys::health("web", "p2"),
-        &HealthRecord {
-            healthy: false,
-            host: "h2".into(),
-            since_ms: 0,
-            output: "exit status 1".into(),
-        },
+        &ps[1],
+        "p2",
+        &["--check", "exec:false", "--interval", "300ms"],
     );
     converge(&lab.name, &client.netns(), VIP4, 80, "p2 unhealthy", |t| {
         t.nerrors == 0 && t.counts.keys().collect::<Vec<_>>() == ["p1"]
@@ -667,7 +616,7 @@ fn producer_changes_keep_established_connections_and_no_producers_refuse() {
     });
 
     // No producers left: connections are refused (a reset), not left hanging.
-    delete_key(&lab, keys::producer("web", "p1"));
+    deregister(&lab, &["web", "--id", "p1"]);
     let t = converge(&lab.name, &client.netns(), VIP4, 80, "no producers", |t| {
         t.counts.is_empty()
     });
@@ -693,12 +642,13 @@ fn ingress_answers_on_every_host_from_outside() {
     let mut lab = Lab::up("lbingr");
     let ps = three_producers(&mut lab);
     let out_ns = lab.outside();
-    let web = service("web", &[VIP4], false, Some(8088));
-    register(
-        &lab,
-        &web,
-        &[(&ps[0], "p1"), (&ps[1], "p2"), (&ps[2], "p3")],
-    );
+    let web = Svc {
+        name: "web",
+        vips: &[VIP4],
+        affinity: false,
+        ingress: Some("8088:80"),
+    };
+    web.register_all(&lab, &ps);
     for (i, h) in ["h1", "h2", "h3"].iter().enumerate() {
         let addr = format!("172.31.0.{}", i + 1);
         let local = format!("p{}", i + 1);
@@ -737,7 +687,7 @@ fn ingress_answers_on_every_host_from_outside() {
         );
     }
     // Removing the service closes the port everywhere.
-    delete_key(&lab, keys::service("web"));
+    deregister(&lab, &["web"]);
     converge(
         &lab.name,
         &out_ns,

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod discovery;
+pub mod health;
 pub mod lb;
 pub mod reconcile;
 pub mod register;
@@ -113,13 +114,20 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     let disc_task = tokio::spawn(discovery::follow(ctl.store.clone(), disc_tx));
     // The host's current lease, for keys that must vanish with the host (health records).
     let (lease_tx, lease_rx) = tokio::sync::watch::channel(None);
-    let _discovery = (disc_rx.clone(), lease_rx);
+    let health_task = tokio::spawn(health::run(
+        ctl.host.clone(),
+        ctl.store.clone(),
+        disc_rx.clone(),
+        lease_rx.clone(),
+        status.clone(),
+    ));
     let lb_task = tokio::spawn(lb::run(
         ctl.nft.clone(),
         disc_rx.clone(),
         ctl.host.clone(),
         status.clone(),
     ));
+    let _discovery = (disc_rx, lease_rx);
     let reg_task = tokio::spawn(register::keep_registered(
         ctl.store.clone(),
         record,
@@ -155,6 +163,7 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     api_task.abort();
     reg_task.abort();
     disc_task.abort();
+    health_task.abort();
     // The load balancer's table stays: restarts must not drop traffic.
     lb_task.abort();
     let _ = std::fs::remove_file(&sock);

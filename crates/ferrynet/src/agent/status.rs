@@ -37,6 +37,9 @@ pub struct AgentStatus {
     pub hosts: Vec<HostStatus>,
     /// Multi-host networks.
     pub networks: Vec<NetworkStatus>,
+    /// Health checks this agent runs, by `service/id`.
+    #[serde(default)]
+    pub health: std::collections::BTreeMap<String, super::health::HealthReport>,
     /// The load balancer (virtual IPs and ingress).
     #[serde(default)]
     pub lb: LbStatus,
