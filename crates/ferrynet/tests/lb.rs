@@ -649,6 +649,23 @@ fn ingress_answers_on_every_host_from_outside() {
         ingress: Some("8088:80"),
     };
     web.register_all(&lab, &ps);
+    // Every host drops forwarded traffic by default, as Docker makes it; ferrynet's own
+    // iptables accepts (fn-* interfaces, marked ingress connections) must carry everything.
+    for h in ["h1", "h2", "h3"] {
+        for tool in ["iptables", "ip6tables"] {
+            let o = Command::new("nsenter")
+                .args([
+                    &format!("--net=/run/netns/{}", lab.host_ns(h)),
+                    tool,
+                    "-P",
+                    "FORWARD",
+                    "DROP",
+                ])
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{tool} on {h}: {}", out(&o));
+        }
+    }
     for (i, h) in ["h1", "h2", "h3"].iter().enumerate() {
         let addr = format!("172.31.0.{}", i + 1);
         let local = format!("p{}", i + 1);

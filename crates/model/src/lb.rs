@@ -393,8 +393,10 @@ fn skeleton(b: &mut String) {
         format!("add chain {T} noprod"),
         format!("add rule {T} vip ip daddr . meta l4proto . th dport vmap @vips4"),
         format!("add rule {T} vip ip6 daddr . meta l4proto . th dport vmap @vips6"),
-        format!("add rule {T} ingress meta nfproto ipv4 meta l4proto . th dport @ingress4 meta mark set meta mark | {m:#x}"),
-        format!("add rule {T} ingress meta nfproto ipv6 meta l4proto . th dport @ingress6 meta mark set meta mark | {m:#x}"),
+        // The packet mark picks masquerade in postrouting; the connection mark lets iptables
+        // FORWARD (Docker's policy DROP) accept the connection both ways.
+        format!("add rule {T} ingress meta nfproto ipv4 meta l4proto . th dport @ingress4 meta mark set meta mark | {m:#x} ct mark set ct mark | {m:#x}"),
+        format!("add rule {T} ingress meta nfproto ipv6 meta l4proto . th dport @ingress6 meta mark set meta mark | {m:#x} ct mark set ct mark | {m:#x}"),
         format!("add rule {T} ingress meta nfproto ipv4 meta l4proto . th dport vmap @ingress4"),
         format!("add rule {T} ingress meta nfproto ipv6 meta l4proto . th dport vmap @ingress6"),
         format!("add rule {T} prerouting jump vip"),
