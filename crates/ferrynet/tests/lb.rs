@@ -692,6 +692,16 @@ fn ingress_answers_on_every_host_from_outside() {
                 );
             }
         }
+        // The host itself, on its own address.
+        let t = converge(
+            &lab.name,
+            &lab.host_ns(h),
+            &addr,
+            8088,
+            &format!("ingress from {h} itself"),
+            all_three,
+        );
+        assert_eq!(t.nerrors, 0, "{t:?}");
         // IPv6 ingress on the host's underlay address.
         let addr6 = format!("fd31::{}", i + 1);
         converge(

@@ -216,6 +216,8 @@ pub fn desired(view: &DiscoveryView, host: &str) -> LbState {
             }
         }
     }
+    st.conflicts.sort();
+    st.conflicts.dedup();
     st
 }
 
@@ -402,9 +404,10 @@ fn skeleton(b: &mut String) {
         format!("add rule {T} prerouting jump vip"),
         format!("add rule {T} prerouting fib daddr type local jump ingress"),
         format!("add rule {T} output jump vip"),
-        // The host's own connections to its published ports, except over loopback (a DNAT to
-        // another host cannot leave with a loopback source).
-        format!("add rule {T} output fib daddr type local oifname != \"lo\" jump ingress"),
+        // The host's own connections to its published ports, except to loopback addresses (a
+        // DNAT to another host cannot leave with a loopback source).
+        format!("add rule {T} output meta nfproto ipv4 ip daddr != 127.0.0.0/8 fib daddr type local jump ingress"),
+        format!("add rule {T} output meta nfproto ipv6 ip6 daddr != ::1 fib daddr type local jump ingress"),
         // Return traffic of ingress connections sent to another host must come back through
         // this one; a producer on a local bridge (`fn-*`) sees the client's own address.
         format!("add rule {T} postrouting meta mark & {m:#x} != 0 oifname != \"fn-*\" masquerade"),
