@@ -444,7 +444,26 @@ fn vip_spreads_evenly_from_containers_and_hosts_with_affinity_and_ipv6() {
         all_three,
     );
 
-    // Client-IP affinity: every connection of one client lands on one producer.
+    // Client-IP affinity: every connection of one client lands on one producer. Adding the
+    // service leaves web's chain as it was (same rule handles: not rewritten).
+    let web_chain = || {
+        let o = Command::new("nsenter")
+            .args([
+                &format!("--net=/run/netns/{}", lab.host_ns("h1")),
+                "nft",
+                "-a",
+                "list",
+                "chain",
+                "inet",
+                "ferrynet-svc",
+                "svc-web-tcp-80-4",
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", out(&o));
+        out(&o)
+    };
+    let before = web_chain();
     let sticky = Svc {
         name: "sticky",
         vips: &["10.96.0.11", "fd00:96::11"],
@@ -463,6 +482,7 @@ fn vip_spreads_evenly_from_containers_and_hosts_with_affinity_and_ipv6() {
     let t2 = connect_from(&client.netns(), "10.96.0.11", 80, 200);
     assert_eq!(t2.nerrors, 0, "{t2:?}");
     assert_eq!(t.counts.len(), 1, "one client, one producer: {t:?}");
+    assert_eq!(web_chain(), before, "web's chain was rewritten");
     assert_eq!(
         t2.counts.keys().collect::<Vec<_>>(),
         t.counts.keys().collect::<Vec<_>>(),
