@@ -355,7 +355,7 @@ fn converge(
         if Instant::now() >= until {
             panic!(
                 "{what}: not converged after 30 s from {ns} to {addr}:{port}: {t:?}\n{}",
-                diagnose(&lab_name)
+                diagnose(lab_name)
             );
         }
         std::thread::sleep(Duration::from_millis(300));

@@ -716,7 +716,7 @@ mod tests {
             &nkeys::endpoint("fabric", "c", "eth0"),
             ep.to_string().as_bytes(),
         );
-        assert!(desired(&v, "h1").ingress.get(&k).is_none());
+        assert!(!desired(&v, "h1").ingress.contains_key(&k));
         assert!(desired(&v, "h2").ingress.contains_key(&k));
     }
 
