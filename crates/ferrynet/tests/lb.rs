@@ -508,6 +508,28 @@ fn vip_spreads_evenly_from_containers_and_hosts_with_affinity_and_ipv6() {
         assert_eq!(st["lb"]["chains"], 4, "{h}: {}", st["lb"]);
         assert!(st["lb"]["error"].is_null(), "{h}: {}", st["lb"]);
     }
+    let o = lab.exec("h2", &["status"]);
+    assert!(
+        out(&o).contains("load balancer: 4 service chains, 4 VIP ports"),
+        "{}",
+        out(&o)
+    );
+
+    // p3 moves: a new container on h1 takes over the producer id p3 (it answers "p3m"); the
+    // VIP reaches it, and no longer the old one.
+    let moved = lab.producer("h1", "p3m");
+    web.register(&lab, &moved, "p3", &[]);
+    converge(&lab.name, &client.netns(), VIP4, 80, "p3 moved", |t| {
+        t.nerrors == 0 && t.counts.contains_key("p3m") && !t.counts.contains_key("p3")
+    });
+    converge(
+        &lab.name,
+        &lab.host_ns("h3"),
+        VIP6,
+        80,
+        "p3 moved (IPv6, h3)",
+        |t| t.nerrors == 0 && t.counts.contains_key("p3m") && !t.counts.contains_key("p3"),
+    );
 }
 
 /// A client that connects to `addr`:80 until it reaches producer `want`, then sends a line
