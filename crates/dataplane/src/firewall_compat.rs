@@ -11,10 +11,17 @@ use std::process::Command;
 
 use crate::error::{DataplaneError, Result};
 
-/// The rules ensured in FORWARD: traffic in and out of `fn-*` interfaces.
-pub const RULES: [[&str; 4]; 2] = [
-    ["-i", "fn-+", "-j", "ACCEPT"],
-    ["-o", "fn-+", "-j", "ACCEPT"],
+/// The connection mark of ingress connections, as `VALUE/MASK` (see
+/// [`ferrynet_model::lb::INGRESS_MARK`]).
+const INGRESS_CONNMARK: &str = "0x400000/0x400000";
+
+/// The rules ensured in FORWARD: traffic in and out of `fn-*` interfaces, and ingress
+/// connections the load balancer forwards to another host (underlay to underlay or tunnel,
+/// both directions), which it marks in conntrack.
+pub const RULES: [&[&str]; 3] = [
+    &["-i", "fn-+", "-j", "ACCEPT"],
+    &["-o", "fn-+", "-j", "ACCEPT"],
+    &["-m", "connmark", "--mark", INGRESS_CONNMARK, "-j", "ACCEPT"],
 ];
 
 fn run(bin: &str, args: &[&str]) -> Option<bool> {
@@ -35,21 +42,21 @@ pub fn ensure_forward_accept() -> Result<()> {
     for bin in tools() {
         for rule in RULES {
             let mut check = vec!["-w", "5", "-C", "FORWARD"];
-            check.extend_from_slice(&rule);
+            check.extend_from_slice(rule);
             match run(bin, &check) {
                 None => break, // tool not installed
                 Some(true) => continue,
                 Some(false) => {}
             }
             let mut insert = vec!["-w", "5", "-I", "FORWARD", "1"];
-            insert.extend_from_slice(&rule);
+            insert.extend_from_slice(rule);
             if run(bin, &insert) != Some(true) {
                 return Err(DataplaneError::Conflict(format!(
                     "{bin} {} failed",
                     insert.join(" ")
                 )));
             }
-            tracing::info!("{bin}: accepting forwarded traffic {} {}", rule[0], rule[1]);
+            tracing::info!("{bin}: accepting forwarded traffic {}", rule.join(" "));
         }
     }
     Ok(())
@@ -60,9 +67,18 @@ pub fn remove_forward_accept() -> Result<()> {
     for bin in tools() {
         for rule in RULES {
             let mut del = vec!["-w", "5", "-D", "FORWARD"];
-            del.extend_from_slice(&rule);
+            del.extend_from_slice(rule);
             while run(bin, &del) == Some(true) {}
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ingress_connmark_is_the_load_balancers() {
+        let m = ferrynet_model::lb::INGRESS_MARK;
+        assert_eq!(super::INGRESS_CONNMARK, format!("{m:#x}/{m:#x}"));
+    }
 }

@@ -6,6 +6,7 @@ pub mod fabric;
 pub mod health;
 pub mod host;
 pub mod ipam;
+pub mod lb;
 pub mod names;
 pub mod network;
 pub mod portmap;

@@ -9,6 +9,7 @@ pub mod api;
 pub mod discovery;
 pub mod health;
 pub mod dns;
+pub mod lb;
 pub mod reconcile;
 pub mod register;
 pub mod status;
@@ -130,6 +131,12 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
         .dns
         .clone()
         .map(|d| tokio::spawn(dns::serve(ctl.host.clone(), d, disc_rx.clone())));
+    let lb_task = tokio::spawn(lb::run(
+        ctl.nft.clone(),
+        disc_rx.clone(),
+        ctl.host.clone(),
+        status.clone(),
+    ));
     let _discovery = (disc_rx, lease_rx);
     let reg_task = tokio::spawn(register::keep_registered(
         ctl.store.clone(),
@@ -170,6 +177,8 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     if let Some(t) = dns_task {
         t.abort();
     }
+    // The load balancer's table stays: restarts must not drop traffic.
+    lb_task.abort();
     let _ = std::fs::remove_file(&sock);
     if let (Some(t), Some(path)) = (docker_task, &opts.docker_socket) {
         t.abort();

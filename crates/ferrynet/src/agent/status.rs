@@ -40,6 +40,36 @@ pub struct AgentStatus {
     /// Health checks this agent runs, by `service/id`.
     #[serde(default)]
     pub health: std::collections::BTreeMap<String, super::health::HealthReport>,
+    /// The load balancer (virtual IPs and ingress).
+    #[serde(default)]
+    pub lb: LbStatus,
+}
+
+/// What the load balancer has programmed (table `inet ferrynet-svc`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LbStatus {
+    /// Service-port chains programmed (one per service port and family with producers).
+    pub chains: usize,
+    /// VIP ports served (with or without producers).
+    pub vip_ports: usize,
+    /// Ingress ports served.
+    pub ingress_ports: usize,
+    /// Transactions applied since start.
+    pub applies: u64,
+    /// Whole-table rebuilds among them (start, table found missing, after an error).
+    pub rebuilds: u64,
+    /// Unix time (ms) of the last transaction.
+    pub last_apply_ms: u64,
+    /// How long it took, in milliseconds.
+    pub last_apply_took_ms: f64,
+    /// Discovery view revision last programmed.
+    pub revision: u64,
+    /// Ingress ports not served here, and why.
+    pub conflicts: Vec<String>,
+    /// The last error (cleared by the next successful transaction).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A host as this agent sees it.

@@ -46,6 +46,17 @@ pub async fn show(paths: &Paths, json: bool) -> anyhow::Result<()> {
     for e in &s.errors {
         println!("  error: {e}");
     }
+    let lb = &s.lb;
+    println!(
+        "load balancer: {} service chains, {} VIP ports, {} ingress ports; {} transactions ({} rebuilds), last {:.1} ms",
+        lb.chains, lb.vip_ports, lb.ingress_ports, lb.applies, lb.rebuilds, lb.last_apply_took_ms
+    );
+    if let Some(e) = &lb.error {
+        println!("  error: {e}");
+    }
+    for c in &lb.conflicts {
+        println!("  not served: {c}");
+    }
     println!();
     let mut t = Table::new(&["HOST", "UNDERLAY", "STATE"]);
     for h in &s.hosts {
