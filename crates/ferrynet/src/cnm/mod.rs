@@ -14,6 +14,7 @@ pub mod protocol;
 pub mod records;
 pub mod server;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -33,6 +34,10 @@ pub struct Plugin {
     pub ctl: Arc<Control>,
     /// Held while a handler reads and rewrites pool, binding and endpoint records.
     pub(crate) lock: tokio::sync::Mutex<()>,
+    /// Docker network id → its binding, as read from the store. A binding never changes while
+    /// it exists and only this driver's `DeleteNetwork` removes it, so entries stay true until
+    /// then; it saves a store read in every endpoint call.
+    pub(crate) bindings: std::sync::Mutex<HashMap<String, records::DockerNetwork>>,
 }
 
 impl Plugin {
@@ -41,6 +46,7 @@ impl Plugin {
         Plugin {
             ctl,
             lock: tokio::sync::Mutex::new(()),
+            bindings: std::sync::Mutex::new(HashMap::new()),
         }
     }
 }

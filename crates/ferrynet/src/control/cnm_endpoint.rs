@@ -90,7 +90,11 @@ impl Control {
         for _ in 0..MAX_ATTEMPTS {
             let held = self.held_addresses(&net.name).await?;
             let used: BTreeSet<IpAddr> = held.keys().copied().collect();
-            let last = self.last_allocated(&net.name).await?;
+            // The rotation hint only steers automatic picks.
+            let last = match requested {
+                Some(_) => BTreeMap::new(),
+                None => self.last_allocated(&net.name).await?,
+            };
             let wanted: Vec<IpAddr> = requested.into_iter().collect();
             let ips = plan_allocation(std::slice::from_ref(&subnet), &used, &wanted, &|c| {
                 last.get(&c.to_string()).copied()
