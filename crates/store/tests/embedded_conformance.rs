@@ -239,7 +239,10 @@ async fn reads_leave_the_file_untouched() {
         assert_eq!(rev, store.revision().await.unwrap());
     }
     assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), mtime);
-    assert!(std::fs::read(&path).unwrap() == before, "a read changed the file");
+    assert!(
+        std::fs::read(&path).unwrap() == before,
+        "a read changed the file"
+    );
 
     // A short lease that has run out: the next read must sweep it (a write) and not see its key.
     let short = store.grant_lease(Duration::from_millis(300)).await.unwrap();

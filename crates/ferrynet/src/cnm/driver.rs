@@ -100,14 +100,11 @@ impl Plugin {
     /// The ferrynet network behind a Docker network id.
     async fn bound(&self, docker_id: &str) -> Result<(DockerNetwork, Network)> {
         need("NetworkID", docker_id)?;
-        let b = self
-            .binding(docker_id)
-            .await?
-            .ok_or_else(|| {
-                CnmError::NotFound(format!(
-                    "Docker network {docker_id} is not a ferrynet network"
-                ))
-            })?;
+        let b = self.binding(docker_id).await?.ok_or_else(|| {
+            CnmError::NotFound(format!(
+                "Docker network {docker_id} is not a ferrynet network"
+            ))
+        })?;
         let (net, _) = self.ctl.network(&b.name).await?.ok_or_else(|| {
             CnmError::NotFound(format!(
                 "ferrynet network {} of Docker network {docker_id} no longer exists",
@@ -485,6 +482,14 @@ impl Plugin {
                     resp.gateway_ipv6 = s.gateway.to_string();
                 }
             }
+        }
+        if let Some(namer) = &self.namer {
+            // Gone only when the server stops; then nobody needs the name.
+            let _ = namer.send(super::names::NameJob {
+                docker_network: req.network_id.clone(),
+                endpoint_id: ep.container_id.clone(),
+                network: net.name.clone(),
+            });
         }
         tracing::info!(endpoint = %ep.container_id, network = %net.name, veth = %pair.host_name, "Docker endpoint joined");
         Ok(resp)

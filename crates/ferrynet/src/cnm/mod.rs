@@ -9,6 +9,7 @@
 pub mod driver;
 pub mod error;
 pub mod ipam;
+pub mod names;
 pub mod options;
 pub mod protocol;
 pub mod records;
@@ -38,6 +39,9 @@ pub struct Plugin {
     /// it exists and only this driver's `DeleteNetwork` removes it, so entries stay true until
     /// then; it saves a store read in every endpoint call.
     pub(crate) bindings: std::sync::Mutex<HashMap<String, records::DockerNetwork>>,
+    /// Joined endpoints go here to get their container's name from the Engine API (None: no
+    /// naming, e.g. no Engine API socket).
+    pub(crate) namer: Option<tokio::sync::mpsc::UnboundedSender<names::NameJob>>,
 }
 
 impl Plugin {
@@ -47,6 +51,7 @@ impl Plugin {
             ctl,
             lock: tokio::sync::Mutex::new(()),
             bindings: std::sync::Mutex::new(HashMap::new()),
+            namer: None,
         }
     }
 }
@@ -58,7 +63,23 @@ pub async fn serve(
     listener: UnixListener,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    server::run(Arc::new(Plugin::new(control)), listener, shutdown).await
+    let mut plugin = Plugin::new(control);
+    let api = names::docker_api_socket();
+    let jobs = if api.exists() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        plugin.namer = Some(tx);
+        Some(rx)
+    } else {
+        tracing::warn!(api = %api.display(), "no Docker Engine API socket: Docker endpoints get no container names");
+        None
+    };
+    let plugin = Arc::new(plugin);
+    let namer = jobs.map(|rx| tokio::spawn(names::run(plugin.clone(), api, rx)));
+    let served = server::run(plugin, listener, shutdown).await;
+    if let Some(t) = namer {
+        t.abort();
+    }
+    served
 }
 
 /// Arguments of `ferrynet docker-plugin`.
