@@ -546,19 +546,19 @@ impl Plugin {
         // Ports this endpoint already holds are not a conflict (a repeated call).
         let ep_key =
             ferrynet_model::network::keys::endpoint(&ep.network, &ep.container_id, &ep.ifname);
-        let held: Vec<_> = ctl
-            .held_ports()
-            .await?
-            .into_iter()
-            .filter(|h| h.owner != ep_key)
-            .collect();
+        // One read of every claimed port serves both the picks and the conflict check.
+        let all = ctl.held_ports().await?;
+        let held: Vec<_> = all.iter().filter(|h| h.owner != ep_key).cloned().collect();
         let mappings = resolve_bindings(&bindings, &held)?;
-        let done = ctl.claim_ports(&ep, mappings).await.map_err(|e| match e {
-            ControlError::InvalidConfig(m) if m.contains("already publishes") => {
-                CnmError::Invalid(format!("{m} (RevokeExternalConnectivity first)"))
-            }
-            other => other.into(),
-        })?;
+        let done = ctl
+            .claim_ports(&ep, mappings, Some(all))
+            .await
+            .map_err(|e| match e {
+                ControlError::InvalidConfig(m) if m.contains("already publishes") => {
+                    CnmError::Invalid(format!("{m} (RevokeExternalConnectivity first)"))
+                }
+                other => other.into(),
+            })?;
         tracing::info!(endpoint = %ep.container_id, ports = ?done.port_mappings, "ports published");
         Ok(Empty {})
     }
