@@ -167,9 +167,9 @@ impl Plugin {
     /// Record the name and aliases on the endpoint if it is still there; false if it is gone.
     async fn record_name(&self, job: &NameJob, found: &ContainerName) -> anyhow::Result<bool> {
         let key = keys::endpoint(&job.network, &job.endpoint_id, DOCKER_IFNAME);
-        // Under the handlers' lock, and only over the revision read: a port publish or a Leave
-        // rewriting the record meanwhile is never undone.
-        let _g = self.lock.lock().await;
+        // Only over the revision read, so a port publish or a Leave rewriting the record
+        // meanwhile is never undone; not under the handlers' lock, so Docker's calls for the
+        // next containers do not wait for this write.
         for _ in 0..16 {
             let Some(kv) = self.ctl.store.get(&key).await? else {
                 return Ok(false);
