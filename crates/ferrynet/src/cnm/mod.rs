@@ -64,21 +64,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let mut plugin = Plugin::new(control);
-    let api = names::docker_api_socket();
-    let jobs = if api.exists() {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        plugin.namer = Some(tx);
-        Some(rx)
-    } else {
-        tracing::warn!(api = %api.display(), "no Docker Engine API socket: Docker endpoints get no container names");
-        None
-    };
+    // Always on: only Docker calls Join, so its API is normally there; when it is not where
+    // expected, each join logs why its endpoint stays unnamed.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    plugin.namer = Some(tx);
     let plugin = Arc::new(plugin);
-    let namer = jobs.map(|rx| tokio::spawn(names::run(plugin.clone(), api, rx)));
+    let namer = tokio::spawn(names::run(plugin.clone(), names::docker_api_socket(), rx));
     let served = server::run(plugin, listener, shutdown).await;
-    if let Some(t) = namer {
-        t.abort();
-    }
+    namer.abort();
     served
 }
 

@@ -36,6 +36,8 @@ const FIRST_LOOK: Duration = Duration::from_millis(500);
 const RETRY: Duration = Duration::from_millis(250);
 /// Largest Engine API answer read.
 const MAX_ANSWER: usize = 8 << 20;
+/// Longest one Engine API request may take (a hung daemon must not hold a task forever).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A joined endpoint to name.
 #[derive(Debug, Clone)]
@@ -112,6 +114,14 @@ pub fn name_of_container(container: &Value, endpoint_id: &str) -> Option<Contain
 
 /// One `GET` of the Engine API over its unix socket: the JSON answer, None for a 404.
 async fn get_json(socket: &Path, path: &str) -> anyhow::Result<Option<Value>> {
+    tokio::time::timeout(REQUEST_TIMEOUT, get_json_once(socket, path))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!("GET {path} on the Docker API: no answer within {REQUEST_TIMEOUT:?}")
+        })?
+}
+
+async fn get_json_once(socket: &Path, path: &str) -> anyhow::Result<Option<Value>> {
     let stream = tokio::net::UnixStream::connect(socket)
         .await
         .with_context(|| format!("connecting to the Docker API at {}", socket.display()))?;
