@@ -205,6 +205,20 @@ impl Plugin {
         }
     }
 
+    /// The endpoint record of a Docker endpoint, as JSON.
+    fn docker_endpoint_record(&self, network: &str, endpoint_id: &str) -> Option<Value> {
+        let store = ferrynet_store::EmbeddedStore::open(self.state.path().join("store.redb"))
+            .expect("open the store");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let key = format!("/ferrynet/v1/endpoints/{network}/{endpoint_id}/docker");
+        let kv = rt
+            .block_on(ferrynet_store::Store::get(&store, &key))
+            .expect("read the store")?;
+        serde_json::from_slice(&kv.value).ok()
+    }
+
     /// Every key left in this plugin's store except the global publish sequence.
     fn store_keys(&self) -> Vec<String> {
         let store = ferrynet_store::EmbeddedStore::open(self.state.path().join("store.redb"))
@@ -1364,4 +1378,113 @@ fn agent_restart_keeps_docker_containers_talking() {
         agent.log_text()
     );
     assert!(gone, "the socket is removed on SIGTERM");
+}
+
+/// Docker never tells a network driver a container's name: the driver asks the Engine API after
+/// the Join and records name and network aliases on the endpoint, beside a CLI container's.
+#[test]
+fn docker_endpoints_carry_their_container_names() {
+    require_docker();
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let plugin = Plugin::start();
+    let mut made = Made::default();
+    let image = import_image(&mut made);
+    let d = plugin.driver.clone();
+    let net = format!("{d}-net");
+    let fname = format!("named{}", tag());
+    made.networks.push(net.clone());
+    docker_ok(&[
+        "network",
+        "create",
+        "-d",
+        &d,
+        "--ipam-driver",
+        &d,
+        "--subnet",
+        "10.231.9.0/24",
+        "-o",
+        &format!("ferrynet.network={fname}"),
+        &net,
+    ]);
+    let web = format!("{d}-web");
+    made.containers.push(web.clone());
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &web,
+        "--network",
+        &net,
+        "--network-alias",
+        "www",
+        "--network-alias",
+        "front",
+        &image,
+        "/bin/sleep",
+        "600",
+    ]);
+    let ep_id = docker_ok(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.EndpointID}}{{end}}",
+        &web,
+    ]);
+    let rec = eventually("the endpoint record to carry the container's name", || {
+        plugin
+            .docker_endpoint_record(&fname, &ep_id)
+            .filter(|r| r["name"].as_str().is_some())
+    });
+    assert_eq!(rec["name"].as_str(), Some(web.as_str()), "{rec}");
+    let aliases: Vec<&str> = rec["aliases"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        aliases.contains(&"www") && aliases.contains(&"front") && !aliases.contains(&web.as_str()),
+        "{rec}"
+    );
+    // The name was recorded over the record's other fields, not instead of them.
+    assert!(
+        rec["ips"].as_array().is_some_and(|a| !a.is_empty()),
+        "{rec}"
+    );
+    assert!(rec["hostVeth"].as_str().is_some(), "{rec}");
+
+    // A container without aliases: just its name.
+    let plain = format!("{d}-plain");
+    made.containers.push(plain.clone());
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &plain,
+        "--network",
+        &net,
+        &image,
+        "/bin/sleep",
+        "600",
+    ]);
+    let plain_ep = docker_ok(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.EndpointID}}{{end}}",
+        &plain,
+    ]);
+    let rec = eventually("the second endpoint's name", || {
+        plugin
+            .docker_endpoint_record(&fname, &plain_ep)
+            .filter(|r| r["name"].as_str().is_some())
+    });
+    assert_eq!(rec["name"].as_str(), Some(plain.as_str()), "{rec}");
+
+    for c in [&web, &plain] {
+        docker_ok(&["rm", "-f", c]);
+    }
+    made.containers.clear();
+    docker_ok(&["network", "rm", &net]);
+    made.networks.clear();
+    let keys = plugin.store_keys();
+    assert!(keys.is_empty(), "records left in the store: {keys:?}");
 }

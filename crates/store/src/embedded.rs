@@ -247,6 +247,9 @@ impl EmbeddedStore {
 
     /// A read; sweeps expired leases first (in a write transaction) only when one is due.
     fn read_blocking<T>(&self, f: impl Fn(&Reader) -> Result<T>) -> Result<T> {
+        if let Some(out) = self.read_only(&f)? {
+            return Ok(out);
+        }
         self.with_db(|db| {
             {
                 let txn = db.begin_read().map_err(db_err)?;
@@ -262,6 +265,38 @@ impl EmbeddedStore {
             let txn = db.begin_read().map_err(db_err)?;
             Ok((f(&Reader::open(&txn)?)?, hint))
         })
+    }
+
+    /// A read through a read-only open, under the lock: redb writes nothing and syncs nothing
+    /// then (a writable open marks the file dirty and syncs five times, even for a read). None
+    /// when a writer must go first: a lease is due for its sweep, or the last writer died and
+    /// left the file for a writable open to repair.
+    fn read_only<T>(&self, f: &impl Fn(&Reader) -> Result<T>) -> Result<Option<T>> {
+        let lock = self.lock()?;
+        let db = match redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .open_read_only(&self.inner.path)
+        {
+            Ok(db) => db,
+            Err(redb::DatabaseError::RepairAborted) => return Ok(None),
+            Err(e) => return Err(db_err(e)),
+        };
+        let out = (|| {
+            let txn = db.begin_read().map_err(db_err)?;
+            let reader = Reader::open(&txn)?;
+            if reader
+                .next_expiry()?
+                .is_some_and(|e| is_expired(e, now_ms()))
+            {
+                return Ok(None);
+            }
+            f(&reader).map(Some)
+        })();
+        let closed = db.close().map_err(db_err);
+        drop(lock);
+        let out = out?;
+        closed?;
+        Ok(out)
     }
 
     async fn blocking<T: Send + 'static>(

@@ -208,3 +208,60 @@ async fn next(
         .unwrap()
         .unwrap()
 }
+
+/// Reads open the file read-only: they leave it untouched (no dirty mark, no header rewrite, so
+/// no syncs), and still see what the last write committed; a due lease still gets swept.
+#[tokio::test]
+async fn reads_leave_the_file_untouched() {
+    let (dir, store) = fresh();
+    let path = dir.path().join("state/store.redb");
+    store.put("/r/a", b"1".to_vec()).await.unwrap();
+    let lease = store.grant_lease(Duration::from_secs(3600)).await.unwrap();
+    store
+        .txn(
+            vec![],
+            vec![Op::Put {
+                key: "/r/b".into(),
+                value: b"2".to_vec(),
+                lease: Some(lease),
+            }],
+        )
+        .await
+        .unwrap();
+    let before = std::fs::read(&path).unwrap();
+    let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    // Coarse file-system clocks: make a rewrite visible in the mtime.
+    std::thread::sleep(Duration::from_millis(20));
+    for _ in 0..3 {
+        assert_eq!(store.get("/r/a").await.unwrap().unwrap().value, b"1");
+        let (kvs, rev) = store.range("/r/").await.unwrap();
+        assert_eq!(kvs.len(), 2);
+        assert_eq!(rev, store.revision().await.unwrap());
+    }
+    assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), mtime);
+    assert!(
+        std::fs::read(&path).unwrap() == before,
+        "a read changed the file"
+    );
+
+    // A short lease that has run out: the next read must sweep it (a write) and not see its key.
+    let short = store.grant_lease(Duration::from_millis(300)).await.unwrap();
+    store
+        .txn(
+            vec![],
+            vec![Op::Put {
+                key: "/r/c".into(),
+                value: b"3".to_vec(),
+                lease: Some(short),
+            }],
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.range("/r/").await.unwrap().0.len(), 3);
+    std::thread::sleep(Duration::from_millis(400));
+    let (kvs, _) = store.range("/r/").await.unwrap();
+    assert_eq!(
+        kvs.iter().map(|kv| kv.key.as_str()).collect::<Vec<_>>(),
+        ["/r/a", "/r/b"]
+    );
+}

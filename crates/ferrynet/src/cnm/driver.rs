@@ -73,16 +73,38 @@ impl Plugin {
         }
     }
 
+    /// The binding of a Docker network id, from the cache or the store.
+    pub(crate) async fn binding(&self, docker_id: &str) -> Result<Option<DockerNetwork>> {
+        if let Some(b) = self.cached_binding(docker_id) {
+            return Ok(Some(b));
+        }
+        let b = records::docker_network(&self.ctl, docker_id).await?;
+        if let Some(b) = &b {
+            if let Ok(mut cache) = self.bindings.lock() {
+                cache.insert(docker_id.to_string(), b.clone());
+            }
+        }
+        Ok(b)
+    }
+
+    fn cached_binding(&self, docker_id: &str) -> Option<DockerNetwork> {
+        self.bindings.lock().ok()?.get(docker_id).cloned()
+    }
+
+    fn forget_binding(&self, docker_id: &str) {
+        if let Ok(mut cache) = self.bindings.lock() {
+            cache.remove(docker_id);
+        }
+    }
+
     /// The ferrynet network behind a Docker network id.
     async fn bound(&self, docker_id: &str) -> Result<(DockerNetwork, Network)> {
         need("NetworkID", docker_id)?;
-        let b = records::docker_network(&self.ctl, docker_id)
-            .await?
-            .ok_or_else(|| {
-                CnmError::NotFound(format!(
-                    "Docker network {docker_id} is not a ferrynet network"
-                ))
-            })?;
+        let b = self.binding(docker_id).await?.ok_or_else(|| {
+            CnmError::NotFound(format!(
+                "Docker network {docker_id} is not a ferrynet network"
+            ))
+        })?;
         let (net, _) = self.ctl.network(&b.name).await?.ok_or_else(|| {
             CnmError::NotFound(format!(
                 "ferrynet network {} of Docker network {docker_id} no longer exists",
@@ -107,7 +129,7 @@ impl Plugin {
         }
         let _g = self.lock.lock().await;
         let ctl = &self.ctl;
-        if let Some(b) = records::docker_network(ctl, &req.network_id).await? {
+        if let Some(b) = self.binding(&req.network_id).await? {
             tracing::info!(docker = %req.network_id, network = %b.name, "CreateNetwork repeated");
             return Ok(Empty {});
         }
@@ -214,6 +236,8 @@ impl Plugin {
         need("NetworkID", &req.network_id)?;
         let _g = self.lock.lock().await;
         let ctl = &self.ctl;
+        // Forgotten first: whatever happens below, the next call reads the store.
+        self.forget_binding(&req.network_id);
         let Some(b) = records::docker_network(ctl, &req.network_id).await? else {
             return Ok(Empty {});
         };
@@ -236,6 +260,8 @@ impl Plugin {
             }
         }
         ctl.store.delete(&network_key(&req.network_id)).await?;
+        // Again: a call that read the binding meanwhile may have cached it.
+        self.forget_binding(&req.network_id);
         tracing::info!(docker = %req.network_id, network = %b.name, "Docker network unbound");
         Ok(Empty {})
     }
@@ -351,12 +377,29 @@ impl Plugin {
 
     /// `NetworkDriver.EndpointOperInfo`: addresses, MAC, host link and published ports.
     pub async fn endpoint_info(&self, req: EndpointRequest) -> Result<EndpointInfoResponse> {
-        let (net, ep) = self
-            .docker_endpoint(&req.network_id, &req.endpoint_id)
-            .await?;
+        need("NetworkID", &req.network_id)?;
+        need("EndpointID", &req.endpoint_id)?;
+        // Docker asks twice per container: one read (the endpoint), the network's name from the
+        // binding.
+        let b = self.binding(&req.network_id).await?.ok_or_else(|| {
+            CnmError::NotFound(format!(
+                "Docker network {} is not a ferrynet network",
+                req.network_id
+            ))
+        })?;
+        let ep = self
+            .ctl
+            .endpoint(&b.name, &req.endpoint_id, DOCKER_IFNAME)
+            .await?
+            .ok_or_else(|| {
+                CnmError::NotFound(format!(
+                    "endpoint {} does not exist on ferrynet network {}",
+                    req.endpoint_id, b.name
+                ))
+            })?;
         let v4 = ep.ips.iter().map(|i| i.addr()).find(IpAddr::is_ipv4);
         let mut value = BTreeMap::new();
-        value.insert("ferrynet.network".into(), Value::String(net.name.clone()));
+        value.insert("ferrynet.network".into(), Value::String(b.name.clone()));
         value.insert(
             "ferrynet.addresses".into(),
             json!(ep.ips.iter().map(|i| i.to_string()).collect::<Vec<_>>()),
@@ -375,7 +418,7 @@ impl Plugin {
     /// what the endpoint holds. Unknown endpoints succeed.
     pub async fn delete_endpoint(&self, req: EndpointRequest) -> Result<Empty> {
         need("EndpointID", &req.endpoint_id)?;
-        let Some(b) = records::docker_network(&self.ctl, &req.network_id).await? else {
+        let Some(b) = self.binding(&req.network_id).await? else {
             return Ok(Empty {});
         };
         let _g = self.lock.lock().await;
@@ -412,17 +455,12 @@ impl Plugin {
             None => None,
         };
         let _g = self.lock.lock().await;
+        // The record already names the host end (CreateEndpoint); its kernel-chosen MAC has no
+        // reader for Docker endpoints, so the Join writes nothing to the store.
         let pair = self
             .ctl
             .create_host_pair(&net, &host_name, &peer_name, mac)
             .await?;
-        let mut done = ep.clone();
-        done.host_veth = Some(pair.host_name.clone());
-        done.host_mac = Some(format_mac(&pair.host_mac));
-        if let Err(e) = self.ctl.update_endpoint(&done).await {
-            let _ = self.ctl.delete_host_link(&pair.host_name).await;
-            return Err(e.into());
-        }
         let mut resp = JoinResponse {
             interface_name: InterfaceName {
                 src_name: pair.peer_name.clone(),
@@ -445,6 +483,14 @@ impl Plugin {
                 }
             }
         }
+        if let Some(namer) = &self.namer {
+            // Gone only when the server stops; then nobody needs the name.
+            let _ = namer.send(super::names::NameJob {
+                docker_network: req.network_id.clone(),
+                endpoint_id: ep.container_id.clone(),
+                network: net.name.clone(),
+            });
+        }
         tracing::info!(endpoint = %ep.container_id, network = %net.name, veth = %pair.host_name, "Docker endpoint joined");
         Ok(resp)
     }
@@ -453,7 +499,7 @@ impl Plugin {
     /// container's namespace is gone). Unknown endpoints succeed.
     pub async fn leave(&self, req: EndpointRequest) -> Result<Empty> {
         need("EndpointID", &req.endpoint_id)?;
-        let Some(b) = records::docker_network(&self.ctl, &req.network_id).await? else {
+        let Some(b) = self.binding(&req.network_id).await? else {
             return Ok(Empty {});
         };
         let _g = self.lock.lock().await;
@@ -468,7 +514,8 @@ impl Plugin {
         self.ctl.delete_host_link(&host).await?;
         let peer = temp_peer_name(&b.name, &req.endpoint_id, DOCKER_IFNAME);
         self.ctl.delete_host_link(&peer).await?;
-        if let Some(mut ep) = ep {
+        // Records from before Joins stopped writing the host end's MAC.
+        if let Some(mut ep) = ep.filter(|e| e.host_mac.is_some()) {
             ep.host_mac = None;
             self.ctl.update_endpoint(&ep).await?;
         }
@@ -480,12 +527,14 @@ impl Plugin {
     /// ferrynet's nftables maps.
     pub async fn program_external(&self, req: ProgramExternalRequest) -> Result<Empty> {
         let bindings = port_bindings(&req.options)?;
+        if bindings.is_empty() {
+            // Docker calls this for every container: without `-p` there is nothing to read.
+            need("EndpointID", &req.endpoint_id)?;
+            return Ok(Empty {});
+        }
         let (net, ep) = self
             .docker_endpoint(&req.network_id, &req.endpoint_id)
             .await?;
-        if bindings.is_empty() {
-            return Ok(Empty {});
-        }
         if net.internal {
             return Err(CnmError::Invalid(format!(
                 "ferrynet network {} is internal: it takes no traffic from outside, so ports cannot be published on it",
@@ -497,19 +546,19 @@ impl Plugin {
         // Ports this endpoint already holds are not a conflict (a repeated call).
         let ep_key =
             ferrynet_model::network::keys::endpoint(&ep.network, &ep.container_id, &ep.ifname);
-        let held: Vec<_> = ctl
-            .held_ports()
-            .await?
-            .into_iter()
-            .filter(|h| h.owner != ep_key)
-            .collect();
+        // One read of every claimed port serves both the picks and the conflict check.
+        let all = ctl.held_ports().await?;
+        let held: Vec<_> = all.iter().filter(|h| h.owner != ep_key).cloned().collect();
         let mappings = resolve_bindings(&bindings, &held)?;
-        let done = ctl.claim_ports(&ep, mappings).await.map_err(|e| match e {
-            ControlError::InvalidConfig(m) if m.contains("already publishes") => {
-                CnmError::Invalid(format!("{m} (RevokeExternalConnectivity first)"))
-            }
-            other => other.into(),
-        })?;
+        let done = ctl
+            .claim_ports(&ep, mappings, Some(all))
+            .await
+            .map_err(|e| match e {
+                ControlError::InvalidConfig(m) if m.contains("already publishes") => {
+                    CnmError::Invalid(format!("{m} (RevokeExternalConnectivity first)"))
+                }
+                other => other.into(),
+            })?;
         tracing::info!(endpoint = %ep.container_id, ports = ?done.port_mappings, "ports published");
         Ok(Empty {})
     }
@@ -518,7 +567,7 @@ impl Plugin {
     /// endpoints succeed.
     pub async fn revoke_external(&self, req: EndpointRequest) -> Result<Empty> {
         need("EndpointID", &req.endpoint_id)?;
-        let Some(b) = records::docker_network(&self.ctl, &req.network_id).await? else {
+        let Some(b) = self.binding(&req.network_id).await? else {
             return Ok(Empty {});
         };
         let _g = self.lock.lock().await;

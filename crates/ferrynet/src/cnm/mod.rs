@@ -9,11 +9,13 @@
 pub mod driver;
 pub mod error;
 pub mod ipam;
+pub mod names;
 pub mod options;
 pub mod protocol;
 pub mod records;
 pub mod server;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -33,6 +35,13 @@ pub struct Plugin {
     pub ctl: Arc<Control>,
     /// Held while a handler reads and rewrites pool, binding and endpoint records.
     pub(crate) lock: tokio::sync::Mutex<()>,
+    /// Docker network id → its binding, as read from the store. A binding never changes while
+    /// it exists and only this driver's `DeleteNetwork` removes it, so entries stay true until
+    /// then; it saves a store read in every endpoint call.
+    pub(crate) bindings: std::sync::Mutex<HashMap<String, records::DockerNetwork>>,
+    /// Joined endpoints go here to get their container's name from the Engine API (None: no
+    /// naming, e.g. no Engine API socket).
+    pub(crate) namer: Option<tokio::sync::mpsc::UnboundedSender<names::NameJob>>,
 }
 
 impl Plugin {
@@ -41,6 +50,8 @@ impl Plugin {
         Plugin {
             ctl,
             lock: tokio::sync::Mutex::new(()),
+            bindings: std::sync::Mutex::new(HashMap::new()),
+            namer: None,
         }
     }
 }
@@ -52,7 +63,16 @@ pub async fn serve(
     listener: UnixListener,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    server::run(Arc::new(Plugin::new(control)), listener, shutdown).await
+    let mut plugin = Plugin::new(control);
+    // Always on: only Docker calls Join, so its API is normally there; when it is not where
+    // expected, each join logs why its endpoint stays unnamed.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    plugin.namer = Some(tx);
+    let plugin = Arc::new(plugin);
+    let namer = tokio::spawn(names::run(plugin.clone(), names::docker_api_socket(), rx));
+    let served = server::run(plugin, listener, shutdown).await;
+    namer.abort();
+    served
 }
 
 /// Arguments of `ferrynet docker-plugin`.

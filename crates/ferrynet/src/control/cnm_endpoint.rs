@@ -17,6 +17,7 @@ use ferrynet_model::portmap::PortMapping;
 use ferrynet_store::{Compare, Op};
 use ipnet::IpNet;
 
+use super::ipam::HeldPort;
 use super::{decode, encode, Control};
 use crate::error::{ControlError, Result};
 
@@ -90,7 +91,11 @@ impl Control {
         for _ in 0..MAX_ATTEMPTS {
             let held = self.held_addresses(&net.name).await?;
             let used: BTreeSet<IpAddr> = held.keys().copied().collect();
-            let last = self.last_allocated(&net.name).await?;
+            // The rotation hint only steers automatic picks.
+            let last = match requested {
+                Some(_) => BTreeMap::new(),
+                None => self.last_allocated(&net.name).await?,
+            };
             let wanted: Vec<IpAddr> = requested.into_iter().collect();
             let ips = plan_allocation(std::slice::from_ref(&subnet), &used, &wanted, &|c| {
                 last.get(&c.to_string()).copied()
@@ -257,8 +262,14 @@ impl Control {
 
     /// Publish `mappings` for a recorded endpoint that has none yet (or exactly these): claim the
     /// host ports in the store, record them on the endpoint, then add the nftables elements. On
-    /// failure nothing stays claimed.
-    pub async fn claim_ports(&self, ep: &Endpoint, mappings: Vec<PortMapping>) -> Result<Endpoint> {
+    /// failure nothing stays claimed. `held`: every claimed host port, when the caller has just
+    /// read them (the first attempt checks against those; a retry reads again).
+    pub async fn claim_ports(
+        &self,
+        ep: &Endpoint,
+        mappings: Vec<PortMapping>,
+        mut held: Option<Vec<HeldPort>>,
+    ) -> Result<Endpoint> {
         let ep_key = keys::endpoint(&ep.network, &ep.container_id, &ep.ifname);
         for _ in 0..MAX_ATTEMPTS {
             let kv = self.store.get(&ep_key).await?.ok_or_else(|| {
@@ -278,7 +289,7 @@ impl Control {
                     ep.container_id
                 )));
             }
-            let (mut compares, mut ops) = self.port_claims(&ep_key, &mappings).await?;
+            let (mut compares, mut ops) = self.port_claims(&ep_key, &mappings, held.take()).await?;
             compares.push(Compare::ModRevision(ep_key.clone(), kv.mod_revision));
             let mut next = current.clone();
             next.port_mappings = mappings.clone();

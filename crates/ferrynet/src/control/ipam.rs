@@ -163,7 +163,9 @@ impl Control {
             ops.push(Op::put(keys::ipam_last(&net.name), encode(&new_last)));
 
             if !template.port_mappings.is_empty() {
-                let (c, o) = self.port_claims(&ep_key, &template.port_mappings).await?;
+                let (c, o) = self
+                    .port_claims(&ep_key, &template.port_mappings, None)
+                    .await?;
                 compares.extend(c);
                 ops.extend(o);
             }
@@ -195,13 +197,19 @@ impl Control {
     }
 
     /// The preconditions and writes that claim `mappings` for the endpoint at `ep_key`, after
-    /// checking them against the ports already held.
+    /// checking them against the ports already held (`held` when the caller has just read
+    /// them, else read here).
     pub async fn port_claims(
         &self,
         ep_key: &str,
         mappings: &[PortMapping],
+        held: Option<Vec<HeldPort>>,
     ) -> Result<(Vec<Compare>, Vec<Op>)> {
-        if let Some(msg) = port_conflict(&self.held_ports().await?, mappings) {
+        let held = match held {
+            Some(h) => h,
+            None => self.held_ports().await?,
+        };
+        if let Some(msg) = port_conflict(&held, mappings) {
             return Err(ControlError::PortInUse(msg));
         }
         // Serialize publishers: an "any address" and a "specific address" claim of one port

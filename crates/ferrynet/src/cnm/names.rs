@@ -1,0 +1,292 @@
+//! Container names of Docker endpoints. libnetwork never passes them to a network driver, so
+//! after a `Join` the driver asks the Engine API which container holds the endpoint and records
+//! its name and network aliases on the endpoint (`Endpoint.name`, `Endpoint.aliases`), where
+//! ferrynet's name service reads them like those of CLI containers.
+//!
+//! Best effort and off the call path: Docker lists the container on the network only once its
+//! start has gone past the `Join`, so a background task asks, with retries, and the `Join`
+//! answers at once. Without a reachable Engine API nothing is named and nothing else changes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use ferrynet_model::network::{keys, Endpoint};
+use ferrynet_store::{Compare, Op};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::records::DOCKER_IFNAME;
+use super::Plugin;
+use crate::control::{decode, encode};
+
+/// Where the Engine API listens by default.
+pub const DEFAULT_DOCKER_API: &str = "/var/run/docker.sock";
+/// How long a Join's container is looked for.
+const LOOK_FOR: Duration = Duration::from_secs(30);
+/// Before the first look: Docker lists the container once its start is through, and asking
+/// earlier only competes with that start.
+const FIRST_LOOK: Duration = Duration::from_millis(500);
+/// Pause between two looks.
+const RETRY: Duration = Duration::from_millis(250);
+/// Largest Engine API answer read.
+const MAX_ANSWER: usize = 8 << 20;
+/// Longest one Engine API request may take (a hung daemon must not hold a task forever).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A joined endpoint to name.
+#[derive(Debug, Clone)]
+pub struct NameJob {
+    /// Docker's network id.
+    pub docker_network: String,
+    /// Docker's endpoint id (the endpoint record's container id).
+    pub endpoint_id: String,
+    /// The ferrynet network.
+    pub network: String,
+}
+
+/// The Engine API socket: `DOCKER_HOST` when it is a `unix://` path, else the default.
+pub fn docker_api_socket() -> PathBuf {
+    match std::env::var("DOCKER_HOST") {
+        Ok(h) if h.starts_with("unix://") => PathBuf::from(&h["unix://".len()..]),
+        _ => PathBuf::from(DEFAULT_DOCKER_API),
+    }
+}
+
+/// What Docker says about the container holding an endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerName {
+    /// The container's id.
+    pub id: String,
+    /// Its name, without Docker's leading `/`.
+    pub name: String,
+    /// Its aliases on the network (`--network-alias`, the short id Docker adds), without the
+    /// name itself.
+    pub aliases: Vec<String>,
+}
+
+/// From `GET /networks/<id>`: the id of the container whose endpoint is `endpoint_id`.
+pub fn container_of_endpoint(network: &Value, endpoint_id: &str) -> Option<String> {
+    network
+        .get("Containers")?
+        .as_object()?
+        .iter()
+        .find(|(_, c)| c.get("EndpointID").and_then(Value::as_str) == Some(endpoint_id))
+        .map(|(id, _)| id.clone())
+}
+
+/// From `GET /containers/<id>/json`: its name and its aliases on the endpoint `endpoint_id`.
+pub fn name_of_container(container: &Value, endpoint_id: &str) -> Option<ContainerName> {
+    let id = container.get("Id")?.as_str()?.to_string();
+    let name = container
+        .get("Name")?
+        .as_str()?
+        .trim_start_matches('/')
+        .to_string();
+    if name.is_empty() {
+        return None;
+    }
+    let net = container
+        .get("NetworkSettings")?
+        .get("Networks")?
+        .as_object()?
+        .values()
+        .find(|n| n.get("EndpointID").and_then(Value::as_str) == Some(endpoint_id))?;
+    let mut aliases: Vec<String> = Vec::new();
+    for a in net
+        .get("Aliases")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+    {
+        if a != name && !a.is_empty() && !aliases.iter().any(|x| x == a) {
+            aliases.push(a.to_string());
+        }
+    }
+    Some(ContainerName { id, name, aliases })
+}
+
+/// One `GET` of the Engine API over its unix socket: the JSON answer, None for a 404.
+async fn get_json(socket: &Path, path: &str) -> anyhow::Result<Option<Value>> {
+    tokio::time::timeout(REQUEST_TIMEOUT, get_json_once(socket, path))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!("GET {path} on the Docker API: no answer within {REQUEST_TIMEOUT:?}")
+        })?
+}
+
+async fn get_json_once(socket: &Path, path: &str) -> anyhow::Result<Option<Value>> {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .with_context(|| format!("connecting to the Docker API at {}", socket.display()))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .context("HTTP handshake with the Docker API")?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = Request::get(path)
+        .header(hyper::header::HOST, "docker")
+        .body(Empty::<Bytes>::new())
+        .context("building a Docker API request")?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .with_context(|| format!("GET {path} on the Docker API"))?;
+    let status = resp.status();
+    let body = Limited::new(resp.into_body(), MAX_ANSWER)
+        .collect()
+        .await
+        .map_err(|e| anyhow::anyhow!("reading the Docker API's answer to GET {path}: {e}"))?
+        .to_bytes();
+    if status == hyper::StatusCode::NOT_FOUND {
+        return Ok(None);
+    }
+    if !status.is_success() {
+        bail!(
+            "GET {path} on the Docker API: {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        );
+    }
+    Ok(Some(serde_json::from_slice(&body).with_context(|| {
+        format!("the Docker API's answer to GET {path} is not JSON")
+    })?))
+}
+
+/// Ask Docker which container holds the endpoint: None while it does not list it (yet).
+async fn look_up(socket: &Path, job: &NameJob) -> anyhow::Result<Option<ContainerName>> {
+    let Some(net) = get_json(socket, &format!("/networks/{}", job.docker_network)).await? else {
+        return Ok(None);
+    };
+    let Some(cid) = container_of_endpoint(&net, &job.endpoint_id) else {
+        return Ok(None);
+    };
+    let Some(c) = get_json(socket, &format!("/containers/{cid}/json")).await? else {
+        return Ok(None);
+    };
+    Ok(name_of_container(&c, &job.endpoint_id))
+}
+
+impl Plugin {
+    /// Record the name and aliases on the endpoint if it is still there; false if it is gone.
+    async fn record_name(&self, job: &NameJob, found: &ContainerName) -> anyhow::Result<bool> {
+        let key = keys::endpoint(&job.network, &job.endpoint_id, DOCKER_IFNAME);
+        // Only over the revision read, so a port publish or a Leave rewriting the record
+        // meanwhile is never undone; not under the handlers' lock, so Docker's calls for the
+        // next containers do not wait for this write.
+        for _ in 0..16 {
+            let Some(kv) = self.ctl.store.get(&key).await? else {
+                return Ok(false);
+            };
+            let mut ep: Endpoint = decode(&kv)?;
+            if ep.name.as_deref() == Some(found.name.as_str()) && ep.aliases == found.aliases {
+                return Ok(true);
+            }
+            ep.name = Some(found.name.clone());
+            ep.aliases = found.aliases.clone();
+            let res = self
+                .ctl
+                .store
+                .txn(
+                    vec![Compare::ModRevision(key.clone(), kv.mod_revision)],
+                    vec![Op::put(key.clone(), encode(&ep))],
+                )
+                .await?;
+            if res.succeeded {
+                return Ok(true);
+            }
+        }
+        bail!("endpoint {key} kept changing")
+    }
+
+    /// Name one joined endpoint: look for its container until Docker lists it, then record.
+    async fn name_endpoint(&self, socket: &Path, job: &NameJob) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + LOOK_FOR;
+        tokio::time::sleep(FIRST_LOOK).await;
+        loop {
+            match look_up(socket, job).await {
+                Ok(Some(found)) => {
+                    if self.record_name(job, &found).await? {
+                        tracing::info!(endpoint = %job.endpoint_id, container = %found.id, name = %found.name, aliases = ?found.aliases, "Docker endpoint named");
+                    }
+                    return Ok(());
+                }
+                Ok(None) => {}
+                // The API may be starting or busy: keep trying until the deadline.
+                Err(e) if tokio::time::Instant::now() + RETRY < deadline => {
+                    tracing::debug!(error = %format!("{e:#}"), "asking Docker for a container name")
+                }
+                Err(e) => return Err(e),
+            }
+            if tokio::time::Instant::now() + RETRY >= deadline {
+                bail!(
+                    "Docker did not list endpoint {} on its network within {LOOK_FOR:?}",
+                    job.endpoint_id
+                );
+            }
+            tokio::time::sleep(RETRY).await;
+        }
+    }
+}
+
+/// Serve name jobs until the senders are gone, each in its own task.
+pub async fn run(plugin: Arc<Plugin>, socket: PathBuf, mut jobs: mpsc::UnboundedReceiver<NameJob>) {
+    let socket = Arc::new(socket);
+    while let Some(job) = jobs.recv().await {
+        let (plugin, socket) = (plugin.clone(), socket.clone());
+        tokio::spawn(async move {
+            if let Err(e) = plugin.name_endpoint(&socket, &job).await {
+                tracing::warn!(endpoint = %job.endpoint_id, error = %format!("{e:#}"), "no container name for the Docker endpoint");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn finds_the_container_by_endpoint() {
+        let net = json!({"Containers": {
+            "c1": {"Name": "a", "EndpointID": "e1"},
+            "c2": {"Name": "b", "EndpointID": "e2"}}});
+        assert_eq!(container_of_endpoint(&net, "e2").as_deref(), Some("c2"));
+        assert_eq!(container_of_endpoint(&net, "e3"), None);
+        assert_eq!(
+            container_of_endpoint(&json!({"Containers": null}), "e1"),
+            None
+        );
+    }
+
+    #[test]
+    fn name_and_aliases_of_the_endpoint() {
+        let c = json!({"Id": "abc123", "Name": "/web", "NetworkSettings": {"Networks": {
+            "other": {"EndpointID": "e9", "Aliases": ["x"]},
+            "front": {"EndpointID": "e1", "Aliases": ["web", "www", "abc123", "www"]}}}});
+        assert_eq!(
+            name_of_container(&c, "e1"),
+            Some(ContainerName {
+                id: "abc123".into(),
+                name: "web".into(),
+                aliases: vec!["www".into(), "abc123".into()],
+            })
+        );
+        assert_eq!(name_of_container(&c, "e5"), None);
+        let nameless = json!({"Id": "x", "Name": "/", "NetworkSettings": {"Networks": {}}});
+        assert_eq!(name_of_container(&nameless, "e1"), None);
+        let no_aliases = json!({"Id": "x", "Name": "/n", "NetworkSettings": {"Networks": {
+            "front": {"EndpointID": "e1", "Aliases": null}}}});
+        assert_eq!(
+            name_of_container(&no_aliases, "e1").unwrap().aliases,
+            Vec::<String>::new()
+        );
+    }
+}
