@@ -255,6 +255,14 @@ fn container_names_on_one_host() {
         h.short(&c1, "10.61.0.1", &[&format!("db.{zone}"), "A"]),
         [v4(&ip2)]
     );
+    // The agent reports where it serves.
+    let st: Value =
+        serde_json::from_slice(&h.lab.cli(&["status", "--json"]).stdout).expect("status");
+    let listening = st["dns"]["listening"].to_string();
+    assert!(
+        listening.contains(&format!("10.61.0.1 ({blue})")) && listening.contains("fd62::1"),
+        "{st}"
+    );
     // kdig over TCP agrees.
     let o = h.exec(&c1, &["kdig", "+tcp", "+short", "@10.61.0.1", &fq2, "A"]);
     assert_eq!(text(&o).trim(), v4(&ip2), "kdig +tcp");

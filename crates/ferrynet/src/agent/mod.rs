@@ -118,10 +118,14 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     let disc_task = tokio::spawn(discovery::follow(ctl.store.clone(), disc_tx));
     // The host's current lease, for keys that must vanish with the host (health records).
     let (lease_tx, lease_rx) = tokio::sync::watch::channel(None);
-    let dns_task = opts
-        .dns
-        .clone()
-        .map(|d| tokio::spawn(dns::serve(ctl.host.clone(), d, disc_rx.clone())));
+    let dns_task = opts.dns.clone().map(|d| {
+        tokio::spawn(dns::serve(
+            ctl.host.clone(),
+            d,
+            disc_rx.clone(),
+            status.clone(),
+        ))
+    });
     let _discovery = (disc_rx, lease_rx);
     let reg_task = tokio::spawn(register::keep_registered(
         ctl.store.clone(),

@@ -37,6 +37,23 @@ pub struct AgentStatus {
     pub hosts: Vec<HostStatus>,
     /// Multi-host networks.
     pub networks: Vec<NetworkStatus>,
+    /// The DNS server (absent: off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsStatus>,
+}
+
+/// The embedded DNS server's state.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsStatus {
+    /// Cluster domain.
+    pub domain: String,
+    /// Upstream resolvers.
+    pub upstreams: Vec<String>,
+    /// Addresses served, as `address (network)`.
+    pub listening: Vec<String>,
+    /// Addresses that could not be bound, with the error (retried).
+    pub errors: Vec<String>,
 }
 
 /// A host as this agent sees it.

@@ -10,12 +10,13 @@ pub mod zone;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
 
 use super::discovery::ViewRx;
+use super::status::{AgentStatus, DnsStatus};
 use server::{Ctx, Listener};
 use zone::Zone;
 
@@ -37,7 +38,12 @@ const RETRY: Duration = Duration::from_secs(2);
 
 /// Serve until the view channel closes: recompile the zone on every view change and keep one
 /// listener per gateway of this host's networks, binding new ones and closing departed ones.
-pub async fn serve(host: String, opts: DnsOptions, mut views: ViewRx) {
+pub async fn serve(
+    host: String,
+    opts: DnsOptions,
+    mut views: ViewRx,
+    status: Arc<Mutex<AgentStatus>>,
+) {
     let (zone_tx, zone_rx) = watch::channel(Arc::new(Zone::default()));
     let ctx = Ctx {
         zones: zone_rx,
@@ -59,7 +65,7 @@ pub async fn serve(host: String, opts: DnsOptions, mut views: ViewRx) {
             }
             keep
         });
-        let mut failed = false;
+        let mut errors = Vec::new();
         for (ip, net) in want {
             if listeners.contains_key(&ip) {
                 continue;
@@ -71,13 +77,24 @@ pub async fn serve(host: String, opts: DnsOptions, mut views: ViewRx) {
                 }
                 Err(e) => {
                     tracing::warn!(%ip, network = %net, error = %e, "dns: cannot listen; retrying");
-                    failed = true;
+                    errors.push(format!("{ip}:{} ({net}): {e}", opts.port));
                 }
             }
         }
+        if let Ok(mut s) = status.lock() {
+            s.dns = Some(DnsStatus {
+                domain: opts.domain.clone(),
+                upstreams: opts.upstreams.iter().map(|u| u.to_string()).collect(),
+                listening: listeners
+                    .iter()
+                    .map(|(ip, (net, _))| format!("{ip} ({net})"))
+                    .collect(),
+                errors: errors.clone(),
+            });
+        }
         tokio::select! {
             r = views.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep(RETRY), if failed => {}
+            _ = tokio::time::sleep(RETRY), if !errors.is_empty() => {}
         }
     }
 }
