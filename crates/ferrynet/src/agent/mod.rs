@@ -8,6 +8,7 @@
 pub mod api;
 pub mod discovery;
 pub mod dns;
+pub mod health;
 pub mod reconcile;
 pub mod register;
 pub mod status;
@@ -126,6 +127,13 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
             status.clone(),
         ))
     });
+    let health_task = tokio::spawn(health::run(
+        ctl.host.clone(),
+        ctl.store.clone(),
+        disc_rx.clone(),
+        lease_rx.clone(),
+        status.clone(),
+    ));
     let _discovery = (disc_rx, lease_rx);
     let reg_task = tokio::spawn(register::keep_registered(
         ctl.store.clone(),
@@ -165,6 +173,7 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     if let Some(t) = dns_task {
         t.abort();
     }
+    health_task.abort();
     let _ = std::fs::remove_file(&sock);
     if let (Some(t), Some(path)) = (docker_task, &opts.docker_socket) {
         t.abort();

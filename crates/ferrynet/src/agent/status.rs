@@ -40,6 +40,9 @@ pub struct AgentStatus {
     /// The DNS server (absent: off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<DnsStatus>,
+    /// Health checks this agent runs, by `service/id`.
+    #[serde(default)]
+    pub health: std::collections::BTreeMap<String, super::health::HealthReport>,
 }
 
 /// The embedded DNS server's state.

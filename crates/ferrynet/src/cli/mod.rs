@@ -3,6 +3,7 @@
 pub(crate) mod hostroutes;
 mod install;
 mod lab;
+mod service;
 mod status;
 mod table;
 
@@ -91,6 +92,9 @@ enum Cmd {
     Agent(AgentArgs),
     /// Show the agent's view: hosts, blocks, peers, the backend to each, the last reconcile.
     Status(JsonFlag),
+    /// Register, deregister, list and inspect services and their producers.
+    #[command(subcommand)]
+    Service(service::ServiceCmd),
     /// A multi-host lab on this machine: hosts as network namespaces, etcd, an agent per host.
     #[command(subcommand)]
     Lab(lab::LabCmd),
@@ -165,7 +169,7 @@ fn dns_options(a: &AgentArgs) -> anyhow::Result<Option<crate::agent::dns::DnsOpt
 }
 
 /// `10s`, `500ms`, `2m` or a bare number of seconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || format!("{s:?} is not a duration like 10s, 500ms or 2m");
     let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => s.split_at(i),
@@ -271,6 +275,13 @@ struct RunArgs {
     /// A further DNS name of the container on its network; repeatable.
     #[arg(long = "alias", value_name = "NAME")]
     aliases: Vec<String>,
+    /// Register the container as a producer of a service: NAME:PORT[:CONTAINERPORT][/proto]
+    /// (service port PORT served on the container's CONTAINERPORT); repeatable.
+    #[arg(long = "service", value_name = "SPEC")]
+    services: Vec<String>,
+    /// Health check of the container's service producers.
+    #[command(flatten)]
+    check: service::CheckArgs,
     /// Command and arguments to run.
     #[arg(last = true, required = true)]
     cmd: Vec<String>,
@@ -330,6 +341,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         match cli.cmd {
             Cmd::Agent(_) | Cmd::Status(_) | Cmd::Lab(_) => unreachable!("handled above"),
             Cmd::Network(c) => network(&ctl, c).await.map(|_| ExitCode::SUCCESS),
+            Cmd::Service(c) => service::run(&ctl, c).await.map(|_| ExitCode::SUCCESS),
             Cmd::Run(a) => run_container(&ctl, a).await.map(|_| ExitCode::SUCCESS),
             Cmd::Ps(f) => ps(&ctl, f.json).await.map(|_| ExitCode::SUCCESS),
             Cmd::Exec { name, cmd } => exec(&ctl, &name, &cmd).await,
@@ -531,7 +543,18 @@ async fn run_container(ctl: &Control, a: RunArgs) -> anyhow::Result<()> {
         ports.extend(parse_publish(spec).map_err(anyhow::Error::msg)?);
     }
     let mac = a.mac.as_deref().map(parse_mac).transpose()?;
+    let services = service::group_run_services(&a.services)?;
+    let check = a.check.to_check()?.flatten();
+    if check.is_some() && services.is_empty() {
+        bail!("--check needs --service (it checks the container's service producers)");
+    }
     let host_mode = net.mode == NetworkMode::Host;
+    if host_mode && !services.is_empty() {
+        bail!(
+            "--service needs a bridged network: a container on host network {} has no address of its own (register the host's address with `ferrynet service register NAME --addr IP`)",
+            net.name
+        );
+    }
     let ns_name = netns_name(&a.name);
     let mut c = Container {
         name: a.name.clone(),
@@ -583,10 +606,33 @@ async fn run_container(ctl: &Control, a: RunArgs) -> anyhow::Result<()> {
         c.pid = Some(pid);
         c.start_ticks = Some(ticks);
         ctl.save_container(&c).await?;
+        for (svc, (ports, targets)) in &services {
+            let req = ferrynet_model::registry::ServiceRequest {
+                name: svc.clone(),
+                ensure_ports: ports.clone(),
+                ..Default::default()
+            };
+            let producer = ferrynet_model::service::Producer {
+                service: svc.clone(),
+                id: a.name.clone(),
+                host: Some(ctl.host.clone()),
+                network: Some(net.name.clone()),
+                container: Some(a.name.clone()),
+                netns: c.netns.clone(),
+                addrs: c.ips.iter().map(|i| i.addr()).collect(),
+                ports: targets.clone(),
+                check: check.clone(),
+            };
+            ctl.register_service(&req, Some(producer))
+                .await
+                .with_context(|| format!("registering {} as a producer of {svc}", a.name))?;
+        }
         anyhow::Ok(())
     }
     .await;
     if let Err(e) = result {
+        let _ = ctl.deregister_container(&a.name).await;
+        container::stop_process(&c, Duration::from_secs(2));
         let _ = ctl
             .detach(&net, &a.name, &a.ifname, c.netns.as_deref())
             .await;
@@ -729,6 +775,8 @@ async fn rm(ctl: &Control, name: &str, force: bool) -> anyhow::Result<()> {
         }
         container::stop_process(&c, Duration::from_secs(5));
     }
+    // Out of DNS and the load balancer before the address goes.
+    ctl.deregister_container(name).await?;
     if let Some((net, _)) = ctl.network(&c.network).await? {
         ctl.detach(&net, &c.name, &c.ifname, c.netns.as_deref())
             .await?;

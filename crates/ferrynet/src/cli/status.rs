@@ -78,6 +78,25 @@ pub async fn show(paths: &Paths, json: bool) -> anyhow::Result<()> {
         ]);
     }
     print!("{t}");
+    if !s.health.is_empty() {
+        println!();
+        let mut t = Table::new(&["PRODUCER", "CHECK", "STATE", "CHECKS", "LAST OUTPUT"]);
+        for (k, h) in &s.health {
+            t.row(vec![
+                k.clone(),
+                h.check.clone(),
+                match h.healthy {
+                    Some(true) => "healthy",
+                    Some(false) => "unhealthy",
+                    None => "pending",
+                }
+                .into(),
+                h.checks.to_string(),
+                h.output.chars().take(60).collect(),
+            ]);
+        }
+        print!("{t}");
+    }
     for n in &s.networks {
         println!();
         println!(

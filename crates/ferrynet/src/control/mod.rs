@@ -10,6 +10,7 @@ pub mod endpoint;
 pub mod host;
 pub mod ipam;
 pub mod network;
+pub mod service;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
