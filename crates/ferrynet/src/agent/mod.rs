@@ -119,14 +119,11 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     let disc_task = tokio::spawn(discovery::follow(ctl.store.clone(), disc_tx));
     // The host's current lease, for keys that must vanish with the host (health records).
     let (lease_tx, lease_rx) = tokio::sync::watch::channel(None);
-    let dns_task = opts.dns.clone().map(|d| {
-        tokio::spawn(dns::serve(
-            ctl.host.clone(),
-            d,
-            disc_rx.clone(),
-            status.clone(),
-        ))
-    });
+    // Its own thread: it stops when the discovery feed (disc_task) is gone.
+    if let Some(d) = opts.dns.clone() {
+        dns::spawn(ctl.host.clone(), d, disc_rx.clone(), status.clone())
+            .context("starting the DNS server")?;
+    }
     let health_task = tokio::spawn(health::run(
         ctl.host.clone(),
         ctl.store.clone(),
@@ -170,9 +167,6 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     api_task.abort();
     reg_task.abort();
     disc_task.abort();
-    if let Some(t) = dns_task {
-        t.abort();
-    }
     health_task.abort();
     let _ = std::fs::remove_file(&sock);
     if let (Some(t), Some(path)) = (docker_task, &opts.docker_socket) {

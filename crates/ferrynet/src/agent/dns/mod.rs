@@ -36,6 +36,22 @@ pub struct DnsOptions {
 /// How often binding a gateway that failed is retried.
 const RETRY: Duration = Duration::from_secs(2);
 
+/// Run [`serve`] on a thread of its own (with its own single-threaded runtime), so answers never
+/// wait behind the agent's reconciles and health checks. It ends when the view channel closes.
+pub fn spawn(
+    host: String,
+    opts: DnsOptions,
+    views: ViewRx,
+    status: Arc<Mutex<AgentStatus>>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("ferrynet-dns".into())
+        .spawn(move || rt.block_on(serve(host, opts, views, status)))
+}
+
 /// Serve until the view channel closes: recompile the zone on every view change and keep one
 /// listener per gateway of this host's networks, binding new ones and closing departed ones.
 pub async fn serve(
