@@ -2,7 +2,7 @@
 """DNS queries per second: ferrynet's embedded DNS server beside aardvark-dns and dnsmasq, in one
 run, over the same record set and the same query file.
 
-    sudo python3 bench/dns.py [--names 100] [--secs 10] [--clients 8]
+    sudo python3 bench/dns.py [--names 100] [--secs 5] [--rounds 3] [--clients 8]
 
 ferrynet: a "host" namespace running `target/release/ferrynet agent` (embedded store,
           --dns-upstream none), one network, --names containers made with `ferrynet run`; the
@@ -14,7 +14,8 @@ dnsmasq:  its own namespace, same bridge layout, the same names in an --addn-hos
 
 The client is dnsperf, run inside a namespace on the server's bridge (for ferrynet: inside the
 first container), asking for the A record of every name in turn (bare names, as a container
-with a search domain would after its first try) for --secs seconds. Nothing is forwarded: every
+with a search domain would after its first try) for --secs seconds; --rounds rounds, the
+servers' order rotating each round (the machine's load drifts), the median run reported. Nothing is forwarded: every
 name is known to every server. Everything made here is removed at the end, also on failure.
 Results are printed as a Markdown table (progress on stderr).
 """
@@ -183,7 +184,8 @@ def dnsmasq(names, addrs):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--names", type=int, default=100)
-    ap.add_argument("--secs", type=int, default=10)
+    ap.add_argument("--secs", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--clients", type=int, default=8)
     a = ap.parse_args()
     if os.geteuid() != 0:
@@ -207,16 +209,21 @@ def main():
         servers.append(("aardvark-dns " + sh(AARDVARK, "--version", check=False).stdout.split()[-1],
                         *aardvark(names, addrs)))
         servers.append(("dnsmasq", *dnsmasq(names, addrs)))
-        results = {}
-        for what, client, server in servers:
-            log(f"{what}: dnsperf for {a.secs} s")
-            results[what] = dnsperf(client, server, qfile, a.secs, a.clients)
+        runs = {what: [] for what, _, _ in servers}
+        for rnd in range(a.rounds):
+            order = servers[rnd % len(servers):] + servers[:rnd % len(servers)]
+            for what, client, server in order:
+                log(f"round {rnd + 1}: {what}: dnsperf for {a.secs} s")
+                runs[what].append(dnsperf(client, server, qfile, a.secs, a.clients))
+        results = {w: sorted(rs, key=lambda r: r["qps"])[len(rs) // 2] for w, rs in runs.items()}
         fn = results["ferrynet (agent)"]["qps"]
-        print(f"| server | queries/s | ferrynet / this | answered NOERROR | lost | avg latency ms |")
-        print("|---|---|---|---|---|---|")
+        print(f"| server | queries/s (median of {a.rounds}) | ferrynet / this | all runs, queries/s | "
+              "answered NOERROR | lost | avg latency ms |")
+        print("|---|---|---|---|---|---|---|")
         for what, r in results.items():
-            print(f"| {what} | {r['qps']:.0f} | {fn / r['qps']:.2f} | {r['noerror']} | {r['lost']} | "
-                  f"{r['lat_ms']:.2f} |")
+            every = ", ".join(f"{x['qps']:.0f}" for x in runs[what])
+            print(f"| {what} | {r['qps']:.0f} | {fn / r['qps']:.2f} | {every} | {r['noerror']} | "
+                  f"{r['lost']} | {r['lat_ms']:.2f} |")
     finally:
         stop_all()
 

@@ -255,6 +255,14 @@ fn container_names_on_one_host() {
         h.short(&c1, "10.61.0.1", &[&format!("db.{zone}"), "A"]),
         [v4(&ip2)]
     );
+    // The agent reports where it serves.
+    let st: Value =
+        serde_json::from_slice(&h.lab.cli(&["status", "--json"]).stdout).expect("status");
+    let listening = st["dns"]["listening"].to_string();
+    assert!(
+        listening.contains(&format!("10.61.0.1 ({blue})")) && listening.contains("fd62::1"),
+        "{st}"
+    );
     // kdig over TCP agrees.
     let o = h.exec(&c1, &["kdig", "+tcp", "+short", "@10.61.0.1", &fq2, "A"]);
     assert_eq!(text(&o).trim(), v4(&ip2), "kdig +tcp");
@@ -448,13 +456,22 @@ impl Cluster {
     }
 
     fn run(&mut self, host: &str, short: &str) -> (String, Vec<String>) {
+        self.run_with(host, short, &[], &["sleep", "600"])
+    }
+
+    fn run_with(
+        &mut self,
+        host: &str,
+        short: &str,
+        extra: &[&str],
+        cmd: &[&str],
+    ) -> (String, Vec<String>) {
         let name = format!("{}{short}", self.name);
-        let o = self.ferrynet(
-            host,
-            &[
-                "run", "--name", &name, "--net", "fabric", "--", "sleep", "600",
-            ],
-        );
+        let mut args = vec!["run", "--name", &name, "--net", "fabric"];
+        args.extend_from_slice(extra);
+        args.push("--");
+        args.extend_from_slice(cmd);
+        let o = self.ferrynet(host, &args);
         assert!(o.status.success(), "run {name} on {host}: {}", text(&o));
         self.containers.push((host.to_string(), name.clone()));
         let ps = self.ferrynet(host, &["ps", "--json"]);
@@ -643,5 +660,64 @@ fn cni_containers_get_the_resolver_and_their_names() {
     for (id, ns) in [("cid1", &ns1), ("cid2", &ns2)] {
         let c = h.lab.del(&plain, id, Some(ns), "eth0");
         assert_eq!(c.code, 0, "DEL {id}: {}", c.stderr);
+    }
+}
+
+#[test]
+fn registered_services_follow_health_across_hosts() {
+    let mut lab = Cluster::up("dnshc");
+    let (c1, _) = lab.run("h1", "a");
+    let server = ["python3", "-m", "http.server", "8080"];
+    let svc = [
+        "--service",
+        "api:80:8080",
+        "--check",
+        "tcp:8080",
+        "--interval",
+        "300ms",
+        "--fall",
+        "2",
+    ];
+    let (p2, ip2) = lab.run_with("h2", "b", &svc, &server);
+    let (p3, ip3) = lab.run_with("h3", "c", &svc, &server);
+    let zone = "fabric.ferrynet.internal";
+    let inspect = lab.ferrynet("h1", &["service", "inspect", "api"]);
+    let j: Value = serde_json::from_slice(&inspect.stdout).expect("inspect json");
+    let mut vips: Vec<String> = j["service"]["vips"]
+        .as_array()
+        .expect("vips")
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .filter(|v| !v.contains(':'))
+        .collect();
+    vips.sort();
+    assert_eq!(vips.len(), 1, "{j}");
+
+    // The VIP by name; the producers once their checks pass; SRV with the target port.
+    within(Duration::from_secs(20), || {
+        let got = lab.short("h1", &c1, &["+search", "api", "A"]);
+        (got == vips).then_some(()).ok_or(format!("{got:?}"))
+    });
+    let mut both = vec![v4(&ip2), v4(&ip3)];
+    both.sort();
+    within(Duration::from_secs(20), || {
+        let got = lab.short("h1", &c1, &[&format!("tasks.api.{zone}"), "A"]);
+        (got == both).then_some(()).ok_or(format!("{got:?}"))
+    });
+    let srv = lab.short("h1", &c1, &[&format!("_p80._tcp.api.{zone}"), "SRV"]);
+    assert_eq!(srv.len(), 2, "{srv:?}");
+    assert!(srv.iter().all(|r| r.starts_with("0 10 8080 ")), "{srv:?}");
+
+    // The producer on h2 stops serving: its check fails and it leaves DNS on every host.
+    let o = lab.ferrynet("h2", &["stop", "--time", "1", &p2]);
+    assert!(o.status.success(), "stop: {}", text(&o));
+    for host in ["h1", "h3"] {
+        let c = if host == "h1" { c1.clone() } else { p3.clone() };
+        within(Duration::from_secs(20), || {
+            let got = lab.short(host, &c, &[&format!("tasks.api.{zone}"), "A"]);
+            (got == [v4(&ip3)])
+                .then_some(())
+                .ok_or(format!("{host}: {got:?}"))
+        });
     }
 }

@@ -7,8 +7,8 @@
 
 pub mod api;
 pub mod discovery;
-pub mod health;
 pub mod dns;
+pub mod health;
 pub mod lb;
 pub mod reconcile;
 pub mod register;
@@ -120,6 +120,11 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     let disc_task = tokio::spawn(discovery::follow(ctl.store.clone(), disc_tx));
     // The host's current lease, for keys that must vanish with the host (health records).
     let (lease_tx, lease_rx) = tokio::sync::watch::channel(None);
+    // Its own thread: it stops when the discovery feed (disc_task) is gone.
+    if let Some(d) = opts.dns.clone() {
+        dns::spawn(ctl.host.clone(), d, disc_rx.clone(), status.clone())
+            .context("starting the DNS server")?;
+    }
     let health_task = tokio::spawn(health::run(
         ctl.host.clone(),
         ctl.store.clone(),
@@ -127,10 +132,6 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
         lease_rx.clone(),
         status.clone(),
     ));
-    let dns_task = opts
-        .dns
-        .clone()
-        .map(|d| tokio::spawn(dns::serve(ctl.host.clone(), d, disc_rx.clone())));
     let lb_task = tokio::spawn(lb::run(
         ctl.nft.clone(),
         disc_rx.clone(),
@@ -174,9 +175,6 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     reg_task.abort();
     disc_task.abort();
     health_task.abort();
-    if let Some(t) = dns_task {
-        t.abort();
-    }
     // The load balancer's table stays: restarts must not drop traffic.
     lb_task.abort();
     let _ = std::fs::remove_file(&sock);

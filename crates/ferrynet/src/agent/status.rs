@@ -37,6 +37,9 @@ pub struct AgentStatus {
     pub hosts: Vec<HostStatus>,
     /// Multi-host networks.
     pub networks: Vec<NetworkStatus>,
+    /// The DNS server (absent: off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsStatus>,
     /// Health checks this agent runs, by `service/id`.
     #[serde(default)]
     pub health: std::collections::BTreeMap<String, super::health::HealthReport>,
@@ -70,6 +73,20 @@ pub struct LbStatus {
     /// The last error (cleared by the next successful transaction).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// The embedded DNS server's state.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsStatus {
+    /// Cluster domain.
+    pub domain: String,
+    /// Upstream resolvers.
+    pub upstreams: Vec<String>,
+    /// Addresses served, as `address (network)`.
+    pub listening: Vec<String>,
+    /// Addresses that could not be bound, with the error (retried).
+    pub errors: Vec<String>,
 }
 
 /// A host as this agent sees it.

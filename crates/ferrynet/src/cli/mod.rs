@@ -298,6 +298,9 @@ struct RunArgs {
     /// Interface name inside the container.
     #[arg(long, default_value = "eth0")]
     ifname: String,
+    /// A further DNS name of the container on its network; repeatable.
+    #[arg(long = "alias", value_name = "NAME")]
+    aliases: Vec<String>,
     /// Register the container as a producer of a service: NAME:PORT[:CONTAINERPORT][/proto]
     /// (service port PORT served on the container's CONTAINERPORT); repeatable.
     #[arg(long = "service", value_name = "SPEC")]
@@ -305,9 +308,6 @@ struct RunArgs {
     /// Health check of the container's service producers.
     #[command(flatten)]
     check: service::CheckArgs,
-    /// A further DNS name of the container on its network; repeatable.
-    #[arg(long = "alias", value_name = "NAME")]
-    aliases: Vec<String>,
     /// Command and arguments to run.
     #[arg(last = true, required = true)]
     cmd: Vec<String>,

@@ -57,6 +57,28 @@ pub async fn show(paths: &Paths, json: bool) -> anyhow::Result<()> {
     for c in &lb.conflicts {
         println!("  not served: {c}");
     }
+    match &s.dns {
+        Some(d) => {
+            println!(
+                "dns: {} on {} (upstreams: {})",
+                d.domain,
+                if d.listening.is_empty() {
+                    "no gateway yet".to_string()
+                } else {
+                    d.listening.join(", ")
+                },
+                if d.upstreams.is_empty() {
+                    "none".to_string()
+                } else {
+                    d.upstreams.join(", ")
+                }
+            );
+            for e in &d.errors {
+                println!("  dns error: {e}");
+            }
+        }
+        None => println!("dns: off"),
+    }
     println!();
     let mut t = Table::new(&["HOST", "UNDERLAY", "STATE"]);
     for h in &s.hosts {

@@ -10,12 +10,13 @@ pub mod zone;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
 
 use super::discovery::ViewRx;
+use super::status::{AgentStatus, DnsStatus};
 use server::{Ctx, Listener};
 use zone::Zone;
 
@@ -35,9 +36,30 @@ pub struct DnsOptions {
 /// How often binding a gateway that failed is retried.
 const RETRY: Duration = Duration::from_secs(2);
 
+/// Run [`serve`] on a thread of its own (with its own single-threaded runtime), so answers never
+/// wait behind the agent's reconciles and health checks. It ends when the view channel closes.
+pub fn spawn(
+    host: String,
+    opts: DnsOptions,
+    views: ViewRx,
+    status: Arc<Mutex<AgentStatus>>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("ferrynet-dns".into())
+        .spawn(move || rt.block_on(serve(host, opts, views, status)))
+}
+
 /// Serve until the view channel closes: recompile the zone on every view change and keep one
 /// listener per gateway of this host's networks, binding new ones and closing departed ones.
-pub async fn serve(host: String, opts: DnsOptions, mut views: ViewRx) {
+pub async fn serve(
+    host: String,
+    opts: DnsOptions,
+    mut views: ViewRx,
+    status: Arc<Mutex<AgentStatus>>,
+) {
     let (zone_tx, zone_rx) = watch::channel(Arc::new(Zone::default()));
     let ctx = Ctx {
         zones: zone_rx,
@@ -59,7 +81,7 @@ pub async fn serve(host: String, opts: DnsOptions, mut views: ViewRx) {
             }
             keep
         });
-        let mut failed = false;
+        let mut errors = Vec::new();
         for (ip, net) in want {
             if listeners.contains_key(&ip) {
                 continue;
@@ -71,13 +93,24 @@ pub async fn serve(host: String, opts: DnsOptions, mut views: ViewRx) {
                 }
                 Err(e) => {
                     tracing::warn!(%ip, network = %net, error = %e, "dns: cannot listen; retrying");
-                    failed = true;
+                    errors.push(format!("{ip}:{} ({net}): {e}", opts.port));
                 }
             }
         }
+        if let Ok(mut s) = status.lock() {
+            s.dns = Some(DnsStatus {
+                domain: opts.domain.clone(),
+                upstreams: opts.upstreams.iter().map(|u| u.to_string()).collect(),
+                listening: listeners
+                    .iter()
+                    .map(|(ip, (net, _))| format!("{ip} ({net})"))
+                    .collect(),
+                errors: errors.clone(),
+            });
+        }
         tokio::select! {
             r = views.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep(RETRY), if failed => {}
+            _ = tokio::time::sleep(RETRY), if !errors.is_empty() => {}
         }
     }
 }

@@ -73,13 +73,13 @@ pub fn listen(ip: IpAddr, port: u16, network: String, ctx: Ctx) -> std::io::Resu
     let network: Arc<str> = network.into();
     Ok(Listener {
         tasks: vec![
-            tokio::spawn(serve_udp(Arc::new(udp), network.clone(), ctx.clone())),
-            tokio::spawn(serve_tcp(tcp, network, ctx)),
+            tokio::spawn(serve_udp(Arc::new(udp), ip, network.clone(), ctx.clone())),
+            tokio::spawn(serve_tcp(tcp, ip, network, ctx)),
         ],
     })
 }
 
-async fn serve_udp(sock: Arc<UdpSocket>, network: Arc<str>, ctx: Ctx) {
+async fn serve_udp(sock: Arc<UdpSocket>, own: IpAddr, network: Arc<str>, ctx: Ctx) {
     let forwards = Arc::new(Semaphore::new(MAX_FORWARDS));
     let mut buf = vec![0u8; 65535];
     loop {
@@ -98,6 +98,10 @@ async fn serve_udp(sock: Arc<UdpSocket>, network: Arc<str>, ctx: Ctx) {
                 let _ = sock.send_to(&r, peer).await;
             }
             Outcome::Drop => {}
+            // Our own forward coming back (an upstream list naming this gateway): no loop.
+            Outcome::Forward if peer.ip() == own => {
+                let _ = sock.send_to(&wire::servfail(packet), peer).await;
+            }
             Outcome::Forward => {
                 let Ok(permit) = forwards.clone().try_acquire_owned() else {
                     continue;
@@ -113,10 +117,10 @@ async fn serve_udp(sock: Arc<UdpSocket>, network: Arc<str>, ctx: Ctx) {
     }
 }
 
-async fn serve_tcp(listener: TcpListener, network: Arc<str>, ctx: Ctx) {
+async fn serve_tcp(listener: TcpListener, own: IpAddr, network: Arc<str>, ctx: Ctx) {
     let conns = Arc::new(Semaphore::new(MAX_TCP));
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(error = %e, "dns: tcp accept failed");
@@ -129,14 +133,19 @@ async fn serve_tcp(listener: TcpListener, network: Arc<str>, ctx: Ctx) {
         };
         let (network, ctx) = (network.clone(), ctx.clone());
         tokio::spawn(async move {
-            let _ = serve_conn(stream, &network, &ctx).await;
+            let _ = serve_conn(stream, peer.ip() == own, &network, &ctx).await;
             drop(permit);
         });
     }
 }
 
 /// Length-prefixed messages (RFC 7766) until the client closes, goes idle or sends junk.
-async fn serve_conn(mut s: TcpStream, network: &str, ctx: &Ctx) -> std::io::Result<()> {
+async fn serve_conn(
+    mut s: TcpStream,
+    from_self: bool,
+    network: &str,
+    ctx: &Ctx,
+) -> std::io::Result<()> {
     loop {
         let Ok(len) = tokio::time::timeout(TCP_IDLE, s.read_u16()).await else {
             return Ok(());
@@ -149,6 +158,7 @@ async fn serve_conn(mut s: TcpStream, network: &str, ctx: &Ctx) -> std::io::Resu
         let reply = match wire::handle(&zone, network, &q, ctx.ttl, false) {
             Outcome::Reply(r) => r,
             Outcome::Drop => return Ok(()),
+            Outcome::Forward if from_self => wire::servfail(&q),
             Outcome::Forward => ctx
                 .upstreams
                 .tcp(&q)

@@ -207,14 +207,15 @@ impl Zone {
                 z.names.insert(sname.clone(), addrs);
                 z.tasks.insert(sname, tasks);
             }
-            nets.insert(z.name.clone(), z);
+            // Keyed by the network's own name: the server asks with it.
+            nets.insert(name.clone(), z);
         }
         Zone { domain, nets }
     }
 
     /// The answer to `qname`/`qtype` asked on `network` (the network whose gateway received it).
     pub fn answer(&self, network: &str, qname: &str, qtype: QType) -> Answer {
-        let Some(net) = self.nets.get(&network.to_ascii_lowercase()) else {
+        let Some(net) = self.nets.get(network) else {
             return Answer::Forward;
         };
         match self.local(net, qname, qtype) {
@@ -230,11 +231,11 @@ impl Zone {
         }
         let inner = if q == self.domain {
             return Answer::empty();
-        } else if let Some(rest) = q.strip_suffix(&format!(".{}", self.domain)) {
+        } else if let Some(rest) = below(&q, &self.domain) {
             if rest == net.name {
                 return Answer::empty();
             }
-            match rest.strip_suffix(&format!(".{}", net.name)) {
+            match below(rest, &net.name) {
                 Some(inner) => inner,
                 // Another network's name, or nothing at all: invisible from here.
                 None => return Answer::NxDomain,
@@ -316,6 +317,11 @@ impl Zone {
             None => Answer::Forward,
         }
     }
+}
+
+/// `name` without `.suffix` (whole labels only), if it ends so.
+fn below<'a>(name: &'a str, suffix: &str) -> Option<&'a str> {
+    name.strip_suffix(suffix)?.strip_suffix('.')
 }
 
 fn addr_recs(name: Option<&str>, addrs: &[IpAddr], qtype: QType) -> Vec<Rec> {
