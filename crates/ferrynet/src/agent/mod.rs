@@ -7,8 +7,8 @@
 
 pub mod api;
 pub mod discovery;
-pub mod health;
 pub mod dns;
+pub mod health;
 pub mod lb;
 pub mod reconcile;
 pub mod register;
