@@ -421,7 +421,7 @@ fn names_health_moves_and_render_across_three_hosts() {
     // One producer by its id.
     for c in &clients {
         let got = lab.dig(c, &format!("{}.tasks.web.{ZONE}", ps[1].name), "A");
-        assert_eq!(got, [ps[1].v4.clone()], "from {}", c.host);
+        assert_eq!(got, std::slice::from_ref(&ps[1].v4), "from {}", c.host);
     }
 
     // b. p2's server dies: its check fails (every 300 ms, fall 2), and it leaves DNS and the
@@ -461,7 +461,12 @@ fn names_health_moves_and_render_across_three_hosts() {
     );
     for c in &clients {
         let got = lab.dig(c, &format!("{}.tasks.web.{ZONE}", moved.name), "A");
-        assert_eq!(got, [moved.v4.clone()], "p3 by name from {}", c.host);
+        assert_eq!(
+            got,
+            std::slice::from_ref(&moved.v4),
+            "p3 by name from {}",
+            c.host
+        );
         let got = lab.dig(c, &format!("tasks.web.{ZONE}"), "A");
         assert!(!got.contains(&old.v4), "old address still served: {got:?}");
     }
