@@ -153,7 +153,7 @@ class Driver:
         DRIVERS.append(self)
         self.log = open(os.path.join(self.state, "driver.log"), "w")
         if served_by == "agent":
-            args = ["agent", "--docker-socket", PLUGIN_SOCK]
+            args = ["agent", "--no-dns", "--docker-socket", PLUGIN_SOCK]
         else:
             args = ["docker-plugin", "--socket", PLUGIN_SOCK]
         self.proc = subprocess.Popen([FERRYNET, "--state-dir", self.state] + args,

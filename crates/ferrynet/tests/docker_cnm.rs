@@ -140,7 +140,9 @@ impl Plugin {
         let mut cmd = Command::new(bin());
         cmd.args(["--state-dir", &state]);
         if self.agent {
-            cmd.args(["agent", "--docker-socket", &socket]);
+            // No DNS: this agent runs in the real host namespace, where nothing should answer
+            // or forward queries for the tests.
+            cmd.args(["agent", "--no-dns", "--docker-socket", &socket]);
         } else {
             cmd.args(["docker-plugin", "--socket", &socket]);
         }

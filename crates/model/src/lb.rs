@@ -102,6 +102,13 @@ impl LbState {
     pub fn service_ports(&self) -> usize {
         self.vips.len() + self.no_producers.len()
     }
+    /// True when there is nothing to serve: the host then keeps no table at all.
+    pub fn is_empty(&self) -> bool {
+        self.chains.is_empty()
+            && self.vips.is_empty()
+            && self.no_producers.is_empty()
+            && self.ingress.is_empty()
+    }
 }
 
 fn fam(v6: bool) -> char {
@@ -519,6 +526,11 @@ pub fn delete_table() -> String {
     format!("delete table {T}\n")
 }
 
+/// Remove the table whether or not it exists (`add` first, so the `delete` always applies).
+pub fn absent_batch() -> String {
+    format!("add table {T}\ndelete table {T}\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -600,6 +612,13 @@ mod tests {
             desired(&v, "h1").chains["svc-web-tcp-80-4"].backends.len(),
             1
         );
+    }
+
+    #[test]
+    fn a_host_without_services_keeps_no_table() {
+        assert!(desired(&DiscoveryView::default(), "h1").is_empty());
+        assert!(!desired(&view(false), "h1").is_empty());
+        assert_eq!(absent_batch(), format!("add table {T}\ndelete table {T}\n"));
     }
 
     #[test]

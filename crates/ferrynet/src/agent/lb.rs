@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferrynet_dataplane::nft::NftExecutor;
-use ferrynet_model::lb::{desired, diff_batch, full_batch, LbState, TABLE};
+use ferrynet_model::lb::{absent_batch, desired, diff_batch, full_batch, LbState, TABLE};
 
 use super::discovery::ViewRx;
 use super::status::AgentStatus;
@@ -39,6 +39,10 @@ pub async fn run(
         let view = rx.borrow_and_update().clone();
         let want = desired(&view, &host);
         let (batch, rebuild) = match &programmed {
+            // Nothing to serve: no table at all, so a host without services keeps no rules of
+            // ours (and an agent that served none leaves nothing behind).
+            Some(old) if want.is_empty() && old.is_empty() => (String::new(), false),
+            _ if want.is_empty() => (absent_batch(), false),
             Some(old) => (diff_batch(old, &want), false),
             None => (full_batch(&want), true),
         };
@@ -102,8 +106,10 @@ pub async fn run(
                     break;
                 }
                 _ = check.tick() => {
-                    if programmed.is_none() {
-                        break;
+                    match &programmed {
+                        None => break,
+                        Some(p) if p.is_empty() => continue,
+                        Some(_) => {}
                     }
                     if !table_present(&nft).await {
                         tracing::warn!("table inet {TABLE} is gone; rebuilding it");
