@@ -106,7 +106,9 @@ impl Lab {
     /// A producer container on `host` answering with its id `short`.
     fn producer(&mut self, host: &str, short: &str) -> Container {
         let code = server_code(short);
-        self.run(host, short, &[], &["python3", "-c", &code])
+        let c = self.run(host, short, &[], &["python3", "-c", &code]);
+        assert!(!c.v6.is_empty(), "v6");
+        c
     }
 
     /// An "outside" client namespace on the underlay (172.31.0.200, fd31::c8), removed with
