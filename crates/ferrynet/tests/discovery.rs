@@ -9,32 +9,15 @@
 //! host follows registrations made on another. The lab and everything in it are removed on
 //! drop, also when the test fails.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
+use common::lab::{Container, Lab};
+use common::{bin, need, out, try_within, Proc};
 use serde_json::Value;
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_ferrynet")
-}
-
-fn out(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn need(tool: &str, package: &str) {
-    let found = std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .chain(["/usr/sbin", "/sbin", "/usr/bin"])
-        .any(|d| std::path::Path::new(d).join(tool).exists());
-    assert!(found, "{tool} is missing: apt-get install {package}");
-}
 
 const LAB: &str = "e2edisc";
 const ZONE: &str = "fabric.ferrynet.internal";
@@ -43,134 +26,22 @@ const HOSTS: [&str; 3] = ["h1", "h2", "h3"];
 /// zone, the nft transaction and a noisy machine.
 const CONVERGE: Duration = Duration::from_secs(15);
 
-/// A process the test started (a server in a container's namespace, `ferrynet render`),
-/// killed by its PID on drop.
-struct Proc(Child);
-
-impl Proc {
-    fn kill(mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A container: name, host, addresses.
-#[derive(Clone, Debug)]
-struct Container {
-    name: String,
-    host: String,
-    v4: String,
-}
-
-/// The lab, with the containers made on it; removed on drop.
-struct Lab {
-    containers: Vec<(String, String)>,
-    /// Servers by container name, and other processes (render), killed before the lab goes.
-    servers: BTreeMap<String, Proc>,
-    procs: Vec<Proc>,
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        self.servers.clear();
-        self.procs.clear();
-        for (c, host) in &self.containers {
-            let _ = self.exec(host, &["rm", "--force", c]);
-        }
-        let _ = Command::new(bin())
-            .args(["lab", "down", "--name", LAB])
-            .output();
-    }
-}
-
 impl Lab {
-    fn up() -> Lab {
+    /// The 3-host VXLAN lab `LAB`, with the clients the test needs.
+    fn e2e() -> Lab {
         need("dig", "dnsutils");
         need("getent", "libc-bin");
-        assert!(
-            std::path::Path::new("/usr/bin/etcd").exists(),
-            "etcd is missing: apt-get install etcd-server"
-        );
-        let _ = Command::new(bin())
-            .args(["lab", "down", "--name", LAB])
-            .output();
-        let lab = Lab {
-            containers: Vec::new(),
-            servers: BTreeMap::new(),
-            procs: Vec::new(),
-        };
-        let o = Command::new(bin())
-            .args([
-                "lab",
-                "up",
-                "--name",
-                LAB,
-                "--hosts",
-                "3",
-                "--backend",
-                "vxlan",
-            ])
-            .output()
-            .expect("lab up");
-        assert!(o.status.success(), "lab up failed: {}", out(&o));
-        lab
+        Lab::vxlan3(LAB)
     }
 
-    /// `ferrynet ARGS` on `host`.
-    fn exec(&self, host: &str, args: &[&str]) -> Output {
-        Command::new(bin())
-            .args(["lab", "exec", "--name", LAB, host, "--", bin()])
-            .args(args)
-            .output()
-            .expect("lab exec")
-    }
-
-    /// `ferrynet ARGS` on `host`, which must succeed; its stdout.
-    fn ok(&self, host: &str, args: &[&str]) -> String {
-        let o = self.exec(host, args);
-        assert!(o.status.success(), "{args:?} on {host}: {}", out(&o));
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    /// `ferrynet run` a sleeping container on `host` with `extra` flags; its addresses.
-    fn run(&mut self, host: &str, short: &str, extra: &[&str]) -> Container {
-        let name = format!("{LAB}{short}");
-        let mut args = vec!["run", "--name", &name, "--net", "fabric"];
-        args.extend_from_slice(extra);
-        args.extend_from_slice(&["--", "sleep", "600"]);
-        self.ok(host, &args);
-        self.containers.push((name.clone(), host.to_string()));
-        let list: Vec<Value> =
-            serde_json::from_str(&self.ok(host, &["ps", "--json"])).expect("ps json");
-        let me = list
-            .iter()
-            .find(|c| c["name"] == name.as_str())
-            .unwrap_or_else(|| panic!("{name} not in ps on {host}: {list:?}"));
-        let v4 = me["ips"]
-            .as_array()
-            .expect("ips")
-            .iter()
-            .filter_map(|v| v.as_str()?.split('/').next())
-            .find(|i| !i.contains(':'))
-            .expect("an IPv4 address")
-            .to_string();
-        Container {
-            name,
-            host: host.to_string(),
-            v4,
-        }
+    /// `ferrynet run` a sleeping container on `host` with `extra` flags.
+    fn sleeper(&mut self, host: &str, short: &str, extra: &[&str]) -> Container {
+        self.run(host, short, extra, &["sleep", "600"])
     }
 
     /// A producer of `web` on `host`: registered by `ferrynet run --service` with a TCP check.
     fn producer(&mut self, host: &str, short: &str) -> Container {
-        self.run(
+        self.sleeper(
             host,
             short,
             &[
@@ -242,41 +113,24 @@ impl Lab {
             .kill();
     }
 
-    /// Remove container `c` (its producer is deregistered by `ferrynet rm`).
-    fn rm(&mut self, c: &Container) {
-        if let Some(s) = self.servers.remove(&c.name) {
-            s.kill();
-        }
-        self.ok(&c.host, &["rm", "--force", &c.name]);
-        self.containers.retain(|(n, _)| *n != c.name);
-    }
-
     /// What a failed convergence reports: each host's health checks, LB and agent log tail.
     fn diagnose(&self) -> String {
         let mut s = String::new();
         for h in HOSTS {
             let st = self.exec(h, &["status"]);
-            let log = std::fs::read_to_string(format!("/run/ferrynet-lab/{LAB}/{h}/agent.log"))
-                .unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(10).collect();
-            s += &format!("--- {h}\n{}\n{}\n", out(&st), tail.join("\n"));
+            s += &format!("--- {h}\n{}\n{}\n", out(&st), self.agent_log_tail(h, 10));
         }
         s
     }
 
     /// Retry `f` until it returns Ok, for up to `CONVERGE`; then panic with what was seen.
-    fn converge<T>(&self, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
-        let until = Instant::now() + CONVERGE;
-        loop {
-            match f() {
-                Ok(v) => return v,
-                Err(seen) if Instant::now() > until => panic!(
-                    "{what}: not converged within {CONVERGE:?}; last seen: {seen}\n{}",
-                    self.diagnose()
-                ),
-                Err(_) => std::thread::sleep(Duration::from_millis(200)),
-            }
-        }
+    fn converge<T>(&self, what: &str, f: impl FnMut() -> Result<T, String>) -> T {
+        try_within(CONVERGE, f).unwrap_or_else(|seen| {
+            panic!(
+                "{what}: not converged within {CONVERGE:?}; last seen: {seen}\n{}",
+                self.diagnose()
+            )
+        })
     }
 }
 
@@ -381,7 +235,7 @@ fn answer(p: &Container) -> String {
 
 #[test]
 fn names_health_moves_and_render_across_three_hosts() {
-    let mut lab = Lab::up();
+    let mut lab = Lab::e2e();
 
     // a. Three producers of `web` (one per host) and a client container on every host.
     let mut ps: Vec<Container> = HOSTS
@@ -395,7 +249,7 @@ fn names_health_moves_and_render_across_three_hosts() {
     let clients: Vec<Container> = HOSTS
         .iter()
         .enumerate()
-        .map(|(i, h)| lab.run(h, &format!("c{}", i + 1), &[]))
+        .map(|(i, h)| lab.sleeper(h, &format!("c{}", i + 1), &[]))
         .collect();
     let inspect = |lab: &Lab| -> Vec<String> {
         let v: Value =

@@ -8,37 +8,9 @@ mod common;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bin, must, Lab, Ns, Proc};
+use common::lab::Lab as Cluster;
+use common::{bin, must, need, out as text, within, Lab, Ns, Proc};
 use serde_json::Value;
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn need(tool: &str, package: &str) {
-    let found = std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .chain(["/usr/sbin", "/sbin"])
-        .any(|d| std::path::Path::new(d).join(tool).exists());
-    assert!(found, "{tool} is missing: apt-get install {package}");
-}
-
-/// Retry `f` until it returns Some, for up to `within`; the last failure otherwise.
-fn within<T>(within: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
-    let until = Instant::now() + within;
-    loop {
-        match f() {
-            Ok(v) => return v,
-            Err(e) if Instant::now() > until => panic!("not within {within:?}: {e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
-}
 
 /// A single host with its agent serving DNS, and upstream resolvers in their own namespace.
 struct Host {
@@ -399,66 +371,19 @@ print(res)
     let _ = &h.upstream;
 }
 
-/// A 3-host `ferrynet lab` on etcd (VXLAN), removed on drop.
-struct Cluster {
-    name: String,
-    containers: Vec<(String, String)>,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for (host, c) in &self.containers {
-            let _ = self.ferrynet(host, &["rm", "--force", c]);
-        }
-        let _ = Command::new(bin())
-            .args(["lab", "down", "--name", &self.name])
-            .output();
-    }
-}
-
 impl Cluster {
-    fn up(name: &str) -> Cluster {
+    /// A 3-host `ferrynet lab` on etcd (VXLAN), removed on drop.
+    fn dns(name: &str) -> Cluster {
         need("dig", "dnsutils");
-        assert!(
-            std::path::Path::new("/usr/bin/etcd").exists(),
-            "etcd is missing: apt-get install etcd-server"
-        );
-        let _ = Command::new(bin())
-            .args(["lab", "down", "--name", name])
-            .output();
-        let c = Cluster {
-            name: name.to_string(),
-            containers: Vec::new(),
-        };
-        let o = Command::new(bin())
-            .args([
-                "lab",
-                "up",
-                "--name",
-                name,
-                "--hosts",
-                "3",
-                "--backend",
-                "vxlan",
-            ])
-            .output()
-            .expect("lab up");
-        assert!(o.status.success(), "lab up: {}", text(&o));
-        c
+        Cluster::vxlan3(name)
     }
 
-    fn ferrynet(&self, host: &str, args: &[&str]) -> Output {
-        Command::new(bin())
-            .args(["lab", "exec", "--name", &self.name, host, "--", bin()])
-            .args(args)
-            .output()
-            .expect("lab exec")
-    }
-
-    fn run(&mut self, host: &str, short: &str) -> (String, Vec<String>) {
+    /// A sleeping container on `host`: its name and addresses.
+    fn sleeper(&mut self, host: &str, short: &str) -> (String, Vec<String>) {
         self.run_with(host, short, &[], &["sleep", "600"])
     }
 
+    /// A container on `host` running `cmd` with `extra` flags: its name and addresses.
     fn run_with(
         &mut self,
         host: &str,
@@ -466,32 +391,15 @@ impl Cluster {
         extra: &[&str],
         cmd: &[&str],
     ) -> (String, Vec<String>) {
-        let name = format!("{}{short}", self.name);
-        let mut args = vec!["run", "--name", &name, "--net", "fabric"];
-        args.extend_from_slice(extra);
-        args.push("--");
-        args.extend_from_slice(cmd);
-        let o = self.ferrynet(host, &args);
-        assert!(o.status.success(), "run {name} on {host}: {}", text(&o));
-        self.containers.push((host.to_string(), name.clone()));
-        let ps = self.ferrynet(host, &["ps", "--json"]);
-        let list: Vec<Value> = serde_json::from_slice(&ps.stdout).expect("ps json");
-        let ips = list
-            .iter()
-            .find(|c| c["name"] == name.as_str())
-            .and_then(|c| c["ips"].as_array())
-            .expect("listed")
-            .iter()
-            .filter_map(|v| v.as_str()?.split('/').next().map(str::to_string))
-            .collect();
-        (name, ips)
+        let c = self.run(host, short, extra, cmd);
+        (c.name, c.ips)
     }
 
     /// `dig +short` inside a container, with the resolver ferrynet gave it.
     fn short(&self, host: &str, c: &str, args: &[&str]) -> Vec<String> {
         let mut a = vec!["exec", c, "--", "dig", "+short", "+tries=1", "+time=8"];
         a.extend_from_slice(args);
-        let mut v: Vec<String> = String::from_utf8_lossy(&self.ferrynet(host, &a).stdout)
+        let mut v: Vec<String> = String::from_utf8_lossy(&self.exec(host, &a).stdout)
             .lines()
             .filter(|l| !l.is_empty())
             .map(str::to_string)
@@ -514,7 +422,7 @@ impl Cluster {
         };
         let o = Command::new("nsenter")
             .args([
-                &format!("--net=/run/netns/{}-h1", self.name),
+                &format!("--net=/run/netns/{}", self.host_ns("h1")),
                 "python3",
                 "-c",
                 &code,
@@ -527,10 +435,10 @@ impl Cluster {
 
 #[test]
 fn names_and_services_across_three_hosts() {
-    let mut lab = Cluster::up("dnsvx");
-    let (c1, _ip1) = lab.run("h1", "a");
-    let (c2, ip2) = lab.run("h2", "b");
-    let (c3, ip3) = lab.run("h3", "c");
+    let mut lab = Cluster::dns("dnsvx");
+    let (c1, _ip1) = lab.sleeper("h1", "a");
+    let (c2, ip2) = lab.sleeper("h2", "b");
+    let (c3, ip3) = lab.sleeper("h3", "c");
     let zone = "fabric.ferrynet.internal";
 
     // Containers on other hosts, by full and short name, from every host.
@@ -665,8 +573,8 @@ fn cni_containers_get_the_resolver_and_their_names() {
 
 #[test]
 fn registered_services_follow_health_across_hosts() {
-    let mut lab = Cluster::up("dnshc");
-    let (c1, _) = lab.run("h1", "a");
+    let mut lab = Cluster::dns("dnshc");
+    let (c1, _) = lab.sleeper("h1", "a");
     let server = ["python3", "-m", "http.server", "8080"];
     let svc = [
         "--service",
@@ -681,7 +589,7 @@ fn registered_services_follow_health_across_hosts() {
     let (p2, ip2) = lab.run_with("h2", "b", &svc, &server);
     let (p3, ip3) = lab.run_with("h3", "c", &svc, &server);
     let zone = "fabric.ferrynet.internal";
-    let inspect = lab.ferrynet("h1", &["service", "inspect", "api"]);
+    let inspect = lab.exec("h1", &["service", "inspect", "api"]);
     let j: Value = serde_json::from_slice(&inspect.stdout).expect("inspect json");
     let mut vips: Vec<String> = j["service"]["vips"]
         .as_array()
@@ -709,7 +617,7 @@ fn registered_services_follow_health_across_hosts() {
     assert!(srv.iter().all(|r| r.starts_with("0 10 8080 ")), "{srv:?}");
 
     // The producer on h2 stops serving: its check fails and it leaves DNS on every host.
-    let o = lab.ferrynet("h2", &["stop", "--time", "1", &p2]);
+    let o = lab.exec("h2", &["stop", "--time", "1", &p2]);
     assert!(o.status.success(), "stop: {}", text(&o));
     for host in ["h1", "h3"] {
         let c = if host == "h1" { c1.clone() } else { p3.clone() };

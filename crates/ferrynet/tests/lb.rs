@@ -4,49 +4,19 @@
 //! lab's underlay. Every lab is removed on drop (its namespaces take the nftables tables
 //! with them), also when a test fails.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::lab::{Container, Lab};
+use common::{bin, out};
 use serde_json::Value;
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_ferrynet")
-}
-
-fn out(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 const VIP4: &str = "10.96.0.10";
 const VIP6: &str = "fd00:96::10";
-
-/// A lab with an "outside" namespace on its underlay, removed on drop.
-struct Lab {
-    name: String,
-    containers: Vec<(String, String)>,
-    outside: Option<String>,
-}
-
-/// A producer container: name, host, addresses.
-#[derive(Clone, Debug)]
-struct Container {
-    name: String,
-    host: String,
-    v4: String,
-    v6: String,
-}
-
-impl Container {
-    fn netns(&self) -> String {
-        format!("fnc-{}", self.name)
-    }
-}
 
 /// Answers every connection on port 8080 with `<id> <peer address>\n`, then echoes what it
 /// gets until the client closes (so a connection can stay open).
@@ -125,92 +95,24 @@ fn tally(o: &Output) -> Tally {
 }
 
 impl Lab {
-    fn up(name: &str) -> Lab {
-        assert!(
-            std::path::Path::new("/usr/bin/etcd").exists(),
-            "etcd is missing: apt-get install etcd-server"
-        );
-        let _ = Command::new(bin())
-            .args(["lab", "down", "--name", name])
-            .output();
+    /// The 3-host VXLAN lab, after removing a leftover "outside" namespace of a killed run.
+    fn lb(name: &str) -> Lab {
         let _ = Command::new("ip")
             .args(["netns", "del", &format!("{name}-out")])
             .output();
-        let lab = Lab {
-            name: name.to_string(),
-            containers: Vec::new(),
-            outside: None,
-        };
-        let o = Command::new(bin())
-            .args([
-                "lab",
-                "up",
-                "--name",
-                name,
-                "--hosts",
-                "3",
-                "--backend",
-                "vxlan",
-            ])
-            .output()
-            .expect("run lab up");
-        assert!(o.status.success(), "lab up failed: {}", out(&o));
-        lab
-    }
-
-    fn host_ns(&self, host: &str) -> String {
-        format!("{}-{host}", self.name)
-    }
-
-    fn exec(&self, host: &str, args: &[&str]) -> Output {
-        Command::new(bin())
-            .args(["lab", "exec", "--name", &self.name, host, "--", bin()])
-            .args(args)
-            .output()
-            .expect("lab exec")
-    }
-
-    fn status(&self, host: &str) -> Value {
-        let o = self.exec(host, &["status", "--json"]);
-        assert!(o.status.success(), "status on {host}: {}", out(&o));
-        serde_json::from_slice(&o.stdout).expect("status json")
-    }
-
-    /// `ferrynet run` a container on `host` with `cmd`; its addresses.
-    fn run(&mut self, host: &str, short: &str, cmd: &[&str]) -> Container {
-        let name = format!("{}{short}", self.name);
-        let mut args = vec!["run", "--name", &name, "--net", "fabric", "--"];
-        args.extend_from_slice(cmd);
-        let o = self.exec(host, &args);
-        assert!(o.status.success(), "run {name} on {host}: {}", out(&o));
-        self.containers.push((name.clone(), host.to_string()));
-        let ps = self.exec(host, &["ps", "--json"]);
-        let list: Vec<Value> = serde_json::from_slice(&ps.stdout).expect("ps json");
-        let me = list
-            .iter()
-            .find(|c| c["name"] == name.as_str())
-            .expect("container listed");
-        let ips: Vec<String> = me["ips"]
-            .as_array()
-            .expect("ips")
-            .iter()
-            .map(|v| v.as_str().unwrap().split('/').next().unwrap().to_string())
-            .collect();
-        Container {
-            name,
-            host: host.to_string(),
-            v4: ips.iter().find(|i| !i.contains(':')).cloned().expect("v4"),
-            v6: ips.iter().find(|i| i.contains(':')).cloned().expect("v6"),
-        }
+        Lab::vxlan3(name)
     }
 
     /// A producer container on `host` answering with its id `short`.
     fn producer(&mut self, host: &str, short: &str) -> Container {
         let code = server_code(short);
-        self.run(host, short, &["python3", "-c", &code])
+        let c = self.run(host, short, &[], &["python3", "-c", &code]);
+        assert!(!c.v6.is_empty(), "v6");
+        c
     }
 
-    /// An "outside" client namespace on the underlay (172.31.0.200, fd31::c8).
+    /// An "outside" client namespace on the underlay (172.31.0.200, fd31::c8), removed with
+    /// the lab.
     fn outside(&mut self) -> String {
         let ns = format!("{}-out", self.name);
         let ul = format!("{}-ul", self.name);
@@ -218,8 +120,7 @@ impl Lab {
             let o = Command::new("ip").args(args).output().unwrap();
             assert!(o.status.success(), "ip {args:?}: {}", out(&o));
         };
-        ip(&["netns", "add", &ns]);
-        self.outside = Some(ns.clone());
+        self.add_netns(&ns);
         ip(&["-n", &ns, "link", "set", "lo", "up"]);
         ip(&[
             "-n", &ul, "link", "add", "out", "type", "veth", "peer", "name", "eth0", "netns", &ns,
@@ -238,20 +139,6 @@ impl Lab {
         ]);
         ip(&["-n", &ns, "link", "set", "eth0", "up"]);
         ns
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for (c, host) in &self.containers {
-            let _ = self.exec(host, &["rm", "--force", c]);
-        }
-        let _ = Command::new(bin())
-            .args(["lab", "down", "--name", &self.name])
-            .output();
-        if let Some(ns) = &self.outside {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
     }
 }
 
@@ -389,9 +276,9 @@ fn three_producers(lab: &mut Lab) -> Vec<Container> {
 
 #[test]
 fn vip_spreads_evenly_from_containers_and_hosts_with_affinity_and_ipv6() {
-    let mut lab = Lab::up("lbvip");
+    let mut lab = Lab::lb("lbvip");
     let ps = three_producers(&mut lab);
-    let client = lab.run("h1", "cl", &["sleep", "infinity"]);
+    let client = lab.run("h1", "cl", &[], &["sleep", "infinity"]);
     let web = Svc {
         name: "web",
         vips: &[VIP4, VIP6],
@@ -583,9 +470,9 @@ fn finished_ok(mut c: Child, what: &str) {
 
 #[test]
 fn producer_changes_keep_established_connections_and_no_producers_refuse() {
-    let mut lab = Lab::up("lbchurn");
+    let mut lab = Lab::lb("lbchurn");
     let ps = three_producers(&mut lab);
-    let client = lab.run("h1", "cl", &["sleep", "infinity"]);
+    let client = lab.run("h1", "cl", &[], &["sleep", "infinity"]);
     let web = Svc {
         name: "web",
         vips: &[VIP4, VIP6],
@@ -681,7 +568,7 @@ fn producer_changes_keep_established_connections_and_no_producers_refuse() {
 
 #[test]
 fn ingress_answers_on_every_host_from_outside() {
-    let mut lab = Lab::up("lbingr");
+    let mut lab = Lab::lb("lbingr");
     let ps = three_producers(&mut lab);
     let out_ns = lab.outside();
     let web = Svc {

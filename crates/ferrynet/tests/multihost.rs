@@ -3,150 +3,36 @@
 //! and IPv6 with each backend, survive an agent restart and an etcd outage, and a removed
 //! host's peers must clean up. Every lab is removed on drop, also when a test fails.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::lab::{Container, Lab};
+use common::{bin, out};
 use serde_json::Value;
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_ferrynet")
-}
-
-fn out(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// A lab, removed on drop.
-struct Lab {
-    name: String,
-    containers: Vec<Container>,
-}
-
-/// A container made with `ferrynet run` on a lab host.
-#[derive(Clone, Debug)]
-struct Container {
-    name: String,
-    host: String,
-    v4: String,
-    v6: String,
-}
-
-impl Container {
-    fn netns(&self) -> String {
-        format!("fnc-{}", self.name)
-    }
-}
-
 impl Lab {
-    fn up(name: &str, hosts: u8, subnets: u8, backend: &str, extra: &[&str]) -> Lab {
-        assert!(
-            std::path::Path::new("/usr/bin/etcd").exists(),
-            "etcd is missing: apt-get install etcd-server"
-        );
-        // A leftover lab of the same name (a killed earlier run) is removed first.
-        let _ = Command::new(bin())
-            .args(["lab", "down", "--name", name])
-            .output();
+    /// `hosts` hosts with `subnets` underlay subnets, on `backend`, and `extra` flags.
+    fn sized(name: &str, hosts: u8, subnets: u8, backend: &str, extra: &[&str]) -> Lab {
         let h = hosts.to_string();
         let s = subnets.to_string();
-        let mut args = vec![
-            "lab",
-            "up",
-            "--name",
-            name,
-            "--hosts",
-            &h,
-            "--subnets",
-            &s,
-            "--backend",
-            backend,
-        ];
+        let mut args = vec!["--hosts", &h, "--subnets", &s, "--backend", backend];
         args.extend_from_slice(extra);
-        let lab = Lab {
-            name: name.to_string(),
-            containers: Vec::new(),
-        };
-        let o = Command::new(bin())
-            .args(&args)
-            .output()
-            .expect("run lab up");
-        assert!(o.status.success(), "lab up failed: {}", out(&o));
-        lab
-    }
-
-    fn exec(&self, host: &str, args: &[&str]) -> Output {
-        Command::new(bin())
-            .args(["lab", "exec", "--name", &self.name, host, "--", bin()])
-            .args(args)
-            .output()
-            .expect("lab exec")
-    }
-
-    fn lab(&self, args: &[&str]) {
-        let mut a = vec!["lab"];
-        a.extend_from_slice(args);
-        a.extend_from_slice(&["--name", &self.name]);
-        let o = Command::new(bin()).args(&a).output().expect("lab cmd");
-        assert!(o.status.success(), "lab {args:?}: {}", out(&o));
-    }
-
-    fn status(&self, host: &str) -> Value {
-        let o = self.exec(host, &["status", "--json"]);
-        assert!(o.status.success(), "status on {host}: {}", out(&o));
-        serde_json::from_slice(&o.stdout).expect("status json")
+        Lab::up(name, &args)
     }
 
     /// Start a container on `host` running a dual-stack TCP echo server on port 7000.
     fn container(&mut self, host: &str, short: &str) -> Container {
-        let name = format!("{}{short}", self.name);
         let server = "import socket,threading\n\
             s=socket.socket(socket.AF_INET6);s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
             s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0);s.bind(('::',7000));s.listen(64)\n\
             def serve(c):\n  while True:\n    d=c.recv(4096)\n    if not d: break\n    c.sendall(d)\n  c.close()\n\
             while True:\n  c,_=s.accept();threading.Thread(target=serve,args=(c,),daemon=True).start()\n";
-        let o = self.exec(
-            host,
-            &[
-                "run", "--name", &name, "--net", "fabric", "--", "python3", "-c", server,
-            ],
-        );
-        assert!(o.status.success(), "run {name} on {host}: {}", out(&o));
-        let ps = self.exec(host, &["ps", "--json"]);
-        let list: Vec<Value> = serde_json::from_slice(&ps.stdout).expect("ps json");
-        let me = list
-            .iter()
-            .find(|c| c["name"] == name.as_str())
-            .expect("container listed");
-        let ips: Vec<String> = me["ips"]
-            .as_array()
-            .expect("ips")
-            .iter()
-            .map(|v| v.as_str().unwrap().split('/').next().unwrap().to_string())
-            .collect();
-        let c = Container {
-            name,
-            host: host.to_string(),
-            v4: ips.iter().find(|i| !i.contains(':')).cloned().expect("v4"),
-            v6: ips.iter().find(|i| i.contains(':')).cloned().expect("v6"),
-        };
-        self.containers.push(c.clone());
+        let c = self.run(host, short, &[], &["python3", "-c", server]);
+        assert!(!c.v6.is_empty(), "v6");
         c
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for c in &self.containers {
-            let _ = self.exec(&c.host, &["rm", "--force", &c.name]);
-        }
-        let _ = Command::new(bin())
-            .args(["lab", "down", "--name", &self.name])
-            .output();
     }
 }
 
@@ -211,7 +97,7 @@ fn peer_backend(status: &Value, peer: &str) -> Option<String> {
 
 #[test]
 fn route_backend_all_pairs() {
-    let mut lab = Lab::up("mhroute", 3, 1, "route", &[]);
+    let mut lab = Lab::sized("mhroute", 3, 1, "route", &[]);
     let cs = three_containers(&mut lab);
     all_pairs(&cs);
     let st = lab.status("h1");
@@ -221,7 +107,7 @@ fn route_backend_all_pairs() {
 
 #[test]
 fn vxlan_backend_all_pairs_with_overlay_mtu() {
-    let mut lab = Lab::up("mhvxlan", 3, 1, "vxlan", &[]);
+    let mut lab = Lab::sized("mhvxlan", 3, 1, "vxlan", &[]);
     let cs = three_containers(&mut lab);
     all_pairs(&cs);
     // Container interfaces carry the underlay MTU minus the VXLAN overhead.
@@ -254,7 +140,7 @@ fn vxlan_backend_all_pairs_with_overlay_mtu() {
 #[test]
 fn auto_backend_routes_on_link_and_tunnels_across() {
     // Two underlay subnets joined by a router: h1 and h3 share one, h2 is on the other.
-    let mut lab = Lab::up("mhauto", 3, 2, "auto", &[]);
+    let mut lab = Lab::sized("mhauto", 3, 2, "auto", &[]);
     let cs = three_containers(&mut lab);
     all_pairs(&cs);
     let st = lab.status("h1");
@@ -264,7 +150,7 @@ fn auto_backend_routes_on_link_and_tunnels_across() {
 
 #[test]
 fn route_backend_reports_a_peer_off_link() {
-    let lab = Lab::up("mhoff", 2, 2, "route", &[]);
+    let lab = Lab::sized("mhoff", 2, 2, "route", &[]);
     let until = Instant::now() + Duration::from_secs(10);
     loop {
         let st = lab.status("h1");
@@ -311,7 +197,7 @@ fn stream(from: &Container, addr: &str, secs: u32) -> Child {
 
 #[test]
 fn agent_kill_and_restart_keeps_a_stream_flowing() {
-    let mut lab = Lab::up("mhrest", 2, 1, "vxlan", &[]);
+    let mut lab = Lab::sized("mhrest", 2, 1, "vxlan", &[]);
     let c1 = lab.container("h1", "c1");
     let c2 = lab.container("h2", "c2");
     echo(&c1, &c2.v4, Duration::from_secs(5)).unwrap();
@@ -402,7 +288,7 @@ impl Drop for Netns {
 
 #[test]
 fn etcd_outage_keeps_traffic_and_fails_adds_with_try_again() {
-    let mut lab = Lab::up("mhetcd", 2, 1, "route", &[]);
+    let mut lab = Lab::sized("mhetcd", 2, 1, "route", &[]);
     let c1 = lab.container("h1", "c1");
     let c2 = lab.container("h2", "c2");
     echo(&c1, &c2.v4, Duration::from_secs(5)).unwrap();
@@ -464,7 +350,7 @@ fn etcd_outage_keeps_traffic_and_fails_adds_with_try_again() {
 
 #[test]
 fn removed_host_is_cleaned_up_by_its_peers() {
-    let mut lab = Lab::up(
+    let mut lab = Lab::sized(
         "mhgone",
         3,
         1,
@@ -545,7 +431,7 @@ fn removed_host_is_cleaned_up_by_its_peers() {
 #[test]
 fn first_add_on_a_host_claims_its_block_itself() {
     // No agent on h1 has claimed anything yet when its first container arrives.
-    let lab = Lab::up("mhfirst", 2, 1, "route", &[]);
+    let lab = Lab::sized("mhfirst", 2, 1, "route", &[]);
     lab.lab(&["stop-agent", "h1"]);
     let o = lab.exec(
         "h2",

@@ -4,81 +4,23 @@
 //! and commands in the producer's namespace; a stopped host's producers leave. Every lab is
 //! removed on drop, also when a test fails.
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::lab::Lab;
+use common::Proc;
 use serde_json::Value;
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_ferrynet")
-}
-
-fn out(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// A lab, removed on drop (with the containers `ferrynet run` made on it).
-struct Lab {
-    name: String,
-}
-
 impl Lab {
-    fn up(name: &str, hosts: u8, extra: &[&str]) -> Lab {
-        assert!(
-            std::path::Path::new("/usr/bin/etcd").exists(),
-            "etcd is missing: apt-get install etcd-server"
-        );
-        let _ = Command::new(bin())
-            .args(["lab", "down", "--name", name])
-            .output();
+    /// `hosts` hosts (the lab's default backend) with `extra` flags (lease TTL, grace).
+    fn hosts(name: &str, hosts: u8, extra: &[&str]) -> Lab {
         let h = hosts.to_string();
-        let mut args = vec!["lab", "up", "--name", name, "--hosts", &h];
+        let mut args = vec!["--hosts", h.as_str()];
         args.extend_from_slice(extra);
-        let lab = Lab {
-            name: name.to_string(),
-        };
-        let o = Command::new(bin()).args(&args).output().expect("lab up");
-        assert!(o.status.success(), "lab up failed: {}", out(&o));
-        lab
-    }
-
-    /// `ferrynet ARGS` on `host`.
-    fn exec(&self, host: &str, args: &[&str]) -> Output {
-        Command::new(bin())
-            .args(["lab", "exec", "--name", &self.name, host, "--", bin()])
-            .args(args)
-            .output()
-            .expect("lab exec")
-    }
-
-    /// `ferrynet ARGS` on `host`, which must succeed; its stdout.
-    fn ok(&self, host: &str, args: &[&str]) -> String {
-        let o = self.exec(host, args);
-        assert!(o.status.success(), "{args:?} on {host}: {}", out(&o));
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    /// `ferrynet ARGS` on `host`, which must fail saying `what`.
-    fn fails(&self, host: &str, args: &[&str], what: &str) {
-        let o = self.exec(host, args);
-        assert!(
-            !o.status.success() && out(&o).contains(what),
-            "{args:?} should fail with {what:?}: {}",
-            out(&o)
-        );
-    }
-
-    fn lab(&self, args: &[&str]) {
-        let mut a = vec!["lab"];
-        a.extend_from_slice(args);
-        a.extend_from_slice(&["--name", &self.name]);
-        let o = Command::new(bin()).args(&a).output().expect("lab cmd");
-        assert!(o.status.success(), "lab {args:?}: {}", out(&o));
+        Lab::up(name, &args)
     }
 
     fn inspect(&self, host: &str, service: &str) -> Value {
@@ -110,23 +52,6 @@ impl Lab {
     }
 }
 
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = Command::new(bin())
-            .args(["lab", "down", "--name", &self.name])
-            .output();
-    }
-}
-
-/// A process the test started (in a container's namespace), killed by PID on drop.
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// An HTTP server on `port` inside container `name`'s namespace.
 fn http_server(container: &str, port: u16) -> Proc {
     Proc(
@@ -150,7 +75,7 @@ fn vips_of(register_output: &str) -> String {
 
 #[test]
 fn register_deregister_ls_inspect_and_run_service() {
-    let lab = Lab::up("rgreg", 1, &[]);
+    let lab = Lab::hosts("rgreg", 1, &[]);
     let h = "h1";
     // Bad inputs: a non-zero exit and a message that says what is wrong.
     lab.fails(
@@ -474,7 +399,7 @@ fn register_deregister_ls_inspect_and_run_service() {
 
 #[test]
 fn health_checks_tcp_http_exec() {
-    let lab = Lab::up("rghlth", 1, &[]);
+    let lab = Lab::hosts("rghlth", 1, &[]);
     let h = "h1";
     lab.ok(
         h,
@@ -653,7 +578,7 @@ fn health_checks_tcp_http_exec() {
 
 #[test]
 fn a_stopped_hosts_producers_leave_then_go() {
-    let lab = Lab::up("rggone", 2, &["--grace", "3s", "--lease-ttl", "2s"]);
+    let lab = Lab::hosts("rggone", 2, &["--grace", "3s", "--lease-ttl", "2s"]);
     lab.ok(
         "h2",
         &[
@@ -761,7 +686,7 @@ fn a_stopped_hosts_producers_leave_then_go() {
 
 #[test]
 fn health_survives_an_agent_restart() {
-    let lab = Lab::up("rgrest", 1, &["--lease-ttl", "2s"]);
+    let lab = Lab::hosts("rgrest", 1, &["--lease-ttl", "2s"]);
     let h = "h1";
     lab.ok(
         h,

@@ -6,8 +6,11 @@
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+
+pub mod lab;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -88,11 +91,57 @@ impl Drop for Ns {
 /// A process started in a namespace, killed (by PID) on drop.
 pub struct Proc(pub std::process::Child);
 
+impl Proc {
+    /// Kill it now (by PID) rather than at the end of the scope.
+    pub fn kill(self) {
+        drop(self);
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A command's stdout and stderr, for failure messages.
+pub fn out(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Assert that `tool` is installed (a test that needs it fails, never skips).
+pub fn need(tool: &str, package: &str) {
+    let found = std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/sbin", "/usr/bin"])
+        .any(|d| std::path::Path::new(d).join(tool).exists());
+    assert!(found, "{tool} is missing: apt-get install {package}");
+}
+
+/// Retry `f` every 200 ms until it returns Ok, for up to `within`; the last error otherwise.
+pub fn try_within<T>(
+    within: Duration,
+    mut f: impl FnMut() -> Result<T, String>,
+) -> Result<T, String> {
+    let until = Instant::now() + within;
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() > until => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// Retry `f` until it returns Ok, for up to `within`; panic with the last failure otherwise.
+pub fn within<T>(within: Duration, f: impl FnMut() -> Result<T, String>) -> T {
+    try_within(within, f).unwrap_or_else(|e| panic!("not within {within:?}: {e}"))
 }
 
 /// A TCP server in `ns` on `port` that answers every connection with `reply` and the peer's

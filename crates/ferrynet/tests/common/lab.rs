@@ -1,0 +1,207 @@
+//! A multi-host `ferrynet lab` on a real etcd for the multi-host tests: hosts are network
+//! namespaces with an agent each. The containers `run` made and the namespaces `add_netns`
+//! added are removed with the lab on drop, also when a test fails.
+
+use std::collections::BTreeMap;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+use super::{bin, out, Proc};
+
+/// A container made with `ferrynet run` on a lab host.
+#[derive(Clone, Debug)]
+pub struct Container {
+    /// Its name: the lab's name and a short suffix.
+    pub name: String,
+    /// The lab host it runs on.
+    pub host: String,
+    /// Its addresses, without prefix length.
+    pub ips: Vec<String>,
+    /// Its first IPv4 address.
+    pub v4: String,
+    /// Its first IPv6 address ("" when it has none).
+    pub v6: String,
+}
+
+impl Container {
+    /// Its network namespace's name.
+    pub fn netns(&self) -> String {
+        format!("fnc-{}", self.name)
+    }
+}
+
+/// A lab, removed on drop with what the test made on it.
+pub struct Lab {
+    /// Its name (the prefix of its namespaces and links).
+    pub name: String,
+    /// Containers as (host, name), removed before the lab goes.
+    containers: Vec<(String, String)>,
+    /// Extra namespaces on the lab's underlay, removed after it.
+    netns: Vec<String>,
+    /// Processes in a container's namespace by container name, killed (by PID) first.
+    pub servers: BTreeMap<String, Proc>,
+    /// Other processes the test started, killed (by PID) first.
+    pub procs: Vec<Proc>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.servers.clear();
+        self.procs.clear();
+        for (host, c) in &self.containers {
+            let _ = self.exec(host, &["rm", "--force", c]);
+        }
+        let _ = Command::new(bin())
+            .args(["lab", "down", "--name", &self.name])
+            .output();
+        for ns in &self.netns {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+impl Lab {
+    /// `ferrynet lab up --name NAME ARGS` (`--hosts`, `--backend`, …), after removing a
+    /// leftover lab of the same name (a killed earlier run).
+    pub fn up(name: &str, args: &[&str]) -> Lab {
+        assert!(
+            std::path::Path::new("/usr/bin/etcd").exists(),
+            "etcd is missing: apt-get install etcd-server"
+        );
+        let _ = Command::new(bin())
+            .args(["lab", "down", "--name", name])
+            .output();
+        let lab = Lab {
+            name: name.to_string(),
+            containers: Vec::new(),
+            netns: Vec::new(),
+            servers: BTreeMap::new(),
+            procs: Vec::new(),
+        };
+        let o = Command::new(bin())
+            .args(["lab", "up", "--name", name])
+            .args(args)
+            .output()
+            .expect("run lab up");
+        assert!(o.status.success(), "lab up failed: {}", out(&o));
+        lab
+    }
+
+    /// The usual lab: three hosts over VXLAN.
+    pub fn vxlan3(name: &str) -> Lab {
+        Lab::up(name, &["--hosts", "3", "--backend", "vxlan"])
+    }
+
+    /// The network namespace of lab host `host`.
+    pub fn host_ns(&self, host: &str) -> String {
+        format!("{}-{host}", self.name)
+    }
+
+    /// The tail (last `n` lines, newest first) of `host`'s agent log.
+    pub fn agent_log_tail(&self, host: &str, n: usize) -> String {
+        let log =
+            std::fs::read_to_string(format!("/run/ferrynet-lab/{}/{host}/agent.log", self.name))
+                .unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(n).collect();
+        tail.join("\n")
+    }
+
+    /// `ferrynet ARGS` on `host`.
+    pub fn exec(&self, host: &str, args: &[&str]) -> Output {
+        Command::new(bin())
+            .args(["lab", "exec", "--name", &self.name, host, "--", bin()])
+            .args(args)
+            .output()
+            .expect("lab exec")
+    }
+
+    /// `ferrynet ARGS` on `host`, which must succeed; its stdout.
+    pub fn ok(&self, host: &str, args: &[&str]) -> String {
+        let o = self.exec(host, args);
+        assert!(o.status.success(), "{args:?} on {host}: {}", out(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// `ferrynet ARGS` on `host`, which must fail saying `what`.
+    pub fn fails(&self, host: &str, args: &[&str], what: &str) {
+        let o = self.exec(host, args);
+        assert!(
+            !o.status.success() && out(&o).contains(what),
+            "{args:?} should fail with {what:?}: {}",
+            out(&o)
+        );
+    }
+
+    /// `ferrynet lab ARGS --name NAME`, which must succeed.
+    pub fn lab(&self, args: &[&str]) {
+        let mut a = vec!["lab"];
+        a.extend_from_slice(args);
+        a.extend_from_slice(&["--name", &self.name]);
+        let o = Command::new(bin()).args(&a).output().expect("lab cmd");
+        assert!(o.status.success(), "lab {args:?}: {}", out(&o));
+    }
+
+    /// `ferrynet status --json` on `host`.
+    pub fn status(&self, host: &str) -> Value {
+        let o = self.exec(host, &["status", "--json"]);
+        assert!(o.status.success(), "status on {host}: {}", out(&o));
+        serde_json::from_slice(&o.stdout).expect("status json")
+    }
+
+    /// `ferrynet run --name LAB+short --net fabric EXTRA -- CMD` on `host`, removed with the
+    /// lab; its addresses as `ps` shows them.
+    pub fn run(&mut self, host: &str, short: &str, extra: &[&str], cmd: &[&str]) -> Container {
+        let name = format!("{}{short}", self.name);
+        let mut args = vec!["run", "--name", &name, "--net", "fabric"];
+        args.extend_from_slice(extra);
+        args.push("--");
+        args.extend_from_slice(cmd);
+        let o = self.exec(host, &args);
+        assert!(o.status.success(), "run {name} on {host}: {}", out(&o));
+        self.containers.push((host.to_string(), name.clone()));
+        let list: Vec<Value> =
+            serde_json::from_str(&self.ok(host, &["ps", "--json"])).expect("ps json");
+        let ips: Vec<String> = list
+            .iter()
+            .find(|c| c["name"] == name.as_str())
+            .and_then(|c| c["ips"].as_array())
+            .unwrap_or_else(|| panic!("{name} not in ps on {host}: {list:?}"))
+            .iter()
+            .filter_map(|v| v.as_str()?.split('/').next().map(str::to_string))
+            .collect();
+        let v4 = ips
+            .iter()
+            .find(|i| !i.contains(':'))
+            .cloned()
+            .expect("an IPv4 address");
+        let v6 = ips.iter().find(|i| i.contains(':')).cloned();
+        Container {
+            name,
+            host: host.to_string(),
+            v4,
+            v6: v6.unwrap_or_default(),
+            ips,
+        }
+    }
+
+    /// Remove container `c` now (`ferrynet rm --force`, which must succeed), after killing
+    /// its server.
+    pub fn rm(&mut self, c: &Container) {
+        if let Some(s) = self.servers.remove(&c.name) {
+            s.kill();
+        }
+        self.ok(&c.host, &["rm", "--force", &c.name]);
+        self.containers.retain(|(_, n)| *n != c.name);
+    }
+
+    /// Create namespace `ns` (removed after the lab on drop); `ip netns add` must succeed.
+    pub fn add_netns(&mut self, ns: &str) {
+        let o = Command::new("ip")
+            .args(["netns", "add", ns])
+            .output()
+            .expect("ip netns add");
+        assert!(o.status.success(), "ip netns add {ns}: {}", out(&o));
+        self.netns.push(ns.to_string());
+    }
+}
