@@ -28,6 +28,7 @@ pub enum Outcome {
 
 /// Decide what to answer to `packet`, received on `network`'s gateway. `udp` caps the reply
 /// at the client's buffer size (truncating with TC set); over TCP anything up to 64 KiB goes.
+/// The common query is answered by [`fast::answer`], the rest by [`general`].
 pub fn handle(zone: &Zone, network: &str, packet: &[u8], ttl: u32, udp: bool) -> Outcome {
     let mut out = Vec::new();
     if fast::answer(zone, network, packet, ttl, udp, &mut out) {
