@@ -2,6 +2,7 @@
 //! reverse names per network, answered on each of this host's gateway addresses from the
 //! discovery view; other names forwarded to the upstream resolvers.
 
+pub mod fast;
 pub mod forward;
 pub mod gateways;
 pub mod server;

@@ -11,6 +11,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
+use super::fast;
 use super::forward::Upstreams;
 use super::wire::{self, Outcome};
 use super::zone::Zone;
@@ -82,6 +83,8 @@ pub fn listen(ip: IpAddr, port: u16, network: String, ctx: Ctx) -> std::io::Resu
 async fn serve_udp(sock: Arc<UdpSocket>, own: IpAddr, network: Arc<str>, ctx: Ctx) {
     let forwards = Arc::new(Semaphore::new(MAX_FORWARDS));
     let mut buf = vec![0u8; 65535];
+    // The fast path's reply buffer, reused across packets.
+    let mut out = Vec::with_capacity(512);
     loop {
         let (n, peer) = match sock.recv_from(&mut buf).await {
             Ok(r) => r,
@@ -93,7 +96,11 @@ async fn serve_udp(sock: Arc<UdpSocket>, own: IpAddr, network: Arc<str>, ctx: Ct
         };
         let packet = &buf[..n];
         let zone = ctx.zones.borrow().clone();
-        match wire::handle(&zone, &network, packet, ctx.ttl, true) {
+        if fast::answer(&zone, &network, packet, ctx.ttl, true, &mut out) {
+            let _ = sock.send_to(&out, peer).await;
+            continue;
+        }
+        match wire::general(&zone, &network, packet, ctx.ttl, true) {
             Outcome::Reply(r) => {
                 let _ = sock.send_to(&r, peer).await;
             }

@@ -7,12 +7,13 @@ use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode}
 use hickory_proto::rr::rdata::{A, AAAA, PTR, SRV};
 use hickory_proto::rr::{DNSClass, Name, RData as HRData, Record, RecordType};
 
+use super::fast;
 use super::zone::{Answer, QType, RData, Rec, Zone};
 
 /// Largest UDP reply we send when the client announces no EDNS buffer (RFC 1035).
-const CLASSIC_UDP: usize = 512;
+pub(super) const CLASSIC_UDP: usize = 512;
 /// The EDNS buffer we announce and cap replies at (the DNS flag day 2020 value).
-const EDNS_UDP: u16 = 1232;
+pub(super) const EDNS_UDP: u16 = 1232;
 
 /// What to do with a received packet.
 #[derive(Debug, PartialEq, Eq)]
@@ -27,7 +28,17 @@ pub enum Outcome {
 
 /// Decide what to answer to `packet`, received on `network`'s gateway. `udp` caps the reply
 /// at the client's buffer size (truncating with TC set); over TCP anything up to 64 KiB goes.
+/// The common query is answered by [`fast::answer`], the rest by [`general`].
 pub fn handle(zone: &Zone, network: &str, packet: &[u8], ttl: u32, udp: bool) -> Outcome {
+    let mut out = Vec::new();
+    if fast::answer(zone, network, packet, ttl, udp, &mut out) {
+        return Outcome::Reply(out);
+    }
+    general(zone, network, packet, ttl, udp)
+}
+
+/// [`handle`] through hickory-proto alone: every query the fast path declines comes here.
+pub fn general(zone: &Zone, network: &str, packet: &[u8], ttl: u32, udp: bool) -> Outcome {
     if packet.len() < 12 || packet[2] & 0x80 != 0 {
         return Outcome::Drop;
     }

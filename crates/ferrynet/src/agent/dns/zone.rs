@@ -224,6 +224,24 @@ impl Zone {
         }
     }
 
+    /// The addresses of a container, alias or service name asked on `network`, for the wire
+    /// fast path: `lower` is the query name in lower case without its trailing dot. `Some` only
+    /// where [`Zone::answer`] would answer from the names map (the caller filters by family);
+    /// `None` for everything else (reverse names, the zone apexes, `tasks.`, SRV, NXDOMAIN,
+    /// forwards), which the caller leaves to the general path.
+    pub fn names_hit(&self, network: &str, lower: &str) -> Option<&[IpAddr]> {
+        let net = self.nets.get(network)?;
+        if lower.ends_with(".arpa") || lower == self.domain {
+            return None;
+        }
+        let inner = match below(lower, &self.domain) {
+            Some(rest) => below(rest, &net.name)?,
+            None if !lower.contains('.') => lower,
+            None => return None,
+        };
+        net.names.get(inner).map(Vec::as_slice)
+    }
+
     fn local(&self, net: &NetZone, qname: &str, qtype: QType) -> Answer {
         let q = qname.trim_end_matches('.').to_ascii_lowercase();
         if let Some(ip) = parse_reverse(&q) {
