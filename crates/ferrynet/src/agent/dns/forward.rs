@@ -57,30 +57,26 @@ fn unspecified(for_addr: &SocketAddr) -> SocketAddr {
 impl Upstreams {
     /// Ask over UDP; None when no upstream answered in time.
     pub async fn udp(&self, query: &[u8]) -> Option<Vec<u8>> {
-        let deadline = Instant::now() + DEADLINE;
-        let mut refusal = None;
-        for up in &self.addrs {
-            let until = deadline.min(Instant::now() + PER_UPSTREAM);
-            match timeout_at(until, udp_once(*up, query)).await {
-                Ok(Ok(r)) if refused(&r) => refusal = Some(r),
-                Ok(Ok(r)) => return Some(r),
-                Ok(Err(e)) => tracing::debug!(upstream = %up, error = %e, "upstream failed"),
-                Err(_) => tracing::debug!(upstream = %up, "upstream timed out"),
-            }
-            if Instant::now() >= deadline {
-                break;
-            }
-        }
-        refusal
+        self.ask(|up| udp_once(up, query)).await
     }
 
     /// Ask over TCP (for clients that asked over TCP); None when no upstream answered in time.
     pub async fn tcp(&self, query: &[u8]) -> Option<Vec<u8>> {
+        self.ask(|up| tcp_once(up, query)).await
+    }
+
+    /// Each upstream in turn, each within its share of the deadline; a SERVFAIL or REFUSED
+    /// moves on to the next and is returned only when nobody answered better.
+    async fn ask<F, Fut>(&self, once: F) -> Option<Vec<u8>>
+    where
+        F: Fn(SocketAddr) -> Fut,
+        Fut: std::future::Future<Output = std::io::Result<Vec<u8>>>,
+    {
         let deadline = Instant::now() + DEADLINE;
         let mut refusal = None;
         for up in &self.addrs {
             let until = deadline.min(Instant::now() + PER_UPSTREAM);
-            match timeout_at(until, tcp_once(*up, query)).await {
+            match timeout_at(until, once(*up)).await {
                 Ok(Ok(r)) if refused(&r) => refusal = Some(r),
                 Ok(Ok(r)) => return Some(r),
                 Ok(Err(e)) => tracing::debug!(upstream = %up, error = %e, "upstream failed"),
