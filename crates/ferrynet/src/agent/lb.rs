@@ -11,6 +11,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use ferrynet_dataplane::firewall_compat::ensure_forward_accept;
 use ferrynet_dataplane::nft::NftExecutor;
 use ferrynet_model::lb::{absent_batch, desired, diff_batch, full_batch, LbState, TABLE};
 
@@ -33,11 +34,23 @@ pub async fn run(
         return;
     }
     let mut programmed: Option<LbState> = None;
+    // The iptables FORWARD accept of ingress connections, made sure of once per agent run
+    // (a bridge created by an older version did not add it).
+    let mut forward_accepted = false;
     let mut check = tokio::time::interval(CHECK_EVERY);
     check.tick().await;
     loop {
         let view = rx.borrow_and_update().clone();
         let want = desired(&view, &host);
+        if !want.ingress.is_empty() && !forward_accepted {
+            match tokio::task::spawn_blocking(ensure_forward_accept).await {
+                Ok(Ok(())) => forward_accepted = true,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot accept ingress in iptables FORWARD")
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot accept ingress in iptables FORWARD"),
+            }
+        }
         let (batch, rebuild) = match &programmed {
             // Nothing to serve: no table at all, so a host without services keeps no rules of
             // ours (and an agent that served none leaves nothing behind).
