@@ -225,7 +225,6 @@ mod tests {
 
     fn service(name: &str, check: bool) -> Service {
         Service {
-            name: name.into(),
             ports: vec![ServicePort {
                 name: "http".into(),
                 port: 80,
@@ -233,9 +232,8 @@ mod tests {
             }],
             vips: vec!["10.96.0.10".parse().unwrap()],
             networks: vec!["blue".into()],
-            ingress: vec![],
-            affinity: false,
             check: check.then(|| HealthCheck::new(CheckKind::Tcp { port: 80 })),
+            ..Service::named(name)
         }
     }
     fn producer(svc: &str, id: &str, host: &str, ip: &str) -> Producer {

@@ -539,17 +539,14 @@ mod tests {
 
     fn service(name: &str, vip: &str, affinity: bool) -> Service {
         Service {
-            name: name.into(),
             ports: vec![ServicePort {
                 name: "http".into(),
                 port: 80,
                 protocol: Protocol::Tcp,
             }],
             vips: vec![vip.parse().unwrap(), "fd00:96::5".parse().unwrap()],
-            networks: vec![],
-            ingress: vec![],
             affinity,
-            check: None,
+            ..Service::named(name)
         }
     }
     fn producer(svc: &str, id: &str, host: &str, ips: &[&str]) -> Producer {

@@ -165,6 +165,26 @@ pub struct Endpoint {
     pub aliases: Vec<String>,
 }
 
+impl Endpoint {
+    /// An endpoint of `container_id`'s `ifname` on `network`, with nothing recorded yet.
+    pub fn new(network: &str, container_id: &str, ifname: &str) -> Endpoint {
+        Endpoint {
+            network: network.to_string(),
+            container_id: container_id.to_string(),
+            ifname: ifname.to_string(),
+            netns: None,
+            ips: Vec::new(),
+            mac: None,
+            host_veth: None,
+            host_mac: None,
+            port_mappings: Vec::new(),
+            host: None,
+            name: None,
+            aliases: Vec::new(),
+        }
+    }
+}
+
 /// Store key layout; one place so every reader and writer agrees.
 pub mod keys {
     /// Root of ferrynet's keyspace.

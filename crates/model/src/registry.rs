@@ -118,15 +118,9 @@ pub fn plan_service(
     taken: &BTreeMap<IpAddr, String>,
     ranges: &VipRanges,
 ) -> Result<ServicePlan, RegistryError> {
-    let mut svc = existing.cloned().unwrap_or_else(|| Service {
-        name: req.name.clone(),
-        ports: Vec::new(),
-        vips: Vec::new(),
-        networks: Vec::new(),
-        ingress: Vec::new(),
-        affinity: false,
-        check: None,
-    });
+    let mut svc = existing
+        .cloned()
+        .unwrap_or_else(|| Service::named(&req.name));
     if let Some(p) = &req.ports {
         svc.ports = p.clone();
     }

@@ -148,6 +148,18 @@ pub struct Service {
 }
 
 impl Service {
+    /// A service with nothing but its name: no ports, no VIPs, every network, no check.
+    pub fn named(name: &str) -> Service {
+        Service {
+            name: name.to_string(),
+            ports: Vec::new(),
+            vips: Vec::new(),
+            networks: Vec::new(),
+            ingress: Vec::new(),
+            affinity: false,
+            check: None,
+        }
+    }
     /// True when containers on `network` see this service.
     pub fn visible_on(&self, network: &str) -> bool {
         self.networks.is_empty() || self.networks.iter().any(|n| n == network)
@@ -465,17 +477,12 @@ mod tests {
 
     fn svc(name: &str) -> Service {
         Service {
-            name: name.into(),
             ports: vec![ServicePort {
                 name: "http".into(),
                 port: 80,
                 protocol: Protocol::Tcp,
             }],
-            vips: vec![],
-            networks: vec![],
-            ingress: vec![],
-            affinity: false,
-            check: None,
+            ..Service::named(name)
         }
     }
 

@@ -158,7 +158,6 @@ mod tests {
     }
     fn service(name: &str, vip: &str, affinity: bool) -> Service {
         Service {
-            name: name.into(),
             ports: vec![ServicePort {
                 name: "http".into(),
                 port: 80,
@@ -168,14 +167,13 @@ mod tests {
                 vip.parse().unwrap(),
                 format!("fd00:96::{}", name.len()).parse().unwrap(),
             ],
-            networks: vec![],
             ingress: vec![IngressPort {
                 published: 8000 + name.len() as u16,
                 target: 80,
                 protocol: Protocol::Tcp,
             }],
             affinity,
-            check: None,
+            ..Service::named(name)
         }
     }
     fn producer(svc: &str, id: &str, n: u8) -> Producer {

@@ -334,18 +334,9 @@ impl Plugin {
         let v4 = requested.iter().copied().find(IpAddr::is_ipv4);
         let mac = docker_mac.unwrap_or_else(|| endpoint_mac(v4, &req.endpoint_id));
         let template = Endpoint {
-            network: net.name.clone(),
-            container_id: req.endpoint_id.clone(),
-            ifname: DOCKER_IFNAME.into(),
-            netns: None,
-            ips: Vec::new(),
             mac: Some(format_mac(&mac)),
             host_veth: Some(host_veth_name(&net.name, &req.endpoint_id, DOCKER_IFNAME)),
-            host_mac: None,
-            port_mappings: Vec::new(),
-            host: None,
-            name: None,
-            aliases: Vec::new(),
+            ..Endpoint::new(&net.name, &req.endpoint_id, DOCKER_IFNAME)
         };
         let _g = self.lock.lock().await;
         let (ep, fresh) = self

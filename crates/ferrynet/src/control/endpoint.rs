@@ -78,18 +78,12 @@ impl Control {
     /// On failure nothing is left: no link, no allocation, no nft element.
     pub async fn attach(&self, net: &Network, req: AttachRequest) -> Result<Endpoint> {
         let template = Endpoint {
-            network: net.name.clone(),
-            container_id: req.container_id.clone(),
-            ifname: req.ifname.clone(),
             netns: Some(req.netns.clone()),
-            ips: Vec::new(),
             mac: req.mac.map(|m| format_mac(&m)),
-            host_veth: None,
-            host_mac: None,
             port_mappings: req.port_mappings.clone(),
-            host: None,
             name: req.name.clone(),
             aliases: req.aliases.clone(),
+            ..Endpoint::new(&net.name, &req.container_id, &req.ifname)
         };
         if net.mode == NetworkMode::Host {
             if !req.port_mappings.is_empty() {

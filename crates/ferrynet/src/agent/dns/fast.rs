@@ -178,18 +178,10 @@ mod tests {
 
     fn endpoint(id: &str, name: &str, aliases: &[&str], ips: &[&str]) -> Endpoint {
         Endpoint {
-            network: "blue".into(),
-            container_id: id.into(),
-            ifname: "eth0".into(),
-            netns: None,
             ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
-            mac: None,
-            host_veth: None,
-            host_mac: None,
-            port_mappings: vec![],
-            host: None,
             name: Some(name.into()),
             aliases: aliases.iter().map(|a| a.to_string()).collect(),
+            ..Endpoint::new("blue", id, "eth0")
         }
     }
 

@@ -193,18 +193,9 @@ mod tests {
         v.put(&keys::network("blue"), &serde_json::to_vec(&net).unwrap());
         for i in 0..100u8 {
             let ep = Endpoint {
-                network: "blue".into(),
-                container_id: format!("c{i}"),
-                ifname: "eth0".into(),
-                netns: None,
                 ips: vec![format!("10.30.0.{}/24", i + 2).parse().unwrap()],
-                mac: None,
-                host_veth: None,
-                host_mac: None,
-                port_mappings: vec![],
-                host: None,
                 name: Some("many".into()),
-                aliases: vec![],
+                ..Endpoint::new("blue", &format!("c{i}"), "eth0")
             };
             v.put(
                 &keys::endpoint("blue", &ep.container_id, "eth0"),

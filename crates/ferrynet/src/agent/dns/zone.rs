@@ -437,18 +437,10 @@ mod tests {
     }
     fn ep(net: &str, id: &str, name: Option<&str>, aliases: &[&str], ips: &[&str]) -> Endpoint {
         Endpoint {
-            network: net.into(),
-            container_id: id.into(),
-            ifname: "eth0".into(),
-            netns: None,
             ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
-            mac: None,
-            host_veth: None,
-            host_mac: None,
-            port_mappings: vec![],
-            host: None,
             name: name.map(Into::into),
             aliases: aliases.iter().map(|a| a.to_string()).collect(),
+            ..Endpoint::new(net, id, "eth0")
         }
     }
     fn put_ep(v: &mut DiscoveryView, e: &Endpoint) {
