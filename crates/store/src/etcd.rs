@@ -411,6 +411,10 @@ fn after_key(key: &[u8]) -> Vec<u8> {
 
 #[async_trait]
 impl Store for EtcdStore {
+    fn is_shared(&self) -> bool {
+        true
+    }
+
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
         let mut kv = self.kv.clone();
         let resp = self.rpc(&format!("get {key}"), kv.get(key, None)).await?;

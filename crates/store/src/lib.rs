@@ -188,4 +188,9 @@ pub trait Store: Send + Sync {
 
     /// The store's current revision.
     async fn revision(&self) -> Result<Revision>;
+
+    /// Whether other hosts can share this store (a cluster store), not one host's file.
+    fn is_shared(&self) -> bool {
+        false
+    }
 }

@@ -48,6 +48,8 @@ pub struct AgentOptions {
     pub resync: Duration,
     /// Serve Docker's network and IPAM driver on this unix socket too.
     pub docker_socket: Option<std::path::PathBuf>,
+    /// The Docker driver's scope setting.
+    pub docker_scope: crate::cnm::scope::ScopeSetting,
     /// Serve DNS on the gateways (None: no DNS server, containers keep the host's resolver).
     pub dns: Option<dns::DnsOptions>,
 }
@@ -109,6 +111,7 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
             Some(tokio::spawn(crate::cnm::serve(
                 ctl.clone(),
                 listener,
+                opts.docker_scope,
                 std::future::pending::<()>(),
             )))
         }

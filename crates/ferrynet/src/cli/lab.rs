@@ -103,6 +103,11 @@ pub struct UpArgs {
     /// so names outside the cluster get SERVFAIL and no lab query leaves the lab.
     #[arg(long, value_name = "IP[:PORT]")]
     pub dns_upstream: Vec<String>,
+    /// Agents also serve Docker's network and IPAM driver under this name, on
+    /// `<lab dir>/<host>/plugins/NAME.sock`, for a dockerd of each host's own (one that sees
+    /// that directory as /run/docker/plugins and listens on `<lab dir>/<host>/docker.sock`).
+    #[arg(long, value_name = "NAME")]
+    pub docker_driver: Option<String>,
 }
 
 /// What `lab down` needs to undo a lab.
@@ -131,6 +136,9 @@ pub struct LabRecord {
     /// Agents' DNS upstreams (empty: none).
     #[serde(default)]
     pub dns_upstream: Vec<String>,
+    /// The Docker driver name the agents serve (None: no Docker driver).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_driver: Option<String>,
 }
 
 /// The lab's directory.
@@ -319,6 +327,8 @@ fn start_etcd(rec: &mut LabRecord) -> anyhow::Result<()> {
             "http://127.0.0.1:2380",
             "--initial-cluster",
             "lab=http://127.0.0.1:2380",
+            // Docker's cluster store (dockerd --cluster-store, Docker <= 22) speaks the v2 API.
+            "--enable-v2=true",
         ],
         &[],
         &lab_dir(&rec.name).join("etcd.log"),
@@ -362,6 +372,17 @@ fn start_agent(rec: &mut LabRecord, host: &str) -> anyhow::Result<()> {
     for u in &rec.dns_upstream {
         c.args(["--dns-upstream", u]);
     }
+    if let Some(d) = &rec.docker_driver {
+        // A dockerd of the host's own finds the plugin when it sees `plugins/` as
+        // /run/docker/plugins, and listens on `docker.sock`, where the driver asks for names.
+        std::fs::create_dir_all(state.join("plugins"))?;
+        c.arg("--docker-socket")
+            .arg(state.join("plugins").join(format!("{d}.sock")));
+        c.env(
+            "DOCKER_HOST",
+            format!("unix://{}", state.join("docker.sock").display()),
+        );
+    }
     c.env("FERRYNET_LOG", "info")
         .stdin(Stdio::null())
         .stdout(logf.try_clone()?)
@@ -375,6 +396,16 @@ fn start_agent(rec: &mut LabRecord, host: &str) -> anyhow::Result<()> {
 async fn up(a: &UpArgs, exe: &Path) -> anyhow::Result<()> {
     if a.name.is_empty() || a.name.len() > 8 || !a.name.chars().all(|c| c.is_ascii_alphanumeric()) {
         bail!("lab name {:?} must be 1-8 letters or digits", a.name);
+    }
+    if let Some(d) = &a.docker_driver {
+        if d.is_empty()
+            || d.len() > 32
+            || !d
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            bail!("Docker driver name {d:?} must be 1-32 letters, digits, '-' or '_'");
+        }
     }
     let dir = lab_dir(&a.name);
     if dir.join("lab.json").exists() {
@@ -391,6 +422,7 @@ async fn up(a: &UpArgs, exe: &Path) -> anyhow::Result<()> {
         grace: a.grace.clone(),
         lease_ttl: a.lease_ttl.clone(),
         dns_upstream: a.dns_upstream.clone(),
+        docker_driver: a.docker_driver.clone(),
         ..Default::default()
     };
     let res = build(a, exe, &mut rec).await;

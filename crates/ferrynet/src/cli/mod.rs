@@ -147,6 +147,10 @@ struct AgentArgs {
     /// /run/docker/plugins/ferrynet.sock as driver `ferrynet`; see docs/DOCKER.md).
     #[arg(long, value_name = "PATH")]
     docker_socket: Option<PathBuf>,
+    /// Scope the Docker driver tells Docker: auto (global when the store is etcd and dockerd
+    /// runs with --cluster-store), local or global.
+    #[arg(long, value_enum, default_value_t = crate::cnm::scope::ScopeSetting::Auto, requires = "docker_socket")]
+    docker_scope: crate::cnm::scope::ScopeSetting,
     /// Do not serve DNS on the networks' gateways (containers keep the host's resolver).
     #[arg(long)]
     no_dns: bool,
@@ -346,6 +350,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     grace: a.grace,
                     resync: a.resync,
                     docker_socket: a.docker_socket,
+                    docker_scope: a.docker_scope,
                     dns,
                 };
                 return crate::agent::run(paths, opts)

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use ferrynet_model::fabric::Backend;
 use ferrynet_model::ipam::validate_network_subnets;
 use ferrynet_model::names::{format_mac, host_veth_name, parse_mac, temp_peer_name};
 use ferrynet_model::network::{Endpoint, Network, NetworkMode, Subnet};
@@ -65,11 +66,12 @@ fn need(what: &str, v: &str) -> Result<()> {
 }
 
 impl Plugin {
-    /// `NetworkDriver.GetCapabilities`: one host's networks.
-    pub fn capabilities(&self) -> CapabilitiesResponse {
+    /// `NetworkDriver.GetCapabilities`: local, or global on a shared store (see [`super::scope`]).
+    pub async fn capabilities(&self) -> CapabilitiesResponse {
+        let s = self.scope().await.as_str();
         CapabilitiesResponse {
-            scope: "local".into(),
-            connectivity_scope: "local".into(),
+            scope: s.into(),
+            connectivity_scope: s.into(),
         }
     }
 
@@ -171,6 +173,10 @@ impl Plugin {
                 other.docker_id
             )));
         }
+        // A global-scope network spans the engines sharing the cluster store, so it is a
+        // multi-host ferrynet network (each host hands out addresses from its own blocks).
+        let spans_hosts = self.scope().await == super::scope::Scope::Global;
+        let fabric = opts.fabric(spans_hosts.then_some(Backend::Auto))?;
         let adopt = match ctl.network(&name).await? {
             Some((existing, _)) => {
                 check_adoptable(&existing, &pools, &opts)?;
@@ -180,7 +186,11 @@ impl Plugin {
                 let mut subnets: Vec<Subnet> = Vec::new();
                 for (p, rec) in pools.iter().zip(&records) {
                     let sub_pool = rec.as_ref().and_then(|(r, _)| r.sub_pool);
-                    subnets.push(subnet_for_pool(p.pool, p.gateway, sub_pool, &p.aux)?);
+                    let gateway = match fabric {
+                        Some(_) => multi_host_gateway(p)?,
+                        None => p.gateway,
+                    };
+                    subnets.push(subnet_for_pool(p.pool, gateway, sub_pool, &p.aux)?);
                 }
                 let net = Network {
                     name: name.clone(),
@@ -190,7 +200,7 @@ impl Plugin {
                     mtu: opts.mtu,
                     internal: opts.internal,
                     ip_masq: opts.masquerade.unwrap_or(true) && !opts.internal,
-                    fabric: None,
+                    fabric,
                 };
                 ctl.create_network(net).await?;
                 false
@@ -326,6 +336,22 @@ impl Plugin {
             "" => None,
             m => Some(parse_mac(m).map_err(|e| CnmError::Invalid(e.to_string()))?),
         };
+        // On a multi-host network the endpoint lives in this host's view: its blocks.
+        let net = match net.fabric {
+            Some(_) => self.ctl.host_view(&net).await?,
+            None => net,
+        };
+        if net.fabric.is_some() {
+            if let Some(ip) = requested
+                .iter()
+                .find(|ip| !net.subnets.iter().any(|s| s.cidr.contains(*ip)))
+            {
+                return Err(CnmError::Invalid(format!(
+                    "address {ip} is not in a block of host {} on multi-host ferrynet network {}: each host hands out the addresses of its own blocks, so use ferrynet's IPAM driver (--ipam-driver) and no --ip from another host's block",
+                    self.ctl.host, net.name
+                )));
+            }
+        }
         let (has4, has6) = families(&net.subnets);
         let allocate = (
             has4 && iface.address.trim().is_empty(),
@@ -336,6 +362,7 @@ impl Plugin {
         let template = Endpoint {
             mac: Some(format_mac(&mac)),
             host_veth: Some(host_veth_name(&net.name, &req.endpoint_id, DOCKER_IFNAME)),
+            host: net.fabric.is_some().then(|| self.ctl.host.clone()),
             ..Endpoint::new(&net.name, &req.endpoint_id, DOCKER_IFNAME)
         };
         let _g = self.lock.lock().await;
@@ -441,6 +468,11 @@ impl Plugin {
             .clone()
             .unwrap_or_else(|| host_veth_name(&net.name, &ep.container_id, DOCKER_IFNAME));
         let peer_name = temp_peer_name(&net.name, &ep.container_id, DOCKER_IFNAME);
+        // A multi-host network's bridge carries this host's block gateways.
+        let net = match net.fabric {
+            Some(_) => self.ctl.host_view(&net).await?,
+            None => net,
+        };
         let mac = match &ep.mac {
             Some(m) => Some(parse_mac(m).map_err(|e| CnmError::Invalid(e.to_string()))?),
             None => None,
@@ -574,6 +606,23 @@ impl Plugin {
     }
 }
 
+/// The gateway a multi-host network's subnet keeps for a Docker pool: none of its own, since
+/// each host's block is gatewayed by its first address. Docker always names one (its IPAM's
+/// answer, the pool's first address, which is also the first block's gateway); another one
+/// cannot be honoured and is refused.
+fn multi_host_gateway(p: &PoolData) -> Result<Option<IpAddr>> {
+    let first = Subnet::new(p.pool);
+    let first = ferrynet_model::ipam::validate_subnet(&first)
+        .map_err(|e| CnmError::Invalid(e.to_string()))?
+        .gateway;
+    match p.gateway {
+        Some(g) if g != first => Err(CnmError::Invalid(format!(
+            "gateway {g}: on a multi-host network each host's block is gatewayed by its first address; leave --gateway out (or use {first})"
+        ))),
+        _ => Ok(None),
+    }
+}
+
 /// Whether an existing ferrynet network can serve as a Docker network with these pools and
 /// options: every pool is one of its subnets (with the same gateway), and options given agree.
 fn check_adoptable(net: &Network, pools: &[PoolData], opts: &NetworkOptions) -> Result<()> {
@@ -616,6 +665,17 @@ fn check_adoptable(net: &Network, pools: &[PoolData], opts: &NetworkOptions) -> 
     }
     if let Some(b) = opts.bridge.as_ref().filter(|b| **b != net.bridge) {
         return Err(mismatch("bridge", b.clone(), net.bridge.clone()));
+    }
+    if let Some(b) = opts.backend {
+        if net.fabric.map(|f| f.backend) != Some(b) {
+            return Err(mismatch(
+                "fabric",
+                b.to_string(),
+                net.fabric
+                    .map(|f| f.backend.to_string())
+                    .unwrap_or_else(|| "none (single host)".into()),
+            ));
+        }
     }
     Ok(())
 }

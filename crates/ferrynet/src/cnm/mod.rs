@@ -13,6 +13,7 @@ pub mod names;
 pub mod options;
 pub mod protocol;
 pub mod records;
+pub mod scope;
 pub mod server;
 
 use std::collections::HashMap;
@@ -42,6 +43,12 @@ pub struct Plugin {
     /// Joined endpoints go here to get their container's name from the Engine API (None: no
     /// naming, e.g. no Engine API socket).
     pub(crate) namer: Option<tokio::sync::mpsc::UnboundedSender<names::NameJob>>,
+    /// What `--docker-scope` asked for.
+    pub(crate) scope_setting: scope::ScopeSetting,
+    /// The Engine API, asked whether the engine has a cluster store.
+    pub(crate) api_socket: PathBuf,
+    /// The scope once decided for good (the engine answered, or nothing needed asking).
+    scope_known: std::sync::Mutex<Option<scope::Scope>>,
 }
 
 impl Plugin {
@@ -52,7 +59,50 @@ impl Plugin {
             lock: tokio::sync::Mutex::new(()),
             bindings: std::sync::Mutex::new(HashMap::new()),
             namer: None,
+            scope_setting: scope::ScopeSetting::Auto,
+            api_socket: names::docker_api_socket(),
+            scope_known: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The scope to answer Docker with: decided from `--docker-scope`, the store and, under
+    /// `auto` on a shared store, the engine's `GET /info` (asked again while it does not answer).
+    pub async fn scope(&self) -> scope::Scope {
+        if let Some(s) = self.scope_known.lock().ok().and_then(|g| *g) {
+            return s;
+        }
+        let shared = self.ctl.store.is_shared();
+        let ask = self.scope_setting == scope::ScopeSetting::Auto && shared;
+        let engine = if ask {
+            // Short: a starting engine activates plugins before its API answers.
+            match tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                names::get_json(&self.api_socket, "/info"),
+            )
+            .await
+            {
+                Ok(Ok(Some(info))) => scope::engine_store(&info),
+                Ok(Ok(None)) => scope::EngineStore::Unknown,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "asking the engine for its cluster store");
+                    scope::EngineStore::Unknown
+                }
+                Err(_) => scope::EngineStore::Unknown,
+            }
+        } else {
+            scope::EngineStore::Unknown
+        };
+        let (s, why) = scope::decide(self.scope_setting, shared, engine);
+        if let Some(why) = why {
+            tracing::warn!("{why}");
+        }
+        if !ask || engine != scope::EngineStore::Unknown {
+            if let Ok(mut g) = self.scope_known.lock() {
+                *g = Some(s);
+            }
+        }
+        tracing::info!(scope = s.as_str(), "driver scope");
+        s
     }
 }
 
@@ -61,15 +111,17 @@ impl Plugin {
 pub async fn serve(
     control: Arc<Control>,
     listener: UnixListener,
+    scope: scope::ScopeSetting,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let mut plugin = Plugin::new(control);
+    plugin.scope_setting = scope;
     // Always on: only Docker calls Join, so its API is normally there; when it is not where
     // expected, each join logs why its endpoint stays unnamed.
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     plugin.namer = Some(tx);
     let plugin = Arc::new(plugin);
-    let namer = tokio::spawn(names::run(plugin.clone(), names::docker_api_socket(), rx));
+    let namer = tokio::spawn(names::run(plugin.clone(), plugin.api_socket.clone(), rx));
     let served = server::run(plugin, listener, shutdown).await;
     namer.abort();
     served
@@ -81,6 +133,10 @@ pub struct PluginArgs {
     /// Unix socket to serve; Docker knows the driver by the file's name without `.sock`.
     #[arg(long, default_value = DEFAULT_SOCKET, value_name = "PATH")]
     pub socket: PathBuf,
+    /// Scope to tell Docker: `auto` is global when ferrynet's store is etcd and the engine runs
+    /// with a cluster store (`dockerd --cluster-store`), else local.
+    #[arg(long, value_enum, default_value_t = scope::ScopeSetting::Auto)]
+    pub docker_scope: scope::ScopeSetting,
 }
 
 /// Bind the socket: refuse if a live plugin already answers there, remove a stale file.
@@ -141,7 +197,7 @@ pub async fn run_plugin(ctl: Arc<Control>, args: PluginArgs) -> anyhow::Result<(
         let _ = sig_tx.send(termination().await);
     });
     let mut signal_err = None;
-    let served = serve(ctl, listener, async {
+    let served = serve(ctl, listener, args.docker_scope, async {
         if let Ok(Err(e)) = sig_rx.await {
             signal_err = Some(e);
         }

@@ -4,7 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr};
 
-use ferrynet_model::network::Subnet;
+use ferrynet_model::fabric::Backend;
+use ferrynet_model::network::{FabricSpec, Subnet, DEFAULT_BLOCK_V4, DEFAULT_BLOCK_V6};
 use ferrynet_model::portmap::{PortMapping, Protocol};
 use ipnet::{IpNet, Ipv6Net};
 use serde_json::Value;
@@ -23,17 +24,30 @@ pub const OPT_INTERNAL: &str = "ferrynet.internal";
 pub const OPT_MASQUERADE: &str = "ferrynet.masquerade";
 /// `-o ferrynet.mtu=N`: same as Docker's `com.docker.network.driver.mtu`.
 pub const OPT_MTU: &str = "ferrynet.mtu";
+/// `-o ferrynet.backend=route|vxlan|auto`: a multi-host network over that fabric (the default
+/// of a global-scope driver is `auto`).
+pub const OPT_BACKEND: &str = "ferrynet.backend";
+/// `-o ferrynet.block-size=N`: prefix length of each host's IPv4 block (multi-host).
+pub const OPT_BLOCK: &str = "ferrynet.block-size";
+/// `-o ferrynet.block-size6=N`: prefix length of each host's IPv6 block (multi-host).
+pub const OPT_BLOCK6: &str = "ferrynet.block-size6";
+/// `-o ferrynet.vni=N`: the VXLAN network identifier (multi-host; default: the lowest free).
+pub const OPT_VNI: &str = "ferrynet.vni";
 /// Docker's conventional MTU option.
 pub const DOCKER_MTU: &str = "com.docker.network.driver.mtu";
 /// Docker's bridge-driver masquerade option, honoured for familiarity.
 pub const DOCKER_MASQ: &str = "com.docker.network.bridge.enable_ip_masquerade";
 /// Every `ferrynet.*` option; anything else under that prefix is a typo and refused.
-pub const KNOWN_OPTIONS: [&str; 5] = [
+pub const KNOWN_OPTIONS: [&str; 9] = [
     OPT_NETWORK,
     OPT_BRIDGE,
     OPT_INTERNAL,
     OPT_MASQUERADE,
     OPT_MTU,
+    OPT_BACKEND,
+    OPT_BLOCK,
+    OPT_BLOCK6,
+    OPT_VNI,
 ];
 
 /// First host port handed out for `-p PORT` (no host port given), as Docker's own default.
@@ -56,6 +70,53 @@ pub struct NetworkOptions {
     pub masquerade: Option<bool>,
     /// `--ipv6`.
     pub ipv6: bool,
+    /// `ferrynet.backend`: make a multi-host network with this fabric.
+    pub backend: Option<Backend>,
+    /// `ferrynet.block-size`.
+    pub block_v4: Option<u8>,
+    /// `ferrynet.block-size6`.
+    pub block_v6: Option<u8>,
+    /// `ferrynet.vni`.
+    pub vni: Option<u32>,
+}
+
+impl NetworkOptions {
+    /// The multi-host spec these options ask for: with `ferrynet.backend`, or `default` (a
+    /// global-scope driver's `auto`) when the network must span hosts anyway. Block sizes and
+    /// a VNI without a backend are refused rather than ignored.
+    pub fn fabric(&self, default: Option<Backend>) -> Result<Option<FabricSpec>, CnmError> {
+        let Some(backend) = self.backend.or(default) else {
+            if self.block_v4.is_some() || self.block_v6.is_some() || self.vni.is_some() {
+                return Err(CnmError::Invalid(format!(
+                    "{OPT_BLOCK}, {OPT_BLOCK6} and {OPT_VNI} are for multi-host networks: add -o {OPT_BACKEND}=route|vxlan|auto"
+                )));
+            }
+            return Ok(None);
+        };
+        let block_v4 = self.block_v4.unwrap_or(DEFAULT_BLOCK_V4);
+        let block_v6 = self.block_v6.unwrap_or(DEFAULT_BLOCK_V6);
+        if !(8..=30).contains(&block_v4) {
+            return Err(CnmError::Invalid(format!(
+                "{OPT_BLOCK}={block_v4}: expected 8 to 30"
+            )));
+        }
+        if !(48..=126).contains(&block_v6) {
+            return Err(CnmError::Invalid(format!(
+                "{OPT_BLOCK6}={block_v6}: expected 48 to 126"
+            )));
+        }
+        if let Some(v) = self.vni.filter(|v| !(1..16_777_216).contains(v)) {
+            return Err(CnmError::Invalid(format!(
+                "{OPT_VNI}={v}: expected 1 to 16777215"
+            )));
+        }
+        Ok(Some(FabricSpec {
+            backend,
+            vni: self.vni.unwrap_or(0),
+            block_v4,
+            block_v6,
+        }))
+    }
 }
 
 fn parse_bool(key: &str, v: &str) -> Result<bool, CnmError> {
@@ -125,6 +186,27 @@ pub fn network_options(options: &BTreeMap<String, Value>) -> Result<NetworkOptio
                 }
                 mtu_src = Some((k.as_str(), m));
                 out.mtu = Some(m);
+            }
+            OPT_BACKEND => {
+                out.backend = Some(
+                    v.parse()
+                        .map_err(|e| CnmError::Invalid(format!("option {k}: {e}")))?,
+                )
+            }
+            OPT_BLOCK | OPT_BLOCK6 => {
+                let n: u8 = v.trim().parse().map_err(|_| {
+                    CnmError::Invalid(format!("option {k}={v:?}: expected a prefix length"))
+                })?;
+                if k == OPT_BLOCK {
+                    out.block_v4 = Some(n);
+                } else {
+                    out.block_v6 = Some(n);
+                }
+            }
+            OPT_VNI => {
+                out.vni = Some(v.trim().parse().map_err(|_| {
+                    CnmError::Invalid(format!("option {k}={v:?}: expected a number"))
+                })?)
             }
             other if other.starts_with("ferrynet.") => {
                 return Err(CnmError::Invalid(format!(
@@ -401,6 +483,7 @@ mod tests {
                 internal: false,
                 masquerade: Some(false),
                 ipv6: true,
+                ..Default::default()
             }
         );
         let o = network_options(&opts(json!({"com.docker.network.internal": true}))).unwrap();
@@ -437,6 +520,52 @@ mod tests {
         assert!(e.contains("disagree"), "{e}");
         assert!(network_options(&opts(json!({"com.docker.network.generic": "mtu=1"}))).is_err());
         assert!(network_options(&opts(json!({"com.docker.network.internal": "maybe"}))).is_err());
+    }
+
+    #[test]
+    fn fabric_options_make_a_multi_host_network() {
+        let g = |m: Value| network_options(&opts(json!({ "com.docker.network.generic": m })));
+        let o = g(
+            json!({"ferrynet.backend": "vxlan", "ferrynet.block-size": "24", "ferrynet.vni": "77"}),
+        )
+        .unwrap();
+        let f = o.fabric(None).unwrap().unwrap();
+        assert_eq!(
+            (f.backend, f.block_v4, f.block_v6, f.vni),
+            (Backend::Vxlan, 24, DEFAULT_BLOCK_V6, 77)
+        );
+        // A global-scope driver's default applies only without an explicit backend.
+        let plain = g(json!({})).unwrap();
+        assert_eq!(plain.fabric(None).unwrap(), None);
+        assert_eq!(
+            plain.fabric(Some(Backend::Auto)).unwrap().unwrap().backend,
+            Backend::Auto
+        );
+        assert_eq!(
+            o.fabric(Some(Backend::Auto)).unwrap().unwrap().backend,
+            Backend::Vxlan
+        );
+        // Fabric details without a fabric, and bad values, are refused with the reason.
+        let e = g(json!({"ferrynet.block-size": "24"}))
+            .unwrap()
+            .fabric(None)
+            .unwrap_err();
+        assert!(e.to_string().contains("ferrynet.backend"), "{e}");
+        let e = g(json!({"ferrynet.backend": "route", "ferrynet.block-size": "31"}))
+            .unwrap()
+            .fabric(None)
+            .unwrap_err();
+        assert!(e.to_string().contains("8 to 30"), "{e}");
+        assert!(g(json!({"ferrynet.backend": "gre"}))
+            .unwrap_err()
+            .to_string()
+            .contains("route, vxlan or auto"));
+        assert!(g(json!({"ferrynet.vni": "x"})).is_err());
+        let e = g(json!({"ferrynet.backend": "vxlan", "ferrynet.vni": "16777216"}))
+            .unwrap()
+            .fabric(None)
+            .unwrap_err();
+        assert!(e.to_string().contains("16777215"), "{e}");
     }
 
     #[test]

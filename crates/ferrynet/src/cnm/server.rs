@@ -60,7 +60,7 @@ impl Plugin {
             "Plugin.Activate" => to_value(super::protocol::ActivateResponse {
                 implements: vec!["NetworkDriver".into(), "IpamDriver".into()],
             }),
-            "NetworkDriver.GetCapabilities" => to_value(self.capabilities()),
+            "NetworkDriver.GetCapabilities" => to_value(self.capabilities().await),
             "NetworkDriver.CreateNetwork" => {
                 to_value(self.create_network(parse(method, body)?).await?)
             }

@@ -67,6 +67,10 @@ impl Control {
     /// Reserve one address of the subnet `cidr` of `net` for `owner`, without an endpoint
     /// record: `requested`, or else the next free one. The address comes back with the subnet's
     /// prefix length. Fails when the address is taken, reserved or outside the subnet.
+    ///
+    /// On a multi-host network (`net` as stored, the whole pool) the address comes from this
+    /// host's blocks of `cidr`, with a block's prefix length; a block is claimed when the host
+    /// has none or its blocks are full, and a requested address must be in one of them.
     pub async fn reserve_address(
         &self,
         net: &Network,
@@ -88,7 +92,37 @@ impl Control {
                 return Err(ipam_error(net, IpamError::NotInPool(ip)));
             }
         }
+        let mut mine = match net.fabric {
+            Some(_) => self.ensure_blocks(net).await?,
+            None => Vec::new(),
+        };
         for _ in 0..MAX_ATTEMPTS {
+            // Where to pick from: the subnet, or this host's blocks inside it.
+            let candidates = match net.fabric {
+                None => vec![subnet.clone()],
+                Some(_) => {
+                    let view = self.view_of(net, &mine).await?;
+                    validate_network_subnets(&view.subnets)
+                        .map_err(|e| ControlError::InvalidConfig(e.to_string()))?
+                        .into_iter()
+                        .filter(|s| cidr.contains(&s.cidr))
+                        .collect()
+                }
+            };
+            if let (Some(ip), Some(_)) = (requested, net.fabric) {
+                if !candidates.iter().any(|s| s.cidr.contains(&ip)) {
+                    return Err(ControlError::Ipam(format!(
+                        "network {}: address {ip} is not in a block of host {} ({}): on a multi-host network each host hands out the addresses of its own blocks",
+                        net.name,
+                        self.host,
+                        candidates
+                            .iter()
+                            .map(|s| s.cidr.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )));
+                }
+            }
             let held = self.held_addresses(&net.name).await?;
             let used: BTreeSet<IpAddr> = held.keys().copied().collect();
             // The rotation hint only steers automatic picks.
@@ -97,19 +131,40 @@ impl Control {
                 None => self.last_allocated(&net.name).await?,
             };
             let wanted: Vec<IpAddr> = requested.into_iter().collect();
-            let ips = plan_allocation(std::slice::from_ref(&subnet), &used, &wanted, &|c| {
+            let planned = plan_allocation(&candidates, &used, &wanted, &|c| {
                 last.get(&c.to_string()).copied()
-            })
-            .map_err(|e| match (e, requested) {
-                (IpamError::AddressInUse(ip), _) => ControlError::Ipam(format!(
-                    "network {}: address {ip} is already in use by {}",
-                    net.name,
-                    held.get(&ip)
-                        .map(String::as_str)
-                        .unwrap_or("another container")
-                )),
-                (e, _) => ipam_error(net, e),
-            })?;
+            });
+            let ips =
+                match planned {
+                    Ok(ips) => ips,
+                    // This host's blocks are full: claim another one and plan again.
+                    Err(IpamError::Exhausted { .. })
+                        if net.fabric.is_some() && requested.is_none() =>
+                    {
+                        match self.claim_block(net, cidr.addr().is_ipv6()).await? {
+                        Some(b) => {
+                            mine.push(b);
+                            continue;
+                        }
+                        None => {
+                            return Err(ControlError::Ipam(format!(
+                                "network {}: every block of {cidr} is claimed and host {}'s blocks are full",
+                                net.name, self.host
+                            )))
+                        }
+                    }
+                    }
+                    Err(IpamError::AddressInUse(ip)) => {
+                        return Err(ControlError::Ipam(format!(
+                            "network {}: address {ip} is already in use by {}",
+                            net.name,
+                            held.get(&ip)
+                                .map(String::as_str)
+                                .unwrap_or("another container")
+                        )))
+                    }
+                    Err(e) => return Err(ipam_error(net, e)),
+                };
             let Some(ip) = ips.first().copied() else {
                 return Err(ControlError::Ipam(format!(
                     "network {}: no address planned in {cidr}",
@@ -120,7 +175,11 @@ impl Control {
             let mut ops = vec![Op::put(key.clone(), owner.as_bytes().to_vec())];
             if requested.is_none() {
                 let mut new_last = last.clone();
-                new_last.insert(cidr.to_string(), ip.addr());
+                let pick = candidates
+                    .iter()
+                    .find(|s| s.cidr.contains(&ip.addr()))
+                    .map_or(cidr, |s| s.cidr);
+                new_last.insert(pick.to_string(), ip.addr());
                 ops.push(Op::put(keys::ipam_last(&net.name), encode(&new_last)));
             }
             if self

@@ -26,6 +26,26 @@ pub struct Dockerd {
     child: Option<Child>,
     /// Arguments added to dockerd's command line.
     pub extra: Vec<String>,
+    /// Seen by this dockerd as /run/docker/plugins (None: the machine's directory).
+    pub plugins_dir: Option<PathBuf>,
+    /// Its host name, in a UTS namespace of its own (None: the machine's).
+    pub hostname: Option<String>,
+}
+
+/// How to start a [`Dockerd`] beyond the defaults.
+#[derive(Default, Clone, Debug)]
+pub struct DockerdOpts {
+    /// The network namespace to run in.
+    pub netns: Option<String>,
+    /// The API socket (default `/run/fnd-<tag>.sock`).
+    pub sock: Option<PathBuf>,
+    /// A directory the daemon sees as /run/docker/plugins (its own legacy plugins, e.g. a
+    /// lab host's agent), in a mount namespace of its own.
+    pub plugins_dir: Option<PathBuf>,
+    /// A host name of its own (engines sharing a cluster store need distinct ones).
+    pub hostname: Option<String>,
+    /// More dockerd arguments.
+    pub extra: Vec<String>,
 }
 
 impl Dockerd {
@@ -36,6 +56,18 @@ impl Dockerd {
 
     /// [`Dockerd::start`] with extra dockerd arguments.
     pub fn start_with(tag: &str, netns: Option<&str>, extra: &[&str]) -> Dockerd {
+        Self::start_opts(
+            tag,
+            DockerdOpts {
+                netns: netns.map(str::to_string),
+                extra: extra.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Start one as `opts` say.
+    pub fn start_opts(tag: &str, opts: DockerdOpts) -> Dockerd {
         let root = PathBuf::from(format!("/tmp/fnd-{tag}"));
         let exec_root = PathBuf::from(format!("/run/fnd-{tag}"));
         std::fs::create_dir_all(&root).expect("dockerd root");
@@ -43,12 +75,16 @@ impl Dockerd {
         std::fs::write(root.join("daemon.json"), "{}").expect("daemon.json");
         let mut d = Dockerd {
             tag: tag.to_string(),
-            netns: netns.map(str::to_string),
-            sock: PathBuf::from(format!("/run/fnd-{tag}.sock")),
+            netns: opts.netns,
+            sock: opts
+                .sock
+                .unwrap_or_else(|| PathBuf::from(format!("/run/fnd-{tag}.sock"))),
             root,
             exec_root,
             child: None,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            extra: opts.extra,
+            plugins_dir: opts.plugins_dir,
+            hostname: opts.hostname,
         };
         d.spawn();
         d
@@ -65,14 +101,37 @@ impl Dockerd {
             .append(true)
             .open(self.root.join("dockerd.log"))
             .expect("dockerd log");
+        // nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroup mounts dockerd
+        // needs. A private plugin directory and host name are set in mount and UTS namespaces
+        // of the daemon's own (`unshare`), then sh execs dockerd, so the child's PID is dockerd's.
         let mut cmd = match &self.netns {
             Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, "dockerd"]);
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}"));
                 c
             }
-            None => Command::new("dockerd"),
+            None => Command::new("env"),
         };
+        if self.plugins_dir.is_none() && self.hostname.is_none() {
+            cmd.arg("dockerd");
+        } else {
+            cmd.args(["unshare", "-m", "-u", "--propagation", "slave", "sh", "-c"])
+                .arg(concat!(
+                    "set -e; ",
+                    "if [ -n \"$FND_HOSTNAME\" ]; then hostname \"$FND_HOSTNAME\"; fi; ",
+                    "if [ -n \"$FND_PLUGINS\" ]; then mount --bind \"$FND_PLUGINS\" /run/docker/plugins; fi; ",
+                    "exec dockerd \"$@\""
+                ))
+                .arg("dockerd")
+                .env("FND_HOSTNAME", self.hostname.clone().unwrap_or_default())
+                .env(
+                    "FND_PLUGINS",
+                    self.plugins_dir
+                        .as_ref()
+                        .map(|d| d.display().to_string())
+                        .unwrap_or_default(),
+                );
+        }
         cmd.arg("--config-file")
             .arg(self.root.join("daemon.json"))
             .arg("--data-root")

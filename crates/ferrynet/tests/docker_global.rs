@@ -1,0 +1,341 @@
+//! ferrynet as a global-scope Docker driver: one Docker network spanning two hosts.
+//!
+//! A two-host `ferrynet lab` on etcd; each host runs its agent (serving the Docker driver) and
+//! a private dockerd of its own inside the host's namespace, with the lab's etcd as Docker's
+//! cluster store (`--cluster-store`, Docker 20.10). The machine's shared engine is never
+//! touched. Everything is removed on drop, also when the test fails.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::dockerd::{import_busybox, Dockerd, DockerdOpts};
+use common::lab::Lab;
+use common::{out, tag};
+use serde_json::Value;
+
+const ETCD: &str = "etcd://172.31.0.253:2379";
+
+fn require_tools() {
+    for (bin, pkg) in [("dockerd", "docker.io"), ("/bin/busybox", "busybox-static")] {
+        let found = if bin.starts_with('/') {
+            std::path::Path::new(bin).exists()
+        } else {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {bin}")])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        };
+        assert!(found, "this test needs {bin}: apt-get install {pkg}");
+    }
+}
+
+fn eventually<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if t0.elapsed() >= within && std::env::var_os("FNT_HOLD").is_some() {
+            // Debugging aid: keep everything up for a look before cleaning up.
+            eprintln!("timed out waiting for {what}; holding for 300 s (FNT_HOLD)");
+            std::thread::sleep(Duration::from_secs(300));
+        }
+        assert!(t0.elapsed() < within, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A lab host's IPv4 underlay address.
+fn underlay_v4(ns: &str) -> String {
+    let o = Command::new("ip")
+        .args(["-n", ns, "-j", "-4", "addr", "show", "dev", "eth0"])
+        .output()
+        .expect("ip addr");
+    let v: Value = serde_json::from_slice(&o.stdout).expect("ip -j");
+    v[0]["addr_info"][0]["local"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no IPv4 address on {ns}'s eth0: {}", out(&o)))
+        .to_string()
+}
+
+/// A private dockerd on lab host `host`, on the lab's etcd, seeing the agent's plugin socket.
+fn host_engine(lab: &Lab, host: &str, t: &str) -> Dockerd {
+    engine_on(lab, host, t, true)
+}
+
+/// A private dockerd on lab host `host`, with the lab's etcd as cluster store or without one.
+fn engine_on(lab: &Lab, host: &str, t: &str, cluster: bool) -> Dockerd {
+    let dir = PathBuf::from(format!("/run/ferrynet-lab/{}/{host}", lab.name));
+    let ns = lab.host_ns(host);
+    let advertise = format!("{}:2376", underlay_v4(&ns));
+    Dockerd::start_opts(
+        &format!("{t}{host}"),
+        DockerdOpts {
+            netns: Some(ns),
+            sock: Some(dir.join("docker.sock")),
+            plugins_dir: Some(dir.join("plugins")),
+            hostname: Some(format!("{}-{host}", lab.name)),
+            extra: if cluster {
+                vec![
+                    "--cluster-store".into(),
+                    ETCD.into(),
+                    "--cluster-advertise".into(),
+                    advertise,
+                ]
+            } else {
+                Vec::new()
+            },
+        },
+    )
+}
+
+/// The IPv4 address of `container` on `net`.
+fn ip_on(d: &Dockerd, container: &str, net: &str) -> String {
+    d.docker_ok(&[
+        "inspect",
+        "-f",
+        &format!("{{{{(index .NetworkSettings.Networks \"{net}\").IPAddress}}}}"),
+        container,
+    ])
+}
+
+/// A web server (busybox httpd on :80 serving /www) on `net`.
+fn web(d: &Dockerd, name: &str, net: &str, image: &str, extra: &[&str]) {
+    let mut a = vec!["run", "-d", "--name", name, "--network", net];
+    a.extend_from_slice(extra);
+    a.extend_from_slice(&[image, "httpd", "-f", "-p", "80", "-h", "/www"]);
+    d.docker_ok(&a);
+}
+
+/// An HTTP GET of `/` at `ip`:`port` from inside container `from` (busybox nc; its wget
+/// crashes): the answer, or None.
+fn fetch(d: &Dockerd, from: &str, ip: &str, port: u16) -> Option<String> {
+    let o = d.docker(&["exec", from, "sh", "-c", &http_get(ip, port)]);
+    let s = String::from_utf8_lossy(&o.stdout).into_owned();
+    (o.status.success() && s.contains("200 OK")).then_some(s)
+}
+
+fn http_get(ip: &str, port: u16) -> String {
+    format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {ip} {port}")
+}
+
+/// The interfaces of a namespace whose names start with `prefix`.
+fn links(ns: &str, prefix: &str) -> Vec<String> {
+    let o = Command::new("ip")
+        .args(["-n", ns, "-j", "link", "show"])
+        .output()
+        .expect("ip link");
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l["ifname"].as_str())
+        .filter(|n| n.starts_with(prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Docker containers removed (on their own engine) before the engines and the lab go.
+struct Containers<'a>(Vec<(&'a Dockerd, String)>);
+
+impl Drop for Containers<'_> {
+    fn drop(&mut self) {
+        for (d, c) in &self.0 {
+            let _ = d.docker(&["rm", "-f", c]);
+        }
+    }
+}
+
+#[test]
+fn one_docker_network_spans_two_hosts() {
+    require_tools();
+    let t = tag();
+    let lab_name: String = format!("g{t}").chars().take(8).collect();
+    let driver = format!("fng{t}");
+    let lab = Lab::up(&lab_name, &["--hosts", "2", "--docker-driver", &driver]);
+    let d1 = host_engine(&lab, "h1", &t);
+    let d2 = host_engine(&lab, "h2", &t);
+    let image = format!("fng-busybox:{t}");
+    import_busybox(&d1.host(), &image);
+    import_busybox(&d2.host(), &image);
+    let mut made = Containers(Vec::new());
+
+    // The driver answers global scope: both engines share the cluster store and ferrynet etcd.
+    let net = format!("gnet{t}");
+    d1.docker_ok(&[
+        "network",
+        "create",
+        "-d",
+        &driver,
+        "--ipam-driver",
+        &driver,
+        "--subnet",
+        "10.73.0.0/16",
+        &net,
+    ]);
+    let scope = d1.docker_ok(&["network", "inspect", "-f", "{{.Scope}}", &net]);
+    assert_eq!(scope, "global", "the network's scope");
+    eventually(
+        "h2's engine to list the network",
+        Duration::from_secs(20),
+        || {
+            d2.docker(&["network", "inspect", &net])
+                .status
+                .success()
+                .then_some(())
+        },
+    );
+    // ferrynet made one multi-host network, seen from both hosts.
+    let nets: Value = serde_json::from_str(&lab.ok("h2", &["network", "ls", "--json"])).unwrap();
+    let fnet = nets
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["subnets"].to_string().contains("10.73.0.0/16"))
+        .unwrap_or_else(|| panic!("no ferrynet network for 10.73.0.0/16: {nets}"));
+    assert!(fnet["fabric"].is_object(), "a multi-host network: {fnet}");
+    let fname = fnet["name"].as_str().unwrap().to_string();
+
+    // A container on each host; each gets an address from its own host's block.
+    made.0.push((&d1, "a1".into()));
+    web(&d1, "a1", &net, &image, &[]);
+    made.0.push((&d2, "b1".into()));
+    web(&d2, "b1", &net, &image, &["-p", "8080:80"]);
+    let a1 = ip_on(&d1, "a1", &net);
+    let b1 = ip_on(&d2, "b1", &net);
+    let a1n: std::net::Ipv4Addr = a1.parse().expect("a1's address");
+    let b1n: std::net::Ipv4Addr = b1.parse().expect("b1's address");
+    assert!(
+        a1.starts_with("10.73.") && b1.starts_with("10.73."),
+        "{a1} {b1}"
+    );
+    // Default blocks are /26: different hosts, different blocks.
+    assert_ne!(
+        u32::from(a1n) >> 6,
+        u32::from(b1n) >> 6,
+        "a1 ({a1}) and b1 ({b1}) should be in different hosts' blocks"
+    );
+
+    // They reach each other across the hosts, both ways.
+    let page = eventually("a1 to answer b1", Duration::from_secs(30), || {
+        fetch(&d2, "b1", &a1, 80)
+    });
+    assert!(page.contains("hello from a private engine"), "{page}");
+    eventually("b1 to answer a1", Duration::from_secs(30), || {
+        fetch(&d1, "a1", &b1, 80)
+    });
+
+    // A second container on h1 joins the same network and reaches b1 too.
+    made.0.push((&d1, "a2".into()));
+    web(&d1, "a2", &net, &image, &[]);
+    eventually("a2 to reach b1", Duration::from_secs(30), || {
+        fetch(&d1, "a2", &b1, 80)
+    });
+
+    // b1's published port answers on h2's underlay address, from the other host.
+    let h2 = underlay_v4(&lab.host_ns("h2"));
+    let o = eventually("b1's published port", Duration::from_secs(30), || {
+        let o = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", lab.host_ns("h1")))
+            .args(["busybox", "sh", "-c", &http_get(&h2, 8080)])
+            .output()
+            .ok()?;
+        let s = String::from_utf8_lossy(&o.stdout).into_owned();
+        (o.status.success() && s.contains("200 OK")).then_some(s)
+    });
+    assert!(o.contains("hello"), "{o}");
+
+    // A static address from another host's block is refused with the reason.
+    let o = d2.docker(&[
+        "run",
+        "--rm",
+        "--network",
+        &net,
+        "--ip",
+        "10.73.0.70",
+        &image,
+        "true",
+    ]);
+    let why = out(&o);
+    assert!(
+        !o.status.success() && why.contains("not in a block of host"),
+        "--ip in another host's block: {why}"
+    );
+
+    // The network cannot go while containers use it, on any host.
+    let o = d1.docker(&["network", "rm", &net]);
+    assert!(
+        !o.status.success(),
+        "network rm with containers should fail"
+    );
+
+    // Containers removed, then the network: nothing stays on either host.
+    drop(made);
+    d1.docker_ok(&["network", "rm", &net]);
+    for h in ["h1", "h2"] {
+        let ns = lab.host_ns(h);
+        eventually(
+            &format!("{h} to drop the network"),
+            Duration::from_secs(30),
+            || {
+                let nets = lab.ok(h, &["network", "ls", "--json"]);
+                let veths = links(&ns, "fnv");
+                (!nets.contains(&fname) && veths.is_empty()).then_some(())
+            },
+        );
+        let eps = lab.ok(h, &["ps", "--json"]);
+        assert!(!eps.contains(&fname), "endpoints left on {h}: {eps}");
+    }
+    drop(d2);
+    drop(d1);
+}
+
+#[test]
+fn without_a_cluster_store_the_driver_stays_local() {
+    require_tools();
+    let t = tag();
+    let lab_name: String = format!("l{t}").chars().take(8).collect();
+    let driver = format!("fnl{t}");
+    let lab = Lab::up(&lab_name, &["--hosts", "1", "--docker-driver", &driver]);
+    let d = engine_on(&lab, "h1", &t, false);
+    let image = format!("fnl-busybox:{t}");
+    import_busybox(&d.host(), &image);
+    let mut made = Containers(Vec::new());
+    let net = format!("lnet{t}");
+    // ferrynet is on etcd, but this engine has no cluster store: a global answer would make
+    // every network create fail, so the driver answers local.
+    d.docker_ok(&[
+        "network",
+        "create",
+        "-d",
+        &driver,
+        "--ipam-driver",
+        &driver,
+        "--subnet",
+        "10.74.0.0/24",
+        &net,
+    ]);
+    assert_eq!(
+        d.docker_ok(&["network", "inspect", "-f", "{{.Scope}}", &net]),
+        "local"
+    );
+    made.0.push((&d, "c1".into()));
+    web(&d, "c1", &net, &image, &[]);
+    made.0.push((&d, "c2".into()));
+    web(&d, "c2", &net, &image, &[]);
+    let c1 = ip_on(&d, "c1", &net);
+    eventually("c2 to reach c1", Duration::from_secs(30), || {
+        fetch(&d, "c2", &c1, 80)
+    });
+    drop(made);
+    d.docker_ok(&["network", "rm", &net]);
+    let nets = lab.ok("h1", &["network", "ls", "--json"]);
+    assert!(
+        !nets.contains("10.74.0.0/24"),
+        "the ferrynet network stays: {nets}"
+    );
+}
