@@ -103,6 +103,16 @@ fn ip_on(d: &Dockerd, container: &str, net: &str) -> String {
     ])
 }
 
+/// The IPv6 address of `container` on `net`.
+fn ip6_on(d: &Dockerd, container: &str, net: &str) -> String {
+    d.docker_ok(&[
+        "inspect",
+        "-f",
+        &format!("{{{{(index .NetworkSettings.Networks \"{net}\").GlobalIPv6Address}}}}"),
+        container,
+    ])
+}
+
 /// A web server (busybox httpd on :80 serving /www) on `net`.
 fn web(d: &Dockerd, name: &str, net: &str, image: &str, extra: &[&str]) {
     let mut a = vec!["run", "-d", "--name", name, "--network", net];
@@ -175,6 +185,9 @@ fn one_docker_network_spans_two_hosts() {
         &driver,
         "--subnet",
         "10.73.0.0/16",
+        "--ipv6",
+        "--subnet",
+        "fd73::/64",
         &net,
     ]);
     let scope = d1.docker_ok(&["network", "inspect", "-f", "{{.Scope}}", &net]);
@@ -227,6 +240,16 @@ fn one_docker_network_spans_two_hosts() {
     assert!(page.contains("hello from a private engine"), "{page}");
     eventually("b1 to answer a1", Duration::from_secs(30), || {
         fetch(&d1, "a1", &b1, 80)
+    });
+
+    // Over IPv6 too, each from its host's /122 block.
+    let a1v6 = ip6_on(&d1, "a1", &net);
+    let b1v6 = ip6_on(&d2, "b1", &net);
+    let (a6, b6): (std::net::Ipv6Addr, std::net::Ipv6Addr) =
+        (a1v6.parse().expect("a1's v6"), b1v6.parse().expect("b1's v6"));
+    assert_ne!(u128::from(a6) >> 6, u128::from(b6) >> 6, "{a1v6} {b1v6}");
+    eventually("a1 to answer b1 over IPv6", Duration::from_secs(30), || {
+        fetch(&d2, "b1", &a1v6, 80)
     });
 
     // A second container on h1 joins the same network and reaches b1 too.
