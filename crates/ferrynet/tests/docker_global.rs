@@ -245,8 +245,10 @@ fn one_docker_network_spans_two_hosts() {
     // Over IPv6 too, each from its host's /122 block.
     let a1v6 = ip6_on(&d1, "a1", &net);
     let b1v6 = ip6_on(&d2, "b1", &net);
-    let (a6, b6): (std::net::Ipv6Addr, std::net::Ipv6Addr) =
-        (a1v6.parse().expect("a1's v6"), b1v6.parse().expect("b1's v6"));
+    let (a6, b6): (std::net::Ipv6Addr, std::net::Ipv6Addr) = (
+        a1v6.parse().expect("a1's v6"),
+        b1v6.parse().expect("b1's v6"),
+    );
     assert_ne!(u128::from(a6) >> 6, u128::from(b6) >> 6, "{a1v6} {b1v6}");
     eventually("a1 to answer b1 over IPv6", Duration::from_secs(30), || {
         fetch(&d2, "b1", &a1v6, 80)
@@ -272,14 +274,16 @@ fn one_docker_network_spans_two_hosts() {
     });
     assert!(o.contains("hello"), "{o}");
 
-    // A static address from another host's block is refused with the reason.
+    // A static address from another host's block (h1's, where a1 is) is refused with the
+    // reason.
+    let in_h1 = std::net::Ipv4Addr::from((u32::from(a1n) & !63) | 40).to_string();
     let o = d2.docker(&[
         "run",
         "--rm",
         "--network",
         &net,
         "--ip",
-        "10.73.0.70",
+        &in_h1,
         &image,
         "true",
     ]);
@@ -306,8 +310,12 @@ fn one_docker_network_spans_two_hosts() {
             Duration::from_secs(30),
             || {
                 let nets = lab.ok(h, &["network", "ls", "--json"]);
-                let veths = links(&ns, "fnv");
-                (!nets.contains(&fname) && veths.is_empty()).then_some(())
+                // No veth, bridge or VXLAN device of the network is left.
+                let left: Vec<String> = ["fnv", "fnp", "fn-", "fnx"]
+                    .iter()
+                    .flat_map(|p| links(&ns, p))
+                    .collect();
+                (!nets.contains(&fname) && left.is_empty()).then_some(())
             },
         );
         let eps = lab.ok(h, &["ps", "--json"]);
