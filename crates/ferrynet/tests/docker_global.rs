@@ -149,13 +149,21 @@ fn links(ns: &str, prefix: &str) -> Vec<String> {
         .collect()
 }
 
-/// Docker containers removed (on their own engine) before the engines and the lab go.
-struct Containers<'a>(Vec<(&'a Dockerd, String)>);
+/// Docker containers (engine API address, name) removed before the engines and the lab go.
+struct Containers(Vec<(String, String)>);
 
-impl Drop for Containers<'_> {
+impl Containers {
+    fn add(&mut self, d: &Dockerd, name: &str) {
+        self.0.push((d.host(), name.to_string()));
+    }
+}
+
+impl Drop for Containers {
     fn drop(&mut self) {
-        for (d, c) in &self.0 {
-            let _ = d.docker(&["rm", "-f", c]);
+        for (host, c) in &self.0 {
+            let _ = Command::new("docker")
+                .args(["-H", host, "rm", "-f", c])
+                .output();
         }
     }
 }
@@ -168,7 +176,7 @@ fn one_docker_network_spans_two_hosts() {
     let driver = format!("fng{t}");
     let lab = Lab::up(&lab_name, &["--hosts", "2", "--docker-driver", &driver]);
     let d1 = host_engine(&lab, "h1", &t);
-    let d2 = host_engine(&lab, "h2", &t);
+    let mut d2 = host_engine(&lab, "h2", &t);
     let image = format!("fng-busybox:{t}");
     import_busybox(&d1.host(), &image);
     import_busybox(&d2.host(), &image);
@@ -214,10 +222,16 @@ fn one_docker_network_spans_two_hosts() {
     let fname = fnet["name"].as_str().unwrap().to_string();
 
     // A container on each host; each gets an address from its own host's block.
-    made.0.push((&d1, "a1".into()));
+    made.add(&d1, "a1");
     web(&d1, "a1", &net, &image, &[]);
-    made.0.push((&d2, "b1".into()));
-    web(&d2, "b1", &net, &image, &["-p", "8080:80"]);
+    made.add(&d2, "b1");
+    web(
+        &d2,
+        "b1",
+        &net,
+        &image,
+        &["-p", "8080:80", "--restart", "always"],
+    );
     let a1 = ip_on(&d1, "a1", &net);
     let b1 = ip_on(&d2, "b1", &net);
     let a1n: std::net::Ipv4Addr = a1.parse().expect("a1's address");
@@ -255,7 +269,7 @@ fn one_docker_network_spans_two_hosts() {
     });
 
     // A second container on h1 joins the same network and reaches b1 too.
-    made.0.push((&d1, "a2".into()));
+    made.add(&d1, "a2");
     web(&d1, "a2", &net, &image, &[]);
     eventually("a2 to reach b1", Duration::from_secs(30), || {
         fetch(&d1, "a2", &b1, 80)
@@ -273,6 +287,46 @@ fn one_docker_network_spans_two_hosts() {
         (o.status.success() && s.contains("200 OK")).then_some(s)
     });
     assert!(o.contains("hello"), "{o}");
+
+    // h2's engine restarts (SIGTERM, as an init system stops it): it finds the driver again
+    // (global scope, asked before its API answers), b1 comes back by its restart policy and
+    // is reached again, at its published port too, and h2 holds one endpoint, not two.
+    d2.restart();
+    let b1 = eventually("b1 back with an address", Duration::from_secs(60), || {
+        let ip = ip_on(&d2, "b1", &net);
+        (!ip.is_empty()).then_some(ip)
+    });
+    eventually(
+        "a1 to reach b1 after h2's engine restarted",
+        Duration::from_secs(30),
+        || fetch(&d1, "a1", &b1, 80),
+    );
+    eventually(
+        "b1's published port after the restart",
+        Duration::from_secs(30),
+        || {
+            let o = Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{}", lab.host_ns("h1")))
+                .args(["busybox", "sh", "-c", &http_get(&h2, 8080)])
+                .output()
+                .ok()?;
+            (o.status.success() && String::from_utf8_lossy(&o.stdout).contains("200 OK"))
+                .then_some(())
+        },
+    );
+    eventually("one veth on h2", Duration::from_secs(20), || {
+        (links(&lab.host_ns("h2"), "fnv").len() == 1).then_some(())
+    });
+    // The store holds a1, a2 and the new b1: the old b1's record and address are gone.
+    let v: Value = serde_json::from_str(&lab.ok("h1", &["network", "inspect", &fname]))
+        .expect("network inspect");
+    let eps = v["endpoints"].as_array().cloned().unwrap_or_default();
+    assert_eq!(eps.len(), 3, "endpoints after h2's restart: {eps:?}");
+    assert!(
+        eps.iter()
+            .any(|e| e["ips"].to_string().contains(&format!("\"{b1}/"))),
+        "b1's new address {b1} recorded: {eps:?}"
+    );
 
     // A static address from another host's block (h1's, where a1 is) is refused with the
     // reason.
@@ -354,9 +408,9 @@ fn without_a_cluster_store_the_driver_stays_local() {
         d.docker_ok(&["network", "inspect", "-f", "{{.Scope}}", &net]),
         "local"
     );
-    made.0.push((&d, "c1".into()));
+    made.add(&d, "c1");
     web(&d, "c1", &net, &image, &[]);
-    made.0.push((&d, "c2".into()));
+    made.add(&d, "c2");
     web(&d, "c2", &net, &image, &[]);
     let c1 = ip_on(&d, "c1", &net);
     eventually("c2 to reach c1", Duration::from_secs(30), || {
