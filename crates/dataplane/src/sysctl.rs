@@ -1,7 +1,7 @@
 //! Kernel parameters under /proc/sys. The `net` subtree follows the network namespace of the
 //! thread that opens the file, so callers run this in the namespace they mean.
 
-use crate::error::{io, Result};
+use crate::error::{io, sys, Result};
 
 /// The /proc/sys path of a key: either `net.ipv4.ip_forward` or, when a component (an interface
 /// name) may contain dots, the path form `net/ipv4/conf/fn-a.b/route_localnet`.
@@ -29,6 +29,27 @@ pub fn set(key: &str, value: &str) -> Result<()> {
     }
     let p = path_of(key);
     std::fs::write(&p, value).map_err(io(format!("writing {value} to {p}")))
+}
+
+/// Make /proc/sys writable where it is mounted read-only (Docker runs managed plugins so):
+/// remount it read-write in this mount namespace. Ok(true) when it was read-only and now is
+/// not, Ok(false) when it was writable already.
+pub fn ensure_writable() -> Result<bool> {
+    use nix::mount::{mount, MsFlags};
+    use nix::sys::statvfs::{statvfs, FsFlags};
+    let st = statvfs("/proc/sys").map_err(sys("checking /proc/sys"))?;
+    if !st.flags().contains(FsFlags::ST_RDONLY) {
+        return Ok(false);
+    }
+    mount(
+        None::<&str>,
+        "/proc/sys",
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(sys("remounting /proc/sys read-write"))?;
+    Ok(true)
 }
 
 #[cfg(test)]

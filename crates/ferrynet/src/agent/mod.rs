@@ -56,6 +56,13 @@ pub struct AgentOptions {
 
 /// Run the agent until SIGINT/SIGTERM.
 pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
+    // As a managed Docker plugin the agent gets /proc/sys read-only, but sets forwarding and
+    // bridge sysctls; the remount affects only its own mount namespace.
+    match ferrynet_dataplane::sysctl::ensure_writable() {
+        Ok(true) => tracing::info!("remounted the read-only /proc/sys read-write"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "/proc/sys is read-only; setting sysctls will fail"),
+    }
     let ctl = Arc::new(
         Control::open_with(paths.clone(), opts.store.as_deref(), opts.host.as_deref()).await?,
     );

@@ -132,7 +132,7 @@ struct AgentArgs {
     #[arg(long, value_name = "NAME")]
     host_name: Option<String>,
     /// Underlay interface other hosts are reached through (default: the default route's).
-    #[arg(long, value_name = "DEV")]
+    #[arg(long, env = "FERRYNET_UNDERLAY_DEV", value_name = "DEV")]
     underlay_dev: Option<String>,
     /// TTL of the host's registration; a host silent for longer is considered gone.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -319,7 +319,9 @@ struct RunArgs {
 
 /// Parse arguments, run, and map failures to a message and exit code 1.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // An empty FERRYNET_STORE (as a container's or plugin's settable default) means unset.
+    cli.store = cli.store.filter(|s| !s.trim().is_empty());
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -345,7 +347,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let opts = crate::agent::AgentOptions {
                     host: a.host_name,
                     store: cli.store,
-                    underlay_dev: a.underlay_dev,
+                    underlay_dev: a.underlay_dev.filter(|d| !d.trim().is_empty()),
                     lease_ttl: a.lease_ttl,
                     grace: a.grace,
                     resync: a.resync,
