@@ -113,6 +113,14 @@ fn ip6_on(d: &Dockerd, container: &str, net: &str) -> String {
     ])
 }
 
+/// `docker network create -d DRIVER --ipam-driver DRIVER ARGS NET` on `d`.
+fn create_network(d: &Dockerd, driver: &str, net: &str, args: &[&str]) {
+    let mut a = vec!["network", "create", "-d", driver, "--ipam-driver", driver];
+    a.extend_from_slice(args);
+    a.push(net);
+    d.docker_ok(&a);
+}
+
 /// A web server (busybox httpd on :80 serving /www) on `net`.
 fn web(d: &Dockerd, name: &str, net: &str, image: &str, extra: &[&str]) {
     let mut a = vec!["run", "-d", "--name", name, "--network", net];
@@ -184,20 +192,18 @@ fn one_docker_network_spans_two_hosts() {
 
     // The driver answers global scope: both engines share the cluster store and ferrynet etcd.
     let net = format!("gnet{t}");
-    d1.docker_ok(&[
-        "network",
-        "create",
-        "-d",
+    create_network(
+        &d1,
         &driver,
-        "--ipam-driver",
-        &driver,
-        "--subnet",
-        "10.73.0.0/16",
-        "--ipv6",
-        "--subnet",
-        "fd73::/64",
         &net,
-    ]);
+        &[
+            "--subnet",
+            "10.73.0.0/16",
+            "--ipv6",
+            "--subnet",
+            "fd73::/64",
+        ],
+    );
     let scope = d1.docker_ok(&["network", "inspect", "-f", "{{.Scope}}", &net]);
     assert_eq!(scope, "global", "the network's scope");
     eventually(
@@ -393,17 +399,7 @@ fn without_a_cluster_store_the_driver_stays_local() {
     let net = format!("lnet{t}");
     // ferrynet is on etcd, but this engine has no cluster store: a global answer would make
     // every network create fail, so the driver answers local.
-    d.docker_ok(&[
-        "network",
-        "create",
-        "-d",
-        &driver,
-        "--ipam-driver",
-        &driver,
-        "--subnet",
-        "10.74.0.0/24",
-        &net,
-    ]);
+    create_network(&d, &driver, &net, &["--subnet", "10.74.0.0/24"]);
     assert_eq!(
         d.docker_ok(&["network", "inspect", "-f", "{{.Scope}}", &net]),
         "local"
