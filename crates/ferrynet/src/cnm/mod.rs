@@ -14,6 +14,7 @@ pub mod options;
 pub mod protocol;
 pub mod records;
 pub mod server;
+pub mod sweep;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -42,6 +43,8 @@ pub struct Plugin {
     /// Joined endpoints go here to get their container's name from the Engine API (None: no
     /// naming, e.g. no Engine API socket).
     pub(crate) namer: Option<tokio::sync::mpsc::UnboundedSender<names::NameJob>>,
+    /// Signalled by every `Plugin.Activate` (a dockerd start): sweep for endpoints Docker forgot.
+    pub(crate) activated: tokio::sync::Notify,
 }
 
 impl Plugin {
@@ -52,6 +55,7 @@ impl Plugin {
             lock: tokio::sync::Mutex::new(()),
             bindings: std::sync::Mutex::new(HashMap::new()),
             namer: None,
+            activated: tokio::sync::Notify::new(),
         }
     }
 }
@@ -70,8 +74,10 @@ pub async fn serve(
     plugin.namer = Some(tx);
     let plugin = Arc::new(plugin);
     let namer = tokio::spawn(names::run(plugin.clone(), names::docker_api_socket(), rx));
+    let sweeper = tokio::spawn(sweep::run(plugin.clone(), names::docker_api_socket()));
     let served = server::run(plugin, listener, shutdown).await;
     namer.abort();
+    sweeper.abort();
     served
 }
 

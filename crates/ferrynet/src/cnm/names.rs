@@ -113,7 +113,7 @@ pub fn name_of_container(container: &Value, endpoint_id: &str) -> Option<Contain
 }
 
 /// One `GET` of the Engine API over its unix socket: the JSON answer, None for a 404.
-async fn get_json(socket: &Path, path: &str) -> anyhow::Result<Option<Value>> {
+pub(crate) async fn get_json(socket: &Path, path: &str) -> anyhow::Result<Option<Value>> {
     tokio::time::timeout(REQUEST_TIMEOUT, get_json_once(socket, path))
         .await
         .map_err(|_| {
