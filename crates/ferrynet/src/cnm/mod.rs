@@ -15,6 +15,7 @@ pub mod protocol;
 pub mod records;
 pub mod scope;
 pub mod server;
+pub mod sweep;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -49,6 +50,8 @@ pub struct Plugin {
     pub(crate) api_socket: PathBuf,
     /// The scope once decided for good (the engine answered, or nothing needed asking).
     scope_known: std::sync::Mutex<Option<scope::Scope>>,
+    /// Signalled by every `Plugin.Activate` (a dockerd start): sweep for endpoints Docker forgot.
+    pub(crate) activated: tokio::sync::Notify,
 }
 
 impl Plugin {
@@ -62,6 +65,7 @@ impl Plugin {
             scope_setting: scope::ScopeSetting::Auto,
             api_socket: names::docker_api_socket(),
             scope_known: std::sync::Mutex::new(None),
+            activated: tokio::sync::Notify::new(),
         }
     }
 
@@ -122,8 +126,10 @@ pub async fn serve(
     plugin.namer = Some(tx);
     let plugin = Arc::new(plugin);
     let namer = tokio::spawn(names::run(plugin.clone(), plugin.api_socket.clone(), rx));
+    let sweeper = tokio::spawn(sweep::run(plugin.clone(), plugin.api_socket.clone()));
     let served = server::run(plugin, listener, shutdown).await;
     namer.abort();
+    sweeper.abort();
     served
 }
 

@@ -57,9 +57,13 @@ impl Plugin {
     /// Run one plugin method on a request body; the JSON answer or the error.
     pub async fn dispatch(&self, method: &str, body: &[u8]) -> Result<Value> {
         match method {
-            "Plugin.Activate" => to_value(super::protocol::ActivateResponse {
-                implements: vec!["NetworkDriver".into(), "IpamDriver".into()],
-            }),
+            "Plugin.Activate" => {
+                // Docker activates its plugins once per start: check what it may have forgotten.
+                self.activated.notify_one();
+                to_value(super::protocol::ActivateResponse {
+                    implements: vec!["NetworkDriver".into(), "IpamDriver".into()],
+                })
+            }
             "NetworkDriver.GetCapabilities" => to_value(self.capabilities().await),
             "NetworkDriver.CreateNetwork" => {
                 to_value(self.create_network(parse(method, body)?).await?)

@@ -102,7 +102,7 @@ impl Dockerd {
             .open(self.root.join("dockerd.log"))
             .expect("dockerd log");
         // nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroup mounts dockerd
-        // needs. A private plugin directory and host name are set in mount and UTS namespaces
+        // needs ("Devices cgroup isn't mounted"). A private plugin directory and host name are set in mount and UTS namespaces
         // of the daemon's own (`unshare`), then sh execs dockerd, so the child's PID is dockerd's.
         let mut cmd = match &self.netns {
             Some(ns) => {
@@ -208,13 +208,45 @@ impl Dockerd {
         std::fs::read_to_string(p).ok()?.trim().parse().ok()
     }
 
-    /// Stop it with SIGTERM as an init system would (containers without live-restore stop
-    /// too); SIGKILL after 30 s. Its containerd is ended by PID if it outlives it.
-    pub fn stop(&mut self) {
+    /// Whether the dockerd process this harness started is running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// `kill -9` dockerd, as a crash would; its containerd goes too (it dies with dockerd or is
+    /// killed), the containers' shims, and so the containers, keep running for the next start
+    /// to find. The containerd pid file is removed: a dead containerd may linger as a zombie
+    /// (not every init reaps promptly), which the next dockerd would take for a live one and
+    /// wait for in vain.
+    pub fn kill(&mut self) {
+        let containerd = self.containerd_pid();
         let Some(mut child) = self.child.take() else {
             return;
         };
+        let _ = child.kill();
+        let _ = child.wait();
+        if let Some(c) = containerd.filter(|c| self.is_our_containerd(*c)) {
+            // SAFETY: kill(2) on the containerd our dockerd started.
+            unsafe { libc::kill(c, libc::SIGKILL) };
+            let t0 = Instant::now();
+            while self.is_our_containerd(c) && t0.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let _ = std::fs::remove_file(self.exec_root.join("containerd").join("containerd.pid"));
+    }
+
+    /// Stop it with SIGTERM as an init system would (containers without live-restore stop
+    /// too); SIGKILL after 30 s. Its containerd is ended by PID if it outlives it (also after
+    /// [`Dockerd::kill`]).
+    pub fn stop(&mut self) {
         let containerd = self.containerd_pid();
+        let Some(mut child) = self.child.take() else {
+            self.end_containerd(containerd);
+            return;
+        };
         let pid = child.id() as i32;
         // SAFETY: kill(2) on our own child's PID.
         unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -232,23 +264,44 @@ impl Dockerd {
                 }
             }
         }
-        if let Some(c) = containerd {
-            let t0 = Instant::now();
-            while Path::new(&format!("/proc/{c}")).exists()
-                && t0.elapsed() < Duration::from_secs(10)
-            {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            if is_containerd(c) {
-                // SAFETY: kill(2) on the containerd our dockerd started.
-                unsafe { libc::kill(c, libc::SIGKILL) };
-            }
+        self.end_containerd(containerd);
+    }
+
+    /// Wait up to 10 s for the containerd our dockerd started to exit, then SIGKILL it.
+    fn end_containerd(&self, containerd: Option<i32>) {
+        let Some(c) = containerd else {
+            return;
+        };
+        let t0 = Instant::now();
+        while self.is_our_containerd(c) && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(100));
         }
+        if self.is_our_containerd(c) {
+            // SAFETY: kill(2) on the containerd our dockerd started.
+            unsafe { libc::kill(c, libc::SIGKILL) };
+        }
+    }
+
+    /// `pid` is a containerd under this engine's exec root (a stale pid file's number may
+    /// have been reused by another process, even the shared engine's containerd).
+    fn is_our_containerd(&self, pid: i32) -> bool {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        is_containerd(pid)
+            && String::from_utf8_lossy(&cmdline).contains(&self.exec_root.display().to_string())
     }
 
     /// Stop and start it again on the same roots (containers, networks and plugins persist).
     pub fn restart(&mut self) {
-        self.stop();
+        if self.child.is_some() {
+            self.stop();
+        }
+        self.spawn();
+    }
+
+    /// Start it again after [`Dockerd::stop`] or [`Dockerd::kill`] and wait until its API
+    /// answers.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the private dockerd is running");
         self.spawn();
     }
 }
