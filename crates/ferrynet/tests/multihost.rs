@@ -295,8 +295,8 @@ fn etcd_outage_keeps_traffic_and_fails_adds_with_try_again() {
     lab.lab(&["stop-etcd"]);
     let started = Instant::now();
     // Existing traffic does not depend on the store.
-    echo(&c1, &c2.v4, Duration::from_secs(1)).unwrap();
-    echo(&c2, &c1.v6, Duration::from_secs(1)).unwrap();
+    echo(&c1, &c2.v4, Duration::from_secs(5)).unwrap();
+    echo(&c2, &c1.v6, Duration::from_secs(5)).unwrap();
     let ns = Netns::new(&format!("{}-cni", lab.name));
     let t = Instant::now();
     let (code, err) = cni_add(&lab, "h1", "outage1", &ns.0);
@@ -319,7 +319,7 @@ fn etcd_outage_keeps_traffic_and_fails_adds_with_try_again() {
     }
     // The outage lasts 30 s; traffic keeps flowing all along.
     while started.elapsed() < Duration::from_secs(30) {
-        echo(&c1, &c2.v4, Duration::from_secs(1)).unwrap();
+        echo(&c1, &c2.v4, Duration::from_secs(5)).unwrap();
         std::thread::sleep(Duration::from_secs(2));
     }
     lab.lab(&["start-etcd"]);
