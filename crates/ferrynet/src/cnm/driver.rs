@@ -1,7 +1,7 @@
 //! `NetworkDriver.*`: Docker networks as ferrynet networks, Docker endpoints as ferrynet
 //! endpoints whose veth pair Docker moves into the container itself.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ferrynet_model::fabric::Backend;
@@ -22,6 +22,8 @@ use super::records::{
     self, network_key, pool_key, to_bytes, DockerNetwork, DOCKER_IFNAME, IPAM_OWNER,
 };
 use super::Plugin;
+use crate::control::decode;
+use crate::control::ipam::HeldPort;
 use crate::error::ControlError;
 
 /// Prefix Docker gives the interface in the container (it appends a number: `eth0`).
@@ -572,7 +574,11 @@ impl Plugin {
         // One read of every claimed port serves both the picks and the conflict check.
         let all = ctl.held_ports().await?;
         let held: Vec<_> = all.iter().filter(|h| h.owner != ep_key).cloned().collect();
-        let mappings = resolve_bindings(&bindings, &held)?;
+        let mappings = match resolve_bindings(&bindings, &held, &BTreeMap::new()) {
+            Ok(m) => m,
+            // A conflict: say which container holds the port (read only on this path).
+            Err(_) => resolve_bindings(&bindings, &held, &self.owner_names(&held).await)?,
+        };
         let done = ctl
             .claim_ports(&ep, mappings, Some(all))
             .await
@@ -584,6 +590,22 @@ impl Plugin {
             })?;
         tracing::info!(endpoint = %ep.container_id, ports = ?done.port_mappings, "ports published");
         Ok(Empty {})
+    }
+
+    /// The container names of the endpoints holding `held` (endpoint key → name), for
+    /// messages; endpoints without a readable name are left out.
+    async fn owner_names(&self, held: &[HeldPort]) -> BTreeMap<String, String> {
+        let mut names = BTreeMap::new();
+        let owners: BTreeSet<&str> = held.iter().map(|h| h.owner.as_str()).collect();
+        for owner in owners {
+            let Ok(Some(kv)) = self.ctl.store.get(owner).await else {
+                continue;
+            };
+            if let Some(name) = decode::<Endpoint>(&kv).ok().and_then(|e| e.name) {
+                names.insert(owner.to_string(), name);
+            }
+        }
+        names
     }
 
     /// `NetworkDriver.RevokeExternalConnectivity`: withdraw the published ports. Unknown

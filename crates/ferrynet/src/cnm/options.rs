@@ -365,9 +365,13 @@ fn clashes(a: Option<IpAddr>, b: Option<IpAddr>) -> bool {
 /// ephemeral range, a range `HostPort..HostPortEnd` its first free port. "Free" means held by
 /// no published port of ferrynet's (`held`) and not chosen for an earlier binding. A binding on
 /// the unspecified address (`0.0.0.0`, `::`) or none is published on every host address.
+///
+/// A conflict names the holder through `names` (endpoint key → container name, see
+/// [`port_owner`]).
 pub fn resolve_bindings(
     bindings: &[PortBinding],
     held: &[HeldPort],
+    names: &BTreeMap<String, String>,
 ) -> Result<Vec<PortMapping>, CnmError> {
     let mut out: Vec<PortMapping> = Vec::new();
     for b in bindings {
@@ -406,15 +410,8 @@ pub fn resolve_bindings(
             };
             let owner = held
                 .iter()
-                .find(|h| h.proto == proto.as_str() && h.port == lo)
-                .map(|h| {
-                    format!(
-                        " (by {})",
-                        h.owner
-                            .rsplit_once("endpoints/")
-                            .map_or(h.owner.as_str(), |(_, o)| o)
-                    )
-                })
+                .find(|h| h.proto == proto.as_str() && h.port == lo && clashes(h.host_ip, host_ip))
+                .map(|h| format!(" by {}", port_owner(&h.owner, names)))
                 .unwrap_or_default();
             return Err(CnmError::Invalid(format!(
                 "{what}{} is already published{owner}",
@@ -429,6 +426,20 @@ pub fn resolve_bindings(
         });
     }
     Ok(out)
+}
+
+/// Who holds a published port, for messages: `container NAME on ferrynet network NET` when
+/// `names` knows the owning endpoint (key → container name), else the endpoint key's tail
+/// (`NET/CONTAINER-ID/IFNAME`).
+pub fn port_owner(owner: &str, names: &BTreeMap<String, String>) -> String {
+    let short = owner.rsplit_once("endpoints/").map_or(owner, |(_, o)| o);
+    match names.get(owner) {
+        Some(name) => {
+            let net = short.split('/').next().unwrap_or(short);
+            format!("container {name} on ferrynet network {net}")
+        }
+        None => short.to_string(),
+    }
 }
 
 /// Docker's description of published mappings (for `EndpointOperInfo`).
@@ -658,7 +669,7 @@ mod tests {
         }));
         let b = port_bindings(&o).unwrap();
         assert_eq!(b.len(), 2);
-        let m = resolve_bindings(&b, &[]).unwrap();
+        let m = resolve_bindings(&b, &[], &BTreeMap::new()).unwrap();
         assert_eq!(
             m[0],
             PortMapping {
@@ -676,41 +687,74 @@ mod tests {
 
     #[test]
     fn resolving_ports() {
+        let none = BTreeMap::new();
         // Ephemeral: the first free one, skipping held and already chosen ports.
         let m = resolve_bindings(
             &[pb(0, 0, ""), pb(0, 0, "")],
             &[held(EPHEMERAL_START, None)],
+            &none,
         )
         .unwrap();
         assert_eq!(m[0].host_port, EPHEMERAL_START + 1);
         assert_eq!(m[1].host_port, EPHEMERAL_START + 2);
         // A range: its first free port.
-        let m = resolve_bindings(&[pb(8000, 8002, "")], &[held(8000, Some("10.0.0.1"))]).unwrap();
+        let m = resolve_bindings(
+            &[pb(8000, 8002, "")],
+            &[held(8000, Some("10.0.0.1"))],
+            &none,
+        )
+        .unwrap();
         assert_eq!(m[0].host_port, 8001);
         // 0.0.0.0 means every address; a specific address only clashes with the same or any.
-        let m = resolve_bindings(&[pb(8080, 8080, "0.0.0.0")], &[]).unwrap();
+        let m = resolve_bindings(&[pb(8080, 8080, "0.0.0.0")], &[], &none).unwrap();
         assert_eq!(m[0].host_ip, None);
-        let m =
-            resolve_bindings(&[pb(8080, 0, "10.0.0.2")], &[held(8080, Some("10.0.0.1"))]).unwrap();
+        let m = resolve_bindings(
+            &[pb(8080, 0, "10.0.0.2")],
+            &[held(8080, Some("10.0.0.1"))],
+            &none,
+        )
+        .unwrap();
         assert_eq!(m[0].host_port, 8080);
-        let e = resolve_bindings(&[pb(8080, 8080, "")], &[held(8080, None)])
+        let e = resolve_bindings(&[pb(8080, 8080, "")], &[held(8080, None)], &none)
             .unwrap_err()
             .to_string();
         assert!(
             e.contains("8080/tcp") && e.contains("already published") && e.contains("n/c/eth0"),
             "{e}"
         );
-        let e = resolve_bindings(&[pb(8080, 8081, "")], &[held(8080, None), held(8081, None)])
-            .unwrap_err()
-            .to_string();
+        let e = resolve_bindings(
+            &[pb(8080, 8081, "")],
+            &[held(8080, None), held(8081, None)],
+            &none,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("8080-8081"), "{e}");
+        // A holder whose record carries a container name is named; the one that clashes.
+        let names = BTreeMap::from([(
+            "/ferrynet/v1/endpoints/n/c/eth0".to_string(),
+            "web".to_string(),
+        )]);
+        let mut other = held(8080, Some("10.0.0.1"));
+        other.owner = "/ferrynet/v1/endpoints/n/x/eth0".into();
+        let e = resolve_bindings(
+            &[pb(8080, 8080, "10.0.0.2")],
+            &[other, held(8080, Some("10.0.0.2"))],
+            &names,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("host port 8080/tcp on 10.0.0.2 is already published by container web on ferrynet network n"),
+            "{e}"
+        );
         let mut icmp = pb(1, 1, "");
         icmp.proto = 1;
-        assert!(resolve_bindings(&[icmp], &[])
+        assert!(resolve_bindings(&[icmp], &[], &none)
             .unwrap_err()
             .to_string()
             .contains("protocol number 1"));
-        assert!(resolve_bindings(&[pb(1, 1, "nowhere")], &[]).is_err());
+        assert!(resolve_bindings(&[pb(1, 1, "nowhere")], &[], &none).is_err());
     }
 
     #[test]
@@ -724,6 +768,6 @@ mod tests {
         let b = bindings_of(&m, Some("10.0.0.2".parse().unwrap()));
         assert_eq!(b[0].proto, 132);
         assert_eq!(b[0].ip, "10.0.0.2");
-        assert_eq!(resolve_bindings(&b, &[]).unwrap(), m);
+        assert_eq!(resolve_bindings(&b, &[], &BTreeMap::new()).unwrap(), m);
     }
 }
