@@ -313,34 +313,12 @@ impl Drop for Made {
 /// Import a busybox image: /bin/busybox with its applets as symlinks and /www/index.html.
 pub fn import_image(made: &mut Made) -> String {
     let name = format!("fnt-busybox:{}", tag());
-    let root = tempfile::tempdir().expect("image root");
-    let binp = root.path().join("bin");
-    std::fs::create_dir_all(&binp).expect("bin dir");
-    std::fs::copy("/bin/busybox", binp.join("busybox")).expect("copy busybox");
-    for applet in [
-        "sh", "nc", "wget", "httpd", "ip", "ping", "cat", "echo", "sleep", "true", "nslookup",
-    ] {
-        std::os::unix::fs::symlink("busybox", binp.join(applet)).expect("symlink");
-    }
-    let www = root.path().join("www");
-    std::fs::create_dir_all(&www).expect("www dir");
-    std::fs::write(
-        www.join("index.html"),
-        "hello from a docker container on ferrynet\n",
-    )
-    .expect("index");
-    let tar = root.path().join("image.tar");
-    must(&[
-        "tar",
-        "-C",
-        &root.path().display().to_string(),
-        "-cf",
-        &tar.display().to_string(),
-        "bin",
-        "www",
-    ]);
     made.images.push(name.clone());
-    docker_ok(&["import", &tar.display().to_string(), &name]);
+    super::dockerd::import_busybox_page(
+        "unix:///var/run/docker.sock",
+        &name,
+        "hello from a docker container on ferrynet",
+    );
     name
 }
 

@@ -353,9 +353,9 @@ impl Drop for Dockerd {
     }
 }
 
-/// Import a busybox image (applets as symlinks, `/www/index.html`) into the engine at `host`
-/// (`unix://…`) as `name`.
-pub fn import_busybox(host: &str, name: &str) {
+/// Import a busybox image (applets as symlinks, `/www/index.html` saying `page`) into the
+/// engine at `host` (`unix://…`) as `name`.
+pub fn import_busybox_page(host: &str, name: &str, page: &str) {
     let root = tempfile::tempdir().expect("image root");
     let binp = root.path().join("bin");
     std::fs::create_dir_all(&binp).expect("bin dir");
@@ -367,24 +367,14 @@ pub fn import_busybox(host: &str, name: &str) {
     }
     let www = root.path().join("www");
     std::fs::create_dir_all(&www).expect("www dir");
-    std::fs::write(www.join("index.html"), "hello from a private engine\n").expect("index");
-    let tar = root.path().join("image.tar");
+    std::fs::write(www.join("index.html"), format!("{page}\n")).expect("index");
+    let tar = root.path().join("image.tar").display().to_string();
     let r = root.path().display().to_string();
-    must(&[
-        "tar",
-        "-C",
-        &r,
-        "-cf",
-        &tar.display().to_string(),
-        "bin",
-        "www",
-    ]);
-    must(&[
-        "docker",
-        "-H",
-        host,
-        "import",
-        &tar.display().to_string(),
-        name,
-    ]);
+    must(&["tar", "-C", &r, "-cf", &tar, "bin", "www"]);
+    must(&["docker", "-H", host, "import", &tar, name]);
+}
+
+/// [`import_busybox_page`] saying "hello from a private engine".
+pub fn import_busybox(host: &str, name: &str) {
+    import_busybox_page(host, name, "hello from a private engine");
 }
