@@ -23,7 +23,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FERRYNET = os.path.join(ROOT, "target", "release", "ferrynet")
+# FERRYNET_BIN: another build of ferrynet (e.g. a saved "before" binary) for A/B runs.
+FERRYNET = os.environ.get("FERRYNET_BIN") or os.path.join(ROOT, "target", "release", "ferrynet")
 CONNRATE = os.path.join(ROOT, "target", "release", "connrate")
 CNI_DIR = "/usr/lib/cni"
 NETAVARK = "/usr/lib/podman/netavark"

@@ -367,10 +367,22 @@ impl Plugin {
             host: net.fabric.is_some().then(|| self.ctl.host.clone()),
             ..Endpoint::new(&net.name, &req.endpoint_id, DOCKER_IFNAME)
         };
+        // Every requested address just reserved by this driver's IPAM: one transaction, no reads.
+        let mut expect_shared = !requested.is_empty();
+        for ip in &requested {
+            expect_shared &= self.take_reserved(&net.name, *ip);
+        }
         let _g = self.lock.lock().await;
         let (ep, fresh) = self
             .ctl
-            .record_endpoint(&net, template, &requested, allocate, IPAM_OWNER)
+            .record_endpoint(
+                &net,
+                template,
+                &requested,
+                allocate,
+                IPAM_OWNER,
+                expect_shared,
+            )
             .await?;
         if !fresh {
             tracing::info!(endpoint = %req.endpoint_id, "CreateEndpoint repeated");

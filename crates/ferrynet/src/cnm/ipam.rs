@@ -20,6 +20,8 @@ use crate::control::network::subnet_list;
 pub const LOCAL_SPACE: &str = "ferrynet-local";
 /// Address space of global-scope networks.
 pub const GLOBAL_SPACE: &str = "ferrynet-global";
+/// Most addresses remembered between `RequestAddress` and `CreateEndpoint`.
+const MAX_RESERVED_HINTS: usize = 4096;
 
 fn with_len(ip: IpAddr, pool: &IpNet) -> String {
     format!("{ip}/{}", pool.prefix_len())
@@ -291,6 +293,7 @@ impl Plugin {
                 let ip = ctl
                     .reserve_address(net, pool, wanted, IPAM_OWNER)
                     .await?;
+                self.note_reserved(&net.name, ip.addr());
                 Ok(RequestAddressResponse {
                     address: ip.to_string(),
                     data: BTreeMap::new(),
@@ -331,9 +334,29 @@ impl Plugin {
             // An aux address of a live network is also held in the store: fall through.
         }
         if let Some(net) = &rec.network {
+            self.take_reserved(net, ip);
             self.ctl.release_address(net, ip, IPAM_OWNER).await?;
         }
         Ok(Empty {})
+    }
+
+    /// Remember an address `RequestAddress` reserved, for the `CreateEndpoint` that follows.
+    fn note_reserved(&self, network: &str, ip: IpAddr) {
+        if let Ok(mut r) = self.reserved.lock() {
+            // Addresses Docker never used for an endpoint would otherwise pile up.
+            if r.len() >= MAX_RESERVED_HINTS {
+                r.clear();
+            }
+            r.insert((network.to_string(), ip));
+        }
+    }
+
+    /// Whether `RequestAddress` reserved this address (forgetting it).
+    pub(crate) fn take_reserved(&self, network: &str, ip: IpAddr) -> bool {
+        self.reserved
+            .lock()
+            .map(|mut r| r.remove(&(network.to_string(), ip)))
+            .unwrap_or(false)
     }
 
     /// Write a pool record if it did not change since `rev`.

@@ -17,8 +17,9 @@ pub mod scope;
 pub mod server;
 pub mod sweep;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::net::IpAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -41,6 +42,10 @@ pub struct Plugin {
     /// it exists and only this driver's `DeleteNetwork` removes it, so entries stay true until
     /// then; it saves a store read in every endpoint call.
     pub(crate) bindings: std::sync::Mutex<HashMap<String, records::DockerNetwork>>,
+    /// (ferrynet network, address) reserved by `RequestAddress` and not yet taken up by a
+    /// `CreateEndpoint`: only a hint that lets `CreateEndpoint` try one transaction without reads
+    /// first (a wrong hint costs a failed transaction, never a wrong record).
+    pub(crate) reserved: std::sync::Mutex<HashSet<(String, IpAddr)>>,
     /// Joined endpoints go here to get their container's name from the Engine API (None: no
     /// naming, e.g. no Engine API socket).
     pub(crate) namer: Option<tokio::sync::mpsc::UnboundedSender<names::NameJob>>,
@@ -61,6 +66,7 @@ impl Plugin {
             ctl,
             lock: tokio::sync::Mutex::new(()),
             bindings: std::sync::Mutex::new(HashMap::new()),
+            reserved: std::sync::Mutex::new(HashSet::new()),
             namer: None,
             scope_setting: scope::ScopeSetting::Auto,
             api_socket: names::docker_api_socket(),

@@ -43,6 +43,37 @@ fn owner_of(ep: &Endpoint) -> String {
     format!("{}/{}", ep.container_id, ep.ifname)
 }
 
+/// The addresses of an endpoint that only references `requested` (each with its subnet's prefix
+/// length, IPv4 first), or None when that is not enough: an address outside every subnet, two in
+/// one subnet, or a family in `allocate` (IPv4, IPv6) left without one.
+fn referenced_only(
+    subnets: &[ResolvedSubnet],
+    requested: &[IpAddr],
+    allocate: (bool, bool),
+) -> Option<Vec<IpNet>> {
+    if requested.is_empty() {
+        return None;
+    }
+    let mut ips: Vec<IpNet> = Vec::new();
+    for &ip in requested {
+        let s = subnets.iter().find(|s| s.cidr.contains(&ip))?;
+        if ips.iter().any(|o| s.cidr.contains(&o.addr())) {
+            return None;
+        }
+        ips.push(IpNet::new(ip, s.cidr.prefix_len()).ok()?);
+    }
+    let have = |v4: bool| ips.iter().any(|i| i.addr().is_ipv4() == v4);
+    let unserved = subnets.iter().any(|s| {
+        let v4 = s.cidr.addr().is_ipv4();
+        (if v4 { allocate.0 } else { allocate.1 }) && !have(v4)
+    });
+    if unserved {
+        return None;
+    }
+    ips.sort_by_key(|i| !i.addr().is_ipv4());
+    Some(ips)
+}
+
 impl Control {
     /// Addresses of a network that are held, with their owners.
     async fn held_addresses(&self, network: &str) -> Result<BTreeMap<IpAddr, String>> {
@@ -90,6 +121,35 @@ impl Control {
         if let Some(ip) = requested {
             if !cidr.contains(&ip) {
                 return Err(ipam_error(net, IpamError::NotInPool(ip)));
+            }
+        }
+        if let (Some(ip), None) = (requested, net.fabric) {
+            // A requested address (`--ip`, Docker's preferred address) on a single-host network
+            // needs no read first: the subnet's own rules are checked here, and the
+            // transaction's `Missing` compare is the check against every holder. Only a taken
+            // address goes on to the read below, for the error naming its holder. (On a
+            // multi-host network the loop below also checks it lies in this host's blocks.)
+            let planned = plan_allocation(
+                std::slice::from_ref(&subnet),
+                &BTreeSet::new(),
+                &[ip],
+                &|_| None,
+            )
+            .map_err(|e| ipam_error(net, e))?;
+            if let Some(&got) = planned.first() {
+                let key = keys::ipam(&net.name, ip);
+                if self
+                    .store
+                    .txn(
+                        vec![Compare::Missing(key.clone())],
+                        vec![Op::put(key, owner.as_bytes().to_vec())],
+                    )
+                    .await?
+                    .succeeded
+                {
+                    tracing::debug!(network = %net.name, ip = %got, owner, "address reserved");
+                    return Ok(got);
+                }
             }
         }
         let mut mine = match net.fabric {
@@ -217,7 +277,8 @@ impl Control {
     /// in `allocate` (IPv4, IPv6) that has none, the next free one. A requested address already
     /// held by `shared_owner` (the runtime's IPAM) is referenced, a free one is taken for the
     /// endpoint, one held by anyone else is refused. An existing record is returned unchanged
-    /// with `false`.
+    /// with `false`. `expect_shared`: the caller believes `shared_owner` holds every requested
+    /// address (it just reserved them), so one transaction is tried first, without reads.
     pub async fn record_endpoint(
         &self,
         net: &Network,
@@ -225,11 +286,31 @@ impl Control {
         requested: &[IpAddr],
         allocate: (bool, bool),
         shared_owner: &str,
+        expect_shared: bool,
     ) -> Result<(Endpoint, bool)> {
         let subnets = validate_network_subnets(&net.subnets)
             .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
         let ep_key = keys::endpoint(&net.name, &template.container_id, &template.ifname);
         let owner = owner_of(&template);
+        if let Some(ips) = expect_shared
+            .then(|| referenced_only(&subnets, requested, allocate))
+            .flatten()
+        {
+            // The compares carry every check the read path below makes for this case: no record
+            // yet, each address still held by `shared_owner`. If one fails (a repeated call, an
+            // address released meanwhile) the read path decides, as if this was not tried.
+            let mut compares = vec![Compare::Missing(ep_key.clone())];
+            compares.extend(requested.iter().map(|&ip| {
+                Compare::Value(keys::ipam(&net.name, ip), shared_owner.as_bytes().to_vec())
+            }));
+            let mut ep = template.clone();
+            ep.ips = ips;
+            let ops = vec![Op::put(ep_key.clone(), encode(&ep))];
+            if self.store.txn(compares, ops).await?.succeeded {
+                tracing::debug!(endpoint = %ep_key, ips = ?ep.ips, "endpoint recorded");
+                return Ok((ep, true));
+            }
+        }
         for _ in 0..MAX_ATTEMPTS {
             if let Some(kv) = self.store.get(&ep_key).await? {
                 return Ok((decode(&kv)?, false));
@@ -456,5 +537,60 @@ impl Control {
     pub async fn forget_endpoint(&self, ep: &Endpoint) -> Result<()> {
         let ep = self.withdraw_ports(ep).await?;
         self.release(&ep).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrynet_model::network::Subnet;
+
+    fn resolved(cidrs: &[&str]) -> Vec<ResolvedSubnet> {
+        let subnets: Vec<Subnet> = cidrs
+            .iter()
+            .map(|c| Subnet::new(c.parse().unwrap()))
+            .collect();
+        validate_network_subnets(&subnets).unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn referenced_addresses_take_their_subnets_prefix_ipv4_first() {
+        let subnets = resolved(&["10.1.0.0/24", "fd00:1::/64"]);
+        let got = referenced_only(&subnets, &[ip("fd00:1::5"), ip("10.1.0.7")], (true, true));
+        assert_eq!(
+            got,
+            Some(vec![
+                "10.1.0.7/24".parse().unwrap(),
+                "fd00:1::5/64".parse().unwrap()
+            ])
+        );
+    }
+
+    #[test]
+    fn not_only_references_when_a_family_needs_an_allocation() {
+        let subnets = resolved(&["10.1.0.0/24", "fd00:1::/64"]);
+        assert_eq!(
+            referenced_only(&subnets, &[ip("10.1.0.7")], (false, true)),
+            None
+        );
+        assert!(referenced_only(&subnets, &[ip("10.1.0.7")], (true, false)).is_some());
+    }
+
+    #[test]
+    fn not_only_references_for_no_foreign_or_doubled_addresses() {
+        let subnets = resolved(&["10.1.0.0/24"]);
+        assert_eq!(referenced_only(&subnets, &[], (false, false)), None);
+        assert_eq!(
+            referenced_only(&subnets, &[ip("10.2.0.7")], (false, false)),
+            None
+        );
+        assert_eq!(
+            referenced_only(&subnets, &[ip("10.1.0.7"), ip("10.1.0.8")], (false, false)),
+            None
+        );
     }
 }
