@@ -18,7 +18,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::dockerd::{import_busybox, Dockerd};
-use common::{bin, must, out, sh, tag, Ns};
+use common::{bin, out, sh, tag, Ns};
 use serde_json::Value;
 
 /// How long containers get to come back after dockerd starts again.
@@ -194,37 +194,17 @@ impl Rig {
         let t = tag();
         let host = Ns::new("rh");
         let client = Ns::new("rc");
-        let hl = format!("frh{t}");
-        must(&[
-            "ip",
-            "-n",
-            &host.name,
-            "link",
-            "add",
-            &hl,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "ext0",
-            "netns",
-            &client.name,
-        ]);
         let host_ip = format!("10.254.{n}.1");
         let client_ip = format!("10.254.{n}.2");
-        host.must(&["ip", "addr", "add", &format!("{host_ip}/24"), "dev", &hl]);
-        host.must(&["ip", "link", "set", &hl, "up"]);
+        common::wire_client(
+            Some(&host),
+            &client,
+            &format!("frh{t}"),
+            &host_ip,
+            &client_ip,
+        );
         // The agent's underlay is the default route's interface.
         host.must(&["ip", "route", "add", "default", "via", &client_ip]);
-        client.must(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{client_ip}/24"),
-            "dev",
-            "ext0",
-        ]);
-        client.must(&["ip", "link", "set", "ext0", "up"]);
         let driver = format!("fnt-{t}");
         let docker_host = format!("unix:///run/fnd-{t}.sock");
         let agent = Agent::start(&host, &driver, &docker_host);

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{bin, must, out, sh, tag, Ns};
+use super::{bin, out, sh, tag, Ns};
 
 static TURN: Mutex<()> = Mutex::new(());
 
@@ -361,33 +361,15 @@ pub fn map_len(map: &str) -> usize {
 /// The host side is removed with the namespace (deleting the peer deletes the pair).
 pub fn outside_client(n: u8) -> (Ns, String) {
     let client = Ns::new("dc");
-    let hl = format!("fto{}", tag());
-    must(&[
-        "ip",
-        "link",
-        "add",
-        &hl,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "ext0",
-        "netns",
-        &client.name,
-    ]);
     let host_ip = format!("10.253.{n}.1");
-    must(&["ip", "addr", "add", &format!("{host_ip}/24"), "dev", &hl]);
-    must(&["ip", "link", "set", &hl, "up"]);
-    client.must(&[
-        "ip",
-        "addr",
-        "add",
-        &format!("10.253.{n}.2/24"),
-        "dev",
-        "ext0",
-    ]);
-    client.must(&["ip", "link", "set", "ext0", "up"]);
-    client.must(&["ip", "route", "add", "default", "via", &host_ip]);
+    let client_ip = format!("10.253.{n}.2");
+    super::wire_client(
+        None,
+        &client,
+        &format!("fto{}", tag()),
+        &host_ip,
+        &client_ip,
+    );
     (client, host_ip)
 }
 

@@ -200,6 +200,40 @@ pub struct Call {
     pub stderr: String,
 }
 
+/// A veth from `host` (None: this namespace), named `link` there with `host_ip`/24, to `client`
+/// (`ext0`, `client_ip`/24, default route via `host_ip`). Removed with the client namespace.
+pub fn wire_client(host: Option<&Ns>, client: &Ns, link: &str, host_ip: &str, client_ip: &str) {
+    let on_host = |args: &[&str]| match host {
+        Some(h) => h.must(args),
+        None => must(args),
+    };
+    on_host(&[
+        "ip",
+        "link",
+        "add",
+        link,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "ext0",
+        "netns",
+        &client.name,
+    ]);
+    on_host(&["ip", "addr", "add", &format!("{host_ip}/24"), "dev", link]);
+    on_host(&["ip", "link", "set", link, "up"]);
+    client.must(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{client_ip}/24"),
+        "dev",
+        "ext0",
+    ]);
+    client.must(&["ip", "link", "set", "ext0", "up"]);
+    client.must(&["ip", "route", "add", "default", "via", host_ip]);
+}
+
 /// The ferrynet binary under test.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_ferrynet")
@@ -303,56 +337,15 @@ impl Lab {
     /// (both /24 in 10.250.N.0), client default route via the host.
     pub fn outside(&self, n: u8) -> (Ns, String, String) {
         let client = Ns::new("o");
-        let hl = format!("fto{}", tag());
-        must(&[
-            "ip",
-            "-n",
-            &self.host.name,
-            "link",
-            "add",
-            &hl,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "ext0",
-            "netns",
-            &client.name,
-        ]);
         let host_ip = format!("10.250.{n}.1");
         let client_ip = format!("10.250.{n}.2");
-        must(&[
-            "ip",
-            "-n",
-            &self.host.name,
-            "addr",
-            "add",
-            &format!("{host_ip}/24"),
-            "dev",
-            &hl,
-        ]);
-        must(&["ip", "-n", &self.host.name, "link", "set", &hl, "up"]);
-        must(&[
-            "ip",
-            "-n",
-            &client.name,
-            "addr",
-            "add",
-            &format!("{client_ip}/24"),
-            "dev",
-            "ext0",
-        ]);
-        must(&["ip", "-n", &client.name, "link", "set", "ext0", "up"]);
-        must(&[
-            "ip",
-            "-n",
-            &client.name,
-            "route",
-            "add",
-            "default",
-            "via",
+        wire_client(
+            Some(&self.host),
+            &client,
+            &format!("fto{}", tag()),
             &host_ip,
-        ]);
+            &client_ip,
+        );
         (client, host_ip, client_ip)
     }
 
