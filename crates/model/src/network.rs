@@ -109,6 +109,23 @@ fn default_block_v6() -> u8 {
     DEFAULT_BLOCK_V6
 }
 
+impl Network {
+    /// A single-host bridged network over `cidrs` that masquerades outbound traffic, with the
+    /// kernel's MTU and a bridge name to be derived from `name`.
+    pub fn bridged(name: &str, cidrs: impl IntoIterator<Item = IpNet>) -> Network {
+        Network {
+            name: name.to_string(),
+            mode: NetworkMode::Bridge,
+            bridge: String::new(),
+            subnets: cidrs.into_iter().map(Subnet::new).collect(),
+            mtu: None,
+            internal: false,
+            ip_masq: true,
+            fabric: None,
+        }
+    }
+}
+
 impl FabricSpec {
     /// The block prefix length for an address family.
     pub fn block_len(&self, v6: bool) -> u8 {

@@ -186,7 +186,7 @@ pub fn placeholder(name: &str) -> HostRecord {
 mod tests {
     use super::*;
     use ferrynet_model::fabric::Backend;
-    use ferrynet_model::network::{FabricSpec, Subnet};
+    use ferrynet_model::network::FabricSpec;
 
     fn kv(key: String, v: Vec<u8>) -> KeyValue {
         KeyValue {
@@ -216,19 +216,14 @@ mod tests {
     }
     fn net(backend: Backend) -> KeyValue {
         let n = Network {
-            name: "blue".into(),
-            mode: Default::default(),
             bridge: "fn-blue".into(),
-            subnets: vec![Subnet::new("10.20.0.0/16".parse().unwrap())],
-            mtu: None,
-            internal: false,
-            ip_masq: true,
             fabric: Some(FabricSpec {
                 backend,
                 vni: 7,
                 block_v4: 26,
                 block_v6: 122,
             }),
+            ..Network::bridged("blue", ["10.20.0.0/16".parse().unwrap()])
         };
         kv(keys::network("blue"), serde_json::to_vec(&n).unwrap())
     }

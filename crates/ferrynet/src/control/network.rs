@@ -277,19 +277,9 @@ pub(crate) fn subnet_list(n: &Network) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferrynet_model::network::Subnet;
 
     fn net(name: &str, cidr: &str) -> Network {
-        with_defaults(Network {
-            name: name.into(),
-            mode: NetworkMode::Bridge,
-            bridge: String::new(),
-            subnets: vec![Subnet::new(cidr.parse().unwrap())],
-            mtu: None,
-            internal: false,
-            ip_masq: true,
-            fabric: None,
-        })
+        with_defaults(Network::bridged(name, [cidr.parse().unwrap()]))
     }
 
     #[test]

@@ -174,7 +174,7 @@ mod tests {
     use super::super::wire::{general, Outcome};
     use super::*;
     use ferrynet_model::discovery::DiscoveryView;
-    use ferrynet_model::network::{keys, Endpoint, Network, NetworkMode, Subnet};
+    use ferrynet_model::network::{keys, Endpoint, Network};
 
     fn endpoint(id: &str, name: &str, aliases: &[&str], ips: &[&str]) -> Endpoint {
         Endpoint {
@@ -187,19 +187,13 @@ mod tests {
 
     fn zone() -> Zone {
         let mut v = DiscoveryView::default();
-        let net = Network {
-            name: "blue".into(),
-            mode: NetworkMode::Bridge,
-            bridge: String::new(),
-            subnets: vec![
-                Subnet::new("10.30.0.0/24".parse().unwrap()),
-                Subnet::new("fd30::/64".parse().unwrap()),
+        let net = Network::bridged(
+            "blue",
+            [
+                "10.30.0.0/24".parse().unwrap(),
+                "fd30::/64".parse().unwrap(),
             ],
-            mtu: None,
-            internal: false,
-            ip_masq: true,
-            fabric: None,
-        };
+        );
         v.put(&keys::network("blue"), &serde_json::to_vec(&net).unwrap());
         let mut eps = vec![
             endpoint("a", "Web", &["www_1"], &["10.30.0.2/24", "fd30::2/64"]),

@@ -37,26 +37,17 @@ pub fn gateways(view: &DiscoveryView, host: &str) -> BTreeMap<IpAddr, String> {
 mod tests {
     use super::*;
     use ferrynet_model::fabric::Backend;
-    use ferrynet_model::network::{keys, FabricSpec, Network, Subnet};
+    use ferrynet_model::network::{keys, FabricSpec, Network};
 
     fn net(name: &str, cidrs: &[&str], fabric: bool) -> Network {
         Network {
-            name: name.into(),
-            mode: NetworkMode::Bridge,
-            bridge: String::new(),
-            subnets: cidrs
-                .iter()
-                .map(|c| Subnet::new(c.parse().unwrap()))
-                .collect(),
-            mtu: None,
-            internal: false,
-            ip_masq: true,
             fabric: fabric.then_some(FabricSpec {
                 backend: Backend::Vxlan,
                 vni: 7,
                 block_v4: 26,
                 block_v6: 122,
             }),
+            ..Network::bridged(name, cidrs.iter().map(|c| c.parse().unwrap()))
         }
     }
 

@@ -176,20 +176,11 @@ fn record(q: &Query, r: &Rec, ttl: u32) -> Option<Record> {
 mod tests {
     use super::*;
     use ferrynet_model::discovery::DiscoveryView;
-    use ferrynet_model::network::{keys, Endpoint, Network, NetworkMode, Subnet};
+    use ferrynet_model::network::{keys, Endpoint, Network};
 
     fn zone() -> Zone {
         let mut v = DiscoveryView::default();
-        let net = Network {
-            name: "blue".into(),
-            mode: NetworkMode::Bridge,
-            bridge: String::new(),
-            subnets: vec![Subnet::new("10.30.0.0/24".parse().unwrap())],
-            mtu: None,
-            internal: false,
-            ip_masq: true,
-            fabric: None,
-        };
+        let net = Network::bridged("blue", ["10.30.0.0/24".parse().unwrap()]);
         v.put(&keys::network("blue"), &serde_json::to_vec(&net).unwrap());
         for i in 0..100u8 {
             let ep = Endpoint {

@@ -412,7 +412,7 @@ pub fn reverse_name(ip: IpAddr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferrynet_model::network::{keys as nkeys, Endpoint, Network, Subnet};
+    use ferrynet_model::network::{keys as nkeys, Endpoint, Network};
     use ferrynet_model::portmap::Protocol;
     use ferrynet_model::service::{keys as skeys, Producer, Service, ServicePort};
     use std::collections::BTreeMap;
@@ -421,19 +421,7 @@ mod tests {
         serde_json::to_vec(v).unwrap()
     }
     fn net(name: &str, cidrs: &[&str]) -> Network {
-        Network {
-            name: name.into(),
-            mode: NetworkMode::Bridge,
-            bridge: String::new(),
-            subnets: cidrs
-                .iter()
-                .map(|c| Subnet::new(c.parse().unwrap()))
-                .collect(),
-            mtu: None,
-            internal: false,
-            ip_masq: true,
-            fabric: None,
-        }
+        Network::bridged(name, cidrs.iter().map(|c| c.parse().unwrap()))
     }
     fn ep(net: &str, id: &str, name: Option<&str>, aliases: &[&str], ips: &[&str]) -> Endpoint {
         Endpoint {
