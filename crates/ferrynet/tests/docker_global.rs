@@ -143,18 +143,7 @@ fn http_get(ip: &str, port: u16) -> String {
 
 /// The interfaces of a namespace whose names start with `prefix`.
 fn links(ns: &str, prefix: &str) -> Vec<String> {
-    let o = Command::new("ip")
-        .args(["-n", ns, "-j", "link", "show"])
-        .output()
-        .expect("ip link");
-    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|l| l["ifname"].as_str())
-        .filter(|n| n.starts_with(prefix))
-        .map(str::to_string)
-        .collect()
+    common::links_in(Some(ns), &[prefix])
 }
 
 /// Docker containers (engine API address, name) removed before the engines and the lab go.

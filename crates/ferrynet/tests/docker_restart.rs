@@ -12,7 +12,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -72,19 +71,10 @@ impl Agent {
             .spawn()
             .expect("start the agent");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&self.socket).is_err() {
-            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
-                self.child = None;
-                panic!("agent exited early ({st}): {}", self.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent socket never appeared: {}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let log = self.log.clone();
+        common::wait_for_socket(&mut self.child, &self.socket, "agent", || {
+            std::fs::read_to_string(&log).unwrap_or_default()
+        });
     }
 
     /// SIGTERM and wait (SIGKILL after 10 s); its exit status.
@@ -330,30 +320,15 @@ impl Rig {
 
     /// Links in the host namespace starting with `prefix`.
     fn links(&self, prefix: &str) -> Vec<String> {
-        let o = self.host.run(&["ip", "-j", "link", "show"]);
-        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|l| l["ifname"].as_str())
-            .filter(|n| n.starts_with(prefix))
-            .map(str::to_string)
-            .collect()
+        common::links_in(Some(&self.host.name), &[prefix])
     }
 
     /// Elements of one of ferrynet's port maps in the host namespace (0 without the table).
     fn map_elems(&self, map: &str) -> Vec<String> {
-        let o = self
-            .host
-            .run(&["nft", "-j", "list", "map", "inet", "ferrynet", map]);
-        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
-        v["nftables"]
-            .as_array()
-            .and_then(|a| a.iter().find_map(|x| x.get("map")))
-            .and_then(|m| m.get("elem"))
-            .and_then(Value::as_array)
-            .map(|e| e.iter().map(Value::to_string).collect())
-            .unwrap_or_default()
+        common::map_elements(Some(&self.host.name), map)
+            .iter()
+            .map(Value::to_string)
+            .collect()
     }
 
     /// ferrynet holds exactly what the live containers `names` need on the network: one

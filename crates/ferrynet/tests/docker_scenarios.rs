@@ -265,14 +265,21 @@ fn engine(method: &str, path: &str, body: &Value) -> (u16, Value) {
     )
 }
 
-#[test]
-fn connect_and_disconnect_running_containers() {
+/// What every test starts with: the engine checked, its turn on the host namespace, a plugin
+/// of its own, the cleanup guard, the leftover tracker and the busybox image. Returned in the
+/// order they are dropped last to first, so containers go before the plugin and the turn.
+fn set_up() -> (Turn, Plugin, Made, Seen, String) {
     require_docker();
-    let _turn = turn();
+    let turn = turn();
     let plugin = Plugin::start();
     let mut made = Made::default();
-    let mut seen = Seen::default();
     let image = import_image(&mut made);
+    (turn, plugin, made, Seen::default(), image)
+}
+
+#[test]
+fn connect_and_disconnect_running_containers() {
+    let (_turn, plugin, mut made, mut seen, image) = set_up();
     let d = plugin.driver.clone();
     let label = format!("fnt.test={d}");
     let (na, nb, br) = (format!("{d}-a"), format!("{d}-b"), format!("{d}-br"));
@@ -392,12 +399,7 @@ fn connect_and_disconnect_running_containers() {
 
 #[test]
 fn stop_start_restart_and_pause_keep_the_published_port() {
-    require_docker();
-    let _turn = turn();
-    let plugin = Plugin::start();
-    let mut made = Made::default();
-    let mut seen = Seen::default();
-    let image = import_image(&mut made);
+    let (_turn, plugin, mut made, mut seen, image) = set_up();
     let d = plugin.driver.clone();
     let label = format!("fnt.test={d}");
     let net = format!("{d}-net");
@@ -505,12 +507,7 @@ fn stop_start_restart_and_pause_keep_the_published_port() {
 
 #[test]
 fn every_form_of_publishing_a_port() {
-    require_docker();
-    let _turn = turn();
-    let plugin = Plugin::start();
-    let mut made = Made::default();
-    let mut seen = Seen::default();
-    let image = import_image(&mut made);
+    let (_turn, plugin, mut made, mut seen, image) = set_up();
     let d = plugin.driver.clone();
     let label = format!("fnt.test={d}");
     let net = format!("{d}-net");
@@ -745,12 +742,7 @@ fn every_form_of_publishing_a_port() {
 
 #[test]
 fn addresses_internal_networks_inspect_prune_and_errors() {
-    require_docker();
-    let _turn = turn();
-    let plugin = Plugin::start();
-    let mut made = Made::default();
-    let mut seen = Seen::default();
-    let image = import_image(&mut made);
+    let (_turn, plugin, mut made, mut seen, image) = set_up();
     let d = plugin.driver.clone();
     let label = format!("fnt.test={d}");
 
@@ -1027,13 +1019,8 @@ impl Drop for Compose {
 
 #[test]
 fn a_compose_project_on_a_ferrynet_network() {
-    require_docker();
     common::need("docker-compose", "docker-compose");
-    let _turn = turn();
-    let plugin = Plugin::start();
-    let mut made = Made::default();
-    let mut seen = Seen::default();
-    let image = import_image(&mut made);
+    let (_turn, plugin, _made, mut seen, image) = set_up();
     let d = plugin.driver.clone();
     let project = format!("fnt{}", tag());
     let compose = Compose {
@@ -1127,12 +1114,7 @@ networks:
 
 #[test]
 fn many_quick_containers_leave_nothing_behind() {
-    require_docker();
-    let _turn = turn();
-    let plugin = Plugin::start();
-    let mut made = Made::default();
-    let mut seen = Seen::default();
-    let image = import_image(&mut made);
+    let (_turn, plugin, mut made, mut seen, image) = set_up();
     let d = plugin.driver.clone();
     let label = format!("fnt.test={d}");
     let net = format!("{d}-net");

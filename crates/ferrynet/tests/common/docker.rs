@@ -171,19 +171,10 @@ impl Plugin {
             .spawn()
             .expect("start ferrynet");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&self.socket).is_err() {
-            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
-                self.child = None;
-                panic!("plugin exited early ({st}): {}", self.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "plugin socket never appeared: {}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let log = self.log.clone();
+        super::wait_for_socket(&mut self.child, &self.socket, "plugin", || {
+            std::fs::read_to_string(&log).unwrap_or_default()
+        });
     }
 
     /// `kill -9` by PID: no chance to clean up. Returns once the process is gone.
@@ -333,28 +324,12 @@ pub fn ip_of(container: &str) -> String {
 
 /// Links of the host namespace whose names start with one of `prefixes`.
 pub fn host_links(prefixes: &[&str]) -> Vec<String> {
-    let o = sh(&["ip", "-j", "link", "show"]);
-    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|l| l["ifname"].as_str())
-        .filter(|n| prefixes.iter().any(|p| n.starts_with(p)))
-        .map(str::to_string)
-        .collect()
+    super::links_in(None, prefixes)
 }
 
 /// Elements of one of ferrynet's port maps in the host namespace (0 when the table is gone).
 pub fn map_len(map: &str) -> usize {
-    let o = sh(&["nft", "-j", "list", "map", "inet", "ferrynet", map]);
-    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
-    v["nftables"]
-        .as_array()
-        .and_then(|a| a.iter().find_map(|x| x.get("map")))
-        .and_then(|m| m.get("elem"))
-        .and_then(Value::as_array)
-        .map(|e| e.len())
-        .unwrap_or(0)
+    super::map_elements(None, map).len()
 }
 
 /// A client namespace wired to the host namespace by a veth: (namespace, host-side address).

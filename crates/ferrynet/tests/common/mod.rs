@@ -234,6 +234,67 @@ pub fn wire_client(host: Option<&Ns>, client: &Ns, link: &str, host_ip: &str, cl
     client.must(&["ip", "route", "add", "default", "via", host_ip]);
 }
 
+/// Links of namespace `ns` (None: this one) whose names start with one of `prefixes`.
+pub fn links_in(ns: Option<&str>, prefixes: &[&str]) -> Vec<String> {
+    let o = match ns {
+        Some(ns) => sh(&["ip", "-n", ns, "-j", "link", "show"]),
+        None => sh(&["ip", "-j", "link", "show"]),
+    };
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l["ifname"].as_str())
+        .filter(|n| prefixes.iter().any(|p| n.starts_with(p)))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Elements of one of ferrynet's port maps in namespace `ns` (None: this one); none when the
+/// table is gone.
+pub fn map_elements(ns: Option<&str>, map: &str) -> Vec<Value> {
+    let list = ["nft", "-j", "list", "map", "inet", "ferrynet", map];
+    let o = match ns {
+        Some(ns) => {
+            let mut a = vec!["ip", "netns", "exec", ns];
+            a.extend_from_slice(&list);
+            sh(&a)
+        }
+        None => sh(&list),
+    };
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    v["nftables"]
+        .as_array()
+        .and_then(|a| a.iter().find_map(|x| x.get("map")))
+        .and_then(|m| m.get("elem"))
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Wait until `socket` accepts connections; fail with `log()` if `child` (then set to None)
+/// exits first or 20 s pass. `what` names the process in the message.
+pub fn wait_for_socket(
+    child: &mut Option<std::process::Child>,
+    socket: &std::path::Path,
+    what: &str,
+    log: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        if let Some(Ok(Some(st))) = child.as_mut().map(|c| c.try_wait()) {
+            *child = None;
+            panic!("{what} exited early ({st}): {}", log());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} socket never appeared: {}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The ferrynet binary under test.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_ferrynet")
@@ -366,32 +427,12 @@ impl Lab {
 
     /// Links in the host netns whose names start with `prefix`.
     pub fn host_links(&self, prefix: &str) -> Vec<String> {
-        let o = self.host.run(&["ip", "-j", "link", "show"]);
-        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
-        v.as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|l| l["ifname"].as_str())
-                    .filter(|n| n.starts_with(prefix))
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default()
+        links_in(Some(&self.host.name), &[prefix])
     }
 
     /// Number of elements in one of ferrynet's port maps in the host netns.
     pub fn map_len(&self, map: &str) -> usize {
-        let o = self
-            .host
-            .run(&["nft", "-j", "list", "map", "inet", "ferrynet", map]);
-        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
-        v["nftables"]
-            .as_array()
-            .and_then(|a| a.iter().find_map(|x| x.get("map")))
-            .and_then(|m| m.get("elem"))
-            .and_then(Value::as_array)
-            .map(|e| e.len())
-            .unwrap_or(0)
+        map_elements(Some(&self.host.name), map).len()
     }
 }
 
