@@ -731,7 +731,10 @@ fn a_stale_socket_is_replaced_and_a_live_one_kept() {
     // request get no answer. Wait until nobody listens.
     let t0 = Instant::now();
     while UnixStream::connect(&path).is_ok() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "the stale socket stays live");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the stale socket stays live"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let state = tempfile::tempdir().expect("state");
