@@ -101,7 +101,7 @@ pub fn plan(forward: &str, chain: Option<&str>) -> Option<String> {
     // Delete by specification (first match each time), then insert the jump at its place in
     // what remains.
     let mut remaining: Vec<&str> = rules.clone();
-    let mut delete = |what: &str, script: &mut String, remaining: &mut Vec<&str>| {
+    let delete = |what: &str, script: &mut String, remaining: &mut Vec<&str>| {
         while let Some(i) = remaining.iter().position(|l| *l == what) {
             remaining.remove(i);
             *script += &format!("-D{}\n", &what[2..]);
