@@ -104,13 +104,12 @@ fn raw_udp(netns: &str, ifname: &str, dmac: &str, src: &str, dst: &str, port: u1
         ifn,dmac,src,dst,dport,data=sys.argv[1:7]\n\
         def csum(b):\n  s=sum(struct.unpack('!%dH'%(len(b)//2),b));s=(s>>16)+(s&0xffff);s+=s>>16;return ~s&0xffff\n\
         mac=lambda m: bytes(int(x,16) for x in m.split(':'))\n\
-        smac=open('/sys/class/net/%s/address'%ifn).read().strip()\n\
+        s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW);s.bind((ifn,0));smac=s.getsockname()[4]\n\
         data=data.encode()\n\
         udp=struct.pack('!HHHH',40000,int(dport),8+len(data),0)+data\n\
         ip=struct.pack('!BBHHHBBH4s4s',0x45,0,20+len(udp),1,0,64,17,0,socket.inet_aton(src),socket.inet_aton(dst))\n\
         ip=ip[:10]+struct.pack('!H',csum(ip))+ip[12:]\n\
-        s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW);s.bind((ifn,0))\n\
-        s.send(mac(dmac)+mac(smac)+b'\\x08\\x00'+ip+udp)\n";
+        s.send(mac(dmac)+smac+b'\\x08\\x00'+ip+udp)\n";
     let port = port.to_string();
     let o = sh(&[
         "nsenter",
