@@ -713,6 +713,39 @@ fn cross_host_isolation(name: &str, backend: &str) {
     refused(&a1, &b2);
     refused(&b2, &a1);
     refused(&a2, &b1);
+    // A network created on another host joins every agent's isolation sets, bridge or not
+    // (a single-host network here: h3 never makes its bridge), and leaves them when removed.
+    let h3_set = |set: &str| {
+        let o = sh(&[
+            "nsenter",
+            &format!("--net=/run/netns/{}", lab.host_ns("h3")),
+            "nft",
+            "list",
+            "set",
+            "inet",
+            "ferrynet",
+            set,
+        ]);
+        out(&o)
+    };
+    lab.ok(
+        "h1",
+        &["network", "create", "netc", "--subnet", "10.22.0.0/24"],
+    );
+    within(Duration::from_secs(30), || {
+        let s = h3_set("same4");
+        s.contains("10.22.0.0/24 . 10.22.0.0/24")
+            .then_some(())
+            .ok_or(format!("h3 same4: {s}"))
+    });
+    lab.ok("h1", &["network", "rm", "netc"]);
+    within(Duration::from_secs(30), || {
+        let s = h3_set("nets4");
+        (!s.contains("10.22.0.0/24") && s.contains("10.21.0.0/16"))
+            .then_some(())
+            .ok_or(format!("h3 nets4: {s}"))
+    });
+
     // B's published port on h2: from an outside namespace and from A's container, replies
     // flowing back.
     let nb = underlay_neighbour(&mut lab);
