@@ -38,6 +38,7 @@ pub const LOCALNET: &str = "localnet";
 /// Its priority: after conntrack (-200), before dstnat (-100), so a reply to the host's own
 /// `127.0.0.1:PORT` hairpin (whose destination is still the bridge gateway) passes.
 pub const LOCALNET_PRIORITY: i32 = -150;
+const _: () = assert!(LOCALNET_PRIORITY > -200 && LOCALNET_PRIORITY < -100);
 /// The base chains.
 pub const CHAINS: [&str; 5] = ["prerouting", "output", "postrouting", "forward", LOCALNET];
 
@@ -598,7 +599,6 @@ mod tests {
     fn loopback_is_dropped_before_dnat_unless_on_lo() {
         let r = base_ruleset(&[net("a", "10.1.0.0/24", false)]);
         assert!(r.contains("add chain inet ferrynet localnet { type filter hook prerouting priority -150; policy accept; }"));
-        assert!(LOCALNET_PRIORITY > -200 && LOCALNET_PRIORITY < -100);
         for m in [
             "ip daddr 127.0.0.0/8",
             "ip saddr 127.0.0.0/8",
