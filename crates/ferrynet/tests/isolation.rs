@@ -584,6 +584,19 @@ fn docker_user_still_decides_over_ferrynet_traffic() {
         .collect();
     assert_eq!(jumps, vec![2], "{fwd}");
 
+    // A firewall reload wiped the chain: `ferrynet reload` places it again.
+    ipt(&lab, &["-D", "FORWARD", "-j", "FERRYNET-FORWARD"]);
+    ipt(&lab, &["-F", "FERRYNET-FORWARD"]);
+    ipt(&lab, &["-X", "FERRYNET-FORWARD"]);
+    assert!(
+        tcp_get(&c, "10.250.33.2", 9000).is_none(),
+        "FORWARD DROP without the chain"
+    );
+    let o = lab.cli(&["reload"]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(ipt(&lab, &["-S", "FORWARD"]).contains("-A FORWARD -j FERRYNET-FORWARD"));
+    assert!(tcp_get(&c, "10.250.33.2", 9000).is_some(), "after reload");
+
     // Uninstall: removing the last network removes the chain and its jump.
     for (conf, id, ns) in [(&conf, "c", &c), (&conf2, "c2", &c2)] {
         assert_eq!(lab.del(conf, id, Some(ns), "eth0").code, 0);

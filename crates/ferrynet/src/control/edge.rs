@@ -65,7 +65,7 @@ impl Control {
     }
 
     /// Make sure the network's bridge exists with its gateway addresses; on first creation also
-    /// install the firewall skeleton and the iptables FORWARD accept for `fn-*` interfaces.
+    /// install the firewall skeleton and ferrynet's iptables FORWARD chain (after Docker's jumps).
     /// Returns the bridge's ifindex.
     pub async fn ensure_bridge(&self, host: &Netlink, net: &Network) -> Result<u32> {
         let existed = host
@@ -156,8 +156,15 @@ impl Control {
     /// This is what `ferrynet reload` runs after someone flushed the ruleset.
     pub async fn reload_edge(&self) -> Result<usize> {
         self.sync_edge().await?;
+        let nets = self.networks().await?;
+        if !nets.is_empty() {
+            // A firewall reload that wiped nft also wiped iptables: the FORWARD chain too.
+            ensure_forward_accept().map_err(ControlError::dataplane(
+                "placing ferrynet's iptables FORWARD chain",
+            ))?;
+        }
         let mut ports = Vec::new();
-        for net in self.networks().await? {
+        for net in nets {
             for ep in self.endpoints(&net.name).await? {
                 let ips: Vec<_> = ep.ips.iter().map(|n| n.addr()).collect();
                 ports.extend(published_ports(&ep.port_mappings, &ips));
