@@ -23,8 +23,24 @@ pub const PM6_ANY: &str = "pm6_any";
 pub const PM6_IP: &str = "pm6_ip";
 /// The set of ferrynet bridge names.
 pub const BRIDGES: &str = "bridges";
+/// Every bridged network's IPv4 pool (interval set): the sources and destinations isolation
+/// looks at.
+pub const NETS4: &str = "nets4";
+/// IPv6 counterpart of [`NETS4`].
+pub const NETS6: &str = "nets6";
+/// Same-network pairs, IPv4: `saddr . daddr` intervals, one element per pair of subnets of
+/// one network.
+pub const SAME4: &str = "same4";
+/// IPv6 counterpart of [`SAME4`].
+pub const SAME6: &str = "same6";
+/// The filter chain that keeps 127.0.0.0/8 and ::1 on `lo`, hooked before DNAT.
+pub const LOCALNET: &str = "localnet";
+/// Its priority: after conntrack (-200), before dstnat (-100), so a reply to the host's own
+/// `127.0.0.1:PORT` hairpin (whose destination is still the bridge gateway) passes.
+pub const LOCALNET_PRIORITY: i32 = -150;
+const _: () = assert!(LOCALNET_PRIORITY > -200 && LOCALNET_PRIORITY < -100);
 /// The base chains.
-pub const CHAINS: [&str; 4] = ["prerouting", "output", "postrouting", "forward"];
+pub const CHAINS: [&str; 5] = ["prerouting", "output", "postrouting", "forward", LOCALNET];
 
 /// The edge's view of one bridged network.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,6 +123,63 @@ fn elements_by_map(ports: &[PublishedPort]) -> Vec<(&'static str, Vec<String>)> 
     out
 }
 
+/// The address sets of isolation: every network's pool, and the same-network pairs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IsolationSets {
+    /// Pool prefixes, IPv4.
+    pub nets4: Vec<IpNet>,
+    /// Pool prefixes, IPv6.
+    pub nets6: Vec<IpNet>,
+    /// `(source, destination)` prefixes of one network, IPv4.
+    pub same4: Vec<(IpNet, IpNet)>,
+    /// `(source, destination)` prefixes of one network, IPv6.
+    pub same6: Vec<(IpNet, IpNet)>,
+}
+
+/// The isolation sets of `networks` (all of them, internal ones included). Pools never overlap
+/// in a consistent store; a subnet overlapping one taken earlier (by input order) is left out,
+/// so a bad record cannot make the whole transaction fail (nft refuses overlapping intervals).
+pub fn isolation_sets(networks: &[EdgeNetwork]) -> IsolationSets {
+    let mut kept: Vec<(usize, IpNet)> = Vec::new();
+    for (i, n) in networks.iter().enumerate() {
+        for s in &n.subnets {
+            let s = s.trunc();
+            if !kept.iter().any(|(_, k)| k.contains(&s) || s.contains(k)) {
+                kept.push((i, s));
+            }
+        }
+    }
+    let mut out = IsolationSets::default();
+    for (i, s) in &kept {
+        let v4 = s.addr().is_ipv4();
+        if v4 {
+            out.nets4.push(*s);
+        } else {
+            out.nets6.push(*s);
+        }
+        for (j, d) in &kept {
+            if i == j && d.addr().is_ipv4() == v4 {
+                if v4 {
+                    out.same4.push((*s, *d));
+                } else {
+                    out.same6.push((*s, *d));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn prefixes(v: &[IpNet]) -> String {
+    let list: Vec<String> = v.iter().map(|p| p.to_string()).collect();
+    list.join(", ")
+}
+
+fn pairs(v: &[(IpNet, IpNet)]) -> String {
+    let list: Vec<String> = v.iter().map(|(s, d)| format!("{s} . {d}")).collect();
+    list.join(", ")
+}
+
 fn q(ifname: &str) -> String {
     // Interface names are validated (letters, digits, `_ . -`), so quoting is enough.
     format!("\"{ifname}\"")
@@ -133,6 +206,18 @@ pub fn base_ruleset(networks: &[EdgeNetwork]) -> String {
     line(format!("add map {t} {PM6_IP} {{ type ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service; }}"));
     line(format!("add set {t} {BRIDGES} {{ type ifname; }}"));
     line(format!(
+        "add set {t} {NETS4} {{ type ipv4_addr; flags interval; }}"
+    ));
+    line(format!(
+        "add set {t} {NETS6} {{ type ipv6_addr; flags interval; }}"
+    ));
+    line(format!(
+        "add set {t} {SAME4} {{ type ipv4_addr . ipv4_addr; flags interval; }}"
+    ));
+    line(format!(
+        "add set {t} {SAME6} {{ type ipv6_addr . ipv6_addr; flags interval; }}"
+    ));
+    line(format!(
         "add chain {t} prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}"
     ));
     line(format!(
@@ -144,10 +229,15 @@ pub fn base_ruleset(networks: &[EdgeNetwork]) -> String {
     line(format!(
         "add chain {t} forward {{ type filter hook forward priority filter; policy accept; }}"
     ));
+    line(format!(
+        "add chain {t} {LOCALNET} {{ type filter hook prerouting priority {LOCALNET_PRIORITY}; policy accept; }}"
+    ));
     for c in CHAINS {
         line(format!("flush chain {t} {c}"));
     }
-    line(format!("flush set {t} {BRIDGES}"));
+    for set in [BRIDGES, NETS4, NETS6, SAME4, SAME6] {
+        line(format!("flush set {t} {set}"));
+    }
     if !networks.is_empty() {
         let names: Vec<String> = networks.iter().map(|n| q(&n.bridge)).collect();
         line(format!(
@@ -155,6 +245,36 @@ pub fn base_ruleset(networks: &[EdgeNetwork]) -> String {
             names.join(", ")
         ));
     }
+    let sets = isolation_sets(networks);
+    if !sets.nets4.is_empty() {
+        line(format!(
+            "add element {t} {NETS4} {{ {} }}",
+            prefixes(&sets.nets4)
+        ));
+        line(format!(
+            "add element {t} {SAME4} {{ {} }}",
+            pairs(&sets.same4)
+        ));
+    }
+    if !sets.nets6.is_empty() {
+        line(format!(
+            "add element {t} {NETS6} {{ {} }}",
+            prefixes(&sets.nets6)
+        ));
+        line(format!(
+            "add element {t} {SAME6} {{ {} }}",
+            pairs(&sets.same6)
+        ));
+    }
+
+    // Loopback stays local (CVE-2020-8558): bridges have route_localnet=1 so the host can reach
+    // its 127.0.0.1:PORT published ports, which would also let anything on a bridge (or on an
+    // interface someone else gave route_localnet) reach 127.0.0.1. Dropped before DNAT, whatever
+    // the interface but lo; loopback sources from outside lo are forged too.
+    line(format!("add rule {t} {LOCALNET} iifname != \"lo\" ip daddr 127.0.0.0/8 drop comment \"loopback from outside lo\""));
+    line(format!("add rule {t} {LOCALNET} iifname != \"lo\" ip saddr 127.0.0.0/8 drop comment \"loopback from outside lo\""));
+    line(format!("add rule {t} {LOCALNET} iifname != \"lo\" ip6 daddr ::1 drop comment \"loopback from outside lo\""));
+    line(format!("add rule {t} {LOCALNET} iifname != \"lo\" ip6 saddr ::1 drop comment \"loopback from outside lo\""));
 
     // DNAT of published ports: a host-address-specific mapping wins over an any-address one.
     let dnat = [
@@ -232,6 +352,12 @@ pub fn base_ruleset(networks: &[EdgeNetwork]) -> String {
     }
     // A published port is reachable by whoever reaches the host, other networks included.
     line(format!("add rule {t} forward ct status dnat accept"));
+    // Isolation by the identity of the source network, not by device: a new connection from
+    // one network's pool to another network's pool is dropped on every host it crosses (the
+    // sending host, where it leaves a bridge, and the receiving one, where it comes from the
+    // underlay or a tunnel). Destination first: traffic to the outside stops at one lookup.
+    line(format!("add rule {t} forward ip daddr @{NETS4} ip saddr @{NETS4} ip saddr . ip daddr != @{SAME4} drop comment \"isolate networks\""));
+    line(format!("add rule {t} forward ip6 daddr @{NETS6} ip6 saddr @{NETS6} ip6 saddr . ip6 daddr != @{SAME6} drop comment \"isolate networks\""));
     for n in networks.iter().filter(|n| !n.internal) {
         let br = q(&n.bridge);
         line(format!("add rule {t} forward iifname {br} oifname @{BRIDGES} oifname != {br} drop comment \"isolate {}\"", n.name));
@@ -383,6 +509,110 @@ mod tests {
         let del = b.find("delete element").unwrap();
         assert!(add < del);
         assert!(add_ports(&[]).is_empty());
+    }
+
+    fn dual(name: &str, v4: &str, v6: &str) -> EdgeNetwork {
+        EdgeNetwork {
+            subnets: vec![v4.parse().unwrap(), v6.parse().unwrap()],
+            ..net(name, v4, false)
+        }
+    }
+
+    #[test]
+    fn isolation_pairs_only_subnets_of_one_network() {
+        let mut a = dual("a", "10.1.0.0/16", "fd01::/64");
+        a.subnets.push("10.9.0.0/24".parse().unwrap());
+        let b = dual("b", "10.2.0.0/16", "fd02::/64");
+        let s = isolation_sets(&[a, b]);
+        let p = |x: &str| -> IpNet { x.parse().unwrap() };
+        assert_eq!(
+            s.nets4,
+            vec![p("10.1.0.0/16"), p("10.9.0.0/24"), p("10.2.0.0/16")]
+        );
+        assert_eq!(s.nets6, vec![p("fd01::/64"), p("fd02::/64")]);
+        // Every pair within a network, in both directions; none across networks.
+        assert_eq!(s.same4.len(), 4 + 1);
+        assert!(s.same4.contains(&(p("10.9.0.0/24"), p("10.1.0.0/16"))));
+        assert!(s.same4.contains(&(p("10.1.0.0/16"), p("10.9.0.0/24"))));
+        assert!(!s.same4.iter().any(|(x, y)| (x.contains(&p("10.1.0.1/32"))
+            && y.contains(&p("10.2.0.1/32")))
+            || (x.contains(&p("10.2.0.1/32")) && y.contains(&p("10.1.0.1/32")))));
+        assert_eq!(
+            s.same6,
+            vec![
+                (p("fd01::/64"), p("fd01::/64")),
+                (p("fd02::/64"), p("fd02::/64"))
+            ]
+        );
+    }
+
+    #[test]
+    fn overlapping_subnet_of_a_bad_record_is_left_out() {
+        let a = net("a", "10.1.0.0/16", false);
+        let bad = dual("bad", "10.1.2.0/24", "fd09::/64");
+        let s = isolation_sets(&[a, bad]);
+        assert_eq!(s.nets4, vec!["10.1.0.0/16".parse::<IpNet>().unwrap()]);
+        assert_eq!(s.same4.len(), 1);
+        assert_eq!(s.nets6.len(), 1, "its other subnet stays");
+    }
+
+    #[test]
+    fn isolation_rule_comes_after_dnat_accept_and_before_bridge_accepts() {
+        let r = base_ruleset(&[
+            dual("a", "10.1.0.0/16", "fd01::/64"),
+            dual("b", "10.2.0.0/16", "fd02::/64"),
+        ]);
+        assert!(
+            r.contains("add element inet ferrynet nets4 { 10.1.0.0/16, 10.2.0.0/16 }"),
+            "{r}"
+        );
+        assert!(r.contains(
+            "add element inet ferrynet same4 { 10.1.0.0/16 . 10.1.0.0/16, 10.2.0.0/16 . 10.2.0.0/16 }"
+        ));
+        assert!(r.contains(
+            "add element inet ferrynet same6 { fd01::/64 . fd01::/64, fd02::/64 . fd02::/64 }"
+        ));
+        let rule4 = "ip daddr @nets4 ip saddr @nets4 ip saddr . ip daddr != @same4 drop";
+        let rule6 = "ip6 daddr @nets6 ip6 saddr @nets6 ip6 saddr . ip6 daddr != @same6 drop";
+        let dnat = r.find("forward ct status dnat accept").unwrap();
+        let est = r
+            .find("forward ct state established,related accept")
+            .unwrap();
+        let accept = r.find("forward iifname @bridges accept").unwrap();
+        for rule in [rule4, rule6] {
+            let at = r
+                .find(rule)
+                .unwrap_or_else(|| panic!("{rule} missing: {r}"));
+            assert!(est < at && dnat < at && at < accept, "{r}");
+        }
+        // Sets are flushed and refilled in the same transaction as the rules.
+        for set in [NETS4, NETS6, SAME4, SAME6] {
+            assert!(
+                r.find(&format!("flush set inet ferrynet {set}")).unwrap() < r.find(rule4).unwrap()
+            );
+        }
+        // One rule per family, whatever the number of networks.
+        assert_eq!(r.matches("isolate networks").count(), 2);
+    }
+
+    #[test]
+    fn loopback_is_dropped_before_dnat_unless_on_lo() {
+        let r = base_ruleset(&[net("a", "10.1.0.0/24", false)]);
+        assert!(r.contains("add chain inet ferrynet localnet { type filter hook prerouting priority -150; policy accept; }"));
+        for m in [
+            "ip daddr 127.0.0.0/8",
+            "ip saddr 127.0.0.0/8",
+            "ip6 daddr ::1",
+            "ip6 saddr ::1",
+        ] {
+            assert!(
+                r.contains(&format!(
+                    "add rule inet ferrynet localnet iifname != \"lo\" {m} drop"
+                )),
+                "{m}"
+            );
+        }
+        assert!(r.contains("flush chain inet ferrynet localnet"));
     }
 
     #[test]

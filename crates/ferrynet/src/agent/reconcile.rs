@@ -6,6 +6,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ferrynet_dataplane::netlink::Netlink;
 use ferrynet_dataplane::vxlan::{VxlanSpec, VXLAN_PORT};
+use ferrynet_model::edge::EdgeNetwork;
 use ferrynet_model::fabric::{
     desired, diff, vtep_mac, vxlan_dev_name, vxlan_local, vxlan_mtu, Backend, FabricInput,
     FabricState,
@@ -19,6 +20,7 @@ use ipnet::IpNet;
 use super::status::{AgentStatus, HostStatus, NetworkStatus, PeerReport};
 use super::underlay::Underlay;
 use super::view::ClusterView;
+use crate::control::edge::edge_networks;
 use crate::control::Control;
 
 /// Carries out reconciles and remembers what it made.
@@ -34,6 +36,8 @@ pub struct Reconciler {
     saved_blocks: BTreeMap<String, Vec<IpNet>>,
     /// Former blocks were reclaimed (done once, at the first successful store read).
     pub reclaimed: bool,
+    /// The networks the edge's isolation sets were last applied for.
+    edge: Option<Vec<EdgeNetwork>>,
 }
 
 impl Reconciler {
@@ -52,6 +56,7 @@ impl Reconciler {
             served: BTreeMap::new(),
             saved_blocks: BTreeMap::new(),
             reclaimed: false,
+            edge: None,
         }
     }
 
@@ -114,6 +119,24 @@ impl Reconciler {
         }
     }
 
+    /// Re-apply the edge skeleton when the bridged networks in view changed (created or removed
+    /// on another host): isolation must know every network's pool, not only local bridges'.
+    fn sync_edge_sets(&mut self, view: &ClusterView) -> crate::error::Result<()> {
+        let nets = edge_networks(view.networks.values());
+        // No network left: whoever removed the last one removes the table (leaving the host as
+        // ferrynet found it); stale sets on the way cannot let anything more through.
+        if nets.is_empty() {
+            self.edge = None;
+            return Ok(());
+        }
+        if self.edge.as_ref() == Some(&nets) {
+            return Ok(());
+        }
+        self.ctl.apply_edge(&nets)?;
+        self.edge = Some(nets);
+        Ok(())
+    }
+
     /// Note that the store answered again.
     pub fn mark_store_ok(&self) {
         if let Ok(mut s) = self.status.lock() {
@@ -132,6 +155,9 @@ impl Reconciler {
         let mut vxlan_devs = Vec::new();
         let mut networks = Vec::new();
         let mut served = BTreeMap::new();
+        if let Err(e) = self.sync_edge_sets(view) {
+            errors.push(format!("applying the edge's isolation sets: {e}"));
+        }
 
         for net in view.fabric_networks() {
             let Some(spec) = net.fabric else { continue };

@@ -28,27 +28,44 @@ pub fn edge_network(n: &Network) -> EdgeNetwork {
     }
 }
 
+/// The edge's view of every bridged network among `nets` (the isolation sets hold them all,
+/// whether or not this host has their bridge).
+pub fn edge_networks<'a>(nets: impl IntoIterator<Item = &'a Network>) -> Vec<EdgeNetwork> {
+    nets.into_iter()
+        .filter(|n| n.mode == NetworkMode::Bridge)
+        .map(edge_network)
+        .collect()
+}
+
 impl Control {
     /// Re-apply the nftables skeleton for every bridged network in the store (atomic; keeps
     /// published-port elements).
     pub async fn sync_edge(&self) -> Result<()> {
-        let nets: Vec<EdgeNetwork> = self
-            .networks()
-            .await?
-            .iter()
-            .filter(|n| n.mode == NetworkMode::Bridge)
-            .map(edge_network)
-            .collect();
+        let nets = edge_networks(&self.networks().await?);
+        self.apply_edge(&nets)
+    }
+
+    /// Apply the nftables skeleton for exactly `nets` (atomic; keeps published-port elements).
+    pub fn apply_edge(&self, nets: &[EdgeNetwork]) -> Result<()> {
         self.nft
-            .apply(&base_ruleset(&nets))
+            .apply(&base_ruleset(nets))
             .map_err(ControlError::firewall(
                 "applying the ferrynet nftables ruleset",
             ))?;
         Ok(())
     }
 
+    /// After a network record was created or changed: its pool joins the isolation sets at
+    /// once, before any bridge exists. The record is already stored, so a failure is logged,
+    /// not returned; the next bridge creation or agent reconcile applies the sets again.
+    pub(crate) async fn sync_edge_after_change(&self, network: &str) {
+        if let Err(e) = self.sync_edge().await {
+            tracing::warn!(network, error = %e, "updating the isolation sets after a network change");
+        }
+    }
+
     /// Make sure the network's bridge exists with its gateway addresses; on first creation also
-    /// install the firewall skeleton and the iptables FORWARD accept for `fn-*` interfaces.
+    /// install the firewall skeleton and ferrynet's iptables FORWARD chain (after Docker's jumps).
     /// Returns the bridge's ifindex.
     pub async fn ensure_bridge(&self, host: &Netlink, net: &Network) -> Result<u32> {
         let existed = host
@@ -139,8 +156,15 @@ impl Control {
     /// This is what `ferrynet reload` runs after someone flushed the ruleset.
     pub async fn reload_edge(&self) -> Result<usize> {
         self.sync_edge().await?;
+        let nets = self.networks().await?;
+        if !nets.is_empty() {
+            // A firewall reload that wiped nft also wiped iptables: the FORWARD chain too.
+            ensure_forward_accept().map_err(ControlError::dataplane(
+                "placing ferrynet's iptables FORWARD chain",
+            ))?;
+        }
         let mut ports = Vec::new();
-        for net in self.networks().await? {
+        for net in nets {
             for ep in self.endpoints(&net.name).await? {
                 let ips: Vec<_> = ep.ips.iter().map(|n| n.addr()).collect();
                 ports.extend(published_ports(&ep.port_mappings, &ips));

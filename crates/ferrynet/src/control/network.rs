@@ -160,6 +160,7 @@ impl Control {
             )));
         }
         tracing::info!(network = %net.name, bridge = %net.bridge, "network created");
+        self.sync_edge_after_change(&net.name).await;
         Ok(net)
     }
 
@@ -195,6 +196,7 @@ impl Control {
                         .await?;
                     if ok.succeeded {
                         tracing::info!(network = %net.name, "network definition updated from config");
+                        self.sync_edge_after_change(&net.name).await;
                         return Ok(net);
                     }
                 }

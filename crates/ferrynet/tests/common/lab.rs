@@ -152,8 +152,20 @@ impl Lab {
     /// `ferrynet run --name LAB+short --net fabric EXTRA -- CMD` on `host`, removed with the
     /// lab; its addresses as `ps` shows them.
     pub fn run(&mut self, host: &str, short: &str, extra: &[&str], cmd: &[&str]) -> Container {
+        self.run_on(host, short, "fabric", extra, cmd)
+    }
+
+    /// [`Lab::run`] on network `net`.
+    pub fn run_on(
+        &mut self,
+        host: &str,
+        short: &str,
+        net: &str,
+        extra: &[&str],
+        cmd: &[&str],
+    ) -> Container {
         let name = format!("{}{short}", self.name);
-        let mut args = vec!["run", "--name", &name, "--net", "fabric"];
+        let mut args = vec!["run", "--name", &name, "--net", net];
         args.extend_from_slice(extra);
         args.push("--");
         args.extend_from_slice(cmd);
