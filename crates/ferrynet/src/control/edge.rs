@@ -78,6 +78,7 @@ impl Control {
                 "allowing fn-* interfaces in iptables FORWARD",
             ))?;
             self.sync_edge().await?;
+            self.sync_guard()?;
             tracing::info!(bridge = %net.bridge, network = %net.name, "bridge created");
         }
         Ok(index)
@@ -95,6 +96,7 @@ impl Control {
                 .apply(&delete_table())
                 .map_err(ControlError::firewall("deleting the ferrynet table"))?;
         }
+        self.remove_guard()?;
         remove_forward_accept().map_err(ControlError::dataplane(
             "removing the iptables FORWARD accepts",
         ))?;
@@ -151,6 +153,7 @@ impl Control {
                 .apply(&add_ports(&ports))
                 .map_err(ControlError::firewall("restoring published ports"))?;
         }
+        self.reload_guard().await?;
         Ok(ports.len())
     }
 

@@ -141,6 +141,7 @@ impl Control {
             {
                 if ep.ips.iter().all(|ip| state.addresses.contains(ip)) {
                     tracing::info!(container = %ep.container_id, "ADD repeated; endpoint already in place");
+                    self.guard_endpoint(&ep).await?;
                     self.publish_ports(&ep).await?;
                     return Ok(ep);
                 }
@@ -236,11 +237,16 @@ impl Control {
                     source: other,
                 },
             })?;
-        self.publish_ports(ep).await?;
         let mut done = ep.clone();
         done.mac = Some(format_mac(&attached.container_mac));
         done.host_veth = Some(host_name);
         done.host_mac = Some(format_mac(&attached.host_mac));
+        // Until its elements exist the port drops everything (anti-spoofing default deny).
+        self.guard_endpoint(&done).await?;
+        if let Err(e) = self.publish_ports(ep).await {
+            self.unguard_endpoint(&done);
+            return Err(e);
+        }
         Ok(done)
     }
 
@@ -322,6 +328,7 @@ impl Control {
         // Ports are withdrawn and the link is gone before the addresses are released.
         if let Some(ep) = &ep {
             self.finish_unpublish(ep, withdrawing).await?;
+            self.unguard_endpoint(ep);
         }
         unplugged?;
         if let Some(ep) = &ep {
