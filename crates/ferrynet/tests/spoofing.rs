@@ -298,6 +298,11 @@ fn a_container_sends_only_as_itself() {
     a.must(&["ip", "link", "set", "eth0", "address", &a_mac]);
     // Gratuitous ARP for the gateway and for b; an NA for the gateway; an RA; a redirect.
     garp(&a.name, &[gw4, &b4]);
+    // Checked right away: a later ARP from the host would repair a poisoned entry.
+    udp(&a.name, &a4, 0, &c4, 5000, "honest-after-garp");
+    rec.wait_for("honest-after-garp");
+    assert_eq!(neigh(&c.name, gw4), gw_mac, "c's entry for the gateway");
+    assert_eq!(neigh(&host, &b4), b_mac, "the host's entry for b");
     icmp6(&a.name, "ff02::1", "na", gw6);
     icmp6(&a.name, "ff02::1", "ra", "::");
     icmp6(&a.name, &c6, "redirect", "fd31::98");
@@ -341,8 +346,6 @@ fn a_container_sends_only_as_itself() {
         forged_icmp6.is_empty(),
         "RA, redirect or NA for the gateway reached c: {forged_icmp6:?}"
     );
-    assert_eq!(neigh(&c.name, gw4), gw_mac, "c's entry for the gateway");
-    assert_eq!(neigh(&host, &b4), b_mac, "the host's entry for b");
     assert_ne!(neigh(&c.name, gw6), a_mac, "c's entry for the IPv6 gateway");
     assert!(
         sh(&["ip", "-n", &c.name, "-6", "route", "show", "proto", "ra"])
