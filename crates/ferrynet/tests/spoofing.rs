@@ -12,6 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::lab::Lab as Cluster;
 use common::*;
 use serde_json::Value;
 
@@ -446,4 +447,46 @@ fn a_port_without_elements_passes_nothing() {
     );
     assert!(counters(&lab)["mac_spoof"] > 0);
     lab.host.must(&["ip", "link", "del", &port]);
+}
+
+/// Across hosts: a forged source from h1's container never reaches h2's container (the frame
+/// is dropped at h1's port, before the fabric), while its honest datagrams do.
+#[test]
+fn forged_sources_do_not_cross_the_fabric() {
+    need("python3", "python3");
+    let mut lab = Cluster::vxlan3("spoofmh");
+    let sleep = ["sleep", "3600"];
+    let c1 = lab.run("h1", "c1", &[], &sleep);
+    let c2 = lab.run("h2", "c2", &[], &sleep);
+    let c3 = lab.run("h3", "c3", &[], &sleep);
+    let rec = Recorder::start(&c2.netns(), 5000);
+    // The fabric is up once honest traffic flows both ways.
+    within(Duration::from_secs(30), || {
+        udp(&c1.netns(), &c1.v4, 0, &c2.v4, 5000, "warmup4");
+        udp(&c1.netns(), &c1.v6, 0, &c2.v6, 5000, "warmup6");
+        let l = rec.lines();
+        (l.iter().any(|x| x.contains("warmup4")) && l.iter().any(|x| x.contains("warmup6")))
+            .then_some(())
+            .ok_or_else(|| format!("no honest datagram from h1 yet: {l:?}"))
+    });
+    // h3's container's addresses, forged on h1.
+    udp(&c1.netns(), &c3.v4, 0, &c2.v4, 5000, "forged-c3-v4");
+    udp(&c1.netns(), &c3.v6, 0, &c2.v6, 5000, "forged-c3-v6");
+    udp(&c1.netns(), &c1.v4, 0, &c2.v4, 5000, "honest4");
+    udp(&c1.netns(), &c1.v6, 0, &c2.v6, 5000, "honest6");
+    rec.wait_for("honest4");
+    rec.wait_for("honest6");
+    assert_eq!(rec.with("forged"), Vec::<String>::new());
+    let o = lab.exec("h1", &["guard", "--json"]);
+    assert!(o.status.success(), "guard on h1: {}", out(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).expect("guard json");
+    let dropped = |reason: &str| {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["reason"] == reason)
+            .and_then(|c| c["packets"].as_u64())
+            .unwrap_or(0)
+    };
+    assert!(dropped("ip4_spoof") > 0 && dropped("ip6_spoof") > 0, "{v}");
 }
