@@ -332,8 +332,7 @@ mod tests {
         for chain in ["guard4", "guard6", "guard_na", "guard_arp"] {
             let last = s
                 .lines()
-                .filter(|l| l.starts_with(&format!("add rule bridge ferrynet {chain} ")))
-                .last()
+                .rfind(|l| l.starts_with(&format!("add rule bridge ferrynet {chain} ")))
                 .unwrap();
             assert!(last.ends_with("counter name mac_spoof drop"), "{last}");
         }
