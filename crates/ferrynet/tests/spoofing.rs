@@ -18,8 +18,9 @@ use common::*;
 use serde_json::Value;
 
 /// A receiver in a namespace: UDP on `port` (both families), the DHCP client ports 68 and
-/// 546, and every router advertisement, neighbour advertisement and redirect (raw ICMPv6).
-/// Each arrival is one line: `udp <source> <payload>` or `icmp6 <type> <source> <NA target>`.
+/// 546, and every router advertisement, neighbour solicitation and advertisement and redirect
+/// (raw ICMPv6). Each arrival is one line: `udp <source> <payload>` or
+/// `icmp6 <type> <source> <ND target>`.
 struct Recorder {
     lines: Arc<Mutex<Vec<String>>>,
     _proc: Proc,
@@ -40,7 +41,7 @@ while True:
     data,a=s.recvfrom(4096)
     src=a[0][7:] if a[0].startswith('::ffff:') else a[0]
     if s is r:
-      if data[0] in (134,136,137):
+      if data[0] in (134,135,136,137):
         t=socket.inet_ntop(socket.AF_INET6,data[8:24]) if len(data)>=24 else '-'
         print('icmp6',data[0],src,t,flush=True)
     else:
@@ -170,6 +171,29 @@ s.sendto(m,(dst,0,0,socket.if_nametoindex('eth0')))
 "#;
     let o = py(netns, CODE, &[dst, kind, target]);
     assert!(o.status.success(), "icmp6 {kind}: {}", out(&o));
+}
+
+/// A duplicate address detection probe (NS from `::`) for `target`, sent to all nodes as a
+/// whole frame from `eth0`, so the unspecified source is kept.
+fn dad_probe(netns: &str, target: &str) {
+    const CODE: &str = r#"
+import socket,struct,sys
+def csum(b):
+  s=sum(struct.unpack('!%dH'%(len(b)//2),b))
+  while s>>16: s=(s&0xffff)+(s>>16)
+  return ~s&0xffff
+mac=bytes.fromhex(open('/sys/class/net/eth0/address').read().strip().replace(':',''))
+t=socket.inet_pton(socket.AF_INET6,sys.argv[1])
+src=bytes(16);dst=socket.inet_pton(socket.AF_INET6,'ff02::1')
+icmp=struct.pack('!BBHI',135,0,0,0)+t
+c=csum(src+dst+struct.pack('!I',len(icmp))+bytes([0,0,0,58])+icmp)
+icmp=icmp[:2]+struct.pack('!H',c)+icmp[4:]
+ip6=struct.pack('!IHBB',0x60000000,len(icmp),58,255)+src+dst
+s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW);s.bind(('eth0',0))
+s.send(b'\x33\x33\x00\x00\x00\x01'+mac+b'\x86\xdd'+ip6+icmp)
+"#;
+    let o = py(netns, CODE, &[target]);
+    assert!(o.status.success(), "dad probe: {}", out(&o));
 }
 
 /// TCP from `src` (which must be an address of `netns`) to `dst`:`port`; the reply or None.
@@ -308,12 +332,15 @@ fn a_container_sends_only_as_itself() {
     icmp6(&a.name, "ff02::1", "na", gw6);
     icmp6(&a.name, "ff02::1", "ra", "::");
     icmp6(&a.name, &c6, "redirect", "fd31::98");
+    // Duplicate address detection for b's address (a denial of b's address).
+    dad_probe(&a.name, &b6);
     // DHCP and DHCPv6 server replies from its own addresses.
     udp(&a.name, &a4, 67, "255.255.255.255", 68, "forged-dhcp-offer");
     udp(&a.name, &a6, 547, &c6, 546, "forged-dhcp6-reply");
 
     // Honest frames of the same kinds, sent behind the forgeries: they arrive.
     icmp6(&a.name, "ff02::1", "na", &a6);
+    dad_probe(&a.name, &a6);
     udp(
         &a.name,
         &a4,
@@ -330,6 +357,12 @@ fn a_container_sends_only_as_itself() {
     }
     let own_na = |l: &str| l.starts_with("icmp6 136 ") && l.ends_with(&format!(" {a6}"));
     rec.wait_until("a's NA for its own address", own_na);
+    rec.wait_for(&format!("icmp6 135 :: {a6}"));
+    assert_eq!(
+        rec.with(&format!("icmp6 135 :: {b6}")),
+        Vec::<String>::new(),
+        "DAD probe for b's address"
+    );
     assert_eq!(
         rec.with("forged"),
         Vec::<String>::new(),

@@ -26,7 +26,8 @@ pub const SRC4: &str = "src4";
 pub const SRC6: &str = "src6";
 /// `port . MAC . ARP sender MAC . ARP sender IP` (its IPv4 addresses and 0.0.0.0 for probes).
 pub const ARP: &str = "arp_src";
-/// `port . MAC . IPv6 source . NA target`: neighbour advertisements for its own addresses.
+/// `port . MAC . IPv6 source . ND target`: neighbour advertisements for its own addresses, and
+/// duplicate address detection (a solicitation from `::`) only for them.
 pub const NA: &str = "na_src";
 
 /// The regular chains: the dispatcher and one per protocol.
@@ -163,7 +164,11 @@ pub fn skeleton() -> String {
         // Duplicate address detection and MLD before an address is usable send from `::`.
         (
             "guard6",
-            format!("ip6 saddr :: icmpv6 type {{ nd-neighbor-solicit, mld-listener-report, mld2-listener-report }} iifname . ether saddr @{MACS} accept"),
+            format!("ip6 saddr :: icmpv6 type nd-neighbor-solicit iifname . ether saddr . ip6 saddr . {NA_TARGET} @{NA} accept"),
+        ),
+        (
+            "guard6",
+            format!("ip6 saddr :: icmpv6 type {{ mld-listener-report, mld2-listener-report }} iifname . ether saddr @{MACS} accept"),
         ),
         (
             "guard_na",
@@ -229,10 +234,12 @@ pub fn port_elements(p: &GuardedPort) -> Vec<(&'static str, Vec<String>)> {
         v6.iter().map(|a| format!("{port} . {mac} . {a}")).collect(),
     ));
     // Any own source may advertise any own target (a reply to an NS for the global address
-    // comes from the link-local one and the other way round).
+    // comes from the link-local one and the other way round); `::` probes its own targets.
+    let nd_sources: Vec<Ipv6Addr> = v6.iter().copied().chain([Ipv6Addr::UNSPECIFIED]).collect();
     out.push((
         NA,
-        v6.iter()
+        nd_sources
+            .iter()
             .flat_map(|s| v6.iter().map(move |t| (s, t)))
             .map(|(s, t)| format!("{port} . {mac} . {s} . 0x{:032x}", u128::from(*t)))
             .collect(),
@@ -379,7 +386,8 @@ mod tests {
             ]
         );
         let na = get(NA);
-        assert_eq!(na.len(), 4);
+        assert_eq!(na.len(), 6);
+        assert!(na.contains(&format!("{p} . :: . 0xfd050000000000000000000000000002")));
         assert!(na.contains(&format!(
             "{p} . fe80::42:aff:fe05:2 . 0xfd050000000000000000000000000002"
         )));
