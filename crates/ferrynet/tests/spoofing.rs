@@ -728,3 +728,28 @@ fn a_must(netns: &str, args: &[&str]) {
     v.extend_from_slice(args);
     must(&v);
 }
+
+/// Containers attached before the guard existed (an upgrade: no `bridge ferrynet` table) keep
+/// sending when a new network's bridge brings the guard, and are guarded from then on.
+#[test]
+fn containers_from_before_the_guard_keep_sending() {
+    let lab = Lab::new();
+    let old = lab.conf(&format!("su{}", lab.tag), "10.235.0.0/24", None);
+    let (x, y) = (Ns::new("c"), Ns::new("c"));
+    lab.add(&old, "x", &x, "eth0");
+    let (y4, _) = ips(&lab.add(&old, "y", &y, "eth0"));
+    lab.host
+        .must(&["nft", "delete", "table", "bridge", "ferrynet"]);
+    assert!(ping(&x.name, &y4), "x -> y without a guard");
+    let new = lab.conf(&format!("sv{}", lab.tag), "10.236.0.0/24", None);
+    let z = Ns::new("c");
+    lab.add(&new, "z", &z, "eth0");
+    assert!(ping(&x.name, &y4), "x -> y once the guard is back");
+    let macs = lab
+        .host
+        .must(&["nft", "list", "set", "bridge", "ferrynet", "macs"]);
+    assert!(
+        macs.contains(&mac_of(&x.name, "eth0")),
+        "x unguarded: {macs}"
+    );
+}

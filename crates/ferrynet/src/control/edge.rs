@@ -78,7 +78,9 @@ impl Control {
                 "allowing fn-* interfaces in iptables FORWARD",
             ))?;
             self.sync_edge().await?;
-            self.sync_guard()?;
+            // With every local endpoint's elements: containers attached before the guard
+            // existed (an upgrade) keep sending.
+            self.reload_guard().await?;
             tracing::info!(bridge = %net.bridge, network = %net.name, "bridge created");
         }
         Ok(index)

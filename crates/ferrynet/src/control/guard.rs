@@ -40,13 +40,6 @@ pub struct GuardCounter {
 }
 
 impl Control {
-    /// Install or refresh the guard's skeleton (keeps elements and counter values).
-    pub fn sync_guard(&self) -> Result<()> {
-        self.nft
-            .apply(&skeleton())
-            .map_err(ControlError::firewall("applying the anti-spoofing table"))
-    }
-
     /// Let `port` send from its MAC and addresses. If the table was removed behind our back,
     /// the guard is rebuilt from the store and the port added again.
     pub async fn guard_port(&self, port: &GuardedPort) -> Result<()> {
