@@ -753,3 +753,48 @@ fn containers_from_before_the_guard_keep_sending() {
         "x unguarded: {macs}"
     );
 }
+
+/// An ADD interrupted after its port was guarded but before the MAC was recorded leaves a
+/// record without MAC: DEL still takes the port's elements away (found by listing the table).
+#[test]
+fn del_without_a_recorded_mac_still_removes_the_elements() {
+    let lab = Lab::new();
+    let net = format!("sw{}", lab.tag);
+    let conf = lab.conf(&net, "10.237.0.0/24", None);
+    let x = Ns::new("c");
+    lab.add(&conf, "x", &x, "eth0");
+    let x_mac = mac_of(&x.name, "eth0");
+    // The record as the interrupted ADD left it: no MAC, no host link.
+    let store = ferrynet_store::EmbeddedStore::open(lab.state.path().join("store.redb"))
+        .expect("open the store");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let key = ferrynet_model::network::keys::endpoint(&net, "x", "eth0");
+    rt.block_on(async {
+        let kv = ferrynet_store::Store::get(&store, &key)
+            .await
+            .expect("read")
+            .expect("the endpoint record");
+        let mut rec: Value = serde_json::from_slice(&kv.value).expect("record json");
+        let obj = rec.as_object_mut().expect("an object");
+        obj.remove("mac");
+        obj.remove("host_veth");
+        obj.remove("host_mac");
+        ferrynet_store::Store::put(&store, &key, rec.to_string().into_bytes())
+            .await
+            .expect("write");
+    });
+    drop(store);
+    let list = || {
+        lab.host
+            .must(&["nft", "list", "set", "bridge", "ferrynet", "macs"])
+    };
+    assert!(list().contains(&x_mac), "x guarded after ADD");
+    assert_eq!(lab.del(&conf, "x", Some(&x), "eth0").code, 0);
+    assert!(
+        !list().contains(&x_mac),
+        "x's elements outlived DEL: {}",
+        list()
+    );
+}

@@ -278,6 +278,53 @@ pub fn remove_port_tolerant(p: &GuardedPort) -> String {
     b
 }
 
+/// Forget every element of `port` found in a listing of the table (`nft -j list table bridge
+/// ferrynet`): for a port whose MAC was never recorded (an ADD interrupted after the guard).
+/// Empty when there is nothing to remove; tolerant like [`remove_port_tolerant`].
+pub fn remove_listed_port(table: &serde_json::Value, port: &str) -> String {
+    let mut by_set: Vec<(String, Vec<String>)> = Vec::new();
+    let items = table
+        .get("nftables")
+        .and_then(|v| v.as_array())
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for set in items.iter().filter_map(|i| i.get("set")) {
+        let Some(name) = set.get("name").and_then(|n| n.as_str()) else {
+            continue;
+        };
+        let elems = set
+            .get("elem")
+            .and_then(|e| e.as_array())
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let mut mine = Vec::new();
+        for e in elems {
+            let parts: Vec<&str> = e
+                .get("concat")
+                .and_then(|c| c.as_array())
+                .map(|c| c.iter().filter_map(|p| p.as_str()).collect())
+                .unwrap_or_default();
+            if parts.first() == Some(&port) && parts.len() > 1 {
+                mine.push(format!("{} . {}", q(port), parts[1..].join(" . ")));
+            }
+        }
+        if !mine.is_empty() {
+            by_set.push((name.to_string(), mine));
+        }
+    }
+    let mut b = String::new();
+    for verb in ["add", "delete"] {
+        for (set, elems) in &by_set {
+            let _ = writeln!(
+                b,
+                "{verb} element {FAMILY_TABLE} {set} {{ {} }}",
+                elems.join(", ")
+            );
+        }
+    }
+    b
+}
+
 /// Remove the whole table (no network left).
 pub fn delete_table() -> String {
     format!("delete table {FAMILY_TABLE}\n")
@@ -415,6 +462,26 @@ mod tests {
             );
         }
         assert_eq!(add_ports(&[p.clone(), p.clone()]), add_port(&p).repeat(2));
+    }
+
+    #[test]
+    fn a_listed_port_loses_only_its_own_elements() {
+        let j: serde_json::Value = serde_json::from_str(
+            r#"{"nftables":[{"metainfo":{}},
+            {"set":{"name":"macs","elem":[{"concat":["fnvaaaaaaaaaaaa","02:00:00:00:00:01"]},{"concat":["fnvbbbbbbbbbbbb","02:00:00:00:00:02"]}]}},
+            {"set":{"name":"na_src","elem":[{"concat":["fnvaaaaaaaaaaaa","02:00:00:00:00:01","fd05::2","0xfd050000000000000000000000000002"]}]}},
+            {"set":{"name":"src4"}}]}"#,
+        )
+        .unwrap();
+        let b = remove_listed_port(&j, "fnvaaaaaaaaaaaa");
+        assert_eq!(
+            b,
+            "add element bridge ferrynet macs { \"fnvaaaaaaaaaaaa\" . 02:00:00:00:00:01 }\n\
+             add element bridge ferrynet na_src { \"fnvaaaaaaaaaaaa\" . 02:00:00:00:00:01 . fd05::2 . 0xfd050000000000000000000000000002 }\n\
+             delete element bridge ferrynet macs { \"fnvaaaaaaaaaaaa\" . 02:00:00:00:00:01 }\n\
+             delete element bridge ferrynet na_src { \"fnvaaaaaaaaaaaa\" . 02:00:00:00:00:01 . fd05::2 . 0xfd050000000000000000000000000002 }\n"
+        );
+        assert_eq!(remove_listed_port(&j, "fnvcccccccccccc"), "");
     }
 
     #[test]

@@ -7,10 +7,10 @@
 use std::net::IpAddr;
 
 use ferrynet_model::guard::{
-    add_port, add_ports, counters_from_json, delete_table, remove_port_tolerant, skeleton,
-    GuardedPort, TABLE,
+    add_port, add_ports, counters_from_json, delete_table, remove_listed_port,
+    remove_port_tolerant, skeleton, GuardedPort, TABLE,
 };
-use ferrynet_model::names::parse_mac;
+use ferrynet_model::names::{host_veth_name, parse_mac};
 use ferrynet_model::network::{Endpoint, NetworkMode};
 
 use super::Control;
@@ -62,12 +62,32 @@ impl Control {
         }
     }
 
-    /// Forget an endpoint's elements; succeeds when they or the table are gone.
+    /// Forget an endpoint's elements; succeeds when they or the table are gone. Without a
+    /// recorded MAC (an ADD interrupted after the guard) the port's elements are found by
+    /// listing the table.
     pub fn unguard_endpoint(&self, ep: &Endpoint) {
-        let Some(p) = guarded_port(ep) else { return };
+        let (port, batch) = match guarded_port(ep) {
+            Some(p) => (p.port.clone(), remove_port_tolerant(&p)),
+            None => {
+                let port = ep
+                    .host_veth
+                    .clone()
+                    .unwrap_or_else(|| host_veth_name(&ep.network, &ep.container_id, &ep.ifname));
+                match self.nft.list_table("bridge", TABLE) {
+                    Ok(Some(t)) => {
+                        let b = remove_listed_port(&t, &port);
+                        (port, b)
+                    }
+                    _ => return,
+                }
+            }
+        };
+        if batch.is_empty() {
+            return;
+        }
         // Without the table there is nothing to remove; a rebuild reads only live records.
-        if let Err(e) = self.nft.apply(&remove_port_tolerant(&p)) {
-            tracing::debug!(error = %e, port = %p.port, "anti-spoofing elements already gone");
+        if let Err(e) = self.nft.apply(&batch) {
+            tracing::debug!(error = %e, port = %port, "anti-spoofing elements already gone");
         }
     }
 
