@@ -151,6 +151,8 @@ impl Control {
                 )));
             }
             tracing::info!(container = %ep.container_id, "resuming an interrupted ADD with its recorded addresses");
+            // The interrupted attempt's port may be guarded for a MAC the new link will not have.
+            self.unguard_endpoint(&ep);
         }
 
         // The reservation may have claimed a new block: plumb with this host's current view.
