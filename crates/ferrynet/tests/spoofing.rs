@@ -797,4 +797,14 @@ fn del_without_a_recorded_mac_still_removes_the_elements() {
         "x's elements outlived DEL: {}",
         list()
     );
+    // The guard goes with the last network.
+    let o = lab.cli(&["network", "rm", &net]);
+    assert!(o.status.success(), "network rm: {}", out(&o));
+    assert!(
+        !lab.host
+            .run(&["nft", "list", "table", "bridge", "ferrynet"])
+            .status
+            .success(),
+        "the guard's table outlived the last network"
+    );
 }
