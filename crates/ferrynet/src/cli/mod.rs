@@ -87,6 +87,8 @@ enum Cmd {
     InstallCni(install::InstallArgs),
     /// Rebuild ferrynet's nftables table from the store (after a firewall reload wiped it).
     Reload,
+    /// Show the anti-spoofing drop counters of this host's container ports, per reason.
+    Guard(JsonFlag),
     /// Serve Docker's network and IPAM driver API in the foreground (see docs/DOCKER.md).
     DockerPlugin(crate::cnm::PluginArgs),
     /// Run the per-host agent of a multi-host cluster (foreground; stop with SIGTERM).
@@ -388,6 +390,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("ruleset restored ({n} published port element(s))");
                 Ok(ExitCode::SUCCESS)
             }
+            Cmd::Guard(f) => guard(&ctl, f.json).map(|_| ExitCode::SUCCESS),
             Cmd::DockerPlugin(a) => crate::cnm::run_plugin(std::sync::Arc::new(ctl), a)
                 .await
                 .map(|_| ExitCode::SUCCESS),
@@ -395,6 +398,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Cmd::Kv(c) => render::kv(&ctl, c).await,
         }
     })
+}
+
+/// Print the guard's drop counters (a table, or JSON).
+fn guard(ctl: &Control, json: bool) -> anyhow::Result<()> {
+    let counters = ctl.guard_counters()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&counters)?);
+        return Ok(());
+    }
+    if counters.is_empty() {
+        println!("no anti-spoofing table on this host (no bridged network yet)");
+        return Ok(());
+    }
+    println!("{:<16} {:>10} {:>12}", "DROPPED", "PACKETS", "BYTES");
+    for c in counters {
+        println!("{:<16} {:>10} {:>12}", c.reason, c.packets, c.bytes);
+    }
+    Ok(())
 }
 
 async fn network(ctl: &Control, cmd: NetworkCmd) -> anyhow::Result<()> {

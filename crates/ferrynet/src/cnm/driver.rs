@@ -498,6 +498,14 @@ impl Plugin {
             .ctl
             .create_host_pair(&net, &host_name, &peer_name, mac)
             .await?;
+        // The container's MAC is the one CreateEndpoint recorded (the peer is born with it).
+        let mut guarded = ep.clone();
+        guarded.host_veth = Some(host_name.clone());
+        guarded.mac = Some(format_mac(&pair.peer_mac));
+        if let Err(e) = self.ctl.guard_endpoint(&guarded).await {
+            let _ = self.ctl.delete_host_link(&host_name).await;
+            return Err(e.into());
+        }
         let mut resp = JoinResponse {
             interface_name: InterfaceName {
                 src_name: pair.peer_name.clone(),
@@ -551,6 +559,11 @@ impl Plugin {
         self.ctl.delete_host_link(&host).await?;
         let peer = temp_peer_name(&b.name, &req.endpoint_id, DOCKER_IFNAME);
         self.ctl.delete_host_link(&peer).await?;
+        if let Some(ep) = &ep {
+            let mut guarded = ep.clone();
+            guarded.host_veth = Some(host.clone());
+            self.ctl.unguard_endpoint(&guarded);
+        }
         // Records from before Joins stopped writing the host end's MAC.
         if let Some(mut ep) = ep.filter(|e| e.host_mac.is_some()) {
             ep.host_mac = None;

@@ -33,6 +33,8 @@ pub struct HostPair {
     pub host_mac: [u8; 6],
     /// The end the runtime moves.
     pub peer_name: String,
+    /// Its MAC.
+    pub peer_mac: [u8; 6],
 }
 
 fn ipam_error(net: &Network, e: IpamError) -> ControlError {
@@ -520,6 +522,7 @@ impl Control {
             host_name: host_name.to_string(),
             host_mac: pair.host_mac,
             peer_name: peer_name.to_string(),
+            peer_mac: pair.peer_mac,
         })
     }
 
@@ -536,6 +539,7 @@ impl Control {
     /// took itself, ports). Addresses it only referenced stay with their owner.
     pub async fn forget_endpoint(&self, ep: &Endpoint) -> Result<()> {
         let ep = self.withdraw_ports(ep).await?;
+        self.unguard_endpoint(&ep);
         self.release(&ep).await
     }
 }

@@ -95,6 +95,9 @@ impl Control {
                 "allowing fn-* interfaces in iptables FORWARD",
             ))?;
             self.sync_edge().await?;
+            // With every local endpoint's elements: containers attached before the guard
+            // existed (an upgrade) keep sending.
+            self.reload_guard().await?;
             tracing::info!(bridge = %net.bridge, network = %net.name, "bridge created");
         }
         Ok(index)
@@ -112,6 +115,7 @@ impl Control {
                 .apply(&delete_table())
                 .map_err(ControlError::firewall("deleting the ferrynet table"))?;
         }
+        self.remove_guard()?;
         remove_forward_accept().map_err(ControlError::dataplane(
             "removing the iptables FORWARD accepts",
         ))?;
@@ -175,6 +179,7 @@ impl Control {
                 .apply(&add_ports(&ports))
                 .map_err(ControlError::firewall("restoring published ports"))?;
         }
+        self.reload_guard().await?;
         Ok(ports.len())
     }
 

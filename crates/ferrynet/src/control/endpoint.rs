@@ -141,6 +141,7 @@ impl Control {
             {
                 if ep.ips.iter().all(|ip| state.addresses.contains(ip)) {
                     tracing::info!(container = %ep.container_id, "ADD repeated; endpoint already in place");
+                    self.guard_endpoint(&ep).await?;
                     self.publish_ports(&ep).await?;
                     return Ok(ep);
                 }
@@ -150,6 +151,8 @@ impl Control {
                 )));
             }
             tracing::info!(container = %ep.container_id, "resuming an interrupted ADD with its recorded addresses");
+            // The interrupted attempt's port may be guarded for a MAC the new link will not have.
+            self.unguard_endpoint(&ep);
         }
 
         // The reservation may have claimed a new block: plumb with this host's current view.
@@ -236,11 +239,16 @@ impl Control {
                     source: other,
                 },
             })?;
-        self.publish_ports(ep).await?;
         let mut done = ep.clone();
         done.mac = Some(format_mac(&attached.container_mac));
         done.host_veth = Some(host_name);
         done.host_mac = Some(format_mac(&attached.host_mac));
+        // Until its elements exist the port drops everything (anti-spoofing default deny).
+        self.guard_endpoint(&done).await?;
+        if let Err(e) = self.publish_ports(ep).await {
+            self.unguard_endpoint(&done);
+            return Err(e);
+        }
         Ok(done)
     }
 
@@ -322,6 +330,7 @@ impl Control {
         // Ports are withdrawn and the link is gone before the addresses are released.
         if let Some(ep) = &ep {
             self.finish_unpublish(ep, withdrawing).await?;
+            self.unguard_endpoint(ep);
         }
         unplugged?;
         if let Some(ep) = &ep {

@@ -7,6 +7,7 @@
 pub mod cnm_endpoint;
 pub mod edge;
 pub mod endpoint;
+pub mod guard;
 pub mod host;
 pub mod ipam;
 pub mod network;

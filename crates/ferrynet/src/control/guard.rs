@@ -1,0 +1,169 @@
+//! Anti-spoofing on container ports: the `bridge ferrynet` table and its per-port elements.
+//!
+//! The rules are in [`ferrynet_model::guard`]; here they meet the kernel. A port's elements are
+//! added right after its veth is created (the skeleton drops everything from an `fnv…` port
+//! without elements until then) and removed when it is detached.
+
+use std::net::IpAddr;
+
+use ferrynet_model::guard::{
+    add_port, add_ports, counters_from_json, delete_table, remove_listed_port,
+    remove_port_tolerant, skeleton, GuardedPort, TABLE,
+};
+use ferrynet_model::names::{host_veth_name, parse_mac};
+use ferrynet_model::network::{Endpoint, NetworkMode};
+
+use super::Control;
+use crate::error::{ControlError, Result};
+
+/// The guard's view of an endpoint: its host port, MAC and addresses; None until both the
+/// port and the MAC are known (host networking has neither).
+pub fn guarded_port(ep: &Endpoint) -> Option<GuardedPort> {
+    let port = ep.host_veth.clone()?;
+    let mac = parse_mac(ep.mac.as_deref()?).ok()?;
+    Some(GuardedPort {
+        port,
+        mac,
+        ips: ep.ips.iter().map(|n| n.addr()).collect::<Vec<IpAddr>>(),
+    })
+}
+
+/// One drop counter of the guard.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GuardCounter {
+    /// The reason (counter name).
+    pub reason: String,
+    /// Frames dropped.
+    pub packets: u64,
+    /// Bytes dropped.
+    pub bytes: u64,
+}
+
+impl Control {
+    /// Let `port` send from its MAC and addresses. If the table was removed behind our back,
+    /// the guard is rebuilt from the store and the port added again.
+    pub async fn guard_port(&self, port: &GuardedPort) -> Result<()> {
+        let batch = add_port(port);
+        if let Err(first) = self.nft.apply(&batch) {
+            tracing::warn!(error = %first, port = %port.port, "guarding a port failed; rebuilding the anti-spoofing table");
+            self.reload_guard().await?;
+            self.nft
+                .apply(&batch)
+                .map_err(ControlError::firewall(format!("guarding {}", port.port)))?;
+        }
+        Ok(())
+    }
+
+    /// Guard an endpoint's port when its record names one (see [`guarded_port`]).
+    pub async fn guard_endpoint(&self, ep: &Endpoint) -> Result<()> {
+        match guarded_port(ep) {
+            Some(p) => self.guard_port(&p).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Forget an endpoint's elements; succeeds when they or the table are gone. Without a
+    /// recorded MAC (an ADD interrupted after the guard) the port's elements are found by
+    /// listing the table.
+    pub fn unguard_endpoint(&self, ep: &Endpoint) {
+        let (port, batch) = match guarded_port(ep) {
+            Some(p) => (p.port.clone(), remove_port_tolerant(&p)),
+            None => {
+                let port = ep
+                    .host_veth
+                    .clone()
+                    .unwrap_or_else(|| host_veth_name(&ep.network, &ep.container_id, &ep.ifname));
+                match self.nft.list_table("bridge", TABLE) {
+                    Ok(Some(t)) => {
+                        let b = remove_listed_port(&t, &port);
+                        (port, b)
+                    }
+                    _ => return,
+                }
+            }
+        };
+        if batch.is_empty() {
+            return;
+        }
+        // Without the table there is nothing to remove; a rebuild reads only live records.
+        if let Err(e) = self.nft.apply(&batch) {
+            tracing::debug!(error = %e, port = %port, "anti-spoofing elements already gone");
+        }
+    }
+
+    /// Rebuild the guard from the store: skeleton plus every local endpoint's port, one
+    /// transaction. Returns the number of ports.
+    pub async fn reload_guard(&self) -> Result<usize> {
+        let mut ports = Vec::new();
+        for net in self.networks().await? {
+            if net.mode != NetworkMode::Bridge {
+                continue;
+            }
+            for ep in self.endpoints(&net.name).await? {
+                // Endpoints of other hosts (multi-host networks) have no port here.
+                if ep.host.as_deref().is_some_and(|h| h != self.host) {
+                    continue;
+                }
+                ports.extend(guarded_port(&ep));
+            }
+        }
+        let batch = format!("{}{}", skeleton(), add_ports(&ports));
+        self.nft
+            .apply(&batch)
+            .map_err(ControlError::firewall("rebuilding the anti-spoofing table"))?;
+        Ok(ports.len())
+    }
+
+    /// Remove the guard's table (no network left).
+    pub fn remove_guard(&self) -> Result<()> {
+        if self
+            .nft
+            .list_table("bridge", TABLE)
+            .map_err(ControlError::firewall("listing the anti-spoofing table"))?
+            .is_some()
+        {
+            self.nft
+                .apply(&delete_table())
+                .map_err(ControlError::firewall("deleting the anti-spoofing table"))?;
+        }
+        Ok(())
+    }
+
+    /// The drop counters, per reason (empty when the table is missing).
+    pub fn guard_counters(&self) -> Result<Vec<GuardCounter>> {
+        let table = self
+            .nft
+            .list_table("bridge", TABLE)
+            .map_err(ControlError::firewall("listing the anti-spoofing table"))?;
+        Ok(table
+            .map(|t| counters_from_json(&t))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(reason, packets, bytes)| GuardCounter {
+                reason,
+                packets,
+                bytes,
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_is_guarded_only_with_its_link_and_mac_known() {
+        let mut ep = Endpoint::new("n", "c", "eth0");
+        ep.ips = vec!["10.5.0.2/24".parse().unwrap()];
+        assert_eq!(guarded_port(&ep), None);
+        ep.host_veth = Some("fnv0123456789ab".into());
+        assert_eq!(guarded_port(&ep), None);
+        ep.mac = Some("02:42:0a:05:00:02".into());
+        let p = guarded_port(&ep).unwrap();
+        assert_eq!(p.port, "fnv0123456789ab");
+        assert_eq!(p.ips, vec!["10.5.0.2".parse::<IpAddr>().unwrap()]);
+        ep.mac = Some("garbage".into());
+        assert_eq!(guarded_port(&ep), None);
+    }
+}

@@ -1,0 +1,504 @@
+//! Anti-spoofing on container ports as nftables batches (table `bridge ferrynet`).
+//!
+//! Every frame entering a bridge through a container's host-side veth (`fnv…`, see
+//! [`crate::names::host_veth_name`]) must come from that container's MAC and one of its
+//! addresses. The allowed triples are set elements keyed by port, so a frame costs one hash
+//! lookup whatever the number of containers, and a port without elements drops everything
+//! (default deny): a container is guarded from its first frame. Drops are counted per reason
+//! in named counters ([`REASONS`]).
+
+use std::fmt::Write;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use crate::names::format_mac;
+
+/// The table's name (family `bridge`).
+pub const TABLE: &str = "ferrynet";
+/// The table with its family, as nft spells it.
+pub const FAMILY_TABLE: &str = "bridge ferrynet";
+/// Prefix of every container port's host end: these ports are guarded.
+pub const PORT_PREFIX: &str = "fnv";
+/// `port . MAC`: the container's MAC on its port.
+pub const MACS: &str = "macs";
+/// `port . MAC . IPv4 source`.
+pub const SRC4: &str = "src4";
+/// `port . MAC . IPv6 source` (its addresses and its EUI-64 link-local).
+pub const SRC6: &str = "src6";
+/// `port . MAC . ARP sender MAC . ARP sender IP` (its IPv4 addresses and 0.0.0.0 for probes).
+pub const ARP: &str = "arp_src";
+/// `port . MAC . IPv6 source . ND target`: neighbour advertisements for its own addresses, and
+/// duplicate address detection (a solicitation from `::`) only for them.
+pub const NA: &str = "na_src";
+
+/// The regular chains: the dispatcher and one per protocol.
+pub const CHAINS: [&str; 5] = ["guard", "guard4", "guard6", "guard_na", "guard_arp"];
+
+/// The target address of a neighbour advertisement (ICMPv6 bytes 8–23); nft 1.0.6 has no
+/// `icmpv6 taddr`, so it is a raw 128-bit field and its elements are written as integers.
+const NA_TARGET: &str = "@th,64,128";
+
+/// Drop reasons, each a named counter in the table.
+pub const REASONS: [&str; 10] = [
+    "mac_spoof",
+    "ip4_spoof",
+    "ip6_spoof",
+    "arp_spoof",
+    "na_spoof",
+    "router_advert",
+    "icmp6_redirect",
+    "dhcp_server",
+    "dhcp6_server",
+    "other_ethertype",
+];
+
+/// One guarded container port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuardedPort {
+    /// Host end of the veth (a bridge port).
+    pub port: String,
+    /// The container interface's MAC.
+    pub mac: [u8; 6],
+    /// The container's addresses on this port.
+    pub ips: Vec<IpAddr>,
+}
+
+/// The link-local address the kernel derives from a MAC (modified EUI-64, RFC 4291).
+pub fn eui64_link_local(mac: &[u8; 6]) -> Ipv6Addr {
+    Ipv6Addr::new(
+        0xfe80,
+        0,
+        0,
+        0,
+        u16::from_be_bytes([mac[0] ^ 0x02, mac[1]]),
+        u16::from_be_bytes([mac[2], 0xff]),
+        u16::from_be_bytes([0xfe, mac[3]]),
+        u16::from_be_bytes([mac[4], mac[5]]),
+    )
+}
+
+fn q(ifname: &str) -> String {
+    // Interface names are ours (`fnv` + hex), so quoting is enough.
+    format!("\"{ifname}\"")
+}
+
+/// The skeleton: table, sets, counters, chains and rules. Re-applying it is idempotent and
+/// keeps set elements and counter values; the chains are flushed and refilled atomically.
+pub fn skeleton() -> String {
+    let t = FAMILY_TABLE;
+    let mut b = String::new();
+    let mut line = |s: String| {
+        b.push_str(&s);
+        b.push('\n');
+    };
+    line(format!("add table {t}"));
+    line(format!(
+        "add set {t} {MACS} {{ type ifname . ether_addr; }}"
+    ));
+    line(format!(
+        "add set {t} {SRC4} {{ type ifname . ether_addr . ipv4_addr; }}"
+    ));
+    line(format!(
+        "add set {t} {SRC6} {{ type ifname . ether_addr . ipv6_addr; }}"
+    ));
+    line(format!(
+        "add set {t} {ARP} {{ type ifname . ether_addr . ether_addr . ipv4_addr; }}"
+    ));
+    line(format!(
+        "add set {t} {NA} {{ typeof iifname . ether saddr . ip6 saddr . {NA_TARGET}; }}"
+    ));
+    for r in REASONS {
+        line(format!("add counter {t} {r}"));
+    }
+    // Bridge prerouting sees every frame entering a bridge port, bridged or routed, before
+    // br_netfilter (priority 0) hands it to the IP hooks.
+    line(format!(
+        "add chain {t} prerouting {{ type filter hook prerouting priority -300; policy accept; }}"
+    ));
+    for c in CHAINS {
+        line(format!("add chain {t} {c}"));
+    }
+    for c in ["prerouting"].into_iter().chain(CHAINS) {
+        line(format!("flush chain {t} {c}"));
+    }
+    let mac_or = |reason: &str| {
+        // Reached only after the one lookup failed: tell a wrong address from a wrong MAC.
+        [
+            format!("iifname . ether saddr @{MACS} counter name {reason} drop"),
+            "counter name mac_spoof drop".to_string(),
+        ]
+    };
+    let mut rules: Vec<(&str, String)> = vec![
+        (
+            "prerouting",
+            format!("iifname \"{PORT_PREFIX}*\" jump guard"),
+        ),
+        (
+            "guard",
+            "ether type vmap { ip : jump guard4, ip6 : jump guard6, arp : jump guard_arp }".to_string(),
+        ),
+        // VLAN tags, LLC, LLDP, STP… a container has no business sending them.
+        ("guard", "counter name other_ethertype drop".to_string()),
+        // A DHCP server reply is dropped even from the container's own address.
+        ("guard4", "udp sport 67 counter name dhcp_server drop".to_string()),
+        (
+            "guard4",
+            format!("iifname . ether saddr . ip saddr @{SRC4} accept"),
+        ),
+        (
+            "guard6",
+            "icmpv6 type nd-router-advert counter name router_advert drop".to_string(),
+        ),
+        (
+            "guard6",
+            "icmpv6 type nd-redirect counter name icmp6_redirect drop".to_string(),
+        ),
+        (
+            "guard6",
+            "udp sport 547 counter name dhcp6_server drop".to_string(),
+        ),
+        ("guard6", "icmpv6 type nd-neighbor-advert goto guard_na".to_string()),
+        (
+            "guard6",
+            format!("iifname . ether saddr . ip6 saddr @{SRC6} accept"),
+        ),
+        // Duplicate address detection and MLD before an address is usable send from `::`.
+        (
+            "guard6",
+            format!("ip6 saddr :: icmpv6 type nd-neighbor-solicit iifname . ether saddr . ip6 saddr . {NA_TARGET} @{NA} accept"),
+        ),
+        (
+            "guard6",
+            format!("ip6 saddr :: icmpv6 type {{ mld-listener-report, mld2-listener-report }} iifname . ether saddr @{MACS} accept"),
+        ),
+        (
+            "guard_na",
+            format!("iifname . ether saddr . ip6 saddr . {NA_TARGET} @{NA} accept"),
+        ),
+        (
+            "guard_arp",
+            format!("iifname . ether saddr . arp saddr ether . arp saddr ip @{ARP} accept"),
+        ),
+    ];
+    for (chain, reason) in [
+        ("guard4", "ip4_spoof"),
+        ("guard6", "ip6_spoof"),
+        ("guard_na", "na_spoof"),
+        ("guard_arp", "arp_spoof"),
+    ] {
+        for r in mac_or(reason) {
+            rules.push((chain, r));
+        }
+    }
+    for (chain, rule) in rules {
+        line(format!("add rule {t} {chain} {rule}"));
+    }
+    b
+}
+
+/// The elements of one port, per set.
+pub fn port_elements(p: &GuardedPort) -> Vec<(&'static str, Vec<String>)> {
+    let port = q(&p.port);
+    let mac = format_mac(&p.mac);
+    let v4: Vec<Ipv4Addr> = p
+        .ips
+        .iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V4(a) => Some(*a),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    let mut v6: Vec<Ipv6Addr> = vec![eui64_link_local(&p.mac)];
+    for ip in &p.ips {
+        if let IpAddr::V6(a) = ip {
+            if !v6.contains(a) {
+                v6.push(*a);
+            }
+        }
+    }
+    let mut out = vec![(MACS, vec![format!("{port} . {mac}")])];
+    if !v4.is_empty() {
+        out.push((
+            SRC4,
+            v4.iter().map(|a| format!("{port} . {mac} . {a}")).collect(),
+        ));
+        let senders = v4.iter().copied().chain([Ipv4Addr::UNSPECIFIED]);
+        out.push((
+            ARP,
+            senders
+                .map(|a| format!("{port} . {mac} . {mac} . {a}"))
+                .collect(),
+        ));
+    }
+    out.push((
+        SRC6,
+        v6.iter().map(|a| format!("{port} . {mac} . {a}")).collect(),
+    ));
+    // Any own source may advertise any own target (a reply to an NS for the global address
+    // comes from the link-local one and the other way round); `::` probes its own targets.
+    let nd_sources: Vec<Ipv6Addr> = v6.iter().copied().chain([Ipv6Addr::UNSPECIFIED]).collect();
+    out.push((
+        NA,
+        nd_sources
+            .iter()
+            .flat_map(|s| v6.iter().map(move |t| (s, t)))
+            .map(|(s, t)| format!("{port} . {mac} . {s} . 0x{:032x}", u128::from(*t)))
+            .collect(),
+    ));
+    out
+}
+
+/// Allow a port's frames (one transaction; repeating it is harmless).
+pub fn add_port(p: &GuardedPort) -> String {
+    let mut b = String::new();
+    for (set, elems) in port_elements(p) {
+        let _ = writeln!(
+            b,
+            "add element {FAMILY_TABLE} {set} {{ {} }}",
+            elems.join(", ")
+        );
+    }
+    b
+}
+
+/// Allow several ports in one transaction (a rebuild).
+pub fn add_ports(ports: &[GuardedPort]) -> String {
+    ports.iter().map(add_port).collect()
+}
+
+/// Forget a port's elements; succeeds when they are already gone (add, then delete).
+pub fn remove_port_tolerant(p: &GuardedPort) -> String {
+    let mut b = add_port(p);
+    for (set, elems) in port_elements(p) {
+        let _ = writeln!(
+            b,
+            "delete element {FAMILY_TABLE} {set} {{ {} }}",
+            elems.join(", ")
+        );
+    }
+    b
+}
+
+/// Forget every element of `port` found in a listing of the table (`nft -j list table bridge
+/// ferrynet`): for a port whose MAC was never recorded (an ADD interrupted after the guard).
+/// Empty when there is nothing to remove; tolerant like [`remove_port_tolerant`].
+pub fn remove_listed_port(table: &serde_json::Value, port: &str) -> String {
+    let mut by_set: Vec<(String, Vec<String>)> = Vec::new();
+    let items = table
+        .get("nftables")
+        .and_then(|v| v.as_array())
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for set in items.iter().filter_map(|i| i.get("set")) {
+        let Some(name) = set.get("name").and_then(|n| n.as_str()) else {
+            continue;
+        };
+        let elems = set
+            .get("elem")
+            .and_then(|e| e.as_array())
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let mut mine = Vec::new();
+        for e in elems {
+            let parts: Vec<&str> = e
+                .get("concat")
+                .and_then(|c| c.as_array())
+                .map(|c| c.iter().filter_map(|p| p.as_str()).collect())
+                .unwrap_or_default();
+            if parts.first() == Some(&port) && parts.len() > 1 {
+                mine.push(format!("{} . {}", q(port), parts[1..].join(" . ")));
+            }
+        }
+        if !mine.is_empty() {
+            by_set.push((name.to_string(), mine));
+        }
+    }
+    let mut b = String::new();
+    for verb in ["add", "delete"] {
+        for (set, elems) in &by_set {
+            let _ = writeln!(
+                b,
+                "{verb} element {FAMILY_TABLE} {set} {{ {} }}",
+                elems.join(", ")
+            );
+        }
+    }
+    b
+}
+
+/// Remove the whole table (no network left).
+pub fn delete_table() -> String {
+    format!("delete table {FAMILY_TABLE}\n")
+}
+
+/// Drop counters read back from `nft -j list table bridge ferrynet`: (reason, packets, bytes).
+pub fn counters_from_json(table: &serde_json::Value) -> Vec<(String, u64, u64)> {
+    let mut out = Vec::new();
+    let items = table
+        .get("nftables")
+        .and_then(|v| v.as_array())
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for item in items {
+        let Some(c) = item.get("counter") else {
+            continue;
+        };
+        let Some(name) = c.get("name").and_then(|n| n.as_str()) else {
+            continue;
+        };
+        let num = |k: &str| c.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        out.push((name.to_string(), num("packets"), num("bytes")));
+    }
+    out.sort_by_key(|(n, _, _)| REASONS.iter().position(|r| r == n).unwrap_or(usize::MAX));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port() -> GuardedPort {
+        GuardedPort {
+            port: "fnv0123456789ab".into(),
+            mac: [0x02, 0x42, 0x0a, 0x05, 0x00, 0x02],
+            ips: vec!["10.5.0.2".parse().unwrap(), "fd05::2".parse().unwrap()],
+        }
+    }
+
+    #[test]
+    fn link_local_is_modified_eui64() {
+        assert_eq!(
+            eui64_link_local(&[0x02, 0x42, 0x0a, 0x05, 0x00, 0x02]).to_string(),
+            "fe80::42:aff:fe05:2"
+        );
+        assert_eq!(
+            eui64_link_local(&[0x00, 0x11, 0x22, 0x33, 0x44, 0x55]).to_string(),
+            "fe80::211:22ff:fe33:4455"
+        );
+    }
+
+    #[test]
+    fn skeleton_guards_every_container_port_by_default() {
+        let s = skeleton();
+        assert!(s.contains("add table bridge ferrynet"));
+        assert!(s.contains("hook prerouting"));
+        assert!(s.contains("iifname \"fnv*\" jump guard"));
+        // Each family chain ends in drops: a port without elements passes nothing.
+        for chain in ["guard4", "guard6", "guard_na", "guard_arp"] {
+            let last = s
+                .lines()
+                .rfind(|l| l.starts_with(&format!("add rule bridge ferrynet {chain} ")))
+                .unwrap();
+            assert!(last.ends_with("counter name mac_spoof drop"), "{last}");
+        }
+        assert!(s.contains("counter name other_ethertype drop"));
+        for r in REASONS {
+            assert!(s.contains(&format!("add counter bridge ferrynet {r}\n")));
+            assert!(
+                s.contains(&format!("counter name {r} drop")),
+                "{r} never counted"
+            );
+        }
+    }
+
+    #[test]
+    fn server_messages_are_dropped_before_any_allow() {
+        let s = skeleton();
+        let pos = |needle: &str| s.find(needle).unwrap_or_else(|| panic!("{needle}"));
+        assert!(pos("udp sport 67 ") < pos(&format!("@{SRC4} accept")));
+        assert!(pos("nd-router-advert counter") < pos(&format!("@{SRC6} accept")));
+        assert!(pos("nd-redirect counter") < pos(&format!("@{SRC6} accept")));
+        assert!(pos("udp sport 547 ") < pos(&format!("@{SRC6} accept")));
+        assert!(pos("nd-neighbor-advert goto guard_na") < pos(&format!("@{SRC6} accept")));
+    }
+
+    #[test]
+    fn elements_bind_port_mac_and_own_addresses() {
+        let e = port_elements(&port());
+        let get = |set: &str| e.iter().find(|(s, _)| *s == set).unwrap().1.clone();
+        let p = "\"fnv0123456789ab\" . 02:42:0a:05:00:02";
+        assert_eq!(get(MACS), vec![p.to_string()]);
+        assert_eq!(get(SRC4), vec![format!("{p} . 10.5.0.2")]);
+        assert_eq!(
+            get(ARP),
+            vec![
+                format!("{p} . 02:42:0a:05:00:02 . 10.5.0.2"),
+                format!("{p} . 02:42:0a:05:00:02 . 0.0.0.0"),
+            ]
+        );
+        assert_eq!(
+            get(SRC6),
+            vec![
+                format!("{p} . fe80::42:aff:fe05:2"),
+                format!("{p} . fd05::2")
+            ]
+        );
+        let na = get(NA);
+        assert_eq!(na.len(), 6);
+        assert!(na.contains(&format!("{p} . :: . 0xfd050000000000000000000000000002")));
+        assert!(na.contains(&format!(
+            "{p} . fe80::42:aff:fe05:2 . 0xfd050000000000000000000000000002"
+        )));
+    }
+
+    #[test]
+    fn ipv6_only_port_gets_no_ipv4_or_arp() {
+        let mut p = port();
+        p.ips.retain(|ip| ip.is_ipv6());
+        let e = port_elements(&p);
+        assert!(e.iter().all(|(s, _)| *s != SRC4 && *s != ARP));
+    }
+
+    #[test]
+    fn tolerant_removal_adds_then_deletes_the_same_elements() {
+        let p = port();
+        let b = remove_port_tolerant(&p);
+        let adds: Vec<&str> = b.lines().filter(|l| l.starts_with("add ")).collect();
+        let dels: Vec<&str> = b.lines().filter(|l| l.starts_with("delete ")).collect();
+        assert_eq!(adds.len(), dels.len());
+        for (a, d) in adds.iter().zip(&dels) {
+            assert_eq!(
+                a.trim_start_matches("add "),
+                d.trim_start_matches("delete ")
+            );
+        }
+        assert_eq!(add_ports(&[p.clone(), p.clone()]), add_port(&p).repeat(2));
+    }
+
+    #[test]
+    fn a_listed_port_loses_only_its_own_elements() {
+        let j: serde_json::Value = serde_json::from_str(
+            r#"{"nftables":[{"metainfo":{}},
+            {"set":{"name":"macs","elem":[{"concat":["fnvaaaaaaaaaaaa","02:00:00:00:00:01"]},{"concat":["fnvbbbbbbbbbbbb","02:00:00:00:00:02"]}]}},
+            {"set":{"name":"na_src","elem":[{"concat":["fnvaaaaaaaaaaaa","02:00:00:00:00:01","fd05::2","0xfd050000000000000000000000000002"]}]}},
+            {"set":{"name":"src4"}}]}"#,
+        )
+        .unwrap();
+        let b = remove_listed_port(&j, "fnvaaaaaaaaaaaa");
+        assert_eq!(
+            b,
+            "add element bridge ferrynet macs { \"fnvaaaaaaaaaaaa\" . 02:00:00:00:00:01 }\n\
+             add element bridge ferrynet na_src { \"fnvaaaaaaaaaaaa\" . 02:00:00:00:00:01 . fd05::2 . 0xfd050000000000000000000000000002 }\n\
+             delete element bridge ferrynet macs { \"fnvaaaaaaaaaaaa\" . 02:00:00:00:00:01 }\n\
+             delete element bridge ferrynet na_src { \"fnvaaaaaaaaaaaa\" . 02:00:00:00:00:01 . fd05::2 . 0xfd050000000000000000000000000002 }\n"
+        );
+        assert_eq!(remove_listed_port(&j, "fnvcccccccccccc"), "");
+    }
+
+    #[test]
+    fn counters_are_read_back_in_reason_order() {
+        let j: serde_json::Value = serde_json::from_str(
+            r#"{"nftables":[{"metainfo":{}},{"table":{"family":"bridge","name":"ferrynet"}},
+            {"counter":{"family":"bridge","name":"ip4_spoof","table":"ferrynet","packets":3,"bytes":252}},
+            {"counter":{"family":"bridge","name":"mac_spoof","table":"ferrynet","packets":1,"bytes":60}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            counters_from_json(&j),
+            vec![
+                ("mac_spoof".to_string(), 1, 60),
+                ("ip4_spoof".to_string(), 3, 252)
+            ]
+        );
+        assert!(counters_from_json(&serde_json::json!({})).is_empty());
+    }
+}
