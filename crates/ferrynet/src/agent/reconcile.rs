@@ -10,6 +10,7 @@ use ferrynet_model::fabric::{
     desired, diff, vtep_mac, vxlan_dev_name, vxlan_local, vxlan_mtu, Backend, FabricInput,
     FabricState,
 };
+use ferrynet_model::fabric_guard;
 use ferrynet_model::host::BlockClaim;
 use ferrynet_model::network::{keys, Endpoint, Network};
 use ferrynet_model::service::{keys as service_keys, Producer};
@@ -257,6 +258,18 @@ impl Reconciler {
                 }
             }
             Err(e) => errors.push(format!("reading the kernel's fabric state: {e}")),
+        }
+        // Only registered hosts may send to the VXLAN port (while this host has tunnels).
+        let guard = (!vxlan_devs.is_empty()).then(|| {
+            let registered = view
+                .hosts
+                .values()
+                .chain(view.departed.values().map(|(h, _)| h));
+            fabric_guard::desired(VXLAN_PORT, &me, registered)
+        });
+        match super::fabric_guard::sync(&self.ctl.nft, guard).await {
+            Ok(n) => changes += n,
+            Err(e) => errors.push(e),
         }
         for e in &errors {
             tracing::warn!(error = %e, "reconcile");
