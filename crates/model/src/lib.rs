@@ -12,4 +12,5 @@ pub mod names;
 pub mod network;
 pub mod portmap;
 pub mod registry;
+pub mod reserved;
 pub mod service;
