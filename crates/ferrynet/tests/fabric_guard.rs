@@ -1,7 +1,7 @@
 //! The VXLAN guard on a real kernel with a real etcd: in 3-host `ferrynet lab`s, a VXLAN frame
 //! carrying an inner UDP datagram to a container on h2 is decapsulated and delivered when a
 //! registered peer sends it, and dropped (and counted) when an unregistered machine on the
-//! underlay or a container sends it. Deleting the guard makes the same probes arrive (so the
+//! underlay, a container on another host or a container on h2 itself sends it. Deleting the guard makes the same probes arrive (so the
 //! test cannot pass vacuously), and the agents rebuild it. The peer sets follow hosts that
 //! leave and come back; `auto` over two underlay subnets keeps its VXLAN peers talking.
 
@@ -313,6 +313,9 @@ fn vxlan_port_accepts_only_registered_peers() {
             f,
             &format!("container{i}"),
         );
+        // (c) a container on h2 to its own host.
+        let local = format!("local{i}");
+        dropped(&lab, &file, &cs[1].netns(), outer, f, &local);
     }
     assert!(
         counter(&h2, "from_strangers") >= strangers + 6,
@@ -321,6 +324,10 @@ fn vxlan_port_accepts_only_registered_peers() {
     assert!(
         counter(&h1, "from_containers") >= containers + 6,
         "h1 counted c1's frames"
+    );
+    assert!(
+        counter(&h2, "from_containers") >= 6,
+        "h2 counted c2's frames"
     );
 
     // Without the guard the same probes arrive, so the test above cannot pass vacuously.
@@ -331,6 +338,8 @@ fn vxlan_port_accepts_only_registered_peers() {
     arrives(&file, "rogue-open");
     inject(&cs[0].netns(), outer, &frames[0], "container-open");
     arrives(&file, "container-open");
+    inject(&cs[1].netns(), outer, &frames[0], "local-open");
+    arrives(&file, "local-open");
 
     // The agents' periodic reconcile rebuilds the table; a flushed chain is repaired too.
     for ns in [&h1, &h2] {
@@ -354,6 +363,14 @@ fn vxlan_port_accepts_only_registered_peers() {
         outer,
         &frames[1],
         "container-again",
+    );
+    dropped(
+        &lab,
+        &file,
+        &cs[1].netns(),
+        outer,
+        &frames[1],
+        "local-again",
     );
 }
 
