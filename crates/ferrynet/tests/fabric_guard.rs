@@ -355,6 +355,16 @@ fn vxlan_port_accepts_only_registered_peers() {
             Err(format!("input chain not repaired after {:?}", t0.elapsed()))
         }
     });
+    // `ferrynet status` reports the guard: its peers (h1 and h3, both families) and builds
+    // (the first, after the deletion, after the flush).
+    within(Duration::from_secs(60), || {
+        let g = lab.status("h2")["vxlanGuard"].clone();
+        if g["peers"] == 4 && g["rebuilds"].as_u64() >= Some(3) {
+            Ok(())
+        } else {
+            Err(format!("status vxlanGuard on h2: {g}"))
+        }
+    });
     dropped(&lab, &file, rogue, outer, &frames[0], "rogue-again");
     dropped(
         &lab,

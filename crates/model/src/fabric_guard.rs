@@ -89,6 +89,8 @@ pub struct Programmed {
     pub intact: bool,
     /// The peer set elements found.
     pub state: GuardState,
+    /// Packets counted by each named counter.
+    pub dropped: std::collections::BTreeMap<String, u64>,
 }
 
 /// The rules of the table, per chain, for `port`.
@@ -132,6 +134,7 @@ pub fn read(listing: &Value, port: u16) -> Programmed {
     let mut chains = BTreeSet::new();
     let mut sets = BTreeSet::new();
     let mut counters = BTreeSet::new();
+    let mut dropped = std::collections::BTreeMap::new();
     let mut rule_count: std::collections::BTreeMap<String, usize> = Default::default();
     for it in &items {
         if let Some(c) = it.get("chain") {
@@ -141,6 +144,7 @@ pub fn read(listing: &Value, port: u16) -> Programmed {
         } else if let Some(c) = it.get("counter") {
             if let Some(n) = c["name"].as_str() {
                 counters.insert(n.to_string());
+                dropped.insert(n.to_string(), c["packets"].as_u64().unwrap_or(0));
             }
         } else if let Some(r) = it.get("rule") {
             if let Some(n) = r["chain"].as_str() {
@@ -173,7 +177,11 @@ pub fn read(listing: &Value, port: u16) -> Programmed {
         .all(|(c, n)| chains.contains(c) && rule_count.get(c) == Some(n))
         && SETS.iter().all(|s| sets.contains(*s))
         && COUNTERS.iter().all(|c| counters.contains(*c));
-    Programmed { intact, state }
+    Programmed {
+        intact,
+        state,
+        dropped,
+    }
 }
 
 fn elements(b: &mut String, verb: &str, st_v4: &BTreeSet<Ipv4Addr>, st_v6: &BTreeSet<Ipv6Addr>) {
@@ -333,7 +341,7 @@ mod tests {
     fn listing(rules_in_input: usize, elems4: &[&str]) -> Value {
         let mut items = vec![json!({"metainfo": {}}), json!({"table": {"name": TABLE}})];
         for c in COUNTERS {
-            items.push(json!({"counter": {"name": c, "packets": 0}}));
+            items.push(json!({"counter": {"name": c, "packets": 7}}));
         }
         items.push(json!({"set": {"name": "vtep_peers4", "elem": elems4}}));
         items.push(json!({"set": {"name": "vtep_peers6"}}));
@@ -354,6 +362,7 @@ mod tests {
         let p = read(&listing(4, &["172.31.0.2", "172.31.1.3"]), 4789);
         assert!(p.intact);
         assert_eq!(p.state.peers4.len(), 2);
+        assert_eq!(p.dropped.get(FROM_STRANGERS), Some(&7));
         // A flushed chain (nft flush chain) is damage.
         assert!(!read(&listing(0, &[]), 4789).intact);
         assert!(!read(&json!({"nftables": []}), 4789).intact);

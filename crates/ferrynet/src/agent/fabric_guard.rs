@@ -12,8 +12,21 @@ use std::sync::Arc;
 use ferrynet_dataplane::nft::NftExecutor;
 use ferrynet_model::fabric_guard::{plan, read, GuardState, TABLE};
 
-/// Bring the table to `want` (None: no table); the number of transactions applied (0 or 1).
-pub async fn sync(nft: &Arc<dyn NftExecutor>, want: Option<GuardState>) -> Result<u64, String> {
+use super::status::VxlanGuardStatus;
+
+/// What one sync did.
+#[derive(Debug, Default)]
+pub struct Synced {
+    /// Transactions applied (0 or 1).
+    pub applied: u64,
+    /// The table was built whole.
+    pub rebuilt: bool,
+    /// The guard's report (None: no table wanted).
+    pub report: Option<VxlanGuardStatus>,
+}
+
+/// Bring the table to `want` (None: no table).
+pub async fn sync(nft: &Arc<dyn NftExecutor>, want: Option<GuardState>) -> Result<Synced, String> {
     let exec = nft.clone();
     tokio::task::spawn_blocking(move || {
         let port = want.as_ref().map(|w| w.port).unwrap_or_default();
@@ -21,16 +34,29 @@ pub async fn sync(nft: &Arc<dyn NftExecutor>, want: Option<GuardState>) -> Resul
             .list_table("inet", TABLE)
             .map_err(|e| format!("listing table inet {TABLE}: {e}"))?
             .map(|l| read(&l, port));
+        let report = want.as_ref().map(|w| VxlanGuardStatus {
+            peers: w.peers4.len() + w.peers6.len(),
+            dropped: have.as_ref().map(|h| h.dropped.clone()).unwrap_or_default(),
+            rebuilds: 0,
+        });
         let batch = plan(have.as_ref(), want.as_ref());
         if batch.is_empty() {
-            return Ok(0);
+            return Ok(Synced {
+                report,
+                ..Default::default()
+            });
         }
+        let rebuilt = want.is_some() && !have.as_ref().is_some_and(|h| h.intact);
         if have.as_ref().is_some_and(|h| !h.intact) {
             tracing::warn!("table inet {TABLE} is damaged; rebuilding it");
         }
         exec.apply(&batch)
             .map_err(|e| format!("programming table inet {TABLE}: {e}"))?;
-        Ok(1)
+        Ok(Synced {
+            applied: 1,
+            rebuilt,
+            report,
+        })
     })
     .await
     .map_err(|e| e.to_string())?

@@ -267,10 +267,17 @@ impl Reconciler {
                 .chain(view.departed.values().map(|(h, _)| h));
             fabric_guard::desired(VXLAN_PORT, &me, registered)
         });
-        match super::fabric_guard::sync(&self.ctl.nft, guard).await {
-            Ok(n) => changes += n,
-            Err(e) => errors.push(e),
-        }
+        // None: the sync failed, the last report stays.
+        let guard_report = match super::fabric_guard::sync(&self.ctl.nft, guard).await {
+            Ok(s) => {
+                changes += s.applied;
+                Some(s.report.map(|r| (r, s.rebuilt)))
+            }
+            Err(e) => {
+                errors.push(e);
+                None
+            }
+        };
         for e in &errors {
             tracing::warn!(error = %e, "reconcile");
         }
@@ -300,6 +307,13 @@ impl Reconciler {
             s.errors = errors;
             s.hosts = hosts;
             s.networks = networks;
+            if let Some(report) = guard_report {
+                let rebuilds = s.vxlan_guard.as_ref().map_or(0, |g| g.rebuilds);
+                s.vxlan_guard = report.map(|(mut r, rebuilt)| {
+                    r.rebuilds = rebuilds + u64::from(rebuilt);
+                    r
+                });
+            }
         }
     }
 
