@@ -8,6 +8,7 @@
 pub mod api;
 pub mod discovery;
 pub mod dns;
+pub mod fabric_guard;
 pub mod health;
 pub mod lb;
 pub mod reconcile;

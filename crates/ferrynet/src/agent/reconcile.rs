@@ -11,6 +11,7 @@ use ferrynet_model::fabric::{
     desired, diff, vtep_mac, vxlan_dev_name, vxlan_local, vxlan_mtu, Backend, FabricInput,
     FabricState,
 };
+use ferrynet_model::fabric_guard;
 use ferrynet_model::host::BlockClaim;
 use ferrynet_model::network::{keys, Endpoint, Network};
 use ferrynet_model::service::{keys as service_keys, Producer};
@@ -284,6 +285,25 @@ impl Reconciler {
             }
             Err(e) => errors.push(format!("reading the kernel's fabric state: {e}")),
         }
+        // Only registered hosts may send to the VXLAN port (while this host has tunnels).
+        let guard = (!vxlan_devs.is_empty()).then(|| {
+            let registered = view
+                .hosts
+                .values()
+                .chain(view.departed.values().map(|(h, _)| h));
+            fabric_guard::desired(VXLAN_PORT, &me, registered)
+        });
+        // None: the sync failed, the last report stays.
+        let guard_report = match super::fabric_guard::sync(&self.ctl.nft, guard).await {
+            Ok(s) => {
+                changes += s.applied;
+                Some(s.report.map(|r| (r, s.rebuilt)))
+            }
+            Err(e) => {
+                errors.push(e);
+                None
+            }
+        };
         for e in &errors {
             tracing::warn!(error = %e, "reconcile");
         }
@@ -313,6 +333,13 @@ impl Reconciler {
             s.errors = errors;
             s.hosts = hosts;
             s.networks = networks;
+            if let Some(report) = guard_report {
+                let rebuilds = s.vxlan_guard.as_ref().map_or(0, |g| g.rebuilds);
+                s.vxlan_guard = report.map(|(mut r, rebuilt)| {
+                    r.rebuilds = rebuilds + u64::from(rebuilt);
+                    r
+                });
+            }
         }
     }
 

@@ -46,6 +46,21 @@ pub struct AgentStatus {
     /// The load balancer (virtual IPs and ingress).
     #[serde(default)]
     pub lb: LbStatus,
+    /// The VXLAN guard (absent: this host has no VXLAN device).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vxlan_guard: Option<VxlanGuardStatus>,
+}
+
+/// The VXLAN guard (`inet ferrynet-fabric`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VxlanGuardStatus {
+    /// Peer underlay addresses admitted.
+    pub peers: usize,
+    /// Packets dropped so far, by counter (as last read).
+    pub dropped: std::collections::BTreeMap<String, u64>,
+    /// Times the table was built whole (first build, or repaired after damage).
+    pub rebuilds: u64,
 }
 
 /// What the load balancer has programmed (table `inet ferrynet-svc`).

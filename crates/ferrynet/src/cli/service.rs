@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use ferrynet_dataplane::vxlan::VXLAN_PORT;
 use ferrynet_model::discovery::DiscoveryView;
 use ferrynet_model::portmap::Protocol;
 use ferrynet_model::registry::{default_producer_id, ServiceRequest, VipChoice};
+use ferrynet_model::reserved::{check_ingress, check_vips, host_ports};
 use ferrynet_model::service::{
     default_port_name, CheckKind, HealthCheck, IngressPort, Producer, ServicePort,
 };
@@ -136,6 +138,10 @@ pub struct RegisterArgs {
     /// The check: the producer's own with --addr, else the service's default check.
     #[command(flatten)]
     pub check: CheckArgs,
+    /// Take an ingress port the hosts need (etcd, VXLAN, SSH, DNS) or a `--vip` outside the
+    /// VIP ranges anyway.
+    #[arg(long)]
+    pub force: bool,
 }
 
 fn parse_proto(spec: &str, p: &str) -> Result<Protocol, String> {
@@ -369,6 +375,9 @@ async fn register(ctl: &Control, a: RegisterArgs) -> anyhow::Result<()> {
         },
         ..Default::default()
     };
+    if !a.force {
+        refuse_reserved(ctl, &req).await?;
+    }
     let producer = if a.addr.is_empty() {
         req.check = check;
         None
@@ -422,6 +431,25 @@ async fn register(ctl: &Control, a: RegisterArgs) -> anyhow::Result<()> {
     match &r.producer {
         Some(p) => println!("{} {} producer={}", r.service.name, vips.join(","), p.id),
         None => println!("{} {}", r.service.name, vips.join(",")),
+    }
+    Ok(())
+}
+
+/// Refuse what the hosts need for themselves: reserved ingress ports, VIPs outside the ranges.
+async fn refuse_reserved(ctl: &Control, req: &ServiceRequest) -> anyhow::Result<()> {
+    let reserved = host_ports(ctl.store_url.as_deref(), VXLAN_PORT);
+    check_ingress(req.ingress.as_deref().unwrap_or_default(), &reserved)?;
+    let explicit: Vec<IpAddr> = req
+        .vips
+        .iter()
+        .flatten()
+        .filter_map(|v| match v {
+            VipChoice::Ip(ip) => Some(*ip),
+            _ => None,
+        })
+        .collect();
+    if !explicit.is_empty() {
+        check_vips(&explicit, &ctl.vip_ranges().await?)?;
     }
     Ok(())
 }

@@ -57,6 +57,15 @@ pub async fn show(paths: &Paths, json: bool) -> anyhow::Result<()> {
     for c in &lb.conflicts {
         println!("  not served: {c}");
     }
+    if let Some(g) = &s.vxlan_guard {
+        let dropped: Vec<String> = g.dropped.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!(
+            "vxlan guard: {} peer addresses, {} rebuilds; dropped: {}",
+            g.peers,
+            g.rebuilds,
+            dropped.join(", ")
+        );
+    }
     match &s.dns {
         Some(d) => {
             println!(

@@ -63,6 +63,8 @@ pub struct Control {
     pub paths: Paths,
     /// This host's name in the cluster (from host.json, else the system host name).
     pub host: String,
+    /// The store URL it was opened with (None: the embedded file).
+    pub store_url: Option<String>,
 }
 
 impl Control {
@@ -102,6 +104,7 @@ impl Control {
             nft: Arc::from(default_executor()),
             paths,
             host,
+            store_url: url,
         })
     }
 }
