@@ -1,5 +1,9 @@
 //! The sockets: one UDP and one TCP listener per gateway address, bound with IP_FREEBIND so
 //! they can be bound before the bridge holds the address (it gets it with its first container).
+//! Every query is first checked against [`Clients`]: a source outside the network gets
+//! REFUSED and nothing else. Forwards and TCP connections are capped per listener (so one
+//! network cannot take all) and in total (so the agent's file descriptors and memory stay
+//! bounded whatever the number of networks).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -11,15 +15,28 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
+use super::clients::Clients;
 use super::fast;
 use super::forward::Upstreams;
 use super::wire::{self, Outcome};
 use super::zone::Zone;
 
-/// Forwarded queries in flight per listener; beyond it new ones are dropped (clients retry).
-const MAX_FORWARDS: usize = 1024;
-/// TCP connections per listener.
-const MAX_TCP: usize = 256;
+/// Forwarded queries in flight per listener (each holds one upstream socket and a 64 KiB
+/// buffer); beyond it, or beyond [`FORWARDS`], a query to forward gets SERVFAIL at once: a
+/// quick, definite answer (the client's stub moves on) that holds nothing, never larger than
+/// the query plus an OPT record.
+const FORWARDS_PER_LISTENER: usize = 128;
+/// Forwarded queries in flight in total.
+pub const FORWARDS: usize = 512;
+/// TCP connections per listener; beyond it, or beyond [`TCP_CONNS`], new ones are closed.
+const TCP_PER_LISTENER: usize = 64;
+/// TCP connections in total.
+pub const TCP_CONNS: usize = 256;
+/// TCP connections from foreign sources being answered REFUSED at once; beyond it they are
+/// closed unanswered. Kept apart so foreigners cannot take the network's own connections.
+const TCP_REFUSALS: usize = 16;
+/// Time a foreign TCP client gets to send its query before the connection is closed.
+const REFUSAL_WAIT: Duration = Duration::from_secs(2);
 /// A TCP connection idle this long is closed.
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
@@ -32,6 +49,47 @@ pub struct Ctx {
     pub ttl: u32,
     /// Where other names go.
     pub upstreams: Arc<Upstreams>,
+    /// Who may ask each network's gateways, from the newest view.
+    pub clients: watch::Receiver<Arc<Clients>>,
+    /// The agent-wide caps.
+    pub limits: Arc<Limits>,
+}
+
+/// The caps shared by all listeners.
+pub struct Limits {
+    forwards: Arc<Semaphore>,
+    tcp: Arc<Semaphore>,
+    refusals: Arc<Semaphore>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            forwards: Arc::new(Semaphore::new(FORWARDS)),
+            tcp: Arc::new(Semaphore::new(TCP_CONNS)),
+            refusals: Arc::new(Semaphore::new(TCP_REFUSALS)),
+        }
+    }
+}
+
+/// A permit from both the listener's semaphore and the agent-wide one, or None when either
+/// is exhausted.
+fn both(local: &Arc<Semaphore>, global: &Arc<Semaphore>) -> Option<Permits> {
+    let l = local.clone().try_acquire_owned().ok()?;
+    let g = global.clone().try_acquire_owned().ok()?;
+    Some((l, g))
+}
+
+type Permits = (
+    tokio::sync::OwnedSemaphorePermit,
+    tokio::sync::OwnedSemaphorePermit,
+);
+
+impl Ctx {
+    /// May `peer` ask the gateway of `network`?
+    fn allowed(&self, network: &str, peer: IpAddr) -> bool {
+        self.clients.borrow().allowed(network, peer)
+    }
 }
 
 /// The UDP and TCP tasks of one gateway address; dropping it closes both sockets.
@@ -81,7 +139,7 @@ pub fn listen(ip: IpAddr, port: u16, network: String, ctx: Ctx) -> std::io::Resu
 }
 
 async fn serve_udp(sock: Arc<UdpSocket>, own: IpAddr, network: Arc<str>, ctx: Ctx) {
-    let forwards = Arc::new(Semaphore::new(MAX_FORWARDS));
+    let forwards = Arc::new(Semaphore::new(FORWARDS_PER_LISTENER));
     let mut buf = vec![0u8; 65535];
     // The fast path's reply buffer, reused across packets.
     let mut out = Vec::with_capacity(512);
@@ -95,6 +153,12 @@ async fn serve_udp(sock: Arc<UdpSocket>, own: IpAddr, network: Arc<str>, ctx: Ct
             }
         };
         let packet = &buf[..n];
+        if !ctx.allowed(&network, peer.ip()) {
+            if let Some(r) = wire::refused(packet) {
+                let _ = sock.send_to(&r, peer).await;
+            }
+            continue;
+        }
         let zone = ctx.zones.borrow().clone();
         if fast::answer(&zone, &network, packet, ctx.ttl, true, &mut out) {
             let _ = sock.send_to(&out, peer).await;
@@ -110,7 +174,8 @@ async fn serve_udp(sock: Arc<UdpSocket>, own: IpAddr, network: Arc<str>, ctx: Ct
                 let _ = sock.send_to(&wire::servfail(packet), peer).await;
             }
             Outcome::Forward => {
-                let Ok(permit) = forwards.clone().try_acquire_owned() else {
+                let Some(permit) = both(&forwards, &ctx.limits.forwards) else {
+                    let _ = sock.send_to(&wire::servfail(packet), peer).await;
                     continue;
                 };
                 let (sock, up, q) = (sock.clone(), ctx.upstreams.clone(), packet.to_vec());
@@ -125,7 +190,8 @@ async fn serve_udp(sock: Arc<UdpSocket>, own: IpAddr, network: Arc<str>, ctx: Ct
 }
 
 async fn serve_tcp(listener: TcpListener, own: IpAddr, network: Arc<str>, ctx: Ctx) {
-    let conns = Arc::new(Semaphore::new(MAX_TCP));
+    let conns = Arc::new(Semaphore::new(TCP_PER_LISTENER));
+    let forwards = Arc::new(Semaphore::new(FORWARDS_PER_LISTENER));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -135,12 +201,23 @@ async fn serve_tcp(listener: TcpListener, own: IpAddr, network: Arc<str>, ctx: C
                 continue;
             }
         };
-        let Ok(permit) = conns.clone().try_acquire_owned() else {
+        if !ctx.allowed(&network, peer.ip()) {
+            // Dropping the stream closes it at once when no refusal slot is free.
+            let Ok(permit) = ctx.limits.refusals.clone().try_acquire_owned() else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(REFUSAL_WAIT, refuse_conn(stream)).await;
+                drop(permit);
+            });
+            continue;
+        }
+        let Some(permit) = both(&conns, &ctx.limits.tcp) else {
             continue;
         };
-        let (network, ctx) = (network.clone(), ctx.clone());
+        let (network, ctx, forwards) = (network.clone(), ctx.clone(), forwards.clone());
         tokio::spawn(async move {
-            let _ = serve_conn(stream, peer.ip() == own, &network, &ctx).await;
+            let _ = serve_conn(stream, peer.ip() == own, &network, &ctx, &forwards).await;
             drop(permit);
         });
     }
@@ -152,6 +229,7 @@ async fn serve_conn(
     from_self: bool,
     network: &str,
     ctx: &Ctx,
+    forwards: &Arc<Semaphore>,
 ) -> std::io::Result<()> {
     loop {
         let Ok(len) = tokio::time::timeout(TCP_IDLE, s.read_u16()).await else {
@@ -166,16 +244,35 @@ async fn serve_conn(
             Outcome::Reply(r) => r,
             Outcome::Drop => return Ok(()),
             Outcome::Forward if from_self => wire::servfail(&q),
-            Outcome::Forward => ctx
-                .upstreams
-                .tcp(&q)
-                .await
-                .unwrap_or_else(|| wire::servfail(&q)),
+            Outcome::Forward => match both(forwards, &ctx.limits.forwards) {
+                Some(_permit) => ctx
+                    .upstreams
+                    .tcp(&q)
+                    .await
+                    .unwrap_or_else(|| wire::servfail(&q)),
+                None => wire::servfail(&q),
+            },
         };
-        let len = u16::try_from(reply.len()).unwrap_or(0);
-        let mut out = Vec::with_capacity(reply.len() + 2);
-        out.extend_from_slice(&len.to_be_bytes());
-        out.extend_from_slice(&reply[..usize::from(len)]);
-        s.write_all(&out).await?;
+        write_msg(&mut s, &reply).await?;
     }
+}
+
+/// One length-prefixed message.
+async fn write_msg(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
+    let len = u16::try_from(msg.len()).unwrap_or(0);
+    let mut out = Vec::with_capacity(msg.len() + 2);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&msg[..usize::from(len)]);
+    s.write_all(&out).await
+}
+
+/// A foreign client's connection: its first query gets REFUSED, then it is closed.
+async fn refuse_conn(mut s: TcpStream) -> std::io::Result<()> {
+    let len = s.read_u16().await?;
+    let mut q = vec![0u8; usize::from(len)];
+    s.read_exact(&mut q).await?;
+    if let Some(r) = wire::refused(&q) {
+        write_msg(&mut s, &r).await?;
+    }
+    Ok(())
 }
