@@ -827,3 +827,97 @@ print(json.dumps({{'sent': sent, 'answered': sum(codes.values()), 'servfail': co
     );
     assert_eq!(text(&o).trim(), v4(&ip2), "kdig +tcp after the flood");
 }
+
+#[test]
+fn other_hosts_blocks_and_the_lab_underlay_are_refused() {
+    need("dig", "dnsutils");
+    let mut lab = Cluster::up("dnsgr", &["--hosts", "2", "--backend", "route"]);
+    let (c1, ip1) = lab.sleeper("h1", "a");
+    let (c2, _) = lab.sleeper("h2", "b");
+    let fq1 = format!("{c1}.fabric.ferrynet.internal");
+    // h1's gateways are c1's nameservers.
+    let rc = text(&lab.exec("h1", &["exec", &c1, "--", "cat", "/etc/resolv.conf"]));
+    let gws: Vec<String> = rc
+        .lines()
+        .filter_map(|l| l.strip_prefix("nameserver "))
+        .map(|s| s.trim().to_string())
+        .collect();
+    assert_eq!(gws.len(), 2, "{rc}");
+    within(Duration::from_secs(20), || {
+        let got = lab.short("h1", &c1, &[&fq1, "A"]);
+        (got == [v4(&ip1)]).then_some(()).ok_or(format!("{got:?}"))
+    });
+
+    // A neighbour on the lab's underlay with routes to the pool through h1.
+    let nb = format!("{}-nb", lab.name);
+    let ul = format!("{}-ul", lab.name);
+    lab.add_netns(&nb);
+    let ip = |args: &[&str]| {
+        let mut v = vec!["ip"];
+        v.extend_from_slice(args);
+        must(&v);
+    };
+    ip(&["-n", &nb, "link", "set", "lo", "up"]);
+    ip(&[
+        "-n", &ul, "link", "add", "nb", "type", "veth", "peer", "name", "eth0", "netns", &nb,
+    ]);
+    ip(&["-n", &ul, "link", "set", "nb", "master", "ul0", "up"]);
+    ip(&["-n", &nb, "addr", "add", "172.31.0.201/24", "dev", "eth0"]);
+    ip(&[
+        "-n",
+        &nb,
+        "addr",
+        "add",
+        "fd31::c9/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    ip(&["-n", &nb, "link", "set", "eth0", "up"]);
+    ip(&[
+        "-n",
+        &nb,
+        "route",
+        "add",
+        "10.20.0.0/16",
+        "via",
+        "172.31.0.1",
+    ]);
+    ip(&[
+        "-n",
+        &nb,
+        "-6",
+        "route",
+        "add",
+        "fd20::/64",
+        "via",
+        "fd31::1",
+    ]);
+
+    let outside = "outside.test";
+    for gw in &gws {
+        let at = format!("@{gw}");
+        for name in [fq1.as_str(), outside] {
+            for proto in ["+notcp", "+tcp"] {
+                let dig = ["dig", "+tries=1", "+time=8", &at, name, "A", proto];
+                // The same network's container on another host: not a client of h1's blocks.
+                let mut cmd = vec!["exec", &c2, "--"];
+                cmd.extend_from_slice(&dig);
+                let out = text(&lab.exec("h2", &cmd));
+                assert!(
+                    out.contains("status: REFUSED"),
+                    "{c2} on h2 asking h1's {gw} for {name} ({proto}): {out}"
+                );
+                let mut cmd = vec!["ip", "netns", "exec", &nb];
+                cmd.extend_from_slice(&dig);
+                let out = text(&common::sh(&cmd));
+                assert!(
+                    out.contains("status: REFUSED"),
+                    "underlay neighbour asking {gw} for {name} ({proto}): {out}"
+                );
+            }
+        }
+    }
+    // h1's own container still gets its answers.
+    assert_eq!(lab.short("h1", &c1, &[&fq1, "A"]), [v4(&ip1)]);
+}
