@@ -697,6 +697,33 @@ fn other_networks_and_the_underlay_are_refused() {
             }
         }
     }
+    // The neighbour forges the container's own addresses as sources: the queries are dropped
+    // (they came in on the underlay, not the bridge), never forwarded.
+    let spoofed = format!("spoofed-{t}.outside.test");
+    nb.must(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{}/32", v4(&ipa)),
+        "dev",
+        "ext0",
+    ]);
+    nb.must(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{}/128", v6(&ipa)),
+        "dev",
+        "ext0",
+        "nodad",
+    ]);
+    for (gw, src) in [("10.66.0.1", v4(&ipa)), ("fd66::1", v6(&ipa))] {
+        let out = dig_in(nb, gw, &["-b", &src, &spoofed, "A", "+time=2"]);
+        assert!(
+            !out.contains("status:"),
+            "forged {src} got an answer: {out}"
+        );
+    }
     // Nothing listens on the host's own addresses.
     let out = dig_in(nb, "10.250.1.1", &[&foreign, "A", "+time=2"]);
     assert!(
@@ -716,6 +743,10 @@ fn other_networks_and_the_underlay_are_refused() {
     assert!(
         !log.contains(&foreign),
         "a refused query was forwarded: {log}"
+    );
+    assert!(
+        !log.contains(&spoofed),
+        "a forged query was forwarded: {log}"
     );
 }
 

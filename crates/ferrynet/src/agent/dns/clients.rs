@@ -14,14 +14,16 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use ferrynet_model::discovery::DiscoveryView;
+use ferrynet_model::names::bridge_name;
 use ipnet::IpNet;
 
 use super::gateways::local_subnets;
 
-/// Network name -> the source prefixes its gateways on this host answer.
+/// Network name -> the source prefixes its gateways on this host answer, and its bridge.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Clients {
     by_network: HashMap<String, Vec<IpNet>>,
+    bridges: HashMap<String, String>,
 }
 
 impl Clients {
@@ -30,8 +32,28 @@ impl Clients {
         let by_network = local_subnets(view, host)
             .into_iter()
             .map(|(name, subnets)| (name, subnets.into_iter().map(|s| s.cidr).collect()))
+            .collect::<HashMap<_, _>>();
+        let bridges = view
+            .networks
+            .iter()
+            .filter(|(name, _)| by_network.contains_key(*name))
+            .map(|(name, net)| {
+                let br = match net.bridge.as_str() {
+                    "" => bridge_name(name),
+                    b => b.to_string(),
+                };
+                (name.clone(), br)
+            })
             .collect();
-        Clients { by_network }
+        Clients {
+            by_network,
+            bridges,
+        }
+    }
+
+    /// The bridge that holds `network`'s gateways on this host.
+    pub fn bridge(&self, network: &str) -> Option<&str> {
+        self.bridges.get(network).map(String::as_str)
     }
 
     /// May `src` ask the gateway of `network`? Unknown networks answer nobody.
@@ -142,5 +164,14 @@ mod tests {
         let h3 = Clients::build(&view(), "h3");
         assert!(!h3.allowed("wide", ip("10.40.0.70")));
         assert!(h3.allowed("blue", ip("10.30.0.7")));
+    }
+
+    #[test]
+    fn bridges_of_local_networks() {
+        let c = Clients::build(&view(), "h1");
+        assert_eq!(c.bridge("blue"), Some("fn-blue"));
+        assert_eq!(c.bridge("wide"), Some("fn-wide"));
+        assert_eq!(Clients::build(&view(), "h3").bridge("wide"), None);
+        assert_eq!(c.bridge("gone"), None);
     }
 }

@@ -7,6 +7,7 @@ pub mod clients;
 pub mod fast;
 pub mod forward;
 pub mod gateways;
+pub mod ingress;
 pub mod server;
 pub mod wire;
 pub mod zone;

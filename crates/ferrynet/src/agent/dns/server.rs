@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use super::clients::Clients;
 use super::fast;
 use super::forward::Upstreams;
+use super::ingress;
 use super::wire::{self, Outcome};
 use super::zone::Zone;
 
@@ -90,6 +91,14 @@ impl Ctx {
     fn allowed(&self, network: &str, peer: IpAddr) -> bool {
         self.clients.borrow().allowed(network, peer)
     }
+
+    /// Did a datagram on interface `ifindex` come through `network`'s bridge (or the host)?
+    fn came_in(&self, network: &str, ifindex: u32, bridge: &mut ingress::Bridge) -> bool {
+        let clients = self.clients.borrow();
+        clients
+            .bridge(network)
+            .is_some_and(|b| bridge.admits(b, ifindex))
+    }
 }
 
 /// The UDP and TCP tasks of one gateway address; dropping it closes both sockets.
@@ -125,6 +134,7 @@ pub fn listen(ip: IpAddr, port: u16, network: String, ctx: Ctx) -> std::io::Resu
     let udp = socket(addr, Type::DGRAM, Protocol::UDP)?;
     // Bursts of queries (a benchmark, a chatty client) should wait in the kernel, not drop.
     let _ = udp.set_recv_buffer_size(4 << 20);
+    ingress::enable(&udp, ip.is_ipv6())?;
     let udp = UdpSocket::from_std(udp.into())?;
     let tcp = socket(addr, Type::STREAM, Protocol::TCP)?;
     tcp.listen(128)?;
@@ -143,8 +153,14 @@ async fn serve_udp(sock: Arc<UdpSocket>, own: IpAddr, network: Arc<str>, ctx: Ct
     let mut buf = vec![0u8; 65535];
     // The fast path's reply buffer, reused across packets.
     let mut out = Vec::with_capacity(512);
+    let mut bridge = ingress::Bridge::default();
     loop {
-        let (n, peer) = match sock.recv_from(&mut buf).await {
+        let received = sock
+            .async_io(tokio::io::Interest::READABLE, || {
+                ingress::recv(sock.as_ref(), &mut buf)
+            })
+            .await;
+        let (n, peer, ifindex) = match received {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(error = %e, "dns: udp receive failed");
@@ -157,6 +173,10 @@ async fn serve_udp(sock: Arc<UdpSocket>, own: IpAddr, network: Arc<str>, ctx: Ct
             if let Some(r) = wire::refused(packet) {
                 let _ = sock.send_to(&r, peer).await;
             }
+            continue;
+        }
+        // An own-network source from elsewhere is forged: no answer, not even REFUSED.
+        if !ctx.came_in(&network, ifindex, &mut bridge) {
             continue;
         }
         let zone = ctx.zones.borrow().clone();
