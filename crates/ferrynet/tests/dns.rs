@@ -105,8 +105,11 @@ impl Host {
     fn start_agent(&mut self, underlay: &str) {
         let state = self.lab.state.path().display().to_string();
         let log = std::fs::File::create(self.lab.state.path().join("agent.log")).expect("log");
-        let child = Command::new("nsenter")
+        // The usual soft limit on open files, under a higher hard one: the agent raises it.
+        let child = Command::new("prlimit")
             .args([
+                "--nofile=1024:",
+                "nsenter",
                 &self.lab.host.enter(),
                 bin(),
                 "--state-dir",
@@ -778,6 +781,17 @@ fn a_flood_of_outside_names_stays_bounded() {
     h.dnsmasq.take();
     let pid = h.agent.as_ref().expect("agent").0.id();
     let base = fds(pid);
+    // The agent raised its soft limit on open files (1024 when it started) to the hard one.
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let nofile: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .map(|l| l.split_whitespace().skip(3).take(2).collect())
+        .unwrap_or_default();
+    assert!(
+        nofile.len() == 2 && nofile[0] == nofile[1] && nofile[0] != "1024",
+        "{limits}"
+    );
 
     // 5,000 random outside names, in bursts, then 200 TCP connections held open; every UDP
     // query must get an answer (SERVFAIL at once when the forwards are taken).
