@@ -1,7 +1,8 @@
 //! The sockets: one UDP and one TCP listener per gateway address, bound with IP_FREEBIND so
 //! they can be bound before the bridge holds the address (it gets it with its first container).
 //! Every query is first checked against [`Clients`]: a source outside the network gets
-//! REFUSED and nothing else. Forwards and TCP connections are capped per listener (so one
+//! REFUSED and nothing else; an own-network UDP source that did not come in on the network's
+//! bridge is forged and gets nothing ([`ingress`]). Forwards and TCP connections are capped per listener (so one
 //! network cannot take all) and in total (so the agent's file descriptors and memory stay
 //! bounded whatever the number of networks).
 
@@ -140,16 +141,29 @@ pub fn listen(ip: IpAddr, port: u16, network: String, ctx: Ctx) -> std::io::Resu
     tcp.listen(128)?;
     let tcp = TcpListener::from_std(tcp.into())?;
     let network: Arc<str> = network.into();
+    // UDP and TCP forwards of this gateway share one cap.
+    let forwards = Arc::new(Semaphore::new(FORWARDS_PER_LISTENER));
     Ok(Listener {
         tasks: vec![
-            tokio::spawn(serve_udp(Arc::new(udp), ip, network.clone(), ctx.clone())),
-            tokio::spawn(serve_tcp(tcp, ip, network, ctx)),
+            tokio::spawn(serve_udp(
+                Arc::new(udp),
+                ip,
+                network.clone(),
+                ctx.clone(),
+                forwards.clone(),
+            )),
+            tokio::spawn(serve_tcp(tcp, ip, network, ctx, forwards)),
         ],
     })
 }
 
-async fn serve_udp(sock: Arc<UdpSocket>, own: IpAddr, network: Arc<str>, ctx: Ctx) {
-    let forwards = Arc::new(Semaphore::new(FORWARDS_PER_LISTENER));
+async fn serve_udp(
+    sock: Arc<UdpSocket>,
+    own: IpAddr,
+    network: Arc<str>,
+    ctx: Ctx,
+    forwards: Arc<Semaphore>,
+) {
     let mut buf = vec![0u8; 65535];
     // The fast path's reply buffer, reused across packets.
     let mut out = Vec::with_capacity(512);
@@ -209,9 +223,14 @@ async fn serve_udp(sock: Arc<UdpSocket>, own: IpAddr, network: Arc<str>, ctx: Ct
     }
 }
 
-async fn serve_tcp(listener: TcpListener, own: IpAddr, network: Arc<str>, ctx: Ctx) {
+async fn serve_tcp(
+    listener: TcpListener,
+    own: IpAddr,
+    network: Arc<str>,
+    ctx: Ctx,
+    forwards: Arc<Semaphore>,
+) {
     let conns = Arc::new(Semaphore::new(TCP_PER_LISTENER));
-    let forwards = Arc::new(Semaphore::new(FORWARDS_PER_LISTENER));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
