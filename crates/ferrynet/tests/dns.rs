@@ -44,6 +44,7 @@ impl Host {
         let lab = Lab::new();
         let (upstream, _host_ip, up_ip) = lab.outside(1);
         let silent_ip = "10.250.1.3".to_string();
+        let dnsmasq_log = lab.state.path().join("dnsmasq.log");
         must(&[
             "ip",
             "-n",
@@ -65,6 +66,8 @@ impl Host {
                 "--bind-interfaces",
                 &format!("--listen-address={up_ip}"),
                 "--address=/outside.test/192.0.2.7",
+                "--log-queries",
+                &format!("--log-facility={}", dnsmasq_log.display()),
                 "--pid-file",
                 "--user=root",
             ])
@@ -102,8 +105,11 @@ impl Host {
     fn start_agent(&mut self, underlay: &str) {
         let state = self.lab.state.path().display().to_string();
         let log = std::fs::File::create(self.lab.state.path().join("agent.log")).expect("log");
-        let child = Command::new("nsenter")
+        // The usual soft limit on open files, under a higher hard one: the agent raises it.
+        let child = Command::new("prlimit")
             .args([
+                "--nofile=1024:",
+                "nsenter",
                 &self.lab.host.enter(),
                 bin(),
                 "--state-dir",
@@ -130,6 +136,11 @@ impl Host {
             let o = self.lab.cli(&["status", "--json"]);
             o.status.success().then_some(()).ok_or_else(|| text(&o))
         });
+    }
+
+    /// The queries the answering upstream (dnsmasq) has seen.
+    fn upstream_log(&self) -> String {
+        std::fs::read_to_string(self.lab.state.path().join("dnsmasq.log")).unwrap_or_default()
     }
 
     fn agent_log(&self) -> String {
@@ -628,4 +639,330 @@ fn registered_services_follow_health_across_hosts() {
                 .ok_or(format!("{host}: {got:?}"))
         });
     }
+}
+
+/// `dig` from inside namespace `ns` (a neighbour, not a container) against `server`.
+fn dig_in(ns: &Ns, server: &str, args: &[&str]) -> String {
+    let at = format!("@{server}");
+    let mut cmd = vec!["dig", "+tries=1", "+time=8", at.as_str()];
+    cmd.extend_from_slice(args);
+    text(&ns.run(&cmd))
+}
+
+#[test]
+fn other_networks_and_the_underlay_are_refused() {
+    let mut h = Host::new();
+    let t = common::tag();
+    let (a, b) = (format!("dga{t}"), format!("dgb{t}"));
+    h.network(&a, "10.66.0.0/24", "fd66::/64");
+    h.network(&b, "10.67.0.0/24", "fd67::/64");
+    let (ca, cb) = (format!("dga1{t}"), format!("dgb1{t}"));
+    let ipa = h.run(&ca, &a, &[]);
+    let _ = h.run(&cb, &b, &[]);
+    let fqa = format!("{ca}.{a}.ferrynet.internal");
+
+    // The network's own containers: names and forwards, on both gateways.
+    within(Duration::from_secs(20), || {
+        let got = h.short(&ca, "10.66.0.1", &[&fqa, "A"]);
+        (got == [v4(&ipa)])
+            .then_some(())
+            .ok_or(format!("{got:?}\n{}", h.agent_log()))
+    });
+    assert_eq!(h.short(&ca, "fd66::1", &[&fqa, "AAAA"]), [v6(&ipa)]);
+    let own = format!("own-{t}.outside.test");
+    assert_eq!(h.short(&ca, "fd66::1", &[&own, "A"]), ["192.0.2.7"]);
+
+    // A neighbour on the underlay routes to the gateways, over IPv4 and IPv6.
+    let link = h.lab.host_links("fto").pop().expect("outside link");
+    let nb = &h.upstream;
+    h.lab
+        .host
+        .must(&["ip", "addr", "add", "fd25:1::1/64", "dev", &link, "nodad"]);
+    nb.must(&["ip", "addr", "add", "fd25:1::2/64", "dev", "ext0", "nodad"]);
+    nb.must(&["ip", "-6", "route", "add", "default", "via", "fd25:1::1"]);
+
+    // Another network's container and the neighbour: REFUSED for the network's names and
+    // for outside names, over UDP and TCP, on both gateways.
+    let foreign = format!("foreign-{t}.outside.test");
+    for gw in ["10.66.0.1", "fd66::1"] {
+        for name in [fqa.as_str(), foreign.as_str()] {
+            for proto in ["+notcp", "+tcp"] {
+                let out = h.dig(&cb, gw, &[name, "A", proto]);
+                assert!(
+                    out.contains("status: REFUSED"),
+                    "container of {b} asking {gw} for {name} ({proto}): {out}"
+                );
+                let out = dig_in(nb, gw, &[name, "A", proto]);
+                assert!(
+                    out.contains("status: REFUSED"),
+                    "underlay neighbour asking {gw} for {name} ({proto}): {out}"
+                );
+            }
+        }
+    }
+    // The neighbour forges the container's own addresses as sources: the queries are dropped
+    // (they came in on the underlay, not the bridge), never forwarded.
+    let spoofed = format!("spoofed-{t}.outside.test");
+    nb.must(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{}/32", v4(&ipa)),
+        "dev",
+        "ext0",
+    ]);
+    nb.must(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{}/128", v6(&ipa)),
+        "dev",
+        "ext0",
+        "nodad",
+    ]);
+    for (gw, src) in [("10.66.0.1", v4(&ipa)), ("fd66::1", v6(&ipa))] {
+        let out = dig_in(nb, gw, &["-b", &src, &spoofed, "A", "+time=2"]);
+        assert!(
+            !out.contains("status:"),
+            "forged {src} got an answer: {out}"
+        );
+    }
+    // Nothing listens on the host's own addresses.
+    let out = dig_in(nb, "10.250.1.1", &[&foreign, "A", "+time=2"]);
+    assert!(
+        !out.contains("status:"),
+        "the underlay address answers: {out}"
+    );
+
+    // The refused queries never reached the upstream; a later own query did (the log works).
+    let later = format!("later-{t}.outside.test");
+    assert_eq!(h.short(&ca, "10.66.0.1", &[&later, "A"]), ["192.0.2.7"]);
+    within(Duration::from_secs(10), || {
+        let log = h.upstream_log();
+        log.contains(&later).then_some(()).ok_or(log)
+    });
+    let log = h.upstream_log();
+    assert!(log.contains(&own), "{log}");
+    assert!(
+        !log.contains(&foreign),
+        "a refused query was forwarded: {log}"
+    );
+    assert!(
+        !log.contains(&spoofed),
+        "a forged query was forwarded: {log}"
+    );
+}
+
+/// Open file descriptors of process `pid`.
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_flood_of_outside_names_stays_bounded() {
+    let mut h = Host::new();
+    let t = common::tag();
+    let net = format!("dgf{t}");
+    h.network(&net, "10.68.0.0/24", "fd68::/64");
+    let (c1, c2) = (format!("dgf1{t}"), format!("dgf2{t}"));
+    let _ = h.run(&c1, &net, &[]);
+    let ip2 = h.run(&c2, &net, &[]);
+    let fq2 = format!("{c2}.{net}.ferrynet.internal");
+    let gw = "10.68.0.1";
+    within(Duration::from_secs(20), || {
+        let got = h.short(&c1, gw, &[&fq2, "A"]);
+        (got == [v4(&ip2)])
+            .then_some(())
+            .ok_or(format!("{got:?}\n{}", h.agent_log()))
+    });
+    // Only the silent upstream remains: every forward holds its socket until the deadline.
+    h.dnsmasq.take();
+    let pid = h.agent.as_ref().expect("agent").0.id();
+    let base = fds(pid);
+    // The agent raised its soft limit on open files (1024 when it started) to the hard one.
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let nofile: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .map(|l| l.split_whitespace().skip(3).take(2).collect())
+        .unwrap_or_default();
+    assert!(
+        nofile.len() == 2 && nofile[0] == nofile[1] && nofile[0] != "1024",
+        "{limits}"
+    );
+
+    // 5,000 random outside names, in bursts, then 200 TCP connections held open; every UDP
+    // query must get an answer (SERVFAIL at once when the forwards are taken).
+    let flood = format!(
+        r#"
+import json, random, select, socket, string, struct, time
+gw = '{gw}'
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+u.setblocking(False)
+codes = {{}}
+def drain():
+    while True:
+        try:
+            d = u.recv(65535)
+        except BlockingIOError:
+            return
+        codes[d[3] & 15] = codes.get(d[3] & 15, 0) + 1
+sent = 0
+for i in range(5000):
+    name = ''.join(random.choices(string.ascii_lowercase, k=12)) + '.flood.example'
+    q = struct.pack('!HHHHHH', i, 0x0100, 1, 0, 0, 0)
+    q += b''.join(bytes([len(l)]) + l.encode() for l in name.split('.')) + b'\0\0\1\0\1'
+    u.sendto(q, (gw, 53))
+    sent += 1
+    if i % 50 == 49:
+        drain()
+        time.sleep(0.01)
+conns = []
+for i in range(200):
+    try:
+        conns.append(socket.create_connection((gw, 53), timeout=2))
+    except OSError:
+        pass
+end = time.time() + 4
+while time.time() < end:
+    drain()
+    time.sleep(0.05)
+closed, _, _ = select.select(conns, [], [], 1)
+print(json.dumps({{'sent': sent, 'answered': sum(codes.values()), 'servfail': codes.get(2, 0),
+                  'tcp': len(conns), 'tcp_open': len(conns) - len(closed)}}))
+"#
+    );
+    let (out, max, during) = std::thread::scope(|s| {
+        let flooder = s.spawn(|| h.exec(&c1, &["python3", "-c", &flood]));
+        let mut max = base;
+        let mut during = Vec::new();
+        while !flooder.is_finished() {
+            max = max.max(fds(pid));
+            if during.is_empty() && max > base + 20 {
+                // The flood is on: the network's own names still answer.
+                during = h.short(&c2, gw, &[&fq2, "A"]);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (flooder.join().expect("flooder"), max, during)
+    });
+    let r: Value = serde_json::from_str(text(&out).trim())
+        .unwrap_or_else(|e| panic!("flood output {e}: {}", text(&out)));
+    eprintln!("flood: {r}, fds {base} -> {max}");
+    assert_eq!(during, [v4(&ip2)], "own name during the flood: {r}");
+    // Per listener: 128 forwards and 64 TCP connections (and a few more for the agent).
+    assert!(
+        max <= base + 128 + 64 + 32,
+        "agent fds {base} -> {max} during the flood: {r}"
+    );
+    assert!(r["tcp_open"].as_u64() <= Some(64), "{r}");
+    assert!(r["servfail"].as_u64() > Some(0), "{r}");
+    assert!(
+        r["answered"].as_u64().unwrap_or(0) * 10 >= 9 * 5000,
+        "queries went unanswered: {r}"
+    );
+    // And after it.
+    assert_eq!(h.short(&c1, gw, &[&fq2, "A"]), [v4(&ip2)]);
+    let o = h.exec(
+        &c1,
+        &["kdig", "+tcp", "+short", &format!("@{gw}"), &fq2, "A"],
+    );
+    assert_eq!(text(&o).trim(), v4(&ip2), "kdig +tcp after the flood");
+}
+
+#[test]
+fn other_hosts_blocks_and_the_lab_underlay_are_refused() {
+    need("dig", "dnsutils");
+    let mut lab = Cluster::up("dnsgr", &["--hosts", "2", "--backend", "route"]);
+    let (c1, ip1) = lab.sleeper("h1", "a");
+    let (c2, _) = lab.sleeper("h2", "b");
+    let fq1 = format!("{c1}.fabric.ferrynet.internal");
+    // h1's gateways are c1's nameservers.
+    let rc = text(&lab.exec("h1", &["exec", &c1, "--", "cat", "/etc/resolv.conf"]));
+    let gws: Vec<String> = rc
+        .lines()
+        .filter_map(|l| l.strip_prefix("nameserver "))
+        .map(|s| s.trim().to_string())
+        .collect();
+    assert_eq!(gws.len(), 2, "{rc}");
+    within(Duration::from_secs(20), || {
+        let got = lab.short("h1", &c1, &[&fq1, "A"]);
+        (got == [v4(&ip1)]).then_some(()).ok_or(format!("{got:?}"))
+    });
+
+    // A neighbour on the lab's underlay with routes to the pool through h1.
+    let nb = format!("{}-nb", lab.name);
+    let ul = format!("{}-ul", lab.name);
+    lab.add_netns(&nb);
+    let ip = |args: &[&str]| {
+        let mut v = vec!["ip"];
+        v.extend_from_slice(args);
+        must(&v);
+    };
+    ip(&["-n", &nb, "link", "set", "lo", "up"]);
+    ip(&[
+        "-n", &ul, "link", "add", "nb", "type", "veth", "peer", "name", "eth0", "netns", &nb,
+    ]);
+    ip(&["-n", &ul, "link", "set", "nb", "master", "ul0", "up"]);
+    ip(&["-n", &nb, "addr", "add", "172.31.0.201/24", "dev", "eth0"]);
+    ip(&[
+        "-n",
+        &nb,
+        "addr",
+        "add",
+        "fd31::c9/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    ip(&["-n", &nb, "link", "set", "eth0", "up"]);
+    ip(&[
+        "-n",
+        &nb,
+        "route",
+        "add",
+        "10.20.0.0/16",
+        "via",
+        "172.31.0.1",
+    ]);
+    ip(&[
+        "-n",
+        &nb,
+        "-6",
+        "route",
+        "add",
+        "fd20::/64",
+        "via",
+        "fd31::1",
+    ]);
+
+    let outside = "outside.test";
+    for gw in &gws {
+        let at = format!("@{gw}");
+        for name in [fq1.as_str(), outside] {
+            for proto in ["+notcp", "+tcp"] {
+                let dig = ["dig", "+tries=1", "+time=8", &at, name, "A", proto];
+                // The same network's container on another host: not a client of h1's blocks.
+                let mut cmd = vec!["exec", &c2, "--"];
+                cmd.extend_from_slice(&dig);
+                let out = text(&lab.exec("h2", &cmd));
+                assert!(
+                    out.contains("status: REFUSED"),
+                    "{c2} on h2 asking h1's {gw} for {name} ({proto}): {out}"
+                );
+                let mut cmd = vec!["ip", "netns", "exec", &nb];
+                cmd.extend_from_slice(&dig);
+                let out = text(&common::sh(&cmd));
+                assert!(
+                    out.contains("status: REFUSED"),
+                    "underlay neighbour asking {gw} for {name} ({proto}): {out}"
+                );
+            }
+        }
+    }
+    // h1's own container still gets its answers.
+    assert_eq!(lab.short("h1", &c1, &[&fq1, "A"]), [v4(&ip1)]);
 }

@@ -131,6 +131,8 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     let disc_task = tokio::spawn(discovery::follow(ctl.store.clone(), disc_tx));
     // The host's current lease, for keys that must vanish with the host (health records).
     let (lease_tx, lease_rx) = tokio::sync::watch::channel(None);
+    // Sockets are capped (DNS forwards, TCP), but the usual soft 1024 is below the caps' sum.
+    dns::raise_nofile();
     // Its own thread: it stops when the discovery feed (disc_task) is gone.
     if let Some(d) = opts.dns.clone() {
         dns::spawn(ctl.host.clone(), d, disc_rx.clone(), status.clone())

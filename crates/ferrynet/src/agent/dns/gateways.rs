@@ -6,13 +6,25 @@ use std::net::IpAddr;
 
 use ferrynet_model::blocks::host_view;
 use ferrynet_model::discovery::DiscoveryView;
-use ferrynet_model::ipam::validate_network_subnets;
+use ferrynet_model::ipam::{validate_network_subnets, ResolvedSubnet};
 use ferrynet_model::network::NetworkMode;
 
 /// Gateway address -> the network it serves. Single-host networks: each subnet's gateway;
 /// multi-host networks: the gateways of the blocks this host owns.
 pub fn gateways(view: &DiscoveryView, host: &str) -> BTreeMap<IpAddr, String> {
     let mut out = BTreeMap::new();
+    for (name, subnets) in local_subnets(view, host) {
+        for s in subnets {
+            out.insert(s.gateway, name.clone());
+        }
+    }
+    out
+}
+
+/// Each bridged network on this host with the subnets its bridge holds here: all of a
+/// single-host network's, only this host's blocks of a multi-host one.
+pub fn local_subnets(view: &DiscoveryView, host: &str) -> Vec<(String, Vec<ResolvedSubnet>)> {
+    let mut out = Vec::new();
     for (name, net) in &view.networks {
         if net.mode != NetworkMode::Bridge {
             continue;
@@ -26,9 +38,7 @@ pub fn gateways(view: &DiscoveryView, host: &str) -> BTreeMap<IpAddr, String> {
         let Ok(subnets) = validate_network_subnets(&local.subnets) else {
             continue;
         };
-        for s in subnets {
-            out.insert(s.gateway, name.clone());
-        }
+        out.push((name.clone(), subnets));
     }
     out
 }

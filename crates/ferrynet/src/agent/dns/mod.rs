@@ -1,10 +1,13 @@
 //! The agent's embedded DNS server: container names, aliases, services (VIPs, tasks, SRV) and
 //! reverse names per network, answered on each of this host's gateway addresses from the
-//! discovery view; other names forwarded to the upstream resolvers.
+//! discovery view; other names forwarded to the upstream resolvers, only for the network's own
+//! containers.
 
+pub mod clients;
 pub mod fast;
 pub mod forward;
 pub mod gateways;
+pub mod ingress;
 pub mod server;
 pub mod wire;
 pub mod zone;
@@ -18,7 +21,8 @@ use tokio::sync::watch;
 
 use super::discovery::ViewRx;
 use super::status::{AgentStatus, DnsStatus};
-use server::{Ctx, Listener};
+use clients::Clients;
+use server::{Ctx, Limits, Listener};
 use zone::Zone;
 
 /// How the DNS server runs.
@@ -62,18 +66,22 @@ pub async fn serve(
     status: Arc<Mutex<AgentStatus>>,
 ) {
     let (zone_tx, zone_rx) = watch::channel(Arc::new(Zone::default()));
+    let (clients_tx, clients_rx) = watch::channel(Arc::new(Clients::default()));
     let ctx = Ctx {
         zones: zone_rx,
         ttl: opts.ttl,
         upstreams: Arc::new(forward::Upstreams {
             addrs: opts.upstreams.clone(),
         }),
+        clients: clients_rx,
+        limits: Arc::new(Limits::default()),
     };
     tracing::info!(domain = %opts.domain, ttl = opts.ttl, upstreams = ?opts.upstreams, "dns: serving");
     let mut listeners: BTreeMap<IpAddr, (String, Listener)> = BTreeMap::new();
     loop {
         let view = views.borrow_and_update().clone();
         zone_tx.send_replace(Arc::new(Zone::build(&view, &opts.domain)));
+        clients_tx.send_replace(Arc::new(Clients::build(&view, &host)));
         let want = gateways::gateways(&view, &host);
         listeners.retain(|ip, (net, _)| {
             let keep = want.get(ip) == Some(net);
@@ -113,6 +121,20 @@ pub async fn serve(
             r = views.changed() => if r.is_err() { return },
             _ = tokio::time::sleep(RETRY), if !errors.is_empty() => {}
         }
+    }
+}
+
+/// Raise the soft limit on open files to the hard one, so the capped forwards and TCP
+/// connections (and everything else the agent holds) never meet the usual soft 1024.
+pub fn raise_nofile() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open files limit"),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open files limit"),
     }
 }
 

@@ -136,6 +136,18 @@ pub fn servfail(packet: &[u8]) -> Vec<u8> {
     }
 }
 
+/// REFUSED for a query from a source that may not ask here; None for what gets no answer
+/// at all (too short to carry an id, or itself a response).
+pub fn refused(packet: &[u8]) -> Option<Vec<u8>> {
+    if packet.len() < 12 || packet[2] & 0x80 != 0 {
+        return None;
+    }
+    Some(match Message::from_vec(packet) {
+        Ok(req) => error_reply(&req, ResponseCode::Refused),
+        Err(_) => header_only(packet, ResponseCode::Refused),
+    })
+}
+
 /// A bare header answering an unparsable packet: its id and opcode, QR set, no sections.
 fn header_only(packet: &[u8], code: ResponseCode) -> Vec<u8> {
     header_only_parts(
@@ -277,5 +289,21 @@ mod tests {
             Message::from_vec(&s).unwrap().metadata.response_code,
             ResponseCode::ServFail
         );
+    }
+
+    #[test]
+    fn refusals_echo_the_question_and_never_answer_responses() {
+        let q = query("many.blue.ferrynet.internal.", RecordType::A);
+        let r = Message::from_vec(&refused(&q).expect("a refusal")).unwrap();
+        assert_eq!(r.metadata.id, 0x1234);
+        assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+        assert!(r.answers.is_empty() && r.additionals.is_empty());
+        assert_eq!(r.queries.len(), 1);
+        let mut garbage = vec![0xAB, 0xCD, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 0xff];
+        let b = refused(&garbage).expect("a refusal");
+        assert_eq!((&b[..2], b[3] & 0x0f, b.len()), (&[0xAB, 0xCD][..], 5, 12));
+        garbage[2] |= 0x80;
+        assert_eq!(refused(&garbage), None, "a response");
+        assert_eq!(refused(b"short"), None);
     }
 }
