@@ -9,7 +9,7 @@ use ferrynet_model::cni::{
 };
 use ferrynet_model::ipam::validate_network_subnets;
 use ferrynet_model::names::parse_mac;
-use ferrynet_model::network::{Endpoint, Network, NetworkMode, Subnet};
+use ferrynet_model::network::{Endpoint, EndpointOwner, Network, NetworkMode, Subnet};
 use ipnet::IpNet;
 use serde_json::Value;
 
@@ -339,6 +339,7 @@ async fn add(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<Value, CniEr
                 port_mappings: conf.runtime_config.port_mappings.clone(),
                 name: dns_name(env, conf),
                 aliases: dns_aliases(conf),
+                owner: EndpointOwner::Cni,
             },
         )
         .await

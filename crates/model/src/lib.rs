@@ -3,6 +3,7 @@ pub mod cni;
 pub mod discovery;
 pub mod edge;
 pub mod fabric;
+pub mod gc;
 pub mod health;
 pub mod host;
 pub mod ipam;

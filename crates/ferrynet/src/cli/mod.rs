@@ -19,7 +19,7 @@ use ferrynet_dataplane::netns::Netns;
 use ferrynet_model::fabric::Backend;
 use ferrynet_model::names::{parse_mac, validate_container_name};
 use ferrynet_model::network::{
-    FabricSpec, Network, NetworkMode, Subnet, DEFAULT_BLOCK_V4, DEFAULT_BLOCK_V6,
+    EndpointOwner, FabricSpec, Network, NetworkMode, Subnet, DEFAULT_BLOCK_V4, DEFAULT_BLOCK_V6,
 };
 use ipnet::IpNet;
 
@@ -620,6 +620,7 @@ async fn run_container(ctl: &Control, a: RunArgs) -> anyhow::Result<()> {
                     port_mappings: ports.clone(),
                     name: Some(a.name.clone()),
                     aliases: a.aliases.clone(),
+                    owner: EndpointOwner::Cli,
                 },
             )
             .await?;
