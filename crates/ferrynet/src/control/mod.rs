@@ -73,10 +73,8 @@ impl Control {
         store: Option<&str>,
         host: Option<&str>,
     ) -> Result<Control> {
-        std::fs::create_dir_all(&paths.state_dir).map_err(ControlError::io(format!(
-            "creating state directory {}",
-            paths.state_dir.display()
-        )))?;
+        // The state directory holds the store and its lock: root's only (0700).
+        ferrynet_store::perms::private_dir(&paths.state_dir)?;
         let local = LocalConfig::load(&paths.state_dir)?;
         let url = store
             .map(str::to_string)
