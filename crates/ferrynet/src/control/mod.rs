@@ -109,8 +109,12 @@ pub async fn open_store(paths: &Paths, url: Option<&str>) -> Result<Arc<dyn Stor
     match url {
         None => Ok(Arc::new(EmbeddedStore::open(paths.store_file())?)),
         Some(u) => {
-            let cfg = StoreConfig::parse(u)
-                .map_err(|e| ControlError::InvalidConfig(format!("store {u}: {e}")))?;
+            let cfg = StoreConfig::parse(u).map_err(|e| {
+                ControlError::InvalidConfig(format!(
+                    "store {}: {e}",
+                    ferrynet_store::config::redact_url(u)
+                ))
+            })?;
             Ok(ferrynet_store::config::open(&cfg).await?)
         }
     }
