@@ -424,7 +424,13 @@ async fn del(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<(), CniError
         env.netns.as_deref().filter(|s| !s.is_empty()),
     )
     .await
-    .map_err(ctl_err)
+    .map_err(ctl_err)?;
+    // The last container of a network that only its config defines: no bridge stays behind
+    // to shadow a later network on the same subnet. DEL itself has succeeded either way.
+    if let Err(e) = ctl.retire_cni_network(&net).await {
+        tracing::warn!(network = %net.name, error = %e, "could not remove the network after its last DEL");
+    }
+    Ok(())
 }
 
 async fn check(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {

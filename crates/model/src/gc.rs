@@ -4,7 +4,8 @@
 
 use std::collections::BTreeSet;
 
-use crate::network::{Endpoint, EndpointOwner};
+use crate::names::bridge_name;
+use crate::network::{Endpoint, EndpointOwner, Network, NetworkMode};
 
 /// Interface name in the records of Docker (CNM) endpoints: Docker names the real interface.
 pub const DOCKER_IFNAME: &str = "docker";
@@ -72,9 +73,55 @@ pub fn gc_verdict(
     GcVerdict::Release
 }
 
+/// The `fn-*` bridges among `bridges` that no network in `networks` uses: left behind by a
+/// network removed elsewhere (another host, a crash, a wiped store). A down bridge keeps its
+/// gateway address and a `linkdown` route that black-holes a newer network on the same subnet.
+pub fn stale_bridges<'a>(
+    bridges: impl IntoIterator<Item = &'a str>,
+    networks: &[Network],
+) -> Vec<String> {
+    let used: BTreeSet<String> = networks
+        .iter()
+        .filter(|n| n.mode == NetworkMode::Bridge)
+        .map(|n| {
+            if n.bridge.is_empty() {
+                bridge_name(&n.name)
+            } else {
+                n.bridge.clone()
+            }
+        })
+        .collect();
+    bridges
+        .into_iter()
+        .filter(|b| b.starts_with("fn-") && !used.contains(*b))
+        .map(str::to_string)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bridges_of_no_network_are_stale() {
+        let nets = vec![
+            Network::bridged("blue", ["10.1.0.0/24".parse().unwrap()]),
+            Network {
+                bridge: "fn-custom".into(),
+                ..Network::bridged("red", ["10.2.0.0/24".parse().unwrap()])
+            },
+        ];
+        let found = [
+            "fn-blue",
+            "fn-custom",
+            "fn-red",
+            "fn-gone",
+            "docker0",
+            "br-1234",
+        ];
+        assert_eq!(stale_bridges(found, &nets), vec!["fn-red", "fn-gone"]);
+        assert!(stale_bridges(["fn-blue"], &nets).is_empty());
+    }
 
     const RUNTIME_ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 

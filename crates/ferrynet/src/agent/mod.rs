@@ -66,6 +66,10 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     let ctl = Arc::new(
         Control::open_with(paths.clone(), opts.store.as_deref(), opts.host.as_deref()).await?,
     );
+    // Bridges of networks removed while no agent ran would shadow newer ones on their subnets.
+    if let Err(e) = ctl.remove_stale_bridges().await {
+        tracing::warn!(error = %e, "could not remove stale bridges");
+    }
     let store_url = opts
         .store
         .clone()

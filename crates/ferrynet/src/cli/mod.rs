@@ -85,7 +85,8 @@ enum Cmd {
     },
     /// Install ferrynet as a CNI plugin: copy the binary and write a conflist.
     InstallCni(install::InstallArgs),
-    /// Rebuild ferrynet's nftables table from the store (after a firewall reload wiped it).
+    /// Rebuild ferrynet's nftables table from the store (after a firewall reload wiped it) and
+    /// remove bridges of networks that no longer exist.
     Reload,
     /// Serve Docker's network and IPAM driver API in the foreground (see docs/DOCKER.md).
     DockerPlugin(crate::cnm::PluginArgs),
@@ -386,6 +387,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Cmd::Reload => {
                 let n = ctl.reload_edge().await?;
                 println!("ruleset restored ({n} published port element(s))");
+                for b in ctl.remove_stale_bridges().await? {
+                    println!("removed bridge {b}: its network no longer exists");
+                }
                 Ok(ExitCode::SUCCESS)
             }
             Cmd::DockerPlugin(a) => crate::cnm::run_plugin(std::sync::Arc::new(ctl), a)
@@ -514,7 +518,7 @@ async fn network_from_args(ctl: &Control, a: CreateArgs) -> anyhow::Result<Netwo
             a.subnet.len()
         );
     }
-    let host_routes = hostroutes::foreign_routes().unwrap_or_default();
+    let host_routes = hostroutes::foreign_routes().await.unwrap_or_default();
     let mut subnets: Vec<Subnet> = Vec::new();
     for (i, cidr) in a.subnet.iter().enumerate() {
         if cidr.trunc() != *cidr {
@@ -528,9 +532,8 @@ async fn network_from_args(ctl: &Control, a: CreateArgs) -> anyhow::Result<Netwo
             .find(|r| ferrynet_model::ipam::overlaps(&r.dst, cidr))
         {
             bail!(
-                "--subnet {cidr} overlaps the host route {} via {} (a LAN or VPN); containers could not reach it. Pick another subnet.",
-                r.dst,
-                r.dev
+                "--subnet {cidr} overlaps the host route {}; containers could not reach it. Pick another subnet.",
+                r.describe()
             );
         }
         let mut s = Subnet::new(*cidr);

@@ -11,6 +11,7 @@ pub mod host;
 pub mod ipam;
 pub mod network;
 pub mod service;
+pub mod stale;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
