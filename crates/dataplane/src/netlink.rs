@@ -9,7 +9,7 @@ use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressHe
 use rtnetlink::packet_route::link::{
     LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage,
 };
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteFlags, RouteMessage};
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{LinkUnspec, RouteMessageBuilder};
 
@@ -309,6 +309,37 @@ impl Netlink {
                 source: e,
             }),
         }
+    }
+
+    /// Every link of the namespace.
+    pub async fn links(&self) -> Result<Vec<LinkInfo>> {
+        let mut s = self.handle.link().get().execute();
+        let mut out = Vec::new();
+        while let Some(m) = s.try_next().await.map_err(nl("listing links"))? {
+            out.push(parse_link(&m));
+        }
+        Ok(out)
+    }
+
+    /// Every route of the main table, both families, with whether the kernel marks it
+    /// `linkdown` (its device has no carrier, yet the route still takes the traffic).
+    pub async fn main_routes_linkdown(&self) -> Result<Vec<(RouteInfo, bool)>> {
+        let mut out = Vec::new();
+        for msg in [
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+        ] {
+            let mut s = self.handle.route().get(msg).execute();
+            while let Some(m) = s.try_next().await.map_err(nl("listing routes"))? {
+                if m.header.table != RT_TABLE_MAIN {
+                    continue;
+                }
+                if let Some(r) = parse_route(&m) {
+                    out.push((r, m.header.flags.contains(RouteFlags::Linkdown)));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// True if a link disappeared between lookup and use (ENODEV/ESRCH).

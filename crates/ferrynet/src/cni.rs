@@ -9,7 +9,7 @@ use ferrynet_model::cni::{
 };
 use ferrynet_model::ipam::validate_network_subnets;
 use ferrynet_model::names::parse_mac;
-use ferrynet_model::network::{Endpoint, Network, NetworkMode, Subnet};
+use ferrynet_model::network::{Endpoint, EndpointOwner, Network, NetworkMode, Subnet};
 use ipnet::IpNet;
 use serde_json::Value;
 
@@ -339,6 +339,7 @@ async fn add(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<Value, CniEr
                 port_mappings: conf.runtime_config.port_mappings.clone(),
                 name: dns_name(env, conf),
                 aliases: dns_aliases(conf),
+                owner: EndpointOwner::Cni,
             },
         )
         .await
@@ -423,7 +424,13 @@ async fn del(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<(), CniError
         env.netns.as_deref().filter(|s| !s.is_empty()),
     )
     .await
-    .map_err(ctl_err)
+    .map_err(ctl_err)?;
+    // The last container of a network that only its config defines: no bridge stays behind
+    // to shadow a later network on the same subnet. DEL itself has succeeded either way.
+    if let Err(e) = ctl.retire_cni_network(&net).await {
+        tracing::warn!(network = %net.name, error = %e, "could not remove the network after its last DEL");
+    }
+    Ok(())
 }
 
 async fn check(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {

@@ -4,6 +4,7 @@ pub mod discovery;
 pub mod edge;
 pub mod fabric;
 pub mod fabric_guard;
+pub mod gc;
 pub mod guard;
 pub mod health;
 pub mod host;

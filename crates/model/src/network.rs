@@ -180,6 +180,24 @@ pub struct Endpoint {
     /// Further DNS names of this endpoint on its network.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub aliases: Vec<String>,
+    /// Which runtime attached it; CNI GC releases only CNI's (see [`crate::gc`]).
+    #[serde(default)]
+    pub owner: EndpointOwner,
+}
+
+/// The runtime that made an endpoint, recorded at ADD.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointOwner {
+    /// A record written before owners were recorded; [`crate::gc::legacy_owner`] infers it.
+    #[default]
+    Unknown,
+    /// A CNI ADD (a container runtime).
+    Cni,
+    /// `ferrynet run`.
+    Cli,
+    /// The Docker (CNM) network driver.
+    Docker,
 }
 
 impl Endpoint {
@@ -198,6 +216,7 @@ impl Endpoint {
             host: None,
             name: None,
             aliases: Vec::new(),
+            owner: EndpointOwner::Unknown,
         }
     }
 }

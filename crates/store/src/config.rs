@@ -7,6 +7,10 @@
 //! - `etcds://host:2379[,…][?ca=/ca.pem&cert=/client.pem&key=/client-key.pem&timeout=5s]`:
 //!   etcd over TLS (`ca` defaults to the system trust store; `cert`+`key` give a client
 //!   certificate). `timeout` (e.g. `5s`, `500ms`) bounds every request and works for both.
+//! - either with a user (etcd `auth enable`): `etcd://user@host:2379?password-file=/path`,
+//!   `etcd://user:password@host:2379`, or `FERRYNET_ETCD_USER` / `FERRYNET_ETCD_PASSWORD` in
+//!   the environment ([`open`] reads them when the URL names no user or password). A password
+//!   is never shown: not in [`fmt::Display`], not in `Debug`, not in errors.
 //!
 //! Parsing is pure (no I/O); [`open`] turns a config into a running store.
 
@@ -23,6 +27,32 @@ use crate::{EmbeddedStore, EtcdStore, Result, Store, StoreError};
 pub const DEFAULT_ETCD_PORT: u16 = 2379;
 /// How long one etcd request may take before it fails as [`StoreError::Unavailable`].
 pub const DEFAULT_ETCD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Environment variable naming the etcd user when the URL does not.
+pub const ETCD_USER_ENV: &str = "FERRYNET_ETCD_USER";
+/// Environment variable holding the etcd password when the URL gives neither one nor a file.
+pub const ETCD_PASSWORD_ENV: &str = "FERRYNET_ETCD_PASSWORD";
+
+/// A password, kept out of logs: `Debug` prints `***` and nothing else shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(String);
+
+impl Password {
+    /// Wrap a password.
+    pub fn new(p: impl Into<String>) -> Password {
+        Password(p.into())
+    }
+    /// The password itself, for the client's login only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
 
 /// Where the store lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +78,12 @@ pub struct EtcdConfig {
     pub key: Option<PathBuf>,
     /// Limit for each request, so a dead etcd fails a call instead of hanging it.
     pub timeout: Duration,
+    /// etcd user to log in as (etcd with `auth enable`).
+    pub user: Option<String>,
+    /// The user's password, from the URL or the environment.
+    pub password: Option<Password>,
+    /// A file holding the user's password (`?password-file=`), read when connecting.
+    pub password_file: Option<PathBuf>,
 }
 
 impl EtcdConfig {
@@ -60,7 +96,23 @@ impl EtcdConfig {
             cert: None,
             key: None,
             timeout: DEFAULT_ETCD_TIMEOUT,
+            user: None,
+            password: None,
+            password_file: None,
         }
+    }
+
+    /// Fill the user and password from the environment (`var`: a lookup such as
+    /// `std::env::var`) where the URL gave none; an explicit URL always wins.
+    pub fn with_env_credentials(mut self, var: impl Fn(&str) -> Option<String>) -> EtcdConfig {
+        let var = |k: &str| var(k).filter(|v| !v.is_empty());
+        if self.user.is_none() {
+            self.user = var(ETCD_USER_ENV);
+        }
+        if self.user.is_some() && self.password.is_none() && self.password_file.is_none() {
+            self.password = var(ETCD_PASSWORD_ENV).map(Password::new);
+        }
+        self
     }
 
     /// Check what the parser checks, for configs built field by field.
@@ -92,6 +144,15 @@ impl EtcdConfig {
         }
         if self.timeout.is_zero() {
             return Err(ConfigError::BadTimeout("0".into()));
+        }
+        if self.user.as_deref() == Some("") {
+            return Err(ConfigError::EmptyUser);
+        }
+        if self.user.is_none() && (self.password.is_some() || self.password_file.is_some()) {
+            return Err(ConfigError::PasswordWithoutUser);
+        }
+        if self.password.is_some() && self.password_file.is_some() {
+            return Err(ConfigError::TwoPasswords);
         }
         Ok(())
     }
@@ -130,7 +191,7 @@ pub enum ConfigError {
     #[error("etcd URL has a fragment `#{0}`; remove it")]
     Fragment(String),
     /// A query option this crate does not know.
-    #[error("unknown etcd option `{0}` (known: ca, cert, key, timeout)")]
+    #[error("unknown etcd option `{0}` (known: ca, cert, key, timeout, password-file)")]
     UnknownOption(String),
     /// The same query option twice.
     #[error("etcd option `{0}` is given twice")]
@@ -147,6 +208,17 @@ pub enum ConfigError {
     /// A timeout that is not `<n>ms`, `<n>s` or `<n>m`, or is zero.
     #[error("bad timeout `{0}` (use e.g. 5s or 500ms, more than zero)")]
     BadTimeout(String),
+    /// `etcd://@host` or `etcd://:pw@host`.
+    #[error("the etcd user name before `@` is empty")]
+    EmptyUser,
+    /// A password (or password file) without a user name.
+    #[error(
+        "an etcd password needs a user: etcd://user@host?password-file=… or FERRYNET_ETCD_USER"
+    )]
+    PasswordWithoutUser,
+    /// A password in the URL and a password file.
+    #[error("give the etcd password once: in the URL or in password-file, not both")]
+    TwoPasswords,
     /// A `%` not followed by two hex digits, or an escape that is not UTF-8.
     #[error("bad percent-escape in `{0}`")]
     BadEscape(String),
@@ -222,6 +294,11 @@ fn parse_etcd(whole: &str, rest: &str, tls: bool) -> std::result::Result<EtcdCon
     if !path.is_empty() && path != "/" {
         return Err(ConfigError::UnexpectedPath(path.into()));
     }
+    // `user[:password]@` before the endpoints (the endpoints themselves hold no `@`).
+    let (userinfo, authority) = match authority.split_once('@') {
+        Some((u, a)) => (Some(u), a),
+        None => (None, authority),
+    };
     if authority.is_empty() {
         return Err(ConfigError::NoEndpoints(whole.into()));
     }
@@ -233,6 +310,14 @@ fn parse_etcd(whole: &str, rest: &str, tls: bool) -> std::result::Result<EtcdCon
         tls,
         ..EtcdConfig::new(endpoints)
     };
+    if let Some(u) = userinfo {
+        let (user, password) = match u.split_once(':') {
+            Some((user, pw)) => (user, Some(pw)),
+            None => (u, None),
+        };
+        cfg.user = Some(percent_decode(user)?);
+        cfg.password = password.map(percent_decode).transpose()?.map(Password::new);
+    }
     let mut seen: Vec<&str> = Vec::new();
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -249,6 +334,7 @@ fn parse_etcd(whole: &str, rest: &str, tls: bool) -> std::result::Result<EtcdCon
             "cert" => cfg.cert = Some(PathBuf::from(value)),
             "key" => cfg.key = Some(PathBuf::from(value)),
             "timeout" => cfg.timeout = parse_timeout(&value)?,
+            "password-file" => cfg.password_file = Some(PathBuf::from(value)),
             _ => return Err(ConfigError::UnknownOption(name.into())),
         }
     }
@@ -361,12 +447,23 @@ fn percent_encode(s: &str) -> String {
 }
 
 impl fmt::Display for EtcdConfig {
-    /// The URL form, which parses back to an equal config.
+    /// The URL form, which parses back to an equal config except for a password given inline.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let scheme = if self.tls { "etcds" } else { "etcd" };
-        write!(f, "{scheme}://{}", self.endpoints.join(","))?;
+        // The user but never the password: this string ends up in logs and errors.
+        let user = self
+            .user
+            .as_deref()
+            .map(|u| format!("{}@", percent_encode(u).replace(':', "%3A")))
+            .unwrap_or_default();
+        write!(f, "{scheme}://{user}{}", self.endpoints.join(","))?;
         let mut sep = '?';
-        for (name, path) in [("ca", &self.ca), ("cert", &self.cert), ("key", &self.key)] {
+        for (name, path) in [
+            ("ca", &self.ca),
+            ("cert", &self.cert),
+            ("key", &self.key),
+            ("password-file", &self.password_file),
+        ] {
             if let Some(p) = path {
                 write!(f, "{sep}{name}={}", percent_encode(&p.to_string_lossy()))?;
                 sep = '&';
@@ -397,6 +494,23 @@ impl fmt::Display for StoreConfig {
     }
 }
 
+/// `url` with the password of an `etcd://user:password@…` replaced by `***`, for logs and
+/// status; works on strings that do not parse, too.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    // The last `@`: a password with an unescaped `@` is still hidden whole.
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_string();
+    };
+    match rest[..at].split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+        None => url.to_string(),
+    }
+}
+
 /// Open the store `cfg` names: the embedded file (created if missing) or an etcd client.
 ///
 /// The etcd client connects lazily: an unreachable cluster shows up as
@@ -411,7 +525,10 @@ pub async fn open(cfg: &StoreConfig) -> Result<Arc<dyn Store>> {
                 .map_err(|e| StoreError::Io(format!("opening the embedded store: {e}")))??;
             Ok(Arc::new(store))
         }
-        StoreConfig::Etcd(c) => Ok(Arc::new(EtcdStore::connect(c).await?)),
+        StoreConfig::Etcd(c) => {
+            let c = c.clone().with_env_credentials(|k| std::env::var(k).ok());
+            Ok(Arc::new(EtcdStore::connect(&c).await?))
+        }
     }
 }
 
@@ -525,7 +642,7 @@ mod tests {
             ("etcd://h:", "h:"),
             ("etcd://:2379", ":2379"),
             ("etcd://a,,b", ""),
-            ("etcd://u@h", "u@h"),
+            ("etcd://u@h@x", "h@x"),
             ("etcd://h h", "h h"),
             ("etcd://::1", "::1"),
             ("etcd://[::1", "[::1"),
@@ -591,6 +708,65 @@ mod tests {
         }
         // The default port and timeout are written out / left out canonically.
         assert_eq!(etcd("etcd://h?timeout=5s").to_string(), "etcd://h:2379");
+    }
+
+    #[test]
+    fn users_and_passwords_never_shown() {
+        let c = etcd("etcd://ferry:s%40cr3t@h1,h2:2380");
+        assert_eq!(c.user.as_deref(), Some("ferry"));
+        assert_eq!(c.password.as_ref().map(Password::expose), Some("s@cr3t"));
+        assert_eq!(c.endpoints, ["h1:2379", "h2:2380"]);
+        assert_eq!(c.to_string(), "etcd://ferry@h1:2379,h2:2380");
+        assert!(!format!("{c:?}").contains("cr3t"), "{c:?}");
+        let f = etcd("etcds://ferry@h?password-file=/etc/ferrynet/etcd.pw");
+        assert_eq!(
+            f.password_file,
+            Some(PathBuf::from("/etc/ferrynet/etcd.pw"))
+        );
+        assert_eq!(
+            f.to_string().parse::<StoreConfig>().unwrap(),
+            StoreConfig::Etcd(f.clone())
+        );
+        assert_eq!(err("etcd://@h"), ConfigError::EmptyUser);
+        assert_eq!(err("etcd://:pw@h"), ConfigError::EmptyUser);
+        assert_eq!(
+            err("etcd://h?password-file=/p"),
+            ConfigError::PasswordWithoutUser
+        );
+        assert_eq!(
+            err("etcd://u:pw@h?password-file=/p"),
+            ConfigError::TwoPasswords
+        );
+    }
+
+    #[test]
+    fn redacted_urls_hide_only_the_password() {
+        assert_eq!(redact_url("etcd://u:pw@h:1,h2"), "etcd://u:***@h:1,h2");
+        assert_eq!(redact_url("etcds://u:p@w@h?ca=/x"), "etcds://u:***@h?ca=/x");
+        assert_eq!(redact_url("etcd://u@h"), "etcd://u@h");
+        assert_eq!(redact_url("etcd://h?x=a@b"), "etcd://h?x=a@b");
+        assert_eq!(redact_url("/var/lib/x.redb"), "/var/lib/x.redb");
+    }
+
+    #[test]
+    fn the_environment_fills_in_credentials_the_url_lacks() {
+        let env = |k: &str| match k {
+            ETCD_USER_ENV => Some("envuser".to_string()),
+            ETCD_PASSWORD_ENV => Some("envpw".to_string()),
+            _ => None,
+        };
+        let c = etcd("etcd://h").with_env_credentials(env);
+        assert_eq!(c.user.as_deref(), Some("envuser"));
+        assert_eq!(c.password.as_ref().map(Password::expose), Some("envpw"));
+        let c = etcd("etcd://u:urlpw@h").with_env_credentials(env);
+        assert_eq!(c.user.as_deref(), Some("u"));
+        assert_eq!(c.password.as_ref().map(Password::expose), Some("urlpw"));
+        // A password file in the URL wins over the environment's password.
+        let c = etcd("etcd://u@h?password-file=/p").with_env_credentials(env);
+        assert_eq!(c.password, None);
+        assert!(c.validate().is_ok());
+        let c = etcd("etcd://h").with_env_credentials(|_| None);
+        assert_eq!((c.user, c.password), (None, None));
     }
 
     #[test]

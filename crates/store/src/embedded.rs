@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -26,8 +26,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::{
-    Compare, EventKind, KeyValue, LeaseId, Op, Result, Revision, Store, StoreError, TxnResult,
-    WatchEvent,
+    perms, Compare, EventKind, KeyValue, LeaseId, Op, Result, Revision, Store, StoreError,
+    TxnResult, WatchEvent,
 };
 
 /// How long an operation waits for another process's lock before giving up.
@@ -99,13 +99,21 @@ impl EmbeddedStore {
     pub fn open(path: impl AsRef<Path>) -> Result<EmbeddedStore> {
         let path = path.as_ref().to_path_buf();
         if let Some(parent) = path.parent() {
-            if !parent.as_os_str().is_empty() {
-                std::fs::create_dir_all(parent)
+            if !parent.as_os_str().is_empty() && !parent.exists() {
+                // Only a directory made here is ours to make private; an existing one may be
+                // shared (the state directory is tightened by whoever owns it).
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(perms::DIR_MODE)
+                    .create(parent)
                     .map_err(|e| StoreError::Io(format!("create {}: {e}", parent.display())))?;
             }
         }
         let mut lock_name = path.as_os_str().to_owned();
         lock_name.push(".lock");
+        // Created 0600 before redb touches it, and fixed if an older version left it readable.
+        perms::open_private_file(&path)?;
+        perms::open_private_file(Path::new(&lock_name))?;
         let (notify, _) = broadcast::channel(64);
         let store = EmbeddedStore {
             inner: Arc::new(Inner {
@@ -160,6 +168,7 @@ impl EmbeddedStore {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(perms::FILE_MODE)
             .open(&self.inner.lock_path)
             .map_err(|e| StoreError::Io(format!("open {}: {e}", self.inner.lock_path.display())))?;
         let deadline = Instant::now() + self.inner.lock_timeout;

@@ -23,7 +23,7 @@ use futures::StreamExt;
 use tokio::time::Instant;
 use tonic::Code;
 
-use crate::config::EtcdConfig;
+use crate::config::{EtcdConfig, Password, ETCD_PASSWORD_ENV};
 use crate::{
     Compare, EventKind, KeyValue, LeaseId, Op, Result, Revision, Store, StoreError, TxnResult,
     WatchEvent,
@@ -78,6 +78,37 @@ struct Probe {
     text: String,
 }
 
+/// The password `user` logs in with: from the config, else its password file (one line).
+fn login_password(cfg: &EtcdConfig, user: &str) -> Result<Password> {
+    if let Some(p) = &cfg.password {
+        return Ok(p.clone());
+    }
+    let Some(path) = &cfg.password_file else {
+        return Err(StoreError::Io(format!(
+            "etcd user {user} has no password: give password-file= in the store URL or set {ETCD_PASSWORD_ENV}"
+        )));
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        StoreError::Io(format!(
+            "reading the etcd password file {}: {e}",
+            path.display()
+        ))
+    })?;
+    let line = text.lines().next().unwrap_or("");
+    if line.is_empty() {
+        return Err(StoreError::Io(format!(
+            "the etcd password file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(Password::new(line))
+}
+
+/// Whether etcd refused a login (as opposed to being unreachable).
+fn is_auth_refusal(chain: &str) -> bool {
+    chain.contains("authentication failed") || chain.contains("invalid user ID or password")
+}
+
 impl EtcdStore {
     /// A client for `cfg` (validated first). TLS files are read now, so a missing or bad
     /// certificate fails here; the network is not touched until the first operation.
@@ -92,6 +123,9 @@ impl EtcdStore {
             // A member cut off from its leader answers "no leader" at once instead of
             // serving (or stalling) until the timeout; watches on it are cancelled.
             .with_require_leader(true);
+        if let Some(user) = &cfg.user {
+            opts = opts.with_user(user.clone(), login_password(cfg, user)?.expose());
+        }
         let scheme = if cfg.tls {
             opts = opts.with_tls(tls_options(cfg)?);
             "https"
@@ -103,22 +137,28 @@ impl EtcdStore {
             .iter()
             .map(|ep| format!("{scheme}://{ep}"))
             .collect();
-        let client =
-            match tokio::time::timeout(cfg.timeout, Client::connect(urls, Some(opts))).await {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
+        let client = match tokio::time::timeout(cfg.timeout, Client::connect(urls, Some(opts)))
+            .await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                let chain = error_chain(&e);
+                if let Some(user) = cfg.user.as_deref().filter(|_| is_auth_refusal(&chain)) {
                     return Err(StoreError::Io(format!(
-                        "etcd at {shown}: setting up the client: {}",
-                        error_chain(&e)
-                    )))
+                            "etcd at {shown}: user {user} could not log in (wrong user name or password?): {chain}"
+                        )));
                 }
-                Err(_) => {
-                    return Err(StoreError::Unavailable(format!(
-                        "etcd at {shown}: setting up the client took more than {:?}",
-                        cfg.timeout
-                    )))
-                }
-            };
+                return Err(StoreError::Io(format!(
+                    "etcd at {shown}: setting up the client: {chain}"
+                )));
+            }
+            Err(_) => {
+                return Err(StoreError::Unavailable(format!(
+                    "etcd at {shown}: setting up the client took more than {:?}",
+                    cfg.timeout
+                )))
+            }
+        };
         Ok(EtcdStore {
             kv: client
                 .kv_client()

@@ -14,6 +14,7 @@ pub mod config;
 pub mod conformance;
 pub mod embedded;
 pub mod etcd;
+pub mod perms;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -67,6 +67,10 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     let ctl = Arc::new(
         Control::open_with(paths.clone(), opts.store.as_deref(), opts.host.as_deref()).await?,
     );
+    // Bridges of networks removed while no agent ran would shadow newer ones on their subnets.
+    if let Err(e) = ctl.remove_stale_bridges().await {
+        tracing::warn!(error = %e, "could not remove stale bridges");
+    }
     let store_url = opts
         .store
         .clone()
@@ -99,11 +103,14 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
             .map(|d| d.as_secs())
             .unwrap_or(0),
     };
-    tracing::info!(host = %ctl.host, underlay = %underlay.dev, addrs = ?underlay.addrs, store = store_url.as_deref().unwrap_or("embedded"), "agent starting");
+    tracing::info!(host = %ctl.host, underlay = %underlay.dev, addrs = ?underlay.addrs, store = store_url.as_deref().map(ferrynet_store::config::redact_url).unwrap_or_else(|| "embedded".into()), "agent starting");
 
     let status = Arc::new(Mutex::new(AgentStatus {
         host: ctl.host.clone(),
-        store: store_url.unwrap_or_else(|| paths.store_file().display().to_string()),
+        store: store_url
+            .as_deref()
+            .map(ferrynet_store::config::redact_url)
+            .unwrap_or_else(|| paths.store_file().display().to_string()),
         underlay_dev: underlay.dev.clone(),
         underlay: underlay.addrs.clone(),
         underlay_mtu: underlay.mtu,

@@ -1,71 +1,81 @@
-//! The host's own routes, to refuse subnets that would shadow a LAN or VPN.
+//! The host's own routes, to refuse subnets that would shadow a LAN or VPN, or be shadowed by a
+//! route that is down but still takes the traffic.
 //!
-//! Read from /proc/net/route and /proc/net/ipv6_route: a one-off read at network creation.
+//! Read from the main table over netlink (in the caller's namespace): a one-off read at network
+//! creation.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
 
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ferrynet_dataplane::error::DataplaneError;
+use ferrynet_dataplane::netlink::Netlink;
+use ipnet::{IpNet, Ipv4Net};
 
-/// A route of the host that ferrynet did not make.
+/// A route of the host that a new network's subnet must not overlap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostRoute {
     /// Destination.
     pub dst: IpNet,
     /// Outgoing device.
     pub dev: String,
+    /// The kernel marks it `linkdown` (no carrier): it still wins the lookup, so it black-holes
+    /// the prefix for anything newer on the same subnet.
+    pub linkdown: bool,
 }
 
-/// Parse /proc/net/route (IPv4; addresses in little-endian hex). Default routes and routes
-/// through ferrynet's own `fn-*` bridges are left out.
-pub fn parse_ipv4_routes(text: &str) -> Vec<HostRoute> {
-    text.lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let dev = *f.first()?;
-            let dst = u32::from_str_radix(f.get(1)?, 16).ok()?;
-            let mask = u32::from_str_radix(f.get(7)?, 16).ok()?;
-            let prefix = u32::from_be(mask).count_ones() as u8;
-            let net = Ipv4Net::new(Ipv4Addr::from(u32::from_be(dst)), prefix).ok()?;
-            (prefix > 0 && !dev.starts_with("fn-")).then(|| HostRoute {
-                dst: IpNet::V4(net),
-                dev: dev.to_string(),
-            })
-        })
-        .collect()
+impl HostRoute {
+    /// The route for people: `10.1.0.0/24 via eth0 (a LAN or VPN)`, or for a route that is down,
+    /// what it does and how to get rid of it.
+    pub fn describe(&self) -> String {
+        if self.linkdown {
+            format!(
+                "{} on {}, which is linkdown (the device has no carrier, yet the kernel still sends {} there: a stale bridge?); remove it (`ip link del {}`; `ferrynet reload` removes ferrynet bridges of networks that no longer exist)",
+                self.dst, self.dev, self.dst, self.dev
+            )
+        } else {
+            format!("{} via {} (a LAN or VPN)", self.dst, self.dev)
+        }
+    }
 }
 
-/// Parse /proc/net/ipv6_route; link-local, multicast, loopback and default routes are left out.
-pub fn parse_ipv6_routes(text: &str) -> Vec<HostRoute> {
-    text.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let addr = u128::from_str_radix(f.first()?, 16).ok()?;
-            let prefix = u8::from_str_radix(f.get(1)?, 16).ok()?;
-            let dev = *f.get(9)?;
-            let ip = Ipv6Addr::from(addr);
-            let seg0 = ip.segments()[0];
-            let skip = prefix == 0
-                || prefix == 128
-                || seg0 & 0xffc0 == 0xfe80
-                || seg0 & 0xff00 == 0xff00
-                || dev == "lo"
-                || dev.starts_with("fn-");
-            (!skip).then(|| {
-                Ipv6Net::new(ip, prefix).ok().map(|n| HostRoute {
-                    dst: IpNet::V6(n),
-                    dev: dev.to_string(),
-                })
-            })?
-        })
-        .collect()
+/// Whether a main-table route counts against new subnets: not default, link-local, multicast,
+/// loopback or host routes; ferrynet's own `fn-*` bridges only when down (a live bridge's subnet
+/// is checked against the store's networks instead).
+pub fn counts(dst: &IpNet, dev: &str, linkdown: bool) -> bool {
+    if dst.prefix_len() == 0 || dev == "lo" {
+        return false;
+    }
+    let special = match dst.addr() {
+        IpAddr::V4(a) => a.is_loopback() || a.is_multicast() || a.is_link_local(),
+        IpAddr::V6(a) => {
+            let seg0 = a.segments()[0];
+            dst.prefix_len() == 128 || seg0 & 0xffc0 == 0xfe80 || seg0 & 0xff00 == 0xff00
+        }
+    };
+    !special && (!dev.starts_with("fn-") || linkdown)
 }
 
-/// The host's routes that are not ferrynet's (and not defaults).
-pub fn foreign_routes() -> std::io::Result<Vec<HostRoute>> {
-    let mut out = parse_ipv4_routes(&std::fs::read_to_string("/proc/net/route")?);
-    if let Ok(t) = std::fs::read_to_string("/proc/net/ipv6_route") {
-        out.extend(parse_ipv6_routes(&t));
+/// The host's routes that a new subnet must not overlap (see [`counts`]).
+pub async fn foreign_routes() -> Result<Vec<HostRoute>, DataplaneError> {
+    let nl = Netlink::current()?;
+    let names: BTreeMap<u32, String> = nl
+        .links()
+        .await?
+        .into_iter()
+        .map(|l| (l.index, l.name))
+        .collect();
+    let mut out = Vec::new();
+    for (r, linkdown) in nl.main_routes_linkdown().await? {
+        let Some(dev) = r.oif.and_then(|i| names.get(&i)).cloned() else {
+            continue;
+        };
+        if counts(&r.dst, &dev, linkdown) {
+            out.push(HostRoute {
+                dst: r.dst,
+                dev,
+                linkdown,
+            });
+        }
     }
     Ok(out)
 }
@@ -84,34 +94,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_proc_net_route() {
-        let t =
-            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
-                 eth0\t00000000\t0100A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
-                 eth0\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
-                 fn-x\t0000590A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
-        let r = parse_ipv4_routes(t);
-        assert_eq!(
-            r,
-            vec![HostRoute {
-                dst: "192.168.0.0/24".parse().unwrap(),
-                dev: "eth0".into()
-            }]
-        );
+    fn down_ferrynet_bridges_and_other_devices_count() {
+        let n = |s: &str| s.parse::<IpNet>().unwrap();
+        assert!(counts(&n("192.168.0.0/24"), "eth0", false));
+        assert!(counts(&n("192.168.0.0/24"), "eth1", true));
+        assert!(counts(&n("fd00::/64"), "wg0", false));
+        // A live ferrynet bridge: its network is in the store and checked there.
+        assert!(!counts(&n("10.89.0.0/24"), "fn-blue", false));
+        // A down one still routes its subnet: taken.
+        assert!(counts(&n("10.89.0.0/24"), "fn-old", true));
+        for (dst, dev) in [
+            ("0.0.0.0/0", "eth0"),
+            ("::/0", "eth0"),
+            ("fe80::/64", "eth0"),
+            ("ff00::/8", "eth0"),
+            ("fd00::1/128", "eth0"),
+            ("127.0.0.0/8", "lo"),
+            ("169.254.0.0/16", "eth0"),
+        ] {
+            assert!(!counts(&n(dst), dev, false), "{dst} {dev}");
+        }
     }
 
     #[test]
-    fn parses_ipv6_route() {
-        let t = "fd000000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth0\n\
-                 fe800000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth0\n";
-        let r = parse_ipv6_routes(t);
-        assert_eq!(
-            r,
-            vec![HostRoute {
-                dst: "fd00::/64".parse().unwrap(),
-                dev: "eth0".into()
-            }]
-        );
+    fn a_down_route_says_what_it_is() {
+        let r = HostRoute {
+            dst: "10.9.0.0/24".parse().unwrap(),
+            dev: "fn-old".into(),
+            linkdown: true,
+        };
+        let d = r.describe();
+        assert!(d.contains("fn-old") && d.contains("linkdown"), "{d}");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use ferrynet_dataplane::netns::Netns;
 use ferrynet_model::fabric::Backend;
 use ferrynet_model::names::{parse_mac, validate_container_name};
 use ferrynet_model::network::{
-    FabricSpec, Network, NetworkMode, Subnet, DEFAULT_BLOCK_V4, DEFAULT_BLOCK_V6,
+    EndpointOwner, FabricSpec, Network, NetworkMode, Subnet, DEFAULT_BLOCK_V4, DEFAULT_BLOCK_V6,
 };
 use ipnet::IpNet;
 
@@ -85,7 +85,8 @@ enum Cmd {
     },
     /// Install ferrynet as a CNI plugin: copy the binary and write a conflist.
     InstallCni(install::InstallArgs),
-    /// Rebuild ferrynet's nftables table from the store (after a firewall reload wiped it).
+    /// Rebuild ferrynet's nftables table from the store (after a firewall reload wiped it) and
+    /// remove bridges of networks that no longer exist.
     Reload,
     /// Show the anti-spoofing drop counters of this host's container ports, per reason.
     Guard(JsonFlag),
@@ -388,6 +389,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Cmd::Reload => {
                 let n = ctl.reload_edge().await?;
                 println!("ruleset restored ({n} published port element(s))");
+                for b in ctl.remove_stale_bridges().await? {
+                    println!("removed bridge {b}: its network no longer exists");
+                }
                 Ok(ExitCode::SUCCESS)
             }
             Cmd::Guard(f) => guard(&ctl, f.json).map(|_| ExitCode::SUCCESS),
@@ -535,7 +539,7 @@ async fn network_from_args(ctl: &Control, a: CreateArgs) -> anyhow::Result<Netwo
             a.subnet.len()
         );
     }
-    let host_routes = hostroutes::foreign_routes().unwrap_or_default();
+    let host_routes = hostroutes::foreign_routes().await.unwrap_or_default();
     let mut subnets: Vec<Subnet> = Vec::new();
     for (i, cidr) in a.subnet.iter().enumerate() {
         if cidr.trunc() != *cidr {
@@ -549,9 +553,8 @@ async fn network_from_args(ctl: &Control, a: CreateArgs) -> anyhow::Result<Netwo
             .find(|r| ferrynet_model::ipam::overlaps(&r.dst, cidr))
         {
             bail!(
-                "--subnet {cidr} overlaps the host route {} via {} (a LAN or VPN); containers could not reach it. Pick another subnet.",
-                r.dst,
-                r.dev
+                "--subnet {cidr} overlaps the host route {}; containers could not reach it. Pick another subnet.",
+                r.describe()
             );
         }
         let mut s = Subnet::new(*cidr);
@@ -641,6 +644,7 @@ async fn run_container(ctl: &Control, a: RunArgs) -> anyhow::Result<()> {
                     port_mappings: ports.clone(),
                     name: Some(a.name.clone()),
                     aliases: a.aliases.clone(),
+                    owner: EndpointOwner::Cli,
                 },
             )
             .await?;

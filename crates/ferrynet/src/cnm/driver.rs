@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use ferrynet_model::fabric::Backend;
 use ferrynet_model::ipam::validate_network_subnets;
 use ferrynet_model::names::{format_mac, host_veth_name, parse_mac, temp_peer_name};
-use ferrynet_model::network::{Endpoint, Network, NetworkMode, Subnet};
+use ferrynet_model::network::{Endpoint, EndpointOwner, Network, NetworkMode, Subnet};
 use ferrynet_store::{Compare, Op};
 use ipnet::IpNet;
 use serde_json::{json, Value};
@@ -365,6 +365,7 @@ impl Plugin {
             mac: Some(format_mac(&mac)),
             host_veth: Some(host_veth_name(&net.name, &req.endpoint_id, DOCKER_IFNAME)),
             host: net.fabric.is_some().then(|| self.ctl.host.clone()),
+            owner: EndpointOwner::Docker,
             ..Endpoint::new(&net.name, &req.endpoint_id, DOCKER_IFNAME)
         };
         // Every requested address just reserved by this driver's IPAM: one transaction, no reads.

@@ -109,7 +109,7 @@ impl Plugin {
                     .iter()
                     .flat_map(|n| n.subnets.iter().map(move |s| (n.name.clone(), s.cidr)))
                     .collect();
-                let routes = hostroutes::foreign_routes().unwrap_or_default();
+                let routes = hostroutes::foreign_routes().await.unwrap_or_default();
                 let pool = match want_pool {
                     Some(p) => {
                         if let Some((name, c)) = others.iter().find(|(_, c)| overlaps(c, &p)) {
@@ -119,8 +119,8 @@ impl Plugin {
                         }
                         if let Some(r) = routes.iter().find(|r| overlaps(&r.dst, &p)) {
                             return Err(CnmError::Invalid(format!(
-                                "pool {p} overlaps the host route {} via {} (a LAN or VPN); containers could not reach it",
-                                r.dst, r.dev
+                                "pool {p} overlaps the host route {}; containers could not reach it",
+                                r.describe()
                             )));
                         }
                         p

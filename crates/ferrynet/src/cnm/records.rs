@@ -22,7 +22,7 @@ use crate::control::{decode, encode, Control};
 /// Owner recorded on addresses the IPAM driver hands out (Docker releases them itself).
 pub const IPAM_OWNER: &str = "docker-ipam";
 /// Interface name in the endpoint records of Docker endpoints (Docker names the real one).
-pub const DOCKER_IFNAME: &str = "docker";
+pub const DOCKER_IFNAME: &str = ferrynet_model::gc::DOCKER_IFNAME;
 
 /// Key of a pool record.
 pub fn pool_key(pool_id: &str) -> String {

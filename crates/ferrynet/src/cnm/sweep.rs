@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferrynet_model::gc::legacy_owner;
 use ferrynet_model::names::host_veth_name;
-use ferrynet_model::network::Endpoint;
+use ferrynet_model::network::{Endpoint, EndpointOwner};
 use serde_json::Value;
 
 use super::names::get_json;
@@ -56,6 +57,8 @@ pub fn unlisted(recorded: &[Endpoint], listed: &BTreeSet<String>, me: &str) -> B
         .iter()
         .filter(|e| e.host.as_deref().is_none_or(|h| h == me))
         .filter(|e| e.ifname == DOCKER_IFNAME && !listed.contains(&e.container_id))
+        // A CNI attachment that happens to be called `docker` is not Docker's either.
+        .filter(|e| legacy_owner(e, &BTreeSet::new()) == EndpointOwner::Docker)
         .map(|e| e.container_id.clone())
         .collect()
 }
@@ -215,6 +218,10 @@ mod tests {
             ep("e2", DOCKER_IFNAME),
             // A CNI or CLI container on the same network is not Docker's to judge.
             ep("cni", "eth0"),
+            Endpoint {
+                owner: EndpointOwner::Cni,
+                ..ep("cni2", DOCKER_IFNAME)
+            },
             // Nor is another host's endpoint on a multi-host network; this host's is.
             on("far", "h2"),
             on("near", "h1"),

@@ -8,9 +8,10 @@ use ferrynet_dataplane::error::DataplaneError;
 use ferrynet_dataplane::netlink::{Netlink, RouteSpec};
 use ferrynet_dataplane::netns::Netns;
 use ferrynet_dataplane::veth::{self, ContainerIface, VethSpec};
+use ferrynet_model::gc::{gc_verdict, legacy_owner, GcVerdict};
 use ferrynet_model::ipam::{validate_network_subnets, ResolvedSubnet};
 use ferrynet_model::names::{format_mac, host_veth_name};
-use ferrynet_model::network::{keys, Endpoint, Network, NetworkMode};
+use ferrynet_model::network::{keys, Endpoint, EndpointOwner, Network, NetworkMode};
 use ferrynet_model::portmap::PortMapping;
 use ipnet::IpNet;
 
@@ -36,6 +37,8 @@ pub struct AttachRequest {
     pub name: Option<String>,
     /// Further DNS names.
     pub aliases: Vec<String>,
+    /// The runtime asking, recorded so GC releases only its own runtime's endpoints.
+    pub owner: EndpointOwner,
 }
 
 /// The gateway of the subnet holding `ip`.
@@ -83,6 +86,7 @@ impl Control {
             port_mappings: req.port_mappings.clone(),
             name: req.name.clone(),
             aliases: req.aliases.clone(),
+            owner: req.owner,
             ..Endpoint::new(&net.name, &req.container_id, &req.ifname)
         };
         if net.mode == NetworkMode::Host {
@@ -420,21 +424,31 @@ impl Control {
         Ok(ep)
     }
 
-    /// CNI GC: detach every endpoint of `net` not in `valid` (container id, ifname). Keeps going
+    /// CNI GC: detach every CNI endpoint of `net` on this host not in `valid` (container id,
+    /// ifname); `ferrynet run`, Docker and other hosts' endpoints are left alone. Keeps going
     /// past failures and returns how many were removed and the errors met.
     pub async fn gc(
         &self,
         net: &Network,
         valid: &[(String, String)],
     ) -> Result<(usize, Vec<String>)> {
+        let cli: BTreeSet<(String, String)> = self
+            .containers()
+            .await?
+            .into_iter()
+            .map(|c| (c.network, c.name))
+            .collect();
         let mut removed = 0;
         let mut errors = Vec::new();
         for ep in self.endpoints(&net.name).await? {
-            if valid
-                .iter()
-                .any(|(c, i)| c == &ep.container_id && i == &ep.ifname)
-            {
-                continue;
+            let owner = legacy_owner(&ep, &cli);
+            match gc_verdict(&ep, owner, valid, &self.host) {
+                GcVerdict::Release => {}
+                GcVerdict::Valid => continue,
+                other => {
+                    tracing::debug!(container = %ep.container_id, ifname = %ep.ifname, verdict = ?other, "gc keeps an endpoint it does not own");
+                    continue;
+                }
             }
             match self
                 .detach(net, &ep.container_id, &ep.ifname, ep.netns.as_deref())

@@ -1,5 +1,6 @@
 //! This host's identity in a cluster and its view of multi-host networks (its own blocks).
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use ferrynet_model::blocks::{host_view, next_block, view_needs_underlay};
@@ -52,7 +53,14 @@ impl LocalConfig {
     pub fn save(&self, state_dir: &Path) -> Result<()> {
         let path = state_dir.join("host.json");
         let tmp = state_dir.join("host.json.tmp");
-        std::fs::write(&tmp, encode(self))
+        // 0600: the store URL it records may name an etcd user (and password).
+        let _ = std::fs::remove_file(&tmp);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &encode(self)))
             .and_then(|_| std::fs::rename(&tmp, &path))
             .map_err(ControlError::io(format!("writing {}", path.display())))
     }
@@ -224,5 +232,13 @@ mod tests {
         };
         c.save(d.path()).unwrap();
         assert_eq!(LocalConfig::load(d.path()).unwrap(), c);
+        // Saved again over itself, still root's only: the URL may carry etcd credentials.
+        c.save(d.path()).unwrap();
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(d.path().join("host.json"))
+                .unwrap()
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
     }
 }

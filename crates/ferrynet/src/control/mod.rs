@@ -12,6 +12,7 @@ pub mod host;
 pub mod ipam;
 pub mod network;
 pub mod service;
+pub mod stale;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -76,10 +77,8 @@ impl Control {
         store: Option<&str>,
         host: Option<&str>,
     ) -> Result<Control> {
-        std::fs::create_dir_all(&paths.state_dir).map_err(ControlError::io(format!(
-            "creating state directory {}",
-            paths.state_dir.display()
-        )))?;
+        // The state directory holds the store and its lock: root's only (0700).
+        ferrynet_store::perms::private_dir(&paths.state_dir)?;
         let local = LocalConfig::load(&paths.state_dir)?;
         let url = store
             .map(str::to_string)
@@ -115,8 +114,12 @@ pub async fn open_store(paths: &Paths, url: Option<&str>) -> Result<Arc<dyn Stor
     match url {
         None => Ok(Arc::new(EmbeddedStore::open(paths.store_file())?)),
         Some(u) => {
-            let cfg = StoreConfig::parse(u)
-                .map_err(|e| ControlError::InvalidConfig(format!("store {u}: {e}")))?;
+            let cfg = StoreConfig::parse(u).map_err(|e| {
+                ControlError::InvalidConfig(format!(
+                    "store {}: {e}",
+                    ferrynet_store::config::redact_url(u)
+                ))
+            })?;
             Ok(ferrynet_store::config::open(&cfg).await?)
         }
     }

@@ -201,7 +201,13 @@ impl Control {
                     }
                 }
                 None => match self.create_network(net.clone()).await {
-                    Ok(n) => return Ok(n),
+                    Ok(n) => {
+                        // Made by a config: its last DEL may retire it (control::stale).
+                        self.store
+                            .put(&super::stale::cni_defined_key(&n.name), Vec::new())
+                            .await?;
+                        return Ok(n);
+                    }
                     // Lost a race with a concurrent ADD creating the same network: re-read.
                     Err(ControlError::InvalidConfig(m)) if m.contains("already exists") => continue,
                     Err(e) => return Err(e),
