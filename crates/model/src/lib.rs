@@ -12,3 +12,4 @@ pub mod network;
 pub mod portmap;
 pub mod registry;
 pub mod service;
+pub mod validate;

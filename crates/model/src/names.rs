@@ -44,13 +44,21 @@ fn name_ok(name: &str, max: usize) -> bool {
         Some(c) if c.is_ascii_alphanumeric() => {}
         _ => return false,
     }
-    name.len() <= max && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    // No empty dot-separated part: the name becomes DNS labels (`web.<network>.<domain>`).
+    name.len() <= max
+        && !name.contains("..")
+        && !name.ends_with('.')
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
-/// Bridge of a network: `fn-<name>` when it fits in 15 bytes, else `fn-` + a hash.
-/// Every ferrynet bridge starts with `fn-`: firewall rules match on that prefix.
+/// Bridge of a network: `fn-<name>` when the name is 1-12 of `[a-z0-9-]`, else `fn-` + a hash.
+/// Every ferrynet bridge starts with `fn-`: firewall rules match on that prefix, and bridge
+/// names read back from the store must pass [`crate::validate::check_bridge_name`].
 pub fn bridge_name(network: &str) -> String {
-    if name_ok(network, 12) {
+    let plain = network
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if plain && name_ok(network, 12) {
         format!("fn-{network}")
     } else {
         format!("fn-{}", hash12(&[network]))
