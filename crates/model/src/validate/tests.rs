@@ -272,3 +272,71 @@ fn errors_show_values_escaped_and_short() {
     assert!(!text.contains('\n'));
     assert!(text.len() < 200);
 }
+
+#[test]
+fn discovery_view_skips_and_lists_bad_records() {
+    use crate::discovery::DiscoveryView;
+    let enc = |v: &dyn erased::Json| v.json();
+    let mut v = DiscoveryView::default();
+    let mut evil = net();
+    evil.name = "evil".into();
+    evil.bridge = "fn-x\"; flush ruleset; \"".into();
+    let mut bad_svc = service();
+    bad_svc.name = "x}".into();
+    let mut bad_ep = ep();
+    bad_ep.container_id = "c2".into();
+    bad_ep.aliases = vec!["a b".into()];
+    let mut wrong_family = producer();
+    wrong_family.id = "web-2".into();
+    wrong_family.addrs = vec!["fd00::9".parse().unwrap()];
+    let mut good_p = producer();
+    good_p.addrs.truncate(1);
+    let kvs: Vec<(String, Vec<u8>)> = vec![
+        (keys::network("blue"), enc(&net())),
+        (keys::network("evil"), enc(&evil)),
+        (keys::endpoint("blue", "c1", "eth0"), enc(&ep())),
+        (keys::endpoint("blue", "c2", "eth0"), enc(&bad_ep)),
+        (skeys::service("web"), enc(&service())),
+        (skeys::service("x}"), enc(&bad_svc)),
+        (skeys::producer("web", "web-1"), enc(&good_p)),
+        (skeys::producer("web", "web-2"), enc(&wrong_family)),
+        (keys::network("junk"), b"{not json".to_vec()),
+    ];
+    v.reset(kvs.iter().map(|(k, v)| (k.as_str(), v.as_slice())), 1);
+    assert_eq!(v.networks.keys().collect::<Vec<_>>(), ["blue"]);
+    assert_eq!(v.endpoints.len(), 1);
+    assert_eq!(v.services.keys().collect::<Vec<_>>(), ["web"]);
+    assert_eq!(v.producers.len(), 1);
+    let rejected: Vec<&String> = v.rejected.keys().collect();
+    for k in [
+        keys::network("evil"),
+        keys::network("junk"),
+        keys::endpoint("blue", "c2", "eth0"),
+        skeys::service("x}"),
+        skeys::producer("web", "web-2"),
+    ] {
+        assert!(rejected.contains(&&k), "{k} missing from {rejected:?}");
+    }
+    assert_eq!(v.rejected.len(), 5);
+    // Repaired or deleted, a key leaves the list.
+    v.put(&keys::network("evil"), &enc(&Network {
+        name: "evil".into(),
+        bridge: "fn-evil".into(),
+        ..net()
+    }));
+    v.delete(&keys::network("junk"));
+    assert_eq!(v.rejected.len(), 3);
+    assert!(v.networks.contains_key("evil"));
+}
+
+mod erased {
+    /// Serialize any record without naming its type.
+    pub trait Json {
+        fn json(&self) -> Vec<u8>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn json(&self) -> Vec<u8> {
+            serde_json::to_vec(self).unwrap()
+        }
+    }
+}
