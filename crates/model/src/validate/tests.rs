@@ -319,11 +319,14 @@ fn discovery_view_skips_and_lists_bad_records() {
     }
     assert_eq!(v.rejected.len(), 5);
     // Repaired or deleted, a key leaves the list.
-    v.put(&keys::network("evil"), &enc(&Network {
-        name: "evil".into(),
-        bridge: "fn-evil".into(),
-        ..net()
-    }));
+    v.put(
+        &keys::network("evil"),
+        &enc(&Network {
+            name: "evil".into(),
+            bridge: "fn-evil".into(),
+            ..net()
+        }),
+    );
     v.delete(&keys::network("junk"));
     assert_eq!(v.rejected.len(), 3);
     assert!(v.networks.contains_key("evil"));
