@@ -46,6 +46,34 @@ pub struct AgentStatus {
     /// The load balancer (virtual IPs and ingress).
     #[serde(default)]
     pub lb: LbStatus,
+    /// Store records refused as invalid (treated as absent), by key.
+    #[serde(default)]
+    pub rejected: Vec<RejectedRecord>,
+}
+
+/// A store record the agent refused: it reaches no nft rule, DNS name, path or interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RejectedRecord {
+    /// The store key.
+    pub key: String,
+    /// Why it was refused.
+    pub reason: String,
+}
+
+/// The union of the refusals of the agent's views, by key (the first view's reason wins).
+pub fn rejected_list<'a>(
+    views: impl IntoIterator<Item = &'a std::collections::BTreeMap<String, String>>,
+) -> Vec<RejectedRecord> {
+    let mut all = std::collections::BTreeMap::new();
+    for v in views {
+        for (k, r) in v {
+            all.entry(k.clone()).or_insert_with(|| r.clone());
+        }
+    }
+    all.into_iter()
+        .map(|(key, reason)| RejectedRecord { key, reason })
+        .collect()
 }
 
 /// What the load balancer has programmed (table `inet ferrynet-svc`).

@@ -16,6 +16,7 @@ use ipnet::IpNet;
 
 use super::{decode, Control};
 use crate::error::{ControlError, Result};
+use ferrynet_model::validate::Validate;
 
 /// What a runtime asks for when it attaches a container.
 #[derive(Debug, Clone)]
@@ -85,6 +86,10 @@ impl Control {
             aliases: req.aliases.clone(),
             ..Endpoint::new(&net.name, &req.container_id, &req.ifname)
         };
+        // Refuse at the write edge what every reader would refuse (ferrynet_model::validate).
+        template
+            .validate()
+            .map_err(|e| ControlError::InvalidConfig(format!("endpoint: {e}")))?;
         if net.mode == NetworkMode::Host {
             if !req.port_mappings.is_empty() {
                 return Err(ControlError::InvalidConfig(format!(
