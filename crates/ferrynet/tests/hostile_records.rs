@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{bin, must, need, out as text, within, Lab, Ns, Proc};
+use common::{bin, need, out as text, within, Lab, Ns, Proc};
 use ferrynet_model::discovery::DiscoveryView;
 use ferrynet_model::edge::{add_ports, base_ruleset, published_ports, EdgeNetwork};
 use ferrynet_model::lb::{desired, full_batch};
@@ -53,7 +53,11 @@ fn addr() -> impl Strategy<Value = IpAddr> {
 }
 
 fn proto() -> impl Strategy<Value = Protocol> {
-    prop_oneof![Just(Protocol::Tcp), Just(Protocol::Udp), Just(Protocol::Sctp)]
+    prop_oneof![
+        Just(Protocol::Tcp),
+        Just(Protocol::Udp),
+        Just(Protocol::Sctp)
+    ]
 }
 
 /// One generated cluster: every record with the key it is stored under.
@@ -63,7 +67,12 @@ struct Forged {
 }
 
 fn network(i: usize) -> impl Strategy<Value = Network> {
-    (hostile(), prop_oneof![hostile().prop_map(|s| format!("fn-{s}")), hostile()], any::<bool>(), any::<bool>())
+    (
+        hostile(),
+        prop_oneof![hostile().prop_map(|s| format!("fn-{s}")), hostile()],
+        any::<bool>(),
+        any::<bool>(),
+    )
         .prop_map(move |(name, bridge, internal, v6)| {
             let mut subnets = vec![Subnet::new(format!("10.{}.0.0/16", i + 1).parse().unwrap())];
             if v6 {
@@ -167,7 +176,11 @@ fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
 
 fn forged() -> impl Strategy<Value = Forged> {
     let nets = (0..3usize).map(network).collect::<Vec<_>>();
-    (nets, proptest::collection::vec(service(), 0..3), any::<bool>())
+    (
+        nets,
+        proptest::collection::vec(service(), 0..3),
+        any::<bool>(),
+    )
         .prop_flat_map(|(nets, svcs, misfile)| {
             let net_names: Vec<String> = nets.iter().map(|n| n.name.clone()).collect();
             let svc_names: Vec<String> = svcs.iter().map(|s| s.name.clone()).collect();
@@ -198,7 +211,10 @@ fn forged() -> impl Strategy<Value = Forged> {
                 records.push((key, json(n)));
             }
             for e in &eps {
-                records.push((keys::endpoint(&e.network, &e.container_id, &e.ifname), json(e)));
+                records.push((
+                    keys::endpoint(&e.network, &e.container_id, &e.ifname),
+                    json(e),
+                ));
             }
             for s in &svcs {
                 records.push((skeys::service(&s.name), json(s)));
@@ -246,7 +262,10 @@ fn plain_twin(v: &DiscoveryView) -> DiscoveryView {
         .enumerate()
         .map(|(i, e)| {
             let e = Endpoint {
-                network: nets.get(&e.network).cloned().unwrap_or_else(|| "gone".into()),
+                network: nets
+                    .get(&e.network)
+                    .cloned()
+                    .unwrap_or_else(|| "gone".into()),
                 container_id: format!("e{i}"),
                 ifname: "eth0".into(),
                 aliases: vec![],
@@ -310,7 +329,14 @@ fn batches(v: &DiscoveryView) -> Vec<String> {
     for e in v.endpoints.values() {
         let ips: Vec<IpAddr> = e.ips.iter().map(|n| n.addr()).collect();
         for p in published_ports(&e.port_mappings, &ips) {
-            if seen.insert(format!("{:?}", (p.mapping.protocol, p.mapping.host_port, p.container_ip.is_ipv6()))) {
+            if seen.insert(format!(
+                "{:?}",
+                (
+                    p.mapping.protocol,
+                    p.mapping.host_port,
+                    p.container_ip.is_ipv6()
+                )
+            )) {
                 ports.push(p);
             }
         }
@@ -381,7 +407,12 @@ fn batches_from_hostile_records_pass_nft_check_and_add_nothing() {
             let v = view_of(&f);
             let twin = plain_twin(&v);
             for (got, plain) in batches(&v).iter().zip(batches(&twin)) {
-                prop_assert_eq!(statements(got), statements(&plain), "extra statements in\n{}", got);
+                prop_assert_eq!(
+                    statements(got),
+                    statements(&plain),
+                    "extra statements in\n{}",
+                    got
+                );
                 if let Err(e) = nft_check(&ns, got) {
                     return Err(TestCaseError::fail(e));
                 }
@@ -548,7 +579,10 @@ fn forged_records_are_skipped_listed_and_never_break_the_others() {
         bridge: "fn-x\"; flush ruleset; \"".into(),
         ..Network::bridged("evil", ["10.72.0.0/24".parse().unwrap()])
     };
-    let newline_net = Network::bridged("nl\nadd table inet pwned", ["10.73.0.0/24".parse().unwrap()]);
+    let newline_net = Network::bridged(
+        "nl\nadd table inet pwned",
+        ["10.73.0.0/24".parse().unwrap()],
+    );
     let brace_svc = Service {
         ports: good_svc.ports.clone(),
         ..Service::named("x}")
@@ -564,7 +598,7 @@ fn forged_records_are_skipped_listed_and_never_break_the_others() {
         aliases: vec!["a b".into()],
         ..Endpoint::new(&good, "forged1", "eth0")
     };
-    let bad_keys = vec![
+    let bad_keys = [
         keys::network("evil"),
         keys::network(&newline_net.name),
         skeys::service("x}"),
@@ -602,13 +636,19 @@ fn forged_records_are_skipped_listed_and_never_break_the_others() {
     });
     let human = h.ok(&["status"]);
     assert!(human.contains("rejected records (5)"), "{human}");
-    assert!(!human.contains("nl\nadd"), "keys are printed escaped: {human}");
+    assert!(
+        !human.contains("nl\nadd"),
+        "keys are printed escaped: {human}"
+    );
 
     // The load balancer serves the good service.
     within(Duration::from_secs(20), || {
-        let o = h.lab.host.run(&["nft", "list", "table", "inet", "ferrynet-svc"]);
+        let o = h
+            .lab
+            .host
+            .run(&["nft", "list", "table", "inet", "ferrynet-svc"]);
         let s = text(&o);
-        (s.contains("svc-api-tcp-80-v4") && s.contains("10.71.0.200") && !s.contains("x}"))
+        (s.contains("svc-api-tcp-80-4") && s.contains("10.71.0.200") && !s.contains("x}"))
             .then_some(())
             .ok_or(format!("{s}\n{}", h.log()))
     });
@@ -616,15 +656,32 @@ fn forged_records_are_skipped_listed_and_never_break_the_others() {
     h.ok(&["reload"]);
     let edge = h.nft(&["list", "table", "inet", "ferrynet"]);
     assert!(edge.contains(&format!("outbound {good}")), "{edge}");
-    assert!(!edge.contains("evil") && !edge.contains("10.72.0.0"), "{edge}");
+    assert!(
+        !edge.contains("evil") && !edge.contains("10.72.0.0"),
+        "{edge}"
+    );
     let tables = h.nft(&["list", "tables"]);
-    assert!(tables.contains("inet ferrynet-svc") && !tables.contains("pwned"), "{tables}");
+    assert!(
+        tables.contains("inet ferrynet-svc") && !tables.contains("pwned"),
+        "{tables}"
+    );
 
     // DNS answers the good names and not the forged ones.
     let zone = format!("{good}.ferrynet.internal");
     let dig = |name: &str| {
         let q = format!("{name}.{zone}");
-        let o = h.lab.cli(&["exec", &client, "--", "dig", "+short", "+tries=1", "+time=5", "@10.71.0.1", &q, "A"]);
+        let o = h.lab.cli(&[
+            "exec",
+            &client,
+            "--",
+            "dig",
+            "+short",
+            "+tries=1",
+            "+time=5",
+            "@10.71.0.1",
+            &q,
+            "A",
+        ]);
         text(&o).trim().to_string()
     };
     within(Duration::from_secs(20), || {
@@ -633,7 +690,11 @@ fn forged_records_are_skipped_listed_and_never_break_the_others() {
             .then_some(())
             .ok_or(format!("web {w:?} api {api:?}\n{}", h.log()))
     });
-    assert_eq!(dig("forged"), "", "the endpoint with a bad alias is not served");
+    assert_eq!(
+        dig("forged"),
+        "",
+        "the endpoint with a bad alias is not served"
+    );
     // Repaired, the record is served and leaves the list.
     let repaired = Endpoint {
         aliases: vec!["a-b".into()],
@@ -644,7 +705,13 @@ fn forged_records_are_skipped_listed_and_never_break_the_others() {
         let got = dig("a-b");
         (got == "10.71.0.99").then_some(()).ok_or(got)
     });
-    let st: Value = serde_json::from_slice(&h.lab.cli(&["status", "--json"]).stdout).expect("status");
-    assert!(!st["rejected"].to_string().contains("forged1"), "{st}");
-    let _ = must;
+    // The status list follows (it is refreshed on the agent's next event or tick).
+    within(Duration::from_secs(20), || {
+        let o = h.lab.cli(&["status", "--json"]);
+        let st: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+        let listed = st["rejected"].to_string();
+        (!listed.contains("forged1") && listed.contains("evil"))
+            .then_some(())
+            .ok_or(listed)
+    });
 }

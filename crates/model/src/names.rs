@@ -6,7 +6,7 @@ use sha2::{Digest, Sha256};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
     /// A network or container name breaks the naming rule.
-    #[error("invalid {what} name {name:?}: use 1-64 characters, letters, digits, '_', '.', '-', starting with a letter or digit")]
+    #[error("invalid {what} name {name:?}: use 1-63 characters, letters, digits, '_', '.', '-', starting with a letter or digit (a DNS label: no empty part)")]
     BadName {
         /// "network" or "container".
         what: &'static str,
@@ -76,9 +76,9 @@ pub fn temp_peer_name(network: &str, container_id: &str, ifname: &str) -> String
     format!("fnp{}", hash12(&[network, container_id, ifname]))
 }
 
-/// Check a network name: 1–64 of `[A-Za-z0-9_.-]`, starting with a letter or digit.
+/// Check a network name: 1–63 of `[A-Za-z0-9_.-]`, starting with a letter or digit.
 pub fn validate_network_name(name: &str) -> Result<(), NameError> {
-    name_ok(name, 64).then_some(()).ok_or(NameError::BadName {
+    name_ok(name, 63).then_some(()).ok_or(NameError::BadName {
         what: "network",
         name: name.to_string(),
     })
@@ -86,7 +86,7 @@ pub fn validate_network_name(name: &str) -> Result<(), NameError> {
 
 /// Check a CLI container name (same rule as networks).
 pub fn validate_container_name(name: &str) -> Result<(), NameError> {
-    name_ok(name, 64).then_some(()).ok_or(NameError::BadName {
+    name_ok(name, 63).then_some(()).ok_or(NameError::BadName {
         what: "container",
         name: name.to_string(),
     })
@@ -157,7 +157,7 @@ mod tests {
     #[test]
     fn validates_names() {
         assert!(validate_network_name("blue-1.net_x").is_ok());
-        for bad in ["", "-a", ".a", "a b", "a/b", &"x".repeat(65)] {
+        for bad in ["", "-a", ".a", "a b", "a/b", &"x".repeat(64), "a..b", "a."] {
             assert!(validate_network_name(bad).is_err(), "{bad:?}");
         }
         assert!(validate_container_name("bad name")

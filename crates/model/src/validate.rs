@@ -147,16 +147,14 @@ pub fn check_container_id(id: &str) -> Result<(), RecordError> {
     })
 }
 
-/// True when `name` is a sequence of DNS labels: each 1–63 of `[A-Za-z0-9_-]`, not starting
-/// or ending with `-`, at most 253 bytes in all.
+/// True when `name` is a sequence of DNS labels: each 1–63 of `[A-Za-z0-9_-]`, at most 253
+/// bytes in all.
 pub fn is_dns_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_DNS_NAME
         && name.split('.').all(|l| {
             !l.is_empty()
                 && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
                 && l.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         })

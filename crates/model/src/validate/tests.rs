@@ -102,7 +102,8 @@ fn hostile_network_records_are_refused() {
 
 #[test]
 fn hostile_endpoints_are_refused() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut Endpoint)>)> = vec![
+    type Spoil = Box<dyn Fn(&mut Endpoint)>;
+    let cases: Vec<(&str, Spoil)> = vec![
         ("aliases", Box::new(|e| e.aliases.push("a b".into()))),
         ("aliases", Box::new(|e| e.aliases.push("x}".into()))),
         ("aliases", Box::new(|e| e.aliases.push("a..b".into()))),
