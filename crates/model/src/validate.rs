@@ -529,6 +529,24 @@ impl Validate for VipRanges {
     }
 }
 
+/// A block claim must lie inside one of its network's subnets: a forged claim of `0.0.0.0/0`
+/// (or of another tenant's range) would otherwise be routed to the claiming host.
+pub fn check_block_on(block: &IpNet, net: &Network) -> Result<(), RecordError> {
+    let inside = net.subnets.iter().any(|s| s.cidr.contains(block));
+    if net.fabric.is_some() && inside {
+        Ok(())
+    } else {
+        Err(RecordError::new(
+            "block",
+            block,
+            format!(
+                "is not a block of multi-host network {}'s subnets",
+                net.name
+            ),
+        ))
+    }
+}
+
 /// The addresses of a producer on a known network must lie in that network's subnets (so in
 /// its address families): a producer cannot point a service at another tenant's range.
 pub fn check_producer_on(p: &Producer, net: &Network) -> Result<(), RecordError> {

@@ -9,7 +9,7 @@ use ferrynet_model::blocks::host_view;
 use ferrynet_model::fabric::{vtep_mac, Peer};
 use ferrynet_model::host::{BlockClaim, HostRecord};
 use ferrynet_model::network::{keys, Network};
-use ferrynet_model::validate::Validate;
+use ferrynet_model::validate::{check_block_on, Validate};
 use ferrynet_store::{EventKind, KeyValue, WatchEvent};
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
@@ -82,7 +82,17 @@ impl ClusterView {
                 }
             }
         } else if let Some((net, block)) = keys::parse_block(&kv.key) {
-            match record::<BlockClaim>(&mut self.rejected, kv) {
+            let claim = record::<BlockClaim>(&mut self.rejected, kv).filter(|_| {
+                match self.networks.get(&net).map(|n| check_block_on(&block, n)) {
+                    Some(Err(e)) => {
+                        tracing::warn!(key = %kv.key.escape_debug(), reason = %e, "rejected a store record");
+                        self.rejected.insert(kv.key.clone(), e.to_string());
+                        false
+                    }
+                    _ => true,
+                }
+            });
+            match claim {
                 Some(c) => self.blocks.entry(net).or_default().insert(block, c.host),
                 None => self.blocks.get_mut(&net).and_then(|m| m.remove(&block)),
             };
@@ -144,11 +154,19 @@ impl ClusterView {
             .get(network)
             .map(|m| {
                 m.iter()
-                    .filter(|(_, h)| *h == host)
+                    .filter(|(b, h)| *h == host && self.block_fits(network, b))
                     .map(|(b, _)| *b)
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// True when `block` lies in `network`'s pool (claims that arrived before their network
+    /// are checked here, at use).
+    fn block_fits(&self, network: &str, block: &IpNet) -> bool {
+        self.networks
+            .get(network)
+            .is_some_and(|n| check_block_on(block, n).is_ok())
     }
 
     /// The record of a live or departed (still in grace) host.
@@ -163,7 +181,7 @@ impl ClusterView {
         let mut owners: BTreeMap<&str, Vec<IpNet>> = BTreeMap::new();
         if let Some(m) = self.blocks.get(network) {
             for (b, h) in m {
-                if h != me {
+                if h != me && self.block_fits(network, b) {
                     owners.entry(h.as_str()).or_default().push(*b);
                 }
             }
@@ -358,16 +376,22 @@ mod tests {
         h3.key = keys::host("h4");
         v.put(&h3);
         v.put(&block("blue", "10.20.1.0/26", "h5\n"));
+        // A claim outside the pool would route the world to h2.
+        v.put(&block("blue", "0.0.0.0/0", "h2"));
+        assert!(v.peers("blue", "h1")[0]
+            .blocks
+            .iter()
+            .all(|b| b.prefix_len() == 26));
         assert!(!v.networks.contains_key("evil"));
         assert!(!v.hosts.contains_key("h3") && !v.hosts.contains_key("h4"));
         assert!(v.unknown_owners().is_empty(), "the bad claim is not kept");
-        assert_eq!(v.rejected.len(), 4, "{:?}", v.rejected);
+        assert_eq!(v.rejected.len(), 5, "{:?}", v.rejected);
         // The good records are untouched.
         assert_eq!(v.peers("blue", "h1").len(), 1);
         // A good record that turns bad is dropped, not kept at its old value.
         v.put(&kv(keys::host("h2"), b"{\"name\":\"h2\"}".to_vec()));
         assert!(!v.hosts.contains_key("h2") && v.departed.contains_key("h2"));
         v.delete(&keys::network("evil"), Instant::now());
-        assert_eq!(v.rejected.len(), 4);
+        assert_eq!(v.rejected.len(), 5);
     }
 }

@@ -246,6 +246,23 @@ fn hostile_hosts_blocks_and_ranges_are_refused() {
 }
 
 #[test]
+fn blocks_must_lie_in_their_network() {
+    let mut n = net();
+    n.fabric = Some(crate::network::FabricSpec {
+        backend: crate::fabric::Backend::Route,
+        vni: 7,
+        block_v4: 26,
+        block_v6: 122,
+    });
+    check_block_on(&"10.20.0.64/26".parse().unwrap(), &n).unwrap();
+    for bad in ["0.0.0.0/0", "10.21.0.0/26", "10.0.0.0/8", "fd00::/122"] {
+        assert!(check_block_on(&bad.parse().unwrap(), &n).is_err(), "{bad}");
+    }
+    // Single-host networks have no blocks.
+    assert!(check_block_on(&"10.20.0.64/26".parse().unwrap(), &net()).is_err());
+}
+
+#[test]
 fn dns_names() {
     for good in ["web", "web-1", "db.local", "a_b", "A1", "-a"] {
         assert!(is_dns_name(good), "{good}");
