@@ -517,6 +517,35 @@ mod tests {
     }
 
     #[test]
+    fn hostile_names_at_the_write_edge_get_spec_codes() {
+        for bridge in ["fn-x\"; flush ruleset; \"", "fn-a%d", "fn-Blue", "docker0"] {
+            let c =
+                conf(serde_json::json!({"subnets": [{"cidr": "10.7.0.0/24"}], "bridge": bridge}));
+            assert_eq!(network_from_conf(&c).unwrap_err().code, 7, "{bridge:?}");
+        }
+        let c =
+            conf(serde_json::json!({"args": {"ferrynet": {"name": "web}", "aliases": ["ok"]}}}));
+        let vars = |args: &'static str| {
+            move |k: &str| match k {
+                "CNI_COMMAND" => Some("ADD".to_string()),
+                "CNI_CONTAINERID" => Some("c1".to_string()),
+                "CNI_NETNS" => Some("/run/netns/x".to_string()),
+                "CNI_IFNAME" => Some("eth0".to_string()),
+                "CNI_ARGS" => Some(args.to_string()),
+                _ => None,
+            }
+        };
+        let env = CniEnv::from_vars(vars("K8S_POD_NAME=web-0")).unwrap();
+        assert_eq!(dns_name(&env, &c).unwrap_err().code, 7);
+        let plain = conf(serde_json::json!({}));
+        assert_eq!(dns_name(&env, &plain).unwrap().as_deref(), Some("web-0"));
+        let env = CniEnv::from_vars(vars("K8S_POD_NAME=a b")).unwrap();
+        assert_eq!(dns_name(&env, &plain).unwrap_err().code, 4);
+        let c = conf(serde_json::json!({"args": {"ferrynet": {"aliases": ["a b"]}}}));
+        assert_eq!(dns_aliases(&c).unwrap_err().code, 7);
+    }
+
+    #[test]
     fn network_from_subnets_key() {
         let n = network_from_conf(&conf(serde_json::json!({"subnets": [{"cidr": "10.7.0.0/24"}, {"cidr": "fd07::/64"}], "mtu": 1400})))
             .unwrap()

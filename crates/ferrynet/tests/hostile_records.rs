@@ -61,9 +61,21 @@ fn proto() -> impl Strategy<Value = Protocol> {
 }
 
 /// One generated cluster: every record with the key it is stored under.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct Forged {
     records: Vec<(String, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for Forged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(
+                self.records
+                    .iter()
+                    .map(|(k, v)| (k, String::from_utf8_lossy(v))),
+            )
+            .finish()
+    }
 }
 
 fn network(i: usize) -> impl Strategy<Value = Network> {
