@@ -171,12 +171,14 @@ pub fn check_dns_name(field: &'static str, name: &str) -> Result<(), RecordError
     })
 }
 
-/// A network namespace path: absolute, printable, no `..`, at most 4096 bytes.
+/// A network namespace path: absolute, printable, no `..`, at most 4096 bytes; or empty
+/// (a host-network container has none of its own).
 pub fn check_netns_path(path: &str) -> Result<(), RecordError> {
-    let ok = path.starts_with('/')
-        && path.len() <= MAX_PATH
-        && !path.chars().any(char::is_control)
-        && !path.split('/').any(|c| c == "..");
+    let ok = path.is_empty()
+        || path.starts_with('/')
+            && path.len() <= MAX_PATH
+            && !path.chars().any(char::is_control)
+            && !path.split('/').any(|c| c == "..");
     ok.then_some(()).ok_or_else(|| {
         RecordError::new(
             "netns",
