@@ -52,10 +52,9 @@ impl Validate for Container {
     fn validate(&self) -> std::result::Result<(), RecordError> {
         // The name becomes a netns name and a directory under the state dir.
         validate_container_name(&self.name)
-            .map_err(|e| RecordError::new("name", format!("{:?}", self.name), e.to_string()))?;
-        validate_network_name(&self.network).map_err(|e| {
-            RecordError::new("network", format!("{:?}", self.network), e.to_string())
-        })?;
+            .map_err(|e| RecordError::new("name", &self.name, e.to_string()))?;
+        validate_network_name(&self.network)
+            .map_err(|e| RecordError::new("network", &self.network, e.to_string()))?;
         if let Some(p) = &self.netns {
             check_netns_path(p)?;
         }

@@ -88,7 +88,7 @@ pub fn check_bridge_name(name: &str) -> Result<(), RecordError> {
     ok.then_some(()).ok_or_else(|| {
         RecordError::new(
             "bridge",
-            format!("{name:?}"),
+            name,
             "must be \"fn-\" and 1-12 of [a-z0-9-] (at most 15 bytes)",
         )
     })
@@ -112,7 +112,7 @@ pub fn check_ifname(field: &'static str, name: &str) -> Result<(), RecordError> 
     };
     match why {
         None => Ok(()),
-        Some(why) => Err(RecordError::new(field, format!("{name:?}"), why)),
+        Some(why) => Err(RecordError::new(field, name, why)),
     }
 }
 
@@ -125,7 +125,7 @@ pub fn check_host_name(field: &'static str, name: &str) -> Result<(), RecordErro
     ok.then_some(()).ok_or_else(|| {
         RecordError::new(
             field,
-            format!("{name:?}"),
+            name,
             "must be 1-253 of [A-Za-z0-9_.-], starting with a letter or digit",
         )
     })
@@ -141,7 +141,7 @@ pub fn check_container_id(id: &str) -> Result<(), RecordError> {
     ok.then_some(()).ok_or_else(|| {
         RecordError::new(
             "containerId",
-            format!("{id:?}"),
+            id,
             "must be 1-256 of [A-Za-z0-9_.-], starting with a letter or digit",
         )
     })
@@ -165,7 +165,7 @@ pub fn check_dns_name(field: &'static str, name: &str) -> Result<(), RecordError
     is_dns_name(name).then_some(()).ok_or_else(|| {
         RecordError::new(
             field,
-            format!("{name:?}"),
+            name,
             "must be DNS labels of [A-Za-z0-9_-] (1-63 bytes each, 253 in all)",
         )
     })
@@ -182,7 +182,7 @@ pub fn check_netns_path(path: &str) -> Result<(), RecordError> {
     ok.then_some(()).ok_or_else(|| {
         RecordError::new(
             "netns",
-            format!("{path:?}"),
+            path,
             "must be an absolute path without '..' or control characters",
         )
     })
@@ -227,8 +227,7 @@ fn check_port(field: &'static str, port: u16) -> Result<(), RecordError> {
 }
 
 fn check_network_ref(field: &'static str, name: &str) -> Result<(), RecordError> {
-    validate_network_name(name)
-        .map_err(|e| RecordError::new(field, format!("{name:?}"), e.to_string()))
+    validate_network_name(name).map_err(|e| RecordError::new(field, name, e.to_string()))
 }
 
 impl Validate for Network {
@@ -290,8 +289,7 @@ impl Validate for Endpoint {
         }
         for (field, mac) in [("mac", &self.mac), ("hostMac", &self.host_mac)] {
             if let Some(m) = mac {
-                parse_mac(m)
-                    .map_err(|e| RecordError::new(field, format!("{m:?}"), e.to_string()))?;
+                parse_mac(m).map_err(|e| RecordError::new(field, m, e.to_string()))?;
             }
         }
         if let Some(v) = &self.host_veth {
@@ -342,7 +340,7 @@ impl Validate for HostRecord {
             {
                 return Err(RecordError::new(
                     "capabilities",
-                    format!("{c:?}"),
+                    c,
                     "must be 1-32 of [a-z0-9-]",
                 ));
             }
@@ -350,7 +348,7 @@ impl Validate for HostRecord {
         if self.version.len() > 64 || !self.version.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(RecordError::new(
                 "version",
-                format!("{:?}", self.version),
+                &self.version,
                 "must be at most 64 printable ASCII characters",
             ));
         }
@@ -367,7 +365,7 @@ impl Validate for BlockClaim {
     }
     fn check_key(&self, key: &str) -> Result<(), RecordError> {
         let (net, _) = keys::parse_block(key)
-            .ok_or_else(|| RecordError::new("block", format!("{key:?}"), "not a block key"))?;
+            .ok_or_else(|| RecordError::new("block", key, "not a block key"))?;
         check_network_ref("network", &net)
     }
 }
@@ -384,7 +382,7 @@ impl Validate for HealthCheck {
                 {
                     return Err(RecordError::new(
                         "check.path",
-                        format!("{path:?}"),
+                        path,
                         "must start with '/' and be at most 1024 printable ASCII characters",
                     ));
                 }
@@ -435,19 +433,14 @@ fn check_port_name(name: &str) -> Result<(), RecordError> {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    ok.then_some(()).ok_or_else(|| {
-        RecordError::new(
-            "ports.name",
-            format!("{name:?}"),
-            "must be 1-63 of [A-Za-z0-9_-]",
-        )
-    })
+    ok.then_some(())
+        .ok_or_else(|| RecordError::new("ports.name", name, "must be 1-63 of [A-Za-z0-9_-]"))
 }
 
 impl Validate for Service {
     fn validate(&self) -> Result<(), RecordError> {
         validate_service(self)
-            .map_err(|e| RecordError::new("service", format!("{:?}", self.name), e.to_string()))?;
+            .map_err(|e| RecordError::new("service", &self.name, e.to_string()))?;
         for p in &self.ports {
             check_port("ports.port", p.port)?;
             check_port_name(&p.name)?;
@@ -475,7 +468,7 @@ impl Validate for Service {
 impl Validate for Producer {
     fn validate(&self) -> Result<(), RecordError> {
         validate_producer(self)
-            .map_err(|e| RecordError::new("producer", format!("{:?}", self.id), e.to_string()))?;
+            .map_err(|e| RecordError::new("producer", &self.id, e.to_string()))?;
         if let Some(h) = &self.host {
             check_host_name("host", h)?;
         }

@@ -88,8 +88,7 @@ impl Validate for PoolRecord {
             check_unicast("gateway/aux", *a)?;
         }
         if let Some(n) = &self.network {
-            validate_network_name(n)
-                .map_err(|e| RecordError::new("network", format!("{n:?}"), e.to_string()))?;
+            validate_network_name(n).map_err(|e| RecordError::new("network", n, e.to_string()))?;
         }
         Ok(())
     }
@@ -98,9 +97,9 @@ impl Validate for PoolRecord {
 impl Validate for DockerNetwork {
     fn validate(&self) -> std::result::Result<(), RecordError> {
         check_container_id(&self.docker_id)
-            .map_err(|e| RecordError::new("dockerId", format!("{:?}", self.docker_id), e.why))?;
+            .map_err(|e| RecordError::new("dockerId", &self.docker_id, e.why))?;
         validate_network_name(&self.name)
-            .map_err(|e| RecordError::new("name", format!("{:?}", self.name), e.to_string()))
+            .map_err(|e| RecordError::new("name", &self.name, e.to_string()))
     }
     fn check_key(&self, key: &str) -> std::result::Result<(), RecordError> {
         if key == network_key(&self.docker_id) {

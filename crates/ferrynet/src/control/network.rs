@@ -15,12 +15,7 @@ use crate::error::{ControlError, Result};
 /// Check a network's own fields (name, subnets, MTU) without looking at other networks.
 pub fn validate_network(net: &Network) -> Result<()> {
     validate_network_name(&net.name).map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
-    check_bridge_name(&net.bridge).map_err(|e| {
-        ControlError::InvalidConfig(format!(
-            "bridge name {:?} must start with \"fn-\", then 1-12 of [a-z0-9-] (at most 15 bytes): {e}",
-            net.bridge
-        ))
-    })?;
+    check_bridge_name(&net.bridge).map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
     if let Some(mtu) = net.mtu {
         if !(576..=65535).contains(&mtu) {
             return Err(ControlError::InvalidConfig(format!(
