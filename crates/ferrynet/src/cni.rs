@@ -10,6 +10,7 @@ use ferrynet_model::cni::{
 use ferrynet_model::ipam::validate_network_subnets;
 use ferrynet_model::names::parse_mac;
 use ferrynet_model::network::{Endpoint, EndpointOwner, Network, NetworkMode, Subnet};
+use ferrynet_model::validate::{check_bridge_name, check_dns_name};
 use ipnet::IpNet;
 use serde_json::Value;
 
@@ -148,10 +149,14 @@ pub fn network_from_conf(conf: &NetConf) -> Result<Option<Network>, CniError> {
         }
     };
     let internal = flag("internal", false)?;
+    let bridge = conf_str(conf, "bridge").unwrap_or_default();
+    if !bridge.is_empty() {
+        check_bridge_name(bridge).map_err(|e| CniError::invalid_config(e.to_string()))?;
+    }
     Ok(Some(crate::control::network::with_defaults(Network {
         name: conf.name.clone(),
         mode,
-        bridge: conf_str(conf, "bridge").unwrap_or_default().to_string(),
+        bridge: bridge.to_string(),
         subnets,
         mtu,
         internal,
@@ -337,8 +342,8 @@ async fn add(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<Value, CniEr
                 static_ips,
                 mac,
                 port_mappings: conf.runtime_config.port_mappings.clone(),
-                name: dns_name(env, conf),
-                aliases: dns_aliases(conf),
+                name: dns_name(env, conf)?,
+                aliases: dns_aliases(conf)?,
                 owner: EndpointOwner::Cni,
             },
         )
@@ -380,26 +385,44 @@ fn agent_dns(res: &CniResult, network: &str, domain: &str) -> Dns {
     }
 }
 
-/// The container's DNS name: `args.ferrynet.name` in the configuration, else the
-/// Kubernetes pod name a runtime passes in CNI_ARGS.
-fn dns_name(env: &CniEnv, conf: &NetConf) -> Option<String> {
-    conf.args
+/// The container's DNS name: `args.ferrynet.name` in the configuration (else code 7), else the
+/// Kubernetes pod name a runtime passes in CNI_ARGS (else code 4); it must be DNS labels.
+fn dns_name(env: &CniEnv, conf: &NetConf) -> Result<Option<String>, CniError> {
+    let from_conf = conf
+        .args
         .as_ref()
         .and_then(|a| a.get("ferrynet")?.get("name")?.as_str())
-        .or_else(|| env.arg("K8S_POD_NAME"))
-        .filter(|n| !n.is_empty())
-        .map(str::to_string)
+        .filter(|n| !n.is_empty());
+    if let Some(n) = from_conf {
+        check_dns_name("args.ferrynet.name", n)
+            .map_err(|e| CniError::invalid_config(e.to_string()))?;
+        return Ok(Some(n.to_string()));
+    }
+    match env.arg("K8S_POD_NAME").filter(|n| !n.is_empty()) {
+        Some(n) => {
+            check_dns_name("K8S_POD_NAME", n)
+                .map_err(|e| CniError::invalid_env(format!("CNI_ARGS: {e}")))?;
+            Ok(Some(n.to_string()))
+        }
+        None => Ok(None),
+    }
 }
 
-/// Further DNS names: `args.ferrynet.aliases` (a list of strings).
-fn dns_aliases(conf: &NetConf) -> Vec<String> {
-    conf.args
+/// Further DNS names: `args.ferrynet.aliases` (a list of strings, each DNS labels; else code 7).
+fn dns_aliases(conf: &NetConf) -> Result<Vec<String>, CniError> {
+    let aliases: Vec<String> = conf
+        .args
         .as_ref()
         .and_then(|a| a.get("ferrynet")?.get("aliases")?.as_array().cloned())
         .unwrap_or_default()
         .iter()
         .filter_map(|v| v.as_str().map(str::to_string))
-        .collect()
+        .collect();
+    for a in &aliases {
+        check_dns_name("args.ferrynet.aliases", a)
+            .map_err(|e| CniError::invalid_config(e.to_string()))?;
+    }
+    Ok(aliases)
 }
 
 async fn del(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
@@ -498,6 +521,35 @@ mod tests {
             }
         }
         NetConf::parse(v.to_string().as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn hostile_names_at_the_write_edge_get_spec_codes() {
+        for bridge in ["fn-x\"; flush ruleset; \"", "fn-a%d", "fn-Blue", "docker0"] {
+            let c =
+                conf(serde_json::json!({"subnets": [{"cidr": "10.7.0.0/24"}], "bridge": bridge}));
+            assert_eq!(network_from_conf(&c).unwrap_err().code, 7, "{bridge:?}");
+        }
+        let c =
+            conf(serde_json::json!({"args": {"ferrynet": {"name": "web}", "aliases": ["ok"]}}}));
+        let vars = |args: &'static str| {
+            move |k: &str| match k {
+                "CNI_COMMAND" => Some("ADD".to_string()),
+                "CNI_CONTAINERID" => Some("c1".to_string()),
+                "CNI_NETNS" => Some("/run/netns/x".to_string()),
+                "CNI_IFNAME" => Some("eth0".to_string()),
+                "CNI_ARGS" => Some(args.to_string()),
+                _ => None,
+            }
+        };
+        let env = CniEnv::from_vars(vars("K8S_POD_NAME=web-0")).unwrap();
+        assert_eq!(dns_name(&env, &c).unwrap_err().code, 7);
+        let plain = conf(serde_json::json!({}));
+        assert_eq!(dns_name(&env, &plain).unwrap().as_deref(), Some("web-0"));
+        let env = CniEnv::from_vars(vars("K8S_POD_NAME=a b")).unwrap();
+        assert_eq!(dns_name(&env, &plain).unwrap_err().code, 4);
+        let c = conf(serde_json::json!({"args": {"ferrynet": {"aliases": ["a b"]}}}));
+        assert_eq!(dns_aliases(&c).unwrap_err().code, 7);
     }
 
     #[test]

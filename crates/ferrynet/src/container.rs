@@ -6,8 +6,12 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use ferrynet_model::names::{validate_container_name, validate_network_name};
 use ferrynet_model::network::keys;
 use ferrynet_model::portmap::{PortMapping, Protocol};
+use ferrynet_model::validate::{
+    check_ifname, check_netns_path, check_unicast, RecordError, Validate,
+};
 use ferrynet_store::{Compare, Op};
 use ipnet::IpNet;
 use nix::sched::CloneFlags;
@@ -15,7 +19,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use crate::control::{decode, encode, Control};
+use crate::control::{decode, decode_all, encode, Control};
 use crate::error::{ControlError, Result};
 
 /// A CLI container as recorded under `/ferrynet/v1/containers/<name>`.
@@ -42,6 +46,49 @@ pub struct Container {
     /// Published ports.
     #[serde(default)]
     pub ports: Vec<PortMapping>,
+}
+
+impl Validate for Container {
+    fn validate(&self) -> std::result::Result<(), RecordError> {
+        // The name becomes a netns name and a directory under the state dir.
+        validate_container_name(&self.name)
+            .map_err(|e| RecordError::new("name", &self.name, e.to_string()))?;
+        validate_network_name(&self.network)
+            .map_err(|e| RecordError::new("network", &self.network, e.to_string()))?;
+        if let Some(p) = &self.netns {
+            check_netns_path(p)?;
+        }
+        check_ifname("ifname", &self.ifname)?;
+        if self.command.iter().any(|a| a.contains('\0')) {
+            return Err(RecordError::new(
+                "command",
+                format!("{:?}", self.command),
+                "holds NUL",
+            ));
+        }
+        // A pid is signalled on `rm`: never init or a process group.
+        if let Some(pid) = self.pid.filter(|p| *p <= 1) {
+            return Err(RecordError::new("pid", pid, "must be above 1"));
+        }
+        for ip in &self.ips {
+            check_unicast("ips", ip.addr())?;
+        }
+        for m in &self.ports {
+            m.validate()?;
+        }
+        Ok(())
+    }
+    fn check_key(&self, key: &str) -> std::result::Result<(), RecordError> {
+        if key == keys::container(&self.name) {
+            Ok(())
+        } else {
+            Err(RecordError::new(
+                "name",
+                key,
+                "record stored under the wrong key",
+            ))
+        }
+    }
 }
 
 /// Name of the netns of a CLI container.
@@ -369,7 +416,7 @@ impl Control {
     /// Every CLI container.
     pub async fn containers(&self) -> Result<Vec<Container>> {
         let (kvs, _) = self.store.range(&keys::containers()).await?;
-        kvs.iter().map(decode).collect()
+        Ok(decode_all(&kvs))
     }
 
     /// One CLI container.

@@ -75,6 +75,14 @@ pub enum ControlError {
         /// The JSON error.
         source: serde_json::Error,
     },
+    /// A stored record decoded but breaks the rules for names, addresses or ports.
+    #[error("rejected record {key}: {source}")]
+    Rejected {
+        /// The store key.
+        key: String,
+        /// What is wrong with it.
+        source: ferrynet_model::validate::RecordError,
+    },
 }
 
 impl ControlError {
@@ -113,7 +121,7 @@ impl ControlError {
             ControlError::UnknownContainer(_) => CniError::unknown_container(msg),
             ControlError::CheckFailed(_) => CniError::plugin(codes::CHECK_FAILED, msg),
             ControlError::Io { .. } => CniError::io(msg),
-            ControlError::Decode { .. } => CniError::io(msg),
+            ControlError::Decode { .. } | ControlError::Rejected { .. } => CniError::io(msg),
         }
     }
 }

@@ -10,6 +10,7 @@ use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 
 use crate::host::BlockClaim;
+use crate::validate::{check_host_name, check_producer_on, Validate};
 
 use crate::network::{keys as nkeys, Endpoint, Network};
 use crate::service::{keys as skeys, HealthRecord, Producer, Service, VipRanges};
@@ -52,10 +53,39 @@ pub struct DiscoveryView {
     pub kv: BTreeMap<String, String>,
     /// The store revision this view reflects.
     pub revision: u64,
+    /// Records refused (undecodable or invalid), by key, with the reason; they count as absent.
+    pub rejected: BTreeMap<String, String>,
 }
 
-fn json<T: DeserializeOwned>(v: &[u8]) -> Option<T> {
-    serde_json::from_slice(v).ok()
+impl DiscoveryView {
+    /// Decode and check the record under `key`; a bad one is listed in `rejected` with its key
+    /// (the agent logs it) and read as absent so it never reaches nft, DNS or a path.
+    fn record<T: DeserializeOwned + Validate>(&mut self, key: &str, value: &[u8]) -> Option<T> {
+        let checked = serde_json::from_slice::<T>(value)
+            .map_err(|e| format!("undecodable: {e}"))
+            .and_then(|r| r.validate_at(key).map(|()| r).map_err(|e| e.to_string()));
+        match checked {
+            Ok(r) => {
+                self.rejected.remove(key);
+                Some(r)
+            }
+            Err(why) => {
+                self.rejected.insert(key.to_string(), why);
+                None
+            }
+        }
+    }
+
+    /// A producer is also refused when its network is known and its addresses are not in it.
+    fn producer(&mut self, key: &str, value: &[u8]) -> Option<Producer> {
+        let p: Producer = self.record(key, value)?;
+        let net = p.network.as_ref().and_then(|n| self.networks.get(n));
+        if let Some(Err(e)) = net.map(|n| check_producer_on(&p, n)) {
+            self.rejected.insert(key.to_string(), e.to_string());
+            return None;
+        }
+        Some(p)
+    }
 }
 
 impl DiscoveryView {
@@ -66,39 +96,49 @@ impl DiscoveryView {
             return;
         };
         if let Some(name) = rest.strip_prefix("networks/") {
-            match json::<Network>(value) {
+            match self.record::<Network>(key, value) {
                 Some(n) => self.networks.insert(name.to_string(), n),
                 None => self.networks.remove(name),
             };
         } else if rest.starts_with("endpoints/") {
-            match json::<Endpoint>(value) {
+            match self.record::<Endpoint>(key, value) {
                 Some(e) => self.endpoints.insert(key.to_string(), e),
                 None => self.endpoints.remove(key),
             };
         } else if let Some(name) = rest.strip_prefix("hosts/") {
-            self.live_hosts.insert(name.to_string());
+            // Discovery needs only liveness; the agent's cluster view checks the whole record.
+            match check_host_name("host", name) {
+                Ok(()) => {
+                    self.rejected.remove(key);
+                    self.live_hosts.insert(name.to_string())
+                }
+                Err(e) => {
+                    self.rejected.insert(key.to_string(), e.to_string());
+                    self.live_hosts.remove(name)
+                }
+            };
         } else if let Some(block) = nkeys::parse_block(key) {
-            match json::<BlockClaim>(value) {
+            match self.record::<BlockClaim>(key, value) {
                 Some(c) => self.blocks.insert(block, c.host),
                 None => self.blocks.remove(&block),
             };
         } else if let Some(name) = rest.strip_prefix("services/") {
-            match json::<Service>(value) {
+            match self.record::<Service>(key, value) {
                 Some(s) => self.services.insert(name.to_string(), s),
                 None => self.services.remove(name),
             };
         } else if let Some(pair) = skeys::parse_pair(key, "producers") {
-            match json::<Producer>(value) {
+            match self.producer(key, value) {
                 Some(p) => self.producers.insert(pair, p),
                 None => self.producers.remove(&pair),
             };
         } else if let Some(pair) = skeys::parse_pair(key, "health") {
-            match json::<HealthRecord>(value) {
+            match self.record::<HealthRecord>(key, value) {
                 Some(h) => self.health.insert(pair, h),
                 None => self.health.remove(&pair),
             };
         } else if key == skeys::vip_ranges() {
-            self.vip_ranges = json(value).unwrap_or_default();
+            self.vip_ranges = self.record(key, value).unwrap_or_default();
         } else if let Some(name) = rest.strip_prefix("kv/") {
             self.kv.insert(
                 name.to_string(),
@@ -109,6 +149,7 @@ impl DiscoveryView {
 
     /// Apply a deletion.
     pub fn delete(&mut self, key: &str) {
+        self.rejected.remove(key);
         let Some(rest) = key.strip_prefix(nkeys::ROOT) else {
             return;
         };

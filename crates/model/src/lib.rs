@@ -16,3 +16,4 @@ pub mod portmap;
 pub mod registry;
 pub mod reserved;
 pub mod service;
+pub mod validate;

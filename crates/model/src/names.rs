@@ -6,7 +6,7 @@ use sha2::{Digest, Sha256};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
     /// A network or container name breaks the naming rule.
-    #[error("invalid {what} name {name:?}: use 1-64 characters, letters, digits, '_', '.', '-', starting with a letter or digit")]
+    #[error("invalid {what} name {name:?}: use 1-63 characters, letters, digits, '_', '.', '-', starting with a letter or digit (a DNS label: no empty part)")]
     BadName {
         /// "network" or "container".
         what: &'static str,
@@ -44,13 +44,21 @@ fn name_ok(name: &str, max: usize) -> bool {
         Some(c) if c.is_ascii_alphanumeric() => {}
         _ => return false,
     }
-    name.len() <= max && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    // No empty dot-separated part: the name becomes DNS labels (`web.<network>.<domain>`).
+    name.len() <= max
+        && !name.contains("..")
+        && !name.ends_with('.')
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
-/// Bridge of a network: `fn-<name>` when it fits in 15 bytes, else `fn-` + a hash.
-/// Every ferrynet bridge starts with `fn-`: firewall rules match on that prefix.
+/// Bridge of a network: `fn-<name>` when the name is 1-12 of `[a-z0-9-]`, else `fn-` + a hash.
+/// Every ferrynet bridge starts with `fn-`: firewall rules match on that prefix, and bridge
+/// names read back from the store must pass [`crate::validate::check_bridge_name`].
 pub fn bridge_name(network: &str) -> String {
-    if name_ok(network, 12) {
+    let plain = network
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if plain && name_ok(network, 12) {
         format!("fn-{network}")
     } else {
         format!("fn-{}", hash12(&[network]))
@@ -68,9 +76,9 @@ pub fn temp_peer_name(network: &str, container_id: &str, ifname: &str) -> String
     format!("fnp{}", hash12(&[network, container_id, ifname]))
 }
 
-/// Check a network name: 1–64 of `[A-Za-z0-9_.-]`, starting with a letter or digit.
+/// Check a network name: 1–63 of `[A-Za-z0-9_.-]`, starting with a letter or digit.
 pub fn validate_network_name(name: &str) -> Result<(), NameError> {
-    name_ok(name, 64).then_some(()).ok_or(NameError::BadName {
+    name_ok(name, 63).then_some(()).ok_or(NameError::BadName {
         what: "network",
         name: name.to_string(),
     })
@@ -78,7 +86,7 @@ pub fn validate_network_name(name: &str) -> Result<(), NameError> {
 
 /// Check a CLI container name (same rule as networks).
 pub fn validate_container_name(name: &str) -> Result<(), NameError> {
-    name_ok(name, 64).then_some(()).ok_or(NameError::BadName {
+    name_ok(name, 63).then_some(()).ok_or(NameError::BadName {
         what: "container",
         name: name.to_string(),
     })
@@ -149,7 +157,7 @@ mod tests {
     #[test]
     fn validates_names() {
         assert!(validate_network_name("blue-1.net_x").is_ok());
-        for bad in ["", "-a", ".a", "a b", "a/b", &"x".repeat(65)] {
+        for bad in ["", "-a", ".a", "a b", "a/b", &"x".repeat(64), "a..b", "a."] {
             assert!(validate_network_name(bad).is_err(), "{bad:?}");
         }
         assert!(validate_container_name("bad name")

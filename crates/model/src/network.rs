@@ -111,12 +111,12 @@ fn default_block_v6() -> u8 {
 
 impl Network {
     /// A single-host bridged network over `cidrs` that masquerades outbound traffic, with the
-    /// kernel's MTU and a bridge name to be derived from `name`.
+    /// kernel's MTU and the bridge name derived from `name`.
     pub fn bridged(name: &str, cidrs: impl IntoIterator<Item = IpNet>) -> Network {
         Network {
             name: name.to_string(),
             mode: NetworkMode::Bridge,
-            bridge: String::new(),
+            bridge: crate::names::bridge_name(name),
             subnets: cidrs.into_iter().map(Subnet::new).collect(),
             mtu: None,
             internal: false,

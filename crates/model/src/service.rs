@@ -243,7 +243,7 @@ pub enum ServiceError {
     #[error("service name {0:?} must be 1-63 lowercase letters, digits or '-', not starting or ending with '-'")]
     BadName(String),
     /// A producer id that cannot be a key segment.
-    #[error("producer id {0:?} must be 1-128 letters, digits or '_.-'")]
+    #[error("producer id {0:?} must be 1-63 letters, digits or '_.-' (it becomes a DNS label)")]
     BadId(String),
     /// Two ports with the same number and protocol, or the same name.
     #[error("service {service}: port {port} is given twice")]
@@ -319,7 +319,7 @@ pub fn validate_producer(p: &Producer) -> Result<(), ServiceError> {
         return Err(ServiceError::BadName(p.service.clone()));
     }
     let id_ok = !p.id.is_empty()
-        && p.id.len() <= 128
+        && p.id.len() <= 63
         && p.id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));

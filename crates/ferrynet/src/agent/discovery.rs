@@ -3,6 +3,7 @@
 //! health checker) through a `tokio::sync::watch` channel, so each sees the newest state and
 //! skips intermediate ones when it is busy.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +36,16 @@ pub async fn follow(store: Arc<dyn Store>, tx: watch::Sender<Arc<DiscoveryView>>
     }
 }
 
+/// Log each record the view newly refuses, with its key (the view itself is pure).
+fn log_rejected(view: &DiscoveryView, logged: &mut BTreeMap<String, String>) {
+    for (key, reason) in &view.rejected {
+        if logged.get(key) != Some(reason) {
+            tracing::warn!(key = %key.escape_debug(), reason = %reason, "rejected a store record");
+        }
+    }
+    logged.clone_from(&view.rejected);
+}
+
 async fn follow_once(
     store: &Arc<dyn Store>,
     tx: &watch::Sender<Arc<DiscoveryView>>,
@@ -53,6 +64,8 @@ async fn follow_once(
         kvs.iter().map(|kv| (kv.key.as_str(), kv.value.as_slice())),
         top,
     );
+    let mut logged = BTreeMap::new();
+    log_rejected(&view, &mut logged);
     if tx.send(Arc::new(view.clone())).is_err() {
         return Ok(());
     }
@@ -70,6 +83,7 @@ async fn follow_once(
         while let Some(Some(more)) = futures::FutureExt::now_or_never(events.next()) {
             apply(more?);
         }
+        log_rejected(&view, &mut logged);
         if tx.send(Arc::new(view.clone())).is_err() {
             return Ok(());
         }

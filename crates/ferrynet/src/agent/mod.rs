@@ -158,6 +158,7 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
         ctl.host.clone(),
         status.clone(),
     ));
+    let rejected = (status.clone(), disc_rx.clone());
     let _discovery = (disc_rx, lease_rx);
     let reg_task = tokio::spawn(register::keep_registered(
         ctl.store.clone(),
@@ -174,7 +175,7 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            r = follow(&mut rec, &mut view, &opts) => {
+            r = follow(&mut rec, &mut view, &opts, &rejected) => {
                 let e = match r { Ok(()) => break, Err(e) => e };
                 tracing::warn!(error = %e, "store connection lost; the kernel keeps its last state; retrying");
                 if let Ok(mut s) = status.lock() {
@@ -211,7 +212,15 @@ async fn follow(
     rec: &mut reconcile::Reconciler,
     view: &mut ClusterView,
     opts: &AgentOptions,
+    rejected: &(Arc<Mutex<AgentStatus>>, discovery::ViewRx),
 ) -> Result<(), StoreError> {
+    // Refused records of both views go to `ferrynet status`, refreshed after every event and tick.
+    let publish_rejected = |view: &ClusterView| {
+        let list = status::rejected_list([&view.rejected, &rejected.1.borrow().rejected]);
+        if let Ok(mut s) = rejected.0.lock() {
+            s.rejected = list;
+        }
+    };
     let store = rec.ctl.store.clone();
     let mut kvs = Vec::new();
     let mut streams = Vec::new();
@@ -265,6 +274,7 @@ async fn follow(
                 }
             }
         }
+        publish_rejected(view);
     }
 }
 

@@ -49,6 +49,9 @@ pub struct AgentStatus {
     /// The VXLAN guard (absent: this host has no VXLAN device).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vxlan_guard: Option<VxlanGuardStatus>,
+    /// Store records refused as invalid (treated as absent), by key.
+    #[serde(default)]
+    pub rejected: Vec<RejectedRecord>,
 }
 
 /// The VXLAN guard (`inet ferrynet-fabric`).
@@ -61,6 +64,31 @@ pub struct VxlanGuardStatus {
     pub dropped: std::collections::BTreeMap<String, u64>,
     /// Times the table was built whole (first build, or repaired after damage).
     pub rebuilds: u64,
+}
+
+/// A store record the agent refused: it reaches no nft rule, DNS name, path or interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RejectedRecord {
+    /// The store key.
+    pub key: String,
+    /// Why it was refused.
+    pub reason: String,
+}
+
+/// The union of the refusals of the agent's views, by key (the first view's reason wins).
+pub fn rejected_list<'a>(
+    views: impl IntoIterator<Item = &'a std::collections::BTreeMap<String, String>>,
+) -> Vec<RejectedRecord> {
+    let mut all = std::collections::BTreeMap::new();
+    for v in views {
+        for (k, r) in v {
+            all.entry(k.clone()).or_insert_with(|| r.clone());
+        }
+    }
+    all.into_iter()
+        .map(|(key, reason)| RejectedRecord { key, reason })
+        .collect()
 }
 
 /// What the load balancer has programmed (table `inet ferrynet-svc`).

@@ -9,8 +9,10 @@ use ferrynet_model::blocks::host_view;
 use ferrynet_model::fabric::{vtep_mac, Peer};
 use ferrynet_model::host::{BlockClaim, HostRecord};
 use ferrynet_model::network::{keys, Network};
+use ferrynet_model::validate::{check_block_on, Validate};
 use ferrynet_store::{EventKind, KeyValue, WatchEvent};
 use ipnet::IpNet;
+use serde::de::DeserializeOwned;
 
 /// What the agent knows about the cluster.
 #[derive(Debug, Default, Clone)]
@@ -24,6 +26,35 @@ pub struct ClusterView {
     pub departed: BTreeMap<String, (HostRecord, Instant)>,
     /// Block claims per network: block -> owning host.
     pub blocks: BTreeMap<String, BTreeMap<IpNet, String>>,
+    /// Records refused (undecodable or invalid), by key, with the reason; they count as absent.
+    pub rejected: BTreeMap<String, String>,
+}
+
+/// Decode and check one record; a bad one goes into `rejected` (and the log) with its key.
+fn record<T: DeserializeOwned + Validate>(
+    rejected: &mut BTreeMap<String, String>,
+    kv: &KeyValue,
+) -> Option<T> {
+    let checked = serde_json::from_slice::<T>(&kv.value)
+        .map_err(|e| format!("undecodable: {e}"))
+        .and_then(|r| {
+            r.validate_at(&kv.key)
+                .map(|()| r)
+                .map_err(|e| e.to_string())
+        });
+    match checked {
+        Ok(r) => {
+            rejected.remove(&kv.key);
+            Some(r)
+        }
+        Err(why) => {
+            if rejected.get(&kv.key) != Some(&why) {
+                tracing::warn!(key = %kv.key.escape_debug(), reason = %why, "rejected a store record");
+            }
+            rejected.insert(kv.key.clone(), why);
+            None
+        }
+    }
 }
 
 impl ClusterView {
@@ -32,24 +63,45 @@ impl ClusterView {
         let Some(rest) = kv.key.strip_prefix(keys::ROOT) else {
             return;
         };
+        // A refused record reads as absent: what an earlier good version set up is removed.
         if let Some(name) = rest.strip_prefix("networks/") {
-            if let Ok(n) = serde_json::from_slice::<Network>(&kv.value) {
-                self.networks.insert(name.to_string(), n);
-            }
+            match record::<Network>(&mut self.rejected, kv) {
+                Some(n) => self.networks.insert(name.to_string(), n),
+                None => self.networks.remove(name),
+            };
         } else if let Some(name) = rest.strip_prefix("hosts/") {
-            if let Ok(h) = serde_json::from_slice::<HostRecord>(&kv.value) {
-                self.departed.remove(name);
-                self.hosts.insert(name.to_string(), h);
+            match record::<HostRecord>(&mut self.rejected, kv) {
+                Some(h) => {
+                    self.departed.remove(name);
+                    self.hosts.insert(name.to_string(), h);
+                }
+                None => {
+                    if let Some(h) = self.hosts.remove(name) {
+                        self.departed.insert(name.to_string(), (h, Instant::now()));
+                    }
+                }
             }
         } else if let Some((net, block)) = keys::parse_block(&kv.key) {
-            if let Ok(c) = serde_json::from_slice::<BlockClaim>(&kv.value) {
-                self.blocks.entry(net).or_default().insert(block, c.host);
-            }
+            let claim = record::<BlockClaim>(&mut self.rejected, kv).filter(|_| {
+                match self.networks.get(&net).map(|n| check_block_on(&block, n)) {
+                    Some(Err(e)) => {
+                        tracing::warn!(key = %kv.key.escape_debug(), reason = %e, "rejected a store record");
+                        self.rejected.insert(kv.key.clone(), e.to_string());
+                        false
+                    }
+                    _ => true,
+                }
+            });
+            match claim {
+                Some(c) => self.blocks.entry(net).or_default().insert(block, c.host),
+                None => self.blocks.get_mut(&net).and_then(|m| m.remove(&block)),
+            };
         }
     }
 
     /// Apply a deletion seen at `now`.
     pub fn delete(&mut self, key: &str, now: Instant) {
+        self.rejected.remove(key);
         let Some(rest) = key.strip_prefix(keys::ROOT) else {
             return;
         };
@@ -80,6 +132,7 @@ impl ClusterView {
         let before = std::mem::take(&mut self.hosts);
         self.networks.clear();
         self.blocks.clear();
+        self.rejected.clear();
         for kv in kvs {
             self.put(kv);
         }
@@ -101,11 +154,19 @@ impl ClusterView {
             .get(network)
             .map(|m| {
                 m.iter()
-                    .filter(|(_, h)| *h == host)
+                    .filter(|(b, h)| *h == host && self.block_fits(network, b))
                     .map(|(b, _)| *b)
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// True when `block` lies in `network`'s pool (claims that arrived before their network
+    /// are checked here, at use).
+    fn block_fits(&self, network: &str, block: &IpNet) -> bool {
+        self.networks
+            .get(network)
+            .is_some_and(|n| check_block_on(block, n).is_ok())
     }
 
     /// The record of a live or departed (still in grace) host.
@@ -120,7 +181,7 @@ impl ClusterView {
         let mut owners: BTreeMap<&str, Vec<IpNet>> = BTreeMap::new();
         if let Some(m) = self.blocks.get(network) {
             for (b, h) in m {
-                if h != me {
+                if h != me && self.block_fits(network, b) {
                     owners.entry(h.as_str()).or_default().push(*b);
                 }
             }
@@ -296,5 +357,41 @@ mod tests {
         v.delete(&keys::network("blue"), Instant::now());
         assert!(v.peers("blue", "h1").is_empty());
         assert_eq!(v.fabric_networks().count(), 0);
+    }
+
+    #[test]
+    fn hostile_records_are_skipped_and_listed() {
+        let mut v = sample();
+        let mut evil = serde_json::from_slice::<Network>(&net(Backend::Vxlan).value).unwrap();
+        evil.name = "evil".into();
+        evil.bridge = "fn-x\"; flush ruleset; \"".into();
+        v.put(&kv(
+            keys::network("evil"),
+            serde_json::to_vec(&evil).unwrap(),
+        ));
+        // A host record whose underlay is multicast, and one under another host's key.
+        let mut h3 = host("h3", "224.0.0.9/4");
+        v.put(&h3);
+        h3 = host("h1", "192.168.1.1/24");
+        h3.key = keys::host("h4");
+        v.put(&h3);
+        v.put(&block("blue", "10.20.1.0/26", "h5\n"));
+        // A claim outside the pool would route the world to h2.
+        v.put(&block("blue", "0.0.0.0/0", "h2"));
+        assert!(v.peers("blue", "h1")[0]
+            .blocks
+            .iter()
+            .all(|b| b.prefix_len() == 26));
+        assert!(!v.networks.contains_key("evil"));
+        assert!(!v.hosts.contains_key("h3") && !v.hosts.contains_key("h4"));
+        assert!(v.unknown_owners().is_empty(), "the bad claim is not kept");
+        assert_eq!(v.rejected.len(), 5, "{:?}", v.rejected);
+        // The good records are untouched.
+        assert_eq!(v.peers("blue", "h1").len(), 1);
+        // A good record that turns bad is dropped, not kept at its old value.
+        v.put(&kv(keys::host("h2"), b"{\"name\":\"h2\"}".to_vec()));
+        assert!(!v.hosts.contains_key("h2") && v.departed.contains_key("h2"));
+        v.delete(&keys::network("evil"), Instant::now());
+        assert_eq!(v.rejected.len(), 5);
     }
 }

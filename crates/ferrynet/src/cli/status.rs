@@ -88,6 +88,21 @@ pub async fn show(paths: &Paths, json: bool) -> anyhow::Result<()> {
         }
         None => println!("dns: off"),
     }
+    if !s.rejected.is_empty() {
+        println!(
+            "rejected records ({}), treated as absent:",
+            s.rejected.len()
+        );
+        let mut t = Table::new(&["KEY", "REASON"]);
+        for r in &s.rejected {
+            // Keys come from the store: print them escaped, never raw.
+            t.row(vec![
+                r.key.escape_debug().to_string(),
+                r.reason.escape_debug().to_string(),
+            ]);
+        }
+        print!("{t}");
+    }
     println!();
     let mut t = Table::new(&["HOST", "UNDERLAY", "STATE"]);
     for h in &s.hosts {

@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 use super::records::DOCKER_IFNAME;
 use super::Plugin;
 use crate::control::{decode, encode};
+use ferrynet_model::validate::is_dns_name;
 
 /// Where the Engine API listens by default.
 pub const DEFAULT_DOCKER_API: &str = "/var/run/docker.sock";
@@ -88,7 +89,9 @@ pub fn name_of_container(container: &Value, endpoint_id: &str) -> Option<Contain
         .as_str()?
         .trim_start_matches('/')
         .to_string();
-    if name.is_empty() {
+    // Names become DNS names and are checked again when read back: refuse here what every
+    // reader would refuse (ferrynet_model::validate).
+    if !is_dns_name(&name) {
         return None;
     }
     let net = container
@@ -105,7 +108,7 @@ pub fn name_of_container(container: &Value, endpoint_id: &str) -> Option<Contain
         .flatten()
         .filter_map(Value::as_str)
     {
-        if a != name && !a.is_empty() && !aliases.iter().any(|x| x == a) {
+        if a != name && is_dns_name(a) && !aliases.iter().any(|x| x == a) {
             aliases.push(a.to_string());
         }
     }
@@ -288,5 +291,11 @@ mod tests {
             name_of_container(&no_aliases, "e1").unwrap().aliases,
             Vec::<String>::new()
         );
+        // Names and aliases that are not DNS names are not recorded.
+        let hostile = json!({"Id": "x", "Name": "/n", "NetworkSettings": {"Networks": {
+            "front": {"EndpointID": "e1", "Aliases": ["a b", "x}", "ok"]}}}});
+        assert_eq!(name_of_container(&hostile, "e1").unwrap().aliases, ["ok"]);
+        let bad_name = json!({"Id": "x", "Name": "/a\nb", "NetworkSettings": {"Networks": {}}});
+        assert_eq!(name_of_container(&bad_name, "e1"), None);
     }
 }

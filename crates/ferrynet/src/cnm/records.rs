@@ -12,12 +12,14 @@
 
 use std::net::IpAddr;
 
+use ferrynet_model::names::validate_network_name;
 use ferrynet_model::network::keys::ROOT;
+use ferrynet_model::validate::{check_container_id, check_unicast, RecordError, Validate};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use super::error::Result;
-use crate::control::{decode, encode, Control};
+use crate::control::{decode, decode_all, encode, Control};
 
 /// Owner recorded on addresses the IPAM driver hands out (Docker releases them itself).
 pub const IPAM_OWNER: &str = "docker-ipam";
@@ -80,6 +82,38 @@ pub struct DockerNetwork {
     pub ipv6: bool,
 }
 
+impl Validate for PoolRecord {
+    fn validate(&self) -> std::result::Result<(), RecordError> {
+        for a in self.gateway.iter().chain(&self.aux) {
+            check_unicast("gateway/aux", *a)?;
+        }
+        if let Some(n) = &self.network {
+            validate_network_name(n).map_err(|e| RecordError::new("network", n, e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+impl Validate for DockerNetwork {
+    fn validate(&self) -> std::result::Result<(), RecordError> {
+        check_container_id(&self.docker_id)
+            .map_err(|e| RecordError::new("dockerId", &self.docker_id, e.why))?;
+        validate_network_name(&self.name)
+            .map_err(|e| RecordError::new("name", &self.name, e.to_string()))
+    }
+    fn check_key(&self, key: &str) -> std::result::Result<(), RecordError> {
+        if key == network_key(&self.docker_id) {
+            Ok(())
+        } else {
+            Err(RecordError::new(
+                "dockerId",
+                key,
+                "record stored under the wrong key",
+            ))
+        }
+    }
+}
+
 /// Read a pool record.
 pub async fn pool(ctl: &Control, pool_id: &str) -> Result<Option<(PoolRecord, u64)>> {
     match ctl.store.get(&pool_key(pool_id)).await? {
@@ -91,10 +125,7 @@ pub async fn pool(ctl: &Control, pool_id: &str) -> Result<Option<(PoolRecord, u6
 /// Every pool record.
 pub async fn pools(ctl: &Control) -> Result<Vec<PoolRecord>> {
     let (kvs, _) = ctl.store.range(&pools_prefix()).await?;
-    Ok(kvs
-        .iter()
-        .map(decode)
-        .collect::<std::result::Result<_, _>>()?)
+    Ok(decode_all(&kvs))
 }
 
 /// Read a Docker network's binding.
@@ -108,10 +139,7 @@ pub async fn docker_network(ctl: &Control, docker_id: &str) -> Result<Option<Doc
 /// Every binding.
 pub async fn docker_networks(ctl: &Control) -> Result<Vec<DockerNetwork>> {
     let (kvs, _) = ctl.store.range(&networks_prefix()).await?;
-    Ok(kvs
-        .iter()
-        .map(decode)
-        .collect::<std::result::Result<_, _>>()?)
+    Ok(decode_all(&kvs))
 }
 
 /// Encode a record for the store.

@@ -18,7 +18,7 @@ use ferrynet_store::{Compare, Op};
 use ipnet::IpNet;
 
 use super::ipam::HeldPort;
-use super::{decode, encode, Control};
+use super::{decode, decode_plain, encode, Control};
 use crate::error::{ControlError, Result};
 
 /// How often a transaction is retried after losing a race.
@@ -92,7 +92,7 @@ impl Control {
     /// Rotation hints of a network (last address handed out per subnet).
     async fn last_allocated(&self, network: &str) -> Result<BTreeMap<String, IpAddr>> {
         Ok(match self.store.get(&keys::ipam_last(network)).await? {
-            Some(kv) => decode(&kv).unwrap_or_default(),
+            Some(kv) => decode_plain(&kv).unwrap_or_default(),
             None => BTreeMap::new(),
         })
     }

@@ -17,6 +17,7 @@ use ipnet::IpNet;
 
 use super::{decode, Control};
 use crate::error::{ControlError, Result};
+use ferrynet_model::validate::Validate;
 
 /// What a runtime asks for when it attaches a container.
 #[derive(Debug, Clone)]
@@ -89,6 +90,10 @@ impl Control {
             owner: req.owner,
             ..Endpoint::new(&net.name, &req.container_id, &req.ifname)
         };
+        // Refuse at the write edge what every reader would refuse (ferrynet_model::validate).
+        template
+            .validate()
+            .map_err(|e| ControlError::InvalidConfig(format!("endpoint: {e}")))?;
         if net.mode == NetworkMode::Host {
             if !req.port_mappings.is_empty() {
                 return Err(ControlError::InvalidConfig(format!(

@@ -14,7 +14,7 @@ use ferrynet_model::portmap::PortMapping;
 use ferrynet_store::{Compare, Op};
 use ipnet::IpNet;
 
-use super::{decode, encode, Control};
+use super::{decode, decode_plain, encode, Control};
 use crate::error::{ControlError, Result};
 
 /// How often a reservation is retried after losing a race before giving up.
@@ -123,7 +123,7 @@ impl Control {
                 .collect();
             let last_kv = self.store.get(&keys::ipam_last(&net.name)).await?;
             let last: BTreeMap<String, IpAddr> = match &last_kv {
-                Some(kv) => decode(kv).unwrap_or_default(),
+                Some(kv) => decode_plain(kv).unwrap_or_default(),
                 None => BTreeMap::new(),
             };
             let planned = plan_allocation(&subnets, &used, requested, &|cidr: &IpNet| {

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ferrynet_dataplane::nft::{default_executor, NftExecutor};
+use ferrynet_model::validate::Validate;
 use ferrynet_store::config::StoreConfig;
 use ferrynet_store::{EmbeddedStore, KeyValue, Store};
 use serde::de::DeserializeOwned;
@@ -125,12 +126,39 @@ pub async fn open_store(paths: &Paths, url: Option<&str>) -> Result<Arc<dyn Stor
     }
 }
 
-/// Decode a JSON record from the store.
-pub(crate) fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T> {
+/// Decode a JSON record from the store and check it: stored records are input (see
+/// ferrynet_model::validate), so a bad one is an error here, never a command later.
+pub(crate) fn decode<T: DeserializeOwned + Validate>(kv: &KeyValue) -> Result<T> {
+    let rec = decode_plain::<T>(kv)?;
+    rec.validate_at(&kv.key)
+        .map_err(|source| ControlError::Rejected {
+            key: kv.key.clone(),
+            source,
+        })?;
+    Ok(rec)
+}
+
+/// Decode a stored value that is not a record of names (a rotation hint): only its JSON shape
+/// is checked.
+pub(crate) fn decode_plain<T: DeserializeOwned>(kv: &KeyValue) -> Result<T> {
     serde_json::from_slice(&kv.value).map_err(|source| ControlError::Decode {
         key: kv.key.clone(),
         source,
     })
+}
+
+/// Decode every record of a listing, skipping (and logging with its key) each bad one, so one
+/// forged or corrupt record never breaks the batch for the others.
+pub(crate) fn decode_all<T: DeserializeOwned + Validate>(kvs: &[KeyValue]) -> Vec<T> {
+    kvs.iter()
+        .filter_map(|kv| match decode(kv) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(key = %kv.key.escape_debug(), error = %e, "skipping a rejected store record");
+                None
+            }
+        })
+        .collect()
 }
 
 /// Encode a record for the store.

@@ -5,21 +5,17 @@ use std::collections::BTreeSet;
 use ferrynet_model::ipam::{find_overlap, validate_network_subnets};
 use ferrynet_model::names::{bridge_name, validate_network_name};
 use ferrynet_model::network::{keys, Endpoint, Network, NetworkMode};
+use ferrynet_model::validate::check_bridge_name;
 use ferrynet_store::{Compare, Op, Revision};
 use ipnet::IpNet;
 
-use super::{decode, encode, Control};
+use super::{decode, decode_all, encode, Control};
 use crate::error::{ControlError, Result};
 
 /// Check a network's own fields (name, subnets, MTU) without looking at other networks.
 pub fn validate_network(net: &Network) -> Result<()> {
     validate_network_name(&net.name).map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
-    if net.bridge.is_empty() || net.bridge.len() > 15 || !net.bridge.starts_with("fn-") {
-        return Err(ControlError::InvalidConfig(format!(
-            "bridge name {:?} must start with \"fn-\" and be at most 15 bytes",
-            net.bridge
-        )));
-    }
+    check_bridge_name(&net.bridge).map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
     if let Some(mtu) = net.mtu {
         if !(576..=65535).contains(&mtu) {
             return Err(ControlError::InvalidConfig(format!(
@@ -85,13 +81,13 @@ impl Control {
     /// Every network, sorted by name.
     pub async fn networks(&self) -> Result<Vec<Network>> {
         let (kvs, _) = self.store.range(&keys::networks()).await?;
-        kvs.iter().map(decode).collect()
+        Ok(decode_all(&kvs))
     }
 
     /// Every endpoint of a network.
     pub async fn endpoints(&self, network: &str) -> Result<Vec<Endpoint>> {
         let (kvs, _) = self.store.range(&keys::endpoints(network)).await?;
-        kvs.iter().map(decode).collect()
+        Ok(decode_all(&kvs))
     }
 
     /// Refuse `net` if a subnet or bridge name clashes with another network.

@@ -174,28 +174,16 @@ pub fn validate_container_id(id: &str) -> Result<(), CniError> {
 /// Longest Linux interface name (IFNAMSIZ minus the terminating NUL).
 const MAX_IFNAME_LEN: usize = 15;
 
-/// Checks `CNI_IFNAME` the way the kernel does: 1..=15 bytes, not `.`/`..`, no `/`, `:`, whitespace.
+/// Checks `CNI_IFNAME` the way the kernel does (1..=15 bytes, not `.`/`..`, no `/`, `:`,
+/// whitespace) and without `%` (the kernel's name template), quotes, `\\` or control characters.
 pub fn validate_ifname(name: &str) -> Result<(), CniError> {
-    let why = if name.is_empty() {
-        Some("is empty")
-    } else if name.len() > MAX_IFNAME_LEN {
-        Some("is longer than 15 bytes")
-    } else if name == "." || name == ".." {
-        Some("may not be '.' or '..'")
-    } else if name
-        .chars()
-        .any(|c| c == '/' || c == ':' || c.is_whitespace())
-    {
-        Some("may not contain '/', ':' or whitespace")
-    } else {
-        None
-    };
-    match why {
-        None => Ok(()),
-        Some(why) => Err(CniError::invalid_env(format!(
-            "CNI_IFNAME: invalid interface name {name:?}: {why}"
-        ))),
-    }
+    debug_assert_eq!(MAX_IFNAME_LEN, crate::validate::MAX_IFNAME);
+    crate::validate::check_ifname("CNI_IFNAME", name).map_err(|e| {
+        CniError::invalid_env(format!(
+            "CNI_IFNAME: invalid interface name {name:?}: {}",
+            e.why
+        ))
+    })
 }
 
 #[cfg(test)]
@@ -372,6 +360,8 @@ mod tests {
             "eth 0",
             "eth\t0",
             "abcdefghijklmnop",
+            "eth%d",
+            "a\"b",
         ] {
             assert_env_err(env_of(&with(add_env(), "CNI_IFNAME", bad)), "CNI_IFNAME");
         }

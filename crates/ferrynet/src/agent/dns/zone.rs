@@ -696,3 +696,7 @@ mod tests {
         assert_eq!(label("Web_1.x"), "web-1-x");
     }
 }
+
+#[cfg(test)]
+#[path = "zone_hostile.rs"]
+mod hostile;
