@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 name=${1:-ferrynet/ferrynet:latest}
 bin=${2:-target/release/ferrynet}
 [ -x "$bin" ] || { echo "no ferrynet binary at $bin (cargo build --release -p ferrynet)" >&2; exit 1; }
-for tool in nft iptables ip6tables ldd; do
+for tool in nft iptables ip6tables iptables-restore ip6tables-restore ldd; do
     command -v "$tool" >/dev/null || { echo "$tool is missing (apt-get install nftables iptables libc-bin)" >&2; exit 1; }
 done
 
@@ -59,7 +59,10 @@ add() {
 }
 put "$bin" /usr/bin/ferrynet
 for lib in $(libs "$bin"); do put "$lib"; done
-add "$(command -v nft)" "$(command -v iptables)" "$(command -v ip6tables)"
+# iptables-restore places ferrynet's FORWARD chain in one transaction (multi-call binaries: the
+# name they are called by picks the tool, so each name is its own copy).
+add "$(command -v nft)" "$(command -v iptables)" "$(command -v ip6tables)" \
+    "$(command -v iptables-restore)" "$(command -v ip6tables-restore)"
 # iptables loads its matches and targets at run time.
 xt=$(dirname "$(ldd "$(readlink -f "$(command -v iptables)")" | awk '/libxtables/ { print $3 }')")/xtables
 [ -d "$xt" ] && add "$xt"/*.so

@@ -16,7 +16,7 @@ echo "==> cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace --locked -- --test-threads="${FERRYNET_TEST_THREADS:-6}" 2>&1 | tee "$log"
+cargo test --workspace --locked --no-fail-fast -- --test-threads="${FERRYNET_TEST_THREADS:-6}" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 # One closing line over every test binary (cargo's own last line is the doc-tests' count).
