@@ -601,9 +601,12 @@ fn docker_user_still_decides_over_ferrynet_traffic() {
     for (conf, id, ns) in [(&conf, "c", &c), (&conf2, "c2", &c2)] {
         assert_eq!(lab.del(conf, id, Some(ns), "eth0").code, 0);
     }
+    // Both networks exist only through their CNI configs: their last DEL retires them.
+    let o = lab.cli(&["network", "ls"]);
+    assert!(o.status.success(), "{}", out(&o));
+    let ls = String::from_utf8_lossy(&o.stdout).to_string();
     for n in [format!("du{}", lab.tag), format!("dv{}", lab.tag)] {
-        let o = lab.cli(&["network", "rm", &n]);
-        assert!(o.status.success(), "{}", out(&o));
+        assert!(!ls.contains(&n), "{n} outlived its last DEL: {ls}");
     }
     let fwd = ipt(&lab, &["-S"]);
     assert!(!fwd.contains("FERRYNET"), "{fwd}");

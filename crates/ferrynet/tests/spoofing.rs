@@ -764,6 +764,10 @@ fn del_without_a_recorded_mac_still_removes_the_elements() {
     let x = Ns::new("c");
     lab.add(&conf, "x", &x, "eth0");
     let x_mac = mac_of(&x.name, "eth0");
+    // A second container keeps the network (a config network's last DEL retires it).
+    let y = Ns::new("c");
+    lab.add(&conf, "y", &y, "eth0");
+    let y_mac = mac_of(&y.name, "eth0");
     // The record as the interrupted ADD left it: no MAC, no host link.
     let store = ferrynet_store::EmbeddedStore::open(lab.state.path().join("store.redb"))
         .expect("open the store");
@@ -797,9 +801,9 @@ fn del_without_a_recorded_mac_still_removes_the_elements() {
         "x's elements outlived DEL: {}",
         list()
     );
-    // The guard goes with the last network.
-    let o = lab.cli(&["network", "rm", &net]);
-    assert!(o.status.success(), "network rm: {}", out(&o));
+    assert!(list().contains(&y_mac), "y's elements went with x's");
+    assert_eq!(lab.del(&conf, "y", Some(&y), "eth0").code, 0);
+    // The guard goes with the last network (y's DEL retired the config network).
     assert!(
         !lab.host
             .run(&["nft", "list", "table", "bridge", "ferrynet"])
