@@ -483,12 +483,12 @@ fn a_port_without_elements_passes_nothing() {
     lab.host.must(&["ip", "link", "del", &port]);
 }
 
-/// Across hosts: a forged source from h1's container never reaches h2's container (the frame
-/// is dropped at h1's port, before the fabric), while its honest datagrams do.
-#[test]
-fn forged_sources_do_not_cross_the_fabric() {
+/// Across hosts on `backend`'s fabric: a forged source from h1's container never reaches h2's
+/// container (the frame is dropped at h1's port, before the fabric), while its honest
+/// datagrams do; both families.
+fn forged_sources_do_not_cross_the_fabric(name: &str, backend: &str) {
     need("python3", "python3");
-    let mut lab = Cluster::vxlan3("spoofmh");
+    let mut lab = Cluster::up(name, &["--hosts", "3", "--backend", backend]);
     let sleep = ["sleep", "3600"];
     let c1 = lab.run("h1", "c1", &[], &sleep);
     let c2 = lab.run("h2", "c2", &[], &sleep);
@@ -501,7 +501,7 @@ fn forged_sources_do_not_cross_the_fabric() {
         let l = rec.lines();
         (l.iter().any(|x| x.contains("warmup4")) && l.iter().any(|x| x.contains("warmup6")))
             .then_some(())
-            .ok_or_else(|| format!("no honest datagram from h1 yet: {l:?}"))
+            .ok_or_else(|| format!("{backend}: no honest datagram from h1 yet: {l:?}"))
     });
     // h3's container's addresses, forged on h1.
     udp(&c1.netns(), &c3.v4, 0, &c2.v4, 5000, "forged-c3-v4");
@@ -510,7 +510,7 @@ fn forged_sources_do_not_cross_the_fabric() {
     udp(&c1.netns(), &c1.v6, 0, &c2.v6, 5000, "honest6");
     rec.wait_for("honest4");
     rec.wait_for("honest6");
-    assert_eq!(rec.with("forged"), Vec::<String>::new());
+    assert_eq!(rec.with("forged"), Vec::<String>::new(), "{backend}");
     let o = lab.exec("h1", &["guard", "--json"]);
     assert!(o.status.success(), "guard on h1: {}", out(&o));
     let v: Value = serde_json::from_slice(&o.stdout).expect("guard json");
@@ -522,7 +522,25 @@ fn forged_sources_do_not_cross_the_fabric() {
             .and_then(|c| c["packets"].as_u64())
             .unwrap_or(0)
     };
-    assert!(dropped("ip4_spoof") > 0 && dropped("ip6_spoof") > 0, "{v}");
+    assert!(
+        dropped("ip4_spoof") > 0 && dropped("ip6_spoof") > 0,
+        "{backend}: {v}"
+    );
+}
+
+#[test]
+fn forged_sources_do_not_cross_the_fabric_route() {
+    forged_sources_do_not_cross_the_fabric("spfroute", "route");
+}
+
+#[test]
+fn forged_sources_do_not_cross_the_fabric_vxlan() {
+    forged_sources_do_not_cross_the_fabric("spfvx", "vxlan");
+}
+
+#[test]
+fn forged_sources_do_not_cross_the_fabric_auto() {
+    forged_sources_do_not_cross_the_fabric("spfauto", "auto");
 }
 
 /// A private dockerd in a "host" namespace of its own with the agent serving the driver there,
