@@ -33,12 +33,10 @@ pub const NETS6: &str = "nets6";
 pub const SAME4: &str = "same4";
 /// IPv6 counterpart of [`SAME4`].
 pub const SAME6: &str = "same6";
-/// The filter chain that keeps 127.0.0.0/8 and ::1 on `lo`, hooked before DNAT.
+/// The input filter chain that keeps 127.0.0.0/8 and ::1 on `lo`. Forwarded traffic (the
+/// DNATed `127.0.0.1:PORT` case) is judged in `forward` instead, so container-to-container
+/// packets never pass it.
 pub const LOCALNET: &str = "localnet";
-/// Its priority: after conntrack (-200), before dstnat (-100), so a reply to the host's own
-/// `127.0.0.1:PORT` hairpin (whose destination is still the bridge gateway) passes.
-pub const LOCALNET_PRIORITY: i32 = -150;
-const _: () = assert!(LOCALNET_PRIORITY > -200 && LOCALNET_PRIORITY < -100);
 /// Loopback addresses that never arrive from outside `lo` (the `localnet` chain's drops).
 const LOOPBACK_MATCHES: [&str; 4] = [
     "ip daddr 127.0.0.0/8",
@@ -237,7 +235,7 @@ pub fn base_ruleset(networks: &[EdgeNetwork]) -> String {
         "add chain {t} forward {{ type filter hook forward priority filter; policy accept; }}"
     ));
     line(format!(
-        "add chain {t} {LOCALNET} {{ type filter hook prerouting priority {LOCALNET_PRIORITY}; policy accept; }}"
+        "add chain {t} {LOCALNET} {{ type filter hook input priority filter; policy accept; }}"
     ));
     for c in CHAINS {
         line(format!("flush chain {t} {c}"));
@@ -276,12 +274,15 @@ pub fn base_ruleset(networks: &[EdgeNetwork]) -> String {
 
     // Loopback stays local (CVE-2020-8558): bridges have route_localnet=1 so the host can reach
     // its 127.0.0.1:PORT published ports, which would also let anything on a bridge (or on an
-    // interface someone else gave route_localnet) reach 127.0.0.1. Dropped before DNAT, whatever
-    // the interface but lo; loopback sources from outside lo are forged too.
-    // Every packet of every flow passes here, so the rules are the cheapest matches there are:
-    // lo (ifindex 1 in every namespace) leaves at once, the rest pays four address compares
-    // (measured: name compares first cost ~9% of new connections per second).
+    // interface someone else gave route_localnet) reach 127.0.0.1. A new flow to or from
+    // loopback arriving on anything but lo is dropped: here when it is for the host, in
+    // `forward` when a published 127.0.0.1 port DNATed it to a container. Replies (the host's own
+    // 127.0.0.1:PORT hairpin comes back from the bridge to 127.0.0.1) are established. Input
+    // only sees the host's own traffic, so container-to-container packets pay nothing.
     line(format!("add rule {t} {LOCALNET} iif \"lo\" accept"));
+    line(format!(
+        "add rule {t} {LOCALNET} ct state established,related accept"
+    ));
     for m in LOOPBACK_MATCHES {
         line(format!(
             "add rule {t} {LOCALNET} {m} drop comment \"loopback from outside lo\""
@@ -351,6 +352,12 @@ pub fn base_ruleset(networks: &[EdgeNetwork]) -> String {
     line(format!(
         "add rule {t} forward ct state established,related accept"
     ));
+    for fam in ["ip", "ip6"] {
+        let lo = if fam == "ip" { "127.0.0.0/8" } else { "::1" };
+        for dir in ["daddr", "saddr"] {
+            line(format!("add rule {t} forward ct original {fam} {dir} {lo} drop comment \"loopback from outside lo\""));
+        }
+    }
     for n in networks.iter().filter(|n| n.internal) {
         let br = q(&n.bridge);
         line(format!(
@@ -610,7 +617,9 @@ mod tests {
     #[test]
     fn loopback_is_dropped_before_dnat_unless_on_lo() {
         let r = base_ruleset(&[net("a", "10.1.0.0/24", false)]);
-        assert!(r.contains("add chain inet ferrynet localnet { type filter hook prerouting priority -150; policy accept; }"));
+        assert!(r.contains("add chain inet ferrynet localnet { type filter hook input priority filter; policy accept; }"));
+        assert!(r.contains("forward ct original ip daddr 127.0.0.0/8 drop"));
+        assert!(r.contains("forward ct original ip6 daddr ::1 drop"));
         let lo = r
             .find("add rule inet ferrynet localnet iif \"lo\" accept")
             .expect("lo leaves first");
