@@ -27,7 +27,8 @@ fn init_logging(default: &str) {
 
 fn main() -> ExitCode {
     // A CNI runtime selects the command with an environment variable, not argv.
-    if std::env::var_os("CNI_COMMAND").is_some() {
+    let has_cli_args = std::env::args_os().len() > 1;
+    if ferrynet_model::cni::is_cni_invocation(|k| std::env::var(k).ok(), has_cli_args) {
         init_logging("warn");
         return ExitCode::from(cni::main() as u8);
     }

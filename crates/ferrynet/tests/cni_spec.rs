@@ -257,6 +257,31 @@ fn bad_inputs_get_the_right_error_codes() {
     let o = ch.wait_with_output().unwrap();
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["code"], 6);
+    // A runtime that lost CNI_COMMAND (the rest of CNI's environment present, no arguments)
+    // gets an error object with code 4, not the CLI's usage text.
+    let mut cmd = std::process::Command::new("nsenter");
+    cmd.args([&lab.host.enter(), bin()])
+        .env_remove("CNI_COMMAND")
+        .env("CNI_CONTAINERID", "x")
+        .env("CNI_NETNS", &p)
+        .env("CNI_IFNAME", "eth0")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut ch = cmd.spawn().unwrap();
+    std::io::Write::write_all(
+        &mut ch.stdin.take().unwrap(),
+        serde_json::to_string(&conf).unwrap().as_bytes(),
+    )
+    .unwrap();
+    let o = ch.wait_with_output().unwrap();
+    assert!(!o.status.success(), "exit 0 without CNI_COMMAND");
+    let v: Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("no CNI error object on stdout ({e}): {o:?}"));
+    assert_eq!(v["code"], 4, "{v}");
+    assert!(
+        v["msg"].as_str().unwrap_or("").contains("CNI_COMMAND"),
+        "{v}"
+    );
     // Nothing was left behind by any failure.
     assert!(
         lab.host_links("fnv").is_empty(),

@@ -11,7 +11,9 @@ mod result;
 mod version;
 
 pub use conf::{Attachment, NetConf, NetConfList, RuntimeConfig};
-pub use env::{parse_cni_args, validate_container_id, validate_ifname, CniEnv, Command};
+pub use env::{
+    is_cni_invocation, parse_cni_args, validate_container_id, validate_ifname, CniEnv, Command,
+};
 pub use error::CniError;
 pub use result::{CniResult, Dns, Interface, IpConfig, Route};
 pub use version::{

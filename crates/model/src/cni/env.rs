@@ -186,6 +186,20 @@ pub fn validate_ifname(name: &str) -> Result<(), CniError> {
     })
 }
 
+/// Whether this process was started by a CNI runtime: `CNI_COMMAND` is set, or (a runtime
+/// that lost it) no command-line arguments were given and one of the per-attachment variables
+/// is. The second case must reach the plugin, so the runtime gets error code 4 on stdout
+/// instead of the CLI's usage text.
+pub fn is_cni_invocation(get: impl Fn(&str) -> Option<String>, has_cli_args: bool) -> bool {
+    if get("CNI_COMMAND").is_some() {
+        return true;
+    }
+    !has_cli_args
+        && ["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"]
+            .iter()
+            .any(|k| get(k).is_some_and(|v| !v.is_empty()))
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
@@ -391,5 +405,26 @@ mod tests {
             assert!(e.msg.contains("CNI_ARGS"));
         }
         assert_env_err(env_of(&with(add_env(), "CNI_ARGS", "novalue")), "CNI_ARGS");
+    }
+    #[test]
+    fn a_runtime_that_lost_cni_command_still_reaches_the_plugin() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert!(is_cni_invocation(env(&[("CNI_COMMAND", "ADD")]), true));
+        assert!(is_cni_invocation(env(&[("CNI_CONTAINERID", "c1")]), false));
+        assert!(is_cni_invocation(env(&[("CNI_IFNAME", "eth0")]), false));
+        // A CLI call keeps the CLI even with a stray variable in the shell.
+        assert!(!is_cni_invocation(env(&[("CNI_CONTAINERID", "c1")]), true));
+        assert!(!is_cni_invocation(env(&[("CNI_NETNS", "")]), false));
+        assert!(!is_cni_invocation(env(&[]), false));
+        // And the plugin then reports the missing command as code 4.
+        let err = CniEnv::from_vars(env(&[("CNI_CONTAINERID", "c1")])).unwrap_err();
+        assert_eq!(err.code, 4);
     }
 }
