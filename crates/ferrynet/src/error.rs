@@ -28,6 +28,12 @@ pub enum ControlError {
     /// The store is unavailable; retry later.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A record to be created exists already (or a compare failed on a concurrent create).
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// An endpoint publishes other ports than the ones asked for.
+    #[error("{0}")]
+    PortsPublished(String),
     /// Address management failed.
     #[error("{0}")]
     Ipam(String),
@@ -110,7 +116,9 @@ impl ControlError {
     pub fn to_cni(&self) -> CniError {
         let msg = self.to_string();
         match self {
-            ControlError::InvalidConfig(_) => CniError::invalid_config(msg),
+            ControlError::InvalidConfig(_)
+            | ControlError::AlreadyExists(_)
+            | ControlError::PortsPublished(_) => CniError::invalid_config(msg),
             ControlError::Store(StoreError::Unavailable(_)) => CniError::try_again_later(msg),
             ControlError::Store(_) => CniError::io(msg),
             ControlError::Ipam(_) => CniError::plugin(codes::IPAM, msg),

@@ -609,7 +609,7 @@ impl Plugin {
             .claim_ports(&ep, mappings, Some(all))
             .await
             .map_err(|e| match e {
-                ControlError::InvalidConfig(m) if m.contains("already publishes") => {
+                ControlError::PortsPublished(m) => {
                     CnmError::Invalid(format!("{m} (RevokeExternalConnectivity first)"))
                 }
                 other => other.into(),

@@ -426,7 +426,7 @@ impl Control {
                 return Ok(current);
             }
             if !current.port_mappings.is_empty() {
-                return Err(ControlError::InvalidConfig(format!(
+                return Err(ControlError::PortsPublished(format!(
                     "endpoint {} already publishes other ports; withdraw them first",
                     ep.container_id
                 )));

@@ -150,7 +150,7 @@ impl Control {
         ops.push(Op::put(key, encode(&net)));
         let res = self.store.txn(compares, ops).await?;
         if !res.succeeded {
-            return Err(ControlError::InvalidConfig(format!(
+            return Err(ControlError::AlreadyExists(format!(
                 "network {} already exists (or its vni was taken meanwhile)",
                 net.name
             )));
@@ -205,7 +205,7 @@ impl Control {
                         return Ok(n);
                     }
                     // Lost a race with a concurrent ADD creating the same network: re-read.
-                    Err(ControlError::InvalidConfig(m)) if m.contains("already exists") => continue,
+                    Err(ControlError::AlreadyExists(_)) => continue,
                     Err(e) => return Err(e),
                 },
             }
