@@ -10,6 +10,7 @@ pub mod hostpair;
 pub mod netlink;
 pub mod netns;
 pub mod nft;
+pub mod routes;
 pub mod sysctl;
 pub mod veth;
 pub mod vxlan;

@@ -16,4 +16,5 @@ pub mod portmap;
 pub mod registry;
 pub mod reserved;
 pub mod service;
+pub mod subnets;
 pub mod validate;

@@ -1,6 +1,5 @@
 //! The command line: networks, containers, CNI installation.
 
-pub(crate) mod hostroutes;
 mod install;
 mod lab;
 mod render;
@@ -539,7 +538,7 @@ async fn network_from_args(ctl: &Control, a: CreateArgs) -> anyhow::Result<Netwo
             a.subnet.len()
         );
     }
-    let host_routes = hostroutes::foreign_routes().await.unwrap_or_default();
+    let space = ctl.subnet_space().await?;
     let mut subnets: Vec<Subnet> = Vec::new();
     for (i, cidr) in a.subnet.iter().enumerate() {
         if cidr.trunc() != *cidr {
@@ -548,28 +547,16 @@ async fn network_from_args(ctl: &Control, a: CreateArgs) -> anyhow::Result<Netwo
                 cidr.trunc()
             );
         }
-        if let Some(r) = host_routes
-            .iter()
-            .find(|r| ferrynet_model::ipam::overlaps(&r.dst, cidr))
-        {
-            bail!(
-                "--subnet {cidr} overlaps the host route {}; containers could not reach it. Pick another subnet.",
-                r.describe()
-            );
+        if let Some(c) = space.route_conflict(cidr) {
+            bail!("--subnet {cidr} overlaps {c}. Pick another subnet.");
         }
         let mut s = Subnet::new(*cidr);
         s.gateway = a.gateway.get(i).copied();
         subnets.push(s);
     }
     if subnets.is_empty() {
-        let taken: Vec<IpNet> = ctl
-            .networks()
-            .await?
-            .iter()
-            .flat_map(|n| n.subnets.iter().map(|s| s.cidr))
-            .chain(host_routes.iter().map(|r| r.dst))
-            .collect();
-        let cidr = hostroutes::pick_free_subnet(&taken)
+        let cidr = space
+            .pick(false, &[])
             .context("no free 10.89.N.0/24 left for a default subnet; pass --subnet")?;
         subnets.push(Subnet::new(cidr));
     }

@@ -9,11 +9,10 @@ use ferrynet_store::{Compare, Op};
 use ipnet::IpNet;
 
 use super::error::{CnmError, Result};
-use super::options::{parse_addr, parse_pool, pick_free_v6, OPT_NETWORK};
+use super::options::{parse_addr, parse_pool, OPT_NETWORK};
 use super::protocol::*;
 use super::records::{self, pool_key, to_bytes, PoolRecord, IPAM_OWNER};
 use super::Plugin;
-use crate::cli::hostroutes;
 use crate::control::network::subnet_list;
 
 /// Address space names (ferrynet has one space; Docker insists on names).
@@ -103,41 +102,17 @@ impl Plugin {
                 (s.cidr, Some(net.clone()))
             }
             None => {
-                let others: Vec<(String, IpNet)> = ctl
-                    .networks()
-                    .await?
-                    .iter()
-                    .flat_map(|n| n.subnets.iter().map(move |s| (n.name.clone(), s.cidr)))
-                    .collect();
-                let routes = hostroutes::foreign_routes().await.unwrap_or_default();
+                let space = ctl.subnet_space().await?;
                 let pool = match want_pool {
                     Some(p) => {
-                        if let Some((name, c)) = others.iter().find(|(_, c)| overlaps(c, &p)) {
-                            return Err(CnmError::Invalid(format!(
-                                "pool {p} overlaps subnet {c} of ferrynet network {name}"
-                            )));
-                        }
-                        if let Some(r) = routes.iter().find(|r| overlaps(&r.dst, &p)) {
-                            return Err(CnmError::Invalid(format!(
-                                "pool {p} overlaps the host route {}; containers could not reach it",
-                                r.describe()
-                            )));
+                        if let Some(c) = space.conflict(&p) {
+                            return Err(CnmError::Invalid(format!("pool {p} overlaps {c}")));
                         }
                         p
                     }
                     None => {
-                        let busy: Vec<IpNet> = others
-                            .iter()
-                            .map(|(_, c)| *c)
-                            .chain(routes.iter().map(|r| r.dst))
-                            .chain(taken.iter().map(|t| t.pool))
-                            .collect();
-                        let picked = if req.v6 {
-                            pick_free_v6(&busy)
-                        } else {
-                            hostroutes::pick_free_subnet(&busy)
-                        };
-                        picked.ok_or_else(|| {
+                        let pools: Vec<IpNet> = taken.iter().map(|t| t.pool).collect();
+                        space.pick(req.v6, &pools).ok_or_else(|| {
                             CnmError::Invalid("no free subnet left to pick; pass --subnet".into())
                         })?
                     }

@@ -2,12 +2,12 @@
 //! published ports, names and MAC addresses. No I/O; unit-tested.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 
 use ferrynet_model::fabric::Backend;
 use ferrynet_model::network::{FabricSpec, Subnet, DEFAULT_BLOCK_V4, DEFAULT_BLOCK_V6};
 use ferrynet_model::portmap::{PortMapping, Protocol};
-use ipnet::{IpNet, Ipv6Net};
+use ipnet::IpNet;
 use serde_json::Value;
 
 use super::error::CnmError;
@@ -294,14 +294,6 @@ pub fn subnet_for_pool(
         }
     }
     Ok(s)
-}
-
-/// The first `fd89:N::/64` overlapping nothing in `taken` (for `--ipv6` without a subnet).
-pub fn pick_free_v6(taken: &[IpNet]) -> Option<IpNet> {
-    (0..=u16::MAX)
-        .filter_map(|n| Ipv6Net::new(Ipv6Addr::new(0xfd89, n, 0, 0, 0, 0, 0, 0), 64).ok())
-        .map(IpNet::V6)
-        .find(|c| !taken.iter().any(|t| ferrynet_model::ipam::overlaps(t, c)))
 }
 
 /// A MAC for a Docker endpoint when Docker did not set one: locally administered, unicast,
@@ -625,9 +617,7 @@ mod tests {
     }
 
     #[test]
-    fn v6_pool_pick_and_mac() {
-        let taken: Vec<IpNet> = vec!["fd89::/64".parse().unwrap()];
-        assert_eq!(pick_free_v6(&taken).unwrap().to_string(), "fd89:1::/64");
+    fn endpoint_macs() {
         assert_eq!(
             endpoint_mac(Some("10.1.2.3".parse().unwrap()), "x"),
             [2, 0x66, 10, 1, 2, 3]

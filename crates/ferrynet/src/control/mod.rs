@@ -13,6 +13,7 @@ pub mod ipam;
 pub mod network;
 pub mod service;
 pub mod stale;
+pub mod subnets;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
