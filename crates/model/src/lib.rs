@@ -14,6 +14,7 @@ pub mod names;
 pub mod network;
 pub mod portmap;
 pub mod registry;
+pub mod reservation;
 pub mod reserved;
 pub mod service;
 pub mod subnets;

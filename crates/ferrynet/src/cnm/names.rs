@@ -13,8 +13,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use ferrynet_model::network::{keys, Endpoint};
-use ferrynet_store::{Compare, Op};
+use ferrynet_model::network::keys;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
@@ -23,7 +22,6 @@ use tokio::sync::mpsc;
 
 use super::records::DOCKER_IFNAME;
 use super::Plugin;
-use crate::control::{decode, encode};
 use ferrynet_model::validate::is_dns_name;
 
 /// Where the Engine API listens by default.
@@ -180,32 +178,12 @@ impl Plugin {
     /// Record the name and aliases on the endpoint if it is still there; false if it is gone.
     async fn record_name(&self, job: &NameJob, found: &ContainerName) -> anyhow::Result<bool> {
         let key = keys::endpoint(&job.network, &job.endpoint_id, DOCKER_IFNAME);
-        // Only over the revision read, so a port publish or a Leave rewriting the record
-        // meanwhile is never undone; not under the handlers' lock, so Docker's calls for the
-        // next containers do not wait for this write.
-        for _ in 0..16 {
-            let Some(kv) = self.ctl.store.get(&key).await? else {
-                return Ok(false);
-            };
-            let mut ep: Endpoint = decode(&kv)?;
-            if ep.name.as_deref() == Some(found.name.as_str()) && ep.aliases == found.aliases {
-                return Ok(true);
-            }
-            ep.name = Some(found.name.clone());
-            ep.aliases = found.aliases.clone();
-            let res = self
-                .ctl
-                .store
-                .txn(
-                    vec![Compare::ModRevision(key.clone(), kv.mod_revision)],
-                    vec![Op::put(key.clone(), encode(&ep))],
-                )
-                .await?;
-            if res.succeeded {
-                return Ok(true);
-            }
-        }
-        bail!("endpoint {key} kept changing")
+        // Not under the handlers' lock, so Docker's calls for the next containers do not wait
+        // for this write.
+        Ok(self
+            .ctl
+            .set_endpoint_name(&key, &found.name, &found.aliases)
+            .await?)
     }
 
     /// Name one joined endpoint: look for its container until Docker lists it, then record.

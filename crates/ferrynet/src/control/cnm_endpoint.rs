@@ -8,21 +8,21 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Mutex;
 
 use ferrynet_dataplane::hostpair::{create_pair, PairSpec};
 use ferrynet_dataplane::netlink::Netlink;
 use ferrynet_model::ipam::{plan_allocation, validate_network_subnets, IpamError, ResolvedSubnet};
 use ferrynet_model::network::{keys, Endpoint, Network};
 use ferrynet_model::portmap::PortMapping;
+use ferrynet_model::reservation::{plan_reservation, AddressRequest, ReservationError};
 use ferrynet_store::{Compare, Op};
 use ipnet::IpNet;
 
-use super::ipam::HeldPort;
-use super::{decode, decode_plain, encode, Control};
+use super::ipam::{lock, reservation_error, reservation_writes, HeldPort};
+use super::transact::Round;
+use super::{decode, encode, Control};
 use crate::error::{ControlError, Result};
-
-/// How often a transaction is retried after losing a race.
-const MAX_ATTEMPTS: usize = 64;
 
 /// The veth pair made for a runtime that moves the container end itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,26 +77,6 @@ fn referenced_only(
 }
 
 impl Control {
-    /// Addresses of a network that are held, with their owners.
-    async fn held_addresses(&self, network: &str) -> Result<BTreeMap<IpAddr, String>> {
-        let (kvs, _) = self.store.range(&keys::ipam_prefix(network)).await?;
-        Ok(kvs
-            .iter()
-            .filter_map(|kv| {
-                let ip = kv.key.rsplit('/').next()?.parse().ok()?;
-                Some((ip, String::from_utf8_lossy(&kv.value).into_owned()))
-            })
-            .collect())
-    }
-
-    /// Rotation hints of a network (last address handed out per subnet).
-    async fn last_allocated(&self, network: &str) -> Result<BTreeMap<String, IpAddr>> {
-        Ok(match self.store.get(&keys::ipam_last(network)).await? {
-            Some(kv) => decode_plain(&kv).unwrap_or_default(),
-            None => BTreeMap::new(),
-        })
-    }
-
     /// Reserve one address of the subnet `cidr` of `net` for `owner`, without an endpoint
     /// record: `requested`, or else the next free one. The address comes back with the subnet's
     /// prefix length. Fails when the address is taken, reserved or outside the subnet.
@@ -154,112 +134,83 @@ impl Control {
                 }
             }
         }
-        let mut mine = match net.fabric {
-            Some(_) => self.ensure_blocks(net).await?,
-            None => Vec::new(),
+        let blocks = match net.fabric {
+            Some(_) => Some(Mutex::new(self.blocks(net).await?)),
+            None => None,
         };
-        for _ in 0..MAX_ATTEMPTS {
-            // Where to pick from: the subnet, or this host's blocks inside it.
-            let candidates = match net.fabric {
-                None => vec![subnet.clone()],
-                Some(_) => {
-                    let view = self.view_of(net, &mine).await?;
-                    validate_network_subnets(&view.subnets)
-                        .map_err(|e| ControlError::InvalidConfig(e.to_string()))?
-                        .into_iter()
-                        .filter(|s| cidr.contains(&s.cidr))
-                        .collect()
-                }
-            };
-            if let (Some(ip), Some(_)) = (requested, net.fabric) {
-                if !candidates.iter().any(|s| s.cidr.contains(&ip)) {
-                    return Err(ControlError::Ipam(format!(
-                        "network {}: address {ip} is not in a block of host {} ({}): on a multi-host network each host hands out the addresses of its own blocks",
-                        net.name,
-                        self.host,
-                        candidates
-                            .iter()
-                            .map(|s| s.cidr.to_string())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )));
-                }
-            }
-            let held = self.held_addresses(&net.name).await?;
-            let used: BTreeSet<IpAddr> = held.keys().copied().collect();
-            // The rotation hint only steers automatic picks.
-            let last = match requested {
-                Some(_) => BTreeMap::new(),
-                None => self.last_allocated(&net.name).await?,
-            };
-            let wanted: Vec<IpAddr> = requested.into_iter().collect();
-            let planned = plan_allocation(&candidates, &used, &wanted, &|c| {
-                last.get(&c.to_string()).copied()
-            });
-            let ips =
-                match planned {
-                    Ok(ips) => ips,
-                    // This host's blocks are full: claim another one and plan again.
-                    Err(IpamError::Exhausted { .. })
-                        if net.fabric.is_some() && requested.is_none() =>
-                    {
-                        match self.claim_block(net, cidr.addr().is_ipv6()).await? {
+        let blocks = &blocks;
+        let subnet = &subnet;
+        let what = || format!("reserve an address on network {}", net.name);
+        let ip = self
+            .transact(what, || {
+                Box::pin(async move {
+                    // Where to pick from: the subnet, or this host's blocks inside it.
+                    let candidates = match blocks {
+                        None => vec![subnet.clone()],
                         Some(b) => {
-                            mine.push(b);
-                            continue;
+                            let view = lock(b).view.clone();
+                            validate_network_subnets(&view.subnets)
+                                .map_err(|e| ControlError::InvalidConfig(e.to_string()))?
+                                .into_iter()
+                                .filter(|s| cidr.contains(&s.cidr))
+                                .collect()
                         }
-                        None => {
+                    };
+                    if let (Some(ip), Some(_)) = (requested, blocks) {
+                        if !candidates.iter().any(|s| s.cidr.contains(&ip)) {
                             return Err(ControlError::Ipam(format!(
-                                "network {}: every block of {cidr} is claimed and host {}'s blocks are full",
-                                net.name, self.host
-                            )))
+                                "network {}: address {ip} is not in a block of host {} ({}): on a multi-host network each host hands out the addresses of its own blocks",
+                                net.name,
+                                self.host,
+                                candidates
+                                    .iter()
+                                    .map(|s| s.cidr.to_string())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )));
                         }
                     }
-                    }
-                    Err(IpamError::AddressInUse(ip)) => {
+                    let held = self.held_addresses(&net.name).await?;
+                    // The rotation hint only steers automatic picks.
+                    let last = match requested {
+                        Some(_) => BTreeMap::new(),
+                        None => self.last_allocated(&net.name).await?,
+                    };
+                    let wanted: Vec<IpAddr> = requested.into_iter().collect();
+                    let v6 = cidr.addr().is_ipv6();
+                    let pick = requested.is_none();
+                    let plan = match plan_reservation(&AddressRequest {
+                        subnets: &candidates,
+                        held: &held,
+                        requested: &wanted,
+                        pick: (pick && !v6, pick && v6),
+                        owner,
+                        shared_owner: None,
+                        last: &last,
+                        can_claim_block: blocks.is_some(),
+                    }) {
+                        Ok(p) => p,
+                        Err(ReservationError::NeedBlock { v6 }) => {
+                            if let Some(b) = blocks {
+                                self.grow(b, v6).await?;
+                            }
+                            return Ok(Round::Again);
+                        }
+                        Err(e) => return Err(reservation_error(&net.name, e)),
+                    };
+                    let Some(ip) = plan.ips.first().copied() else {
                         return Err(ControlError::Ipam(format!(
-                            "network {}: address {ip} is already in use by {}",
-                            net.name,
-                            held.get(&ip)
-                                .map(String::as_str)
-                                .unwrap_or("another container")
-                        )))
-                    }
-                    Err(e) => return Err(ipam_error(net, e)),
-                };
-            let Some(ip) = ips.first().copied() else {
-                return Err(ControlError::Ipam(format!(
-                    "network {}: no address planned in {cidr}",
-                    net.name
-                )));
-            };
-            let key = keys::ipam(&net.name, ip.addr());
-            let mut ops = vec![Op::put(key.clone(), owner.as_bytes().to_vec())];
-            if requested.is_none() {
-                let mut new_last = last.clone();
-                let pick = candidates
-                    .iter()
-                    .find(|s| s.cidr.contains(&ip.addr()))
-                    .map_or(cidr, |s| s.cidr);
-                new_last.insert(pick.to_string(), ip.addr());
-                ops.push(Op::put(keys::ipam_last(&net.name), encode(&new_last)));
-            }
-            if self
-                .store
-                .txn(vec![Compare::Missing(key)], ops)
-                .await?
-                .succeeded
-            {
-                tracing::debug!(network = %net.name, %ip, owner, "address reserved");
-                return Ok(ip);
-            }
-        }
-        Err(ControlError::Store(
-            ferrynet_store::StoreError::Unavailable(format!(
-                "could not reserve an address on network {} (heavy contention)",
-                net.name
-            )),
-        ))
+                            "network {}: no address planned in {cidr}",
+                            net.name
+                        )));
+                    };
+                    let (compares, ops) = reservation_writes(&net.name, &plan, owner, None);
+                    Ok(Round::commit(compares, ops, ip))
+                })
+            })
+            .await?;
+        tracing::debug!(network = %net.name, %ip, owner, "address reserved");
+        Ok(ip)
     }
 
     /// Release an address if `owner` holds it; true when it did.
@@ -313,93 +264,77 @@ impl Control {
                 return Ok((ep, true));
             }
         }
-        for _ in 0..MAX_ATTEMPTS {
-            if let Some(kv) = self.store.get(&ep_key).await? {
-                return Ok((decode(&kv)?, false));
-            }
-            let held = self.held_addresses(&net.name).await?;
-            let mut compares = vec![Compare::Missing(ep_key.clone())];
-            let mut ops = Vec::new();
-            let mut ips: Vec<IpNet> = Vec::new();
-            let mut fresh: Vec<IpAddr> = Vec::new();
-            for &ip in requested {
-                let key = keys::ipam(&net.name, ip);
-                match held.get(&ip) {
-                    Some(o) if o == shared_owner => {
-                        let s = subnets
-                            .iter()
-                            .find(|s| s.cidr.contains(&ip))
-                            .ok_or_else(|| ipam_error(net, IpamError::NotInPool(ip)))?;
-                        ips.push(IpNet::new(ip, s.cidr.prefix_len()).unwrap_or(s.cidr));
-                        compares.push(Compare::Value(key, shared_owner.as_bytes().to_vec()));
-                    }
-                    Some(o) if o == &owner => {
-                        return Err(ControlError::Ipam(format!(
-                        "network {}: address {ip} is held by a stale record of endpoint {owner}",
-                        net.name
-                    )))
-                    }
-                    Some(o) => {
-                        return Err(ControlError::Ipam(format!(
-                            "network {}: address {ip} is already in use by {o}",
-                            net.name
-                        )))
-                    }
-                    None => fresh.push(ip),
-                }
-            }
-            let used: BTreeSet<IpAddr> = held.keys().copied().collect();
-            if !fresh.is_empty() {
-                let planned = plan_allocation(&subnets, &used, &fresh, &|_| None)
-                    .map_err(|e| ipam_error(net, e))?;
-                for ip in planned {
-                    let key = keys::ipam(&net.name, ip.addr());
-                    compares.push(Compare::Missing(key.clone()));
-                    ops.push(Op::put(key, owner.clone().into_bytes()));
-                    ips.push(ip);
-                }
-            }
-            let have = |v4: bool| ips.iter().any(|i| i.addr().is_ipv4() == v4);
-            let missing: Vec<ResolvedSubnet> = subnets
-                .iter()
-                .filter(|s| {
-                    let v4 = s.cidr.addr().is_ipv4();
-                    (if v4 { allocate.0 } else { allocate.1 }) && !have(v4)
-                })
-                .cloned()
-                .collect();
-            if !missing.is_empty() {
-                let last = self.last_allocated(&net.name).await?;
-                let planned =
-                    plan_allocation(&missing, &used, &[], &|c| last.get(&c.to_string()).copied())
-                        .map_err(|e| ipam_error(net, e))?;
-                let mut new_last = last.clone();
-                for ip in planned {
-                    let key = keys::ipam(&net.name, ip.addr());
-                    compares.push(Compare::Missing(key.clone()));
-                    ops.push(Op::put(key, owner.clone().into_bytes()));
-                    if let Some(s) = missing.iter().find(|s| s.cidr.contains(&ip.addr())) {
-                        new_last.insert(s.cidr.to_string(), ip.addr());
-                    }
-                    ips.push(ip);
-                }
-                ops.push(Op::put(keys::ipam_last(&net.name), encode(&new_last)));
-            }
-            ips.sort_by_key(|i| !i.addr().is_ipv4());
-            let mut ep = template.clone();
-            ep.ips = ips;
-            ops.push(Op::put(ep_key.clone(), encode(&ep)));
-            if self.store.txn(compares, ops).await?.succeeded {
-                tracing::debug!(endpoint = %ep_key, ips = ?ep.ips, "endpoint recorded");
-                return Ok((ep, true));
-            }
-        }
-        Err(ControlError::Store(
-            ferrynet_store::StoreError::Unavailable(format!(
-                "could not record endpoint {} on network {} (heavy contention)",
+        let (ep_key, owner, template, subnets) = (&ep_key, &owner, &template, &subnets);
+        let what = || {
+            format!(
+                "record endpoint {} on network {}",
                 template.container_id, net.name
-            )),
-        ))
+            )
+        };
+        let (ep, created) = self
+            .transact(what, || {
+                Box::pin(async move {
+                    if let Some(kv) = self.store.get(ep_key).await? {
+                        return Ok(Round::Done((decode(&kv)?, false)));
+                    }
+                    let held = self.held_addresses(&net.name).await?;
+                    let last = self.last_allocated(&net.name).await?;
+                    let plan = plan_reservation(&AddressRequest {
+                        subnets,
+                        held: &held,
+                        requested,
+                        pick: allocate,
+                        owner,
+                        shared_owner: Some(shared_owner),
+                        last: &last,
+                        can_claim_block: false,
+                    })
+                    .map_err(|e| reservation_error(&net.name, e))?;
+                    let (mut compares, mut ops) =
+                        reservation_writes(&net.name, &plan, owner, Some(shared_owner));
+                    compares.push(Compare::Missing(ep_key.clone()));
+                    let mut ep = template.clone();
+                    ep.ips = plan.ips;
+                    ops.push(Op::put(ep_key.clone(), encode(&ep)));
+                    Ok(Round::commit(compares, ops, (ep, true)))
+                })
+            })
+            .await?;
+        if created {
+            tracing::debug!(endpoint = %ep_key, ips = ?ep.ips, "endpoint recorded");
+        }
+        Ok((ep, created))
+    }
+
+    /// Record a container name and aliases on the endpoint at `key` if it is still there;
+    /// false if it is gone. Written only over the revision read, so a port publish or a Leave
+    /// rewriting the record meanwhile is never undone.
+    pub async fn set_endpoint_name(
+        &self,
+        key: &str,
+        name: &str,
+        aliases: &[String],
+    ) -> Result<bool> {
+        let what = || format!("name endpoint {key}");
+        self.transact(what, || {
+            Box::pin(async move {
+                let Some(kv) = self.store.get(key).await? else {
+                    return Ok(Round::Done(false));
+                };
+                let mut ep: Endpoint = decode(&kv)?;
+                if ep.name.as_deref() == Some(name) && ep.aliases == aliases {
+                    return Ok(Round::Done(true));
+                }
+                ep.name = Some(name.to_string());
+                ep.aliases = aliases.to_vec();
+                Ok(Round::commit(
+                    vec![Compare::ModRevision(key.to_string(), kv.mod_revision)],
+                    vec![Op::put(key, encode(&ep))],
+                    true,
+                ))
+            })
+        })
+        .await
     }
 
     /// Publish `mappings` for a recorded endpoint that has none yet (or exactly these): claim the
@@ -412,47 +347,51 @@ impl Control {
         mappings: Vec<PortMapping>,
         mut held: Option<Vec<HeldPort>>,
     ) -> Result<Endpoint> {
-        let ep_key = keys::endpoint(&ep.network, &ep.container_id, &ep.ifname);
-        for _ in 0..MAX_ATTEMPTS {
-            let kv = self.store.get(&ep_key).await?.ok_or_else(|| {
-                ControlError::UnknownContainer(format!(
-                    "endpoint {} on network {} is not recorded",
-                    ep.container_id, ep.network
-                ))
-            })?;
-            let current: Endpoint = decode(&kv)?;
-            if current.port_mappings == mappings {
-                self.publish_ports(&current).await?;
-                return Ok(current);
-            }
-            if !current.port_mappings.is_empty() {
-                return Err(ControlError::PortsPublished(format!(
-                    "endpoint {} already publishes other ports; withdraw them first",
-                    ep.container_id
-                )));
-            }
-            let (mut compares, mut ops) = self.port_claims(&ep_key, &mappings, held.take()).await?;
-            compares.push(Compare::ModRevision(ep_key.clone(), kv.mod_revision));
-            let mut next = current.clone();
-            next.port_mappings = mappings.clone();
-            ops.push(Op::put(ep_key.clone(), encode(&next)));
-            if !self.store.txn(compares, ops).await?.succeeded {
-                continue;
-            }
-            if let Err(e) = self.publish_ports(&next).await {
+        let ep_key = &keys::endpoint(&ep.network, &ep.container_id, &ep.ifname);
+        // The caller's read serves the first round only; a retry reads again.
+        let held = &Mutex::new(held.take());
+        let mappings = &mappings;
+        let what = || format!("publish ports of {}", ep.container_id);
+        // The value: the endpoint, and whether this call claimed its ports.
+        let (next, claimed) = self
+            .transact(what, || {
+                Box::pin(async move {
+                    let kv = self.store.get(ep_key).await?.ok_or_else(|| {
+                        ControlError::UnknownContainer(format!(
+                            "endpoint {} on network {} is not recorded",
+                            ep.container_id, ep.network
+                        ))
+                    })?;
+                    let current: Endpoint = decode(&kv)?;
+                    if current.port_mappings == *mappings {
+                        return Ok(Round::Done((current, false)));
+                    }
+                    if !current.port_mappings.is_empty() {
+                        return Err(ControlError::PortsPublished(format!(
+                            "endpoint {} already publishes other ports; withdraw them first",
+                            ep.container_id
+                        )));
+                    }
+                    let first_read = held.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    let (mut compares, mut ops) =
+                        self.port_claims(ep_key, mappings, first_read).await?;
+                    compares.push(Compare::ModRevision(ep_key.clone(), kv.mod_revision));
+                    let mut next = current.clone();
+                    next.port_mappings = mappings.clone();
+                    ops.push(Op::put(ep_key.clone(), encode(&next)));
+                    Ok(Round::commit(compares, ops, (next, true)))
+                })
+            })
+            .await?;
+        if let Err(e) = self.publish_ports(&next).await {
+            if claimed {
                 if let Err(u) = self.forget_ports(&next).await {
                     tracing::warn!(error = %u, "cleanup: releasing claimed ports failed");
                 }
-                return Err(e);
             }
-            return Ok(next);
+            return Err(e);
         }
-        Err(ControlError::Store(
-            ferrynet_store::StoreError::Unavailable(format!(
-                "could not publish ports of {} (heavy contention)",
-                ep.container_id
-            )),
-        ))
+        Ok(next)
     }
 
     /// Withdraw an endpoint's published ports: nftables elements first, then the store's claims;

@@ -10,6 +10,7 @@ use ferrynet_store::{Compare, Op};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use super::transact::Round;
 use super::{decode, encode, Control};
 use crate::error::{ControlError, Result};
 
@@ -105,38 +106,35 @@ impl Control {
         let Some(spec) = &net.fabric else {
             return Ok(None);
         };
-        for _ in 0..16 {
-            let taken: Vec<IpNet> = self
-                .block_claims(&net.name)
-                .await?
-                .into_iter()
-                .map(|(b, _)| b)
-                .collect();
-            let Some(block) = next_block(&net.subnets, spec, v6, &taken) else {
-                return Ok(None);
-            };
-            let key = keys::block(&net.name, &block);
-            let claim = BlockClaim {
-                host: self.host.clone(),
-            };
-            let res = self
-                .store
-                .txn(
-                    vec![Compare::Missing(key.clone())],
-                    vec![Op::put(key, encode(&claim))],
-                )
-                .await?;
-            if res.succeeded {
-                tracing::info!(network = %net.name, %block, host = %self.host, "claimed block");
-                return Ok(Some(block));
-            }
+        let what = || format!("claim a block of network {}", net.name);
+        let block = self
+            .transact(what, || {
+                Box::pin(async move {
+                    let taken: Vec<IpNet> = self
+                        .block_claims(&net.name)
+                        .await?
+                        .into_iter()
+                        .map(|(b, _)| b)
+                        .collect();
+                    let Some(block) = next_block(&net.subnets, spec, v6, &taken) else {
+                        return Ok(Round::Done(None));
+                    };
+                    let key = keys::block(&net.name, &block);
+                    let claim = BlockClaim {
+                        host: self.host.clone(),
+                    };
+                    Ok(Round::commit(
+                        vec![Compare::Missing(key.clone())],
+                        vec![Op::put(key, encode(&claim))],
+                        Some(block),
+                    ))
+                })
+            })
+            .await?;
+        if let Some(block) = block {
+            tracing::info!(network = %net.name, %block, host = %self.host, "claimed block");
         }
-        Err(ControlError::Store(
-            ferrynet_store::StoreError::Unavailable(format!(
-                "could not claim a block of network {} (heavy contention)",
-                net.name
-            )),
-        ))
+        Ok(block)
     }
 
     /// Make sure this host owns at least one block of every address family of the pool.

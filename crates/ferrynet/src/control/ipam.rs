@@ -5,20 +5,28 @@
 //! the race. An address is never given to two containers: the commit requires each chosen
 //! address key to be missing.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Mutex;
 
-use ferrynet_model::ipam::{plan_allocation, validate_network_subnets, IpamError};
+use ferrynet_model::ipam::validate_network_subnets;
 use ferrynet_model::network::{keys, Endpoint, Network};
 use ferrynet_model::portmap::PortMapping;
+use ferrynet_model::reservation::{
+    plan_reservation, AddressRequest, ReservationError, ReservationPlan,
+};
 use ferrynet_store::{Compare, Op};
 use ipnet::IpNet;
 
+use super::transact::Round;
 use super::{decode, decode_plain, encode, Control};
 use crate::error::{ControlError, Result};
 
-/// How often a reservation is retried after losing a race before giving up.
-const MAX_ATTEMPTS: usize = 64;
+/// The blocks state of a reservation (never held across an await).
+pub(super) fn lock(b: &Mutex<Blocks>) -> std::sync::MutexGuard<'_, Blocks> {
+    // A panic while holding it cannot leave it half-updated: each update is one assignment.
+    b.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// A published host port already held by someone.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,7 +93,101 @@ pub fn port_conflict(held: &[HeldPort], wanted: &[PortMapping]) -> Option<String
     None
 }
 
+/// The control error for a reservation the model refused.
+pub(super) fn reservation_error(network: &str, e: ReservationError) -> ControlError {
+    ControlError::Ipam(format!("network {network}: {e}"))
+}
+
+/// The compares and writes that commit an address plan for `owner`: each claimed address must
+/// still be free, each referenced one still the shared owner's; the rotation hint follows.
+pub(super) fn reservation_writes(
+    network: &str,
+    plan: &ReservationPlan,
+    owner: &str,
+    shared_owner: Option<&str>,
+) -> (Vec<Compare>, Vec<Op>) {
+    let mut compares = Vec::new();
+    let mut ops = Vec::new();
+    for ip in &plan.claim {
+        let k = keys::ipam(network, *ip);
+        compares.push(Compare::Missing(k.clone()));
+        ops.push(Op::put(k, owner.as_bytes().to_vec()));
+    }
+    if let Some(shared) = shared_owner {
+        compares.extend(
+            plan.reference
+                .iter()
+                .map(|ip| Compare::Value(keys::ipam(network, *ip), shared.as_bytes().to_vec())),
+        );
+    }
+    if let Some(last) = &plan.last {
+        ops.push(Op::put(keys::ipam_last(network), encode(last)));
+    }
+    (compares, ops)
+}
+
+/// This host's blocks of a multi-host network and the network seen through them, kept across
+/// planning rounds (a round that claims a block updates both).
+pub(super) struct Blocks {
+    /// The whole network as stored (its pool).
+    pub pool: Network,
+    /// This host's blocks.
+    pub mine: Vec<IpNet>,
+    /// The network with this host's blocks as its subnets.
+    pub view: Network,
+}
+
 impl Control {
+    /// Addresses of a network that are held, with their owners.
+    pub(super) async fn held_addresses(&self, network: &str) -> Result<BTreeMap<IpAddr, String>> {
+        let (kvs, _) = self.store.range(&keys::ipam_prefix(network)).await?;
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| {
+                let ip = kv.key.rsplit('/').next()?.parse().ok()?;
+                Some((ip, String::from_utf8_lossy(&kv.value).into_owned()))
+            })
+            .collect())
+    }
+
+    /// Rotation hints of a network (last address handed out per subnet).
+    pub(super) async fn last_allocated(&self, network: &str) -> Result<BTreeMap<String, IpAddr>> {
+        Ok(match self.store.get(&keys::ipam_last(network)).await? {
+            Some(kv) => decode_plain(&kv).unwrap_or_default(),
+            None => BTreeMap::new(),
+        })
+    }
+
+    /// This host's blocks of `stored` (claiming the first ones if it has none) and its view.
+    pub(super) async fn blocks(&self, stored: &Network) -> Result<Blocks> {
+        let mine = self.ensure_blocks(stored).await?;
+        let view = self.view_of(stored, &mine).await?;
+        Ok(Blocks {
+            pool: stored.clone(),
+            mine,
+            view,
+        })
+    }
+
+    /// Claim one more block of a family into `blocks`; an error when the pool has none left.
+    pub(super) async fn grow(&self, blocks: &Mutex<Blocks>, v6: bool) -> Result<()> {
+        let pool = lock(blocks).pool.clone();
+        let Some(block) = self.claim_block(&pool, v6).await? else {
+            return Err(ControlError::Ipam(format!(
+                "network {}: every block of the pool is claimed and host {}'s blocks are full",
+                pool.name, self.host
+            )));
+        };
+        let mine = {
+            let mut b = lock(blocks);
+            b.mine.push(block);
+            b.mine.clone()
+        };
+        let view = self.view_of(&pool, &mine).await?;
+        lock(blocks).view = view;
+        Ok(())
+    }
+
     /// Reserve addresses (and host ports) for `template` on `net` and record the endpoint, in one
     /// transaction. `requested` are static addresses; empty means "pick".
     /// If the endpoint is already recorded, that record is returned unchanged (a retried ADD).
@@ -97,92 +199,74 @@ impl Control {
     ) -> Result<(Endpoint, bool)> {
         // A multi-host network allocates inside this host's blocks, claiming blocks as needed.
         let mut template = template;
-        let (pool, mut mine, mut view) = match &net.fabric {
+        let blocks = match &net.fabric {
             Some(_) => {
                 let (stored, _) = self.network(&net.name).await?.ok_or_else(|| {
                     ControlError::InvalidConfig(format!("network {} does not exist", net.name))
                 })?;
-                let mine = self.ensure_blocks(&stored).await?;
-                let view = self.view_of(&stored, &mine).await?;
                 template.host = Some(self.host.clone());
-                (Some(stored), mine, view)
+                Some(Mutex::new(self.blocks(&stored).await?))
             }
-            None => (None, Vec::new(), net.clone()),
+            None => None,
         };
-        let ep_key = keys::endpoint(&net.name, &template.container_id, &template.ifname);
-        for _ in 0..MAX_ATTEMPTS {
-            if let Some(kv) = self.store.get(&ep_key).await? {
-                return Ok((decode(&kv)?, false));
-            }
-            let subnets = validate_network_subnets(&view.subnets)
-                .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
-            let (taken, _) = self.store.range(&keys::ipam_prefix(&net.name)).await?;
-            let used: BTreeSet<IpAddr> = taken
-                .iter()
-                .filter_map(|kv| kv.key.rsplit('/').next().and_then(|s| s.parse().ok()))
-                .collect();
-            let last_kv = self.store.get(&keys::ipam_last(&net.name)).await?;
-            let last: BTreeMap<String, IpAddr> = match &last_kv {
-                Some(kv) => decode_plain(kv).unwrap_or_default(),
-                None => BTreeMap::new(),
-            };
-            let planned = plan_allocation(&subnets, &used, requested, &|cidr: &IpNet| {
-                last.get(&cidr.to_string()).copied()
-            });
-            let ips = match (planned, &pool) {
-                (Ok(ips), _) => ips,
-                // This host's blocks of that family are full: claim another and plan again.
-                (Err(IpamError::Exhausted { subnet, .. }), Some(p)) => {
-                    let Some(block) = self.claim_block(p, subnet.addr().is_ipv6()).await? else {
-                        return Err(ControlError::Ipam(format!(
-                            "network {}: every block of the pool is claimed and host {}'s blocks are full",
-                            net.name, self.host
-                        )));
+        let (blocks, template) = (&blocks, &template);
+        let ep_key = &keys::endpoint(&net.name, &template.container_id, &template.ifname);
+        let owner = &format!("{}/{}", template.container_id, template.ifname);
+        let pick = requested.is_empty();
+        let what = || format!("reserve an address on network {}", net.name);
+        let (ep, created) = self
+            .transact(what, || {
+                Box::pin(async move {
+                    if let Some(kv) = self.store.get(ep_key).await? {
+                        return Ok(Round::Done((decode(&kv)?, false)));
+                    }
+                    let view = match blocks {
+                        Some(b) => lock(b).view.clone(),
+                        None => net.clone(),
                     };
-                    mine.push(block);
-                    view = self.view_of(p, &mine).await?;
-                    continue;
-                }
-                (Err(e), _) => {
-                    return Err(ControlError::Ipam(format!("network {}: {e}", net.name)))
-                }
-            };
-
-            let mut compares = vec![Compare::Missing(ep_key.clone())];
-            let mut ops = Vec::new();
-            let owner = format!("{}/{}", template.container_id, template.ifname);
-            let mut new_last = last.clone();
-            for ip in &ips {
-                let k = keys::ipam(&net.name, ip.addr());
-                compares.push(Compare::Missing(k.clone()));
-                ops.push(Op::put(k, owner.clone().into_bytes()));
-                if let Some(s) = subnets.iter().find(|s| s.cidr.contains(&ip.addr())) {
-                    new_last.insert(s.cidr.to_string(), ip.addr());
-                }
-            }
-            ops.push(Op::put(keys::ipam_last(&net.name), encode(&new_last)));
-
-            if !template.port_mappings.is_empty() {
-                let (c, o) = self
-                    .port_claims(&ep_key, &template.port_mappings, None)
-                    .await?;
-                compares.extend(c);
-                ops.extend(o);
-            }
-
-            let mut ep = template.clone();
-            ep.ips = ips;
-            ops.push(Op::put(ep_key.clone(), encode(&ep)));
-            if self.store.txn(compares, ops).await?.succeeded {
-                tracing::debug!(endpoint = %ep_key, ips = ?ep.ips, "reserved");
-                return Ok((ep, true));
-            }
-            tracing::debug!(endpoint = %ep_key, "reservation lost a race; retrying");
+                    let subnets = validate_network_subnets(&view.subnets)
+                        .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+                    let held = self.held_addresses(&net.name).await?;
+                    let last = self.last_allocated(&net.name).await?;
+                    let plan = match plan_reservation(&AddressRequest {
+                        subnets: &subnets,
+                        held: &held,
+                        requested,
+                        pick: (pick, pick),
+                        owner,
+                        shared_owner: None,
+                        last: &last,
+                        can_claim_block: blocks.is_some(),
+                    }) {
+                        Ok(p) => p,
+                        Err(ReservationError::NeedBlock { v6 }) => {
+                            if let Some(b) = blocks {
+                                self.grow(b, v6).await?;
+                            }
+                            return Ok(Round::Again);
+                        }
+                        Err(e) => return Err(reservation_error(&net.name, e)),
+                    };
+                    let (mut compares, mut ops) = reservation_writes(&net.name, &plan, owner, None);
+                    compares.push(Compare::Missing(ep_key.clone()));
+                    if !template.port_mappings.is_empty() {
+                        let (c, o) = self
+                            .port_claims(ep_key, &template.port_mappings, None)
+                            .await?;
+                        compares.extend(c);
+                        ops.extend(o);
+                    }
+                    let mut ep = template.clone();
+                    ep.ips = plan.ips;
+                    ops.push(Op::put(ep_key.clone(), encode(&ep)));
+                    Ok(Round::commit(compares, ops, (ep, true)))
+                })
+            })
+            .await?;
+        if created {
+            tracing::debug!(endpoint = %ep_key, ips = ?ep.ips, "reserved");
         }
-        Err(ControlError::Store(ferrynet_store::StoreError::Unavailable(format!(
-            "could not reserve an address on network {} after {MAX_ATTEMPTS} attempts (heavy contention)",
-            net.name
-        ))))
+        Ok((ep, created))
     }
 
     /// Every host port claimed in the store.

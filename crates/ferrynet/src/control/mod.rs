@@ -14,6 +14,7 @@ pub mod network;
 pub mod service;
 pub mod stale;
 pub mod subnets;
+pub mod transact;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -107,6 +108,18 @@ impl Control {
             host,
             store_url: url,
         })
+    }
+
+    /// A control layer over `store` for unit tests (host `test`, the state in a temp path).
+    #[cfg(test)]
+    pub(crate) fn for_tests(store: Arc<dyn Store>) -> Control {
+        Control {
+            store,
+            nft: Arc::from(default_executor()),
+            paths: Paths::resolve(Some(&std::env::temp_dir().join("ferrynet-unit"))),
+            host: "test".into(),
+            store_url: None,
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use ferrynet_model::validate::check_bridge_name;
 use ferrynet_store::{Compare, Op, Revision};
 use ipnet::IpNet;
 
+use super::transact::Round;
 use super::{decode, decode_all, encode, Control};
 use crate::error::{ControlError, Result};
 
@@ -165,51 +166,55 @@ impl Control {
     pub async fn ensure_network(&self, net: Network) -> Result<Network> {
         let net = with_defaults(net);
         validate_network(&net)?;
-        loop {
-            match self.network(&net.name).await? {
-                Some((stored, _)) if stored == net => return Ok(stored),
-                // A multi-host network is defined once, by `ferrynet network create`; configs
-                // on each host only name it.
-                Some((stored, _)) if stored.fabric.is_some() => return Ok(stored),
-                Some((stored, rev)) => {
-                    if stored.subnets != net.subnets && !self.endpoints(&net.name).await?.is_empty()
-                    {
-                        return Err(ControlError::InvalidConfig(format!(
-                            "network {} exists with subnets {}; it has endpoints, so its subnets cannot change to {}",
-                            net.name,
-                            subnet_list(&stored),
-                            subnet_list(&net)
-                        )));
-                    }
-                    self.check_against_others(&net).await?;
-                    let key = keys::network(&net.name);
-                    let ok = self
-                        .store
-                        .txn(
+        let what = || format!("update network {} from its config", net.name);
+        // The value: the network, and whether this call rewrote an existing definition.
+        let net = &net;
+        let (stored, updated) = self
+            .transact(what, || Box::pin(async move {
+                Ok(match self.network(&net.name).await? {
+                    Some((stored, _)) if stored == *net => Round::Done((stored, false)),
+                    // A multi-host network is defined once, by `ferrynet network create`;
+                    // configs on each host only name it.
+                    Some((stored, _)) if stored.fabric.is_some() => Round::Done((stored, false)),
+                    Some((stored, rev)) => {
+                        if stored.subnets != net.subnets
+                            && !self.endpoints(&net.name).await?.is_empty()
+                        {
+                            return Err(ControlError::InvalidConfig(format!(
+                                "network {} exists with subnets {}; it has endpoints, so its subnets cannot change to {}",
+                                net.name,
+                                subnet_list(&stored),
+                                subnet_list(net)
+                            )));
+                        }
+                        self.check_against_others(net).await?;
+                        let key = keys::network(&net.name);
+                        Round::commit(
                             vec![Compare::ModRevision(key.clone(), rev)],
                             vec![Op::put(key, encode(&net))],
+                            (net.clone(), true),
                         )
-                        .await?;
-                    if ok.succeeded {
-                        tracing::info!(network = %net.name, "network definition updated from config");
-                        self.sync_edge_after_change(&net.name).await;
-                        return Ok(net);
                     }
-                }
-                None => match self.create_network(net.clone()).await {
-                    Ok(n) => {
-                        // Made by a config: its last DEL may retire it (control::stale).
-                        self.store
-                            .put(&super::stale::cni_defined_key(&n.name), Vec::new())
-                            .await?;
-                        return Ok(n);
-                    }
-                    // Lost a race with a concurrent ADD creating the same network: re-read.
-                    Err(ControlError::AlreadyExists(_)) => continue,
-                    Err(e) => return Err(e),
-                },
-            }
+                    None => match self.create_network(net.clone()).await {
+                        Ok(n) => {
+                            // Made by a config: its last DEL may retire it (control::stale).
+                            self.store
+                                .put(&super::stale::cni_defined_key(&n.name), Vec::new())
+                                .await?;
+                            Round::Done((n, false))
+                        }
+                        // Lost a race with a concurrent ADD creating the same network: re-read.
+                        Err(ControlError::AlreadyExists(_)) => Round::Again,
+                        Err(e) => return Err(e),
+                    },
+                })
+            }))
+            .await?;
+        if updated {
+            tracing::info!(network = %net.name, "network definition updated from config");
+            self.sync_edge_after_change(&net.name).await;
         }
+        Ok(stored)
     }
 
     /// Remove a network record and its allocations. Refuses while endpoints exist unless

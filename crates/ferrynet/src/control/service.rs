@@ -8,8 +8,9 @@ use ferrynet_model::discovery::DiscoveryView;
 use ferrynet_model::network::{keys as nkeys, Endpoint};
 use ferrynet_model::registry::{plan_service, validate_producer_for, ServiceRequest};
 use ferrynet_model::service::{keys, Producer, Service, VipRanges};
-use ferrynet_store::{Compare, Op, StoreError};
+use ferrynet_store::{Compare, Op};
 
+use super::transact::Round;
 use super::{decode, encode, Control};
 use crate::error::{ControlError, Result};
 
@@ -45,87 +46,90 @@ impl Control {
         producer: Option<Producer>,
     ) -> Result<Registration> {
         let ranges = self.vip_ranges().await?;
-        let key = keys::service(&req.name);
-        for _ in 0..32 {
-            let current = self.store.get(&key).await?;
-            let rev = current.as_ref().map(|kv| kv.mod_revision).unwrap_or(0);
-            let existing: Option<Service> = current.as_ref().map(decode).transpose()?;
-            let (claims, _) = self.store.range(&keys::vips()).await?;
-            let taken: BTreeMap<IpAddr, String> = claims
-                .iter()
-                .filter_map(|kv| {
-                    let ip = kv.key.strip_prefix(&keys::vips())?.parse().ok()?;
-                    Some((ip, String::from_utf8_lossy(&kv.value).into_owned()))
+        let key = &keys::service(&req.name);
+        let (producer, ranges) = (&producer, &ranges);
+        let what = || format!("register service {}", req.name);
+        let reg = self
+            .transact(what, || {
+                Box::pin(async move {
+                    let current = self.store.get(key).await?;
+                    let rev = current.as_ref().map(|kv| kv.mod_revision).unwrap_or(0);
+                    let existing: Option<Service> = current.as_ref().map(decode).transpose()?;
+                    let (claims, _) = self.store.range(&keys::vips()).await?;
+                    let taken: BTreeMap<IpAddr, String> = claims
+                        .iter()
+                        .filter_map(|kv| {
+                            let ip = kv.key.strip_prefix(&keys::vips())?.parse().ok()?;
+                            Some((ip, String::from_utf8_lossy(&kv.value).into_owned()))
+                        })
+                        .collect();
+                    let plan = plan_service(existing.as_ref(), req, &taken, ranges)
+                        .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+                    if let Some(p) = producer {
+                        validate_producer_for(p, &plan.service)
+                            .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+                    }
+                    let mut compares = vec![Compare::ModRevision(key.clone(), rev)];
+                    let mut ops = vec![Op::put(key.clone(), encode(&plan.service))];
+                    for ip in &plan.claim {
+                        compares.push(Compare::Missing(keys::vip(*ip)));
+                        ops.push(Op::put(keys::vip(*ip), req.name.clone().into_bytes()));
+                    }
+                    for ip in &plan.release {
+                        ops.push(Op::delete(keys::vip(*ip)));
+                    }
+                    if let Some(p) = producer {
+                        ops.push(Op::put(keys::producer(&p.service, &p.id), encode(p)));
+                    }
+                    let reg = Registration {
+                        service: plan.service,
+                        producer: producer.clone(),
+                    };
+                    Ok(Round::commit(compares, ops, reg))
                 })
-                .collect();
-            let plan = plan_service(existing.as_ref(), req, &taken, &ranges)
-                .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
-            if let Some(p) = &producer {
-                validate_producer_for(p, &plan.service)
-                    .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
-            }
-            let mut compares = vec![Compare::ModRevision(key.clone(), rev)];
-            let mut ops = vec![Op::put(key.clone(), encode(&plan.service))];
-            for ip in &plan.claim {
-                compares.push(Compare::Missing(keys::vip(*ip)));
-                ops.push(Op::put(keys::vip(*ip), req.name.clone().into_bytes()));
-            }
-            for ip in &plan.release {
-                ops.push(Op::delete(keys::vip(*ip)));
-            }
-            if let Some(p) = &producer {
-                ops.push(Op::put(keys::producer(&p.service, &p.id), encode(p)));
-            }
-            if self.store.txn(compares, ops).await?.succeeded {
-                tracing::info!(service = %req.name, vips = ?plan.service.vips, producer = ?producer.as_ref().map(|p| &p.id), "service registered");
-                return Ok(Registration {
-                    service: plan.service,
-                    producer,
-                });
-            }
-        }
-        Err(ControlError::Store(StoreError::Unavailable(format!(
-            "could not register service {} (heavy contention)",
-            req.name
-        ))))
+            })
+            .await?;
+        tracing::info!(service = %req.name, vips = ?reg.service.vips, producer = ?reg.producer.as_ref().map(|p| &p.id), "service registered");
+        Ok(reg)
     }
 
     /// Remove a service with its VIP claims, producers and health records, in one transaction.
     /// Returns the number of producers it had.
     pub async fn deregister_service(&self, name: &str) -> Result<usize> {
-        let key = keys::service(name);
-        for _ in 0..32 {
-            let Some(kv) = self.store.get(&key).await? else {
-                return Err(ControlError::InvalidConfig(format!(
-                    "service {name} does not exist"
-                )));
-            };
-            let svc: Service = decode(&kv)?;
-            let (producers, _) = self.store.range(&keys::producers_of(name)).await?;
-            let mut ops = vec![
-                Op::delete(key.clone()),
-                Op::DeletePrefix(keys::producers_of(name)),
-                Op::DeletePrefix(health_of(name)),
-            ];
-            let mut compares = vec![Compare::ModRevision(key.clone(), kv.mod_revision)];
-            // Only claims that are ours are released (guarded by their value).
-            for ip in &svc.vips {
-                let claim = keys::vip(*ip);
-                if let Some(c) = self.store.get(&claim).await? {
-                    if c.value == name.as_bytes() {
-                        compares.push(Compare::Value(claim.clone(), c.value));
-                        ops.push(Op::delete(claim));
+        let key = &keys::service(name);
+        let what = || format!("deregister service {name}");
+        let n = self
+            .transact(what, || {
+                Box::pin(async move {
+                    let Some(kv) = self.store.get(key).await? else {
+                        return Err(ControlError::InvalidConfig(format!(
+                            "service {name} does not exist"
+                        )));
+                    };
+                    let svc: Service = decode(&kv)?;
+                    let (producers, _) = self.store.range(&keys::producers_of(name)).await?;
+                    let mut ops = vec![
+                        Op::delete(key.clone()),
+                        Op::DeletePrefix(keys::producers_of(name)),
+                        Op::DeletePrefix(health_of(name)),
+                    ];
+                    let mut compares = vec![Compare::ModRevision(key.clone(), kv.mod_revision)];
+                    // Only claims that are ours are released (guarded by their value).
+                    for ip in &svc.vips {
+                        let claim = keys::vip(*ip);
+                        if let Some(c) = self.store.get(&claim).await? {
+                            if c.value == name.as_bytes() {
+                                compares.push(Compare::Value(claim.clone(), c.value));
+                                ops.push(Op::delete(claim));
+                            }
+                        }
                     }
-                }
-            }
-            if self.store.txn(compares, ops).await?.succeeded {
-                tracing::info!(service = %name, producers = producers.len(), "service deregistered");
-                return Ok(producers.len());
-            }
-        }
-        Err(ControlError::Store(StoreError::Unavailable(format!(
-            "could not deregister service {name} (heavy contention)"
-        ))))
+                    Ok(Round::commit(compares, ops, producers.len()))
+                })
+            })
+            .await?;
+        tracing::info!(service = %name, producers = n, "service deregistered");
+        Ok(n)
     }
 
     /// Remove one producer and its health record.
