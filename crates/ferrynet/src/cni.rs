@@ -354,7 +354,7 @@ async fn add(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<Value, CniEr
     let mut res = build_result(&net, &ep, prev, &conf.cni_version)?;
     if let Some(dns) = &conf.dns {
         res.dns = dns.clone();
-    } else if let Some(d) = crate::control::host::LocalConfig::load(&ctl.paths.state_dir)
+    } else if let Some(d) = crate::control::host::LocalConfig::load(&ctl.paths().state_dir)
         .map_err(ctl_err)?
         .dns
     {
@@ -502,8 +502,7 @@ async fn gc(ctl: &Control, conf: &NetConf) -> Result<(), CniError> {
 }
 
 async fn status(ctl: &Control) -> Result<(), CniError> {
-    ctl.store
-        .revision()
+    ctl.store_revision()
         .await
         .map_err(|e| CniError::not_available(format!("the ferrynet store is not usable: {e}")))?;
     Ok(())

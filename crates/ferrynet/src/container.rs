@@ -12,14 +12,12 @@ use ferrynet_model::portmap::{PortMapping, Protocol};
 use ferrynet_model::validate::{
     check_ifname, check_netns_path, check_unicast, RecordError, Validate,
 };
-use ferrynet_store::{Compare, Op};
 use ipnet::IpNet;
 use nix::sched::CloneFlags;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use crate::control::{decode, decode_all, encode, Control};
 use crate::error::{ControlError, Result};
 
 /// A CLI container as recorded under `/ferrynet/v1/containers/<name>`.
@@ -410,53 +408,6 @@ pub fn stop_process(c: &Container, timeout: std::time::Duration) {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-}
-
-impl Control {
-    /// Every CLI container.
-    pub async fn containers(&self) -> Result<Vec<Container>> {
-        let (kvs, _) = self.store.range(&keys::containers()).await?;
-        Ok(decode_all(&kvs))
-    }
-
-    /// One CLI container.
-    pub async fn container(&self, name: &str) -> Result<Option<Container>> {
-        match self.store.get(&keys::container(name)).await? {
-            Some(kv) => Ok(Some(decode(&kv)?)),
-            None => Ok(None),
-        }
-    }
-
-    /// Record a new container; fails if the name is taken.
-    pub async fn claim_container(&self, c: &Container) -> Result<()> {
-        let key = keys::container(&c.name);
-        let r = self
-            .store
-            .txn(
-                vec![Compare::Missing(key.clone())],
-                vec![Op::put(key, encode(c))],
-            )
-            .await?;
-        if !r.succeeded {
-            return Err(ControlError::InvalidConfig(format!(
-                "a container named {} already exists",
-                c.name
-            )));
-        }
-        Ok(())
-    }
-
-    /// Overwrite a container record.
-    pub async fn save_container(&self, c: &Container) -> Result<()> {
-        self.store.put(&keys::container(&c.name), encode(c)).await?;
-        Ok(())
-    }
-
-    /// Forget a container record.
-    pub async fn forget_container(&self, name: &str) -> Result<()> {
-        self.store.delete(&keys::container(name)).await?;
-        Ok(())
-    }
 }
 
 /// Path of a named netns file.

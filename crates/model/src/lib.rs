@@ -1,6 +1,7 @@
 pub mod blocks;
 pub mod cni;
 pub mod discovery;
+pub mod docker;
 pub mod edge;
 pub mod fabric;
 pub mod fabric_guard;

@@ -103,7 +103,9 @@ pub fn plan_reservation(req: &AddressRequest<'_>) -> Result<ReservationPlan, Res
                 ips.push(IpNet::new(ip, s.cidr.prefix_len()).unwrap_or(s.cidr));
                 reference.push(ip);
             }
-            Some(o) if o == req.owner => {
+            // Only an attachment that also references a runtime's addresses has a record to
+            // be stale against; elsewhere the owner string is shared (Docker's IPAM id).
+            Some(o) if o == req.owner && req.shared_owner.is_some() => {
                 return Err(ReservationError::Stale {
                     ip,
                     owner: o.clone(),
@@ -277,6 +279,13 @@ mod tests {
         assert!(matches!(
             plan_reservation(&r),
             Err(ReservationError::Stale { .. })
+        ));
+        // Without a shared owner the same address is simply in use (Docker's IPAM reserves
+        // every container's address under one owner id).
+        r.shared_owner = None;
+        assert!(matches!(
+            plan_reservation(&r),
+            Err(ReservationError::HeldBy { .. })
         ));
     }
 

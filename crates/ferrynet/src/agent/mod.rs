@@ -82,7 +82,7 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
         .or(LocalConfig::load(&paths.state_dir)?.store);
     // The CNI plugin and CLI on this host find the same identity and store here.
     LocalConfig {
-        host: Some(ctl.host.clone()),
+        host: Some(ctl.host().to_string()),
         store: store_url.clone(),
         dns: opts.dns.as_ref().map(|d| LocalDns {
             domain: d.domain.clone(),
@@ -93,7 +93,7 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     let nl = Netlink::current().context("opening netlink")?;
     let underlay = underlay::find(&nl, opts.underlay_dev.as_deref()).await?;
     let record = HostRecord {
-        name: ctl.host.clone(),
+        name: ctl.host().to_string(),
         underlay: underlay.addrs.clone(),
         underlay_mtu: underlay.mtu,
         capabilities: vec!["route".into(), "vxlan".into()],
@@ -103,10 +103,10 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
             .map(|d| d.as_secs())
             .unwrap_or(0),
     };
-    tracing::info!(host = %ctl.host, underlay = %underlay.dev, addrs = ?underlay.addrs, store = store_url.as_deref().map(ferrynet_store::config::redact_url).unwrap_or_else(|| "embedded".into()), "agent starting");
+    tracing::info!(host = %ctl.host(), underlay = %underlay.dev, addrs = ?underlay.addrs, store = store_url.as_deref().map(ferrynet_store::config::redact_url).unwrap_or_else(|| "embedded".into()), "agent starting");
 
     let status = Arc::new(Mutex::new(AgentStatus {
-        host: ctl.host.clone(),
+        host: ctl.host().to_string(),
         store: store_url
             .as_deref()
             .map(ferrynet_store::config::redact_url)
@@ -135,33 +135,33 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     // Service discovery's feed; its consumers (DNS, load balancer, health checks) each hold a
     // receiver.
     let (disc_tx, disc_rx) = discovery::channel();
-    let disc_task = tokio::spawn(discovery::follow(ctl.store.clone(), disc_tx));
+    let disc_task = tokio::spawn(discovery::follow(ctl.store_handle(), disc_tx));
     // The host's current lease, for keys that must vanish with the host (health records).
     let (lease_tx, lease_rx) = tokio::sync::watch::channel(None);
     // Sockets are capped (DNS forwards, TCP), but the usual soft 1024 is below the caps' sum.
     dns::raise_nofile();
     // Its own thread: it stops when the discovery feed (disc_task) is gone.
     if let Some(d) = opts.dns.clone() {
-        dns::spawn(ctl.host.clone(), d, disc_rx.clone(), status.clone())
+        dns::spawn(ctl.host().to_string(), d, disc_rx.clone(), status.clone())
             .context("starting the DNS server")?;
     }
     let health_task = tokio::spawn(health::run(
-        ctl.host.clone(),
-        ctl.store.clone(),
+        ctl.host().to_string(),
+        ctl.store_handle(),
         disc_rx.clone(),
         lease_rx.clone(),
         status.clone(),
     ));
     let lb_task = tokio::spawn(lb::run(
-        ctl.nft.clone(),
+        ctl.nft_handle(),
         disc_rx.clone(),
-        ctl.host.clone(),
+        ctl.host().to_string(),
         status.clone(),
     ));
     let rejected = (status.clone(), disc_rx.clone());
     let _discovery = (disc_rx, lease_rx);
     let reg_task = tokio::spawn(register::keep_registered(
-        ctl.store.clone(),
+        ctl.store_handle(),
         record,
         opts.lease_ttl,
         lease_tx,
@@ -221,7 +221,7 @@ async fn follow(
             s.rejected = list;
         }
     };
-    let store = rec.ctl.store.clone();
+    let store = rec.ctl.store_handle();
     let mut kvs = Vec::new();
     let mut streams = Vec::new();
     let mut revs: Vec<Revision> = Vec::new();

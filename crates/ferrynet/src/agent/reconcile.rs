@@ -12,7 +12,6 @@ use ferrynet_model::fabric::{
     FabricState,
 };
 use ferrynet_model::fabric_guard;
-use ferrynet_model::host::BlockClaim;
 use ferrynet_model::network::{keys, Endpoint, Network};
 use ferrynet_model::service::{keys as service_keys, Producer};
 use ferrynet_store::{Compare, Op, StoreError};
@@ -62,7 +61,7 @@ impl Reconciler {
     }
 
     fn blocks_file(&self) -> std::path::PathBuf {
-        self.ctl.paths.state_dir.join("blocks.json")
+        self.ctl.paths().state_dir.join("blocks.json")
     }
 
     /// A host that comes back under its name takes its former blocks again where they are
@@ -72,25 +71,9 @@ impl Reconciler {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
-        let claim = serde_json::to_vec(&BlockClaim {
-            host: self.ctl.host.clone(),
-        })
-        .unwrap_or_default();
         for (net, blocks) in &saved {
             for b in blocks {
-                let key = keys::block(net, b);
-                let res = self
-                    .ctl
-                    .store
-                    .txn(
-                        vec![
-                            Compare::Exists(keys::network(net)),
-                            Compare::Missing(key.clone()),
-                        ],
-                        vec![Op::put(key, claim.clone())],
-                    )
-                    .await?;
-                if res.succeeded {
+                if self.ctl.reclaim_block(net, b).await? {
                     tracing::info!(network = %net, block = %b, "reclaimed a former block");
                 }
             }
@@ -100,7 +83,7 @@ impl Reconciler {
     }
 
     fn save_blocks(&mut self, view: &ClusterView) {
-        let me = &self.ctl.host;
+        let me = self.ctl.host();
         let now: BTreeMap<String, Vec<IpNet>> = view
             .fabric_networks()
             .map(|n| (n.name.clone(), view.blocks_of(&n.name, me)))
@@ -150,7 +133,7 @@ impl Reconciler {
     /// so one broken peer or network never stops the others from converging.
     pub async fn run(&mut self, view: &ClusterView) {
         let started = Instant::now();
-        let me = self.ctl.host.clone();
+        let me = self.ctl.host().to_string();
         let mut errors = Vec::new();
         let mut want = FabricState::default();
         let mut vxlan_devs = Vec::new();
@@ -294,7 +277,7 @@ impl Reconciler {
             fabric_guard::desired(VXLAN_PORT, &me, registered)
         });
         // None: the sync failed, the last report stays.
-        let guard_report = match super::fabric_guard::sync(&self.ctl.nft, guard).await {
+        let guard_report = match super::fabric_guard::sync(&self.ctl.nft_handle(), guard).await {
             Ok(s) => {
                 changes += s.applied;
                 Some(s.report.map(|r| (r, s.rebuilt)))
@@ -351,7 +334,7 @@ impl Reconciler {
         view: &ClusterView,
         hosts: &[String],
     ) -> Result<(), StoreError> {
-        let store = &self.ctl.store;
+        let store = &self.ctl.store_handle();
         for h in hosts {
             for net in view.networks.values().filter(|n| n.fabric.is_some()) {
                 let mut ops: Vec<Op> = view

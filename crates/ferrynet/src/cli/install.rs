@@ -70,7 +70,7 @@ pub async fn install_cni(ctl: &Control, a: InstallArgs) -> anyhow::Result<()> {
     let conf = a
         .conf_dir
         .join(format!("{}-ferrynet-{}.conflist", a.priority, a.network));
-    let text = serde_json::to_string_pretty(&conflist(&a.network, &ctl.paths.state_dir))?;
+    let text = serde_json::to_string_pretty(&conflist(&a.network, &ctl.paths().state_dir))?;
     write_atomic(&conf, text.as_bytes(), 0o644)?;
     println!("installed {}\nwrote {}", bin.display(), conf.display());
     Ok(())

@@ -444,9 +444,7 @@ async fn network(ctl: &Control, cmd: NetworkCmd) -> anyhow::Result<()> {
                 "ENDPOINTS",
             ]);
             // Networks that are Docker networks (ferrynet's CNM driver) say which.
-            let docker = crate::cnm::records::docker_networks(ctl)
-                .await
-                .unwrap_or_default();
+            let docker = ctl.docker_bindings().await.unwrap_or_default();
             for n in &nets {
                 let eps = ctl.endpoints(&n.name).await?.len();
                 let mut flags = Vec::new();
@@ -498,7 +496,8 @@ async fn network(ctl: &Control, cmd: NetworkCmd) -> anyhow::Result<()> {
         }
         NetworkCmd::Rm { name, force } => {
             // A Docker network's ferrynet network is removed through Docker, which owns it.
-            if let Some(d) = crate::cnm::records::docker_networks(ctl)
+            if let Some(d) = ctl
+                .docker_bindings()
                 .await
                 .unwrap_or_default()
                 .into_iter()
@@ -636,7 +635,7 @@ async fn run_container(ctl: &Control, a: RunArgs) -> anyhow::Result<()> {
             )
             .await?;
         c.ips = ep.ips.clone();
-        let dir = ctl.paths.container_dir(&a.name);
+        let dir = ctl.paths().container_dir(&a.name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let resolv = if host_mode {
             None
@@ -662,7 +661,7 @@ async fn run_container(ctl: &Control, a: RunArgs) -> anyhow::Result<()> {
             let producer = ferrynet_model::service::Producer {
                 service: svc.clone(),
                 id: a.name.clone(),
-                host: Some(ctl.host.clone()),
+                host: Some(ctl.host().to_string()),
                 network: Some(net.name.clone()),
                 container: Some(a.name.clone()),
                 netns: c.netns.clone(),
@@ -712,7 +711,7 @@ async fn container_resolver(
     ep: &ferrynet_model::network::Endpoint,
     ns_name: &str,
 ) -> anyhow::Result<Option<PathBuf>> {
-    let Some(dns) = crate::control::host::LocalConfig::load(&ctl.paths.state_dir)?.dns else {
+    let Some(dns) = crate::control::host::LocalConfig::load(&ctl.paths().state_dir)?.dns else {
         return Ok(None);
     };
     let view = ctl.view_holding(&ctl.host_view(net).await?, ep).await?;
@@ -833,7 +832,7 @@ async fn rm(ctl: &Control, name: &str, force: bool) -> anyhow::Result<()> {
             .with_context(|| format!("removing netns of {name}"))?;
         container::remove_netns_etc(&netns_name(name));
     }
-    let _ = std::fs::remove_dir_all(ctl.paths.container_dir(name));
+    let _ = std::fs::remove_dir_all(ctl.paths().container_dir(name));
     ctl.forget_container(name).await?;
     println!("{name}");
     Ok(())

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
-use ferrynet_model::service::keys;
 
 use super::{parse_duration, JsonFlag, Table};
 use crate::control::Control;
@@ -108,12 +107,12 @@ pub async fn render(ctl: &Control, a: RenderArgs) -> anyhow::Result<()> {
         exec: a.exec.clone(),
         exec_timeout: a.exec_timeout,
         wait: a.wait,
-        host: ctl.host.clone(),
+        host: ctl.host().to_string(),
     };
     if a.once {
-        job.once(ctl.store.clone()).await
+        job.once(ctl.store_handle()).await
     } else {
-        job.watch(ctl.store.clone()).await
+        job.watch(ctl.store_handle()).await
     }
 }
 
@@ -176,13 +175,13 @@ pub async fn kv(ctl: &Control, cmd: KvCmd) -> anyhow::Result<std::process::ExitC
                     b
                 }
             };
-            ctl.store.put(&keys::kv(checked(&name)?), value).await?;
+            ctl.kv_set(checked(&name)?, value).await?;
         }
-        KvCmd::Get { name } => match ctl.store.get(&keys::kv(checked(&name)?)).await? {
-            Some(kv) => {
+        KvCmd::Get { name } => match ctl.kv_get(checked(&name)?).await? {
+            Some(value) => {
                 let mut o = std::io::stdout().lock();
-                o.write_all(&kv.value)?;
-                if !kv.value.ends_with(b"\n") {
+                o.write_all(&value)?;
+                if !value.ends_with(b"\n") {
                     o.write_all(b"\n")?;
                 }
             }
@@ -192,22 +191,17 @@ pub async fn kv(ctl: &Control, cmd: KvCmd) -> anyhow::Result<std::process::ExitC
             }
         },
         KvCmd::Rm { name } => {
-            if !ctl.store.delete(&keys::kv(checked(&name)?)).await? {
+            if !ctl.kv_remove(checked(&name)?).await? {
                 eprintln!("ferrynet: key {name:?} is not set");
                 return Ok(ExitCode::from(1));
             }
         }
         KvCmd::Ls(f) => {
-            let (kvs, _) = ctl.store.range(&keys::kvs()).await?;
-            let pairs: Vec<(String, String)> = kvs
-                .iter()
-                .map(|kv| {
-                    let name = kv.key.strip_prefix(&keys::kvs()).unwrap_or(&kv.key);
-                    (
-                        name.to_string(),
-                        String::from_utf8_lossy(&kv.value).into_owned(),
-                    )
-                })
+            let pairs: Vec<(String, String)> = ctl
+                .kv_list()
+                .await?
+                .into_iter()
+                .map(|(name, value)| (name, String::from_utf8_lossy(&value).into_owned()))
                 .collect();
             if f.json {
                 let m: std::collections::BTreeMap<_, _> = pairs.into_iter().collect();

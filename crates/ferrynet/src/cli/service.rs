@@ -395,11 +395,11 @@ async fn register(ctl: &Control, a: RegisterArgs) -> anyhow::Result<()> {
         let ep = ctl.endpoint_by_addr(a.addr[0]).await?;
         let ep_host = ep
             .as_ref()
-            .map(|e| e.host.clone().unwrap_or(ctl.host.clone()));
+            .map(|e| e.host.clone().unwrap_or(ctl.host().to_string()));
         let host = match a.host.as_deref() {
             Some("none") => None,
             Some(h) => Some(h.to_string()),
-            None => Some(ep_host.clone().unwrap_or(ctl.host.clone())),
+            None => Some(ep_host.clone().unwrap_or(ctl.host().to_string())),
         };
         let local = ep.as_ref().filter(|_| host == ep_host);
         Some(Producer {
@@ -437,7 +437,7 @@ async fn register(ctl: &Control, a: RegisterArgs) -> anyhow::Result<()> {
 
 /// Refuse what the hosts need for themselves: reserved ingress ports, VIPs outside the ranges.
 async fn refuse_reserved(ctl: &Control, req: &ServiceRequest) -> anyhow::Result<()> {
-    let reserved = host_ports(ctl.store_url.as_deref(), VXLAN_PORT);
+    let reserved = host_ports(ctl.store_url(), VXLAN_PORT);
     check_ingress(req.ingress.as_deref().unwrap_or_default(), &reserved)?;
     let explicit: Vec<IpAddr> = req
         .vips

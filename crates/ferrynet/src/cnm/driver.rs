@@ -8,7 +8,6 @@ use ferrynet_model::fabric::Backend;
 use ferrynet_model::ipam::validate_network_subnets;
 use ferrynet_model::names::{format_mac, host_veth_name, parse_mac, temp_peer_name};
 use ferrynet_model::network::{Endpoint, EndpointOwner, Network, NetworkMode, Subnet};
-use ferrynet_store::{Compare, Op};
 use ipnet::IpNet;
 use serde_json::{json, Value};
 
@@ -18,11 +17,8 @@ use super::options::{
     port_bindings, resolve_bindings, subnet_for_pool, NetworkOptions,
 };
 use super::protocol::*;
-use super::records::{
-    self, network_key, pool_key, to_bytes, DockerNetwork, DOCKER_IFNAME, IPAM_OWNER,
-};
+use super::records::{DockerNetwork, PoolRecord, DOCKER_IFNAME, IPAM_OWNER};
 use super::Plugin;
-use crate::control::decode;
 use crate::control::ipam::HeldPort;
 use crate::error::ControlError;
 
@@ -82,7 +78,7 @@ impl Plugin {
         if let Some(b) = self.cached_binding(docker_id) {
             return Ok(Some(b));
         }
-        let b = records::docker_network(&self.ctl, docker_id).await?;
+        let b = self.ctl.docker_binding(docker_id).await?;
         if let Some(b) = &b {
             if let Ok(mut cache) = self.bindings.lock() {
                 cache.insert(docker_id.to_string(), b.clone());
@@ -140,7 +136,7 @@ impl Plugin {
         // Pools from ferrynet's IPAM carry their sub-range and, when adopted, their network.
         let mut records = Vec::new();
         for p in &pools {
-            records.push(records::pool(ctl, &p.pool.to_string()).await?);
+            records.push(ctl.docker_pool(&p.pool.to_string()).await?);
         }
         let adopted: Vec<String> = records
             .iter()
@@ -165,7 +161,8 @@ impl Plugin {
             (None, Some(n)) => n.clone(),
             (None, None) => derived_name(&req.network_id)?,
         };
-        if let Some(other) = records::docker_networks(ctl)
+        if let Some(other) = ctl
+            .docker_bindings()
             .await?
             .into_iter()
             .find(|d| d.name == name)
@@ -214,19 +211,9 @@ impl Plugin {
             adopted: adopt,
             ipv6: opts.ipv6,
         };
-        let mut compares = vec![Compare::Missing(network_key(&req.network_id))];
-        let mut ops = vec![Op::put(network_key(&req.network_id), to_bytes(&binding))];
-        for (p, rec) in pools.iter().zip(&records) {
-            if let Some((r, rev)) = rec {
-                let mut r = r.clone();
-                r.network = Some(name.clone());
-                let k = pool_key(&p.pool.to_string());
-                compares.push(Compare::ModRevision(k.clone(), *rev));
-                ops.push(Op::put(k, to_bytes(&r)));
-            }
-        }
-        let res = ctl.store.txn(compares, ops).await;
-        if !matches!(res, Ok(r) if r.succeeded) {
+        let pool_records: Vec<(PoolRecord, u64)> = records.iter().flatten().cloned().collect();
+        let res = ctl.bind_docker_network(&binding, &pool_records).await;
+        if !matches!(res, Ok(true)) {
             if !adopt {
                 if let Err(e) = ctl.delete_network(&name, true).await {
                     tracing::warn!(error = %e, network = %name, "cleanup: removing the network failed");
@@ -250,7 +237,7 @@ impl Plugin {
         let ctl = &self.ctl;
         // Forgotten first: whatever happens below, the next call reads the store.
         self.forget_binding(&req.network_id);
-        let Some(b) = records::docker_network(ctl, &req.network_id).await? else {
+        let Some(b) = ctl.docker_binding(&req.network_id).await? else {
             return Ok(Empty {});
         };
         if !b.adopted && ctl.network(&b.name).await?.is_some() {
@@ -271,7 +258,7 @@ impl Plugin {
                 );
             }
         }
-        ctl.store.delete(&network_key(&req.network_id)).await?;
+        ctl.unbind_docker_network(&req.network_id).await?;
         // Again: a call that read the binding meanwhile may have cached it.
         self.forget_binding(&req.network_id);
         tracing::info!(docker = %req.network_id, network = %b.name, "Docker network unbound");
@@ -350,7 +337,7 @@ impl Plugin {
             {
                 return Err(CnmError::Invalid(format!(
                     "address {ip} is not in a block of host {} on multi-host ferrynet network {}: each host hands out the addresses of its own blocks, so use ferrynet's IPAM driver (--ipam-driver) and no --ip from another host's block",
-                    self.ctl.host, net.name
+                    self.ctl.host(), net.name
                 )));
             }
         }
@@ -364,7 +351,7 @@ impl Plugin {
         let template = Endpoint {
             mac: Some(format_mac(&mac)),
             host_veth: Some(host_veth_name(&net.name, &req.endpoint_id, DOCKER_IFNAME)),
-            host: net.fabric.is_some().then(|| self.ctl.host.clone()),
+            host: net.fabric.is_some().then(|| self.ctl.host().to_string()),
             owner: EndpointOwner::Docker,
             ..Endpoint::new(&net.name, &req.endpoint_id, DOCKER_IFNAME)
         };
@@ -624,10 +611,10 @@ impl Plugin {
         let mut names = BTreeMap::new();
         let owners: BTreeSet<&str> = held.iter().map(|h| h.owner.as_str()).collect();
         for owner in owners {
-            let Ok(Some(kv)) = self.ctl.store.get(owner).await else {
+            let Ok(Some(ep)) = self.ctl.endpoint_at(owner).await else {
                 continue;
             };
-            if let Some(name) = decode::<Endpoint>(&kv).ok().and_then(|e| e.name) {
+            if let Some(name) = ep.name {
                 names.insert(owner.to_string(), name);
             }
         }

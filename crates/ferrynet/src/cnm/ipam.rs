@@ -5,13 +5,12 @@ use std::net::IpAddr;
 
 use ferrynet_model::ipam::{overlaps, validate_network_subnets, validate_subnet};
 use ferrynet_model::network::{Network, Subnet};
-use ferrynet_store::{Compare, Op};
 use ipnet::IpNet;
 
 use super::error::{CnmError, Result};
 use super::options::{parse_addr, parse_pool, OPT_NETWORK};
 use super::protocol::*;
-use super::records::{self, pool_key, to_bytes, PoolRecord, IPAM_OWNER};
+use super::records::{PoolRecord, IPAM_OWNER};
 use super::Plugin;
 use crate::control::network::subnet_list;
 
@@ -72,7 +71,7 @@ impl Plugin {
             "" => None,
             s => Some(parse_pool("ip range", s)?),
         };
-        let taken: Vec<PoolRecord> = records::pools(ctl).await?;
+        let taken: Vec<PoolRecord> = ctl.docker_pools().await?;
         let (pool, adopted_net) = match &adopt {
             Some(name) => {
                 let (net, _) = ctl.network(name).await?.ok_or_else(|| {
@@ -157,15 +156,7 @@ impl Plugin {
             network: adopted_net.as_ref().map(|n| n.name.clone()),
             adopted: adopted_net.is_some(),
         };
-        let key = pool_key(&id);
-        let res = ctl
-            .store
-            .txn(
-                vec![Compare::Missing(key.clone())],
-                vec![Op::put(key, to_bytes(&rec))],
-            )
-            .await?;
-        if !res.succeeded {
+        if !ctl.claim_docker_pool(&id, &rec).await? {
             return Err(CnmError::Invalid(format!(
                 "pool {pool} is already given to a Docker network"
             )));
@@ -193,7 +184,7 @@ impl Plugin {
             return Err(CnmError::Invalid("ReleasePool needs a PoolID".into()));
         }
         let _g = self.lock.lock().await;
-        self.ctl.store.delete(&pool_key(&req.pool_id)).await?;
+        self.ctl.release_docker_pool(&req.pool_id).await?;
         tracing::info!(pool = %req.pool_id, "pool released");
         Ok(Empty {})
     }
@@ -214,7 +205,8 @@ impl Plugin {
     ) -> Result<RequestAddressResponse> {
         let _g = self.lock.lock().await;
         let ctl = &self.ctl;
-        let (mut rec, rev) = records::pool(ctl, &req.pool_id)
+        let (mut rec, rev) = ctl
+            .docker_pool(&req.pool_id)
             .await?
             .ok_or_else(|| CnmError::NotFound(format!("unknown pool {:?}", req.pool_id)))?;
         let pool = rec.pool;
@@ -297,7 +289,7 @@ impl Plugin {
     pub async fn release_address(&self, req: ReleaseAddressRequest) -> Result<Empty> {
         let ip = parse_addr("address", &req.address)?;
         let _g = self.lock.lock().await;
-        let Some((mut rec, rev)) = records::pool(&self.ctl, &req.pool_id).await? else {
+        let Some((mut rec, rev)) = self.ctl.docker_pool(&req.pool_id).await? else {
             return Ok(Empty {});
         };
         if rec.gateway == Some(ip) || rec.aux.contains(&ip) {
@@ -336,16 +328,7 @@ impl Plugin {
 
     /// Write a pool record if it did not change since `rev`.
     pub(crate) async fn put_pool(&self, id: &str, rec: &PoolRecord, rev: u64) -> Result<()> {
-        let key = pool_key(id);
-        let res = self
-            .ctl
-            .store
-            .txn(
-                vec![Compare::ModRevision(key.clone(), rev)],
-                vec![Op::put(key, to_bytes(rec))],
-            )
-            .await?;
-        if !res.succeeded {
+        if !self.ctl.update_docker_pool(id, rec, rev).await? {
             return Err(CnmError::Invalid(format!(
                 "pool {id} changed or was released meanwhile; try again"
             )));

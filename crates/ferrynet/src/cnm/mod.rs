@@ -81,7 +81,7 @@ impl Plugin {
         if let Some(s) = self.scope_known.lock().ok().and_then(|g| *g) {
             return s;
         }
-        let shared = self.ctl.store.is_shared();
+        let shared = self.ctl.store_is_shared();
         let ask = self.scope_setting == scope::ScopeSetting::Auto && shared;
         let engine = if ask {
             // Short: a starting engine activates plugins before its API answers.
@@ -201,7 +201,7 @@ pub async fn run_plugin(ctl: Arc<Control>, args: PluginArgs) -> anyhow::Result<(
     tracing::info!(
         socket = %args.socket.display(),
         driver = %driver,
-        state = %ctl.paths.state_dir.display(),
+        state = %ctl.paths().state_dir.display(),
         "serving the Docker network and IPAM driver (docker network create -d {driver} --ipam-driver {driver} ...)"
     );
     let (sig_tx, sig_rx) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();

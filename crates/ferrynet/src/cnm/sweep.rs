@@ -18,7 +18,7 @@ use ferrynet_model::network::{Endpoint, EndpointOwner};
 use serde_json::Value;
 
 use super::names::get_json;
-use super::records::{self, DockerNetwork, DOCKER_IFNAME, IPAM_OWNER};
+use super::records::{DockerNetwork, DOCKER_IFNAME, IPAM_OWNER};
 use super::Plugin;
 
 /// How long a sweep waits for the Engine API (dockerd activates plugins before it listens, and
@@ -99,11 +99,15 @@ impl Plugin {
             );
         }
         let mut suspects = Vec::new();
-        for b in records::docker_networks(&self.ctl).await? {
+        for b in self.ctl.docker_bindings().await? {
             let Some(listed) = self.docker_listed(socket, &b).await? else {
                 continue;
             };
-            let missing = unlisted(&self.ctl.endpoints(&b.name).await?, &listed, &self.ctl.host);
+            let missing = unlisted(
+                &self.ctl.endpoints(&b.name).await?,
+                &listed,
+                self.ctl.host(),
+            );
             if !missing.is_empty() {
                 suspects.push((b, missing));
             }
@@ -117,7 +121,11 @@ impl Plugin {
             let Some(listed) = self.docker_listed(socket, &b).await? else {
                 continue;
             };
-            let now = unlisted(&self.ctl.endpoints(&b.name).await?, &listed, &self.ctl.host);
+            let now = unlisted(
+                &self.ctl.endpoints(&b.name).await?,
+                &listed,
+                self.ctl.host(),
+            );
             for id in first.intersection(&now) {
                 if self.drop_stale(&b, id).await? {
                     removed += 1;

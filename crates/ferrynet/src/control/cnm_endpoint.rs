@@ -15,7 +15,7 @@ use ferrynet_dataplane::netlink::Netlink;
 use ferrynet_model::ipam::{plan_allocation, validate_network_subnets, IpamError, ResolvedSubnet};
 use ferrynet_model::network::{keys, Endpoint, Network};
 use ferrynet_model::portmap::PortMapping;
-use ferrynet_model::reservation::{plan_reservation, AddressRequest, ReservationError};
+use ferrynet_model::reservation::{plan_reservation, AddressRequest};
 use ferrynet_store::{Compare, Op};
 use ipnet::IpNet;
 
@@ -179,7 +179,7 @@ impl Control {
                     let wanted: Vec<IpAddr> = requested.into_iter().collect();
                     let v6 = cidr.addr().is_ipv6();
                     let pick = requested.is_none();
-                    let plan = match plan_reservation(&AddressRequest {
+                    let req = AddressRequest {
                         subnets: &candidates,
                         held: &held,
                         requested: &wanted,
@@ -188,15 +188,10 @@ impl Control {
                         shared_owner: None,
                         last: &last,
                         can_claim_block: blocks.is_some(),
-                    }) {
-                        Ok(p) => p,
-                        Err(ReservationError::NeedBlock { v6 }) => {
-                            if let Some(b) = blocks {
-                                self.grow(b, v6).await?;
-                            }
-                            return Ok(Round::Again);
-                        }
-                        Err(e) => return Err(reservation_error(&net.name, e)),
+                    };
+                    let Some(plan) = self.plan_or_grow(&net.name, &req, blocks.as_ref()).await?
+                    else {
+                        return Ok(Round::Again);
                     };
                     let Some(ip) = plan.ips.first().copied() else {
                         return Err(ControlError::Ipam(format!(

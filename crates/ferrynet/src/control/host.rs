@@ -101,6 +101,30 @@ impl Control {
             .collect())
     }
 
+    /// Take back a block this host held before a restart, if its network still exists and
+    /// nobody claimed the block meanwhile; true when it did.
+    pub async fn reclaim_block(
+        &self,
+        network: &str,
+        block: &IpNet,
+    ) -> std::result::Result<bool, ferrynet_store::StoreError> {
+        let key = keys::block(network, block);
+        let claim = BlockClaim {
+            host: self.host.clone(),
+        };
+        let res = self
+            .store
+            .txn(
+                vec![
+                    Compare::Exists(keys::network(network)),
+                    Compare::Missing(key.clone()),
+                ],
+                vec![Op::put(key, encode(&claim))],
+            )
+            .await?;
+        Ok(res.succeeded)
+    }
+
     /// Claim one more block of the given family for this host; None when the pool is full.
     pub async fn claim_block(&self, net: &Network, v6: bool) -> Result<Option<IpNet>> {
         let Some(spec) = &net.fabric else {

@@ -188,6 +188,26 @@ impl Control {
         Ok(())
     }
 
+    /// Plan with `req`; when this host's blocks are full, claim one more into `blocks` and
+    /// return None: the caller plans again over the grown view.
+    pub(super) async fn plan_or_grow(
+        &self,
+        network: &str,
+        req: &AddressRequest<'_>,
+        blocks: Option<&Mutex<Blocks>>,
+    ) -> Result<Option<ReservationPlan>> {
+        match plan_reservation(req) {
+            Ok(p) => Ok(Some(p)),
+            Err(ReservationError::NeedBlock { v6 }) => {
+                if let Some(b) = blocks {
+                    self.grow(b, v6).await?;
+                }
+                Ok(None)
+            }
+            Err(e) => Err(reservation_error(network, e)),
+        }
+    }
+
     /// Reserve addresses (and host ports) for `template` on `net` and record the endpoint, in one
     /// transaction. `requested` are static addresses; empty means "pick".
     /// If the endpoint is already recorded, that record is returned unchanged (a retried ADD).
@@ -228,7 +248,7 @@ impl Control {
                         .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
                     let held = self.held_addresses(&net.name).await?;
                     let last = self.last_allocated(&net.name).await?;
-                    let plan = match plan_reservation(&AddressRequest {
+                    let req = AddressRequest {
                         subnets: &subnets,
                         held: &held,
                         requested,
@@ -237,15 +257,10 @@ impl Control {
                         shared_owner: None,
                         last: &last,
                         can_claim_block: blocks.is_some(),
-                    }) {
-                        Ok(p) => p,
-                        Err(ReservationError::NeedBlock { v6 }) => {
-                            if let Some(b) = blocks {
-                                self.grow(b, v6).await?;
-                            }
-                            return Ok(Round::Again);
-                        }
-                        Err(e) => return Err(reservation_error(&net.name, e)),
+                    };
+                    let Some(plan) = self.plan_or_grow(&net.name, &req, blocks.as_ref()).await?
+                    else {
+                        return Ok(Round::Again);
                     };
                     let (mut compares, mut ops) = reservation_writes(&net.name, &plan, owner, None);
                     compares.push(Compare::Missing(ep_key.clone()));

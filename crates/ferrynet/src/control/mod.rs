@@ -5,11 +5,14 @@
 //! every kernel change is idempotent.
 
 pub mod cnm_endpoint;
+pub mod containers;
+pub mod docker;
 pub mod edge;
 pub mod endpoint;
 pub mod guard;
 pub mod host;
 pub mod ipam;
+pub mod kv;
 pub mod network;
 pub mod service;
 pub mod stale;
@@ -60,15 +63,15 @@ impl Paths {
 /// The control plane of one host: a store and a firewall executor.
 pub struct Control {
     /// Cluster state.
-    pub store: Arc<dyn Store>,
+    store: Arc<dyn Store>,
     /// nftables transactions (shared so a transaction can run on a blocking thread).
-    pub nft: Arc<dyn NftExecutor>,
+    nft: Arc<dyn NftExecutor>,
     /// Where files live.
-    pub paths: Paths,
+    paths: Paths,
     /// This host's name in the cluster (from host.json, else the system host name).
-    pub host: String,
+    host: String,
     /// The store URL it was opened with (None: the embedded file).
-    pub store_url: Option<String>,
+    store_url: Option<String>,
 }
 
 impl Control {
@@ -108,6 +111,53 @@ impl Control {
             host,
             store_url: url,
         })
+    }
+
+    /// This host's name in the cluster.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Where ferrynet's files live.
+    pub fn paths(&self) -> &Paths {
+        &self.paths
+    }
+
+    /// The store URL it was opened with (None: the embedded file).
+    pub fn store_url(&self) -> Option<&str> {
+        self.store_url.as_deref()
+    }
+
+    /// The store, for the agent's and `render`'s watchers (the feed's consumers); every other
+    /// caller goes through this layer's operations.
+    pub(crate) fn store_handle(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+
+    /// The nft executor, for the agent's own tables (the fabric guard).
+    pub(crate) fn nft_handle(&self) -> Arc<dyn NftExecutor> {
+        self.nft.clone()
+    }
+
+    /// Whether the store is shared by several hosts (etcd).
+    pub fn store_is_shared(&self) -> bool {
+        self.store.is_shared()
+    }
+
+    /// The store's current revision: a cheap proof that it is usable.
+    pub async fn store_revision(&self) -> Result<u64> {
+        Ok(self.store.revision().await?)
+    }
+
+    /// The endpoint recorded at `key`, if any.
+    pub async fn endpoint_at(
+        &self,
+        key: &str,
+    ) -> Result<Option<ferrynet_model::network::Endpoint>> {
+        match self.store.get(key).await? {
+            Some(kv) => Ok(Some(decode(&kv)?)),
+            None => Ok(None),
+        }
     }
 
     /// A control layer over `store` for unit tests (host `test`, the state in a temp path).
