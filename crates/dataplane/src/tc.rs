@@ -185,18 +185,28 @@ pub async fn redirect_ingress(nl_: &Netlink, from: u32, to: u32) -> Result<()> {
         )))
 }
 
-/// Make sure the IFB device `name` exists, is up and has `mtu`; returns its index.
+/// Make sure the IFB device `name` exists, is up and has `mtu`; returns its index. A link of
+/// that name that is not an IFB device is not ours to use: a conflict.
 pub async fn ensure_ifb(nl_: &Netlink, name: &str, mtu: u32) -> Result<u32> {
-    if nl_.link_index(name).await?.is_none() {
-        let msg = LinkIfb::new(name).mtu(mtu).up().build();
-        match nl_.handle.link().add(msg).execute().await {
-            Ok(()) => {}
-            Err(e) if matches!(errno(&e), Some(EEXIST)) => {}
-            Err(e) => {
-                return Err(DataplaneError::Netlink {
-                    op: format!("creating IFB device {name}"),
-                    source: e,
-                })
+    match nl_.link_by_name(name).await? {
+        Some(l) if l.kind.as_deref() == Some("ifb") => {}
+        Some(l) => {
+            return Err(DataplaneError::Conflict(format!(
+                "link {name} exists and is a {} device, not an IFB",
+                l.kind.as_deref().unwrap_or("plain")
+            )))
+        }
+        None => {
+            let msg = LinkIfb::new(name).mtu(mtu).up().build();
+            match nl_.handle.link().add(msg).execute().await {
+                Ok(()) => {}
+                Err(e) if matches!(errno(&e), Some(EEXIST)) => {}
+                Err(e) => {
+                    return Err(DataplaneError::Netlink {
+                        op: format!("creating IFB device {name}"),
+                        source: e,
+                    })
+                }
             }
         }
     }
