@@ -20,8 +20,8 @@ packages_for() {
     # etcd-server: the store and multi-host tests run a real etcd; openssl makes TLS
     # certificates; busybox-static is the Docker tests' image; dnsutils (dig), knot-dnsutils
     # (kdig) and dnsmasq-base (a test upstream resolver) for the DNS tests; docker-compose for
-    # the Docker scenario tests.
-    test) echo "$base containernetworking-plugins etcd-server openssl busybox-static dnsutils knot-dnsutils dnsmasq-base docker-compose" ;;
+    # the Docker scenario tests; iperf3 measures bandwidth limits (tests/cni_bandwidth.rs).
+    test) echo "$base containernetworking-plugins etcd-server openssl busybox-static dnsutils knot-dnsutils dnsmasq-base docker-compose iperf3" ;;
     # bench/docker.py imports the same busybox image as the Docker tests; bench/dns.py runs
     # dnsperf against ferrynet, aardvark-dns and dnsmasq (dig checks they answer).
     bench) echo "$base containernetworking-plugins netavark iperf3 time etcd-server busybox-static dnsperf aardvark-dns dnsmasq-base dnsutils" ;;

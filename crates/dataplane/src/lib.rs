@@ -12,5 +12,6 @@ pub mod netns;
 pub mod nft;
 pub mod routes;
 pub mod sysctl;
+pub mod tc;
 pub mod veth;
 pub mod vxlan;

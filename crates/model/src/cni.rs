@@ -7,12 +7,16 @@
 mod conf;
 mod env;
 mod error;
+pub mod gojson;
 mod result;
 mod version;
 
-pub use conf::{Attachment, NetConf, NetConfList, RuntimeConfig};
+pub use conf::{
+    canonical_conf, Attachment, IpRange, NetConf, NetConfList, RuntimeConfig, RuntimeDns,
+};
 pub use env::{
-    is_cni_invocation, parse_cni_args, validate_container_id, validate_ifname, CniEnv, Command,
+    check_args, is_cni_invocation, parse_cni_args, validate_container_id, validate_ifname, CniEnv,
+    Command, KNOWN_ARGS,
 };
 pub use error::CniError;
 pub use result::{CniResult, Dns, Interface, IpConfig, Route};

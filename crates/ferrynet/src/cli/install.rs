@@ -28,7 +28,7 @@ pub struct InstallArgs {
 pub fn conflist(network: &str, state_dir: &Path) -> serde_json::Value {
     let mut plugin = serde_json::json!({
         "type": "ferrynet",
-        "capabilities": {"portMappings": true, "ips": true, "mac": true}
+        "capabilities": {"portMappings": true, "ips": true, "mac": true, "bandwidth": true}
     });
     if state_dir != Path::new(DEFAULT_STATE_DIR) {
         plugin["stateDir"] = serde_json::Value::String(state_dir.display().to_string());
@@ -86,6 +86,8 @@ mod tests {
         assert_eq!(c["name"], "blue");
         assert_eq!(c["plugins"][0]["type"], "ferrynet");
         assert_eq!(c["plugins"][0]["capabilities"]["portMappings"], true);
+        // Runtimes pass pod bandwidth annotations only to plugins declaring the capability.
+        assert_eq!(c["plugins"][0]["capabilities"]["bandwidth"], true);
         assert!(c["plugins"][0].get("stateDir").is_none());
         let c = conflist("blue", Path::new("/tmp/x"));
         assert_eq!(c["plugins"][0]["stateDir"], "/tmp/x");

@@ -15,6 +15,7 @@ pub mod ipam;
 pub mod kv;
 pub mod network;
 pub mod service;
+pub mod shaping;
 pub mod stale;
 pub mod subnets;
 pub mod transact;
