@@ -242,6 +242,14 @@ pub enum ServiceError {
     /// The name is not a DNS label.
     #[error("service name {0:?} must be 1-63 lowercase letters, digits or '-', not starting or ending with '-'")]
     BadName(String),
+    /// A port name that cannot be an SRV label (`_NAME`).
+    #[error("service {service}: port name {name:?} must be 1-62 lowercase letters, digits or '-' (it becomes the SRV label _{name})")]
+    BadPortName {
+        /// The service.
+        service: String,
+        /// The port name.
+        name: String,
+    },
     /// A producer id that cannot be a key segment.
     #[error("producer id {0:?} must be 1-63 letters, digits or '_.-' (it becomes a DNS label)")]
     BadId(String),
@@ -282,6 +290,11 @@ pub fn is_dns_label(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
+/// True when `name` can name a service port: a DNS label short enough to take SRV's `_`.
+pub fn is_port_name(name: &str) -> bool {
+    is_dns_label(name) && name.len() < 63
+}
+
 /// Check a service record's own consistency (names, duplicate ports, ingress targets).
 pub fn validate_service(s: &Service) -> Result<(), ServiceError> {
     if !is_dns_label(&s.name) {
@@ -290,6 +303,12 @@ pub fn validate_service(s: &Service) -> Result<(), ServiceError> {
     let mut seen = BTreeSet::new();
     let mut names = BTreeSet::new();
     for p in &s.ports {
+        if !is_port_name(&p.name) {
+            return Err(ServiceError::BadPortName {
+                service: s.name.clone(),
+                name: p.name.clone(),
+            });
+        }
         if !seen.insert((p.port, p.protocol)) || !names.insert(p.name.as_str()) {
             return Err(ServiceError::DuplicatePort {
                 service: s.name.clone(),
@@ -496,6 +515,18 @@ mod tests {
         assert!(!is_dns_label(&"a".repeat(64)));
         assert!(validate_service(&svc("web")).is_ok());
         assert!(validate_service(&svc("we.b")).is_err());
+    }
+
+    #[test]
+    fn port_names_leave_room_for_the_srv_underscore() {
+        assert!(is_port_name(&"a".repeat(62)));
+        assert!(!is_port_name(&"a".repeat(63)));
+        let mut s = svc("web");
+        s.ports[0].name = "a".repeat(63);
+        assert!(matches!(
+            validate_service(&s),
+            Err(ServiceError::BadPortName { .. })
+        ));
     }
 
     #[test]

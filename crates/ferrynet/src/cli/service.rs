@@ -186,10 +186,10 @@ pub fn parse_service_port(spec: &str) -> Result<ServicePort, String> {
     };
     let port = parse_port(spec, port)?;
     let name = match name {
-        Some(n) if ferrynet_model::service::is_dns_label(n) => n.to_string(),
+        Some(n) if ferrynet_model::service::is_port_name(n) => n.to_string(),
         Some(n) => {
             return Err(format!(
-                "{spec}: port name {n:?} must be lowercase letters, digits or '-'"
+                "{spec}: port name {n:?} must be 1-62 lowercase letters, digits or '-'"
             ))
         }
         None => port_name(port, protocol),
