@@ -4,6 +4,7 @@ use std::io::Read;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
+use ferrynet_model::blocks::HostView;
 use ferrynet_model::cni::{
     check_args, CniEnv, CniError, CniResult, Command, Dns, Interface, IpConfig, NetConf, Route,
     KNOWN_ARGS,
@@ -222,7 +223,7 @@ fn subnets_from_ipam(ipam: &Value) -> Result<Vec<Subnet>, CniError> {
     Ok(out)
 }
 
-async fn resolve_network(ctl: &Control, conf: &NetConf) -> Result<Network, CniError> {
+async fn resolve_network(ctl: &Control, conf: &NetConf) -> Result<HostView, CniError> {
     let net = match network_from_conf(conf)? {
         Some(net) => ctl.ensure_network(net).await.map_err(ctl_err)?,
         None => ctl.network(&conf.name).await.map_err(ctl_err)?.map(|(n, _)| n).ok_or_else(|| {
@@ -232,7 +233,7 @@ async fn resolve_network(ctl: &Control, conf: &NetConf) -> Result<Network, CniEr
             ))
         })?,
     };
-    // A multi-host network is seen through this host's blocks.
+    // A multi-host network is seen through this host's blocks: derived here, once per call.
     ctl.host_view(&net).await.map_err(ctl_err)
 }
 
@@ -328,7 +329,8 @@ async fn add(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<Value, CniEr
     check_args(&env.args, &KNOWN_ARGS)?;
     let pod =
         pod_args(&env.args).map_err(|e| CniError::invalid_config(format!("CNI_ARGS: {e}")))?;
-    let net = resolve_network(ctl, conf).await?;
+    let view = resolve_network(ctl, conf).await?;
+    let net = &view.net;
     // Zero ports and unusable bandwidth limits (code 7), with the interface's MTU.
     conf.runtime_config
         .validate(net.mtu.unwrap_or(DEFAULT_MTU))?;
@@ -343,9 +345,9 @@ async fn add(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<Value, CniEr
         Some(v) => Some(CniResult::from_prev_result(v, &conf.cni_version)?),
         None => None,
     };
-    let ep = ctl
+    let (ep, view) = ctl
         .attach(
-            &net,
+            &view,
             AttachRequest {
                 container_id: need(&env.container_id, "CNI_CONTAINERID")?.to_string(),
                 ifname: need(&env.ifname, "CNI_IFNAME")?.to_string(),
@@ -363,9 +365,9 @@ async fn add(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<Value, CniEr
         )
         .await
         .map_err(ctl_err)?;
-    // The attach may have claimed a new block (and gateway) for this host: report from a fresh view.
-    let net = ctl.view_holding(&net, &ep).await.map_err(ctl_err)?;
-    let mut res = build_result(&net, &ep, prev, &conf.cni_version)?;
+    // The view the attach returned holds the endpoint (with any block it claimed).
+    let net = &view.net;
+    let mut res = build_result(net, &ep, prev, &conf.cni_version)?;
     if let Some(dns) = &conf.dns {
         res.dns = dns.clone();
     } else if let Some(d) = crate::control::host::LocalConfig::load(&ctl.paths().state_dir)
@@ -466,10 +468,10 @@ async fn del(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<(), CniError
 }
 
 async fn check(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
-    let net = resolve_network(ctl, conf).await?;
+    let view = resolve_network(ctl, conf).await?;
     let ep = ctl
         .check(
-            &net,
+            &view.net,
             need(&env.container_id, "CNI_CONTAINERID")?,
             need(&env.ifname, "CNI_IFNAME")?,
             need(&env.netns, "CNI_NETNS")?,

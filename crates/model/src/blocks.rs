@@ -88,6 +88,79 @@ pub fn host_view(pool: &Network, my_blocks: &[IpNet], me: Option<&HostRecord>) -
     view
 }
 
+/// A network as one host sees it, derived once per operation and passed down: the stored
+/// record, this host's blocks of it, and the network seen through them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostView {
+    /// The network as stored (a multi-host network's whole pool).
+    pub pool: Network,
+    /// This host's blocks of it (none on a single-host network).
+    pub blocks: Vec<IpNet>,
+    /// This host's record, when the view's MTU depends on its underlay.
+    pub me: Option<HostRecord>,
+    /// The pool seen through the blocks: what this host plumbs and reports.
+    pub net: Network,
+}
+
+impl HostView {
+    /// A single-host network: the view is the network itself.
+    pub fn single(net: Network) -> HostView {
+        HostView {
+            pool: net.clone(),
+            blocks: Vec::new(),
+            me: None,
+            net,
+        }
+    }
+
+    /// The view of `pool` through `blocks` (see [`host_view`]).
+    pub fn new(pool: Network, blocks: Vec<IpNet>, me: Option<HostRecord>) -> HostView {
+        let net = host_view(&pool, &blocks, me.as_ref());
+        HostView {
+            pool,
+            blocks,
+            me,
+            net,
+        }
+    }
+
+    /// Whether the network spans hosts (its addresses come from this host's blocks).
+    pub fn is_multi_host(&self) -> bool {
+        self.pool.fabric.is_some()
+    }
+
+    /// The same view with one more block.
+    pub fn with_block(&self, block: IpNet) -> HostView {
+        let mut blocks = self.blocks.clone();
+        blocks.push(block);
+        HostView::new(self.pool.clone(), blocks, self.me.clone())
+    }
+
+    /// The address families (false: IPv4, true: IPv6) the pool has and this host holds no
+    /// block of yet.
+    pub fn families_without_block(&self) -> Vec<bool> {
+        if !self.is_multi_host() {
+            return Vec::new();
+        }
+        [false, true]
+            .into_iter()
+            .filter(|&v6| {
+                self.pool
+                    .subnets
+                    .iter()
+                    .any(|s| s.cidr.addr().is_ipv6() == v6)
+                    && !self.blocks.iter().any(|b| b.addr().is_ipv6() == v6)
+            })
+            .collect()
+    }
+
+    /// Whether every one of `ips` lies in the view's subnets.
+    pub fn holds(&self, ips: &[IpNet]) -> bool {
+        ips.iter()
+            .all(|ip| self.net.subnets.iter().any(|s| s.cidr.contains(&ip.addr())))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,5 +283,27 @@ mod tests {
             block_gateway(&n("fd00::40/122")),
             "fd00::41".parse::<std::net::IpAddr>().unwrap()
         );
+    }
+
+    #[test]
+    fn a_host_view_grows_by_blocks_and_knows_what_it_holds() {
+        let pool = Network {
+            fabric: Some(spec()),
+            ..Network::bridged("m", [n("10.20.0.0/24"), n("fd20::/64")])
+        };
+        let v = HostView::new(pool.clone(), vec![n("10.20.0.64/26")], None);
+        assert!(v.is_multi_host());
+        assert_eq!(v.families_without_block(), vec![true]);
+        assert!(v.holds(&[n("10.20.0.70/26")]));
+        assert!(!v.holds(&[n("10.20.0.130/26")]));
+        let g = v
+            .with_block(n("10.20.0.128/26"))
+            .with_block(n("fd20::/122"));
+        assert!(g.holds(&[n("10.20.0.130/26"), n("fd20::5/122")]));
+        assert!(g.families_without_block().is_empty());
+        assert_eq!(g.net, host_view(&pool, &g.blocks, None));
+        let single = HostView::single(Network::bridged("s", [n("10.9.0.0/24")]));
+        assert!(!single.is_multi_host() && single.families_without_block().is_empty());
+        assert_eq!(single.net, single.pool);
     }
 }

@@ -618,9 +618,9 @@ async fn run_container(ctl: &Control, a: RunArgs) -> anyhow::Result<()> {
         if !host_mode {
             Netns::create_named(&ns_name).with_context(|| format!("creating netns {ns_name}"))?;
         }
-        let ep = ctl
+        let (ep, view) = ctl
             .attach(
-                &net,
+                &ctl.host_view(&net).await?,
                 AttachRequest {
                     container_id: a.name.clone(),
                     ifname: a.ifname.clone(),
@@ -643,7 +643,7 @@ async fn run_container(ctl: &Control, a: RunArgs) -> anyhow::Result<()> {
         let resolv = if host_mode {
             None
         } else {
-            container_resolver(ctl, &net, &ep, &ns_name).await?
+            container_resolver(ctl, &view, &ep, &ns_name).await?
         };
         let ns_path = c.netns.as_ref().map(PathBuf::from);
         let (pid, ticks) = container::spawn_in(
@@ -710,14 +710,14 @@ async fn run_container(ctl: &Control, a: RunArgs) -> anyhow::Result<()> {
 /// addresses, the network's search domain), written where `ip netns exec` also finds it.
 async fn container_resolver(
     ctl: &Control,
-    net: &Network,
+    view: &ferrynet_model::blocks::HostView,
     ep: &ferrynet_model::network::Endpoint,
     ns_name: &str,
 ) -> anyhow::Result<Option<PathBuf>> {
     let Some(dns) = crate::control::host::LocalConfig::load(&ctl.paths().state_dir)?.dns else {
         return Ok(None);
     };
-    let view = ctl.view_holding(&ctl.host_view(net).await?, ep).await?;
+    let view = ctl.view_holding(view, ep).await?.net;
     let subnets = ferrynet_model::ipam::validate_network_subnets(&view.subnets)?;
     let mut gws: Vec<IpAddr> = Vec::new();
     for ip in &ep.ips {
@@ -730,7 +730,7 @@ async fn container_resolver(
     if gws.is_empty() {
         return Ok(None);
     }
-    let content = container::resolv_conf(&gws, &net.name, &dns.domain);
+    let content = container::resolv_conf(&gws, &view.name, &dns.domain);
     Ok(Some(container::write_resolv_conf(ns_name, &content)?))
 }
 

@@ -327,7 +327,7 @@ impl Plugin {
         };
         // On a multi-host network the endpoint lives in this host's view: its blocks.
         let net = match net.fabric {
-            Some(_) => self.ctl.host_view(&net).await?,
+            Some(_) => self.ctl.host_view(&net).await?.net,
             None => net,
         };
         if net.fabric.is_some() {
@@ -472,7 +472,7 @@ impl Plugin {
         let peer_name = temp_peer_name(&net.name, &ep.container_id, DOCKER_IFNAME);
         // A multi-host network's bridge carries this host's block gateways.
         let net = match net.fabric {
-            Some(_) => self.ctl.host_view(&net).await?,
+            Some(_) => self.ctl.host_view(&net).await?.net,
             None => net,
         };
         let mac = match &ep.mac {

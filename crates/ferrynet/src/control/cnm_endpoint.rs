@@ -135,7 +135,10 @@ impl Control {
             }
         }
         let blocks = match net.fabric {
-            Some(_) => Some(Mutex::new(self.blocks(net).await?)),
+            Some(_) => {
+                let view = self.host_view(net).await?;
+                Some(Mutex::new(self.with_first_blocks(view).await?))
+            }
             None => None,
         };
         let blocks = &blocks;
@@ -148,7 +151,7 @@ impl Control {
                     let candidates = match blocks {
                         None => vec![subnet.clone()],
                         Some(b) => {
-                            let view = lock(b).view.clone();
+                            let view = lock(b).net.clone();
                             validate_network_subnets(&view.subnets)
                                 .map_err(|e| ControlError::InvalidConfig(e.to_string()))?
                                 .into_iter()

@@ -9,6 +9,7 @@ use ferrynet_dataplane::netlink::{Netlink, RouteSpec};
 use ferrynet_dataplane::netns::Netns;
 use ferrynet_dataplane::veth::{self, ContainerIface, VethSpec};
 use ferrynet_model::bandwidth::Bandwidth;
+use ferrynet_model::blocks::HostView;
 use ferrynet_model::gc::{gc_verdict, legacy_owner, GcVerdict};
 use ferrynet_model::ipam::{validate_network_subnets, ResolvedSubnet};
 use ferrynet_model::names::{format_mac, host_veth_name};
@@ -86,9 +87,16 @@ pub fn container_routes(
 }
 
 impl Control {
-    /// Attach a container to `net`; safe to retry with the same container id and ifname.
-    /// On failure nothing is left: no link, no allocation, no nft element.
-    pub async fn attach(&self, net: &Network, req: AttachRequest) -> Result<Endpoint> {
+    /// Attach a container to the network of `view` (derived once by the caller); safe to retry
+    /// with the same container id and ifname. On failure nothing is left: no link, no
+    /// allocation, no nft element. Returns the endpoint and the view that holds it (grown when
+    /// the reservation claimed a block).
+    pub async fn attach(
+        &self,
+        view: &HostView,
+        req: AttachRequest,
+    ) -> Result<(Endpoint, HostView)> {
+        let net = &view.net;
         let template = Endpoint {
             netns: Some(req.netns.clone()),
             mac: req.mac.map(|m| format_mac(&m)),
@@ -119,7 +127,7 @@ impl Control {
                 )));
             }
             let (ep, _) = self.reserve_host_mode(net, template).await?;
-            return Ok(ep);
+            return Ok((ep, view.clone()));
         }
 
         if net.internal && !req.port_mappings.is_empty() {
@@ -145,7 +153,7 @@ impl Control {
             format!("opening netlink in {}", req.netns),
         ))?;
 
-        let (ep, fresh) = self.reserve(net, template, &req.static_ips).await?;
+        let (ep, fresh, view) = self.reserve(view, template, &req.static_ips).await?;
         if !fresh {
             // A retried ADD: the same allocation, and nothing to do if the interface is in place.
             if ep.netns.as_deref() != Some(req.netns.as_str()) {
@@ -177,7 +185,7 @@ impl Control {
                     }
                     self.guard_endpoint(&ep).await?;
                     self.publish_ports(&ep).await?;
-                    return Ok(ep);
+                    return Ok((ep, view));
                 }
                 return Err(ControlError::IfaceExists(format!(
                     "interface {} already exists in netns {} with other addresses",
@@ -189,17 +197,14 @@ impl Control {
             self.unguard_endpoint(&ep);
         }
 
-        // The reservation may have claimed a new block: plumb with this host's current view.
-        let (net, subnets) = if net.fabric.is_some() {
-            // Callers pass either the stored pool (CLI) or a host view (CNI): always re-derive.
-            let view = self.host_view(net).await?;
-            let subnets = validate_network_subnets(&view.subnets)
-                .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
-            (view, subnets)
+        // The reservation may have claimed a new block: plumb with the view it returned.
+        let net = &view.net;
+        let subnets = if view.is_multi_host() {
+            validate_network_subnets(&net.subnets)
+                .map_err(|e| ControlError::InvalidConfig(e.to_string()))?
         } else {
-            (net.clone(), subnets)
+            subnets
         };
-        let net = &net;
         match self
             .plumb(net, &subnets, &host, &container_ns, &container, &ep)
             .await
@@ -207,7 +212,7 @@ impl Control {
             Ok(done) => {
                 self.update_endpoint(&done).await?;
                 tracing::info!(container = %done.container_id, network = %net.name, ips = ?done.ips, "attached");
-                Ok(done)
+                Ok((done, view))
             }
             Err(e) => {
                 // Undo in reverse: ports, link, reservation. Errors here are logged, the first kept.

@@ -3,7 +3,7 @@
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use ferrynet_model::blocks::{host_view, next_block, view_needs_underlay};
+use ferrynet_model::blocks::{next_block, view_needs_underlay, HostView};
 use ferrynet_model::host::{BlockClaim, HostRecord};
 use ferrynet_model::network::{keys, Endpoint, Network};
 use ferrynet_store::{Compare, Op};
@@ -163,25 +163,8 @@ impl Control {
 
     /// Make sure this host owns at least one block of every address family of the pool.
     pub async fn ensure_blocks(&self, net: &Network) -> Result<Vec<IpNet>> {
-        let mut mine = self.my_blocks(&net.name).await?;
-        for v6 in [false, true] {
-            let wanted = net.subnets.iter().any(|s| s.cidr.addr().is_ipv6() == v6);
-            let have = mine.iter().any(|b| b.addr().is_ipv6() == v6);
-            if wanted && !have {
-                match self.claim_block(net, v6).await? {
-                    Some(b) => mine.push(b),
-                    None => {
-                        return Err(ControlError::Ipam(format!(
-                            "network {}: no free {} block left in the pool for host {}",
-                            net.name,
-                            if v6 { "IPv6" } else { "IPv4" },
-                            self.host
-                        )))
-                    }
-                }
-            }
-        }
-        Ok(mine)
+        let view = HostView::new(net.clone(), self.my_blocks(&net.name).await?, None);
+        Ok(self.with_first_blocks(view).await?.blocks)
     }
 
     /// This host's registration, if its agent is up.
@@ -192,48 +175,60 @@ impl Control {
         }
     }
 
-    /// The network as this host sees it. For a multi-host network: its subnets are this host's
-    /// blocks (each gatewayed by its first address) and, over VXLAN, its MTU is the underlay's
-    /// minus the encapsulation. Single-host networks are returned unchanged.
-    pub async fn host_view(&self, net: &Network) -> Result<Network> {
+    /// The network as this host sees it, derived once per operation: for a multi-host network
+    /// its subnets are this host's blocks (each gatewayed by its first address) and, over VXLAN,
+    /// its MTU is the underlay's minus the encapsulation. Single-host networks are unchanged.
+    pub async fn host_view(&self, net: &Network) -> Result<HostView> {
         if net.fabric.is_none() {
-            return Ok(net.clone());
+            return Ok(HostView::single(net.clone()));
         }
         // Always from the stored record: `net` may itself be a host view (blocks, not the pool).
-        let (net, _) = self.network(&net.name).await?.ok_or_else(|| {
+        let (pool, _) = self.network(&net.name).await?.ok_or_else(|| {
             ControlError::InvalidConfig(format!("network {} does not exist", net.name))
         })?;
-        self.view_of(&net, &self.my_blocks(&net.name).await?).await
+        let blocks = self.my_blocks(&pool.name).await?;
+        let me = self.underlay_record(&pool).await?;
+        Ok(HostView::new(pool, blocks, me))
     }
 
-    /// A host view that holds `ep`'s addresses: `view` (which must itself be a host view, not
-    /// the stored pool) or, when the reservation claimed a new block for them, a fresh one.
-    pub async fn view_holding(&self, view: &Network, ep: &Endpoint) -> Result<Network> {
-        let held = ep
-            .ips
-            .iter()
-            .all(|ip| view.subnets.iter().any(|s| s.cidr.contains(&ip.addr())));
-        if held || view.fabric.is_none() {
+    /// `view` with a block of every family the pool has and this host has none of (claimed).
+    pub async fn with_first_blocks(&self, view: HostView) -> Result<HostView> {
+        let mut view = view;
+        for v6 in view.families_without_block() {
+            let Some(b) = self.claim_block(&view.pool, v6).await? else {
+                return Err(ControlError::Ipam(format!(
+                    "network {}: no free {} block left in the pool for host {}",
+                    view.pool.name,
+                    if v6 { "IPv6" } else { "IPv4" },
+                    self.host
+                )));
+            };
+            view = view.with_block(b);
+        }
+        Ok(view)
+    }
+
+    /// A host view that holds `ep`'s addresses: `view`, or a fresh one when a reservation
+    /// claimed a new block for them meanwhile.
+    pub async fn view_holding(&self, view: &HostView, ep: &Endpoint) -> Result<HostView> {
+        if view.holds(&ep.ips) || !view.is_multi_host() {
             Ok(view.clone())
         } else {
-            self.host_view(view).await
+            self.host_view(&view.pool).await
         }
     }
 
-    /// The host view of a stored multi-host network given this host's blocks (reads this
-    /// host's record only when the MTU depends on its underlay).
-    pub async fn view_of(&self, pool: &Network, my_blocks: &[IpNet]) -> Result<Network> {
-        let me = if view_needs_underlay(pool) {
-            Some(self.host_record(&self.host).await?.ok_or_else(|| {
-                ControlError::Store(ferrynet_store::StoreError::Unavailable(format!(
-                    "network {} spans hosts, but host {} has no running agent registered; start `ferrynet agent` on it",
-                    pool.name, self.host
-                )))
-            })?)
-        } else {
-            None
-        };
-        Ok(host_view(pool, my_blocks, me.as_ref()))
+    /// This host's record when a view of `pool` depends on its underlay (VXLAN's MTU).
+    async fn underlay_record(&self, pool: &Network) -> Result<Option<HostRecord>> {
+        if !view_needs_underlay(pool) {
+            return Ok(None);
+        }
+        Ok(Some(self.host_record(&self.host).await?.ok_or_else(|| {
+            ControlError::Store(ferrynet_store::StoreError::Unavailable(format!(
+                "network {} spans hosts, but host {} has no running agent registered; start `ferrynet agent` on it",
+                pool.name, self.host
+            )))
+        })?))
     }
 }
 

@@ -9,21 +9,21 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 
+use ferrynet_model::blocks::HostView;
 use ferrynet_model::ipam::validate_network_subnets;
-use ferrynet_model::network::{keys, Endpoint, Network};
+use ferrynet_model::network::{keys, Endpoint};
 use ferrynet_model::portmap::{host_ips_overlap, PortMapping};
 use ferrynet_model::reservation::{
     plan_reservation, AddressRequest, ReservationError, ReservationPlan,
 };
 use ferrynet_store::{Compare, Op};
-use ipnet::IpNet;
 
 use super::transact::Round;
 use super::{decode, decode_plain, encode, Control};
 use crate::error::{ControlError, Result};
 
-/// The blocks state of a reservation (never held across an await).
-pub(super) fn lock(b: &Mutex<Blocks>) -> std::sync::MutexGuard<'_, Blocks> {
+/// The host view of a reservation in progress (never held across an await).
+pub(super) fn lock(b: &Mutex<HostView>) -> std::sync::MutexGuard<'_, HostView> {
     // A panic while holding it cannot leave it half-updated: each update is one assignment.
     b.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -127,17 +127,6 @@ pub(super) fn reservation_writes(
     (compares, ops)
 }
 
-/// This host's blocks of a multi-host network and the network seen through them, kept across
-/// planning rounds (a round that claims a block updates both).
-pub(super) struct Blocks {
-    /// The whole network as stored (its pool).
-    pub pool: Network,
-    /// This host's blocks.
-    pub mine: Vec<IpNet>,
-    /// The network with this host's blocks as its subnets.
-    pub view: Network,
-}
-
 impl Control {
     /// Addresses of a network that are held, with their owners.
     pub(super) async fn held_addresses(&self, network: &str) -> Result<BTreeMap<IpAddr, String>> {
@@ -159,33 +148,17 @@ impl Control {
         })
     }
 
-    /// This host's blocks of `stored` (claiming the first ones if it has none) and its view.
-    pub(super) async fn blocks(&self, stored: &Network) -> Result<Blocks> {
-        let mine = self.ensure_blocks(stored).await?;
-        let view = self.view_of(stored, &mine).await?;
-        Ok(Blocks {
-            pool: stored.clone(),
-            mine,
-            view,
-        })
-    }
-
-    /// Claim one more block of a family into `blocks`; an error when the pool has none left.
-    pub(super) async fn grow(&self, blocks: &Mutex<Blocks>, v6: bool) -> Result<()> {
-        let pool = lock(blocks).pool.clone();
+    /// Claim one more block of a family into `view`; an error when the pool has none left.
+    pub(super) async fn grow(&self, view: &Mutex<HostView>, v6: bool) -> Result<()> {
+        let pool = lock(view).pool.clone();
         let Some(block) = self.claim_block(&pool, v6).await? else {
             return Err(ControlError::Ipam(format!(
                 "network {}: every block of the pool is claimed and host {}'s blocks are full",
                 pool.name, self.host
             )));
         };
-        let mine = {
-            let mut b = lock(blocks);
-            b.mine.push(block);
-            b.mine.clone()
-        };
-        let view = self.view_of(&pool, &mine).await?;
-        lock(blocks).view = view;
+        let grown = lock(view).with_block(block);
+        *lock(view) = grown;
         Ok(())
     }
 
@@ -195,7 +168,7 @@ impl Control {
         &self,
         network: &str,
         req: &AddressRequest<'_>,
-        blocks: Option<&Mutex<Blocks>>,
+        blocks: Option<&Mutex<HostView>>,
     ) -> Result<Option<ReservationPlan>> {
         match plan_reservation(req) {
             Ok(p) => Ok(Some(p)),
@@ -209,26 +182,24 @@ impl Control {
         }
     }
 
-    /// Reserve addresses (and host ports) for `template` on `net` and record the endpoint, in one
-    /// transaction. `requested` are static addresses; empty means "pick".
+    /// Reserve addresses (and host ports) for `template` on the network of `view` and record the
+    /// endpoint, in one transaction. `requested` are static addresses; empty means "pick".
     /// If the endpoint is already recorded, that record is returned unchanged (a retried ADD).
+    /// Also returns the view after the reservation (grown when it claimed blocks).
     pub async fn reserve(
         &self,
-        net: &Network,
+        view: &HostView,
         template: Endpoint,
         requested: &[IpAddr],
-    ) -> Result<(Endpoint, bool)> {
+    ) -> Result<(Endpoint, bool, HostView)> {
+        let net = &view.pool;
         // A multi-host network allocates inside this host's blocks, claiming blocks as needed.
         let mut template = template;
-        let blocks = match &net.fabric {
-            Some(_) => {
-                let (stored, _) = self.network(&net.name).await?.ok_or_else(|| {
-                    ControlError::InvalidConfig(format!("network {} does not exist", net.name))
-                })?;
-                template.host = Some(self.host.clone());
-                Some(Mutex::new(self.blocks(&stored).await?))
-            }
-            None => None,
+        let blocks = if view.is_multi_host() {
+            template.host = Some(self.host.clone());
+            Some(Mutex::new(self.with_first_blocks(view.clone()).await?))
+        } else {
+            None
         };
         let (blocks, template) = (&blocks, &template);
         let ep_key = &keys::endpoint(&net.name, &template.container_id, &template.ifname);
@@ -241,11 +212,11 @@ impl Control {
                     if let Some(kv) = self.store.get(ep_key).await? {
                         return Ok(Round::Done((decode(&kv)?, false)));
                     }
-                    let view = match blocks {
-                        Some(b) => lock(b).view.clone(),
-                        None => net.clone(),
+                    let seen = match blocks {
+                        Some(b) => lock(b).net.clone(),
+                        None => view.net.clone(),
                     };
-                    let subnets = validate_network_subnets(&view.subnets)
+                    let subnets = validate_network_subnets(&seen.subnets)
                         .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
                     let held = self.held_addresses(&net.name).await?;
                     let last = self.last_allocated(&net.name).await?;
@@ -282,7 +253,11 @@ impl Control {
         if created {
             tracing::debug!(endpoint = %ep_key, ips = ?ep.ips, "reserved");
         }
-        Ok((ep, created))
+        let view = match blocks {
+            Some(b) => lock(b).clone(),
+            None => view.clone(),
+        };
+        Ok((ep, created, view))
     }
 
     /// Every host port claimed in the store.
