@@ -128,6 +128,18 @@ pub fn skeleton() -> String {
         ]
     };
     let mut rules: Vec<(&str, String)> = vec![
+        // The fast path: a TCP segment from a port's own MAC and address needs none of the
+        // protocol checks below (they are about ARP, ND, RA and DHCP), so it is accepted by one
+        // lookup before any jump. The set holds only `fnv*` ports, so nothing else matches
+        // here; anything that does not match takes the full path.
+        (
+            "prerouting",
+            format!("meta l4proto tcp iifname . ether saddr . ip saddr @{SRC4} accept"),
+        ),
+        (
+            "prerouting",
+            format!("meta l4proto tcp iifname . ether saddr . ip6 saddr @{SRC6} accept"),
+        ),
         (
             "prerouting",
             format!("iifname \"{PORT_PREFIX}*\" jump guard"),
@@ -404,11 +416,20 @@ mod tests {
     fn server_messages_are_dropped_before_any_allow() {
         let s = skeleton();
         let pos = |needle: &str| s.find(needle).unwrap_or_else(|| panic!("{needle}"));
-        assert!(pos("udp sport 67 ") < pos(&format!("@{SRC4} accept")));
-        assert!(pos("nd-router-advert counter") < pos(&format!("@{SRC6} accept")));
-        assert!(pos("nd-redirect counter") < pos(&format!("@{SRC6} accept")));
-        assert!(pos("udp sport 547 ") < pos(&format!("@{SRC6} accept")));
-        assert!(pos("nd-neighbor-advert goto guard_na") < pos(&format!("@{SRC6} accept")));
+        let allow4 = format!("guard4 iifname . ether saddr . ip saddr @{SRC4} accept");
+        let allow6 = format!("guard6 iifname . ether saddr . ip6 saddr @{SRC6} accept");
+        assert!(pos("udp sport 67 ") < pos(&allow4));
+        assert!(pos("nd-router-advert counter") < pos(&allow6));
+        assert!(pos("nd-redirect counter") < pos(&allow6));
+        assert!(pos("udp sport 547 ") < pos(&allow6));
+        assert!(pos("nd-neighbor-advert goto guard_na") < pos(&allow6));
+        // The only allows before those checks are the TCP fast path: no ARP, ICMPv6 or UDP.
+        for l in s.lines().filter(|l| l.starts_with("add rule bridge ferrynet prerouting ")) {
+            assert!(
+                l.ends_with("jump guard") || l.contains(" meta l4proto tcp iifname . ether saddr . "),
+                "{l}"
+            );
+        }
     }
 
     #[test]
