@@ -1,5 +1,6 @@
 pub mod blocks;
 pub mod cni;
+pub mod conntrack;
 pub mod discovery;
 pub mod edge;
 pub mod fabric;
