@@ -135,7 +135,12 @@ fn lb_frontends(st: &LbState) -> BTreeMap<(Protocol, Frontend), BTreeSet<Target>
     let targets = |chain: &str| -> BTreeSet<Target> {
         st.chains
             .get(chain)
-            .map(|c| c.backends.iter().map(|b: &Backend| (b.addr, b.port)).collect())
+            .map(|c| {
+                c.backends
+                    .iter()
+                    .map(|b: &Backend| (b.addr, b.port))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let mut out = BTreeMap::new();
@@ -355,7 +360,10 @@ mod tests {
     #[test]
     fn a_departed_producer_loses_its_flows_and_the_remaining_one_keeps_them() {
         let old = desired(
-            &view(Protocol::Udp, &[("a", "h1", "10.20.0.2"), ("b", "h2", "10.20.0.66")]),
+            &view(
+                Protocol::Udp,
+                &[("a", "h1", "10.20.0.2"), ("b", "h2", "10.20.0.66")],
+            ),
             "h1",
         );
         let new = desired(&view(Protocol::Udp, &[("b", "h2", "10.20.0.66")]), "h1");
@@ -393,7 +401,10 @@ mod tests {
     #[test]
     fn tcp_flows_follow_producers_too() {
         let old = desired(
-            &view(Protocol::Tcp, &[("a", "h1", "10.20.0.2"), ("b", "h2", "10.20.0.66")]),
+            &view(
+                Protocol::Tcp,
+                &[("a", "h1", "10.20.0.2"), ("b", "h2", "10.20.0.66")],
+            ),
             "h1",
         );
         let new = desired(&view(Protocol::Tcp, &[("a", "h1", "10.20.0.2")]), "h1");
