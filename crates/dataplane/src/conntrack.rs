@@ -330,6 +330,15 @@ impl Conntrack {
     }
 }
 
+/// The environment variable that, set to `off`, keeps stale entries: only `bench/failover.py`
+/// sets it, to measure its anchor (the behaviour before conntrack followed producers).
+pub const DISABLE_ENV: &str = "FERRYNET_CONNTRACK_FLUSH";
+
+/// False when [`DISABLE_ENV`] is `off`.
+pub fn flush_enabled() -> bool {
+    std::env::var(DISABLE_ENV).map_or(true, |v| v != "off")
+}
+
 /// Delete the entries `rules` call stale, in the calling thread's network namespace.
 pub fn flush(rules: &[FlushRule]) -> Result<FlushStats> {
     if rules.is_empty() {

@@ -98,6 +98,7 @@ pub async fn run(
                         took_ms = took.as_millis() as u64,
                         "load balancer programmed"
                     );
+                    super::conntrack::after_lb(programmed.as_ref(), &want, &status).await;
                     programmed = Some(want);
                 }
                 Err(e) => {
