@@ -98,7 +98,10 @@ fn flush_deletes_only_the_entries_its_rules_name() {
                 addr: ip("10.77.0.9"),
                 port: 53,
             },
-            stale: Stale::DnatNotIn(Default::default()),
+            stale: Stale::DnatNotIn {
+                targets: Default::default(),
+                draining: Default::default(),
+            },
         };
         let st = flush(std::slice::from_ref(&rule)).expect("flush");
         assert_eq!(st.deleted, 1, "{st:?}");
@@ -126,7 +129,10 @@ fn flush_deletes_only_the_entries_its_rules_name() {
                 addr: ip("10.77.0.9"),
                 port: 54,
             },
-            stale: Stale::DnatNotIn(Default::default()),
+            stale: Stale::DnatNotIn {
+                targets: Default::default(),
+                draining: Default::default(),
+            },
         };
         assert_eq!(flush(&[tcp]).expect("flush").deleted, 0);
         assert_eq!(flows(&mut ct), vec![(40002, 5301, true)]);

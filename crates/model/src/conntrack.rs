@@ -9,12 +9,18 @@
 //! new flow and meets the current rules.
 //!
 //! Only entries whose translated destination departed are deleted: flows to producers that stay
-//! are never touched. The decision rests on what the load balancer or the edge programmed from
+//! are never touched. UDP entries go whenever their producer leaves the service. A TCP
+//! connection is its own session: it is cut only when its producer is known to be dead
+//! (failing its check, its host gone, its container removed), so the client's next segment
+//! meets a live producer and is reset at once instead of retransmitting into nothing. A
+//! producer deregistered while its container still runs keeps its established connections
+//! (they drain, as Kubernetes lets terminating endpoints do); see [`draining`]. The decision rests on what the load balancer or the edge programmed from
 //! validated store records ([`LbState`], [`PublishedPort`]), never on anything a container says.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use crate::discovery::DiscoveryView;
 use crate::edge::PublishedPort;
 use crate::lb::{Backend, LbState};
 use crate::portmap::Protocol;
@@ -67,8 +73,14 @@ pub type Target = (IpAddr, u16);
 /// Which entries of a frontend are stale.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Stale {
-    /// DNATed flows whose target is not one of these (the frontend's remaining producers).
-    DnatNotIn(BTreeSet<Target>),
+    /// DNATed flows whose target is not one of the frontend's remaining producers
+    /// (`targets`) and whose address is not draining (`draining`, TCP and SCTP only).
+    DnatNotIn {
+        /// Targets the frontend still sends new flows to.
+        targets: BTreeSet<Target>,
+        /// Addresses of departed producers whose sessions are left to drain.
+        draining: BTreeSet<IpAddr>,
+    },
     /// DNATed flows to exactly this target (a removed container's published port).
     DnatTo(Target),
     /// Flows that were not DNATed at all: they reached the host itself while the frontend had
@@ -114,7 +126,9 @@ impl FlushRule {
         }
         let target = (flow.reply_src, flow.reply_sport);
         match &self.stale {
-            Stale::DnatNotIn(keep) => flow.dnat && !keep.contains(&target),
+            Stale::DnatNotIn { targets, draining } => {
+                flow.dnat && !targets.contains(&target) && !draining.contains(&flow.reply_src)
+            }
             Stale::DnatTo(t) => flow.dnat && *t == target,
             Stale::Undelivered => {
                 !flow.dnat
@@ -168,10 +182,60 @@ fn lb_frontends(st: &LbState) -> BTreeMap<(Protocol, Frontend), BTreeSet<Target>
     out
 }
 
-/// What the load balancer must flush after turning `old` into `new` (both as programmed):
+/// Addresses of producers whose TCP (and SCTP) sessions may drain rather than be cut: every
+/// address a container holds on a live host (or on no host: single-host endpoints), except
+/// those of registered producers that fail their check or whose host is gone. A producer that
+/// was deregistered while its container still runs is draining; one whose container was
+/// removed, or that is not a ferrynet container (nothing is known about it), is not.
+pub fn draining(view: &DiscoveryView) -> BTreeSet<IpAddr> {
+    let mut alive: BTreeSet<IpAddr> = view
+        .endpoints
+        .values()
+        .filter(|e| {
+            e.host
+                .as_deref()
+                .is_none_or(|h| view.live_hosts.contains(h))
+        })
+        .flat_map(|e| e.ips.iter().map(|n| n.addr()))
+        .collect();
+    for p in view.producers.values() {
+        if !view.is_healthy(p) {
+            for a in &p.addrs {
+                alive.remove(a);
+            }
+        }
+    }
+    alive
+}
+
+fn keep_rule(
+    protocol: Protocol,
+    frontend: Frontend,
+    targets: BTreeSet<Target>,
+    draining: &BTreeSet<IpAddr>,
+) -> FlushRule {
+    // UDP has no session to drain: a departed producer's datagrams must move at once.
+    let draining = if protocol == Protocol::Udp {
+        BTreeSet::new()
+    } else {
+        draining.clone()
+    };
+    FlushRule {
+        protocol,
+        frontend,
+        stale: Stale::DnatNotIn { targets, draining },
+    }
+}
+
+/// What the load balancer must flush after turning `old` into `new` (both as programmed);
+/// `draining` is [`draining`] of the view `new` was made from, `was_draining` that of the
+/// view before:
 ///
 /// - a frontend that lost a target (producer gone, unhealthy, its host gone, the service or
-///   port removed): its DNATed flows to anything but its remaining targets;
+///   port removed): its DNATed flows to anything but its remaining targets (TCP: and but
+///   draining addresses);
+/// - a TCP frontend when an address stopped draining (the deregistered producer's container
+///   was removed afterwards, or its host died): the same rule, which now cuts its sessions;
 /// - a UDP frontend that had no target and now has one: its flows that reached the host
 ///   undelivered meanwhile (an ingress port without producers is not in the ingress map, so
 ///   its datagrams went to the host itself and their entry would outlive the producer's
@@ -180,31 +244,33 @@ fn lb_frontends(st: &LbState) -> BTreeMap<(Protocol, Frontend), BTreeSet<Target>
 /// With `old` unknown (the agent starts, or rebuilds after a failure) every served frontend
 /// keeps only its current targets, so entries left by producers that departed while no agent
 /// watched are swept too.
-pub fn lb_flush(old: Option<&LbState>, new: &LbState) -> Vec<FlushRule> {
+pub fn lb_flush(
+    old: Option<&LbState>,
+    new: &LbState,
+    was_draining: &BTreeSet<IpAddr>,
+    draining: &BTreeSet<IpAddr>,
+) -> Vec<FlushRule> {
     let now = lb_frontends(new);
     let mut rules = Vec::new();
     let Some(old) = old else {
         for ((protocol, frontend), keep) in now {
-            rules.push(FlushRule {
-                protocol,
-                frontend,
-                stale: Stale::DnatNotIn(keep),
-            });
+            rules.push(keep_rule(protocol, frontend, keep, draining));
         }
         return rules;
     };
     let before = lb_frontends(old);
+    let ended: Vec<&IpAddr> = was_draining.difference(draining).collect();
     for ((protocol, frontend), had) in &before {
         let keep = now
             .get(&(*protocol, *frontend))
             .cloned()
             .unwrap_or_default();
         if had.iter().any(|t| !keep.contains(t)) {
-            rules.push(FlushRule {
-                protocol: *protocol,
-                frontend: *frontend,
-                stale: Stale::DnatNotIn(keep),
-            });
+            rules.push(keep_rule(*protocol, *frontend, keep, draining));
+        } else if *protocol != Protocol::Udp && !ended.is_empty() {
+            // A producer deregistered while its container ran, whose container is now gone
+            // (or whose host died): its draining sessions are dead now.
+            rules.push(keep_rule(*protocol, *frontend, keep, draining));
         }
     }
     for ((protocol, frontend), has) in &now {
@@ -275,7 +341,6 @@ pub fn published_flush(ports: &[PublishedPort]) -> Vec<FlushRule> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::discovery::DiscoveryView;
     use crate::edge::published_ports;
     use crate::lb::desired;
     use crate::network::keys as nkeys;
@@ -350,6 +415,12 @@ mod tests {
             dnat,
         }
     }
+    fn none() -> BTreeSet<IpAddr> {
+        BTreeSet::new()
+    }
+    fn nothing() -> BTreeSet<IpAddr> {
+        BTreeSet::new()
+    }
     fn nowhere(_: IpAddr) -> bool {
         false
     }
@@ -367,7 +438,7 @@ mod tests {
             "h1",
         );
         let new = desired(&view(Protocol::Udp, &[("b", "h2", "10.20.0.66")]), "h1");
-        let rules = lb_flush(Some(&old), &new);
+        let rules = lb_flush(Some(&old), &new, &none(), &none());
         let to_a = flow(17, VIP, 53, Some(("10.20.0.2", 5300)));
         let to_b = flow(17, VIP, 53, Some(("10.20.0.66", 5300)));
         assert!(is_stale(&rules, &to_a, &nowhere), "{rules:?}");
@@ -392,10 +463,10 @@ mod tests {
             &nowhere
         ));
         // Nothing changed: nothing to flush.
-        assert!(lb_flush(Some(&new), &new).is_empty());
+        assert!(lb_flush(Some(&new), &new, &none(), &none()).is_empty());
         // A producer joining removes nothing either (only the UDP "serving again" rule when
         // the frontend had none).
-        assert!(lb_flush(Some(&new), &old).is_empty());
+        assert!(lb_flush(Some(&new), &old, &none(), &none()).is_empty());
     }
 
     #[test]
@@ -408,7 +479,7 @@ mod tests {
             "h1",
         );
         let new = desired(&view(Protocol::Tcp, &[("a", "h1", "10.20.0.2")]), "h1");
-        let rules = lb_flush(Some(&old), &new);
+        let rules = lb_flush(Some(&old), &new, &none(), &none());
         assert!(is_stale(
             &rules,
             &flow(6, VIP, 53, Some(("10.20.0.66", 5300))),
@@ -427,7 +498,7 @@ mod tests {
     fn a_producer_moving_to_a_new_address_flushes_the_old_one() {
         let old = desired(&view(Protocol::Udp, &[("a", "h1", "10.20.0.2")]), "h1");
         let new = desired(&view(Protocol::Udp, &[("a", "h2", "10.20.0.70")]), "h1");
-        let rules = lb_flush(Some(&old), &new);
+        let rules = lb_flush(Some(&old), &new, &none(), &none());
         assert!(is_stale(
             &rules,
             &flow(17, VIP, 53, Some(("10.20.0.2", 5300))),
@@ -444,13 +515,13 @@ mod tests {
     fn the_last_producer_leaving_flushes_all_and_its_return_flushes_undelivered_udp() {
         let one = desired(&view(Protocol::Udp, &[("a", "h1", "10.20.0.2")]), "h1");
         let none = desired(&view(Protocol::Udp, &[]), "h1");
-        let rules = lb_flush(Some(&one), &none);
+        let rules = lb_flush(Some(&one), &none, &nothing(), &nothing());
         assert!(is_stale(
             &rules,
             &flow(17, VIP, 53, Some(("10.20.0.2", 5300))),
             &nowhere
         ));
-        let back = lb_flush(Some(&none), &one);
+        let back = lb_flush(Some(&none), &one, &nothing(), &nothing());
         // Datagrams to the ingress port went to the host itself meanwhile.
         let undelivered = flow(17, "192.168.7.1", 5353, None);
         assert!(is_stale(&back, &undelivered, &host_addr), "{back:?}");
@@ -465,10 +536,74 @@ mod tests {
         ));
     }
 
+    fn endpoint(v: &mut DiscoveryView, id: &str, host: &str, addr: &str) {
+        let ep = serde_json::json!({
+            "network": "fabric", "containerId": id, "ifname": "eth0",
+            "ips": [format!("{addr}/24")], "host": host
+        });
+        v.put(
+            &nkeys::endpoint("fabric", id, "eth0"),
+            ep.to_string().as_bytes(),
+        );
+    }
+
+    #[test]
+    fn tcp_to_a_deregistered_running_container_drains_but_udp_moves() {
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            let mut both = view(
+                protocol,
+                &[("a", "h1", "10.20.0.2"), ("b", "h2", "10.20.0.66")],
+            );
+            endpoint(&mut both, "ca", "h1", "10.20.0.2");
+            endpoint(&mut both, "cb", "h2", "10.20.0.66");
+            let old = desired(&both, "h1");
+            let mut gone = both.clone();
+            gone.delete(&skeys::producer("dns", "b"));
+            let new = desired(&gone, "h1");
+            let proto = ip_protocol(protocol);
+            let to_b = flow(proto, VIP, 53, Some(("10.20.0.66", 5300)));
+            // Deregistered, container still there: TCP drains, UDP moves.
+            let rules = lb_flush(Some(&old), &new, &draining(&both), &draining(&gone));
+            assert_eq!(
+                is_stale(&rules, &to_b, &nowhere),
+                protocol == Protocol::Udp,
+                "{protocol:?} {rules:?}"
+            );
+            // Its container removed: dead, cut.
+            let mut removed = gone.clone();
+            removed.delete(&nkeys::endpoint("fabric", "cb", "eth0"));
+            let rules = lb_flush(Some(&old), &new, &draining(&both), &draining(&removed));
+            assert!(is_stale(&rules, &to_b, &nowhere), "{protocol:?}");
+            // ... also (TCP: UDP went at the deregistration) when the container goes after
+            // the deregistration, in a later view that changes nothing in the load balancer.
+            let rules = lb_flush(Some(&new), &new, &draining(&gone), &draining(&removed));
+            assert_eq!(
+                is_stale(&rules, &to_b, &nowhere),
+                protocol == Protocol::Tcp,
+                "{protocol:?} {rules:?}"
+            );
+            assert!(lb_flush(Some(&new), &new, &draining(&gone), &draining(&gone)).is_empty());
+            // Its host gone (the producer still registered): dead, cut.
+            let mut dead = both.clone();
+            dead.delete(&nkeys::host("h2"));
+            assert!(!draining(&dead).contains(&ip("10.20.0.66")));
+            let rules = lb_flush(
+                Some(&old),
+                &desired(&dead, "h1"),
+                &draining(&both),
+                &draining(&dead),
+            );
+            assert!(is_stale(&rules, &to_b, &nowhere), "{protocol:?}");
+            // The remaining producer's flows are never touched.
+            let to_a = flow(proto, VIP, 53, Some(("10.20.0.2", 5300)));
+            assert!(!is_stale(&rules, &to_a, &nowhere));
+        }
+    }
+
     #[test]
     fn a_rebuild_keeps_only_current_targets() {
         let st = desired(&view(Protocol::Udp, &[("b", "h2", "10.20.0.66")]), "h1");
-        let rules = lb_flush(None, &st);
+        let rules = lb_flush(None, &st, &none(), &none());
         assert!(is_stale(
             &rules,
             &flow(17, VIP, 53, Some(("10.20.0.2", 5300))),

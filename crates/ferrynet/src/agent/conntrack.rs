@@ -4,45 +4,65 @@
 //! flow that meets the current rules. Every agent does it for its own host: a client's DNAT
 //! happens on the client's host.
 
+use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
-use ferrynet_model::conntrack::lb_flush;
+use ferrynet_model::conntrack::{draining, lb_flush};
+use ferrynet_model::discovery::DiscoveryView;
 use ferrynet_model::lb::LbState;
 
 use super::status::AgentStatus;
 
-/// Delete the entries that programming `new` over `old` (None: unknown, a rebuild) left
-/// stale. Runs after the nft transaction, so no new packet re-creates an entry toward a
-/// departed producer. Errors are logged and reported in the status; the next change retries
-/// nothing (its rules are about its own departures), which is why a rebuild sweeps all.
-pub async fn after_lb(old: Option<&LbState>, new: &LbState, status: &Arc<Mutex<AgentStatus>>) {
-    if !ferrynet_dataplane::conntrack::flush_enabled() {
-        return;
-    }
-    let rules = lb_flush(old, new);
-    if rules.is_empty() {
-        return;
-    }
-    let res = tokio::task::spawn_blocking(move || ferrynet_dataplane::conntrack::flush(&rules))
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()));
-    if let Ok(mut s) = status.lock() {
-        match &res {
-            Ok(st) => {
-                s.lb.conntrack_deleted += st.deleted as u64;
-                s.lb.conntrack_error = None;
-            }
-            Err(e) => s.lb.conntrack_error = Some(e.clone()),
+/// What the last flush decision saw: the addresses whose TCP sessions were left to drain.
+#[derive(Default)]
+pub struct Follower {
+    draining: BTreeSet<IpAddr>,
+}
+
+impl Follower {
+    /// Delete the entries that programming `new` (made from `view`) over `old` (None:
+    /// unknown, a rebuild) left stale. Call it after the nft transaction (so no new packet
+    /// re-creates an entry toward a departed producer), and also for views that change nothing
+    /// in the load balancer (a draining producer's container may have gone). Errors are
+    /// logged and reported in the status; a rebuild sweeps whatever a failure left.
+    pub async fn after_lb(
+        &mut self,
+        old: Option<&LbState>,
+        new: &LbState,
+        view: &DiscoveryView,
+        status: &Arc<Mutex<AgentStatus>>,
+    ) {
+        if !ferrynet_dataplane::conntrack::flush_enabled() {
+            return;
         }
-    }
-    match res {
-        Ok(st) if st.deleted > 0 => tracing::info!(
-            deleted = st.deleted,
-            scanned = st.scanned,
-            "conntrack entries of departed producers deleted"
-        ),
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "deleting stale conntrack entries failed"),
+        let now = draining(view);
+        let rules = lb_flush(old, new, &self.draining, &now);
+        self.draining = now;
+        if rules.is_empty() {
+            return;
+        }
+        let res = tokio::task::spawn_blocking(move || ferrynet_dataplane::conntrack::flush(&rules))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        if let Ok(mut s) = status.lock() {
+            match &res {
+                Ok(st) => {
+                    s.lb.conntrack_deleted += st.deleted as u64;
+                    s.lb.conntrack_error = None;
+                }
+                Err(e) => s.lb.conntrack_error = Some(e.clone()),
+            }
+        }
+        match res {
+            Ok(st) if st.deleted > 0 => tracing::info!(
+                deleted = st.deleted,
+                scanned = st.scanned,
+                "conntrack entries of departed producers deleted"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "deleting stale conntrack entries failed"),
+        }
     }
 }
