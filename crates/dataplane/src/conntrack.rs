@@ -9,6 +9,7 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
+use std::os::fd::AsRawFd;
 
 use ferrynet_model::conntrack::{is_stale, Flow, FlushRule};
 use netlink_packet_core::{
@@ -23,6 +24,9 @@ use netlink_packet_netfilter::{
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 
 use crate::error::{DataplaneError, Result};
+
+/// How long one read from ctnetlink may wait.
+const RECV_TIMEOUT_SECS: i64 = 5;
 
 /// CTA_ZONE: a non-default zone must be given back for the delete to find the entry.
 const CTA_ZONE: u16 = 18;
@@ -196,6 +200,18 @@ impl Conntrack {
             .map_err(ioerr("binding the ctnetlink socket"))?;
         sock.connect(&SocketAddr::new(0, 0))
             .map_err(ioerr("connecting the ctnetlink socket"))?;
+        // A kernel that never answers must not hold the caller's thread forever.
+        // SAFETY: `sock` owns the descriptor and outlives `fd`, used only in this statement.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(sock.as_raw_fd()) };
+        nix::sys::socket::setsockopt(
+            &fd,
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(RECV_TIMEOUT_SECS, 0),
+        )
+        .map_err(|source| DataplaneError::Nix {
+            op: "setting the ctnetlink receive timeout".into(),
+            source,
+        })?;
         Ok(Conntrack {
             sock,
             seq: 0,
