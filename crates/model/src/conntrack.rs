@@ -227,15 +227,30 @@ fn keep_rule(
     }
 }
 
+/// Addresses of producers that left a TCP (or SCTP) frontend while they were draining: their
+/// sessions are cut once they stop draining. Carried from one [`lb_flush`] to the next.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Drains {
+    departed: BTreeSet<IpAddr>,
+}
+
+impl Drains {
+    /// Addresses still draining after leaving a frontend.
+    pub fn departed(&self) -> &BTreeSet<IpAddr> {
+        &self.departed
+    }
+}
+
 /// What the load balancer must flush after turning `old` into `new` (both as programmed);
-/// `draining` is [`draining`] of the view `new` was made from, `was_draining` that of the
-/// view before:
+/// `draining` is [`draining`] of the view `new` was made from, `drains` what earlier calls
+/// left draining (updated here):
 ///
 /// - a frontend that lost a target (producer gone, unhealthy, its host gone, the service or
 ///   port removed): its DNATed flows to anything but its remaining targets (TCP: and but
-///   draining addresses);
-/// - a TCP frontend when an address stopped draining (the deregistered producer's container
-///   was removed afterwards, or its host died): the same rule, which now cuts its sessions;
+///   draining addresses, which are remembered in `drains`);
+/// - every TCP frontend when a remembered address stopped draining (the deregistered
+///   producer's container was removed afterwards, or its host died): the same rule, which
+///   now cuts its sessions. Other containers coming and going cost nothing;
 /// - a UDP frontend that had no target and now has one: its flows that reached the host
 ///   undelivered meanwhile (an ingress port without producers is not in the ingress map, so
 ///   its datagrams went to the host itself and their entry would outlive the producer's
@@ -247,11 +262,13 @@ fn keep_rule(
 pub fn lb_flush(
     old: Option<&LbState>,
     new: &LbState,
-    was_draining: &BTreeSet<IpAddr>,
     draining: &BTreeSet<IpAddr>,
+    drains: &mut Drains,
 ) -> Vec<FlushRule> {
     let now = lb_frontends(new);
     let mut rules = Vec::new();
+    let ended: BTreeSet<IpAddr> = drains.departed.difference(draining).copied().collect();
+    drains.departed.retain(|a| !ended.contains(a));
     let Some(old) = old else {
         for ((protocol, frontend), keep) in now {
             rules.push(keep_rule(protocol, frontend, keep, draining));
@@ -259,17 +276,18 @@ pub fn lb_flush(
         return rules;
     };
     let before = lb_frontends(old);
-    let ended: Vec<&IpAddr> = was_draining.difference(draining).collect();
     for ((protocol, frontend), had) in &before {
         let keep = now
             .get(&(*protocol, *frontend))
             .cloned()
             .unwrap_or_default();
-        if had.iter().any(|t| !keep.contains(t)) {
-            rules.push(keep_rule(*protocol, *frontend, keep, draining));
-        } else if *protocol != Protocol::Udp && !ended.is_empty() {
-            // A producer deregistered while its container ran, whose container is now gone
-            // (or whose host died): its draining sessions are dead now.
+        let lost: Vec<&Target> = had.iter().filter(|t| !keep.contains(t)).collect();
+        if *protocol != Protocol::Udp {
+            drains
+                .departed
+                .extend(lost.iter().map(|t| t.0).filter(|a| draining.contains(a)));
+        }
+        if !lost.is_empty() || (*protocol != Protocol::Udp && !ended.is_empty()) {
             rules.push(keep_rule(*protocol, *frontend, keep, draining));
         }
     }
@@ -438,7 +456,7 @@ mod tests {
             "h1",
         );
         let new = desired(&view(Protocol::Udp, &[("b", "h2", "10.20.0.66")]), "h1");
-        let rules = lb_flush(Some(&old), &new, &none(), &none());
+        let rules = lb_flush(Some(&old), &new, &none(), &mut Drains::default());
         let to_a = flow(17, VIP, 53, Some(("10.20.0.2", 5300)));
         let to_b = flow(17, VIP, 53, Some(("10.20.0.66", 5300)));
         assert!(is_stale(&rules, &to_a, &nowhere), "{rules:?}");
@@ -463,10 +481,10 @@ mod tests {
             &nowhere
         ));
         // Nothing changed: nothing to flush.
-        assert!(lb_flush(Some(&new), &new, &none(), &none()).is_empty());
+        assert!(lb_flush(Some(&new), &new, &none(), &mut Drains::default()).is_empty());
         // A producer joining removes nothing either (only the UDP "serving again" rule when
         // the frontend had none).
-        assert!(lb_flush(Some(&new), &old, &none(), &none()).is_empty());
+        assert!(lb_flush(Some(&new), &old, &none(), &mut Drains::default()).is_empty());
     }
 
     #[test]
@@ -479,7 +497,7 @@ mod tests {
             "h1",
         );
         let new = desired(&view(Protocol::Tcp, &[("a", "h1", "10.20.0.2")]), "h1");
-        let rules = lb_flush(Some(&old), &new, &none(), &none());
+        let rules = lb_flush(Some(&old), &new, &none(), &mut Drains::default());
         assert!(is_stale(
             &rules,
             &flow(6, VIP, 53, Some(("10.20.0.66", 5300))),
@@ -498,7 +516,7 @@ mod tests {
     fn a_producer_moving_to_a_new_address_flushes_the_old_one() {
         let old = desired(&view(Protocol::Udp, &[("a", "h1", "10.20.0.2")]), "h1");
         let new = desired(&view(Protocol::Udp, &[("a", "h2", "10.20.0.70")]), "h1");
-        let rules = lb_flush(Some(&old), &new, &none(), &none());
+        let rules = lb_flush(Some(&old), &new, &none(), &mut Drains::default());
         assert!(is_stale(
             &rules,
             &flow(17, VIP, 53, Some(("10.20.0.2", 5300))),
@@ -515,13 +533,13 @@ mod tests {
     fn the_last_producer_leaving_flushes_all_and_its_return_flushes_undelivered_udp() {
         let one = desired(&view(Protocol::Udp, &[("a", "h1", "10.20.0.2")]), "h1");
         let none = desired(&view(Protocol::Udp, &[]), "h1");
-        let rules = lb_flush(Some(&one), &none, &nothing(), &nothing());
+        let rules = lb_flush(Some(&one), &none, &nothing(), &mut Drains::default());
         assert!(is_stale(
             &rules,
             &flow(17, VIP, 53, Some(("10.20.0.2", 5300))),
             &nowhere
         ));
-        let back = lb_flush(Some(&none), &one, &nothing(), &nothing());
+        let back = lb_flush(Some(&none), &one, &nothing(), &mut Drains::default());
         // Datagrams to the ingress port went to the host itself meanwhile.
         let undelivered = flow(17, "192.168.7.1", 5353, None);
         assert!(is_stale(&back, &undelivered, &host_addr), "{back:?}");
@@ -563,26 +581,40 @@ mod tests {
             let proto = ip_protocol(protocol);
             let to_b = flow(proto, VIP, 53, Some(("10.20.0.66", 5300)));
             // Deregistered, container still there: TCP drains, UDP moves.
-            let rules = lb_flush(Some(&old), &new, &draining(&both), &draining(&gone));
+            let mut drains = Drains::default();
+            let rules = lb_flush(Some(&old), &new, &draining(&gone), &mut drains);
             assert_eq!(
                 is_stale(&rules, &to_b, &nowhere),
                 protocol == Protocol::Udp,
                 "{protocol:?} {rules:?}"
             );
-            // Its container removed: dead, cut.
+            // Another container removed meanwhile: nothing to do.
+            let mut other = gone.clone();
+            endpoint(&mut other, "cx", "h1", "10.20.0.9");
+            let before = drains.clone();
+            assert!(lb_flush(Some(&new), &new, &draining(&other), &mut drains).is_empty());
+            assert!(lb_flush(Some(&new), &new, &draining(&gone), &mut drains).is_empty());
+            assert_eq!(drains, before);
+            // Its container removed in the same view: dead, cut.
             let mut removed = gone.clone();
             removed.delete(&nkeys::endpoint("fabric", "cb", "eth0"));
-            let rules = lb_flush(Some(&old), &new, &draining(&both), &draining(&removed));
+            let rules = lb_flush(
+                Some(&old),
+                &new,
+                &draining(&removed),
+                &mut Drains::default(),
+            );
             assert!(is_stale(&rules, &to_b, &nowhere), "{protocol:?}");
-            // ... also (TCP: UDP went at the deregistration) when the container goes after
-            // the deregistration, in a later view that changes nothing in the load balancer.
-            let rules = lb_flush(Some(&new), &new, &draining(&gone), &draining(&removed));
+            // ... and (TCP: UDP went at the deregistration) in a later view that changes
+            // nothing in the load balancer; once.
+            let rules = lb_flush(Some(&new), &new, &draining(&removed), &mut drains);
             assert_eq!(
                 is_stale(&rules, &to_b, &nowhere),
                 protocol == Protocol::Tcp,
                 "{protocol:?} {rules:?}"
             );
-            assert!(lb_flush(Some(&new), &new, &draining(&gone), &draining(&gone)).is_empty());
+            assert!(drains.departed().is_empty());
+            assert!(lb_flush(Some(&new), &new, &draining(&removed), &mut drains).is_empty());
             // Its host gone (the producer still registered): dead, cut.
             let mut dead = both.clone();
             dead.delete(&nkeys::host("h2"));
@@ -590,8 +622,8 @@ mod tests {
             let rules = lb_flush(
                 Some(&old),
                 &desired(&dead, "h1"),
-                &draining(&both),
                 &draining(&dead),
+                &mut Drains::default(),
             );
             assert!(is_stale(&rules, &to_b, &nowhere), "{protocol:?}");
             // The remaining producer's flows are never touched.
@@ -603,7 +635,7 @@ mod tests {
     #[test]
     fn a_rebuild_keeps_only_current_targets() {
         let st = desired(&view(Protocol::Udp, &[("b", "h2", "10.20.0.66")]), "h1");
-        let rules = lb_flush(None, &st, &none(), &none());
+        let rules = lb_flush(None, &st, &none(), &mut Drains::default());
         assert!(is_stale(
             &rules,
             &flow(17, VIP, 53, Some(("10.20.0.2", 5300))),

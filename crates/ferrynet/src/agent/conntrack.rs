@@ -4,20 +4,18 @@
 //! flow that meets the current rules. Every agent does it for its own host: a client's DNAT
 //! happens on the client's host.
 
-use std::collections::BTreeSet;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
-use ferrynet_model::conntrack::{draining, lb_flush};
+use ferrynet_model::conntrack::{draining, lb_flush, Drains};
 use ferrynet_model::discovery::DiscoveryView;
 use ferrynet_model::lb::LbState;
 
 use super::status::AgentStatus;
 
-/// What the last flush decision saw: the addresses whose TCP sessions were left to drain.
+/// What earlier flush decisions left: producers whose TCP sessions were left to drain.
 #[derive(Default)]
 pub struct Follower {
-    draining: BTreeSet<IpAddr>,
+    drains: Drains,
 }
 
 impl Follower {
@@ -36,9 +34,7 @@ impl Follower {
         if !ferrynet_dataplane::conntrack::flush_enabled() {
             return;
         }
-        let now = draining(view);
-        let rules = lb_flush(old, new, &self.draining, &now);
-        self.draining = now;
+        let rules = lb_flush(old, new, &draining(view), &mut self.drains);
         if rules.is_empty() {
             return;
         }
