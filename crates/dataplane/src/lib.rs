@@ -3,6 +3,7 @@
 //! this crate only carries them out, each call aimed at one network namespace.
 
 pub mod bridge;
+pub mod conntrack;
 pub mod error;
 pub mod fabric;
 pub mod firewall_compat;

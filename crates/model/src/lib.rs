@@ -1,6 +1,7 @@
 pub mod bandwidth;
 pub mod blocks;
 pub mod cni;
+pub mod conntrack;
 pub mod discovery;
 pub mod docker;
 pub mod edge;

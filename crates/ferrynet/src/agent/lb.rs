@@ -34,6 +34,8 @@ pub async fn run(
         return;
     }
     let mut programmed: Option<LbState> = None;
+    // Conntrack entries follow what is programmed.
+    let mut follower = super::conntrack::Follower::default();
     // The iptables FORWARD accept of ingress connections, made sure of once per agent run
     // (a bridge created by an older version did not add it).
     let mut forward_accepted = false;
@@ -98,6 +100,9 @@ pub async fn run(
                         took_ms = took.as_millis() as u64,
                         "load balancer programmed"
                     );
+                    follower
+                        .after_lb(programmed.as_ref(), &want, &view, &status)
+                        .await;
                     programmed = Some(want);
                 }
                 Err(e) => {
@@ -106,6 +111,10 @@ pub async fn run(
                 }
             }
         } else {
+            // Nothing to program, but a draining producer's container may have gone.
+            if let Some(old) = &programmed {
+                follower.after_lb(Some(old), &want, &view, &status).await;
+            }
             programmed = Some(want);
         }
         // Wait for a new view; meanwhile check that the table is still there, and retry a

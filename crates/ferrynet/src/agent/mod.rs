@@ -6,6 +6,7 @@
 //! and diffs, never flushes, so restarting it drops no traffic.
 
 pub mod api;
+pub mod conntrack;
 pub mod discovery;
 pub mod dns;
 pub mod fabric_guard;

@@ -113,6 +113,12 @@ pub struct LbStatus {
     pub revision: u64,
     /// Ingress ports not served here, and why.
     pub conflicts: Vec<String>,
+    /// Conntrack entries deleted since start because their producer left.
+    #[serde(default)]
+    pub conntrack_deleted: u64,
+    /// The last conntrack flush error (cleared by the next successful flush).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conntrack_error: Option<String>,
     /// The last error (cleared by the next successful transaction).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,

@@ -7,6 +7,7 @@
 use ferrynet_dataplane::bridge::{delete_bridge, ensure_bridge, BridgeSpec};
 use ferrynet_dataplane::firewall_compat::{ensure_forward_accept, remove_forward_accept};
 use ferrynet_dataplane::netlink::Netlink;
+use ferrynet_model::conntrack::{published_flush, unpublished_flush, FlushRule};
 use ferrynet_model::edge::{
     add_ports, base_ruleset, delete_table, published_ports, remove_ports_tolerant, EdgeNetwork,
     TABLE,
@@ -145,7 +146,8 @@ impl Control {
             return Ok(());
         }
         let ips: Vec<_> = ep.ips.iter().map(|n| n.addr()).collect();
-        let batch = add_ports(&published_ports(&ep.port_mappings, &ips));
+        let ports = published_ports(&ep.port_mappings, &ips);
+        let batch = add_ports(&ports);
         if let Err(first) = self.nft.apply(&batch) {
             tracing::warn!(error = %first, "publishing ports failed; restoring the ruleset from the store and retrying");
             self.reload_edge().await?;
@@ -153,6 +155,10 @@ impl Control {
                 .apply(&batch)
                 .map_err(ControlError::firewall("publishing ports"))?;
         }
+        // UDP datagrams sent to these ports while nothing published them (the previous
+        // container being replaced) reached the host itself; their entries would keep the
+        // flow there.
+        flush_conntrack(&published_flush(&ports), "published").await;
         Ok(())
     }
 
@@ -210,6 +216,7 @@ impl Control {
     ) -> Result<()> {
         let Some(h) = handle else { return Ok(()) };
         if h.await.unwrap_or(false) {
+            flush_unpublished(ep).await;
             return Ok(());
         }
         self.unpublish_ports(ep).await
@@ -228,6 +235,42 @@ impl Control {
             self.reload_edge().await?;
             let _ = self.nft.apply(&batch);
         }
+        flush_unpublished(ep).await;
         Ok(())
+    }
+}
+
+/// After an endpoint's ports were withdrawn: delete the conntrack entries DNATed to it through
+/// them, so a client's long-lived UDP flow reaches whatever publishes the port next.
+async fn flush_unpublished(ep: &Endpoint) {
+    let ips: Vec<_> = ep.ips.iter().map(|n| n.addr()).collect();
+    let rules = unpublished_flush(&published_ports(&ep.port_mappings, &ips));
+    flush_conntrack(&rules, "unpublished").await;
+}
+
+/// Delete the entries `rules` name, in this process's (the host's) network namespace. A
+/// failure is logged, not returned: the ports are already right, and a stale entry costs a
+/// flow, not the operation.
+async fn flush_conntrack(rules: &[FlushRule], what: &'static str) {
+    if rules.is_empty() || !ferrynet_dataplane::conntrack::flush_enabled() {
+        return;
+    }
+    let rules = rules.to_vec();
+    let res = tokio::task::spawn_blocking(move || ferrynet_dataplane::conntrack::flush(&rules))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    match res {
+        Ok(st) if st.deleted > 0 => {
+            tracing::info!(
+                deleted = st.deleted,
+                ports = what,
+                "stale conntrack entries deleted"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, ports = what, "deleting stale conntrack entries failed")
+        }
     }
 }
