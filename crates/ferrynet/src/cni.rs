@@ -430,7 +430,14 @@ async fn del(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<(), CniError
     let ifname = need(&env.ifname, "CNI_IFNAME")?;
     // DEL must succeed for networks that were never set up: use the config's definition, or
     // the stored one, and if neither exists there is nothing to remove.
-    let net = match network_from_conf(conf)? {
+    // A config whose network keys are invalid never set anything up under them; the runtime
+    // still calls DEL to clean up a failed ADD (containerd keeps the sandbox, "unknown", until
+    // DEL succeeds), so it falls back to the stored network of that name, else nothing to do.
+    let from_conf = network_from_conf(conf).unwrap_or_else(|e| {
+        tracing::warn!(network = %conf.name, error = %e.msg, "DEL with an invalid network configuration");
+        None
+    });
+    let net = match from_conf {
         Some(n) => match ctl.network(&n.name).await.map_err(ctl_err)? {
             Some((stored, _)) => stored,
             None => n,
