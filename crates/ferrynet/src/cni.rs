@@ -4,12 +4,14 @@ use std::io::Read;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
+use ferrynet_dataplane::vxlan::VXLAN_PORT;
 use ferrynet_model::cni::{
     CniEnv, CniError, CniResult, Command, Dns, Interface, IpConfig, NetConf, Route,
 };
 use ferrynet_model::ipam::validate_network_subnets;
 use ferrynet_model::names::parse_mac;
 use ferrynet_model::network::{Endpoint, EndpointOwner, Network, NetworkMode, Subnet};
+use ferrynet_model::reserved::{check_host_ports, host_ports};
 use ferrynet_model::validate::{check_bridge_name, check_dns_name};
 use ipnet::IpNet;
 use serde_json::Value;
@@ -328,6 +330,11 @@ async fn add(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<Value, CniEr
         )));
     }
     let (static_ips, mac) = static_requests(env, conf)?;
+    // A pod's hostPort is runtime input: one the host needs (DNS on the gateways, the VXLAN
+    // port, SSH, etcd) would divert the host's own traffic to it. Refused before anything.
+    let reserved = host_ports(ctl.store_url.as_deref(), VXLAN_PORT);
+    check_host_ports(&conf.runtime_config.port_mappings, &reserved)
+        .map_err(|e| CniError::plugin(crate::error::codes::PORT_IN_USE, e.to_string()))?;
     let prev = match &conf.prev_result {
         Some(v) => Some(CniResult::from_prev_result(v, &conf.cni_version)?),
         None => None,

@@ -388,13 +388,11 @@ fn failed_add_on_an_exhausted_subnet_leaves_nothing() {
     node.assert_clean("after the last pod");
 }
 
-/// Two lab hosts on etcd (VXLAN), each with its own containerd in its namespace and the
-/// conflist `ferrynet install-cni` writes: pods on different hosts reach each other over IPv4
-/// and IPv6 (ping and TCP, real source addresses), find each other by name through the
-/// agent's DNS, and a removed pod leaves no record, name or link on its host.
-#[test]
-fn pod_to_pod_across_two_hosts() {
-    let cluster = Cluster::up("cri2h", &["--hosts", "2", "--backend", "vxlan"]);
+/// Two lab hosts on etcd (VXLAN) named `name`, each with its own containerd in its namespace
+/// and the conflist `ferrynet install-cni` writes there. The lab is dropped after the
+/// containerds (declare the tuple's parts in this order).
+fn two_hosts(name: &str) -> (Cluster, Vec<Containerd>) {
+    let cluster = Cluster::up(name, &["--hosts", "2", "--backend", "vxlan"]);
     let mut ctds = Vec::new();
     for h in ["h1", "h2"] {
         let ctd = Containerd::start_with(Some(&cluster.host_ns(h)), None);
@@ -415,6 +413,16 @@ fn pod_to_pod_across_two_hosts() {
         ctd.wait_network_ready();
         ctds.push(ctd);
     }
+    (cluster, ctds)
+}
+
+/// Two lab hosts on etcd (VXLAN), each with its own containerd in its namespace and the
+/// conflist `ferrynet install-cni` writes: pods on different hosts reach each other over IPv4
+/// and IPv6 (ping and TCP, real source addresses), find each other by name through the
+/// agent's DNS, and a removed pod leaves no record, name or link on its host.
+#[test]
+fn pod_to_pod_across_two_hosts() {
+    let (cluster, ctds) = two_hosts("cri2h");
     let a = ctds[0].run_pod("pod-a", &[]);
     let b = ctds[1].run_pod("pod-b", &[]);
     assert!(in_subnets(&a.v4(), &["10.20.0.0/16"]) && in_subnets(&b.v6(), &["fd20::/64"]));
@@ -463,6 +471,233 @@ fn pod_to_pod_across_two_hosts() {
     assert!(!has(&inspect("h2"), &a), "a's record left");
     drop(ctds);
     drop(cluster);
+}
+
+/// A pod asking for a hostPort the hosts need -- DNS (53, the agent's server on the gateways),
+/// the VXLAN port, SSH, etcd -- on any host address is refused, naming the port and its user,
+/// and leaves nothing; the other pods' DNS and the cross-host fabric keep working.
+#[test]
+fn a_pod_cannot_take_a_port_the_hosts_need() {
+    let (cluster, ctds) = two_hosts("cri2r");
+    let a = ctds[0].run_pod("pod-a", &[]);
+    let b = ctds[1].run_pod("pod-b", &[]);
+    let gw = default_gateway(&a);
+    let fq_b = "pod-b.fabric.ferrynet.internal";
+    eventually(20, "pod-b in DNS", || {
+        let got = dig(&a, &gw, fq_b);
+        (got == b.v4()).then_some(()).ok_or(got)
+    });
+    let gw_port = format!("53:5353/udp@{gw}");
+    for (port, what) in [
+        ("53:5353/udp", "DNS"),
+        (gw_port.as_str(), "DNS"),
+        ("53:5353/tcp", "DNS"),
+        ("4789:4789/udp", "VXLAN"),
+        ("22:2222/tcp@0.0.0.0", "SSH"),
+        ("2379:2379/tcp", "etcd"),
+    ] {
+        let err = ctds[0]
+            .try_run_pod("evil", &["--port", port])
+            .expect_err(port);
+        let msg = err["message"].as_str().unwrap_or_default();
+        let host_port = port.split(':').next().unwrap_or_default();
+        assert!(
+            msg.contains(&format!("hostPort {host_port}/")) && msg.contains(what),
+            "{port}: {err}"
+        );
+        assert_eq!(ctds[0].pods().len(), 1, "{port}: {:?}", ctds[0].pods());
+        assert_eq!(ctds[0].netns_files().len(), 1, "{port}");
+        assert_eq!(
+            links_in(Some(&cluster.host_ns("h1")), &["fnv"]).len(),
+            1,
+            "{port}: veths on h1"
+        );
+    }
+    assert_eq!(dig(&a, &gw, fq_b), b.v4(), "DNS through the gateway");
+    ping(&a, &b.v4());
+    ping(&b, &a.v6());
+    drop(ctds);
+    drop(cluster);
+}
+
+/// hostPort as containerd sends it (`HostPort`, `HostIP`…): without hostIP and with `0.0.0.0`
+/// or `::` on every address of its family, with a host address only there; the client's
+/// address reaches the pod; a second pod asking for a port taken on an overlapping address is
+/// refused without leftovers; Stop withdraws the ports.
+#[test]
+fn host_port_with_and_without_host_ip() {
+    let node = Node::new(&["10.231.9.0/24", "fd23:9::/64"], json!({}));
+    let t = common::tag();
+    let client = common::Ns::new("o");
+    let other = common::Ns::new("o");
+    common::wire_client(
+        Some(&node.lab.host),
+        &client,
+        &format!("fta{t}"),
+        "10.250.91.1",
+        "10.250.91.2",
+    );
+    common::wire_client(
+        Some(&node.lab.host),
+        &other,
+        &format!("ftb{t}"),
+        "10.250.92.1",
+        "10.250.92.2",
+    );
+    node.lab.host.must(&[
+        "ip",
+        "addr",
+        "add",
+        "fd50:91::1/64",
+        "dev",
+        &format!("fta{t}"),
+        "nodad",
+    ]);
+    client.must(&["ip", "addr", "add", "fd50:91::2/64", "dev", "ext0", "nodad"]);
+    client.must(&["ip", "-6", "route", "add", "default", "via", "fd50:91::1"]);
+
+    let a = node.ctd.run_pod(
+        "a",
+        &[
+            "--port",
+            "18090:8080",
+            "--port",
+            "18091:8080@0.0.0.0",
+            "--port",
+            "18093:8080@::",
+        ],
+    );
+    let b = node.ctd.run_pod("b", &["--port", "18092:8080@10.250.91.1"]);
+    let _sa = tcp_server(&a, 8080, "a");
+    let _sb = tcp_server(&b, 8080, "b");
+    let get = |ns: &common::Ns, addr: &str, port: u16| common::tcp_get(ns, addr, port);
+    let answers = [
+        (&client, "10.250.91.1", 18090, Some("a 10.250.91.2")),
+        (&client, "10.250.91.1", 18091, Some("a 10.250.91.2")),
+        (&client, "10.250.91.1", 18092, Some("b 10.250.91.2")),
+        (&other, "10.250.92.1", 18090, Some("a 10.250.92.2")),
+        (&other, "10.250.92.1", 18091, Some("a 10.250.92.2")),
+        // hostIP 10.250.91.1: not on the host's other address.
+        (&other, "10.250.92.1", 18092, None),
+        (&client, "fd50:91::1", 18090, Some("a fd50:91::2")),
+        (&client, "fd50:91::1", 18093, Some("a fd50:91::2")),
+        // 0.0.0.0 is every IPv4 address, not IPv6 ones; :: the other way round.
+        (&client, "fd50:91::1", 18091, None),
+        (&client, "10.250.91.1", 18093, None),
+    ];
+    for (ns, addr, port, want) in answers {
+        assert_eq!(
+            get(ns, addr, port).as_deref(),
+            want,
+            "{addr}:{port} from {}",
+            ns.name
+        );
+    }
+    let rec = node.endpoint(&a).expect("a's record");
+    assert_eq!(
+        rec["portMappings"].as_array().map(Vec::len),
+        Some(3),
+        "{rec}"
+    );
+
+    // Taken: 18090 on every address; 18092 on 10.250.91.1 (also 0.0.0.0's).
+    let links = node.ferrynet_links();
+    for port in ["18090:80", "18092:80@0.0.0.0"] {
+        let err = node
+            .ctd
+            .try_run_pod("c", &["--port", port])
+            .expect_err(port);
+        assert!(err.to_string().contains("1809"), "{port}: {err}");
+        assert_eq!(node.ctd.pods().len(), 2, "{port}: {:?}", node.ctd.pods());
+        assert_eq!(node.ferrynet_links(), links, "{port}");
+    }
+    node.ctd.stop_pod(&a.id);
+    assert_eq!(get(&client, "10.250.91.1", 18090), None, "18090 after Stop");
+    assert_eq!(get(&client, "fd50:91::1", 18093), None, "18093 after Stop");
+    assert_eq!(
+        get(&client, "10.250.91.1", 18092).as_deref(),
+        Some("b 10.250.91.2"),
+        "b keeps its port"
+    );
+    node.ctd.remove_pod(&a.id);
+    node.ctd.stop_pod(&b.id);
+    node.ctd.remove_pod(&b.id);
+    node.assert_clean("after the last pod");
+}
+
+/// iperf3 from `from` (`nsenter` argument) to `addr` (`-R`: the other way); receiver's bit/s
+/// after the first `omit` seconds.
+fn iperf(from: &str, addr: &str, reverse: bool, omit: u32, secs: u32) -> f64 {
+    let (o, t) = (omit.to_string(), secs.to_string());
+    let mut args = vec![
+        "nsenter", from, "iperf3", "-c", addr, "-J", "-O", &o, "-t", &t,
+    ];
+    if reverse {
+        args.push("-R");
+    }
+    let o = common::sh(&args);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("iperf3 {args:?}: {}", out(&o)))
+}
+
+/// The pod annotations `kubernetes.io/ingress-bandwidth` / `egress-bandwidth` (which
+/// containerd turns into the `bandwidth` capability) limit the pod: iperf3 measures the limit
+/// in each direction, once the bucket is spent, while an unannotated pod runs much faster.
+#[test]
+fn bandwidth_limited_pod() {
+    common::need("iperf3", "iperf3");
+    let node = Node::new(&["10.231.10.0/24"], json!({}));
+    let limit = 20_000_000.0;
+    let slow = node.ctd.run_pod(
+        "slow",
+        &[
+            "--annotation",
+            "kubernetes.io/ingress-bandwidth=20M",
+            "--annotation",
+            "kubernetes.io/egress-bandwidth=20M",
+        ],
+    );
+    let fast = node.ctd.run_pod("fast", &[]);
+    let host = node.lab.host.enter();
+    let mut rates = Vec::new();
+    for p in [&slow, &fast] {
+        let server = std::process::Command::new("nsenter")
+            .args([&p.enter(), "iperf3", "-s"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("iperf3 -s");
+        let _server = Proc(server);
+        eventually(10, "iperf3 listening", || {
+            let o = p.run(&["ss", "-ltnH", "sport", "=", ":5201"]);
+            (!String::from_utf8_lossy(&o.stdout).trim().is_empty())
+                .then_some(())
+                .ok_or_else(|| out(&o))
+        });
+        // To the pod (its ingress), then from it (its egress).
+        rates.push((
+            iperf(&host, &p.v4(), false, 3, 4),
+            iperf(&host, &p.v4(), true, 3, 4),
+        ));
+    }
+    let (slow_in, slow_out) = rates[0];
+    let (fast_in, fast_out) = rates[1];
+    let show =
+        format!("slow {slow_in:.0}/{slow_out:.0} bit/s, fast {fast_in:.0}/{fast_out:.0} bit/s");
+    assert!(
+        slow_in < 1.5 * limit && slow_in > 0.3 * limit,
+        "ingress: {show}"
+    );
+    assert!(
+        slow_out < 1.5 * limit && slow_out > 0.3 * limit,
+        "egress: {show}"
+    );
+    assert!(
+        fast_in > 5.0 * limit && fast_out > 5.0 * limit,
+        "unlimited: {show}"
+    );
 }
 
 /// The pod's default IPv4 gateway.
