@@ -24,6 +24,7 @@ also on failure or Ctrl-C.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -34,10 +35,15 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "crates", "ferrynet", "tests", "cri"))
 sys.path.insert(0, HERE)
-import cri as cri_client  # noqa: E402
 from bench import FERRYNET, ms, pct  # noqa: E402
+
+# The tests' CRI client (this file is also called cri.py, so it is loaded by path).
+_spec = importlib.util.spec_from_file_location(
+    "cri_client", os.path.join(ROOT, "crates", "ferrynet", "tests", "cri", "cri.py")
+)
+cri_client = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cri_client)
 
 TAG = f"{os.getpid() % 100000}"
 NS = f"fnb-cri-{TAG}"

@@ -28,7 +28,7 @@ pub struct InstallArgs {
 pub fn conflist(network: &str, state_dir: &Path) -> serde_json::Value {
     let mut plugin = serde_json::json!({
         "type": "ferrynet",
-        "capabilities": {"portMappings": true, "ips": true, "mac": true}
+        "capabilities": {"portMappings": true, "bandwidth": true, "ips": true, "mac": true}
     });
     if state_dir != Path::new(DEFAULT_STATE_DIR) {
         plugin["stateDir"] = serde_json::Value::String(state_dir.display().to_string());
