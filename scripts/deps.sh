@@ -21,8 +21,8 @@ packages_for() {
     # certificates; busybox-static is the Docker tests' image; dnsutils (dig), knot-dnsutils
     # (kdig) and dnsmasq-base (a test upstream resolver) for the DNS tests; docker-compose for
     # the Docker scenario tests; containerd and runc run the CRI tests' private containerd
-    # (whose pause image is busybox-static too), iperf3 measures their bandwidth limit, and
-    # python3-pip installs their CRI client (below).
+    # (whose pause image is busybox-static too), iperf3 measures bandwidth limits (theirs and
+    # tests/cni_bandwidth.rs), and python3-pip installs their CRI client (below).
     test) echo "$base containernetworking-plugins etcd-server openssl busybox-static dnsutils knot-dnsutils dnsmasq-base docker-compose containerd runc iperf3 python3-pip" ;;
     # bench/docker.py imports the same busybox image as the Docker tests; bench/dns.py runs
     # dnsperf against ferrynet, aardvark-dns and dnsmasq (dig checks they answer).

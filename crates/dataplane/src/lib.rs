@@ -11,5 +11,6 @@ pub mod netlink;
 pub mod netns;
 pub mod nft;
 pub mod sysctl;
+pub mod tc;
 pub mod veth;
 pub mod vxlan;

@@ -6,17 +6,20 @@ use std::path::PathBuf;
 
 use ferrynet_dataplane::vxlan::VXLAN_PORT;
 use ferrynet_model::cni::{
-    CniEnv, CniError, CniResult, Command, Dns, Interface, IpConfig, NetConf, Route,
+    check_args, CniEnv, CniError, CniResult, Command, Dns, Interface, IpConfig, NetConf, Route,
+    KNOWN_ARGS,
 };
 use ferrynet_model::ipam::validate_network_subnets;
 use ferrynet_model::names::parse_mac;
 use ferrynet_model::network::{Endpoint, EndpointOwner, Network, NetworkMode, Subnet};
+use ferrynet_model::pod::{pod_args, PodArgs};
 use ferrynet_model::reserved::{check_host_ports, host_ports};
 use ferrynet_model::validate::{check_bridge_name, check_dns_name};
 use ipnet::IpNet;
 use serde_json::Value;
 
 use crate::control::endpoint::{container_routes, AttachRequest};
+use crate::control::shaping::DEFAULT_MTU;
 use crate::control::{Control, Paths};
 use crate::error::ControlError;
 
@@ -322,7 +325,20 @@ fn need<'a>(v: &'a Option<String>, name: &str) -> Result<&'a str, CniError> {
 }
 
 async fn add(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
+    // Refused before anything is reserved or created: unknown CNI_ARGS keys without
+    // IgnoreUnknown (code 4), pod identity that is not DNS labels (code 7).
+    check_args(&env.args, &KNOWN_ARGS)?;
+    let pod =
+        pod_args(&env.args).map_err(|e| CniError::invalid_config(format!("CNI_ARGS: {e}")))?;
+    // A pod's hostPort is runtime input: one the host needs (DNS on the gateways, the VXLAN
+    // port, SSH, etcd) would divert the host's own traffic to it. Refused before anything.
+    let reserved = host_ports(ctl.store_url.as_deref(), VXLAN_PORT);
+    check_host_ports(&conf.runtime_config.port_mappings, &reserved)
+        .map_err(|e| CniError::plugin(crate::error::codes::PORT_IN_USE, e.to_string()))?;
     let net = resolve_network(ctl, conf).await?;
+    // Zero ports and unusable bandwidth limits (code 7), with the interface's MTU.
+    conf.runtime_config
+        .validate(net.mtu.unwrap_or(DEFAULT_MTU))?;
     let netns = need(&env.netns, "CNI_NETNS")?;
     if net.mode == NetworkMode::Bridge && !std::path::Path::new(netns).exists() {
         return Err(CniError::invalid_env(format!(
@@ -330,11 +346,6 @@ async fn add(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<Value, CniEr
         )));
     }
     let (static_ips, mac) = static_requests(env, conf)?;
-    // A pod's hostPort is runtime input: one the host needs (DNS on the gateways, the VXLAN
-    // port, SSH, etcd) would divert the host's own traffic to it. Refused before anything.
-    let reserved = host_ports(ctl.store_url.as_deref(), VXLAN_PORT);
-    check_host_ports(&conf.runtime_config.port_mappings, &reserved)
-        .map_err(|e| CniError::plugin(crate::error::codes::PORT_IN_USE, e.to_string()))?;
     let prev = match &conf.prev_result {
         Some(v) => Some(CniResult::from_prev_result(v, &conf.cni_version)?),
         None => None,
@@ -349,9 +360,12 @@ async fn add(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<Value, CniEr
                 static_ips,
                 mac,
                 port_mappings: conf.runtime_config.port_mappings.clone(),
-                name: dns_name(env, conf)?,
+                name: dns_name(conf, &pod)?,
                 aliases: dns_aliases(conf)?,
                 owner: EndpointOwner::Cni,
+                pod: pod.pod.clone(),
+                labels: pod.labels.clone(),
+                bandwidth: conf.runtime_config.bandwidth,
             },
         )
         .await
@@ -392,9 +406,11 @@ fn agent_dns(res: &CniResult, network: &str, domain: &str) -> Dns {
     }
 }
 
-/// The container's DNS name: `args.ferrynet.name` in the configuration (else code 7), else the
-/// Kubernetes pod name a runtime passes in CNI_ARGS (else code 4); it must be DNS labels.
-fn dns_name(env: &CniEnv, conf: &NetConf) -> Result<Option<String>, CniError> {
+/// The container's DNS name: `args.ferrynet.name` in the configuration (DNS labels, else code
+/// 7), else the `K8S_POD_NAME` of a runtime that passes no namespace. A pod with a namespace
+/// is named `POD.NAMESPACE` through its pod identity instead: a bare pod name would mix the
+/// namespaces' pods.
+fn dns_name(conf: &NetConf, pod: &PodArgs) -> Result<Option<String>, CniError> {
     let from_conf = conf
         .args
         .as_ref()
@@ -405,14 +421,7 @@ fn dns_name(env: &CniEnv, conf: &NetConf) -> Result<Option<String>, CniError> {
             .map_err(|e| CniError::invalid_config(e.to_string()))?;
         return Ok(Some(n.to_string()));
     }
-    match env.arg("K8S_POD_NAME").filter(|n| !n.is_empty()) {
-        Some(n) => {
-            check_dns_name("K8S_POD_NAME", n)
-                .map_err(|e| CniError::invalid_env(format!("CNI_ARGS: {e}")))?;
-            Ok(Some(n.to_string()))
-        }
-        None => Ok(None),
-    }
+    Ok(pod.bare_name.clone())
 }
 
 /// Further DNS names: `args.ferrynet.aliases` (a list of strings, each DNS labels; else code 7).
@@ -557,11 +566,18 @@ mod tests {
             }
         };
         let env = CniEnv::from_vars(vars("K8S_POD_NAME=web-0")).unwrap();
-        assert_eq!(dns_name(&env, &c).unwrap_err().code, 7);
+        let args = pod_args(&env.args).unwrap();
+        assert_eq!(dns_name(&c, &args).unwrap_err().code, 7);
         let plain = conf(serde_json::json!({}));
-        assert_eq!(dns_name(&env, &plain).unwrap().as_deref(), Some("web-0"));
+        assert_eq!(dns_name(&plain, &args).unwrap().as_deref(), Some("web-0"));
+        // With a namespace the pod is named through its identity, not by a bare name.
+        let env = CniEnv::from_vars(vars("K8S_POD_NAMESPACE=a;K8S_POD_NAME=web-0")).unwrap();
+        assert_eq!(
+            dns_name(&plain, &pod_args(&env.args).unwrap()).unwrap(),
+            None
+        );
         let env = CniEnv::from_vars(vars("K8S_POD_NAME=a b")).unwrap();
-        assert_eq!(dns_name(&env, &plain).unwrap_err().code, 4);
+        assert!(pod_args(&env.args).is_err());
         let c = conf(serde_json::json!({"args": {"ferrynet": {"aliases": ["a b"]}}}));
         assert_eq!(dns_aliases(&c).unwrap_err().code, 7);
     }

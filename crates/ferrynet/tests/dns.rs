@@ -572,10 +572,13 @@ fn cni_containers_get_the_resolver_and_their_names() {
             .ok_or(format!("{got:?}\n{}", h.agent_log()))
     });
     assert_eq!(dig(&ns2, &format!("www.{search}")), ip1);
+    // A pod is named with its namespace: `POD.NAMESPACE`, under the network's domain and as
+    // asked.
     within(Duration::from_secs(20), || {
-        let got = dig(&ns1, &format!("pod2.{search}"));
+        let got = dig(&ns1, &format!("pod2.default.{search}"));
         (got == ip2).then_some(()).ok_or(got)
     });
+    assert_eq!(dig(&ns1, "pod2.default"), ip2);
     for (id, ns) in [("cid1", &ns1), ("cid2", &ns2)] {
         let c = h.lab.del(&plain, id, Some(ns), "eth0");
         assert_eq!(c.code, 0, "DEL {id}: {}", c.stderr);

@@ -7,11 +7,16 @@
 mod conf;
 mod env;
 mod error;
+pub mod gojson;
 mod result;
 mod version;
 
-pub use conf::{Attachment, NetConf, NetConfList, RuntimeConfig};
-pub use env::{parse_cni_args, validate_container_id, validate_ifname, CniEnv, Command};
+pub use conf::{
+    canonical_conf, Attachment, IpRange, NetConf, NetConfList, RuntimeConfig, RuntimeDns,
+};
+pub use env::{
+    check_args, parse_cni_args, validate_container_id, validate_ifname, CniEnv, Command, KNOWN_ARGS,
+};
 pub use error::CniError;
 pub use result::{CniResult, Dns, Interface, IpConfig, Route};
 pub use version::{

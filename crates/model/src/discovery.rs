@@ -55,6 +55,9 @@ pub struct DiscoveryView {
     pub revision: u64,
     /// Records refused (undecodable or invalid), by key, with the reason; they count as absent.
     pub rejected: BTreeMap<String, String>,
+    /// The store revision at which each endpoint record was created (0 when not told): the
+    /// newest of a pod's endpoints holds its name.
+    pub endpoint_created: BTreeMap<String, u64>,
 }
 
 impl DiscoveryView {
@@ -103,7 +106,10 @@ impl DiscoveryView {
         } else if rest.starts_with("endpoints/") {
             match self.record::<Endpoint>(key, value) {
                 Some(e) => self.endpoints.insert(key.to_string(), e),
-                None => self.endpoints.remove(key),
+                None => {
+                    self.endpoint_created.remove(key);
+                    self.endpoints.remove(key)
+                }
             };
         } else if let Some(name) = rest.strip_prefix("hosts/") {
             // Discovery needs only liveness; the agent's cluster view checks the whole record.
@@ -147,9 +153,25 @@ impl DiscoveryView {
         }
     }
 
+    /// Apply one stored key with the revision that created it (a watch event or a snapshot
+    /// entry that carries it).
+    pub fn put_created(&mut self, key: &str, value: &[u8], create_revision: u64) {
+        self.put(key, value);
+        if self.endpoints.contains_key(key) {
+            self.endpoint_created
+                .insert(key.to_string(), create_revision);
+        }
+    }
+
+    /// When the endpoint record under `key` was created (0: unknown, older than any known).
+    pub fn created(&self, key: &str) -> u64 {
+        self.endpoint_created.get(key).copied().unwrap_or(0)
+    }
+
     /// Apply a deletion.
     pub fn delete(&mut self, key: &str) {
         self.rejected.remove(key);
+        self.endpoint_created.remove(key);
         let Some(rest) = key.strip_prefix(nkeys::ROOT) else {
             return;
         };
@@ -230,6 +252,22 @@ impl DiscoveryView {
         self.endpoints
             .values()
             .filter(move |e| e.network == network)
+    }
+
+    /// The pods on `network` by DNS name (`POD.NAMESPACE`, lower case), each the newest of its
+    /// endpoints (store create revision, then key): a pod re-created under its name (a new
+    /// sandbox, a new address) takes the name while the old sandbox's record still exists.
+    pub fn pods_on(&self, network: &str) -> BTreeMap<String, &Endpoint> {
+        let mut best: BTreeMap<String, (u64, &str, &Endpoint)> = BTreeMap::new();
+        for (key, e) in self.endpoints.iter().filter(|(_, e)| e.network == network) {
+            let Some(pod) = &e.pod else { continue };
+            let rank = (self.created(key), key.as_str());
+            let entry = best.entry(pod.dns_name()).or_insert((rank.0, rank.1, e));
+            if rank > (entry.0, entry.1) {
+                *entry = (rank.0, rank.1, e);
+            }
+        }
+        best.into_iter().map(|(k, (_, _, e))| (k, e)).collect()
     }
 
     /// Producers whose health this host's agent checks: those on `host` with a check.

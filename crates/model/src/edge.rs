@@ -72,8 +72,8 @@ pub struct PublishedPort {
 }
 
 /// Pair every mapping with the container's address of each matching family: a mapping on one
-/// host address goes to the container address of that family; a mapping on every address goes
-/// to each family the container has.
+/// host address (or on `0.0.0.0` / `::`, every address of one family) goes to the container
+/// address of that family; a mapping on every address goes to each family the container has.
 pub fn published_ports(mappings: &[PortMapping], container_ips: &[IpAddr]) -> Vec<PublishedPort> {
     let mut out = Vec::new();
     for m in mappings {
@@ -98,8 +98,17 @@ pub fn published_ports(mappings: &[PortMapping], container_ips: &[IpAddr]) -> Ve
     out
 }
 
+/// The host address a mapping's element is keyed by: None for "any" (`""`, `0.0.0.0`, `::`),
+/// whose elements go to the `*_any` maps; an unspecified address as a key would match nothing.
+fn keyed_host_ip(m: &PortMapping) -> Option<IpAddr> {
+    m.host_ip.filter(|h| !h.is_unspecified())
+}
+
 fn map_of(p: &PublishedPort) -> &'static str {
-    match (p.container_ip.is_ipv4(), p.mapping.host_ip.is_some()) {
+    match (
+        p.container_ip.is_ipv4(),
+        keyed_host_ip(&p.mapping).is_some(),
+    ) {
         (true, false) => PM4_ANY,
         (true, true) => PM4_IP,
         (false, false) => PM6_ANY,
@@ -109,7 +118,7 @@ fn map_of(p: &PublishedPort) -> &'static str {
 
 fn element(p: &PublishedPort) -> String {
     let m = &p.mapping;
-    let key = match m.host_ip {
+    let key = match keyed_host_ip(m) {
         Some(h) => format!("{h} . {} . {}", m.protocol.as_str(), m.host_port),
         None => format!("{} . {}", m.protocol.as_str(), m.host_port),
     };
@@ -482,6 +491,42 @@ mod tests {
         let r = base_ruleset(&[]);
         assert!(!r.contains("add element"));
         assert!(r.contains("dnat ip to meta l4proto . th dport map @pm4_any"));
+    }
+
+    #[test]
+    fn unspecified_host_ips_publish_on_every_address_of_their_family() {
+        let ips: Vec<IpAddr> = vec!["10.1.0.2".parse().unwrap(), "fd00::2".parse().unwrap()];
+        let ports = published_ports(
+            &[
+                pm(8080, Some("0.0.0.0"), Protocol::Tcp),
+                pm(8081, Some("::"), Protocol::Tcp),
+                pm(8082, None, Protocol::Tcp),
+            ],
+            &ips,
+        );
+        let b = add_ports(&ports);
+        assert!(
+            b.contains("add element inet ferrynet pm4_any { tcp . 8080 : 10.1.0.2 . 80, tcp . 8082 : 10.1.0.2 . 80 }"),
+            "{b}"
+        );
+        assert!(
+            b.contains("add element inet ferrynet pm6_any { tcp . 8081 : fd00::2 . 80, tcp . 8082 : fd00::2 . 80 }"),
+            "{b}"
+        );
+        // No element keyed by an unspecified address (it would match no packet), and each
+        // family's "any" stays in its family.
+        assert!(!b.contains("0.0.0.0") && !b.contains(":: ."), "{b}");
+        assert!(!b.contains("pm4_ip") && !b.contains("pm6_ip"), "{b}");
+        assert_eq!(ports.len(), 4, "{ports:?}");
+        // Removal addresses the same elements.
+        let r = remove_ports_tolerant(&ports);
+        assert!(
+            r.contains("tcp . 8080 : 10.1.0.2 . 80") && !r.contains("0.0.0.0"),
+            "{r}"
+        );
+        // A v6-only container has nothing to publish on 0.0.0.0.
+        let v6: Vec<IpAddr> = vec!["fd00::2".parse().unwrap()];
+        assert!(published_ports(&[pm(8080, Some("0.0.0.0"), Protocol::Tcp)], &v6).is_empty());
     }
 
     #[test]

@@ -1,3 +1,4 @@
+pub mod bandwidth;
 pub mod blocks;
 pub mod cni;
 pub mod discovery;
@@ -12,6 +13,7 @@ pub mod ipam;
 pub mod lb;
 pub mod names;
 pub mod network;
+pub mod pod;
 pub mod portmap;
 pub mod registry;
 pub mod reserved;

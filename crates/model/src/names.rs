@@ -71,6 +71,13 @@ pub fn host_veth_name(network: &str, container_id: &str, ifname: &str) -> String
     format!("fnv{}", hash12(&[network, container_id, ifname]))
 }
 
+/// IFB device of a container's egress bandwidth limit (traffic from the container is
+/// redirected to it from the host end's ingress): `fnb` + the host end's hash, so a DEL or GC
+/// without state finds it, and outside the `fnv*` (guarded ports) and `fn-*` (bridges) patterns.
+pub fn ifb_name(network: &str, container_id: &str, ifname: &str) -> String {
+    format!("fnb{}", hash12(&[network, container_id, ifname]))
+}
+
 /// Temporary name of the container end, before it moves into the netns and is renamed.
 pub fn temp_peer_name(network: &str, container_id: &str, ifname: &str) -> String {
     format!("fnp{}", hash12(&[network, container_id, ifname]))

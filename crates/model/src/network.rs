@@ -1,10 +1,13 @@
 //! Networks and endpoints: the records ferrynet keeps in its store.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use crate::bandwidth::Bandwidth;
+use crate::pod::PodIdentity;
 use crate::portmap::PortMapping;
 
 /// How containers on a network are attached.
@@ -183,6 +186,16 @@ pub struct Endpoint {
     /// Which runtime attached it; CNI GC releases only CNI's (see [`crate::gc`]).
     #[serde(default)]
     pub owner: EndpointOwner,
+    /// The Kubernetes pod it belongs to (`CNI_ARGS`), when the runtime said; DNS answers
+    /// `POD.NAMESPACE` for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodIdentity>,
+    /// Labels for policy; `namespace` is the pod's namespace.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Bandwidth limits, applied on the host side of its veth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<Bandwidth>,
 }
 
 /// The runtime that made an endpoint, recorded at ADD.
@@ -217,6 +230,9 @@ impl Endpoint {
             name: None,
             aliases: Vec::new(),
             owner: EndpointOwner::Unknown,
+            pod: None,
+            labels: BTreeMap::new(),
+            bandwidth: None,
         }
     }
 }

@@ -160,6 +160,19 @@ pub fn is_dns_name(name: &str) -> bool {
         })
 }
 
+/// One DNS label: 1–63 of `[A-Za-z0-9_-]` (a pod's namespace, a pod UID).
+pub fn check_dns_label(field: &'static str, label: &str) -> Result<(), RecordError> {
+    (!label.contains('.') && is_dns_name(label))
+        .then_some(())
+        .ok_or_else(|| {
+            RecordError::new(
+                field,
+                label,
+                "must be one DNS label of [A-Za-z0-9_-] (1-63 bytes)",
+            )
+        })
+}
+
 /// A container's DNS name or alias.
 pub fn check_dns_name(field: &'static str, name: &str) -> Result<(), RecordError> {
     is_dns_name(name).then_some(()).ok_or_else(|| {
@@ -306,6 +319,15 @@ impl Validate for Endpoint {
         }
         for a in &self.aliases {
             check_dns_name("aliases", a)?;
+        }
+        if let Some(p) = &self.pod {
+            p.validate()?;
+        }
+        crate::pod::check_labels(&self.labels, self.pod.as_ref())?;
+        if let Some(b) = &self.bandwidth {
+            // The MTU is not known here; only what any interface needs.
+            b.shaping(0)
+                .map_err(|e| RecordError::new("bandwidth", format!("{b:?}"), e.to_string()))?;
         }
         Ok(())
     }

@@ -64,6 +64,12 @@ async fn follow_once(
         kvs.iter().map(|kv| (kv.key.as_str(), kv.value.as_slice())),
         top,
     );
+    for kv in &kvs {
+        if view.endpoints.contains_key(&kv.key) {
+            view.endpoint_created
+                .insert(kv.key.clone(), kv.create_revision);
+        }
+    }
     let mut logged = BTreeMap::new();
     log_rejected(&view, &mut logged);
     if tx.send(Arc::new(view.clone())).is_err() {
@@ -74,7 +80,7 @@ async fn follow_once(
         let mut apply = |ev: ferrynet_store::WatchEvent| {
             view.revision = view.revision.max(ev.kv.mod_revision);
             match ev.kind {
-                EventKind::Put => view.put(&ev.kv.key, &ev.kv.value),
+                EventKind::Put => view.put_created(&ev.kv.key, &ev.kv.value, ev.kv.create_revision),
                 EventKind::Delete => view.delete(&ev.kv.key),
             }
         };

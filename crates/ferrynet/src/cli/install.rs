@@ -94,6 +94,8 @@ mod tests {
             "what containerd 1.6's libcni can parse"
         );
         assert_eq!(c["cniVersions"], serde_json::json!(["1.0.0", "1.1.0"]));
+        // Runtimes pass pod bandwidth annotations only to plugins declaring the capability.
+        assert_eq!(c["plugins"][0]["capabilities"]["bandwidth"], true);
         assert!(c["plugins"][0].get("stateDir").is_none());
         let c = conflist("blue", Path::new("/tmp/x"));
         assert_eq!(c["plugins"][0]["stateDir"], "/tmp/x");

@@ -645,6 +645,9 @@ async fn run_container(ctl: &Control, a: RunArgs) -> anyhow::Result<()> {
                     name: Some(a.name.clone()),
                     aliases: a.aliases.clone(),
                     owner: EndpointOwner::Cli,
+                    pod: None,
+                    labels: Default::default(),
+                    bandwidth: None,
                 },
             )
             .await?;

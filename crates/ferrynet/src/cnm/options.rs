@@ -358,7 +358,8 @@ pub fn protocol_number(p: Protocol) -> u8 {
 }
 
 fn clashes(a: Option<IpAddr>, b: Option<IpAddr>) -> bool {
-    a.is_none() || b.is_none() || a == b
+    // CNI endpoints may hold `0.0.0.0` or `::` (every address of one family).
+    ferrynet_model::portmap::host_ips_overlap(a, b)
 }
 
 /// Turn Docker's bindings into concrete mappings: a host port of 0 becomes a free port of the

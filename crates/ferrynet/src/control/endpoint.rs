@@ -1,6 +1,6 @@
 //! Attaching containers to networks and detaching them: the ADD/DEL/CHECK/GC flows.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::Path;
 
@@ -8,14 +8,16 @@ use ferrynet_dataplane::error::DataplaneError;
 use ferrynet_dataplane::netlink::{Netlink, RouteSpec};
 use ferrynet_dataplane::netns::Netns;
 use ferrynet_dataplane::veth::{self, ContainerIface, VethSpec};
+use ferrynet_model::bandwidth::Bandwidth;
 use ferrynet_model::gc::{gc_verdict, legacy_owner, GcVerdict};
 use ferrynet_model::ipam::{validate_network_subnets, ResolvedSubnet};
 use ferrynet_model::names::{format_mac, host_veth_name};
 use ferrynet_model::network::{keys, Endpoint, EndpointOwner, Network, NetworkMode};
+use ferrynet_model::pod::PodIdentity;
 use ferrynet_model::portmap::PortMapping;
 use ipnet::IpNet;
 
-use super::{decode, Control};
+use super::{decode, shaping, Control};
 use crate::error::{ControlError, Result};
 use ferrynet_model::validate::Validate;
 
@@ -40,6 +42,12 @@ pub struct AttachRequest {
     pub aliases: Vec<String>,
     /// The runtime asking, recorded so GC releases only its own runtime's endpoints.
     pub owner: EndpointOwner,
+    /// The Kubernetes pod (from `CNI_ARGS`).
+    pub pod: Option<PodIdentity>,
+    /// Labels for policy.
+    pub labels: BTreeMap<String, String>,
+    /// Bandwidth limits (the `bandwidth` capability).
+    pub bandwidth: Option<Bandwidth>,
 }
 
 /// The gateway of the subnet holding `ip`.
@@ -88,6 +96,9 @@ impl Control {
             name: req.name.clone(),
             aliases: req.aliases.clone(),
             owner: req.owner,
+            pod: req.pod.clone(),
+            labels: req.labels.clone(),
+            bandwidth: req.bandwidth.filter(|b| !b.is_unlimited()),
             ..Endpoint::new(&net.name, &req.container_id, &req.ifname)
         };
         // Refuse at the write edge what every reader would refuse (ferrynet_model::validate).
@@ -95,6 +106,12 @@ impl Control {
             .validate()
             .map_err(|e| ControlError::InvalidConfig(format!("endpoint: {e}")))?;
         if net.mode == NetworkMode::Host {
+            if template.bandwidth.is_some() {
+                return Err(ControlError::InvalidConfig(format!(
+                    "network {} uses host networking: there is no interface of the container's own to limit",
+                    net.name
+                )));
+            }
             if !req.port_mappings.is_empty() {
                 return Err(ControlError::InvalidConfig(format!(
                     "network {} uses host networking: the container already listens on host ports, so portMappings cannot apply",
@@ -150,6 +167,14 @@ impl Control {
             {
                 if ep.ips.iter().all(|ip| state.addresses.contains(ip)) {
                     tracing::info!(container = %ep.container_id, "ADD repeated; endpoint already in place");
+                    let host_name = host_veth_name(&net.name, &ep.container_id, &ep.ifname);
+                    if let Some(index) = host
+                        .link_index(&host_name)
+                        .await
+                        .map_err(ControlError::dataplane(format!("looking up {host_name}")))?
+                    {
+                        shaping::shape(&host, net, &ep, index).await?;
+                    }
                     self.guard_endpoint(&ep).await?;
                     self.publish_ports(&ep).await?;
                     return Ok(ep);
@@ -198,6 +223,11 @@ impl Control {
                     }
                 } else if let Err(u) = veth::detach(&host, None, &ep.ifname, &host_name).await {
                     tracing::warn!(error = %u, "cleanup: removing the host veth failed");
+                }
+                if let Err(u) =
+                    shaping::unshape(&host, &net.name, &ep.container_id, &ep.ifname).await
+                {
+                    tracing::warn!(error = %u, "cleanup: removing the IFB device failed");
                 }
                 if let Err(u) = self.release(&ep).await {
                     tracing::warn!(error = %u, "cleanup: releasing the reservation failed");
@@ -248,6 +278,8 @@ impl Control {
                     source: other,
                 },
             })?;
+        // Limits before anything is published: the container never sends unshaped.
+        shaping::shape(host, net, ep, attached.host_index).await?;
         let mut done = ep.clone();
         done.mac = Some(format_mac(&attached.container_mac));
         done.host_veth = Some(host_name);
@@ -336,12 +368,19 @@ impl Control {
             .map_err(ControlError::dataplane(format!(
                 "removing {ifname} of {container_id}"
             )));
+        // The IFB of a bandwidth limit; without a record it may be a crashed ADD's.
+        let unshaped = if ep.as_ref().is_none_or(|e| e.bandwidth.is_some()) {
+            shaping::unshape(&host, &net.name, container_id, ifname).await
+        } else {
+            Ok(())
+        };
         // Ports are withdrawn and the link is gone before the addresses are released.
         if let Some(ep) = &ep {
             self.finish_unpublish(ep, withdrawing).await?;
             self.unguard_endpoint(ep);
         }
         unplugged?;
+        unshaped?;
         if let Some(ep) = &ep {
             self.release(ep).await?;
             tracing::info!(container = %container_id, network = %net.name, "detached");

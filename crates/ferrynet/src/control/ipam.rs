@@ -10,7 +10,7 @@ use std::net::IpAddr;
 
 use ferrynet_model::ipam::{plan_allocation, validate_network_subnets, IpamError};
 use ferrynet_model::network::{keys, Endpoint, Network};
-use ferrynet_model::portmap::PortMapping;
+use ferrynet_model::portmap::{host_ips_overlap, PortMapping};
 use ferrynet_store::{Compare, Op};
 use ipnet::IpNet;
 
@@ -54,9 +54,10 @@ pub fn parse_port_key(key: &str, owner: String) -> Option<HeldPort> {
 }
 
 /// The first requested mapping that clashes with a held port or with another requested one:
-/// same protocol and port, and the same host address or either side on every address.
+/// same protocol and port, and host addresses that overlap (`host_ips_overlap`: equal, or
+/// either side on every address, of both families or of the other's).
 pub fn port_conflict(held: &[HeldPort], wanted: &[PortMapping]) -> Option<String> {
-    let clash = |a: Option<IpAddr>, b: Option<IpAddr>| a.is_none() || b.is_none() || a == b;
+    let clash = host_ips_overlap;
     for (i, m) in wanted.iter().enumerate() {
         let proto = m.protocol.as_str();
         if let Some(h) = held
@@ -316,6 +317,35 @@ mod tests {
         }];
         assert!(port_conflict(&held, &[pm(80, Some("10.0.0.2"), Protocol::Tcp)]).is_none());
         assert!(port_conflict(&held, &[pm(80, None, Protocol::Tcp)]).is_some());
+    }
+
+    #[test]
+    fn unspecified_addresses_claim_their_family_only() {
+        let held = |ip: &str| {
+            vec![HeldPort {
+                proto: "tcp".into(),
+                host_ip: Some(ip.parse().unwrap()),
+                port: 80,
+                owner: "o".into(),
+            }]
+        };
+        let v4 = held("0.0.0.0");
+        assert!(port_conflict(&v4, &[pm(80, Some("127.0.0.1"), Protocol::Tcp)]).is_some());
+        assert!(port_conflict(&v4, &[pm(80, None, Protocol::Tcp)]).is_some());
+        assert!(port_conflict(&v4, &[pm(80, Some("::"), Protocol::Tcp)]).is_none());
+        assert!(port_conflict(&v4, &[pm(80, Some("fd00::1"), Protocol::Tcp)]).is_none());
+        let v6 = held("::");
+        assert!(port_conflict(&v6, &[pm(80, Some("fd00::1"), Protocol::Tcp)]).is_some());
+        assert!(port_conflict(&v6, &[pm(80, Some("0.0.0.0"), Protocol::Tcp)]).is_none());
+        // Both families' "any" in one request is no duplicate (Docker-style callers send both).
+        assert!(port_conflict(
+            &[],
+            &[
+                pm(80, Some("0.0.0.0"), Protocol::Tcp),
+                pm(80, Some("::"), Protocol::Tcp)
+            ]
+        )
+        .is_none());
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod host;
 pub mod ipam;
 pub mod network;
 pub mod service;
+pub mod shaping;
 pub mod stale;
 
 use std::path::{Path, PathBuf};

@@ -7,9 +7,105 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
+use super::gojson::{field, fold_object, leaf, Field, Shape};
 use super::result::{json_kind, null_default};
 use super::{highest_supported, is_supported, CniError, CniResult, Dns};
+use crate::bandwidth::Bandwidth;
 use crate::portmap::PortMapping;
+
+/// `portMappings` entries (containerd: `HostPort`, `ContainerPort`, `Protocol`, `HostIP`).
+const PORT_MAPPING: &[Field] = &[
+    leaf("hostPort"),
+    leaf("containerPort"),
+    leaf("protocol"),
+    leaf("hostIP"),
+];
+/// The `bandwidth` capability (containerd: `IngressRate`, `IngressBurst`, …).
+const BANDWIDTH: &[Field] = &[
+    leaf("ingressRate"),
+    leaf("ingressBurst"),
+    leaf("egressRate"),
+    leaf("egressBurst"),
+];
+/// The `dns` capability (containerd: `Servers`, `Searches`, `Options`).
+const RUNTIME_DNS: &[Field] = &[leaf("servers"), leaf("searches"), leaf("options")];
+/// One host-local range (`ipRanges`, `ipam.ranges`).
+const RANGE: &[Field] = &[
+    leaf("subnet"),
+    leaf("rangeStart"),
+    leaf("rangeEnd"),
+    leaf("gateway"),
+];
+/// The `runtimeConfig` object.
+const RUNTIME_CONFIG: &[Field] = &[
+    field("portMappings", Shape::List(&Shape::Object(PORT_MAPPING))),
+    leaf("ips"),
+    leaf("mac"),
+    field("bandwidth", Shape::Object(BANDWIDTH)),
+    field("dns", Shape::Object(RUNTIME_DNS)),
+    field("ipRanges", Shape::List(&Shape::List(&Shape::Object(RANGE)))),
+    leaf("aliases"),
+];
+/// The network configuration's DNS section (CNI's `DNS` type).
+const CONF_DNS: &[Field] = &[
+    leaf("nameservers"),
+    leaf("domain"),
+    leaf("search"),
+    leaf("options"),
+];
+/// The `ipam` section as ferrynet reads it (host-local's shape).
+const IPAM: &[Field] = &[
+    leaf("type"),
+    leaf("subnet"),
+    leaf("rangeStart"),
+    leaf("rangeEnd"),
+    leaf("gateway"),
+    field("ranges", Shape::List(&Shape::List(&Shape::Object(RANGE)))),
+    leaf("routes"),
+];
+/// A `subnets` entry of ferrynet's own configuration.
+const SUBNET: &[Field] = &[
+    leaf("cidr"),
+    leaf("gateway"),
+    leaf("rangeStart"),
+    leaf("rangeEnd"),
+    leaf("exclude"),
+];
+/// A `cni.dev/valid-attachments` entry.
+const ATTACHMENT: &[Field] = &[leaf("containerID"), leaf("ifname")];
+/// Every key of a plugin configuration ferrynet knows: the spec's and its own. `args` and
+/// `capabilities` are maps (their keys are data, matched exactly, as Go does for maps).
+const NET_CONF: &[Field] = &[
+    leaf("cniVersion"),
+    leaf("name"),
+    leaf("type"),
+    field("runtimeConfig", Shape::Object(RUNTIME_CONFIG)),
+    leaf("prevResult"),
+    field("ipam", Shape::Object(IPAM)),
+    field("dns", Shape::Object(CONF_DNS)),
+    leaf("args"),
+    field(
+        "cni.dev/valid-attachments",
+        Shape::List(&Shape::Object(ATTACHMENT)),
+    ),
+    leaf("capabilities"),
+    leaf("bridge"),
+    field("subnets", Shape::List(&Shape::Object(SUBNET))),
+    leaf("mtu"),
+    leaf("ipMasq"),
+    leaf("internal"),
+    leaf("mode"),
+    leaf("isGateway"),
+    leaf("hairpinMode"),
+    leaf("stateDir"),
+    leaf("store"),
+];
+
+/// A plugin configuration with its known keys spelled as ferrynet's types expect, matched the
+/// way Go's decoder matches them (see [`super::gojson`]); code 6 for an ambiguous key.
+pub fn canonical_conf(obj: Map<String, Value>) -> Result<Map<String, Value>, CniError> {
+    fold_object(obj, NET_CONF, "").map_err(|e| CniError::decode(e.to_string()))
+}
 
 /// One attachment the runtime still considers valid (GC's `cni.dev/valid-attachments`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -19,6 +115,50 @@ pub struct Attachment {
     pub container_id: String,
     /// Interface name of the attachment.
     pub ifname: String,
+}
+
+/// The `dns` capability: the runtime's resolver settings for the container (containerd sends
+/// `Servers`, `Searches`, `Options`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RuntimeDns {
+    /// Name server addresses.
+    #[serde(
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub servers: Vec<String>,
+    /// Search domains.
+    #[serde(
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub searches: Vec<String>,
+    /// Resolver options.
+    #[serde(
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub options: Vec<String>,
+}
+
+/// One range of the `ipRanges` capability (host-local's range shape).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IpRange {
+    /// The subnet.
+    pub subnet: ipnet::IpNet,
+    /// First address to hand out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range_start: Option<IpAddr>,
+    /// Last address to hand out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range_end: Option<IpAddr>,
+    /// The gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<IpAddr>,
 }
 
 /// The reserved `runtimeConfig` object: capability arguments from the runtime.
@@ -42,7 +182,20 @@ pub struct RuntimeConfig {
     /// The `mac` capability: requested hardware address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
-    /// Other capabilities (bandwidth, aliases, …), kept as given.
+    /// The `bandwidth` capability.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<Bandwidth>,
+    /// The `dns` capability.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<RuntimeDns>,
+    /// The `ipRanges` capability: range sets, as host-local's `ranges`.
+    #[serde(
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub ip_ranges: Vec<Vec<IpRange>>,
+    /// Other capabilities (aliases, …), kept as given.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
@@ -50,16 +203,41 @@ pub struct RuntimeConfig {
 impl RuntimeConfig {
     /// Whether no capability argument is present.
     pub fn is_empty(&self) -> bool {
-        self.port_mappings.is_empty()
-            && self.ips.is_empty()
-            && self.mac.is_none()
-            && self.extra.is_empty()
+        *self == RuntimeConfig::default()
     }
 
     /// The `ips` capability parsed into addresses with their prefix length when one was
     /// given; a malformed entry is a code 7 error.
     pub fn parsed_ips(&self) -> Result<Vec<(IpAddr, Option<u8>)>, CniError> {
         self.ips.iter().map(|s| parse_ip_request(s)).collect()
+    }
+
+    /// Checks what an ADD would act on, before it acts (code 7): every port mapping has a host
+    /// and a container port, and the bandwidth limits fit an interface of `mtu` bytes.
+    pub fn validate(&self, mtu: u32) -> Result<(), CniError> {
+        for (i, m) in self.port_mappings.iter().enumerate() {
+            for (key, port) in [
+                ("hostPort", m.host_port),
+                ("containerPort", m.container_port),
+            ] {
+                if port == 0 {
+                    return Err(CniError::invalid_config(format!(
+                        "runtimeConfig.portMappings[{i}]: {key} is 0 or missing; a published \
+                         port needs a host port and a container port (1-65535)"
+                    )));
+                }
+            }
+            if let Some(ip) = m.host_ip.filter(|ip| ip.is_multicast()) {
+                return Err(CniError::invalid_config(format!(
+                    "runtimeConfig.portMappings[{i}]: hostIP {ip} is a multicast address"
+                )));
+            }
+        }
+        if let Some(b) = &self.bandwidth {
+            b.shaping(mtu)
+                .map_err(|e| CniError::invalid_config(format!("runtimeConfig.{e}")))?;
+        }
+        Ok(())
     }
 }
 
@@ -182,6 +360,7 @@ impl NetConf {
     }
 
     fn from_object(obj: Map<String, Value>) -> Result<NetConf, CniError> {
+        let obj = canonical_conf(obj)?;
         let version = required_str(&obj, "cniVersion")?;
         if !is_supported(version) {
             return Err(CniError::incompatible_version(version));
@@ -483,7 +662,8 @@ mod tests {
         assert_eq!(rc.port_mappings[2].host_ip, None);
         assert_eq!(rc.port_mappings[2].protocol, Protocol::Tcp);
         assert_eq!(rc.mac.as_deref(), Some("02:00:00:00:00:09"));
-        assert_eq!(rc.extra["bandwidth"]["ingressRate"], 1000);
+        assert_eq!(rc.bandwidth.unwrap().ingress_rate, 1000);
+        assert!(rc.extra.is_empty(), "{:?}", rc.extra);
         assert_eq!(
             rc.parsed_ips().unwrap(),
             vec![
@@ -649,6 +829,205 @@ mod tests {
         v["cni.dev/valid-attachments"] = json!([{"containerID": "c1"}]);
         assert_eq!(parse_err(&conf_bytes(&v)).code, 6);
         assert_eq!(NetConf::from_value(json!(1)).unwrap_err().code, 6);
+    }
+
+    /// The plugin config containerd 1.6 hands over for a pod with a host port, a bandwidth
+    /// annotation and DNS settings: go-cni's structs carry no JSON tags.
+    fn containerd_conf() -> Value {
+        json!({
+            "cniVersion": "1.0.0",
+            "name": "ferry-net",
+            "type": "ferrynet",
+            "capabilities": {"portMappings": true, "bandwidth": true, "dns": true},
+            "runtimeConfig": {
+                "portMappings": [
+                    {"HostPort": 18090, "ContainerPort": 8080, "Protocol": "tcp",
+                     "HostIP": "127.0.0.1"},
+                    {"HostPort": 18091, "ContainerPort": 53, "Protocol": "udp", "HostIP": ""}
+                ],
+                "bandwidth": {"IngressRate": 1000000, "IngressBurst": 4294967295u64,
+                              "EgressRate": 2000000, "EgressBurst": 4294967295u64},
+                "dns": {"Servers": ["10.96.0.10"], "Searches": ["default.svc.cluster.local"],
+                        "Options": ["ndots:5"]},
+                "ipRanges": [[{"Subnet": "10.22.0.0/16", "RangeStart": "10.22.0.10"}]],
+                "ips": ["10.22.0.9"],
+                "mac": "02:00:00:00:00:09"
+            }
+        })
+    }
+
+    #[test]
+    fn decodes_containerd_shapes() {
+        let c = NetConf::parse(&conf_bytes(&containerd_conf())).unwrap();
+        let rc = &c.runtime_config;
+        assert_eq!(
+            rc.port_mappings,
+            vec![
+                PortMapping {
+                    host_port: 18090,
+                    container_port: 8080,
+                    protocol: Protocol::Tcp,
+                    host_ip: Some("127.0.0.1".parse().unwrap())
+                },
+                PortMapping {
+                    host_port: 18091,
+                    container_port: 53,
+                    protocol: Protocol::Udp,
+                    host_ip: None
+                }
+            ]
+        );
+        assert_eq!(
+            rc.bandwidth,
+            Some(Bandwidth {
+                ingress_rate: 1_000_000,
+                ingress_burst: u64::from(u32::MAX),
+                egress_rate: 2_000_000,
+                egress_burst: u64::from(u32::MAX),
+            })
+        );
+        assert_eq!(
+            rc.dns,
+            Some(RuntimeDns {
+                servers: vec!["10.96.0.10".into()],
+                searches: vec!["default.svc.cluster.local".into()],
+                options: vec!["ndots:5".into()],
+            })
+        );
+        assert_eq!(rc.ip_ranges[0][0].subnet.to_string(), "10.22.0.0/16");
+        assert_eq!(
+            rc.ip_ranges[0][0].range_start,
+            Some("10.22.0.10".parse().unwrap())
+        );
+        assert!(rc.extra.is_empty(), "{:?}", rc.extra);
+        rc.validate(1500).unwrap();
+        // Re-serialized in the canonical spelling, it decodes to the same thing.
+        let again = NetConf::from_value(c.to_value()).unwrap();
+        assert_eq!(again, c);
+        assert_eq!(
+            c.to_value()["runtimeConfig"]["portMappings"][0]["hostPort"],
+            18090
+        );
+    }
+
+    #[test]
+    fn every_known_key_in_any_case() {
+        let v = json!({
+            "CNIVersion": "1.0.0", "NAME": "ferry-net", "Type": "ferrynet",
+            "IPAM": {"Type": "host-local", "Subnet": "10.22.0.0/16",
+                     "Ranges": [[{"SUBNET": "fd00:22::/64"}]]},
+            "DNS": {"Nameservers": ["10.22.0.1"], "Search": ["x"]},
+            "Subnets": [{"CIDR": "10.23.0.0/24"}],
+            "Bridge": "fn-x", "MTU": 1400, "IPMasq": false, "StateDir": "/tmp/s",
+            "RuntimeConfig": {"PortMappings": [{"hostport": 80, "CONTAINERPORT": 81}],
+                              "MAC": "02:00:00:00:00:01", "IPs": ["10.22.0.5"]},
+            "Unknown": {"Kept": 1}
+        });
+        let c = NetConf::parse(&conf_bytes(&v)).unwrap();
+        assert_eq!(
+            (c.cni_version.as_str(), c.name.as_str()),
+            ("1.0.0", "ferry-net")
+        );
+        assert_eq!(c.type_, "ferrynet");
+        assert_eq!(c.ipam_type(), Some("host-local"));
+        let ipam = c.ipam.as_ref().unwrap();
+        assert_eq!(ipam["subnet"], "10.22.0.0/16");
+        assert_eq!(ipam["ranges"][0][0]["subnet"], "fd00:22::/64");
+        assert_eq!(c.dns.as_ref().unwrap().nameservers, vec!["10.22.0.1"]);
+        assert_eq!(c.extra["subnets"][0]["cidr"], "10.23.0.0/24");
+        for key in ["bridge", "mtu", "ipMasq", "stateDir"] {
+            assert!(c.extra.contains_key(key), "{key}: {:?}", c.extra);
+        }
+        // Unknown keys are kept as they are.
+        assert_eq!(c.extra["Unknown"], json!({"Kept": 1}));
+        let rc = &c.runtime_config;
+        assert_eq!(
+            (
+                rc.port_mappings[0].host_port,
+                rc.port_mappings[0].container_port
+            ),
+            (80, 81)
+        );
+        assert_eq!(rc.mac.as_deref(), Some("02:00:00:00:00:01"));
+        assert_eq!(rc.ips, vec!["10.22.0.5"]);
+        // Two spellings of one field: refused as ambiguous (code 6), naming both.
+        let mut v = containerd_conf();
+        v["runtimeConfig"]["portMappings"][0]["HOSTPORT"] = json!(1);
+        let e = NetConf::parse(&conf_bytes(&v)).unwrap_err();
+        assert_eq!(e.code, 6);
+        assert!(
+            e.msg.contains("HOSTPORT") && e.msg.contains("HostPort"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn zero_ports_are_invalid_config_before_anything_happens() {
+        for (pm, key) in [
+            (json!({"HostPort": 0, "ContainerPort": 80}), "hostPort"),
+            (json!({"ContainerPort": 80}), "hostPort"),
+            (
+                json!({"HostPort": 8080, "ContainerPort": 0}),
+                "containerPort",
+            ),
+            (json!({"HostPort": 8080}), "containerPort"),
+        ] {
+            let mut v = containerd_conf();
+            v["runtimeConfig"]["portMappings"] = json!([pm]);
+            // Decoding succeeds (as Go's does); the check refuses.
+            let c = NetConf::parse(&conf_bytes(&v)).unwrap();
+            let e = c.runtime_config.validate(1500).unwrap_err();
+            assert_eq!(e.code, 7, "{e}");
+            assert!(
+                e.msg.contains(key) && e.msg.contains("portMappings[0]"),
+                "{e}"
+            );
+        }
+        let mut v = containerd_conf();
+        v["runtimeConfig"]["portMappings"][0]["HostIP"] = json!("224.0.0.1");
+        let c = NetConf::parse(&conf_bytes(&v)).unwrap();
+        assert_eq!(c.runtime_config.validate(1500).unwrap_err().code, 7);
+    }
+
+    #[test]
+    fn bad_bandwidth_is_invalid_config() {
+        for bw in [
+            json!({"IngressRate": 1000000}),
+            json!({"EgressBurst": 1000000}),
+            json!({"IngressRate": 4, "IngressBurst": 1000000}),
+            json!({"EgressRate": 1000000, "EgressBurst": 40000000000u64}),
+            json!({"IngressRate": 1000000, "IngressBurst": 800}),
+        ] {
+            let mut v = containerd_conf();
+            v["runtimeConfig"]["bandwidth"] = bw.clone();
+            let c = NetConf::parse(&conf_bytes(&v)).unwrap();
+            let e = c.runtime_config.validate(1500).unwrap_err();
+            assert_eq!(e.code, 7, "{bw}: {e}");
+            assert!(e.msg.contains("bandwidth"), "{e}");
+        }
+        // Negative or fractional values are not numbers of the type: decode errors.
+        let mut v = containerd_conf();
+        v["runtimeConfig"]["bandwidth"] = json!({"IngressRate": -1, "IngressBurst": 1});
+        assert_eq!(NetConf::parse(&conf_bytes(&v)).unwrap_err().code, 6);
+    }
+
+    #[test]
+    fn any_address_spellings() {
+        for (ip, want) in [
+            ("", None),
+            ("0.0.0.0", Some("0.0.0.0")),
+            ("::", Some("::")),
+            (" 10.0.0.1 ", Some("10.0.0.1")),
+        ] {
+            let mut v = containerd_conf();
+            v["runtimeConfig"]["portMappings"][0]["HostIP"] = json!(ip);
+            let c = NetConf::parse(&conf_bytes(&v)).unwrap();
+            assert_eq!(
+                c.runtime_config.port_mappings[0].host_ip,
+                want.map(|w| w.parse().unwrap()),
+                "{ip:?}"
+            );
+        }
     }
 
     #[test]

@@ -142,6 +142,49 @@ impl CniEnv {
     }
 }
 
+/// The `CNI_ARGS` keys ferrynet reads: the CNI convention's `IgnoreUnknown`, static `IP`/`MAC`,
+/// and the Kubernetes pod identity runtimes pass.
+pub const KNOWN_ARGS: [&str; 7] = [
+    "IgnoreUnknown",
+    "IP",
+    "MAC",
+    "K8S_POD_NAMESPACE",
+    "K8S_POD_NAME",
+    "K8S_POD_UID",
+    "K8S_POD_INFRA_CONTAINER_ID",
+];
+
+/// Applies the CNI convention for `CNI_ARGS` (libcni's `LoadArgs`): a key the plugin does not
+/// know is an error (code 4, naming the keys) unless `IgnoreUnknown` is `1` or `true` (any
+/// case); `IgnoreUnknown` with another value than `0`/`1`/`true`/`false` is an error too.
+/// Keys match exactly, as Go's field lookup there does.
+pub fn check_args(args: &[(String, String)], known: &[&str]) -> Result<(), CniError> {
+    let ignore = match args.iter().find(|(k, _)| k == "IgnoreUnknown") {
+        None => false,
+        Some((_, v)) => match v.to_ascii_lowercase().as_str() {
+            "1" | "true" => true,
+            "0" | "false" => false,
+            _ => {
+                return Err(CniError::invalid_env(format!(
+                    "CNI_ARGS: IgnoreUnknown={v:?} is not a boolean (1, 0, true, false)"
+                )))
+            }
+        },
+    };
+    let unknown: Vec<&str> = args
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .filter(|k| !known.contains(k))
+        .collect();
+    if ignore || unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(CniError::invalid_env(format!(
+            "CNI_ARGS: unknown keys {unknown:?} (pass IgnoreUnknown=1 to have them ignored)"
+        )))
+    }
+}
+
 /// Parses `CNI_ARGS` (`K=V;K=V`); empty segments are skipped, a segment without `=` or
 /// with an empty key is a code 4 error.
 pub fn parse_cni_args(s: &str) -> Result<Vec<(String, String)>, CniError> {
@@ -372,6 +415,41 @@ mod tests {
         // 15 bytes is the limit, counted in bytes, not characters.
         assert!(validate_ifname("ééééééé").is_ok()); // 14 bytes
         assert!(validate_ifname("éééééééé").is_err()); // 16 bytes
+    }
+
+    #[test]
+    fn unknown_args_follow_the_ignore_unknown_convention() {
+        let args = |s: &str| parse_cni_args(s).unwrap();
+        check_args(&args("K8S_POD_NAME=a;IP=10.0.0.1"), &KNOWN_ARGS).unwrap();
+        let e = check_args(&args("K8S_POD_NAME=a;FOO=1"), &KNOWN_ARGS).unwrap_err();
+        assert_eq!(e.code, 4);
+        assert!(
+            e.msg.contains("FOO") && e.msg.contains("IgnoreUnknown"),
+            "{e}"
+        );
+        for yes in ["1", "true", "TRUE", "True"] {
+            check_args(&args(&format!("IgnoreUnknown={yes};FOO=1")), &KNOWN_ARGS).unwrap();
+        }
+        for no in ["0", "false"] {
+            assert!(check_args(&args(&format!("IgnoreUnknown={no};FOO=1")), &KNOWN_ARGS).is_err());
+        }
+        assert_eq!(
+            check_args(&args("IgnoreUnknown=yes"), &KNOWN_ARGS)
+                .unwrap_err()
+                .code,
+            4
+        );
+        // Keys match exactly (Go's FieldByName).
+        assert!(check_args(&args("k8s_pod_name=a"), &KNOWN_ARGS).is_err());
+        // What containerd sends.
+        check_args(
+            &args(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0;\
+                   K8S_POD_INFRA_CONTAINER_ID=0123abcd;K8S_POD_UID=5f2e-11",
+            ),
+            &KNOWN_ARGS,
+        )
+        .unwrap();
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! A [`Zone`] is compiled once per view change: per network, a map from lower-case names to
 //! records, so a query costs a couple of hash lookups whatever the cluster's size.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
 use ferrynet_model::discovery::DiscoveryView;
@@ -106,6 +106,9 @@ struct NetZone {
     subnets: Vec<ipnet::IpNet>,
     /// An internal network: its containers' queries are never forwarded.
     internal: bool,
+    /// Pod names (`POD.NAMESPACE`): answered as asked, without the network's domain, though
+    /// they have a dot (other dotted names outside the domain are forwarded).
+    pods: HashSet<String>,
 }
 
 /// The compiled answers of one host's DNS server.
@@ -170,6 +173,19 @@ impl Zone {
                         z.ptr.insert(*a, p.clone());
                     }
                 }
+            }
+            // Pods: `POD.NAMESPACE`, from the newest endpoint of each pod only (a pod
+            // re-created under its name answers at its new address, whether or not the old
+            // sandbox's record is gone yet). They win over container names and aliases
+            // spelled the same, so a container or a namespace-less runtime cannot take a
+            // pod's name; services, whose names have no dots, never meet them.
+            for (pname, pep) in view.pods_on(name) {
+                let addrs: Vec<IpAddr> = pep.ips.iter().map(|i| i.addr()).collect();
+                for a in &addrs {
+                    z.ptr.insert(*a, pname.clone());
+                }
+                z.names.insert(pname.clone(), addrs);
+                z.pods.insert(pname);
             }
             for svc in view.services_on(name) {
                 let sname = svc.name.to_ascii_lowercase();
@@ -236,7 +252,7 @@ impl Zone {
         }
         let inner = match below(lower, &self.domain) {
             Some(rest) => below(rest, &net.name)?,
-            None if !lower.contains('.') => lower,
+            None if !lower.contains('.') || net.pods.contains(lower) => lower,
             None => return None,
         };
         net.names.get(inner).map(Vec::as_slice)
@@ -258,8 +274,9 @@ impl Zone {
                 // Another network's name, or nothing at all: invisible from here.
                 None => return Answer::NxDomain,
             }
-        } else if !q.contains('.') && net.names.contains_key(&q) {
-            // A bare name a resolver sent without the search domain.
+        } else if (!q.contains('.') || net.pods.contains(&q)) && net.names.contains_key(&q) {
+            // A bare name a resolver sent without the search domain, or a pod's
+            // `POD.NAMESPACE`.
             q.as_str()
         } else {
             return Answer::Forward;
@@ -530,6 +547,185 @@ mod tests {
         assert_eq!(
             recs(z.answer("blue", "db.blue.ferrynet.internal", QType::Other)),
             vec![]
+        );
+    }
+
+    fn pod(net: &str, id: &str, ns: &str, name: &str, ips: &[&str]) -> Endpoint {
+        let mut e = ep(net, id, None, &[], ips);
+        e.pod = Some(ferrynet_model::pod::PodIdentity {
+            namespace: ns.into(),
+            name: name.into(),
+            uid: None,
+            infra_container_id: Some(id.into()),
+        });
+        e.labels.insert("namespace".into(), ns.into());
+        e
+    }
+    fn put_pod(v: &mut DiscoveryView, e: &Endpoint, created: u64) {
+        let key = nkeys::endpoint(&e.network, &e.container_id, &e.ifname);
+        v.put_created(&key, &enc(e), created);
+    }
+
+    #[test]
+    fn pods_by_name_and_namespace() {
+        let mut v = sample();
+        put_pod(
+            &mut v,
+            &pod(
+                "blue",
+                "s1",
+                "default",
+                "web-0",
+                &["10.30.0.20/24", "fd00:30::20/64"],
+            ),
+            10,
+        );
+        put_pod(
+            &mut v,
+            &pod("blue", "s2", "team-b", "web-0", &["10.30.0.21/24"]),
+            11,
+        );
+        let z = Zone::build(&v, DEFAULT_DOMAIN);
+        for q in [
+            "web-0.default",
+            "Web-0.Default.",
+            "web-0.default.blue.ferrynet.internal",
+        ] {
+            assert_eq!(
+                recs(z.answer("blue", q, QType::A)),
+                vec![addr("10.30.0.20")],
+                "{q}"
+            );
+        }
+        assert_eq!(
+            recs(z.answer("blue", "web-0.default", QType::Aaaa)),
+            vec![addr("fd00:30::20")]
+        );
+        assert_eq!(
+            recs(z.answer("blue", "web-0.team-b", QType::A)),
+            vec![addr("10.30.0.21")]
+        );
+        // The fast path agrees.
+        assert_eq!(
+            z.names_hit("blue", "web-0.default"),
+            Some(
+                &[
+                    "10.30.0.20".parse().unwrap(),
+                    "fd00:30::20".parse().unwrap()
+                ][..]
+            )
+        );
+        // The bare pod name is no name of its own (it would mix namespaces).
+        assert_eq!(z.answer("blue", "web-0", QType::A), Answer::Forward);
+        assert_eq!(
+            z.answer("blue", "web-0.blue.ferrynet.internal", QType::A),
+            Answer::NxDomain
+        );
+        // Reverse: the pod's name.
+        let r = recs(z.answer(
+            "blue",
+            &reverse_name("10.30.0.20".parse().unwrap()),
+            QType::Ptr,
+        ));
+        assert_eq!(
+            r[0].data,
+            RData::Ptr("web-0.default.blue.ferrynet.internal".into())
+        );
+        // Other dotted names stay outside: forwarded.
+        assert_eq!(z.answer("blue", "web-0.nobody", QType::A), Answer::Forward);
+        assert_eq!(z.names_hit("blue", "web-0.nobody"), None);
+        // Another network does not see them.
+        assert_eq!(z.answer("red", "web-0.default", QType::A), Answer::Forward);
+    }
+
+    #[test]
+    fn a_recreated_pod_takes_its_name_and_keeps_it() {
+        let mut v = sample();
+        let old = pod("blue", "s1", "default", "web-0", &["10.30.0.20/24"]);
+        let new = pod("blue", "s9", "default", "web-0", &["10.30.0.29/24"]);
+        put_pod(&mut v, &old, 10);
+        put_pod(&mut v, &new, 12);
+        // Both records exist: the newer sandbox holds the name alone.
+        let z = Zone::build(&v, DEFAULT_DOMAIN);
+        assert_eq!(
+            recs(z.answer("blue", "web-0.default", QType::A)),
+            vec![addr("10.30.0.29")]
+        );
+        let old_ptr = reverse_name("10.30.0.20".parse().unwrap());
+        assert_eq!(z.answer("blue", &old_ptr, QType::Ptr), Answer::NxDomain);
+        // Whatever order the watch delivered them in.
+        let mut w = sample();
+        put_pod(&mut w, &new, 12);
+        put_pod(&mut w, &old, 10);
+        let z = Zone::build(&w, DEFAULT_DOMAIN);
+        assert_eq!(
+            recs(z.answer("blue", "web-0.default", QType::A)),
+            vec![addr("10.30.0.29")]
+        );
+        // The old sandbox's DEL removes its record: the name stays on the new address.
+        v.delete(&nkeys::endpoint("blue", "s1", "eth0"));
+        let z = Zone::build(&v, DEFAULT_DOMAIN);
+        assert_eq!(
+            recs(z.answer("blue", "web-0.default", QType::A)),
+            vec![addr("10.30.0.29")]
+        );
+        // An update of the old record (a later write) does not make it newer.
+        let mut v = sample();
+        put_pod(&mut v, &old, 10);
+        put_pod(&mut v, &new, 12);
+        let mut touched = old.clone();
+        touched.host_mac = Some("02:00:00:00:00:01".into());
+        put_pod(&mut v, &touched, 10);
+        let z = Zone::build(&v, DEFAULT_DOMAIN);
+        assert_eq!(
+            recs(z.answer("blue", "web-0.default", QType::A)),
+            vec![addr("10.30.0.29")]
+        );
+    }
+
+    #[test]
+    fn no_one_else_takes_a_pods_name() {
+        let mut v = sample();
+        put_pod(
+            &mut v,
+            &pod("blue", "s1", "default", "web-0", &["10.30.0.20/24"]),
+            10,
+        );
+        // A pod of another namespace named like it, a namespace-less runtime's container and a
+        // CLI container spelled `web-0.default`, all created later.
+        put_pod(
+            &mut v,
+            &pod("blue", "s2", "evil", "web-0.default", &["10.30.0.66/24"]),
+            11,
+        );
+        put_pod(
+            &mut v,
+            &ep("blue", "s3", Some("web-0.default"), &[], &["10.30.0.67/24"]),
+            12,
+        );
+        put_pod(
+            &mut v,
+            &ep(
+                "blue",
+                "s4",
+                Some("x"),
+                &["Web-0.Default"],
+                &["10.30.0.68/24"],
+            ),
+            13,
+        );
+        let z = Zone::build(&v, DEFAULT_DOMAIN);
+        for q in ["web-0.default", "web-0.default.blue.ferrynet.internal"] {
+            assert_eq!(
+                recs(z.answer("blue", q, QType::A)),
+                vec![addr("10.30.0.20")],
+                "{q}"
+            );
+        }
+        // The other namespace's pod has its own, longer name.
+        assert_eq!(
+            recs(z.answer("blue", "web-0.default.evil", QType::A)),
+            vec![addr("10.30.0.66")]
         );
     }
 
