@@ -585,6 +585,184 @@ fn cni_containers_get_the_resolver_and_their_names() {
     }
 }
 
+/// ADD a Kubernetes pod sandbox (`CNI_ARGS` as containerd sends them) on `conf`'s network;
+/// its IPv4 and IPv6 addresses.
+fn add_pod(
+    h: &Host,
+    conf: &Value,
+    sandbox: &str,
+    ns: &Ns,
+    namespace: &str,
+    pod: &str,
+) -> (String, String) {
+    let args = format!(
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod};\
+         K8S_POD_INFRA_CONTAINER_ID={sandbox};K8S_POD_UID=uid-{sandbox}"
+    );
+    let add = h.lab.cni(
+        "ADD",
+        conf,
+        &[
+            ("CNI_CONTAINERID", sandbox),
+            ("CNI_NETNS", &ns.path()),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_ARGS", &args),
+        ],
+    );
+    assert_eq!(add.code, 0, "{} {}", add.json, add.stderr);
+    let addr = |v6: bool| {
+        add.json["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["address"].as_str())
+            .find(|a| a.contains(':') == v6)
+            .and_then(|a| a.split('/').next())
+            .unwrap_or_default()
+            .to_string()
+    };
+    (addr(false), addr(true))
+}
+
+#[test]
+fn kubernetes_pods_answer_as_pod_namespace() {
+    let h = Host::new();
+    let t = common::tag();
+    let net = format!("k8{t}");
+    let conf = h.lab.conf(&net, "10.69.0.0/24", Some("fd69::/64"));
+    let zone = format!("{net}.ferrynet.internal");
+    let client = Ns::new("c");
+    add_pod(&h, &conf, "sbclient", &client, "default", "client");
+    let (a, b, c, d) = (Ns::new("c"), Ns::new("c"), Ns::new("c"), Ns::new("c"));
+    let (ip1, ip1v6) = add_pod(&h, &conf, "sb1", &a, "default", "web-0");
+    let (ip2, _) = add_pod(&h, &conf, "sb2", &b, "team-b", "web-0");
+    // A pod elsewhere named like the first one with its namespace: its own, longer name.
+    let (ip_evil, _) = add_pod(&h, &conf, "sb3", &c, "evil", "web-0.default");
+    let dig = |name: &str, qtype: &str| -> String {
+        let o = client.run(&[
+            "dig",
+            "+short",
+            "+tries=1",
+            "+time=8",
+            "@10.69.0.1",
+            name,
+            qtype,
+        ]);
+        text(&o).trim().to_string()
+    };
+    within(Duration::from_secs(20), || {
+        let got = dig("web-0.default", "A");
+        (got == ip1)
+            .then_some(())
+            .ok_or(format!("{got:?}\n{}", h.agent_log()))
+    });
+    assert_eq!(dig(&format!("web-0.default.{zone}"), "A"), ip1);
+    let o = client.run(&["kdig", "+short", "@fd69::1", "web-0.default", "AAAA"]);
+    assert_eq!(text(&o).trim(), ip1v6, "kdig AAAA over IPv6");
+    assert_eq!(dig("web-0.team-b", "A"), ip2);
+    within(Duration::from_secs(20), || {
+        let got = dig("web-0.default.evil", "A");
+        (got == ip_evil).then_some(()).ok_or(got)
+    });
+    assert_eq!(
+        dig("web-0.default", "A"),
+        ip1,
+        "another namespace cannot take the name"
+    );
+
+    // Re-created under the same name (a new sandbox, a new address) before the old one's DEL:
+    // the name moves to the new address.
+    let (ip4, _) = add_pod(&h, &conf, "sb4", &d, "default", "web-0");
+    within(Duration::from_secs(20), || {
+        let got = dig("web-0.default", "A");
+        (got == ip4).then_some(()).ok_or(got)
+    });
+    // The old sandbox's DEL does not take the name from the new one. A later marker pod shows
+    // the agent has seen the DEL.
+    let del = h.lab.del(&conf, "sb1", Some(&a), "eth0");
+    assert_eq!(del.code, 0, "{}", del.stderr);
+    let marker = Ns::new("c");
+    let (ipm, _) = add_pod(&h, &conf, "sbm", &marker, "default", "marker");
+    within(Duration::from_secs(20), || {
+        let got = dig("marker.default", "A");
+        (got == ipm).then_some(()).ok_or(got)
+    });
+    assert_eq!(dig("web-0.default", "A"), ip4);
+
+    // A forged record (its namespace label says kube-system, not its pod's namespace) written
+    // straight to the store is rejected on read-back: it never takes the name.
+    let key = format!("/ferrynet/v1/endpoints/{net}/sbforged/eth0");
+    let forged = serde_json::json!({
+        "network": net, "containerId": "sbforged", "ifname": "eth0",
+        "ips": ["10.69.0.250/24"], "owner": "cni",
+        "pod": {"namespace": "default", "name": "web-0"},
+        "labels": {"namespace": "kube-system"}
+    });
+    forge_put(&h.lab, &key, &forged);
+    within(Duration::from_secs(20), || {
+        let o = h.lab.cli(&["status", "--json"]);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+        let listed = v["rejected"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|r| r["key"] == key.as_str());
+        listed.then_some(()).ok_or(format!("{v}"))
+    });
+    assert_eq!(dig("web-0.default", "A"), ip4);
+
+    // status, ps and network inspect show who is who.
+    let o = h.lab.cli(&["status", "--json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).expect("status json");
+    let pods = v["dns"]["pods"].as_array().cloned().unwrap_or_default();
+    let web = pods
+        .iter()
+        .find(|p| p["name"] == "web-0.default")
+        .unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(web["containerId"], "sb4");
+    assert_eq!(web["uid"], "uid-sb4");
+    let ps = text(&h.lab.cli(&["ps"]));
+    assert!(
+        ps.contains("NAMESPACE") && ps.contains("team-b") && ps.contains("web-0"),
+        "{ps}"
+    );
+    let o = h.lab.cli(&["network", "inspect", &net]);
+    let v: Value = serde_json::from_slice(&o.stdout).expect("inspect json");
+    let ep = v["endpoints"]
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["containerId"] == "sb4"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(ep["pod"]["namespace"], "default", "{ep}");
+    assert_eq!(ep["pod"]["infraContainerId"], "sb4", "{ep}");
+    assert_eq!(ep["labels"]["namespace"], "default", "{ep}");
+
+    for (id, ns) in [
+        ("sbclient", &client),
+        ("sb2", &b),
+        ("sb3", &c),
+        ("sb4", &d),
+        ("sbm", &marker),
+    ] {
+        assert_eq!(h.lab.del(&conf, id, Some(ns), "eth0").code, 0);
+    }
+}
+
+/// Write one record straight into the lab's embedded store (as a store writer could).
+fn forge_put(lab: &Lab, key: &str, value: &Value) {
+    use ferrynet_store::{EmbeddedStore, Op, Store};
+    let store = EmbeddedStore::open(lab.state.path().join("store.redb")).expect("open store");
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(store.txn(
+            vec![],
+            vec![Op::put(key.to_string(), value.to_string().into_bytes())],
+        ))
+        .expect("forge a record");
+}
+
 #[test]
 fn registered_services_follow_health_across_hosts() {
     let mut lab = Cluster::dns("dnshc");

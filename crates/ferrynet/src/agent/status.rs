@@ -130,6 +130,26 @@ pub struct DnsStatus {
     pub listening: Vec<String>,
     /// Addresses that could not be bound, with the error (retried).
     pub errors: Vec<String>,
+    /// Kubernetes pods of this host named in DNS (`POD.NAMESPACE`), the newest sandbox of each.
+    #[serde(default)]
+    pub pods: Vec<PodStatus>,
+}
+
+/// A pod the DNS server answers for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatus {
+    /// `POD.NAMESPACE`.
+    pub name: String,
+    /// Its network.
+    pub network: String,
+    /// The addresses the name answers.
+    pub addresses: Vec<std::net::IpAddr>,
+    /// The sandbox (CNI container id) holding the name.
+    pub container_id: String,
+    /// The pod's UID, when the runtime gave it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
 }
 
 /// A host as this agent sees it.

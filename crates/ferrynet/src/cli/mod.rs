@@ -803,6 +803,31 @@ async fn ps(ctl: &Control, json: bool) -> anyhow::Result<()> {
         ]);
     }
     print!("{t}");
+    // Kubernetes pods attached through CNI, with their identity.
+    let mut pods = Table::new(&["POD", "NAMESPACE", "NETWORK", "ADDRESSES", "SANDBOX", "UID"]);
+    let mut any = false;
+    for net in ctl.networks().await? {
+        for ep in ctl.endpoints(&net.name).await? {
+            let Some(p) = &ep.pod else { continue };
+            any = true;
+            pods.row(vec![
+                p.name.clone(),
+                p.namespace.clone(),
+                ep.network.clone(),
+                ep.ips
+                    .iter()
+                    .map(|i| i.addr().to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                ep.container_id.chars().take(12).collect(),
+                p.uid.clone().unwrap_or_default(),
+            ]);
+        }
+    }
+    if any {
+        println!();
+        print!("{pods}");
+    }
     Ok(())
 }
 

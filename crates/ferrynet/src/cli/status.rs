@@ -85,6 +85,22 @@ pub async fn show(paths: &Paths, json: bool) -> anyhow::Result<()> {
             for e in &d.errors {
                 println!("  dns error: {e}");
             }
+            if !d.pods.is_empty() {
+                let mut t = Table::new(&["POD", "NETWORK", "ADDRESSES", "SANDBOX"]);
+                for p in &d.pods {
+                    t.row(vec![
+                        p.name.clone(),
+                        p.network.clone(),
+                        p.addresses
+                            .iter()
+                            .map(|a| a.to_string())
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        p.container_id.chars().take(12).collect(),
+                    ]);
+                }
+                print!("{t}");
+            }
         }
         None => println!("dns: off"),
     }

@@ -360,3 +360,76 @@ mod erased {
         }
     }
 }
+
+#[test]
+fn forged_pod_identities_labels_and_limits_are_refused() {
+    let pod = || crate::pod::PodIdentity {
+        namespace: "default".into(),
+        name: "web-0".into(),
+        uid: Some("5f2e0c1a-8d1e-4c1b-9a3e-1f2e3d4c5b6a".into()),
+        infra_container_id: Some("c1".into()),
+    };
+    let with = |f: &dyn Fn(&mut Endpoint)| {
+        let mut e = ep();
+        e.pod = Some(pod());
+        e.labels.insert("namespace".into(), "default".into());
+        f(&mut e);
+        e
+    };
+    with(&|_| {})
+        .validate_at(&keys::endpoint("blue", "c1", "eth0"))
+        .unwrap();
+    // An old record, without any of them, still reads.
+    let old: Endpoint = serde_json::from_str(
+        r#"{"network":"blue","containerId":"c1","ifname":"eth0","ips":["10.20.0.2/16"]}"#,
+    )
+    .unwrap();
+    assert!(old.pod.is_none() && old.labels.is_empty() && old.bandwidth.is_none());
+    old.validate().unwrap();
+    for (what, bad) in [
+        (
+            "dotted namespace",
+            with(&|e| e.pod.as_mut().unwrap().namespace = "a.b".into()),
+        ),
+        (
+            "empty name",
+            with(&|e| e.pod.as_mut().unwrap().name = String::new()),
+        ),
+        (
+            "name with a quote",
+            with(&|e| e.pod.as_mut().unwrap().name = "x\"y".into()),
+        ),
+        (
+            "uid with a slash",
+            with(&|e| e.pod.as_mut().unwrap().uid = Some("../x".into())),
+        ),
+        (
+            "sandbox id",
+            with(&|e| e.pod.as_mut().unwrap().infra_container_id = Some("-x".into())),
+        ),
+        (
+            "namespace label of another namespace",
+            with(&|e| {
+                e.labels.insert("namespace".into(), "kube-system".into());
+            }),
+        ),
+        ("no namespace label", with(&|e| e.labels.clear())),
+        (
+            "label value",
+            with(&|e| {
+                e.labels.insert("app".into(), "a b".into());
+            }),
+        ),
+        (
+            "half a bandwidth limit",
+            with(&|e| {
+                e.bandwidth = Some(crate::bandwidth::Bandwidth {
+                    ingress_rate: 1_000_000,
+                    ..Default::default()
+                })
+            }),
+        ),
+    ] {
+        assert!(bad.validate().is_err(), "{what} should be refused");
+    }
+}

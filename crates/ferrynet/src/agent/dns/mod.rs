@@ -17,10 +17,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ferrynet_model::discovery::DiscoveryView;
 use tokio::sync::watch;
 
 use super::discovery::ViewRx;
-use super::status::{AgentStatus, DnsStatus};
+use super::status::{AgentStatus, DnsStatus, PodStatus};
 use clients::Clients;
 use server::{Ctx, Limits, Listener};
 use zone::Zone;
@@ -115,6 +116,7 @@ pub async fn serve(
                     .map(|(ip, (net, _))| format!("{ip} ({net})"))
                     .collect(),
                 errors: errors.clone(),
+                pods: pods_of(&view, &host),
             });
         }
         tokio::select! {
@@ -122,6 +124,27 @@ pub async fn serve(
             _ = tokio::time::sleep(RETRY), if !errors.is_empty() => {}
         }
     }
+}
+
+/// The pods of `host` (or of single-host networks, whose endpoints name no host) that the
+/// zone names, per bridged network.
+fn pods_of(view: &DiscoveryView, host: &str) -> Vec<PodStatus> {
+    let mut out = Vec::new();
+    for name in view.networks.keys() {
+        for (pname, ep) in view.pods_on(name) {
+            if ep.host.as_deref().is_some_and(|h| h != host) {
+                continue;
+            }
+            out.push(PodStatus {
+                name: pname,
+                network: name.clone(),
+                addresses: ep.ips.iter().map(|i| i.addr()).collect(),
+                container_id: ep.container_id.clone(),
+                uid: ep.pod.as_ref().and_then(|p| p.uid.clone()),
+            });
+        }
+    }
+    out
 }
 
 /// Raise the soft limit on open files to the hard one, so the capped forwards and TCP
