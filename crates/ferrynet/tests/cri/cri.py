@@ -21,6 +21,7 @@ import io
 import json
 import sys
 import tarfile
+import uuid
 
 # The pause process: PID 1 of the sandbox, sleeping until a signal ends it. PID 1 of a PID
 # namespace ignores signals it has no handler for, hence the trap.
@@ -146,7 +147,7 @@ class Cri:
             )
         return pb.PodSandboxConfig(
             metadata=pb.PodSandboxMetadata(
-                name=name, namespace=namespace, uid=uid or f"uid-{name}", attempt=0
+                name=name, namespace=namespace, uid=uid or str(uuid.uuid4()), attempt=0
             ),
             hostname=name,
             port_mappings=mappings,
