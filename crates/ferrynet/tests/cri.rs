@@ -63,12 +63,13 @@ impl Node {
     fn endpoint(&self, p: &Pod) -> Option<Value> {
         self.endpoints()
             .into_iter()
-            .find(|e| e["container_id"] == p.id.as_str() || e["containerId"] == p.id.as_str())
+            .find(|e| e["containerId"] == p.id.as_str())
     }
 
-    /// Links of the host namespace that ferrynet makes (bridges, host ends of veths).
+    /// Links of the host namespace that ferrynet makes (bridges, host ends of veths, IFB
+    /// devices of egress limits).
     fn ferrynet_links(&self) -> Vec<String> {
-        links_in(Some(&self.lab.host.name), &["fn-", "fnv", "fnp"])
+        links_in(Some(&self.lab.host.name), &["fn-", "fnv", "fnp", "fnb"])
     }
 
     /// Elements of the anti-spoofing `macs` set (one per container port), as text.
@@ -234,21 +235,28 @@ fn pod_to_pod_one_host() {
     }
 }
 
-/// StopPodSandbox releases the pod's network (its veth, guard elements, endpoint record and
-/// netns) while the other pod keeps working; RemovePodSandbox forgets it; the last pod's
+/// StopPodSandbox releases the pod's network (its veth, its egress limit's IFB device, guard
+/// elements, endpoint record and netns) while the other pod keeps working; RemovePodSandbox forgets it; the last pod's
 /// removal also takes the network's bridge and nftables tables.
 #[test]
 fn stop_and_remove_release_everything() {
     let node = Node::new(&["10.231.5.0/24", "fd23:5::/64"], json!({}));
-    let a = node.ctd.run_pod("a", &[]);
+    let a = node
+        .ctd
+        .run_pod("a", &["--annotation", "kubernetes.io/egress-bandwidth=50M"]);
     let b = node.ctd.run_pod("b", &[]);
     let ep_a = node.endpoint(&a).expect("a's endpoint");
-    let veth_a = ep_a["host_veth"]
+    let veth_a = ep_a["hostVeth"]
         .as_str()
-        .or_else(|| ep_a["hostVeth"].as_str())
         .unwrap_or_else(|| panic!("host veth of a: {ep_a}"))
         .to_string();
+    let ifb_a = veth_a.replacen("fnv", "fnb", 1);
     assert!(node.ferrynet_links().contains(&veth_a));
+    assert!(
+        node.ferrynet_links().contains(&ifb_a),
+        "{:?}",
+        node.ferrynet_links()
+    );
     assert!(
         node.guard_elements().contains(&veth_a),
         "{}",
@@ -257,6 +265,11 @@ fn stop_and_remove_release_everything() {
     assert_eq!(node.ctd.netns_files().len(), 2);
 
     node.ctd.stop_pod(&a.id);
+    assert!(
+        !node.ferrynet_links().contains(&ifb_a),
+        "{:?}",
+        node.ferrynet_links()
+    );
     assert!(
         !node.ferrynet_links().contains(&veth_a),
         "{:?}",
