@@ -246,6 +246,68 @@ pub async fn apply_shaping(
     Ok(())
 }
 
+/// The kinds of the qdiscs of link `index`, as (root, ingress): `Some("tbf")`, `Some("ingress")`
+/// or None where the link has none of its own (the default).
+pub async fn qdisc_kinds(nl_: &Netlink, index: u32) -> Result<(Option<String>, Option<String>)> {
+    let want = index_i32(index)?;
+    let mut dump = nl_.handle.clone().qdisc().get().index(want).execute();
+    let (mut root, mut ingress) = (None, None);
+    while let Some(m) = dump
+        .next()
+        .await
+        .transpose()
+        .map_err(nl(format!("listing the qdiscs of link #{index}")))?
+    {
+        // The kernel may dump every link's qdiscs: keep this link's.
+        if m.header.index != want {
+            continue;
+        }
+        let kind = m.attributes.iter().find_map(|a| match a {
+            TcAttribute::Kind(k) => Some(k.clone()),
+            _ => None,
+        });
+        if m.header.parent == TcHandle::ROOT {
+            root = kind;
+        } else if m.header.parent == TcHandle::INGRESS {
+            ingress = kind;
+        }
+    }
+    Ok((root, ingress))
+}
+
+/// What is missing of `shaping` on host end `host_index` and IFB `ifb`; empty when all is in
+/// place (for CNI CHECK).
+pub async fn shaping_problems(
+    nl_: &Netlink,
+    host_index: u32,
+    ifb: &str,
+    shaping: &Shaping,
+) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let (root, ingress) = qdisc_kinds(nl_, host_index).await?;
+    if shaping.ingress.is_some() && root.as_deref() != Some("tbf") {
+        out.push(format!(
+            "link #{host_index} has no tbf qdisc (ingress limit)"
+        ));
+    }
+    if shaping.egress.is_some() {
+        if ingress.as_deref() != Some("ingress") {
+            out.push(format!(
+                "link #{host_index} has no ingress qdisc (egress limit)"
+            ));
+        }
+        match nl_.link_by_name(ifb).await? {
+            Some(l) if l.kind.as_deref() == Some("ifb") => {
+                if qdisc_kinds(nl_, l.index).await?.0.as_deref() != Some("tbf") {
+                    out.push(format!("IFB device {ifb} has no tbf qdisc (egress limit)"));
+                }
+            }
+            _ => out.push(format!("IFB device {ifb} is missing (egress limit)")),
+        }
+    }
+    Ok(out)
+}
+
 /// Delete the IFB device `name`; false when it was not there.
 pub async fn remove_ifb(nl_: &Netlink, name: &str) -> Result<bool> {
     nl_.delete_link(name).await

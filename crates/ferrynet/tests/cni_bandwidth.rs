@@ -162,6 +162,30 @@ fn limits_hold_in_both_directions_and_only_where_asked() {
     assert_eq!(rec["bandwidth"]["ingressRate"], INGRESS, "{rec}");
     assert_eq!(rec["bandwidth"]["egressBurst"], BURST, "{rec}");
 
+    // CHECK sees the limits, and misses them once they are gone.
+    let check_env = [
+        ("CNI_CONTAINERID", "lim"),
+        ("CNI_NETNS", &limited.path()),
+        ("CNI_IFNAME", "eth0"),
+    ];
+    let limited_conf = with_bandwidth(&conf, limits());
+    let c = lab.cni("CHECK", &limited_conf, &check_env);
+    assert_eq!(c.code, 0, "{} {}", c.json, c.stderr);
+    let host_veth = rec["hostVeth"]
+        .as_str()
+        .expect("host veth recorded")
+        .to_string();
+    lab.host
+        .must(&["tc", "qdisc", "del", "dev", &host_veth, "root"]);
+    let c = lab.cni("CHECK", &limited_conf, &check_env);
+    assert_ne!(c.code, 0, "CHECK without the tbf: {}", c.json);
+    assert!(
+        c.json["msg"].as_str().unwrap_or_default().contains("tbf"),
+        "{}",
+        c.json
+    );
+    assert_eq!(lab.host_links("fnb"), vec![ifb.clone()]);
+
     // DEL leaves no IFB.
     let del = lab.del(&conf, "lim", Some(&limited), "eth0");
     assert_eq!(del.code, 0, "{}", del.stderr);

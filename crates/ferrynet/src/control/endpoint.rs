@@ -454,15 +454,18 @@ impl Control {
         }
         let host = Netlink::current().map_err(ControlError::dataplane("opening netlink"))?;
         if let Some(hv) = &ep.host_veth {
-            if host
+            let Some(index) = host
                 .link_index(hv)
                 .await
                 .map_err(ControlError::dataplane("looking up host veth"))?
-                .is_none()
-            {
+            else {
                 return Err(ControlError::CheckFailed(format!(
                     "host interface {hv} is missing"
                 )));
+            };
+            let missing = shaping::problems(&host, net, &ep, index).await?;
+            if !missing.is_empty() {
+                return Err(ControlError::CheckFailed(missing.join("; ")));
             }
         }
         Ok(ep)

@@ -45,3 +45,26 @@ pub async fn unshape(
         )))?;
     Ok(())
 }
+
+/// What is missing of `ep`'s bandwidth limits on host end `host_index` (empty: in place, or no
+/// limits); for CNI CHECK.
+pub async fn problems(
+    host: &Netlink,
+    net: &Network,
+    ep: &Endpoint,
+    host_index: u32,
+) -> Result<Vec<String>> {
+    let Some(bw) = ep.bandwidth.filter(|b| !b.is_unlimited()) else {
+        return Ok(Vec::new());
+    };
+    let shaping = bw
+        .shaping(net.mtu.unwrap_or(DEFAULT_MTU))
+        .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+    let ifb = ifb_name(&ep.network, &ep.container_id, &ep.ifname);
+    tc::shaping_problems(host, host_index, &ifb, &shaping)
+        .await
+        .map_err(ControlError::dataplane(format!(
+            "reading the bandwidth limits of {}",
+            ep.container_id
+        )))
+}
