@@ -247,6 +247,7 @@ def main():
         sys.exit(f"{FERRYNET} is missing: cargo build --release -p ferrynet")
     client = None
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    load0 = os.getloadavg()
     try:
         client = setup()
         systems = ("fn", "ref")
@@ -277,6 +278,8 @@ def main():
         for s in systems:
             print(f"| {names[s]} | {ms(pct(runs[s], .5))} | {ms(pct(runs[s], .95))} | "
                   f"{ms(pct(dels[s], .5))} | {ms(pct(dels[s], .95))} |")
+        load1 = os.getloadavg()
+        print(f"\nload average (1 min) {load0[0]:.2f} before, {load1[0]:.2f} after")
         r = lambda d, q: pct(d["fn"], q) / pct(d["ref"], q)  # noqa: E731
         print(f"\n**ferrynet / reference: run p50 {r(runs, .5):.2f}×, p95 {r(runs, .95):.2f}×; "
               f"stop+remove p50 {r(dels, .5):.2f}×, p95 {r(dels, .95):.2f}×** (target ≤ 0.8×)")
