@@ -20,13 +20,28 @@ packages_for() {
     # etcd-server: the store and multi-host tests run a real etcd; openssl makes TLS
     # certificates; busybox-static is the Docker tests' image; dnsutils (dig), knot-dnsutils
     # (kdig) and dnsmasq-base (a test upstream resolver) for the DNS tests; docker-compose for
-    # the Docker scenario tests; iperf3 measures bandwidth limits (tests/cni_bandwidth.rs).
-    test) echo "$base containernetworking-plugins etcd-server openssl busybox-static dnsutils knot-dnsutils dnsmasq-base docker-compose iperf3" ;;
+    # the Docker scenario tests; containerd and runc run the CRI tests' private containerd
+    # (whose pause image is busybox-static too), iperf3 measures bandwidth limits (theirs and
+    # tests/cni_bandwidth.rs), and python3-pip installs their CRI client (below).
+    test) echo "$base containernetworking-plugins etcd-server openssl busybox-static dnsutils knot-dnsutils dnsmasq-base docker-compose containerd runc iperf3 python3-pip" ;;
     # bench/docker.py imports the same busybox image as the Docker tests; bench/dns.py runs
     # dnsperf against ferrynet, aardvark-dns and dnsmasq (dig checks they answer).
-    bench) echo "$base containernetworking-plugins netavark iperf3 time etcd-server busybox-static dnsperf aardvark-dns dnsmasq-base dnsutils" ;;
+    # bench/cri.py drives a private containerd over CRI, like the CRI tests.
+    bench) echo "$base containernetworking-plugins netavark iperf3 time etcd-server busybox-static dnsperf aardvark-dns dnsmasq-base dnsutils containerd runc python3-pip" ;;
     *) echo "unknown set $1" >&2; exit 2 ;;
   esac
+}
+
+# The CRI tests' and benchmark's client: PyPI's CRI v1 stubs on grpcio, for the python3 the
+# tests run. A failed install fails the script (the tests would fail later anyway).
+CRI_CLIENT="container-runtime-interface-api==2.0.1"
+install_cri_client() {
+  python3 -c 'import grpc, cri_api.v1.api_pb2_grpc' 2>/dev/null && return 0
+  echo "==> installing $CRI_CLIENT (pip)"
+  # Debian's own python3 refuses pip installs into its site (PEP 668) unless told.
+  python3 -m pip install --quiet "$CRI_CLIENT" 2>/dev/null ||
+    python3 -m pip install --quiet --break-system-packages "$CRI_CLIENT"
+  python3 -c 'import grpc, cri_api.v1.api_pb2_grpc'
 }
 
 install_missing() {
@@ -39,6 +54,7 @@ install_missing() {
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi
+  case "$1" in test | bench) install_cri_client ;; esac
   if ! command -v cargo >/dev/null 2>&1; then
     for d in "$HOME/.cargo/bin" /usr/local/cargo/bin; do
       [ -x "$d/cargo" ] && export PATH="$d:$PATH"

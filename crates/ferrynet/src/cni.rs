@@ -4,6 +4,7 @@ use std::io::Read;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
+use ferrynet_dataplane::vxlan::VXLAN_PORT;
 use ferrynet_model::blocks::HostView;
 use ferrynet_model::cni::{
     check_args, CniEnv, CniError, CniResult, Command, Dns, Interface, IpConfig, NetConf, Route,
@@ -13,6 +14,7 @@ use ferrynet_model::ipam::validate_network_subnets;
 use ferrynet_model::names::parse_mac;
 use ferrynet_model::network::{Endpoint, EndpointOwner, Network, NetworkMode, Subnet};
 use ferrynet_model::pod::{pod_args, PodArgs};
+use ferrynet_model::reserved::{check_host_ports, host_ports};
 use ferrynet_model::validate::{check_bridge_name, check_dns_name};
 use ipnet::IpNet;
 use serde_json::Value;
@@ -329,6 +331,11 @@ async fn add(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<Value, CniEr
     check_args(&env.args, &KNOWN_ARGS)?;
     let pod =
         pod_args(&env.args).map_err(|e| CniError::invalid_config(format!("CNI_ARGS: {e}")))?;
+    // A pod's hostPort is runtime input: one the host needs (DNS on the gateways, the VXLAN
+    // port, SSH, etcd) would divert the host's own traffic to it. Refused before anything.
+    let reserved = host_ports(ctl.store_url(), VXLAN_PORT);
+    check_host_ports(&conf.runtime_config.port_mappings, &reserved)
+        .map_err(|e| CniError::plugin(crate::error::codes::PORT_IN_USE, e.to_string()))?;
     let view = resolve_network(ctl, conf).await?;
     let net = &view.net;
     // Zero ports and unusable bandwidth limits (code 7), with the interface's MTU.
@@ -441,7 +448,14 @@ async fn del(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<(), CniError
     let ifname = need(&env.ifname, "CNI_IFNAME")?;
     // DEL must succeed for networks that were never set up: use the config's definition, or
     // the stored one, and if neither exists there is nothing to remove.
-    let net = match network_from_conf(conf)? {
+    // A config whose network keys are invalid never set anything up under them; the runtime
+    // still calls DEL to clean up a failed ADD (containerd keeps the sandbox, "unknown", until
+    // DEL succeeds), so it falls back to the stored network of that name, else nothing to do.
+    let from_conf = network_from_conf(conf).unwrap_or_else(|e| {
+        tracing::warn!(network = %conf.name, error = %e.msg, "DEL with an invalid network configuration");
+        None
+    });
+    let net = match from_conf {
         Some(n) => match ctl.network(&n.name).await.map_err(ctl_err)? {
             Some((stored, _)) => stored,
             None => n,

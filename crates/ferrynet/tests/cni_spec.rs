@@ -121,6 +121,24 @@ fn del_is_idempotent_for_unknown_containers_and_vanished_netns() {
     let conf = lab.conf(&format!("del{}", lab.tag), "10.204.0.0/24", None);
     // Never added, network never created: still success.
     assert_eq!(lab.del(&conf, "ghost", None, "eth0").code, 0);
+    // The DEL a runtime sends after an ADD refused for an invalid option succeeds too
+    // (containerd keeps the sandbox until it does).
+    let mut bad = conf.clone();
+    bad["ipMasq"] = serde_json::json!("sometimes");
+    let ctr = Ns::new("c");
+    let add = lab.cni(
+        "ADD",
+        &bad,
+        &[
+            ("CNI_CONTAINERID", "refused"),
+            ("CNI_NETNS", &ctr.path()),
+            ("CNI_IFNAME", "eth0"),
+        ],
+    );
+    assert_eq!(add.json["code"], 7, "{add:?}");
+    let del = lab.del(&bad, "refused", Some(&ctr), "eth0");
+    assert_eq!(del.code, 0, "{del:?}");
+    drop(ctr);
     // Added, then the netns vanished before DEL.
     let ctr = Ns::new("c");
     lab.add(&conf, "gone", &ctr, "eth0");

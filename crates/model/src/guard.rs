@@ -424,9 +424,13 @@ mod tests {
         assert!(pos("udp sport 547 ") < pos(&allow6));
         assert!(pos("nd-neighbor-advert goto guard_na") < pos(&allow6));
         // The only allows before those checks are the TCP fast path: no ARP, ICMPv6 or UDP.
-        for l in s.lines().filter(|l| l.starts_with("add rule bridge ferrynet prerouting ")) {
+        for l in s
+            .lines()
+            .filter(|l| l.starts_with("add rule bridge ferrynet prerouting "))
+        {
             assert!(
-                l.ends_with("jump guard") || l.contains(" meta l4proto tcp iifname . ether saddr . "),
+                l.ends_with("jump guard")
+                    || l.contains(" meta l4proto tcp iifname . ether saddr . "),
                 "{l}"
             );
         }

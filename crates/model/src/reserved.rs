@@ -5,10 +5,16 @@
 //! included, so an ingress port equal to etcd's, the VXLAN port, SSH or the agent's DNS would
 //! divert the cluster's own traffic to a service's producers. An explicit `--vip` outside the
 //! VIP ranges could likewise be a host's or etcd's address. Both are refused unless forced.
+//!
+//! A published port (`hostPort`, CNI's `portMappings`) is DNATed by the same
+//! `fib daddr type local` test, so a pod publishing one of these ports would take the host's
+//! own traffic: UDP 53 every container's DNS through its gateway, the VXLAN port the other
+//! hosts' tunnelled pod traffic, SSH and etcd their clients. Those are refused outright: a pod
+//! spec is not trusted the way the cluster's own `service register` is.
 
 use std::net::IpAddr;
 
-use crate::portmap::Protocol;
+use crate::portmap::{PortMapping, Protocol};
 use crate::service::{IngressPort, VipRanges};
 
 /// etcd's default client port.
@@ -39,6 +45,16 @@ pub enum ReservedError {
     IngressPort {
         /// The published port.
         published: u16,
+        /// Its protocol.
+        protocol: &'static str,
+        /// Who needs it.
+        what: String,
+    },
+    /// A published port (a pod's `hostPort`) is one the hosts need.
+    #[error("hostPort {port}/{protocol} is {what} on this host; publishing it would divert the host's own traffic to the container (choose another host port)")]
+    HostPort {
+        /// The host port.
+        port: u16,
         /// Its protocol.
         protocol: &'static str,
         /// Who needs it.
@@ -132,6 +148,26 @@ pub fn check_ingress(
     Ok(())
 }
 
+/// Refuse published ports (CNI `portMappings`, whatever their host address) the hosts need.
+pub fn check_host_ports(
+    mappings: &[PortMapping],
+    reserved: &[ReservedPort],
+) -> Result<(), ReservedError> {
+    for m in mappings {
+        if let Some(r) = reserved
+            .iter()
+            .find(|r| r.port == m.host_port && r.protocols.contains(&m.protocol))
+        {
+            return Err(ReservedError::HostPort {
+                port: m.host_port,
+                protocol: m.protocol.as_str(),
+                what: r.what.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Refuse explicit virtual IPs outside the configured ranges of their family.
 pub fn check_vips(vips: &[IpAddr], ranges: &VipRanges) -> Result<(), ReservedError> {
     for ip in vips {
@@ -207,6 +243,49 @@ mod tests {
             ingress(8080, Protocol::Tcp),
         ];
         assert_eq!(check_ingress(&ok, &reserved), Ok(()));
+    }
+
+    fn mapping(host_port: u16, protocol: Protocol, host_ip: Option<&str>) -> PortMapping {
+        PortMapping {
+            host_port,
+            container_port: 8080,
+            protocol,
+            host_ip: host_ip.map(|a| a.parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn host_ports_the_hosts_need_are_refused_for_pods() {
+        let reserved = host_ports(Some("etcd://10.0.0.1:32379"), 4789);
+        for (port, proto, what) in [
+            (53, Protocol::Udp, "DNS"),
+            (53, Protocol::Tcp, "DNS"),
+            (4789, Protocol::Udp, "VXLAN"),
+            (22, Protocol::Tcp, "SSH"),
+            (2379, Protocol::Tcp, "etcd"),
+            (32379, Protocol::Tcp, "etcd"),
+        ] {
+            // Whatever the host address: every one of them is the host's.
+            for ip in [None, Some("0.0.0.0"), Some("127.0.0.1"), Some("::")] {
+                let e = check_host_ports(
+                    &[mapping(8080, Protocol::Tcp, None), mapping(port, proto, ip)],
+                    &reserved,
+                )
+                .unwrap_err()
+                .to_string();
+                assert!(e.contains(what), "{e}");
+                assert!(
+                    e.contains(&format!("hostPort {port}/{}", proto.as_str())),
+                    "{e}"
+                );
+            }
+        }
+        let ok = [
+            mapping(4789, Protocol::Tcp, None),
+            mapping(53, Protocol::Sctp, None),
+            mapping(8080, Protocol::Udp, Some("10.0.0.1")),
+        ];
+        assert_eq!(check_host_ports(&ok, &reserved), Ok(()));
     }
 
     #[test]

@@ -28,13 +28,16 @@ pub struct InstallArgs {
 pub fn conflist(network: &str, state_dir: &Path) -> serde_json::Value {
     let mut plugin = serde_json::json!({
         "type": "ferrynet",
-        "capabilities": {"portMappings": true, "ips": true, "mac": true, "bandwidth": true}
+        "capabilities": {"portMappings": true, "bandwidth": true, "ips": true, "mac": true}
     });
     if state_dir != Path::new(DEFAULT_STATE_DIR) {
         plugin["stateDir"] = serde_json::Value::String(state_dir.display().to_string());
     }
+    // cniVersion 1.0.0: runtimes built on libcni before 1.2 (containerd 1.6 and 1.7, CRI-O of
+    // their time) know only that key and cannot parse a 1.1.0 result ("unsupported CNI result
+    // version"); newer ones read cniVersions and take 1.1.0.
     serde_json::json!({
-        "cniVersion": "1.1.0",
+        "cniVersion": "1.0.0",
         "cniVersions": ["1.0.0", "1.1.0"],
         "name": network,
         "plugins": [plugin]
@@ -86,6 +89,11 @@ mod tests {
         assert_eq!(c["name"], "blue");
         assert_eq!(c["plugins"][0]["type"], "ferrynet");
         assert_eq!(c["plugins"][0]["capabilities"]["portMappings"], true);
+        assert_eq!(
+            c["cniVersion"], "1.0.0",
+            "what containerd 1.6's libcni can parse"
+        );
+        assert_eq!(c["cniVersions"], serde_json::json!(["1.0.0", "1.1.0"]));
         // Runtimes pass pod bandwidth annotations only to plugins declaring the capability.
         assert_eq!(c["plugins"][0]["capabilities"]["bandwidth"], true);
         assert!(c["plugins"][0].get("stateDir").is_none());

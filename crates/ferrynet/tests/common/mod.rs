@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod containerd;
 pub mod docker;
 pub mod dockerd;
 pub mod lab;
@@ -149,6 +150,11 @@ pub fn within<T>(within: Duration, f: impl FnMut() -> Result<T, String>) -> T {
 /// A TCP server in `ns` on `port` that answers every connection with `reply` and the peer's
 /// address, so tests can check who connected. Waits until it listens.
 pub fn tcp_server(ns: &Ns, port: u16, reply: &str) -> Proc {
+    tcp_server_at(&ns.enter(), port, reply)
+}
+
+/// [`tcp_server`] in the network namespace `enter` names (`--net=PATH`, nsenter's argument).
+pub fn tcp_server_at(enter: &str, port: u16, reply: &str) -> Proc {
     let code = format!(
         "import socket,sys\n\
          s=socket.socket(socket.AF_INET6);s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
@@ -157,7 +163,7 @@ pub fn tcp_server(ns: &Ns, port: u16, reply: &str) -> Proc {
          while True:\n  c,a=s.accept();h=a[0]\n  h=h[7:] if h.startswith('::ffff:') else h\n  c.sendall(('{reply} '+h+'\\n').encode());c.close()\n"
     );
     let mut child = Command::new("nsenter")
-        .args([&ns.enter(), "python3", "-u", "-c", &code])
+        .args([enter, "python3", "-u", "-c", &code])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
