@@ -165,6 +165,7 @@ mod tests {
             published,
             target: 80,
             protocol,
+            local: false,
         }
     }
 
