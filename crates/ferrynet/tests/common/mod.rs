@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 pub mod docker;
 pub mod dockerd;
 pub mod lab;
+pub mod peers;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
