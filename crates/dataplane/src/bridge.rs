@@ -2,7 +2,8 @@
 //! in use.
 
 use ipnet::IpNet;
-use rtnetlink::{LinkBridge, LinkUnspec};
+use rtnetlink::packet_route::link::{InfoBridge, InfoKind};
+use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkUnspec};
 
 use crate::error::{errno, DataplaneError, Result};
 use crate::netlink::Netlink;
@@ -34,6 +35,8 @@ pub async fn ensure_bridge(nl: &Netlink, spec: &BridgeSpec) -> Result<u32> {
             let mut b = LinkBridge::new(&spec.name)
                 .stp_state(rtnetlink::packet_route::link::BridgeStpState::Disabled)
                 .forward_delay(0)
+                .append_info_data(InfoBridge::NfCallIpTables(true))
+                .append_info_data(InfoBridge::NfCallIp6Tables(true))
                 .address(bridge_mac(&spec.name).to_vec());
             if let Some(m) = spec.mtu {
                 b = b.mtu(m);
@@ -59,6 +62,21 @@ pub async fn ensure_bridge(nl: &Netlink, spec: &BridgeSpec) -> Result<u32> {
             spec.name,
             link.kind.as_deref().unwrap_or("unknown")
         )));
+    }
+    // Bridged packets pass the host's IP hooks (what kube-proxy relies on with bridge CNIs):
+    // a producer's reply bridged straight to a client on the same bridge must still be
+    // un-DNATed by the host's conntrack, so service clients keep their own address. Per bridge,
+    // so it holds whatever the namespace's net.bridge.bridge-nf-call-ip*tables say.
+    if link.bridge_nf_call != (true, true) {
+        nl.set_link(
+            LinkMessageBuilder::<LinkBridge>::new_with_info_kind(InfoKind::Bridge)
+                .index(link.index)
+                .append_info_data(InfoBridge::NfCallIpTables(true))
+                .append_info_data(InfoBridge::NfCallIp6Tables(true))
+                .build(),
+            &format!("making {} call the IP netfilter hooks", spec.name),
+        )
+        .await?;
     }
     // IPv6 on the bridge: no router advertisements accepted, forwarding on.
     let conf6 = format!("net/ipv6/conf/{}", spec.name);

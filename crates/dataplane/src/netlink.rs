@@ -7,7 +7,7 @@ use futures::TryStreamExt;
 use ipnet::IpNet;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
 use rtnetlink::packet_route::link::{
-    LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage,
+    InfoBridge, InfoData, LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage,
 };
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteFlags, RouteMessage};
 use rtnetlink::packet_route::AddressFamily;
@@ -38,6 +38,9 @@ pub struct LinkInfo {
     pub master: Option<u32>,
     /// Link kind (`bridge`, `veth`, …).
     pub kind: Option<String>,
+    /// A bridge's `nf_call_iptables` and `nf_call_ip6tables` options (bridged IPv4 / IPv6
+    /// packets pass the IP netfilter hooks); false for other links.
+    pub bridge_nf_call: (bool, bool),
 }
 
 /// A route to add.
@@ -80,6 +83,7 @@ fn parse_link(m: &LinkMessage) -> LinkInfo {
         up: m.header.flags.contains(LinkFlags::Up),
         master: None,
         kind: None,
+        bridge_nf_call: (false, false),
     };
     for a in &m.attributes {
         match a {
@@ -89,8 +93,18 @@ fn parse_link(m: &LinkMessage) -> LinkInfo {
             LinkAttribute::Controller(c) => l.master = Some(*c),
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
-                    if let NlLinkInfo::Kind(k) = i {
-                        l.kind = Some(k.to_string());
+                    match i {
+                        NlLinkInfo::Kind(k) => l.kind = Some(k.to_string()),
+                        NlLinkInfo::Data(InfoData::Bridge(opts)) => {
+                            for o in opts {
+                                match o {
+                                    InfoBridge::NfCallIpTables(v) => l.bridge_nf_call.0 = *v,
+                                    InfoBridge::NfCallIp6Tables(v) => l.bridge_nf_call.1 = *v,
+                                    _ => {}
+                                }
+                            }
+                        }
+                        _ => {}
                     }
                 }
             }

@@ -145,6 +145,7 @@ fn service() -> impl Strategy<Value = Service> {
                     published: *p,
                     target: *t,
                     protocol: *proto,
+                    local: false,
                 })
                 .collect();
             Service {

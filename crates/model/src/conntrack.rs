@@ -382,6 +382,7 @@ mod tests {
                 published: 5353,
                 target: 53,
                 protocol,
+                local: false,
             }],
             ..Service::named("dns")
         }

@@ -9,6 +9,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+use crate::lb::LB_MARK;
 use crate::portmap::PortMapping;
 
 /// The table's name (family `inet`).
@@ -332,10 +333,13 @@ pub fn base_ruleset(networks: &[EdgeNetwork]) -> String {
         // Hairpin: DNATed traffic from this network back into it must return through the
         // host, so its source becomes the gateway. Matched by source subnet, not input
         // interface: frames that br_netfilter bridges reach POSTROUTING with no input device.
-        // Internal networks publish no ports, so they need no hairpin.
+        // Internal networks publish no ports, so they need no hairpin. Service connections
+        // (VIPs, ingress: the load balancer's `LB_MARK`) keep their client's address: the
+        // bridge calls the IP hooks, so the host still un-DNATs a bridged reply, and the load
+        // balancer masquerades only a producer that reached itself.
         for s in n.subnets.iter().filter(|_| !n.internal) {
             let fam = if s.addr().is_ipv4() { "ip" } else { "ip6" };
-            line(format!("add rule {t} postrouting oifname {br} {fam} saddr {s} ct status dnat masquerade comment \"hairpin {}\"", n.name));
+            line(format!("add rule {t} postrouting oifname {br} {fam} saddr {s} ct status dnat ct mark & {LB_MARK:#x} == 0 masquerade comment \"hairpin {}\"", n.name));
         }
         if n.ip_masq && !n.internal {
             // Traffic to the network's own subnets keeps its source: on a multi-host network it
@@ -469,7 +473,9 @@ mod tests {
         assert!(r.contains(
             "ip saddr 10.1.0.0/24 ip daddr != { 10.1.0.0/24 } oifname != @bridges masquerade"
         ));
-        assert!(r.contains("oifname \"fn-a\" ip saddr 10.1.0.0/24 ct status dnat masquerade"));
+        assert!(r.contains(
+            "oifname \"fn-a\" ip saddr 10.1.0.0/24 ct status dnat ct mark & 0x800000 == 0 masquerade"
+        ));
         assert!(!r.contains("ip saddr 10.2.0.0/24"));
         assert!(r.contains("iifname \"fn-i\" oifname != \"fn-i\" drop"));
         assert!(r.contains("iifname \"fn-a\" oifname @bridges oifname != \"fn-a\" drop"));

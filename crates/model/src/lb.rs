@@ -9,7 +9,14 @@
 //!   a VIP to its service port's chain: one lookup whatever the number of services;
 //! - `ingress4`/`ingress6` keyed by `l4proto . dport` do the same for connections to any local
 //!   address of the host (published ports of the routing mesh); they are marked
-//!   ([`INGRESS_MARK`]) and masqueraded when the producer is not on this host;
+//!   ([`INGRESS_MARK`]) and masqueraded when the producer is not on this host; a `local`
+//!   ingress port leads to a chain of this host's producers only (`loc-…`), and where there
+//!   is none it is in `noingress4`/`noingress6` and refused in the input filter;
+//! - every connection a service chain takes is marked [`LB_MARK`] (conntrack mark): the
+//!   edge's hairpin masquerade leaves it alone, so the producer sees the client's own
+//!   address (bridges call the IP hooks, so a reply bridged back to a client on the same
+//!   bridge is still un-DNATed by the host); only a producer that reached itself through
+//!   its own service (`saddr . daddr` in `hairpin4`/`hairpin6`) is masqueraded;
 //! - a service port's chain picks a producer with `numgen random mod N` and DNATs to it; with
 //!   client-IP affinity, each producer has its own chain and a dynamic set of client addresses
 //!   (with a timeout) that keeps sending those clients to it;
@@ -26,11 +33,15 @@ use std::net::IpAddr;
 
 use crate::discovery::DiscoveryView;
 use crate::portmap::Protocol;
+use crate::service::IngressPort;
 
 /// The table's name (family `inet`).
 pub const TABLE: &str = "ferrynet-svc";
 /// Packet mark bit of ingress connections (masqueraded when they leave for another host).
 pub const INGRESS_MARK: u32 = 0x0040_0000;
+/// Conntrack mark bit of every connection a service chain DNATs (VIP or ingress): the edge's
+/// hairpin masquerade skips these, the load balancer decides their SNAT itself.
+pub const LB_MARK: u32 = 0x0080_0000;
 /// How long a client stays with its producer after its last new connection (affinity).
 pub const AFFINITY_TIMEOUT: &str = "3h";
 
@@ -93,6 +104,11 @@ pub struct LbState {
     pub no_producers: BTreeSet<VipPort>,
     /// Ingress ports → their chain.
     pub ingress: BTreeMap<IngressKey, String>,
+    /// `local` ingress ports without a producer on this host (refused) → their service.
+    pub ingress_refused: BTreeMap<IngressKey, String>,
+    /// Every producer address in a chain: a connection from one of them to itself (a
+    /// producer picked by its own service) is masqueraded.
+    pub hairpin: BTreeSet<IpAddr>,
     /// Ingress ports not programmed here, and why.
     pub conflicts: Vec<String>,
 }
@@ -108,6 +124,7 @@ impl LbState {
             && self.vips.is_empty()
             && self.no_producers.is_empty()
             && self.ingress.is_empty()
+            && self.ingress_refused.is_empty()
     }
 }
 
@@ -122,6 +139,12 @@ fn fam(v6: bool) -> char {
 /// The chain of a service port of one family: `svc-<service>-<proto>-<port>-<4|6>`.
 pub fn chain_name(service: &str, protocol: Protocol, port: u16, v6: bool) -> String {
     format!("svc-{service}-{}-{port}-{}", protocol.as_str(), fam(v6))
+}
+
+/// The chain of a `local` ingress port's service port (this host's producers only):
+/// `loc-<service>-<proto>-<port>-<4|6>`.
+pub fn local_chain_name(service: &str, protocol: Protocol, port: u16, v6: bool) -> String {
+    format!("loc-{service}-{}-{port}-{}", protocol.as_str(), fam(v6))
 }
 
 fn backend_chain(chain: &str, id: &str) -> String {
@@ -150,82 +173,152 @@ pub fn desired(view: &DiscoveryView, host: &str) -> LbState {
     for svc in view.services.values() {
         let producers = view.healthy_producers(&svc.name);
         for p in &svc.ports {
-            let ingress: Vec<u16> = svc
+            let ingress: Vec<&IngressPort> = svc
                 .ingress
                 .iter()
                 .filter(|i| i.target == p.port && i.protocol == p.protocol)
-                .map(|i| i.published)
                 .collect();
             for v6 in [false, true] {
                 let vip = svc.vip(v6);
                 if vip.is_none() && ingress.is_empty() {
                     continue;
                 }
-                let mut backends: Vec<Backend> = producers
+                let mut backends: Vec<(Backend, bool)> = producers
                     .iter()
                     .filter_map(|pr| {
-                        pr.addr(v6).map(|addr| Backend {
-                            id: pr.id.clone(),
-                            addr,
-                            port: pr.target_port(p.port),
+                        let here = pr.host.as_deref() == Some(host);
+                        pr.addr(v6).map(|addr| {
+                            let be = Backend {
+                                id: pr.id.clone(),
+                                addr,
+                                port: pr.target_port(p.port),
+                            };
+                            (be, here)
                         })
                     })
                     .collect();
                 backends.sort();
+                let local: Vec<Backend> = backends
+                    .iter()
+                    .filter(|(_, here)| *here)
+                    .map(|(b, _)| b.clone())
+                    .collect();
+                let backends: Vec<Backend> = backends.into_iter().map(|(b, _)| b).collect();
                 let name = chain_name(&svc.name, p.protocol, p.port, v6);
+                let loc_name = local_chain_name(&svc.name, p.protocol, p.port, v6);
                 let key = vip.map(|vip| VipPort {
                     vip,
                     protocol: p.protocol,
                     port: p.port,
                 });
-                if backends.is_empty() {
-                    if let Some(k) = key {
+                match key {
+                    Some(k) if backends.is_empty() => {
                         st.no_producers.insert(k);
                     }
-                    continue;
+                    Some(k) => {
+                        st.vips.insert(k, name.clone());
+                    }
+                    None => {}
                 }
-                if let Some(k) = key {
-                    st.vips.insert(k, name.clone());
-                }
-                for &published_port in &ingress {
+                for i in &ingress {
                     let ik = IngressKey {
                         v6,
                         protocol: p.protocol,
-                        port: published_port,
+                        port: i.published,
                     };
-                    if published.contains(&(p.protocol, published_port)) {
-                        if !v6 {
-                            st.conflicts.push(format!(
-                                "ingress {}/{published_port} of service {}: published by a container on this host",
-                                p.protocol.as_str(),
-                                svc.name
-                            ));
-                        }
-                    } else if let Some(owner) = st.ingress.get(&ik) {
-                        st.conflicts.push(format!(
-                            "ingress {}/{published_port} of service {}: already served for {owner}",
-                            p.protocol.as_str(),
-                            svc.name
-                        ));
-                    } else {
-                        st.ingress.insert(ik, name.clone());
-                    }
+                    let target = match (i.local, local.is_empty(), backends.is_empty()) {
+                        (true, true, _) => IngressTarget::Refuse,
+                        (true, false, _) => IngressTarget::Chain(loc_name.clone()),
+                        // Default ingress without any producer: not programmed (as before).
+                        (false, _, true) => continue,
+                        (false, _, false) => IngressTarget::Chain(name.clone()),
+                    };
+                    place_ingress(&mut st, &published, &svc.name, ik, target);
                 }
+                let affinity = svc.affinity;
+                if ingress.iter().any(|i| i.local) && !local.is_empty() {
+                    st.hairpin.extend(local.iter().map(|b| b.addr));
+                    st.chains.insert(
+                        loc_name,
+                        ServiceChain {
+                            protocol: p.protocol,
+                            v6,
+                            affinity,
+                            backends: local,
+                        },
+                    );
+                }
+                if backends.is_empty() {
+                    continue;
+                }
+                st.hairpin.extend(backends.iter().map(|b| b.addr));
                 st.chains.insert(
                     name,
                     ServiceChain {
                         protocol: p.protocol,
                         v6,
-                        affinity: svc.affinity,
+                        affinity,
                         backends,
                     },
                 );
             }
         }
     }
+    // A local chain nobody leads to (its port lost to a conflict) is not programmed.
+    let used: BTreeSet<&String> = st.vips.values().chain(st.ingress.values()).collect();
+    let unused: Vec<String> = st
+        .chains
+        .keys()
+        .filter(|c| c.starts_with("loc-") && !used.contains(c))
+        .cloned()
+        .collect();
+    for c in unused {
+        st.chains.remove(&c);
+    }
     st.conflicts.sort();
     st.conflicts.dedup();
     st
+}
+
+/// Where an ingress port leads on this host.
+enum IngressTarget {
+    /// A service chain.
+    Chain(String),
+    /// Refused (a `local` port without a producer here).
+    Refuse,
+}
+
+/// Take ingress port `ik` for `service`, unless a container on this host publishes it or
+/// another service (first by name) took it: those are reported in `conflicts`.
+fn place_ingress(
+    st: &mut LbState,
+    published: &BTreeSet<(Protocol, u16)>,
+    service: &str,
+    ik: IngressKey,
+    target: IngressTarget,
+) {
+    if published.contains(&(ik.protocol, ik.port)) {
+        if !ik.v6 {
+            st.conflicts.push(format!(
+                "ingress {}/{} of service {service}: published by a container on this host",
+                ik.protocol.as_str(),
+                ik.port
+            ));
+        }
+        return;
+    }
+    if let Some(owner) = st.ingress.get(&ik).or(st.ingress_refused.get(&ik)) {
+        st.conflicts.push(format!(
+            "ingress {}/{} of service {service}: already served for {owner}",
+            ik.protocol.as_str(),
+            ik.port
+        ));
+        return;
+    }
+    match target {
+        IngressTarget::Chain(c) => st.ingress.insert(ik, c),
+        IngressTarget::Refuse => st.ingress_refused.insert(ik, service.to_string()),
+    };
 }
 
 fn dnat_target(addr: IpAddr, port: u16) -> String {
@@ -248,6 +341,8 @@ fn fill_chain(b: &mut String, name: &str, c: &ServiceChain) {
     let f = ipfam(c.v6);
     let proto = c.protocol.as_str();
     let n = c.backends.len();
+    // The connection is the load balancer's: no hairpin masquerade by the edge (see LB_MARK).
+    let _ = writeln!(b, "add rule {T} {name} ct mark set ct mark | {LB_MARK:#x}");
     if !c.affinity {
         let rule = if n == 1 {
             let be = &c.backends[0];
@@ -355,6 +450,26 @@ fn noprod_set(k: &VipPort) -> &'static str {
     }
 }
 
+fn refused_set(k: &IngressKey) -> &'static str {
+    if k.v6 {
+        "noingress6"
+    } else {
+        "noingress4"
+    }
+}
+
+fn hairpin_set(a: &IpAddr) -> &'static str {
+    if a.is_ipv6() {
+        "hairpin6"
+    } else {
+        "hairpin4"
+    }
+}
+
+fn hairpin_elem(a: &IpAddr) -> String {
+    format!("{a} . {a}")
+}
+
 fn ingress_map(k: &IngressKey) -> &'static str {
     if k.v6 {
         "ingress6"
@@ -383,6 +498,7 @@ impl Elements {
 
 fn skeleton(b: &mut String) {
     let m = INGRESS_MARK;
+    let lb = LB_MARK;
     let lines = [
         format!("add map {T} vips4 {{ type ipv4_addr . inet_proto . inet_service : verdict; }}"),
         format!("add map {T} vips6 {{ type ipv6_addr . inet_proto . inet_service : verdict; }}"),
@@ -390,6 +506,10 @@ fn skeleton(b: &mut String) {
         format!("add map {T} ingress6 {{ type inet_proto . inet_service : verdict; }}"),
         format!("add set {T} noprod4 {{ type ipv4_addr . inet_proto . inet_service; }}"),
         format!("add set {T} noprod6 {{ type ipv6_addr . inet_proto . inet_service; }}"),
+        format!("add set {T} noingress4 {{ type inet_proto . inet_service; }}"),
+        format!("add set {T} noingress6 {{ type inet_proto . inet_service; }}"),
+        format!("add set {T} hairpin4 {{ type ipv4_addr . ipv4_addr; }}"),
+        format!("add set {T} hairpin6 {{ type ipv6_addr . ipv6_addr; }}"),
         // Before `inet ferrynet` (dstnat) and Docker's nat PREROUTING (-100): the first NAT of
         // a connection wins, and VIPs are never local addresses, so they meet no other DNAT.
         format!("add chain {T} prerouting {{ type nat hook prerouting priority dstnat - 10; policy accept; }}"),
@@ -397,6 +517,7 @@ fn skeleton(b: &mut String) {
         format!("add chain {T} postrouting {{ type nat hook postrouting priority srcnat - 10; policy accept; }}"),
         format!("add chain {T} filter_forward {{ type filter hook forward priority filter - 10; policy accept; }}"),
         format!("add chain {T} filter_output {{ type filter hook output priority filter - 10; policy accept; }}"),
+        format!("add chain {T} filter_input {{ type filter hook input priority filter - 10; policy accept; }}"),
         format!("add chain {T} vip"),
         format!("add chain {T} ingress"),
         format!("add chain {T} noprod"),
@@ -418,12 +539,22 @@ fn skeleton(b: &mut String) {
         // Return traffic of ingress connections sent to another host must come back through
         // this one; a producer on a local bridge (`fn-*`) sees the client's own address.
         format!("add rule {T} postrouting meta mark & {m:#x} != 0 oifname != \"fn-*\" masquerade"),
+        // A producer its own service picked: its packet comes back to itself, which would
+        // drop a packet from its own address, so it comes from the gateway instead. Every other
+        // client keeps its address (the edge's hairpin masquerade skips LB_MARK connections).
+        format!("add rule {T} postrouting ct mark & {lb:#x} != 0 ip saddr . ip daddr @hairpin4 masquerade"),
+        format!("add rule {T} postrouting ct mark & {lb:#x} != 0 ip6 saddr . ip6 daddr @hairpin6 masquerade"),
         format!("add rule {T} noprod meta l4proto tcp reject with tcp reset"),
         format!("add rule {T} noprod reject"),
         format!("add rule {T} filter_forward ip daddr . meta l4proto . th dport @noprod4 goto noprod"),
         format!("add rule {T} filter_forward ip6 daddr . meta l4proto . th dport @noprod6 goto noprod"),
         format!("add rule {T} filter_output ip daddr . meta l4proto . th dport @noprod4 goto noprod"),
         format!("add rule {T} filter_output ip6 daddr . meta l4proto . th dport @noprod6 goto noprod"),
+        // A `local` ingress port without a producer on this host: refused at once (new
+        // connections only; a reply to the host's own connection may use the same port), so
+        // an outside load balancer's health check moves to another host.
+        format!("add rule {T} filter_input ct state new meta nfproto ipv4 meta l4proto . th dport @noingress4 goto noprod"),
+        format!("add rule {T} filter_input ct state new meta nfproto ipv6 meta l4proto . th dport @noingress6 goto noprod"),
     ];
     for l in lines {
         b.push_str(&l);
@@ -455,6 +586,12 @@ pub fn full_batch(st: &LbState) -> String {
             ingress_map(k),
             format!("{} : goto {chain}", ingress_elem(k)),
         );
+    }
+    for k in st.ingress_refused.keys() {
+        add.push(refused_set(k), ingress_elem(k));
+    }
+    for a in &st.hairpin {
+        add.push(hairpin_set(a), hairpin_elem(a));
     }
     add.write(&mut b, "add");
     b
@@ -508,6 +645,22 @@ pub fn diff_batch(old: &LbState, new: &LbState) -> String {
                 format!("{} : goto {chain}", ingress_elem(k)),
             );
         }
+    }
+    for k in old.ingress_refused.keys() {
+        if !new.ingress_refused.contains_key(k) {
+            del.push(refused_set(k), ingress_elem(k));
+        }
+    }
+    for k in new.ingress_refused.keys() {
+        if !old.ingress_refused.contains_key(k) {
+            add.push(refused_set(k), ingress_elem(k));
+        }
+    }
+    for a in old.hairpin.difference(&new.hairpin) {
+        del.push(hairpin_set(a), hairpin_elem(a));
+    }
+    for a in new.hairpin.difference(&old.hairpin) {
+        add.push(hairpin_set(a), hairpin_elem(a));
     }
     del.write(&mut b, "delete");
     add.write(&mut b, "add");
@@ -652,7 +805,10 @@ mod tests {
         );
         assert!(d.contains("dnat ip to 10.20.0.2:8080"), "{d}");
         assert!(!d.contains("svc-api"), "api untouched:\n{d}");
-        assert!(!d.contains("element"), "keys unchanged:\n{d}");
+        assert!(
+            !d.contains("element inet ferrynet-svc vips"),
+            "keys unchanged:\n{d}"
+        );
         // Everything gone: elements before chains.
         v.delete(&skeys::producer("web", "a"));
         let gone = desired(&v, "h1");
@@ -701,6 +857,7 @@ mod tests {
             published: 8080,
             target: 80,
             protocol: Protocol::Tcp,
+            local: false,
         });
         let mut zed = service("zed", "10.96.0.6", false);
         zed.vips.truncate(1);
@@ -734,6 +891,129 @@ mod tests {
         );
         assert!(!desired(&v, "h1").ingress.contains_key(&k));
         assert!(desired(&v, "h2").ingress.contains_key(&k));
+    }
+
+    fn local_ingress_view() -> DiscoveryView {
+        let mut v = view(false);
+        let mut web = service("web", "10.96.0.5", false);
+        web.ingress.push(IngressPort {
+            published: 8080,
+            target: 80,
+            protocol: Protocol::Tcp,
+            local: true,
+        });
+        v.put(&skeys::service("web"), &enc(&web));
+        v
+    }
+
+    #[test]
+    fn local_ingress_leads_to_this_hosts_producers_or_is_refused() {
+        let mut v = local_ingress_view();
+        v.put(&nkeys::host("h3"), b"{}");
+        let k4 = IngressKey {
+            v6: false,
+            protocol: Protocol::Tcp,
+            port: 8080,
+        };
+        let k6 = IngressKey { v6: true, ..k4 };
+        // h1 holds producer a (both families): its own chain of a alone, for both families.
+        let h1 = desired(&v, "h1");
+        assert_eq!(h1.ingress[&k4], "loc-web-tcp-80-4");
+        assert_eq!(h1.ingress[&k6], "loc-web-tcp-80-6");
+        let loc = &h1.chains["loc-web-tcp-80-4"];
+        assert_eq!(loc.backends.len(), 1);
+        assert_eq!(loc.backends[0].id, "a");
+        // The VIP still spreads over every host.
+        assert_eq!(h1.chains["svc-web-tcp-80-4"].backends.len(), 2);
+        assert!(h1.ingress_refused.is_empty());
+        // h2's producer b has no IPv6 address: IPv4 local, IPv6 refused.
+        let h2 = desired(&v, "h2");
+        assert_eq!(h2.ingress[&k4], "loc-web-tcp-80-4");
+        assert!(h2.ingress_refused.contains_key(&k6), "{h2:?}");
+        // h3 has no producer: refused in both families, no local chain.
+        let h3 = desired(&v, "h3");
+        assert!(h3.ingress.is_empty());
+        assert_eq!(h3.ingress_refused.len(), 2);
+        assert!(!h3.chains.keys().any(|c| c.starts_with("loc-")));
+        let b = full_batch(&h3);
+        assert!(
+            b.contains("add element inet ferrynet-svc noingress4 { tcp . 8080 }"),
+            "{b}"
+        );
+        assert!(b.contains("filter_input ct state new meta nfproto ipv4 meta l4proto . th dport @noingress4 goto noprod"));
+        // A producer arriving on h3 turns refusal into a local chain in one transaction.
+        let mut v3 = v.clone();
+        v3.put(
+            &skeys::producer("web", "c"),
+            &enc(&producer("web", "c", "h3", &["10.20.0.130"])),
+        );
+        let d = diff_batch(&h3, &desired(&v3, "h3"));
+        assert!(
+            d.contains("delete element inet ferrynet-svc noingress4 { tcp . 8080 }"),
+            "{d}"
+        );
+        assert!(
+            d.contains("add chain inet ferrynet-svc loc-web-tcp-80-4"),
+            "{d}"
+        );
+        assert!(d.contains("dnat ip to 10.20.0.130:8080"), "{d}");
+        assert!(
+            d.contains(
+                "add element inet ferrynet-svc ingress4 { tcp . 8080 : goto loc-web-tcp-80-4 }"
+            ),
+            "{d}"
+        );
+        // Default ingress is unchanged: every producer, and nothing refused.
+        let mut d = view(false);
+        let mut web = service("web", "10.96.0.5", false);
+        web.ingress.push(IngressPort {
+            published: 8080,
+            target: 80,
+            protocol: Protocol::Tcp,
+            local: false,
+        });
+        d.put(&skeys::service("web"), &enc(&web));
+        d.put(&nkeys::host("h3"), b"{}");
+        let st = desired(&d, "h3");
+        assert_eq!(st.ingress[&k4], "svc-web-tcp-80-4");
+        assert!(st.ingress_refused.is_empty());
+    }
+
+    #[test]
+    fn service_connections_are_marked_and_only_a_producer_reaching_itself_is_masqueraded() {
+        let st = desired(&view(false), "h1");
+        let want: BTreeSet<IpAddr> = ["10.20.0.2", "10.20.0.66", "fd20::2"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(st.hairpin, want);
+        let b = full_batch(&st);
+        assert!(
+            b.contains(
+                "add rule inet ferrynet-svc svc-web-tcp-80-4 ct mark set ct mark | 0x800000"
+            ),
+            "{b}"
+        );
+        // The mark comes before the DNAT in the chain.
+        assert!(
+            b.find("svc-web-tcp-80-4 ct mark set").unwrap()
+                < b.find("svc-web-tcp-80-4 meta l4proto tcp dnat").unwrap()
+        );
+        assert!(b.contains("add element inet ferrynet-svc hairpin4 { 10.20.0.2 . 10.20.0.2, 10.20.0.66 . 10.20.0.66 }"), "{b}");
+        assert!(b.contains("add element inet ferrynet-svc hairpin6 { fd20::2 . fd20::2 }"));
+        assert!(b.contains(
+            "postrouting ct mark & 0x800000 != 0 ip saddr . ip daddr @hairpin4 masquerade"
+        ));
+        // No SNAT of service traffic otherwise: the only other masquerade is ingress's.
+        assert_eq!(b.matches("masquerade").count(), 3, "{b}");
+        // A producer leaving takes its pair out.
+        let mut v = view(false);
+        v.delete(&skeys::producer("web", "b"));
+        let d = diff_batch(&st, &desired(&v, "h1"));
+        assert!(
+            d.contains("delete element inet ferrynet-svc hairpin4 { 10.20.0.66 . 10.20.0.66 }"),
+            "{d}"
+        );
     }
 
     #[test]

@@ -201,6 +201,7 @@ mod tests {
             published,
             target: 80,
             protocol,
+            local: false,
         }
     }
 

@@ -40,6 +40,11 @@ pub struct IngressPort {
     /// Transport protocol.
     #[serde(default)]
     pub protocol: Protocol,
+    /// Only producers on the receiving host, without SNAT (Kubernetes'
+    /// `externalTrafficPolicy: Local`): producers see the outside client, and a host without
+    /// a local producer refuses the port.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local: bool,
 }
 
 /// How a producer's health is checked (on the producer's host, by its agent).
@@ -546,6 +551,7 @@ mod tests {
             published: 8080,
             target: 81,
             protocol: Protocol::Tcp,
+            local: false,
         });
         assert!(matches!(
             validate_service(&s),

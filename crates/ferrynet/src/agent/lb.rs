@@ -180,6 +180,9 @@ mod tests {
                 published: 8000 + name.len() as u16,
                 target: 80,
                 protocol: Protocol::Tcp,
+                // Affinity services here publish local ingress: both kinds of chain and the
+                // refusal of a local port without a producer on h1 are exercised.
+                local: affinity,
             }],
             affinity,
             ..Service::named(name)
@@ -189,7 +192,7 @@ mod tests {
         Producer {
             service: svc.into(),
             id: id.into(),
-            host: None,
+            host: (id == "a").then(|| "h1".to_string()),
             network: None,
             container: None,
             netns: None,

@@ -129,6 +129,11 @@ pub struct RegisterArgs {
     /// Publish a service port on every host: PUBLISHED:SVCPORT[/proto]; repeatable.
     #[arg(long, value_name = "SPEC")]
     pub ingress: Vec<String>,
+    /// The --ingress ports given with it reach only producers on the host that receives the
+    /// connection, without SNAT (producers see the outside client); a host without one
+    /// refuses it (TCP reset, ICMP port unreachable).
+    #[arg(long, requires = "ingress")]
+    pub local: bool,
     /// Keep each client address on one producer.
     #[arg(long, conflicts_with = "no_affinity")]
     pub affinity: bool,
@@ -219,6 +224,7 @@ pub fn parse_ingress(spec: &str) -> Result<IngressPort, String> {
         published: parse_port(spec, a)?,
         target: parse_port(spec, b)?,
         protocol,
+        local: false,
     })
 }
 
@@ -351,7 +357,12 @@ async fn register(ctl: &Control, a: RegisterArgs) -> anyhow::Result<()> {
     let ingress = a
         .ingress
         .iter()
-        .map(|s| parse_ingress(s))
+        .map(|s| {
+            parse_ingress(s).map(|i| IngressPort {
+                local: a.local,
+                ..i
+            })
+        })
         .collect::<Result<Vec<_>, _>>()
         .map_err(anyhow::Error::msg)?;
     let check = a.check.to_check()?;
@@ -454,6 +465,26 @@ async fn refuse_reserved(ctl: &Control, req: &ServiceRequest) -> anyhow::Result<
     Ok(())
 }
 
+/// `PUBLISHED:SVCPORT/proto`, `(local)` for local ingress; `-` for none.
+fn ingress_text(ingress: &[IngressPort]) -> String {
+    if ingress.is_empty() {
+        return "-".into();
+    }
+    ingress
+        .iter()
+        .map(|i| {
+            let local = if i.local { "(local)" } else { "" };
+            format!(
+                "{}:{}/{}{local}",
+                i.published,
+                i.target,
+                i.protocol.as_str()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn ports_text(ports: &[ServicePort]) -> String {
     if ports.is_empty() {
         return "-".into();
@@ -482,7 +513,7 @@ async fn ls(ctl: &Control, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(());
     }
-    let mut t = Table::new(&["NAME", "VIPS", "PORTS", "PRODUCERS", "NETWORKS"]);
+    let mut t = Table::new(&["NAME", "VIPS", "PORTS", "INGRESS", "PRODUCERS", "NETWORKS"]);
     for s in v.services.values() {
         t.row(vec![
             s.name.clone(),
@@ -496,6 +527,7 @@ async fn ls(ctl: &Control, json: bool) -> anyhow::Result<()> {
                     .join(",")
             },
             ports_text(&s.ports),
+            ingress_text(&s.ingress),
             format!(
                 "{}/{} healthy",
                 v.healthy_producers(&s.name).len(),

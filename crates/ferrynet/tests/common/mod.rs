@@ -14,6 +14,7 @@ pub mod containerd;
 pub mod docker;
 pub mod dockerd;
 pub mod lab;
+pub mod peers;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
