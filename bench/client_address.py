@@ -125,7 +125,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--secs", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--fresh-clients", action="store_true",
+                    help="VIP runs each from a client container of its own (no source port is reused "
+                         "across runs, so no run meets the TIME_WAIT and conntrack entries of another); "
+                         "implies --vip-only")
+    ap.add_argument("--vip-only", action="store_true", help="skip the direct (bridge nf_call) measures")
     a = ap.parse_args()
+    a.vip_only = a.vip_only or a.fresh_clients
     for p in (FERRYNET, CONNRATE):
         if not os.path.exists(p):
             sys.exit(f"{p} missing: cargo build --release -p ferrynet -p connrate")
@@ -168,31 +174,46 @@ def main():
         if seen != cip or seen_snat == cip:
             raise RuntimeError("the two modes are not what they claim to be")
 
+        fresh = []
+        if a.fresh_clients:
+            for i in range(2 * a.rounds):
+                on_h1("run", "--name", f"{LAB}f{i}", "--net", "fabric", "--", "sleep", "infinity")
+                ns = f"fnc-{LAB}f{i}"
+                for k, v in (("net.ipv4.ip_local_port_range", "1024 65000"), ("net.ipv4.tcp_tw_reuse", "1")):
+                    sh("ip", "netns", "exec", ns, "sysctl", "-qw", f"{k}={v}")
+                fresh.append(ns)
         vip_plain, vip_snat = [], []
         direct_on, direct_off, tput_on, tput_off = [], [], [], []
         s2 = container_ips(f"{LAB}s")[0]
         for r in range(a.rounds):
             log(f"round {r + 1}/{a.rounds}")
-            for mode in ((False, True) if r % 2 == 0 else (True, False)):
+            for i, mode in enumerate((False, True) if r % 2 == 0 else (True, False)):
                 snat(mode)
-                (vip_snat if mode else vip_plain).append(rate(client, VIP, a.secs, 'VIP, old SNAT' if mode else 'VIP, no SNAT'))
+                who = fresh[2 * r + i] if fresh else client
+                (vip_snat if mode else vip_plain).append(rate(who, VIP, a.secs, 'VIP, old SNAT' if mode else 'VIP, no SNAT'))
                 snat(False)
+            if a.vip_only:
+                continue
             for on in ((True, False) if r % 2 == 0 else (False, True)):
                 bridge_nf(on)
                 (direct_on if on else direct_off).append(rate(client2, s2, a.secs, 'direct, nf_call on' if on else 'direct, nf_call off'))
                 (tput_on if on else tput_off).append(iperf(server2, client2, s2, a.secs) / 1e9)
                 bridge_nf(True)
+        log(f"VIP runs: no SNAT {vip_plain}; old SNAT {vip_snat}")
         print("\n### Keeping the client's address (one host, client and producer on one bridge)\n")
-        print(f"{a.rounds} alternating rounds of {a.secs} s; connrate, 4 connections in flight; "
+        print(f"{a.rounds} alternating rounds of {a.secs} s; connrate, 4 connections in flight"
+              f"{'; every VIP run from a fresh client container' if fresh else ''}; "
               f"the producer saw `{seen}` (the client) as shipped and `{seen_snat}` with SNAT.\n")
         print("| measure | A median | B median | A / B of medians | A / B per round, geometric mean | runs |")
         print("|---|---|---|---|---|---|")
         row("VIP new conn/s: A no SNAT (shipped), B old SNAT", "conn/s", vip_plain, vip_snat, "A", "B")
-        row("direct new conn/s: A bridge nf_call on (shipped), B off", "conn/s", direct_on, direct_off, "A", "B")
-        print(f"| iperf3 container -> container: A nf_call on, B off (Gbit/s) | {statistics.median(tput_on):.2f} | "
+        if direct_on:
+            row("direct new conn/s: A bridge nf_call on (shipped), B off", "conn/s", direct_on, direct_off, "A", "B")
+        if tput_on:
+            print(f"| iperf3 container -> container: A nf_call on, B off (Gbit/s) | {statistics.median(tput_on):.2f} | "
               f"{statistics.median(tput_off):.2f} | {statistics.median(tput_on) / statistics.median(tput_off):.3f} | "
-              f"**{statistics.geometric_mean([x / y for x, y in zip(tput_on, tput_off)]):.3f}** | "
-              f"A: {', '.join(f'{v:.2f}' for v in tput_on)}; B: {', '.join(f'{v:.2f}' for v in tput_off)} |")
+                  f"**{statistics.geometric_mean([x / y for x, y in zip(tput_on, tput_off)]):.3f}** | "
+                  f"A: {', '.join(f'{v:.2f}' for v in tput_on)}; B: {', '.join(f'{v:.2f}' for v in tput_off)} |")
         print("\n| connections | ok | failed (connect not done within 2 s) |")
         print("|---|---|---|")
         for what, (ok, failed) in FAILED.items():
