@@ -352,6 +352,8 @@ impl Control {
         let withdrawing = ep
             .as_ref()
             .and_then(|e| self.unpublish_ports_in_background(e));
+        // The port's anti-spoofing elements go while the kernel deletes the link.
+        let unguarding = ep.as_ref().and_then(|e| self.unguard_in_background(e));
         let host = Netlink::current().map_err(ControlError::dataplane("opening netlink"))?;
         let ns_path = netns
             .map(str::to_string)
@@ -382,7 +384,12 @@ impl Control {
         // Ports are withdrawn and the link is gone before the addresses are released.
         if let Some(ep) = &ep {
             self.finish_unpublish(ep, withdrawing).await?;
-            self.unguard_endpoint(ep);
+            match unguarding {
+                Some(h) => {
+                    let _ = h.await;
+                }
+                None => self.unguard_endpoint(ep),
+            }
         }
         unplugged?;
         unshaped?;

@@ -91,6 +91,23 @@ impl Control {
         }
     }
 
+    /// Start removing a recorded endpoint's anti-spoofing elements on a blocking thread, so a
+    /// DEL overlaps it with the kernel's link deletion; None when there is nothing to remove
+    /// or the port must be found by listing the table (then [`Control::unguard_endpoint`]).
+    pub fn unguard_in_background(&self, ep: &Endpoint) -> Option<tokio::task::JoinHandle<()>> {
+        let p = guarded_port(ep)?;
+        let batch = remove_port_tolerant(&p);
+        if batch.is_empty() {
+            return None;
+        }
+        let nft = self.nft.clone();
+        Some(tokio::task::spawn_blocking(move || {
+            if let Err(e) = nft.apply(&batch) {
+                tracing::debug!(error = %e, port = %p.port, "anti-spoofing elements already gone");
+            }
+        }))
+    }
+
     /// Rebuild the guard from the store: skeleton plus every local endpoint's port, one
     /// transaction. Returns the number of ports.
     pub async fn reload_guard(&self) -> Result<usize> {
