@@ -207,6 +207,60 @@ fn tcp_from(netns: &str, src: &str, dst: &str, port: u16) -> Option<String> {
         .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
 }
 
+/// One TCP SYN from `src` (any address: a raw IPv4 socket writes the header) to `dst`:`port`.
+fn tcp_syn(netns: &str, src: &str, dst: &str, port: u16) {
+    const CODE: &str = r#"
+import socket,struct,sys
+src,dst,port=sys.argv[1],sys.argv[2],int(sys.argv[3])
+ip=struct.pack('!BBHHHBBH4s4s',0x45,0,40,1,0,64,6,0,socket.inet_aton(src),socket.inet_aton(dst))
+tcp=struct.pack('!HHLLBBHHH',40000,port,1,0,5<<4,2,65535,0,0)
+s=socket.socket(socket.AF_INET,socket.SOCK_RAW,socket.IPPROTO_RAW)
+s.sendto(ip+tcp,(dst,0))
+"#;
+    let o = py(netns, CODE, &[src, dst, &port.to_string()]);
+    assert!(o.status.success(), "tcp syn {src} -> {dst}: {}", out(&o));
+}
+
+/// TCP segments to port 5001 that reached `c` (a counter of the test's own in c's namespace).
+fn syns(c: &Ns) -> u64 {
+    let l = c.must(&["nft", "list", "chain", "inet", "fnt_syns", "in"]);
+    l.split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// TCP takes the guard's fast path (one lookup of port, MAC and address before the protocol
+/// checks): a SYN from an address `a` was not given (unallocated, its neighbour's) or from a
+/// forged MAC must still never reach `c`; an honest one does, so the count is not blind.
+fn forged_tcp_never_arrives(a: &Ns, c: &Ns, a4: &str, b4: &str, c4: &str, a_mac: &str) {
+    c.must(&["nft", "add", "table", "inet", "fnt_syns"]);
+    c.must(&[
+        "nft",
+        "add",
+        "chain",
+        "inet",
+        "fnt_syns",
+        "in",
+        "{ type filter hook prerouting priority -400; }",
+    ]);
+    c.must(&[
+        "nft", "add", "rule", "inet", "fnt_syns", "in", "tcp", "dport", "5001", "counter",
+    ]);
+    tcp_syn(&a.name, "10.231.0.71", c4, 5001);
+    tcp_syn(&a.name, b4, c4, 5001);
+    a.must(&["ip", "link", "set", "eth0", "address", "02:00:00:00:00:98"]);
+    tcp_syn(&a.name, a4, c4, 5001);
+    a.must(&["ip", "link", "set", "eth0", "address", a_mac]);
+    tcp_syn(&a.name, a4, c4, 5001);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while syns(c) == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(syns(c), 1, "only the honest SYN may reach c");
+}
+
 fn ping(netns: &str, dst: &str) -> bool {
     sh(&["ip", "netns", "exec", netns, "ping", "-c1", "-W2", dst])
         .status
@@ -322,6 +376,7 @@ fn a_container_sends_only_as_itself() {
     a.must(&["ip", "link", "set", "eth0", "address", "02:00:00:00:00:99"]);
     udp(&a.name, &a4, 0, &c4, 5000, "forged-mac");
     a.must(&["ip", "link", "set", "eth0", "address", &a_mac]);
+    forged_tcp_never_arrives(&a, &c, &a4, &b4, &c4, &a_mac);
     // Gratuitous ARP for the gateway and for b; an NA for the gateway; an RA; a redirect.
     garp(&a.name, &[gw4, &b4]);
     // Checked right away: a later ARP from the host would repair a poisoned entry.
