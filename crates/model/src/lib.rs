@@ -1,4 +1,5 @@
 pub mod bandwidth;
+pub mod batch;
 pub mod blocks;
 pub mod cni;
 pub mod conntrack;
@@ -16,6 +17,7 @@ pub mod lb;
 pub mod names;
 pub mod network;
 pub mod pod;
+pub mod portclaim;
 pub mod portmap;
 pub mod registry;
 pub mod reservation;

@@ -279,6 +279,15 @@ pub mod keys {
     pub fn host_ports() -> String {
         format!("{ROOT}ports/")
     }
+    /// The host ports one endpoint publishes (a `portclaim::PortClaim`), keyed like the
+    /// endpoint.
+    pub fn port_claim(network: &str, container_id: &str, ifname: &str) -> String {
+        format!("{ROOT}port-claims/{network}/{container_id}/{ifname}")
+    }
+    /// Prefix of every endpoint's port claim.
+    pub fn port_claims() -> String {
+        format!("{ROOT}port-claims/")
+    }
     /// Bumped by every transaction that publishes ports, so two concurrent publishers of
     /// overlapping ports (one on any address, one on a specific one) cannot both win.
     pub fn host_ports_seq() -> String {

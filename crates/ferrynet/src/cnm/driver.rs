@@ -592,15 +592,12 @@ impl Plugin {
             // A conflict: say which container holds the port (read only on this path).
             Err(_) => resolve_bindings(&bindings, &held, &self.owner_names(&held).await)?,
         };
-        let done = ctl
-            .claim_ports(&ep, mappings, Some(all))
-            .await
-            .map_err(|e| match e {
-                ControlError::PortsPublished(m) => {
-                    CnmError::Invalid(format!("{m} (RevokeExternalConnectivity first)"))
-                }
-                other => other.into(),
-            })?;
+        let done = ctl.claim_ports(&ep, mappings).await.map_err(|e| match e {
+            ControlError::PortsPublished(m) => {
+                CnmError::Invalid(format!("{m} (RevokeExternalConnectivity first)"))
+            }
+            other => other.into(),
+        })?;
         tracing::info!(endpoint = %ep.container_id, ports = ?done.port_mappings, "ports published");
         Ok(Empty {})
     }

@@ -19,7 +19,7 @@ use ferrynet_model::reservation::{plan_reservation, AddressRequest};
 use ferrynet_store::{Compare, Op};
 use ipnet::IpNet;
 
-use super::ipam::{lock, reservation_error, reservation_writes, HeldPort};
+use super::ipam::{lock, reservation_error, reservation_writes};
 use super::transact::Round;
 use super::{decode, encode, Control};
 use crate::error::{ControlError, Result};
@@ -337,17 +337,9 @@ impl Control {
 
     /// Publish `mappings` for a recorded endpoint that has none yet (or exactly these): claim the
     /// host ports in the store, record them on the endpoint, then add the nftables elements. On
-    /// failure nothing stays claimed. `held`: every claimed host port, when the caller has just
-    /// read them (the first attempt checks against those; a retry reads again).
-    pub async fn claim_ports(
-        &self,
-        ep: &Endpoint,
-        mappings: Vec<PortMapping>,
-        mut held: Option<Vec<HeldPort>>,
-    ) -> Result<Endpoint> {
+    /// failure nothing stays claimed.
+    pub async fn claim_ports(&self, ep: &Endpoint, mappings: Vec<PortMapping>) -> Result<Endpoint> {
         let ep_key = &keys::endpoint(&ep.network, &ep.container_id, &ep.ifname);
-        // The caller's read serves the first round only; a retry reads again.
-        let held = &Mutex::new(held.take());
         let mappings = &mappings;
         let what = || format!("publish ports of {}", ep.container_id);
         // The value: the endpoint, and whether this call claimed its ports.
@@ -370,9 +362,7 @@ impl Control {
                             ep.container_id
                         )));
                     }
-                    let first_read = held.lock().unwrap_or_else(|e| e.into_inner()).take();
-                    let (mut compares, mut ops) =
-                        self.port_claims(ep_key, mappings, first_read).await?;
+                    let (mut compares, mut ops) = self.port_claims(ep_key, mappings).await?;
                     compares.push(Compare::ModRevision(ep_key.clone(), kv.mod_revision));
                     let mut next = current.clone();
                     next.port_mappings = mappings.clone();
@@ -407,15 +397,7 @@ impl Control {
     /// Drop the store's claims of an endpoint's ports and clear them on its record.
     async fn forget_ports(&self, ep: &Endpoint) -> Result<Endpoint> {
         let ep_key = keys::endpoint(&ep.network, &ep.container_id, &ep.ifname);
-        let mut ops = Vec::new();
-        for m in &ep.port_mappings {
-            let k = keys::host_port(m.protocol.as_str(), m.host_ip, m.host_port);
-            if let Some(kv) = self.store.get(&k).await? {
-                if kv.value == ep_key.as_bytes() {
-                    ops.push(Op::delete(k));
-                }
-            }
-        }
+        let mut ops = self.unclaim_ports(ep).await?;
         let mut next = ep.clone();
         next.port_mappings.clear();
         let mut compares = Vec::new();
