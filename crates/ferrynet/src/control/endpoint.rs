@@ -210,7 +210,12 @@ impl Control {
             .await
         {
             Ok(done) => {
-                self.update_endpoint(&done).await?;
+                if let Err(e) = self.update_endpoint(&done).await {
+                    // Superseded by a concurrent DEL/ADD of the container: the identity this
+                    // call allowed on the port is no longer recorded anywhere.
+                    self.unguard_endpoint(&done);
+                    return Err(e);
+                }
                 tracing::info!(container = %done.container_id, network = %net.name, ips = ?done.ips, "attached");
                 Ok((done, view))
             }
@@ -234,7 +239,7 @@ impl Control {
                 {
                     tracing::warn!(error = %u, "cleanup: removing the IFB device failed");
                 }
-                if let Err(u) = self.release(&ep).await {
+                if let Err(u) = self.release_own(&ep).await {
                     tracing::warn!(error = %u, "cleanup: releasing the reservation failed");
                 }
                 Err(e)
@@ -390,6 +395,11 @@ impl Control {
                 }
                 None => self.unguard_endpoint(ep),
             }
+        }
+        if ep.is_none() {
+            // No record (a repeated DEL, or an ADD whose record a racing DEL took): whatever
+            // identity an interrupted ADD allowed on this port name goes, found by listing.
+            self.unguard_port(&host_name);
         }
         unplugged?;
         unshaped?;

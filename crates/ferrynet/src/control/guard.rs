@@ -73,13 +73,7 @@ impl Control {
                     .host_veth
                     .clone()
                     .unwrap_or_else(|| host_veth_name(&ep.network, &ep.container_id, &ep.ifname));
-                match self.nft.list_table("bridge", TABLE) {
-                    Ok(Some(t)) => {
-                        let b = remove_listed_port(&t, &port);
-                        (port, b)
-                    }
-                    _ => return,
-                }
+                return self.unguard_port(&port);
             }
         };
         if batch.is_empty() {
@@ -88,6 +82,20 @@ impl Control {
         // Without the table there is nothing to remove; a rebuild reads only live records.
         if let Err(e) = self.nft.apply(&batch) {
             tracing::debug!(error = %e, port = %port, "anti-spoofing elements already gone");
+        }
+    }
+
+    /// Forget every element of host port `port`, found by listing the table; succeeds when
+    /// there are none or no table.
+    pub fn unguard_port(&self, port: &str) {
+        let Ok(Some(t)) = self.nft.list_table("bridge", TABLE) else {
+            return;
+        };
+        let batch = remove_listed_port(&t, port);
+        if !batch.is_empty() {
+            if let Err(e) = self.nft.apply(&batch) {
+                tracing::debug!(error = %e, %port, "anti-spoofing elements already gone");
+            }
         }
     }
 

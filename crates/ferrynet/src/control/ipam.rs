@@ -283,35 +283,92 @@ impl Control {
         Ok(ops)
     }
 
-    /// Update a recorded endpoint (after the dataplane filled in MACs and names).
+    /// Update a recorded endpoint (after the dataplane filled in MACs and names), only while
+    /// the record is still the reservation `ep` came from (same addresses): a concurrent DEL
+    /// and re-ADD of the container may have replaced it, and overwriting the new record with
+    /// the old addresses would leave the new ones held by nothing.
     pub async fn update_endpoint(&self, ep: &Endpoint) -> Result<()> {
-        let key = keys::endpoint(&ep.network, &ep.container_id, &ep.ifname);
-        self.store
-            .txn(
-                vec![Compare::Exists(key.clone())],
-                vec![Op::put(key, encode(ep))],
+        let key = &keys::endpoint(&ep.network, &ep.container_id, &ep.ifname);
+        let what = || {
+            format!(
+                "record endpoint {} on network {}",
+                ep.container_id, ep.network
             )
-            .await?;
-        Ok(())
+        };
+        self.transact(what, || {
+            Box::pin(async move {
+                let superseded = || {
+                    ControlError::Superseded(format!(
+                        "container {} on network {}: a concurrent call removed or replaced its reservation; retry",
+                        ep.container_id, ep.network
+                    ))
+                };
+                let kv = self.store.get(key).await?.ok_or_else(superseded)?;
+                let current: Endpoint = decode(&kv)?;
+                if current.ips != ep.ips {
+                    return Err(superseded());
+                }
+                Ok(Round::commit(
+                    vec![Compare::ModRevision(key.clone(), kv.mod_revision)],
+                    vec![Op::put(key.clone(), encode(ep))],
+                    (),
+                ))
+            })
+        })
+        .await
     }
 
     /// Release everything an endpoint holds: its record, addresses and host ports.
-    /// Only keys still owned by this endpoint are deleted, so a concurrent re-ADD is safe.
+    /// Only keys still owned by this endpoint are deleted, and only the record as read in the
+    /// same round: when a concurrent DEL and re-ADD of the same container replaced the record
+    /// in between, the round plans again and releases the new record whole (a stale read must
+    /// not delete a record whose addresses it does not know, leaving them held by nothing).
+    /// `ep` serves when no record is left (an ADD undone before it recorded).
     pub async fn release(&self, ep: &Endpoint) -> Result<()> {
-        let ep_key = keys::endpoint(&ep.network, &ep.container_id, &ep.ifname);
-        let owner = format!("{}/{}", ep.container_id, ep.ifname);
-        let mut ops = vec![Op::delete(ep_key.clone())];
-        for ip in &ep.ips {
-            let k = keys::ipam(&ep.network, ip.addr());
-            if let Some(kv) = self.store.get(&k).await? {
-                if kv.value == owner.as_bytes() {
-                    ops.push(Op::delete(k));
+        self.release_where(ep, false).await
+    }
+
+    /// Undo this call's own reservation: like [`Control::release`], but a record with other
+    /// addresses than `ep`'s (a concurrent re-ADD's) is left alone.
+    pub async fn release_own(&self, ep: &Endpoint) -> Result<()> {
+        self.release_where(ep, true).await
+    }
+
+    async fn release_where(&self, ep: &Endpoint, only_own: bool) -> Result<()> {
+        let ep_key = &keys::endpoint(&ep.network, &ep.container_id, &ep.ifname);
+        let owner = &format!("{}/{}", ep.container_id, ep.ifname);
+        let what = || format!("release {} on network {}", ep.container_id, ep.network);
+        self.transact(what, || {
+            Box::pin(async move {
+                let (current, guard) = match self.store.get(ep_key).await? {
+                    Some(kv)
+                        if only_own && decode::<Endpoint>(&kv).is_ok_and(|c| c.ips != ep.ips) =>
+                    {
+                        return Ok(Round::Done(()));
+                    }
+                    Some(kv) => (
+                        // A record that does not decode is still removed, with what the caller knows.
+                        decode::<Endpoint>(&kv).unwrap_or_else(|_| ep.clone()),
+                        Compare::ModRevision(ep_key.clone(), kv.mod_revision),
+                    ),
+                    None => (ep.clone(), Compare::Missing(ep_key.clone())),
+                };
+                let mut compares = vec![guard];
+                let mut ops = vec![Op::delete(ep_key.clone())];
+                for ip in &current.ips {
+                    let k = keys::ipam(&current.network, ip.addr());
+                    if let Some(kv) = self.store.get(&k).await? {
+                        if kv.value == owner.as_bytes() {
+                            compares.push(Compare::Value(k.clone(), kv.value));
+                            ops.push(Op::delete(k));
+                        }
+                    }
                 }
-            }
-        }
-        ops.extend(self.unclaim_ports(ep).await?);
-        self.store.txn(vec![], ops).await?;
-        Ok(())
+                ops.extend(self.unclaim_ports(&current).await?);
+                Ok(Round::commit(compares, ops, ()))
+            })
+        })
+        .await
     }
 }
 
