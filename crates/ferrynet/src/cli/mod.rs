@@ -36,7 +36,7 @@ use table::Table;
 /// binary is installed into the CNI bin directory by `ferrynet install-cni`. For several hosts,
 /// run `ferrynet agent` on each; try it on one machine with `ferrynet lab up`.
 #[derive(Parser, Debug)]
-#[command(name = "ferrynet", version, about, long_about)]
+#[command(name = "ferrynet", version = crate::failpoint::VERSION, about, long_about)]
 struct Cli {
     /// State directory holding the embedded store.
     #[arg(long, global = true, env = "FERRYNET_STATE_DIR", value_name = "DIR")]

@@ -154,6 +154,7 @@ impl Control {
         ))?;
 
         let (ep, fresh, view) = self.reserve(view, template, &req.static_ips).await?;
+        crate::failpoint::hit("add-reserved");
         if !fresh {
             // A retried ADD: the same allocation, and nothing to do if the interface is in place.
             if ep.netns.as_deref() != Some(req.netns.as_str()) {
@@ -216,6 +217,7 @@ impl Control {
                     self.unguard_endpoint(&done);
                     return Err(e);
                 }
+                crate::failpoint::hit("add-recorded");
                 tracing::info!(container = %done.container_id, network = %net.name, ips = ?done.ips, "attached");
                 Ok((done, view))
             }
@@ -258,6 +260,7 @@ impl Control {
         ep: &Endpoint,
     ) -> Result<Endpoint> {
         let bridge_index = self.ensure_bridge(host, net).await?;
+        crate::failpoint::hit("add-bridge");
         let host_name = host_veth_name(&net.name, &ep.container_id, &ep.ifname);
         let mac = match &ep.mac {
             Some(m) => Some(
@@ -288,6 +291,7 @@ impl Control {
                     source: other,
                 },
             })?;
+        crate::failpoint::hit("add-veth");
         // Limits before anything is published: the container never sends unshaped.
         shaping::shape(host, net, ep, attached.host_index).await?;
         let mut done = ep.clone();
@@ -296,10 +300,12 @@ impl Control {
         done.host_mac = Some(format_mac(&attached.host_mac));
         // Until its elements exist the port drops everything (anti-spoofing default deny).
         self.guard_endpoint(&done).await?;
+        crate::failpoint::hit("add-guarded");
         if let Err(e) = self.publish_ports(ep).await {
             self.unguard_endpoint(&done);
             return Err(e);
         }
+        crate::failpoint::hit("add-published");
         Ok(done)
     }
 
@@ -389,6 +395,7 @@ impl Control {
         // Ports are withdrawn and the link is gone before the addresses are released.
         if let Some(ep) = &ep {
             self.finish_unpublish(ep, withdrawing).await?;
+            crate::failpoint::hit("del-unpublished");
             match unguarding {
                 Some(h) => {
                     let _ = h.await;
@@ -401,10 +408,12 @@ impl Control {
             // identity an interrupted ADD allowed on this port name goes, found by listing.
             self.unguard_port(&host_name);
         }
+        crate::failpoint::hit("del-unplugged");
         unplugged?;
         unshaped?;
         if let Some(ep) = &ep {
             self.release(ep).await?;
+            crate::failpoint::hit("del-released");
             tracing::info!(container = %container_id, network = %net.name, "detached");
         }
         Ok(())

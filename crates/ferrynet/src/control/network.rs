@@ -157,6 +157,7 @@ impl Control {
             )));
         }
         tracing::info!(network = %net.name, bridge = %net.bridge, "network created");
+        crate::failpoint::hit("network-create-recorded");
         self.sync_edge_after_change(&net.name).await;
         Ok(net)
     }
@@ -221,6 +222,10 @@ impl Control {
     /// `force`, in which case they are detached first. Removes the bridge and its rules.
     pub async fn delete_network(&self, name: &str, force: bool) -> Result<()> {
         let Some((net, rev)) = self.network(name).await? else {
+            // A removal interrupted after its record went leaves the bridge: take it now.
+            for b in self.remove_stale_bridges().await? {
+                tracing::info!(bridge = %b, "removed the bridge of a network removed earlier");
+            }
             return Err(ControlError::InvalidConfig(format!(
                 "network {name} does not exist"
             )));
@@ -242,9 +247,12 @@ impl Control {
             self.detach(&net, &ep.container_id, &ep.ifname, ep.netns.as_deref())
                 .await?;
         }
+        crate::failpoint::hit("network-rm-detached");
         let key = keys::network(name);
         let mut ops = vec![
             Op::delete(key.clone()),
+            // Port claims of endpoints on other hosts (local ones went with their detach).
+            Op::DeletePrefix(format!("{}{name}/", keys::port_claims())),
             Op::DeletePrefix(keys::ipam_prefix(name)),
             Op::delete(keys::ipam_last(name)),
             Op::DeletePrefix(keys::endpoints(name)),
@@ -262,6 +270,7 @@ impl Control {
                 "network {name} changed while it was being removed; try again"
             )));
         }
+        crate::failpoint::hit("network-rm-deleted");
         self.remove_bridge(&net).await?;
         if self.networks().await?.is_empty() {
             // The last network is gone: leave the host as ferrynet found it.
