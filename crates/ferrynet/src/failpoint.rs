@@ -8,6 +8,7 @@
 //! (its panic would unwind through our cleanup paths, which a crash never runs).
 
 /// Every crash point, in the order an operation reaches them (the test walks this list).
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
 pub const POINTS: &[&str] = &[
     "add-reserved",
     "add-bridge",

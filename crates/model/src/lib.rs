@@ -13,6 +13,7 @@ pub mod guard;
 pub mod health;
 pub mod host;
 pub mod ipam;
+pub mod journal;
 pub mod lb;
 pub mod names;
 pub mod network;

@@ -324,6 +324,18 @@ pub mod keys {
     pub fn blocks(network: &str) -> String {
         format!("{ROOT}blocks/{network}/")
     }
+    /// Marks a block released from a departed host (value: that host), so other hosts take
+    /// it only when no other block is free and the host finds it when it returns.
+    pub fn orphan_block(network: &str, block: &ipnet::IpNet) -> String {
+        format!(
+            "{ROOT}orphan-blocks/{network}/{}",
+            block.to_string().replace('/', "_")
+        )
+    }
+    /// Prefix of a network's orphaned blocks.
+    pub fn orphan_blocks(network: &str) -> String {
+        format!("{ROOT}orphan-blocks/{network}/")
+    }
     /// Prefix of every block claim.
     pub fn all_blocks() -> String {
         format!("{ROOT}blocks/")

@@ -342,7 +342,13 @@ impl Reconciler {
                 let mut groups: Vec<Vec<Op>> = view
                     .blocks_of(&net.name, h)
                     .iter()
-                    .map(|b| vec![Op::delete(keys::block(&net.name, b))])
+                    .map(|b| {
+                        // Marked, so others take it last and the host finds it when it returns.
+                        vec![
+                            Op::delete(keys::block(&net.name, b)),
+                            Op::put(keys::orphan_block(&net.name, b), h.clone()),
+                        ]
+                    })
                     .collect();
                 let (eps, _) = store.range(&keys::endpoints(&net.name)).await?;
                 for kv in &eps {

@@ -52,6 +52,10 @@ pub struct AgentStatus {
     /// Store records refused as invalid (treated as absent), by key.
     #[serde(default)]
     pub rejected: Vec<RejectedRecord>,
+    /// The last re-assertion of this host's own records after it (re)registered: what a
+    /// partition longer than the grace period had released, put back, and what others hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reassert: Option<crate::control::journal::ReassertReport>,
 }
 
 /// The VXLAN guard (`inet ferrynet-fabric`).

@@ -239,6 +239,31 @@ impl Control {
         shared_owner: &str,
         expect_shared: bool,
     ) -> Result<(Endpoint, bool)> {
+        let (ep, created) = self
+            .record_endpoint_once(
+                net,
+                template,
+                requested,
+                allocate,
+                shared_owner,
+                expect_shared,
+            )
+            .await?;
+        if created {
+            self.journal_endpoint(&ep);
+        }
+        Ok((ep, created))
+    }
+
+    async fn record_endpoint_once(
+        &self,
+        net: &Network,
+        template: Endpoint,
+        requested: &[IpAddr],
+        allocate: (bool, bool),
+        shared_owner: &str,
+        expect_shared: bool,
+    ) -> Result<(Endpoint, bool)> {
         let subnets = validate_network_subnets(&net.subnets)
             .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
         let ep_key = keys::endpoint(&net.name, &template.container_id, &template.ifname);

@@ -187,6 +187,7 @@ impl Control {
             .await?;
         if created {
             tracing::debug!(endpoint = %ep_key, ips = ?ep.ips, "reserved");
+            self.journal_endpoint(&ep);
         }
         let view = match blocks {
             Some(b) => lock(b).clone(),
@@ -315,7 +316,9 @@ impl Control {
                 ))
             })
         })
-        .await
+        .await?;
+        self.journal_endpoint(ep);
+        Ok(())
     }
 
     /// Release everything an endpoint holds: its record, addresses and host ports.
@@ -368,7 +371,9 @@ impl Control {
                 Ok(Round::commit(compares, ops, ()))
             })
         })
-        .await
+        .await?;
+        self.forget_journaled(ep);
+        Ok(())
     }
 }
 

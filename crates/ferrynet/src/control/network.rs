@@ -257,6 +257,7 @@ impl Control {
             Op::delete(keys::ipam_last(name)),
             Op::DeletePrefix(keys::endpoints(name)),
             Op::DeletePrefix(keys::blocks(name)),
+            Op::DeletePrefix(keys::orphan_blocks(name)),
         ];
         if let Some(f) = &net.fabric {
             ops.push(Op::delete(keys::vni(f.vni)));
