@@ -50,6 +50,9 @@ pub struct RouteSpec {
     pub dst: IpNet,
     /// Next hop, if any.
     pub gateway: Option<IpAddr>,
+    /// Take the next hop as on-link without looking it up (a link-local gateway no subnet of
+    /// the interface covers).
+    pub onlink: bool,
 }
 
 /// A route as read back.
@@ -295,7 +298,7 @@ impl Netlink {
 
     /// Add a route out of link `oif` (no-op if it exists).
     pub async fn add_route(&self, route: &RouteSpec, oif: u32) -> Result<()> {
-        let msg = match (route.dst, route.gateway) {
+        let mut msg = match (route.dst, route.gateway) {
             (IpNet::V4(d), gw) => {
                 let mut b = RouteMessageBuilder::<std::net::Ipv4Addr>::new()
                     .destination_prefix(d.addr(), d.prefix_len())
@@ -315,6 +318,9 @@ impl Netlink {
                 b.build()
             }
         };
+        if route.onlink {
+            msg.header.flags.insert(RouteFlags::Onlink);
+        }
         match self.handle.route().add(msg).execute().await {
             Ok(()) => Ok(()),
             Err(e) if matches!(errno(&e), Some(EEXIST)) => Ok(()),
@@ -350,6 +356,29 @@ impl Netlink {
                 }
                 if let Some(r) = parse_route(&m) {
                     out.push((r, m.header.flags.contains(RouteFlags::Linkdown)));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every route of the main table, both families: destination, protocol and type (for
+    /// routes without a device, such as `unreachable`).
+    pub async fn typed_routes(
+        &self,
+    ) -> Result<Vec<(IpNet, u8, rtnetlink::packet_route::route::RouteType)>> {
+        let mut out = Vec::new();
+        for msg in [
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+        ] {
+            let mut s = self.handle.route().get(msg).execute();
+            while let Some(m) = s.try_next().await.map_err(nl("listing routes"))? {
+                if m.header.table != RT_TABLE_MAIN {
+                    continue;
+                }
+                if let Some(r) = parse_route(&m) {
+                    out.push((r.dst, m.header.protocol.into(), m.header.kind));
                 }
             }
         }

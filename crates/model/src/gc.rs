@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 
 use crate::names::bridge_name;
-use crate::network::{Endpoint, EndpointOwner, Network, NetworkMode};
+use crate::network::{Endpoint, EndpointOwner, Network};
 
 /// Interface name in the records of Docker (CNM) endpoints: Docker names the real interface.
 pub const DOCKER_IFNAME: &str = "docker";
@@ -82,7 +82,7 @@ pub fn stale_bridges<'a>(
 ) -> Vec<String> {
     let used: BTreeSet<String> = networks
         .iter()
-        .filter(|n| n.mode == NetworkMode::Bridge)
+        .filter(|n| n.mode.gives_interfaces())
         .map(|n| {
             if n.bridge.is_empty() {
                 bridge_name(&n.name)

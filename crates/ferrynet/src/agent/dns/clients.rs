@@ -10,7 +10,9 @@
 //! like any routed packet, while sources in this host's blocks sit behind this host's own
 //! bridge ports, where the anti-spoofing rules hold every container to its own addresses.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+
+use ferrynet_model::network::NetworkMode;
 use std::net::IpAddr;
 
 use ferrynet_model::discovery::DiscoveryView;
@@ -24,6 +26,8 @@ use super::gateways::local_subnets;
 pub struct Clients {
     by_network: HashMap<String, Vec<IpNet>>,
     bridges: HashMap<String, String>,
+    /// Routed networks: their containers' queries come in on their own `fnv*` ports.
+    routed: HashSet<String>,
 }
 
 impl Clients {
@@ -45,10 +49,22 @@ impl Clients {
                 (name.clone(), br)
             })
             .collect();
+        let routed = view
+            .networks
+            .iter()
+            .filter(|(name, net)| by_network.contains_key(*name) && net.mode == NetworkMode::Routed)
+            .map(|(name, _)| name.clone())
+            .collect();
         Clients {
             by_network,
             bridges,
+            routed,
         }
+    }
+
+    /// Whether `network` is routed (no bridge: see [`super::ingress::routed_port`]).
+    pub fn is_routed(&self, network: &str) -> bool {
+        self.routed.contains(network)
     }
 
     /// The bridge that holds `network`'s gateways on this host.
