@@ -1,0 +1,314 @@
+//! Routed endpoints (`--mode routed`) on a real kernel: no bridge, a /32 and /128 per
+//! container on its host-side `fnv*` port, the link-local gateways 169.254.1.1 and fe80::1.
+//! Single host through the CNI plugin (TCP both families, a published port from outside, another
+//! network refused, forged sources and ARP dropped at the routed guard), and 3-host labs on etcd
+//! for the route and vxlan backends (all pairs over IPv4 and IPv6, names through the agents'
+//! DNS). Everything is removed on drop, also when a test fails.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+use common::lab::{Container, Lab as MultiLab};
+use common::{out, tcp_get, tcp_server, Lab, Ns};
+use serde_json::{json, Value};
+
+/// A routed CNI config with one IPv4 and one IPv6 subnet.
+fn routed_conf(lab: &Lab, name: &str, v4: &str, v6: &str) -> Value {
+    let mut c = lab.conf(name, v4, Some(v6));
+    c["mode"] = json!("routed");
+    c
+}
+
+/// The address of `family` (v6 or not) in an ADD result, without its prefix.
+fn addr_of(res: &Value, v6: bool) -> String {
+    res["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["address"].as_str())
+        .find(|a| a.contains(':') == v6)
+        .map(|a| a.split('/').next().unwrap_or("").to_string())
+        .unwrap_or_else(|| panic!("no address in {res}"))
+}
+
+/// The guard's drop counters on the lab's host.
+fn counters(lab: &Lab) -> BTreeMap<String, u64> {
+    let o = lab.cli(&["guard", "--json"]);
+    assert!(o.status.success(), "guard: {}", out(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).expect("guard json");
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| Some((c["reason"].as_str()?.to_string(), c["packets"].as_u64()?)))
+        .collect()
+}
+
+/// Run python `code` in `ns`; whether it exited 0, and its output.
+fn py(ns: &Ns, code: &str) -> (bool, String) {
+    let o = ns.run(&["python3", "-c", code]);
+    (o.status.success(), out(&o))
+}
+
+#[test]
+fn single_host_routed_containers_talk_publish_and_stay_isolated() {
+    let lab = Lab::new();
+    let name = format!("rt{}", lab.tag);
+    let mut conf = routed_conf(&lab, &name, "10.71.0.0/24", "fd71::/64");
+    let (a, b) = (Ns::new("ra"), Ns::new("rb"));
+    let ra = lab.add(&conf, "ctr-a", &a, "eth0");
+    conf["runtimeConfig"] =
+        json!({"portMappings": [{"hostPort": 18080, "containerPort": 8080, "protocol": "tcp"}]});
+    let rb = lab.add(&conf, "ctr-b", &b, "eth0");
+
+    // The result: host prefixes, the link-local gateways; no bridge on the host.
+    let ips = ra["ips"].as_array().expect("ips");
+    assert!(ips.iter().all(|i| {
+        let a = i["address"].as_str().unwrap_or("");
+        a.ends_with("/32") || a.ends_with("/128")
+    }));
+    let gws: Vec<&str> = ips.iter().filter_map(|i| i["gateway"].as_str()).collect();
+    assert_eq!(gws, vec!["169.254.1.1", "fe80::1"], "{ra}");
+    let bridges = lab
+        .host
+        .must(&["ip", "-j", "link", "show", "type", "bridge"]);
+    assert_eq!(bridges.trim(), "[]", "a routed network made a bridge");
+    let routes = lab.host.must(&["ip", "route", "show", "proto", "113"]);
+    assert!(
+        routes.contains(&format!("{} dev fnv", addr_of(&ra, false))),
+        "{routes}"
+    );
+    assert!(routes.contains("unreachable 10.71.0.0/24"), "{routes}");
+
+    // TCP both families, the server seeing the client's own address.
+    let _srv = tcp_server(&b, 8080, "hello-b");
+    for v6 in [false, true] {
+        let got = tcp_get(&a, &addr_of(&rb, v6), 8080).expect("a -> b");
+        assert_eq!(got, format!("hello-b {}", addr_of(&ra, v6)));
+    }
+    // A published port from an outside namespace.
+    let (client, host_ip, client_ip) = lab.outside(71);
+    let got = tcp_get(&client, &host_ip, 18080).expect("published port from outside");
+    assert_eq!(got, format!("hello-b {client_ip}"));
+    // Hairpin: a reaching b through the host's published port.
+    assert!(tcp_get(&a, &host_ip, 18080).is_some(), "hairpin to b");
+    // An unused address of the subnet is refused at once (unreachable), not routed on.
+    let (ok, o) = py(
+        &a,
+        "import socket\ntry:\n  socket.create_connection(('10.71.0.200',8080),timeout=3)\nexcept OSError as e:\n  print(e.errno);raise SystemExit(0 if e.errno in (113,101) else 1)\nraise SystemExit(1)\n",
+    );
+    assert!(ok, "unused address not refused: {o}");
+
+    // Another network, routed or bridged, is refused both ways.
+    let other = routed_conf(&lab, &format!("ro{}", lab.tag), "10.72.0.0/24", "fd72::/64");
+    let x = Ns::new("rx");
+    let rx = lab.add(&other, "ctr-x", &x, "eth0");
+    let bridged = lab.conf(
+        &format!("rbr{}", lab.tag),
+        "10.73.0.0/24",
+        Some("fd73::/64"),
+    );
+    let y = Ns::new("ry");
+    let ry = lab.add(&bridged, "ctr-y", &y, "eth0");
+    for v6 in [false, true] {
+        assert_eq!(
+            tcp_get(&x, &addr_of(&rb, v6), 8080),
+            None,
+            "other routed network"
+        );
+        assert_eq!(
+            tcp_get(&y, &addr_of(&rb, v6), 8080),
+            None,
+            "bridged network"
+        );
+    }
+    let _srv_x = tcp_server(&x, 8081, "hello-x");
+    assert_eq!(tcp_get(&a, &addr_of(&rx, false), 8081), None);
+    // The bridged container still reaches b's published port (DNATed, as on bridges).
+    assert!(tcp_get(&y, &host_ip, 18080).is_some(), "{ry}");
+
+    // DEL leaves nothing of the container on the host.
+    for (id, ns, c) in [("ctr-a", &a, &conf), ("ctr-b", &b, &conf)] {
+        let d = lab.del(c, id, Some(ns), "eth0");
+        assert_eq!(d.code, 0, "{}", d.stderr);
+    }
+    let routes = lab.host.must(&["ip", "route", "show", "proto", "113"]);
+    assert!(!routes.contains("10.71.0.2 "), "{routes}");
+}
+
+#[test]
+fn a_routed_container_sends_only_as_itself() {
+    let lab = Lab::new();
+    let conf = routed_conf(&lab, &format!("rs{}", lab.tag), "10.74.0.0/24", "fd74::/64");
+    let (a, b, c) = (Ns::new("sa"), Ns::new("sb"), Ns::new("sc"));
+    let ra = lab.add(&conf, "ctr-a", &a, "eth0");
+    let rb = lab.add(&conf, "ctr-b", &b, "eth0");
+    let rc = lab.add(&conf, "ctr-c", &c, "eth0");
+    let (a4, b4, c4) = (
+        addr_of(&ra, false),
+        addr_of(&rb, false),
+        addr_of(&rc, false),
+    );
+    let (b6, c6) = (addr_of(&rb, true), addr_of(&rc, true));
+    let _srv = tcp_server(&c, 9090, "hello-c");
+    // Honest first: the guard lets the container's own traffic through.
+    assert!(tcp_get(&a, &c4, 9090).is_some());
+    let before = counters(&lab);
+
+    // a takes b's addresses (and an unallocated one) and connects from them: nothing arrives.
+    a.must(&["ip", "addr", "add", &format!("{b4}/32"), "dev", "eth0"]);
+    a.must(&["ip", "addr", "add", "10.74.0.250/32", "dev", "eth0"]);
+    a.must(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        &format!("{b6}/128"),
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    for (src, dst) in [(&b4, &c4), (&"10.74.0.250".to_string(), &c4), (&b6, &c6)] {
+        let code = format!(
+            "import socket\ns=socket.socket(socket.AF_INET6 if ':' in '{dst}' else socket.AF_INET)\ns.settimeout(2)\ns.bind(('{src}',0))\ntry:\n  s.connect(('{dst}',9090));raise SystemExit(1)\nexcept OSError:\n  pass\n"
+        );
+        let (ok, o) = py(&a, &code);
+        assert!(ok, "a forged {src} -> {dst} and connected: {o}");
+    }
+    // A forged MAC with a's own address is dropped too.
+    // (nsenter --net keeps the host's /sys: read the MAC over netlink.)
+    let link: Value =
+        serde_json::from_str(&a.must(&["ip", "-j", "link", "show", "eth0"])).expect("ip -j link");
+    let mac = link[0]["address"].as_str().expect("mac").to_string();
+    a.must(&["ip", "link", "set", "eth0", "address", "02:00:00:00:66:66"]);
+    assert_eq!(tcp_get(&a, &c4, 9090), None, "forged MAC passed");
+    a.must(&["ip", "link", "set", "eth0", "address", mac.trim()]);
+
+    // Forged ARP: replies claiming b's address (from a's own MAC), and from a forged MAC.
+    let arp = format!(
+        "import socket,struct\n\
+         s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW)\ns.bind(('eth0',0))\n\
+         own=':'.join('%02x'%b for b in s.getsockname()[4])\n\
+         def mac(m): return bytes(int(x,16) for x in m.split(':'))\n\
+         def ip(a): return socket.inet_aton(a)\n\
+         for src,sender in ((own,'{b4}'),('02:00:00:00:77:77','{a4}')):\n\
+         \x20 for op in (1,2):\n\
+         \x20   p=struct.pack('!HHBBH',1,0x0800,6,4,op)+mac(src)+ip(sender)+b'\\xff'*6+ip(sender)\n\
+         \x20   s.send(b'\\xff'*6+mac(src)+b'\\x08\\x06'+p)\n"
+    );
+    let (ok, o) = py(&a, &arp);
+    assert!(ok, "sending ARP: {o}");
+    let after = counters(&lab);
+    let grew = |k: &str| after.get(k).copied().unwrap_or(0) > before.get(k).copied().unwrap_or(0);
+    assert!(grew("ip4_spoof"), "{before:?} -> {after:?}");
+    assert!(grew("ip6_spoof"), "{before:?} -> {after:?}");
+    assert!(grew("arp_spoof"), "{before:?} -> {after:?}");
+    assert!(grew("mac_spoof"), "{before:?} -> {after:?}");
+    // The host never learnt b's address at a's port.
+    let neigh = lab.host.must(&["ip", "neigh", "show", &b4]);
+    assert!(!neigh.contains(mac.trim()), "{neigh}");
+    assert!(!neigh.contains("02:00:00:00:77:77"), "{neigh}");
+    // And the honest container still talks, from its own address.
+    assert_eq!(tcp_get(&a, &c4, 9090).map(|s| s.ends_with(&a4)), Some(true));
+}
+
+/// An echo server on 7000 in a container of the lab's routed network.
+fn echo_container(lab: &mut MultiLab, host: &str, short: &str) -> Container {
+    let server = "import socket,threading\n\
+        s=socket.socket(socket.AF_INET6);s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+        s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0);s.bind(('::',7000));s.listen(64)\n\
+        def serve(c):\n  while True:\n    d=c.recv(4096)\n    if not d: break\n    c.sendall(d)\n  c.close()\n\
+        while True:\n  c,_=s.accept();threading.Thread(target=serve,args=(c,),daemon=True).start()\n";
+    let c = lab.run(host, short, &[], &["python3", "-c", server]);
+    assert!(!c.v6.is_empty(), "no IPv6 address");
+    c
+}
+
+/// One TCP round trip from `from` to `addr`:7000, retried for a few seconds (the fabric
+/// converges after the blocks are claimed).
+fn echo(from: &Container, addr: &str) -> Result<(), String> {
+    let code = format!(
+        "import socket\ns=socket.create_connection(('{addr}',7000),timeout=2)\ns.sendall(b'ping')\nassert s.recv(4)==b'ping'\n"
+    );
+    let mut last = String::new();
+    for _ in 0..25 {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &from.netns(), "python3", "-c", &code])
+            .output()
+            .expect("python3");
+        if o.status.success() {
+            return Ok(());
+        }
+        last = out(&o);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(format!("{} -> {addr}: {last}", from.name))
+}
+
+fn multi_host_all_pairs(name: &str, backend: &str) {
+    let mut lab = MultiLab::up(
+        name,
+        &["--hosts", "3", "--backend", backend, "--mode", "routed"],
+    );
+    let cs: Vec<Container> = ["h1", "h2", "h3"]
+        .iter()
+        .enumerate()
+        .map(|(i, h)| echo_container(&mut lab, h, &format!("c{}", i + 1)))
+        .collect();
+    let mut failures = Vec::new();
+    for a in &cs {
+        for b in &cs {
+            if a.name != b.name {
+                for addr in [&b.v4, &b.v6] {
+                    failures.extend(echo(a, addr).err());
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "unreachable:\n{}", failures.join("\n"));
+    // No bridge on any host; each container's /32 on its own host's port.
+    for h in ["h1", "h2", "h3"] {
+        let o = Command::new("ip")
+            .args([
+                "-n",
+                &lab.host_ns(h),
+                "-j",
+                "link",
+                "show",
+                "type",
+                "bridge",
+            ])
+            .output()
+            .expect("ip");
+        assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]", "{h}");
+    }
+    // Names through the agent's DNS on the network's gateway, across hosts.
+    let (c1, c3) = (&cs[0], &cs[2]);
+    let mut answer = String::new();
+    for _ in 0..25 {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &c1.netns(), "getent", "ahostsv4", &c3.name])
+            .output()
+            .expect("getent");
+        answer = out(&o);
+        if answer.contains(&c3.v4) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(answer.contains(&c3.v4), "{} by name: {answer}", c3.name);
+    let st = lab.status("h1");
+    assert_eq!(st["errors"].as_array().map(Vec::len), Some(0), "{st}");
+}
+
+#[test]
+fn routed_route_backend_all_pairs() {
+    multi_host_all_pairs("rtroute", "route");
+}
+
+#[test]
+fn routed_vxlan_backend_all_pairs() {
+    multi_host_all_pairs("rtvxlan", "vxlan");
+}
