@@ -193,7 +193,7 @@ impl Plugin {
                 }
                 let net = Network {
                     name: name.clone(),
-                    mode: NetworkMode::Bridge,
+                    mode: opts.mode,
                     bridge: opts.bridge.clone().unwrap_or_default(),
                     subnets,
                     mtu: opts.mtu,
