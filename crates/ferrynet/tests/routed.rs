@@ -59,6 +59,7 @@ fn single_host_routed_containers_talk_publish_and_stay_isolated() {
     let mut conf = routed_conf(&lab, &name, "10.71.0.0/24", "fd71::/64");
     let (a, b) = (Ns::new("ra"), Ns::new("rb"));
     let ra = lab.add(&conf, "ctr-a", &a, "eth0");
+    let conf_a = conf.clone();
     conf["runtimeConfig"] =
         json!({"portMappings": [{"hostPort": 18080, "containerPort": 8080, "protocol": "tcp"}]});
     let rb = lab.add(&conf, "ctr-b", &b, "eth0");
@@ -81,6 +82,17 @@ fn single_host_routed_containers_talk_publish_and_stay_isolated() {
         "{routes}"
     );
     assert!(routes.contains("unreachable 10.71.0.0/24"), "{routes}");
+
+    // CHECK passes, and a repeated ADD gives the same addresses.
+    let path = a.path();
+    let env = [
+        ("CNI_CONTAINERID", "ctr-a"),
+        ("CNI_NETNS", path.as_str()),
+        ("CNI_IFNAME", "eth0"),
+    ];
+    let check = lab.cni("CHECK", &conf_a, &env);
+    assert_eq!(check.code, 0, "CHECK: {} {}", check.json, check.stderr);
+    assert_eq!(lab.add(&conf_a, "ctr-a", &a, "eth0")["ips"], ra["ips"]);
 
     // TCP both families, the server seeing the client's own address.
     let _srv = tcp_server(&b, 8080, "hello-b");
@@ -311,4 +323,90 @@ fn routed_route_backend_all_pairs() {
 #[test]
 fn routed_vxlan_backend_all_pairs() {
     multi_host_all_pairs("rtvxlan", "vxlan");
+}
+
+/// Ping `addr` once from network namespace `ns`.
+fn ping_from(ns: &str, addr: &str) -> bool {
+    Command::new("ip")
+        .args(["netns", "exec", ns, "ping", "-c1", "-W2", addr])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn docker_endpoints_on_a_routed_network() {
+    use common::docker_rig::DockerRig;
+    let mut rig = DockerRig::with_network(&["-o", "ferrynet.mode=routed"]);
+    let a = rig.run("ra");
+    let b = rig.run("rb");
+    let ip_of = |n: &str| {
+        rig.docker.docker_ok(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            n,
+        ])
+    };
+    let (a4, b4) = (ip_of("ra"), ip_of("rb"));
+    let routes = common::must(&["ip", "-n", &a, "route"]);
+    assert!(routes.contains("default via 169.254.1.1"), "{routes}");
+    let bridges = rig
+        .host
+        .must(&["ip", "-j", "link", "show", "type", "bridge"]);
+    assert_eq!(
+        bridges.trim(),
+        "[]",
+        "a routed Docker network made a bridge"
+    );
+    // Neighbours on the pool's prefix through proxy ARP, and the host.
+    assert!(ping_from(&a, b4.trim()), "ra -> rb");
+    assert!(ping_from(&rig.host.name, a4.trim()), "host -> ra");
+    // A forged source is dropped and counted; the honest one still passes.
+    common::must(&[
+        "ip",
+        "-n",
+        &a,
+        "addr",
+        "add",
+        "10.234.0.99/32",
+        "dev",
+        "eth0",
+    ]);
+    let forged = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &a,
+            "ping",
+            "-c1",
+            "-W2",
+            "-I",
+            "10.234.0.99",
+            b4.trim(),
+        ])
+        .output()
+        .expect("ping");
+    assert!(!forged.status.success(), "a forged source got an answer");
+    let o = rig.cli(&["guard", "--json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).expect("guard json");
+    let spoofed = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["reason"] == "ip4_spoof")
+        .and_then(|c| c["packets"].as_u64())
+        .unwrap_or(0);
+    assert!(spoofed > 0, "{v}");
+    assert!(ping_from(&a, b4.trim()), "ra -> rb after the forgery");
+    // `docker rm` takes ra's elements out of the routed tables.
+    let a_link: Value = serde_json::from_str(&common::must(&[
+        "ip", "-n", &a, "-j", "link", "show", "eth0",
+    ]))
+    .expect("ip -j link");
+    let a_mac = a_link[0]["address"].as_str().expect("mac").to_string();
+    rig.docker.docker_ok(&["rm", "-f", "ra"]);
+    let macs = rig
+        .host
+        .must(&["nft", "list", "set", "inet", "ferrynet-routed", "macs"]);
+    assert!(!macs.contains(&a_mac), "{macs}");
 }

@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::dockerd::{import_busybox, Dockerd};
+use common::docker_rig::DockerRig;
 use common::lab::Lab as Cluster;
 use common::*;
 use serde_json::Value;
@@ -596,139 +596,6 @@ fn forged_sources_do_not_cross_the_fabric_vxlan() {
 #[test]
 fn forged_sources_do_not_cross_the_fabric_auto() {
     forged_sources_do_not_cross_the_fabric("spfauto", "auto");
-}
-
-/// A private dockerd in a "host" namespace of its own with the agent serving the driver there,
-/// one ferrynet Docker network; everything removed on drop (containers and network through
-/// the engine, then the engine, the agent, the namespaces).
-struct DockerRig {
-    docker: Dockerd,
-    agent: Proc,
-    socket: std::path::PathBuf,
-    state: tempfile::TempDir,
-    _client: Ns,
-    host: Ns,
-    image: String,
-    net: String,
-    attached: Vec<String>,
-}
-
-impl DockerRig {
-    fn new() -> DockerRig {
-        assert!(
-            std::path::Path::new("/bin/busybox").exists(),
-            "apt-get install busybox-static"
-        );
-        need("dockerd", "docker.io");
-        let t = tag();
-        let host = Ns::new("sh");
-        let client = Ns::new("sc");
-        wire_client(
-            Some(&host),
-            &client,
-            &format!("fsh{t}"),
-            "10.253.7.1",
-            "10.253.7.2",
-        );
-        // The agent's underlay is the default route's interface.
-        host.must(&["ip", "route", "add", "default", "via", "10.253.7.2"]);
-        let driver = format!("fnt-{t}");
-        let socket = std::path::PathBuf::from(format!("/run/docker/plugins/{driver}.sock"));
-        let state = tempfile::tempdir().expect("state dir");
-        let log = state.path().join("agent.log");
-        let logf = std::fs::File::create(&log).expect("agent log");
-        let child = Command::new("nsenter")
-            .arg(host.enter())
-            .args([bin(), "--state-dir"])
-            .arg(state.path())
-            .args(["agent", "--no-dns", "--docker-socket"])
-            .arg(&socket)
-            .env("DOCKER_HOST", format!("unix:///run/fnd-{t}.sock"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(logf)
-            .spawn()
-            .expect("start the agent");
-        let mut child = Some(child);
-        wait_for_socket(&mut child, &socket, "agent", || {
-            std::fs::read_to_string(&log).unwrap_or_default()
-        });
-        let agent = Proc(child.expect("agent running"));
-        let docker = Dockerd::start(&t, Some(&host.name));
-        let image = format!("fnt-busybox:{t}");
-        import_busybox(&docker.host(), &image);
-        let net = format!("{driver}-net");
-        docker.docker_ok(&[
-            "network",
-            "create",
-            "-d",
-            &driver,
-            "--ipam-driver",
-            &driver,
-            "--subnet",
-            "10.234.0.0/24",
-            &net,
-        ]);
-        DockerRig {
-            docker,
-            agent,
-            socket,
-            state,
-            _client: client,
-            host,
-            image,
-            net,
-            attached: Vec::new(),
-        }
-    }
-
-    /// `docker run -d --name NAME` a sleeping container; its network namespace, attached under
-    /// a name of ours (detached on drop).
-    fn run(&mut self, name: &str) -> String {
-        self.docker.docker_ok(&[
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--network",
-            &self.net,
-            &self.image,
-            "sleep",
-            "3600",
-        ]);
-        let pid = self
-            .docker
-            .docker_ok(&["inspect", "-f", "{{.State.Pid}}", name]);
-        let ns = format!("fnt-d{name}-{}", tag());
-        must(&["ip", "netns", "attach", &ns, &pid]);
-        self.attached.push(ns.clone());
-        ns
-    }
-
-    fn cli(&self, args: &[&str]) -> std::process::Output {
-        let e = self.host.enter();
-        let state = self.state.path().display().to_string();
-        let mut v = vec!["nsenter", e.as_str(), bin(), "--state-dir", &state];
-        v.extend_from_slice(args);
-        sh(&v)
-    }
-}
-
-impl Drop for DockerRig {
-    fn drop(&mut self) {
-        for ns in &self.attached {
-            let _ = sh(&["ip", "netns", "del", ns]);
-        }
-        let ids = self.docker.docker(&["ps", "-aq"]);
-        for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
-            let _ = self.docker.docker(&["rm", "-f", id]);
-        }
-        let _ = self.docker.docker(&["network", "rm", &self.net]);
-        self.docker.stop();
-        let _ = self.agent.0.kill();
-        let _ = self.agent.0.wait();
-        let _ = std::fs::remove_file(&self.socket);
-    }
 }
 
 /// The same guard on Docker's path: the port is created at `Join` with the MAC

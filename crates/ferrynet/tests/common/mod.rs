@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 pub mod containerd;
 pub mod docker;
+pub mod docker_rig;
 pub mod dockerd;
 pub mod lab;
 pub mod peers;
