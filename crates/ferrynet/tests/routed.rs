@@ -338,7 +338,7 @@ fn docker_endpoints_on_a_routed_network() {
     use common::docker_rig::DockerRig;
     let mut rig = DockerRig::with_network(&["-o", "ferrynet.mode=routed"]);
     let a = rig.run("ra");
-    let b = rig.run("rb");
+    let _b = rig.run("rb");
     let ip_of = |n: &str| {
         rig.docker.docker_ok(&[
             "inspect",
