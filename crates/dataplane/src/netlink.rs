@@ -341,9 +341,8 @@ impl Netlink {
         Ok(out)
     }
 
-    /// Every route of the main table, both families, with whether the kernel marks it
-    /// `linkdown` (its device has no carrier, yet the route still takes the traffic).
-    pub async fn main_routes_linkdown(&self) -> Result<Vec<(RouteInfo, bool)>> {
+    /// The main table's route messages, both families.
+    async fn main_table(&self) -> Result<Vec<RouteMessage>> {
         let mut out = Vec::new();
         for msg in [
             RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
@@ -351,15 +350,28 @@ impl Netlink {
         ] {
             let mut s = self.handle.route().get(msg).execute();
             while let Some(m) = s.try_next().await.map_err(nl("listing routes"))? {
-                if m.header.table != RT_TABLE_MAIN {
-                    continue;
-                }
-                if let Some(r) = parse_route(&m) {
-                    out.push((r, m.header.flags.contains(RouteFlags::Linkdown)));
+                if m.header.table == RT_TABLE_MAIN {
+                    out.push(m);
                 }
             }
         }
         Ok(out)
+    }
+
+    /// Every route of the main table, both families, with whether the kernel marks it
+    /// `linkdown` (its device has no carrier, yet the route still takes the traffic).
+    pub async fn main_routes_linkdown(&self) -> Result<Vec<(RouteInfo, bool)>> {
+        Ok(self
+            .main_table()
+            .await?
+            .iter()
+            .filter_map(|m| {
+                Some((
+                    parse_route(m)?,
+                    m.header.flags.contains(RouteFlags::Linkdown),
+                ))
+            })
+            .collect())
     }
 
     /// Every route of the main table, both families: destination, protocol and type (for
@@ -367,22 +379,12 @@ impl Netlink {
     pub async fn typed_routes(
         &self,
     ) -> Result<Vec<(IpNet, u8, rtnetlink::packet_route::route::RouteType)>> {
-        let mut out = Vec::new();
-        for msg in [
-            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
-            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
-        ] {
-            let mut s = self.handle.route().get(msg).execute();
-            while let Some(m) = s.try_next().await.map_err(nl("listing routes"))? {
-                if m.header.table != RT_TABLE_MAIN {
-                    continue;
-                }
-                if let Some(r) = parse_route(&m) {
-                    out.push((r.dst, m.header.protocol.into(), m.header.kind));
-                }
-            }
-        }
-        Ok(out)
+        Ok(self
+            .main_table()
+            .await?
+            .iter()
+            .filter_map(|m| Some((parse_route(m)?.dst, m.header.protocol.into(), m.header.kind)))
+            .collect())
     }
 
     /// True if a link disappeared between lookup and use (ENODEV/ESRCH).

@@ -7,11 +7,10 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
-use common::lab::{Container, Lab as MultiLab};
+use common::lab::{echo, Container, Lab as MultiLab};
 use common::{out, tcp_get, tcp_server, Lab, Ns};
 use serde_json::{json, Value};
 
@@ -32,18 +31,6 @@ fn addr_of(res: &Value, v6: bool) -> String {
         .find(|a| a.contains(':') == v6)
         .map(|a| a.split('/').next().unwrap_or("").to_string())
         .unwrap_or_else(|| panic!("no address in {res}"))
-}
-
-/// The guard's drop counters on the lab's host.
-fn counters(lab: &Lab) -> BTreeMap<String, u64> {
-    let o = lab.cli(&["guard", "--json"]);
-    assert!(o.status.success(), "guard: {}", out(&o));
-    let v: Value = serde_json::from_slice(&o.stdout).expect("guard json");
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|c| Some((c["reason"].as_str()?.to_string(), c["packets"].as_u64()?)))
-        .collect()
 }
 
 /// Run python `code` in `ns`; whether it exited 0, and its output.
@@ -167,7 +154,7 @@ fn a_routed_container_sends_only_as_itself() {
     let _srv = tcp_server(&c, 9090, "hello-c");
     // Honest first: the guard lets the container's own traffic through.
     assert!(tcp_get(&a, &c4, 9090).is_some());
-    let before = counters(&lab);
+    let before = lab.guard_counters();
 
     // a takes b's addresses (and an unallocated one) and connects from them: nothing arrives.
     a.must(&["ip", "addr", "add", &format!("{b4}/32"), "dev", "eth0"]);
@@ -212,7 +199,7 @@ fn a_routed_container_sends_only_as_itself() {
     );
     let (ok, o) = py(&a, &arp);
     assert!(ok, "sending ARP: {o}");
-    let after = counters(&lab);
+    let after = lab.guard_counters();
     let grew = |k: &str| after.get(k).copied().unwrap_or(0) > before.get(k).copied().unwrap_or(0);
     assert!(grew("ip4_spoof"), "{before:?} -> {after:?}");
     assert!(grew("ip6_spoof"), "{before:?} -> {after:?}");
@@ -226,39 +213,6 @@ fn a_routed_container_sends_only_as_itself() {
     assert_eq!(tcp_get(&a, &c4, 9090).map(|s| s.ends_with(&a4)), Some(true));
 }
 
-/// An echo server on 7000 in a container of the lab's routed network.
-fn echo_container(lab: &mut MultiLab, host: &str, short: &str) -> Container {
-    let server = "import socket,threading\n\
-        s=socket.socket(socket.AF_INET6);s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
-        s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0);s.bind(('::',7000));s.listen(64)\n\
-        def serve(c):\n  while True:\n    d=c.recv(4096)\n    if not d: break\n    c.sendall(d)\n  c.close()\n\
-        while True:\n  c,_=s.accept();threading.Thread(target=serve,args=(c,),daemon=True).start()\n";
-    let c = lab.run(host, short, &[], &["python3", "-c", server]);
-    assert!(!c.v6.is_empty(), "no IPv6 address");
-    c
-}
-
-/// One TCP round trip from `from` to `addr`:7000, retried for a few seconds (the fabric
-/// converges after the blocks are claimed).
-fn echo(from: &Container, addr: &str) -> Result<(), String> {
-    let code = format!(
-        "import socket\ns=socket.create_connection(('{addr}',7000),timeout=2)\ns.sendall(b'ping')\nassert s.recv(4)==b'ping'\n"
-    );
-    let mut last = String::new();
-    for _ in 0..25 {
-        let o = Command::new("ip")
-            .args(["netns", "exec", &from.netns(), "python3", "-c", &code])
-            .output()
-            .expect("python3");
-        if o.status.success() {
-            return Ok(());
-        }
-        last = out(&o);
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Err(format!("{} -> {addr}: {last}", from.name))
-}
-
 fn multi_host_all_pairs(name: &str, backend: &str) {
     let mut lab = MultiLab::up(
         name,
@@ -267,14 +221,14 @@ fn multi_host_all_pairs(name: &str, backend: &str) {
     let cs: Vec<Container> = ["h1", "h2", "h3"]
         .iter()
         .enumerate()
-        .map(|(i, h)| echo_container(&mut lab, h, &format!("c{}", i + 1)))
+        .map(|(i, h)| lab.echo_container(h, &format!("c{}", i + 1)))
         .collect();
     let mut failures = Vec::new();
     for a in &cs {
         for b in &cs {
             if a.name != b.name {
                 for addr in [&b.v4, &b.v6] {
-                    failures.extend(echo(a, addr).err());
+                    failures.extend(echo(a, addr, Duration::from_secs(5)).err());
                 }
             }
         }
@@ -339,15 +293,7 @@ fn docker_endpoints_on_a_routed_network() {
     let mut rig = DockerRig::with_network(&["-o", "ferrynet.mode=routed"]);
     let a = rig.run("ra");
     let _b = rig.run("rb");
-    let ip_of = |n: &str| {
-        rig.docker.docker_ok(&[
-            "inspect",
-            "-f",
-            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
-            n,
-        ])
-    };
-    let (a4, b4) = (ip_of("ra"), ip_of("rb"));
+    let (a4, b4) = (rig.ip_of("ra"), rig.ip_of("rb"));
     let routes = common::must(&["ip", "-n", &a, "route"]);
     assert!(routes.contains("default via 169.254.1.1"), "{routes}");
     let bridges = rig

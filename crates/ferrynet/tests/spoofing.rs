@@ -301,23 +301,6 @@ fn ips(res: &Value) -> (String, String) {
     (v4, v6)
 }
 
-/// `ferrynet guard --json` as reason → dropped packets.
-fn counters(lab: &Lab) -> std::collections::BTreeMap<String, u64> {
-    let o = lab.cli(&["guard", "--json"]);
-    assert!(o.status.success(), "guard: {}", out(&o));
-    let v: Value = serde_json::from_slice(&o.stdout).expect("guard json");
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .map(|c| {
-            (
-                c["reason"].as_str().unwrap_or_default().to_string(),
-                c["packets"].as_u64().unwrap_or(0),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn a_container_sends_only_as_itself() {
     need("python3", "python3");
@@ -444,7 +427,7 @@ fn a_container_sends_only_as_itself() {
         "c took a route from a's RA"
     );
 
-    let n = counters(&lab);
+    let n = lab.guard_counters();
     for reason in [
         "mac_spoof",
         "ip4_spoof",
@@ -534,7 +517,7 @@ fn a_port_without_elements_passes_nothing() {
         !ping(&rogue.name, "10.233.0.1"),
         "rogue port reached the gateway"
     );
-    assert!(counters(&lab)["mac_spoof"] > 0);
+    assert!(lab.guard_counters()["mac_spoof"] > 0);
     lab.host.must(&["ip", "link", "del", &port]);
 }
 
@@ -606,14 +589,7 @@ fn a_docker_container_sends_only_as_itself() {
     let mut rig = DockerRig::new();
     let a = rig.run("ca");
     let c = rig.run("cc");
-    let inspect = |n: &str| {
-        rig.docker.docker_ok(&[
-            "inspect",
-            "-f",
-            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
-            n,
-        ])
-    };
+    let inspect = |n: &str| rig.ip_of(n);
     let (a4, c4, gw4) = (inspect("ca"), inspect("cc"), "10.234.0.1");
     let host = rig.host.name.clone();
     let a_mac = mac_of(&a, "eth0");

@@ -125,6 +125,16 @@ impl DockerRig {
         ns
     }
 
+    /// Container `name`'s IPv4 address on its network, as Docker reports it.
+    pub fn ip_of(&self, name: &str) -> String {
+        self.docker.docker_ok(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            name,
+        ])
+    }
+
     /// The ferrynet CLI in the host namespace with the agent's state directory.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         let e = self.host.enter();
