@@ -553,6 +553,38 @@ mod tests {
     }
 
     #[test]
+    fn a_routed_config_gives_host_prefixes_and_the_link_local_gateways() {
+        let c = conf(
+            serde_json::json!({"mode": "routed", "subnets": [{"cidr": "10.7.0.0/24"}, {"cidr": "fd07::/64"}]}),
+        );
+        let net = network_from_conf(&c).unwrap().unwrap();
+        assert_eq!(net.mode, NetworkMode::Routed);
+        let mut ep = Endpoint::new("blue", "c1", "eth0");
+        ep.ips = vec![
+            "10.7.0.5/24".parse().unwrap(),
+            "fd07::5/64".parse().unwrap(),
+        ];
+        ep.host_veth = Some("fnv0123456789ab".into());
+        let res = build_result(&net, &ep, None, "1.1.0").unwrap();
+        let ips: Vec<(String, Option<String>)> = res
+            .ips
+            .iter()
+            .map(|i| (i.address.to_string(), i.gateway.map(|g| g.to_string())))
+            .collect();
+        assert_eq!(
+            ips,
+            vec![
+                ("10.7.0.5/32".to_string(), Some("169.254.1.1".to_string())),
+                ("fd07::5/128".to_string(), Some("fe80::1".to_string())),
+            ]
+        );
+        assert_eq!(res.interfaces[0].name, "fnv0123456789ab");
+        let bad =
+            conf(serde_json::json!({"mode": "bridged", "subnets": [{"cidr": "10.7.0.0/24"}]}));
+        assert_eq!(network_from_conf(&bad).unwrap_err().code, 7);
+    }
+
+    #[test]
     fn hostile_names_at_the_write_edge_get_spec_codes() {
         for bridge in ["fn-x\"; flush ruleset; \"", "fn-a%d", "fn-Blue", "docker0"] {
             let c =

@@ -519,6 +519,20 @@ mod tests {
     }
 
     #[test]
+    fn the_mode_option_makes_a_routed_network() {
+        let o = network_options(&opts(
+            json!({"com.docker.network.generic": {"ferrynet.mode": "routed"}}),
+        ))
+        .unwrap();
+        assert_eq!(o.mode, NetworkMode::Routed);
+        let e = network_options(&opts(
+            json!({"com.docker.network.generic": {"ferrynet.mode": "host"}}),
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("expected bridge or routed"), "{e}");
+    }
+
+    #[test]
     fn network_options_errors_are_clear() {
         let e = network_options(&opts(
             json!({"com.docker.network.generic": {"ferrynet.netwrk": "x"}}),

@@ -183,6 +183,27 @@ mod tests {
     }
 
     #[test]
+    fn routed_networks_are_answered_for_their_own_sources_on_their_ports() {
+        let mut v = view();
+        let routed = Network {
+            mode: NetworkMode::Routed,
+            ..Network::bridged("rt", ["10.50.0.0/24".parse().unwrap()])
+        };
+        v.put(&keys::network("rt"), &serde_json::to_vec(&routed).unwrap());
+        let c = Clients::build(&v, "h1");
+        assert!(c.is_routed("rt"));
+        assert!(!c.is_routed("blue"));
+        assert!(c.allowed("rt", "10.50.0.9".parse().unwrap()));
+        assert!(!c.allowed("rt", "10.30.0.9".parse().unwrap()));
+        // Its gateway is listened on like a bridge's.
+        let g = super::super::gateways::gateways(&v, "h1");
+        assert_eq!(
+            g.get(&"10.50.0.1".parse().unwrap()).map(String::as_str),
+            Some("rt")
+        );
+    }
+
+    #[test]
     fn bridges_of_local_networks() {
         let c = Clients::build(&view(), "h1");
         assert_eq!(c.bridge("blue"), Some("fn-blue"));
