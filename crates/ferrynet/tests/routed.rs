@@ -290,7 +290,13 @@ fn ping_from(ns: &str, addr: &str) -> bool {
 #[test]
 fn docker_endpoints_on_a_routed_network() {
     use common::docker_rig::DockerRig;
-    let mut rig = DockerRig::with_network(&["-o", "ferrynet.mode=routed"]);
+    let mut rig = DockerRig::with_network(&[
+        "-o",
+        "ferrynet.mode=routed",
+        "--ipv6",
+        "--subnet",
+        "fd34::/64",
+    ]);
     let a = rig.run("ra");
     let _b = rig.run("rb");
     let (a4, b4) = (rig.ip_of("ra"), rig.ip_of("rb"));
@@ -304,8 +310,18 @@ fn docker_endpoints_on_a_routed_network() {
         "[]",
         "a routed Docker network made a bridge"
     );
-    // Neighbours on the pool's prefix through proxy ARP, and the host.
+    // Host prefixes from ferrynet's IPAM (as Calico's): everything through the gateways.
+    let addrs = common::must(&["ip", "-n", &a, "addr", "show", "eth0"]);
+    assert!(addrs.contains(&format!("{}/32", a4.trim())), "{addrs}");
+    let b6 = rig.docker.docker_ok(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.GlobalIPv6Address}}{{end}}",
+        "rb",
+    ]);
+    assert!(addrs.contains("/128"), "{addrs}");
     assert!(ping_from(&a, b4.trim()), "ra -> rb");
+    assert!(ping_from(&a, b6.trim()), "ra -> rb over IPv6");
     assert!(ping_from(&rig.host.name, a4.trim()), "host -> ra");
     // A forged source is dropped and counted; the honest one still passes.
     common::must(&[
