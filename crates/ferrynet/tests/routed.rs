@@ -133,8 +133,30 @@ fn single_host_routed_containers_talk_publish_and_stay_isolated() {
         let d = lab.del(c, id, Some(ns), "eth0");
         assert_eq!(d.code, 0, "{}", d.stderr);
     }
+    // The last DEL of a config's network retires it: its gateways and unreachable routes go.
     let routes = lab.host.must(&["ip", "route", "show", "proto", "113"]);
-    assert!(!routes.contains("10.71.0.2 "), "{routes}");
+    assert!(!routes.contains("10.71.0."), "{routes}");
+    let lo = lab.host.must(&["ip", "addr", "show", "lo"]);
+    assert!(
+        !lo.contains("10.71.0.1/32") && !lo.contains("fd71::1/128"),
+        "{lo}"
+    );
+    // The other routed network's are still there until `network rm`.
+    assert!(lo.contains("10.72.0.1/32"), "{lo}");
+    let d = lab.del(&other, "ctr-x", Some(&x), "eth0");
+    assert_eq!(d.code, 0, "{}", d.stderr);
+    let o = lab.cli(&["network", "rm", "--force", &format!("ro{}", lab.tag)]);
+    assert!(
+        o.status.success() || out(&o).contains("does not exist"),
+        "{}",
+        out(&o)
+    );
+    let lo = lab.host.must(&["ip", "addr", "show", "lo"]);
+    assert!(!lo.contains("10.72.0.1/32"), "{lo}");
+    let routes = lab
+        .host
+        .must(&["ip", "-6", "route", "show", "proto", "113"]);
+    assert!(!routes.contains("fd72::"), "{routes}");
 }
 
 #[test]
