@@ -61,12 +61,24 @@ pub async fn remove_gateways(nl: &Netlink, pool: &[IpNet]) -> Result<()> {
                 })?;
         }
     }
-    for (dst, proto, kind) in nl.typed_routes().await? {
-        if kind == RouteType::Unreachable && proto == RTPROT_FERRYNET && inside(&dst) {
+    for dst in unreachable_prefixes(nl).await? {
+        if inside(&dst) {
             unreachable(nl, dst, false).await?;
         }
     }
     Ok(())
+}
+
+/// Every `unreachable` route of ferrynet's in the main table (routed networks' subnets and
+/// blocks).
+pub async fn unreachable_prefixes(nl: &Netlink) -> Result<Vec<IpNet>> {
+    Ok(nl
+        .typed_routes()
+        .await?
+        .into_iter()
+        .filter(|(_, proto, kind)| *proto == RTPROT_FERRYNET && *kind == RouteType::Unreachable)
+        .map(|(dst, _, _)| dst)
+        .collect())
 }
 
 fn address_message(a: IpNet) -> rtnetlink::packet_route::address::AddressMessage {

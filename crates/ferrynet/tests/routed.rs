@@ -394,3 +394,48 @@ fn docker_endpoints_on_a_routed_network() {
         .must(&["nft", "list", "set", "inet", "ferrynet-routed", "macs"]);
     assert!(!macs.contains(&a_mac), "{macs}");
 }
+
+#[test]
+fn reload_removes_the_gateways_of_routed_networks_gone_meanwhile() {
+    let lab = Lab::new();
+    let conf = routed_conf(&lab, &format!("rg{}", lab.tag), "10.75.0.0/24", "fd75::/64");
+    let a = Ns::new("ga");
+    lab.add(&conf, "ctr-a", &a, "eth0");
+    // What a routed network removed while this host's agent was away leaves behind.
+    lab.host
+        .must(&["ip", "addr", "add", "10.76.0.1/32", "dev", "lo"]);
+    lab.host.must(&[
+        "ip",
+        "route",
+        "add",
+        "unreachable",
+        "10.76.0.0/24",
+        "proto",
+        "113",
+    ]);
+    // Someone else's loopback address and unreachable route (another protocol) stay.
+    lab.host
+        .must(&["ip", "addr", "add", "192.0.2.9/32", "dev", "lo"]);
+    lab.host
+        .must(&["ip", "route", "add", "unreachable", "198.51.100.0/24"]);
+    let o = lab.cli(&["reload"]);
+    assert!(o.status.success(), "reload: {}", out(&o));
+    let lo = lab.host.must(&["ip", "addr", "show", "lo"]);
+    assert!(!lo.contains("10.76.0.1/32"), "{lo}");
+    assert!(
+        lo.contains("10.75.0.1/32") && lo.contains("192.0.2.9/32"),
+        "{lo}"
+    );
+    let routes = lab.host.must(&["ip", "route"]);
+    assert!(!routes.contains("10.76.0.0/24"), "{routes}");
+    assert!(
+        routes.contains("unreachable 10.75.0.0/24")
+            && routes.contains("unreachable 198.51.100.0/24"),
+        "{routes}"
+    );
+    // The live network still works for its container.
+    assert!(
+        a.run(&["ping", "-c1", "-W2", "10.75.0.1"]).status.success(),
+        "the container reaches its gateway"
+    );
+}
