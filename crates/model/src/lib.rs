@@ -23,6 +23,7 @@ pub mod portmap;
 pub mod registry;
 pub mod reservation;
 pub mod reserved;
+pub mod routed;
 pub mod service;
 pub mod subnets;
 pub mod validate;

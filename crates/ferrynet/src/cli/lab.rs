@@ -93,6 +93,9 @@ pub struct UpArgs {
     /// backend: route, vxlan or auto.
     #[arg(long)]
     pub backend: Option<String>,
+    /// How the network's containers attach: bridge or routed (see `network create --mode`).
+    #[arg(long, default_value = "bridge", value_parser = ["bridge", "routed"], requires = "backend")]
+    pub mode: String,
     /// Agents' grace period for vanished hosts.
     #[arg(long, default_value = "60s")]
     pub grace: String,
@@ -607,6 +610,8 @@ async fn build(a: &UpArgs, exe: &Path, rec: &mut LabRecord) -> anyhow::Result<()
                 "fd20::/64",
                 "--backend",
                 b,
+                "--mode",
+                &a.mode,
             ])
             .output()?;
         if !out.status.success() {
@@ -615,7 +620,10 @@ async fn build(a: &UpArgs, exe: &Path, rec: &mut LabRecord) -> anyhow::Result<()
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
-        println!("network fabric (10.20.0.0/16, fd20::/64, backend {b}) created");
+        println!(
+            "network fabric (10.20.0.0/16, fd20::/64, backend {b}, mode {}) created",
+            a.mode
+        );
     }
     Ok(())
 }

@@ -267,8 +267,16 @@ struct CreateArgs {
     #[arg(long)]
     bridge: Option<String>,
     /// Host networking: containers share the host's namespace; nothing is created.
-    #[arg(long, conflicts_with_all = ["subnet", "internal", "bridge", "backend"])]
+    #[arg(long, conflicts_with_all = ["subnet", "internal", "bridge", "backend", "mode"])]
     host: bool,
+    /// How containers attach. bridge: one Linux bridge per network. routed: no bridge (as
+    /// Calico); each container's host-side veth carries a /32 and /128 route to it, the
+    /// container holds its addresses as /32 and /128 and its default routes go on-link to
+    /// 169.254.1.1 and fe80::1, which the host end answers; every packet, also between two
+    /// containers of one host, is routed by the host. Works with every --backend; not with
+    /// --internal.
+    #[arg(long, value_name = "MODE", default_value = "bridge", value_parser = ["bridge", "routed"], conflicts_with = "internal")]
+    mode: String,
     /// Make the network span hosts (needs `ferrynet agent` on each host and a shared store):
     /// route (hosts share a link), vxlan (overlay) or auto (route where possible, else vxlan).
     #[arg(long, value_name = "BACKEND", conflicts_with = "internal")]
@@ -559,9 +567,10 @@ async fn network_from_args(ctl: &Control, a: CreateArgs) -> anyhow::Result<Netwo
             .context("no free 10.89.N.0/24 left for a default subnet; pass --subnet")?;
         subnets.push(Subnet::new(cidr));
     }
+    let mode: NetworkMode = a.mode.parse().map_err(anyhow::Error::msg)?;
     Ok(Network {
         name: a.name,
-        mode: NetworkMode::Bridge,
+        mode,
         bridge: a.bridge.unwrap_or_default(),
         subnets,
         mtu: a.mtu,

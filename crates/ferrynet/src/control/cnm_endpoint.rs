@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use ferrynet_dataplane::hostpair::{create_pair, PairSpec};
 use ferrynet_dataplane::netlink::Netlink;
 use ferrynet_model::ipam::{plan_allocation, validate_network_subnets, IpamError, ResolvedSubnet};
-use ferrynet_model::network::{keys, Endpoint, Network};
+use ferrynet_model::network::{keys, Endpoint, Network, NetworkMode};
 use ferrynet_model::portmap::PortMapping;
 use ferrynet_model::reservation::{plan_reservation, AddressRequest};
 use ferrynet_store::{Compare, Op};
@@ -443,15 +443,17 @@ impl Control {
         host_name: &str,
         peer_name: &str,
         mac: Option<[u8; 6]>,
+        ips: &[IpNet],
     ) -> Result<HostPair> {
         let host = Netlink::current().map_err(ControlError::dataplane("opening netlink"))?;
-        let bridge_index = self.ensure_bridge(&host, net).await?;
+        let device = self.ensure_bridge(&host, net).await?;
+        let routed = net.mode == NetworkMode::Routed;
         let pair = create_pair(
             &host,
             &PairSpec {
                 host_name: host_name.to_string(),
                 peer_name: peer_name.to_string(),
-                bridge_index,
+                bridge_index: (!routed).then_some(device),
                 mtu: net.mtu,
                 peer_mac: mac,
                 hairpin: true,
@@ -462,6 +464,17 @@ impl Control {
             "creating veth pair {host_name}/{peer_name} on {}",
             net.bridge
         )))?;
+        if routed {
+            let subnets = validate_network_subnets(&net.subnets)
+                .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+            if let Err(e) = self
+                .plumb_routed_port(&host, net, &subnets, host_name, pair.host_index, ips)
+                .await
+            {
+                let _ = host.delete_link(host_name).await;
+                return Err(e);
+            }
+        }
         Ok(HostPair {
             host_name: host_name.to_string(),
             host_mac: pair.host_mac,

@@ -16,6 +16,7 @@ use ferrynet_model::names::{format_mac, host_veth_name};
 use ferrynet_model::network::{keys, Endpoint, EndpointOwner, Network, NetworkMode};
 use ferrynet_model::pod::PodIdentity;
 use ferrynet_model::portmap::PortMapping;
+use ferrynet_model::routed;
 use ipnet::IpNet;
 
 use super::{decode, shaping, Control};
@@ -59,13 +60,42 @@ pub fn gateway_for(subnets: &[ResolvedSubnet], ip: IpAddr) -> Option<IpAddr> {
         .map(|s| s.gateway)
 }
 
+/// The gateway a container's routes use for `ip`: its subnet's, or on a routed network the
+/// link-local gateway of its family.
+pub fn container_gateway(net: &Network, subnets: &[ResolvedSubnet], ip: IpAddr) -> Option<IpAddr> {
+    if net.mode == NetworkMode::Routed {
+        return Some(routed::gateway_of(ip));
+    }
+    gateway_for(subnets, ip)
+}
+
+/// The addresses a container's interface holds: as allocated, or host prefixes on a routed
+/// network (no on-link subnet).
+pub fn container_addresses(net: &Network, ips: &[IpNet]) -> Vec<IpNet> {
+    if net.mode == NetworkMode::Routed {
+        return routed::container_addresses(ips);
+    }
+    ips.to_vec()
+}
+
 /// Routes a container gets: a default route per address family via that family's gateway,
-/// none on internal networks (the subnet route comes with the address itself).
+/// none on internal networks (the subnet route comes with the address itself); on a routed
+/// network on-link to the link-local gateway.
 pub fn container_routes(
     net: &Network,
     subnets: &[ResolvedSubnet],
     ips: &[IpNet],
 ) -> Vec<RouteSpec> {
+    if net.mode == NetworkMode::Routed {
+        return routed::container_routes(ips)
+            .into_iter()
+            .map(|r| RouteSpec {
+                dst: r.dst,
+                gateway: r.gateway,
+                onlink: true,
+            })
+            .collect();
+    }
     if net.internal {
         return Vec::new();
     }
@@ -81,6 +111,7 @@ pub fn container_routes(
             seen.insert(dst).then_some(RouteSpec {
                 dst,
                 gateway: Some(gw),
+                onlink: false,
             })
         })
         .collect()
@@ -174,7 +205,10 @@ impl Control {
                         req.ifname, req.netns
                     )))?
             {
-                if ep.ips.iter().all(|ip| state.addresses.contains(ip)) {
+                if container_addresses(net, &ep.ips)
+                    .iter()
+                    .all(|ip| state.addresses.contains(ip))
+                {
                     tracing::info!(container = %ep.container_id, "ADD repeated; endpoint already in place");
                     let host_name = host_veth_name(&net.name, &ep.container_id, &ep.ifname);
                     if let Some(index) = host
@@ -182,9 +216,19 @@ impl Control {
                         .await
                         .map_err(ControlError::dataplane(format!("looking up {host_name}")))?
                     {
+                        if net.mode == NetworkMode::Routed {
+                            // The interrupted attempt may have stopped before the host routes.
+                            let subnets = validate_network_subnets(&view.net.subnets)
+                                .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+                            self.ensure_bridge(&host, &view.net).await?;
+                            self.plumb_routed_port(
+                                &host, net, &subnets, &host_name, index, &ep.ips,
+                            )
+                            .await?;
+                        }
                         shaping::shape(&host, net, &ep, index).await?;
                     }
-                    self.guard_endpoint(&ep).await?;
+                    self.guard_endpoint(&ep, net.mode).await?;
                     self.publish_ports(&ep).await?;
                     return Ok((ep, view));
                 }
@@ -259,8 +303,9 @@ impl Control {
         container: &Netlink,
         ep: &Endpoint,
     ) -> Result<Endpoint> {
-        let bridge_index = self.ensure_bridge(host, net).await?;
+        let device = self.ensure_bridge(host, net).await?;
         crate::failpoint::hit("add-bridge");
+        let routed = net.mode == NetworkMode::Routed;
         let host_name = host_veth_name(&net.name, &ep.container_id, &ep.ifname);
         let mac = match &ep.mac {
             Some(m) => Some(
@@ -271,14 +316,14 @@ impl Control {
         };
         let spec = VethSpec {
             host_name: host_name.clone(),
-            bridge_index,
+            bridge_index: (!routed).then_some(device),
             mtu: net.mtu,
             hairpin: true,
             container: ContainerIface {
                 ifname: ep.ifname.clone(),
                 mac,
                 mtu: net.mtu,
-                addresses: ep.ips.clone(),
+                addresses: container_addresses(net, &ep.ips),
                 routes: container_routes(net, subnets, &ep.ips),
             },
         };
@@ -292,6 +337,10 @@ impl Control {
                 },
             })?;
         crate::failpoint::hit("add-veth");
+        if routed {
+            self.plumb_routed_port(host, net, subnets, &host_name, attached.host_index, &ep.ips)
+                .await?;
+        }
         // Limits before anything is published: the container never sends unshaped.
         shaping::shape(host, net, ep, attached.host_index).await?;
         let mut done = ep.clone();
@@ -299,7 +348,7 @@ impl Control {
         done.host_veth = Some(host_name);
         done.host_mac = Some(format_mac(&attached.host_mac));
         // Until its elements exist the port drops everything (anti-spoofing default deny).
-        self.guard_endpoint(&done).await?;
+        self.guard_endpoint(&done, net.mode).await?;
         crate::failpoint::hit("add-guarded");
         if let Err(e) = self.publish_ports(ep).await {
             self.unguard_endpoint(&done);
@@ -307,6 +356,27 @@ impl Control {
         }
         crate::failpoint::hit("add-published");
         Ok(done)
+    }
+
+    /// The host end of a routed container's veth: the link-local gateways, a /32 and /128 to
+    /// the container sourced from the network's gateways (see [`ferrynet_model::routed`]).
+    pub(crate) async fn plumb_routed_port(
+        &self,
+        host: &Netlink,
+        net: &Network,
+        subnets: &[ResolvedSubnet],
+        port: &str,
+        index: u32,
+        ips: &[IpNet],
+    ) -> Result<()> {
+        let gateways: Vec<IpAddr> = subnets.iter().map(|s| s.gateway).collect();
+        let spec = routed::host_port(port, ips, &gateways);
+        ferrynet_dataplane::routed::plumb_port(host, index, &spec)
+            .await
+            .map_err(ControlError::dataplane(format!(
+                "routing {port} on network {}",
+                net.name
+            )))
     }
 
     /// Host networking: record the endpoint (so GC and `ps` know it) and create nothing.
@@ -450,7 +520,7 @@ impl Control {
                     "interface {ifname} is missing from netns {netns}"
                 ))
             })?;
-        for ip in &ep.ips {
+        for ip in &container_addresses(net, &ep.ips) {
             if !state.addresses.contains(ip) {
                 return Err(ControlError::CheckFailed(format!(
                     "address {ip} is missing from {ifname}"

@@ -24,14 +24,21 @@ pub fn validate_network(net: &Network) -> Result<()> {
             )));
         }
     }
-    if net.mode == NetworkMode::Bridge {
+    if net.mode.gives_interfaces() {
         validate_network_subnets(&net.subnets)
             .map_err(|e| ControlError::InvalidConfig(format!("network {}: {e}", net.name)))?;
     }
+    if net.mode == NetworkMode::Routed && net.internal {
+        // The edge's internal rules match the network's bridge, which a routed network has not.
+        return Err(ControlError::InvalidConfig(format!(
+            "network {}: a routed network cannot be internal (use a bridged one)",
+            net.name
+        )));
+    }
     if let Some(f) = &net.fabric {
-        if net.mode != NetworkMode::Bridge || net.internal {
+        if !net.mode.gives_interfaces() || net.internal {
             return Err(ControlError::InvalidConfig(format!(
-                "network {}: a multi-host network must be a bridged, non-internal network",
+                "network {}: a multi-host network must be a bridged or routed, non-internal network",
                 net.name
             )));
         }
@@ -323,6 +330,18 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("fn-"));
+    }
+
+    #[test]
+    fn routed_networks_may_span_hosts_but_not_be_internal() {
+        let mut n = net("blue", "10.1.2.0/24");
+        n.mode = NetworkMode::Routed;
+        assert!(validate_network(&n).is_ok());
+        n.internal = true;
+        assert!(validate_network(&n)
+            .unwrap_err()
+            .to_string()
+            .contains("routed network cannot be internal"));
     }
 
     #[test]
