@@ -3,7 +3,7 @@
 mod install;
 mod lab;
 mod render;
-mod service;
+pub mod service;
 mod status;
 mod table;
 
