@@ -21,5 +21,6 @@ pub mod registry;
 pub mod reservation;
 pub mod reserved;
 pub mod service;
+pub mod sleeve;
 pub mod subnets;
 pub mod validate;

@@ -14,6 +14,7 @@ pub mod health;
 pub mod lb;
 pub mod reconcile;
 pub mod register;
+pub mod sleeve;
 pub mod status;
 pub mod underlay;
 pub mod view;
@@ -54,6 +55,10 @@ pub struct AgentOptions {
     pub docker_scope: crate::cnm::scope::ScopeSetting,
     /// Serve DNS on the gateways (None: no DNS server, containers keep the host's resolver).
     pub dns: Option<dns::DnsOptions>,
+    /// The sleeve's UDP port (0: no sleeve).
+    pub sleeve_port: u16,
+    /// Sleeve queues (None: the CPUs, at most 4).
+    pub sleeve_queues: Option<usize>,
 }
 
 /// Run the agent until SIGINT/SIGTERM.
@@ -93,11 +98,33 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
 
     let nl = Netlink::current().context("opening netlink")?;
     let underlay = underlay::find(&nl, opts.underlay_dev.as_deref()).await?;
+    // The sleeve runs whenever it can: sleeve and encrypted networks need it, and `auto` peers
+    // reach this host through it where nothing else passes.
+    let sleeve = match opts.sleeve_port {
+        0 => None,
+        port => match sleeve::start(&paths.state_dir, port, opts.sleeve_queues, underlay.mtu) {
+            Ok(s) => Some(Arc::new(s)),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "the sleeve could not start; this host runs without it");
+                None
+            }
+        },
+    };
+    let mut capabilities = vec!["route".to_string(), "vxlan".to_string()];
+    if sleeve.is_some() {
+        capabilities.push("sleeve".into());
+    }
     let record = HostRecord {
         name: ctl.host().to_string(),
         underlay: underlay.addrs.clone(),
         underlay_mtu: underlay.mtu,
-        capabilities: vec!["route".into(), "vxlan".into()],
+        capabilities,
+        sleeve: sleeve
+            .as_ref()
+            .map(|s| ferrynet_model::sleeve::SleeveRecord {
+                public_key: ferrynet_model::sleeve::encode_key(&s.public_key()),
+                port: opts.sleeve_port,
+            }),
         version: env!("CARGO_PKG_VERSION").into(),
         started_at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -168,7 +195,33 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
         lease_tx,
     ));
 
+    let probes = sleeve::Probes::default();
+    let probe_changed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (probe_tx, probe_rx) = tokio::sync::watch::channel(Vec::new());
+    let probe_task = tokio::spawn(sleeve::probe_loop(
+        probe_rx,
+        probes.clone(),
+        opts.sleeve_port,
+        underlay.addrs.clone(),
+        probe_changed.clone(),
+    ));
+    let sleeve_report_task = sleeve.clone().map(|s| {
+        let status = status.clone();
+        tokio::spawn(async move {
+            loop {
+                let r = s.report();
+                if let Ok(mut st) = status.lock() {
+                    st.sleeve = Some(r);
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    });
     let mut rec = reconcile::Reconciler::new(ctl.clone(), nl, underlay, status.clone());
+    rec.sleeve = sleeve;
+    rec.probes = probes;
+    rec.probe_targets = Some(probe_tx);
+    rec.probe_changed = probe_changed;
     let mut view = ClusterView::default();
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
@@ -197,6 +250,10 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     reg_task.abort();
     disc_task.abort();
     health_task.abort();
+    probe_task.abort();
+    if let Some(t) = sleeve_report_task {
+        t.abort();
+    }
     // The load balancer's table stays: restarts must not drop traffic.
     lb_task.abort();
     let _ = std::fs::remove_file(&sock);
@@ -260,13 +317,14 @@ async fn follow(
             _ = tick.tick() => {
                 let now = Instant::now();
                 let expired = view.expired(now, opts.grace);
+                let probed = rec.probe_changed.swap(false, std::sync::atomic::Ordering::Relaxed);
                 if !expired.is_empty() {
                     rec.release_departed(view, &expired).await?;
                     for h in &expired {
                         view.departed.remove(h);
                     }
                     rec.run(view).await;
-                } else if now.duration_since(last_full) >= opts.resync {
+                } else if probed || now.duration_since(last_full) >= opts.resync {
                     last_full = now;
                     rec.run(view).await;
                 }

@@ -8,12 +8,12 @@ use ferrynet_dataplane::netlink::Netlink;
 use ferrynet_dataplane::vxlan::{VxlanSpec, VXLAN_PORT};
 use ferrynet_model::edge::EdgeNetwork;
 use ferrynet_model::fabric::{
-    desired, diff, vtep_mac, vxlan_dev_name, vxlan_local, vxlan_mtu, Backend, FabricInput,
-    FabricState,
+    diff, vtep_mac, vxlan_dev_name, vxlan_local, vxlan_mtu, Backend, FabricInput, FabricState,
 };
 use ferrynet_model::fabric_guard;
 use ferrynet_model::network::{keys, Endpoint, Network};
 use ferrynet_model::service::{keys as service_keys, Producer};
+use ferrynet_model::sleeve::{self as sleeve_model, Choice, SLEEVE_DEV};
 use ferrynet_store::{Compare, Op, StoreError};
 use ipnet::IpNet;
 
@@ -38,6 +38,14 @@ pub struct Reconciler {
     pub reclaimed: bool,
     /// The networks the edge's isolation sets were last applied for.
     edge: Option<Vec<EdgeNetwork>>,
+    /// The sleeve's datapath, when it runs.
+    pub sleeve: Option<Arc<ferrynet_sleeve::Sleeve>>,
+    /// What the VXLAN path probe found per peer.
+    pub probes: super::sleeve::Probes,
+    /// Where the probe learns whom to probe.
+    pub probe_targets: Option<tokio::sync::watch::Sender<Vec<super::sleeve::ProbeTarget>>>,
+    /// Set by the probe when a result changes a choice (a reconcile follows).
+    pub probe_changed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Reconciler {
@@ -57,6 +65,10 @@ impl Reconciler {
             saved_blocks: BTreeMap::new(),
             reclaimed: false,
             edge: None,
+            sleeve: None,
+            probes: Default::default(),
+            probe_targets: None,
+            probe_changed: Default::default(),
         }
     }
 
@@ -139,6 +151,16 @@ impl Reconciler {
         let mut vxlan_devs = Vec::new();
         let mut networks = Vec::new();
         let mut served = BTreeMap::new();
+        let mut probe_targets = Vec::new();
+        let probes = self.probes.lock().map(|p| p.clone()).unwrap_or_default();
+        let with_sleeve: std::collections::BTreeSet<&str> = view
+            .hosts
+            .values()
+            .chain(view.departed.values().map(|(h, _)| h))
+            .filter(|h| h.sleeve.is_some())
+            .map(|h| h.name.as_str())
+            .collect();
+        let mut sleeve_needed = false;
         if let Err(e) = self.sync_edge_sets(view) {
             errors.push(format!("applying the edge's isolation sets: {e}"));
         }
@@ -164,7 +186,10 @@ impl Reconciler {
                 }
             }
             let vxlan_dev = vxlan_dev_name(&net.name);
-            if spec.backend != Backend::Route {
+            // An encrypted network sends nothing over VXLAN; a sleeve one neither.
+            let uses_vxlan =
+                matches!(spec.backend, Backend::Vxlan | Backend::Auto) && !spec.encrypt;
+            if uses_vxlan {
                 match vxlan_local(&self.underlay.addrs) {
                     Some(local) => {
                         let vx = VxlanSpec {
@@ -191,14 +216,47 @@ impl Reconciler {
                 }
             }
             let peers = view.peers(&net.name, &me);
-            let (state, peer_status) = desired(&FabricInput {
-                me: &me,
-                my_underlay: &self.underlay.addrs,
-                underlay_dev: &self.underlay.dev,
-                vxlan_dev: &vxlan_dev,
-                backend: spec.backend,
-                peers: &peers,
-            });
+            let choices: BTreeMap<String, Choice> = peers
+                .iter()
+                .map(|p| {
+                    let probe = probes.get(&p.host).copied().unwrap_or_default();
+                    let has_key = with_sleeve.contains(p.host.as_str());
+                    let c = sleeve_model::choose(
+                        spec.backend,
+                        spec.encrypt,
+                        &self.underlay.addrs,
+                        p,
+                        has_key,
+                        probe,
+                    );
+                    (p.host.clone(), c)
+                })
+                .collect();
+            if spec.backend == Backend::Auto && uses_vxlan {
+                for p in &peers {
+                    let routed = choices.get(&p.host).map(|c| c.backend) == Some(Backend::Route);
+                    if let (false, Some(dst)) = (routed, sleeve_model::probe_target(p)) {
+                        probe_targets.push(super::sleeve::ProbeTarget {
+                            host: p.host.clone(),
+                            dst,
+                            dev: vxlan_dev.clone(),
+                        });
+                    }
+                }
+            }
+            sleeve_needed |= choices.values().any(|c| c.backend == Backend::Sleeve);
+            let (state, peer_status) = sleeve_model::desired(
+                &FabricInput {
+                    me: &me,
+                    my_underlay: &self.underlay.addrs,
+                    underlay_dev: &self.underlay.dev,
+                    vxlan_dev: &vxlan_dev,
+                    backend: spec.backend,
+                    peers: &peers,
+                },
+                SLEEVE_DEV,
+                &choices,
+            );
             want.merge(state);
             networks.push(NetworkStatus {
                 name: net.name.clone(),
@@ -212,6 +270,10 @@ impl Reconciler {
                             .iter()
                             .find(|q| q.host == p.host)
                             .map(|q| q.blocks.clone())
+                            .unwrap_or_default(),
+                        reason: choices
+                            .get(&p.host)
+                            .map(|c| c.reason.clone())
                             .unwrap_or_default(),
                         host: p.host,
                         backend: p.backend.map(|b| b.to_string()),
@@ -239,6 +301,16 @@ impl Reconciler {
         }
         self.served = served;
         self.save_blocks(view);
+        self.sync_sleeve(view, &me, sleeve_needed, &mut errors);
+        if let Some(tx) = &self.probe_targets {
+            probe_targets.sort_by(|a, b| a.host.cmp(&b.host));
+            probe_targets.dedup_by(|a, b| a.host == b.host);
+            tx.send_if_modified(|t| {
+                let changed = *t != probe_targets;
+                *t = std::mem::take(&mut probe_targets);
+                changed
+            });
+        }
 
         let mut changes = 0u64;
         match self.nl.read_fabric(&vxlan_devs).await {
@@ -324,6 +396,39 @@ impl Reconciler {
                 });
             }
         }
+    }
+
+    /// Give the sleeve its peers: every other host with a sleeve key, allowed to send from its
+    /// blocks in every multi-host network (a peer may choose the sleeve towards this host
+    /// where this host chose otherwise).
+    fn sync_sleeve(&self, view: &ClusterView, me: &str, needed: bool, errors: &mut Vec<String>) {
+        let Some(sl) = &self.sleeve else {
+            if needed {
+                errors.push(
+                    "peers are routed into the sleeve, which does not run on this host (see the agent's log; --sleeve-port 0 turns it off)"
+                        .into(),
+                );
+            }
+            return;
+        };
+        let mut blocks_of: BTreeMap<String, Vec<IpNet>> = BTreeMap::new();
+        for (net, blocks) in &view.blocks {
+            if view.networks.get(net).is_none_or(|n| n.fabric.is_none()) {
+                continue;
+            }
+            for (b, h) in blocks {
+                if view.block_fits(net, b) {
+                    blocks_of.entry(h.clone()).or_default().push(*b);
+                }
+            }
+        }
+        let hosts = view
+            .hosts
+            .values()
+            .chain(view.departed.values().map(|(h, _)| h));
+        let (peers, errs) = sleeve_model::peers(me, hosts, &blocks_of);
+        errors.extend(errs.into_iter().map(|e| format!("sleeve: {e}")));
+        sl.set_peers(&peers);
     }
 
     /// Release what departed hosts held once their grace period is over: their blocks and the

@@ -2,6 +2,7 @@
 
 mod install;
 mod lab;
+mod lab_nat;
 mod render;
 mod service;
 mod status;
@@ -169,6 +170,14 @@ struct AgentArgs {
     /// Port the DNS server listens on at each gateway.
     #[arg(long, default_value_t = 53, hide = true)]
     dns_port: u16,
+    /// UDP port of the sleeve (the encrypted overlay); 0: run no sleeve (this host then cannot
+    /// join sleeve or encrypted networks' peers). Open it between hosts.
+    #[arg(long, default_value_t = ferrynet_model::sleeve::SLEEVE_PORT, value_name = "PORT")]
+    sleeve_port: u16,
+    /// Sleeve queues: threads encrypting (and decrypting) in parallel (default: the CPUs, at
+    /// most 4).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16))]
+    sleeve_queues: Option<u16>,
 }
 
 /// The agent's DNS settings from its flags.
@@ -270,9 +279,15 @@ struct CreateArgs {
     #[arg(long, conflicts_with_all = ["subnet", "internal", "bridge", "backend"])]
     host: bool,
     /// Make the network span hosts (needs `ferrynet agent` on each host and a shared store):
-    /// route (hosts share a link), vxlan (overlay) or auto (route where possible, else vxlan).
+    /// route (hosts share a link), vxlan (kernel overlay over UDP 4789), sleeve (encrypted
+    /// userspace overlay over one UDP port, through NAT; see docs/OVERLAY.md) or auto (per
+    /// peer: route on a shared link, vxlan where UDP 4789 passes, else sleeve).
     #[arg(long, value_name = "BACKEND", conflicts_with = "internal")]
     backend: Option<Backend>,
+    /// Send all cross-host traffic of a route, vxlan or auto network through the sleeve,
+    /// encrypted and authenticated (containers see no change but a smaller MTU).
+    #[arg(long, requires = "backend")]
+    encrypt: bool,
     /// VXLAN network identifier for a multi-host network (default: the lowest free one).
     #[arg(long, requires = "backend", value_parser = clap::value_parser!(u32).range(1..16_777_216))]
     vni: Option<u32>,
@@ -356,6 +371,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     docker_socket: a.docker_socket,
                     docker_scope: a.docker_scope,
                     dns,
+                    sleeve_port: a.sleeve_port,
+                    sleeve_queues: a.sleeve_queues.map(usize::from),
                 };
                 return crate::agent::run(paths, opts)
                     .await
@@ -573,6 +590,7 @@ async fn network_from_args(ctl: &Control, a: CreateArgs) -> anyhow::Result<Netwo
             vni: a.vni.unwrap_or(0),
             block_v4: a.block_size,
             block_v6: a.block_size6,
+            encrypt: a.encrypt,
         }),
     })
 }

@@ -115,6 +115,7 @@ impl NetworkOptions {
             vni: self.vni.unwrap_or(0),
             block_v4,
             block_v6,
+            encrypt: false,
         }))
     }
 }

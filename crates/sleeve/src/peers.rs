@@ -1,0 +1,184 @@
+//! The peer table the queue threads read: peers by key, by session index and by the blocks
+//! routed to them. Replaced whole on every change (readers keep the `Arc` they took), while a
+//! peer whose key did not change keeps its tunnel state (sessions, learned endpoint).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::Tunn;
+use boringtun::x25519::{PublicKey, StaticSecret};
+use ferrynet_model::sleeve::SleevePeer;
+use ipnet::IpNet;
+
+/// Seconds between keepalives, so a NAT in the path keeps the sleeve's mapping.
+pub const KEEPALIVE_SECS: u16 = 25;
+
+/// One peer's tunnel and what the datapath learned about it.
+pub struct PeerState {
+    /// Host name.
+    pub host: String,
+    /// Static public key.
+    pub key: [u8; 32],
+    /// Session index prefix (the top 24 bits of every index this tunnel hands out).
+    pub index: u32,
+    /// WireGuard's state machine for this peer.
+    pub tunn: Mutex<Tunn>,
+    /// Where the peer was last heard from (authenticated), followed as it moves.
+    pub learned: Mutex<Option<SocketAddr>>,
+    /// Inner bytes sent.
+    pub tx_bytes: AtomicU64,
+    /// Inner bytes received.
+    pub rx_bytes: AtomicU64,
+}
+
+impl PeerState {
+    /// The endpoint to send to: the learned one, else the first registered one.
+    pub fn endpoint(&self, entry: &Entry) -> Option<SocketAddr> {
+        self.learned
+            .lock()
+            .ok()
+            .and_then(|l| *l)
+            .or_else(|| entry.endpoints.first().copied())
+    }
+
+    /// Note an authenticated packet from `src` (roaming: the peer is followed there).
+    pub fn heard_from(&self, src: SocketAddr) {
+        if let Ok(mut l) = self.learned.lock() {
+            if *l != Some(src) {
+                if l.is_some() {
+                    tracing::info!(peer = %self.host, endpoint = %src, "sleeve peer moved");
+                }
+                *l = Some(src);
+            }
+        }
+    }
+}
+
+/// A peer with what the store says about it.
+pub struct Entry {
+    /// The tunnel state.
+    pub peer: Arc<PeerState>,
+    /// Registered endpoints.
+    pub endpoints: Vec<SocketAddr>,
+    /// Blocks it may send from.
+    pub allowed: Vec<IpNet>,
+}
+
+/// The table.
+#[derive(Default)]
+pub struct Table {
+    /// Peers in host order.
+    pub entries: Vec<Entry>,
+    by_key: HashMap<[u8; 32], usize>,
+    by_index: HashMap<u32, usize>,
+    /// (block, entry), longest prefix first.
+    routes: Vec<(IpNet, usize)>,
+}
+
+impl Table {
+    /// The entry routed to `dst`.
+    pub fn route(&self, dst: IpAddr) -> Option<usize> {
+        self.routes
+            .iter()
+            .find(|(n, _)| n.contains(&dst))
+            .map(|(_, i)| *i)
+    }
+
+    /// The entry holding session index `idx` (the receiver index of a message).
+    pub fn by_index(&self, idx: u32) -> Option<usize> {
+        self.by_index.get(&(idx >> 8)).copied()
+    }
+
+    /// The entry with this public key.
+    pub fn by_key(&self, key: &[u8; 32]) -> Option<usize> {
+        self.by_key.get(key).copied()
+    }
+
+    /// Whether entry `i` may send from `src`.
+    pub fn allows(&self, i: usize, src: IpAddr) -> bool {
+        self.entries[i].allowed.iter().any(|n| n.contains(&src))
+    }
+}
+
+/// Builds tables, keeping the tunnels of unchanged peers.
+pub struct TableBuilder {
+    secret: StaticSecret,
+    limiter: Arc<RateLimiter>,
+    next_index: u32,
+}
+
+impl TableBuilder {
+    /// For this host's key and the shared handshake rate limiter.
+    pub fn new(secret: StaticSecret, limiter: Arc<RateLimiter>) -> TableBuilder {
+        TableBuilder {
+            secret,
+            limiter,
+            next_index: 1,
+        }
+    }
+
+    /// The table for `peers`; returns it and the peers that are new (to handshake at once).
+    pub fn build(&mut self, old: &Table, peers: &[SleevePeer]) -> (Table, Vec<Arc<PeerState>>) {
+        let mut t = Table::default();
+        let mut fresh = Vec::new();
+        for p in peers {
+            let kept = old
+                .by_key(&p.public_key)
+                .map(|i| old.entries[i].peer.clone())
+                .filter(|s| s.host == p.host);
+            let peer = match kept {
+                Some(s) => s,
+                None => {
+                    let s = Arc::new(self.new_peer(p));
+                    fresh.push(s.clone());
+                    s
+                }
+            };
+            let i = t.entries.len();
+            t.by_key.insert(p.public_key, i);
+            t.by_index.insert(peer.index, i);
+            for b in &p.allowed {
+                t.routes.push((b.trunc(), i));
+            }
+            t.entries.push(Entry {
+                peer,
+                endpoints: p.endpoints.clone(),
+                allowed: p.allowed.iter().map(IpNet::trunc).collect(),
+            });
+        }
+        t.routes
+            .sort_by_key(|r| std::cmp::Reverse(r.0.prefix_len()));
+        (t, fresh)
+    }
+
+    fn new_peer(&mut self, p: &SleevePeer) -> PeerState {
+        // 24 bits of index; wrapping after 16 million key changes is harmless (old ones are gone).
+        let index = self.next_index & 0x00ff_ffff;
+        self.next_index = self.next_index.wrapping_add(1).max(1);
+        let tunn = Tunn::new(
+            self.secret.clone(),
+            PublicKey::from(p.public_key),
+            None,
+            Some(KEEPALIVE_SECS),
+            index,
+            Some(self.limiter.clone()),
+        );
+        PeerState {
+            host: p.host.clone(),
+            key: p.public_key,
+            index,
+            tunn: Mutex::new(tunn),
+            learned: Mutex::new(None),
+            tx_bytes: AtomicU64::new(0),
+            rx_bytes: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Bump a counter.
+pub fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
