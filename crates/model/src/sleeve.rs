@@ -20,6 +20,9 @@ use crate::host::HostRecord;
 /// The sleeve's UDP port unless the agent is told otherwise (Weave's sleeve port).
 pub const SLEEVE_PORT: u16 = 6784;
 
+/// The file in the state directory holding this host's private key (mode 0600).
+pub const KEY_FILE_NAME: &str = "sleeve.key";
+
 /// The TUN device every sleeve route leads into (`fns` is ferrynet's sleeve prefix).
 pub const SLEEVE_DEV: &str = "fns0";
 

@@ -265,7 +265,7 @@ impl Sleeve {
             .entries
             .iter()
             .map(|e| {
-                let learned = e.peer.learned.lock().ok().and_then(|l| *l);
+                let learned = e.peer.path.lock().ok().and_then(|p| p.learned);
                 let since = e
                     .peer
                     .tunn
@@ -316,6 +316,7 @@ fn initiate(shared: &Shared, table: &Table, i: usize) {
         return;
     };
     if let TunnResult::WriteToNetwork(p) = t.format_handshake_initiation(&mut buf, false) {
+        e.peer.sent(p);
         let _ = udp::send_one(&shared.sockets[0], dst, p);
     }
 }
@@ -332,7 +333,20 @@ fn timers(shared: Arc<Shared>) {
             shared.limiter.reset_count();
         }
         let table = shared.table();
+        let now = std::time::Instant::now();
         for e in &table.entries {
+            if e.peer.rotate_if_stuck(e, now) {
+                if let Ok(mut t) = e.peer.tunn.lock() {
+                    // A fresh initiation, to the new endpoint.
+                    if let (TunnResult::WriteToNetwork(p), Some(dst)) =
+                        (t.format_handshake_initiation(&mut buf, true), e.peer.endpoint(e))
+                    {
+                        e.peer.sent(p);
+                        let _ = udp::send_one(&shared.sockets[0], dst, p);
+                    }
+                }
+                continue;
+            }
             let Some(dst) = e.peer.endpoint(e) else {
                 continue;
             };
@@ -341,6 +355,7 @@ fn timers(shared: Arc<Shared>) {
             };
             match t.update_timers(&mut buf) {
                 TunnResult::WriteToNetwork(p) => {
+                    e.peer.sent(p);
                     let _ = udp::send_one(&shared.sockets[0], dst, p);
                 }
                 TunnResult::Err(boringtun::noise::errors::WireGuardError::ConnectionExpired) => {
@@ -350,4 +365,55 @@ fn timers(shared: Arc<Shared>) {
             }
         }
     }
+}
+
+/// The public key of a private key.
+pub fn public_of(private: [u8; 32]) -> [u8; 32] {
+    *PublicKey::from(&StaticSecret::from(private)).as_bytes()
+}
+
+/// Send one handshake initiation from key `private` to the sleeve at `endpoint` whose key is
+/// `peer_public`, and wait up to `wait` for its answer: true when the handshake completed.
+/// A diagnostic (`ferrynet sleeve hello`): a host that does not know `private`'s public key
+/// never answers, and counts the attempt as `unknownKey`.
+pub fn hello(
+    private: [u8; 32],
+    peer_public: [u8; 32],
+    endpoint: SocketAddr,
+    wait: Duration,
+) -> std::io::Result<bool> {
+    let mut t = boringtun::noise::Tunn::new(
+        StaticSecret::from(private),
+        PublicKey::from(peer_public),
+        None,
+        None,
+        rand::random::<u32>() >> 8,
+        None,
+    );
+    let local: SocketAddr = if endpoint.is_ipv4() {
+        "0.0.0.0:0".parse().map_err(std::io::Error::other)?
+    } else {
+        "[::]:0".parse().map_err(std::io::Error::other)?
+    };
+    let sock = std::net::UdpSocket::bind(local)?;
+    sock.set_read_timeout(Some(wait))?;
+    let mut buf = vec![0u8; 2048];
+    let mut out = vec![0u8; 2048];
+    if let TunnResult::WriteToNetwork(p) = t.format_handshake_initiation(&mut buf, false) {
+        sock.send_to(p, endpoint)?;
+    }
+    let deadline = std::time::Instant::now() + wait;
+    while std::time::Instant::now() < deadline {
+        let n = match sock.recv_from(&mut buf) {
+            Ok((n, _)) => n,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return Ok(false)
+            }
+            Err(e) => return Err(e),
+        };
+        if let TunnResult::WriteToNetwork(_) = t.decapsulate(Some(endpoint.ip()), &buf[..n], &mut out) {
+            return Ok(t.time_since_last_handshake().is_some());
+        }
+    }
+    Ok(false)
 }

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::Tunn;
@@ -26,34 +27,79 @@ pub struct PeerState {
     pub index: u32,
     /// WireGuard's state machine for this peer.
     pub tunn: Mutex<Tunn>,
-    /// Where the peer was last heard from (authenticated), followed as it moves.
-    pub learned: Mutex<Option<SocketAddr>>,
+    /// Where the peer is reached: learned from it, or the registered one in turn.
+    pub path: Mutex<PathState>,
     /// Inner bytes sent.
     pub tx_bytes: AtomicU64,
     /// Inner bytes received.
     pub rx_bytes: AtomicU64,
 }
 
+/// How a peer is reached.
+#[derive(Debug, Default)]
+pub struct PathState {
+    /// Where it was last heard from (authenticated), followed as it moves.
+    pub learned: Option<SocketAddr>,
+    /// The registered endpoint tried while none is learned.
+    pub cursor: usize,
+    /// Since when a handshake initiation waits for an answer.
+    pub waiting_since: Option<Instant>,
+}
+
+/// A handshake unanswered this long moves the peer to its next registered endpoint (an IPv4
+/// path that is firewalled while the IPv6 one passes, or the reverse).
+pub const ROTATE_AFTER: Duration = Duration::from_secs(5);
+
 impl PeerState {
-    /// The endpoint to send to: the learned one, else the first registered one.
+    /// The endpoint to send to: the learned one, else the registered one in turn.
     pub fn endpoint(&self, entry: &Entry) -> Option<SocketAddr> {
-        self.learned
-            .lock()
-            .ok()
-            .and_then(|l| *l)
-            .or_else(|| entry.endpoints.first().copied())
+        let p = self.path.lock().ok()?;
+        p.learned.or_else(|| {
+            let n = entry.endpoints.len();
+            (n > 0).then(|| entry.endpoints[p.cursor % n])
+        })
     }
 
     /// Note an authenticated packet from `src` (roaming: the peer is followed there).
     pub fn heard_from(&self, src: SocketAddr) {
-        if let Ok(mut l) = self.learned.lock() {
-            if *l != Some(src) {
-                if l.is_some() {
+        if let Ok(mut p) = self.path.lock() {
+            p.waiting_since = None;
+            if p.learned != Some(src) {
+                if p.learned.is_some() {
                     tracing::info!(peer = %self.host, endpoint = %src, "sleeve peer moved");
                 }
-                *l = Some(src);
+                p.learned = Some(src);
             }
         }
+    }
+
+    /// Note a datagram sent to the peer: a handshake initiation starts the wait for its answer.
+    pub fn sent(&self, msg: &[u8]) {
+        if msg.first() != Some(&1) {
+            return;
+        }
+        if let Ok(mut p) = self.path.lock() {
+            p.waiting_since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// When a handshake went unanswered for [`ROTATE_AFTER`] and the peer has another
+    /// registered endpoint, forget the learned one and move to the next; true if moved.
+    pub fn rotate_if_stuck(&self, entry: &Entry, now: Instant) -> bool {
+        let Ok(mut p) = self.path.lock() else {
+            return false;
+        };
+        let stuck = p
+            .waiting_since
+            .is_some_and(|t| now.duration_since(t) >= ROTATE_AFTER);
+        if !stuck || entry.endpoints.len() < 2 {
+            return false;
+        }
+        p.cursor = (p.cursor + 1) % entry.endpoints.len();
+        p.learned = None;
+        p.waiting_since = None;
+        tracing::info!(peer = %self.host, endpoint = %entry.endpoints[p.cursor], "sleeve: no answer; trying the peer's next endpoint");
+        true
     }
 }
 
@@ -171,7 +217,7 @@ impl TableBuilder {
             key: p.public_key,
             index,
             tunn: Mutex::new(tunn),
-            learned: Mutex::new(None),
+            path: Mutex::new(PathState::default()),
             tx_bytes: AtomicU64::new(0),
             rx_bytes: AtomicU64::new(0),
         }

@@ -70,6 +70,7 @@ pub(crate) fn run(shared: Arc<Shared>, dev: Arc<SyncDevice>, q: usize) {
                     tunn.encapsulate(pkt, &mut out[off..off + room])
                 {
                     let l = c.len();
+                    e.peer.sent(c);
                     if let Some(ep) = endpoint {
                         sent.push((ep, off, l));
                         off += l;

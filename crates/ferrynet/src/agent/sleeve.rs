@@ -19,8 +19,7 @@ use ipnet::IpNet;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
-/// The key file in the state directory.
-pub const KEY_FILE: &str = "sleeve.key";
+use ferrynet_model::sleeve::KEY_FILE_NAME as KEY_FILE;
 
 /// This host's private key: read from `<state-dir>/sleeve.key`, made (random, mode 0600) when
 /// missing. A file readable by others is refused: the key is the host's identity.

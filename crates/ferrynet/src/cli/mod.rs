@@ -3,6 +3,7 @@
 mod install;
 mod lab;
 mod lab_nat;
+mod sleeve_cmd;
 mod render;
 mod service;
 mod status;
@@ -102,6 +103,9 @@ enum Cmd {
     /// A multi-host lab on this machine: hosts as network namespaces, etcd, an agent per host.
     #[command(subcommand)]
     Lab(lab::LabCmd),
+    /// The sleeve (encrypted overlay): this host's public key, a handshake test.
+    #[command(subcommand)]
+    Sleeve(sleeve_cmd::SleeveCmd),
     /// Keep files rendered from templates over services, producers and keys; reload on change.
     ///
     /// The confd / consul-template job, built in. Follows the store (embedded or etcd) and, on
@@ -387,11 +391,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let exe = std::env::current_exe().context("locating the ferrynet binary")?;
                 return lab::run(c, &exe).await;
             }
+            Cmd::Sleeve(c) => return sleeve_cmd::run(&paths, c),
             _ => {}
         }
         let ctl = Control::open_with(paths, cli.store.as_deref(), None).await?;
         match cli.cmd {
-            Cmd::Agent(_) | Cmd::Status(_) | Cmd::Lab(_) => unreachable!("handled above"),
+            Cmd::Agent(_) | Cmd::Status(_) | Cmd::Lab(_) | Cmd::Sleeve(_) => {
+                unreachable!("handled above")
+            }
             Cmd::Network(c) => network(&ctl, c).await.map(|_| ExitCode::SUCCESS),
             Cmd::Service(c) => service::run(&ctl, c).await.map(|_| ExitCode::SUCCESS),
             Cmd::Run(a) => run_container(&ctl, a).await.map(|_| ExitCode::SUCCESS),
