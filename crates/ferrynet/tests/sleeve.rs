@@ -325,7 +325,7 @@ fn sleeve_over_an_ipv6_underlay() {
     // The IPv4 path of the sleeve's port is firewalled between the hosts; the restarted
     // agents find no answer there and move to the peers' IPv6 endpoints.
     common::must(&[
-        "ip", "netns", "exec", "slvB-ul", "nft", "add table bridge blk4 { chain f { type filter hook forward priority 0; ip protocol udp udp dport 6784 drop; } }",
+        "ip", "netns", "exec", "slvB-ul", "nft", "add table bridge blk4 { chain forward_filter { type filter hook forward priority 0; ip protocol udp udp dport 6784 drop; } }",
     ]);
     for h in ["h1", "h2"] {
         lab.lab(&["stop-agent", h, "--kill"]);

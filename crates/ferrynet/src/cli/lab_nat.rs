@@ -89,10 +89,14 @@ pub fn behind_nat(rec: &mut LabRecord, ul: &str, ns: &str, i: u8, s: u8) -> anyh
     nft_in(
         &router,
         "table inet labnat {
-           chain post { type nat hook postrouting priority srcnat; oifname \"eth0\" masquerade; }
-           chain fwd { type filter hook forward priority filter; policy drop;
-             ct state established,related accept; iifname \"in0\" oifname \"eth0\" accept; }
-         }",
+           chain post {
+             type nat hook postrouting priority srcnat; oifname \"eth0\" masquerade;
+           }
+           chain forward_filter {
+             type filter hook forward priority filter; policy drop;
+             ct state established,related accept; iifname \"in0\" oifname \"eth0\" accept;
+           }
+         }\n",
     )
 }
 
@@ -108,8 +112,8 @@ pub fn block_vxlan(ul: &str, host: &str, v4: &str, v6: &str) -> anyhow::Result<(
     nft_in(
         ul,
         &format!(
-            "table bridge {table} {{ chain fwd {{ type filter hook forward priority filter; {rules} }} }}
-             table inet {table} {{ chain fwd {{ type filter hook forward priority filter; {rules} }} }}"
+            "table bridge {table} {{\n chain forward_filter {{\n type filter hook forward priority filter;\n {rules}\n }}\n}}\n\
+             table inet {table} {{\n chain forward_filter {{\n type filter hook forward priority filter;\n {rules}\n }}\n}}\n"
         ),
     )
 }
