@@ -71,7 +71,11 @@ fn all_pairs(cs: &[Container]) {
             }
         }
     }
-    assert!(failures.is_empty(), "unreachable pairs:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "unreachable pairs:\n{}",
+        failures.join("\n")
+    );
 }
 
 /// tcpdump on every port of the lab's underlay bridge (in the underlay namespace), to a file.
@@ -86,7 +90,14 @@ impl Capture {
         let file = PathBuf::from(format!("/run/ferrynet-lab/{}/underlay.pcap", lab.name));
         let _ = std::fs::remove_file(&file);
         let child = Command::new("ip")
-            .args(["netns", "exec", &format!("{}-ul", lab.name), "tcpdump", "-i", "any"])
+            .args([
+                "netns",
+                "exec",
+                &format!("{}-ul", lab.name),
+                "tcpdump",
+                "-i",
+                "any",
+            ])
             .args(["-U", "-n", "-s", "0", "-w"])
             .arg(&file)
             .stdout(Stdio::null())
@@ -232,20 +243,31 @@ fn sleeve_all_pairs_encrypted_replay_tamper_unknown_key_restart_and_rekey() {
         .map(|(i, h)| echo_container(&mut lab, h, &format!("c{i}")))
         .collect();
     let mtu = common::must(&["ip", "-n", &cs[0].netns(), "-o", "link", "show", "eth0"]);
-    assert!(mtu.contains("mtu 1420"), "sleeve MTU = underlay - 80: {mtu}");
+    assert!(
+        mtu.contains("mtu 1420"),
+        "sleeve MTU = underlay - 80: {mtu}"
+    );
     // Sessions first, so the capture holds data messages.
     all_pairs(&cs);
 
     let mut cap = Capture::start(&lab);
     all_pairs(&cs);
     cap.stop();
-    assert!(!cap.contains_marker(), "the marker crossed the underlay in clear");
+    assert!(
+        !cap.contains_marker(),
+        "the marker crossed the underlay in clear"
+    );
     let clear = clear_traffic(&cap);
-    assert!(clear.is_empty(), "not the sleeve's UDP:\n{}", clear.join("\n"));
-    let to_h2 = cap.payloads("udp dst port 6784 and dst host 172.31.0.2 and greater 400");
+    assert!(
+        clear.is_empty(),
+        "not the sleeve's UDP:\n{}",
+        clear.join("\n")
+    );
+    // One datagram, not a GSO run of several (the capture sees those whole on the veths).
+    let to_h2 = cap.payloads("udp dst port 6784 and dst host 172.31.0.2");
     let data = to_h2
         .iter()
-        .find(|p| p.first() == Some(&4) && p.len() > 300)
+        .find(|p| p.first() == Some(&4) && p.len() > 64 && p.len() <= 1452)
         .cloned()
         .expect("a captured data message to h2");
     let status = lab.status("h2");
@@ -257,32 +279,71 @@ fn sleeve_all_pairs_encrypted_replay_tamper_unknown_key_restart_and_rekey() {
     inject(&lab, "172.31.0.2", &data);
     within(Duration::from_secs(5), || {
         let n = dropped(&lab, "h2", "replayed");
-        (n > replayed).then_some(()).ok_or(format!("replayed still {n}"))
+        (n > replayed)
+            .then_some(())
+            .ok_or(format!("replayed still {n}"))
     });
     let forged = dropped(&lab, "h2", "authFailed");
+    // A counter never used (else the replay check drops it first) and a flipped byte.
     let mut tampered = data.clone();
+    let counter = u64::from_le_bytes(tampered[8..16].try_into().unwrap()) + 1_000;
+    tampered[8..16].copy_from_slice(&counter.to_le_bytes());
     let last = tampered.len() - 20;
     tampered[last] ^= 0x55;
     inject(&lab, "172.31.0.2", &tampered);
     within(Duration::from_secs(5), || {
         let n = dropped(&lab, "h2", "authFailed");
-        (n > forged).then_some(()).ok_or(format!("authFailed still {n}"))
+        (n > forged)
+            .then_some(())
+            .ok_or(format!("authFailed still {n}"))
+    });
+    // A datagram larger than any packet the MTU allows, on a live session: dropped and
+    // counted, the decrypting thread unharmed.
+    let malformed = dropped(&lab, "h2", "malformed");
+    let mut big = data.clone();
+    big.resize(8000, 0xab);
+    inject(&lab, "172.31.0.2", &big);
+    within(Duration::from_secs(5), || {
+        let n = dropped(&lab, "h2", "malformed");
+        (n > malformed)
+            .then_some(())
+            .ok_or(format!("malformed still {n}"))
     });
     let status = lab.status("h2");
-    assert_eq!(sleeve_of(&status)["peers"][0]["endpoint"], h1_endpoint, "{status}");
+    assert_eq!(
+        sleeve_of(&status)["peers"][0]["endpoint"],
+        h1_endpoint,
+        "{status}"
+    );
 
     // A handshake from a key no host registered gets no answer and is counted.
     let unknown = dropped(&lab, "h2", "unknownKey");
-    let h2_key = sleeve_of(&status)["publicKey"].as_str().unwrap().to_string();
+    let h2_key = sleeve_of(&status)["publicKey"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let o = Command::new("ip")
-        .args(["netns", "exec", &format!("{}-ul", lab.name), bin(), "sleeve", "hello"])
+        .args([
+            "netns",
+            "exec",
+            &format!("{}-ul", lab.name),
+            bin(),
+            "sleeve",
+            "hello",
+        ])
         .args(["--endpoint", "172.31.0.2:6784", "--public-key", &h2_key])
         .output()
         .expect("sleeve hello");
-    assert!(!o.status.success() && out(&o).contains("no answer"), "{}", out(&o));
+    assert!(
+        !o.status.success() && out(&o).contains("no answer"),
+        "{}",
+        out(&o)
+    );
     within(Duration::from_secs(5), || {
         let n = dropped(&lab, "h2", "unknownKey");
-        (n > unknown).then_some(()).ok_or(format!("unknownKey still {n}"))
+        (n > unknown)
+            .then_some(())
+            .ok_or(format!("unknownKey still {n}"))
     });
     all_pairs(&cs);
 
@@ -293,7 +354,10 @@ fn sleeve_all_pairs_encrypted_replay_tamper_unknown_key_restart_and_rekey() {
     let t0 = Instant::now();
     echo(&cs[0], &cs[1].v4, Duration::from_secs(15)).expect("h1 -> h2 after kill -9");
     echo(&cs[1], &cs[2].v6, Duration::from_secs(15)).expect("h2 -> h3 after kill -9");
-    eprintln!("re-established {:?} after the agent's restart", t0.elapsed());
+    eprintln!(
+        "re-established {:?} after the agent's restart",
+        t0.elapsed()
+    );
 
     // A new key on h3: peers learn it from the store and handshake with it.
     let old = lab.status("h3")["sleeve"]["publicKey"].clone();
@@ -302,9 +366,13 @@ fn sleeve_all_pairs_encrypted_replay_tamper_unknown_key_restart_and_rekey() {
         .expect("remove h3's key");
     lab.lab(&["start-agent", "h3"]);
     let new = within(Duration::from_secs(15), || {
-        let s = lab.status("h3");
+        // The agent's socket appears once it runs.
+        let o = lab.exec("h3", &["status", "--json"]);
+        let s: Value = serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())?;
         let k = s["sleeve"]["publicKey"].clone();
-        (k.is_string() && k != old).then_some(k).ok_or("old key".to_string())
+        (k.is_string() && k != old)
+            .then_some(k)
+            .ok_or("old key".to_string())
     });
     within(Duration::from_secs(15), || {
         let s = lab.status("h1");
@@ -324,9 +392,14 @@ fn sleeve_over_an_ipv6_underlay() {
     let mut lab = Lab::up("slvB", &["--hosts", "2", "--backend", "sleeve"]);
     // The IPv4 path of the sleeve's port is firewalled between the hosts; the restarted
     // agents find no answer there and move to the peers' IPv6 endpoints.
-    common::must(&[
-        "ip", "netns", "exec", "slvB-ul", "nft", "add table bridge blk4 { chain forward_filter { type filter hook forward priority 0; ip protocol udp udp dport 6784 drop; } }",
-    ]);
+    let nft = |args: &str| {
+        let mut a = vec!["ip", "netns", "exec", "slvB-ul", "nft"];
+        a.extend(args.split(' '));
+        common::must(&a);
+    };
+    nft("add table bridge blk4");
+    nft("add chain bridge blk4 forward_filter { type filter hook forward priority 0 ; }");
+    nft("add rule bridge blk4 forward_filter ip protocol udp udp dport 6784 drop");
     for h in ["h1", "h2"] {
         lab.lab(&["stop-agent", h, "--kill"]);
         lab.lab(&["start-agent", h]);
@@ -340,13 +413,29 @@ fn sleeve_over_an_ipv6_underlay() {
     let mut cap = Capture::start(&lab);
     all_pairs(&cs);
     cap.stop();
-    assert!(!cap.contains_marker(), "the marker crossed the underlay in clear");
+    assert!(
+        !cap.contains_marker(),
+        "the marker crossed the underlay in clear"
+    );
     let clear = clear_traffic(&cap);
-    assert!(clear.is_empty(), "not the sleeve's UDP:\n{}", clear.join("\n"));
-    assert!(cap.matching("ip and udp port 6784").is_empty(), "IPv4 sleeve traffic passed");
-    assert!(!cap.matching("ip6 and udp port 6784").is_empty(), "no IPv6 sleeve traffic");
+    assert!(
+        clear.is_empty(),
+        "not the sleeve's UDP:\n{}",
+        clear.join("\n")
+    );
+    assert!(
+        cap.matching("ip and udp port 6784").is_empty(),
+        "IPv4 sleeve traffic passed"
+    );
+    assert!(
+        !cap.matching("ip6 and udp port 6784").is_empty(),
+        "no IPv6 sleeve traffic"
+    );
     let s = lab.status("h1");
-    let ep = sleeve_of(&s)["peers"][0]["endpoint"].as_str().unwrap_or("").to_string();
+    let ep = sleeve_of(&s)["peers"][0]["endpoint"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
     assert_eq!(ep, "[fd31::2]:6784", "{s}");
 }
 
@@ -368,10 +457,20 @@ fn encrypt_on_vxlan_sends_nothing_in_clear() {
     let mut cap = Capture::start(&lab);
     all_pairs(&cs);
     cap.stop();
-    assert!(!cap.contains_marker(), "the marker crossed the underlay in clear");
-    assert!(cap.matching("udp port 4789").is_empty(), "VXLAN on the underlay");
+    assert!(
+        !cap.contains_marker(),
+        "the marker crossed the underlay in clear"
+    );
+    assert!(
+        cap.matching("udp port 4789").is_empty(),
+        "VXLAN on the underlay"
+    );
     let clear = clear_traffic(&cap);
-    assert!(clear.is_empty(), "not the sleeve's UDP:\n{}", clear.join("\n"));
+    assert!(
+        clear.is_empty(),
+        "not the sleeve's UDP:\n{}",
+        clear.join("\n")
+    );
 }
 
 #[test]
@@ -381,8 +480,16 @@ fn auto_picks_route_vxlan_and_sleeve_through_nat_and_a_blocked_port() {
     let mut lab = Lab::up(
         "slvD",
         &[
-            "--hosts", "4", "--subnets", "2", "--backend", "auto", "--nat", "h3",
-            "--block-vxlan", "h2",
+            "--hosts",
+            "4",
+            "--subnets",
+            "2",
+            "--backend",
+            "auto",
+            "--nat",
+            "h3",
+            "--block-vxlan",
+            "h2",
         ],
     );
     let want = [
@@ -421,5 +528,8 @@ fn auto_picks_route_vxlan_and_sleeve_through_nat_and_a_blocked_port() {
         .unwrap_or(Value::Null);
     assert_eq!(h3["learned"], true, "{h3}");
     let ep = h3["endpoint"].as_str().unwrap_or("");
-    assert!(ep.starts_with("172.31.0.103:") || ep.starts_with("[fd31::67]:"), "{h3}");
+    assert!(
+        ep.starts_with("172.31.0.103:") || ep.starts_with("[fd31::67]:"),
+        "{h3}"
+    );
 }

@@ -338,9 +338,10 @@ fn timers(shared: Arc<Shared>) {
             if e.peer.rotate_if_stuck(e, now) {
                 if let Ok(mut t) = e.peer.tunn.lock() {
                     // A fresh initiation, to the new endpoint.
-                    if let (TunnResult::WriteToNetwork(p), Some(dst)) =
-                        (t.format_handshake_initiation(&mut buf, true), e.peer.endpoint(e))
-                    {
+                    if let (TunnResult::WriteToNetwork(p), Some(dst)) = (
+                        t.format_handshake_initiation(&mut buf, true),
+                        e.peer.endpoint(e),
+                    ) {
                         e.peer.sent(p);
                         let _ = udp::send_one(&shared.sockets[0], dst, p);
                     }
@@ -406,12 +407,19 @@ pub fn hello(
     while std::time::Instant::now() < deadline {
         let n = match sock.recv_from(&mut buf) {
             Ok((n, _)) => n,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
                 return Ok(false)
             }
             Err(e) => return Err(e),
         };
-        if let TunnResult::WriteToNetwork(_) = t.decapsulate(Some(endpoint.ip()), &buf[..n], &mut out) {
+        if let TunnResult::WriteToNetwork(_) =
+            t.decapsulate(Some(endpoint.ip()), &buf[..n], &mut out)
+        {
             return Ok(t.time_since_last_handshake().is_some());
         }
     }

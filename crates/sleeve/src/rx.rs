@@ -29,7 +29,7 @@ pub(crate) fn run(shared: Arc<Shared>, dev: Arc<SyncDevice>, q: usize) {
     let cap = VIRTIO_NET_HDR_LEN + shared.mtu.max(1280) + 64;
     let mut pool: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE * 4).map(|_| vec![0u8; cap]).collect();
     let mut gro = GROTable::default();
-    let mut scratch = vec![0u8; 2048];
+    let mut scratch = vec![0u8; cap];
     loop {
         if let Err(e) = rx.recv(&mut got) {
             tracing::debug!(error = %e, "sleeve: receiving");
@@ -111,9 +111,15 @@ fn handle(
         Packet::PacketData(d) => by_index(table, d.receiver_idx, c)?,
     };
     let is_data = matches!(packet, Packet::PacketData(_));
+    let out = &mut slot[VIRTIO_NET_HDR_LEN..];
+    // boringtun panics when the plaintext cannot fit: a datagram larger than the MTU allows is
+    // nobody's packet.
+    if dgram.len() > out.len() {
+        add(&c.malformed, 1);
+        return None;
+    }
     let e = &table.entries[i];
     let mut tunn = e.peer.tunn.lock().ok()?;
-    let out = &mut slot[VIRTIO_NET_HDR_LEN..];
     match tunn.decapsulate(Some(src.ip()), dgram, out) {
         TunnResult::WriteToNetwork(p) => {
             // A handshake answered (authenticated), or a cookie reply the rate limiter sends

@@ -3,9 +3,9 @@
 mod install;
 mod lab;
 mod lab_nat;
-mod sleeve_cmd;
 mod render;
 mod service;
+mod sleeve_cmd;
 mod status;
 mod table;
 

@@ -63,7 +63,11 @@ pub fn run(paths: &Paths, cmd: SleeveCmd) -> anyhow::Result<ExitCode> {
             let ok = ferrynet_sleeve::hello(private, peer, endpoint, wait)
                 .with_context(|| format!("sending to {endpoint}"))?;
             println!("{}", if ok { "answered" } else { "no answer" });
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
     }
 }
