@@ -58,24 +58,7 @@ fn echo(from: &Container, addr: &str, wait: Duration) -> Result<(), String> {
 }
 
 fn all_pairs(cs: &[Container]) {
-    let mut failures = Vec::new();
-    for a in cs {
-        for b in cs {
-            if a.name == b.name {
-                continue;
-            }
-            for addr in [&b.v4, &b.v6] {
-                if let Err(e) = echo(a, addr, Duration::from_secs(10)) {
-                    failures.push(e);
-                }
-            }
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "unreachable pairs:\n{}",
-        failures.join("\n")
-    );
+    common::lab::all_pairs(cs, |a, addr| echo(a, addr, Duration::from_secs(10)));
 }
 
 /// tcpdump on every port of the lab's underlay bridge (in the underlay namespace), to a file.
@@ -187,6 +170,20 @@ impl Drop for Capture {
     }
 }
 
+/// The capture holds no marker and nothing between hosts but the sleeve's UDP.
+fn assert_encrypted(cap: &Capture) {
+    assert!(
+        !cap.contains_marker(),
+        "the marker crossed the underlay in clear"
+    );
+    let clear = clear_traffic(cap);
+    assert!(
+        clear.is_empty(),
+        "not the sleeve's UDP:\n{}",
+        clear.join("\n")
+    );
+}
+
 /// Host-to-host traffic on the underlay other than the sleeve's port, the store and address
 /// resolution: what an encrypted lab must never show.
 fn clear_traffic(cap: &Capture) -> Vec<String> {
@@ -253,16 +250,7 @@ fn sleeve_all_pairs_encrypted_replay_tamper_unknown_key_restart_and_rekey() {
     let mut cap = Capture::start(&lab);
     all_pairs(&cs);
     cap.stop();
-    assert!(
-        !cap.contains_marker(),
-        "the marker crossed the underlay in clear"
-    );
-    let clear = clear_traffic(&cap);
-    assert!(
-        clear.is_empty(),
-        "not the sleeve's UDP:\n{}",
-        clear.join("\n")
-    );
+    assert_encrypted(&cap);
     // One datagram, not a GSO run of several (the capture sees those whole on the veths).
     let to_h2 = cap.payloads("udp dst port 6784 and dst host 172.31.0.2");
     let data = to_h2
@@ -413,16 +401,7 @@ fn sleeve_over_an_ipv6_underlay() {
     let mut cap = Capture::start(&lab);
     all_pairs(&cs);
     cap.stop();
-    assert!(
-        !cap.contains_marker(),
-        "the marker crossed the underlay in clear"
-    );
-    let clear = clear_traffic(&cap);
-    assert!(
-        clear.is_empty(),
-        "not the sleeve's UDP:\n{}",
-        clear.join("\n")
-    );
+    assert_encrypted(&cap);
     assert!(
         cap.matching("ip and udp port 6784").is_empty(),
         "IPv4 sleeve traffic passed"
@@ -457,19 +436,10 @@ fn encrypt_on_vxlan_sends_nothing_in_clear() {
     let mut cap = Capture::start(&lab);
     all_pairs(&cs);
     cap.stop();
-    assert!(
-        !cap.contains_marker(),
-        "the marker crossed the underlay in clear"
-    );
+    assert_encrypted(&cap);
     assert!(
         cap.matching("udp port 4789").is_empty(),
         "VXLAN on the underlay"
-    );
-    let clear = clear_traffic(&cap);
-    assert!(
-        clear.is_empty(),
-        "not the sleeve's UDP:\n{}",
-        clear.join("\n")
     );
 }
 

@@ -217,3 +217,23 @@ impl Lab {
         self.netns.push(ns.to_string());
     }
 }
+
+/// Run `check(from, addr)` from every container to every other one's IPv4 and IPv6 address;
+/// panic listing every pair that failed.
+pub fn all_pairs(cs: &[Container], check: impl Fn(&Container, &str) -> Result<(), String>) {
+    let mut failures = Vec::new();
+    for a in cs {
+        for b in cs.iter().filter(|b| b.name != a.name) {
+            for addr in [&b.v4, &b.v6].into_iter().filter(|s| !s.is_empty()) {
+                if let Err(e) = check(a, addr) {
+                    failures.push(e);
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "unreachable pairs:\n{}",
+        failures.join("\n")
+    );
+}
