@@ -1,11 +1,13 @@
 //! One queue's inbound path: receive batches (GRO runs cut back into datagrams), find the peer
 //! by session index or, for a handshake initiation, by the static key it carries; decrypt;
 //! drop what is replayed, forged, from an unknown key or from outside the sender's blocks
-//! (each counted); follow the peer to the address it spoke from; write the packets to the TUN
-//! queue in one batch, where GRO coalesces TCP segments into large ones.
+//! (each counted); follow the peer to the address it spoke from; hand the packets to the
+//! queue's writer, which writes them to the TUN queue in one batch, GRO coalescing TCP
+//! segments into large ones.
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
+use std::sync::mpsc::{self, sync_channel, SyncSender};
 use std::sync::Arc;
 
 use boringtun::noise::errors::WireGuardError;
@@ -22,52 +24,95 @@ const BATCH: usize = 32;
 /// WireGuard's cookie reply message size.
 const COOKIE_REPLY_LEN: usize = 64;
 
+/// Batches in flight between a queue's decrypting thread and its writer.
+const POOLS: usize = 3;
+
+/// Decrypted packets on their way to the TUN queue, each with the virtio header's room first.
+struct Batch {
+    bufs: Vec<Vec<u8>>,
+    n: usize,
+}
+
+/// The queue's two stages: this thread receives and decrypts, a writer thread (`sleeve-w<N>`)
+/// coalesces (GRO) and writes to the TUN queue, where the kernel's forwarding to the container
+/// runs in its time. A single flow so uses two cores; batches go round between them.
 pub(crate) fn run(shared: Arc<Shared>, dev: Arc<SyncDevice>, q: usize) {
+    let cap = VIRTIO_NET_HDR_LEN + shared.mtu.max(1280) + 64;
+    let (full_tx, full_rx) = sync_channel::<Batch>(POOLS);
+    let (free_tx, free_rx) = sync_channel::<Batch>(POOLS);
+    for _ in 0..POOLS {
+        let bufs = (0..IDEAL_BATCH_SIZE * 2).map(|_| vec![0u8; cap]).collect();
+        let _ = free_tx.send(Batch { bufs, n: 0 });
+    }
+    let writer = std::thread::Builder::new()
+        .name(format!("sleeve-w{q}"))
+        .spawn(move || {
+            let mut gro = GROTable::default();
+            while let Ok(mut b) = full_rx.recv() {
+                write(&dev, &mut gro, &mut b, cap);
+                if free_tx.send(b).is_err() {
+                    return;
+                }
+            }
+        });
+    if let Err(e) = writer {
+        tracing::error!(error = %e, queue = q, "sleeve: cannot start the TUN writer");
+        return;
+    }
     let sock = shared.sockets[q].clone();
     let mut rx = Receiver::new(&sock, BATCH);
     let mut got: Vec<Received> = Vec::with_capacity(BATCH);
-    let cap = VIRTIO_NET_HDR_LEN + shared.mtu.max(1280) + 64;
-    let mut pool: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE * 4).map(|_| vec![0u8; cap]).collect();
-    let mut gro = GROTable::default();
     let mut scratch = vec![0u8; cap];
+    let Ok(mut batch) = free_rx.recv() else {
+        return;
+    };
     loop {
         if let Err(e) = rx.recv(&mut got) {
             tracing::debug!(error = %e, "sleeve: receiving");
             continue;
         }
         let table = shared.table();
-        let mut k = 0;
         for r in &got {
             let buf = &rx.bufs[r.idx][..r.len];
             for dgram in buf.chunks(r.seg) {
-                if k == pool.len() {
-                    flush(&dev, &mut gro, &mut pool, &mut k, cap);
+                if batch.n == batch.bufs.len() {
+                    batch = match hand_over(batch, &full_tx, &free_rx) {
+                        Some(b) => b,
+                        None => return,
+                    };
                 }
-                let slot = &mut pool[k];
-                slot.resize(cap, 0);
+                let slot = &mut batch.bufs[batch.n];
                 if let Some(len) = handle(&shared, &table, &sock, r.src, dgram, slot, &mut scratch)
                 {
                     slot.truncate(VIRTIO_NET_HDR_LEN + len);
-                    k += 1;
+                    batch.n += 1;
                 }
             }
         }
-        flush(&dev, &mut gro, &mut pool, &mut k, cap);
+        if batch.n > 0 {
+            batch = match hand_over(batch, &full_tx, &free_rx) {
+                Some(b) => b,
+                None => return,
+            };
+        }
     }
 }
 
-fn flush(dev: &SyncDevice, gro: &mut GROTable, pool: &mut [Vec<u8>], k: &mut usize, cap: usize) {
-    if *k == 0 {
-        return;
-    }
-    let mut bufs: Vec<&mut Vec<u8>> = pool[..*k].iter_mut().collect();
+/// Pass a filled batch to the writer and take an empty one back.
+fn hand_over(b: Batch, full: &SyncSender<Batch>, free: &mpsc::Receiver<Batch>) -> Option<Batch> {
+    full.send(b).ok()?;
+    free.recv().ok()
+}
+
+fn write(dev: &SyncDevice, gro: &mut GROTable, b: &mut Batch, cap: usize) {
+    let mut bufs: Vec<&mut Vec<u8>> = b.bufs[..b.n].iter_mut().collect();
     if let Err(e) = dev.send_multiple(gro, &mut bufs, VIRTIO_NET_HDR_LEN) {
         tracing::debug!(error = %e, "sleeve: writing to the TUN queue");
     }
-    for b in pool[..*k].iter_mut() {
-        b.resize(cap, 0);
+    for buf in b.bufs[..b.n].iter_mut() {
+        buf.resize(cap, 0);
     }
-    *k = 0;
+    b.n = 0;
 }
 
 /// Handle one datagram; returns the length of a decrypted packet left in `slot` after the

@@ -3,6 +3,7 @@
 //! peer), and send the ciphertexts as GSO runs per peer.
 
 use std::net::SocketAddr;
+use std::sync::mpsc::sync_channel;
 use std::sync::Arc;
 
 use boringtun::noise::{Tunn, TunnResult};
@@ -16,15 +17,51 @@ use crate::Shared;
 const OVERHEAD: usize = 32;
 const MIN_OUT: usize = 148;
 
+/// Ciphertexts on their way to the socket, as GSO runs.
+struct Batch {
+    out: Vec<u8>,
+    runs: Vec<Run>,
+}
+
+/// Batches in flight between a queue's encrypting thread and its sender.
+const POOLS: usize = 3;
+
+/// The queue's two stages: this thread reads the TUN queue and encrypts, a sender thread
+/// (`sleeve-s<N>`) hands the runs to the kernel, whose UDP and underlay work runs in its time.
 pub(crate) fn run(shared: Arc<Shared>, dev: Arc<SyncDevice>, q: usize) {
     let seg_cap = shared.mtu.max(1280) + 64;
+    let (full_tx, full_rx) = sync_channel::<Batch>(POOLS);
+    let (free_tx, free_rx) = sync_channel::<Batch>(POOLS);
+    for _ in 0..POOLS {
+        let _ = free_tx.send(Batch {
+            out: vec![0u8; IDEAL_BATCH_SIZE * (seg_cap + MIN_OUT)],
+            runs: Vec::with_capacity(IDEAL_BATCH_SIZE),
+        });
+    }
+    let mut sender = Sender::new(&shared.sockets[q]);
+    let spawned = std::thread::Builder::new()
+        .name(format!("sleeve-s{q}"))
+        .spawn(move || {
+            while let Ok(b) = full_rx.recv() {
+                if let Err(e) = sender.send(&b.out, &b.runs) {
+                    tracing::debug!(error = %e, "sleeve: sending");
+                }
+                if free_tx.send(b).is_err() {
+                    return;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, queue = q, "sleeve: cannot start the UDP sender");
+        return;
+    }
     let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65536];
     let mut bufs = vec![vec![0u8; seg_cap]; IDEAL_BATCH_SIZE];
     let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
-    let mut out = vec![0u8; IDEAL_BATCH_SIZE * (seg_cap + MIN_OUT)];
-    let mut sender = Sender::new(&shared.sockets[q]);
     let mut sent: Vec<(SocketAddr, usize, usize)> = Vec::with_capacity(IDEAL_BATCH_SIZE);
-    let mut runs: Vec<Run> = Vec::with_capacity(IDEAL_BATCH_SIZE);
+    let Ok(mut batch) = free_rx.recv() else {
+        return;
+    };
     loop {
         let n = match dev.recv_multiple(&mut original, &mut bufs, &mut sizes, 0) {
             Ok(n) => n,
@@ -36,59 +73,75 @@ pub(crate) fn run(shared: Arc<Shared>, dev: Arc<SyncDevice>, q: usize) {
                 continue;
             }
         };
-        let table = shared.table();
-        sent.clear();
-        let mut off = 0;
-        let mut i = 0;
-        while i < n {
-            let Some(dst) = Tunn::dst_address(&bufs[i][..sizes[i]]) else {
-                add(&shared.counters.malformed, 1);
-                i += 1;
-                continue;
-            };
-            let Some(p) = table.route(dst) else {
-                add(&shared.counters.no_peer, 1);
-                i += 1;
-                continue;
-            };
-            let e = &table.entries[p];
-            let endpoint = e.peer.endpoint(e);
-            let Ok(mut tunn) = e.peer.tunn.lock() else {
-                i += 1;
-                continue;
-            };
-            let mut bytes = 0u64;
-            let start = i;
-            // The run: this packet and those after it routed to the same peer.
-            while i < n {
-                let pkt = &bufs[i][..sizes[i]];
-                if i > start && !same_peer(&table, pkt, p) {
-                    break;
-                }
-                let room = (pkt.len() + OVERHEAD).max(MIN_OUT);
-                if let TunnResult::WriteToNetwork(c) =
-                    tunn.encapsulate(pkt, &mut out[off..off + room])
-                {
-                    let l = c.len();
-                    e.peer.sent(c);
-                    if let Some(ep) = endpoint {
-                        sent.push((ep, off, l));
-                        off += l;
-                    }
-                }
-                bytes += pkt.len() as u64;
-                i += 1;
-            }
-            drop(tunn);
-            add(&e.peer.tx_bytes, bytes);
-        }
+        seal(&shared, &bufs, &sizes[..n], &mut batch.out, &mut sent);
         if sent.is_empty() {
             continue;
         }
-        runs_of(&sent, &mut runs);
-        if let Err(e) = sender.send(&out, &runs) {
-            tracing::debug!(error = %e, "sleeve: sending");
+        runs_of(&sent, &mut batch.runs);
+        if full_tx.send(batch).is_err() {
+            return;
         }
+        batch = match free_rx.recv() {
+            Ok(b) => b,
+            Err(_) => return,
+        };
+    }
+}
+
+/// Encrypt the `sizes.len()` packets of `bufs` for their peers into `out`, one lock per run
+/// of packets to one peer; `sent` gets (endpoint, offset, length) per ciphertext.
+fn seal(
+    shared: &Shared,
+    bufs: &[Vec<u8>],
+    sizes: &[usize],
+    out: &mut [u8],
+    sent: &mut Vec<(SocketAddr, usize, usize)>,
+) {
+    let n = sizes.len();
+    let table = shared.table();
+    sent.clear();
+    let mut off = 0;
+    let mut i = 0;
+    while i < n {
+        let Some(dst) = Tunn::dst_address(&bufs[i][..sizes[i]]) else {
+            add(&shared.counters.malformed, 1);
+            i += 1;
+            continue;
+        };
+        let Some(p) = table.route(dst) else {
+            add(&shared.counters.no_peer, 1);
+            i += 1;
+            continue;
+        };
+        let e = &table.entries[p];
+        let endpoint = e.peer.endpoint(e);
+        let Ok(mut tunn) = e.peer.tunn.lock() else {
+            i += 1;
+            continue;
+        };
+        let mut bytes = 0u64;
+        let start = i;
+        // The run: this packet and those after it routed to the same peer.
+        while i < n {
+            let pkt = &bufs[i][..sizes[i]];
+            if i > start && !same_peer(&table, pkt, p) {
+                break;
+            }
+            let room = (pkt.len() + OVERHEAD).max(MIN_OUT);
+            if let TunnResult::WriteToNetwork(c) = tunn.encapsulate(pkt, &mut out[off..off + room])
+            {
+                let l = c.len();
+                e.peer.sent(c);
+                if let Some(ep) = endpoint {
+                    sent.push((ep, off, l));
+                    off += l;
+                }
+            }
+            bytes += pkt.len() as u64;
+            i += 1;
+        }
+        drop(tunn);
+        add(&e.peer.tx_bytes, bytes);
     }
 }
 
