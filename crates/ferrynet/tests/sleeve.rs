@@ -304,6 +304,31 @@ fn sleeve_all_pairs_encrypted_replay_tamper_unknown_key_restart_and_rekey() {
         "{status}"
     );
 
+    // h1 speaking for h3's container (a raw packet from h1's host into the sleeve with
+    // h3's container as its source): h2 decrypts it, finds the source outside h1's blocks,
+    // drops and counts it.
+    let spoofed = dropped(&lab, "h2", "spoofedSource");
+    let raw = format!(
+        "import socket,struct\np=b'spoof'\n\
+         src=socket.inet_aton('{}');dst=socket.inet_aton('{}')\n\
+         udp=struct.pack('!HHHH',40000,7000,8+len(p),0)+p\n\
+         ip=struct.pack('!BBHHHBBH4s4s',0x45,0,20+len(udp),0,0,64,17,0,src,dst)\n\
+         s=socket.socket(socket.AF_INET,socket.SOCK_RAW,socket.IPPROTO_RAW)\n\
+         s.sendto(ip+udp,('{}',0))\n",
+        cs[2].v4, cs[1].v4, cs[1].v4
+    );
+    let o = Command::new("ip")
+        .args(["netns", "exec", &lab.host_ns("h1"), "python3", "-c", &raw])
+        .output()
+        .expect("python3");
+    assert!(o.status.success(), "raw send on h1: {}", out(&o));
+    within(Duration::from_secs(5), || {
+        let n = dropped(&lab, "h2", "spoofedSource");
+        (n > spoofed)
+            .then_some(())
+            .ok_or(format!("spoofedSource still {n}"))
+    });
+
     // A handshake from a key no host registered gets no answer and is counted.
     let unknown = dropped(&lab, "h2", "unknownKey");
     let h2_key = sleeve_of(&status)["publicKey"]
