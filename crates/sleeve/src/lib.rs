@@ -6,6 +6,7 @@
 
 mod peers;
 mod rx;
+mod stage;
 mod tx;
 pub mod udp;
 

@@ -7,7 +7,6 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
-use std::sync::mpsc::{self, sync_channel, SyncSender};
 use std::sync::Arc;
 
 use boringtun::noise::errors::WireGuardError;
@@ -17,6 +16,7 @@ use ferrynet_model::sleeve::probe_nonce;
 use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use crate::peers::{add, Table};
+use crate::stage::Stage;
 use crate::udp::{send_one, Received, Receiver};
 use crate::Shared;
 
@@ -24,7 +24,7 @@ const BATCH: usize = 32;
 /// WireGuard's cookie reply message size.
 const COOKIE_REPLY_LEN: usize = 64;
 
-/// Batches in flight between a queue's decrypting thread and its writer.
+/// Batches going round between a queue's decrypting thread and its writer.
 const POOLS: usize = 3;
 
 /// Decrypted packets on their way to the TUN queue, each with the virtio header's room first.
@@ -34,38 +34,33 @@ struct Batch {
 }
 
 /// The queue's two stages: this thread receives and decrypts, a writer thread (`sleeve-w<N>`)
-/// coalesces (GRO) and writes to the TUN queue, where the kernel's forwarding to the container
-/// runs in its time. A single flow so uses two cores; batches go round between them.
+/// coalesces (GRO) and writes bulk batches to the TUN queue, where the kernel's forwarding to
+/// the container runs in its time; small batches are written here (`stage`).
 pub(crate) fn run(shared: Arc<Shared>, dev: Arc<SyncDevice>, q: usize) {
     let cap = VIRTIO_NET_HDR_LEN + shared.mtu.max(1280) + 64;
-    let (full_tx, full_rx) = sync_channel::<Batch>(POOLS);
-    let (free_tx, free_rx) = sync_channel::<Batch>(POOLS);
-    for _ in 0..POOLS {
-        let bufs = (0..IDEAL_BATCH_SIZE * 2).map(|_| vec![0u8; cap]).collect();
-        let _ = free_tx.send(Batch { bufs, n: 0 });
-    }
-    let writer = std::thread::Builder::new()
-        .name(format!("sleeve-w{q}"))
-        .spawn(move || {
-            let mut gro = GROTable::default();
-            while let Ok(mut b) = full_rx.recv() {
-                write(&dev, &mut gro, &mut b, cap);
-                if free_tx.send(b).is_err() {
-                    return;
-                }
-            }
-        });
-    if let Err(e) = writer {
-        tracing::error!(error = %e, queue = q, "sleeve: cannot start the TUN writer");
-        return;
-    }
+    let pools = (0..POOLS)
+        .map(|_| Batch {
+            bufs: (0..IDEAL_BATCH_SIZE * 2).map(|_| vec![0u8; cap]).collect(),
+            n: 0,
+        })
+        .collect();
+    let writer_dev = dev.clone();
+    let mut writer_gro = GROTable::default();
+    let spawned = Stage::spawn(format!("sleeve-w{q}"), pools, move |b: &mut Batch| {
+        write(&writer_dev, &mut writer_gro, b, cap)
+    });
+    let (stage, mut batch) = match spawned {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, queue = q, "sleeve: cannot start the TUN writer");
+            return;
+        }
+    };
+    let mut gro = GROTable::default();
     let sock = shared.sockets[q].clone();
     let mut rx = Receiver::new(&sock, BATCH);
     let mut got: Vec<Received> = Vec::with_capacity(BATCH);
     let mut scratch = vec![0u8; cap];
-    let Ok(mut batch) = free_rx.recv() else {
-        return;
-    };
     loop {
         if let Err(e) = rx.recv(&mut got) {
             tracing::debug!(error = %e, "sleeve: receiving");
@@ -76,7 +71,8 @@ pub(crate) fn run(shared: Arc<Shared>, dev: Arc<SyncDevice>, q: usize) {
             let buf = &rx.bufs[r.idx][..r.len];
             for dgram in buf.chunks(r.seg) {
                 if batch.n == batch.bufs.len() {
-                    batch = match hand_over(batch, &full_tx, &free_rx) {
+                    let n = batch.n;
+                    batch = match stage.finish(batch, n, |b| write(&dev, &mut gro, b, cap)) {
                         Some(b) => b,
                         None => return,
                     };
@@ -90,18 +86,13 @@ pub(crate) fn run(shared: Arc<Shared>, dev: Arc<SyncDevice>, q: usize) {
             }
         }
         if batch.n > 0 {
-            batch = match hand_over(batch, &full_tx, &free_rx) {
+            let n = batch.n;
+            batch = match stage.finish(batch, n, |b| write(&dev, &mut gro, b, cap)) {
                 Some(b) => b,
                 None => return,
             };
         }
     }
-}
-
-/// Pass a filled batch to the writer and take an empty one back.
-fn hand_over(b: Batch, full: &SyncSender<Batch>, free: &mpsc::Receiver<Batch>) -> Option<Batch> {
-    full.send(b).ok()?;
-    free.recv().ok()
 }
 
 fn write(dev: &SyncDevice, gro: &mut GROTable, b: &mut Batch, cap: usize) {

@@ -3,13 +3,13 @@
 //! peer), and send the ciphertexts as GSO runs per peer.
 
 use std::net::SocketAddr;
-use std::sync::mpsc::sync_channel;
 use std::sync::Arc;
 
 use boringtun::noise::{Tunn, TunnResult};
 use tun_rs::{SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use crate::peers::add;
+use crate::stage::Stage;
 use crate::udp::{Run, Sender, MAX_GSO_BYTES, MAX_SEGMENTS};
 use crate::Shared;
 
@@ -23,45 +23,36 @@ struct Batch {
     runs: Vec<Run>,
 }
 
-/// Batches in flight between a queue's encrypting thread and its sender.
+/// Batches going round between a queue's encrypting thread and its sender.
 const POOLS: usize = 3;
 
 /// The queue's two stages: this thread reads the TUN queue and encrypts, a sender thread
-/// (`sleeve-s<N>`) hands the runs to the kernel, whose UDP and underlay work runs in its time.
+/// (`sleeve-s<N>`) hands bulk batches to the kernel, whose UDP and underlay work runs in its
+/// time; small batches are sent from here (`stage`).
 pub(crate) fn run(shared: Arc<Shared>, dev: Arc<SyncDevice>, q: usize) {
     let seg_cap = shared.mtu.max(1280) + 64;
-    let (full_tx, full_rx) = sync_channel::<Batch>(POOLS);
-    let (free_tx, free_rx) = sync_channel::<Batch>(POOLS);
-    for _ in 0..POOLS {
-        let _ = free_tx.send(Batch {
+    let pools = (0..POOLS)
+        .map(|_| Batch {
             out: vec![0u8; IDEAL_BATCH_SIZE * (seg_cap + MIN_OUT)],
             runs: Vec::with_capacity(IDEAL_BATCH_SIZE),
-        });
-    }
+        })
+        .collect();
+    let mut helper = Sender::new(&shared.sockets[q]);
+    let spawned = Stage::spawn(format!("sleeve-s{q}"), pools, move |b: &mut Batch| {
+        send(&mut helper, b)
+    });
+    let (stage, mut batch) = match spawned {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, queue = q, "sleeve: cannot start the UDP sender");
+            return;
+        }
+    };
     let mut sender = Sender::new(&shared.sockets[q]);
-    let spawned = std::thread::Builder::new()
-        .name(format!("sleeve-s{q}"))
-        .spawn(move || {
-            while let Ok(b) = full_rx.recv() {
-                if let Err(e) = sender.send(&b.out, &b.runs) {
-                    tracing::debug!(error = %e, "sleeve: sending");
-                }
-                if free_tx.send(b).is_err() {
-                    return;
-                }
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, queue = q, "sleeve: cannot start the UDP sender");
-        return;
-    }
     let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65536];
     let mut bufs = vec![vec![0u8; seg_cap]; IDEAL_BATCH_SIZE];
     let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
     let mut sent: Vec<(SocketAddr, usize, usize)> = Vec::with_capacity(IDEAL_BATCH_SIZE);
-    let Ok(mut batch) = free_rx.recv() else {
-        return;
-    };
     loop {
         let n = match dev.recv_multiple(&mut original, &mut bufs, &mut sizes, 0) {
             Ok(n) => n,
@@ -78,13 +69,16 @@ pub(crate) fn run(shared: Arc<Shared>, dev: Arc<SyncDevice>, q: usize) {
             continue;
         }
         runs_of(&sent, &mut batch.runs);
-        if full_tx.send(batch).is_err() {
-            return;
-        }
-        batch = match free_rx.recv() {
-            Ok(b) => b,
-            Err(_) => return,
+        batch = match stage.finish(batch, sent.len(), |b| send(&mut sender, b)) {
+            Some(b) => b,
+            None => return,
         };
+    }
+}
+
+fn send(sender: &mut Sender, b: &mut Batch) {
+    if let Err(e) = sender.send(&b.out, &b.runs) {
+        tracing::debug!(error = %e, "sleeve: sending");
     }
 }
 
