@@ -564,7 +564,7 @@ mod tests {
         assert!(g(json!({"ferrynet.backend": "gre"}))
             .unwrap_err()
             .to_string()
-            .contains("route, vxlan or auto"));
+            .contains("route, vxlan, auto or sleeve"));
         assert!(g(json!({"ferrynet.vni": "x"})).is_err());
         let e = g(json!({"ferrynet.backend": "vxlan", "ferrynet.vni": "16777216"}))
             .unwrap()
