@@ -98,20 +98,21 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
 
     let nl = Netlink::current().context("opening netlink")?;
     let underlay = underlay::find(&nl, opts.underlay_dev.as_deref()).await?;
-    // The sleeve runs whenever it can: sleeve and encrypted networks need it, and `auto` peers
-    // reach this host through it where nothing else passes.
-    let sleeve = match opts.sleeve_port {
+    // The sleeve's key is made now and its public half registered; the datapath starts when
+    // the first network that can use it appears (`reconcile`), so a host without multi-host
+    // networks gets no TUN device and no open port.
+    let sleeve_key = match opts.sleeve_port {
         0 => None,
-        port => match sleeve::start(&paths.state_dir, port, opts.sleeve_queues, underlay.mtu) {
-            Ok(s) => Some(Arc::new(s)),
+        _ => match sleeve::load_or_create_key(&paths.state_dir) {
+            Ok(k) => Some(k),
             Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "the sleeve could not start; this host runs without it");
+                tracing::error!(error = %format!("{e:#}"), "no sleeve key; this host runs without the sleeve");
                 None
             }
         },
     };
     let mut capabilities = vec!["route".to_string(), "vxlan".to_string()];
-    if sleeve.is_some() {
+    if sleeve_key.is_some() {
         capabilities.push("sleeve".into());
     }
     let record = HostRecord {
@@ -119,12 +120,10 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
         underlay: underlay.addrs.clone(),
         underlay_mtu: underlay.mtu,
         capabilities,
-        sleeve: sleeve
-            .as_ref()
-            .map(|s| ferrynet_model::sleeve::SleeveRecord {
-                public_key: ferrynet_model::sleeve::encode_key(&s.public_key()),
-                port: opts.sleeve_port,
-            }),
+        sleeve: sleeve_key.map(|k| ferrynet_model::sleeve::SleeveRecord {
+            public_key: ferrynet_model::sleeve::encode_key(&ferrynet_sleeve::public_of(k)),
+            port: opts.sleeve_port,
+        }),
         version: env!("CARGO_PKG_VERSION").into(),
         started_at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -205,20 +204,27 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
         underlay.addrs.clone(),
         probe_changed.clone(),
     ));
-    let sleeve_report_task = sleeve.clone().map(|s| {
-        let status = status.clone();
+    let sleeve_slot: Arc<std::sync::OnceLock<Arc<ferrynet_sleeve::Sleeve>>> = Default::default();
+    let sleeve_report_task = {
+        let (slot, status) = (sleeve_slot.clone(), status.clone());
         tokio::spawn(async move {
             loop {
-                let r = s.report();
-                if let Ok(mut st) = status.lock() {
-                    st.sleeve = Some(r);
+                if let Some(r) = slot.get().map(|s| s.report()) {
+                    if let Ok(mut st) = status.lock() {
+                        st.sleeve = Some(r);
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         })
-    });
+    };
     let mut rec = reconcile::Reconciler::new(ctl.clone(), nl, underlay, status.clone());
-    rec.sleeve = sleeve;
+    rec.sleeve_launch = sleeve_key.map(|key| reconcile::SleeveLaunch {
+        key,
+        port: opts.sleeve_port,
+        queues: opts.sleeve_queues,
+        slot: sleeve_slot,
+    });
     rec.probes = probes;
     rec.probe_targets = Some(probe_tx);
     rec.probe_changed = probe_changed;
@@ -251,9 +257,7 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     disc_task.abort();
     health_task.abort();
     probe_task.abort();
-    if let Some(t) = sleeve_report_task {
-        t.abort();
-    }
+    sleeve_report_task.abort();
     // The load balancer's table stays: restarts must not drop traffic.
     lb_task.abort();
     let _ = std::fs::remove_file(&sock);

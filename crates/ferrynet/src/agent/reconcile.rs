@@ -23,6 +23,18 @@ use super::view::ClusterView;
 use crate::control::edge::edge_networks;
 use crate::control::Control;
 
+/// What starting the sleeve takes, kept until a network needs it.
+pub struct SleeveLaunch {
+    /// This host's private key.
+    pub key: [u8; 32],
+    /// UDP port.
+    pub port: u16,
+    /// Queues (None: the CPUs, at most 4).
+    pub queues: Option<usize>,
+    /// Where the started sleeve is published (for the status reporter).
+    pub slot: Arc<std::sync::OnceLock<Arc<ferrynet_sleeve::Sleeve>>>,
+}
+
 /// Carries out reconciles and remembers what it made.
 pub struct Reconciler {
     /// The control plane (store, firewall, bridges).
@@ -38,8 +50,10 @@ pub struct Reconciler {
     pub reclaimed: bool,
     /// The networks the edge's isolation sets were last applied for.
     edge: Option<Vec<EdgeNetwork>>,
-    /// The sleeve's datapath, when it runs.
+    /// The sleeve's datapath, once started.
     pub sleeve: Option<Arc<ferrynet_sleeve::Sleeve>>,
+    /// How to start it (None: this host runs no sleeve).
+    pub sleeve_launch: Option<SleeveLaunch>,
     /// What the VXLAN path probe found per peer.
     pub probes: super::sleeve::Probes,
     /// Where the probe learns whom to probe.
@@ -66,6 +80,7 @@ impl Reconciler {
             reclaimed: false,
             edge: None,
             sleeve: None,
+            sleeve_launch: None,
             probes: Default::default(),
             probe_targets: None,
             probe_changed: Default::default(),
@@ -401,7 +416,18 @@ impl Reconciler {
     /// Give the sleeve its peers: every other host with a sleeve key, allowed to send from its
     /// blocks in every multi-host network (a peer may choose the sleeve towards this host
     /// where this host chose otherwise).
-    fn sync_sleeve(&self, view: &ClusterView, me: &str, needed: bool, errors: &mut Vec<String>) {
+    fn sync_sleeve(
+        &mut self,
+        view: &ClusterView,
+        me: &str,
+        needed: bool,
+        errors: &mut Vec<String>,
+    ) {
+        let usable = view.fabric_networks().any(|n| {
+            n.fabric
+                .is_some_and(|f| f.encrypt || matches!(f.backend, Backend::Sleeve | Backend::Auto))
+        });
+        self.start_sleeve(usable, errors);
         let Some(sl) = &self.sleeve else {
             if needed {
                 errors.push(
@@ -429,6 +455,22 @@ impl Reconciler {
         let (peers, errs) = sleeve_model::peers(me, hosts, &blocks_of);
         errors.extend(errs.into_iter().map(|e| format!("sleeve: {e}")));
         sl.set_peers(&peers);
+    }
+
+    /// Start the sleeve the first time a network can use it (sleeve, encrypted or `auto`: a
+    /// peer may choose the sleeve towards this host).
+    fn start_sleeve(&mut self, usable: bool, errors: &mut Vec<String>) {
+        let (true, None, Some(l)) = (usable, &self.sleeve, &self.sleeve_launch) else {
+            return;
+        };
+        match super::sleeve::start(l.key, l.port, l.queues, self.underlay.mtu) {
+            Ok(s) => {
+                let s = Arc::new(s);
+                let _ = l.slot.set(s.clone());
+                self.sleeve = Some(s);
+            }
+            Err(e) => errors.push(format!("starting the sleeve: {e:#}")),
+        }
     }
 
     /// Release what departed hosts held once their grace period is over: their blocks and the

@@ -54,14 +54,13 @@ pub fn load_or_create_key(state_dir: &Path) -> anyhow::Result<[u8; 32]> {
     }
 }
 
-/// Start the sleeve on `port` over an underlay of `underlay_mtu`.
+/// Start the sleeve with this host's `key` on `port` over an underlay of `underlay_mtu`.
 pub fn start(
-    state_dir: &Path,
+    key: [u8; 32],
     port: u16,
     queues: Option<usize>,
     underlay_mtu: u32,
 ) -> anyhow::Result<Sleeve> {
-    let key = load_or_create_key(state_dir)?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let sleeve = Sleeve::start(SleeveConfig {
         dev: SLEEVE_DEV.into(),
