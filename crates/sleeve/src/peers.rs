@@ -228,3 +228,82 @@ impl TableBuilder {
 pub fn add(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(host: &str, key: u8, endpoints: &[&str], allowed: &[&str]) -> SleevePeer {
+        SleevePeer {
+            host: host.into(),
+            public_key: *PublicKey::from(&StaticSecret::from([key; 32])).as_bytes(),
+            endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
+            allowed: allowed.iter().map(|a| a.parse().unwrap()).collect(),
+        }
+    }
+
+    fn builder() -> TableBuilder {
+        let me = StaticSecret::from([9u8; 32]);
+        let limiter = Arc::new(RateLimiter::new(&PublicKey::from(&me), 10));
+        TableBuilder::new(me, limiter)
+    }
+
+    #[test]
+    fn routes_indexes_and_kept_tunnels() {
+        let mut b = builder();
+        let peers = [
+            peer("h2", 2, &["172.31.0.2:6784"], &["10.20.0.64/26"]),
+            peer(
+                "h3",
+                3,
+                &["172.31.0.3:6784"],
+                &["10.20.0.128/26", "fd20::80/122"],
+            ),
+        ];
+        let (t, fresh) = b.build(&Table::default(), &peers);
+        assert_eq!(fresh.len(), 2);
+        let h3 = t.route("fd20::81".parse().unwrap()).unwrap();
+        assert_eq!(t.entries[h3].peer.host, "h3");
+        assert_eq!(t.route("10.20.1.1".parse().unwrap()), None);
+        assert_eq!(t.by_index(t.entries[h3].peer.index << 8 | 7), Some(h3));
+        assert!(t.allows(h3, "10.20.0.130".parse().unwrap()));
+        assert!(!t.allows(h3, "10.20.0.65".parse().unwrap()));
+        // Same key: the tunnel (and what it learned) stays; a new key is a new peer.
+        t.entries[h3]
+            .peer
+            .heard_from("172.31.0.103:40000".parse().unwrap());
+        let changed = [peers[0].clone(), peer("h3", 4, &["172.31.0.3:6784"], &[])];
+        let (t2, fresh) = b.build(&t, &peers[..1]);
+        assert!(fresh.is_empty() && Arc::ptr_eq(&t2.entries[0].peer, &t.entries[0].peer));
+        let (t3, fresh) = b.build(&t, &changed);
+        assert_eq!(fresh.len(), 1);
+        assert_ne!(t3.entries[1].peer.index, t.entries[h3].peer.index);
+        assert_eq!(
+            t3.entries[1].peer.endpoint(&t3.entries[1]),
+            "172.31.0.3:6784".parse().ok()
+        );
+    }
+
+    #[test]
+    fn an_unanswered_handshake_moves_to_the_next_endpoint() {
+        let mut b = builder();
+        let p = peer("h2", 2, &["172.31.0.2:6784", "[fd31::2]:6784"], &[]);
+        let (t, _) = b.build(&Table::default(), &[p]);
+        let (e, s) = (&t.entries[0], &t.entries[0].peer);
+        let start = Instant::now();
+        assert_eq!(s.endpoint(e), "172.31.0.2:6784".parse().ok());
+        s.sent(&[4, 0, 0, 0]);
+        assert!(
+            !s.rotate_if_stuck(e, start + ROTATE_AFTER * 2),
+            "data is no handshake"
+        );
+        s.sent(&[1, 0, 0, 0]);
+        assert!(!s.rotate_if_stuck(e, Instant::now()));
+        assert!(s.rotate_if_stuck(e, Instant::now() + ROTATE_AFTER));
+        assert_eq!(s.endpoint(e), "[fd31::2]:6784".parse().ok());
+        // An answer ends the wait; the learned address wins.
+        s.sent(&[1, 0, 0, 0]);
+        s.heard_from("[fd31::2]:6784".parse().unwrap());
+        assert!(!s.rotate_if_stuck(e, Instant::now() + ROTATE_AFTER * 2));
+    }
+}
