@@ -11,6 +11,7 @@ pub mod hostpair;
 pub mod netlink;
 pub mod netns;
 pub mod nft;
+pub mod routed;
 pub mod routes;
 pub mod sysctl;
 pub mod tc;

@@ -7,6 +7,7 @@ mod cnm;
 mod container;
 mod control;
 mod error;
+mod failpoint;
 mod render;
 
 use std::process::ExitCode;

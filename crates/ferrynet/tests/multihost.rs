@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::lab::{Container, Lab};
+use common::lab::{echo, Container, Lab};
 use common::{bin, out};
 use serde_json::Value;
 
@@ -25,35 +25,7 @@ impl Lab {
 
     /// Start a container on `host` running a dual-stack TCP echo server on port 7000.
     fn container(&mut self, host: &str, short: &str) -> Container {
-        let server = "import socket,threading\n\
-            s=socket.socket(socket.AF_INET6);s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
-            s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0);s.bind(('::',7000));s.listen(64)\n\
-            def serve(c):\n  while True:\n    d=c.recv(4096)\n    if not d: break\n    c.sendall(d)\n  c.close()\n\
-            while True:\n  c,_=s.accept();threading.Thread(target=serve,args=(c,),daemon=True).start()\n";
-        let c = self.run(host, short, &[], &["python3", "-c", server]);
-        assert!(!c.v6.is_empty(), "v6");
-        c
-    }
-}
-
-/// One TCP round trip from `from` to `addr`:7000 (retried for up to `within`).
-fn echo(from: &Container, addr: &str, within: Duration) -> Result<(), String> {
-    let code = format!(
-        "import socket\ns=socket.create_connection(('{addr}',7000),timeout=2)\ns.sendall(b'ping')\nassert s.recv(4)==b'ping'\n"
-    );
-    let until = Instant::now() + within;
-    loop {
-        let o = Command::new("ip")
-            .args(["netns", "exec", &from.netns(), "python3", "-c", &code])
-            .output()
-            .expect("python3");
-        if o.status.success() {
-            return Ok(());
-        }
-        if Instant::now() > until {
-            return Err(format!("{} -> {addr}: {}", from.name, out(&o)));
-        }
-        std::thread::sleep(Duration::from_millis(200));
+        self.echo_container(host, short)
     }
 }
 

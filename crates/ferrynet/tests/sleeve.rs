@@ -16,22 +16,8 @@ use common::lab::{Container, Lab};
 use common::{bin, need, out, try_within, within, Proc};
 use serde_json::Value;
 
-/// A dual-stack TCP and UDP echo server on port 7000.
-const ECHO: &str = "import socket,threading\n\
-def tcp():\n  s=socket.socket(socket.AF_INET6);s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n  s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0);s.bind(('::',7000));s.listen(64)\n  while True:\n    c,_=s.accept();threading.Thread(target=serve,args=(c,),daemon=True).start()\n\
-def serve(c):\n  while True:\n    d=c.recv(65536)\n    if not d: break\n    c.sendall(d)\n  c.close()\n\
-u=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM);u.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0);u.bind(('::',7000))\n\
-threading.Thread(target=tcp,daemon=True).start()\n\
-while True:\n  d,a=u.recvfrom(65536);u.sendto(d,a)\n";
-
 /// The marker sent between containers; it must never appear on the underlay.
 const MARKER: &str = "FERRYNET-SLEEVE-PLAINTEXT-MARKER";
-
-fn echo_container(lab: &mut Lab, host: &str, short: &str) -> Container {
-    let c = lab.run(host, short, &[], &["python3", "-c", ECHO]);
-    assert!(!c.v6.is_empty(), "{} has no IPv6 address", c.name);
-    c
-}
 
 /// One TCP and one UDP round trip carrying the marker (4 KiB over TCP, so segments are full
 /// size) from `from` to `addr`:7000, retried for up to `wait`.
@@ -237,7 +223,7 @@ fn sleeve_all_pairs_encrypted_replay_tamper_unknown_key_restart_and_rekey() {
     let cs: Vec<Container> = ["h1", "h2", "h3"]
         .iter()
         .enumerate()
-        .map(|(i, h)| echo_container(&mut lab, h, &format!("c{i}")))
+        .map(|(i, h)| lab.echo_container(h, &format!("c{i}")))
         .collect();
     let mtu = common::must(&["ip", "-n", &cs[0].netns(), "-o", "link", "show", "eth0"]);
     assert!(
@@ -420,7 +406,7 @@ fn sleeve_over_an_ipv6_underlay() {
     let cs: Vec<Container> = ["h1", "h2"]
         .iter()
         .enumerate()
-        .map(|(i, h)| echo_container(&mut lab, h, &format!("c{i}")))
+        .map(|(i, h)| lab.echo_container(h, &format!("c{i}")))
         .collect();
     echo(&cs[0], &cs[1].v4, Duration::from_secs(30)).expect("over the IPv6 underlay");
     let mut cap = Capture::start(&lab);
@@ -449,7 +435,7 @@ fn encrypt_on_vxlan_sends_nothing_in_clear() {
     let cs: Vec<Container> = ["h1", "h2", "h3"]
         .iter()
         .enumerate()
-        .map(|(i, h)| echo_container(&mut lab, h, &format!("c{i}")))
+        .map(|(i, h)| lab.echo_container(h, &format!("c{i}")))
         .collect();
     all_pairs(&cs);
     let s = lab.status("h1");
@@ -499,7 +485,7 @@ fn auto_picks_route_vxlan_and_sleeve_through_nat_and_a_blocked_port() {
     let cs: Vec<Container> = ["h1", "h2", "h3", "h4"]
         .iter()
         .enumerate()
-        .map(|(i, h)| echo_container(&mut lab, h, &format!("c{i}")))
+        .map(|(i, h)| lab.echo_container(h, &format!("c{i}")))
         .collect();
     within(Duration::from_secs(30), || {
         let mut wrong = Vec::new();

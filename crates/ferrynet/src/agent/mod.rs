@@ -12,6 +12,7 @@ pub mod dns;
 pub mod fabric_guard;
 pub mod health;
 pub mod lb;
+pub mod reassert;
 pub mod reconcile;
 pub mod register;
 pub mod sleeve;
@@ -186,6 +187,7 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
         status.clone(),
     ));
     let rejected = (status.clone(), disc_rx.clone());
+    let reassert_task = tokio::spawn(reassert::run(ctl.clone(), lease_rx.clone(), status.clone()));
     let _discovery = (disc_rx, lease_rx);
     let reg_task = tokio::spawn(register::keep_registered(
         ctl.store_handle(),
@@ -258,6 +260,7 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     health_task.abort();
     probe_task.abort();
     sleeve_report_task.abort();
+    reassert_task.abort();
     // The load balancer's table stays: restarts must not drop traffic.
     lb_task.abort();
     let _ = std::fs::remove_file(&sock);

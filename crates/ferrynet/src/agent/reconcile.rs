@@ -475,7 +475,9 @@ impl Reconciler {
 
     /// Release what departed hosts held once their grace period is over: their blocks and the
     /// records and addresses of their endpoints. Guarded by "the host is still absent", so a
-    /// host that came back in the meantime keeps everything.
+    /// host that came back in the meantime keeps everything. A host with many endpoints is
+    /// released in several transactions (`release_batches`, each within the store's limit and
+    /// each guarded): deletes are idempotent, so a release cut short resumes on the next pass.
     pub async fn release_departed(
         &self,
         view: &ClusterView,
@@ -484,10 +486,16 @@ impl Reconciler {
         let store = &self.ctl.store_handle();
         for h in hosts {
             for net in view.networks.values().filter(|n| n.fabric.is_some()) {
-                let mut ops: Vec<Op> = view
+                let mut groups: Vec<Vec<Op>> = view
                     .blocks_of(&net.name, h)
                     .iter()
-                    .map(|b| Op::delete(keys::block(&net.name, b)))
+                    .map(|b| {
+                        // Marked, so others take it last and the host finds it when it returns.
+                        vec![
+                            Op::delete(keys::block(&net.name, b)),
+                            Op::put(keys::orphan_block(&net.name, b), h.clone()),
+                        ]
+                    })
                     .collect();
                 let (eps, _) = store.range(&keys::endpoints(&net.name)).await?;
                 for kv in &eps {
@@ -495,43 +503,55 @@ impl Reconciler {
                         continue;
                     };
                     if ep.host.as_deref() == Some(h.as_str()) {
-                        ops.push(Op::delete(kv.key.clone()));
-                        for ip in &ep.ips {
-                            ops.push(Op::delete(keys::ipam(&net.name, ip.addr())));
-                        }
+                        // An endpoint's record and its addresses go together.
+                        let mut group = vec![Op::delete(kv.key.clone())];
+                        group.extend(
+                            ep.ips
+                                .iter()
+                                .map(|ip| Op::delete(keys::ipam(&net.name, ip.addr()))),
+                        );
+                        groups.push(group);
                     }
                 }
-                if ops.is_empty() {
-                    continue;
-                }
-                let n = ops.len();
-                let res = store
-                    .txn(vec![Compare::Missing(keys::host(h))], ops)
-                    .await?;
-                if res.succeeded {
+                let n = self.release_batches(h, groups).await?;
+                if n > 0 {
                     tracing::info!(host = %h, network = %net.name, keys = n, "released a departed host's blocks and endpoints");
                 }
             }
             // Its service producers go too (its agent no longer checks them).
             let (producers, _) = store.range(&service_keys::producers()).await?;
-            let ops: Vec<Op> = producers
+            let groups: Vec<Vec<Op>> = producers
                 .iter()
                 .filter(|kv| {
                     serde_json::from_slice::<Producer>(&kv.value)
                         .is_ok_and(|p| p.host.as_deref() == Some(h.as_str()))
                 })
-                .map(|kv| Op::delete(kv.key.clone()))
+                .map(|kv| vec![Op::delete(kv.key.clone())])
                 .collect();
-            if !ops.is_empty() {
-                let n = ops.len();
-                let res = store
-                    .txn(vec![Compare::Missing(keys::host(h))], ops)
-                    .await?;
-                if res.succeeded {
-                    tracing::info!(host = %h, producers = n, "released a departed host's service producers");
-                }
+            let n = self.release_batches(h, groups).await?;
+            if n > 0 {
+                tracing::info!(host = %h, producers = n, "released a departed host's service producers");
             }
         }
         Ok(())
+    }
+
+    /// Commit `groups` of deletes in as few transactions as the store's limit allows, each
+    /// guarded by "host `h` is still absent"; returns how many keys were deleted. Stops at the
+    /// first guard that fails (the host is back).
+    async fn release_batches(&self, h: &str, groups: Vec<Vec<Op>>) -> Result<usize, StoreError> {
+        let store = self.ctl.store_handle();
+        let mut deleted = 0;
+        for batch in ferrynet_model::batch::pack(groups, ferrynet_store::MAX_TXN_OPS) {
+            let n = batch.len();
+            let res = store
+                .txn(vec![Compare::Missing(keys::host(h))], batch)
+                .await?;
+            if !res.succeeded {
+                break;
+            }
+            deleted += n;
+        }
+        Ok(deleted)
     }
 }

@@ -55,6 +55,10 @@ pub struct AgentStatus {
     /// The sleeve (absent: not running).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sleeve: Option<ferrynet_sleeve::SleeveReport>,
+    /// The last re-assertion of this host's own records after it (re)registered: what a
+    /// partition longer than the grace period had released, put back, and what others hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reassert: Option<crate::control::journal::ReassertReport>,
 }
 
 /// The VXLAN guard (`inet ferrynet-fabric`).

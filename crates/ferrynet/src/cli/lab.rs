@@ -105,6 +105,9 @@ pub struct UpArgs {
     /// firewall between sites would.
     #[arg(long, value_name = "HOST")]
     pub block_vxlan: Vec<String>,
+    /// How the network's containers attach: bridge or routed (see `network create --mode`).
+    #[arg(long, default_value = "bridge", value_parser = ["bridge", "routed"], requires = "backend")]
+    pub mode: String,
     /// Agents' grace period for vanished hosts.
     #[arg(long, default_value = "60s")]
     pub grace: String,
@@ -604,6 +607,8 @@ async fn build(a: &UpArgs, exe: &Path, rec: &mut LabRecord) -> anyhow::Result<()
                 "fd20::/64",
                 "--backend",
                 b,
+                "--mode",
+                &a.mode,
             ])
             .args(a.encrypt.then_some("--encrypt"))
             .output()?;
@@ -614,8 +619,9 @@ async fn build(a: &UpArgs, exe: &Path, rec: &mut LabRecord) -> anyhow::Result<()
             );
         }
         println!(
-            "network fabric (10.20.0.0/16, fd20::/64, backend {b}{}) created",
-            if a.encrypt { ", encrypted" } else { "" }
+            "network fabric (10.20.0.0/16, fd20::/64, backend {b}{}, mode {}) created",
+            if a.encrypt { ", encrypted" } else { "" },
+            a.mode
         );
     }
     Ok(())

@@ -38,7 +38,7 @@ use table::Table;
 /// binary is installed into the CNI bin directory by `ferrynet install-cni`. For several hosts,
 /// run `ferrynet agent` on each; try it on one machine with `ferrynet lab up`.
 #[derive(Parser, Debug)]
-#[command(name = "ferrynet", version, about, long_about)]
+#[command(name = "ferrynet", version = crate::failpoint::VERSION, about, long_about)]
 struct Cli {
     /// State directory holding the embedded store.
     #[arg(long, global = true, env = "FERRYNET_STATE_DIR", value_name = "DIR")]
@@ -280,8 +280,16 @@ struct CreateArgs {
     #[arg(long)]
     bridge: Option<String>,
     /// Host networking: containers share the host's namespace; nothing is created.
-    #[arg(long, conflicts_with_all = ["subnet", "internal", "bridge", "backend"])]
+    #[arg(long, conflicts_with_all = ["subnet", "internal", "bridge", "backend", "mode"])]
     host: bool,
+    /// How containers attach. bridge: one Linux bridge per network. routed: no bridge (as
+    /// Calico); each container's host-side veth carries a /32 and /128 route to it, the
+    /// container holds its addresses as /32 and /128 and its default routes go on-link to
+    /// 169.254.1.1 and fe80::1, which the host end answers; every packet, also between two
+    /// containers of one host, is routed by the host. Works with every --backend; not with
+    /// --internal.
+    #[arg(long, value_name = "MODE", default_value = "bridge", value_parser = ["bridge", "routed"], conflicts_with = "internal")]
+    mode: String,
     /// Make the network span hosts (needs `ferrynet agent` on each host and a shared store):
     /// route (hosts share a link), vxlan (kernel overlay over UDP 4789), sleeve (encrypted
     /// userspace overlay over one UDP port, through NAT; see docs/OVERLAY.md) or auto (per
@@ -583,9 +591,10 @@ async fn network_from_args(ctl: &Control, a: CreateArgs) -> anyhow::Result<Netwo
             .context("no free 10.89.N.0/24 left for a default subnet; pass --subnet")?;
         subnets.push(Subnet::new(cidr));
     }
+    let mode: NetworkMode = a.mode.parse().map_err(anyhow::Error::msg)?;
     Ok(Network {
         name: a.name,
-        mode: NetworkMode::Bridge,
+        mode,
         bridge: a.bridge.unwrap_or_default(),
         subnets,
         mtu: a.mtu,

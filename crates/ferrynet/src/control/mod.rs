@@ -12,6 +12,7 @@ pub mod endpoint;
 pub mod guard;
 pub mod host;
 pub mod ipam;
+pub mod journal;
 pub mod kv;
 pub mod network;
 pub mod service;

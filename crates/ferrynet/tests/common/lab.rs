@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -30,6 +31,15 @@ impl Container {
         format!("fnc-{}", self.name)
     }
 }
+
+/// A dual-stack echo server on port 7000 (python3): TCP, one thread per connection, and UDP.
+pub const ECHO_SERVER: &str = "import socket,threading\n\
+    s=socket.socket(socket.AF_INET6);s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+    s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0);s.bind(('::',7000));s.listen(64)\n\
+    def serve(c):\n  while True:\n    d=c.recv(65536)\n    if not d: break\n    c.sendall(d)\n  c.close()\n\
+    def udp():\n  u=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n  u.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0);u.bind(('::',7000))\n  while True:\n    d,a=u.recvfrom(65536);u.sendto(d,a)\n\
+    threading.Thread(target=udp,daemon=True).start()\n\
+    while True:\n  c,_=s.accept();threading.Thread(target=serve,args=(c,),daemon=True).start()\n";
 
 /// A lab, removed on drop with what the test made on it.
 pub struct Lab {
@@ -197,6 +207,14 @@ impl Lab {
         }
     }
 
+    /// A container on `host` (network `fabric`) running a dual-stack TCP and UDP echo server
+    /// on port 7000.
+    pub fn echo_container(&mut self, host: &str, short: &str) -> Container {
+        let c = self.run(host, short, &[], &["python3", "-c", ECHO_SERVER]);
+        assert!(!c.v6.is_empty(), "v6");
+        c
+    }
+
     /// Remove container `c` now (`ferrynet rm --force`, which must succeed), after killing
     /// its server.
     pub fn rm(&mut self, c: &Container) {
@@ -236,4 +254,25 @@ pub fn all_pairs(cs: &[Container], check: impl Fn(&Container, &str) -> Result<()
         "unreachable pairs:\n{}",
         failures.join("\n")
     );
+}
+
+/// One TCP round trip from `from` to `addr`:7000 (retried for up to `within`).
+pub fn echo(from: &Container, addr: &str, within: Duration) -> Result<(), String> {
+    let code = format!(
+        "import socket\ns=socket.create_connection(('{addr}',7000),timeout=2)\ns.sendall(b'ping')\nassert s.recv(4)==b'ping'\n"
+    );
+    let until = Instant::now() + within;
+    loop {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &from.netns(), "python3", "-c", &code])
+            .output()
+            .expect("python3");
+        if o.status.success() {
+            return Ok(());
+        }
+        if Instant::now() > until {
+            return Err(format!("{} -> {addr}: {}", from.name, out(&o)));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
