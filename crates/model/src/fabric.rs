@@ -23,8 +23,11 @@ pub enum Backend {
     Route,
     /// Encapsulation in VXLAN over the underlay, with static FDB and neighbour entries.
     Vxlan,
-    /// Per peer: `Route` when routes reach all its blocks, else `Vxlan`.
+    /// Per peer: `Route` when routes reach all its blocks, else `Vxlan`, else (when the VXLAN
+    /// port does not pass) `Sleeve`.
     Auto,
+    /// The encrypted userspace overlay over one UDP port (`crate::sleeve`).
+    Sleeve,
 }
 
 impl fmt::Display for Backend {
@@ -33,13 +36,14 @@ impl fmt::Display for Backend {
             Backend::Route => "route",
             Backend::Vxlan => "vxlan",
             Backend::Auto => "auto",
+            Backend::Sleeve => "sleeve",
         })
     }
 }
 
 /// A backend name that is not `route`, `vxlan` or `auto`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown fabric backend {0:?}: expected route, vxlan or auto")]
+#[error("unknown fabric backend {0:?}: expected route, vxlan, auto or sleeve")]
 pub struct BadBackend(pub String);
 
 impl FromStr for Backend {
@@ -49,6 +53,7 @@ impl FromStr for Backend {
             "route" => Ok(Backend::Route),
             "vxlan" => Ok(Backend::Vxlan),
             "auto" => Ok(Backend::Auto),
+            "sleeve" => Ok(Backend::Sleeve),
             _ => Err(BadBackend(s.to_string())),
         }
     }
@@ -404,9 +409,16 @@ pub fn desired(input: &FabricInput) -> (FabricState, Vec<PeerStatus>) {
             Backend::Vxlan => Backend::Vxlan,
             Backend::Auto if routes_reach(input.my_underlay, peer, &blocks) => Backend::Route,
             Backend::Auto => Backend::Vxlan,
+            Backend::Sleeve => Backend::Sleeve,
         };
         let programmed = match backend {
             Backend::Vxlan => vxlan_peer(input, peer, &blocks, &mut macs, &mut state, &mut st),
+            // Sleeve routes come from `sleeve::desired`, which never asks for them here.
+            Backend::Sleeve => {
+                st.errors
+                    .push(format!("peer {host}: sleeve routes are not decided here"));
+                false
+            }
             _ => route_peer(input, peer, &blocks, &mut state, &mut st),
         };
         if programmed || st.errors.is_empty() {
@@ -431,7 +443,7 @@ fn tunnel_family(mine: &[IpNet], peer: &[IpNet]) -> Option<bool> {
 }
 
 /// Whether the route backend reaches every block of the peer (for `Auto`).
-fn routes_reach(mine: &[IpNet], peer: &Peer, blocks: &[IpNet]) -> bool {
+pub fn routes_reach(mine: &[IpNet], peer: &Peer, blocks: &[IpNet]) -> bool {
     let mut families: BTreeSet<bool> = blocks.iter().map(|b| b.addr().is_ipv6()).collect();
     if families.is_empty() {
         match tunnel_family(mine, &peer.underlay) {

@@ -269,6 +269,7 @@ mod tests {
             capabilities: vec![],
             version: String::new(),
             started_at: 0,
+            sleeve: None,
         }
     }
 

@@ -22,6 +22,9 @@ pub struct HostRecord {
     /// Unix time (seconds) the agent started.
     #[serde(default)]
     pub started_at: u64,
+    /// The host's sleeve (encrypted overlay) key and port; absent when it runs none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sleeve: Option<crate::sleeve::SleeveRecord>,
 }
 
 impl HostRecord {

@@ -25,5 +25,6 @@ pub mod reservation;
 pub mod reserved;
 pub mod routed;
 pub mod service;
+pub mod sleeve;
 pub mod subnets;
 pub mod validate;

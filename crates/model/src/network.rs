@@ -135,6 +135,9 @@ pub struct FabricSpec {
     /// Prefix length of an IPv6 block (default 122: 64 addresses, matching the IPv4 block).
     #[serde(default = "default_block_v6")]
     pub block_v6: u8,
+    /// Cross-host traffic goes through the sleeve (encrypted) whatever the backend.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encrypt: bool,
 }
 
 /// Default IPv4 block prefix length.

@@ -374,6 +374,12 @@ impl Validate for HostRecord {
                 "must be at most 64 printable ASCII characters",
             ));
         }
+        if let Some(s) = &self.sleeve {
+            crate::sleeve::decode_key(&s.public_key).map_err(|_| {
+                RecordError::new("sleeve.publicKey", &s.public_key, "not 32 bytes of base64")
+            })?;
+            check_port("sleeve.port", s.port)?;
+        }
         Ok(())
     }
     fn check_key(&self, key: &str) -> Result<(), RecordError> {

@@ -90,9 +90,21 @@ pub struct UpArgs {
     #[arg(long, default_value = "etcd", value_parser = ["etcd", "file"])]
     pub store: String,
     /// Also create this multi-host network (dual-stack, 10.20.0.0/16 + fd20::/64) with this
-    /// backend: route, vxlan or auto.
+    /// backend: route, vxlan, auto or sleeve.
     #[arg(long)]
     pub backend: Option<String>,
+    /// Create that network with `--encrypt` (cross-host traffic through the sleeve).
+    #[arg(long, requires = "backend")]
+    pub encrypt: bool,
+    /// Put this host behind NAT (repeatable): a router namespace on the underlay masquerades
+    /// its traffic and passes only connections it started; the host's own underlay is the
+    /// private 172.30.N.0/24 and fd30:N::/64.
+    #[arg(long, value_name = "HOST")]
+    pub nat: Vec<String>,
+    /// Drop UDP to port 4789 (VXLAN) to and from this host on the underlay (repeatable), as a
+    /// firewall between sites would.
+    #[arg(long, value_name = "HOST")]
+    pub block_vxlan: Vec<String>,
     /// How the network's containers attach: bridge or routed (see `network create --mode`).
     #[arg(long, default_value = "bridge", value_parser = ["bridge", "routed"], requires = "backend")]
     pub mode: String,
@@ -164,7 +176,7 @@ pub fn host_underlay(i: u8, subnets: u8) -> (String, String, u8) {
     (format!("172.31.{s}.{i}/24"), format!("fd31:{s}::{i}/64"), s)
 }
 
-fn ip(args: &[&str]) -> anyhow::Result<()> {
+pub(super) fn ip(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("ip")
         .args(args)
         .output()
@@ -410,6 +422,18 @@ async fn up(a: &UpArgs, exe: &Path) -> anyhow::Result<()> {
             bail!("Docker driver name {d:?} must be 1-32 letters, digits, '-' or '_'");
         }
     }
+    for h in a.nat.iter().chain(&a.block_vxlan) {
+        let known = h
+            .strip_prefix('h')
+            .and_then(|n| n.parse::<u8>().ok())
+            .is_some_and(|n| (1..=a.hosts).contains(&n));
+        if !known {
+            bail!(
+                "--nat/--block-vxlan {h:?}: the lab's hosts are h1 to h{}",
+                a.hosts
+            );
+        }
+    }
     let dir = lab_dir(&a.name);
     if dir.join("lab.json").exists() {
         bail!(
@@ -522,41 +546,14 @@ async fn build(a: &UpArgs, exe: &Path, rec: &mut LabRecord) -> anyhow::Result<()
         rec.hosts.push(host.clone());
         let (v4, v6, s) = host_underlay(i, a.subnets);
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        ip(&[
-            "-n", &ul, "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-        ])?;
-        ip(&[
-            "-n",
-            &ul,
-            "link",
-            "set",
-            &host,
-            "master",
-            &format!("ul{s}"),
-            "up",
-        ])?;
-        ip(&["-n", &ns, "addr", "add", &v4, "dev", "eth0"])?;
-        ip(&["-n", &ns, "addr", "add", &v6, "dev", "eth0", "nodad"])?;
-        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-        ip(&[
-            "-n",
-            &ns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("172.31.{s}.254"),
-        ])?;
-        ip(&[
-            "-n",
-            &ns,
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("fd31:{s}::fe"),
-        ])?;
+        if a.nat.contains(&host) {
+            super::lab_nat::behind_nat(rec, &ul, &ns, i, s)?;
+        } else {
+            plug(&ul, &ns, &host, s, &v4, &v6)?;
+        }
+        if a.block_vxlan.contains(&host) {
+            super::lab_nat::block_vxlan(&ul, &host, &v4, &v6)?;
+        }
         start_agent(rec, &host)?;
         save(rec)?;
     }
@@ -613,6 +610,7 @@ async fn build(a: &UpArgs, exe: &Path, rec: &mut LabRecord) -> anyhow::Result<()
                 "--mode",
                 &a.mode,
             ])
+            .args(a.encrypt.then_some("--encrypt"))
             .output()?;
         if !out.status.success() {
             bail!(
@@ -621,14 +619,63 @@ async fn build(a: &UpArgs, exe: &Path, rec: &mut LabRecord) -> anyhow::Result<()
             );
         }
         println!(
-            "network fabric (10.20.0.0/16, fd20::/64, backend {b}, mode {}) created",
+            "network fabric (10.20.0.0/16, fd20::/64, backend {b}{}, mode {}) created",
+            if a.encrypt { ", encrypted" } else { "" },
             a.mode
         );
     }
     Ok(())
 }
 
-fn sysctl_in(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
+/// Join namespace `ns` to underlay bridge `ul{s}` through a veth (`name` on the bridge side,
+/// `eth0` inside) with these addresses and default routes via the underlay's router.
+pub(super) fn plug(
+    ul: &str,
+    ns: &str,
+    name: &str,
+    s: u8,
+    v4: &str,
+    v6: &str,
+) -> anyhow::Result<()> {
+    ip(&[
+        "-n", ul, "link", "add", name, "type", "veth", "peer", "name", "eth0", "netns", ns,
+    ])?;
+    ip(&[
+        "-n",
+        ul,
+        "link",
+        "set",
+        name,
+        "master",
+        &format!("ul{s}"),
+        "up",
+    ])?;
+    ip(&["-n", ns, "addr", "add", v4, "dev", "eth0"])?;
+    ip(&["-n", ns, "addr", "add", v6, "dev", "eth0", "nodad"])?;
+    ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+    ip(&[
+        "-n",
+        ns,
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("172.31.{s}.254"),
+    ])?;
+    ip(&[
+        "-n",
+        ns,
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("fd31:{s}::fe"),
+    ])?;
+    Ok(())
+}
+
+pub(super) fn sysctl_in(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
     ip(&[
         "netns",
         "exec",

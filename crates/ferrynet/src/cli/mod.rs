@@ -2,8 +2,10 @@
 
 mod install;
 mod lab;
+mod lab_nat;
 mod render;
 pub mod service;
+mod sleeve_cmd;
 mod status;
 mod table;
 
@@ -101,6 +103,9 @@ enum Cmd {
     /// A multi-host lab on this machine: hosts as network namespaces, etcd, an agent per host.
     #[command(subcommand)]
     Lab(lab::LabCmd),
+    /// The sleeve (encrypted overlay): this host's public key, a handshake test.
+    #[command(subcommand)]
+    Sleeve(sleeve_cmd::SleeveCmd),
     /// Keep files rendered from templates over services, producers and keys; reload on change.
     ///
     /// The confd / consul-template job, built in. Follows the store (embedded or etcd) and, on
@@ -169,6 +174,14 @@ struct AgentArgs {
     /// Port the DNS server listens on at each gateway.
     #[arg(long, default_value_t = 53, hide = true)]
     dns_port: u16,
+    /// UDP port of the sleeve (the encrypted overlay); 0: run no sleeve (this host then cannot
+    /// join sleeve or encrypted networks' peers). Open it between hosts.
+    #[arg(long, default_value_t = ferrynet_model::sleeve::SLEEVE_PORT, value_name = "PORT")]
+    sleeve_port: u16,
+    /// Sleeve queues: threads encrypting (and decrypting) in parallel (default: the CPUs, at
+    /// most 4).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16))]
+    sleeve_queues: Option<u16>,
 }
 
 /// The agent's DNS settings from its flags.
@@ -278,9 +291,15 @@ struct CreateArgs {
     #[arg(long, value_name = "MODE", default_value = "bridge", value_parser = ["bridge", "routed"], conflicts_with = "internal")]
     mode: String,
     /// Make the network span hosts (needs `ferrynet agent` on each host and a shared store):
-    /// route (hosts share a link), vxlan (overlay) or auto (route where possible, else vxlan).
+    /// route (hosts share a link), vxlan (kernel overlay over UDP 4789), sleeve (encrypted
+    /// userspace overlay over one UDP port, through NAT; see docs/OVERLAY.md) or auto (per
+    /// peer: route on a shared link, vxlan where UDP 4789 passes, else sleeve).
     #[arg(long, value_name = "BACKEND", conflicts_with = "internal")]
     backend: Option<Backend>,
+    /// Send all cross-host traffic of a route, vxlan or auto network through the sleeve,
+    /// encrypted and authenticated (containers see no change but a smaller MTU).
+    #[arg(long, requires = "backend")]
+    encrypt: bool,
     /// VXLAN network identifier for a multi-host network (default: the lowest free one).
     #[arg(long, requires = "backend", value_parser = clap::value_parser!(u32).range(1..16_777_216))]
     vni: Option<u32>,
@@ -364,6 +383,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     docker_socket: a.docker_socket,
                     docker_scope: a.docker_scope,
                     dns,
+                    sleeve_port: a.sleeve_port,
+                    sleeve_queues: a.sleeve_queues.map(usize::from),
                 };
                 return crate::agent::run(paths, opts)
                     .await
@@ -378,11 +399,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let exe = std::env::current_exe().context("locating the ferrynet binary")?;
                 return lab::run(c, &exe).await;
             }
+            Cmd::Sleeve(c) => return sleeve_cmd::run(&paths, c),
             _ => {}
         }
         let ctl = Control::open_with(paths, cli.store.as_deref(), None).await?;
         match cli.cmd {
-            Cmd::Agent(_) | Cmd::Status(_) | Cmd::Lab(_) => unreachable!("handled above"),
+            Cmd::Agent(_) | Cmd::Status(_) | Cmd::Lab(_) | Cmd::Sleeve(_) => {
+                unreachable!("handled above")
+            }
             Cmd::Network(c) => network(&ctl, c).await.map(|_| ExitCode::SUCCESS),
             Cmd::Service(c) => service::run(&ctl, c).await.map(|_| ExitCode::SUCCESS),
             Cmd::Run(a) => run_container(&ctl, a).await.map(|_| ExitCode::SUCCESS),
@@ -582,6 +606,7 @@ async fn network_from_args(ctl: &Control, a: CreateArgs) -> anyhow::Result<Netwo
             vni: a.vni.unwrap_or(0),
             block_v4: a.block_size,
             block_v6: a.block_size6,
+            encrypt: a.encrypt,
         }),
     })
 }

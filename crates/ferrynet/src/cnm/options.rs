@@ -122,6 +122,7 @@ impl NetworkOptions {
             vni: self.vni.unwrap_or(0),
             block_v4,
             block_v6,
+            encrypt: false,
         }))
     }
 }
@@ -595,7 +596,7 @@ mod tests {
         assert!(g(json!({"ferrynet.backend": "gre"}))
             .unwrap_err()
             .to_string()
-            .contains("route, vxlan or auto"));
+            .contains("route, vxlan, auto or sleeve"));
         assert!(g(json!({"ferrynet.vni": "x"})).is_err());
         let e = g(json!({"ferrynet.backend": "vxlan", "ferrynet.vni": "16777216"}))
             .unwrap()

@@ -32,11 +32,13 @@ impl Container {
     }
 }
 
-/// A dual-stack TCP echo server on port 7000 (python3), one thread per connection.
+/// A dual-stack echo server on port 7000 (python3): TCP, one thread per connection, and UDP.
 pub const ECHO_SERVER: &str = "import socket,threading\n\
     s=socket.socket(socket.AF_INET6);s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
     s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0);s.bind(('::',7000));s.listen(64)\n\
-    def serve(c):\n  while True:\n    d=c.recv(4096)\n    if not d: break\n    c.sendall(d)\n  c.close()\n\
+    def serve(c):\n  while True:\n    d=c.recv(65536)\n    if not d: break\n    c.sendall(d)\n  c.close()\n\
+    def udp():\n  u=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n  u.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0);u.bind(('::',7000))\n  while True:\n    d,a=u.recvfrom(65536);u.sendto(d,a)\n\
+    threading.Thread(target=udp,daemon=True).start()\n\
     while True:\n  c,_=s.accept();threading.Thread(target=serve,args=(c,),daemon=True).start()\n";
 
 /// A lab, removed on drop with what the test made on it.
@@ -205,8 +207,8 @@ impl Lab {
         }
     }
 
-    /// A container on `host` (network `fabric`) running a dual-stack TCP echo server on
-    /// port 7000.
+    /// A container on `host` (network `fabric`) running a dual-stack TCP and UDP echo server
+    /// on port 7000.
     pub fn echo_container(&mut self, host: &str, short: &str) -> Container {
         let c = self.run(host, short, &[], &["python3", "-c", ECHO_SERVER]);
         assert!(!c.v6.is_empty(), "v6");
@@ -232,6 +234,26 @@ impl Lab {
         assert!(o.status.success(), "ip netns add {ns}: {}", out(&o));
         self.netns.push(ns.to_string());
     }
+}
+
+/// Run `check(from, addr)` from every container to every other one's IPv4 and IPv6 address;
+/// panic listing every pair that failed.
+pub fn all_pairs(cs: &[Container], check: impl Fn(&Container, &str) -> Result<(), String>) {
+    let mut failures = Vec::new();
+    for a in cs {
+        for b in cs.iter().filter(|b| b.name != a.name) {
+            for addr in [&b.v4, &b.v6].into_iter().filter(|s| !s.is_empty()) {
+                if let Err(e) = check(a, addr) {
+                    failures.push(e);
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "unreachable pairs:\n{}",
+        failures.join("\n")
+    );
 }
 
 /// One TCP round trip from `from` to `addr`:7000 (retried for up to `within`).

@@ -106,6 +106,7 @@ mod tests {
                 vni: 7,
                 block_v4: 26,
                 block_v6: 122,
+                encrypt: false,
             }),
             ..Network::bridged(
                 "wide",

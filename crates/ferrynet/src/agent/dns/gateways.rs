@@ -55,6 +55,7 @@ mod tests {
                 vni: 7,
                 block_v4: 26,
                 block_v6: 122,
+                encrypt: false,
             }),
             ..Network::bridged(name, cidrs.iter().map(|c| c.parse().unwrap()))
         }
