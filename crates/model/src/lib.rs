@@ -1,4 +1,5 @@
 pub mod bandwidth;
+pub mod bgp;
 pub mod blocks;
 pub mod cni;
 pub mod conntrack;
