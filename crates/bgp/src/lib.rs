@@ -2,7 +2,12 @@
 //! FSM, 4-byte ASNs, MP-BGP IPv4/IPv6 unicast, route refresh, graceful restart, TCP-MD5).
 //! Policy, RIB and kernel-route decisions are `ferrynet_model::bgp`'s.
 
+mod md5;
+mod session;
+pub mod speaker;
 pub mod wire;
+
+pub use speaker::{Exports, PeerState, Policy, Settings, Speaker, BGP_PORT};
 
 /// Shared constants.
 pub mod config {

@@ -70,7 +70,10 @@ pub fn block_subnets(network_subnets: &[Subnet], my_blocks: &[IpNet]) -> Vec<Sub
 /// True when a host's view of `pool` depends on the host's underlay: a tunnelled network
 /// without an explicit MTU takes the underlay's minus the encapsulation.
 pub fn view_needs_underlay(pool: &Network) -> bool {
-    pool.mtu.is_none() && pool.fabric.is_some_and(|f| f.backend != Backend::Route)
+    pool.mtu.is_none()
+        && pool
+            .fabric
+            .is_some_and(|f| !matches!(f.backend, Backend::Route | Backend::Bgp))
 }
 
 /// The network as one host sees it: its subnets are the host's blocks (each gatewayed by its

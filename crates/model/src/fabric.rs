@@ -25,6 +25,9 @@ pub enum Backend {
     Vxlan,
     /// Per peer: `Route` when routes reach all its blocks, else `Vxlan`.
     Auto,
+    /// Routes learned over BGP (the agent's speaker) from peers and routers: nothing is
+    /// programmed from the store, hosts need no shared link.
+    Bgp,
 }
 
 impl fmt::Display for Backend {
@@ -33,13 +36,14 @@ impl fmt::Display for Backend {
             Backend::Route => "route",
             Backend::Vxlan => "vxlan",
             Backend::Auto => "auto",
+            Backend::Bgp => "bgp",
         })
     }
 }
 
 /// A backend name that is not `route`, `vxlan` or `auto`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown fabric backend {0:?}: expected route, vxlan or auto")]
+#[error("unknown fabric backend {0:?}: expected route, vxlan, auto or bgp")]
 pub struct BadBackend(pub String);
 
 impl FromStr for Backend {
@@ -49,6 +53,7 @@ impl FromStr for Backend {
             "route" => Ok(Backend::Route),
             "vxlan" => Ok(Backend::Vxlan),
             "auto" => Ok(Backend::Auto),
+            "bgp" => Ok(Backend::Bgp),
             _ => Err(BadBackend(s.to_string())),
         }
     }
@@ -373,6 +378,15 @@ pub fn desired(input: &FabricInput) -> (FabricState, Vec<PeerStatus>) {
     let mut macs: BTreeMap<[u8; 6], &str> = BTreeMap::new();
 
     for (host, entries) in by_host {
+        // BGP routes come from the speaker, not from the store.
+        if input.backend == Backend::Bgp {
+            statuses.push(PeerStatus {
+                host: host.to_string(),
+                backend: Some(Backend::Bgp),
+                errors: Vec::new(),
+            });
+            continue;
+        }
         let mut st = PeerStatus {
             host: host.to_string(),
             backend: None,
@@ -403,7 +417,7 @@ pub fn desired(input: &FabricInput) -> (FabricState, Vec<PeerStatus>) {
             Backend::Route => Backend::Route,
             Backend::Vxlan => Backend::Vxlan,
             Backend::Auto if routes_reach(input.my_underlay, peer, &blocks) => Backend::Route,
-            Backend::Auto => Backend::Vxlan,
+            Backend::Auto | Backend::Bgp => Backend::Vxlan,
         };
         let programmed = match backend {
             Backend::Vxlan => vxlan_peer(input, peer, &blocks, &mut macs, &mut state, &mut st),
@@ -630,7 +644,7 @@ mod tests {
 
     #[test]
     fn backend_names() {
-        for b in [Backend::Route, Backend::Vxlan, Backend::Auto] {
+        for b in [Backend::Route, Backend::Vxlan, Backend::Auto, Backend::Bgp] {
             assert_eq!(b.to_string().parse::<Backend>().unwrap(), b);
             assert_eq!(serde_json::to_string(&b).unwrap(), format!("\"{b}\""));
         }

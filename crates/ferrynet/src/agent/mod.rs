@@ -6,6 +6,7 @@
 //! and diffs, never flushes, so restarting it drops no traffic.
 
 pub mod api;
+pub mod bgp;
 pub mod conntrack;
 pub mod discovery;
 pub mod dns;
@@ -97,7 +98,7 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
         name: ctl.host().to_string(),
         underlay: underlay.addrs.clone(),
         underlay_mtu: underlay.mtu,
-        capabilities: vec!["route".into(), "vxlan".into()],
+        capabilities: vec!["route".into(), "vxlan".into(), "bgp".into()],
         version: env!("CARGO_PKG_VERSION").into(),
         started_at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -168,7 +169,23 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
         lease_tx,
     ));
 
+    // BGP follows the reconciler's view (networks, hosts, blocks) and the `bgp/` records.
+    let (bgp_tx, bgp_rx) = tokio::sync::watch::channel(bgp::BgpView::default());
+    let bgp_task = tokio::spawn({
+        let (store, me, ul, st) = (
+            ctl.store_handle(),
+            ctl.host().to_string(),
+            underlay.clone(),
+            status.clone(),
+        );
+        async move {
+            if let Err(e) = bgp::run(store, me, ul, bgp_rx, st).await {
+                tracing::error!(error = %e, "BGP stopped");
+            }
+        }
+    });
     let mut rec = reconcile::Reconciler::new(ctl.clone(), nl, underlay, status.clone());
+    rec.bgp = Some(bgp_tx);
     let mut view = ClusterView::default();
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
@@ -199,6 +216,8 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     health_task.abort();
     // The load balancer's table stays: restarts must not drop traffic.
     lb_task.abort();
+    // BGP routes stay in the kernel too; peers hold ours for the restart time.
+    bgp_task.abort();
     let _ = std::fs::remove_file(&sock);
     if let (Some(t), Some(path)) = (docker_task, &opts.docker_socket) {
         t.abort();

@@ -38,6 +38,8 @@ pub struct Reconciler {
     pub reclaimed: bool,
     /// The networks the edge's isolation sets were last applied for.
     edge: Option<Vec<EdgeNetwork>>,
+    /// Where the BGP part of the view goes after each reconcile (None: no BGP task).
+    pub bgp: Option<tokio::sync::watch::Sender<super::bgp::BgpView>>,
 }
 
 impl Reconciler {
@@ -57,6 +59,7 @@ impl Reconciler {
             saved_blocks: BTreeMap::new(),
             reclaimed: false,
             edge: None,
+            bgp: None,
         }
     }
 
@@ -164,7 +167,7 @@ impl Reconciler {
                 }
             }
             let vxlan_dev = vxlan_dev_name(&net.name);
-            if spec.backend != Backend::Route {
+            if matches!(spec.backend, Backend::Vxlan | Backend::Auto) {
                 match vxlan_local(&self.underlay.addrs) {
                     Some(local) => {
                         let vx = VxlanSpec {
@@ -239,6 +242,16 @@ impl Reconciler {
         }
         self.served = served;
         self.save_blocks(view);
+        if let Some(tx) = &self.bgp {
+            let bv = super::bgp::view_of(view, &me);
+            tx.send_if_modified(|old| {
+                let changed = *old != bv;
+                if changed {
+                    *old = bv;
+                }
+                changed
+            });
+        }
 
         let mut changes = 0u64;
         match self.nl.read_fabric(&vxlan_devs).await {

@@ -52,6 +52,9 @@ pub struct AgentStatus {
     /// Store records refused as invalid (treated as absent), by key.
     #[serde(default)]
     pub rejected: Vec<RejectedRecord>,
+    /// BGP (absent: no `bgp` network in the cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<super::bgp::BgpStatus>,
 }
 
 /// The VXLAN guard (`inet ferrynet-fabric`).

@@ -1,5 +1,6 @@
 //! The command line: networks, containers, CNI installation.
 
+mod bgp;
 mod install;
 mod lab;
 mod render;
@@ -126,6 +127,10 @@ enum Cmd {
     /// Free-form keys for templates (`key("name")`, `kv.name` in `ferrynet render`).
     #[command(subcommand)]
     Kv(render::KvCmd),
+    /// BGP for `--backend bgp` networks: peers (ToR routers, route reflectors), settings,
+    /// sessions. See docs/BGP.md.
+    #[command(subcommand)]
+    Bgp(bgp::BgpCmd),
 }
 
 #[derive(Args, Debug)]
@@ -270,7 +275,8 @@ struct CreateArgs {
     #[arg(long, conflicts_with_all = ["subnet", "internal", "bridge", "backend"])]
     host: bool,
     /// Make the network span hosts (needs `ferrynet agent` on each host and a shared store):
-    /// route (hosts share a link), vxlan (overlay) or auto (route where possible, else vxlan).
+    /// route (hosts share a link), vxlan (overlay), auto (route where possible, else vxlan) or
+    /// bgp (each host announces its blocks over BGP to its peers and routers; `ferrynet bgp`).
     #[arg(long, value_name = "BACKEND", conflicts_with = "internal")]
     backend: Option<Backend>,
     /// VXLAN network identifier for a multi-host network (default: the lowest free one).
@@ -361,6 +367,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .await
                     .map(|_| ExitCode::SUCCESS);
             }
+            Cmd::Bgp(bgp::BgpCmd::Status { json }) => {
+                return bgp::run(&paths, None, bgp::BgpCmd::Status { json }).await;
+            }
             Cmd::Status(f) => {
                 return status::show(&paths, f.json)
                     .await
@@ -399,6 +408,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map(|_| ExitCode::SUCCESS),
             Cmd::Render(a) => render::render(&ctl, a).await.map(|_| ExitCode::SUCCESS),
             Cmd::Kv(c) => render::kv(&ctl, c).await,
+            Cmd::Bgp(c) => bgp::run(ctl.paths(), Some(&ctl), c).await,
         }
     })
 }
