@@ -165,9 +165,7 @@ impl Speaker {
             Some(addr) => Some(bind(addr)?),
             None => None,
         };
-        let listen_fd = listener
-            .as_ref()
-            .map(|l| std::os::fd::AsRawFd::as_raw_fd(l));
+        let listen_fd = listener.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
         let sp = Arc::new(Speaker {
             inner,
             peers: Mutex::new(BTreeMap::new()),

@@ -20,9 +20,8 @@ impl Netlink {
             else {
                 continue;
             };
-            if !names.contains_key(&oif) {
-                let n = self.link_by_index(oif).await?.map(|l| l.name);
-                names.insert(oif, n);
+            if let std::collections::btree_map::Entry::Vacant(e) = names.entry(oif) {
+                e.insert(self.link_by_index(oif).await?.map(|l| l.name));
             }
             let Some(Some(dev)) = names.get(&oif) else {
                 continue;
@@ -47,8 +46,8 @@ impl Netlink {
         let mut failures = Vec::new();
         let mut index: BTreeMap<String, Option<u32>> = BTreeMap::new();
         for r in del.iter().chain(add) {
-            if !index.contains_key(&r.dev) {
-                index.insert(r.dev.clone(), self.link_index(&r.dev).await?);
+            if let std::collections::btree_map::Entry::Vacant(e) = index.entry(r.dev.clone()) {
+                e.insert(self.link_index(&r.dev).await?);
             }
         }
         for r in del {

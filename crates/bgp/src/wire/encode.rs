@@ -133,17 +133,28 @@ fn attr(optional: bool, ext: bool, v: PathAttributeValue) -> Option<PathAttribut
 }
 
 fn base_attrs(a: &Announce) -> Vec<PathAttribute> {
+    // iBGP: an empty AS_PATH (no segment at all, RFC 4271 5.1.2); eBGP: our AS.
     let path: Vec<u32> = if a.ebgp { vec![a.local_asn] } else { vec![] };
     let as_path = if a.asn4 {
         AsPath::As4PathSegments(
-            vec![As4PathSegment::new(AsPathSegmentType::AsSequence, path)].into(),
+            Some(path)
+                .filter(|p| !p.is_empty())
+                .map(|p| As4PathSegment::new(AsPathSegmentType::AsSequence, p))
+                .into_iter()
+                .collect(),
         )
     } else {
         let p: Vec<u16> = path
             .iter()
             .map(|x| u16::try_from(*x).unwrap_or(AS_TRANS as u16))
             .collect();
-        AsPath::As2PathSegments(vec![As2PathSegment::new(AsPathSegmentType::AsSequence, p)].into())
+        AsPath::As2PathSegments(
+            Some(p)
+                .filter(|p| !p.is_empty())
+                .map(|p| As2PathSegment::new(AsPathSegmentType::AsSequence, p))
+                .into_iter()
+                .collect(),
+        )
     };
     let mut v = vec![
         attr(false, false, PathAttributeValue::Origin(Origin::IGP)),

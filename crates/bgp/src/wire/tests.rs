@@ -157,3 +157,25 @@ fn notifications_round_trip() {
     };
     assert_eq!(got, &n);
 }
+
+#[test]
+fn ibgp_updates_carry_an_empty_as_path_and_local_pref() {
+    let a = Announce {
+        local_asn: 64512,
+        ebgp: false,
+        asn4: true,
+        next_hop4: Some(Ipv4Addr::new(172, 31, 0, 1)),
+        next_hop6: Some("fd31::1".parse::<Ipv6Addr>().unwrap()),
+    };
+    let frames = updates(&a, &[n("10.20.0.64/26"), n("fd20::40/122")], &[]);
+    assert_eq!(frames.len(), 2);
+    for f in &frames {
+        let [Ok(Msg::Update(u))] = &decode_all(true, f)[..] else {
+            panic!("{:?}", decode_all(true, f))
+        };
+        assert_eq!(u.announced.len(), 1, "{u:?}");
+        assert!(!u.treat_as_withdraw, "{u:?}");
+        let at = u.attrs.as_ref().unwrap();
+        assert_eq!((at.as_path_len, at.local_pref), (0, Some(100)));
+    }
+}

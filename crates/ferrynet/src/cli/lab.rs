@@ -215,7 +215,12 @@ fn load(name: &str) -> anyhow::Result<LabRecord> {
 }
 
 /// Start `cmd` in namespace `ns` in the background, its output to `log`; returns its PID.
-pub(crate) fn spawn_in(ns: &str, cmd: &[&str], env: &[(&str, &str)], log: &Path) -> anyhow::Result<u32> {
+pub(crate) fn spawn_in(
+    ns: &str,
+    cmd: &[&str],
+    env: &[(&str, &str)],
+    log: &Path,
+) -> anyhow::Result<u32> {
     let logf = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let mut c = Command::new("nsenter");
     c.arg(format!("--net=/run/netns/{ns}"))
@@ -246,7 +251,9 @@ pub async fn run(cmd: LabCmd, exe: &Path) -> anyhow::Result<std::process::ExitCo
             Ok(std::process::ExitCode::SUCCESS)
         }
         LabCmd::Exec { name, host, cmd } => exec(&name, &host, &cmd),
-        LabCmd::GobgpFib => lab_racks::gobgp_fib().map(|_| std::process::ExitCode::FAILURE),
+        LabCmd::GobgpFib => {
+            super::lab_gobgp_fib::gobgp_fib().map(|_| std::process::ExitCode::FAILURE)
+        }
         LabCmd::StopAgent { name, host, kill } => {
             let mut rec = load(&name)?;
             let what = format!("agent {host}");
@@ -673,7 +680,44 @@ async fn build(a: &UpArgs, exe: &Path, rec: &mut LabRecord) -> anyhow::Result<()
             );
         }
         println!("network fabric (10.20.0.0/16, fd20::/64, backend {b}) created");
+        if b == "bgp" {
+            wait_bgp(&a.name, &rec.hosts).await?;
+        }
     }
+    Ok(())
+}
+
+/// Wait until every host's BGP sessions are Established (60 s at most).
+async fn wait_bgp(lab: &str, hosts: &[String]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for host in hosts {
+        let sock = socket_path(&lab_dir(lab).join(host));
+        loop {
+            let why = match query_status(&sock).await {
+                Ok(s) => match s.bgp {
+                    Some(b)
+                        if !b.peers.is_empty()
+                            && b.peers.iter().all(|p| p.state == "Established") =>
+                    {
+                        break
+                    }
+                    Some(b) => b
+                        .peers
+                        .iter()
+                        .map(|p| format!("{} {}", p.name, p.state))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    None => "BGP not started".into(),
+                },
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() > deadline {
+                bail!("BGP on {host} not up after 60 s: {why}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    println!("BGP sessions established on every host");
     Ok(())
 }
 

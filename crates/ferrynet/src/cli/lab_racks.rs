@@ -3,7 +3,7 @@
 //! ToR router namespace as the hosts' gateway; the ToRs meet on a spine link and route the
 //! underlay subnets statically (the fabric's IGP), and container routes only over BGP: the
 //! hosts' agents peer with their ToR (eBGP, a 4-byte AS per host), the ToRs with each
-//! other. The ToRs run Debian's BIRD 2, or GoBGP (with [`gobgp_fib`] installing its best
+//! other. The ToRs run Debian's BIRD 2, or GoBGP (with `lab_gobgp_fib` installing its best
 //! paths in the ToR's kernel).
 
 use std::fmt::Write as _;
@@ -54,7 +54,10 @@ pub fn build_fabric(ul: &str, racks: u8, rec: &mut LabRecord) -> anyhow::Result<
         ip(&["netns", "add", &ns])?;
         rec.namespaces.push(ns.clone());
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        for (dev, peer, master) in [("eth0", format!("tor{r}"), br.as_str()), ("eth1", format!("sp{r}"), "spine")] {
+        for (dev, peer, master) in [
+            ("eth0", format!("tor{r}"), br.as_str()),
+            ("eth1", format!("sp{r}"), "spine"),
+        ] {
             ip(&[
                 "-n", ul, "link", "add", &peer, "type", "veth", "peer", "name", dev, "netns", &ns,
             ])?;
@@ -78,8 +81,25 @@ pub fn build_fabric(ul: &str, racks: u8, rec: &mut LabRecord) -> anyhow::Result<
         sysctl_in(&ns, "net.ipv6.conf.all.forwarding", "1")?;
         // The underlay's own routing (an IGP in a real fabric): the other racks' subnets.
         for o in (0..racks).filter(|o| *o != r) {
-            ip(&["-n", &ns, "route", "add", &format!("172.31.{o}.0/24"), "via", &spine_v4(o)])?;
-            ip(&["-n", &ns, "-6", "route", "add", &format!("fd31:{o}::/64"), "via", &spine_v6(o)])?;
+            ip(&[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                &format!("172.31.{o}.0/24"),
+                "via",
+                &spine_v4(o),
+            ])?;
+            ip(&[
+                "-n",
+                &ns,
+                "-6",
+                "route",
+                "add",
+                &format!("fd31:{o}::/64"),
+                "via",
+                &spine_v6(o),
+            ])?;
         }
     }
     Ok(())
@@ -91,7 +111,9 @@ fn neighbours(r: u8, racks: u8, hosts: u8) -> Vec<(String, String, u32)> {
     for i in (1..=hosts).filter(|i| host_rack(*i, racks) == r) {
         v.push((format!("h{i}v4"), format!("172.31.{r}.{i}"), host_asn(i)));
         // Canonical text: GoBGP matches neighbours by the address string.
-        let v6: std::net::Ipv6Addr = format!("fd31:{r}::{i}").parse().unwrap_or(std::net::Ipv6Addr::UNSPECIFIED);
+        let v6: std::net::Ipv6Addr = format!("fd31:{r}::{i}")
+            .parse()
+            .unwrap_or(std::net::Ipv6Addr::UNSPECIFIED);
         v.push((format!("h{i}v6"), v6.to_string(), host_asn(i)));
     }
     for o in (0..racks).filter(|o| *o != r) {
@@ -137,7 +159,11 @@ pub fn gobgp_conf(r: u8, racks: u8, hosts: u8, password: Option<&str>) -> String
         spine_v4(r),
     );
     for (name, addr, asn) in neighbours(r, racks, hosts) {
-        let afi = if addr.contains(':') { "ipv6-unicast" } else { "ipv4-unicast" };
+        let afi = if addr.contains(':') {
+            "ipv6-unicast"
+        } else {
+            "ipv4-unicast"
+        };
         let pw = password
             .filter(|_| name.starts_with('h'))
             .map(|p| format!("    auth-password = \"{p}\"\n"))
@@ -155,7 +181,13 @@ pub fn gobgp_conf(r: u8, racks: u8, hosts: u8, password: Option<&str>) -> String
 }
 
 /// Start the routers of every rack.
-pub fn start_routers(rec: &mut LabRecord, racks: u8, hosts: u8, router: &str, password: Option<&str>) -> anyhow::Result<()> {
+pub fn start_routers(
+    rec: &mut LabRecord,
+    racks: u8,
+    hosts: u8,
+    router: &str,
+    password: Option<&str>,
+) -> anyhow::Result<()> {
     for r in 0..racks {
         start_router(rec, r, racks, hosts, router, password)?;
     }
@@ -184,7 +216,16 @@ pub fn start_router(
             std::fs::write(dir.join("bird.conf"), bird_conf(r, racks, hosts, password))?;
             let pid = spawn_in(
                 &ns,
-                &["/usr/sbin/bird", "-f", "-c", &d("bird.conf"), "-s", &d("bird.ctl"), "-P", &d("bird.pid")],
+                &[
+                    "/usr/sbin/bird",
+                    "-f",
+                    "-c",
+                    &d("bird.conf"),
+                    "-s",
+                    &d("bird.ctl"),
+                    "-P",
+                    &d("bird.pid"),
+                ],
                 &[],
                 &dir.join("bird.log"),
             )?;
@@ -194,10 +235,22 @@ pub fn start_router(
             if !Path::new("/usr/bin/gobgpd").exists() {
                 bail!("/usr/bin/gobgpd is missing: apt-get install gobgpd");
             }
-            std::fs::write(dir.join("gobgpd.toml"), gobgp_conf(r, racks, hosts, password))?;
+            std::fs::write(
+                dir.join("gobgpd.toml"),
+                gobgp_conf(r, racks, hosts, password),
+            )?;
             let pid = spawn_in(
                 &ns,
-                &["/usr/bin/gobgpd", "-f", &d("gobgpd.toml"), "-t", "toml", "--api-hosts", "127.0.0.1:50051", "--pprof-disable"],
+                &[
+                    "/usr/bin/gobgpd",
+                    "-f",
+                    &d("gobgpd.toml"),
+                    "-t",
+                    "toml",
+                    "--api-hosts",
+                    "127.0.0.1:50051",
+                    "--pprof-disable",
+                ],
                 &[],
                 &dir.join("gobgpd.log"),
             )?;
@@ -220,16 +273,39 @@ pub fn start_router(
 /// The BGP settings a rack lab gives its hosts (before the `bgp` network exists, so the
 /// speakers start with them): no mesh, an AS per host, its ToR over IPv4 and IPv6.
 pub fn host_bgp_commands(racks: u8, hosts: u8, password: Option<&str>) -> Vec<Vec<String>> {
-    let mut cmds = vec![vec!["bgp".into(), "config".into(), "--mesh".into(), "off".into(), "--hold-time".into(), "30".into()]];
+    let mut cmds = vec![vec![
+        "bgp".into(),
+        "config".into(),
+        "--mesh".into(),
+        "off".into(),
+        "--hold-time".into(),
+        "30".into(),
+    ]];
     for i in 1..=hosts {
         let r = host_rack(i, racks);
         cmds.push(vec![
-            "bgp".into(), "config".into(), "--host".into(), format!("h{i}"), "--asn".into(), host_asn(i).to_string(),
+            "bgp".into(),
+            "config".into(),
+            "--host".into(),
+            format!("h{i}"),
+            "--asn".into(),
+            host_asn(i).to_string(),
         ]);
-        for (suffix, addr) in [("", format!("172.31.{r}.254")), ("-v6", format!("fd31:{r}::fe"))] {
+        for (suffix, addr) in [
+            ("", format!("172.31.{r}.254")),
+            ("-v6", format!("fd31:{r}::fe")),
+        ] {
             let mut c: Vec<String> = vec![
-                "bgp".into(), "peer".into(), "add".into(), format!("tor-h{i}{suffix}"), "--address".into(), addr,
-                "--asn".into(), tor_asn(r).to_string(), "--host".into(), format!("h{i}"),
+                "bgp".into(),
+                "peer".into(),
+                "add".into(),
+                format!("tor-h{i}{suffix}"),
+                "--address".into(),
+                addr,
+                "--asn".into(),
+                tor_asn(r).to_string(),
+                "--host".into(),
+                format!("h{i}"),
             ];
             if let Some(p) = password {
                 c.extend(["--password".into(), p.to_string()]);
@@ -254,7 +330,10 @@ mod tests {
 
     #[test]
     fn racks_deal_hosts_in_turn_and_asns_are_4_byte() {
-        assert_eq!((host_rack(1, 2), host_rack(2, 2), host_rack(3, 2)), (0, 1, 0));
+        assert_eq!(
+            (host_rack(1, 2), host_rack(2, 2), host_rack(3, 2)),
+            (0, 1, 0)
+        );
         assert!(host_asn(1) > 65535);
         let n = neighbours(0, 2, 3);
         let names: Vec<&str> = n.iter().map(|x| x.0.as_str()).collect();
@@ -268,63 +347,5 @@ mod tests {
         assert!(c.contains("neighbor fd31:200::1 as 65000;"));
         assert_eq!(c.matches("password \"pw\"").count(), 2);
         assert_eq!(c.matches("protocol bgp").count(), 4);
-    }
-}
-
-/// `ferrynet lab gobgp-fib` (in a ToR namespace): follow GoBGP's best paths
-/// (`gobgp monitor global rib --current -j`, both families) into the kernel, `proto bgp`.
-pub fn gobgp_fib() -> anyhow::Result<()> {
-    let mut threads = Vec::new();
-    for fam in ["ipv4", "ipv6"] {
-        threads.push(std::thread::spawn(move || follow_family(fam)));
-    }
-    for t in threads {
-        let _ = t.join();
-    }
-    bail!("gobgp monitor ended")
-}
-
-fn follow_family(fam: &str) -> anyhow::Result<()> {
-    use std::io::BufRead;
-    loop {
-        let mut child = std::process::Command::new("gobgp")
-            .args(["monitor", "global", "rib", "--current", "-a", fam, "-j"])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .context("running gobgp (package gobgpd)")?;
-        let out = child.stdout.take().context("gobgp stdout")?;
-        for line in std::io::BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            let Ok(paths) = serde_json::from_str::<Vec<serde_json::Value>>(&line) else {
-                continue;
-            };
-            for p in &paths {
-                apply_path(p);
-            }
-        }
-        let _ = child.wait();
-        // gobgpd not up yet, or restarted: follow it again.
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-}
-
-/// One monitored path: withdrawn -> delete the route, else replace it via its next hop.
-fn apply_path(p: &serde_json::Value) {
-    let Some(prefix) = p.pointer("/nlri/prefix").and_then(|v| v.as_str()) else {
-        return;
-    };
-    let withdrawn = p.get("withdrawal").and_then(|v| v.as_bool()).unwrap_or(false);
-    let nh = p
-        .get("attrs")
-        .and_then(|a| a.as_array())
-        .and_then(|a| a.iter().find_map(|x| x.get("nexthop").and_then(|n| n.as_str())));
-    let fam = if prefix.contains(':') { "-6" } else { "-4" };
-    let res = match (withdrawn, nh) {
-        (true, _) => ip(&[fam, "route", "del", prefix, "proto", "bgp"]),
-        (false, Some(nh)) => ip(&[fam, "route", "replace", prefix, "via", nh, "proto", "bgp"]),
-        (false, None) => return,
-    };
-    if let Err(e) = res {
-        eprintln!("{e}");
     }
 }

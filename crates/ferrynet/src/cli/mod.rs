@@ -3,6 +3,7 @@
 mod bgp;
 mod install;
 mod lab;
+mod lab_gobgp_fib;
 mod lab_racks;
 mod render;
 mod service;
