@@ -649,11 +649,11 @@ mod tests {
             assert_eq!(serde_json::to_string(&b).unwrap(), format!("\"{b}\""));
         }
         assert_eq!(" VXLAN ".parse::<Backend>().unwrap(), Backend::Vxlan);
-        assert!("bgp"
+        assert!("ospf"
             .parse::<Backend>()
             .unwrap_err()
             .to_string()
-            .contains("bgp"));
+            .contains("ospf"));
         assert_eq!(
             serde_json::from_str::<Backend>("\"auto\"").unwrap(),
             Backend::Auto

@@ -94,7 +94,7 @@ pub struct UpArgs {
     #[arg(long, default_value = "etcd", value_parser = ["etcd", "file"])]
     pub store: String,
     /// Also create this multi-host network (dual-stack, 10.20.0.0/16 + fd20::/64) with this
-    /// backend: route, vxlan or auto.
+    /// backend: route, vxlan, auto or bgp.
     #[arg(long)]
     pub backend: Option<String>,
     /// Agents' grace period for vanished hosts.
