@@ -11,7 +11,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::lab::{all_pairs, echo, stream, Lab};
+use common::lab::{all_pairs, echo, stream, Container, Lab};
 use common::{need, out, within};
 use serde_json::Value;
 
@@ -126,6 +126,17 @@ fn converged(lab: &Lab, hosts: &[&str], nets: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
+/// A two-host BIRD rack lab with an echo container on each host, its routes converged.
+fn two_racks(name: &str) -> (Lab, Container, Container) {
+    let mut lab = rack_lab(name, 2, "bird");
+    let c1 = lab.container("h1", "c1");
+    let c2 = lab.container("h2", "c2");
+    within(Duration::from_secs(30), || {
+        converged(&lab, &["h1", "h2"], &["fabric"])
+    });
+    (lab, c1, c2)
+}
+
 fn routes_follow_blocks(name: &str, router: &str) {
     let mut lab = rack_lab(name, 3, router);
     let hosts = ["h1", "h2", "h3"];
@@ -224,12 +235,7 @@ fn gobgp_tors_route_all_pairs_and_follow_blocks() {
 
 #[test]
 fn agent_kill_9_keeps_a_stream_and_the_routers_keep_its_routes() {
-    let mut lab = rack_lab("bgpkill", 2, "bird");
-    let c1 = lab.container("h1", "c1");
-    let c2 = lab.container("h2", "c2");
-    within(Duration::from_secs(30), || {
-        converged(&lab, &["h1", "h2"], &["fabric"])
-    });
+    let (lab, c1, c2) = two_racks("bgpkill");
     echo(&c2, &c1.v4, Duration::from_secs(5)).unwrap();
     let client = stream(&c2, &c1.v4, 10);
     std::thread::sleep(Duration::from_secs(1));
@@ -269,12 +275,7 @@ fn agent_kill_9_keeps_a_stream_and_the_routers_keep_its_routes() {
 
 #[test]
 fn hostile_neighbour_is_refused_and_its_malformed_update_gets_a_notification() {
-    let mut lab = rack_lab("bgpevil", 2, "bird");
-    let c1 = lab.container("h1", "c1");
-    let c2 = lab.container("h2", "c2");
-    within(Duration::from_secs(30), || {
-        converged(&lab, &["h1", "h2"], &["fabric"])
-    });
+    let (mut lab, c1, c2) = two_racks("bgpevil");
     let before = bgp_status(&lab, "h1");
     let ups = peer(&before, "tor-h1")["establishedCount"].clone();
     // A neighbour on rack 0's link, configured as h1's peer.
@@ -461,4 +462,72 @@ fn hosts_form_a_full_ibgp_mesh_by_default() {
         assert_eq!(peer(&st, p)["remoteAsn"], 64512);
     }
     all_pairs(&cs);
+}
+
+/// A TCP counter of the namespace `ns` (`nstat`), e.g. TcpExtTCPMD5Failure.
+fn nstat(ns: &str, counter: &str) -> u64 {
+    sh(&["ip", "netns", "exec", ns, "nstat", "-az", counter])
+        .lines()
+        .find(|l| l.starts_with(counter))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn tcp_md5_sessions_come_up_only_with_the_key() {
+    need("nstat", "iproute2");
+    let lab = Lab::up(
+        "bgpmd5",
+        &[
+            "--hosts",
+            "2",
+            "--racks",
+            "2",
+            "--router",
+            "bird",
+            "--backend",
+            "bgp",
+            "--bgp-password",
+            "s3cr3t",
+        ],
+    );
+    let tor0 = format!("{}-tor0", lab.name);
+    let st = bgp_status(&lab, "h1");
+    assert_eq!(peer(&st, "tor-h1")["state"], "Established", "{st}");
+    let failures = nstat(&tor0, "TcpExtTCPMD5Failure");
+    // The wrong key: the ToR's kernel drops h1's signed segments, the session stays down.
+    let peer_add = |pw: &str| {
+        lab.ok(
+            "h1",
+            &[
+                "bgp",
+                "peer",
+                "add",
+                "tor-h1",
+                "--address",
+                "172.31.0.254",
+                "--asn",
+                "65000",
+                "--host",
+                "h1",
+                "--password",
+                pw,
+            ],
+        )
+    };
+    peer_add("wrong");
+    within(Duration::from_secs(20), || {
+        let st = bgp_status(&lab, "h1");
+        let n = nstat(&tor0, "TcpExtTCPMD5Failure");
+        (n > failures && peer(&st, "tor-h1")["state"] != "Established")
+            .then_some(())
+            .ok_or(format!("MD5 failures {failures} -> {n}: {st}"))
+    });
+    peer_add("s3cr3t");
+    within(Duration::from_secs(30), || {
+        let st = bgp_status(&lab, "h1");
+        (peer(&st, "tor-h1")["state"] == "Established")
+            .then_some(())
+            .ok_or(format!("not back with the key: {st}"))
+    });
 }
