@@ -4,11 +4,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ferrynet_model::fabric::FabricRoute;
+use futures::StreamExt;
 use ipnet::IpNet;
 
 use crate::error::Result;
 use crate::fabric::{gone, route_message_of, RTPROT_FERRYNET_BGP};
 use crate::netlink::Netlink;
+
+/// Route requests in flight at once.
+const IN_FLIGHT: usize = 64;
 
 impl Netlink {
     /// The routes the BGP speaker installed (output index mapped to the device name).
@@ -50,14 +54,20 @@ impl Netlink {
                 e.insert(self.link_index(&r.dev).await?);
             }
         }
+        // Requests are pipelined (up to IN_FLIGHT at once): a full table is 10,000 routes, and
+        // one round trip each would be the whole cost.
+        let mut dels = Vec::new();
         for r in del {
             let Some(Some(oif)) = index.get(&r.dev) else {
                 continue;
             };
-            let Ok(msg) = route_message_of(r, *oif, RTPROT_FERRYNET_BGP) else {
-                continue;
-            };
-            match self.handle.route().del(msg).execute().await {
+            if let Ok(msg) = route_message_of(r, *oif, RTPROT_FERRYNET_BGP) {
+                dels.push(async move { (r, self.handle.route().del(msg).execute().await) });
+            }
+        }
+        let mut done = futures::stream::iter(dels).buffer_unordered(IN_FLIGHT);
+        while let Some((r, res)) = done.next().await {
+            match res {
                 Err(e) if !gone(&e) => failures.push(format!("deleting {r}: {e}")),
                 _ => {}
             }
@@ -71,6 +81,7 @@ impl Netlink {
                 foreign.entry(r.dst).or_insert(r.protocol);
             }
         }
+        let mut adds = Vec::new();
         for r in add {
             if let Some(p) = foreign.get(&r.dst.trunc()) {
                 failures.push(format!(
@@ -83,14 +94,18 @@ impl Netlink {
                 failures.push(format!("adding {r}: device {} does not exist", r.dev));
                 continue;
             };
-            let msg = match route_message_of(r, *oif, RTPROT_FERRYNET_BGP) {
-                Ok(m) => m,
-                Err(e) => {
-                    failures.push(format!("adding {r}: {e}"));
-                    continue;
+            match route_message_of(r, *oif, RTPROT_FERRYNET_BGP) {
+                Ok(msg) => {
+                    adds.push(
+                        async move { (r, self.handle.route().add(msg).replace().execute().await) },
+                    )
                 }
-            };
-            if let Err(e) = self.handle.route().add(msg).replace().execute().await {
+                Err(e) => failures.push(format!("adding {r}: {e}")),
+            }
+        }
+        let mut done = futures::stream::iter(adds).buffer_unordered(IN_FLIGHT);
+        while let Some((r, res)) = done.next().await {
+            if let Err(e) = res {
                 failures.push(format!("adding {r}: {e}"));
             }
         }

@@ -142,6 +142,17 @@ impl Reconciler {
         let mut vxlan_devs = Vec::new();
         let mut networks = Vec::new();
         let mut served = BTreeMap::new();
+        // BGP first: a new block is announced without waiting for the fabric's kernel work.
+        if let Some(tx) = &self.bgp {
+            let bv = super::bgp::view_of(view, &me);
+            tx.send_if_modified(|old| {
+                let changed = *old != bv;
+                if changed {
+                    *old = bv;
+                }
+                changed
+            });
+        }
         if let Err(e) = self.sync_edge_sets(view) {
             errors.push(format!("applying the edge's isolation sets: {e}"));
         }
@@ -242,16 +253,6 @@ impl Reconciler {
         }
         self.served = served;
         self.save_blocks(view);
-        if let Some(tx) = &self.bgp {
-            let bv = super::bgp::view_of(view, &me);
-            tx.send_if_modified(|old| {
-                let changed = *old != bv;
-                if changed {
-                    *old = bv;
-                }
-                changed
-            });
-        }
 
         let mut changes = 0u64;
         match self.nl.read_fabric(&vxlan_devs).await {
