@@ -290,15 +290,15 @@ def table(prefixes, reps):
         for _ in range(reps):
             for who, peer, asn, ns, proto in (("BIRD", "172.31.0.61", "65101", rx, "bird"),
                                               ("ferrynet", "172.31.0.1", "4200000001", host_ns(lab, "h1"), "114")):
+                watch = RouteWatch(ns, "10.20.")
                 t0 = time.monotonic()
                 ns_exec(gob, "gobgp", "neighbor", "add", peer, "as", asn)
-                wait(lambda: "BGP_FSM_ESTABLISHED" in ns_exec(gob, "gobgp", "neighbor", peer, "-j", check=False).stdout
-                     or "ESTABLISHED" in ns_exec(gob, "gobgp", "neighbor", peer, check=False).stdout.upper(),
-                     120, f"{who}'s session")
-                t1 = time.monotonic()
                 wait(lambda: count_routes(ns, proto) >= prefixes, 300, f"{who}'s kernel table")
-                rows[who].append(time.monotonic() - t0)
-                installs[who].append(time.monotonic() - t1)
+                done = time.monotonic()
+                t1 = watch.after(t0)[0][0]
+                watch.stop()
+                rows[who].append(done - t0)
+                installs[who].append(done - t1)
                 if who == "ferrynet":
                     rss["ferrynet"] = proc_kib(pid, "VmRSS")
                     rss["ferrynet peak"] = proc_kib(pid, "VmHWM")
@@ -314,7 +314,7 @@ def table(prefixes, reps):
         io, ia = statistics.median(installs["ferrynet"]), statistics.median(installs["BIRD"])
         print("| measure | ferrynet agent | BIRD 2 (anchor) | ratio |")
         print("|---|---|---|---|")
-        print(f"| session Established → {prefixes} routes in the kernel, median of {reps} (s) | {io:.2f} ({', '.join(f'{x:.2f}' for x in installs['ferrynet'])}) | "
+        print(f"| first route → all {prefixes} routes in the kernel, median of {reps} (s) | {io:.2f} ({', '.join(f'{x:.2f}' for x in installs['ferrynet'])}) | "
               f"{ia:.2f} ({', '.join(f'{x:.2f}' for x in installs['BIRD'])}) | {io / ia:.2f} |")
         print(f"| neighbour added → {prefixes} routes in the kernel, median of {reps} (s) | {o:.2f} ({', '.join(f'{x:.2f}' for x in rows['ferrynet'])}) | "
               f"{a:.2f} ({', '.join(f'{x:.2f}' for x in rows['BIRD'])}) | {o / a:.2f} |")
