@@ -2,6 +2,7 @@
 //! netlink, sysctls, and nftables transactions. Decisions are made elsewhere (ferrynet-model);
 //! this crate only carries them out, each call aimed at one network namespace.
 
+pub mod bgp_routes;
 pub mod bridge;
 pub mod conntrack;
 pub mod error;

@@ -28,11 +28,6 @@ impl Lab {
         Lab::up(name, &args)
     }
 
-    /// A container on `host` running a dual-stack TCP echo server on port 7000.
-    fn container(&mut self, host: &str, short: &str) -> Container {
-        self.echo_container(host, short)
-    }
-
     /// `cmd` in namespace `ns`, which must succeed; its stdout.
     fn in_ns(&self, ns: &str, cmd: &[&str]) -> String {
         let o = Command::new("ip")

@@ -5,11 +5,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::lab::{echo, Container, Lab};
+use common::lab::{all_pairs, echo, stream, Container, Lab};
 use common::{bin, out};
 use serde_json::Value;
 
@@ -22,32 +21,6 @@ impl Lab {
         args.extend_from_slice(extra);
         Lab::up(name, &args)
     }
-
-    /// Start a container on `host` running a dual-stack TCP echo server on port 7000.
-    fn container(&mut self, host: &str, short: &str) -> Container {
-        self.echo_container(host, short)
-    }
-}
-
-fn all_pairs(cs: &[Container]) {
-    let mut failures = Vec::new();
-    for a in cs {
-        for b in cs {
-            if a.name == b.name {
-                continue;
-            }
-            for addr in [&b.v4, &b.v6] {
-                if let Err(e) = echo(a, addr, Duration::from_secs(5)) {
-                    failures.push(e);
-                }
-            }
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "unreachable pairs:\n{}",
-        failures.join("\n")
-    );
 }
 
 fn three_containers(lab: &mut Lab) -> Vec<Container> {
@@ -138,33 +111,6 @@ fn route_backend_reports_a_peer_off_link() {
         assert!(Instant::now() < until, "h2 never appeared as a peer: {st}");
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-/// A client in `from` that sends a line every 20 ms to `addr`:7000 and checks the echo,
-/// for `secs`; prints the longest gap it saw and exits non-zero on any error.
-fn stream(from: &Container, addr: &str, secs: u32) -> Child {
-    let code = format!(
-        "import socket,time,sys\n\
-         s=socket.create_connection(('{addr}',7000),timeout=5)\n\
-         print('connected',flush=True)\n\
-         end=time.time()+{secs};worst=0;n=0\n\
-         while time.time()<end:\n  t=time.time();s.sendall(b'x'*64);d=b''\n  \
-         while len(d)<64:\n    r=s.recv(64-len(d))\n    assert r,'closed'\n    d+=r\n  \
-         worst=max(worst,time.time()-t);n+=1;time.sleep(0.02)\n\
-         print('ok',n,round(worst,3),flush=True)\n"
-    );
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &from.netns(), "python3", "-u", "-c", &code])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("stream client");
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "connected");
-    child
 }
 
 #[test]

@@ -44,7 +44,7 @@ fn echo(from: &Container, addr: &str, wait: Duration) -> Result<(), String> {
 }
 
 fn all_pairs(cs: &[Container]) {
-    common::lab::all_pairs(cs, |a, addr| echo(a, addr, Duration::from_secs(10)));
+    common::lab::all_pairs_with(cs, |a, addr| echo(a, addr, Duration::from_secs(10)));
 }
 
 /// tcpdump on every port of the lab's underlay bridge (in the underlay namespace), to a file.

@@ -73,7 +73,7 @@ pub fn view_needs_underlay(pool: &Network) -> bool {
     pool.mtu.is_none()
         && pool
             .fabric
-            .is_some_and(|f| f.backend != Backend::Route || f.encrypt)
+            .is_some_and(|f| !matches!(f.backend, Backend::Route | Backend::Bgp) || f.encrypt)
 }
 
 /// The network as one host sees it: its subnets are the host's blocks (each gatewayed by its

@@ -28,6 +28,9 @@ pub enum Backend {
     Auto,
     /// The encrypted userspace overlay over one UDP port (`crate::sleeve`).
     Sleeve,
+    /// Routes learned over BGP (the agent's speaker) from peers and routers: nothing is
+    /// programmed from the store, hosts need no shared link.
+    Bgp,
 }
 
 impl fmt::Display for Backend {
@@ -37,13 +40,14 @@ impl fmt::Display for Backend {
             Backend::Vxlan => "vxlan",
             Backend::Auto => "auto",
             Backend::Sleeve => "sleeve",
+            Backend::Bgp => "bgp",
         })
     }
 }
 
 /// A backend name that is not `route`, `vxlan` or `auto`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown fabric backend {0:?}: expected route, vxlan, auto or sleeve")]
+#[error("unknown fabric backend {0:?}: expected route, vxlan, auto, sleeve or bgp")]
 pub struct BadBackend(pub String);
 
 impl FromStr for Backend {
@@ -54,6 +58,7 @@ impl FromStr for Backend {
             "vxlan" => Ok(Backend::Vxlan),
             "auto" => Ok(Backend::Auto),
             "sleeve" => Ok(Backend::Sleeve),
+            "bgp" => Ok(Backend::Bgp),
             _ => Err(BadBackend(s.to_string())),
         }
     }
@@ -378,6 +383,15 @@ pub fn desired(input: &FabricInput) -> (FabricState, Vec<PeerStatus>) {
     let mut macs: BTreeMap<[u8; 6], &str> = BTreeMap::new();
 
     for (host, entries) in by_host {
+        // BGP routes come from the speaker, not from the store.
+        if input.backend == Backend::Bgp {
+            statuses.push(PeerStatus {
+                host: host.to_string(),
+                backend: Some(Backend::Bgp),
+                errors: Vec::new(),
+            });
+            continue;
+        }
         let mut st = PeerStatus {
             host: host.to_string(),
             backend: None,
@@ -408,7 +422,7 @@ pub fn desired(input: &FabricInput) -> (FabricState, Vec<PeerStatus>) {
             Backend::Route => Backend::Route,
             Backend::Vxlan => Backend::Vxlan,
             Backend::Auto if routes_reach(input.my_underlay, peer, &blocks) => Backend::Route,
-            Backend::Auto => Backend::Vxlan,
+            Backend::Auto | Backend::Bgp => Backend::Vxlan,
             Backend::Sleeve => Backend::Sleeve,
         };
         let programmed = match backend {
@@ -642,16 +656,16 @@ mod tests {
 
     #[test]
     fn backend_names() {
-        for b in [Backend::Route, Backend::Vxlan, Backend::Auto] {
+        for b in [Backend::Route, Backend::Vxlan, Backend::Auto, Backend::Bgp] {
             assert_eq!(b.to_string().parse::<Backend>().unwrap(), b);
             assert_eq!(serde_json::to_string(&b).unwrap(), format!("\"{b}\""));
         }
         assert_eq!(" VXLAN ".parse::<Backend>().unwrap(), Backend::Vxlan);
-        assert!("bgp"
+        assert!("ospf"
             .parse::<Backend>()
             .unwrap_err()
             .to_string()
-            .contains("bgp"));
+            .contains("ospf"));
         assert_eq!(
             serde_json::from_str::<Backend>("\"auto\"").unwrap(),
             Backend::Auto

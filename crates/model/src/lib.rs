@@ -1,5 +1,6 @@
 pub mod bandwidth;
 pub mod batch;
+pub mod bgp;
 pub mod blocks;
 pub mod cni;
 pub mod conntrack;

@@ -218,6 +218,7 @@ pub fn choose(
         Backend::Sleeve => c(Backend::Sleeve, "backend sleeve"),
         Backend::Route => c(Backend::Route, "backend route"),
         Backend::Vxlan => c(Backend::Vxlan, "backend vxlan"),
+        Backend::Bgp => c(Backend::Bgp, "backend bgp: routes from the BGP speaker"),
         Backend::Auto if routes_reach(my_underlay, peer, &peer.blocks) => {
             c(Backend::Route, "shares an underlay link in every family its blocks need")
         }
@@ -267,7 +268,7 @@ pub fn desired(
             .map(|c| c.backend)
             .unwrap_or(Backend::Vxlan)
     };
-    for backend in [Backend::Route, Backend::Vxlan] {
+    for backend in [Backend::Route, Backend::Vxlan, Backend::Bgp] {
         let peers: Vec<Peer> = input
             .peers
             .iter()

@@ -6,6 +6,7 @@
 //! and diffs, never flushes, so restarting it drops no traffic.
 
 pub mod api;
+pub mod bgp;
 pub mod conntrack;
 pub mod discovery;
 pub mod dns;
@@ -112,7 +113,7 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
             }
         },
     };
-    let mut capabilities = vec!["route".to_string(), "vxlan".to_string()];
+    let mut capabilities = vec!["route".to_string(), "vxlan".to_string(), "bgp".to_string()];
     if sleeve_key.is_some() {
         capabilities.push("sleeve".into());
     }
@@ -220,7 +221,23 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
             }
         })
     };
+    // BGP follows the reconciler's view (networks, hosts, blocks) and the `bgp/` records.
+    let (bgp_tx, bgp_rx) = tokio::sync::watch::channel(bgp::BgpView::default());
+    let bgp_task = tokio::spawn({
+        let (store, me, ul, st) = (
+            ctl.store_handle(),
+            ctl.host().to_string(),
+            underlay.clone(),
+            status.clone(),
+        );
+        async move {
+            if let Err(e) = bgp::run(store, me, ul, bgp_rx, st).await {
+                tracing::error!(error = %e, "BGP stopped");
+            }
+        }
+    });
     let mut rec = reconcile::Reconciler::new(ctl.clone(), nl, underlay, status.clone());
+    rec.bgp = Some(bgp_tx);
     rec.sleeve_launch = sleeve_key.map(|key| reconcile::SleeveLaunch {
         key,
         port: opts.sleeve_port,
@@ -263,6 +280,8 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     reassert_task.abort();
     // The load balancer's table stays: restarts must not drop traffic.
     lb_task.abort();
+    // BGP routes stay in the kernel too; peers hold ours for the restart time.
+    bgp_task.abort();
     let _ = std::fs::remove_file(&sock);
     if let (Some(t), Some(path)) = (docker_task, &opts.docker_socket) {
         t.abort();

@@ -60,6 +60,8 @@ pub struct Reconciler {
     pub probe_targets: Option<tokio::sync::watch::Sender<Vec<super::sleeve::ProbeTarget>>>,
     /// Set by the probe when a result changes a choice (a reconcile follows).
     pub probe_changed: Arc<std::sync::atomic::AtomicBool>,
+    /// Where the BGP part of the view goes after each reconcile (None: no BGP task).
+    pub bgp: Option<tokio::sync::watch::Sender<super::bgp::BgpView>>,
 }
 
 impl Reconciler {
@@ -84,6 +86,7 @@ impl Reconciler {
             probes: Default::default(),
             probe_targets: None,
             probe_changed: Default::default(),
+            bgp: None,
         }
     }
 
@@ -166,6 +169,17 @@ impl Reconciler {
         let mut vxlan_devs = Vec::new();
         let mut networks = Vec::new();
         let mut served = BTreeMap::new();
+        // BGP first: a new block is announced without waiting for the fabric's kernel work.
+        if let Some(tx) = &self.bgp {
+            let bv = super::bgp::view_of(view, &me);
+            tx.send_if_modified(|old| {
+                let changed = *old != bv;
+                if changed {
+                    *old = bv;
+                }
+                changed
+            });
+        }
         let mut probe_targets = Vec::new();
         let probes = self.probes.lock().map(|p| p.clone()).unwrap_or_default();
         let with_sleeve: std::collections::BTreeSet<&str> = view

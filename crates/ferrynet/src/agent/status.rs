@@ -59,6 +59,9 @@ pub struct AgentStatus {
     /// partition longer than the grace period had released, put back, and what others hold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reassert: Option<crate::control::journal::ReassertReport>,
+    /// BGP (absent: no `bgp` network in the cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<super::bgp::BgpStatus>,
 }
 
 /// The VXLAN guard (`inet ferrynet-fabric`).

@@ -1,8 +1,11 @@
 //! The command line: networks, containers, CNI installation.
 
+mod bgp;
 mod install;
 mod lab;
+mod lab_gobgp_fib;
 mod lab_nat;
+mod lab_racks;
 mod render;
 pub mod service;
 mod sleeve_cmd;
@@ -131,6 +134,10 @@ enum Cmd {
     /// Free-form keys for templates (`key("name")`, `kv.name` in `ferrynet render`).
     #[command(subcommand)]
     Kv(render::KvCmd),
+    /// BGP for `--backend bgp` networks: peers (ToR routers, route reflectors), settings,
+    /// sessions. See docs/BGP.md.
+    #[command(subcommand)]
+    Bgp(bgp::BgpCmd),
 }
 
 #[derive(Args, Debug)]
@@ -292,8 +299,9 @@ struct CreateArgs {
     mode: String,
     /// Make the network span hosts (needs `ferrynet agent` on each host and a shared store):
     /// route (hosts share a link), vxlan (kernel overlay over UDP 4789), sleeve (encrypted
-    /// userspace overlay over one UDP port, through NAT; see docs/OVERLAY.md) or auto (per
-    /// peer: route on a shared link, vxlan where UDP 4789 passes, else sleeve).
+    /// userspace overlay over one UDP port, through NAT; see docs/OVERLAY.md), auto (per
+    /// peer: route on a shared link, vxlan where UDP 4789 passes, else sleeve) or bgp (each
+    /// host announces its blocks over BGP to its peers and routers; `ferrynet bgp`).
     #[arg(long, value_name = "BACKEND", conflicts_with = "internal")]
     backend: Option<Backend>,
     /// Send all cross-host traffic of a route, vxlan or auto network through the sleeve,
@@ -390,6 +398,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .await
                     .map(|_| ExitCode::SUCCESS);
             }
+            Cmd::Bgp(bgp::BgpCmd::Status { json }) => {
+                return bgp::run(&paths, None, bgp::BgpCmd::Status { json }).await;
+            }
             Cmd::Status(f) => {
                 return status::show(&paths, f.json)
                     .await
@@ -431,6 +442,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map(|_| ExitCode::SUCCESS),
             Cmd::Render(a) => render::render(&ctl, a).await.map(|_| ExitCode::SUCCESS),
             Cmd::Kv(c) => render::kv(&ctl, c).await,
+            Cmd::Bgp(c) => bgp::run(ctl.paths(), Some(&ctl), c).await,
         }
     })
 }

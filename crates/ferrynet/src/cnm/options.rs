@@ -28,7 +28,7 @@ pub const OPT_MASQUERADE: &str = "ferrynet.masquerade";
 pub const OPT_MODE: &str = "ferrynet.mode";
 /// `-o ferrynet.mtu=N`: same as Docker's `com.docker.network.driver.mtu`.
 pub const OPT_MTU: &str = "ferrynet.mtu";
-/// `-o ferrynet.backend=route|vxlan|auto`: a multi-host network over that fabric (the default
+/// `-o ferrynet.backend=route|vxlan|auto|bgp`: a multi-host network over that fabric (the default
 /// of a global-scope driver is `auto`).
 pub const OPT_BACKEND: &str = "ferrynet.backend";
 /// `-o ferrynet.block-size=N`: prefix length of each host's IPv4 block (multi-host).
@@ -596,7 +596,7 @@ mod tests {
         assert!(g(json!({"ferrynet.backend": "gre"}))
             .unwrap_err()
             .to_string()
-            .contains("route, vxlan, auto or sleeve"));
+            .contains("route, vxlan, auto, sleeve or bgp"));
         assert!(g(json!({"ferrynet.vni": "x"})).is_err());
         let e = g(json!({"ferrynet.backend": "vxlan", "ferrynet.vni": "16777216"}))
             .unwrap()

@@ -4,6 +4,7 @@
 //! before the kernel is touched (so a crash leaves a record that DEL or GC can clean up), and
 //! every kernel change is idempotent.
 
+pub mod bgp;
 pub mod cnm_endpoint;
 pub mod containers;
 pub mod docker;

@@ -3,7 +3,8 @@
 //! added are removed with the lab on drop, also when a test fails.
 
 use std::collections::BTreeMap;
-use std::process::{Command, Output};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -234,11 +235,48 @@ impl Lab {
         assert!(o.status.success(), "ip netns add {ns}: {}", out(&o));
         self.netns.push(ns.to_string());
     }
+
+    /// A container on `host` running the dual-stack echo server ([`ECHO_SERVER`]) on port 7000.
+    pub fn container(&mut self, host: &str, short: &str) -> Container {
+        self.echo_container(host, short)
+    }
+}
+
+/// One echo from every container to every other one's IPv4 and IPv6 address (5 s each).
+pub fn all_pairs(cs: &[Container]) {
+    all_pairs_with(cs, |a, addr| echo(a, addr, Duration::from_secs(5)));
+}
+
+/// A client in `from` that sends a line every 20 ms to `addr`:7000 and checks the echo,
+/// for `secs`; prints the longest gap it saw and exits non-zero on any error.
+pub fn stream(from: &Container, addr: &str, secs: u32) -> Child {
+    let code = format!(
+        "import socket,time,sys\n\
+         s=socket.create_connection(('{addr}',7000),timeout=5)\n\
+         print('connected',flush=True)\n\
+         end=time.time()+{secs};worst=0;n=0\n\
+         while time.time()<end:\n  t=time.time();s.sendall(b'x'*64);d=b''\n  \
+         while len(d)<64:\n    r=s.recv(64-len(d))\n    assert r,'closed'\n    d+=r\n  \
+         worst=max(worst,time.time()-t);n+=1;time.sleep(0.02)\n\
+         print('ok',n,round(worst,3),flush=True)\n"
+    );
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &from.netns(), "python3", "-u", "-c", &code])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("stream client");
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "connected");
+    child
 }
 
 /// Run `check(from, addr)` from every container to every other one's IPv4 and IPv6 address;
 /// panic listing every pair that failed.
-pub fn all_pairs(cs: &[Container], check: impl Fn(&Container, &str) -> Result<(), String>) {
+pub fn all_pairs_with(cs: &[Container], check: impl Fn(&Container, &str) -> Result<(), String>) {
     let mut failures = Vec::new();
     for a in cs {
         for b in cs.iter().filter(|b| b.name != a.name) {
