@@ -565,6 +565,7 @@ impl Reconciler {
                 break;
             }
             deleted += n;
+            crate::failpoint::hit("agent-release-batched");
         }
         Ok(deleted)
     }
