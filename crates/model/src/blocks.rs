@@ -245,6 +245,7 @@ mod tests {
                 backend: Backend::Vxlan,
                 ..spec()
             }),
+            default_deny: false,
         };
         let me = HostRecord {
             name: "h1".into(),

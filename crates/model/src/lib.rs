@@ -16,6 +16,7 @@ pub mod lb;
 pub mod names;
 pub mod network;
 pub mod pod;
+pub mod policy;
 pub mod portmap;
 pub mod registry;
 pub mod reservation;

@@ -12,6 +12,7 @@ pub mod dns;
 pub mod fabric_guard;
 pub mod health;
 pub mod lb;
+pub mod policy;
 pub mod reconcile;
 pub mod register;
 pub mod status;
@@ -159,6 +160,12 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
         ctl.host().to_string(),
         status.clone(),
     ));
+    let policy_task = tokio::spawn(policy::run(
+        ctl.store_handle(),
+        ctl.nft_handle(),
+        ctl.host().to_string(),
+        status.clone(),
+    ));
     let rejected = (status.clone(), disc_rx.clone());
     let _discovery = (disc_rx, lease_rx);
     let reg_task = tokio::spawn(register::keep_registered(
@@ -199,6 +206,8 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     health_task.abort();
     // The load balancer's table stays: restarts must not drop traffic.
     lb_task.abort();
+    // So does the policy table.
+    policy_task.abort();
     let _ = std::fs::remove_file(&sock);
     if let (Some(t), Some(path)) = (docker_task, &opts.docker_socket) {
         t.abort();

@@ -14,6 +14,7 @@ pub mod host;
 pub mod ipam;
 pub mod kv;
 pub mod network;
+pub mod policy;
 pub mod service;
 pub mod shaping;
 pub mod stale;
