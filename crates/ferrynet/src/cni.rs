@@ -695,4 +695,32 @@ mod tests {
         .unwrap();
         assert!(n.internal && !n.ip_masq);
     }
+
+    #[test]
+    fn labels_come_from_args_and_the_pod_namespace() {
+        let args = |a: Value| conf(serde_json::json!({ "args": a }));
+        let pod = pod_args(&[
+            ("K8S_POD_NAMESPACE".into(), "shop".into()),
+            ("K8S_POD_NAME".into(), "web-0".into()),
+        ])
+        .unwrap();
+        let c = args(serde_json::json!({"cni": {"labels": [{"key": "app", "value": "web"}]}}));
+        let l = conf_labels(&c, &pod).unwrap();
+        assert_eq!(l.get("app").map(String::as_str), Some("web"));
+        assert_eq!(l.get("namespace").map(String::as_str), Some("shop"));
+        // The configuration cannot move a pod to another namespace's policies.
+        let c = args(serde_json::json!({"labels": {"namespace": "kube-system", "tier": "x"}}));
+        let l = conf_labels(&c, &pod).unwrap();
+        assert_eq!(l.get("namespace").map(String::as_str), Some("shop"));
+        assert_eq!(l.get("tier").map(String::as_str), Some("x"));
+        for bad in [
+            serde_json::json!({"labels": {"app": "a b"}}),
+            serde_json::json!({"labels": [{"key": "app"}]}),
+            serde_json::json!({"labels": "app=web"}),
+            serde_json::json!({"cni": {"labels": [{"key": "x\"; flush", "value": "v"}]}}),
+        ] {
+            let e = conf_labels(&args(bad.clone()), &PodArgs::default()).unwrap_err();
+            assert_eq!(e.code, 7, "{bad}");
+        }
+    }
 }

@@ -34,7 +34,7 @@ pub struct PolicyStatus {
     pub table: Option<Shape>,
     /// The store revision the table reflects.
     pub applied_revision: u64,
-    /// Unix time (ms) of the last transaction.
+    /// Unix time (ms) from which the table reflected `applied_revision` (its transaction).
     pub applied_at_ms: u64,
     /// How long the last sync took (ms): decision, transaction, conntrack.
     pub last_took_ms: f64,
@@ -278,7 +278,6 @@ async fn sync(
         s.applies += 1;
         s.rebuilds += u64::from(rebuilt && want.is_some());
         s.cut += cut as u64;
-        s.applied_at_ms = now_ms();
     });
 }
 
@@ -302,8 +301,10 @@ fn report(
         p.policies = view.policies.len();
         p.endpoints = view.endpoints.list.len();
         p.table = want.as_ref().map(|d| d.shape);
-        if error.is_none() {
+        if error.is_none() && p.applied_revision != view.revision {
+            // The table reflects this revision from now (changed by this sync or not).
             p.applied_revision = view.revision;
+            p.applied_at_ms = now_ms();
         }
         p.last_took_ms = start.elapsed().as_secs_f64() * 1000.0;
         p.error = error;

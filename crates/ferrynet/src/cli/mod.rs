@@ -758,12 +758,21 @@ async fn container_resolver(
 
 async fn ps(ctl: &Control, json: bool) -> anyhow::Result<()> {
     let cs = ctl.containers().await?;
+    // Labels live on the endpoint record (policy selects by them).
+    let mut labels = Vec::new();
+    for c in &cs {
+        let key = ferrynet_model::network::keys::endpoint(&c.network, &c.name, &c.ifname);
+        let l = ctl.endpoint_at(&key).await.ok().flatten().map(|e| e.labels);
+        labels.push(l.unwrap_or_default());
+    }
     if json {
         let v: Vec<serde_json::Value> = cs
             .iter()
-            .map(|c| {
+            .zip(&labels)
+            .map(|(c, l)| {
                 let mut v = serde_json::to_value(c).unwrap_or_default();
                 v["running"] = serde_json::Value::Bool(c.running());
+                v["labels"] = serde_json::to_value(l).unwrap_or_default();
                 v
             })
             .collect();
@@ -777,9 +786,10 @@ async fn ps(ctl: &Control, json: bool) -> anyhow::Result<()> {
         "PORTS",
         "STATUS",
         "PID",
+        "LABELS",
         "COMMAND",
     ]);
-    for c in &cs {
+    for (c, l) in cs.iter().zip(&labels) {
         t.row(vec![
             c.name.clone(),
             c.network.clone(),
@@ -807,6 +817,10 @@ async fn ps(ctl: &Control, json: bool) -> anyhow::Result<()> {
                 "exited".into()
             },
             c.pid.map(|p| p.to_string()).unwrap_or_default(),
+            l.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(","),
             c.command.join(" "),
         ]);
     }

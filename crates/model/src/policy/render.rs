@@ -120,8 +120,8 @@ pub fn desired(
     for &(i, dir) in &used {
         let c = &book.policies[i];
         let _ = writeln!(chains, "  chain {} {{", policy_chain(&c.policy.name, dir));
-        for rule in c.rules(dir).unwrap_or_default() {
-            for line in rule_lines(rule, dir, &mut sets) {
+        for rule in merge_adjacent(c.rules(dir).unwrap_or_default()) {
+            for line in rule_lines(&rule, dir, &mut sets) {
                 shape.rules += 1;
                 let _ = writeln!(chains, "    {line}");
             }
@@ -175,19 +175,47 @@ const MAPS: &str = "  map in4 { type ipv4_addr : verdict; }
   map out6 { type ipv6_addr : verdict; }
 ";
 
+/// Neighbour discovery between containers is bridged through the forward hook too; it is
+/// never policy's to stop (a lost advertisement would break allowed traffic afterwards).
 const BASE_CHAINS: &str = "  chain egress {
     type filter hook forward priority filter + 1; policy accept;
     ct state established,related accept
+    icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept
     ip saddr vmap @out4
     ip6 saddr vmap @out6
   }
   chain ingress {
     type filter hook forward priority filter + 2; policy accept;
     ct state established,related accept
+    icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept
     ip daddr vmap @in4
     ip6 daddr vmap @in6
   }
 ";
+
+/// Adjacent rules with the same action and ports whose peers are all plain blocks become one:
+/// whichever of them matches first, the verdict is the same, so their peers can be unioned
+/// (and then looked up at once). Other rules keep their place.
+fn merge_adjacent(rules: &[RuleMatch]) -> Vec<RuleMatch> {
+    let plain = |r: &RuleMatch| {
+        !r.peers.is_empty()
+            && r.peers
+                .iter()
+                .all(|p| matches!(p, PeerMatch::Cidr { except, .. } if except.is_empty()))
+    };
+    let mut out: Vec<RuleMatch> = Vec::new();
+    for r in rules {
+        match out.last_mut() {
+            Some(last)
+                if plain(last) && plain(r) && last.action == r.action && last.ports == r.ports =>
+            {
+                last.peers.extend(r.peers.iter().cloned())
+            }
+            _ => out.push(r.clone()),
+        }
+    }
+    out
+}
 
 /// One rule as nft lines: one per (peer match, protocol) pair.
 fn rule_lines(rule: &RuleMatch, dir: Direction, sets: &mut BTreeSet<EndpointSet>) -> Vec<String> {
@@ -196,6 +224,8 @@ fn rule_lines(rule: &RuleMatch, dir: Direction, sets: &mut BTreeSet<EndpointSet>
         Direction::Egress => "daddr",
     };
     let mut peers: Vec<String> = Vec::new();
+    // Plain blocks of one family share one rule (an anonymous interval set: one lookup).
+    let mut plain: [Vec<IpNet>; 2] = [Vec::new(), Vec::new()];
     for p in &rule.peers {
         match p {
             PeerMatch::Endpoints(set) => {
@@ -203,7 +233,17 @@ fn rule_lines(rule: &RuleMatch, dir: Direction, sets: &mut BTreeSet<EndpointSet>
                 peers.push(format!("ip {field} @{}", set_name(set, false)));
                 peers.push(format!("ip6 {field} @{}", set_name(set, true)));
             }
+            PeerMatch::Cidr { net, except } if except.is_empty() => {
+                plain[usize::from(net.addr().is_ipv6())].push(*net);
+            }
             PeerMatch::Cidr { net, except } => peers.push(cidr_match(field, net, except)),
+        }
+    }
+    for (fam, nets) in ["ip", "ip6"].iter().zip(plain) {
+        match nets.as_slice() {
+            [] => {}
+            [one] => peers.push(format!("{fam} {field} {one}")),
+            many => peers.push(format!("{fam} {field} {{ {} }}", interval_list(many))),
         }
     }
     if rule.peers.is_empty() {
@@ -225,6 +265,16 @@ fn rule_lines(rule: &RuleMatch, dir: Direction, sets: &mut BTreeSet<EndpointSet>
         }
     }
     out
+}
+
+/// Blocks as an nft interval list: merged (nft refuses overlapping intervals), sorted.
+fn interval_list(nets: &[IpNet]) -> String {
+    let merged = IpNet::aggregate(&nets.to_vec());
+    merged
+        .iter()
+        .map(IpNet::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn cidr_match(field: &str, net: &IpNet, except: &[IpNet]) -> String {

@@ -81,3 +81,23 @@ fn no_selected_local_endpoint_no_table() {
     assert!(setup(vec![ep("web", "h2", &["10.0.0.2"], &[("app", "web")])]).is_none());
     assert_eq!(plan(None, None), delete_table());
 }
+
+#[test]
+fn plain_blocks_of_adjacent_rules_share_one_lookup() {
+    let mut text = String::from("name: many\nselector: app=web\ningress:\n");
+    for i in 0..300u32 {
+        text += &format!(
+            "- from: [{{cidr: 10.{}.{}.0/24}}]\n  ports: [tcp/80]\n",
+            i / 256,
+            i % 256
+        );
+    }
+    text += "- from: [{cidr: \"fd00::/64\"}, {cidr: 192.0.2.0/24, except: [192.0.2.1/32]}]\n  ports: [tcp/80]\n";
+    let book = PolicyBook::new(parse_documents(&text).unwrap(), Default::default());
+    let eps = EndpointIndex::new(vec![ep("web", "h1", &["10.9.0.2"], &[("app", "web")])]);
+    let d = desired(&book, &eps, &|_| true).unwrap();
+    // 300 /24s aggregate into two blocks, one rule; the IPv6 block and the block with a hole
+    // keep rules of their own.
+    assert!(d.skeleton.contains("ip saddr { 10.0.0.0/16, 10.1.0.0/19, 10.1.32.0/21, 10.1.40.0/22 } meta l4proto tcp th dport { 80 } accept"), "{}", d.skeleton);
+    assert_eq!(d.shape.rules, 3, "{}", d.skeleton);
+}
