@@ -102,28 +102,10 @@ impl Suite {
             }
         }
         for c in &cs {
-            let p = Command::new("nsenter")
-                .args([
-                    &format!("--net=/run/netns/{}", c.netns()),
-                    "python3",
-                    "-c",
-                    SERVER,
-                ])
-                .spawn()
-                .expect("python3 server");
-            lab.servers.insert(c.name.clone(), common::Proc(p));
+            lab.servers.insert(c.name.clone(), serve(&c.netns()));
         }
         let out_ns = outside(&mut lab);
-        let p = Command::new("nsenter")
-            .args([
-                &format!("--net=/run/netns/{out_ns}"),
-                "python3",
-                "-c",
-                SERVER,
-            ])
-            .spawn()
-            .expect("python3 server");
-        lab.procs.push(common::Proc(p));
+        lab.procs.push(serve(&out_ns));
         let s = Suite {
             lab,
             cs,
@@ -339,13 +321,9 @@ impl Suite {
     }
 }
 
-/// A namespace on the lab's underlay (172.31.0.200, fd31::c8) with routes to the fabric
-/// through h1.
+/// The lab's outside namespace (172.31.0.200, fd31::c8) with routes to the fabric through h1.
 fn outside(lab: &mut Lab) -> String {
-    let ns = format!("{}-out", lab.name);
-    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-    let ul = format!("{}-ul", lab.name);
-    lab.add_netns(&ns);
+    let ns = lab.outside();
     let st = lab.status("h1");
     let h1: Vec<String> = st["underlay"]
         .as_array()
@@ -355,33 +333,28 @@ fn outside(lab: &mut Lab) -> String {
         .collect();
     let h1_4 = h1.iter().find(|a| !a.contains(':')).expect("h1 IPv4");
     let h1_6 = h1.iter().find(|a| a.contains(':')).expect("h1 IPv6");
-    let steps: Vec<Vec<&str>> = vec![
-        vec!["-n", &ns, "link", "set", "lo", "up"],
-        vec![
-            "-n", &ul, "link", "add", "out", "type", "veth", "peer", "name", "eth0", "netns", &ns,
-        ],
-        vec!["-n", &ul, "link", "set", "out", "master", "ul0", "up"],
-        vec!["-n", &ns, "addr", "add", "172.31.0.200/24", "dev", "eth0"],
-        vec![
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            "fd31::c8/64",
-            "dev",
-            "eth0",
-            "nodad",
-        ],
-        vec!["-n", &ns, "link", "set", "eth0", "up"],
-        vec!["-n", &ns, "route", "add", "10.20.0.0/16", "via", h1_4],
-        vec!["-n", &ns, "-6", "route", "add", "fd20::/64", "via", h1_6],
-    ];
-    for args in steps {
-        let mut v = vec!["ip"];
-        v.extend(args);
-        must(&v);
-    }
+    must(&["ip", "-n", &ns, "route", "add", "10.20.0.0/16", "via", h1_4]);
+    must(&[
+        "ip",
+        "-n",
+        &ns,
+        "-6",
+        "route",
+        "add",
+        "fd20::/64",
+        "via",
+        h1_6,
+    ]);
     ns
+}
+
+/// Start the test server in namespace `ns`.
+fn serve(ns: &str) -> common::Proc {
+    let p = Command::new("nsenter")
+        .args([&format!("--net=/run/netns/{ns}"), "python3", "-c", SERVER])
+        .spawn()
+        .expect("python3 server");
+    common::Proc(p)
 }
 
 #[path = "policy/cases.rs"]
@@ -590,16 +563,7 @@ fn default_deny_network() {
         &["sleep", "infinity"],
     );
     for c in [&x, &y] {
-        let p = Command::new("nsenter")
-            .args([
-                &format!("--net=/run/netns/{}", c.netns()),
-                "python3",
-                "-c",
-                SERVER,
-            ])
-            .spawn()
-            .expect("server");
-        lab.servers.insert(c.name.clone(), common::Proc(p));
+        lab.servers.insert(c.name.clone(), serve(&c.netns()));
     }
     let probe = |from: &Container, to: &Container| -> Vec<u8> {
         let t = serde_json::json!([[to.v4, 80, "tcp"], [to.v6, 53, "udp"]]);
@@ -653,4 +617,128 @@ fn default_deny_network() {
         status.contains("role=x") && status.contains("x-out"),
         "{status}"
     );
+}
+
+/// One host, no agent, CNI: labels from `args.cni.labels` and the pod's namespace, the table
+/// applied by the commands themselves (policy apply, ADD, DEL), over IPv4 and IPv6.
+#[test]
+fn single_host_cni_without_an_agent() {
+    common::need("python3", "python3");
+    let lab = common::Lab::new();
+    let mut conf = lab.conf(
+        &format!("pc{}", lab.tag),
+        "10.242.0.0/24",
+        Some("fd42::/64"),
+    );
+    let pods = [
+        ("web", "app", "web"),
+        ("cli", "role", "client"),
+        ("oth", "role", "other"),
+    ];
+    let mut ns = Vec::new();
+    let mut ips = Vec::new();
+    let mut servers = Vec::new();
+    for (id, k, v) in pods {
+        conf["args"] = serde_json::json!({"cni": {"labels": [{"key": k, "value": v}]}});
+        let n = common::Ns::new("p");
+        let call = lab.cni(
+            "ADD",
+            &conf,
+            &[
+                ("CNI_CONTAINERID", id),
+                ("CNI_NETNS", &n.path()),
+                ("CNI_IFNAME", "eth0"),
+                (
+                    "CNI_ARGS",
+                    &format!("K8S_POD_NAMESPACE=shop;K8S_POD_NAME={id}"),
+                ),
+            ],
+        );
+        assert_eq!(call.code, 0, "ADD {id}: {} {}", call.json, call.stderr);
+        let addrs: Vec<String> = call.json["ips"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                i["address"]
+                    .as_str()
+                    .unwrap()
+                    .split('/')
+                    .next()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        servers.push(serve(&n.name));
+        ips.push(addrs);
+        ns.push(n);
+    }
+    let probe = |from: usize| -> Vec<u8> {
+        let t = serde_json::json!([
+            [ips[0][0], 80, "tcp"],
+            [ips[0][1], 80, "tcp"],
+            [ips[0][0], 53, "udp"]
+        ]);
+        let o = Command::new("nsenter")
+            .args([&ns[from].enter(), "python3", "-c", PROBE, &t.to_string()])
+            .output()
+            .expect("probe");
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|_| panic!("probe: {}", out(&o)))
+    };
+    assert_eq!(probe(2), [1, 1, 1], "no policy: open");
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("p.json");
+    std::fs::write(
+        &f,
+        r#"[{"name": "web-in", "selector": "app=web,namespace=shop", "ingress": [{"from": [{"selector": "role=client"}], "ports": ["tcp/80"]}]}]"#,
+    )
+    .unwrap();
+    let o = lab.cli(&["policy", "apply", "-f", f.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert_eq!(probe(1), [1, 1, 0], "the client: tcp/80 only");
+    assert_eq!(probe(2), [0, 0, 0], "another pod");
+    let o = lab.cli(&[
+        "policy",
+        "test",
+        &ips[2][1],
+        &format!("[{}]:80/tcp", ips[0][1]),
+    ]);
+    assert!(
+        out(&o).contains("DENY") && out(&o).contains("web-in"),
+        "{}",
+        out(&o)
+    );
+    // A pod added later (a second client) is admitted by the ADD itself.
+    conf["args"] = serde_json::json!({"labels": {"role": "client"}});
+    let n = common::Ns::new("p");
+    lab.add(&conf, "cli2", &n, "eth0");
+    let t = serde_json::json!([[ips[0][0], 80, "tcp"]]);
+    let o = Command::new("nsenter")
+        .args([&n.enter(), "python3", "-c", PROBE, &t.to_string()])
+        .output()
+        .expect("probe");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "[1]",
+        "{}",
+        out(&o)
+    );
+    let o = lab.cli(&["policy", "rm", "web-in"]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert_eq!(probe(2), [1, 1, 1], "policy removed: open again");
+    let tables = must(&[
+        "ip",
+        "netns",
+        "exec",
+        &lab.host.name,
+        "nft",
+        "list",
+        "tables",
+    ]);
+    assert!(!tables.contains("ferrynet-policy"), "{tables}");
+    drop(servers);
+    for (i, (id, _, _)) in pods.iter().enumerate() {
+        lab.del(&conf, id, Some(&ns[i]), "eth0");
+    }
+    lab.del(&conf, "cli2", Some(&n), "eth0");
 }

@@ -14,7 +14,7 @@ use ferrynet_model::policy::document::keys as policy_keys;
 use ferrynet_model::policy::render::{self, Desired, Shape, TABLE};
 use ferrynet_model::policy::{Direction, EndpointIndex, Policy, PolicyBook};
 use ferrynet_model::validate::Validate;
-use ferrynet_store::{EventKind, KeyValue, Revision, Store, StoreError};
+use ferrynet_store::{EventKind, KeyValue, Revision, Store, StoreError, WatchEvent};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
@@ -144,102 +144,143 @@ fn decode<T: serde::de::DeserializeOwned + Validate>(kv: &KeyValue) -> Option<T>
         .ok()
 }
 
-/// Follow the store and keep the table until the task is aborted.
+/// What the store feed hands the worker thread.
+enum Msg {
+    /// A fresh read (after start or a lost feed): replace the view, rebuild the table.
+    Reset(Vec<KeyValue>, Revision),
+    /// Watch events, in order.
+    Events(Vec<WatchEvent>),
+    /// Check that the table is still there.
+    Tick,
+}
+
+/// Follow the store and keep the table until the task is aborted. The store is read on the
+/// agent's runtime; the view, the decisions and the nft transactions live on a thread of their
+/// own, so a large view's work never stalls the agent's other tasks, nor theirs this one.
 pub async fn run(
     store: Arc<dyn Store>,
     nft: Arc<dyn NftExecutor>,
     host: String,
     status: Arc<Mutex<AgentStatus>>,
 ) {
-    let mut applied: Option<Desired> = None;
+    let (tx, rx) = std::sync::mpsc::channel::<Msg>();
+    let worker = std::thread::Builder::new()
+        .name("policy".into())
+        .spawn(move || work(rx, nft, host, status));
+    if let Err(e) = worker {
+        tracing::warn!(error = %e, "policy: cannot start its thread; network policy is not enforced");
+        return;
+    }
     let mut backoff = Duration::from_millis(200);
     loop {
-        let e = follow(&store, &nft, &host, &status, &mut applied).await;
+        let e = feed(&store, &tx).await;
         tracing::warn!(error = %e, "policy: store feed lost; the table keeps its last state");
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
-async fn follow(
-    store: &Arc<dyn Store>,
-    nft: &Arc<dyn NftExecutor>,
-    host: &str,
-    status: &Arc<Mutex<AgentStatus>>,
-    applied: &mut Option<Desired>,
-) -> StoreError {
-    let mut view = View::default();
+/// Read the three prefixes, then forward their watch events (queued ones together).
+async fn feed(store: &Arc<dyn Store>, tx: &std::sync::mpsc::Sender<Msg>) -> StoreError {
+    let mut all = Vec::new();
+    let mut top = 0;
     let mut streams = Vec::new();
     for prefix in [
         policy_keys::policies(),
         keys::networks(),
         keys::all_endpoints(),
     ] {
-        let (kvs, rev) = match store.range(&prefix).await {
+        let (mut kvs, rev) = match store.range(&prefix).await {
             Ok(r) => r,
             Err(e) => return e,
         };
-        for kv in &kvs {
-            view.put(kv);
-        }
-        view.revision = view.revision.max(rev);
+        all.append(&mut kvs);
+        top = top.max(rev);
         match store.watch(&prefix, rev).await {
             Ok(s) => streams.push(s),
             Err(e) => return e,
         }
     }
-    // After a lost feed the kernel is whatever it is: rebuild once.
-    *applied = None;
-    sync(&view, nft, host, status, applied).await;
+    let _ = tx.send(Msg::Reset(all, top));
     let mut events = futures::stream::select_all(streams);
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
             ev = events.next() => {
-                let mut batch = vec![ev];
-                while let Some(more) = futures::FutureExt::now_or_never(events.next()) {
-                    batch.push(more);
-                }
-                for ev in batch {
-                    let ev = match ev {
-                        Some(Ok(ev)) => ev,
+                let mut batch = Vec::new();
+                let mut next = Some(ev);
+                while let Some(ev) = next {
+                    match ev {
+                        Some(Ok(ev)) => batch.push(ev),
                         Some(Err(e)) => return e,
                         None => return StoreError::Unavailable("watch ended".into()),
-                    };
-                    view.revision = view.revision.max(ev.kv.mod_revision);
-                    match ev.kind {
-                        EventKind::Put => view.put(&ev.kv),
-                        EventKind::Delete => view.delete(&ev.kv.key),
                     }
+                    next = futures::FutureExt::now_or_never(events.next());
                 }
-                sync(&view, nft, host, status, applied).await;
+                let _ = tx.send(Msg::Events(batch));
             }
-            _ = tick.tick() => {
-                // A flushed ruleset or a deleted table: build it again.
-                if applied.is_some() && !table_exists(nft).await {
-                    tracing::warn!("table inet {TABLE} is gone; rebuilding it");
-                    *applied = None;
-                    sync(&view, nft, host, status, applied).await;
-                }
-            }
+            _ = tick.tick() => { let _ = tx.send(Msg::Tick); }
         }
     }
 }
 
-async fn table_exists(nft: &Arc<dyn NftExecutor>) -> bool {
-    let exec = nft.clone();
-    tokio::task::spawn_blocking(move || {
-        // A failed listing is no proof of absence: leave the table alone then.
-        exec.list_table("inet", TABLE)
-            .map(|t| t.is_some())
-            .unwrap_or(true)
-    })
-    .await
-    .unwrap_or(true)
+/// The worker: apply what the feed sends (everything queued at once), then sync.
+fn work(
+    rx: std::sync::mpsc::Receiver<Msg>,
+    nft: Arc<dyn NftExecutor>,
+    host: String,
+    status: Arc<Mutex<AgentStatus>>,
+) {
+    let mut view = View::default();
+    let mut applied: Option<Desired> = None;
+    while let Ok(first) = rx.recv() {
+        let mut changed = false;
+        let mut tick = false;
+        for msg in std::iter::once(first).chain(rx.try_iter()) {
+            match msg {
+                Msg::Reset(kvs, rev) => {
+                    view = View::default();
+                    for kv in &kvs {
+                        view.put(kv);
+                    }
+                    view.revision = rev;
+                    // After a lost feed the kernel is whatever it is: rebuild once.
+                    applied = None;
+                    changed = true;
+                }
+                Msg::Events(evs) => {
+                    for ev in evs {
+                        view.revision = view.revision.max(ev.kv.mod_revision);
+                        match ev.kind {
+                            EventKind::Put => view.put(&ev.kv),
+                            EventKind::Delete => view.delete(&ev.kv.key),
+                        }
+                    }
+                    changed = true;
+                }
+                Msg::Tick => tick = true,
+            }
+        }
+        // A flushed ruleset or a deleted table: build it again.
+        if tick && !changed && applied.is_some() && !table_exists(&nft) {
+            tracing::warn!("table inet {TABLE} is gone; rebuilding it");
+            applied = None;
+            changed = true;
+        }
+        if changed {
+            sync(&view, &nft, &host, &status, &mut applied);
+        }
+    }
+}
+
+/// Cheap whatever the table's size: one chain is listed, not the sets.
+fn table_exists(nft: &Arc<dyn NftExecutor>) -> bool {
+    nft.apply(&format!("list chain {} egress", render::FAMILY_TABLE))
+        .is_ok()
 }
 
 /// One sync: decide, one transaction, cut what is now denied, report.
-async fn sync(
+fn sync(
     view: &View,
     nft: &Arc<dyn NftExecutor>,
     host: &str,
@@ -250,27 +291,23 @@ async fn sync(
     let networks: Vec<Network> = view.networks.values().cloned().collect();
     let book = book_of(view.policies.values().cloned().collect(), &networks);
     let want = render::desired(&book, &view.endpoints, &|e| is_local_on(host, e));
-    let first = applied.is_none();
     let local = local_endpoints(&book, &view.endpoints, host);
-    if !first && *applied == want {
+    if applied.is_some() && *applied == want {
         report(status, view, &want, start, None, |s| s.local = local);
         return;
     }
     // Unknown kernel state (start, after an error): the table is built whole, or removed.
     let batch = render::plan(applied.as_ref(), want.as_ref());
     let rebuilt = batch.starts_with("table ");
-    let exec = nft.clone();
-    let res = tokio::task::spawn_blocking(move || exec.apply(&batch))
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()));
-    if let Err(e) = res {
+    if let Err(e) = nft.apply(&batch) {
+        let e = e.to_string();
         tracing::warn!(error = %e, "policy: programming table inet {TABLE}");
         *applied = None;
         report(status, view, &want, start, Some(e), |_| {});
         return;
     }
-    // Inline: one ctnetlink dump and a few deletes; the view is not copied for a thread.
+    // New connections meet the new rules from here; established ones are cut next.
+    let at = now_ms();
     let cut = cut_denied(&book, &view.endpoints, host);
     *applied = want.clone();
     report(status, view, &want, start, None, |s| {
@@ -278,6 +315,7 @@ async fn sync(
         s.applies += 1;
         s.rebuilds += u64::from(rebuilt && want.is_some());
         s.cut += cut as u64;
+        s.applied_at_ms = at;
     });
 }
 
@@ -302,7 +340,7 @@ fn report(
         p.endpoints = view.endpoints.list.len();
         p.table = want.as_ref().map(|d| d.shape);
         if error.is_none() && p.applied_revision != view.revision {
-            // The table reflects this revision from now (changed by this sync or not).
+            // The table reflects this revision from now (a transaction below may say when).
             p.applied_revision = view.revision;
             p.applied_at_ms = now_ms();
         }

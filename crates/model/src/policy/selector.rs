@@ -69,6 +69,15 @@ impl Selector {
         })
     }
 
+    /// A label every match must have with one of these values (the first `=`/`in`
+    /// requirement), for looking candidates up by label instead of testing everyone.
+    pub fn required(&self) -> Option<(&str, &BTreeSet<String>)> {
+        self.reqs.iter().find_map(|r| match r {
+            Requirement::In(k, vs) => Some((k.as_str(), vs)),
+            _ => None,
+        })
+    }
+
     /// True for the empty selector (everything).
     pub fn is_all(&self) -> bool {
         self.reqs.is_empty()
