@@ -232,7 +232,8 @@ fn work(
     status: Arc<Mutex<AgentStatus>>,
 ) {
     let mut view = View::default();
-    let mut applied: Option<Desired> = None;
+    // What the kernel holds: None = unknown (start, a lost feed, an error), Some(None) = no table.
+    let mut applied: Option<Option<Desired>> = None;
     while let Ok(first) = rx.recv() {
         let mut changed = false;
         let mut tick = false;
@@ -262,7 +263,7 @@ fn work(
             }
         }
         // A flushed ruleset or a deleted table: build it again.
-        if tick && !changed && applied.is_some() && !table_exists(&nft) {
+        if tick && !changed && matches!(applied, Some(Some(_))) && !table_exists(&nft) {
             tracing::warn!("table inet {TABLE} is gone; rebuilding it");
             applied = None;
             changed = true;
@@ -285,35 +286,38 @@ fn sync(
     nft: &Arc<dyn NftExecutor>,
     host: &str,
     status: &Arc<Mutex<AgentStatus>>,
-    applied: &mut Option<Desired>,
+    applied: &mut Option<Option<Desired>>,
 ) {
     let start = Instant::now();
     let networks: Vec<Network> = view.networks.values().cloned().collect();
     let book = book_of(view.policies.values().cloned().collect(), &networks);
     let want = render::desired(&book, &view.endpoints, &|e| is_local_on(host, e));
     let local = local_endpoints(&book, &view.endpoints, host);
-    if applied.is_some() && *applied == want {
-        report(status, view, &want, start, None, |s| s.local = local);
+    if applied.as_ref() == Some(&want) {
+        report(status, view, want.map(|d| d.shape), start, None, |s| {
+            s.local = local
+        });
         return;
     }
     // Unknown kernel state (start, after an error): the table is built whole, or removed.
-    let batch = render::plan(applied.as_ref(), want.as_ref());
+    let batch = render::plan(applied.as_ref().and_then(Option::as_ref), want.as_ref());
     let rebuilt = batch.starts_with("table ");
     if let Err(e) = nft.apply(&batch) {
         let e = e.to_string();
         tracing::warn!(error = %e, "policy: programming table inet {TABLE}");
         *applied = None;
-        report(status, view, &want, start, Some(e), |_| {});
+        report(status, view, want.map(|d| d.shape), start, Some(e), |_| {});
         return;
     }
     // New connections meet the new rules from here; established ones are cut next.
     let at = now_ms();
     let cut = cut_denied(&book, &view.endpoints, host);
-    *applied = want.clone();
-    report(status, view, &want, start, None, |s| {
+    let shape = want.as_ref().map(|d| d.shape);
+    *applied = Some(want);
+    report(status, view, shape, start, None, |s| {
         s.local = local;
         s.applies += 1;
-        s.rebuilds += u64::from(rebuilt && want.is_some());
+        s.rebuilds += u64::from(rebuilt && shape.is_some());
         s.cut += cut as u64;
         s.applied_at_ms = at;
     });
@@ -329,7 +333,7 @@ fn now_ms() -> u64 {
 fn report(
     status: &Arc<Mutex<AgentStatus>>,
     view: &View,
-    want: &Option<Desired>,
+    shape: Option<Shape>,
     start: Instant,
     error: Option<String>,
     f: impl FnOnce(&mut PolicyStatus),
@@ -338,7 +342,7 @@ fn report(
         let p = &mut s.policy;
         p.policies = view.policies.len();
         p.endpoints = view.endpoints.list.len();
-        p.table = want.as_ref().map(|d| d.shape);
+        p.table = shape;
         if error.is_none() && p.applied_revision != view.revision {
             // The table reflects this revision from now (a transaction below may say when).
             p.applied_revision = view.revision;
