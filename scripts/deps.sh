@@ -22,12 +22,17 @@ packages_for() {
     # (kdig) and dnsmasq-base (a test upstream resolver) for the DNS tests; docker-compose for
     # the Docker scenario tests; containerd and runc run the CRI tests' private containerd
     # (whose pause image is busybox-static too), iperf3 measures bandwidth limits (theirs and
-    # tests/cni_bandwidth.rs), and python3-pip installs their CRI client (below).
-    test) echo "$base containernetworking-plugins etcd-server openssl busybox-static dnsutils knot-dnsutils dnsmasq-base docker-compose containerd runc iperf3 python3-pip" ;;
+    # tests/cni_bandwidth.rs), and python3-pip installs their CRI client (below); tcpdump
+    # captures the underlay in tests/sleeve.rs (no plaintext crosses it); bird2 and gobgpd
+    # are the ToR routers of the BGP rack lab (tests/bgp.rs).
+    test) echo "$base containernetworking-plugins etcd-server openssl busybox-static dnsutils knot-dnsutils dnsmasq-base docker-compose containerd runc iperf3 python3-pip tcpdump bird2 gobgpd" ;;
     # bench/docker.py imports the same busybox image as the Docker tests; bench/dns.py runs
     # dnsperf against ferrynet, aardvark-dns and dnsmasq (dig checks they answer).
     # bench/cri.py drives a private containerd over CRI, like the CRI tests.
-    bench) echo "$base containernetworking-plugins netavark iperf3 time etcd-server busybox-static dnsperf aardvark-dns dnsmasq-base dnsutils containerd runc python3-pip" ;;
+    # bench/sleeve.py makes boringtun-cli's keys with python3-cryptography (boringtun-cli
+    # itself: cargo install boringtun-cli). bench/bgp.py runs BIRD and GoBGP as routers and
+    # as the anchor speakers.
+    bench) echo "$base containernetworking-plugins netavark iperf3 time etcd-server busybox-static dnsperf aardvark-dns dnsmasq-base dnsutils containerd runc python3-pip python3-cryptography bird2 gobgpd" ;;
     *) echo "unknown set $1" >&2; exit 2 ;;
   esac
 }

@@ -26,13 +26,18 @@ use crate::netlink::Netlink;
 /// lists the fabric's routes.
 pub const RTPROT_FERRYNET: u8 = 113;
 
+/// The route protocol of routes learned over BGP (the `bgp` backend's speaker): ferrynet's
+/// too, but apart from the fabric's so that each owner diffs only its own routes. 114 is
+/// unassigned in iproute2's `rt_protos`; `ip route show proto 114` lists them.
+pub const RTPROT_FERRYNET_BGP: u8 = 114;
+
 const RT_TABLE_MAIN: u8 = 254;
 const ENOENT: i32 = 2;
 const ESRCH: i32 = 3;
 const ENODEV: i32 = 19;
 
 /// Whether an error on a deletion means the object is already gone.
-fn gone(e: &rtnetlink::Error) -> bool {
+pub(crate) fn gone(e: &rtnetlink::Error) -> bool {
     matches!(errno(e), Some(ENOENT) | Some(ESRCH) | Some(ENODEV))
 }
 
@@ -74,12 +79,12 @@ fn route_table(m: &RouteMessage) -> u32 {
 
 /// A unicast route of the main table, as read back.
 #[derive(Debug, PartialEq, Eq)]
-struct MainRoute {
-    dst: IpNet,
-    gateway: Option<IpAddr>,
-    oif: Option<u32>,
-    protocol: u8,
-    onlink: bool,
+pub(crate) struct MainRoute {
+    pub(crate) dst: IpNet,
+    pub(crate) gateway: Option<IpAddr>,
+    pub(crate) oif: Option<u32>,
+    pub(crate) protocol: u8,
+    pub(crate) onlink: bool,
 }
 
 /// A main-table unicast route; None for anything else.
@@ -115,7 +120,16 @@ fn parse_main_route(m: &RouteMessage) -> Option<MainRoute> {
 
 /// The netlink message of a fabric route out of `oif`.
 fn route_message(r: &FabricRoute, oif: u32) -> std::result::Result<RouteMessage, String> {
-    let proto = RouteProtocol::from(RTPROT_FERRYNET);
+    route_message_of(r, oif, RTPROT_FERRYNET)
+}
+
+/// The netlink message of a route out of `oif` with route protocol `proto`.
+pub(crate) fn route_message_of(
+    r: &FabricRoute,
+    oif: u32,
+    proto: u8,
+) -> std::result::Result<RouteMessage, String> {
+    let proto = RouteProtocol::from(proto);
     let mut m = match (r.dst.trunc(), r.gateway) {
         (IpNet::V4(d), IpAddr::V4(g)) => RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(d.addr(), d.prefix_len())
@@ -182,7 +196,7 @@ impl Indices<'_> {
 
 impl Netlink {
     /// Main-table unicast routes of both families (protocol included), for conflict checks.
-    async fn main_routes(&self) -> Result<Vec<MainRoute>> {
+    pub(crate) async fn main_routes(&self) -> Result<Vec<MainRoute>> {
         let mut out = Vec::new();
         for msg in [
             RouteMessageBuilder::<Ipv4Addr>::new().build(),

@@ -32,12 +32,15 @@ pub const DOCKER_JUMPS: [&str; 3] = ["DOCKER-USER", "DOCKER-FORWARD", "DOCKER-IS
 /// published-port and established accepts come later in FORWARD or earlier in DOCKER-FORWARD);
 /// then traffic in and out of `fn-*` interfaces, and ingress connections the load balancer
 /// forwards to another host (underlay to underlay or tunnel, both directions), which it marks
-/// in conntrack.
-pub const RULES: [&[&str]; 5] = [
+/// in conntrack. Routed networks' containers send and receive through their own `fnv*` ports
+/// (no bridge), so those are accepted too.
+pub const RULES: [&[&str]; 7] = [
     &["-o", "docker0", "-j", "RETURN"],
     &["-o", "br-+", "-j", "RETURN"],
     &["-i", "fn-+", "-j", "ACCEPT"],
     &["-o", "fn-+", "-j", "ACCEPT"],
+    &["-i", "fnv+", "-j", "ACCEPT"],
+    &["-o", "fnv+", "-j", "ACCEPT"],
     &["-m", "connmark", "--mark", INGRESS_CONNMARK, "-j", "ACCEPT"],
 ];
 

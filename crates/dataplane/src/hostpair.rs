@@ -14,8 +14,8 @@ pub struct PairSpec {
     pub host_name: String,
     /// Name of the end the runtime moves (left down).
     pub peer_name: String,
-    /// The bridge's ifindex.
-    pub bridge_index: u32,
+    /// The bridge's ifindex (None: a routed network's port, enslaved to nothing).
+    pub bridge_index: Option<u32>,
     /// MTU of both ends.
     pub mtu: Option<u32>,
     /// MAC of the moving end.
@@ -79,7 +79,7 @@ async fn finish(nl: &Netlink, spec: &PairSpec) -> Result<Pair> {
         .link_by_name(&spec.peer_name)
         .await?
         .ok_or_else(|| DataplaneError::NotFound(format!("{} vanished", spec.peer_name)))?;
-    if spec.hairpin {
+    if spec.hairpin && spec.bridge_index.is_some() {
         nl.handle
             .link()
             .set_port(LinkBridgePort::new(host.index).hairpin(true).build())

@@ -2,6 +2,7 @@
 //! netlink, sysctls, and nftables transactions. Decisions are made elsewhere (ferrynet-model);
 //! this crate only carries them out, each call aimed at one network namespace.
 
+pub mod bgp_routes;
 pub mod bridge;
 pub mod conntrack;
 pub mod error;
@@ -11,6 +12,7 @@ pub mod hostpair;
 pub mod netlink;
 pub mod netns;
 pub mod nft;
+pub mod routed;
 pub mod routes;
 pub mod sysctl;
 pub mod tc;

@@ -50,6 +50,9 @@ pub struct RouteSpec {
     pub dst: IpNet,
     /// Next hop, if any.
     pub gateway: Option<IpAddr>,
+    /// Take the next hop as on-link without looking it up (a link-local gateway no subnet of
+    /// the interface covers).
+    pub onlink: bool,
 }
 
 /// A route as read back.
@@ -295,7 +298,7 @@ impl Netlink {
 
     /// Add a route out of link `oif` (no-op if it exists).
     pub async fn add_route(&self, route: &RouteSpec, oif: u32) -> Result<()> {
-        let msg = match (route.dst, route.gateway) {
+        let mut msg = match (route.dst, route.gateway) {
             (IpNet::V4(d), gw) => {
                 let mut b = RouteMessageBuilder::<std::net::Ipv4Addr>::new()
                     .destination_prefix(d.addr(), d.prefix_len())
@@ -315,6 +318,9 @@ impl Netlink {
                 b.build()
             }
         };
+        if route.onlink {
+            msg.header.flags.insert(RouteFlags::Onlink);
+        }
         match self.handle.route().add(msg).execute().await {
             Ok(()) => Ok(()),
             Err(e) if matches!(errno(&e), Some(EEXIST)) => Ok(()),
@@ -335,9 +341,8 @@ impl Netlink {
         Ok(out)
     }
 
-    /// Every route of the main table, both families, with whether the kernel marks it
-    /// `linkdown` (its device has no carrier, yet the route still takes the traffic).
-    pub async fn main_routes_linkdown(&self) -> Result<Vec<(RouteInfo, bool)>> {
+    /// The main table's route messages, both families.
+    async fn main_table(&self) -> Result<Vec<RouteMessage>> {
         let mut out = Vec::new();
         for msg in [
             RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
@@ -345,15 +350,41 @@ impl Netlink {
         ] {
             let mut s = self.handle.route().get(msg).execute();
             while let Some(m) = s.try_next().await.map_err(nl("listing routes"))? {
-                if m.header.table != RT_TABLE_MAIN {
-                    continue;
-                }
-                if let Some(r) = parse_route(&m) {
-                    out.push((r, m.header.flags.contains(RouteFlags::Linkdown)));
+                if m.header.table == RT_TABLE_MAIN {
+                    out.push(m);
                 }
             }
         }
         Ok(out)
+    }
+
+    /// Every route of the main table, both families, with whether the kernel marks it
+    /// `linkdown` (its device has no carrier, yet the route still takes the traffic).
+    pub async fn main_routes_linkdown(&self) -> Result<Vec<(RouteInfo, bool)>> {
+        Ok(self
+            .main_table()
+            .await?
+            .iter()
+            .filter_map(|m| {
+                Some((
+                    parse_route(m)?,
+                    m.header.flags.contains(RouteFlags::Linkdown),
+                ))
+            })
+            .collect())
+    }
+
+    /// Every route of the main table, both families: destination, protocol and type (for
+    /// routes without a device, such as `unreachable`).
+    pub async fn typed_routes(
+        &self,
+    ) -> Result<Vec<(IpNet, u8, rtnetlink::packet_route::route::RouteType)>> {
+        Ok(self
+            .main_table()
+            .await?
+            .iter()
+            .filter_map(|m| Some((parse_route(m)?.dst, m.header.protocol.into(), m.header.kind)))
+            .collect())
     }
 
     /// True if a link disappeared between lookup and use (ENODEV/ESRCH).

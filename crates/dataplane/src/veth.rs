@@ -20,10 +20,11 @@ pub(crate) struct PairPeer<'a> {
     pub netns_fd: Option<std::os::fd::RawFd>,
 }
 
-/// The netlink request creating a veth pair whose host end is enslaved to a bridge.
+/// The netlink request creating a veth pair whose host end is enslaved to a bridge (None: a
+/// routed port, enslaved to nothing).
 pub(crate) fn pair_message(
     host_name: &str,
-    bridge_index: u32,
+    bridge_index: Option<u32>,
     mtu: Option<u32>,
     peer: PairPeer<'_>,
 ) -> rtnetlink::packet_route::link::LinkMessage {
@@ -39,8 +40,10 @@ pub(crate) fn pair_message(
     }
     let mut b = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
         .name(host_name.to_string())
-        .controller(bridge_index)
         .set_info_data(InfoData::Veth(InfoVeth::Peer(p)));
+    if let Some(br) = bridge_index {
+        b = b.controller(br);
+    }
     if let Some(m) = mtu {
         b = b.mtu(m);
     }
@@ -67,11 +70,12 @@ pub struct ContainerIface {
 pub struct VethSpec {
     /// Host end's name.
     pub host_name: String,
-    /// The bridge to enslave the host end to.
-    pub bridge_index: u32,
+    /// The bridge to enslave the host end to (None: a routed port).
+    pub bridge_index: Option<u32>,
     /// MTU of the host end.
     pub mtu: Option<u32>,
-    /// Hairpin mode on the bridge port (a container reaching itself through the host).
+    /// Hairpin mode on the bridge port (a container reaching itself through the host); only
+    /// for a bridge port.
     pub hairpin: bool,
     /// The container end.
     pub container: ContainerIface,
@@ -183,7 +187,7 @@ async fn plumb(host: &Netlink, container: &Netlink, spec: &VethSpec) -> Result<A
         .link_by_name(&spec.host_name)
         .await?
         .ok_or_else(|| DataplaneError::NotFound(format!("host end {} vanished", spec.host_name)))?;
-    if spec.hairpin {
+    if spec.hairpin && spec.bridge_index.is_some() {
         host.handle
             .link()
             .set_port(LinkBridgePort::new(host_link.index).hairpin(true).build())

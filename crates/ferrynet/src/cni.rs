@@ -20,7 +20,9 @@ use ferrynet_model::validate::{check_bridge_name, check_dns_name};
 use ipnet::IpNet;
 use serde_json::Value;
 
-use crate::control::endpoint::{container_routes, AttachRequest};
+use crate::control::endpoint::{
+    container_addresses, container_gateway, container_routes, AttachRequest,
+};
 use crate::control::shaping::DEFAULT_MTU;
 use crate::control::{Control, Paths};
 use crate::error::ControlError;
@@ -114,13 +116,8 @@ fn conf_str<'a>(conf: &'a NetConf, key: &str) -> Option<&'a str> {
 /// `ipam.subnet` / `ipam.ranges`), or None when it only names a network made by the CLI.
 pub fn network_from_conf(conf: &NetConf) -> Result<Option<Network>, CniError> {
     let mode = match conf_str(conf, "mode") {
-        None | Some("bridge") => NetworkMode::Bridge,
-        Some("host") => NetworkMode::Host,
-        Some(other) => {
-            return Err(CniError::invalid_config(format!(
-                "mode {other:?} is not one of \"bridge\", \"host\""
-            )))
-        }
+        None => NetworkMode::Bridge,
+        Some(m) => m.parse::<NetworkMode>().map_err(CniError::invalid_config)?,
     };
     let mut subnets: Vec<Subnet> = match conf.extra.get("subnets") {
         Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
@@ -133,7 +130,7 @@ pub fn network_from_conf(conf: &NetConf) -> Result<Option<Network>, CniError> {
     if let Some(ipam) = &conf.ipam {
         subnets.extend(subnets_from_ipam(ipam)?);
     }
-    if subnets.is_empty() && mode == NetworkMode::Bridge {
+    if subnets.is_empty() && mode.gives_interfaces() {
         return Ok(None);
     }
     let mtu = match conf.extra.get("mtu") {
@@ -310,10 +307,11 @@ pub fn build_result(
         sandbox: ep.netns.clone(),
         ..Default::default()
     });
-    for ip in &ep.ips {
+    // A routed container holds host prefixes and uses the link-local gateways.
+    for ip in &container_addresses(net, &ep.ips) {
         res.ips.push(IpConfig {
             address: *ip,
-            gateway: crate::control::endpoint::gateway_for(&subnets, ip.addr()),
+            gateway: container_gateway(net, &subnets, ip.addr()),
             interface: Some(idx),
         });
     }
@@ -345,7 +343,7 @@ async fn add(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<Value, CniEr
     conf.runtime_config
         .validate(net.mtu.unwrap_or(DEFAULT_MTU))?;
     let netns = need(&env.netns, "CNI_NETNS")?;
-    if net.mode == NetworkMode::Bridge && !std::path::Path::new(netns).exists() {
+    if net.mode.gives_interfaces() && !std::path::Path::new(netns).exists() {
         return Err(CniError::invalid_env(format!(
             "CNI_NETNS {netns} does not exist"
         )));
@@ -385,17 +383,24 @@ async fn add(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<Value, CniEr
         .map_err(ctl_err)?
         .dns
     {
-        // This host's agent answers DNS on the container's gateways.
-        res.dns = agent_dns(&res, &net.name, &d.domain);
+        // This host's agent answers DNS on the network's gateways (a routed network's are
+        // on its anchor: the container reaches them through its link-local gateway).
+        let subnets = validate_network_subnets(&net.subnets)
+            .map_err(|e| CniError::invalid_config(e.to_string()))?;
+        let gateways = ep
+            .ips
+            .iter()
+            .filter_map(|ip| crate::control::endpoint::gateway_for(&subnets, ip.addr()));
+        res.dns = agent_dns(gateways, &net.name, &d.domain);
     }
     Ok(res.to_json_for_version(&conf.cni_version))
 }
 
 /// The `dns` of a result when the agent serves DNS: the container's gateways as nameservers,
 /// its network's domain to search.
-fn agent_dns(res: &CniResult, network: &str, domain: &str) -> Dns {
+fn agent_dns(gateways: impl Iterator<Item = IpAddr>, network: &str, domain: &str) -> Dns {
     let mut nameservers: Vec<String> = Vec::new();
-    for g in res.ips.iter().filter_map(|i| i.gateway) {
+    for g in gateways {
         let g = g.to_string();
         if !nameservers.contains(&g) {
             nameservers.push(g);
@@ -592,6 +597,38 @@ mod tests {
             }
         }
         NetConf::parse(v.to_string().as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_routed_config_gives_host_prefixes_and_the_link_local_gateways() {
+        let c = conf(
+            serde_json::json!({"mode": "routed", "subnets": [{"cidr": "10.7.0.0/24"}, {"cidr": "fd07::/64"}]}),
+        );
+        let net = network_from_conf(&c).unwrap().unwrap();
+        assert_eq!(net.mode, NetworkMode::Routed);
+        let mut ep = Endpoint::new("blue", "c1", "eth0");
+        ep.ips = vec![
+            "10.7.0.5/24".parse().unwrap(),
+            "fd07::5/64".parse().unwrap(),
+        ];
+        ep.host_veth = Some("fnv0123456789ab".into());
+        let res = build_result(&net, &ep, None, "1.1.0").unwrap();
+        let ips: Vec<(String, Option<String>)> = res
+            .ips
+            .iter()
+            .map(|i| (i.address.to_string(), i.gateway.map(|g| g.to_string())))
+            .collect();
+        assert_eq!(
+            ips,
+            vec![
+                ("10.7.0.5/32".to_string(), Some("169.254.1.1".to_string())),
+                ("fd07::5/128".to_string(), Some("fe80::1".to_string())),
+            ]
+        );
+        assert_eq!(res.interfaces[0].name, "fnv0123456789ab");
+        let bad =
+            conf(serde_json::json!({"mode": "bridged", "subnets": [{"cidr": "10.7.0.0/24"}]}));
+        assert_eq!(network_from_conf(&bad).unwrap_err().code, 7);
     }
 
     #[test]

@@ -34,6 +34,10 @@ pub enum ControlError {
     /// An endpoint publishes other ports than the ones asked for.
     #[error("{0}")]
     PortsPublished(String),
+    /// A concurrent call for the same container replaced the record this call was working on
+    /// (a DEL and a re-ADD racing it); the runtime should retry.
+    #[error("{0}")]
+    Superseded(String),
     /// Address management failed.
     #[error("{0}")]
     Ipam(String),
@@ -119,7 +123,9 @@ impl ControlError {
             ControlError::InvalidConfig(_)
             | ControlError::AlreadyExists(_)
             | ControlError::PortsPublished(_) => CniError::invalid_config(msg),
-            ControlError::Store(StoreError::Unavailable(_)) => CniError::try_again_later(msg),
+            ControlError::Store(StoreError::Unavailable(_)) | ControlError::Superseded(_) => {
+                CniError::try_again_later(msg)
+            }
             ControlError::Store(_) => CniError::io(msg),
             ControlError::Ipam(_) => CniError::plugin(codes::IPAM, msg),
             ControlError::PortInUse(_) => CniError::plugin(codes::PORT_IN_USE, msg),

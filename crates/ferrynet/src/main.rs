@@ -1,14 +1,6 @@
 //! ferrynet: container networking. One binary: a CNI plugin (when `CNI_COMMAND` is set), a CLI.
 
-mod agent;
-mod cli;
-mod cni;
-mod cnm;
-mod container;
-mod control;
-mod error;
-mod render;
-
+use ferrynet::{cli, cni};
 use std::process::ExitCode;
 
 use tracing_subscriber::EnvFilter;

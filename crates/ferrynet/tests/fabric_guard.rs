@@ -28,18 +28,6 @@ impl Lab {
         Lab::up(name, &args)
     }
 
-    /// A container on `host` running a dual-stack TCP echo server on port 7000.
-    fn container(&mut self, host: &str, short: &str) -> Container {
-        let server = "import socket,threading\n\
-            s=socket.socket(socket.AF_INET6);s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
-            s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0);s.bind(('::',7000));s.listen(64)\n\
-            def serve(c):\n  while True:\n    d=c.recv(4096)\n    if not d: break\n    c.sendall(d)\n  c.close()\n\
-            while True:\n  c,_=s.accept();threading.Thread(target=serve,args=(c,),daemon=True).start()\n";
-        let c = self.run(host, short, &[], &["python3", "-c", server]);
-        assert!(!c.v6.is_empty(), "v6");
-        c
-    }
-
     /// `cmd` in namespace `ns`, which must succeed; its stdout.
     fn in_ns(&self, ns: &str, cmd: &[&str]) -> String {
         let o = Command::new("ip")

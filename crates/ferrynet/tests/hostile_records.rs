@@ -328,13 +328,14 @@ fn batches(v: &DiscoveryView) -> Vec<String> {
     let nets: Vec<EdgeNetwork> = v
         .networks
         .values()
-        .filter(|n| n.mode == NetworkMode::Bridge)
+        .filter(|n| n.mode.gives_interfaces())
         .map(|n| EdgeNetwork {
             name: n.name.clone(),
             bridge: n.bridge.clone(),
             subnets: n.subnets.iter().map(|s| s.cidr).collect(),
             internal: n.internal,
             ip_masq: n.ip_masq && !n.internal,
+            routed: n.mode == NetworkMode::Routed,
         })
         .collect();
     // A host port is published once (the store's port keys see to it); keep the first.
@@ -452,6 +453,7 @@ fn the_statement_count_catches_an_unvalidated_injection() {
         subnets: vec!["10.9.0.0/16".parse().unwrap()],
         internal: false,
         ip_masq: true,
+        routed: false,
     };
     let plain = EdgeNetwork {
         bridge: "fn-evil".into(),

@@ -5,11 +5,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::lab::{Container, Lab};
+use common::lab::{all_pairs, echo, stream, Container, Lab};
 use common::{bin, out};
 use serde_json::Value;
 
@@ -22,60 +21,6 @@ impl Lab {
         args.extend_from_slice(extra);
         Lab::up(name, &args)
     }
-
-    /// Start a container on `host` running a dual-stack TCP echo server on port 7000.
-    fn container(&mut self, host: &str, short: &str) -> Container {
-        let server = "import socket,threading\n\
-            s=socket.socket(socket.AF_INET6);s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
-            s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0);s.bind(('::',7000));s.listen(64)\n\
-            def serve(c):\n  while True:\n    d=c.recv(4096)\n    if not d: break\n    c.sendall(d)\n  c.close()\n\
-            while True:\n  c,_=s.accept();threading.Thread(target=serve,args=(c,),daemon=True).start()\n";
-        let c = self.run(host, short, &[], &["python3", "-c", server]);
-        assert!(!c.v6.is_empty(), "v6");
-        c
-    }
-}
-
-/// One TCP round trip from `from` to `addr`:7000 (retried for up to `within`).
-fn echo(from: &Container, addr: &str, within: Duration) -> Result<(), String> {
-    let code = format!(
-        "import socket\ns=socket.create_connection(('{addr}',7000),timeout=2)\ns.sendall(b'ping')\nassert s.recv(4)==b'ping'\n"
-    );
-    let until = Instant::now() + within;
-    loop {
-        let o = Command::new("ip")
-            .args(["netns", "exec", &from.netns(), "python3", "-c", &code])
-            .output()
-            .expect("python3");
-        if o.status.success() {
-            return Ok(());
-        }
-        if Instant::now() > until {
-            return Err(format!("{} -> {addr}: {}", from.name, out(&o)));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn all_pairs(cs: &[Container]) {
-    let mut failures = Vec::new();
-    for a in cs {
-        for b in cs {
-            if a.name == b.name {
-                continue;
-            }
-            for addr in [&b.v4, &b.v6] {
-                if let Err(e) = echo(a, addr, Duration::from_secs(5)) {
-                    failures.push(e);
-                }
-            }
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "unreachable pairs:\n{}",
-        failures.join("\n")
-    );
 }
 
 fn three_containers(lab: &mut Lab) -> Vec<Container> {
@@ -166,33 +111,6 @@ fn route_backend_reports_a_peer_off_link() {
         assert!(Instant::now() < until, "h2 never appeared as a peer: {st}");
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-/// A client in `from` that sends a line every 20 ms to `addr`:7000 and checks the echo,
-/// for `secs`; prints the longest gap it saw and exits non-zero on any error.
-fn stream(from: &Container, addr: &str, secs: u32) -> Child {
-    let code = format!(
-        "import socket,time,sys\n\
-         s=socket.create_connection(('{addr}',7000),timeout=5)\n\
-         print('connected',flush=True)\n\
-         end=time.time()+{secs};worst=0;n=0\n\
-         while time.time()<end:\n  t=time.time();s.sendall(b'x'*64);d=b''\n  \
-         while len(d)<64:\n    r=s.recv(64-len(d))\n    assert r,'closed'\n    d+=r\n  \
-         worst=max(worst,time.time()-t);n+=1;time.sleep(0.02)\n\
-         print('ok',n,round(worst,3),flush=True)\n"
-    );
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &from.netns(), "python3", "-u", "-c", &code])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("stream client");
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "connected");
-    child
 }
 
 #[test]

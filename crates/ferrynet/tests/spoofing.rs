@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::dockerd::{import_busybox, Dockerd};
+use common::docker_rig::DockerRig;
 use common::lab::Lab as Cluster;
 use common::*;
 use serde_json::Value;
@@ -301,23 +301,6 @@ fn ips(res: &Value) -> (String, String) {
     (v4, v6)
 }
 
-/// `ferrynet guard --json` as reason → dropped packets.
-fn counters(lab: &Lab) -> std::collections::BTreeMap<String, u64> {
-    let o = lab.cli(&["guard", "--json"]);
-    assert!(o.status.success(), "guard: {}", out(&o));
-    let v: Value = serde_json::from_slice(&o.stdout).expect("guard json");
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .map(|c| {
-            (
-                c["reason"].as_str().unwrap_or_default().to_string(),
-                c["packets"].as_u64().unwrap_or(0),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn a_container_sends_only_as_itself() {
     need("python3", "python3");
@@ -444,7 +427,7 @@ fn a_container_sends_only_as_itself() {
         "c took a route from a's RA"
     );
 
-    let n = counters(&lab);
+    let n = lab.guard_counters();
     for reason in [
         "mac_spoof",
         "ip4_spoof",
@@ -534,7 +517,7 @@ fn a_port_without_elements_passes_nothing() {
         !ping(&rogue.name, "10.233.0.1"),
         "rogue port reached the gateway"
     );
-    assert!(counters(&lab)["mac_spoof"] > 0);
+    assert!(lab.guard_counters()["mac_spoof"] > 0);
     lab.host.must(&["ip", "link", "del", &port]);
 }
 
@@ -598,139 +581,6 @@ fn forged_sources_do_not_cross_the_fabric_auto() {
     forged_sources_do_not_cross_the_fabric("spfauto", "auto");
 }
 
-/// A private dockerd in a "host" namespace of its own with the agent serving the driver there,
-/// one ferrynet Docker network; everything removed on drop (containers and network through
-/// the engine, then the engine, the agent, the namespaces).
-struct DockerRig {
-    docker: Dockerd,
-    agent: Proc,
-    socket: std::path::PathBuf,
-    state: tempfile::TempDir,
-    _client: Ns,
-    host: Ns,
-    image: String,
-    net: String,
-    attached: Vec<String>,
-}
-
-impl DockerRig {
-    fn new() -> DockerRig {
-        assert!(
-            std::path::Path::new("/bin/busybox").exists(),
-            "apt-get install busybox-static"
-        );
-        need("dockerd", "docker.io");
-        let t = tag();
-        let host = Ns::new("sh");
-        let client = Ns::new("sc");
-        wire_client(
-            Some(&host),
-            &client,
-            &format!("fsh{t}"),
-            "10.253.7.1",
-            "10.253.7.2",
-        );
-        // The agent's underlay is the default route's interface.
-        host.must(&["ip", "route", "add", "default", "via", "10.253.7.2"]);
-        let driver = format!("fnt-{t}");
-        let socket = std::path::PathBuf::from(format!("/run/docker/plugins/{driver}.sock"));
-        let state = tempfile::tempdir().expect("state dir");
-        let log = state.path().join("agent.log");
-        let logf = std::fs::File::create(&log).expect("agent log");
-        let child = Command::new("nsenter")
-            .arg(host.enter())
-            .args([bin(), "--state-dir"])
-            .arg(state.path())
-            .args(["agent", "--no-dns", "--docker-socket"])
-            .arg(&socket)
-            .env("DOCKER_HOST", format!("unix:///run/fnd-{t}.sock"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(logf)
-            .spawn()
-            .expect("start the agent");
-        let mut child = Some(child);
-        wait_for_socket(&mut child, &socket, "agent", || {
-            std::fs::read_to_string(&log).unwrap_or_default()
-        });
-        let agent = Proc(child.expect("agent running"));
-        let docker = Dockerd::start(&t, Some(&host.name));
-        let image = format!("fnt-busybox:{t}");
-        import_busybox(&docker.host(), &image);
-        let net = format!("{driver}-net");
-        docker.docker_ok(&[
-            "network",
-            "create",
-            "-d",
-            &driver,
-            "--ipam-driver",
-            &driver,
-            "--subnet",
-            "10.234.0.0/24",
-            &net,
-        ]);
-        DockerRig {
-            docker,
-            agent,
-            socket,
-            state,
-            _client: client,
-            host,
-            image,
-            net,
-            attached: Vec::new(),
-        }
-    }
-
-    /// `docker run -d --name NAME` a sleeping container; its network namespace, attached under
-    /// a name of ours (detached on drop).
-    fn run(&mut self, name: &str) -> String {
-        self.docker.docker_ok(&[
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--network",
-            &self.net,
-            &self.image,
-            "sleep",
-            "3600",
-        ]);
-        let pid = self
-            .docker
-            .docker_ok(&["inspect", "-f", "{{.State.Pid}}", name]);
-        let ns = format!("fnt-d{name}-{}", tag());
-        must(&["ip", "netns", "attach", &ns, &pid]);
-        self.attached.push(ns.clone());
-        ns
-    }
-
-    fn cli(&self, args: &[&str]) -> std::process::Output {
-        let e = self.host.enter();
-        let state = self.state.path().display().to_string();
-        let mut v = vec!["nsenter", e.as_str(), bin(), "--state-dir", &state];
-        v.extend_from_slice(args);
-        sh(&v)
-    }
-}
-
-impl Drop for DockerRig {
-    fn drop(&mut self) {
-        for ns in &self.attached {
-            let _ = sh(&["ip", "netns", "del", ns]);
-        }
-        let ids = self.docker.docker(&["ps", "-aq"]);
-        for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
-            let _ = self.docker.docker(&["rm", "-f", id]);
-        }
-        let _ = self.docker.docker(&["network", "rm", &self.net]);
-        self.docker.stop();
-        let _ = self.agent.0.kill();
-        let _ = self.agent.0.wait();
-        let _ = std::fs::remove_file(&self.socket);
-    }
-}
-
 /// The same guard on Docker's path: the port is created at `Join` with the MAC
 /// `CreateEndpoint` chose, and `docker rm` takes its elements away.
 #[test]
@@ -739,14 +589,7 @@ fn a_docker_container_sends_only_as_itself() {
     let mut rig = DockerRig::new();
     let a = rig.run("ca");
     let c = rig.run("cc");
-    let inspect = |n: &str| {
-        rig.docker.docker_ok(&[
-            "inspect",
-            "-f",
-            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
-            n,
-        ])
-    };
+    let inspect = |n: &str| rig.ip_of(n);
     let (a4, c4, gw4) = (inspect("ca"), inspect("cc"), "10.234.0.1");
     let host = rig.host.name.clone();
     let a_mac = mac_of(&a, "eth0");

@@ -70,7 +70,10 @@ pub fn block_subnets(network_subnets: &[Subnet], my_blocks: &[IpNet]) -> Vec<Sub
 /// True when a host's view of `pool` depends on the host's underlay: a tunnelled network
 /// without an explicit MTU takes the underlay's minus the encapsulation.
 pub fn view_needs_underlay(pool: &Network) -> bool {
-    pool.mtu.is_none() && pool.fabric.is_some_and(|f| f.backend != Backend::Route)
+    pool.mtu.is_none()
+        && pool
+            .fabric
+            .is_some_and(|f| !matches!(f.backend, Backend::Route | Backend::Bgp) || f.encrypt)
 }
 
 /// The network as one host sees it: its subnets are the host's blocks (each gatewayed by its
@@ -82,8 +85,14 @@ pub fn host_view(pool: &Network, my_blocks: &[IpNet], me: Option<&HostRecord>) -
         return view;
     }
     view.subnets = block_subnets(&pool.subnets, my_blocks);
-    if let (true, Some(rec)) = (view_needs_underlay(pool), me) {
-        view.mtu = Some(vxlan_mtu(rec.underlay_mtu, !rec.has_v4_underlay()));
+    if let (true, Some(rec), Some(f)) = (view_needs_underlay(pool), me, pool.fabric) {
+        // Encrypted and sleeve networks carry the sleeve's overhead; `auto` keeps VXLAN's and
+        // relies on path MTU discovery towards peers it sends through the sleeve.
+        view.mtu = Some(if f.encrypt || f.backend == Backend::Sleeve {
+            crate::sleeve::sleeve_mtu(rec.underlay_mtu)
+        } else {
+            vxlan_mtu(rec.underlay_mtu, !rec.has_v4_underlay())
+        });
     }
     view
 }
@@ -175,6 +184,7 @@ mod tests {
             vni: 1,
             block_v4: 26,
             block_v6: 122,
+            encrypt: false,
         }
     }
 
@@ -254,6 +264,7 @@ mod tests {
             capabilities: vec![],
             version: String::new(),
             started_at: 0,
+            sleeve: None,
         };
         let v = host_view(&pool, &[n("10.20.0.64/26")], Some(&me));
         assert_eq!(v.subnets[0].cidr, n("10.20.0.64/26"));

@@ -61,7 +61,13 @@ pub struct EdgeNetwork {
     pub internal: bool,
     /// Masquerade traffic leaving the host.
     pub ip_masq: bool,
+    /// Routed endpoints (no bridge): its containers' traffic enters and leaves the host through
+    /// their own `fnv…` ports, so device-based rules match those instead of the bridge.
+    pub routed: bool,
 }
+
+/// Every container port's host end (routed networks' ports are routed interfaces).
+const PORTS: &str = "\"fnv*\"";
 
 /// One published port bound to one container address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -337,9 +343,15 @@ pub fn base_ruleset(networks: &[EdgeNetwork]) -> String {
         // (VIPs, ingress: the load balancer's `LB_MARK`) keep their client's address: the
         // bridge calls the IP hooks, so the host still un-DNATs a bridged reply, and the load
         // balancer masquerades only a producer that reached itself.
+        // A routed network's DNATed traffic leaves through the container's own port.
+        let out = if n.routed {
+            PORTS.to_string()
+        } else {
+            br.clone()
+        };
         for s in n.subnets.iter().filter(|_| !n.internal) {
             let fam = if s.addr().is_ipv4() { "ip" } else { "ip6" };
-            line(format!("add rule {t} postrouting oifname {br} {fam} saddr {s} ct status dnat ct mark & {LB_MARK:#x} == 0 masquerade comment \"hairpin {}\"", n.name));
+            line(format!("add rule {t} postrouting oifname {out} {fam} saddr {s} ct status dnat ct mark & {LB_MARK:#x} == 0 masquerade comment \"hairpin {}\"", n.name));
         }
         if n.ip_masq && !n.internal {
             // Traffic to the network's own subnets keeps its source: on a multi-host network it
@@ -353,13 +365,18 @@ pub fn base_ruleset(networks: &[EdgeNetwork]) -> String {
                     .map(|o| o.to_string())
                     .collect();
                 let own = own.join(", ");
-                line(format!("add rule {t} postrouting {fam} saddr {s} {fam} daddr != {{ {own} }} oifname != @{BRIDGES} masquerade comment \"outbound {}\"", n.name));
+                // Nor does traffic to another ferrynet network's container on this host (a
+                // bridge, or a routed network's port).
+                line(format!("add rule {t} postrouting {fam} saddr {s} {fam} daddr != {{ {own} }} oifname != @{BRIDGES} oifname != {PORTS} masquerade comment \"outbound {}\"", n.name));
             }
         }
     }
     // The host reaching 127.0.0.1:PORT: DNATed out of a bridge, the loopback source must go.
     line(format!(
         "add rule {t} postrouting ip saddr 127.0.0.0/8 oifname @{BRIDGES} masquerade"
+    ));
+    line(format!(
+        "add rule {t} postrouting ip saddr 127.0.0.0/8 oifname {PORTS} masquerade"
     ));
 
     line(format!(
@@ -371,7 +388,9 @@ pub fn base_ruleset(networks: &[EdgeNetwork]) -> String {
             line(format!("add rule {t} forward ct original {fam} {dir} {lo} drop comment \"loopback from outside lo\""));
         }
     }
-    for n in networks.iter().filter(|n| n.internal) {
+    // Internal routed networks are refused when created: their packets carry no device of
+    // the network to match here.
+    for n in networks.iter().filter(|n| n.internal && !n.routed) {
         let br = q(&n.bridge);
         line(format!(
             "add rule {t} forward iifname {br} oifname != {br} drop comment \"internal {}\"",
@@ -390,7 +409,7 @@ pub fn base_ruleset(networks: &[EdgeNetwork]) -> String {
     // underlay or a tunnel). Destination first: traffic to the outside stops at one lookup.
     line(format!("add rule {t} forward ip daddr @{NETS4} ip saddr @{NETS4} ip saddr . ip daddr != @{SAME4} drop comment \"isolate networks\""));
     line(format!("add rule {t} forward ip6 daddr @{NETS6} ip6 saddr @{NETS6} ip6 saddr . ip6 daddr != @{SAME6} drop comment \"isolate networks\""));
-    for n in networks.iter().filter(|n| !n.internal) {
+    for n in networks.iter().filter(|n| !n.internal && !n.routed) {
         let br = q(&n.bridge);
         line(format!("add rule {t} forward iifname {br} oifname @{BRIDGES} oifname != {br} drop comment \"isolate {}\"", n.name));
     }
@@ -442,6 +461,7 @@ mod tests {
             subnets: vec![cidr.parse().unwrap()],
             internal,
             ip_masq: !internal,
+            routed: false,
         }
     }
     fn pm(port: u16, host_ip: Option<&str>, proto: Protocol) -> PortMapping {
@@ -471,7 +491,7 @@ mod tests {
             net("i", "10.2.0.0/24", true),
         ]);
         assert!(r.contains(
-            "ip saddr 10.1.0.0/24 ip daddr != { 10.1.0.0/24 } oifname != @bridges masquerade"
+            "ip saddr 10.1.0.0/24 ip daddr != { 10.1.0.0/24 } oifname != @bridges oifname != \"fnv*\" masquerade"
         ));
         assert!(r.contains(
             "oifname \"fn-a\" ip saddr 10.1.0.0/24 ct status dnat ct mark & 0x800000 == 0 masquerade"
@@ -488,7 +508,7 @@ mod tests {
     fn ipv6_subnets_use_ip6_matches() {
         let r = base_ruleset(&[net("a", "fd00:1::/64", false)]);
         assert!(r.contains(
-            "ip6 saddr fd00:1::/64 ip6 daddr != { fd00:1::/64 } oifname != @bridges masquerade"
+            "ip6 saddr fd00:1::/64 ip6 daddr != { fd00:1::/64 } oifname != @bridges oifname != \"fnv*\" masquerade"
         ));
     }
 
@@ -579,6 +599,27 @@ mod tests {
         let del = b.find("delete element").unwrap();
         assert!(add < del);
         assert!(add_ports(&[]).is_empty());
+    }
+
+    #[test]
+    fn routed_networks_match_their_ports_not_a_bridge() {
+        let routed = EdgeNetwork {
+            routed: true,
+            ..net("r", "10.7.0.0/24", false)
+        };
+        let b = base_ruleset(&[net("a", "10.1.0.0/24", false), routed]);
+        // Hairpin through the container's own port; the bridged network keeps its bridge.
+        assert!(b.contains("postrouting oifname \"fnv*\" ip saddr 10.7.0.0/24 ct status dnat"));
+        assert!(b.contains("postrouting oifname \"fn-a\" ip saddr 10.1.0.0/24 ct status dnat"));
+        // No per-bridge isolation line for it (its packets never come from the dummy); the
+        // address sets hold its pool.
+        assert!(!b.contains("iifname \"fn-r\" oifname @bridges"));
+        assert!(b.contains("add element inet ferrynet nets4 { 10.1.0.0/24, 10.7.0.0/24 }"));
+        // Traffic to a routed neighbour on this host keeps its source.
+        assert!(
+            b.contains("oifname != @bridges oifname != \"fnv*\" masquerade comment \"outbound r\"")
+        );
+        assert!(b.contains("ip saddr 127.0.0.0/8 oifname \"fnv*\" masquerade"));
     }
 
     fn dual(name: &str, v4: &str, v6: &str) -> EdgeNetwork {

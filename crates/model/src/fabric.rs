@@ -23,8 +23,14 @@ pub enum Backend {
     Route,
     /// Encapsulation in VXLAN over the underlay, with static FDB and neighbour entries.
     Vxlan,
-    /// Per peer: `Route` when routes reach all its blocks, else `Vxlan`.
+    /// Per peer: `Route` when routes reach all its blocks, else `Vxlan`, else (when the VXLAN
+    /// port does not pass) `Sleeve`.
     Auto,
+    /// The encrypted userspace overlay over one UDP port (`crate::sleeve`).
+    Sleeve,
+    /// Routes learned over BGP (the agent's speaker) from peers and routers: nothing is
+    /// programmed from the store, hosts need no shared link.
+    Bgp,
 }
 
 impl fmt::Display for Backend {
@@ -33,13 +39,15 @@ impl fmt::Display for Backend {
             Backend::Route => "route",
             Backend::Vxlan => "vxlan",
             Backend::Auto => "auto",
+            Backend::Sleeve => "sleeve",
+            Backend::Bgp => "bgp",
         })
     }
 }
 
 /// A backend name that is not `route`, `vxlan` or `auto`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown fabric backend {0:?}: expected route, vxlan or auto")]
+#[error("unknown fabric backend {0:?}: expected route, vxlan, auto, sleeve or bgp")]
 pub struct BadBackend(pub String);
 
 impl FromStr for Backend {
@@ -49,6 +57,8 @@ impl FromStr for Backend {
             "route" => Ok(Backend::Route),
             "vxlan" => Ok(Backend::Vxlan),
             "auto" => Ok(Backend::Auto),
+            "sleeve" => Ok(Backend::Sleeve),
+            "bgp" => Ok(Backend::Bgp),
             _ => Err(BadBackend(s.to_string())),
         }
     }
@@ -373,6 +383,15 @@ pub fn desired(input: &FabricInput) -> (FabricState, Vec<PeerStatus>) {
     let mut macs: BTreeMap<[u8; 6], &str> = BTreeMap::new();
 
     for (host, entries) in by_host {
+        // BGP routes come from the speaker, not from the store.
+        if input.backend == Backend::Bgp {
+            statuses.push(PeerStatus {
+                host: host.to_string(),
+                backend: Some(Backend::Bgp),
+                errors: Vec::new(),
+            });
+            continue;
+        }
         let mut st = PeerStatus {
             host: host.to_string(),
             backend: None,
@@ -403,10 +422,17 @@ pub fn desired(input: &FabricInput) -> (FabricState, Vec<PeerStatus>) {
             Backend::Route => Backend::Route,
             Backend::Vxlan => Backend::Vxlan,
             Backend::Auto if routes_reach(input.my_underlay, peer, &blocks) => Backend::Route,
-            Backend::Auto => Backend::Vxlan,
+            Backend::Auto | Backend::Bgp => Backend::Vxlan,
+            Backend::Sleeve => Backend::Sleeve,
         };
         let programmed = match backend {
             Backend::Vxlan => vxlan_peer(input, peer, &blocks, &mut macs, &mut state, &mut st),
+            // Sleeve routes come from `sleeve::desired`, which never asks for them here.
+            Backend::Sleeve => {
+                st.errors
+                    .push(format!("peer {host}: sleeve routes are not decided here"));
+                false
+            }
             _ => route_peer(input, peer, &blocks, &mut state, &mut st),
         };
         if programmed || st.errors.is_empty() {
@@ -431,7 +457,7 @@ fn tunnel_family(mine: &[IpNet], peer: &[IpNet]) -> Option<bool> {
 }
 
 /// Whether the route backend reaches every block of the peer (for `Auto`).
-fn routes_reach(mine: &[IpNet], peer: &Peer, blocks: &[IpNet]) -> bool {
+pub fn routes_reach(mine: &[IpNet], peer: &Peer, blocks: &[IpNet]) -> bool {
     let mut families: BTreeSet<bool> = blocks.iter().map(|b| b.addr().is_ipv6()).collect();
     if families.is_empty() {
         match tunnel_family(mine, &peer.underlay) {
@@ -630,16 +656,16 @@ mod tests {
 
     #[test]
     fn backend_names() {
-        for b in [Backend::Route, Backend::Vxlan, Backend::Auto] {
+        for b in [Backend::Route, Backend::Vxlan, Backend::Auto, Backend::Bgp] {
             assert_eq!(b.to_string().parse::<Backend>().unwrap(), b);
             assert_eq!(serde_json::to_string(&b).unwrap(), format!("\"{b}\""));
         }
         assert_eq!(" VXLAN ".parse::<Backend>().unwrap(), Backend::Vxlan);
-        assert!("bgp"
+        assert!("ospf"
             .parse::<Backend>()
             .unwrap_err()
             .to_string()
-            .contains("bgp"));
+            .contains("ospf"));
         assert_eq!(
             serde_json::from_str::<Backend>("\"auto\"").unwrap(),
             Backend::Auto

@@ -262,14 +262,7 @@ mod tests {
     use serde_json::json;
 
     fn host(name: &str, addrs: &[&str]) -> HostRecord {
-        HostRecord {
-            name: name.into(),
-            underlay: addrs.iter().map(|a| a.parse().unwrap()).collect(),
-            underlay_mtu: 1500,
-            capabilities: vec![],
-            version: String::new(),
-            started_at: 0,
-        }
+        HostRecord::for_test(name, addrs)
     }
 
     fn sample() -> GuardState {

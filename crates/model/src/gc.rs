@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 
 use crate::names::bridge_name;
-use crate::network::{Endpoint, EndpointOwner, Network, NetworkMode};
+use crate::network::{Endpoint, EndpointOwner, Network};
 
 /// Interface name in the records of Docker (CNM) endpoints: Docker names the real interface.
 pub const DOCKER_IFNAME: &str = "docker";
@@ -73,6 +73,23 @@ pub fn gc_verdict(
     GcVerdict::Release
 }
 
+/// The routed networks' `unreachable` prefixes among `unreachable` (ferrynet's, read from the
+/// kernel) that lie in no routed network of `networks`: left by a routed network removed while
+/// this host's agent was away. Each still refuses its addresses, so a newer network on that
+/// subnet would be black-holed.
+pub fn stale_unreachable(unreachable: &[ipnet::IpNet], networks: &[Network]) -> Vec<ipnet::IpNet> {
+    let pools: Vec<ipnet::IpNet> = networks
+        .iter()
+        .filter(|n| n.mode == crate::network::NetworkMode::Routed)
+        .flat_map(|n| n.subnets.iter().map(|s| s.cidr))
+        .collect();
+    unreachable
+        .iter()
+        .filter(|u| !pools.iter().any(|p| p.contains(*u)))
+        .copied()
+        .collect()
+}
+
 /// The `fn-*` bridges among `bridges` that no network in `networks` uses: left behind by a
 /// network removed elsewhere (another host, a crash, a wiped store). A down bridge keeps its
 /// gateway address and a `linkdown` route that black-holes a newer network on the same subnet.
@@ -82,7 +99,7 @@ pub fn stale_bridges<'a>(
 ) -> Vec<String> {
     let used: BTreeSet<String> = networks
         .iter()
-        .filter(|n| n.mode == NetworkMode::Bridge)
+        .filter(|n| n.mode.gives_interfaces())
         .map(|n| {
             if n.bridge.is_empty() {
                 bridge_name(&n.name)
@@ -211,5 +228,20 @@ mod tests {
         assert_eq!(e.owner, EndpointOwner::Unknown);
         let new = serde_json::to_string(&ep("c1", "eth0", EndpointOwner::Cni, None)).unwrap();
         assert!(new.contains(r#""owner":"cni""#), "{new}");
+    }
+
+    #[test]
+    fn unreachable_prefixes_outside_every_routed_network_are_stale() {
+        let mut routed = Network::bridged("r", ["10.20.0.0/16".parse().unwrap()]);
+        routed.mode = crate::network::NetworkMode::Routed;
+        let bridged = Network::bridged("b", ["10.30.0.0/24".parse().unwrap()]);
+        let have: Vec<ipnet::IpNet> = ["10.20.0.64/26", "10.30.0.0/24", "10.40.0.0/26"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(
+            stale_unreachable(&have, &[routed, bridged]),
+            vec![have[1], have[2]]
+        );
     }
 }

@@ -6,6 +6,14 @@
 //! lookup whatever the number of containers, and a port without elements drops everything
 //! (default deny): a container is guarded from its first frame. Drops are counted per reason
 //! in named counters ([`REASONS`]).
+//!
+//! A routed network's port (see [`crate::routed`]) is no bridge port, so bridge prerouting
+//! never sees its frames. Its guard is the same rules in two more tables: `inet
+//! ferrynet-routed` (hook prerouting, priority -300: every IPv4 and IPv6 packet entering
+//! through an `fnv…` port before conntrack and routing; bridged frames enter the IP hooks with
+//! the bridge as input device, so they never match) and `arp ferrynet-routed` (hook input: every
+//! ARP frame the host receives on such a port). All three tables are made together, so a port's
+//! elements can always be removed from all of them in one transaction.
 
 use std::fmt::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -29,6 +37,18 @@ pub const ARP: &str = "arp_src";
 /// `port . MAC . IPv6 source . ND target`: neighbour advertisements for its own addresses, and
 /// duplicate address detection (a solicitation from `::`) only for them.
 pub const NA: &str = "na_src";
+/// The routed ports' tables' name (families `inet` and `arp`).
+pub const ROUTED_TABLE: &str = "ferrynet-routed";
+/// The routed ports' IP table with its family.
+pub const ROUTED_IP: &str = "inet ferrynet-routed";
+/// The routed ports' ARP table with its family.
+pub const ROUTED_ARP: &str = "arp ferrynet-routed";
+/// Every guard table with its family: `(family, name)`.
+pub const TABLES: [(&str, &str); 3] = [
+    ("bridge", TABLE),
+    ("inet", ROUTED_TABLE),
+    ("arp", ROUTED_TABLE),
+];
 
 /// The regular chains: the dispatcher and one per protocol.
 pub const CHAINS: [&str; 5] = ["guard", "guard4", "guard6", "guard_na", "guard_arp"];
@@ -60,6 +80,8 @@ pub struct GuardedPort {
     pub mac: [u8; 6],
     /// The container's addresses on this port.
     pub ips: Vec<IpAddr>,
+    /// A routed network's port (not a bridge port): guarded by the routed tables.
+    pub routed: bool,
 }
 
 /// The link-local address the kernel derives from a MAC (modified EUI-64, RFC 4291).
@@ -81,45 +103,36 @@ fn q(ifname: &str) -> String {
     format!("\"{ifname}\"")
 }
 
-/// The skeleton: table, sets, counters, chains and rules. Re-applying it is idempotent and
-/// keeps set elements and counter values; the chains are flushed and refilled atomically.
+/// The skeleton: the three tables with their sets, counters, chains and rules. Re-applying it
+/// is idempotent and keeps set elements and counter values; the chains are flushed and
+/// refilled atomically.
 pub fn skeleton() -> String {
-    let t = FAMILY_TABLE;
-    let mut b = String::new();
-    let mut line = |s: String| {
-        b.push_str(&s);
-        b.push('\n');
-    };
-    line(format!("add table {t}"));
-    line(format!(
-        "add set {t} {MACS} {{ type ifname . ether_addr; }}"
-    ));
-    line(format!(
-        "add set {t} {SRC4} {{ type ifname . ether_addr . ipv4_addr; }}"
-    ));
-    line(format!(
-        "add set {t} {SRC6} {{ type ifname . ether_addr . ipv6_addr; }}"
-    ));
-    line(format!(
-        "add set {t} {ARP} {{ type ifname . ether_addr . ether_addr . ipv4_addr; }}"
-    ));
-    line(format!(
-        "add set {t} {NA} {{ typeof iifname . ether saddr . ip6 saddr . {NA_TARGET}; }}"
-    ));
-    for r in REASONS {
-        line(format!("add counter {t} {r}"));
-    }
-    // Bridge prerouting sees every frame entering a bridge port, bridged or routed, before
-    // br_netfilter (priority 0) hands it to the IP hooks.
-    line(format!(
-        "add chain {t} prerouting {{ type filter hook prerouting priority -300; policy accept; }}"
-    ));
-    for c in CHAINS {
-        line(format!("add chain {t} {c}"));
-    }
-    for c in ["prerouting"].into_iter().chain(CHAINS) {
-        line(format!("flush chain {t} {c}"));
-    }
+    let mut b = bridge_skeleton();
+    b.push_str(&routed_ip_skeleton());
+    b.push_str(&routed_arp_skeleton());
+    b
+}
+
+/// Sets of each table, with their types.
+fn set_decls(t: &str, sets: &[&str]) -> Vec<String> {
+    sets.iter()
+        .map(|set| {
+            let ty = match *set {
+                MACS => "type ifname . ether_addr;".to_string(),
+                SRC4 => "type ifname . ether_addr . ipv4_addr;".to_string(),
+                SRC6 => "type ifname . ether_addr . ipv6_addr;".to_string(),
+                ARP => "type ifname . ether_addr . ether_addr . ipv4_addr;".to_string(),
+                _ => format!("typeof iifname . ether saddr . ip6 saddr . {NA_TARGET};"),
+            };
+            format!("add set {t} {set} {{ {ty} }}")
+        })
+        .collect()
+}
+
+/// The protocol checks of `chains` (a subset of guard4, guard6, guard_na, guard_arp), shared by
+/// the bridge table and the routed ones: drops of server messages first, then the one lookup,
+/// then the counted drops.
+fn protocol_rules(chains: &[&str]) -> Vec<(&'static str, String)> {
     let mac_or = |reason: &str| {
         // Reached only after the one lookup failed: tell a wrong address from a wrong MAC.
         [
@@ -127,29 +140,7 @@ pub fn skeleton() -> String {
             "counter name mac_spoof drop".to_string(),
         ]
     };
-    let mut rules: Vec<(&str, String)> = vec![
-        // The fast path: a TCP segment from a port's own MAC and address needs none of the
-        // protocol checks below (they are about ARP, ND, RA and DHCP), so it is accepted by one
-        // lookup before any jump. The set holds only `fnv*` ports, so nothing else matches
-        // here; anything that does not match takes the full path.
-        (
-            "prerouting",
-            format!("meta l4proto tcp iifname . ether saddr . ip saddr @{SRC4} accept"),
-        ),
-        (
-            "prerouting",
-            format!("meta l4proto tcp iifname . ether saddr . ip6 saddr @{SRC6} accept"),
-        ),
-        (
-            "prerouting",
-            format!("iifname \"{PORT_PREFIX}*\" jump guard"),
-        ),
-        (
-            "guard",
-            "ether type vmap { ip : jump guard4, ip6 : jump guard6, arp : jump guard_arp }".to_string(),
-        ),
-        // VLAN tags, LLC, LLDP, STP… a container has no business sending them.
-        ("guard", "counter name other_ethertype drop".to_string()),
+    let mut rules: Vec<(&'static str, String)> = vec![
         // A DHCP server reply is dropped even from the container's own address.
         ("guard4", "udp sport 67 counter name dhcp_server drop".to_string()),
         (
@@ -201,10 +192,135 @@ pub fn skeleton() -> String {
             rules.push((chain, r));
         }
     }
-    for (chain, rule) in rules {
+    rules.retain(|(c, _)| chains.contains(c));
+    rules
+}
+
+/// The TCP fast path: a TCP segment from a port's own MAC and address needs none of the
+/// protocol checks (they are about ARP, ND, RA and DHCP), so it is accepted by one lookup. The
+/// sets hold only `fnv*` ports, so nothing else matches; anything that does not match takes the
+/// full path.
+fn tcp_fast_path() -> [String; 2] {
+    [
+        format!("meta l4proto tcp iifname . ether saddr . ip saddr @{SRC4} accept"),
+        format!("meta l4proto tcp iifname . ether saddr . ip6 saddr @{SRC6} accept"),
+    ]
+}
+
+/// One table: its sets, counters, base chain, regular chains and rules, as nft lines.
+struct TableSpec<'a> {
+    table: &'a str,
+    sets: &'a [&'a str],
+    base: &'a str,
+    chains: &'a [&'a str],
+    rules: Vec<(&'a str, String)>,
+}
+
+fn render(spec: TableSpec<'_>) -> String {
+    let t = spec.table;
+    let mut b = String::new();
+    let mut line = |s: String| {
+        b.push_str(&s);
+        b.push('\n');
+    };
+    line(format!("add table {t}"));
+    for d in set_decls(t, spec.sets) {
+        line(d);
+    }
+    for r in REASONS {
+        line(format!("add counter {t} {r}"));
+    }
+    line(spec.base.to_string());
+    for c in spec.chains {
+        line(format!("add chain {t} {c}"));
+    }
+    for c in ["prerouting", "input"]
+        .iter()
+        .filter(|c| spec.base.contains(&format!(" {c} {{")))
+        .chain(spec.chains)
+    {
+        line(format!("flush chain {t} {c}"));
+    }
+    for (chain, rule) in spec.rules {
         line(format!("add rule {t} {chain} {rule}"));
     }
     b
+}
+
+/// `bridge ferrynet`: bridge prerouting sees every frame entering a bridge port, bridged or
+/// routed, before br_netfilter (priority 0) hands it to the IP hooks.
+fn bridge_skeleton() -> String {
+    let t = FAMILY_TABLE;
+    let [fast4, fast6] = tcp_fast_path();
+    let mut rules: Vec<(&str, String)> = vec![
+        ("prerouting", fast4),
+        ("prerouting", fast6),
+        (
+            "prerouting",
+            format!("iifname \"{PORT_PREFIX}*\" jump guard"),
+        ),
+        (
+            "guard",
+            "ether type vmap { ip : jump guard4, ip6 : jump guard6, arp : jump guard_arp }"
+                .to_string(),
+        ),
+        // VLAN tags, LLC, LLDP, STP… a container has no business sending them.
+        ("guard", "counter name other_ethertype drop".to_string()),
+    ];
+    rules.extend(protocol_rules(&CHAINS));
+    render(TableSpec {
+        table: t,
+        sets: &[MACS, SRC4, SRC6, ARP, NA],
+        base: &format!("add chain {t} prerouting {{ type filter hook prerouting priority -300; policy accept; }}"),
+        chains: &CHAINS,
+        rules,
+    })
+}
+
+/// `inet ferrynet-routed`: IP packets entering through a routed port (its ARP is the ARP
+/// table's). Only IPv4 and IPv6 reach this hook; other ether types have no handler on a routed
+/// interface and are dropped by the kernel.
+fn routed_ip_skeleton() -> String {
+    let t = ROUTED_IP;
+    let mut rules: Vec<(&str, String)> = vec![(
+        "prerouting",
+        format!("iifname \"{PORT_PREFIX}*\" jump guard"),
+    )];
+    for r in tcp_fast_path() {
+        rules.push(("guard", r));
+    }
+    rules.push((
+        "guard",
+        "meta nfproto vmap { ipv4 : jump guard4, ipv6 : jump guard6 }".to_string(),
+    ));
+    rules.extend(protocol_rules(&["guard4", "guard6", "guard_na"]));
+    render(TableSpec {
+        table: t,
+        sets: &[MACS, SRC4, SRC6, NA],
+        base: &format!("add chain {t} prerouting {{ type filter hook prerouting priority -300; policy accept; }}"),
+        chains: &["guard", "guard4", "guard6", "guard_na"],
+        rules,
+    })
+}
+
+/// `arp ferrynet-routed`: ARP frames the host receives on a routed port (its own answers for
+/// the link-local gateway, and its neighbour cache, come after this hook).
+fn routed_arp_skeleton() -> String {
+    let t = ROUTED_ARP;
+    let mut rules: Vec<(&str, String)> = vec![(
+        "input",
+        format!("iifname \"{PORT_PREFIX}*\" jump guard_arp"),
+    )];
+    rules.extend(protocol_rules(&["guard_arp"]));
+    render(TableSpec {
+        table: t,
+        sets: &[MACS, ARP],
+        base: &format!(
+            "add chain {t} input {{ type filter hook input priority -300; policy accept; }}"
+        ),
+        chains: &["guard_arp"],
+        rules,
+    })
 }
 
 /// The elements of one port, per set.
@@ -259,17 +375,32 @@ pub fn port_elements(p: &GuardedPort) -> Vec<(&'static str, Vec<String>)> {
     out
 }
 
-/// Allow a port's frames (one transaction; repeating it is harmless).
-pub fn add_port(p: &GuardedPort) -> String {
+/// The tables a port's elements go to, and which of its sets each holds.
+fn layer_sets(routed: bool) -> Vec<(&'static str, &'static [&'static str])> {
+    if routed {
+        vec![
+            (ROUTED_IP, &[MACS, SRC4, SRC6, NA]),
+            (ROUTED_ARP, &[MACS, ARP]),
+        ]
+    } else {
+        vec![(FAMILY_TABLE, &[MACS, SRC4, SRC6, ARP, NA])]
+    }
+}
+
+fn element_lines(verb: &str, p: &GuardedPort, routed: bool) -> String {
     let mut b = String::new();
-    for (set, elems) in port_elements(p) {
-        let _ = writeln!(
-            b,
-            "add element {FAMILY_TABLE} {set} {{ {} }}",
-            elems.join(", ")
-        );
+    let elems = port_elements(p);
+    for (table, sets) in layer_sets(routed) {
+        for (set, e) in elems.iter().filter(|(s, _)| sets.contains(s)) {
+            let _ = writeln!(b, "{verb} element {table} {set} {{ {} }}", e.join(", "));
+        }
     }
     b
+}
+
+/// Allow a port's frames in the tables of its kind (one transaction; repeating it is harmless).
+pub fn add_port(p: &GuardedPort) -> String {
+    element_lines("add", p, p.routed)
 }
 
 /// Allow several ports in one transaction (a rebuild).
@@ -277,15 +408,13 @@ pub fn add_ports(ports: &[GuardedPort]) -> String {
     ports.iter().map(add_port).collect()
 }
 
-/// Forget a port's elements; succeeds when they are already gone (add, then delete).
+/// Forget a port's elements from every guard table (whatever kind of port it was, so callers
+/// need not know its network); succeeds when they are already gone (add, then delete).
 pub fn remove_port_tolerant(p: &GuardedPort) -> String {
-    let mut b = add_port(p);
-    for (set, elems) in port_elements(p) {
-        let _ = writeln!(
-            b,
-            "delete element {FAMILY_TABLE} {set} {{ {} }}",
-            elems.join(", ")
-        );
+    let mut b = String::new();
+    for routed in [false, true] {
+        b.push_str(&element_lines("add", p, routed));
+        b.push_str(&element_lines("delete", p, routed));
     }
     b
 }
@@ -293,7 +422,7 @@ pub fn remove_port_tolerant(p: &GuardedPort) -> String {
 /// Forget every element of `port` found in a listing of the table (`nft -j list table bridge
 /// ferrynet`): for a port whose MAC was never recorded (an ADD interrupted after the guard).
 /// Empty when there is nothing to remove; tolerant like [`remove_port_tolerant`].
-pub fn remove_listed_port(table: &serde_json::Value, port: &str) -> String {
+pub fn remove_listed_port(table: &serde_json::Value, port: &str, family_table: &str) -> String {
     let mut by_set: Vec<(String, Vec<String>)> = Vec::new();
     let items = table
         .get("nftables")
@@ -329,7 +458,7 @@ pub fn remove_listed_port(table: &serde_json::Value, port: &str) -> String {
         for (set, elems) in &by_set {
             let _ = writeln!(
                 b,
-                "{verb} element {FAMILY_TABLE} {set} {{ {} }}",
+                "{verb} element {family_table} {set} {{ {} }}",
                 elems.join(", ")
             );
         }
@@ -337,9 +466,12 @@ pub fn remove_listed_port(table: &serde_json::Value, port: &str) -> String {
     b
 }
 
-/// Remove the whole table (no network left).
+/// Remove the guard's tables (no network left); tolerant of missing ones (add, then delete).
 pub fn delete_table() -> String {
-    format!("delete table {FAMILY_TABLE}\n")
+    TABLES
+        .iter()
+        .map(|(f, t)| format!("add table {f} {t}\ndelete table {f} {t}\n"))
+        .collect()
 }
 
 /// Drop counters read back from `nft -j list table bridge ferrynet`: (reason, packets, bytes).
@@ -373,6 +505,7 @@ mod tests {
             port: "fnv0123456789ab".into(),
             mac: [0x02, 0x42, 0x0a, 0x05, 0x00, 0x02],
             ips: vec!["10.5.0.2".parse().unwrap(), "fd05::2".parse().unwrap()],
+            routed: false,
         }
     }
 
@@ -466,6 +599,60 @@ mod tests {
     }
 
     #[test]
+    fn routed_ports_are_guarded_at_the_ip_and_arp_hooks_by_default() {
+        let s = skeleton();
+        assert!(s.contains("add chain inet ferrynet-routed prerouting { type filter hook prerouting priority -300;"));
+        assert!(
+            s.contains("add rule inet ferrynet-routed prerouting iifname \"fnv*\" jump guard\n")
+        );
+        assert!(s.contains(
+            "add chain arp ferrynet-routed input { type filter hook input priority -300;"
+        ));
+        assert!(s.contains("add rule arp ferrynet-routed input iifname \"fnv*\" jump guard_arp\n"));
+        // Each chain of the routed tables ends in drops, as in the bridge table.
+        for (t, chain) in [
+            ("inet ferrynet-routed", "guard4"),
+            ("inet ferrynet-routed", "guard6"),
+            ("inet ferrynet-routed", "guard_na"),
+            ("arp ferrynet-routed", "guard_arp"),
+        ] {
+            let last = s
+                .lines()
+                .rfind(|l| l.starts_with(&format!("add rule {t} {chain} ")))
+                .unwrap();
+            assert!(last.ends_with("counter name mac_spoof drop"), "{last}");
+        }
+        // Router advertisements are dropped before the allow, as on bridges.
+        let pos = |n: &str| s.find(n).unwrap_or_else(|| panic!("{n}"));
+        assert!(
+            pos("add rule inet ferrynet-routed guard6 icmpv6 type nd-router-advert")
+                < pos("add rule inet ferrynet-routed guard6 iifname . ether saddr . ip6 saddr @src6 accept")
+        );
+    }
+
+    #[test]
+    fn a_routed_port_gets_elements_in_the_routed_tables_only_and_loses_them_everywhere() {
+        let mut p = port();
+        p.routed = true;
+        let b = add_port(&p);
+        assert!(b
+            .lines()
+            .all(|l| l.starts_with("add element inet ferrynet-routed ")
+                || l.starts_with("add element arp ferrynet-routed ")));
+        assert!(b.contains("add element arp ferrynet-routed arp_src {"));
+        assert!(b.contains("add element inet ferrynet-routed src4 {"));
+        assert!(!b.contains("inet ferrynet-routed arp_src"));
+        let bridged = add_port(&port());
+        assert!(bridged
+            .lines()
+            .all(|l| l.starts_with("add element bridge ferrynet ")));
+        // Removal needs no knowledge of the port's kind.
+        assert_eq!(remove_port_tolerant(&p), remove_port_tolerant(&port()));
+        assert!(remove_port_tolerant(&p).contains("delete element arp ferrynet-routed macs"));
+        assert!(delete_table().contains("delete table inet ferrynet-routed\n"));
+    }
+
+    #[test]
     fn ipv6_only_port_gets_no_ipv4_or_arp() {
         let mut p = port();
         p.ips.retain(|ip| ip.is_ipv6());
@@ -498,7 +685,7 @@ mod tests {
             {"set":{"name":"src4"}}]}"#,
         )
         .unwrap();
-        let b = remove_listed_port(&j, "fnvaaaaaaaaaaaa");
+        let b = remove_listed_port(&j, "fnvaaaaaaaaaaaa", FAMILY_TABLE);
         assert_eq!(
             b,
             "add element bridge ferrynet macs { \"fnvaaaaaaaaaaaa\" . 02:00:00:00:00:01 }\n\
@@ -506,7 +693,7 @@ mod tests {
              delete element bridge ferrynet macs { \"fnvaaaaaaaaaaaa\" . 02:00:00:00:00:01 }\n\
              delete element bridge ferrynet na_src { \"fnvaaaaaaaaaaaa\" . 02:00:00:00:00:01 . fd05::2 . 0xfd050000000000000000000000000002 }\n"
         );
-        assert_eq!(remove_listed_port(&j, "fnvcccccccccccc"), "");
+        assert_eq!(remove_listed_port(&j, "fnvcccccccccccc", FAMILY_TABLE), "");
     }
 
     #[test]

@@ -22,9 +22,26 @@ pub struct HostRecord {
     /// Unix time (seconds) the agent started.
     #[serde(default)]
     pub started_at: u64,
+    /// The host's sleeve (encrypted overlay) key and port; absent when it runs none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sleeve: Option<crate::sleeve::SleeveRecord>,
 }
 
 impl HostRecord {
+    /// A record for tests: `name` with these underlay `addr/prefix`es, MTU 1500.
+    #[cfg(test)]
+    pub(crate) fn for_test(name: &str, addrs: &[&str]) -> HostRecord {
+        HostRecord {
+            name: name.into(),
+            underlay: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+            underlay_mtu: 1500,
+            capabilities: vec![],
+            version: String::new(),
+            started_at: 0,
+            sleeve: None,
+        }
+    }
+
     /// True when the underlay has an IPv4 address (VXLAN then tunnels over IPv4).
     pub fn has_v4_underlay(&self) -> bool {
         self.underlay.iter().any(|a| a.addr().is_ipv4())

@@ -19,6 +19,42 @@ pub enum NetworkMode {
     Bridge,
     /// The container shares the host's network namespace; nothing is created.
     Host,
+    /// No bridge: a veth pair per container whose host end carries a /32 and /128 route to
+    /// it; the container's default route goes to the link-local gateway the host end answers
+    /// (Calico's model, see [`crate::routed`]).
+    Routed,
+}
+
+impl NetworkMode {
+    /// Whether a container gets an interface of its own (a veth pair): bridged and routed
+    /// networks; host networking creates nothing.
+    pub fn gives_interfaces(self) -> bool {
+        matches!(self, NetworkMode::Bridge | NetworkMode::Routed)
+    }
+
+    /// The mode as the CLI, CNI configurations and Docker options spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkMode::Bridge => "bridge",
+            NetworkMode::Host => "host",
+            NetworkMode::Routed => "routed",
+        }
+    }
+}
+
+impl std::str::FromStr for NetworkMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "bridge" => Ok(NetworkMode::Bridge),
+            "host" => Ok(NetworkMode::Host),
+            "routed" => Ok(NetworkMode::Routed),
+            other => Err(format!(
+                "mode {other:?} is not one of \"bridge\", \"routed\", \"host\""
+            )),
+        }
+    }
 }
 
 /// One subnet of a network's address pool.
@@ -63,7 +99,8 @@ pub struct Network {
     /// Attachment mode.
     #[serde(default)]
     pub mode: NetworkMode,
-    /// The Linux bridge's name (at most 15 bytes); derived from the name when empty.
+    /// The Linux bridge's name (at most 15 bytes); derived from the name when empty. A routed
+    /// network has no bridge: a dummy device of this name holds its gateway addresses.
     #[serde(default)]
     pub bridge: String,
     /// Address pool: any number of IPv4 and IPv6 subnets.
@@ -102,6 +139,9 @@ pub struct FabricSpec {
     /// Prefix length of an IPv6 block (default 122: 64 addresses, matching the IPv4 block).
     #[serde(default = "default_block_v6")]
     pub block_v6: u8,
+    /// Cross-host traffic goes through the sleeve (encrypted) whatever the backend.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encrypt: bool,
 }
 
 /// Default IPv4 block prefix length.
@@ -284,6 +324,15 @@ pub mod keys {
     pub fn host_ports() -> String {
         format!("{ROOT}ports/")
     }
+    /// The host ports one endpoint publishes (a `portclaim::PortClaim`), keyed like the
+    /// endpoint.
+    pub fn port_claim(network: &str, container_id: &str, ifname: &str) -> String {
+        format!("{ROOT}port-claims/{network}/{container_id}/{ifname}")
+    }
+    /// Prefix of every endpoint's port claim.
+    pub fn port_claims() -> String {
+        format!("{ROOT}port-claims/")
+    }
     /// Bumped by every transaction that publishes ports, so two concurrent publishers of
     /// overlapping ports (one on any address, one on a specific one) cannot both win.
     pub fn host_ports_seq() -> String {
@@ -319,6 +368,18 @@ pub mod keys {
     /// Prefix of a network's block claims.
     pub fn blocks(network: &str) -> String {
         format!("{ROOT}blocks/{network}/")
+    }
+    /// Marks a block released from a departed host (value: that host), so other hosts take
+    /// it only when no other block is free and the host finds it when it returns.
+    pub fn orphan_block(network: &str, block: &ipnet::IpNet) -> String {
+        format!(
+            "{ROOT}orphan-blocks/{network}/{}",
+            block.to_string().replace('/', "_")
+        )
+    }
+    /// Prefix of a network's orphaned blocks.
+    pub fn orphan_blocks(network: &str) -> String {
+        format!("{ROOT}orphan-blocks/{network}/")
     }
     /// Prefix of every block claim.
     pub fn all_blocks() -> String {

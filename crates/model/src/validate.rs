@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use crate::host::{BlockClaim, HostRecord};
 use crate::ipam::validate_network_subnets;
 use crate::names::{parse_mac, validate_network_name};
-use crate::network::{keys, Endpoint, Network, NetworkMode};
+use crate::network::{keys, Endpoint, Network};
 use crate::portmap::PortMapping;
 use crate::service::{
     keys as skeys, validate_producer, validate_service, CheckKind, HealthCheck, HealthRecord,
@@ -252,7 +252,7 @@ impl Validate for Network {
                 return Err(RecordError::new("mtu", mtu, "outside 576..=65535"));
             }
         }
-        if self.mode == NetworkMode::Bridge {
+        if self.mode.gives_interfaces() {
             validate_network_subnets(&self.subnets)
                 .map_err(|e| RecordError::new("subnets", self.subnets.len(), e.to_string()))?;
         }
@@ -373,6 +373,12 @@ impl Validate for HostRecord {
                 &self.version,
                 "must be at most 64 printable ASCII characters",
             ));
+        }
+        if let Some(s) = &self.sleeve {
+            crate::sleeve::decode_key(&s.public_key).map_err(|_| {
+                RecordError::new("sleeve.publicKey", &s.public_key, "not 32 bytes of base64")
+            })?;
+            check_port("sleeve.port", s.port)?;
         }
         Ok(())
     }

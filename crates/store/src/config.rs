@@ -234,7 +234,10 @@ impl FromStr for StoreConfig {
         }
         let Some((scheme, rest)) = s.split_once("://") else {
             for scheme in ["etcd:", "etcds:", "file:"] {
-                if s.len() >= scheme.len() && s[..scheme.len()].eq_ignore_ascii_case(scheme) {
+                // `get`: the prefix may end inside a multi-byte character (found by fuzzing).
+                if s.get(..scheme.len())
+                    .is_some_and(|p| p.eq_ignore_ascii_case(scheme))
+                {
                     return Err(ConfigError::MissingSlashes(s.into(), scheme.into()));
                 }
             }
@@ -628,6 +631,11 @@ mod tests {
             ConfigError::MissingSlashes(..)
         ));
         assert!(matches!(err("etcds:h"), ConfigError::MissingSlashes(..)));
+        // Fuzzing regression: a scheme-length prefix ending inside a multi-byte character.
+        assert!(matches!(
+            ";/./\u{478}".parse::<StoreConfig>(),
+            Ok(StoreConfig::Embedded(_))
+        ));
         assert_eq!(err("etcd://"), ConfigError::NoEndpoints("etcd://".into()));
         assert_eq!(err("etcd:///x"), ConfigError::UnexpectedPath("/x".into()));
         assert_eq!(

@@ -36,6 +36,7 @@ pub fn checks() -> Vec<(&'static str, Check)> {
         }),
         ("delete_prefix", |s| delete_prefix(s).boxed()),
         ("txn_all_or_nothing", |s| txn_all_or_nothing(s).boxed()),
+        ("txn_size_limit", |s| txn_size_limit(s).boxed()),
         ("compare_variants", |s| compare_variants(s).boxed()),
         ("revision_per_writing_txn", |s| {
             revision_per_writing_txn(s).boxed()
@@ -211,6 +212,27 @@ pub async fn txn_all_or_nothing(s: DynStore) {
     let y = s.get("/t/y").await.unwrap().unwrap();
     assert_eq!(y.mod_revision, before + 1);
     assert_eq!(s.get("/t/x").await.unwrap(), None);
+}
+
+/// A transaction of `MAX_TXN_OPS` compares and writes commits; one more of either is refused
+/// as `TooLarge` and writes nothing.
+pub async fn txn_size_limit(s: DynStore) {
+    use crate::{StoreError, MAX_TXN_OPS};
+    let key = |i: usize| format!("/big/{i:04}");
+    let puts = |n: usize| (0..n).map(|i| Op::put(key(i), "v")).collect::<Vec<_>>();
+    let missing = |n: usize| (0..n).map(|i| Compare::Missing(key(i))).collect::<Vec<_>>();
+    let res = s
+        .txn(missing(MAX_TXN_OPS), puts(MAX_TXN_OPS))
+        .await
+        .unwrap();
+    assert!(res.succeeded);
+    let before = s.revision().await.unwrap();
+    let more = s.txn(vec![], puts(MAX_TXN_OPS + 1)).await;
+    assert!(matches!(more, Err(StoreError::TooLarge(_))), "{more:?}");
+    let more = s.txn(missing(MAX_TXN_OPS + 1), vec![]).await;
+    assert!(matches!(more, Err(StoreError::TooLarge(_))), "{more:?}");
+    assert_eq!(s.revision().await.unwrap(), before);
+    assert!(s.get(&key(MAX_TXN_OPS)).await.unwrap().is_none());
 }
 
 /// Exists, Missing, ModRevision (including 0 = missing) and Value, each holding and failing.

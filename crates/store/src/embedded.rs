@@ -702,6 +702,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnResult> {
+        crate::check_txn_size(&compares, &ops)?;
         self.blocking(move |s| s.write_blocking(|tx| tx.txn(&compares, ops)))
             .await
     }

@@ -521,6 +521,8 @@ impl Store for EtcdStore {
     }
 
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnResult> {
+        // etcd would refuse it with InvalidArgument; say why before the round trip.
+        crate::check_txn_size(&compares, &ops)?;
         let mut leases: Vec<LeaseId> = Vec::new();
         for op in &ops {
             if let Op::Put {

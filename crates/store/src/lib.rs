@@ -140,6 +140,27 @@ pub enum StoreError {
     /// An I/O error from the backend.
     #[error("store I/O error: {0}")]
     Io(String),
+    /// A transaction with more compares or writes than every backend takes
+    /// ([`MAX_TXN_OPS`]); the caller must split it.
+    #[error("store transaction too large: {0}")]
+    TooLarge(String),
+}
+
+/// The most compares, and the most writes, one transaction may carry: etcd's default
+/// `--max-txn-ops`. The embedded backend keeps the same limit, so a write that would fail on
+/// a cluster fails on one host too, where tests see it.
+pub const MAX_TXN_OPS: usize = 128;
+
+/// `TooLarge` when a transaction exceeds [`MAX_TXN_OPS`] in compares or in writes.
+pub fn check_txn_size(compares: &[Compare], ops: &[Op]) -> Result<()> {
+    if compares.len() > MAX_TXN_OPS || ops.len() > MAX_TXN_OPS {
+        return Err(StoreError::TooLarge(format!(
+            "{} compares and {} writes (the limit is {MAX_TXN_OPS} of each)",
+            compares.len(),
+            ops.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Result alias for store operations.

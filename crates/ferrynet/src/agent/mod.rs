@@ -6,6 +6,7 @@
 //! and diffs, never flushes, so restarting it drops no traffic.
 
 pub mod api;
+pub mod bgp;
 pub mod conntrack;
 pub mod discovery;
 pub mod dns;
@@ -13,8 +14,10 @@ pub mod fabric_guard;
 pub mod health;
 pub mod lb;
 pub mod policy;
+pub mod reassert;
 pub mod reconcile;
 pub mod register;
+pub mod sleeve;
 pub mod status;
 pub mod underlay;
 pub mod view;
@@ -55,6 +58,10 @@ pub struct AgentOptions {
     pub docker_scope: crate::cnm::scope::ScopeSetting,
     /// Serve DNS on the gateways (None: no DNS server, containers keep the host's resolver).
     pub dns: Option<dns::DnsOptions>,
+    /// The sleeve's UDP port (0: no sleeve).
+    pub sleeve_port: u16,
+    /// Sleeve queues (None: the CPUs, at most 4).
+    pub sleeve_queues: Option<usize>,
 }
 
 /// Run the agent until SIGINT/SIGTERM.
@@ -94,11 +101,32 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
 
     let nl = Netlink::current().context("opening netlink")?;
     let underlay = underlay::find(&nl, opts.underlay_dev.as_deref()).await?;
+    // The sleeve's key is made now and its public half registered; the datapath starts when
+    // the first network that can use it appears (`reconcile`), so a host without multi-host
+    // networks gets no TUN device and no open port.
+    let sleeve_key = match opts.sleeve_port {
+        0 => None,
+        _ => match sleeve::load_or_create_key(&paths.state_dir) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "no sleeve key; this host runs without the sleeve");
+                None
+            }
+        },
+    };
+    let mut capabilities = vec!["route".to_string(), "vxlan".to_string(), "bgp".to_string()];
+    if sleeve_key.is_some() {
+        capabilities.push("sleeve".into());
+    }
     let record = HostRecord {
         name: ctl.host().to_string(),
         underlay: underlay.addrs.clone(),
         underlay_mtu: underlay.mtu,
-        capabilities: vec!["route".into(), "vxlan".into()],
+        capabilities,
+        sleeve: sleeve_key.map(|k| ferrynet_model::sleeve::SleeveRecord {
+            public_key: ferrynet_model::sleeve::encode_key(&ferrynet_sleeve::public_of(k)),
+            port: opts.sleeve_port,
+        }),
         version: env!("CARGO_PKG_VERSION").into(),
         started_at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -167,6 +195,7 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
         status.clone(),
     ));
     let rejected = (status.clone(), disc_rx.clone());
+    let reassert_task = tokio::spawn(reassert::run(ctl.clone(), lease_rx.clone(), status.clone()));
     let _discovery = (disc_rx, lease_rx);
     let reg_task = tokio::spawn(register::keep_registered(
         ctl.store_handle(),
@@ -175,7 +204,56 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
         lease_tx,
     ));
 
+    let probes = sleeve::Probes::default();
+    let probe_changed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (probe_tx, probe_rx) = tokio::sync::watch::channel(Vec::new());
+    let probe_task = tokio::spawn(sleeve::probe_loop(
+        probe_rx,
+        probes.clone(),
+        opts.sleeve_port,
+        underlay.addrs.clone(),
+        probe_changed.clone(),
+    ));
+    let sleeve_slot: Arc<std::sync::OnceLock<Arc<ferrynet_sleeve::Sleeve>>> = Default::default();
+    let sleeve_report_task = {
+        let (slot, status) = (sleeve_slot.clone(), status.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Some(r) = slot.get().map(|s| s.report()) {
+                    if let Ok(mut st) = status.lock() {
+                        st.sleeve = Some(r);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    // BGP follows the reconciler's view (networks, hosts, blocks) and the `bgp/` records.
+    let (bgp_tx, bgp_rx) = tokio::sync::watch::channel(bgp::BgpView::default());
+    let bgp_task = tokio::spawn({
+        let (store, me, ul, st) = (
+            ctl.store_handle(),
+            ctl.host().to_string(),
+            underlay.clone(),
+            status.clone(),
+        );
+        async move {
+            if let Err(e) = bgp::run(store, me, ul, bgp_rx, st).await {
+                tracing::error!(error = %e, "BGP stopped");
+            }
+        }
+    });
     let mut rec = reconcile::Reconciler::new(ctl.clone(), nl, underlay, status.clone());
+    rec.bgp = Some(bgp_tx);
+    rec.sleeve_launch = sleeve_key.map(|key| reconcile::SleeveLaunch {
+        key,
+        port: opts.sleeve_port,
+        queues: opts.sleeve_queues,
+        slot: sleeve_slot,
+    });
+    rec.probes = probes;
+    rec.probe_targets = Some(probe_tx);
+    rec.probe_changed = probe_changed;
     let mut view = ClusterView::default();
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
@@ -204,10 +282,15 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     reg_task.abort();
     disc_task.abort();
     health_task.abort();
+    probe_task.abort();
+    sleeve_report_task.abort();
+    reassert_task.abort();
     // The load balancer's table stays: restarts must not drop traffic.
     lb_task.abort();
     // So does the policy table.
     policy_task.abort();
+    // BGP routes stay in the kernel too; peers hold ours for the restart time.
+    bgp_task.abort();
     let _ = std::fs::remove_file(&sock);
     if let (Some(t), Some(path)) = (docker_task, &opts.docker_socket) {
         t.abort();
@@ -269,13 +352,14 @@ async fn follow(
             _ = tick.tick() => {
                 let now = Instant::now();
                 let expired = view.expired(now, opts.grace);
+                let probed = rec.probe_changed.swap(false, std::sync::atomic::Ordering::Relaxed);
                 if !expired.is_empty() {
                     rec.release_departed(view, &expired).await?;
                     for h in &expired {
                         view.departed.remove(h);
                     }
                     rec.run(view).await;
-                } else if now.duration_since(last_full) >= opts.resync {
+                } else if probed || now.duration_since(last_full) >= opts.resync {
                     last_full = now;
                     rec.run(view).await;
                 }

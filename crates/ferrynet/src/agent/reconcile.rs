@@ -8,12 +8,12 @@ use ferrynet_dataplane::netlink::Netlink;
 use ferrynet_dataplane::vxlan::{VxlanSpec, VXLAN_PORT};
 use ferrynet_model::edge::EdgeNetwork;
 use ferrynet_model::fabric::{
-    desired, diff, vtep_mac, vxlan_dev_name, vxlan_local, vxlan_mtu, Backend, FabricInput,
-    FabricState,
+    diff, vtep_mac, vxlan_dev_name, vxlan_local, vxlan_mtu, Backend, FabricInput, FabricState,
 };
 use ferrynet_model::fabric_guard;
 use ferrynet_model::network::{keys, Endpoint, Network};
 use ferrynet_model::service::{keys as service_keys, Producer};
+use ferrynet_model::sleeve::{self as sleeve_model, Choice, SLEEVE_DEV};
 use ferrynet_store::{Compare, Op, StoreError};
 use ipnet::IpNet;
 
@@ -22,6 +22,18 @@ use super::underlay::Underlay;
 use super::view::ClusterView;
 use crate::control::edge::edge_networks;
 use crate::control::Control;
+
+/// What starting the sleeve takes, kept until a network needs it.
+pub struct SleeveLaunch {
+    /// This host's private key.
+    pub key: [u8; 32],
+    /// UDP port.
+    pub port: u16,
+    /// Queues (None: the CPUs, at most 4).
+    pub queues: Option<usize>,
+    /// Where the started sleeve is published (for the status reporter).
+    pub slot: Arc<std::sync::OnceLock<Arc<ferrynet_sleeve::Sleeve>>>,
+}
 
 /// Carries out reconciles and remembers what it made.
 pub struct Reconciler {
@@ -38,6 +50,18 @@ pub struct Reconciler {
     pub reclaimed: bool,
     /// The networks the edge's isolation sets were last applied for.
     edge: Option<Vec<EdgeNetwork>>,
+    /// The sleeve's datapath, once started.
+    pub sleeve: Option<Arc<ferrynet_sleeve::Sleeve>>,
+    /// How to start it (None: this host runs no sleeve).
+    pub sleeve_launch: Option<SleeveLaunch>,
+    /// What the VXLAN path probe found per peer.
+    pub probes: super::sleeve::Probes,
+    /// Where the probe learns whom to probe.
+    pub probe_targets: Option<tokio::sync::watch::Sender<Vec<super::sleeve::ProbeTarget>>>,
+    /// Set by the probe when a result changes a choice (a reconcile follows).
+    pub probe_changed: Arc<std::sync::atomic::AtomicBool>,
+    /// Where the BGP part of the view goes after each reconcile (None: no BGP task).
+    pub bgp: Option<tokio::sync::watch::Sender<super::bgp::BgpView>>,
 }
 
 impl Reconciler {
@@ -57,6 +81,12 @@ impl Reconciler {
             saved_blocks: BTreeMap::new(),
             reclaimed: false,
             edge: None,
+            sleeve: None,
+            sleeve_launch: None,
+            probes: Default::default(),
+            probe_targets: None,
+            probe_changed: Default::default(),
+            bgp: None,
         }
     }
 
@@ -139,6 +169,27 @@ impl Reconciler {
         let mut vxlan_devs = Vec::new();
         let mut networks = Vec::new();
         let mut served = BTreeMap::new();
+        // BGP first: a new block is announced without waiting for the fabric's kernel work.
+        if let Some(tx) = &self.bgp {
+            let bv = super::bgp::view_of(view, &me);
+            tx.send_if_modified(|old| {
+                let changed = *old != bv;
+                if changed {
+                    *old = bv;
+                }
+                changed
+            });
+        }
+        let mut probe_targets = Vec::new();
+        let probes = self.probes.lock().map(|p| p.clone()).unwrap_or_default();
+        let with_sleeve: std::collections::BTreeSet<&str> = view
+            .hosts
+            .values()
+            .chain(view.departed.values().map(|(h, _)| h))
+            .filter(|h| h.sleeve.is_some())
+            .map(|h| h.name.as_str())
+            .collect();
+        let mut sleeve_needed = false;
         if let Err(e) = self.sync_edge_sets(view) {
             errors.push(format!("applying the edge's isolation sets: {e}"));
         }
@@ -164,7 +215,10 @@ impl Reconciler {
                 }
             }
             let vxlan_dev = vxlan_dev_name(&net.name);
-            if spec.backend != Backend::Route {
+            // An encrypted network sends nothing over VXLAN; a sleeve one neither.
+            let uses_vxlan =
+                matches!(spec.backend, Backend::Vxlan | Backend::Auto) && !spec.encrypt;
+            if uses_vxlan {
                 match vxlan_local(&self.underlay.addrs) {
                     Some(local) => {
                         let vx = VxlanSpec {
@@ -191,14 +245,47 @@ impl Reconciler {
                 }
             }
             let peers = view.peers(&net.name, &me);
-            let (state, peer_status) = desired(&FabricInput {
-                me: &me,
-                my_underlay: &self.underlay.addrs,
-                underlay_dev: &self.underlay.dev,
-                vxlan_dev: &vxlan_dev,
-                backend: spec.backend,
-                peers: &peers,
-            });
+            let choices: BTreeMap<String, Choice> = peers
+                .iter()
+                .map(|p| {
+                    let probe = probes.get(&p.host).copied().unwrap_or_default();
+                    let has_key = with_sleeve.contains(p.host.as_str());
+                    let c = sleeve_model::choose(
+                        spec.backend,
+                        spec.encrypt,
+                        &self.underlay.addrs,
+                        p,
+                        has_key,
+                        probe,
+                    );
+                    (p.host.clone(), c)
+                })
+                .collect();
+            if spec.backend == Backend::Auto && uses_vxlan {
+                for p in &peers {
+                    let routed = choices.get(&p.host).map(|c| c.backend) == Some(Backend::Route);
+                    if let (false, Some(dst)) = (routed, sleeve_model::probe_target(p)) {
+                        probe_targets.push(super::sleeve::ProbeTarget {
+                            host: p.host.clone(),
+                            dst,
+                            dev: vxlan_dev.clone(),
+                        });
+                    }
+                }
+            }
+            sleeve_needed |= choices.values().any(|c| c.backend == Backend::Sleeve);
+            let (state, peer_status) = sleeve_model::desired(
+                &FabricInput {
+                    me: &me,
+                    my_underlay: &self.underlay.addrs,
+                    underlay_dev: &self.underlay.dev,
+                    vxlan_dev: &vxlan_dev,
+                    backend: spec.backend,
+                    peers: &peers,
+                },
+                SLEEVE_DEV,
+                &choices,
+            );
             want.merge(state);
             networks.push(NetworkStatus {
                 name: net.name.clone(),
@@ -212,6 +299,10 @@ impl Reconciler {
                             .iter()
                             .find(|q| q.host == p.host)
                             .map(|q| q.blocks.clone())
+                            .unwrap_or_default(),
+                        reason: choices
+                            .get(&p.host)
+                            .map(|c| c.reason.clone())
                             .unwrap_or_default(),
                         host: p.host,
                         backend: p.backend.map(|b| b.to_string()),
@@ -239,6 +330,16 @@ impl Reconciler {
         }
         self.served = served;
         self.save_blocks(view);
+        self.sync_sleeve(view, &me, sleeve_needed, &mut errors);
+        if let Some(tx) = &self.probe_targets {
+            probe_targets.sort_by(|a, b| a.host.cmp(&b.host));
+            probe_targets.dedup_by(|a, b| a.host == b.host);
+            tx.send_if_modified(|t| {
+                let changed = *t != probe_targets;
+                *t = std::mem::take(&mut probe_targets);
+                changed
+            });
+        }
 
         let mut changes = 0u64;
         match self.nl.read_fabric(&vxlan_devs).await {
@@ -326,9 +427,71 @@ impl Reconciler {
         }
     }
 
+    /// Give the sleeve its peers: every other host with a sleeve key, allowed to send from its
+    /// blocks in every multi-host network (a peer may choose the sleeve towards this host
+    /// where this host chose otherwise).
+    fn sync_sleeve(
+        &mut self,
+        view: &ClusterView,
+        me: &str,
+        needed: bool,
+        errors: &mut Vec<String>,
+    ) {
+        let usable = view.fabric_networks().any(|n| {
+            n.fabric
+                .is_some_and(|f| f.encrypt || matches!(f.backend, Backend::Sleeve | Backend::Auto))
+        });
+        self.start_sleeve(usable, errors);
+        let Some(sl) = &self.sleeve else {
+            if needed {
+                errors.push(
+                    "peers are routed into the sleeve, which does not run on this host (see the agent's log; --sleeve-port 0 turns it off)"
+                        .into(),
+                );
+            }
+            return;
+        };
+        let mut blocks_of: BTreeMap<String, Vec<IpNet>> = BTreeMap::new();
+        for (net, blocks) in &view.blocks {
+            if view.networks.get(net).is_none_or(|n| n.fabric.is_none()) {
+                continue;
+            }
+            for (b, h) in blocks {
+                if view.block_fits(net, b) {
+                    blocks_of.entry(h.clone()).or_default().push(*b);
+                }
+            }
+        }
+        let hosts = view
+            .hosts
+            .values()
+            .chain(view.departed.values().map(|(h, _)| h));
+        let (peers, errs) = sleeve_model::peers(me, hosts, &blocks_of);
+        errors.extend(errs.into_iter().map(|e| format!("sleeve: {e}")));
+        sl.set_peers(&peers);
+    }
+
+    /// Start the sleeve the first time a network can use it (sleeve, encrypted or `auto`: a
+    /// peer may choose the sleeve towards this host).
+    fn start_sleeve(&mut self, usable: bool, errors: &mut Vec<String>) {
+        let (true, None, Some(l)) = (usable, &self.sleeve, &self.sleeve_launch) else {
+            return;
+        };
+        match super::sleeve::start(l.key, l.port, l.queues, self.underlay.mtu) {
+            Ok(s) => {
+                let s = Arc::new(s);
+                let _ = l.slot.set(s.clone());
+                self.sleeve = Some(s);
+            }
+            Err(e) => errors.push(format!("starting the sleeve: {e:#}")),
+        }
+    }
+
     /// Release what departed hosts held once their grace period is over: their blocks and the
     /// records and addresses of their endpoints. Guarded by "the host is still absent", so a
-    /// host that came back in the meantime keeps everything.
+    /// host that came back in the meantime keeps everything. A host with many endpoints is
+    /// released in several transactions (`release_batches`, each within the store's limit and
+    /// each guarded): deletes are idempotent, so a release cut short resumes on the next pass.
     pub async fn release_departed(
         &self,
         view: &ClusterView,
@@ -337,10 +500,16 @@ impl Reconciler {
         let store = &self.ctl.store_handle();
         for h in hosts {
             for net in view.networks.values().filter(|n| n.fabric.is_some()) {
-                let mut ops: Vec<Op> = view
+                let mut groups: Vec<Vec<Op>> = view
                     .blocks_of(&net.name, h)
                     .iter()
-                    .map(|b| Op::delete(keys::block(&net.name, b)))
+                    .map(|b| {
+                        // Marked, so others take it last and the host finds it when it returns.
+                        vec![
+                            Op::delete(keys::block(&net.name, b)),
+                            Op::put(keys::orphan_block(&net.name, b), h.clone()),
+                        ]
+                    })
                     .collect();
                 let (eps, _) = store.range(&keys::endpoints(&net.name)).await?;
                 for kv in &eps {
@@ -348,43 +517,55 @@ impl Reconciler {
                         continue;
                     };
                     if ep.host.as_deref() == Some(h.as_str()) {
-                        ops.push(Op::delete(kv.key.clone()));
-                        for ip in &ep.ips {
-                            ops.push(Op::delete(keys::ipam(&net.name, ip.addr())));
-                        }
+                        // An endpoint's record and its addresses go together.
+                        let mut group = vec![Op::delete(kv.key.clone())];
+                        group.extend(
+                            ep.ips
+                                .iter()
+                                .map(|ip| Op::delete(keys::ipam(&net.name, ip.addr()))),
+                        );
+                        groups.push(group);
                     }
                 }
-                if ops.is_empty() {
-                    continue;
-                }
-                let n = ops.len();
-                let res = store
-                    .txn(vec![Compare::Missing(keys::host(h))], ops)
-                    .await?;
-                if res.succeeded {
+                let n = self.release_batches(h, groups).await?;
+                if n > 0 {
                     tracing::info!(host = %h, network = %net.name, keys = n, "released a departed host's blocks and endpoints");
                 }
             }
             // Its service producers go too (its agent no longer checks them).
             let (producers, _) = store.range(&service_keys::producers()).await?;
-            let ops: Vec<Op> = producers
+            let groups: Vec<Vec<Op>> = producers
                 .iter()
                 .filter(|kv| {
                     serde_json::from_slice::<Producer>(&kv.value)
                         .is_ok_and(|p| p.host.as_deref() == Some(h.as_str()))
                 })
-                .map(|kv| Op::delete(kv.key.clone()))
+                .map(|kv| vec![Op::delete(kv.key.clone())])
                 .collect();
-            if !ops.is_empty() {
-                let n = ops.len();
-                let res = store
-                    .txn(vec![Compare::Missing(keys::host(h))], ops)
-                    .await?;
-                if res.succeeded {
-                    tracing::info!(host = %h, producers = n, "released a departed host's service producers");
-                }
+            let n = self.release_batches(h, groups).await?;
+            if n > 0 {
+                tracing::info!(host = %h, producers = n, "released a departed host's service producers");
             }
         }
         Ok(())
+    }
+
+    /// Commit `groups` of deletes in as few transactions as the store's limit allows, each
+    /// guarded by "host `h` is still absent"; returns how many keys were deleted. Stops at the
+    /// first guard that fails (the host is back).
+    async fn release_batches(&self, h: &str, groups: Vec<Vec<Op>>) -> Result<usize, StoreError> {
+        let store = self.ctl.store_handle();
+        let mut deleted = 0;
+        for batch in ferrynet_model::batch::pack(groups, ferrynet_store::MAX_TXN_OPS) {
+            let n = batch.len();
+            let res = store
+                .txn(vec![Compare::Missing(keys::host(h))], batch)
+                .await?;
+            if !res.succeeded {
+                break;
+            }
+            deleted += n;
+        }
+        Ok(deleted)
     }
 }

@@ -55,6 +55,16 @@ pub struct AgentStatus {
     /// Store records refused as invalid (treated as absent), by key.
     #[serde(default)]
     pub rejected: Vec<RejectedRecord>,
+    /// The sleeve (absent: not running).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sleeve: Option<ferrynet_sleeve::SleeveReport>,
+    /// The last re-assertion of this host's own records after it (re)registered: what a
+    /// partition longer than the grace period had released, put back, and what others hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reassert: Option<crate::control::journal::ReassertReport>,
+    /// BGP (absent: no `bgp` network in the cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<super::bgp::BgpStatus>,
 }
 
 /// The VXLAN guard (`inet ferrynet-fabric`).
@@ -195,8 +205,11 @@ pub struct NetworkStatus {
 pub struct PeerReport {
     /// Peer host.
     pub host: String,
-    /// The backend used to reach it (`route` or `vxlan`), if it can be reached.
+    /// The backend used to reach it (`route`, `vxlan` or `sleeve`), if it can be reached.
     pub backend: Option<String>,
+    /// Why that backend (`auto` shows what its probe found).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
     /// Its blocks.
     pub blocks: Vec<IpNet>,
     /// Why it cannot be reached, if so.

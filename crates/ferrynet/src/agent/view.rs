@@ -163,7 +163,7 @@ impl ClusterView {
 
     /// True when `block` lies in `network`'s pool (claims that arrived before their network
     /// are checked here, at use).
-    fn block_fits(&self, network: &str, block: &IpNet) -> bool {
+    pub fn block_fits(&self, network: &str, block: &IpNet) -> bool {
         self.networks
             .get(network)
             .is_some_and(|n| check_block_on(block, n).is_ok())
@@ -240,6 +240,7 @@ pub fn placeholder(name: &str) -> HostRecord {
         capabilities: Vec::new(),
         version: String::new(),
         started_at: 0,
+        sleeve: None,
     }
 }
 
@@ -266,6 +267,7 @@ mod tests {
             capabilities: vec![],
             version: String::new(),
             started_at: 0,
+            sleeve: None,
         };
         kv(keys::host(name), serde_json::to_vec(&h).unwrap())
     }
@@ -283,6 +285,7 @@ mod tests {
                 vni: 7,
                 block_v4: 26,
                 block_v6: 122,
+                encrypt: false,
             }),
             ..Network::bridged("blue", ["10.20.0.0/16".parse().unwrap()])
         };

@@ -13,6 +13,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
 
+use super::lab_racks;
 use crate::agent::api::{query_status, socket_path};
 
 /// Where labs keep their files.
@@ -22,7 +23,7 @@ const LAB_ROOT: &str = "/run/ferrynet-lab";
 #[derive(Subcommand, Debug)]
 pub enum LabCmd {
     /// Build a lab: hosts as network namespaces, a store, an agent per host.
-    Up(UpArgs),
+    Up(Box<UpArgs>),
     /// Remove a lab: stop its agents and etcd, delete its namespaces and files.
     Down {
         /// Lab name.
@@ -60,6 +61,9 @@ pub enum LabCmd {
         #[arg(long, default_value = "lab")]
         name: String,
     },
+    /// Follow GoBGP's best paths into this namespace's kernel (the lab's GoBGP ToRs).
+    #[command(hide = true)]
+    GobgpFib,
     /// Run a command on a lab host (in its namespace, with its state dir and store set).
     Exec {
         /// Lab name.
@@ -90,9 +94,24 @@ pub struct UpArgs {
     #[arg(long, default_value = "etcd", value_parser = ["etcd", "file"])]
     pub store: String,
     /// Also create this multi-host network (dual-stack, 10.20.0.0/16 + fd20::/64) with this
-    /// backend: route, vxlan or auto.
+    /// backend: route, vxlan, auto, sleeve or bgp.
     #[arg(long)]
     pub backend: Option<String>,
+    /// Create that network with `--encrypt` (cross-host traffic through the sleeve).
+    #[arg(long, requires = "backend")]
+    pub encrypt: bool,
+    /// Put this host behind NAT (repeatable): a router namespace on the underlay masquerades
+    /// its traffic and passes only connections it started; the host's own underlay is the
+    /// private 172.30.N.0/24 and fd30:N::/64.
+    #[arg(long, value_name = "HOST")]
+    pub nat: Vec<String>,
+    /// Drop UDP to port 4789 (VXLAN) to and from this host on the underlay (repeatable), as a
+    /// firewall between sites would.
+    #[arg(long, value_name = "HOST")]
+    pub block_vxlan: Vec<String>,
+    /// How the network's containers attach: bridge or routed (see `network create --mode`).
+    #[arg(long, default_value = "bridge", value_parser = ["bridge", "routed"], requires = "backend")]
+    pub mode: String,
     /// Agents' grace period for vanished hosts.
     #[arg(long, default_value = "60s")]
     pub grace: String,
@@ -108,6 +127,18 @@ pub struct UpArgs {
     /// that directory as /run/docker/plugins and listens on `<lab dir>/<host>/docker.sock`).
     #[arg(long, value_name = "NAME")]
     pub docker_driver: Option<String>,
+    /// An L3 fabric instead: this many racks, each its own underlay subnet behind a ToR
+    /// router namespace (hosts dealt over the racks in turn). The ToRs route the underlay
+    /// statically and container blocks over BGP; hosts peer with their ToR (no mesh, an AS
+    /// per host). Use with --backend bgp.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=8), conflicts_with = "subnets")]
+    pub racks: u8,
+    /// The ToRs' BGP daemon: bird (BIRD 2) or gobgp (gobgpd, with FRR's zebra for the kernel).
+    #[arg(long, default_value = "bird", requires = "racks")]
+    pub router: String,
+    /// TCP-MD5 password on the host-ToR sessions.
+    #[arg(long, requires = "racks")]
+    pub bgp_password: Option<String>,
 }
 
 /// What `lab down` needs to undo a lab.
@@ -139,6 +170,15 @@ pub struct LabRecord {
     /// The Docker driver name the agents serve (None: no Docker driver).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub docker_driver: Option<String>,
+    /// Racks (0: no ToRs, one or two flat subnets).
+    #[serde(default)]
+    pub racks: u8,
+    /// The ToRs' BGP daemon.
+    #[serde(default)]
+    pub router: String,
+    /// TCP-MD5 password of the host-ToR sessions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp_password: Option<String>,
 }
 
 /// The lab's directory.
@@ -161,7 +201,7 @@ pub fn host_underlay(i: u8, subnets: u8) -> (String, String, u8) {
     (format!("172.31.{s}.{i}/24"), format!("fd31:{s}::{i}/64"), s)
 }
 
-fn ip(args: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn ip(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("ip")
         .args(args)
         .output()
@@ -190,7 +230,12 @@ fn load(name: &str) -> anyhow::Result<LabRecord> {
 }
 
 /// Start `cmd` in namespace `ns` in the background, its output to `log`; returns its PID.
-fn spawn_in(ns: &str, cmd: &[&str], env: &[(&str, &str)], log: &Path) -> anyhow::Result<u32> {
+pub(crate) fn spawn_in(
+    ns: &str,
+    cmd: &[&str],
+    env: &[(&str, &str)],
+    log: &Path,
+) -> anyhow::Result<u32> {
     let logf = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let mut c = Command::new("nsenter");
     c.arg(format!("--net=/run/netns/{ns}"))
@@ -221,6 +266,9 @@ pub async fn run(cmd: LabCmd, exe: &Path) -> anyhow::Result<std::process::ExitCo
             Ok(std::process::ExitCode::SUCCESS)
         }
         LabCmd::Exec { name, host, cmd } => exec(&name, &host, &cmd),
+        LabCmd::GobgpFib => {
+            super::lab_gobgp_fib::gobgp_fib().map(|_| std::process::ExitCode::FAILURE)
+        }
         LabCmd::StopAgent { name, host, kill } => {
             let mut rec = load(&name)?;
             let what = format!("agent {host}");
@@ -272,7 +320,7 @@ pub async fn run(cmd: LabCmd, exe: &Path) -> anyhow::Result<std::process::ExitCo
 
 /// Stop the recorded process `what` (by its PID) and forget it.
 fn stop_process(rec: &mut LabRecord, what: &str, kill: bool) -> anyhow::Result<()> {
-    let needle = if what == "etcd" { "etcd" } else { "agent" };
+    let needle = needle(what);
     let Some(i) = rec
         .pids
         .iter()
@@ -283,6 +331,12 @@ fn stop_process(rec: &mut LabRecord, what: &str, kill: bool) -> anyhow::Result<(
     let (pid, _) = rec.pids.remove(i);
     terminate(pid, needle, kill);
     Ok(())
+}
+
+/// The word a recorded process's command line holds: `agent h1` -> agent, `bird tor0` ->
+/// bird, `etcd` -> etcd.
+fn needle(what: &str) -> &str {
+    what.split(' ').next().unwrap_or(what)
 }
 
 fn terminate(pid: u32, needle: &str, kill: bool) {
@@ -407,6 +461,18 @@ async fn up(a: &UpArgs, exe: &Path) -> anyhow::Result<()> {
             bail!("Docker driver name {d:?} must be 1-32 letters, digits, '-' or '_'");
         }
     }
+    for h in a.nat.iter().chain(&a.block_vxlan) {
+        let known = h
+            .strip_prefix('h')
+            .and_then(|n| n.parse::<u8>().ok())
+            .is_some_and(|n| (1..=a.hosts).contains(&n));
+        if !known {
+            bail!(
+                "--nat/--block-vxlan {h:?}: the lab's hosts are h1 to h{}",
+                a.hosts
+            );
+        }
+    }
     let dir = lab_dir(&a.name);
     if dir.join("lab.json").exists() {
         bail!(
@@ -423,8 +489,14 @@ async fn up(a: &UpArgs, exe: &Path) -> anyhow::Result<()> {
         lease_ttl: a.lease_ttl.clone(),
         dns_upstream: a.dns_upstream.clone(),
         docker_driver: a.docker_driver.clone(),
+        racks: a.racks,
+        router: a.router.clone(),
+        bgp_password: a.bgp_password.clone(),
         ..Default::default()
     };
+    if a.racks > 0 {
+        lab_racks::check_router(&a.router)?;
+    }
     let res = build(a, exe, &mut rec).await;
     save(&rec)?;
     if let Err(e) = res {
@@ -455,7 +527,10 @@ async fn build(a: &UpArgs, exe: &Path, rec: &mut LabRecord) -> anyhow::Result<()
     ip(&["netns", "add", &ul])?;
     rec.namespaces.push(ul.clone());
     ip(&["-n", &ul, "link", "set", "lo", "up"])?;
-    for s in 0..a.subnets {
+    if a.racks > 0 {
+        lab_racks::build_fabric(&ul, a.racks, rec)?;
+    }
+    for s in (0..a.subnets).filter(|_| a.racks == 0) {
         let br = format!("ul{s}");
         ip(&["-n", &ul, "link", "add", &br, "type", "bridge"])?;
         ip(&["-n", &ul, "link", "set", &br, "up"])?;
@@ -479,9 +554,11 @@ async fn build(a: &UpArgs, exe: &Path, rec: &mut LabRecord) -> anyhow::Result<()
             "nodad",
         ])?;
     }
-    // The underlay namespace routes between its subnets.
-    sysctl_in(&ul, "net.ipv4.ip_forward", "1")?;
-    sysctl_in(&ul, "net.ipv6.conf.all.forwarding", "1")?;
+    // The underlay namespace routes between its subnets (with racks, the ToRs do).
+    if a.racks == 0 {
+        sysctl_in(&ul, "net.ipv4.ip_forward", "1")?;
+        sysctl_in(&ul, "net.ipv6.conf.all.forwarding", "1")?;
+    }
 
     let store = match a.store.as_str() {
         "etcd" => {
@@ -510,6 +587,10 @@ async fn build(a: &UpArgs, exe: &Path, rec: &mut LabRecord) -> anyhow::Result<()
     };
     rec.store = store.clone();
     save(rec)?;
+    if a.racks > 0 {
+        lab_racks::start_routers(rec, a.racks, a.hosts, &a.router, a.bgp_password.as_deref())?;
+        save(rec)?;
+    }
 
     for i in 1..=a.hosts {
         let host = format!("h{i}");
@@ -517,43 +598,21 @@ async fn build(a: &UpArgs, exe: &Path, rec: &mut LabRecord) -> anyhow::Result<()
         ip(&["netns", "add", &ns])?;
         rec.namespaces.push(ns.clone());
         rec.hosts.push(host.clone());
-        let (v4, v6, s) = host_underlay(i, a.subnets);
+        let (v4, v6, s) = if a.racks > 0 {
+            let r = lab_racks::host_rack(i, a.racks);
+            (format!("172.31.{r}.{i}/24"), format!("fd31:{r}::{i}/64"), r)
+        } else {
+            host_underlay(i, a.subnets)
+        };
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        ip(&[
-            "-n", &ul, "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-        ])?;
-        ip(&[
-            "-n",
-            &ul,
-            "link",
-            "set",
-            &host,
-            "master",
-            &format!("ul{s}"),
-            "up",
-        ])?;
-        ip(&["-n", &ns, "addr", "add", &v4, "dev", "eth0"])?;
-        ip(&["-n", &ns, "addr", "add", &v6, "dev", "eth0", "nodad"])?;
-        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-        ip(&[
-            "-n",
-            &ns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("172.31.{s}.254"),
-        ])?;
-        ip(&[
-            "-n",
-            &ns,
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("fd31:{s}::fe"),
-        ])?;
+        if a.nat.contains(&host) {
+            super::lab_nat::behind_nat(rec, &ul, &ns, i, s)?;
+        } else {
+            plug(&ul, &ns, &host, s, &v4, &v6)?;
+        }
+        if a.block_vxlan.contains(&host) {
+            super::lab_nat::block_vxlan(&ul, &host, &v4, &v6)?;
+        }
         start_agent(rec, &host)?;
         save(rec)?;
     }
@@ -590,6 +649,11 @@ async fn build(a: &UpArgs, exe: &Path, rec: &mut LabRecord) -> anyhow::Result<()
             }
         }
     }
+    if a.racks > 0 {
+        for cmd in lab_racks::host_bgp_commands(a.racks, a.hosts, a.bgp_password.as_deref()) {
+            run_on_h1(a, exe, &cmd)?;
+        }
+    }
     if let Some(b) = &a.backend {
         let state = lab_dir(&a.name).join("h1").display().to_string();
         let out = Command::new("nsenter")
@@ -607,7 +671,10 @@ async fn build(a: &UpArgs, exe: &Path, rec: &mut LabRecord) -> anyhow::Result<()
                 "fd20::/64",
                 "--backend",
                 b,
+                "--mode",
+                &a.mode,
             ])
+            .args(a.encrypt.then_some("--encrypt"))
             .output()?;
         if !out.status.success() {
             bail!(
@@ -615,12 +682,120 @@ async fn build(a: &UpArgs, exe: &Path, rec: &mut LabRecord) -> anyhow::Result<()
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
-        println!("network fabric (10.20.0.0/16, fd20::/64, backend {b}) created");
+        println!(
+            "network fabric (10.20.0.0/16, fd20::/64, backend {b}{}, mode {}) created",
+            if a.encrypt { ", encrypted" } else { "" },
+            a.mode
+        );
+        if b == "bgp" {
+            wait_bgp(&a.name, &rec.hosts).await?;
+        }
     }
     Ok(())
 }
 
-fn sysctl_in(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
+/// Join namespace `ns` to underlay bridge `ul{s}` through a veth (`name` on the bridge side,
+/// `eth0` inside) with these addresses and default routes via the underlay's router.
+pub(super) fn plug(
+    ul: &str,
+    ns: &str,
+    name: &str,
+    s: u8,
+    v4: &str,
+    v6: &str,
+) -> anyhow::Result<()> {
+    ip(&[
+        "-n", ul, "link", "add", name, "type", "veth", "peer", "name", "eth0", "netns", ns,
+    ])?;
+    ip(&[
+        "-n",
+        ul,
+        "link",
+        "set",
+        name,
+        "master",
+        &format!("ul{s}"),
+        "up",
+    ])?;
+    ip(&["-n", ns, "addr", "add", v4, "dev", "eth0"])?;
+    ip(&["-n", ns, "addr", "add", v6, "dev", "eth0", "nodad"])?;
+    ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+    ip(&[
+        "-n",
+        ns,
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("172.31.{s}.254"),
+    ])?;
+    ip(&[
+        "-n",
+        ns,
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("fd31:{s}::fe"),
+    ])?;
+    Ok(())
+}
+
+/// Wait until every host's BGP sessions are Established (60 s at most).
+async fn wait_bgp(lab: &str, hosts: &[String]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for host in hosts {
+        let sock = socket_path(&lab_dir(lab).join(host));
+        loop {
+            let why = match query_status(&sock).await {
+                Ok(s) => match s.bgp {
+                    Some(b)
+                        if !b.peers.is_empty()
+                            && b.peers.iter().all(|p| p.state == "Established") =>
+                    {
+                        break
+                    }
+                    Some(b) => b
+                        .peers
+                        .iter()
+                        .map(|p| format!("{} {}", p.name, p.state))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    None => "BGP not started".into(),
+                },
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() > deadline {
+                bail!("BGP on {host} not up after 60 s: {why}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    println!("BGP sessions established on every host");
+    Ok(())
+}
+
+/// `ferrynet CMD` on h1, which must succeed.
+fn run_on_h1(a: &UpArgs, exe: &Path, cmd: &[String]) -> anyhow::Result<()> {
+    let state = lab_dir(&a.name).join("h1").display().to_string();
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", host_ns(&a.name, "h1")))
+        .arg(exe)
+        .args(["--state-dir", &state])
+        .args(cmd)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "{}: {}",
+            cmd.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+pub(crate) fn sysctl_in(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
     ip(&[
         "netns",
         "exec",
@@ -676,7 +851,7 @@ fn down(name: &str) -> anyhow::Result<()> {
         remove_containers(&rec);
     }
     for (pid, what) in rec.pids.iter().rev() {
-        let needle = if what == "etcd" { "etcd" } else { "agent" };
+        let needle = needle(what);
         if is_ours(*pid, needle) {
             terminate(*pid, needle, false);
         }

@@ -1,10 +1,15 @@
 //! The command line: networks, containers, CNI installation.
 
+mod bgp;
 mod install;
 mod lab;
 mod policy;
+mod lab_gobgp_fib;
+mod lab_nat;
+mod lab_racks;
 mod render;
-mod service;
+pub mod service;
+mod sleeve_cmd;
 mod status;
 mod table;
 
@@ -37,7 +42,7 @@ use table::Table;
 /// binary is installed into the CNI bin directory by `ferrynet install-cni`. For several hosts,
 /// run `ferrynet agent` on each; try it on one machine with `ferrynet lab up`.
 #[derive(Parser, Debug)]
-#[command(name = "ferrynet", version, about, long_about)]
+#[command(name = "ferrynet", version = crate::failpoint::VERSION, about, long_about)]
 struct Cli {
     /// State directory holding the embedded store.
     #[arg(long, global = true, env = "FERRYNET_STATE_DIR", value_name = "DIR")]
@@ -102,6 +107,9 @@ enum Cmd {
     /// A multi-host lab on this machine: hosts as network namespaces, etcd, an agent per host.
     #[command(subcommand)]
     Lab(lab::LabCmd),
+    /// The sleeve (encrypted overlay): this host's public key, a handshake test.
+    #[command(subcommand)]
+    Sleeve(sleeve_cmd::SleeveCmd),
     /// Keep files rendered from templates over services, producers and keys; reload on change.
     ///
     /// The confd / consul-template job, built in. Follows the store (embedded or etcd) and, on
@@ -133,6 +141,10 @@ enum Cmd {
     /// Free-form keys for templates (`key("name")`, `kv.name` in `ferrynet render`).
     #[command(subcommand)]
     Kv(render::KvCmd),
+    /// BGP for `--backend bgp` networks: peers (ToR routers, route reflectors), settings,
+    /// sessions. See docs/BGP.md.
+    #[command(subcommand)]
+    Bgp(bgp::BgpCmd),
 }
 
 #[derive(Args, Debug)]
@@ -176,6 +188,14 @@ struct AgentArgs {
     /// Port the DNS server listens on at each gateway.
     #[arg(long, default_value_t = 53, hide = true)]
     dns_port: u16,
+    /// UDP port of the sleeve (the encrypted overlay); 0: run no sleeve (this host then cannot
+    /// join sleeve or encrypted networks' peers). Open it between hosts.
+    #[arg(long, default_value_t = ferrynet_model::sleeve::SLEEVE_PORT, value_name = "PORT")]
+    sleeve_port: u16,
+    /// Sleeve queues: threads encrypting (and decrypting) in parallel (default: the CPUs, at
+    /// most 4).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16))]
+    sleeve_queues: Option<u16>,
 }
 
 /// The agent's DNS settings from its flags.
@@ -279,12 +299,27 @@ struct CreateArgs {
     #[arg(long)]
     bridge: Option<String>,
     /// Host networking: containers share the host's namespace; nothing is created.
-    #[arg(long, conflicts_with_all = ["subnet", "internal", "bridge", "backend"])]
+    #[arg(long, conflicts_with_all = ["subnet", "internal", "bridge", "backend", "mode"])]
     host: bool,
+    /// How containers attach. bridge: one Linux bridge per network. routed: no bridge (as
+    /// Calico); each container's host-side veth carries a /32 and /128 route to it, the
+    /// container holds its addresses as /32 and /128 and its default routes go on-link to
+    /// 169.254.1.1 and fe80::1, which the host end answers; every packet, also between two
+    /// containers of one host, is routed by the host. Works with every --backend; not with
+    /// --internal.
+    #[arg(long, value_name = "MODE", default_value = "bridge", value_parser = ["bridge", "routed"], conflicts_with = "internal")]
+    mode: String,
     /// Make the network span hosts (needs `ferrynet agent` on each host and a shared store):
-    /// route (hosts share a link), vxlan (overlay) or auto (route where possible, else vxlan).
+    /// route (hosts share a link), vxlan (kernel overlay over UDP 4789), sleeve (encrypted
+    /// userspace overlay over one UDP port, through NAT; see docs/OVERLAY.md), auto (per
+    /// peer: route on a shared link, vxlan where UDP 4789 passes, else sleeve) or bgp (each
+    /// host announces its blocks over BGP to its peers and routers; `ferrynet bgp`).
     #[arg(long, value_name = "BACKEND", conflicts_with = "internal")]
     backend: Option<Backend>,
+    /// Send all cross-host traffic of a route, vxlan or auto network through the sleeve,
+    /// encrypted and authenticated (containers see no change but a smaller MTU).
+    #[arg(long, requires = "backend")]
+    encrypt: bool,
     /// VXLAN network identifier for a multi-host network (default: the lowest free one).
     #[arg(long, requires = "backend", value_parser = clap::value_parser!(u32).range(1..16_777_216))]
     vni: Option<u32>,
@@ -371,10 +406,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     docker_socket: a.docker_socket,
                     docker_scope: a.docker_scope,
                     dns,
+                    sleeve_port: a.sleeve_port,
+                    sleeve_queues: a.sleeve_queues.map(usize::from),
                 };
                 return crate::agent::run(paths, opts)
                     .await
                     .map(|_| ExitCode::SUCCESS);
+            }
+            Cmd::Bgp(bgp::BgpCmd::Status { json }) => {
+                return bgp::run(&paths, None, bgp::BgpCmd::Status { json }).await;
             }
             Cmd::Status(f) => {
                 return status::show(&paths, f.json)
@@ -385,11 +425,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let exe = std::env::current_exe().context("locating the ferrynet binary")?;
                 return lab::run(c, &exe).await;
             }
+            Cmd::Sleeve(c) => return sleeve_cmd::run(&paths, c),
             _ => {}
         }
         let ctl = Control::open_with(paths, cli.store.as_deref(), None).await?;
         match cli.cmd {
-            Cmd::Agent(_) | Cmd::Status(_) | Cmd::Lab(_) => unreachable!("handled above"),
+            Cmd::Agent(_) | Cmd::Status(_) | Cmd::Lab(_) | Cmd::Sleeve(_) => {
+                unreachable!("handled above")
+            }
             Cmd::Network(c) => network(&ctl, c).await.map(|_| ExitCode::SUCCESS),
             Cmd::Service(c) => service::run(&ctl, c).await.map(|_| ExitCode::SUCCESS),
             Cmd::Run(a) => run_container(&ctl, a).await.map(|_| ExitCode::SUCCESS),
@@ -416,6 +459,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Cmd::Kv(c) => render::kv(&ctl, c).await,
             Cmd::Policy(c) => policy::run(&ctl, c).await.map(|_| ExitCode::SUCCESS),
             Cmd::Label(a) => policy::label(&ctl, a).await.map(|_| ExitCode::SUCCESS),
+            Cmd::Bgp(c) => bgp::run(ctl.paths(), Some(&ctl), c).await,
         }
     })
 }
@@ -577,9 +621,10 @@ async fn network_from_args(ctl: &Control, a: CreateArgs) -> anyhow::Result<Netwo
             .context("no free 10.89.N.0/24 left for a default subnet; pass --subnet")?;
         subnets.push(Subnet::new(cidr));
     }
+    let mode: NetworkMode = a.mode.parse().map_err(anyhow::Error::msg)?;
     Ok(Network {
         name: a.name,
-        mode: NetworkMode::Bridge,
+        mode,
         bridge: a.bridge.unwrap_or_default(),
         subnets,
         mtu: a.mtu,
@@ -591,6 +636,7 @@ async fn network_from_args(ctl: &Control, a: CreateArgs) -> anyhow::Result<Netwo
             vni: a.vni.unwrap_or(0),
             block_v4: a.block_size,
             block_v6: a.block_size6,
+            encrypt: a.encrypt,
         }),
         default_deny: a.default_deny,
     })

@@ -186,12 +186,17 @@ pub async fn show(paths: &Paths, json: bool) -> anyhow::Result<()> {
             n.vni,
             list(&n.blocks)
         );
-        let mut t = Table::new(&["PEER", "VIA", "BLOCKS", "PROBLEM"]);
+        let mut t = Table::new(&["PEER", "VIA", "BLOCKS", "WHY", "PROBLEM"]);
         for p in &n.peers {
             t.row(vec![
                 p.host.clone(),
                 p.backend.clone().unwrap_or_else(|| "-".into()),
                 list(&p.blocks),
+                if p.reason.is_empty() {
+                    "-".into()
+                } else {
+                    p.reason.clone()
+                },
                 if p.errors.is_empty() {
                     "-".into()
                 } else {
@@ -201,5 +206,37 @@ pub async fn show(paths: &Paths, json: bool) -> anyhow::Result<()> {
         }
         print!("{t}");
     }
+    if let Some(sl) = &s.sleeve {
+        print_sleeve(sl);
+    }
     Ok(())
+}
+
+fn print_sleeve(sl: &ferrynet_sleeve::SleeveReport) {
+    println!();
+    let dropped: Vec<String> = sl.dropped.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    println!(
+        "sleeve: {} on UDP {} ({} queues), key {}; dropped: {}",
+        sl.dev,
+        sl.port,
+        sl.queues,
+        sl.public_key,
+        dropped.join(", ")
+    );
+    let mut t = Table::new(&["PEER", "ENDPOINT", "HANDSHAKE", "TX", "RX"]);
+    for p in &sl.peers {
+        t.row(vec![
+            p.host.clone(),
+            match p.endpoint {
+                Some(e) if p.learned => format!("{e} (learned)"),
+                Some(e) => e.to_string(),
+                None => "-".into(),
+            },
+            p.last_handshake_secs
+                .map_or_else(|| "never".into(), |s| format!("{s:.0}s ago")),
+            p.tx_bytes.to_string(),
+            p.rx_bytes.to_string(),
+        ]);
+    }
+    print!("{t}");
 }

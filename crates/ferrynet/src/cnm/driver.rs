@@ -193,7 +193,7 @@ impl Plugin {
                 }
                 let net = Network {
                     name: name.clone(),
-                    mode: NetworkMode::Bridge,
+                    mode: opts.mode,
                     bridge: opts.bridge.clone().unwrap_or_default(),
                     subnets,
                     mtu: opts.mtu,
@@ -308,9 +308,9 @@ impl Plugin {
     ) -> Result<CreateEndpointResponse> {
         need("EndpointID", &req.endpoint_id)?;
         let (binding, net) = self.bound(&req.network_id).await?;
-        if net.mode != NetworkMode::Bridge {
+        if !net.mode.gives_interfaces() {
             return Err(CnmError::Invalid(format!(
-                "ferrynet network {} is not a bridged network",
+                "ferrynet network {} uses host networking: it has no interfaces to give",
                 net.name
             )));
         }
@@ -485,13 +485,13 @@ impl Plugin {
         // reader for Docker endpoints, so the Join writes nothing to the store.
         let pair = self
             .ctl
-            .create_host_pair(&net, &host_name, &peer_name, mac)
+            .create_host_pair(&net, &host_name, &peer_name, mac, &ep.ips)
             .await?;
         // The container's MAC is the one CreateEndpoint recorded (the peer is born with it).
         let mut guarded = ep.clone();
         guarded.host_veth = Some(host_name.clone());
         guarded.mac = Some(format_mac(&pair.peer_mac));
-        if let Err(e) = self.ctl.guard_endpoint(&guarded).await {
+        if let Err(e) = self.ctl.guard_endpoint(&guarded, net.mode).await {
             let _ = self.ctl.delete_host_link(&host_name).await;
             return Err(e.into());
         }
@@ -503,7 +503,23 @@ impl Plugin {
             disable_gateway_service: net.internal,
             ..Default::default()
         };
-        if !net.internal {
+        if net.mode == NetworkMode::Routed {
+            // Docker gives the address with its pool's prefix: the host end answers ARP for
+            // the neighbours (proxy ARP); the link-local gateway needs an on-link route first.
+            for ip in &ep.ips {
+                let gw = ferrynet_model::routed::gateway_of(ip.addr());
+                if ip.addr().is_ipv4() {
+                    resp.gateway = gw.to_string();
+                    resp.static_routes.push(StaticRoute {
+                        destination: format!("{gw}/32"),
+                        route_type: 1, // directly connected
+                        next_hop: String::new(),
+                    });
+                } else {
+                    resp.gateway_ipv6 = gw.to_string();
+                }
+            }
+        } else if !net.internal {
             let subnets = validate_network_subnets(&net.subnets)
                 .map_err(|e| CnmError::Invalid(e.to_string()))?;
             for ip in &ep.ips {
@@ -593,15 +609,12 @@ impl Plugin {
             // A conflict: say which container holds the port (read only on this path).
             Err(_) => resolve_bindings(&bindings, &held, &self.owner_names(&held).await)?,
         };
-        let done = ctl
-            .claim_ports(&ep, mappings, Some(all))
-            .await
-            .map_err(|e| match e {
-                ControlError::PortsPublished(m) => {
-                    CnmError::Invalid(format!("{m} (RevokeExternalConnectivity first)"))
-                }
-                other => other.into(),
-            })?;
+        let done = ctl.claim_ports(&ep, mappings).await.map_err(|e| match e {
+            ControlError::PortsPublished(m) => {
+                CnmError::Invalid(format!("{m} (RevokeExternalConnectivity first)"))
+            }
+            other => other.into(),
+        })?;
         tracing::info!(endpoint = %ep.container_id, ports = ?done.port_mappings, "ports published");
         Ok(Empty {})
     }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ferrynet_model::ipam::{overlaps, validate_network_subnets, validate_subnet};
-use ferrynet_model::network::{Network, Subnet};
+use ferrynet_model::network::{Network, NetworkMode, Subnet};
 use ipnet::IpNet;
 
 use super::error::{CnmError, Result};
@@ -261,8 +261,14 @@ impl Plugin {
                     .reserve_address(net, pool, wanted, IPAM_OWNER)
                     .await?;
                 self.note_reserved(&net.name, ip.addr());
+                // A routed network's container holds a host prefix (as Calico's IPAM answers):
+                // everything, its neighbours included, goes through its link-local gateway.
+                let address = match net.mode {
+                    NetworkMode::Routed => with_len(ip.addr(), &IpNet::from(ip.addr())),
+                    _ => ip.to_string(),
+                };
                 Ok(RequestAddressResponse {
-                    address: ip.to_string(),
+                    address,
                     data: BTreeMap::new(),
                 })
             }

@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ferrynet_model::fabric::Backend;
-use ferrynet_model::network::{FabricSpec, Subnet, DEFAULT_BLOCK_V4, DEFAULT_BLOCK_V6};
+use ferrynet_model::network::{
+    FabricSpec, NetworkMode, Subnet, DEFAULT_BLOCK_V4, DEFAULT_BLOCK_V6,
+};
 use ferrynet_model::portmap::{PortMapping, Protocol};
 use ipnet::IpNet;
 use serde_json::Value;
@@ -22,9 +24,11 @@ pub const OPT_BRIDGE: &str = "ferrynet.bridge";
 pub const OPT_INTERNAL: &str = "ferrynet.internal";
 /// `-o ferrynet.masquerade=false`: keep container source addresses on the way out.
 pub const OPT_MASQUERADE: &str = "ferrynet.masquerade";
+/// `-o ferrynet.mode=routed`: routed endpoints, no bridge (`bridge` is the default).
+pub const OPT_MODE: &str = "ferrynet.mode";
 /// `-o ferrynet.mtu=N`: same as Docker's `com.docker.network.driver.mtu`.
 pub const OPT_MTU: &str = "ferrynet.mtu";
-/// `-o ferrynet.backend=route|vxlan|auto`: a multi-host network over that fabric (the default
+/// `-o ferrynet.backend=route|vxlan|auto|bgp`: a multi-host network over that fabric (the default
 /// of a global-scope driver is `auto`).
 pub const OPT_BACKEND: &str = "ferrynet.backend";
 /// `-o ferrynet.block-size=N`: prefix length of each host's IPv4 block (multi-host).
@@ -38,8 +42,9 @@ pub const DOCKER_MTU: &str = "com.docker.network.driver.mtu";
 /// Docker's bridge-driver masquerade option, honoured for familiarity.
 pub const DOCKER_MASQ: &str = "com.docker.network.bridge.enable_ip_masquerade";
 /// Every `ferrynet.*` option; anything else under that prefix is a typo and refused.
-pub const KNOWN_OPTIONS: [&str; 9] = [
+pub const KNOWN_OPTIONS: [&str; 10] = [
     OPT_NETWORK,
+    OPT_MODE,
     OPT_BRIDGE,
     OPT_INTERNAL,
     OPT_MASQUERADE,
@@ -78,6 +83,8 @@ pub struct NetworkOptions {
     pub block_v6: Option<u8>,
     /// `ferrynet.vni`.
     pub vni: Option<u32>,
+    /// `ferrynet.mode`: bridge (default) or routed.
+    pub mode: NetworkMode,
 }
 
 impl NetworkOptions {
@@ -115,6 +122,7 @@ impl NetworkOptions {
             vni: self.vni.unwrap_or(0),
             block_v4,
             block_v6,
+            encrypt: false,
         }))
     }
 }
@@ -171,6 +179,17 @@ pub fn network_options(options: &BTreeMap<String, Value>) -> Result<NetworkOptio
         match k.as_str() {
             OPT_NETWORK => out.name = Some(v.trim().to_string()),
             OPT_BRIDGE => out.bridge = Some(v.trim().to_string()),
+            OPT_MODE => {
+                out.mode = match v.trim() {
+                    "bridge" => NetworkMode::Bridge,
+                    "routed" => NetworkMode::Routed,
+                    other => {
+                        return Err(CnmError::Invalid(format!(
+                            "option {k}={other:?}: expected bridge or routed"
+                        )))
+                    }
+                }
+            }
             OPT_INTERNAL => out.internal |= parse_bool(k, v)?,
             OPT_MASQUERADE | DOCKER_MASQ => out.masquerade = Some(parse_bool(k, v)?),
             OPT_MTU | DOCKER_MTU => {
@@ -501,6 +520,20 @@ mod tests {
     }
 
     #[test]
+    fn the_mode_option_makes_a_routed_network() {
+        let o = network_options(&opts(
+            json!({"com.docker.network.generic": {"ferrynet.mode": "routed"}}),
+        ))
+        .unwrap();
+        assert_eq!(o.mode, NetworkMode::Routed);
+        let e = network_options(&opts(
+            json!({"com.docker.network.generic": {"ferrynet.mode": "host"}}),
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("expected bridge or routed"), "{e}");
+    }
+
+    #[test]
     fn network_options_errors_are_clear() {
         let e = network_options(&opts(
             json!({"com.docker.network.generic": {"ferrynet.netwrk": "x"}}),
@@ -563,7 +596,7 @@ mod tests {
         assert!(g(json!({"ferrynet.backend": "gre"}))
             .unwrap_err()
             .to_string()
-            .contains("route, vxlan or auto"));
+            .contains("route, vxlan, auto, sleeve or bgp"));
         assert!(g(json!({"ferrynet.vni": "x"})).is_err());
         let e = g(json!({"ferrynet.backend": "vxlan", "ferrynet.vni": "16777216"}))
             .unwrap()

@@ -49,6 +49,48 @@ fn parse<T: DeserializeOwned>(method: &str, body: &[u8]) -> Result<T> {
     })
 }
 
+/// Decode a request body the way [`Plugin::dispatch`] does for `method`, with the option maps
+/// a network and an endpoint carry parsed too, without acting on it: what the fuzz target
+/// `cnm_request` drives. Unknown methods are an error, as in `dispatch`.
+pub fn decode_request(method: &str, body: &[u8]) -> Result<()> {
+    use super::options::{network_options, port_bindings};
+    use super::protocol::*;
+    match method {
+        "Plugin.Activate"
+        | "NetworkDriver.GetCapabilities"
+        | "IpamDriver.GetCapabilities"
+        | "IpamDriver.GetDefaultAddressSpaces" => Ok(()),
+        "NetworkDriver.CreateNetwork" => {
+            let r: CreateNetworkRequest = parse(method, body)?;
+            network_options(&r.options).map(drop)
+        }
+        "NetworkDriver.DeleteNetwork" | "NetworkDriver.FreeNetwork" => {
+            parse::<NetworkRequest>(method, body).map(drop)
+        }
+        "NetworkDriver.AllocateNetwork" => parse::<AllocateNetworkRequest>(method, body).map(drop),
+        "NetworkDriver.CreateEndpoint" => parse::<CreateEndpointRequest>(method, body).map(drop),
+        "NetworkDriver.EndpointOperInfo"
+        | "NetworkDriver.DeleteEndpoint"
+        | "NetworkDriver.Leave"
+        | "NetworkDriver.RevokeExternalConnectivity" => {
+            parse::<EndpointRequest>(method, body).map(drop)
+        }
+        "NetworkDriver.Join" => parse::<JoinRequest>(method, body).map(drop),
+        "NetworkDriver.DiscoverNew" | "NetworkDriver.DiscoverDelete" => {
+            parse::<serde_json::Map<String, Value>>(method, body).map(drop)
+        }
+        "NetworkDriver.ProgramExternalConnectivity" => {
+            let r: ProgramExternalRequest = parse(method, body)?;
+            port_bindings(&r.options).map(drop)
+        }
+        "IpamDriver.RequestPool" => parse::<RequestPoolRequest>(method, body).map(drop),
+        "IpamDriver.ReleasePool" => parse::<ReleasePoolRequest>(method, body).map(drop),
+        "IpamDriver.RequestAddress" => parse::<RequestAddressRequest>(method, body).map(drop),
+        "IpamDriver.ReleaseAddress" => parse::<ReleaseAddressRequest>(method, body).map(drop),
+        other => Err(CnmError::Invalid(format!("unknown method {other}"))),
+    }
+}
+
 fn to_value<T: Serialize>(v: T) -> Result<Value> {
     serde_json::to_value(v).map_err(|e| CnmError::Invalid(format!("encoding the answer: {e}")))
 }

@@ -13,13 +13,13 @@ use std::sync::Mutex;
 use ferrynet_dataplane::hostpair::{create_pair, PairSpec};
 use ferrynet_dataplane::netlink::Netlink;
 use ferrynet_model::ipam::{plan_allocation, validate_network_subnets, IpamError, ResolvedSubnet};
-use ferrynet_model::network::{keys, Endpoint, Network};
+use ferrynet_model::network::{keys, Endpoint, Network, NetworkMode};
 use ferrynet_model::portmap::PortMapping;
 use ferrynet_model::reservation::{plan_reservation, AddressRequest};
 use ferrynet_store::{Compare, Op};
 use ipnet::IpNet;
 
-use super::ipam::{lock, reservation_error, reservation_writes, HeldPort};
+use super::ipam::{lock, reservation_error, reservation_writes};
 use super::transact::Round;
 use super::{decode, encode, Control};
 use crate::error::{ControlError, Result};
@@ -239,6 +239,31 @@ impl Control {
         shared_owner: &str,
         expect_shared: bool,
     ) -> Result<(Endpoint, bool)> {
+        let (ep, created) = self
+            .record_endpoint_once(
+                net,
+                template,
+                requested,
+                allocate,
+                shared_owner,
+                expect_shared,
+            )
+            .await?;
+        if created {
+            self.journal_endpoint(&ep);
+        }
+        Ok((ep, created))
+    }
+
+    async fn record_endpoint_once(
+        &self,
+        net: &Network,
+        template: Endpoint,
+        requested: &[IpAddr],
+        allocate: (bool, bool),
+        shared_owner: &str,
+        expect_shared: bool,
+    ) -> Result<(Endpoint, bool)> {
         let subnets = validate_network_subnets(&net.subnets)
             .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
         let ep_key = keys::endpoint(&net.name, &template.container_id, &template.ifname);
@@ -340,17 +365,9 @@ impl Control {
 
     /// Publish `mappings` for a recorded endpoint that has none yet (or exactly these): claim the
     /// host ports in the store, record them on the endpoint, then add the nftables elements. On
-    /// failure nothing stays claimed. `held`: every claimed host port, when the caller has just
-    /// read them (the first attempt checks against those; a retry reads again).
-    pub async fn claim_ports(
-        &self,
-        ep: &Endpoint,
-        mappings: Vec<PortMapping>,
-        mut held: Option<Vec<HeldPort>>,
-    ) -> Result<Endpoint> {
+    /// failure nothing stays claimed.
+    pub async fn claim_ports(&self, ep: &Endpoint, mappings: Vec<PortMapping>) -> Result<Endpoint> {
         let ep_key = &keys::endpoint(&ep.network, &ep.container_id, &ep.ifname);
-        // The caller's read serves the first round only; a retry reads again.
-        let held = &Mutex::new(held.take());
         let mappings = &mappings;
         let what = || format!("publish ports of {}", ep.container_id);
         // The value: the endpoint, and whether this call claimed its ports.
@@ -373,9 +390,7 @@ impl Control {
                             ep.container_id
                         )));
                     }
-                    let first_read = held.lock().unwrap_or_else(|e| e.into_inner()).take();
-                    let (mut compares, mut ops) =
-                        self.port_claims(ep_key, mappings, first_read).await?;
+                    let (mut compares, mut ops) = self.port_claims(ep_key, mappings).await?;
                     compares.push(Compare::ModRevision(ep_key.clone(), kv.mod_revision));
                     let mut next = current.clone();
                     next.port_mappings = mappings.clone();
@@ -410,15 +425,7 @@ impl Control {
     /// Drop the store's claims of an endpoint's ports and clear them on its record.
     async fn forget_ports(&self, ep: &Endpoint) -> Result<Endpoint> {
         let ep_key = keys::endpoint(&ep.network, &ep.container_id, &ep.ifname);
-        let mut ops = Vec::new();
-        for m in &ep.port_mappings {
-            let k = keys::host_port(m.protocol.as_str(), m.host_ip, m.host_port);
-            if let Some(kv) = self.store.get(&k).await? {
-                if kv.value == ep_key.as_bytes() {
-                    ops.push(Op::delete(k));
-                }
-            }
-        }
+        let mut ops = self.unclaim_ports(ep).await?;
         let mut next = ep.clone();
         next.port_mappings.clear();
         let mut compares = Vec::new();
@@ -439,15 +446,17 @@ impl Control {
         host_name: &str,
         peer_name: &str,
         mac: Option<[u8; 6]>,
+        ips: &[IpNet],
     ) -> Result<HostPair> {
         let host = Netlink::current().map_err(ControlError::dataplane("opening netlink"))?;
-        let bridge_index = self.ensure_bridge(&host, net).await?;
+        let device = self.ensure_bridge(&host, net).await?;
+        let routed = net.mode == NetworkMode::Routed;
         let pair = create_pair(
             &host,
             &PairSpec {
                 host_name: host_name.to_string(),
                 peer_name: peer_name.to_string(),
-                bridge_index,
+                bridge_index: (!routed).then_some(device),
                 mtu: net.mtu,
                 peer_mac: mac,
                 hairpin: true,
@@ -458,6 +467,17 @@ impl Control {
             "creating veth pair {host_name}/{peer_name} on {}",
             net.bridge
         )))?;
+        if routed {
+            let subnets = validate_network_subnets(&net.subnets)
+                .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+            if let Err(e) = self
+                .plumb_routed_port(&host, net, &subnets, host_name, pair.host_index, ips)
+                .await
+            {
+                let _ = host.delete_link(host_name).await;
+                return Err(e);
+            }
+        }
         Ok(HostPair {
             host_name: host_name.to_string(),
             host_mac: pair.host_mac,

@@ -7,6 +7,7 @@
 use ferrynet_dataplane::bridge::{delete_bridge, ensure_bridge, BridgeSpec};
 use ferrynet_dataplane::firewall_compat::{ensure_forward_accept, remove_forward_accept};
 use ferrynet_dataplane::netlink::Netlink;
+use ferrynet_dataplane::routed::{ensure_gateways, remove_gateways};
 use ferrynet_model::conntrack::{published_flush, unpublished_flush, FlushRule};
 use ferrynet_model::edge::{
     add_ports, base_ruleset, delete_table, published_ports, remove_ports_tolerant, EdgeNetwork,
@@ -14,9 +15,14 @@ use ferrynet_model::edge::{
 };
 use ferrynet_model::ipam::validate_network_subnets;
 use ferrynet_model::network::{Endpoint, Network, NetworkMode};
+use ferrynet_model::routed::forwarding_sysctls;
 
 use super::Control;
 use crate::error::{ControlError, Result};
+
+/// The loopback device, the same index in every network namespace: a routed network's
+/// gateways live there.
+const LOOPBACK: u32 = 1;
 
 /// The edge's view of a network.
 pub fn edge_network(n: &Network) -> EdgeNetwork {
@@ -26,6 +32,7 @@ pub fn edge_network(n: &Network) -> EdgeNetwork {
         subnets: n.subnets.iter().map(|s| s.cidr).collect(),
         internal: n.internal,
         ip_masq: n.ip_masq && !n.internal,
+        routed: n.mode == NetworkMode::Routed,
     }
 }
 
@@ -33,7 +40,7 @@ pub fn edge_network(n: &Network) -> EdgeNetwork {
 /// whether or not this host has their bridge).
 pub fn edge_networks<'a>(nets: impl IntoIterator<Item = &'a Network>) -> Vec<EdgeNetwork> {
     nets.into_iter()
-        .filter(|n| n.mode == NetworkMode::Bridge)
+        .filter(|n| n.mode.gives_interfaces())
         .map(edge_network)
         .collect()
 }
@@ -65,32 +72,49 @@ impl Control {
         }
     }
 
-    /// Make sure the network's bridge exists with its gateway addresses; on first creation also
-    /// install the firewall skeleton and ferrynet's iptables FORWARD chain (after Docker's jumps).
-    /// Returns the bridge's ifindex.
+    /// Make sure the network's bridge exists with its gateway addresses (a routed network's
+    /// gateways, see [`ferrynet_model::routed`]); on first creation also install the firewall
+    /// skeleton and ferrynet's iptables FORWARD chain (after Docker's jumps). Returns the
+    /// index of the device holding the gateways (`lo` for a routed network).
     pub async fn ensure_bridge(&self, host: &Netlink, net: &Network) -> Result<u32> {
-        let existed = host
-            .link_index(&net.bridge)
-            .await
-            .map_err(ControlError::dataplane(format!(
-                "looking up bridge {}",
-                net.bridge
-            )))?
-            .is_some();
         let subnets = validate_network_subnets(&net.subnets)
             .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
-        let spec = BridgeSpec {
-            name: net.bridge.clone(),
-            mtu: net.mtu,
-            addresses: subnets.iter().map(|s| s.gateway_net()).collect(),
-            route_localnet: true,
+        let addresses: Vec<_> = subnets.iter().map(|s| s.gateway_net()).collect();
+        let what = || format!("setting up bridge {}", net.bridge);
+        let (index, existed) = if net.mode == NetworkMode::Routed {
+            let have = host
+                .addresses(LOOPBACK)
+                .await
+                .map_err(ControlError::dataplane(what()))?;
+            let existed = addresses.iter().all(|g| {
+                have.iter()
+                    .any(|a| a.addr() == g.addr() && a.prefix_len() == a.max_prefix_len())
+            });
+            let sysctls = forwarding_sysctls(addresses.iter().map(|a| a.addr()));
+            ensure_gateways(host, &addresses, &sysctls)
+                .await
+                .map_err(ControlError::dataplane(what()))?;
+            (LOOPBACK, existed)
+        } else {
+            let existed = host
+                .link_index(&net.bridge)
+                .await
+                .map_err(ControlError::dataplane(format!(
+                    "looking up bridge {}",
+                    net.bridge
+                )))?
+                .is_some();
+            let spec = BridgeSpec {
+                name: net.bridge.clone(),
+                mtu: net.mtu,
+                addresses,
+                route_localnet: true,
+            };
+            let index = ensure_bridge(host, &spec)
+                .await
+                .map_err(ControlError::dataplane(what()))?;
+            (index, existed)
         };
-        let index = ensure_bridge(host, &spec)
-            .await
-            .map_err(ControlError::dataplane(format!(
-                "setting up bridge {}",
-                net.bridge
-            )))?;
         if !existed {
             ensure_forward_accept().map_err(ControlError::dataplane(
                 "allowing fn-* interfaces in iptables FORWARD",
@@ -99,7 +123,7 @@ impl Control {
             // With every local endpoint's elements: containers attached before the guard
             // existed (an upgrade) keep sending.
             self.reload_guard().await?;
-            tracing::info!(bridge = %net.bridge, network = %net.name, "bridge created");
+            tracing::info!(bridge = %net.bridge, network = %net.name, mode = net.mode.as_str(), "bridge created");
         }
         Ok(index)
     }
@@ -126,10 +150,19 @@ impl Control {
 
     /// Delete a network's bridge (nothing else uses it once the network is gone).
     pub async fn remove_bridge(&self, net: &Network) -> Result<()> {
-        if net.mode != NetworkMode::Bridge {
+        if !net.mode.gives_interfaces() {
             return Ok(());
         }
         let host = Netlink::current().map_err(ControlError::dataplane("opening netlink"))?;
+        if net.mode == NetworkMode::Routed {
+            let pool: Vec<_> = net.subnets.iter().map(|s| s.cidr).collect();
+            return remove_gateways(&host, &pool)
+                .await
+                .map_err(ControlError::dataplane(format!(
+                    "removing the gateways of network {}",
+                    net.name
+                )));
+        }
         delete_bridge(&host, &net.bridge)
             .await
             .map_err(ControlError::dataplane(format!(

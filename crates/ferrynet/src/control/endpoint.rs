@@ -16,6 +16,7 @@ use ferrynet_model::names::{format_mac, host_veth_name};
 use ferrynet_model::network::{keys, Endpoint, EndpointOwner, Network, NetworkMode};
 use ferrynet_model::pod::PodIdentity;
 use ferrynet_model::portmap::PortMapping;
+use ferrynet_model::routed;
 use ipnet::IpNet;
 
 use super::{decode, shaping, Control};
@@ -59,13 +60,42 @@ pub fn gateway_for(subnets: &[ResolvedSubnet], ip: IpAddr) -> Option<IpAddr> {
         .map(|s| s.gateway)
 }
 
+/// The gateway a container's routes use for `ip`: its subnet's, or on a routed network the
+/// link-local gateway of its family.
+pub fn container_gateway(net: &Network, subnets: &[ResolvedSubnet], ip: IpAddr) -> Option<IpAddr> {
+    if net.mode == NetworkMode::Routed {
+        return Some(routed::gateway_of(ip));
+    }
+    gateway_for(subnets, ip)
+}
+
+/// The addresses a container's interface holds: as allocated, or host prefixes on a routed
+/// network (no on-link subnet).
+pub fn container_addresses(net: &Network, ips: &[IpNet]) -> Vec<IpNet> {
+    if net.mode == NetworkMode::Routed {
+        return routed::container_addresses(ips);
+    }
+    ips.to_vec()
+}
+
 /// Routes a container gets: a default route per address family via that family's gateway,
-/// none on internal networks (the subnet route comes with the address itself).
+/// none on internal networks (the subnet route comes with the address itself); on a routed
+/// network on-link to the link-local gateway.
 pub fn container_routes(
     net: &Network,
     subnets: &[ResolvedSubnet],
     ips: &[IpNet],
 ) -> Vec<RouteSpec> {
+    if net.mode == NetworkMode::Routed {
+        return routed::container_routes(ips)
+            .into_iter()
+            .map(|r| RouteSpec {
+                dst: r.dst,
+                gateway: r.gateway,
+                onlink: true,
+            })
+            .collect();
+    }
     if net.internal {
         return Vec::new();
     }
@@ -81,6 +111,7 @@ pub fn container_routes(
             seen.insert(dst).then_some(RouteSpec {
                 dst,
                 gateway: Some(gw),
+                onlink: false,
             })
         })
         .collect()
@@ -154,6 +185,7 @@ impl Control {
         ))?;
 
         let (ep, fresh, view) = self.reserve(view, template, &req.static_ips).await?;
+        crate::failpoint::hit("add-reserved");
         if !fresh {
             // A retried ADD: the same allocation, and nothing to do if the interface is in place.
             if ep.netns.as_deref() != Some(req.netns.as_str()) {
@@ -173,7 +205,10 @@ impl Control {
                         req.ifname, req.netns
                     )))?
             {
-                if ep.ips.iter().all(|ip| state.addresses.contains(ip)) {
+                if container_addresses(net, &ep.ips)
+                    .iter()
+                    .all(|ip| state.addresses.contains(ip))
+                {
                     tracing::info!(container = %ep.container_id, "ADD repeated; endpoint already in place");
                     let host_name = host_veth_name(&net.name, &ep.container_id, &ep.ifname);
                     if let Some(index) = host
@@ -181,9 +216,19 @@ impl Control {
                         .await
                         .map_err(ControlError::dataplane(format!("looking up {host_name}")))?
                     {
+                        if net.mode == NetworkMode::Routed {
+                            // The interrupted attempt may have stopped before the host routes.
+                            let subnets = validate_network_subnets(&view.net.subnets)
+                                .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+                            self.ensure_bridge(&host, &view.net).await?;
+                            self.plumb_routed_port(
+                                &host, net, &subnets, &host_name, index, &ep.ips,
+                            )
+                            .await?;
+                        }
                         shaping::shape(&host, net, &ep, index).await?;
                     }
-                    self.guard_endpoint(&ep).await?;
+                    self.guard_endpoint(&ep, net.mode).await?;
                     self.publish_ports(&ep).await?;
                     return Ok((ep, view));
                 }
@@ -210,7 +255,13 @@ impl Control {
             .await
         {
             Ok(done) => {
-                self.update_endpoint(&done).await?;
+                if let Err(e) = self.update_endpoint(&done).await {
+                    // Superseded by a concurrent DEL/ADD of the container: the identity this
+                    // call allowed on the port is no longer recorded anywhere.
+                    self.unguard_endpoint(&done);
+                    return Err(e);
+                }
+                crate::failpoint::hit("add-recorded");
                 tracing::info!(container = %done.container_id, network = %net.name, ips = ?done.ips, "attached");
                 Ok((done, view))
             }
@@ -234,7 +285,7 @@ impl Control {
                 {
                     tracing::warn!(error = %u, "cleanup: removing the IFB device failed");
                 }
-                if let Err(u) = self.release(&ep).await {
+                if let Err(u) = self.release_own(&ep).await {
                     tracing::warn!(error = %u, "cleanup: releasing the reservation failed");
                 }
                 Err(e)
@@ -252,7 +303,9 @@ impl Control {
         container: &Netlink,
         ep: &Endpoint,
     ) -> Result<Endpoint> {
-        let bridge_index = self.ensure_bridge(host, net).await?;
+        let device = self.ensure_bridge(host, net).await?;
+        crate::failpoint::hit("add-bridge");
+        let routed = net.mode == NetworkMode::Routed;
         let host_name = host_veth_name(&net.name, &ep.container_id, &ep.ifname);
         let mac = match &ep.mac {
             Some(m) => Some(
@@ -263,14 +316,14 @@ impl Control {
         };
         let spec = VethSpec {
             host_name: host_name.clone(),
-            bridge_index,
+            bridge_index: (!routed).then_some(device),
             mtu: net.mtu,
             hairpin: true,
             container: ContainerIface {
                 ifname: ep.ifname.clone(),
                 mac,
                 mtu: net.mtu,
-                addresses: ep.ips.clone(),
+                addresses: container_addresses(net, &ep.ips),
                 routes: container_routes(net, subnets, &ep.ips),
             },
         };
@@ -283,6 +336,11 @@ impl Control {
                     source: other,
                 },
             })?;
+        crate::failpoint::hit("add-veth");
+        if routed {
+            self.plumb_routed_port(host, net, subnets, &host_name, attached.host_index, &ep.ips)
+                .await?;
+        }
         // Limits before anything is published: the container never sends unshaped.
         shaping::shape(host, net, ep, attached.host_index).await?;
         let mut done = ep.clone();
@@ -290,12 +348,35 @@ impl Control {
         done.host_veth = Some(host_name);
         done.host_mac = Some(format_mac(&attached.host_mac));
         // Until its elements exist the port drops everything (anti-spoofing default deny).
-        self.guard_endpoint(&done).await?;
+        self.guard_endpoint(&done, net.mode).await?;
+        crate::failpoint::hit("add-guarded");
         if let Err(e) = self.publish_ports(ep).await {
             self.unguard_endpoint(&done);
             return Err(e);
         }
+        crate::failpoint::hit("add-published");
         Ok(done)
+    }
+
+    /// The host end of a routed container's veth: the link-local gateways, a /32 and /128 to
+    /// the container sourced from the network's gateways (see [`ferrynet_model::routed`]).
+    pub(crate) async fn plumb_routed_port(
+        &self,
+        host: &Netlink,
+        net: &Network,
+        subnets: &[ResolvedSubnet],
+        port: &str,
+        index: u32,
+        ips: &[IpNet],
+    ) -> Result<()> {
+        let gateways: Vec<IpAddr> = subnets.iter().map(|s| s.gateway).collect();
+        let spec = routed::host_port(port, ips, &gateways);
+        ferrynet_dataplane::routed::plumb_port(host, index, &spec)
+            .await
+            .map_err(ControlError::dataplane(format!(
+                "routing {port} on network {}",
+                net.name
+            )))
     }
 
     /// Host networking: record the endpoint (so GC and `ps` know it) and create nothing.
@@ -384,6 +465,7 @@ impl Control {
         // Ports are withdrawn and the link is gone before the addresses are released.
         if let Some(ep) = &ep {
             self.finish_unpublish(ep, withdrawing).await?;
+            crate::failpoint::hit("del-unpublished");
             match unguarding {
                 Some(h) => {
                     let _ = h.await;
@@ -391,10 +473,17 @@ impl Control {
                 None => self.unguard_endpoint(ep),
             }
         }
+        if ep.is_none() {
+            // No record (a repeated DEL, or an ADD whose record a racing DEL took): whatever
+            // identity an interrupted ADD allowed on this port name goes, found by listing.
+            self.unguard_port(&host_name);
+        }
+        crate::failpoint::hit("del-unplugged");
         unplugged?;
         unshaped?;
         if let Some(ep) = &ep {
             self.release(ep).await?;
+            crate::failpoint::hit("del-released");
             tracing::info!(container = %container_id, network = %net.name, "detached");
         }
         Ok(())
@@ -431,7 +520,7 @@ impl Control {
                     "interface {ifname} is missing from netns {netns}"
                 ))
             })?;
-        for ip in &ep.ips {
+        for ip in &container_addresses(net, &ep.ips) {
             if !state.addresses.contains(ip) {
                 return Err(ControlError::CheckFailed(format!(
                     "address {ip} is missing from {ifname}"

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use ferrynet_model::guard::{
     add_port, add_ports, counters_from_json, delete_table, remove_listed_port,
-    remove_port_tolerant, skeleton, GuardedPort, TABLE,
+    remove_port_tolerant, skeleton, GuardedPort, TABLES,
 };
 use ferrynet_model::names::{host_veth_name, parse_mac};
 use ferrynet_model::network::{Endpoint, NetworkMode};
@@ -16,15 +16,16 @@ use ferrynet_model::network::{Endpoint, NetworkMode};
 use super::Control;
 use crate::error::{ControlError, Result};
 
-/// The guard's view of an endpoint: its host port, MAC and addresses; None until both the
-/// port and the MAC are known (host networking has neither).
-pub fn guarded_port(ep: &Endpoint) -> Option<GuardedPort> {
+/// The guard's view of an endpoint of a network in `mode`: its host port, MAC and addresses;
+/// None until both the port and the MAC are known (host networking has neither).
+pub fn guarded_port(ep: &Endpoint, mode: NetworkMode) -> Option<GuardedPort> {
     let port = ep.host_veth.clone()?;
     let mac = parse_mac(ep.mac.as_deref()?).ok()?;
     Some(GuardedPort {
         port,
         mac,
         ips: ep.ips.iter().map(|n| n.addr()).collect::<Vec<IpAddr>>(),
+        routed: mode == NetworkMode::Routed,
     })
 }
 
@@ -54,9 +55,10 @@ impl Control {
         Ok(())
     }
 
-    /// Guard an endpoint's port when its record names one (see [`guarded_port`]).
-    pub async fn guard_endpoint(&self, ep: &Endpoint) -> Result<()> {
-        match guarded_port(ep) {
+    /// Guard an endpoint's port, of a network in `mode`, when its record names one (see
+    /// [`guarded_port`]).
+    pub async fn guard_endpoint(&self, ep: &Endpoint, mode: NetworkMode) -> Result<()> {
+        match guarded_port(ep, mode) {
             Some(p) => self.guard_port(&p).await,
             None => Ok(()),
         }
@@ -66,20 +68,15 @@ impl Control {
     /// recorded MAC (an ADD interrupted after the guard) the port's elements are found by
     /// listing the table.
     pub fn unguard_endpoint(&self, ep: &Endpoint) {
-        let (port, batch) = match guarded_port(ep) {
+        // Removal covers every guard table, so the network's mode does not matter here.
+        let (port, batch) = match guarded_port(ep, NetworkMode::Bridge) {
             Some(p) => (p.port.clone(), remove_port_tolerant(&p)),
             None => {
                 let port = ep
                     .host_veth
                     .clone()
                     .unwrap_or_else(|| host_veth_name(&ep.network, &ep.container_id, &ep.ifname));
-                match self.nft.list_table("bridge", TABLE) {
-                    Ok(Some(t)) => {
-                        let b = remove_listed_port(&t, &port);
-                        (port, b)
-                    }
-                    _ => return,
-                }
+                return self.unguard_port(&port);
             }
         };
         if batch.is_empty() {
@@ -91,11 +88,28 @@ impl Control {
         }
     }
 
+    /// Forget every element of host port `port`, found by listing the table; succeeds when
+    /// there are none or no table.
+    pub fn unguard_port(&self, port: &str) {
+        // Bridged ports are in `bridge ferrynet`, routed ones in the routed tables.
+        let mut batch = String::new();
+        for (family, name) in TABLES {
+            if let Ok(Some(t)) = self.nft.list_table(family, name) {
+                batch.push_str(&remove_listed_port(&t, port, &format!("{family} {name}")));
+            }
+        }
+        if !batch.is_empty() {
+            if let Err(e) = self.nft.apply(&batch) {
+                tracing::debug!(error = %e, %port, "anti-spoofing elements already gone");
+            }
+        }
+    }
+
     /// Start removing a recorded endpoint's anti-spoofing elements on a blocking thread, so a
     /// DEL overlaps it with the kernel's link deletion; None when there is nothing to remove
     /// or the port must be found by listing the table (then [`Control::unguard_endpoint`]).
     pub fn unguard_in_background(&self, ep: &Endpoint) -> Option<tokio::task::JoinHandle<()>> {
-        let p = guarded_port(ep)?;
+        let p = guarded_port(ep, NetworkMode::Bridge)?;
         let batch = remove_port_tolerant(&p);
         if batch.is_empty() {
             return None;
@@ -113,7 +127,7 @@ impl Control {
     pub async fn reload_guard(&self) -> Result<usize> {
         let mut ports = Vec::new();
         for net in self.networks().await? {
-            if net.mode != NetworkMode::Bridge {
+            if !net.mode.gives_interfaces() {
                 continue;
             }
             for ep in self.endpoints(&net.name).await? {
@@ -121,7 +135,7 @@ impl Control {
                 if ep.host.as_deref().is_some_and(|h| h != self.host) {
                     continue;
                 }
-                ports.extend(guarded_port(&ep));
+                ports.extend(guarded_port(&ep, net.mode));
             }
         }
         let batch = format!("{}{}", skeleton(), add_ports(&ports));
@@ -131,37 +145,40 @@ impl Control {
         Ok(ports.len())
     }
 
-    /// Remove the guard's table (no network left).
+    /// Remove the guard's tables (no network left).
     pub fn remove_guard(&self) -> Result<()> {
-        if self
-            .nft
-            .list_table("bridge", TABLE)
-            .map_err(ControlError::firewall("listing the anti-spoofing table"))?
-            .is_some()
-        {
-            self.nft
-                .apply(&delete_table())
-                .map_err(ControlError::firewall("deleting the anti-spoofing table"))?;
-        }
-        Ok(())
+        // Tolerant of tables already gone (add, then delete).
+        self.nft
+            .apply(&delete_table())
+            .map_err(ControlError::firewall("deleting the anti-spoofing tables"))
     }
 
-    /// The drop counters, per reason (empty when the table is missing).
+    /// The drop counters, per reason, summed over the bridge and the routed tables (empty when
+    /// the tables are missing).
     pub fn guard_counters(&self) -> Result<Vec<GuardCounter>> {
-        let table = self
-            .nft
-            .list_table("bridge", TABLE)
-            .map_err(ControlError::firewall("listing the anti-spoofing table"))?;
-        Ok(table
-            .map(|t| counters_from_json(&t))
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(reason, packets, bytes)| GuardCounter {
-                reason,
-                packets,
-                bytes,
-            })
-            .collect())
+        let mut out: Vec<GuardCounter> = Vec::new();
+        for (family, name) in TABLES {
+            let table = self
+                .nft
+                .list_table(family, name)
+                .map_err(ControlError::firewall("listing the anti-spoofing tables"))?;
+            for (reason, packets, bytes) in
+                table.map(|t| counters_from_json(&t)).unwrap_or_default()
+            {
+                match out.iter_mut().find(|c| c.reason == reason) {
+                    Some(c) => {
+                        c.packets += packets;
+                        c.bytes += bytes;
+                    }
+                    None => out.push(GuardCounter {
+                        reason,
+                        packets,
+                        bytes,
+                    }),
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -173,14 +190,16 @@ mod tests {
     fn a_port_is_guarded_only_with_its_link_and_mac_known() {
         let mut ep = Endpoint::new("n", "c", "eth0");
         ep.ips = vec!["10.5.0.2/24".parse().unwrap()];
-        assert_eq!(guarded_port(&ep), None);
+        assert_eq!(guarded_port(&ep, NetworkMode::Bridge), None);
         ep.host_veth = Some("fnv0123456789ab".into());
-        assert_eq!(guarded_port(&ep), None);
+        assert_eq!(guarded_port(&ep, NetworkMode::Bridge), None);
         ep.mac = Some("02:42:0a:05:00:02".into());
-        let p = guarded_port(&ep).unwrap();
+        let p = guarded_port(&ep, NetworkMode::Bridge).unwrap();
+        assert!(!p.routed);
+        assert!(guarded_port(&ep, NetworkMode::Routed).unwrap().routed);
         assert_eq!(p.port, "fnv0123456789ab");
         assert_eq!(p.ips, vec!["10.5.0.2".parse::<IpAddr>().unwrap()]);
         ep.mac = Some("garbage".into());
-        assert_eq!(guarded_port(&ep), None);
+        assert_eq!(guarded_port(&ep, NetworkMode::Bridge), None);
     }
 }

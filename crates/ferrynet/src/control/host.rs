@@ -119,7 +119,10 @@ impl Control {
                     Compare::Exists(keys::network(network)),
                     Compare::Missing(key.clone()),
                 ],
-                vec![Op::put(key, encode(&claim))],
+                vec![
+                    Op::put(key, encode(&claim)),
+                    Op::delete(keys::orphan_block(network, block)),
+                ],
             )
             .await?;
         Ok(res.succeeded)
@@ -140,16 +143,39 @@ impl Control {
                         .into_iter()
                         .map(|(b, _)| b)
                         .collect();
-                    let Some(block) = next_block(&net.subnets, spec, v6, &taken) else {
+                    // Blocks released from a departed host come last: its containers may
+                    // still run and return with their addresses (control::journal).
+                    let (orphans, _) = self.store.range(&keys::orphan_blocks(&net.name)).await?;
+                    let orphaned: Vec<(IpNet, String)> = orphans
+                        .iter()
+                        .filter_map(|kv| {
+                            let b = kv.key.strip_prefix(&keys::orphan_blocks(&net.name))?;
+                            let b = b.replace('_', "/").parse().ok()?;
+                            Some((b, String::from_utf8_lossy(&kv.value).into_owned()))
+                        })
+                        .collect();
+                    let avoid: Vec<IpNet> = taken
+                        .iter()
+                        .copied()
+                        .chain(orphaned.iter().map(|(b, _)| *b))
+                        .collect();
+                    let Some(block) = next_block(&net.subnets, spec, v6, &avoid)
+                        .or_else(|| next_block(&net.subnets, spec, v6, &taken))
+                    else {
                         return Ok(Round::Done(None));
                     };
                     let key = keys::block(&net.name, &block);
                     let claim = BlockClaim {
                         host: self.host.clone(),
                     };
+                    let mut ops = vec![Op::put(key.clone(), encode(&claim))];
+                    if let Some((_, from)) = orphaned.iter().find(|(b, _)| *b == block) {
+                        tracing::warn!(network = %net.name, %block, departed = %from, "no other block is free: taking one released from a departed host; its containers cannot return to it");
+                        ops.push(Op::delete(keys::orphan_block(&net.name, &block)));
+                    }
                     Ok(Round::commit(
                         vec![Compare::Missing(key.clone())],
-                        vec![Op::put(key, encode(&claim))],
+                        ops,
                         Some(block),
                     ))
                 })

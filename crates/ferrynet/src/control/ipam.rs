@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use ferrynet_model::blocks::HostView;
 use ferrynet_model::ipam::validate_network_subnets;
 use ferrynet_model::network::{keys, Endpoint};
-use ferrynet_model::portmap::{host_ips_overlap, PortMapping};
+use ferrynet_model::portmap::PortMapping;
 use ferrynet_model::reservation::{
     plan_reservation, AddressRequest, ReservationError, ReservationPlan,
 };
@@ -28,71 +28,8 @@ pub(super) fn lock(b: &Mutex<HostView>) -> std::sync::MutexGuard<'_, HostView> {
     b.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A published host port already held by someone.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeldPort {
-    /// Protocol name (`tcp`, `udp`, `sctp`).
-    pub proto: String,
-    /// Host address, None for every address.
-    pub host_ip: Option<IpAddr>,
-    /// Host port.
-    pub port: u16,
-    /// The owning endpoint's key.
-    pub owner: String,
-}
-
-/// Parse a `ports/<proto>/<ip|*>/<port>` key back into its parts.
-pub fn parse_port_key(key: &str, owner: String) -> Option<HeldPort> {
-    let rest = key.strip_prefix(&keys::host_ports())?;
-    let mut parts = rest.splitn(3, '/');
-    let proto = parts.next()?.to_string();
-    let ip = parts.next()?;
-    let port = parts.next()?.parse().ok()?;
-    let host_ip = if ip == "*" {
-        None
-    } else {
-        Some(ip.parse().ok()?)
-    };
-    Some(HeldPort {
-        proto,
-        host_ip,
-        port,
-        owner,
-    })
-}
-
-/// The first requested mapping that clashes with a held port or with another requested one:
-/// same protocol and port, and host addresses that overlap (`host_ips_overlap`: equal, or
-/// either side on every address, of both families or of the other's).
-pub fn port_conflict(held: &[HeldPort], wanted: &[PortMapping]) -> Option<String> {
-    let clash = host_ips_overlap;
-    for (i, m) in wanted.iter().enumerate() {
-        let proto = m.protocol.as_str();
-        if let Some(h) = held
-            .iter()
-            .find(|h| h.proto == proto && h.port == m.host_port && clash(h.host_ip, m.host_ip))
-        {
-            return Some(format!(
-                "host port {}/{proto}{} is already published by {}",
-                m.host_port,
-                h.host_ip.map(|ip| format!(" on {ip}")).unwrap_or_default(),
-                h.owner
-                    .rsplit_once("endpoints/")
-                    .map(|(_, o)| o)
-                    .unwrap_or(&h.owner)
-            ));
-        }
-        if wanted[..i].iter().any(|o| {
-            o.protocol == m.protocol && o.host_port == m.host_port && clash(o.host_ip, m.host_ip)
-        }) {
-            return Some(format!(
-                "host port {}/{proto} is requested twice",
-                m.host_port
-            ));
-        }
-    }
-    None
-}
+use ferrynet_model::portclaim::PortClaim;
+pub use ferrynet_model::portclaim::{parse_port_key, port_conflict, HeldPort};
 
 /// The control error for a reservation the model refused.
 pub(super) fn reservation_error(network: &str, e: ReservationError) -> ControlError {
@@ -237,9 +174,7 @@ impl Control {
                     let (mut compares, mut ops) = reservation_writes(&net.name, &plan, owner, None);
                     compares.push(Compare::Missing(ep_key.clone()));
                     if !template.port_mappings.is_empty() {
-                        let (c, o) = self
-                            .port_claims(ep_key, &template.port_mappings, None)
-                            .await?;
+                        let (c, o) = self.port_claims(ep_key, &template.port_mappings).await?;
                         compares.extend(c);
                         ops.extend(o);
                     }
@@ -252,6 +187,7 @@ impl Control {
             .await?;
         if created {
             tracing::debug!(endpoint = %ep_key, ips = ?ep.ips, "reserved");
+            self.journal_endpoint(&ep);
         }
         let view = match blocks {
             Some(b) => lock(b).clone(),
@@ -260,35 +196,34 @@ impl Control {
         Ok((ep, created, view))
     }
 
-    /// Every host port claimed in the store.
+    /// Every host port claimed in the store: the claim records, and the one-key-per-port
+    /// layout of older versions.
     pub async fn held_ports(&self) -> Result<Vec<HeldPort>> {
-        let (kvs, _) = self.store.range(&keys::host_ports()).await?;
-        Ok(kvs
+        let (claims, _) = self.store.range(&keys::port_claims()).await?;
+        let (old, _) = self.store.range(&keys::host_ports()).await?;
+        let mut held: Vec<HeldPort> = claims
             .iter()
-            .filter_map(|kv| {
-                parse_port_key(&kv.key, String::from_utf8_lossy(&kv.value).into_owned())
-            })
-            .collect())
+            .filter_map(|kv| PortClaim::decode(&kv.value))
+            .flat_map(|c| c.held().collect::<Vec<_>>())
+            .collect();
+        held.extend(old.iter().filter_map(|kv| {
+            parse_port_key(&kv.key, String::from_utf8_lossy(&kv.value).into_owned())
+        }));
+        Ok(held)
     }
 
     /// The preconditions and writes that claim `mappings` for the endpoint at `ep_key`, after
-    /// checking them against the ports already held (`held` when the caller has just read
-    /// them, else read here).
+    /// checking them against the ports already held. One record per endpoint whatever the
+    /// number of ports.
     pub async fn port_claims(
         &self,
         ep_key: &str,
         mappings: &[PortMapping],
-        held: Option<Vec<HeldPort>>,
     ) -> Result<(Vec<Compare>, Vec<Op>)> {
-        let held = match held {
-            Some(h) => h,
-            None => self.held_ports().await?,
-        };
-        if let Some(msg) = port_conflict(&held, mappings) {
-            return Err(ControlError::PortInUse(msg));
-        }
         // Serialize publishers: an "any address" and a "specific address" claim of one port
-        // have different keys, so guard the whole port table with one sequence key.
+        // are different records, so every publisher bumps one sequence key and commits only
+        // if nobody published since it read the held ports. Read the sequence first: a claim
+        // committed after it is then caught by the compare.
         let seq_key = keys::host_ports_seq();
         let seq_rev = self
             .store
@@ -296,142 +231,156 @@ impl Control {
             .await?
             .map(|kv| kv.mod_revision)
             .unwrap_or(0);
-        let mut compares = vec![Compare::ModRevision(seq_key.clone(), seq_rev)];
-        let mut ops = vec![Op::put(seq_key, Vec::new())];
-        for m in mappings {
-            let k = keys::host_port(m.protocol.as_str(), m.host_ip, m.host_port);
-            compares.push(Compare::Missing(k.clone()));
-            ops.push(Op::put(k, ep_key.as_bytes().to_vec()));
+        let held: Vec<HeldPort> = self
+            .held_ports()
+            .await?
+            .into_iter()
+            .filter(|h| h.owner != ep_key)
+            .collect();
+        if let Some(msg) = port_conflict(&held, mappings) {
+            return Err(ControlError::PortInUse(msg));
         }
+        let claim_key = claim_key_of(ep_key)?;
+        // A claim of this endpoint left by an interrupted attempt is replaced.
+        let claim_rev = self
+            .store
+            .get(&claim_key)
+            .await?
+            .map(|kv| kv.mod_revision)
+            .unwrap_or(0);
+        let compares = vec![
+            Compare::ModRevision(seq_key.clone(), seq_rev),
+            Compare::ModRevision(claim_key.clone(), claim_rev),
+        ];
+        let claim = PortClaim::new(ep_key, mappings);
+        let ops = vec![
+            Op::put(seq_key, Vec::new()),
+            Op::put(claim_key, encode(&claim)),
+        ];
         Ok((compares, ops))
     }
 
-    /// Update a recorded endpoint (after the dataplane filled in MACs and names).
+    /// The writes that drop the port claims an endpoint holds (its record, and keys of the
+    /// one-key-per-port layout that are still its own).
+    pub(super) async fn unclaim_ports(&self, ep: &Endpoint) -> Result<Vec<Op>> {
+        let ep_key = keys::endpoint(&ep.network, &ep.container_id, &ep.ifname);
+        let mut ops = Vec::new();
+        let claim_key = keys::port_claim(&ep.network, &ep.container_id, &ep.ifname);
+        if let Some(kv) = self.store.get(&claim_key).await? {
+            if PortClaim::decode(&kv.value).is_none_or(|c| c.endpoint == ep_key) {
+                ops.push(Op::delete(claim_key));
+            }
+        }
+        if ep.port_mappings.is_empty() {
+            return Ok(ops);
+        }
+        // Older records: only read when the layout is still in use.
+        let (old, _) = self.store.range(&keys::host_ports()).await?;
+        ops.extend(
+            old.into_iter()
+                .filter(|kv| kv.value == ep_key.as_bytes())
+                .map(|kv| Op::delete(kv.key)),
+        );
+        Ok(ops)
+    }
+
+    /// Update a recorded endpoint (after the dataplane filled in MACs and names), only while
+    /// the record is still the reservation `ep` came from (same addresses): a concurrent DEL
+    /// and re-ADD of the container may have replaced it, and overwriting the new record with
+    /// the old addresses would leave the new ones held by nothing.
     pub async fn update_endpoint(&self, ep: &Endpoint) -> Result<()> {
-        let key = keys::endpoint(&ep.network, &ep.container_id, &ep.ifname);
-        self.store
-            .txn(
-                vec![Compare::Exists(key.clone())],
-                vec![Op::put(key, encode(ep))],
+        let key = &keys::endpoint(&ep.network, &ep.container_id, &ep.ifname);
+        let what = || {
+            format!(
+                "record endpoint {} on network {}",
+                ep.container_id, ep.network
             )
-            .await?;
+        };
+        self.transact(what, || {
+            Box::pin(async move {
+                let superseded = || {
+                    ControlError::Superseded(format!(
+                        "container {} on network {}: a concurrent call removed or replaced its reservation; retry",
+                        ep.container_id, ep.network
+                    ))
+                };
+                let kv = self.store.get(key).await?.ok_or_else(superseded)?;
+                let current: Endpoint = decode(&kv)?;
+                if current.ips != ep.ips {
+                    return Err(superseded());
+                }
+                Ok(Round::commit(
+                    vec![Compare::ModRevision(key.clone(), kv.mod_revision)],
+                    vec![Op::put(key.clone(), encode(ep))],
+                    (),
+                ))
+            })
+        })
+        .await?;
+        self.journal_endpoint(ep);
         Ok(())
     }
 
     /// Release everything an endpoint holds: its record, addresses and host ports.
-    /// Only keys still owned by this endpoint are deleted, so a concurrent re-ADD is safe.
+    /// Only keys still owned by this endpoint are deleted, and only the record as read in the
+    /// same round: when a concurrent DEL and re-ADD of the same container replaced the record
+    /// in between, the round plans again and releases the new record whole (a stale read must
+    /// not delete a record whose addresses it does not know, leaving them held by nothing).
+    /// `ep` serves when no record is left (an ADD undone before it recorded).
     pub async fn release(&self, ep: &Endpoint) -> Result<()> {
-        let ep_key = keys::endpoint(&ep.network, &ep.container_id, &ep.ifname);
-        let owner = format!("{}/{}", ep.container_id, ep.ifname);
-        let mut ops = vec![Op::delete(ep_key.clone())];
-        for ip in &ep.ips {
-            let k = keys::ipam(&ep.network, ip.addr());
-            if let Some(kv) = self.store.get(&k).await? {
-                if kv.value == owner.as_bytes() {
-                    ops.push(Op::delete(k));
+        self.release_where(ep, false).await
+    }
+
+    /// Undo this call's own reservation: like [`Control::release`], but a record with other
+    /// addresses than `ep`'s (a concurrent re-ADD's) is left alone.
+    pub async fn release_own(&self, ep: &Endpoint) -> Result<()> {
+        self.release_where(ep, true).await
+    }
+
+    async fn release_where(&self, ep: &Endpoint, only_own: bool) -> Result<()> {
+        let ep_key = &keys::endpoint(&ep.network, &ep.container_id, &ep.ifname);
+        let owner = &format!("{}/{}", ep.container_id, ep.ifname);
+        let what = || format!("release {} on network {}", ep.container_id, ep.network);
+        self.transact(what, || {
+            Box::pin(async move {
+                let (current, guard) = match self.store.get(ep_key).await? {
+                    Some(kv)
+                        if only_own && decode::<Endpoint>(&kv).is_ok_and(|c| c.ips != ep.ips) =>
+                    {
+                        return Ok(Round::Done(()));
+                    }
+                    Some(kv) => (
+                        // A record that does not decode is still removed, with what the caller knows.
+                        decode::<Endpoint>(&kv).unwrap_or_else(|_| ep.clone()),
+                        Compare::ModRevision(ep_key.clone(), kv.mod_revision),
+                    ),
+                    None => (ep.clone(), Compare::Missing(ep_key.clone())),
+                };
+                let mut compares = vec![guard];
+                let mut ops = vec![Op::delete(ep_key.clone())];
+                for ip in &current.ips {
+                    let k = keys::ipam(&current.network, ip.addr());
+                    if let Some(kv) = self.store.get(&k).await? {
+                        if kv.value == owner.as_bytes() {
+                            compares.push(Compare::Value(k.clone(), kv.value));
+                            ops.push(Op::delete(k));
+                        }
+                    }
                 }
-            }
-        }
-        for m in &ep.port_mappings {
-            let k = keys::host_port(m.protocol.as_str(), m.host_ip, m.host_port);
-            if let Some(kv) = self.store.get(&k).await? {
-                if kv.value == ep_key.as_bytes() {
-                    ops.push(Op::delete(k));
-                }
-            }
-        }
-        self.store.txn(vec![], ops).await?;
+                ops.extend(self.unclaim_ports(&current).await?);
+                Ok(Round::commit(compares, ops, ()))
+            })
+        })
+        .await?;
+        self.forget_journaled(ep);
         Ok(())
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use ferrynet_model::portmap::Protocol;
-
-    fn pm(port: u16, ip: Option<&str>, proto: Protocol) -> PortMapping {
-        PortMapping {
-            host_port: port,
-            container_port: 80,
-            protocol: proto,
-            host_ip: ip.map(|s| s.parse().unwrap()),
-        }
-    }
-
-    #[test]
-    fn port_key_round_trip() {
-        let k = keys::host_port("udp", Some("10.0.0.1".parse().unwrap()), 53);
-        let h = parse_port_key(&k, "o".into()).unwrap();
-        assert_eq!(
-            (h.proto.as_str(), h.host_ip, h.port),
-            ("udp", Some("10.0.0.1".parse().unwrap()), 53)
-        );
-        let k = keys::host_port("tcp", None, 8080);
-        assert_eq!(parse_port_key(&k, "o".into()).unwrap().host_ip, None);
-    }
-
-    #[test]
-    fn conflicts_between_any_and_specific_addresses() {
-        let held = vec![HeldPort {
-            proto: "tcp".into(),
-            host_ip: None,
-            port: 8080,
-            owner: "/x/endpoints/n/c1/eth0".into(),
-        }];
-        let m = port_conflict(&held, &[pm(8080, Some("10.0.0.1"), Protocol::Tcp)]).unwrap();
-        assert!(m.contains("8080/tcp") && m.contains("n/c1/eth0"), "{m}");
-        assert!(port_conflict(&held, &[pm(8080, None, Protocol::Udp)]).is_none());
-        assert!(port_conflict(&held, &[pm(8081, None, Protocol::Tcp)]).is_none());
-        let held = vec![HeldPort {
-            proto: "tcp".into(),
-            host_ip: Some("10.0.0.1".parse().unwrap()),
-            port: 80,
-            owner: "o".into(),
-        }];
-        assert!(port_conflict(&held, &[pm(80, Some("10.0.0.2"), Protocol::Tcp)]).is_none());
-        assert!(port_conflict(&held, &[pm(80, None, Protocol::Tcp)]).is_some());
-    }
-
-    #[test]
-    fn unspecified_addresses_claim_their_family_only() {
-        let held = |ip: &str| {
-            vec![HeldPort {
-                proto: "tcp".into(),
-                host_ip: Some(ip.parse().unwrap()),
-                port: 80,
-                owner: "o".into(),
-            }]
-        };
-        let v4 = held("0.0.0.0");
-        assert!(port_conflict(&v4, &[pm(80, Some("127.0.0.1"), Protocol::Tcp)]).is_some());
-        assert!(port_conflict(&v4, &[pm(80, None, Protocol::Tcp)]).is_some());
-        assert!(port_conflict(&v4, &[pm(80, Some("::"), Protocol::Tcp)]).is_none());
-        assert!(port_conflict(&v4, &[pm(80, Some("fd00::1"), Protocol::Tcp)]).is_none());
-        let v6 = held("::");
-        assert!(port_conflict(&v6, &[pm(80, Some("fd00::1"), Protocol::Tcp)]).is_some());
-        assert!(port_conflict(&v6, &[pm(80, Some("0.0.0.0"), Protocol::Tcp)]).is_none());
-        // Both families' "any" in one request is no duplicate (Docker-style callers send both).
-        assert!(port_conflict(
-            &[],
-            &[
-                pm(80, Some("0.0.0.0"), Protocol::Tcp),
-                pm(80, Some("::"), Protocol::Tcp)
-            ]
-        )
-        .is_none());
-    }
-
-    #[test]
-    fn duplicate_in_one_request() {
-        let m = port_conflict(
-            &[],
-            &[
-                pm(80, None, Protocol::Tcp),
-                pm(80, Some("1.2.3.4"), Protocol::Tcp),
-            ],
-        )
-        .unwrap();
-        assert!(m.contains("twice"));
-    }
+/// The claim record's key for the endpoint at `ep_key`.
+fn claim_key_of(ep_key: &str) -> Result<String> {
+    ep_key
+        .strip_prefix(&keys::all_endpoints())
+        .map(|rest| format!("{}{rest}", keys::port_claims()))
+        .ok_or_else(|| ControlError::InvalidConfig(format!("not an endpoint key: {ep_key}")))
 }

@@ -4,6 +4,7 @@
 //! before the kernel is touched (so a crash leaves a record that DEL or GC can clean up), and
 //! every kernel change is idempotent.
 
+pub mod bgp;
 pub mod cnm_endpoint;
 pub mod containers;
 pub mod docker;
@@ -12,6 +13,7 @@ pub mod endpoint;
 pub mod guard;
 pub mod host;
 pub mod ipam;
+pub mod journal;
 pub mod kv;
 pub mod network;
 pub mod policy;

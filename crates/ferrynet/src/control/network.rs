@@ -24,14 +24,21 @@ pub fn validate_network(net: &Network) -> Result<()> {
             )));
         }
     }
-    if net.mode == NetworkMode::Bridge {
+    if net.mode.gives_interfaces() {
         validate_network_subnets(&net.subnets)
             .map_err(|e| ControlError::InvalidConfig(format!("network {}: {e}", net.name)))?;
     }
+    if net.mode == NetworkMode::Routed && net.internal {
+        // The edge's internal rules match the network's bridge, which a routed network has not.
+        return Err(ControlError::InvalidConfig(format!(
+            "network {}: a routed network cannot be internal (use a bridged one)",
+            net.name
+        )));
+    }
     if let Some(f) = &net.fabric {
-        if net.mode != NetworkMode::Bridge || net.internal {
+        if !net.mode.gives_interfaces() || net.internal {
             return Err(ControlError::InvalidConfig(format!(
-                "network {}: a multi-host network must be a bridged, non-internal network",
+                "network {}: a multi-host network must be a bridged or routed, non-internal network",
                 net.name
             )));
         }
@@ -157,6 +164,7 @@ impl Control {
             )));
         }
         tracing::info!(network = %net.name, bridge = %net.bridge, "network created");
+        crate::failpoint::hit("network-create-recorded");
         self.sync_edge_after_change(&net.name).await;
         Ok(net)
     }
@@ -221,6 +229,10 @@ impl Control {
     /// `force`, in which case they are detached first. Removes the bridge and its rules.
     pub async fn delete_network(&self, name: &str, force: bool) -> Result<()> {
         let Some((net, rev)) = self.network(name).await? else {
+            // A removal interrupted after its record went leaves the bridge: take it now.
+            for b in self.remove_stale_bridges().await? {
+                tracing::info!(bridge = %b, "removed the bridge of a network removed earlier");
+            }
             return Err(ControlError::InvalidConfig(format!(
                 "network {name} does not exist"
             )));
@@ -242,13 +254,17 @@ impl Control {
             self.detach(&net, &ep.container_id, &ep.ifname, ep.netns.as_deref())
                 .await?;
         }
+        crate::failpoint::hit("network-rm-detached");
         let key = keys::network(name);
         let mut ops = vec![
             Op::delete(key.clone()),
+            // Port claims of endpoints on other hosts (local ones went with their detach).
+            Op::DeletePrefix(format!("{}{name}/", keys::port_claims())),
             Op::DeletePrefix(keys::ipam_prefix(name)),
             Op::delete(keys::ipam_last(name)),
             Op::DeletePrefix(keys::endpoints(name)),
             Op::DeletePrefix(keys::blocks(name)),
+            Op::DeletePrefix(keys::orphan_blocks(name)),
         ];
         if let Some(f) = &net.fabric {
             ops.push(Op::delete(keys::vni(f.vni)));
@@ -262,6 +278,7 @@ impl Control {
                 "network {name} changed while it was being removed; try again"
             )));
         }
+        crate::failpoint::hit("network-rm-deleted");
         self.remove_bridge(&net).await?;
         if self.networks().await?.is_empty() {
             // The last network is gone: leave the host as ferrynet found it.
@@ -313,6 +330,18 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("fn-"));
+    }
+
+    #[test]
+    fn routed_networks_may_span_hosts_but_not_be_internal() {
+        let mut n = net("blue", "10.1.2.0/24");
+        n.mode = NetworkMode::Routed;
+        assert!(validate_network(&n).is_ok());
+        n.internal = true;
+        assert!(validate_network(&n)
+            .unwrap_err()
+            .to_string()
+            .contains("routed network cannot be internal"));
     }
 
     #[test]

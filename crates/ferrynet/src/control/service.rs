@@ -89,6 +89,9 @@ impl Control {
                 })
             })
             .await?;
+        if let Some(p) = &reg.producer {
+            self.journal_producer(p);
+        }
         tracing::info!(service = %req.name, vips = ?reg.service.vips, producer = ?reg.producer.as_ref().map(|p| &p.id), "service registered");
         Ok(reg)
     }
@@ -128,6 +131,7 @@ impl Control {
                 })
             })
             .await?;
+        self.forget_journaled_service(name);
         tracing::info!(service = %name, producers = n, "service deregistered");
         Ok(n)
     }
@@ -150,6 +154,7 @@ impl Control {
             };
             return Err(ControlError::InvalidConfig(what));
         }
+        self.forget_journaled_producer(service, id);
         tracing::info!(%service, %id, "producer deregistered");
         Ok(())
     }
@@ -172,6 +177,9 @@ impl Control {
         }
         if !ops.is_empty() {
             self.store.txn(vec![], ops).await?;
+        }
+        for (service, id) in &gone {
+            self.forget_journaled_producer(service, id);
         }
         Ok(gone)
     }

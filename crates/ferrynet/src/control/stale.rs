@@ -1,9 +1,11 @@
-//! Bridges left behind: removed when their network is gone, so a down bridge's gateway address
-//! and `linkdown` route cannot shadow a newer network on the same subnet.
+//! Bridges and routed gateways left behind: removed when their network is gone, so a down
+//! bridge's gateway address and `linkdown` route, or a routed network's `unreachable` route,
+//! cannot shadow a newer network on the same subnet.
 
 use ferrynet_dataplane::bridge::delete_bridge;
 use ferrynet_dataplane::netlink::Netlink;
-use ferrynet_model::gc::stale_bridges;
+use ferrynet_dataplane::routed::{remove_gateways, unreachable_prefixes};
+use ferrynet_model::gc::{stale_bridges, stale_unreachable};
 use ferrynet_model::network::{keys, Network};
 use ferrynet_store::{Compare, Op};
 
@@ -40,7 +42,27 @@ impl Control {
                 )))?;
             tracing::info!(bridge = %b, "removed a bridge whose network no longer exists");
         }
+        self.remove_stale_gateways(&nl).await?;
         Ok(stale)
+    }
+
+    /// Remove the gateways (`lo` host addresses) and `unreachable` routes of routed networks
+    /// that no longer exist (removed while this host's agent was away).
+    async fn remove_stale_gateways(&self, nl: &Netlink) -> Result<()> {
+        let unreachable = unreachable_prefixes(nl)
+            .await
+            .map_err(ControlError::dataplane("listing routes"))?;
+        if unreachable.is_empty() {
+            return Ok(());
+        }
+        let stale = stale_unreachable(&unreachable, &self.networks().await?);
+        if !stale.is_empty() {
+            remove_gateways(nl, &stale)
+                .await
+                .map_err(ControlError::dataplane("removing stale routed gateways"))?;
+            tracing::info!(prefixes = ?stale, "removed the gateways of routed networks that no longer exist");
+        }
+        Ok(())
     }
 
     /// Whether `net` was created from a CNI config (rather than `ferrynet network create`).

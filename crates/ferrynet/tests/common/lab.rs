@@ -3,7 +3,9 @@
 //! added are removed with the lab on drop, also when a test fails.
 
 use std::collections::BTreeMap;
-use std::process::{Command, Output};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -30,6 +32,15 @@ impl Container {
         format!("fnc-{}", self.name)
     }
 }
+
+/// A dual-stack echo server on port 7000 (python3): TCP, one thread per connection, and UDP.
+pub const ECHO_SERVER: &str = "import socket,threading\n\
+    s=socket.socket(socket.AF_INET6);s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+    s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0);s.bind(('::',7000));s.listen(64)\n\
+    def serve(c):\n  while True:\n    d=c.recv(65536)\n    if not d: break\n    c.sendall(d)\n  c.close()\n\
+    def udp():\n  u=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n  u.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0);u.bind(('::',7000))\n  while True:\n    d,a=u.recvfrom(65536);u.sendto(d,a)\n\
+    threading.Thread(target=udp,daemon=True).start()\n\
+    while True:\n  c,_=s.accept();threading.Thread(target=serve,args=(c,),daemon=True).start()\n";
 
 /// A lab, removed on drop with what the test made on it.
 pub struct Lab {
@@ -197,6 +208,14 @@ impl Lab {
         }
     }
 
+    /// A container on `host` (network `fabric`) running a dual-stack TCP and UDP echo server
+    /// on port 7000.
+    pub fn echo_container(&mut self, host: &str, short: &str) -> Container {
+        let c = self.run(host, short, &[], &["python3", "-c", ECHO_SERVER]);
+        assert!(!c.v6.is_empty(), "v6");
+        c
+    }
+
     /// Remove container `c` now (`ferrynet rm --force`, which must succeed), after killing
     /// its server.
     pub fn rm(&mut self, c: &Container) {
@@ -249,5 +268,83 @@ impl Lab {
             must(&v);
         }
         ns
+    }
+
+    /// A container on `host` running the dual-stack echo server ([`ECHO_SERVER`]) on port 7000.
+    pub fn container(&mut self, host: &str, short: &str) -> Container {
+        self.echo_container(host, short)
+    }
+}
+
+/// One echo from every container to every other one's IPv4 and IPv6 address (5 s each).
+pub fn all_pairs(cs: &[Container]) {
+    all_pairs_with(cs, |a, addr| echo(a, addr, Duration::from_secs(5)));
+}
+
+/// A client in `from` that sends a line every 20 ms to `addr`:7000 and checks the echo,
+/// for `secs`; prints the longest gap it saw and exits non-zero on any error.
+pub fn stream(from: &Container, addr: &str, secs: u32) -> Child {
+    let code = format!(
+        "import socket,time,sys\n\
+         s=socket.create_connection(('{addr}',7000),timeout=5)\n\
+         print('connected',flush=True)\n\
+         end=time.time()+{secs};worst=0;n=0\n\
+         while time.time()<end:\n  t=time.time();s.sendall(b'x'*64);d=b''\n  \
+         while len(d)<64:\n    r=s.recv(64-len(d))\n    assert r,'closed'\n    d+=r\n  \
+         worst=max(worst,time.time()-t);n+=1;time.sleep(0.02)\n\
+         print('ok',n,round(worst,3),flush=True)\n"
+    );
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &from.netns(), "python3", "-u", "-c", &code])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("stream client");
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "connected");
+    child
+}
+
+/// Run `check(from, addr)` from every container to every other one's IPv4 and IPv6 address;
+/// panic listing every pair that failed.
+pub fn all_pairs_with(cs: &[Container], check: impl Fn(&Container, &str) -> Result<(), String>) {
+    let mut failures = Vec::new();
+    for a in cs {
+        for b in cs.iter().filter(|b| b.name != a.name) {
+            for addr in [&b.v4, &b.v6].into_iter().filter(|s| !s.is_empty()) {
+                if let Err(e) = check(a, addr) {
+                    failures.push(e);
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "unreachable pairs:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// One TCP round trip from `from` to `addr`:7000 (retried for up to `within`).
+pub fn echo(from: &Container, addr: &str, within: Duration) -> Result<(), String> {
+    let code = format!(
+        "import socket\ns=socket.create_connection(('{addr}',7000),timeout=2)\ns.sendall(b'ping')\nassert s.recv(4)==b'ping'\n"
+    );
+    let until = Instant::now() + within;
+    loop {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &from.netns(), "python3", "-c", &code])
+            .output()
+            .expect("python3");
+        if o.status.success() {
+            return Ok(());
+        }
+        if Instant::now() > until {
+            return Err(format!("{} -> {addr}: {}", from.name, out(&o)));
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }

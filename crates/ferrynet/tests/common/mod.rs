@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 pub mod containerd;
 pub mod docker;
+pub mod docker_rig;
 pub mod dockerd;
 pub mod lab;
 pub mod peers;
@@ -430,6 +431,23 @@ impl Lab {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// `ferrynet guard --json` on the host, as reason → dropped packets.
+    pub fn guard_counters(&self) -> std::collections::BTreeMap<String, u64> {
+        let o = self.cli(&["guard", "--json"]);
+        assert!(o.status.success(), "guard: {}", out(&o));
+        let v: Value = serde_json::from_slice(&o.stdout).expect("guard json");
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| {
+                (
+                    c["reason"].as_str().unwrap_or_default().to_string(),
+                    c["packets"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
     }
 
     /// Links in the host netns whose names start with `prefix`.

@@ -219,6 +219,7 @@ fn hostile_hosts_blocks_and_ranges_are_refused() {
         capabilities: vec!["route".into(), "vxlan".into()],
         version: "0.1.0".into(),
         started_at: 0,
+        sleeve: None,
     };
     h.validate_at(&keys::host("h1")).unwrap();
     assert!(h.validate_at(&keys::host("h2")).is_err());
@@ -253,6 +254,7 @@ fn blocks_must_lie_in_their_network() {
         vni: 7,
         block_v4: 26,
         block_v6: 122,
+        encrypt: false,
     });
     check_block_on(&"10.20.0.64/26".parse().unwrap(), &n).unwrap();
     for bad in ["0.0.0.0/0", "10.21.0.0/26", "10.0.0.0/8", "fd00::/122"] {

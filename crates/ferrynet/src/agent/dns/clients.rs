@@ -10,7 +10,9 @@
 //! like any routed packet, while sources in this host's blocks sit behind this host's own
 //! bridge ports, where the anti-spoofing rules hold every container to its own addresses.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+
+use ferrynet_model::network::NetworkMode;
 use std::net::IpAddr;
 
 use ferrynet_model::discovery::DiscoveryView;
@@ -24,6 +26,8 @@ use super::gateways::local_subnets;
 pub struct Clients {
     by_network: HashMap<String, Vec<IpNet>>,
     bridges: HashMap<String, String>,
+    /// Routed networks: their containers' queries come in on their own `fnv*` ports.
+    routed: HashSet<String>,
 }
 
 impl Clients {
@@ -45,10 +49,22 @@ impl Clients {
                 (name.clone(), br)
             })
             .collect();
+        let routed = view
+            .networks
+            .iter()
+            .filter(|(name, net)| by_network.contains_key(*name) && net.mode == NetworkMode::Routed)
+            .map(|(name, _)| name.clone())
+            .collect();
         Clients {
             by_network,
             bridges,
+            routed,
         }
+    }
+
+    /// Whether `network` is routed (no bridge: see [`super::ingress::routed_port`]).
+    pub fn is_routed(&self, network: &str) -> bool {
+        self.routed.contains(network)
     }
 
     /// The bridge that holds `network`'s gateways on this host.
@@ -90,6 +106,7 @@ mod tests {
                 vni: 7,
                 block_v4: 26,
                 block_v6: 122,
+                encrypt: false,
             }),
             ..Network::bridged(
                 "wide",
@@ -164,6 +181,27 @@ mod tests {
         let h3 = Clients::build(&view(), "h3");
         assert!(!h3.allowed("wide", ip("10.40.0.70")));
         assert!(h3.allowed("blue", ip("10.30.0.7")));
+    }
+
+    #[test]
+    fn routed_networks_are_answered_for_their_own_sources_on_their_ports() {
+        let mut v = view();
+        let routed = Network {
+            mode: NetworkMode::Routed,
+            ..Network::bridged("rt", ["10.50.0.0/24".parse().unwrap()])
+        };
+        v.put(&keys::network("rt"), &serde_json::to_vec(&routed).unwrap());
+        let c = Clients::build(&v, "h1");
+        assert!(c.is_routed("rt"));
+        assert!(!c.is_routed("blue"));
+        assert!(c.allowed("rt", "10.50.0.9".parse().unwrap()));
+        assert!(!c.allowed("rt", "10.30.0.9".parse().unwrap()));
+        // Its gateway is listened on like a bridge's.
+        let g = super::super::gateways::gateways(&v, "h1");
+        assert_eq!(
+            g.get(&"10.50.0.1".parse().unwrap()).map(String::as_str),
+            Some("rt")
+        );
     }
 
     #[test]

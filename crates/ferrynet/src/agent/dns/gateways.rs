@@ -7,7 +7,6 @@ use std::net::IpAddr;
 use ferrynet_model::blocks::host_view;
 use ferrynet_model::discovery::DiscoveryView;
 use ferrynet_model::ipam::{validate_network_subnets, ResolvedSubnet};
-use ferrynet_model::network::NetworkMode;
 
 /// Gateway address -> the network it serves. Single-host networks: each subnet's gateway;
 /// multi-host networks: the gateways of the blocks this host owns.
@@ -26,7 +25,7 @@ pub fn gateways(view: &DiscoveryView, host: &str) -> BTreeMap<IpAddr, String> {
 pub fn local_subnets(view: &DiscoveryView, host: &str) -> Vec<(String, Vec<ResolvedSubnet>)> {
     let mut out = Vec::new();
     for (name, net) in &view.networks {
-        if net.mode != NetworkMode::Bridge {
+        if !net.mode.gives_interfaces() {
             continue;
         }
         let local = if net.fabric.is_some() {
@@ -56,6 +55,7 @@ mod tests {
                 vni: 7,
                 block_v4: 26,
                 block_v6: 122,
+                encrypt: false,
             }),
             ..Network::bridged(name, cidrs.iter().map(|c| c.parse().unwrap()))
         }

@@ -68,6 +68,22 @@ fn socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
     }
 }
 
+/// Did a datagram arriving on interface `got` come from a container's own port (a routed
+/// network's `fnv*` host end) or from the host? Those ports are anti-spoofing guarded, so a
+/// source there is the container's own; an underlay neighbour forging it arrives elsewhere.
+/// One name lookup (an ioctl) per datagram: routed ports are many, so there is no one index
+/// to cache.
+pub fn routed_port(got: u32) -> bool {
+    if got == LOOPBACK {
+        return true;
+    }
+    got != 0
+        && nix::net::if_::if_indextoname(got).is_ok_and(|n| {
+            n.to_bytes()
+                .starts_with(ferrynet_model::guard::PORT_PREFIX.as_bytes())
+        })
+}
+
 /// The network bridge's interface index, cached per listener.
 #[derive(Debug, Default)]
 pub struct Bridge {
@@ -99,6 +115,13 @@ impl Bridge {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routed_ports_are_container_ports_or_loopback() {
+        assert!(routed_port(LOOPBACK));
+        assert!(!routed_port(0));
+        assert!(!routed_port(99_999));
+    }
 
     #[test]
     fn loopback_and_the_bridge_only() {

@@ -93,9 +93,13 @@ impl Ctx {
         self.clients.borrow().allowed(network, peer)
     }
 
-    /// Did a datagram on interface `ifindex` come through `network`'s bridge (or the host)?
+    /// Did a datagram on interface `ifindex` come through `network`'s bridge, a routed
+    /// network's container port, or the host?
     fn came_in(&self, network: &str, ifindex: u32, bridge: &mut ingress::Bridge) -> bool {
         let clients = self.clients.borrow();
+        if clients.is_routed(network) {
+            return ingress::routed_port(ifindex);
+        }
         clients
             .bridge(network)
             .is_some_and(|b| bridge.admits(b, ifindex))

@@ -7,7 +7,6 @@ use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
 use ferrynet_model::discovery::DiscoveryView;
-use ferrynet_model::network::NetworkMode;
 
 /// Default cluster domain.
 pub const DEFAULT_DOMAIN: &str = "ferrynet.internal";
@@ -143,7 +142,7 @@ impl Zone {
         let domain = domain.trim_end_matches('.').to_ascii_lowercase();
         let mut nets = HashMap::new();
         for (name, net) in &view.networks {
-            if net.mode != NetworkMode::Bridge {
+            if !net.mode.gives_interfaces() {
                 continue;
             }
             let mut z = NetZone {

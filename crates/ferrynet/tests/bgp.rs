@@ -1,0 +1,533 @@
+//! The `bgp` backend on an L3 fabric (`ferrynet lab up --racks 2 --router bird|gobgp`):
+//! hosts in two racks, each rack behind a ToR namespace running BIRD 2 or GoBGP; the agents'
+//! speakers peer with their ToR. Containers reach each other across racks through the
+//! routers only; blocks appear in and leave the routers' tables; an agent killed with -9
+//! keeps a TCP stream flowing (graceful restart); a hostile neighbour's routes are refused and
+//! its malformed UPDATE gets a NOTIFICATION while the other sessions stay up; compressed
+//! session flaps leave no stale route. Every lab is removed on drop, also on failure.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::lab::{all_pairs, echo, stream, Container, Lab};
+use common::{need, out, within};
+use serde_json::Value;
+
+/// A rack lab: `hosts` hosts dealt over two racks (h1, h3 … in rack 0, h2 … in rack 1).
+fn rack_lab(name: &str, hosts: u8, router: &str) -> Lab {
+    need("bird", "bird2");
+    need("gobgpd", "gobgpd");
+    let h = hosts.to_string();
+    Lab::up(
+        name,
+        &[
+            "--hosts",
+            &h,
+            "--racks",
+            "2",
+            "--router",
+            router,
+            "--backend",
+            "bgp",
+        ],
+    )
+}
+
+fn sh(args: &[&str]) -> String {
+    let o = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect(args[0]);
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The BGP routes (protocol 114) in `host`'s kernel, both families, as `ip route` prints them.
+fn kernel_routes(lab: &Lab, host: &str) -> Vec<String> {
+    let ns = lab.host_ns(host);
+    let mut v: Vec<String> = ["-4", "-6"]
+        .iter()
+        .flat_map(|f| {
+            sh(&["ip", "-n", &ns, *f, "route", "show", "proto", "114"])
+                .lines()
+                .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Rack `r`'s ToR routing table as its daemon shows it (both families).
+fn tor_table(lab: &Lab, r: u8, router: &str) -> String {
+    let ns = format!("{}-tor{r}", lab.name);
+    match router {
+        "bird" => {
+            let ctl = format!("/run/ferrynet-lab/{}/tor{r}/bird.ctl", lab.name);
+            sh(&[
+                "ip", "netns", "exec", &ns, "birdc", "-s", &ctl, "show", "route",
+            ])
+        }
+        _ => ["ipv4", "ipv6"]
+            .iter()
+            .map(|f| {
+                sh(&[
+                    "ip", "netns", "exec", &ns, "gobgp", "global", "rib", "-a", f,
+                ])
+            })
+            .collect(),
+    }
+}
+
+/// `host`'s blocks of `net`, from its agent's status.
+fn blocks(lab: &Lab, host: &str, net: &str) -> Vec<String> {
+    let st = lab.status(host);
+    st["networks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["name"] == net)
+        .flat_map(|n| n["blocks"].as_array().cloned().unwrap_or_default())
+        .filter_map(|b| b.as_str().map(str::to_string))
+        .collect()
+}
+
+/// `bgp status --json` on `host`.
+fn bgp_status(lab: &Lab, host: &str) -> Value {
+    serde_json::from_str(&lab.ok(host, &["bgp", "status", "--json"])).expect("bgp status json")
+}
+
+fn peer<'a>(st: &'a Value, name: &str) -> &'a Value {
+    st["peers"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == name))
+        .unwrap_or_else(|| panic!("no peer {name} in {st}"))
+}
+
+/// Each host's kernel holds exactly the other hosts' blocks of the `bgp` networks, and no
+/// other BGP route (nothing stale).
+fn converged(lab: &Lab, hosts: &[&str], nets: &[&str]) -> Result<(), String> {
+    for h in hosts {
+        let mut want: Vec<String> = hosts
+            .iter()
+            .filter(|o| *o != h)
+            .flat_map(|o| nets.iter().flat_map(|n| blocks(lab, o, n)))
+            .collect();
+        want.sort();
+        let have: Vec<String> = kernel_routes(lab, h)
+            .iter()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect();
+        if have != want {
+            return Err(format!("{h}: kernel has {have:?}, expected {want:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// A two-host BIRD rack lab with an echo container on each host, its routes converged.
+fn two_racks(name: &str) -> (Lab, Container, Container) {
+    let mut lab = rack_lab(name, 2, "bird");
+    let c1 = lab.container("h1", "c1");
+    let c2 = lab.container("h2", "c2");
+    within(Duration::from_secs(30), || {
+        converged(&lab, &["h1", "h2"], &["fabric"])
+    });
+    (lab, c1, c2)
+}
+
+fn routes_follow_blocks(name: &str, router: &str) {
+    let mut lab = rack_lab(name, 3, router);
+    let hosts = ["h1", "h2", "h3"];
+    let cs: Vec<_> = ["h1", "h2", "h3"]
+        .iter()
+        .enumerate()
+        .map(|(i, h)| lab.container(h, &format!("c{}", i + 1)))
+        .collect();
+    within(Duration::from_secs(30), || {
+        converged(&lab, &hosts, &["fabric"])
+    });
+    all_pairs(&cs);
+    // Across racks the only path is the ToRs: h1 (rack 0) reaches h2's containers via its ToR.
+    let via = sh(&["ip", "-n", &lab.host_ns("h1"), "route", "get", &cs[1].v4]);
+    assert!(
+        via.contains("via 172.31.0.254"),
+        "h1 -> c2 not via its ToR: {via}"
+    );
+    let via = sh(&[
+        "ip",
+        "-n",
+        &lab.host_ns("h1"),
+        "-6",
+        "route",
+        "get",
+        &cs[1].v6,
+    ]);
+    assert!(
+        via.contains("via fd31::fe"),
+        "h1 -> c2 (IPv6) not via its ToR: {via}"
+    );
+
+    // A network with one-container blocks: the second container on h1 claims a block, which
+    // appears in both ToRs' tables and h2's kernel; removing it all withdraws every block.
+    lab.ok(
+        "h1",
+        &[
+            "network",
+            "create",
+            "tiny",
+            "--subnet",
+            "10.30.0.0/24",
+            "--subnet",
+            "fd30::/64",
+            "--backend",
+            "bgp",
+            "--block-size",
+            "30",
+            "--block-size6",
+            "126",
+        ],
+    );
+    let t1 = lab.run_on("h1", "t1", "tiny", &[], &["sleep", "infinity"]);
+    let t2 = lab.run_on("h1", "t2", "tiny", &[], &["sleep", "infinity"]);
+    let new_block = format!("{}/30", {
+        let o: Vec<u8> = t2.v4.split('.').map(|x| x.parse().unwrap()).collect();
+        format!("{}.{}.{}.{}", o[0], o[1], o[2], o[3] & !3)
+    });
+    for r in [0, 1] {
+        within(Duration::from_secs(20), || {
+            let t = tor_table(&lab, r, router);
+            t.contains(&new_block)
+                .then_some(())
+                .ok_or(format!("{new_block} not in tor{r}'s table:\n{t}"))
+        });
+    }
+    within(Duration::from_secs(20), || {
+        converged(&lab, &hosts, &["fabric", "tiny"])
+    });
+    echo(&cs[1], &cs[0].v4, Duration::from_secs(5)).unwrap();
+    lab.rm(&t1);
+    lab.rm(&t2);
+    lab.ok("h1", &["network", "rm", "tiny"]);
+    for r in [0, 1] {
+        within(Duration::from_secs(20), || {
+            let t = tor_table(&lab, r, router);
+            (!t.contains("10.30.") && !t.contains("fd30:"))
+                .then_some(())
+                .ok_or(format!("tiny's blocks still in tor{r}'s table:\n{t}"))
+        });
+    }
+    within(Duration::from_secs(20), || {
+        converged(&lab, &hosts, &["fabric"])
+    });
+}
+
+#[test]
+fn bird_tors_route_all_pairs_and_follow_blocks() {
+    routes_follow_blocks("bgpbird", "bird");
+}
+
+#[test]
+fn gobgp_tors_route_all_pairs_and_follow_blocks() {
+    routes_follow_blocks("bgpgobgp", "gobgp");
+}
+
+#[test]
+fn agent_kill_9_keeps_a_stream_and_the_routers_keep_its_routes() {
+    let (lab, c1, c2) = two_racks("bgpkill");
+    echo(&c2, &c1.v4, Duration::from_secs(5)).unwrap();
+    let client = stream(&c2, &c1.v4, 10);
+    std::thread::sleep(Duration::from_secs(1));
+    let h1_block = blocks(&lab, "h1", "fabric")[0].clone();
+    lab.lab(&["stop-agent", "h1", "--kill"]);
+    std::thread::sleep(Duration::from_secs(2));
+    // The ToR holds h1's routes as stale (graceful restart), so h2 keeps them too.
+    let t = tor_table(&lab, 0, "bird");
+    assert!(
+        t.contains(&h1_block),
+        "tor0 dropped {h1_block} when h1's agent died:\n{t}"
+    );
+    assert!(
+        kernel_routes(&lab, "h2")
+            .iter()
+            .any(|r| r.starts_with(&h1_block)),
+        "h2 lost its route to {h1_block}"
+    );
+    lab.lab(&["start-agent", "h1"]);
+    let o = client.wait_with_output().unwrap();
+    assert!(
+        o.status.success(),
+        "stream broke across kill -9: {}",
+        out(&o)
+    );
+    within(Duration::from_secs(30), || {
+        let st = bgp_status(&lab, "h1");
+        (st["converged"] == true && peer(&st, "tor-h1")["state"] == "Established")
+            .then_some(())
+            .ok_or(format!("h1 not back: {st}"))
+    });
+    within(Duration::from_secs(20), || {
+        converged(&lab, &["h1", "h2"], &["fabric"])
+    });
+    echo(&c1, &c2.v6, Duration::from_secs(5)).unwrap();
+}
+
+#[test]
+fn hostile_neighbour_is_refused_and_its_malformed_update_gets_a_notification() {
+    let (mut lab, c1, c2) = two_racks("bgpevil");
+    let before = bgp_status(&lab, "h1");
+    let ups = peer(&before, "tor-h1")["establishedCount"].clone();
+    // A neighbour on rack 0's link, configured as h1's peer.
+    let ns = format!("{}-x", lab.name);
+    lab.add_netns(&ns);
+    let ul = format!("{}-ul", lab.name);
+    for args in [
+        vec![
+            "-n", &ul, "link", "add", "evil", "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ],
+        vec!["-n", &ul, "link", "set", "evil", "master", "ul0", "up"],
+        vec!["-n", &ns, "addr", "add", "172.31.0.50/24", "dev", "eth0"],
+        vec!["-n", &ns, "link", "set", "eth0", "up"],
+    ] {
+        let o = Command::new("ip").args(&args).output().unwrap();
+        assert!(o.status.success(), "ip {args:?}: {}", out(&o));
+    }
+    lab.ok(
+        "h1",
+        &[
+            "bgp",
+            "peer",
+            "add",
+            "evil",
+            "--address",
+            "172.31.0.50",
+            "--asn",
+            "65099",
+            "--host",
+            "h1",
+        ],
+    );
+    let own = blocks(&lab, "h1", "fabric")
+        .into_iter()
+        .find(|b| !b.contains(':'))
+        .unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/bgp/hostile_peer.py");
+    let run = || {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "python3",
+                script,
+                "172.31.0.1",
+                "65099",
+            ])
+            .args(["172.31.0.50", &own, "172.31.0.50"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap()
+    };
+    // The agent learns of the peer through the store: retry until it accepts the session.
+    let o = within(Duration::from_secs(20), || {
+        let o = run();
+        String::from_utf8_lossy(&o.stdout)
+            .contains("established")
+            .then_some(o.clone())
+            .ok_or(out(&o))
+    });
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(text.contains("sent-hostile"), "{text}");
+    assert!(
+        text.contains("notification 3 "),
+        "no UPDATE error NOTIFICATION: {}",
+        out(&o)
+    );
+    let st = bgp_status(&lab, "h1");
+    let evil = peer(&st, "evil");
+    assert!(
+        evil["lastError"]
+            .as_str()
+            .unwrap_or("")
+            .contains("UPDATE message error"),
+        "{evil}"
+    );
+    // All four of its routes arrived and were refused by the import policy: none reached the
+    // kernel, and the ToR sessions never dropped.
+    assert_eq!(evil["prefixesRejected"], 4, "{evil}");
+    let routes = kernel_routes(&lab, "h1").join("\n");
+    for p in ["192.168.99.0", "10.0.0.0/8", "10.20.99.0", &own] {
+        assert!(
+            !routes.contains(p),
+            "{p} installed from a hostile peer:\n{routes}"
+        );
+    }
+    assert_eq!(peer(&st, "tor-h1")["establishedCount"], ups, "{st}");
+    assert_eq!(peer(&st, "tor-h1")["state"], "Established");
+    echo(&c1, &c2.v4, Duration::from_secs(5)).unwrap();
+    lab.ok("h1", &["bgp", "peer", "rm", "evil"]);
+}
+
+#[test]
+fn compressed_session_flaps_leave_no_stale_route() {
+    let mut lab = rack_lab("bgpflap", 2, "bird");
+    let c1 = lab.container("h1", "c1");
+    let c2 = lab.container("h2", "c2");
+    lab.ok(
+        "h1",
+        &[
+            "network",
+            "create",
+            "flap",
+            "--subnet",
+            "10.40.0.0/16",
+            "--subnet",
+            "fd40::/64",
+            "--backend",
+            "bgp",
+        ],
+    );
+    within(Duration::from_secs(30), || {
+        converged(&lab, &["h1", "h2"], &["fabric", "flap"])
+    });
+    let birdc = |r: u8, args: &[&str]| {
+        let ns = format!("{}-tor{r}", lab.name);
+        let ctl = format!("/run/ferrynet-lab/{}/tor{r}/bird.ctl", lab.name);
+        let mut a = vec!["ip", "netns", "exec", &ns, "birdc", "-s", &ctl];
+        a.extend_from_slice(args);
+        sh(&a)
+    };
+    // An hour of trouble in a minute: host sessions reset by the ToR, the spine flapping,
+    // agents killed, and a network removed while sessions are down.
+    for i in 0..24 {
+        match i % 4 {
+            0 => {
+                birdc(0, &["disable", "h1v4"]);
+                birdc(0, &["disable", "h1v6"]);
+                std::thread::sleep(Duration::from_millis(300));
+                birdc(0, &["enable", "h1v4"]);
+                birdc(0, &["enable", "h1v6"]);
+            }
+            1 => {
+                birdc(1, &["restart", "tor0v4"]);
+                birdc(1, &["restart", "tor0v6"]);
+            }
+            2 => {
+                lab.lab(&["stop-agent", "h2", "--kill"]);
+                std::thread::sleep(Duration::from_millis(300));
+                lab.lab(&["start-agent", "h2"]);
+            }
+            _ => {
+                birdc(1, &["disable", "h2v4"]);
+                std::thread::sleep(Duration::from_millis(300));
+                birdc(1, &["enable", "h2v4"]);
+            }
+        }
+        if i == 13 {
+            // h1's session to its ToR is down now and then: the withdrawals must still land.
+            lab.ok("h1", &["network", "rm", "flap"]);
+        }
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    within(Duration::from_secs(60), || {
+        converged(&lab, &["h1", "h2"], &["fabric"])
+    });
+    for r in [0, 1] {
+        let t = birdc(r, &["show", "route"]);
+        assert!(
+            !t.contains("10.40.") && !t.contains("fd40:"),
+            "stale in tor{r}:\n{t}"
+        );
+    }
+    echo(&c1, &c2.v4, Duration::from_secs(10)).unwrap();
+    echo(&c2, &c1.v6, Duration::from_secs(10)).unwrap();
+}
+
+#[test]
+fn hosts_form_a_full_ibgp_mesh_by_default() {
+    let mut lab = Lab::up("bgpmesh", &["--hosts", "3", "--backend", "bgp"]);
+    let cs: Vec<_> = ["h1", "h2", "h3"]
+        .iter()
+        .enumerate()
+        .map(|(i, h)| lab.container(h, &format!("c{}", i + 1)))
+        .collect();
+    within(Duration::from_secs(30), || {
+        converged(&lab, &["h1", "h2", "h3"], &["fabric"])
+    });
+    let st = bgp_status(&lab, "h1");
+    for p in ["mesh-h2", "mesh-h3"] {
+        assert_eq!(peer(&st, p)["state"], "Established", "{st}");
+        assert_eq!(peer(&st, p)["remoteAsn"], 64512);
+    }
+    all_pairs(&cs);
+}
+
+/// A TCP counter of the namespace `ns` (`nstat`), e.g. TcpExtTCPMD5Failure.
+fn nstat(ns: &str, counter: &str) -> u64 {
+    sh(&["ip", "netns", "exec", ns, "nstat", "-az", counter])
+        .lines()
+        .find(|l| l.starts_with(counter))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn tcp_md5_sessions_come_up_only_with_the_key() {
+    need("nstat", "iproute2");
+    let lab = Lab::up(
+        "bgpmd5",
+        &[
+            "--hosts",
+            "2",
+            "--racks",
+            "2",
+            "--router",
+            "bird",
+            "--backend",
+            "bgp",
+            "--bgp-password",
+            "s3cr3t",
+        ],
+    );
+    let tor0 = format!("{}-tor0", lab.name);
+    let st = bgp_status(&lab, "h1");
+    assert_eq!(peer(&st, "tor-h1")["state"], "Established", "{st}");
+    let failures = nstat(&tor0, "TcpExtTCPMD5Failure");
+    // The wrong key: the ToR's kernel drops h1's signed segments, the session stays down.
+    let peer_add = |pw: &str| {
+        lab.ok(
+            "h1",
+            &[
+                "bgp",
+                "peer",
+                "add",
+                "tor-h1",
+                "--address",
+                "172.31.0.254",
+                "--asn",
+                "65000",
+                "--host",
+                "h1",
+                "--password",
+                pw,
+            ],
+        )
+    };
+    peer_add("wrong");
+    within(Duration::from_secs(20), || {
+        let st = bgp_status(&lab, "h1");
+        let n = nstat(&tor0, "TcpExtTCPMD5Failure");
+        (n > failures && peer(&st, "tor-h1")["state"] != "Established")
+            .then_some(())
+            .ok_or(format!("MD5 failures {failures} -> {n}: {st}"))
+    });
+    peer_add("s3cr3t");
+    within(Duration::from_secs(30), || {
+        let st = bgp_status(&lab, "h1");
+        (peer(&st, "tor-h1")["state"] == "Established")
+            .then_some(())
+            .ok_or(format!("not back with the key: {st}"))
+    });
+}

