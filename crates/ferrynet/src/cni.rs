@@ -1,5 +1,6 @@
 //! The CNI plugin: selected when `CNI_COMMAND` is set; config on stdin, result on stdout.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -165,6 +166,8 @@ pub fn network_from_conf(conf: &NetConf) -> Result<Option<Network>, CniError> {
         internal,
         ip_masq: flag("ipMasq", !internal)?,
         fabric: None,
+        // Network policy: restricted until a policy allows (docs/POLICY.md).
+        default_deny: flag("defaultDeny", false)?,
     })))
 }
 
@@ -364,12 +367,13 @@ async fn add(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<Value, CniEr
                 aliases: dns_aliases(conf)?,
                 owner: EndpointOwner::Cni,
                 pod: pod.pod.clone(),
-                labels: pod.labels.clone(),
+                labels: conf_labels(conf, &pod)?,
                 bandwidth: conf.runtime_config.bandwidth,
             },
         )
         .await
         .map_err(ctl_err)?;
+    ctl.sync_policy_without_agent().await;
     // The view the attach returned holds the endpoint (with any block it claimed).
     let net = &view.net;
     let mut res = build_result(net, &ep, prev, &conf.cni_version)?;
@@ -431,6 +435,48 @@ fn dns_name(conf: &NetConf, pod: &PodArgs) -> Result<Option<String>, CniError> {
     Ok(pod.bare_name.clone())
 }
 
+/// Labels for network policy: the CNI `args` convention's `args.cni.labels` (a list of
+/// `{"key": …, "value": …}`) and `args.labels` (the same list, or an object of strings), with
+/// the pod's namespace (`K8S_POD_NAMESPACE`) as `namespace`, which the configuration cannot
+/// override. Bad keys or values are code 7.
+fn conf_labels(conf: &NetConf, pod: &PodArgs) -> Result<BTreeMap<String, String>, CniError> {
+    let bad = |why: String| CniError::invalid_config(format!("args labels: {why}"));
+    let mut out = BTreeMap::new();
+    let args = conf.args.as_ref();
+    for list in [
+        args.and_then(|a| a.get("cni")?.get("labels")),
+        args.and_then(|a| a.get("labels")),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        match list {
+            Value::Array(items) => {
+                for it in items {
+                    let k = it.get("key").and_then(Value::as_str);
+                    let v = it.get("value").and_then(Value::as_str);
+                    let (Some(k), Some(v)) = (k, v) else {
+                        return Err(bad(format!("{it} is not {{\"key\": …, \"value\": …}}")));
+                    };
+                    out.insert(k.to_string(), v.to_string());
+                }
+            }
+            Value::Object(m) => {
+                for (k, v) in m {
+                    let v = v
+                        .as_str()
+                        .ok_or_else(|| bad(format!("{k}: {v} is not a string")))?;
+                    out.insert(k.clone(), v.to_string());
+                }
+            }
+            other => return Err(bad(format!("{other} is neither a list nor an object"))),
+        }
+    }
+    out.extend(pod.labels.clone());
+    ferrynet_model::pod::check_labels(&out, pod.pod.as_ref()).map_err(|e| bad(e.to_string()))?;
+    Ok(out)
+}
+
 /// Further DNS names: `args.ferrynet.aliases` (a list of strings, each DNS labels; else code 7).
 fn dns_aliases(conf: &NetConf) -> Result<Vec<String>, CniError> {
     let aliases: Vec<String> = conf
@@ -478,6 +524,7 @@ async fn del(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<(), CniError
     )
     .await
     .map_err(ctl_err)?;
+    ctl.sync_policy_without_agent().await;
     // The last container of a network that only its config defines: no bridge stays behind
     // to shadow a later network on the same subnet. DEL itself has succeeded either way.
     if let Err(e) = ctl.retire_cni_network(&net).await {
@@ -684,5 +731,33 @@ mod tests {
         .unwrap()
         .unwrap();
         assert!(n.internal && !n.ip_masq);
+    }
+
+    #[test]
+    fn labels_come_from_args_and_the_pod_namespace() {
+        let args = |a: Value| conf(serde_json::json!({ "args": a }));
+        let pod = pod_args(&[
+            ("K8S_POD_NAMESPACE".into(), "shop".into()),
+            ("K8S_POD_NAME".into(), "web-0".into()),
+        ])
+        .unwrap();
+        let c = args(serde_json::json!({"cni": {"labels": [{"key": "app", "value": "web"}]}}));
+        let l = conf_labels(&c, &pod).unwrap();
+        assert_eq!(l.get("app").map(String::as_str), Some("web"));
+        assert_eq!(l.get("namespace").map(String::as_str), Some("shop"));
+        // The configuration cannot move a pod to another namespace's policies.
+        let c = args(serde_json::json!({"labels": {"namespace": "kube-system", "tier": "x"}}));
+        let l = conf_labels(&c, &pod).unwrap();
+        assert_eq!(l.get("namespace").map(String::as_str), Some("shop"));
+        assert_eq!(l.get("tier").map(String::as_str), Some("x"));
+        for bad in [
+            serde_json::json!({"labels": {"app": "a b"}}),
+            serde_json::json!({"labels": [{"key": "app"}]}),
+            serde_json::json!({"labels": "app=web"}),
+            serde_json::json!({"cni": {"labels": [{"key": "x\"; flush", "value": "v"}]}}),
+        ] {
+            let e = conf_labels(&args(bad.clone()), &PodArgs::default()).unwrap_err();
+            assert_eq!(e.code, 7, "{bad}");
+        }
     }
 }

@@ -10,7 +10,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::lab::{Container, Lab};
@@ -268,38 +267,6 @@ fn vip_clients_keep_their_address_auto() {
     vip_clients_keep_their_address("srcau", "auto", false);
 }
 
-/// An "outside" namespace on the lab's underlay (172.31.0.200, fd31::c8).
-fn outside(lab: &mut Lab) -> String {
-    let ns = format!("{}-out", lab.name);
-    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-    let ul = format!("{}-ul", lab.name);
-    lab.add_netns(&ns);
-    for args in [
-        vec!["-n", &ns, "link", "set", "lo", "up"],
-        vec![
-            "-n", &ul, "link", "add", "out", "type", "veth", "peer", "name", "eth0", "netns", &ns,
-        ],
-        vec!["-n", &ul, "link", "set", "out", "master", "ul0", "up"],
-        vec!["-n", &ns, "addr", "add", "172.31.0.200/24", "dev", "eth0"],
-        vec![
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            "fd31::c8/64",
-            "dev",
-            "eth0",
-            "nodad",
-        ],
-        vec!["-n", &ns, "link", "set", "eth0", "up"],
-    ] {
-        let mut v = vec!["ip"];
-        v.extend(args);
-        must(&v);
-    }
-    ns
-}
-
 /// Every attempt failed with `ConnectionRefusedError` (a reset or ICMP port unreachable,
 /// not a timeout).
 fn refused(t: &Tally, n: u64) -> Result<(), String> {
@@ -314,7 +281,7 @@ fn local_ingress_keeps_the_outside_client_and_refuses_without_a_local_producer()
     let mut lab = Lab::up("srcloc", &["--hosts", "3", "--backend", "vxlan"]);
     let (p1, _l1) = producer(&mut lab, "h1", "p1", "fabric");
     let (p2, _l2) = producer(&mut lab, "h2", "p2", "fabric");
-    let out_ns = outside(&mut lab);
+    let out_ns = lab.outside();
     let web = [
         "--vip",
         VIP4,

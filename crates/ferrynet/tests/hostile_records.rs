@@ -99,6 +99,7 @@ fn network(i: usize) -> impl Strategy<Value = Network> {
                 internal,
                 ip_masq: !internal,
                 fabric: None,
+                default_deny: false,
             }
         })
 }

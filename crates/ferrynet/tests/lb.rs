@@ -110,36 +110,6 @@ impl Lab {
         assert!(!c.v6.is_empty(), "v6");
         c
     }
-
-    /// An "outside" client namespace on the underlay (172.31.0.200, fd31::c8), removed with
-    /// the lab.
-    fn outside(&mut self) -> String {
-        let ns = format!("{}-out", self.name);
-        let ul = format!("{}-ul", self.name);
-        let ip = |args: &[&str]| {
-            let o = Command::new("ip").args(args).output().unwrap();
-            assert!(o.status.success(), "ip {args:?}: {}", out(&o));
-        };
-        self.add_netns(&ns);
-        ip(&["-n", &ns, "link", "set", "lo", "up"]);
-        ip(&[
-            "-n", &ul, "link", "add", "out", "type", "veth", "peer", "name", "eth0", "netns", &ns,
-        ]);
-        ip(&["-n", &ul, "link", "set", "out", "master", "ul0", "up"]);
-        ip(&["-n", &ns, "addr", "add", "172.31.0.200/24", "dev", "eth0"]);
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            "fd31::c8/64",
-            "dev",
-            "eth0",
-            "nodad",
-        ]);
-        ip(&["-n", &ns, "link", "set", "eth0", "up"]);
-        ns
-    }
 }
 
 /// A service's registration on the command line.

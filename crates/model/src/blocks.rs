@@ -255,6 +255,7 @@ mod tests {
                 backend: Backend::Vxlan,
                 ..spec()
             }),
+            default_deny: false,
         };
         let me = HostRecord {
             name: "h1".into(),

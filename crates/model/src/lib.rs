@@ -19,6 +19,7 @@ pub mod lb;
 pub mod names;
 pub mod network;
 pub mod pod;
+pub mod policy;
 pub mod portclaim;
 pub mod portmap;
 pub mod registry;

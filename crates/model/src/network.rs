@@ -119,6 +119,10 @@ pub struct Network {
     /// connect the hosts with this fabric. None: a single-host network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fabric: Option<FabricSpec>,
+    /// Network policy: its endpoints are restricted in both directions even when no policy
+    /// selects them (only what a policy allows passes).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub default_deny: bool,
 }
 
 /// How a multi-host network spans hosts.
@@ -165,6 +169,7 @@ impl Network {
             internal: false,
             ip_masq: true,
             fabric: None,
+            default_deny: false,
         }
     }
 }

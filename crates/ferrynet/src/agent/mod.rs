@@ -13,6 +13,7 @@ pub mod dns;
 pub mod fabric_guard;
 pub mod health;
 pub mod lb;
+pub mod policy;
 pub mod reassert;
 pub mod reconcile;
 pub mod register;
@@ -187,6 +188,12 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
         ctl.host().to_string(),
         status.clone(),
     ));
+    let policy_task = tokio::spawn(policy::run(
+        ctl.store_handle(),
+        ctl.nft_handle(),
+        ctl.host().to_string(),
+        status.clone(),
+    ));
     let rejected = (status.clone(), disc_rx.clone());
     let reassert_task = tokio::spawn(reassert::run(ctl.clone(), lease_rx.clone(), status.clone()));
     let _discovery = (disc_rx, lease_rx);
@@ -280,6 +287,8 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     reassert_task.abort();
     // The load balancer's table stays: restarts must not drop traffic.
     lb_task.abort();
+    // So does the policy table.
+    policy_task.abort();
     // BGP routes stay in the kernel too; peers hold ours for the restart time.
     bgp_task.abort();
     let _ = std::fs::remove_file(&sock);

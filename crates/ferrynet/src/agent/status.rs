@@ -49,6 +49,9 @@ pub struct AgentStatus {
     /// The VXLAN guard (absent: this host has no VXLAN device).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vxlan_guard: Option<VxlanGuardStatus>,
+    /// Network policy: the table of this host's endpoints.
+    #[serde(default)]
+    pub policy: super::policy::PolicyStatus,
     /// Store records refused as invalid (treated as absent), by key.
     #[serde(default)]
     pub rejected: Vec<RejectedRecord>,

@@ -3,6 +3,7 @@
 mod bgp;
 mod install;
 mod lab;
+mod policy;
 mod lab_gobgp_fib;
 mod lab_nat;
 mod lab_racks;
@@ -131,6 +132,12 @@ enum Cmd {
     ///
     /// Example: ferrynet render -t nginx.conf.tmpl -o /etc/nginx/conf.d/web.conf --exec "nginx -s reload"
     Render(render::RenderArgs),
+    /// Network policy: label selectors, allow and deny rules, enforced on every host.
+    #[command(subcommand)]
+    Policy(policy::PolicyCmd),
+    /// Show or change the labels of a container (`KEY=VALUE`, `KEY-` removes); policies
+    /// follow at once, and connections they no longer allow are cut.
+    Label(policy::LabelArgs),
     /// Free-form keys for templates (`key("name")`, `kv.name` in `ferrynet render`).
     #[command(subcommand)]
     Kv(render::KvCmd),
@@ -283,6 +290,11 @@ struct CreateArgs {
     /// Do not masquerade traffic leaving the network.
     #[arg(long)]
     no_masquerade: bool,
+    /// Network policy: every endpoint of the network is closed in both directions (new
+    /// connections in and out) until a policy allows them; replies of allowed connections
+    /// pass. See `ferrynet policy --help` and docs/POLICY.md.
+    #[arg(long, conflicts_with = "host")]
+    default_deny: bool,
     /// Bridge name (must start with `fn-`, at most 15 bytes; default derived from the name).
     #[arg(long)]
     bridge: Option<String>,
@@ -339,6 +351,9 @@ struct RunArgs {
     /// Interface name inside the container.
     #[arg(long, default_value = "eth0")]
     ifname: String,
+    /// A label for network policy, KEY=VALUE; repeatable (change it later with `ferrynet label`).
+    #[arg(long = "label", short = 'l', value_name = "KEY=VALUE")]
+    labels: Vec<String>,
     /// A further DNS name of the container on its network; repeatable.
     #[arg(long = "alias", value_name = "NAME")]
     aliases: Vec<String>,
@@ -442,6 +457,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map(|_| ExitCode::SUCCESS),
             Cmd::Render(a) => render::render(&ctl, a).await.map(|_| ExitCode::SUCCESS),
             Cmd::Kv(c) => render::kv(&ctl, c).await,
+            Cmd::Policy(c) => policy::run(&ctl, c).await.map(|_| ExitCode::SUCCESS),
+            Cmd::Label(a) => policy::label(&ctl, a).await.map(|_| ExitCode::SUCCESS),
             Cmd::Bgp(c) => bgp::run(ctl.paths(), Some(&ctl), c).await,
         }
     })
@@ -572,6 +589,7 @@ async fn network_from_args(ctl: &Control, a: CreateArgs) -> anyhow::Result<Netwo
             internal: false,
             ip_masq: false,
             fabric: None,
+            default_deny: false,
         });
     }
     if a.gateway.len() > a.subnet.len() {
@@ -620,6 +638,7 @@ async fn network_from_args(ctl: &Control, a: CreateArgs) -> anyhow::Result<Netwo
             block_v6: a.block_size6,
             encrypt: a.encrypt,
         }),
+        default_deny: a.default_deny,
     })
 }
 
@@ -634,6 +653,7 @@ async fn run_container(ctl: &Control, a: RunArgs) -> anyhow::Result<()> {
         ports.extend(parse_publish(spec).map_err(anyhow::Error::msg)?);
     }
     let mac = a.mac.as_deref().map(parse_mac).transpose()?;
+    let labels = policy::parse_labels(&a.labels)?;
     let services = service::group_run_services(&a.services)?;
     let check = a.check.to_check()?.flatten();
     if check.is_some() && services.is_empty() {
@@ -678,11 +698,13 @@ async fn run_container(ctl: &Control, a: RunArgs) -> anyhow::Result<()> {
                     aliases: a.aliases.clone(),
                     owner: EndpointOwner::Cli,
                     pod: None,
-                    labels: Default::default(),
+                    labels: labels.clone(),
                     bandwidth: None,
                 },
             )
             .await?;
+        // Policy in place before the command starts (the agent does it where one runs).
+        ctl.sync_policy_without_agent().await;
         c.ips = ep.ips.clone();
         let dir = ctl.paths().container_dir(&a.name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -782,12 +804,21 @@ async fn container_resolver(
 
 async fn ps(ctl: &Control, json: bool) -> anyhow::Result<()> {
     let cs = ctl.containers().await?;
+    // Labels live on the endpoint record (policy selects by them).
+    let mut labels = Vec::new();
+    for c in &cs {
+        let key = ferrynet_model::network::keys::endpoint(&c.network, &c.name, &c.ifname);
+        let l = ctl.endpoint_at(&key).await.ok().flatten().map(|e| e.labels);
+        labels.push(l.unwrap_or_default());
+    }
     if json {
         let v: Vec<serde_json::Value> = cs
             .iter()
-            .map(|c| {
+            .zip(&labels)
+            .map(|(c, l)| {
                 let mut v = serde_json::to_value(c).unwrap_or_default();
                 v["running"] = serde_json::Value::Bool(c.running());
+                v["labels"] = serde_json::to_value(l).unwrap_or_default();
                 v
             })
             .collect();
@@ -801,9 +832,10 @@ async fn ps(ctl: &Control, json: bool) -> anyhow::Result<()> {
         "PORTS",
         "STATUS",
         "PID",
+        "LABELS",
         "COMMAND",
     ]);
-    for c in &cs {
+    for (c, l) in cs.iter().zip(&labels) {
         t.row(vec![
             c.name.clone(),
             c.network.clone(),
@@ -831,6 +863,10 @@ async fn ps(ctl: &Control, json: bool) -> anyhow::Result<()> {
                 "exited".into()
             },
             c.pid.map(|p| p.to_string()).unwrap_or_default(),
+            l.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(","),
             c.command.join(" "),
         ]);
     }
@@ -908,6 +944,7 @@ async fn rm(ctl: &Control, name: &str, force: bool) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_dir_all(ctl.paths().container_dir(name));
     ctl.forget_container(name).await?;
+    ctl.sync_policy_without_agent().await;
     println!("{name}");
     Ok(())
 }

@@ -57,6 +57,35 @@ pub async fn show(paths: &Paths, json: bool) -> anyhow::Result<()> {
     for c in &lb.conflicts {
         println!("  not served: {c}");
     }
+    let p = &s.policy;
+    match &p.table {
+        Some(t) => println!(
+            "policy: {} policies, {} endpoints known; table: {} policy chains, {} profiles, {} rules, {} sets, {} elements; {} transactions ({} rebuilds), {} connections cut, last {:.1} ms",
+            p.policies, p.endpoints, t.policy_chains, t.profiles, t.rules, t.sets, t.elements, p.applies, p.rebuilds, p.cut, p.last_took_ms
+        ),
+        None => println!(
+            "policy: {} policies, {} endpoints known; nothing restricted on this host",
+            p.policies, p.endpoints
+        ),
+    }
+    if let Some(e) = &p.error {
+        println!("  error: {e}");
+    }
+    for e in &p.local {
+        let labels: Vec<String> = e.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let side = |s: &Option<Vec<String>>| match s {
+            None => "open".to_string(),
+            Some(l) if l.is_empty() => "default-deny".to_string(),
+            Some(l) => l.join(","),
+        };
+        println!(
+            "  {} [{}] ingress: {} egress: {}",
+            e.id,
+            labels.join(","),
+            side(&e.ingress),
+            side(&e.egress)
+        );
+    }
     if let Some(g) = &s.vxlan_guard {
         let dropped: Vec<String> = g.dropped.iter().map(|(k, v)| format!("{k} {v}")).collect();
         println!(

@@ -200,6 +200,7 @@ impl Plugin {
                     internal: opts.internal,
                     ip_masq: opts.masquerade.unwrap_or(true) && !opts.internal,
                     fabric,
+                    default_deny: false,
                 };
                 ctl.create_network(net).await?;
                 false

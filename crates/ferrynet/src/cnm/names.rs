@@ -67,6 +67,9 @@ pub struct ContainerName {
     /// Its aliases on the network (`--network-alias`, the short id Docker adds), without the
     /// name itself.
     pub aliases: Vec<String>,
+    /// Its labels (`docker run --label`) for network policy: those an endpoint can hold
+    /// (keys of `[A-Za-z0-9_./-]`, values of at most 63 `[A-Za-z0-9_.-]`); others are skipped.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// From `GET /networks/<id>`: the id of the container whose endpoint is `endpoint_id`.
@@ -110,7 +113,24 @@ pub fn name_of_container(container: &Value, endpoint_id: &str) -> Option<Contain
             aliases.push(a.to_string());
         }
     }
-    Some(ContainerName { id, name, aliases })
+    let labels = container
+        .get("Config")
+        .and_then(|c| c.get("Labels"))
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+        .filter(|(k, v)| {
+            let one = std::collections::BTreeMap::from([(k.clone(), v.clone())]);
+            ferrynet_model::pod::check_labels(&one, None).is_ok()
+        })
+        .collect();
+    Some(ContainerName {
+        id,
+        name,
+        aliases,
+        labels,
+    })
 }
 
 /// One `GET` of the Engine API over its unix socket: the JSON answer, None for a 404.
@@ -180,10 +200,13 @@ impl Plugin {
         let key = keys::endpoint(&job.network, &job.endpoint_id, DOCKER_IFNAME);
         // Not under the handlers' lock, so Docker's calls for the next containers do not wait
         // for this write.
-        Ok(self
+        let named = self
             .ctl
-            .set_endpoint_name(&key, &found.name, &found.aliases)
-            .await?)
+            .set_endpoint_name(&key, &found.name, &found.aliases, &found.labels)
+            .await?;
+        // Labels select policies; without an agent nobody else applies them.
+        self.ctl.sync_policy_without_agent().await;
+        Ok(named)
     }
 
     /// Name one joined endpoint: look for its container until Docker lists it, then record.
@@ -194,7 +217,7 @@ impl Plugin {
             match look_up(socket, job).await {
                 Ok(Some(found)) => {
                     if self.record_name(job, &found).await? {
-                        tracing::info!(endpoint = %job.endpoint_id, container = %found.id, name = %found.name, aliases = ?found.aliases, "Docker endpoint named");
+                        tracing::info!(endpoint = %job.endpoint_id, container = %found.id, name = %found.name, aliases = ?found.aliases, labels = ?found.labels, "Docker endpoint named");
                     }
                     return Ok(());
                 }
@@ -249,7 +272,7 @@ mod tests {
 
     #[test]
     fn name_and_aliases_of_the_endpoint() {
-        let c = json!({"Id": "abc123", "Name": "/web", "NetworkSettings": {"Networks": {
+        let c = json!({"Id": "abc123", "Name": "/web", "Config": {"Labels": {"app": "web", "bad": "a b"}}, "NetworkSettings": {"Networks": {
             "other": {"EndpointID": "e9", "Aliases": ["x"]},
             "front": {"EndpointID": "e1", "Aliases": ["web", "www", "abc123", "www"]}}}});
         assert_eq!(
@@ -258,6 +281,7 @@ mod tests {
                 id: "abc123".into(),
                 name: "web".into(),
                 aliases: vec!["www".into(), "abc123".into()],
+                labels: [("app".to_string(), "web".to_string())].into(),
             })
         );
         assert_eq!(name_of_container(&c, "e5"), None);

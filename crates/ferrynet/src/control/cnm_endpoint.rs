@@ -329,7 +329,7 @@ impl Control {
         Ok((ep, created))
     }
 
-    /// Record a container name and aliases on the endpoint at `key` if it is still there;
+    /// Record a container name, aliases and labels on the endpoint at `key` if it is still there;
     /// false if it is gone. Written only over the revision read, so a port publish or a Leave
     /// rewriting the record meanwhile is never undone.
     pub async fn set_endpoint_name(
@@ -337,6 +337,7 @@ impl Control {
         key: &str,
         name: &str,
         aliases: &[String],
+        labels: &std::collections::BTreeMap<String, String>,
     ) -> Result<bool> {
         let what = || format!("name endpoint {key}");
         self.transact(what, || {
@@ -345,11 +346,13 @@ impl Control {
                     return Ok(Round::Done(false));
                 };
                 let mut ep: Endpoint = decode(&kv)?;
-                if ep.name.as_deref() == Some(name) && ep.aliases == aliases {
+                if ep.name.as_deref() == Some(name) && ep.aliases == aliases && ep.labels == *labels
+                {
                     return Ok(Round::Done(true));
                 }
                 ep.name = Some(name.to_string());
                 ep.aliases = aliases.to_vec();
+                ep.labels = labels.clone();
                 Ok(Round::commit(
                     vec![Compare::ModRevision(key.to_string(), kv.mod_revision)],
                     vec![Op::put(key, encode(&ep))],

@@ -629,6 +629,7 @@ mod tests {
             internal,
             ip_masq: true,
             fabric: None,
+            default_deny: false,
         }
     }
 

@@ -16,6 +16,7 @@ pub mod ipam;
 pub mod journal;
 pub mod kv;
 pub mod network;
+pub mod policy;
 pub mod service;
 pub mod shaping;
 pub mod stale;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{bin, out, Proc};
+use super::{bin, must, out, Proc};
 
 /// A container made with `ferrynet run` on a lab host.
 #[derive(Clone, Debug)]
@@ -234,6 +234,40 @@ impl Lab {
             .expect("ip netns add");
         assert!(o.status.success(), "ip netns add {ns}: {}", out(&o));
         self.netns.push(ns.to_string());
+    }
+
+    /// An "outside" namespace on the lab's underlay (172.31.0.200, fd31::c8), removed with
+    /// the lab; its name.
+    pub fn outside(&mut self) -> String {
+        let ns = format!("{}-out", self.name);
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        let ul = format!("{}-ul", self.name);
+        self.add_netns(&ns);
+        for args in [
+            vec!["-n", &ns, "link", "set", "lo", "up"],
+            vec![
+                "-n", &ul, "link", "add", "out", "type", "veth", "peer", "name", "eth0", "netns",
+                &ns,
+            ],
+            vec!["-n", &ul, "link", "set", "out", "master", "ul0", "up"],
+            vec!["-n", &ns, "addr", "add", "172.31.0.200/24", "dev", "eth0"],
+            vec![
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                "fd31::c8/64",
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+            vec!["-n", &ns, "link", "set", "eth0", "up"],
+        ] {
+            let mut v = vec!["ip"];
+            v.extend(args);
+            must(&v);
+        }
+        ns
     }
 
     /// A container on `host` running the dual-stack echo server ([`ECHO_SERVER`]) on port 7000.
