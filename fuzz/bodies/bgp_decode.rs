@@ -7,8 +7,14 @@ use ipnet::IpNet;
 
 /// One input: an error or a value, never a panic (nor a broken invariant).
 pub fn run(data: &[u8]) {
-    let pools: [IpNet; 2] = ["10.20.0.0/16".parse().unwrap(), "fd20::/64".parse().unwrap()];
-    let underlay: [IpNet; 2] = ["172.31.0.1/24".parse().unwrap(), "fd31::1/64".parse().unwrap()];
+    let pools: [IpNet; 2] = [
+        "10.20.0.0/16".parse().unwrap(),
+        "fd20::/64".parse().unwrap(),
+    ];
+    let underlay: [IpNet; 2] = [
+        "172.31.0.1/24".parse().unwrap(),
+        "fd31::1/64".parse().unwrap(),
+    ];
     let rules = ImportRules {
         pools: &pools,
         own: &[],

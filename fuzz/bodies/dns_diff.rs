@@ -14,11 +14,19 @@ fn zone() -> &'static Zone {
         let mut v = DiscoveryView::default();
         let net = Network::bridged(
             "blue",
-            ["10.30.0.0/24".parse().unwrap(), "fd30::/64".parse().unwrap()],
+            [
+                "10.30.0.0/24".parse().unwrap(),
+                "fd30::/64".parse().unwrap(),
+            ],
         );
         v.put(&keys::network("blue"), &serde_json::to_vec(&net).unwrap());
         let mut eps: Vec<(&str, &str, Vec<&str>, Vec<String>)> = vec![
-            ("a", "web", vec!["www_1"], vec!["10.30.0.2/24".into(), "fd30::2/64".into()]),
+            (
+                "a",
+                "web",
+                vec!["www_1"],
+                vec!["10.30.0.2/24".into(), "fd30::2/64".into()],
+            ),
             ("b", "db", vec![], vec!["10.30.0.3/24".into()]),
         ];
         for i in 0..40u8 {
@@ -51,7 +59,10 @@ pub fn run(data: &[u8]) {
     if fast_answered {
         match slow {
             Outcome::Reply(bytes) => assert_eq!(out, bytes, "fast and general paths differ"),
-            other => panic!("fast path answered, general path says {:?}", other_name(&other)),
+            other => panic!(
+                "fast path answered, general path says {:?}",
+                other_name(&other)
+            ),
         }
     }
 }

@@ -150,6 +150,31 @@ impl Agent {
             .collect()
     }
 
+    /// How many host ports the store's port claims hold, in all.
+    fn claimed_ports(&self) -> usize {
+        let store = ferrynet_store::EmbeddedStore::open(self.state.path().join("store.redb"))
+            .expect("open the store");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let (kvs, _) = rt
+            .block_on(ferrynet_store::Store::range(
+                &store,
+                &ferrynet_model::network::keys::port_claims(),
+            ))
+            .expect("read the store");
+        kvs.iter()
+            .map(|kv| {
+                let c: ferrynet_model::portclaim::PortClaim =
+                    serde_json::from_slice(&kv.value).expect("a port claim record");
+                c.runs
+                    .iter()
+                    .map(|r| usize::from(r.last - r.first) + 1)
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+
     /// The last part of the store keys under `/ferrynet/v1/<what>/<network>/`.
     fn keys_under(&self, what: &str, network: &str) -> BTreeSet<String> {
         let prefix = format!("/ferrynet/v1/{what}/{network}/");
@@ -389,13 +414,8 @@ impl Rig {
         assert_eq!(veths.len(), names.len(), "host veths: {veths:?}");
         let peers = self.links("fnp");
         assert!(peers.is_empty(), "unmoved peer ends left: {peers:?}");
-        let claims: Vec<String> = self
-            .agent
-            .store_keys()
-            .into_iter()
-            .filter(|k| k.starts_with("/ferrynet/v1/ports/"))
-            .collect();
-        assert_eq!(claims.len(), ports, "port claims: {claims:?}");
+        let claims = self.agent.claimed_ports();
+        assert_eq!(claims, ports, "published ports claimed in the store");
         let elems = self.map_elems("pm4_any");
         assert_eq!(elems.len(), ports, "published-port elements: {elems:?}");
     }

@@ -13,7 +13,7 @@ mod bodies;
 use std::path::Path;
 
 /// Mutations per target (each a fresh input from a seed, deterministic per target).
-const MUTATIONS: usize = 4000;
+const MUTATIONS: usize = 50_000;
 
 /// xorshift64*: deterministic, so a failing input is the same on every run.
 struct Rng(u64);
@@ -43,8 +43,9 @@ fn mutate(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
             1 => {
                 let i = rng.below(v.len() + 1);
                 // Bytes parsers care about: delimiters, multi-byte UTF-8, extremes.
-                let b = [b'"', b'{', b'}', b'[', b':', b'/', b'-', 0, 0xff, 0xc3, 0xa9, b'9']
-                    [rng.below(12)];
+                let b = [
+                    b'"', b'{', b'}', b'[', b':', b'/', b'-', 0, 0xff, 0xc3, 0xa9, b'9',
+                ][rng.below(12)];
                 v.insert(i, b);
             }
             2 if !v.is_empty() => {

@@ -100,7 +100,7 @@ fn on_host(host: &'static str) -> impl Fn(&[u8]) -> bool + Send + 'static {
 fn load_h2(lab: &mut Lab, forged: usize, producer_count: usize) {
     let c2 = lab.run("h2", "c2", &[], &["sleep", "600"]);
     let addr: IpAddr = c2.v4.parse().unwrap();
-    with_store(&lab, "h1", move |s| async move {
+    with_store(lab, "h1", move |s| async move {
         let (eps, _) = s.range(&keys::endpoints("fabric")).await.unwrap();
         let model: Endpoint = eps
             .iter()
