@@ -25,7 +25,10 @@ pub const POINTS: &[&str] = &[
     "cnm-endpoint-recorded",
     "cnm-joined",
     "cnm-published",
+    "cnm-left",
+    "cnm-endpoint-unlinked",
     "agent-release-batched",
+    "agent-fabric-applied",
 ];
 
 /// Abort the process here when `FERRYNET_FAILPOINT` names `name` (feature `failpoints` only).

@@ -367,6 +367,22 @@ impl Rig {
         });
     }
 
+    /// Elements of one set of the anti-spoofing table (`bridge ferrynet`) in the host namespace.
+    fn guard_elements(&self, set: &str) -> Vec<Value> {
+        let o = self
+            .host
+            .run(&["nft", "-j", "list", "set", "bridge", "ferrynet", set]);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+        v["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x["set"]["elem"].as_array())
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
     /// Links in the host namespace starting with `prefix`.
     fn links(&self, prefix: &str) -> Vec<String> {
         common::links_in(Some(&self.host.name), &[prefix])
@@ -798,9 +814,11 @@ fn endpoints_docker_forgot_during_a_long_driver_outage_are_removed() {
 
 /// 6. The driver killed at each of its crash points during a `docker run -p` (after
 ///    CreateEndpoint recorded the endpoint, after Join plugged and guarded it, after
-///    ProgramExternalConnectivity published its port) and started again at once: whatever
+///    ProgramExternalConnectivity published its port) and during a `docker rm -f` (after Leave
+///    removed the host link, after DeleteEndpoint did), and started again at once: whatever
 ///    Docker then does with that container (a retried call, a failed start, removal), once it
-///    is removed ferrynet holds exactly what the live containers need.
+///    is removed ferrynet holds exactly what the live containers need, anti-spoofing elements
+///    included.
 #[test]
 fn driver_killed_at_each_step_of_a_docker_run_leaks_nothing() {
     use std::os::unix::process::ExitStatusExt;
@@ -849,6 +867,32 @@ fn driver_killed_at_each_step_of_a_docker_run_leaks_nothing() {
         let _ = run.join().expect("docker run thread");
         rig.docker.docker(&["rm", "-f", &name]);
     }
+    for (i, point) in ["cnm-left", "cnm-endpoint-unlinked"]
+        .into_iter()
+        .enumerate()
+    {
+        let name = format!("gone{i}");
+        rig.run(
+            &name,
+            &["-p", &format!("{}:7000", 18120 + i)],
+            &["sleep", "600"],
+        );
+        rig.wait_running(&[&name]);
+        let st = rig.agent.stop().expect("agent was running");
+        assert!(st.success(), "{st}");
+        rig.agent.spawn_with(Some(point));
+        let args: Vec<String> = ["-H", &rig.docker.host(), "rm", "-f", &name]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let rm = std::thread::spawn(move || Command::new("docker").args(&args).output());
+        let st = rig.agent.wait_crashed();
+        assert_eq!(st.signal(), Some(6), "aborted at {point}: {st}");
+        let _ = std::fs::remove_file(&rig.agent.socket);
+        rig.agent.spawn();
+        let _ = rm.join().expect("docker rm thread");
+        rig.docker.docker(&["rm", "-f", &name]);
+    }
     // The driver's start-up sweep and Docker's retried deletes leave nothing of the three.
     common::within(Duration::from_secs(60), || {
         let eps = rig.agent.keys_under("endpoints", &rig.fname);
@@ -861,6 +905,13 @@ fn driver_killed_at_each_step_of_a_docker_run_leaks_nothing() {
             ))
     });
     rig.assert_exactly(&[], &base, 0);
+    for set in ["macs", "src4", "src6", "arp_src", "na_src"] {
+        let left = rig.guard_elements(set);
+        assert!(
+            left.is_empty(),
+            "anti-spoofing {set} elements left: {left:?}"
+        );
+    }
     rig.echo_server("ok", "pong-ok", &["-p", "18110:7000"]);
     rig.wait_running(&["ok"]);
     assert_eq!(
@@ -868,5 +919,9 @@ fn driver_killed_at_each_step_of_a_docker_run_leaks_nothing() {
         "pong-ok"
     );
     rig.assert_exactly(&["ok"], &base, 1);
+    // The sets checked empty above are the ones a live container's port is in.
+    for set in ["macs", "src4"] {
+        assert_eq!(rig.guard_elements(set).len(), 1, "{set} of the live container");
+    }
     rig.tear_down_clean(&["ok"]);
 }

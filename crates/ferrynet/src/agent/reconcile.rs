@@ -365,6 +365,7 @@ impl Reconciler {
                         Ok(failed) => errors.extend(failed),
                         Err(e) => errors.push(format!("applying the fabric: {e}")),
                     }
+                    crate::failpoint::hit("agent-fabric-applied");
                 }
             }
             Err(e) => errors.push(format!("reading the kernel's fabric state: {e}")),

@@ -456,6 +456,7 @@ impl Plugin {
             .clone()
             .unwrap_or_else(|| host_veth_name(&b.name, &req.endpoint_id, DOCKER_IFNAME));
         self.ctl.delete_host_link(&host).await?;
+        crate::failpoint::hit("cnm-endpoint-unlinked");
         self.ctl.forget_endpoint(&ep).await?;
         tracing::info!(endpoint = %req.endpoint_id, network = %b.name, "Docker endpoint deleted");
         Ok(Empty {})
@@ -564,6 +565,7 @@ impl Plugin {
             .and_then(|e| e.host_veth.clone())
             .unwrap_or_else(|| host_veth_name(&b.name, &req.endpoint_id, DOCKER_IFNAME));
         self.ctl.delete_host_link(&host).await?;
+        crate::failpoint::hit("cnm-left");
         let peer = temp_peer_name(&b.name, &req.endpoint_id, DOCKER_IFNAME);
         self.ctl.delete_host_link(&peer).await?;
         if let Some(ep) = &ep {
