@@ -367,20 +367,34 @@ impl Rig {
         });
     }
 
-    /// Elements of one set of the anti-spoofing table (`bridge ferrynet`) in the host namespace.
+    /// `docker ARGS` while the driver, restarted with crash point `point`, dies there; the
+    /// driver is started again at once (as a supervisor would) and Docker's call, which waits
+    /// on and retries the driver, is left to finish as it may.
+    fn docker_while_driver_dies(&mut self, point: &str, args: &[&str]) {
+        use std::os::unix::process::ExitStatusExt;
+        let st = self.agent.stop().expect("agent was running");
+        assert!(st.success(), "{st}");
+        self.agent.spawn_with(Some(point));
+        let mut cmd = Command::new("docker");
+        cmd.arg("-H").arg(self.docker.host()).args(args);
+        let call = std::thread::spawn(move || cmd.output());
+        let st = self.agent.wait_crashed();
+        assert_eq!(st.signal(), Some(6), "aborted at {point}: {st}");
+        assert!(
+            self.agent
+                .log_text()
+                .contains(&format!("crash point {point} reached")),
+            "{}",
+            self.agent.log_text()
+        );
+        let _ = std::fs::remove_file(&self.agent.socket);
+        self.agent.spawn();
+        let _ = call.join().expect("docker call thread");
+    }
+
+    /// Elements of one set of the anti-spoofing table in the host namespace.
     fn guard_elements(&self, set: &str) -> Vec<Value> {
-        let o = self
-            .host
-            .run(&["nft", "-j", "list", "set", "bridge", "ferrynet", set]);
-        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
-        v["nftables"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|x| x["set"]["elem"].as_array())
-            .flatten()
-            .cloned()
-            .collect()
+        common::guard_elements(Some(&self.host.name), set)
     }
 
     /// Links in the host namespace starting with `prefix`.
@@ -821,50 +835,31 @@ fn endpoints_docker_forgot_during_a_long_driver_outage_are_removed() {
 ///    included.
 #[test]
 fn driver_killed_at_each_step_of_a_docker_run_leaks_nothing() {
-    use std::os::unix::process::ExitStatusExt;
     let mut rig = Rig::new(7, &[]);
     let base = rig.agent.keys_under("ipam", &rig.fname);
     for (i, point) in ["cnm-endpoint-recorded", "cnm-joined", "cnm-published"]
         .into_iter()
         .enumerate()
     {
-        let st = rig.agent.stop().expect("agent was running");
-        assert!(st.success(), "{st}");
-        rig.agent.spawn_with(Some(point));
         let name = format!("crash{i}");
         let port = format!("{}:7000", 18110 + i);
-        let args: Vec<String> = [
-            "-H",
-            &rig.docker.host(),
-            "run",
-            "-d",
-            "--name",
-            &name,
-            "--network",
-            &rig.net,
-            "-p",
-            &port,
-            &rig.image,
-            "sleep",
-            "600",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        // Docker waits on (and retries) the driver's calls: run it beside the crash.
-        let run = std::thread::spawn(move || Command::new("docker").args(&args).output());
-        let st = rig.agent.wait_crashed();
-        assert_eq!(st.signal(), Some(6), "aborted at {point}: {st}");
-        assert!(
-            rig.agent
-                .log_text()
-                .contains(&format!("crash point {point} reached")),
-            "{}",
-            rig.agent.log_text()
+        let (net, image) = (rig.net.clone(), rig.image.clone());
+        rig.docker_while_driver_dies(
+            point,
+            &[
+                "run",
+                "-d",
+                "--name",
+                &name,
+                "--network",
+                &net,
+                "-p",
+                &port,
+                &image,
+                "sleep",
+                "600",
+            ],
         );
-        let _ = std::fs::remove_file(&rig.agent.socket);
-        rig.agent.spawn();
-        let _ = run.join().expect("docker run thread");
         rig.docker.docker(&["rm", "-f", &name]);
     }
     for (i, point) in ["cnm-left", "cnm-endpoint-unlinked"]
@@ -878,19 +873,7 @@ fn driver_killed_at_each_step_of_a_docker_run_leaks_nothing() {
             &["sleep", "600"],
         );
         rig.wait_running(&[&name]);
-        let st = rig.agent.stop().expect("agent was running");
-        assert!(st.success(), "{st}");
-        rig.agent.spawn_with(Some(point));
-        let args: Vec<String> = ["-H", &rig.docker.host(), "rm", "-f", &name]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        let rm = std::thread::spawn(move || Command::new("docker").args(&args).output());
-        let st = rig.agent.wait_crashed();
-        assert_eq!(st.signal(), Some(6), "aborted at {point}: {st}");
-        let _ = std::fs::remove_file(&rig.agent.socket);
-        rig.agent.spawn();
-        let _ = rm.join().expect("docker rm thread");
+        rig.docker_while_driver_dies(point, &["rm", "-f", &name]);
         rig.docker.docker(&["rm", "-f", &name]);
     }
     // The driver's start-up sweep and Docker's retried deletes leave nothing of the three.
@@ -921,7 +904,11 @@ fn driver_killed_at_each_step_of_a_docker_run_leaks_nothing() {
     rig.assert_exactly(&["ok"], &base, 1);
     // The sets checked empty above are the ones a live container's port is in.
     for set in ["macs", "src4"] {
-        assert_eq!(rig.guard_elements(set).len(), 1, "{set} of the live container");
+        assert_eq!(
+            rig.guard_elements(set).len(),
+            1,
+            "{set} of the live container"
+        );
     }
     rig.tear_down_clean(&["ok"]);
 }

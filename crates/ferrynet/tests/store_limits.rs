@@ -141,6 +141,28 @@ fn load_h2(lab: &mut Lab, forged: usize, producer_count: usize) {
     });
 }
 
+/// Wait (60 s at most) until h1's agent has released everything of h2: endpoints, forged
+/// addresses, producers.
+fn wait_h2_released(lab: &Lab) {
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let eps = count(lab, keys::endpoints("fabric"), on_host("h2"));
+        let prods = count(lab, skeys::producers(), on_host("h2"));
+        let addrs = count(lab, keys::ipam_prefix("fabric"), |v| {
+            v.starts_with(b"forged")
+        });
+        if eps == 0 && prods == 0 && addrs == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "after 60 s h2 still holds {eps} endpoints, {addrs} forged addresses, {prods} producers\n{}",
+            lab.agent_log_tail("h1", 30)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 #[test]
 fn departed_host_with_500_endpoints_and_1000_producers_is_released() {
     let mut lab = Lab::up(
@@ -162,23 +184,7 @@ fn departed_host_with_500_endpoints_and_1000_producers_is_released() {
 
     // h2 disappears; after its lease and grace period h1's agent releases all of it.
     lab.lab(&["stop-agent", "h2", "--kill"]);
-    let until = Instant::now() + Duration::from_secs(60);
-    loop {
-        let eps = count(&lab, keys::endpoints("fabric"), on_host("h2"));
-        let prods = count(&lab, skeys::producers(), on_host("h2"));
-        let addrs = count(&lab, keys::ipam_prefix("fabric"), |v| {
-            v.starts_with(b"forged")
-        });
-        if eps == 0 && prods == 0 && addrs == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < until,
-            "after 60 s h2 still holds {eps} endpoints, {addrs} forged addresses, {prods} producers\n{}",
-            lab.agent_log_tail("h1", 30)
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    wait_h2_released(&lab);
     let log = lab.agent_log_tail("h1", 400);
     assert!(!log.contains("too large"), "{log}");
 }
@@ -291,21 +297,5 @@ fn a_release_cut_short_by_a_crash_resumes_when_the_agent_is_back() {
         "the crash cut the release short: {eps} endpoints and {prods} producers left"
     );
     lab.lab(&["start-agent", "h1"]);
-    let until = Instant::now() + Duration::from_secs(60);
-    loop {
-        let eps = count(&lab, keys::endpoints("fabric"), on_host("h2"));
-        let prods = count(&lab, skeys::producers(), on_host("h2"));
-        let addrs = count(&lab, keys::ipam_prefix("fabric"), |v| {
-            v.starts_with(b"forged")
-        });
-        if eps == 0 && prods == 0 && addrs == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < until,
-            "after the restart h2 still holds {eps} endpoints, {addrs} forged addresses, {prods} producers\n{}",
-            lab.agent_log_tail("h1", 30)
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    wait_h2_released(&lab);
 }
