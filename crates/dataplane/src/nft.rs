@@ -314,7 +314,17 @@ mod tests {
                 listed.contains("10.0.0.1") && !listed.contains("10.0.0.2"),
                 "{listed}"
             );
+            counters_are_listed_alone(&n);
         });
+    }
+
+    /// A table's named counters are listed without its sets; a missing table is None.
+    fn counters_are_listed_alone(n: &dyn NftExecutor) {
+        n.apply("add table inet fnc\nadd counter inet fnc dropped\nadd set inet fnc big { type ipv4_addr; }\nadd element inet fnc big { 10.9.9.9 }").unwrap();
+        let v = n.list_counters("inet", "fnc").unwrap().expect("table");
+        let text = v.to_string();
+        assert!(text.contains("\"dropped\"") && !text.contains("10.9.9.9"), "{text}");
+        assert!(n.list_counters("inet", "nope").unwrap().is_none());
     }
 
     #[test]
@@ -325,6 +335,7 @@ mod tests {
             assert!(n.list_table("inet", "fnb").unwrap().is_some());
             assert!(n.list_table("inet", "nope").unwrap().is_none());
             assert!(n.apply("add chain inet nope c").is_err());
+            counters_are_listed_alone(&n);
         });
     }
 }

@@ -144,10 +144,10 @@ impl Instruments {
     pub fn health_check(&self, service: &str, ok: bool) {
         let result = if ok { "pass" } else { "fail" };
         self.health_checks
-            .get_or_create(&vec![
+            .get_or_create(&esc(vec![
                 ("service", service.to_string()),
                 ("result", result.to_string()),
-            ])
+            ]))
             .inc();
     }
 }
@@ -176,8 +176,25 @@ fn gauge_family() -> Family<Labels, Gauge> {
     Family::default()
 }
 
+/// Label values escaped as the text format wants (`\\`, `\"`, `\n`): prometheus-client
+/// writes them as given, and a value from the store (a host name, a network) must not end the
+/// label or the line.
+fn esc(labels: Labels) -> Labels {
+    labels
+        .into_iter()
+        .map(|(k, v)| {
+            let v = v
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
+            (k, v)
+        })
+        .collect()
+}
+
 fn set(f: &Family<Labels, Gauge>, labels: Labels, v: u64) {
-    f.get_or_create(&labels).set(i64::try_from(v).unwrap_or(i64::MAX));
+    f.get_or_create(&esc(labels))
+        .set(i64::try_from(v).unwrap_or(i64::MAX));
 }
 
 /// The metrics document for one scrape: the instruments' state, and gauges derived from the
@@ -303,7 +320,10 @@ pub fn render(
     let dropped_packets: Family<Labels, Counter> = Family::default();
     let dropped_bytes: Family<Labels, Counter> = Family::default();
     for d in drops {
-        let l = vec![("reason", d.reason.to_string()), ("counter", d.counter.clone())];
+        let l = esc(vec![
+            ("reason", d.reason.to_string()),
+            ("counter", d.counter.clone()),
+        ]);
         dropped_packets.get_or_create(&l).inc_by(d.packets);
         dropped_bytes.get_or_create(&l).inc_by(d.bytes);
     }
@@ -391,7 +411,7 @@ pub fn render(
         let tx: Family<Labels, Counter> = Family::default();
         let rx: Family<Labels, Counter> = Family::default();
         for p in &s.peers {
-            let l = vec![("peer", p.host.clone())];
+            let l = esc(vec![("peer", p.host.clone())]);
             tx.get_or_create(&l).inc_by(p.tx_bytes);
             rx.get_or_create(&l).inc_by(p.rx_bytes);
         }
@@ -410,7 +430,7 @@ pub fn render(
         let dropped: Family<Labels, Counter> = Family::default();
         for (reason, n) in &s.dropped {
             dropped
-                .get_or_create(&vec![("reason", reason.clone())])
+                .get_or_create(&esc(vec![("reason", reason.clone())]))
                 .inc_by(*n);
         }
         reg.register(
