@@ -244,10 +244,7 @@ impl NftExecutor for NftBinary {
         family: &str,
         table: &str,
     ) -> Result<Option<serde_json::Value>, NftError> {
-        let (ok, out, err) = self.run(
-            &["-j", "list", "counters", "table", family, table],
-            None,
-        )?;
+        let (ok, out, err) = self.run(&["-j", "list", "counters", "table", family, table], None)?;
         listing(ok, &out, &err)
     }
 
@@ -323,7 +320,10 @@ mod tests {
         n.apply("add table inet fnc\nadd counter inet fnc dropped\nadd set inet fnc big { type ipv4_addr; }\nadd element inet fnc big { 10.9.9.9 }").unwrap();
         let v = n.list_counters("inet", "fnc").unwrap().expect("table");
         let text = v.to_string();
-        assert!(text.contains("\"dropped\"") && !text.contains("10.9.9.9"), "{text}");
+        assert!(
+            text.contains("\"dropped\"") && !text.contains("10.9.9.9"),
+            "{text}"
+        );
         assert!(n.list_counters("inet", "nope").unwrap().is_none());
     }
 

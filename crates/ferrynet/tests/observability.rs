@@ -31,15 +31,26 @@ fn http_get(ns: &str, url: &str) -> (u16, String) {
     (status.trim().parse().unwrap_or(0), body.to_string())
 }
 
-/// POST a JSON document from inside `ns`; the answer's body.
+/// POST a JSON document (given on stdin: it may be larger than an argument) from inside `ns`;
+/// the answer's body.
 fn http_post(ns: &str, url: &str, body: &Value) -> String {
     let code = "import sys,urllib.request\n\
-        r=urllib.request.Request(sys.argv[1],data=sys.argv[2].encode(),headers={'Content-Type':'application/json'})\n\
+        r=urllib.request.Request(sys.argv[1],data=sys.stdin.buffer.read(),headers={'Content-Type':'application/json'})\n\
         sys.stdout.write(urllib.request.urlopen(r,timeout=10).read().decode())\n";
-    let o = Command::new("ip")
-        .args(["netns", "exec", ns, "python3", "-c", code, url, &body.to_string()])
-        .output()
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c", code, url])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("python3");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(body.to_string().as_bytes())
+        .expect("write the body");
+    let o = child.wait_with_output().expect("python3");
     assert!(o.status.success(), "POST {url}: {}", out(&o));
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -111,10 +122,7 @@ fn prometheus_scrapes_two_agents_and_counts_their_endpoints() {
     lab.procs.push(Proc(prom));
 
     let query = |q: &str| -> Result<Vec<Value>, String> {
-        let url = format!(
-            "http://127.0.0.1:19090/api/v1/query?query={}",
-            urlencode(q)
-        );
+        let url = format!("http://127.0.0.1:19090/api/v1/query?query={}", urlencode(q));
         let (code, body) = http_get(&outside, &url);
         let v: Value = serde_json::from_str(&body).map_err(|e| format!("{code} {body}: {e}"))?;
         v["data"]["result"]
@@ -122,7 +130,13 @@ fn prometheus_scrapes_two_agents_and_counts_their_endpoints() {
             .cloned()
             .ok_or(format!("{code} {body}"))
     };
-    let value = |r: &Value| -> f64 { r["value"][1].as_str().unwrap_or("nan").parse().unwrap_or(f64::NAN) };
+    let value = |r: &Value| -> f64 {
+        r["value"][1]
+            .as_str()
+            .unwrap_or("nan")
+            .parse()
+            .unwrap_or(f64::NAN)
+    };
     let logs = || std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default();
 
     // Both targets up.
@@ -142,7 +156,12 @@ fn prometheus_scrapes_two_agents_and_counts_their_endpoints() {
     let r = query("max by (host) (ferrynet_endpoints{network=\"fabric\"})").expect("query");
     let by_host: std::collections::BTreeMap<String, f64> = r
         .iter()
-        .map(|s| (s["metric"]["host"].as_str().unwrap_or("").to_string(), value(s)))
+        .map(|s| {
+            (
+                s["metric"]["host"].as_str().unwrap_or("").to_string(),
+                value(s),
+            )
+        })
         .collect();
     assert_eq!(
         by_host,
@@ -153,7 +172,8 @@ fn prometheus_scrapes_two_agents_and_counts_their_endpoints() {
     let r = query("sum(ferrynet_reconcile_runs_total)").expect("query");
     assert!(value(&r[0]) >= 2.0, "{r:?}");
     let r = query("sum(ferrynet_block_addresses{instance=\"172.31.0.1:9470\"}) - sum(ferrynet_block_free_addresses{instance=\"172.31.0.1:9470\"})").expect("query");
-    assert_eq!(value(&r[0]), 3.0, "addresses held in blocks: {r:?}");
+    // Three dual-stack containers hold an IPv4 and an IPv6 address each.
+    assert_eq!(value(&r[0]), 6.0, "addresses held in blocks: {r:?}");
 }
 
 fn urlencode(s: &str) -> String {
@@ -182,7 +202,9 @@ fn healthz_turns_unavailable_while_etcd_is_stopped() {
     lab.lab(&["stop-etcd"]);
     let body = within(Duration::from_secs(30), || {
         let (code, body) = http_get(&ns, url);
-        (code == 503).then_some(body.clone()).ok_or(format!("{code} {body}"))
+        (code == 503)
+            .then_some(body.clone())
+            .ok_or(format!("{code} {body}"))
     });
     let v: Value = serde_json::from_str(&body).expect("healthz json");
     assert_eq!(v["ok"], false, "{v}");
@@ -374,7 +396,12 @@ fn listener_is_bound_only_where_configured() {
         .filter_map(|l| l.split_whitespace().nth(3).map(str::to_string))
         .collect();
     bound.sort();
-    assert_eq!(bound, vec!["127.0.0.1:9470", "172.31.0.1:9470"], "{}", out(&o));
+    assert_eq!(
+        bound,
+        vec!["127.0.0.1:9470", "172.31.0.1:9470"],
+        "{}",
+        out(&o)
+    );
     // A container reaches neither its own loopback's 9470 (its own namespace) nor the
     // host's listener through its gateway (nothing bound there).
     let status = lab.status("h1");
@@ -412,5 +439,8 @@ fn listener_is_bound_only_where_configured() {
         .output()
         .expect("python3");
     let csp = String::from_utf8_lossy(&o.stdout);
-    assert!(csp.contains("script-src 'sha256-") && csp.contains("default-src 'none'"), "{csp}");
+    assert!(
+        csp.contains("script-src 'sha256-") && csp.contains("default-src 'none'"),
+        "{csp}"
+    );
 }

@@ -502,7 +502,9 @@ mod tests {
         ));
         assert!(!r.contains("ip saddr 10.2.0.0/24"));
         assert!(r.contains("iifname \"fn-i\" oifname != \"fn-i\" drop"));
-        assert!(r.contains("iifname \"fn-a\" oifname @bridges oifname != \"fn-a\" counter name isolation drop"));
+        assert!(r.contains(
+            "iifname \"fn-a\" oifname @bridges oifname != \"fn-a\" counter name isolation drop"
+        ));
         assert!(r.contains("add element inet ferrynet bridges { \"fn-a\", \"fn-i\" }"));
         // Internal drops come before the accept of DNATed traffic.
         assert!(r.find("internal i").unwrap() < r.find("ct status dnat accept").unwrap());

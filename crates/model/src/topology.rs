@@ -154,7 +154,8 @@ impl Topology {
         let mut out: BTreeMap<(String, String), u64> = BTreeMap::new();
         for e in self.endpoints.values() {
             let host = e.host.as_deref().unwrap_or(local_host);
-            *out.entry((e.network.clone(), host.to_string())).or_default() += 1;
+            *out.entry((e.network.clone(), host.to_string()))
+                .or_default() += 1;
         }
         out
     }
@@ -523,7 +524,12 @@ mod tests {
     fn counts_endpoints_per_network_and_host() {
         let mut t = Topology::default();
         for (i, h) in ["h1", "h1", "h2"].iter().enumerate() {
-            let (k, v) = ep("fabric", &format!("c{i}"), h, &format!("10.1.0.{}/16", i + 2));
+            let (k, v) = ep(
+                "fabric",
+                &format!("c{i}"),
+                h,
+                &format!("10.1.0.{}/16", i + 2),
+            );
             assert!(t.put(&k, &v));
         }
         let mut local = Endpoint::new("solo", "c9", "eth0");
@@ -537,7 +543,10 @@ mod tests {
         assert_eq!(c[&("fabric".into(), "h2".into())], 1);
         assert_eq!(c[&("solo".into(), "me".into())], 1);
         t.delete(&keys::endpoint("fabric", "c0", "eth0"));
-        assert_eq!(t.endpoints_by_network_host("me")[&("fabric".into(), "h1".into())], 1);
+        assert_eq!(
+            t.endpoints_by_network_host("me")[&("fabric".into(), "h1".into())],
+            1
+        );
     }
 
     #[test]
@@ -547,7 +556,10 @@ mod tests {
         let b2: IpNet = "10.1.0.64/26".parse().unwrap();
         t.put(&keys::block("fabric", &b1), &claim("h1"));
         t.put(&keys::block("fabric", &b2), &claim("h2"));
-        for (i, ip) in ["10.1.0.2/16", "10.1.0.3/16", "10.1.0.66/16"].iter().enumerate() {
+        for (i, ip) in ["10.1.0.2/16", "10.1.0.3/16", "10.1.0.66/16"]
+            .iter()
+            .enumerate()
+        {
             let (k, v) = ep("fabric", &format!("c{i}"), "h1", ip);
             t.put(&k, &v);
         }
@@ -568,7 +580,10 @@ mod tests {
         let mut t = Topology::default();
         let s = Service::named("web");
         t.put(&skeys::service("web"), &serde_json::to_vec(&s).unwrap());
-        t.put(&skeys::service("idle"), &serde_json::to_vec(&Service::named("idle")).unwrap());
+        t.put(
+            &skeys::service("idle"),
+            &serde_json::to_vec(&Service::named("idle")).unwrap(),
+        );
         for id in ["a", "b"] {
             let p = Producer {
                 service: "web".into(),
@@ -581,7 +596,10 @@ mod tests {
                 ports: BTreeMap::new(),
                 check: None,
             };
-            t.put(&skeys::producer("web", id), &serde_json::to_vec(&p).unwrap());
+            t.put(
+                &skeys::producer("web", id),
+                &serde_json::to_vec(&p).unwrap(),
+            );
         }
         let h = HealthRecord {
             healthy: false,
@@ -604,7 +622,10 @@ mod tests {
         let mut bad = Endpoint::new("fabric", "c1", "eth0");
         bad.name = Some("<img src=x onerror=alert(1)>".into());
         assert!(t.put(&k, &serde_json::to_vec(&bad).unwrap()));
-        assert!(t.endpoints.is_empty(), "the forged record replaced the old one");
+        assert!(
+            t.endpoints.is_empty(),
+            "the forged record replaced the old one"
+        );
         assert!(t.rejected.contains_key(&k));
         // Junk bytes with a huge payload: refused, reason bounded.
         let huge = vec![b'x'; 1 << 20];

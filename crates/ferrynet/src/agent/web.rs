@@ -371,10 +371,7 @@ async fn healthz(web: &Web) -> Response<Body> {
     let store = match tokio::time::timeout(STORE_PROBE, web.store.revision()).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!(
-            "no answer within {} s",
-            STORE_PROBE.as_secs_f64()
-        )),
+        Err(_) => Err(format!("no answer within {} s", STORE_PROBE.as_secs_f64())),
     };
     let status = web.status();
     let (ok, doc) = health_verdict(store, &status);
@@ -387,7 +384,10 @@ async fn healthz(web: &Web) -> Response<Body> {
 }
 
 /// Healthy: the store answers now, and the last reconcile ran without error.
-pub fn health_verdict(store: Result<(), String>, status: &AgentStatus) -> (bool, serde_json::Value) {
+pub fn health_verdict(
+    store: Result<(), String>,
+    status: &AgentStatus,
+) -> (bool, serde_json::Value) {
     let reconcile_ok = status.reconciles > 0 && status.errors.is_empty() && status.store_ok;
     let ok = store.is_ok() && reconcile_ok;
     let doc = serde_json::json!({
@@ -521,7 +521,10 @@ mod tests {
         assert_eq!(doc["reconcileErrors"][0], "route to h2: unreachable");
         s.errors.clear();
         s.reconciles = 0;
-        assert!(!health_verdict(Ok(()), &s).0, "healthy before the first reconcile");
+        assert!(
+            !health_verdict(Ok(()), &s).0,
+            "healthy before the first reconcile"
+        );
     }
 
     #[test]

@@ -19,10 +19,10 @@ use tokio::task::JoinHandle;
 use super::clients::Clients;
 use super::fast;
 use super::forward::Upstreams;
-use crate::agent::metrics::{instruments, DnsResult};
 use super::ingress;
 use super::wire::{self, Outcome};
 use super::zone::Zone;
+use crate::agent::metrics::{instruments, DnsResult};
 
 /// Forwarded queries in flight per listener (each holds one upstream socket and a 64 KiB
 /// buffer); beyond it, or beyond [`FORWARDS`], a query to forward gets SERVFAIL at once: a
