@@ -176,6 +176,16 @@ fn prometheus_scrapes_two_agents_and_counts_their_endpoints() {
     assert_eq!(value(&r[0]), 6.0, "addresses held in blocks: {r:?}");
 }
 
+/// Packets `ns`'s agent reports dropped for `reason`.
+fn drops(ns: &str, reason: &str) -> f64 {
+    let (_, text) = http_get(ns, "http://127.0.0.1:9470/metrics");
+    metric_sum(
+        &text,
+        "ferrynet_dropped_packets_total{",
+        &[&format!("reason=\"{reason}\"")],
+    )
+}
+
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
@@ -420,6 +430,41 @@ fn listener_is_bound_only_where_configured() {
         let (code, body) = http_get(&c.netns(), &format!("http://{target}:9470/metrics"));
         assert_eq!(code, 0, "a container reached {target}:9470: {body}");
     }
+    // Drops are counted by reason from the nft tables' named counters: a container of another
+    // network pinging `c` is dropped by isolation, and the metric counts it.
+    let other = format!("{}o", lab.name);
+    lab.ok(
+        "h1",
+        &["network", "create", &other, "--subnet", "10.77.0.0/24"],
+    );
+    let d = lab.run_on("h1", "d", &other, &[], &["sleep", "600"]);
+    let before = drops(&ns, "isolation");
+    let _ = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &d.netns(),
+            "ping",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            &c.v4,
+        ])
+        .output();
+    within(Duration::from_secs(10), || {
+        let now = drops(&ns, "isolation");
+        (now >= before + 3.0)
+            .then_some(())
+            .ok_or(format!("isolation drops {before} -> {now}"))
+    });
+    let (_, text) = http_get(&ns, "http://127.0.0.1:9470/metrics");
+    assert!(
+        text.contains("ferrynet_dropped_packets_total{reason=\"spoofing\",counter=\"ip4_spoof\"}"),
+        "{text}"
+    );
     // Methods other than GET are refused; unknown paths are 404.
     let o = Command::new("ip")
         .args([
