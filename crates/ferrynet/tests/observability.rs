@@ -289,10 +289,10 @@ impl Browser {
             .unwrap_or_default()
     }
 
-    /// (host nodes, endpoint nodes, updates) drawn now.
+    /// (host nodes, endpoint nodes, updates) drawn now; zeros while the page is still loading.
     fn counts(&mut self) -> (u64, u64, u64) {
         let v = self.eval(
-            "(()=>{const m=document.getElementById('map');return [m.querySelectorAll('g.host').length,m.querySelectorAll('g.endpoint').length,Number(m.dataset.updates||0)]})()",
+            "(()=>{const m=document.getElementById('map');return m ? [m.querySelectorAll('g.host').length,m.querySelectorAll('g.endpoint').length,Number(m.dataset.updates||0)] : [0,0,0]})()",
         );
         let n = |i: usize| v[i].as_u64().unwrap_or(0);
         (n(0), n(1), n(2))
