@@ -413,6 +413,7 @@ impl Reconciler {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0);
             s.last_reconcile_took_ms = started.elapsed().as_secs_f64() * 1000.0;
+            super::metrics::instruments().reconciled(started.elapsed(), errors.len());
             s.reconciles += 1;
             s.changes += changes;
             s.errors = errors;
