@@ -101,4 +101,7 @@ echo
 echo "==> the web server saw these clients (real source addresses, no proxy):"
 tail -n 3 "${FERRYNET_STATE_DIR:-/var/lib/ferrynet}/containers/$WEB/log" || true
 echo
+echo "==> the agent's metrics (Prometheus text on 127.0.0.1:9470; the topology page is at /)"
+python3 -c "import urllib.request as u; print(''.join(l for l in u.urlopen('http://127.0.0.1:9470/metrics', timeout=3).read().decode().splitlines(True) if l.startswith(('ferrynet_endpoints', 'ferrynet_producers'))), end='')"
+echo
 echo "demo OK"

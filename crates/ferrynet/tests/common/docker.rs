@@ -158,9 +158,10 @@ impl Plugin {
         let mut cmd = Command::new(bin());
         cmd.args(["--state-dir", &state]);
         if self.agent {
-            // No DNS: this agent runs in the real host namespace, where nothing should answer
-            // or forward queries for the tests.
-            cmd.args(["agent", "--no-dns", "--docker-socket", &socket]);
+            // No DNS and no HTTP listener: this agent runs in the real host namespace, where
+            // nothing should answer or forward queries for the tests, and where several tests'
+            // agents run at once (one 127.0.0.1:9470 each would collide).
+            cmd.args(["agent", "--no-dns", "--http", "none", "--docker-socket", &socket]);
         } else {
             cmd.args(["docker-plugin", "--socket", &socket]);
         }
