@@ -11,9 +11,11 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let pools: [IpNet; 2] = ["10.20.0.0/16".parse().unwrap(), "fd20::/64".parse().unwrap()];
     let underlay: [IpNet; 2] = ["172.31.0.1/24".parse().unwrap(), "fd31::1/64".parse().unwrap()];
+    let lent = std::collections::BTreeSet::new();
     let rules = ImportRules {
         pools: &pools,
         own: &[],
+        lent: &lent,
         underlay: &underlay,
         local_asn: 64512,
         accept_default: true,
