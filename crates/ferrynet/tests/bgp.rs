@@ -242,7 +242,7 @@ fn gobgp_tors_route_all_pairs_and_follow_blocks() {
 fn a_borrowed_address_is_announced_as_a_host_route_and_withdrawn() {
     need("bird", "bird2");
     let mut lab = Lab::up(
-        "bgpborrow",
+        "bgpbrw",
         &[
             "--hosts",
             "3",
