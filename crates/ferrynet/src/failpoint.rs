@@ -22,6 +22,10 @@ pub const POINTS: &[&str] = &[
     "network-create-recorded",
     "network-rm-detached",
     "network-rm-deleted",
+    "cnm-endpoint-recorded",
+    "cnm-joined",
+    "cnm-published",
+    "agent-release-batched",
 ];
 
 /// Abort the process here when `FERRYNET_FAILPOINT` names `name` (feature `failpoints` only).

@@ -373,6 +373,7 @@ impl Plugin {
                 expect_shared,
             )
             .await?;
+        crate::failpoint::hit("cnm-endpoint-recorded");
         if !fresh {
             tracing::info!(endpoint = %req.endpoint_id, "CreateEndpoint repeated");
         }
@@ -495,6 +496,7 @@ impl Plugin {
             let _ = self.ctl.delete_host_link(&host_name).await;
             return Err(e.into());
         }
+        crate::failpoint::hit("cnm-joined");
         let mut resp = JoinResponse {
             interface_name: InterfaceName {
                 src_name: pair.peer_name.clone(),
@@ -615,6 +617,7 @@ impl Plugin {
             }
             other => other.into(),
         })?;
+        crate::failpoint::hit("cnm-published");
         tracing::info!(endpoint = %ep.container_id, ports = ?done.port_mappings, "ports published");
         Ok(Empty {})
     }
