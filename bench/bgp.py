@@ -2,7 +2,8 @@
 """ferrynet's BGP benchmarks, on the rack lab (`ferrynet lab up --racks 2 --router bird`).
 
     sudo python3 bench/bgp.py throughput [--secs 5 --reps 5]   # container<->container over bgp vs host<->host, both through the ToRs
-    sudo python3 bench/bgp.py propagation [--n 30 --starts 5]  # ADD on h1 -> route in h2's kernel; agent start -> Established; vs GoBGP -> BIRD
+    sudo python3 bench/bgp.py propagation [--n 30 --starts 5] [--before BIN]  # ADD on h1 -> route in h2's kernel; a block claim in etcd -> route in h2's kernel; agent start -> Established; vs GoBGP -> BIRD
+        (--before: the same with another ferrynet build, e.g. the one before a change, in the same run)
     sudo python3 bench/bgp.py table [--prefixes 10000 --reps 2]   # a GoBGP peer's table into the kernel: the agent vs BIRD
 
 All traffic stays inside namespaces the lab or this script creates; everything is removed at
@@ -120,9 +121,21 @@ def throughput(secs, reps):
         cleanup()
 
 
+CLAIM = r"""
+import base64,json,sys,time,urllib.request
+def b64(s): return base64.b64encode(s.encode()).decode()
+block=sys.argv[1]
+body=json.dumps({'success':[{'requestPut':{'key':b64('/ferrynet/v1/blocks/prop/'+block.replace('/','_')),
+                                           'value':b64(json.dumps({'host':'h1'}))}}]}).encode()
+t0=time.monotonic()
+urllib.request.urlopen(urllib.request.Request('http://172.31.0.253:2379/v3/kv/txn',data=body,method='POST')).read()
+print(t0)
+"""
+
+
 def ours_propagation(n, starts):
     lab = "bgpbp"
-    adds, props, est = [], [], []
+    adds, props, est, claims, late = [], [], [], [], 0
     try:
         rack_lab(lab)
         sh("nsenter", f"--net=/run/netns/{host_ns(lab, 'h1')}", FERRYNET, "--state-dir", f"{LAB_ROOT}/{lab}/h1",
@@ -140,6 +153,15 @@ def ours_propagation(n, starts):
             adds.append(dt)
             wait(lambda: watch.after(t0), 10, "the new block at h2")
             props.append(watch.after(t0)[0][0] - t0)
+            late += watch.after(t0)[0][0] > t0 + dt
+        # A block claim written to etcd as IPAM writes it (one transaction, from the etcd
+        # namespace), timed from just before the request: the BGP path alone (store watch ->
+        # h1's speaker -> ToRs -> h2's speaker -> h2's kernel), without the CNI process.
+        for i in range(n):
+            block = f"10.50.200.{i * 4}/30"
+            t0 = float(ns_exec(f"{lab}-etcd", "python3", "-c", CLAIM, block).stdout.strip())
+            wait(lambda: any(s[1] == block for s in watch.after(t0)), 10, f"{block} at h2")
+            claims.append(next(s[0] for s in watch.after(t0) if s[1] == block) - t0)
         watch.stop()
         for _ in range(starts):
             sh(FERRYNET, "lab", "stop-agent", "--name", lab, "h1")
@@ -151,7 +173,7 @@ def ours_propagation(n, starts):
     finally:
         lab_down(lab)
         cleanup()
-    return adds, props, est
+    return adds, props, est, claims, late
 
 
 def cni_net(lab, host, net, cid, ns):
@@ -232,15 +254,33 @@ def anchor_propagation(n, starts):
     return adds, props, est
 
 
-def propagation(n, starts):
-    oa, op, oe = ours_propagation(n, starts)
+def propagation(n, starts, before=None):
+    """Ours (with `before` too, when given: another ferrynet build, run in a child process with
+    FERRYNET_BIN set) and the anchor, one table."""
+    runs = []
+    if before:
+        out = sh(sys.executable, os.path.abspath(__file__), "ours-propagation", "--n", str(n), "--starts", str(starts),
+                 env={**os.environ, "FERRYNET_BIN": before}).stdout
+        runs.append(("before", json.loads(out.strip().splitlines()[-1])))
+    oa, op, oe, oc, late = ours_propagation(n, starts)
+    runs.append(("after" if before else "ferrynet", {"adds": oa, "props": op, "est": oe, "claims": oc, "late": late}))
     aa, ap, ae = anchor_propagation(n, starts)
-    print("| measure | ferrynet p50 | p99 | GoBGP → BIRD (anchor) p50 | p99 | ratio (p50) |")
-    print("|---|---|---|---|---|---|")
-    for what, o, a in (("origin (CNI ADD / `gobgp global rib add`)", oa, aa),
-                       ("origin start → route in h2's kernel", op, ap)):
-        print(f"| {what} | {ms(pct(o, .5))} | {ms(pct(o, .99))} | {ms(pct(a, .5))} | {ms(pct(a, .99))} | {pct(o, .5) / pct(a, .5):.2f} |")
-    print(f"| speaker start → Established at the ToR | {ms(pct(oe, .5))} | {ms(max(oe))} (max) | {ms(pct(ae, .5))} | {ms(max(ae))} (max) | {pct(oe, .5) / pct(ae, .5):.2f} |")
+    print(f"ferrynet: {FERRYNET}" + (f"; before: {before}" if before else ""))
+    print("| measure | build | ferrynet p50 | p99 | GoBGP → BIRD (anchor) p50 | p99 | ratio (p50) | ratio (p99) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for what, key, a in (("origin (CNI ADD / `gobgp global rib add`)", "adds", aa),
+                         ("CNI ADD start / `gobgp global rib add` start → route in h2's kernel", "props", ap),
+                         ("block claim in etcd / `gobgp global rib add` start → route in h2's kernel", "claims", ap)):
+        for build, r in runs:
+            o = r[key]
+            print(f"| {what} | {build} | {ms(pct(o, .5))} | {ms(pct(o, .99))} | {ms(pct(a, .5))} | {ms(pct(a, .99))} | "
+                  f"{pct(o, .5) / pct(a, .5):.2f} | {pct(o, .99) / pct(a, .99):.2f} |")
+    for build, r in runs:
+        print(f"| route in h2's kernel only after the CNI ADD returned | {build} | {r['late']} of {n} | | | | | |")
+    for build, r in runs:
+        oe = r["est"]
+        print(f"| speaker start → Established at the ToR | {build} | {ms(pct(oe, .5))} | {ms(max(oe))} (max) | "
+              f"{ms(pct(ae, .5))} | {ms(max(ae))} (max) | {pct(oe, .5) / pct(ae, .5):.2f} | |")
 
 
 BIRD_RX = """router id 172.31.0.61;
@@ -331,7 +371,8 @@ def table(prefixes, reps):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["throughput", "propagation", "table"])
+    ap.add_argument("what", choices=["throughput", "propagation", "table", "ours-propagation"])
+    ap.add_argument("--before", help="propagation: also run this ferrynet binary (the build before a change)")
     ap.add_argument("--secs", type=int, default=5)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--n", type=int, default=30)
@@ -341,7 +382,10 @@ def main():
     if a.what == "throughput":
         throughput(a.secs, a.reps)
     elif a.what == "propagation":
-        propagation(a.n, a.starts)
+        propagation(a.n, a.starts, a.before)
+    elif a.what == "ours-propagation":
+        oa, op, oe, oc, late = ours_propagation(a.n, a.starts)
+        print(json.dumps({"adds": oa, "props": op, "est": oe, "claims": oc, "late": late}))
     else:
         table(a.prefixes, a.reps if a.reps != 5 else 2)
 

@@ -15,9 +15,11 @@ pub fn run(data: &[u8]) {
         "172.31.0.1/24".parse().unwrap(),
         "fd31::1/64".parse().unwrap(),
     ];
+    let lent = std::collections::BTreeSet::new();
     let rules = ImportRules {
         pools: &pools,
         own: &[],
+        lent: &lent,
         underlay: &underlay,
         local_asn: 64512,
         accept_default: true,

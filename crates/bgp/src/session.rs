@@ -523,6 +523,10 @@ async fn sync_exports(
             .await
             .map_err(|e| End::Closed(e.to_string()))?;
     }
+    if !add.is_empty() || !del.is_empty() {
+        // With the agent's "announcements changed" and "BGP routes" lines: where the time goes.
+        tracing::debug!(peer = %spec.name, add = add.len(), del = del.len(), "UPDATE sent");
+    }
     *sent = want;
     Ok(())
 }
@@ -539,6 +543,7 @@ fn apply_update(
     let rules = ImportRules {
         pools: &pol.pools,
         own: &pol.own,
+        lent: &pol.lent,
         underlay: &pol.underlay,
         local_asn: spec.local_asn,
         accept_default: spec.accept_default,
@@ -610,6 +615,7 @@ fn apply_update(
     }
     let count = rib.count_from(&spec.name);
     drop(rib);
+    tracing::debug!(peer = %spec.name, announced = u.announced.len(), withdrawn = u.withdrawn.len(), changed, "UPDATE received");
     if changed {
         inner.rib_changed();
     }

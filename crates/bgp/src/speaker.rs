@@ -56,6 +56,8 @@ pub struct Policy {
     pub pools: Vec<IpNet>,
     /// This host's blocks.
     pub own: Vec<IpNet>,
+    /// Addresses of the own blocks lent to other hosts' containers (host routes accepted).
+    pub lent: BTreeSet<IpAddr>,
     /// This host's underlay addresses with prefixes.
     pub underlay: Vec<IpNet>,
 }

@@ -387,10 +387,15 @@ async fn add(ctl: &Control, env: &CniEnv, conf: &NetConf) -> Result<Value, CniEr
         // on its anchor: the container reaches them through its link-local gateway).
         let subnets = validate_network_subnets(&net.subnets)
             .map_err(|e| CniError::invalid_config(e.to_string()))?;
-        let gateways = ep
-            .ips
-            .iter()
-            .filter_map(|ip| crate::control::endpoint::gateway_for(&subnets, ip.addr()));
+        let gateways = ep.ips.iter().filter_map(|ip| {
+            // A borrowed address (outside this host's blocks) asks a gateway of its family.
+            crate::control::endpoint::gateway_for(&subnets, ip.addr()).or_else(|| {
+                subnets
+                    .iter()
+                    .find(|s| s.gateway.is_ipv6() == ip.addr().is_ipv6())
+                    .map(|s| s.gateway)
+            })
+        });
         res.dns = agent_dns(gateways, &net.name, &d.domain);
     }
     Ok(res.to_json_for_version(&conf.cni_version))

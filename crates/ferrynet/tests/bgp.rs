@@ -11,7 +11,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::lab::{all_pairs, echo, stream, Container, Lab};
+use common::lab::{all_pairs, echo, stream, Container, Lab, ECHO_SERVER};
 use common::{need, out, within};
 use serde_json::Value;
 
@@ -233,6 +233,100 @@ fn gobgp_tors_route_all_pairs_and_follow_blocks() {
     routes_follow_blocks("bgpgobgp", "gobgp");
 }
 
+/// A container on h2 (rack 1) holding an address of h1's block (`run --ip`, routed mode):
+/// h2 announces it as a /32 beside its own blocks, both ToRs carry it, h1 (the block's owner,
+/// which accepts a host route inside its block only for an address the store lends to another
+/// host's container) and h3 reach it across the racks, by longest prefix over the block's
+/// route; when it goes, the /32 leaves the ToRs' tables and every kernel.
+#[test]
+fn a_borrowed_address_is_announced_as_a_host_route_and_withdrawn() {
+    need("bird", "bird2");
+    let mut lab = Lab::up(
+        "bgpbrw",
+        &[
+            "--hosts",
+            "3",
+            "--racks",
+            "2",
+            "--router",
+            "bird",
+            "--backend",
+            "bgp",
+            "--mode",
+            "routed",
+        ],
+    );
+    let hosts = ["h1", "h2", "h3"];
+    let c1 = lab.container("h1", "c1");
+    let c3 = lab.container("h3", "c3");
+    lab.container("h2", "c2");
+    within(Duration::from_secs(30), || {
+        converged(&lab, &hosts, &["fabric"])
+    });
+    let b1 = blocks(&lab, "h1", "fabric")
+        .into_iter()
+        .find(|b| !b.contains(':'))
+        .unwrap();
+    let addr = {
+        let o: Vec<u8> = b1
+            .split('/')
+            .next()
+            .unwrap()
+            .split('.')
+            .map(|x| x.parse().unwrap())
+            .collect();
+        format!("{}.{}.{}.{}", o[0], o[1], o[2], o[3] + 20)
+    };
+    let host_route = format!("{addr}/32");
+    let b = lab.run_on(
+        "h2",
+        "b",
+        "fabric",
+        &["--ip", &addr],
+        &["python3", "-c", ECHO_SERVER],
+    );
+    assert_eq!(b.v4, addr);
+    let exported = bgp_status(&lab, "h2")["exported"].to_string();
+    assert!(exported.contains(&host_route), "h2 exports {exported}");
+    for r in [0, 1] {
+        within(Duration::from_secs(20), || {
+            let t = tor_table(&lab, r, "bird");
+            t.contains(&host_route)
+                .then_some(())
+                .ok_or(format!("{host_route} not in tor{r}'s table:\n{t}"))
+        });
+    }
+    for h in ["h1", "h3"] {
+        within(Duration::from_secs(20), || {
+            let k = kernel_routes(&lab, h);
+            k.iter()
+                .any(|l| l.starts_with(&format!("{addr} via")))
+                .then_some(())
+                .ok_or(format!("{h}: no host route to {addr}: {k:?}"))
+        });
+    }
+    let via = sh(&["ip", "-n", &lab.host_ns("h1"), "route", "get", &addr]);
+    assert!(
+        via.contains("via 172.31.0.254"),
+        "h1 -> {addr} not via its ToR: {via}"
+    );
+    echo(&c1, &addr, Duration::from_secs(10)).unwrap();
+    echo(&c3, &addr, Duration::from_secs(10)).unwrap();
+    echo(&b, &c1.v4, Duration::from_secs(10)).unwrap();
+    lab.rm(&b);
+    for r in [0, 1] {
+        within(Duration::from_secs(20), || {
+            let t = tor_table(&lab, r, "bird");
+            (!t.contains(&host_route))
+                .then_some(())
+                .ok_or(format!("{host_route} still in tor{r}'s table:\n{t}"))
+        });
+    }
+    within(Duration::from_secs(20), || {
+        converged(&lab, &hosts, &["fabric"])
+    });
+}
+
 #[test]
 fn agent_kill_9_keeps_a_stream_and_the_routers_keep_its_routes() {
     let (lab, c1, c2) = two_racks("bgpkill");
@@ -354,11 +448,22 @@ fn hostile_neighbour_is_refused_and_its_malformed_update_gets_a_notification() {
             .contains("UPDATE message error"),
         "{evil}"
     );
-    // All four of its routes arrived and were refused by the import policy: none reached the
+    // All six of its routes arrived and were refused by the import policy (a /32 inside the
+    // own block too: no container of another host holds that address): none reached the
     // kernel, and the ToR sessions never dropped.
-    assert_eq!(evil["prefixesRejected"], 4, "{evil}");
+    assert_eq!(evil["prefixesRejected"], 6, "{evil}");
     let routes = kernel_routes(&lab, "h1").join("\n");
-    for p in ["192.168.99.0", "10.0.0.0/8", "10.20.99.0", &own] {
+    let inside = {
+        let o: Vec<u8> = own
+            .split('/')
+            .next()
+            .unwrap()
+            .split('.')
+            .map(|x| x.parse().unwrap())
+            .collect();
+        format!("{}.{}.{}.{}", o[0], o[1], o[2], o[3] + 5)
+    };
+    for p in ["192.168.99.", "10.0.0.0/8", "10.20.99.0", &own, &inside] {
         assert!(
             !routes.contains(p),
             "{p} installed from a hostile peer:\n{routes}"

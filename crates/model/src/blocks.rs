@@ -4,6 +4,8 @@
 //! /122). A host claims blocks as it needs them and hands out addresses only from its own, so
 //! hosts never coordinate per address and every other host routes a whole block to its owner.
 
+use std::net::IpAddr;
+
 use ipnet::IpNet;
 
 pub use crate::fabric::block_gateway;
@@ -168,6 +170,35 @@ impl HostView {
         ips.iter()
             .all(|ip| self.net.subnets.iter().any(|s| s.cidr.contains(&ip.addr())))
     }
+
+    /// The view to plan `requested` addresses in: this one, plus on a network that lets
+    /// containers borrow addresses (`bgp::policy::may_borrow`) the blocks (owned by another
+    /// host or by nobody) holding requested addresses that lie in the pool but outside this
+    /// host's blocks. Their first addresses stay reserved (the owner's gateways); the address
+    /// keys themselves keep two hosts from handing out one address.
+    pub fn borrowing(&self, requested: &[IpAddr]) -> HostView {
+        let Some(spec) = self
+            .pool
+            .fabric
+            .filter(|_| crate::bgp::policy::may_borrow(&self.pool))
+        else {
+            return self.clone();
+        };
+        let mut blocks = self.blocks.clone();
+        for ip in requested {
+            let in_pool = self.pool.subnets.iter().any(|s| s.cidr.contains(ip));
+            if !in_pool || blocks.iter().any(|b| b.contains(ip)) {
+                continue;
+            }
+            if let Ok(b) = IpNet::new(*ip, spec.block_len(ip.is_ipv6())) {
+                blocks.push(b.trunc());
+            }
+        }
+        if blocks.len() == self.blocks.len() {
+            return self.clone();
+        }
+        HostView::new(self.pool.clone(), blocks, self.me.clone())
+    }
 }
 
 #[cfg(test)]
@@ -186,6 +217,38 @@ mod tests {
             block_v6: 122,
             encrypt: false,
         }
+    }
+
+    #[test]
+    fn requested_addresses_borrow_their_block_only_where_allowed() {
+        let mut pool = Network {
+            name: "fab".into(),
+            mode: crate::network::NetworkMode::Routed,
+            bridge: "fn-fab".into(),
+            subnets: vec![Subnet::new(n("10.20.0.0/16"))],
+            mtu: None,
+            internal: false,
+            ip_masq: true,
+            fabric: Some(FabricSpec {
+                backend: Backend::Bgp,
+                ..spec()
+            }),
+            default_deny: false,
+        };
+        let v = HostView::new(pool.clone(), vec![n("10.20.0.64/26")], None);
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        let b = v.borrowing(&[a("10.20.0.9"), a("10.20.0.70"), a("192.168.0.1")]);
+        assert_eq!(b.blocks, vec![n("10.20.0.64/26"), n("10.20.0.0/26")]);
+        assert!(b.holds(&[n("10.20.0.9/32")]));
+        assert_eq!(v.borrowing(&[a("10.20.0.70")]), v);
+        // Bridged, or another backend: nothing borrowed.
+        let mut bridged = pool.clone();
+        bridged.mode = crate::network::NetworkMode::Bridge;
+        let v = HostView::new(bridged, vec![n("10.20.0.64/26")], None);
+        assert_eq!(v.borrowing(&[a("10.20.0.9")]), v);
+        pool.fabric = Some(spec());
+        let v = HostView::new(pool, vec![n("10.20.0.64/26")], None);
+        assert_eq!(v.borrowing(&[a("10.20.0.9")]), v);
     }
 
     #[test]

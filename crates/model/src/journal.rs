@@ -43,13 +43,17 @@ pub enum Reassert {
 
 /// Decide what to do with journaled endpoint `ep` of `host`, whose host-side link is
 /// `link_alive`, given `facts` from the store and `blocks`: the network's blocks that hold
-/// `ep`'s addresses (empty for a single-host network).
+/// `ep`'s addresses (empty for a single-host network). `borrow`: the network lets a container
+/// keep an address of another host's block (`bgp::policy::may_borrow`); a block taken
+/// meanwhile is then no conflict, the addresses come back as borrowed ones (announced as host
+/// routes) as long as nobody else holds them.
 pub fn plan(
     ep: &Endpoint,
     host: &str,
     link_alive: bool,
     facts: &StoreFacts,
     blocks: &[IpNet],
+    borrow: bool,
 ) -> Reassert {
     if !link_alive {
         return Reassert::Forget;
@@ -83,6 +87,7 @@ pub fn plan(
     for b in blocks {
         match facts.block_owners.get(b) {
             Some(h) if h == host => {}
+            Some(_) if borrow => {}
             Some(h) => {
                 return Reassert::Conflict(format!(
                     "block {b} of network {} (container {}) now belongs to host {h}",
@@ -135,14 +140,17 @@ mod tests {
     fn a_gone_link_is_forgotten_and_an_intact_record_kept() {
         let e = ep();
         assert_eq!(
-            plan(&e, "h2", false, &StoreFacts::default(), &[]),
+            plan(&e, "h2", false, &StoreFacts::default(), &[], false),
             Reassert::Forget
         );
         let facts = StoreFacts {
             record: Some(e.clone()),
             ..Default::default()
         };
-        assert_eq!(plan(&e, "h2", true, &facts, &[block()]), Reassert::Keep);
+        assert_eq!(
+            plan(&e, "h2", true, &facts, &[block()], false),
+            Reassert::Keep
+        );
     }
 
     #[test]
@@ -150,7 +158,7 @@ mod tests {
         let e = ep();
         let facts = StoreFacts::default();
         assert_eq!(
-            plan(&e, "h2", true, &facts, &[block()]),
+            plan(&e, "h2", true, &facts, &[block()], false),
             Reassert::Restore {
                 blocks: vec![block()]
             }
@@ -162,7 +170,7 @@ mod tests {
             .address_owners
             .insert("10.1.0.5".parse().unwrap(), "c1/eth0".into());
         assert_eq!(
-            plan(&e, "h2", true, &facts, &[block()]),
+            plan(&e, "h2", true, &facts, &[block()], false),
             Reassert::Restore { blocks: vec![] }
         );
     }
@@ -172,7 +180,7 @@ mod tests {
         let e = ep();
         let mut facts = StoreFacts::default();
         facts.block_owners.insert(block(), "h1".into());
-        let Reassert::Conflict(m) = plan(&e, "h2", true, &facts, &[block()]) else {
+        let Reassert::Conflict(m) = plan(&e, "h2", true, &facts, &[block()], false) else {
             panic!("expected a conflict");
         };
         assert!(m.contains("h1") && m.contains("10.1.0.0/26"), "{m}");
@@ -180,7 +188,7 @@ mod tests {
         facts
             .address_owners
             .insert("fd00::5".parse().unwrap(), "other/eth0".into());
-        let Reassert::Conflict(m) = plan(&e, "h2", true, &facts, &[]) else {
+        let Reassert::Conflict(m) = plan(&e, "h2", true, &facts, &[], false) else {
             panic!("expected a conflict");
         };
         assert!(m.contains("fd00::5") && m.contains("other/eth0"), "{m}");
@@ -191,7 +199,7 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            plan(&e, "h2", true, &facts, &[]),
+            plan(&e, "h2", true, &facts, &[], false),
             Reassert::Conflict(_)
         ));
     }
@@ -206,5 +214,24 @@ mod tests {
             blocks_of(&ep(), &spec),
             vec![block(), "fd00::/120".parse::<IpNet>().unwrap()]
         );
+    }
+
+    #[test]
+    fn a_taken_block_is_borrowed_from_where_borrowing_is_allowed() {
+        let e = ep();
+        let mut facts = StoreFacts::default();
+        facts.block_owners.insert(block(), "h1".into());
+        assert_eq!(
+            plan(&e, "h2", true, &facts, &[block()], true),
+            Reassert::Restore { blocks: vec![] }
+        );
+        // Its address given to someone else meanwhile stays a conflict.
+        facts
+            .address_owners
+            .insert("10.1.0.5".parse().unwrap(), "other/eth0".into());
+        assert!(matches!(
+            plan(&e, "h2", true, &facts, &[block()], true),
+            Reassert::Conflict(_)
+        ));
     }
 }

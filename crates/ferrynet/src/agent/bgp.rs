@@ -3,6 +3,10 @@
 //! `ferrynet_model::bgp` decides from the store, and keeps the kernel's BGP routes
 //! (protocol 114, `ferrynet_dataplane::fabric::RTPROT_FERRYNET_BGP`) in line with its RIB by diff.
 //!
+//! Announcements follow the discovery feed (block claims and endpoint records), not the
+//! reconciler: a block claimed by a CNI ADD is announced as soon as its watch event arrives,
+//! without waiting for a reconcile that may be busy with kernel work.
+//!
 //! Graceful restart: routes stay in the kernel when the agent stops or dies. A starting agent
 //! that finds them says so in its OPEN (restarting, forwarding kept), so peers keep its routes
 //! meanwhile, and it removes none of them until every peer has sent End-of-RIB (or the
@@ -17,7 +21,7 @@ use ferrynet_bgp::{Exports, PeerState, Policy, Settings, Speaker, BGP_PORT};
 use ferrynet_dataplane::netlink::Netlink;
 use ferrynet_model::bgp::keys;
 use ferrynet_model::bgp::peers::{host_asn, plan, router_id};
-use ferrynet_model::bgp::policy::export;
+use ferrynet_model::bgp::policy::{host_prefixes, HostPrefixes};
 use ferrynet_model::bgp::rib::kernel_routes;
 use ferrynet_model::fabric::{Backend, FabricRoute};
 use ferrynet_model::host::HostRecord;
@@ -27,45 +31,33 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::discovery::ViewRx;
 use super::status::AgentStatus;
 use super::underlay::Underlay;
 use super::view::ClusterView;
 use crate::control::bgp::{parse_records, BgpRecords};
 
-/// What the reconciler's view holds that BGP needs, published after every reconcile.
+/// What the reconciler's view holds that BGP needs (whether to run, and the mesh's hosts),
+/// published after every reconcile.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BgpView {
     /// The cluster has at least one `bgp` network.
     pub active: bool,
     /// Hosts, live and in their grace period.
     pub hosts: Vec<HostRecord>,
-    /// Subnets of the `bgp` networks.
-    pub pools: Vec<IpNet>,
-    /// This host's blocks of them.
-    pub own: Vec<IpNet>,
 }
 
 /// The BGP part of the cluster view.
-pub fn view_of(view: &ClusterView, me: &str) -> BgpView {
-    let nets: Vec<_> = view
-        .fabric_networks()
-        .filter(|n| n.fabric.is_some_and(|f| f.backend == Backend::Bgp))
-        .collect();
+pub fn view_of(view: &ClusterView) -> BgpView {
     BgpView {
-        active: !nets.is_empty(),
+        active: view
+            .fabric_networks()
+            .any(|n| n.fabric.is_some_and(|f| f.backend == Backend::Bgp)),
         hosts: view
             .hosts
             .values()
             .chain(view.departed.values().map(|(h, _)| h))
             .cloned()
-            .collect(),
-        pools: nets
-            .iter()
-            .flat_map(|n| n.subnets.iter().map(|s| s.cidr.trunc()))
-            .collect(),
-        own: nets
-            .iter()
-            .flat_map(|n| view.blocks_of(&n.name, me))
             .collect(),
     }
 }
@@ -131,7 +123,7 @@ struct Bgp {
 }
 
 impl Bgp {
-    /// Peers, announcements and import rules from the records and the view.
+    /// Peers from the records and the view.
     fn configure(&mut self, rec: &BgpRecords, view: &BgpView) {
         let specs = plan(
             &self.me,
@@ -142,6 +134,16 @@ impl Bgp {
             &rec.peers,
         );
         self.speaker.set_peers(&specs);
+        self.errors = rec
+            .rejected
+            .iter()
+            .map(|(k, e)| format!("record {k} refused: {e}"))
+            .collect();
+    }
+
+    /// Announcements and import rules from the discovery view; true when the announcements
+    /// changed.
+    fn announce(&mut self, px: &HostPrefixes) -> bool {
         let first = |v6: bool| {
             self.underlay
                 .addrs
@@ -150,7 +152,7 @@ impl Bgp {
                 .find(|a| a.is_ipv6() == v6)
         };
         let ex = Exports {
-            prefixes: export(&view.own, &[]),
+            prefixes: px.exports(),
             next_hop4: match first(false) {
                 Some(IpAddr::V4(a)) => Some(a),
                 _ => None,
@@ -160,18 +162,15 @@ impl Bgp {
                 _ => None,
             },
         };
-        self.exports.send_if_modified(|e| replace(e, ex));
+        let changed = self.exports.send_if_modified(|e| replace(e, ex));
         let pol = Policy {
-            pools: view.pools.clone(),
-            own: view.own.clone(),
+            pools: px.pools.clone(),
+            own: px.own.clone(),
+            lent: px.lent.clone(),
             underlay: self.underlay.addrs.clone(),
         };
         self.policy.send_if_modified(|p| replace(p, pol));
-        self.errors = rec
-            .rejected
-            .iter()
-            .map(|(k, e)| format!("record {k} refused: {e}"))
-            .collect();
+        changed
     }
 
     /// Bring the kernel's BGP routes to the RIB's best paths; before the first sync is over,
@@ -215,6 +214,7 @@ pub async fn run(
     me: String,
     underlay: Underlay,
     mut view: watch::Receiver<BgpView>,
+    mut disc: ViewRx,
     status: Arc<Mutex<AgentStatus>>,
 ) -> anyhow::Result<()> {
     while !view.borrow_and_update().active {
@@ -256,6 +256,8 @@ pub async fn run(
         deferral: Duration::from_secs(u64::from(settings.restart_time).min(60)),
         errors: Vec::new(),
     };
+    let px = host_prefixes(&disc.borrow_and_update(), &b.me);
+    b.announce(&px);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut ticks = 0u64;
     let mut kernel_errors = Vec::new();
@@ -263,6 +265,14 @@ pub async fn run(
         tokio::select! {
             r = rec_rx.changed() => r?,
             r = view.changed() => r?,
+            r = disc.changed() => {
+                r?;
+                let started = std::time::Instant::now();
+                let px = host_prefixes(&disc.borrow_and_update(), &b.me);
+                if b.announce(&px) {
+                    tracing::debug!(prefixes = b.exports.borrow().prefixes.len(), took_us = started.elapsed().as_micros() as u64, "announcements changed");
+                }
+            }
             r = rib_rx.changed() => {
                 r?;
                 kernel_errors = b.sync_kernel().await;

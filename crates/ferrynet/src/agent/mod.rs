@@ -218,6 +218,7 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     ));
     let rejected = (status.clone(), disc_rx.clone());
     let reassert_task = tokio::spawn(reassert::run(ctl.clone(), lease_rx.clone(), status.clone()));
+    let disc_bgp = disc_rx.clone();
     let _discovery = (disc_rx, lease_rx);
     let reg_task = tokio::spawn(register::keep_registered(
         ctl.store_handle(),
@@ -253,14 +254,15 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     // BGP follows the reconciler's view (networks, hosts, blocks) and the `bgp/` records.
     let (bgp_tx, bgp_rx) = tokio::sync::watch::channel(bgp::BgpView::default());
     let bgp_task = tokio::spawn({
-        let (store, me, ul, st) = (
+        let (store, me, ul, disc, st) = (
             ctl.store_handle(),
             ctl.host().to_string(),
             underlay.clone(),
+            disc_bgp,
             status.clone(),
         );
         async move {
-            if let Err(e) = bgp::run(store, me, ul, bgp_rx, st).await {
+            if let Err(e) = bgp::run(store, me, ul, bgp_rx, disc, st).await {
                 tracing::error!(error = %e, "BGP stopped");
             }
         }

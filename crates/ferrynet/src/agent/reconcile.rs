@@ -169,9 +169,9 @@ impl Reconciler {
         let mut vxlan_devs = Vec::new();
         let mut networks = Vec::new();
         let mut served = BTreeMap::new();
-        // BGP first: a new block is announced without waiting for the fabric's kernel work.
+        // BGP's sessions follow the hosts (its announcements follow the discovery feed).
         if let Some(tx) = &self.bgp {
-            let bv = super::bgp::view_of(view, &me);
+            let bv = super::bgp::view_of(view);
             tx.send_if_modified(|old| {
                 let changed = *old != bv;
                 if changed {

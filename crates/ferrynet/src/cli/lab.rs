@@ -443,7 +443,9 @@ fn start_agent(rec: &mut LabRecord, host: &str) -> anyhow::Result<()> {
             format!("unix://{}", state.join("docker.sock").display()),
         );
     }
-    c.env("FERRYNET_LOG", "info")
+    // `FERRYNET_LAB_LOG=ferrynet=debug` (say) for the timed debug lines of a benchmark.
+    let level = std::env::var("FERRYNET_LAB_LOG").unwrap_or_else(|_| "info".into());
+    c.env("FERRYNET_LOG", level)
         .stdin(Stdio::null())
         .stdout(logf.try_clone()?)
         .stderr(logf);

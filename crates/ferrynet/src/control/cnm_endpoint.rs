@@ -151,7 +151,9 @@ impl Control {
                     let candidates = match blocks {
                         None => vec![subnet.clone()],
                         Some(b) => {
-                            let view = lock(b).net.clone();
+                            // A borrowed address where the network allows it (as `reserve`).
+                            let asked: Vec<IpAddr> = requested.into_iter().collect();
+                            let view = lock(b).borrowing(&asked).net;
                             validate_network_subnets(&view.subnets)
                                 .map_err(|e| ControlError::InvalidConfig(e.to_string()))?
                                 .into_iter()

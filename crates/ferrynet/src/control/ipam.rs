@@ -149,8 +149,11 @@ impl Control {
                     if let Some(kv) = self.store.get(ep_key).await? {
                         return Ok(Round::Done((decode(&kv)?, false)));
                     }
+                    // A requested address outside this host's blocks is planned in its own
+                    // block where the network lets containers borrow (announced as a host
+                    // route); elsewhere it is refused as not in this host's blocks.
                     let seen = match blocks {
-                        Some(b) => lock(b).net.clone(),
+                        Some(b) => lock(b).borrowing(requested).net,
                         None => view.net.clone(),
                     };
                     let subnets = validate_network_subnets(&seen.subnets)

@@ -162,7 +162,8 @@ impl Control {
                 .as_ref()
                 .map(|f| blocks_of(&ep, f))
                 .unwrap_or_default();
-            match self.reassert_endpoint(&ep, alive, &blocks).await? {
+            let borrow = ferrynet_model::bgp::policy::may_borrow(&net);
+            match self.reassert_endpoint(&ep, alive, &blocks, borrow).await? {
                 Reassert::Forget => {
                     self.journal_remove("endpoints", &file);
                     report.forgotten += 1;
@@ -219,6 +220,7 @@ impl Control {
         ep: &Endpoint,
         alive: bool,
         blocks: &[ipnet::IpNet],
+        borrow: bool,
     ) -> Result<Reassert> {
         let ep_key = &keys::endpoint(&ep.network, &ep.container_id, &ep.ifname);
         let owner = &format!("{}/{}", ep.container_id, ep.ifname);
@@ -253,7 +255,7 @@ impl Control {
                         None => compares.push(Compare::Missing(k)),
                     }
                 }
-                let decision = plan(ep, self.host(), alive, &facts, blocks);
+                let decision = plan(ep, self.host(), alive, &facts, blocks, borrow);
                 let Reassert::Restore { blocks: claim } = &decision else {
                     return Ok(Round::Done(decision));
                 };

@@ -2,8 +2,9 @@
 """A hostile BGP neighbour for crates/ferrynet/tests/bgp.rs.
 
 Connects to TARGET:179 as AS LOCAL_AS (router id ROUTER_ID), completes the OPEN exchange,
-then announces prefixes the agent must refuse (outside the pools, inside the agent's own
-block OWN, and one in the pool through a next hop that is not on the link), and finally
+then announces prefixes the agent must refuse (outside the pools, a /32 outside them, the
+agent's own block OWN, a /32 inside it, and one in the pool through a next hop that is not on
+the link), and finally
 sends a malformed UPDATE (an attribute longer than the message). Prints one line per step
 and `notification CODE SUBCODE` for the NOTIFICATION it gets back.
 """
@@ -72,7 +73,8 @@ def main():
         if kind == 4:
             break
     print("established", flush=True)
-    s.sendall(update(["192.168.99.0/24", "10.0.0.0/8", own], me, local_as))
+    inside = ipaddress.ip_network(own).network_address + 5
+    s.sendall(update(["192.168.99.0/24", "10.0.0.0/8", "192.168.99.7/32", own, f"{inside}/32"], me, local_as))
     s.sendall(update(["10.20.99.0/26"], "172.31.1.99", local_as))
     time.sleep(1)
     print("sent-hostile", flush=True)

@@ -5,6 +5,7 @@
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -47,29 +48,49 @@ fn rank(a: &Path, b: &Path) -> Ordering {
         .then(a.peer_addr.cmp(&b.peer_addr))
 }
 
-/// Paths by prefix and peer name.
+/// Paths by prefix and peer name. Sized for large tables: a prefix holds a vector of exactly
+/// as many paths as peers sent it (one, mostly), and each path names its peer by a shared,
+/// interned name rather than a string of its own.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Rib {
-    paths: BTreeMap<IpNet, BTreeMap<String, Path>>,
+    paths: BTreeMap<IpNet, Vec<(Arc<str>, Path)>>,
+    /// Peer names, one allocation each.
+    names: Vec<Arc<str>>,
 }
 
 impl Rib {
+    fn intern(&mut self, peer: &str) -> Arc<str> {
+        if let Some(n) = self.names.iter().find(|n| &***n == peer) {
+            return n.clone();
+        }
+        let n: Arc<str> = Arc::from(peer);
+        self.names.push(n.clone());
+        n
+    }
+
     /// Add or replace `peer`'s path to `prefix`.
     pub fn announce(&mut self, peer: &str, prefix: IpNet, path: Path) {
-        self.paths
-            .entry(prefix.trunc())
-            .or_default()
-            .insert(peer.to_string(), path);
+        let name = self.intern(peer);
+        let v = self.paths.entry(prefix.trunc()).or_default();
+        match v.iter_mut().find(|(n, _)| **n == *peer) {
+            Some(slot) => slot.1 = path,
+            None => {
+                v.reserve_exact(1);
+                v.push((name, path));
+            }
+        }
     }
 
     /// Remove `peer`'s path to `prefix`; true if there was one.
     pub fn withdraw(&mut self, peer: &str, prefix: IpNet) -> bool {
         let prefix = prefix.trunc();
-        let Some(m) = self.paths.get_mut(&prefix) else {
+        let Some(v) = self.paths.get_mut(&prefix) else {
             return false;
         };
-        let had = m.remove(peer).is_some();
-        if m.is_empty() {
+        let before = v.len();
+        v.retain(|(n, _)| **n != *peer);
+        let had = v.len() != before;
+        if v.is_empty() {
             self.paths.remove(&prefix);
         }
         had
@@ -77,14 +98,18 @@ impl Rib {
 
     /// Remove every path of `peer` (session gone without graceful restart); how many.
     pub fn drop_peer(&mut self, peer: &str) -> usize {
-        self.retain(|p, _| p != peer)
+        let n = self.retain(|p, _| p != peer);
+        // The name goes when no path holds it any more.
+        self.names
+            .retain(|n| Arc::strong_count(n) > 1 || &**n != peer);
+        n
     }
 
     /// Mark every path of `peer` stale (it restarts gracefully); how many.
     pub fn mark_stale(&mut self, peer: &str) -> usize {
         let mut n = 0;
-        for m in self.paths.values_mut() {
-            if let Some(p) = m.get_mut(peer) {
+        for v in self.paths.values_mut() {
+            for (_, p) in v.iter_mut().filter(|(name, _)| **name == *peer) {
                 p.stale = true;
                 n += 1;
             }
@@ -102,20 +127,24 @@ impl Rib {
 
     fn retain(&mut self, mut keep: impl FnMut(&str, (&IpNet, &Path)) -> bool) -> usize {
         let mut removed = 0;
-        self.paths.retain(|prefix, m| {
-            m.retain(|peer, path| {
+        self.paths.retain(|prefix, v| {
+            v.retain(|(peer, path)| {
                 let k = keep(peer, (prefix, path));
                 removed += usize::from(!k);
                 k
             });
-            !m.is_empty()
+            v.shrink_to_fit();
+            !v.is_empty()
         });
         removed
     }
 
     /// Paths held from `peer`.
     pub fn count_from(&self, peer: &str) -> usize {
-        self.paths.values().filter(|m| m.contains_key(peer)).count()
+        self.paths
+            .values()
+            .filter(|v| v.iter().any(|(n, _)| **n == *peer))
+            .count()
     }
 
     /// Number of prefixes with at least one path.
@@ -132,10 +161,10 @@ impl Rib {
     pub fn best(&self) -> BTreeMap<IpNet, (&str, &Path)> {
         self.paths
             .iter()
-            .filter_map(|(prefix, m)| {
-                m.iter()
-                    .min_by(|a, b| rank(a.1, b.1))
-                    .map(|(peer, p)| (*prefix, (peer.as_str(), p)))
+            .filter_map(|(prefix, v)| {
+                v.iter()
+                    .min_by(|a, b| rank(&a.1, &b.1).then(a.0.cmp(&b.0)))
+                    .map(|(peer, p)| (*prefix, (&**peer, p)))
             })
             .collect()
     }
