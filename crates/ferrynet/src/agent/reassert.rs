@@ -26,7 +26,9 @@ pub async fn run(
                 Ok(report) => {
                     done_for = Some(l);
                     if let Ok(mut s) = status.lock() {
-                        s.reassert = Some(report);
+                        s.reassert
+                            .get_or_insert_with(Default::default)
+                            .absorb(report);
                     }
                 }
                 Err(e) => {

@@ -58,8 +58,9 @@ pub struct AgentStatus {
     /// The sleeve (absent: not running).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sleeve: Option<ferrynet_sleeve::SleeveReport>,
-    /// The last re-assertion of this host's own records after it (re)registered: what a
-    /// partition longer than the grace period had released, put back, and what others hold.
+    /// Re-assertions of this host's own records since the agent started (one per new lease):
+    /// what partitions longer than the grace period had released and was put back, and what
+    /// others hold now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reassert: Option<crate::control::journal::ReassertReport>,
     /// BGP (absent: no `bgp` network in the cluster).

@@ -33,6 +33,18 @@ pub struct ReassertReport {
     pub conflicts: Vec<String>,
 }
 
+impl ReassertReport {
+    /// Fold a later re-assertion into this one: counts add up (a host may re-register more
+    /// than once, and a later pass that finds everything in place must not hide an earlier
+    /// restore), conflicts are the later pass's (what still conflicts now).
+    pub fn absorb(&mut self, later: ReassertReport) {
+        self.restored += later.restored;
+        self.producers_restored += later.producers_restored;
+        self.forgotten += later.forgotten;
+        self.conflicts = later.conflicts;
+    }
+}
+
 /// A producer's journal file name, when its names are safe as one.
 fn producer_file(service: &str, id: &str) -> Option<String> {
     let safe = |s: &str| {
@@ -279,7 +291,28 @@ impl Control {
 
 #[cfg(test)]
 mod tests {
-    use super::producer_file;
+    use super::{producer_file, ReassertReport};
+
+    #[test]
+    fn later_passes_add_up_and_keep_only_current_conflicts() {
+        let mut r = ReassertReport {
+            restored: 2,
+            conflicts: vec!["old".into()],
+            ..Default::default()
+        };
+        r.absorb(ReassertReport::default());
+        assert_eq!((r.restored, r.conflicts.len()), (2, 0));
+        r.absorb(ReassertReport {
+            restored: 1,
+            producers_restored: 1,
+            forgotten: 3,
+            conflicts: vec!["new".into()],
+        });
+        assert_eq!(
+            (r.restored, r.producers_restored, r.forgotten, r.conflicts),
+            (3, 1, 3, vec!["new".to_string()])
+        );
+    }
 
     #[test]
     fn producer_files_only_for_plain_names() {

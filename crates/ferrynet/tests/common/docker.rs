@@ -161,7 +161,14 @@ impl Plugin {
             // No DNS and no HTTP listener: this agent runs in the real host namespace, where
             // nothing should answer or forward queries for the tests, and where several tests'
             // agents run at once (one 127.0.0.1:9470 each would collide).
-            cmd.args(["agent", "--no-dns", "--http", "none", "--docker-socket", &socket]);
+            cmd.args([
+                "agent",
+                "--no-dns",
+                "--http",
+                "none",
+                "--docker-socket",
+                &socket,
+            ]);
         } else {
             cmd.args(["docker-plugin", "--socket", &socket]);
         }
