@@ -189,7 +189,7 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
         status.clone(),
     ));
     let policy_task = tokio::spawn(policy::run(
-        ctl.store_handle(),
+        disc_rx.clone(),
         ctl.nft_handle(),
         ctl.host().to_string(),
         status.clone(),

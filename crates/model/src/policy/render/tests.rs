@@ -4,15 +4,18 @@ use crate::policy::verdict::PolicyEndpoint;
 
 fn ep(id: &str, host: &str, ips: &[&str], labels: &[(&str, &str)]) -> PolicyEndpoint {
     PolicyEndpoint {
-        id: format!("blue/{id}/eth0"),
-        name: Some(id.to_string()),
+        id: format!("blue/{id}/eth0").into(),
+        name: Some(id.into()),
         network: "blue".into(),
         host: Some(host.into()),
         addrs: ips.iter().map(|i| i.parse().unwrap()).collect(),
-        labels: labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        labels: std::sync::Arc::new(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
+        ..Default::default()
     }
 }
 
@@ -47,7 +50,7 @@ fn rules_follow_policies_and_elements_follow_endpoints() {
     assert!(s.contains("meta l4proto udp th dport { 53 } accept"), "{s}");
     assert!(s.contains("    drop\n"), "{s}");
     assert!(
-        s.contains("ip daddr 0.0.0.0/0 meta l4proto udp accept"),
+        s.contains("ip daddr 0.0.0.0/0 meta l4proto udp goto ingress"),
         "{s}"
     );
     let set4 = d
