@@ -276,7 +276,9 @@ impl DiscoveryView {
         &'a self,
         network: &'a str,
     ) -> impl Iterator<Item = &'a PolicyEndpoint> {
-        self.endpoints.iter().filter(move |e| &*e.network == network)
+        self.endpoints
+            .iter()
+            .filter(move |e| &*e.network == network)
     }
 
     /// The pods on `network` by DNS name (`POD.NAMESPACE`, lower case), each the newest of its

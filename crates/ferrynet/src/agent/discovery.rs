@@ -70,6 +70,7 @@ async fn follow_once(
         streams.push(store.watch(&prefix, rev).await?);
     }
     view.revision = top;
+    super::trim_heap();
     let mut logged = BTreeMap::new();
     log_rejected(&view, &mut logged);
     // The view's maps are persistent: a published clone shares them, and the next batch

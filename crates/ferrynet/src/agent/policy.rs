@@ -169,9 +169,17 @@ fn work(
         }
         if changed || applied.is_none() {
             sync(view, &nft, &host, &status, &mut applied);
+            super::trim_heap();
         } else {
             // Nothing policy reads changed: the table reflects this revision too.
-            report(status_shape(&applied), view, &status, Instant::now(), None, |_| {});
+            report(
+                status_shape(&applied),
+                view,
+                &status,
+                Instant::now(),
+                None,
+                |_| {},
+            );
         }
     }
 }
@@ -187,7 +195,7 @@ fn table_exists(nft: &Arc<dyn NftExecutor>) -> bool {
         render::FAMILY_TABLE,
         render::BASE_CHAIN
     ))
-        .is_ok()
+    .is_ok()
 }
 
 /// One sync: decide, one transaction, cut what is now denied, report.

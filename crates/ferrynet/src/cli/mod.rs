@@ -3,10 +3,10 @@
 mod bgp;
 mod install;
 mod lab;
-mod policy;
 mod lab_gobgp_fib;
 mod lab_nat;
 mod lab_racks;
+mod policy;
 mod render;
 pub mod service;
 mod sleeve_cmd;

@@ -38,8 +38,9 @@ pub const FAMILY_TABLE: &str = "inet ferrynet-policy";
 pub struct Desired {
     /// Sets, maps and chains with their rules (no elements).
     pub skeleton: String,
-    /// Elements by set or map name: key -> value (`jump pr_…` for maps, "" for sets).
-    pub elements: BTreeMap<String, BTreeMap<String, String>>,
+    /// Elements by set or map name: address -> value (`jump pr_…` for maps, "" for sets).
+    /// Addresses, not their text: 100,000 set members are 100,000 small keys, not strings.
+    pub elements: BTreeMap<String, BTreeMap<IpAddr, String>>,
     /// Its counts.
     pub shape: Shape,
 }
@@ -82,7 +83,7 @@ pub fn desired(
     local: &dyn Fn(&PolicyEndpoint) -> bool,
 ) -> Option<Desired> {
     // Profiles: the ordered applicable policies per (local endpoint, direction).
-    let mut maps: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    let mut maps: BTreeMap<String, BTreeMap<IpAddr, String>> = BTreeMap::new();
     let mut profiles: BTreeMap<(Direction, Vec<usize>), String> = BTreeMap::new();
     for ep in eps.iter().filter(|e| local(e) && !e.addrs.is_empty()) {
         for dir in [Direction::Ingress, Direction::Egress] {
@@ -102,7 +103,7 @@ pub fn desired(
                 let map = format!("{}{}", dir.short(), if a.is_ipv6() { 6 } else { 4 });
                 maps.entry(map)
                     .or_default()
-                    .insert(a.to_string(), format!("jump {chain}"));
+                    .insert(*a, format!("jump {chain}"));
             }
         }
     }
@@ -154,10 +155,10 @@ pub fn desired(
             let name = set_name(set, v6);
             let ty = if v6 { "ipv6_addr" } else { "ipv4_addr" };
             let _ = writeln!(decl, "  set {name} {{ type {ty}; }}");
-            let els: BTreeMap<String, String> = members
+            let els: BTreeMap<IpAddr, String> = members
                 .iter()
                 .flat_map(|e| e.addrs.iter().filter(|a| a.is_ipv6() == v6))
-                .map(|a| (a.to_string(), String::new()))
+                .map(|a| (*a, String::new()))
                 .collect();
             elements.insert(name, els);
         }
@@ -384,7 +385,7 @@ fn element_cmds(out: &mut String, verb: &str, set: &str, items: &[String]) {
     }
 }
 
-fn element(k: &str, v: &str) -> String {
+fn element(k: &IpAddr, v: &str) -> String {
     if v.is_empty() {
         k.to_string()
     } else {
@@ -415,7 +416,7 @@ pub fn element_diff(old: &Desired, new: &Desired) -> String {
         let gone: Vec<String> = els
             .iter()
             .filter(|(k, v)| now.get(*k) != Some(v))
-            .map(|(k, _)| k.clone())
+            .map(|(k, _)| k.to_string())
             .collect();
         element_cmds(&mut out, "delete", set, &gone);
     }

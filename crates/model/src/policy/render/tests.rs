@@ -58,9 +58,10 @@ fn rules_follow_policies_and_elements_follow_endpoints() {
         .iter()
         .find(|(k, _)| k.starts_with("e_") && k.ends_with("_4"))
         .unwrap();
-    assert_eq!(set4.1.keys().collect::<Vec<_>>(), ["10.0.0.3"]);
-    assert!(d.elements["in4"]["10.0.0.2"].starts_with("jump pr_in_"));
-    assert!(d.elements["out6"]["fd00::2"].starts_with("jump pr_out_"));
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    assert_eq!(set4.1.keys().collect::<Vec<_>>(), [&ip("10.0.0.3")]);
+    assert!(d.elements["in4"][&ip("10.0.0.2")].starts_with("jump pr_in_"));
+    assert!(d.elements["out6"][&ip("fd00::2")].starts_with("jump pr_out_"));
     // Many more clients: the same skeleton, more elements; the change is elements only.
     let mut many = vec![web];
     for i in 0..50u8 {
