@@ -24,8 +24,9 @@ packages_for() {
     # (whose pause image is busybox-static too), iperf3 measures bandwidth limits (theirs and
     # tests/cni_bandwidth.rs), and python3-pip installs their CRI client (below); tcpdump
     # captures the underlay in tests/sleeve.rs (no plaintext crosses it); bird2 and gobgpd
-    # are the ToR routers of the BGP rack lab (tests/bgp.rs).
-    test) echo "$base containernetworking-plugins etcd-server openssl busybox-static dnsutils knot-dnsutils dnsmasq-base docker-compose containerd runc iperf3 python3-pip tcpdump bird2 gobgpd" ;;
+    # are the ToR routers of the BGP rack lab (tests/bgp.rs); prometheus scrapes the lab's
+    # agents and chromium (headless) loads the topology page (tests/observability.rs).
+    test) echo "$base containernetworking-plugins etcd-server openssl busybox-static dnsutils knot-dnsutils dnsmasq-base docker-compose containerd runc iperf3 python3-pip tcpdump bird2 gobgpd prometheus chromium" ;;
     # bench/docker.py imports the same busybox image as the Docker tests; bench/dns.py runs
     # dnsperf against ferrynet, aardvark-dns and dnsmasq (dig checks they answer).
     # bench/cri.py drives a private containerd over CRI, like the CRI tests.

@@ -2,23 +2,7 @@
 //! picks the parser.
 #![no_main]
 
-use ferrynet::cli::service::parse_check;
-use ferrynet::container::parse_publish;
-use libfuzzer_sys::fuzz_target;
+#[path = "../bodies/cli_specs.rs"]
+mod body;
 
-fuzz_target!(|data: &[u8]| {
-    let Some((&which, rest)) = data.split_first() else {
-        return;
-    };
-    let Ok(s) = std::str::from_utf8(rest) else {
-        return;
-    };
-    if which & 1 == 0 {
-        if let Ok(ms) = parse_publish(s) {
-            // A range is one mapping per port, never more than 65,536.
-            assert!(ms.len() <= 65_536);
-        }
-    } else {
-        let _ = parse_check(s);
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| body::run(data));

@@ -2,37 +2,7 @@
 //! the rest is the body. Any body is an error or a request, never a panic.
 #![no_main]
 
-use ferrynet::cnm::server::decode_request;
-use libfuzzer_sys::fuzz_target;
+#[path = "../bodies/cnm_request.rs"]
+mod body;
 
-const METHODS: &[&str] = &[
-    "Plugin.Activate",
-    "NetworkDriver.GetCapabilities",
-    "NetworkDriver.CreateNetwork",
-    "NetworkDriver.DeleteNetwork",
-    "NetworkDriver.AllocateNetwork",
-    "NetworkDriver.FreeNetwork",
-    "NetworkDriver.CreateEndpoint",
-    "NetworkDriver.EndpointOperInfo",
-    "NetworkDriver.DeleteEndpoint",
-    "NetworkDriver.Join",
-    "NetworkDriver.Leave",
-    "NetworkDriver.DiscoverNew",
-    "NetworkDriver.DiscoverDelete",
-    "NetworkDriver.ProgramExternalConnectivity",
-    "NetworkDriver.RevokeExternalConnectivity",
-    "IpamDriver.GetCapabilities",
-    "IpamDriver.GetDefaultAddressSpaces",
-    "IpamDriver.RequestPool",
-    "IpamDriver.ReleasePool",
-    "IpamDriver.RequestAddress",
-    "IpamDriver.ReleaseAddress",
-    "Unknown.Method",
-];
-
-fuzz_target!(|data: &[u8]| {
-    let Some((&m, body)) = data.split_first() else {
-        return;
-    };
-    let _ = decode_request(METHODS[m as usize % METHODS.len()], body);
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| body::run(data));

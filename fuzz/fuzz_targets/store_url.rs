@@ -2,13 +2,7 @@
 //! prints back (with its password hidden) without panicking.
 #![no_main]
 
-use ferrynet_store::StoreConfig;
-use libfuzzer_sys::fuzz_target;
+#[path = "../bodies/store_url.rs"]
+mod body;
 
-fuzz_target!(|data: &[u8]| {
-    if let Ok(s) = std::str::from_utf8(data) {
-        if let Ok(c) = StoreConfig::parse(s) {
-            let _ = c.to_string();
-        }
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| body::run(data));

@@ -29,8 +29,49 @@ pub trait NftExecutor: Send + Sync {
     fn apply(&self, batch: &str) -> Result<(), NftError>;
     /// The JSON listing of a table, or None if it does not exist.
     fn list_table(&self, family: &str, table: &str) -> Result<Option<serde_json::Value>, NftError>;
+    /// The JSON listing of a table's named counters only (cheap beside a large table), or
+    /// None if the table does not exist.
+    fn list_counters(
+        &self,
+        family: &str,
+        table: &str,
+    ) -> Result<Option<serde_json::Value>, NftError>;
     /// Which executor this is, for logs.
     fn name(&self) -> &'static str;
+}
+
+/// Called after every batch with its duration and whether it applied (the agent's metrics).
+pub type BatchObserver = fn(std::time::Duration, bool);
+
+static BATCH_OBSERVER: std::sync::OnceLock<BatchObserver> = std::sync::OnceLock::new();
+
+/// Report every batch's duration and outcome to `f` (set once per process; later calls are
+/// ignored).
+pub fn set_batch_observer(f: BatchObserver) {
+    let _ = BATCH_OBSERVER.set(f);
+}
+
+fn observed(f: impl FnOnce() -> Result<(), NftError>) -> Result<(), NftError> {
+    let started = std::time::Instant::now();
+    let r = f();
+    if let Some(obs) = BATCH_OBSERVER.get() {
+        obs(started.elapsed(), r.is_ok());
+    }
+    r
+}
+
+/// A listing's JSON, None when nft said the table does not exist.
+fn listing(ok: bool, out: &str, err: &str) -> Result<Option<serde_json::Value>, NftError> {
+    if !ok {
+        return if err.contains("No such file") {
+            Ok(None)
+        } else {
+            Err(NftError::Command(err.trim().to_string()))
+        };
+    }
+    serde_json::from_str(out)
+        .map(Some)
+        .map_err(|e| NftError::Command(format!("unreadable nft JSON: {e}")))
 }
 
 type CtxNew = unsafe extern "C" fn(c_uint) -> *mut c_void;
@@ -137,12 +178,23 @@ impl NftExecutor for LibNftables {
         if batch.len() > LARGE_BATCH && nft_binary_present() {
             return NftBinary.apply(batch);
         }
-        let (ok, _, err) = self.run(batch, false)?;
-        if ok {
-            Ok(())
-        } else {
-            Err(NftError::Command(err.trim().to_string()))
-        }
+        observed(|| {
+            let (ok, _, err) = self.run(batch, false)?;
+            if ok {
+                Ok(())
+            } else {
+                Err(NftError::Command(err.trim().to_string()))
+            }
+        })
+    }
+
+    fn list_counters(
+        &self,
+        family: &str,
+        table: &str,
+    ) -> Result<Option<serde_json::Value>, NftError> {
+        let (ok, out, err) = self.run(&format!("list counters table {family} {table}"), true)?;
+        listing(ok, &out, &err)
     }
 
     fn list_table(&self, family: &str, table: &str) -> Result<Option<serde_json::Value>, NftError> {
@@ -194,12 +246,23 @@ impl NftBinary {
 
 impl NftExecutor for NftBinary {
     fn apply(&self, batch: &str) -> Result<(), NftError> {
-        let (ok, _, err) = self.run(&["-f", "-"], Some(batch))?;
-        if ok {
-            Ok(())
-        } else {
-            Err(NftError::Command(err.trim().to_string()))
-        }
+        observed(|| {
+            let (ok, _, err) = self.run(&["-f", "-"], Some(batch))?;
+            if ok {
+                Ok(())
+            } else {
+                Err(NftError::Command(err.trim().to_string()))
+            }
+        })
+    }
+
+    fn list_counters(
+        &self,
+        family: &str,
+        table: &str,
+    ) -> Result<Option<serde_json::Value>, NftError> {
+        let (ok, out, err) = self.run(&["-j", "list", "counters", "table", family, table], None)?;
+        listing(ok, &out, &err)
     }
 
     fn list_table(&self, family: &str, table: &str) -> Result<Option<serde_json::Value>, NftError> {
@@ -265,7 +328,20 @@ mod tests {
                 listed.contains("10.0.0.1") && !listed.contains("10.0.0.2"),
                 "{listed}"
             );
+            counters_are_listed_alone(&n);
         });
+    }
+
+    /// A table's named counters are listed without its sets; a missing table is None.
+    fn counters_are_listed_alone(n: &dyn NftExecutor) {
+        n.apply("add table inet fnc\nadd counter inet fnc dropped\nadd set inet fnc big { type ipv4_addr; }\nadd element inet fnc big { 10.9.9.9 }").unwrap();
+        let v = n.list_counters("inet", "fnc").unwrap().expect("table");
+        let text = v.to_string();
+        assert!(
+            text.contains("\"dropped\"") && !text.contains("10.9.9.9"),
+            "{text}"
+        );
+        assert!(n.list_counters("inet", "nope").unwrap().is_none());
     }
 
     #[test]
@@ -276,6 +352,7 @@ mod tests {
             assert!(n.list_table("inet", "fnb").unwrap().is_some());
             assert!(n.list_table("inet", "nope").unwrap().is_none());
             assert!(n.apply("add chain inet nope c").is_err());
+            counters_are_listed_alone(&n);
         });
     }
 }

@@ -22,6 +22,13 @@ pub const POINTS: &[&str] = &[
     "network-create-recorded",
     "network-rm-detached",
     "network-rm-deleted",
+    "cnm-endpoint-recorded",
+    "cnm-joined",
+    "cnm-published",
+    "cnm-left",
+    "cnm-endpoint-unlinked",
+    "agent-release-batched",
+    "agent-fabric-applied",
 ];
 
 /// Abort the process here when `FERRYNET_FAILPOINT` names `name` (feature `failpoints` only).

@@ -88,17 +88,7 @@ fn keys_under(lab: &Lab, prefix: &str) -> Vec<String> {
 
 /// Elements of one set of the anti-spoofing table.
 fn guard_elements(lab: &Lab, set: &str) -> usize {
-    let o = lab
-        .host
-        .run(&["nft", "-j", "list", "set", "bridge", "ferrynet", set]);
-    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
-    v["nftables"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|x| x["set"]["elem"].as_array())
-        .map(|e| e.len())
-        .sum()
+    common::guard_elements(Some(&lab.host.name), set).len()
 }
 
 /// Nothing of `network`'s containers is left on the host or in the store.

@@ -51,6 +51,11 @@ impl Agent {
 
     /// Start it (again) on the same socket and state; wait until the socket answers.
     fn spawn(&mut self) {
+        self.spawn_with(None);
+    }
+
+    /// [`Agent::spawn`], aborting at crash point `failpoint` when given.
+    fn spawn_with(&mut self, failpoint: Option<&str>) {
         assert!(self.child.is_none(), "already running");
         let logf = std::fs::OpenOptions::new()
             .create(true)
@@ -65,6 +70,7 @@ impl Agent {
             .args(["--docker-socket", &socket])
             .env("DOCKER_HOST", &self.docker_host)
             .env("FERRYNET_LOG", "debug")
+            .env("FERRYNET_FAILPOINT", failpoint.unwrap_or_default())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(logf)
@@ -97,6 +103,24 @@ impl Agent {
         }
     }
 
+    /// Wait for the agent to die at a crash point (60 s at most); its exit status. Its socket
+    /// file stays behind, as after a real crash.
+    fn wait_crashed(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("agent started");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not reach its crash point:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -124,6 +148,31 @@ impl Agent {
             .map(|kv| kv.key)
             .filter(|k| k != "/ferrynet/v1/ports-seq" && !k.starts_with("/ferrynet/v1/hosts/"))
             .collect()
+    }
+
+    /// How many host ports the store's port claims hold, in all.
+    fn claimed_ports(&self) -> usize {
+        let store = ferrynet_store::EmbeddedStore::open(self.state.path().join("store.redb"))
+            .expect("open the store");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let (kvs, _) = rt
+            .block_on(ferrynet_store::Store::range(
+                &store,
+                &ferrynet_model::network::keys::port_claims(),
+            ))
+            .expect("read the store");
+        kvs.iter()
+            .map(|kv| {
+                let c: ferrynet_model::portclaim::PortClaim =
+                    serde_json::from_slice(&kv.value).expect("a port claim record");
+                c.runs
+                    .iter()
+                    .map(|r| usize::from(r.last - r.first) + 1)
+                    .sum::<usize>()
+            })
+            .sum()
     }
 
     /// The last part of the store keys under `/ferrynet/v1/<what>/<network>/`.
@@ -318,6 +367,36 @@ impl Rig {
         });
     }
 
+    /// `docker ARGS` while the driver, restarted with crash point `point`, dies there; the
+    /// driver is started again at once (as a supervisor would) and Docker's call, which waits
+    /// on and retries the driver, is left to finish as it may.
+    fn docker_while_driver_dies(&mut self, point: &str, args: &[&str]) {
+        use std::os::unix::process::ExitStatusExt;
+        let st = self.agent.stop().expect("agent was running");
+        assert!(st.success(), "{st}");
+        self.agent.spawn_with(Some(point));
+        let mut cmd = Command::new("docker");
+        cmd.arg("-H").arg(self.docker.host()).args(args);
+        let call = std::thread::spawn(move || cmd.output());
+        let st = self.agent.wait_crashed();
+        assert_eq!(st.signal(), Some(6), "aborted at {point}: {st}");
+        assert!(
+            self.agent
+                .log_text()
+                .contains(&format!("crash point {point} reached")),
+            "{}",
+            self.agent.log_text()
+        );
+        let _ = std::fs::remove_file(&self.agent.socket);
+        self.agent.spawn();
+        let _ = call.join().expect("docker call thread");
+    }
+
+    /// Elements of one set of the anti-spoofing table in the host namespace.
+    fn guard_elements(&self, set: &str) -> Vec<Value> {
+        common::guard_elements(Some(&self.host.name), set)
+    }
+
     /// Links in the host namespace starting with `prefix`.
     fn links(&self, prefix: &str) -> Vec<String> {
         common::links_in(Some(&self.host.name), &[prefix])
@@ -365,13 +444,8 @@ impl Rig {
         assert_eq!(veths.len(), names.len(), "host veths: {veths:?}");
         let peers = self.links("fnp");
         assert!(peers.is_empty(), "unmoved peer ends left: {peers:?}");
-        let claims: Vec<String> = self
-            .agent
-            .store_keys()
-            .into_iter()
-            .filter(|k| k.starts_with("/ferrynet/v1/ports/"))
-            .collect();
-        assert_eq!(claims.len(), ports, "port claims: {claims:?}");
+        let claims = self.agent.claimed_ports();
+        assert_eq!(claims, ports, "published ports claimed in the store");
         let elems = self.map_elems("pm4_any");
         assert_eq!(elems.len(), ports, "published-port elements: {elems:?}");
     }
@@ -750,4 +824,91 @@ fn endpoints_docker_forgot_during_a_long_driver_outage_are_removed() {
     );
     rig.assert_exactly(&["ca"], &base, 1);
     rig.tear_down_clean(&["ca"]);
+}
+
+/// 6. The driver killed at each of its crash points during a `docker run -p` (after
+///    CreateEndpoint recorded the endpoint, after Join plugged and guarded it, after
+///    ProgramExternalConnectivity published its port) and during a `docker rm -f` (after Leave
+///    removed the host link, after DeleteEndpoint did), and started again at once: whatever
+///    Docker then does with that container (a retried call, a failed start, removal), once it
+///    is removed ferrynet holds exactly what the live containers need, anti-spoofing elements
+///    included.
+#[test]
+fn driver_killed_at_each_step_of_a_docker_run_leaks_nothing() {
+    let mut rig = Rig::new(7, &[]);
+    let base = rig.agent.keys_under("ipam", &rig.fname);
+    for (i, point) in ["cnm-endpoint-recorded", "cnm-joined", "cnm-published"]
+        .into_iter()
+        .enumerate()
+    {
+        let name = format!("crash{i}");
+        let port = format!("{}:7000", 18110 + i);
+        let (net, image) = (rig.net.clone(), rig.image.clone());
+        rig.docker_while_driver_dies(
+            point,
+            &[
+                "run",
+                "-d",
+                "--name",
+                &name,
+                "--network",
+                &net,
+                "-p",
+                &port,
+                &image,
+                "sleep",
+                "600",
+            ],
+        );
+        rig.docker.docker(&["rm", "-f", &name]);
+    }
+    for (i, point) in ["cnm-left", "cnm-endpoint-unlinked"]
+        .into_iter()
+        .enumerate()
+    {
+        let name = format!("gone{i}");
+        rig.run(
+            &name,
+            &["-p", &format!("{}:7000", 18120 + i)],
+            &["sleep", "600"],
+        );
+        rig.wait_running(&[&name]);
+        rig.docker_while_driver_dies(point, &["rm", "-f", &name]);
+        rig.docker.docker(&["rm", "-f", &name]);
+    }
+    // The driver's start-up sweep and Docker's retried deletes leave nothing of the three.
+    common::within(Duration::from_secs(60), || {
+        let eps = rig.agent.keys_under("endpoints", &rig.fname);
+        let held = rig.agent.keys_under("ipam", &rig.fname);
+        let veths = rig.links("fnv");
+        (eps.is_empty() && held == base && veths.is_empty())
+            .then_some(())
+            .ok_or(format!(
+                "left: endpoints {eps:?}, addresses {held:?}, veths {veths:?}"
+            ))
+    });
+    rig.assert_exactly(&[], &base, 0);
+    for set in ["macs", "src4", "src6", "arp_src", "na_src"] {
+        let left = rig.guard_elements(set);
+        assert!(
+            left.is_empty(),
+            "anti-spoofing {set} elements left: {left:?}"
+        );
+    }
+    rig.echo_server("ok", "pong-ok", &["-p", "18110:7000"]);
+    rig.wait_running(&["ok"]);
+    assert_eq!(
+        common::within(Duration::from_secs(15), || rig.via_port(18110)),
+        "pong-ok"
+    );
+    rig.assert_exactly(&["ok"], &base, 1);
+    // The sets checked empty above are the ones a live container's port is in.
+    for set in ["macs", "src4"] {
+        assert_eq!(
+            rig.guard_elements(set).len(),
+            1,
+            "{set} of the live container"
+        );
+    }
+    rig.tear_down_clean(&["ok"]);
 }

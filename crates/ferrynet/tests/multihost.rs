@@ -401,3 +401,83 @@ fn first_add_on_a_host_claims_its_block_itself() {
     let o = run("DEL");
     assert!(o.status.success(), "{}", out(&o));
 }
+
+/// The routes on `host` with ferrynet's fabric protocol (113).
+fn fabric_routes(lab: &Lab, host: &str) -> String {
+    let ns = format!("{}-{host}", lab.name);
+    let v4 = Command::new("ip")
+        .args(["-n", &ns, "route", "show", "proto", "113"])
+        .output()
+        .expect("ip route");
+    let v6 = Command::new("ip")
+        .args(["-n", &ns, "-6", "route", "show", "proto", "113"])
+        .output()
+        .expect("ip -6 route");
+    format!("{}{}", out(&v4), out(&v6))
+}
+
+/// h1's agent killed right after it applied a fabric change (crash point
+/// `agent-fabric-applied`: its first reconcile puts back a route deleted while it was away)
+/// and started again: it adopts what it had programmed, containers talk, and removing the
+/// network later leaves no fabric route, FDB entry or VXLAN device on h1.
+#[test]
+fn agent_killed_after_applying_the_fabric_converges_when_back() {
+    let mut lab = Lab::sized("mhfab", 2, 1, "vxlan", &[]);
+    let c1 = lab.container("h1", "c1");
+    let c2 = lab.container("h2", "c2");
+    all_pairs(&[c1.clone(), c2.clone()]);
+    lab.lab(&["stop-agent", "h1"]);
+    let ns = format!("{}-h1", lab.name);
+    let routes = fabric_routes(&lab, "h1");
+    let first = routes.lines().next().expect("h1 routes to h2's blocks");
+    let dst = first.split_whitespace().next().expect("a destination");
+    let o = Command::new("ip")
+        .args(["-n", &ns, "route", "del", dst, "proto", "113"])
+        .output()
+        .expect("ip route del");
+    assert!(o.status.success(), "ip route del {dst}: {}", out(&o));
+    let o = Command::new(bin())
+        .args(["lab", "start-agent", "h1", "--name", &lab.name])
+        .env("FERRYNET_FAILPOINT", "agent-fabric-applied")
+        .output()
+        .expect("lab start-agent");
+    assert!(o.status.success(), "start-agent: {}", out(&o));
+    let until = Instant::now() + Duration::from_secs(30);
+    while !lab
+        .agent_log_tail("h1", 40)
+        .contains("crash point agent-fabric-applied reached")
+    {
+        assert!(
+            Instant::now() < until,
+            "h1's agent never reached the crash point\n{}",
+            lab.agent_log_tail("h1", 30)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        fabric_routes(&lab, "h1").contains(dst),
+        "the crashed reconcile had put the route back"
+    );
+    lab.lab(&["start-agent", "h1"]);
+    all_pairs(&[c1.clone(), c2.clone()]);
+    lab.rm(&c1);
+    lab.rm(&c2);
+    lab.ok("h1", &["network", "rm", "fabric"]);
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let routes = fabric_routes(&lab, "h1");
+        let vx = Command::new("ip")
+            .args(["-n", &ns, "-d", "link", "show", "type", "vxlan"])
+            .output()
+            .expect("ip link");
+        let vx = out(&vx);
+        if routes.trim().is_empty() && vx.trim().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "h1 keeps fabric state of a removed network:\n{routes}\n{vx}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}

@@ -95,26 +95,12 @@ fn on_host(host: &'static str) -> impl Fn(&[u8]) -> bool + Send + 'static {
     move |v| serde_json::from_slice::<serde_json::Value>(v).is_ok_and(|j| j["host"] == host)
 }
 
-#[test]
-fn departed_host_with_500_endpoints_and_1000_producers_is_released() {
-    let mut lab = Lab::up(
-        "stbig",
-        &[
-            "--hosts",
-            "2",
-            "--backend",
-            "vxlan",
-            "--grace",
-            "3s",
-            "--lease-ttl",
-            "2s",
-        ],
-    );
-    // h2 holds a block through a real container; 499 more endpoints are written as h2's
-    // ADDs would have left them (each with its address key).
+/// On a 2-host lab: h2 holds a block through a real container, plus `forged` endpoints written
+/// as h2's ADDs would have left them (each with its address key) and `producer_count` producers.
+fn load_h2(lab: &mut Lab, forged: usize, producer_count: usize) {
     let c2 = lab.run("h2", "c2", &[], &["sleep", "600"]);
     let addr: IpAddr = c2.v4.parse().unwrap();
-    with_store(&lab, "h1", move |s| async move {
+    with_store(lab, "h1", move |s| async move {
         let (eps, _) = s.range(&keys::endpoints("fabric")).await.unwrap();
         let model: Endpoint = eps
             .iter()
@@ -139,7 +125,7 @@ fn departed_host_with_500_endpoints_and_1000_producers_is_released() {
             .expect("an IPv4 pool");
         let mut ops = Vec::new();
         // From the top of the pool, far from the blocks the lab's hosts took first.
-        for (i, ip) in pool.hosts().rev().take(499).enumerate() {
+        for (i, ip) in pool.hosts().rev().take(forged).enumerate() {
             let mut ep = model.clone();
             ep.container_id = format!("forged{i:04}");
             ep.ips = vec![ipnet::IpNet::from(ipnet::Ipv4Net::new(ip, 32).unwrap())];
@@ -150,23 +136,23 @@ fn departed_host_with_500_endpoints_and_1000_producers_is_released() {
                 serde_json::to_vec(&ep).unwrap(),
             ));
         }
-        ops.extend(producers("bulk", "h2", 1000));
+        ops.extend(producers("bulk", "h2", producer_count));
         put_all(&s, ops).await;
     });
-    assert_eq!(count(&lab, keys::endpoints("fabric"), on_host("h2")), 500);
-    assert_eq!(count(&lab, skeys::producers(), on_host("h2")), 1000);
+}
 
-    // h2 disappears; after its lease and grace period h1's agent releases all of it.
-    lab.lab(&["stop-agent", "h2", "--kill"]);
+/// Wait (60 s at most) until h1's agent has released everything of h2: endpoints, forged
+/// addresses, producers.
+fn wait_h2_released(lab: &Lab) {
     let until = Instant::now() + Duration::from_secs(60);
     loop {
-        let eps = count(&lab, keys::endpoints("fabric"), on_host("h2"));
-        let prods = count(&lab, skeys::producers(), on_host("h2"));
-        let addrs = count(&lab, keys::ipam_prefix("fabric"), |v| {
+        let eps = count(lab, keys::endpoints("fabric"), on_host("h2"));
+        let prods = count(lab, skeys::producers(), on_host("h2"));
+        let addrs = count(lab, keys::ipam_prefix("fabric"), |v| {
             v.starts_with(b"forged")
         });
         if eps == 0 && prods == 0 && addrs == 0 {
-            break;
+            return;
         }
         assert!(
             Instant::now() < until,
@@ -175,6 +161,30 @@ fn departed_host_with_500_endpoints_and_1000_producers_is_released() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+#[test]
+fn departed_host_with_500_endpoints_and_1000_producers_is_released() {
+    let mut lab = Lab::up(
+        "stbig",
+        &[
+            "--hosts",
+            "2",
+            "--backend",
+            "vxlan",
+            "--grace",
+            "3s",
+            "--lease-ttl",
+            "2s",
+        ],
+    );
+    load_h2(&mut lab, 499, 1000);
+    assert_eq!(count(&lab, keys::endpoints("fabric"), on_host("h2")), 500);
+    assert_eq!(count(&lab, skeys::producers(), on_host("h2")), 1000);
+
+    // h2 disappears; after its lease and grace period h1's agent releases all of it.
+    lab.lab(&["stop-agent", "h2", "--kill"]);
+    wait_h2_released(&lab);
     let log = lab.agent_log_tail("h1", 400);
     assert!(!log.contains("too large"), "{log}");
 }
@@ -239,4 +249,53 @@ fn a_thousand_port_range_and_a_thousand_producers() {
     assert_eq!(count(&lab, skeys::producers_of("many"), |_| true), 1000);
     lab.ok("h1", &["service", "deregister", "many"]);
     assert_eq!(count(&lab, skeys::producers_of("many"), |_| true), 0);
+}
+
+/// The releasing agent killed after its first transaction (crash point `agent-release-batched`)
+/// leaves a release cut short; started again, it finishes it: nothing of the departed host stays.
+#[test]
+fn a_release_cut_short_by_a_crash_resumes_when_the_agent_is_back() {
+    let mut lab = Lab::up(
+        "strel",
+        &[
+            "--hosts",
+            "2",
+            "--backend",
+            "vxlan",
+            "--grace",
+            "3s",
+            "--lease-ttl",
+            "2s",
+        ],
+    );
+    // 300 endpoints (2 writes each) and 200 producers: several transactions of at most 128.
+    load_h2(&mut lab, 299, 200);
+    lab.lab(&["stop-agent", "h1"]);
+    let o = Command::new(common::bin())
+        .args(["lab", "start-agent", "h1", "--name", &lab.name])
+        .env("FERRYNET_FAILPOINT", "agent-release-batched")
+        .output()
+        .expect("lab start-agent");
+    assert!(o.status.success(), "start-agent: {}", out(&o));
+    lab.lab(&["stop-agent", "h2", "--kill"]);
+    let until = Instant::now() + Duration::from_secs(60);
+    while !lab
+        .agent_log_tail("h1", 50)
+        .contains("crash point agent-release-batched reached")
+    {
+        assert!(
+            Instant::now() < until,
+            "h1's agent never reached the crash point\n{}",
+            lab.agent_log_tail("h1", 30)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let eps = count(&lab, keys::endpoints("fabric"), on_host("h2"));
+    let prods = count(&lab, skeys::producers(), on_host("h2"));
+    assert!(
+        eps + prods > 0 && eps + prods < 500,
+        "the crash cut the release short: {eps} endpoints and {prods} producers left"
+    );
+    lab.lab(&["start-agent", "h1"]);
+    wait_h2_released(&lab);
 }

@@ -14,6 +14,8 @@ use crate::portmap::PortMapping;
 
 /// The table's name (family `inet`).
 pub const TABLE: &str = "ferrynet";
+/// The named counter of packets dropped by network isolation.
+pub const ISOLATION_COUNTER: &str = "isolation";
 /// Published ports on every host address, IPv4: `l4proto . dport : addr . port`.
 pub const PM4_ANY: &str = "pm4_any";
 /// Published ports on one host address, IPv4: `daddr . l4proto . dport : addr . port`.
@@ -226,6 +228,8 @@ pub fn base_ruleset(networks: &[EdgeNetwork]) -> String {
     ));
     line(format!("add map {t} {PM6_IP} {{ type ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service; }}"));
     line(format!("add set {t} {BRIDGES} {{ type ifname; }}"));
+    // Isolation drops are counted by name, for the agent's drop metrics.
+    line(format!("add counter {t} {ISOLATION_COUNTER}"));
     line(format!(
         "add set {t} {NETS4} {{ type ipv4_addr; flags interval; }}"
     ));
@@ -407,11 +411,11 @@ pub fn base_ruleset(networks: &[EdgeNetwork]) -> String {
     // one network's pool to another network's pool is dropped on every host it crosses (the
     // sending host, where it leaves a bridge, and the receiving one, where it comes from the
     // underlay or a tunnel). Destination first: traffic to the outside stops at one lookup.
-    line(format!("add rule {t} forward ip daddr @{NETS4} ip saddr @{NETS4} ip saddr . ip daddr != @{SAME4} drop comment \"isolate networks\""));
-    line(format!("add rule {t} forward ip6 daddr @{NETS6} ip6 saddr @{NETS6} ip6 saddr . ip6 daddr != @{SAME6} drop comment \"isolate networks\""));
+    line(format!("add rule {t} forward ip daddr @{NETS4} ip saddr @{NETS4} ip saddr . ip daddr != @{SAME4} counter name {ISOLATION_COUNTER} drop comment \"isolate networks\""));
+    line(format!("add rule {t} forward ip6 daddr @{NETS6} ip6 saddr @{NETS6} ip6 saddr . ip6 daddr != @{SAME6} counter name {ISOLATION_COUNTER} drop comment \"isolate networks\""));
     for n in networks.iter().filter(|n| !n.internal && !n.routed) {
         let br = q(&n.bridge);
-        line(format!("add rule {t} forward iifname {br} oifname @{BRIDGES} oifname != {br} drop comment \"isolate {}\"", n.name));
+        line(format!("add rule {t} forward iifname {br} oifname @{BRIDGES} oifname != {br} counter name {ISOLATION_COUNTER} drop comment \"isolate {}\"", n.name));
     }
     line(format!("add rule {t} forward iifname @{BRIDGES} accept"));
     line(format!("add rule {t} forward oifname @{BRIDGES} accept"));
@@ -498,7 +502,9 @@ mod tests {
         ));
         assert!(!r.contains("ip saddr 10.2.0.0/24"));
         assert!(r.contains("iifname \"fn-i\" oifname != \"fn-i\" drop"));
-        assert!(r.contains("iifname \"fn-a\" oifname @bridges oifname != \"fn-a\" drop"));
+        assert!(r.contains(
+            "iifname \"fn-a\" oifname @bridges oifname != \"fn-a\" counter name isolation drop"
+        ));
         assert!(r.contains("add element inet ferrynet bridges { \"fn-a\", \"fn-i\" }"));
         // Internal drops come before the accept of DNATed traffic.
         assert!(r.find("internal i").unwrap() < r.find("ct status dnat accept").unwrap());
@@ -683,8 +689,8 @@ mod tests {
         assert!(r.contains(
             "add element inet ferrynet same6 { fd01::/64 . fd01::/64, fd02::/64 . fd02::/64 }"
         ));
-        let rule4 = "ip daddr @nets4 ip saddr @nets4 ip saddr . ip daddr != @same4 drop";
-        let rule6 = "ip6 daddr @nets6 ip6 saddr @nets6 ip6 saddr . ip6 daddr != @same6 drop";
+        let rule4 = "ip daddr @nets4 ip saddr @nets4 ip saddr . ip daddr != @same4 counter name isolation drop";
+        let rule6 = "ip6 daddr @nets6 ip6 saddr @nets6 ip6 saddr . ip6 daddr != @same6 counter name isolation drop";
         let dnat = r.find("forward ct status dnat accept").unwrap();
         let est = r
             .find("forward ct state established,related accept")

@@ -29,4 +29,5 @@ pub mod routed;
 pub mod service;
 pub mod sleeve;
 pub mod subnets;
+pub mod topology;
 pub mod validate;

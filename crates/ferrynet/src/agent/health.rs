@@ -203,6 +203,7 @@ async fn check_loop(
                 let r = probe(&t).await;
                 let (ok, output) = (r.is_ok(), r.unwrap_or_else(|e| e));
                 report.checks += 1;
+                super::metrics::instruments().health_check(&k.0, ok);
                 report.output = output;
                 if state.observe(ok, t.check.rise, t.check.fall) {
                     report.since_ms = now_ms();

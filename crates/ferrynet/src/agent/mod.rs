@@ -13,6 +13,7 @@ pub mod dns;
 pub mod fabric_guard;
 pub mod health;
 pub mod lb;
+pub mod metrics;
 pub mod policy;
 pub mod reassert;
 pub mod reconcile;
@@ -21,6 +22,7 @@ pub mod sleeve;
 pub mod status;
 pub mod underlay;
 pub mod view;
+pub mod web;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -62,6 +64,8 @@ pub struct AgentOptions {
     pub sleeve_port: u16,
     /// Sleeve queues (None: the CPUs, at most 4).
     pub sleeve_queues: Option<usize>,
+    /// Addresses of the HTTP listener (metrics, health, topology page); empty: none.
+    pub http: Vec<std::net::SocketAddr>,
 }
 
 /// Give back to the system the heap glibc kept after a large transient (the discovery
@@ -157,6 +161,24 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
         underlay_mtu: underlay.mtu,
         ..Default::default()
     }));
+    // Bound before anything runs: an address that cannot be bound stops the agent at once.
+    let http_listeners = web::bind(&opts.http).await?;
+    ferrynet_dataplane::nft::set_batch_observer(|took, ok| {
+        metrics::instruments().nft_batch(took, ok)
+    });
+    let web_state = web::Web::new(
+        ctl.host().to_string(),
+        ctl.store_handle(),
+        ctl.nft_handle(),
+        status.clone(),
+    );
+    let mut web_tasks = vec![tokio::spawn(web::follow(web_state.clone()))];
+    for l in http_listeners {
+        if let Ok(a) = l.local_addr() {
+            tracing::info!(addr = %a, "serving metrics, health and the topology page over HTTP");
+        }
+        web_tasks.push(tokio::spawn(web::serve(l, web_state.clone())));
+    }
     let sock = api::socket_path(&paths.state_dir);
     let listener = api::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
     let api_task = tokio::spawn(api::serve(listener, status.clone()));
@@ -290,6 +312,9 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     // The lease is left to expire: a restarting agent finds its registration still there, and
     // peers keep routing to this host meanwhile.
     api_task.abort();
+    for t in web_tasks {
+        t.abort();
+    }
     reg_task.abort();
     disc_task.abort();
     health_task.abort();
@@ -359,6 +384,7 @@ async fn follow(
                     view.apply(&more?, now);
                 }
                 rec.run(view).await;
+                metrics::instruments().watch_lag(now.elapsed());
             }
             _ = tick.tick() => {
                 let now = Instant::now();

@@ -365,6 +365,7 @@ impl Reconciler {
                         Ok(failed) => errors.extend(failed),
                         Err(e) => errors.push(format!("applying the fabric: {e}")),
                     }
+                    crate::failpoint::hit("agent-fabric-applied");
                 }
             }
             Err(e) => errors.push(format!("reading the kernel's fabric state: {e}")),
@@ -412,6 +413,7 @@ impl Reconciler {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0);
             s.last_reconcile_took_ms = started.elapsed().as_secs_f64() * 1000.0;
+            super::metrics::instruments().reconciled(started.elapsed(), errors.len());
             s.reconciles += 1;
             s.changes += changes;
             s.errors = errors;
@@ -487,11 +489,13 @@ impl Reconciler {
         }
     }
 
-    /// Release what departed hosts held once their grace period is over: their blocks and the
-    /// records and addresses of their endpoints. Guarded by "the host is still absent", so a
-    /// host that came back in the meantime keeps everything. A host with many endpoints is
-    /// released in several transactions (`release_batches`, each within the store's limit and
-    /// each guarded): deletes are idempotent, so a release cut short resumes on the next pass.
+    /// Release what departed hosts held once their grace period is over: their service
+    /// producers, the records and addresses of their endpoints, and their blocks. Guarded by
+    /// "the host is still absent", so a host that came back in the meantime keeps everything.
+    /// A host with many endpoints is released in several transactions (`release_batches`, each
+    /// within the store's limit and each guarded); its blocks go last, because they are what
+    /// makes a restarted agent see an unknown owner (`ClusterView::unknown_owners`): a release
+    /// cut short by a crash keeps them, and the next agent resumes it (deletes are idempotent).
     pub async fn release_departed(
         &self,
         view: &ClusterView,
@@ -499,18 +503,19 @@ impl Reconciler {
     ) -> Result<(), StoreError> {
         let store = &self.ctl.store_handle();
         for h in hosts {
+            // Its service producers (its agent no longer checks them).
+            let (producers, _) = store.range(&service_keys::producers()).await?;
+            let mut groups: Vec<Vec<Op>> = producers
+                .iter()
+                .filter(|kv| {
+                    serde_json::from_slice::<Producer>(&kv.value)
+                        .is_ok_and(|p| p.host.as_deref() == Some(h.as_str()))
+                })
+                .map(|kv| vec![Op::delete(kv.key.clone())])
+                .collect();
+            let producer_count = groups.len();
+            let mut block_groups = Vec::new();
             for net in view.networks.values().filter(|n| n.fabric.is_some()) {
-                let mut groups: Vec<Vec<Op>> = view
-                    .blocks_of(&net.name, h)
-                    .iter()
-                    .map(|b| {
-                        // Marked, so others take it last and the host finds it when it returns.
-                        vec![
-                            Op::delete(keys::block(&net.name, b)),
-                            Op::put(keys::orphan_block(&net.name, b), h.clone()),
-                        ]
-                    })
-                    .collect();
                 let (eps, _) = store.range(&keys::endpoints(&net.name)).await?;
                 for kv in &eps {
                     let Ok(ep) = serde_json::from_slice::<Endpoint>(&kv.value) else {
@@ -527,24 +532,20 @@ impl Reconciler {
                         groups.push(group);
                     }
                 }
-                let n = self.release_batches(h, groups).await?;
-                if n > 0 {
-                    tracing::info!(host = %h, network = %net.name, keys = n, "released a departed host's blocks and endpoints");
-                }
+                // Marked, so others take it last and the host finds it when it returns.
+                block_groups.extend(view.blocks_of(&net.name, h).iter().map(|b| {
+                    vec![
+                        Op::delete(keys::block(&net.name, b)),
+                        Op::put(keys::orphan_block(&net.name, b), h.clone()),
+                    ]
+                }));
             }
-            // Its service producers go too (its agent no longer checks them).
-            let (producers, _) = store.range(&service_keys::producers()).await?;
-            let groups: Vec<Vec<Op>> = producers
-                .iter()
-                .filter(|kv| {
-                    serde_json::from_slice::<Producer>(&kv.value)
-                        .is_ok_and(|p| p.host.as_deref() == Some(h.as_str()))
-                })
-                .map(|kv| vec![Op::delete(kv.key.clone())])
-                .collect();
+            let endpoint_count = groups.len() - producer_count;
+            let block_count = block_groups.len();
+            groups.extend(block_groups);
             let n = self.release_batches(h, groups).await?;
             if n > 0 {
-                tracing::info!(host = %h, producers = n, "released a departed host's service producers");
+                tracing::info!(host = %h, producers = producer_count, endpoints = endpoint_count, blocks = block_count, keys = n, "released a departed host");
             }
         }
         Ok(())
@@ -565,6 +566,7 @@ impl Reconciler {
                 break;
             }
             deleted += n;
+            crate::failpoint::hit("agent-release-batched");
         }
         Ok(deleted)
     }

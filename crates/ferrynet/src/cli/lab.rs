@@ -420,6 +420,12 @@ fn start_agent(rec: &mut LabRecord, host: &str) -> anyhow::Result<()> {
         "--lease-ttl",
         &rec.lease_ttl,
     ]);
+    // The HTTP listener on loopback (as on a real host) and on the underlay address, so a
+    // Prometheus in another lab namespace can scrape every host.
+    c.args(["--http", crate::agent::web::DEFAULT_ADDR]);
+    if let Some(a) = underlay_v4(&ns) {
+        c.args(["--http", &format!("{a}:9470")]);
+    }
     if rec.dns_upstream.is_empty() {
         c.args(["--dns-upstream", "none"]);
     }
@@ -445,6 +451,20 @@ fn start_agent(rec: &mut LabRecord, host: &str) -> anyhow::Result<()> {
     let child = c.spawn().context("starting the agent")?;
     rec.pids.push((child.id(), format!("agent {host}")));
     Ok(())
+}
+
+/// The first IPv4 address of `eth0` in namespace `ns`.
+fn underlay_v4(ns: &str) -> Option<std::net::Ipv4Addr> {
+    let o = Command::new("ip")
+        .args(["-n", ns, "-j", "-4", "addr", "show", "dev", "eth0"])
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+    v.get(0)?
+        .get("addr_info")?
+        .as_array()?
+        .iter()
+        .find_map(|a| a.get("local")?.as_str()?.parse().ok())
 }
 
 async fn up(a: &UpArgs, exe: &Path) -> anyhow::Result<()> {

@@ -196,6 +196,11 @@ struct AgentArgs {
     /// most 4).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16))]
     sleeve_queues: Option<u16>,
+    /// HTTP listener for /metrics (Prometheus), /healthz, /api/topology and the topology page
+    /// at /; repeat for more addresses; `none`: no listener. Whoever reaches it reads the
+    /// whole topology: keep it on loopback or a management address.
+    #[arg(long, value_name = "ADDR:PORT|none", default_value = crate::agent::web::DEFAULT_ADDR)]
+    http: Vec<String>,
 }
 
 /// The agent's DNS settings from its flags.
@@ -408,6 +413,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     dns,
                     sleeve_port: a.sleeve_port,
                     sleeve_queues: a.sleeve_queues.map(usize::from),
+                    http: crate::agent::web::parse_addrs(&a.http).map_err(anyhow::Error::msg)?,
                 };
                 return crate::agent::run(paths, opts)
                     .await

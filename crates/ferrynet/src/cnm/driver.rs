@@ -373,6 +373,7 @@ impl Plugin {
                 expect_shared,
             )
             .await?;
+        crate::failpoint::hit("cnm-endpoint-recorded");
         if !fresh {
             tracing::info!(endpoint = %req.endpoint_id, "CreateEndpoint repeated");
         }
@@ -455,6 +456,7 @@ impl Plugin {
             .clone()
             .unwrap_or_else(|| host_veth_name(&b.name, &req.endpoint_id, DOCKER_IFNAME));
         self.ctl.delete_host_link(&host).await?;
+        crate::failpoint::hit("cnm-endpoint-unlinked");
         self.ctl.forget_endpoint(&ep).await?;
         tracing::info!(endpoint = %req.endpoint_id, network = %b.name, "Docker endpoint deleted");
         Ok(Empty {})
@@ -495,6 +497,7 @@ impl Plugin {
             let _ = self.ctl.delete_host_link(&host_name).await;
             return Err(e.into());
         }
+        crate::failpoint::hit("cnm-joined");
         let mut resp = JoinResponse {
             interface_name: InterfaceName {
                 src_name: pair.peer_name.clone(),
@@ -562,6 +565,7 @@ impl Plugin {
             .and_then(|e| e.host_veth.clone())
             .unwrap_or_else(|| host_veth_name(&b.name, &req.endpoint_id, DOCKER_IFNAME));
         self.ctl.delete_host_link(&host).await?;
+        crate::failpoint::hit("cnm-left");
         let peer = temp_peer_name(&b.name, &req.endpoint_id, DOCKER_IFNAME);
         self.ctl.delete_host_link(&peer).await?;
         if let Some(ep) = &ep {
@@ -615,6 +619,7 @@ impl Plugin {
             }
             other => other.into(),
         })?;
+        crate::failpoint::hit("cnm-published");
         tracing::info!(endpoint = %ep.container_id, ports = ?done.port_mappings, "ports published");
         Ok(Empty {})
     }

@@ -280,6 +280,28 @@ pub fn map_elements(ns: Option<&str>, map: &str) -> Vec<Value> {
         .unwrap_or_default()
 }
 
+/// Elements of one set of the anti-spoofing table (`bridge ferrynet`), in `ns` or here.
+pub fn guard_elements(ns: Option<&str>, set: &str) -> Vec<Value> {
+    let list = ["nft", "-j", "list", "set", "bridge", "ferrynet", set];
+    let o = match ns {
+        Some(ns) => {
+            let mut a = vec!["ip", "netns", "exec", ns];
+            a.extend_from_slice(&list);
+            sh(&a)
+        }
+        None => sh(&list),
+    };
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x["set"]["elem"].as_array())
+        .flatten()
+        .cloned()
+        .collect()
+}
+
 /// Wait until `socket` accepts connections; fail with `log()` if `child` (then set to None)
 /// exits first or 20 s pass. `what` names the process in the message.
 pub fn wait_for_socket(

@@ -32,6 +32,11 @@ use super::verdict::{
 pub const TABLE: &str = "ferrynet-policy";
 /// The table with its family, as nft spells it.
 pub const FAMILY_TABLE: &str = "inet ferrynet-policy";
+/// The named counter of packets a `deny` rule dropped.
+pub const DENY_COUNTER: &str = "policy_deny";
+/// The named counter of packets no policy allowed (the end of a restricted endpoint's chain).
+pub const DEFAULT_COUNTER: &str = "policy_default";
+const DENY_VERDICT: &str = "counter name policy_deny drop";
 
 /// What the table should hold: its structure, and the elements of its sets and maps.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -141,7 +146,7 @@ pub fn desired(
                 policy_chain(&book.policies[i].policy.name, *dir)
             );
         }
-        chains.push_str("    drop\n  }\n");
+        let _ = writeln!(chains, "    counter name {DEFAULT_COUNTER} drop\n  }}");
     }
     let mut elements = maps;
     let mut decl = String::new();
@@ -164,7 +169,7 @@ pub fn desired(
         }
     }
     let skeleton = format!(
-        "table {FAMILY_TABLE} {{\n{decl}{}{}{chains}}}\n",
+        "table {FAMILY_TABLE} {{\n  counter {DENY_COUNTER} {{ }}\n  counter {DEFAULT_COUNTER} {{ }}\n{decl}{}{}{chains}}}\n",
         MAPS, BASE_CHAINS
     );
     shape.sets = sets.len() * 2;
@@ -307,7 +312,7 @@ fn rule_lines(rule: &RuleMatch, dir: Direction, sets: &mut BTreeSet<EndpointSet>
     let verdict = match (rule.action, dir) {
         (Action::Allow, Direction::Ingress) => "accept",
         (Action::Allow, Direction::Egress) => "goto ingress",
-        (Action::Deny, _) => "drop",
+        (Action::Deny, _) => DENY_VERDICT,
     };
     let mut out = Vec::new();
     for p in &peers {

@@ -22,6 +22,7 @@ use super::forward::Upstreams;
 use super::ingress;
 use super::wire::{self, Outcome};
 use super::zone::Zone;
+use crate::agent::metrics::{instruments, DnsResult};
 
 /// Forwarded queries in flight per listener (each holds one upstream socket and a 64 KiB
 /// buffer); beyond it, or beyond [`FORWARDS`], a query to forward gets SERVFAIL at once: a
@@ -187,39 +188,51 @@ async fn serve_udp(
             }
         };
         let packet = &buf[..n];
+        let started = std::time::Instant::now();
+        let record = |r: DnsResult| instruments().dns(r, started.elapsed());
         if !ctx.allowed(&network, peer.ip()) {
             if let Some(r) = wire::refused(packet) {
                 let _ = sock.send_to(&r, peer).await;
             }
+            record(DnsResult::Refused);
             continue;
         }
         // An own-network source from elsewhere is forged: no answer, not even REFUSED.
         if !ctx.came_in(&network, ifindex, &mut bridge) {
+            record(DnsResult::Dropped);
             continue;
         }
         let zone = ctx.zones.borrow().clone();
         if fast::answer(&zone, &network, packet, ctx.ttl, true, &mut out) {
             let _ = sock.send_to(&out, peer).await;
+            record(DnsResult::Answered);
             continue;
         }
         match wire::general(&zone, &network, packet, ctx.ttl, true) {
             Outcome::Reply(r) => {
                 let _ = sock.send_to(&r, peer).await;
+                record(DnsResult::Answered);
             }
-            Outcome::Drop => {}
+            Outcome::Drop => record(DnsResult::Dropped),
             // Our own forward coming back (an upstream list naming this gateway): no loop.
             Outcome::Forward if peer.ip() == own => {
                 let _ = sock.send_to(&wire::servfail(packet), peer).await;
+                record(DnsResult::Servfail);
             }
             Outcome::Forward => {
                 let Some(permit) = both(&forwards, &ctx.limits.forwards) else {
                     let _ = sock.send_to(&wire::servfail(packet), peer).await;
+                    record(DnsResult::Servfail);
                     continue;
                 };
                 let (sock, up, q) = (sock.clone(), ctx.upstreams.clone(), packet.to_vec());
                 tokio::spawn(async move {
-                    let r = up.udp(&q).await.unwrap_or_else(|| wire::servfail(&q));
+                    let (r, result) = match up.udp(&q).await {
+                        Some(r) => (r, DnsResult::Forwarded),
+                        None => (wire::servfail(&q), DnsResult::Servfail),
+                    };
                     let _ = sock.send_to(&r, peer).await;
+                    instruments().dns(result, started.elapsed());
                     drop(permit);
                 });
             }
@@ -249,6 +262,7 @@ async fn serve_tcp(
             let Ok(permit) = ctx.limits.refusals.clone().try_acquire_owned() else {
                 continue;
             };
+            instruments().dns(DnsResult::Refused, Duration::ZERO);
             tokio::spawn(async move {
                 let _ = tokio::time::timeout(REFUSAL_WAIT, refuse_conn(stream)).await;
                 drop(permit);
@@ -282,20 +296,24 @@ async fn serve_conn(
         tokio::time::timeout(TCP_IDLE, s.read_exact(&mut q))
             .await
             .map_err(|_| std::io::ErrorKind::TimedOut)??;
+        let started = std::time::Instant::now();
         let zone = ctx.zones.borrow().clone();
-        let reply = match wire::handle(&zone, network, &q, ctx.ttl, false) {
-            Outcome::Reply(r) => r,
-            Outcome::Drop => return Ok(()),
-            Outcome::Forward if from_self => wire::servfail(&q),
+        let (reply, result) = match wire::handle(&zone, network, &q, ctx.ttl, false) {
+            Outcome::Reply(r) => (r, DnsResult::Answered),
+            Outcome::Drop => {
+                instruments().dns(DnsResult::Dropped, started.elapsed());
+                return Ok(());
+            }
+            Outcome::Forward if from_self => (wire::servfail(&q), DnsResult::Servfail),
             Outcome::Forward => match both(forwards, &ctx.limits.forwards) {
-                Some(_permit) => ctx
-                    .upstreams
-                    .tcp(&q)
-                    .await
-                    .unwrap_or_else(|| wire::servfail(&q)),
-                None => wire::servfail(&q),
+                Some(_permit) => match ctx.upstreams.tcp(&q).await {
+                    Some(r) => (r, DnsResult::Forwarded),
+                    None => (wire::servfail(&q), DnsResult::Servfail),
+                },
+                None => (wire::servfail(&q), DnsResult::Servfail),
             },
         };
+        instruments().dns(result, started.elapsed());
         write_msg(&mut s, &reply).await?;
     }
 }

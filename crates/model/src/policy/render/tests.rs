@@ -48,7 +48,10 @@ fn rules_follow_policies_and_elements_follow_endpoints() {
     let s = &d.skeleton;
     assert!(s.contains("ip saddr 10.0.0.0/8 ip saddr != { 10.1.0.0/16 } meta l4proto tcp th dport { 80, 8000-8080 } accept"), "{s}");
     assert!(s.contains("meta l4proto udp th dport { 53 } accept"), "{s}");
-    assert!(s.contains("    drop\n"), "{s}");
+    assert!(s.contains("    counter name policy_default drop\n"), "{s}");
+    // Both drop counters are declared, so the rules naming them load.
+    assert!(s.contains("counter policy_deny { }") && s.contains("counter policy_default { }"));
+    assert!(DENY_VERDICT.contains(DENY_COUNTER));
     assert!(
         s.contains("ip daddr 0.0.0.0/0 meta l4proto udp goto ingress"),
         "{s}"

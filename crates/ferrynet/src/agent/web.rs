@@ -1,0 +1,543 @@
+//! The agent's HTTP listener (`--http`, default 127.0.0.1:9470): `/metrics` (Prometheus
+//! text), `/healthz`, `/api/topology` (JSON), `/api/events` (server-sent events on every
+//! change) and `/`, the topology page.
+//!
+//! It follows its own view of the store (hosts, networks, blocks, endpoints, services,
+//! producers, health) with a watch, so it never slows the reconciler; everything it serves is
+//! read-only. It binds only the addresses it is given: anyone who can reach one can read the
+//! whole topology, so the default is loopback.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, LazyLock, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ferrynet_dataplane::nft::NftExecutor;
+use ferrynet_model::topology::{self, LocalPolicies, PeerLink, Topology};
+use ferrynet_store::{EventKind, Store, StoreError, WatchEvent};
+use futures::StreamExt;
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{header, Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+use super::metrics::{self, DropCount};
+use super::status::AgentStatus;
+
+/// The default listener.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:9470";
+/// Connections served at once; more wait in the kernel's backlog.
+const MAX_CONNS: usize = 64;
+/// Event streams open at once (each holds a connection for as long as the page is open).
+const MAX_STREAMS: usize = 32;
+/// How long `/healthz` waits for the store.
+const STORE_PROBE: Duration = Duration::from_secs(2);
+/// Events are sent at most this often (a burst of store changes becomes one).
+const EVENT_COALESCE: Duration = Duration::from_millis(200);
+
+const PAGE: &str = include_str!("page.html");
+
+/// The page's script, allowed by hash in the Content-Security-Policy: an injected script or
+/// event handler would not run even if escaping failed.
+static CSP: LazyLock<String> = LazyLock::new(|| {
+    use base64::Engine;
+    use sha2::Digest;
+    let script = PAGE
+        .split_once("<script>")
+        .and_then(|(_, rest)| rest.split_once("</script>"))
+        .map(|(s, _)| s)
+        .unwrap_or_default();
+    let hash = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(script));
+    format!(
+        "default-src 'none'; script-src 'sha256-{hash}'; style-src 'unsafe-inline'; \
+         connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; \
+         frame-ancestors 'none'"
+    )
+});
+
+/// Parse `--http` values: addresses, or `none` (no listener).
+pub fn parse_addrs(values: &[String]) -> Result<Vec<SocketAddr>, String> {
+    if values.iter().any(|v| v == "none") {
+        if values.len() > 1 {
+            return Err("--http none cannot be combined with addresses".into());
+        }
+        return Ok(Vec::new());
+    }
+    values
+        .iter()
+        .map(|v| {
+            v.parse::<SocketAddr>()
+                .map_err(|_| format!("--http {v:?} is not ADDRESS:PORT (or none)"))
+        })
+        .collect()
+}
+
+/// What the listener serves from.
+pub struct Web {
+    host: String,
+    store: Arc<dyn Store>,
+    nft: Arc<dyn NftExecutor>,
+    status: Arc<Mutex<AgentStatus>>,
+    topo: RwLock<Topology>,
+    /// Bumped on every change of the followed view.
+    version: watch::Sender<u64>,
+    streams: Arc<Semaphore>,
+}
+
+impl Web {
+    /// A listener's state for host `host`.
+    pub fn new(
+        host: String,
+        store: Arc<dyn Store>,
+        nft: Arc<dyn NftExecutor>,
+        status: Arc<Mutex<AgentStatus>>,
+    ) -> Arc<Web> {
+        Arc::new(Web {
+            host,
+            store,
+            nft,
+            status,
+            topo: RwLock::new(Topology::default()),
+            version: watch::channel(0).0,
+            streams: Arc::new(Semaphore::new(MAX_STREAMS)),
+        })
+    }
+
+    fn status(&self) -> AgentStatus {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn bump(&self) {
+        self.version.send_modify(|v| *v += 1);
+    }
+}
+
+/// Follow the store into the view until the task is dropped, reconnecting after errors.
+pub async fn follow(web: Arc<Web>) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match follow_once(&web).await {
+            Ok(()) => backoff = Duration::from_millis(200),
+            Err(e) => tracing::debug!(error = %e, "topology watch lost; retrying"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+fn apply(t: &mut Topology, ev: &WatchEvent) {
+    match ev.kind {
+        EventKind::Put => {
+            t.put(&ev.kv.key, &ev.kv.value);
+        }
+        EventKind::Delete => t.delete(&ev.kv.key),
+    }
+}
+
+async fn follow_once(web: &Web) -> Result<(), StoreError> {
+    let mut fresh = Topology::default();
+    let mut streams = Vec::new();
+    for prefix in topology::prefixes() {
+        let (kvs, rev) = web.store.range(&prefix).await?;
+        for kv in &kvs {
+            fresh.put(&kv.key, &kv.value);
+        }
+        streams.push(web.store.watch(&prefix, rev).await?);
+    }
+    if let Ok(mut t) = web.topo.write() {
+        *t = fresh;
+    }
+    web.bump();
+    let mut events = futures::stream::select_all(streams);
+    while let Some(ev) = events.next().await {
+        let ev = ev?;
+        let mut batch = vec![ev];
+        while let Some(Some(more)) = futures::FutureExt::now_or_never(events.next()) {
+            batch.push(more?);
+        }
+        if let Ok(mut t) = web.topo.write() {
+            for ev in &batch {
+                apply(&mut t, ev);
+            }
+        }
+        web.bump();
+    }
+    Err(StoreError::Unavailable("watch ended".into()))
+}
+
+/// Bind every address (all must bind: an operator who asked for a listener expects it).
+pub async fn bind(addrs: &[SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
+    let mut out = Vec::new();
+    for a in addrs {
+        let l = TcpListener::bind(a)
+            .await
+            .map_err(|e| anyhow::anyhow!("binding the HTTP listener on {a}: {e}"))?;
+        out.push(l);
+    }
+    Ok(out)
+}
+
+/// Serve `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, web: Arc<Web>) {
+    let conns = Arc::new(Semaphore::new(MAX_CONNS));
+    loop {
+        let Ok(permit) = conns.clone().acquire_owned().await else {
+            return;
+        };
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "http accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let web = web.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let web = web.clone();
+                async move { Ok::<_, Infallible>(route(&web, req).await) }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc);
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+}
+
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+fn full(status: StatusCode, ctype: &str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()).boxed_unsync());
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    if let Ok(v) = header::HeaderValue::from_str(ctype) {
+        h.insert(header::CONTENT_TYPE, v);
+    }
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
+async fn route(web: &Arc<Web>, req: Request<Incoming>) -> Response<Body> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return full(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET is served\n",
+        );
+    }
+    match req.uri().path() {
+        "/" => {
+            let mut r = full(StatusCode::OK, "text/html; charset=utf-8", PAGE);
+            if let Ok(v) = header::HeaderValue::from_str(&CSP) {
+                r.headers_mut().insert(header::CONTENT_SECURITY_POLICY, v);
+            }
+            r
+        }
+        "/metrics" => {
+            let text = scrape(web).await;
+            full(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                text,
+            )
+        }
+        "/healthz" => healthz(web).await,
+        "/api/topology" => {
+            let body = topology_json(web);
+            full(StatusCode::OK, "application/json", body)
+        }
+        "/api/events" => events(web),
+        _ => full(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
+}
+
+/// The metrics text now.
+pub async fn scrape(web: &Arc<Web>) -> String {
+    let nft = web.nft.clone();
+    let drops = tokio::task::spawn_blocking(move || read_drops(nft.as_ref()))
+        .await
+        .unwrap_or_default();
+    let status = web.status();
+    let topo = match web.topo.read() {
+        Ok(t) => t,
+        Err(p) => p.into_inner(),
+    };
+    metrics::render(metrics::instruments(), &web.host, &topo, &status, &drops)
+}
+
+/// The named drop counters of ferrynet's tables (absent tables count nothing).
+fn read_drops(nft: &dyn NftExecutor) -> Vec<DropCount> {
+    use ferrynet_model::guard::counters_from_json;
+    let mut sources: Vec<(&'static str, &str, &str)> = ferrynet_model::guard::TABLES
+        .iter()
+        .map(|(f, t)| ("spoofing", *f, *t))
+        .collect();
+    sources.push(("isolation", "inet", ferrynet_model::edge::TABLE));
+    sources.push(("policy", "inet", ferrynet_model::policy::render::TABLE));
+    sources.push(("underlay", "inet", ferrynet_model::fabric_guard::TABLE));
+    let mut out: Vec<DropCount> = Vec::new();
+    for (reason, family, table) in sources {
+        let listed = match nft.list_counters(family, table) {
+            Ok(Some(v)) => v,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::debug!(error = %e, table, "reading drop counters");
+                continue;
+            }
+        };
+        for (counter, packets, bytes) in counters_from_json(&listed) {
+            match out
+                .iter_mut()
+                .find(|d| d.reason == reason && d.counter == counter)
+            {
+                Some(d) => {
+                    d.packets += packets;
+                    d.bytes += bytes;
+                }
+                None => out.push(DropCount {
+                    reason,
+                    counter,
+                    packets,
+                    bytes,
+                }),
+            }
+        }
+    }
+    out
+}
+
+/// This host's peers and local policies from the agent's status, in the model's terms.
+pub fn links_of(status: &AgentStatus) -> (Vec<PeerLink>, Vec<LocalPolicies>) {
+    let peers = status
+        .networks
+        .iter()
+        .flat_map(|n| {
+            n.peers.iter().map(|p| PeerLink {
+                network: n.name.clone(),
+                host: p.host.clone(),
+                backend: p.backend.clone(),
+                state: if p.backend.is_some() && p.errors.is_empty() {
+                    "up".into()
+                } else {
+                    "down".into()
+                },
+                reason: p.reason.clone(),
+                errors: p.errors.clone(),
+            })
+        })
+        .collect();
+    let local = status
+        .policy
+        .local
+        .iter()
+        .map(|l| LocalPolicies {
+            id: l.id.clone(),
+            ingress: l.ingress.clone(),
+            egress: l.egress.clone(),
+        })
+        .collect();
+    (peers, local)
+}
+
+fn topology_json(web: &Web) -> String {
+    let status = web.status();
+    let (peers, local) = links_of(&status);
+    let topo = match web.topo.read() {
+        Ok(t) => t,
+        Err(p) => p.into_inner(),
+    };
+    let doc = topo.document(&web.host, &peers, &local);
+    drop(topo);
+    serde_json::to_string(&doc).unwrap_or_else(|e| format!("{{\"error\":{:?}}}", e.to_string()))
+}
+
+async fn healthz(web: &Web) -> Response<Body> {
+    let store = match tokio::time::timeout(STORE_PROBE, web.store.revision()).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {} s", STORE_PROBE.as_secs_f64())),
+    };
+    let status = web.status();
+    let (ok, doc) = health_verdict(store, &status);
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    full(code, "application/json", doc.to_string())
+}
+
+/// Healthy: the store answers now, and the last reconcile ran without error.
+pub fn health_verdict(
+    store: Result<(), String>,
+    status: &AgentStatus,
+) -> (bool, serde_json::Value) {
+    let reconcile_ok = status.reconciles > 0 && status.errors.is_empty() && status.store_ok;
+    let ok = store.is_ok() && reconcile_ok;
+    let doc = serde_json::json!({
+        "ok": ok,
+        "store": match &store { Ok(()) => "ok".to_string(), Err(e) => e.clone() },
+        "reconciles": status.reconciles,
+        "reconcileErrors": status.errors,
+        "lastReconcileOk": reconcile_ok,
+    });
+    (ok, doc)
+}
+
+/// What changes in the status shows on the page (peers, their backends and states).
+fn status_digest(s: &AgentStatus) -> String {
+    let (peers, _) = links_of(s);
+    serde_json::to_string(&peers).unwrap_or_default()
+}
+
+fn events(web: &Arc<Web>) -> Response<Body> {
+    let Ok(permit) = web.streams.clone().try_acquire_owned() else {
+        return full(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "too many event streams\n",
+        );
+    };
+    struct State {
+        web: Arc<Web>,
+        rx: watch::Receiver<u64>,
+        digest: String,
+        first: bool,
+        last_sent: Instant,
+        _permit: tokio::sync::OwnedSemaphorePermit,
+    }
+    let st = State {
+        web: web.clone(),
+        rx: web.version.subscribe(),
+        digest: status_digest(&web.status()),
+        first: true,
+        last_sent: Instant::now(),
+        _permit: permit,
+    };
+    let stream = futures::stream::unfold(st, |mut st| async move {
+        if st.first {
+            st.first = false;
+            st.rx.mark_unchanged();
+            let v = *st.rx.borrow();
+            return Some((Ok(Frame::data(sse("change", v))), st));
+        }
+        let mut keepalive = tokio::time::interval(Duration::from_secs(15));
+        keepalive.tick().await;
+        let mut poll = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                r = st.rx.changed() => {
+                    if r.is_err() {
+                        return None;
+                    }
+                    break;
+                }
+                _ = poll.tick() => {
+                    let d = status_digest(&st.web.status());
+                    if d != st.digest {
+                        st.digest = d;
+                        break;
+                    }
+                }
+                _ = keepalive.tick() => {
+                    return Some((Ok(Frame::data(Bytes::from_static(b": keepalive\n\n"))), st));
+                }
+            }
+        }
+        // Coalesce a burst: one event per EVENT_COALESCE at most.
+        let since = st.last_sent.elapsed();
+        if since < EVENT_COALESCE {
+            tokio::time::sleep(EVENT_COALESCE - since).await;
+        }
+        st.rx.mark_unchanged();
+        st.last_sent = Instant::now();
+        let v = *st.rx.borrow();
+        Some((Ok::<_, Infallible>(Frame::data(sse("change", v))), st))
+    });
+    let mut r = Response::new(BodyExt::boxed_unsync(StreamBody::new(stream)));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
+fn sse(event: &str, version: u64) -> Bytes {
+    Bytes::from(format!("event: {event}\ndata: {version}\n\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_flag_values() {
+        assert_eq!(parse_addrs(&["none".into()]).unwrap(), vec![]);
+        assert_eq!(
+            parse_addrs(&["127.0.0.1:9470".into(), "[::1]:9470".into()]).unwrap(),
+            vec![
+                "127.0.0.1:9470".parse().unwrap(),
+                "[::1]:9470".parse().unwrap()
+            ]
+        );
+        assert!(parse_addrs(&["none".into(), "127.0.0.1:1".into()]).is_err());
+        assert!(parse_addrs(&["localhost:9470".into()]).is_err());
+        assert!(parse_addrs(&["127.0.0.1".into()]).is_err());
+    }
+
+    #[test]
+    fn health_needs_store_and_a_clean_reconcile() {
+        let mut s = AgentStatus {
+            store_ok: true,
+            reconciles: 3,
+            ..Default::default()
+        };
+        assert!(health_verdict(Ok(()), &s).0);
+        assert!(!health_verdict(Err("down".into()), &s).0);
+        s.errors = vec!["route to h2: unreachable".into()];
+        let (ok, doc) = health_verdict(Ok(()), &s);
+        assert!(!ok);
+        assert_eq!(doc["reconcileErrors"][0], "route to h2: unreachable");
+        s.errors.clear();
+        s.reconciles = 0;
+        assert!(
+            !health_verdict(Ok(()), &s).0,
+            "healthy before the first reconcile"
+        );
+    }
+
+    #[test]
+    fn the_page_is_self_contained() {
+        // No external resource: everything is inline (the CSP allows nothing else anyway).
+        for needle in ["src=\"http", "href=\"http", "//cdn", "@import", "src=\"//"] {
+            assert!(!PAGE.contains(needle), "{needle}");
+        }
+        // Data reaches the DOM as text, never as markup.
+        assert!(!PAGE.contains("innerHTML") && !PAGE.contains("outerHTML"));
+        assert!(!PAGE.contains("insertAdjacentHTML") && !PAGE.contains("document.write"));
+        assert!(!PAGE.contains("eval("));
+        assert_eq!(PAGE.matches("<script>").count(), 1);
+        assert!(CSP.contains("script-src 'sha256-"));
+    }
+}
