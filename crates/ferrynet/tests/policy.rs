@@ -795,7 +795,11 @@ fn egress_allow_does_not_bypass_ingress() {
         let o = lab.cli(&["policy", "apply", "-f", f.to_str().unwrap()]);
         assert!(o.status.success(), "{}", out(&o));
     };
-    assert_eq!(probe(), [1, 1, 1], "no policy: open");
+    // The server is up once it answers (no policy yet: everything is open).
+    common::within(Duration::from_secs(20), || match probe() {
+        p if p == [1, 1, 1] => Ok(()),
+        p => Err(format!("no policy, server starting: {p:?}")),
+    });
     apply("name: x-out\nselector: role=x\negress: [{to: [{selector: app=y}]}]\n---\nname: y-in\nselector: app=y\ningress: []\n");
     assert_eq!(
         probe(),
