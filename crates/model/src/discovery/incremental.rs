@@ -76,7 +76,7 @@ proptest! {
                                    events in proptest::collection::vec(event(), 0..60)) {
         let mut store = Model::new();
         let mut rev = 0;
-        let mut apply = |store: &mut Model, ev: &Ev, rev: &mut u64| {
+        let apply = |store: &mut Model, ev: &Ev, rev: &mut u64| {
             *rev += 1;
             match ev {
                 Ev::Put(k, v) => {
