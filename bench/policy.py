@@ -2,7 +2,7 @@
 """Network policy benchmarks (docs/BENCHMARKS.md, "Network policy"):
 
     cargo build --release -p ferrynet -p connrate
-    sudo python3 bench/policy.py conn [--rules 1000,10000] [--addrs 100000] [--secs 4] [--rounds 3]
+    sudo python3 bench/policy.py conn [--rules 1000,10000] [--addrs 100000] [--secs 4] [--rounds 3] [--before BIN]
     sudo python3 bench/policy.py propagation [--n 100]
     sudo python3 bench/policy.py scale [--hosts 1000] [--endpoints 100000] [--policies 0,1000]
 
@@ -16,7 +16,8 @@ table themselves), a server container (app=srv, `connrate server`) and a client 
   ipt-N    the anchor, the same rules in the layout Calico's Felix writes (iptables, which is
            iptables-nft on Debian 12): FORWARD jumps to a per-endpoint chain (`-d SERVER`), which
            accepts established flows and jumps to a chain per policy holding a rule per peer
-           CIDR (`-s CIDR -p tcp --dport 7000 -j ACCEPT`), then drops.
+           CIDR (`-s CIDR -p tcp --dport 7000 -j ACCEPT`), then drops;
+  old-N    with --before BINARY: ferrynet's table as that (older) build writes it.
 Reported: new connections per second, median of the rounds, and each mode's ratio to `none`.
 
 propagation: `ferrynet lab` (3 hosts, etcd, vxlan), a labelled container on every host. N times,
@@ -66,8 +67,8 @@ def cni_add(host, state, cid, ns, labels):
     return out["ips"][0]["address"].split("/")[0]
 
 
-def fn(host, state, *args, stdin=None):
-    return subprocess.run(["ip", "netns", "exec", host, FERRYNET, "--state-dir", state, *args],
+def fn(host, state, *args, stdin=None, binary=None):
+    return subprocess.run(["ip", "netns", "exec", host, binary or FERRYNET, "--state-dir", state, *args],
                           check=True, capture_output=True, text=True, input=stdin)
 
 
@@ -117,7 +118,7 @@ def felix_off(host, srv_ip):
         sh("ip", "netns", "exec", host, "iptables", *args, check=False)
 
 
-def bench_conn(rule_counts, addrs, secs, rounds):
+def bench_conn(rule_counts, addrs, secs, rounds, before=None):
     host = netns("h")
     state = tempfile.mkdtemp(prefix="fnb-state-")
     srv = None
@@ -131,14 +132,16 @@ def bench_conn(rule_counts, addrs, secs, rounds):
         sh("ip", "netns", "exec", c_cli, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1")
         docs = {n: policy_doc(n) for n in rule_counts}
         felix = {n: felix_rules(n, srv_ip, cli_ip) for n in rule_counts}
-        modes = ["none"] + [f"{k}-{n}" for n in rule_counts for k in ("nft", "ipt")]
+        kinds = ("nft", "old", "ipt") if before else ("nft", "ipt")
+        modes = ["none"] + [f"{k}-{n}" for n in rule_counts for k in kinds]
+        binary = {"nft": FERRYNET, "old": before}
         results = {m: [] for m in modes}
         for r in range(rounds):
             order = modes if r % 2 == 0 else list(reversed(modes))
             for m in order:
                 kind, _, n = m.partition("-")
-                if kind == "nft":
-                    fn(host, state, "policy", "apply", "-f", "-", stdin=docs[int(n)])
+                if kind in ("nft", "old"):
+                    fn(host, state, "policy", "apply", "-f", "-", stdin=docs[int(n)], binary=binary[kind])
                     fill_client_set(host, addrs)
                 elif kind == "ipt":
                     sh("ip", "netns", "exec", host, "iptables-restore", "--noflush", input=felix[int(n)])
@@ -146,8 +149,8 @@ def bench_conn(rule_counts, addrs, secs, rounds):
                 rate = float(out.split()[0])
                 results[m].append(rate)
                 print(f"  round {r} {m}: {out.strip()}", file=sys.stderr)
-                if kind == "nft":
-                    fn(host, state, "policy", "rm", "srv-in")
+                if kind in ("nft", "old"):
+                    fn(host, state, "policy", "rm", "srv-in", binary=binary[kind])
                 elif kind == "ipt":
                     felix_off(host, srv_ip)
         return {m: statistics.median(v) for m, v in results.items()}
@@ -168,7 +171,8 @@ def print_conn(res, addrs, secs, rounds):
     base = res["none"]
     for m, v in res.items():
         kind, _, n = m.partition("-")
-        name = {"none": "no policy", "nft": "ferrynet (nft verdict map, sets)", "ipt": "anchor: Felix layout (iptables)"}[kind]
+        name = {"none": "no policy", "nft": "ferrynet (nft verdict map, sets)",
+                "old": "ferrynet before (--before: its own binary)", "ipt": "anchor: Felix layout (iptables)"}[kind]
         print(f"| {name} | {n or 0} | {v:.0f} | {v / base:.3f} |")
     print("\nTarget: ferrynet >= 0.9 of no policy at 10,000 rules")
 
@@ -333,9 +337,11 @@ def scale_run(hosts, endpoints, policies, changes):
                     raise RuntimeError(f"change at revision {rev} never applied: {s}")
                 time.sleep(0.005)
             one.append(s["appliedAtMs"] / 1000.0 - t1)
+        # Steady: after the changes, once the agent has had a few quiet seconds.
+        time.sleep(5)
         with open(f"/proc/{agent_pid(name)}/status") as f:
-            hwm = next(int(l.split()[1]) for l in f if l.startswith("VmHWM"))
-        return n, write_s, sync_s, s.get("table"), one, hwm
+            mem = {l.split(":")[0]: int(l.split()[1]) for l in f if l.startswith(("VmHWM", "VmRSS"))}
+        return n, write_s, sync_s, s.get("table"), one, mem["VmHWM"], mem["VmRSS"]
     finally:
         lab_down(name)
         cleanup()
@@ -345,13 +351,13 @@ def bench_scale(hosts, endpoints, policy_counts, changes=10):
     rows = [(p, *scale_run(hosts, endpoints, p, changes)) for p in policy_counts]
     print(f"\n### Policy control-plane scale: {hosts} simulated hosts, {endpoints:,} labelled endpoints in etcd\n")
     print("| policies | keys written | agent start -> table in place | one endpoint's label change -> "
-          f"the agent's transaction, median / max of {changes} | agent peak RSS (VmHWM) |")
-    print("|---|---|---|---|---|")
-    for p, n, write_s, sync_s, shape, one, hwm in rows:
+          f"the agent's transaction, median / max of {changes} | agent peak RSS (VmHWM) | agent steady RSS (VmRSS) |")
+    print("|---|---|---|---|---|---|")
+    for p, n, write_s, sync_s, shape, one, hwm, rss in rows:
         table = (f" ({shape['policyChains']} policy chains, {shape['rules']} rules, {shape['sets']} sets, "
                  f"{shape['elements']:,} elements)") if shape else " (no table)"
         print(f"| {p} | {n} ({write_s:.1f} s) | {sync_s * 1000:.0f} ms{table} | "
-              f"{ms(statistics.median(one))} / {ms(max(one))} ms | {hwm / 1024:.1f} MiB |")
+              f"{ms(statistics.median(one))} / {ms(max(one))} ms | {hwm / 1024:.1f} MiB | {rss / 1024:.1f} MiB |")
     print("\nTargets: one change <= 1,000 ms; agent RSS <= 100 MB")
 
 
@@ -366,6 +372,7 @@ def main():
     ap.add_argument("--hosts", type=int, default=1000)
     ap.add_argument("--endpoints", type=int, default=100000)
     ap.add_argument("--policies", default="0,1000", help="policy counts, one lab run each (0: the anchor)")
+    ap.add_argument("--before", help="conn: also measure this ferrynet binary's table (an older build)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root")
@@ -373,7 +380,7 @@ def main():
         if not os.path.exists(p):
             sys.exit(f"{p} missing: cargo build --release -p ferrynet -p connrate")
     if a.which == "conn":
-        res = bench_conn([int(x) for x in a.rules.split(",")], a.addrs, a.secs, a.rounds)
+        res = bench_conn([int(x) for x in a.rules.split(",")], a.addrs, a.secs, a.rounds, a.before)
         print_conn(res, a.addrs, a.secs, a.rounds)
     elif a.which == "propagation":
         bench_propagation(a.n)

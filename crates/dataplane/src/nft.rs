@@ -159,8 +159,25 @@ impl LibNftables {
     }
 }
 
+/// Batches longer than this (a policy table with ~100,000 set elements is ~1.5 MB) are parsed
+/// by a short-lived `nft` process when the binary is there: libnftables needs over 100 MiB to
+/// parse them, and in-process that heap would stay with the caller (glibc keeps what it freed).
+const LARGE_BATCH: usize = 256 * 1024;
+
+/// True when an `nft` binary is on PATH (looked up once).
+fn nft_binary_present() -> bool {
+    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PRESENT.get_or_init(|| {
+        std::env::var_os("PATH")
+            .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join("nft").is_file()))
+    })
+}
+
 impl NftExecutor for LibNftables {
     fn apply(&self, batch: &str) -> Result<(), NftError> {
+        if batch.len() > LARGE_BATCH && nft_binary_present() {
+            return NftBinary.apply(batch);
+        }
         observed(|| {
             let (ok, _, err) = self.run(batch, false)?;
             if ok {

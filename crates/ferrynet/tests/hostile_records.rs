@@ -20,6 +20,7 @@ use ferrynet_model::discovery::DiscoveryView;
 use ferrynet_model::edge::{add_ports, base_ruleset, published_ports, EdgeNetwork};
 use ferrynet_model::lb::{desired, full_batch};
 use ferrynet_model::network::{keys, Endpoint, Network, NetworkMode, Subnet};
+use ferrynet_model::policy::{EndpointIndex, PolicyEndpoint};
 use ferrynet_model::portmap::{PortMapping, Protocol};
 use ferrynet_model::service::{keys as skeys, IngressPort, Producer, Service, ServicePort};
 use ferrynet_store::{EmbeddedStore, Op, Store};
@@ -270,24 +271,24 @@ fn plain_twin(v: &DiscoveryView) -> DiscoveryView {
             (name, n)
         })
         .collect();
-    t.endpoints = v
-        .endpoints
-        .values()
-        .enumerate()
-        .map(|(i, e)| {
-            let e = Endpoint {
-                network: nets
-                    .get(&e.network)
+    t.endpoints = EndpointIndex::new(
+        v.endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let network = nets
+                    .get(&*e.network)
                     .cloned()
-                    .unwrap_or_else(|| "gone".into()),
-                container_id: format!("e{i}"),
-                ifname: "eth0".into(),
-                aliases: vec![],
-                ..e.clone()
-            };
-            (format!("e{i}"), e)
-        })
-        .collect();
+                    .unwrap_or_else(|| "gone".into());
+                PolicyEndpoint {
+                    id: format!("{network}/e{i}/eth0").into(),
+                    network: network.into(),
+                    aliases: vec![],
+                    ..e.clone()
+                }
+            })
+            .collect(),
+    );
     let svcs: BTreeMap<String, String> = v
         .services
         .keys()
@@ -341,8 +342,8 @@ fn batches(v: &DiscoveryView) -> Vec<String> {
     // A host port is published once (the store's port keys see to it); keep the first.
     let mut seen = std::collections::BTreeSet::new();
     let mut ports = Vec::new();
-    for e in v.endpoints.values() {
-        let ips: Vec<IpAddr> = e.ips.iter().map(|n| n.addr()).collect();
+    for e in v.endpoints.iter() {
+        let ips: Vec<IpAddr> = e.addrs.clone();
         for p in published_ports(&e.port_mappings, &ips) {
             if seen.insert(format!(
                 "{:?}",

@@ -742,3 +742,80 @@ fn single_host_cni_without_an_agent() {
     }
     lab.del(&conf, "cli2", Some(&n), "eth0");
 }
+
+/// Hostile probe for the one base chain: an egress allow hands the packet to the destination's
+/// ingress policies (`goto ingress`), it never accepts it. A container whose egress policy
+/// allows a peer cannot reach it while the peer's ingress denies it (both on one host, so one
+/// table decides both sides); without the peer's policy it can (the probe can fail).
+#[test]
+fn egress_allow_does_not_bypass_ingress() {
+    common::need("python3", "python3");
+    let lab = common::Lab::new();
+    let conf = |labels: serde_json::Value| {
+        let mut c = lab.conf(
+            &format!("pe{}", lab.tag),
+            "10.243.0.0/24",
+            Some("fd43::/64"),
+        );
+        c["args"] = serde_json::json!({ "labels": labels });
+        c
+    };
+    let (nx, ny) = (common::Ns::new("p"), common::Ns::new("p"));
+    let cx = conf(serde_json::json!({"role": "x"}));
+    let cy = conf(serde_json::json!({"app": "y"}));
+    lab.add(&cx, "x", &nx, "eth0");
+    let call = lab.add(&cy, "y", &ny, "eth0");
+    let ys: Vec<String> = call["ips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            i["address"]
+                .as_str()
+                .unwrap()
+                .split('/')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let server = serve(&ny.name);
+    let probe = || -> Vec<u8> {
+        let t = serde_json::json!([[ys[0], 80, "tcp"], [ys[1], 80, "tcp"], [ys[0], 53, "udp"]]);
+        let o = Command::new("nsenter")
+            .args([&nx.enter(), "python3", "-c", PROBE, &t.to_string()])
+            .output()
+            .expect("probe");
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|_| panic!("probe: {}", out(&o)))
+    };
+    let apply = |doc: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("p.yaml");
+        std::fs::write(&f, doc).unwrap();
+        let o = lab.cli(&["policy", "apply", "-f", f.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", out(&o));
+    };
+    // The server is up once it answers (no policy yet: everything is open).
+    common::within(Duration::from_secs(20), || match probe() {
+        p if p == [1, 1, 1] => Ok(()),
+        p => Err(format!("no policy, server starting: {p:?}")),
+    });
+    apply("name: x-out\nselector: role=x\negress: [{to: [{selector: app=y}]}]\n---\nname: y-in\nselector: app=y\ningress: []\n");
+    assert_eq!(
+        probe(),
+        [0, 0, 0],
+        "x's egress allows y, y's ingress denies x"
+    );
+    let o = lab.cli(&["policy", "rm", "y-in"]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert_eq!(
+        probe(),
+        [1, 1, 1],
+        "y's ingress open again: x's egress allows"
+    );
+    let o = lab.cli(&["policy", "rm", "x-out"]);
+    assert!(o.status.success(), "{}", out(&o));
+    drop(server);
+    lab.del(&cx, "x", Some(&nx), "eth0");
+    lab.del(&cy, "y", Some(&ny), "eth0");
+}

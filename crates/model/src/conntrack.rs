@@ -190,13 +190,13 @@ fn lb_frontends(st: &LbState) -> BTreeMap<(Protocol, Frontend), BTreeSet<Target>
 pub fn draining(view: &DiscoveryView) -> BTreeSet<IpAddr> {
     let mut alive: BTreeSet<IpAddr> = view
         .endpoints
-        .values()
+        .iter()
         .filter(|e| {
             e.host
                 .as_deref()
                 .is_none_or(|h| view.live_hosts.contains(h))
         })
-        .flat_map(|e| e.ips.iter().map(|n| n.addr()))
+        .flat_map(|e| e.addrs.iter().copied())
         .collect();
     for p in view.producers.values() {
         if !view.is_healthy(p) {

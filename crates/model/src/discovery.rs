@@ -13,6 +13,8 @@ use crate::host::BlockClaim;
 use crate::validate::{check_host_name, check_producer_on, Validate};
 
 use crate::network::{keys as nkeys, Endpoint, Network};
+use crate::policy::document::keys as pkeys;
+use crate::policy::{EndpointIndex, Interner, Policy, PolicyEndpoint};
 use crate::service::{keys as skeys, HealthRecord, Producer, Service, VipRanges};
 
 /// The store prefixes discovery follows.
@@ -27,6 +29,7 @@ pub fn prefixes() -> Vec<String> {
         skeys::all_health(),
         skeys::vip_ranges(),
         skeys::kvs(),
+        pkeys::policies(),
     ]
 }
 
@@ -35,8 +38,11 @@ pub fn prefixes() -> Vec<String> {
 pub struct DiscoveryView {
     /// Networks by name.
     pub networks: BTreeMap<String, Network>,
-    /// Endpoints by store key.
-    pub endpoints: BTreeMap<String, Endpoint>,
+    /// Endpoints by id (`network/container/ifname`, their store key without the prefix), one
+    /// shared record each: the policy table reads this index too.
+    pub endpoints: EndpointIndex,
+    /// Network policies by name.
+    pub policies: BTreeMap<String, Policy>,
     /// Hosts whose registration is live.
     pub live_hosts: BTreeSet<String>,
     /// Block claims of multi-host networks: (network, block) -> owning host.
@@ -55,9 +61,13 @@ pub struct DiscoveryView {
     pub revision: u64,
     /// Records refused (undecodable or invalid), by key, with the reason; they count as absent.
     pub rejected: BTreeMap<String, String>,
-    /// The store revision at which each endpoint record was created (0 when not told): the
-    /// newest of a pod's endpoints holds its name.
-    pub endpoint_created: BTreeMap<String, u64>,
+    /// Shares the strings and label sets endpoint records repeat.
+    pub interner: Interner,
+}
+
+/// The endpoint id under an endpoint key.
+fn endpoint_id(key: &str) -> Option<&str> {
+    key.strip_prefix(nkeys::ROOT)?.strip_prefix("endpoints/")
 }
 
 impl DiscoveryView {
@@ -103,14 +113,8 @@ impl DiscoveryView {
                 Some(n) => self.networks.insert(name.to_string(), n),
                 None => self.networks.remove(name),
             };
-        } else if rest.starts_with("endpoints/") {
-            match self.record::<Endpoint>(key, value) {
-                Some(e) => self.endpoints.insert(key.to_string(), e),
-                None => {
-                    self.endpoint_created.remove(key);
-                    self.endpoints.remove(key)
-                }
-            };
+        } else if let Some(id) = endpoint_id(key) {
+            self.put_endpoint(id, key, value, 0);
         } else if let Some(name) = rest.strip_prefix("hosts/") {
             // Discovery needs only liveness; the agent's cluster view checks the whole record.
             match check_host_name("host", name) {
@@ -150,35 +154,50 @@ impl DiscoveryView {
                 name.to_string(),
                 String::from_utf8_lossy(value).into_owned(),
             );
+        } else if let Some(name) = rest.strip_prefix("policies/") {
+            match self.record::<Policy>(key, value) {
+                Some(p) => self.policies.insert(name.to_string(), p),
+                None => self.policies.remove(name),
+            };
+        }
+    }
+
+    /// Decode an endpoint record into its shared form; the raw record is not kept.
+    fn put_endpoint(&mut self, id: &str, key: &str, value: &[u8], created: u64) {
+        match self.record::<Endpoint>(key, value) {
+            Some(e) => self
+                .endpoints
+                .upsert(PolicyEndpoint::of(e, created, &self.interner)),
+            None => {
+                self.endpoints.remove(id);
+            }
         }
     }
 
     /// Apply one stored key with the revision that created it (a watch event or a snapshot
     /// entry that carries it).
     pub fn put_created(&mut self, key: &str, value: &[u8], create_revision: u64) {
-        self.put(key, value);
-        if self.endpoints.contains_key(key) {
-            self.endpoint_created
-                .insert(key.to_string(), create_revision);
+        match endpoint_id(key) {
+            Some(id) => self.put_endpoint(id, key, value, create_revision),
+            None => self.put(key, value),
         }
     }
 
-    /// When the endpoint record under `key` was created (0: unknown, older than any known).
-    pub fn created(&self, key: &str) -> u64 {
-        self.endpoint_created.get(key).copied().unwrap_or(0)
+    /// When the endpoint record `id` was created (0: unknown, older than any known).
+    pub fn created(&self, id: &str) -> u64 {
+        self.endpoints.list.get(id).map_or(0, |e| e.created)
     }
 
     /// Apply a deletion.
     pub fn delete(&mut self, key: &str) {
         self.rejected.remove(key);
-        self.endpoint_created.remove(key);
         let Some(rest) = key.strip_prefix(nkeys::ROOT) else {
             return;
         };
         if let Some(name) = rest.strip_prefix("networks/") {
             self.networks.remove(name);
-        } else if rest.starts_with("endpoints/") {
-            self.endpoints.remove(key);
+        } else if let Some(id) = endpoint_id(key) {
+            self.endpoints.remove(id);
         } else if let Some(name) = rest.strip_prefix("hosts/") {
             self.live_hosts.remove(name);
         } else if let Some(block) = nkeys::parse_block(key) {
@@ -193,12 +212,17 @@ impl DiscoveryView {
             self.vip_ranges = VipRanges::default();
         } else if let Some(name) = rest.strip_prefix("kv/") {
             self.kv.remove(name);
+        } else if let Some(name) = rest.strip_prefix("policies/") {
+            self.policies.remove(name);
         }
     }
 
     /// Replace everything with a snapshot of `(key, value)` pairs taken at `revision`.
     pub fn reset<'a>(&mut self, kvs: impl IntoIterator<Item = (&'a str, &'a [u8])>, revision: u64) {
-        *self = DiscoveryView::default();
+        *self = DiscoveryView {
+            interner: self.interner.clone(),
+            ..DiscoveryView::default()
+        };
         for (k, v) in kvs {
             self.put(k, v);
         }
@@ -248,20 +272,23 @@ impl DiscoveryView {
     }
 
     /// Endpoints on `network`.
-    pub fn endpoints_on<'a>(&'a self, network: &'a str) -> impl Iterator<Item = &'a Endpoint> {
+    pub fn endpoints_on<'a>(
+        &'a self,
+        network: &'a str,
+    ) -> impl Iterator<Item = &'a PolicyEndpoint> {
         self.endpoints
-            .values()
-            .filter(move |e| e.network == network)
+            .iter()
+            .filter(move |e| &*e.network == network)
     }
 
     /// The pods on `network` by DNS name (`POD.NAMESPACE`, lower case), each the newest of its
-    /// endpoints (store create revision, then key): a pod re-created under its name (a new
+    /// endpoints (store create revision, then id): a pod re-created under its name (a new
     /// sandbox, a new address) takes the name while the old sandbox's record still exists.
-    pub fn pods_on(&self, network: &str) -> BTreeMap<String, &Endpoint> {
-        let mut best: BTreeMap<String, (u64, &str, &Endpoint)> = BTreeMap::new();
-        for (key, e) in self.endpoints.iter().filter(|(_, e)| e.network == network) {
+    pub fn pods_on<'a>(&'a self, network: &'a str) -> BTreeMap<String, &'a PolicyEndpoint> {
+        let mut best: BTreeMap<String, (u64, &str, &PolicyEndpoint)> = BTreeMap::new();
+        for e in self.endpoints_on(network) {
             let Some(pod) = &e.pod else { continue };
-            let rank = (self.created(key), key.as_str());
+            let rank = (e.created, &*e.id);
             let entry = best.entry(pod.dns_name()).or_insert((rank.0, rank.1, e));
             if rank > (entry.0, entry.1) {
                 *entry = (rank.0, rank.1, e);
@@ -295,6 +322,9 @@ impl DiscoveryView {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod incremental;
 
 #[cfg(test)]
 mod tests {

@@ -166,7 +166,7 @@ pub fn desired(view: &DiscoveryView, host: &str) -> LbState {
     // Ports published by containers on this host (single-host endpoints have no host).
     let published: BTreeSet<(Protocol, u16)> = view
         .endpoints
-        .values()
+        .iter()
         .filter(|e| e.host.as_deref().is_none_or(|h| h == host))
         .flat_map(|e| e.port_mappings.iter().map(|m| (m.protocol, m.host_port)))
         .collect();

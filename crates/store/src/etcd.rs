@@ -462,6 +462,18 @@ impl Store for EtcdStore {
     }
 
     async fn range(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision)> {
+        let mut out = Vec::new();
+        let rev = self
+            .range_pages(prefix, &mut |mut page| out.append(&mut page))
+            .await?;
+        Ok((out, rev))
+    }
+
+    async fn range_pages(
+        &self,
+        prefix: &str,
+        each: &mut (dyn FnMut(Vec<KeyValue>) + Send),
+    ) -> Result<Revision> {
         let what = format!("range {prefix}");
         let mut kv = self.kv.clone();
         let first = self
@@ -481,24 +493,26 @@ impl Store for EtcdStore {
             .header()
             .map(|h| h.revision())
             .ok_or_else(|| StoreError::Corrupt("etcd response without a header".into()))?;
-        let mut out = first
+        let mut page = first
             .kvs()
             .iter()
             .map(key_value)
             .collect::<Result<Vec<_>>>()?;
         let mut more = first.more();
-        while more {
-            let Some(last) = out.last() else { break };
+        drop(first);
+        loop {
+            let last = page.last().map(|kv| after_key(kv.key.as_bytes()));
+            each(std::mem::take(&mut page));
+            let Some(after) = last.filter(|_| more) else {
+                break;
+            };
             // Next page: keys after the last one, still under the prefix, at the same revision.
             let opts = GetOptions::new()
                 .with_range(prefix_end(prefix.as_bytes()))
                 .with_limit(i64::from(self.range_page))
                 .with_revision(rev);
-            let page = match self
-                .call(&what, kv.get(after_key(last.key.as_bytes()), Some(opts)))
-                .await?
-            {
-                Ok(page) => page,
+            let resp = match self.call(&what, kv.get(after, Some(opts))).await? {
+                Ok(resp) => resp,
                 // Revision `rev` was compacted between two pages: a retry reads a newer one.
                 Err(etcd_client::Error::GRpcStatus(s)) if s.code() == Code::OutOfRange => {
                     return Err(StoreError::Unavailable(format!(
@@ -509,15 +523,14 @@ impl Store for EtcdStore {
                 }
                 Err(e) => return Err(self.error(&what, e)),
             };
-            out.extend(
-                page.kvs()
-                    .iter()
-                    .map(key_value)
-                    .collect::<Result<Vec<_>>>()?,
-            );
-            more = page.more();
+            page = resp
+                .kvs()
+                .iter()
+                .map(key_value)
+                .collect::<Result<Vec<_>>>()?;
+            more = resp.more();
         }
-        Ok((out, revision(rev)?))
+        revision(rev)
     }
 
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnResult> {

@@ -175,6 +175,18 @@ pub trait Store: Send + Sync {
     /// Every key under `prefix`, sorted by key, and the revision the read was taken at.
     async fn range(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision)>;
 
+    /// Every key under `prefix` at one revision, like [`Store::range`], handed to `each` in
+    /// pages as they are read, so a large prefix is never held whole; returns the revision.
+    async fn range_pages(
+        &self,
+        prefix: &str,
+        each: &mut (dyn FnMut(Vec<KeyValue>) + Send),
+    ) -> Result<Revision> {
+        let (kvs, rev) = self.range(prefix).await?;
+        each(kvs);
+        Ok(rev)
+    }
+
     /// Apply `ops` atomically if every compare holds; otherwise change nothing.
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnResult>;
 

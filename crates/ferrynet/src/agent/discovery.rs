@@ -50,28 +50,31 @@ async fn follow_once(
     store: &Arc<dyn Store>,
     tx: &watch::Sender<Arc<DiscoveryView>>,
 ) -> Result<(), StoreError> {
-    let mut kvs = Vec::new();
     let mut streams = Vec::new();
     let mut top = 0;
+    // Records are decoded page by page as they arrive (100,000 endpoints are never held raw),
+    // into the interner the published view already uses, so a resync shares its strings.
+    let mut view = DiscoveryView {
+        interner: tx.borrow().interner.clone(),
+        ..DiscoveryView::default()
+    };
     for prefix in prefixes() {
-        let (mut part, rev) = store.range(&prefix).await?;
-        kvs.append(&mut part);
+        let rev = store
+            .range_pages(&prefix, &mut |page| {
+                for kv in page {
+                    view.put_created(&kv.key, &kv.value, kv.create_revision);
+                }
+            })
+            .await?;
         top = top.max(rev);
         streams.push(store.watch(&prefix, rev).await?);
     }
-    let mut view = DiscoveryView::default();
-    view.reset(
-        kvs.iter().map(|kv| (kv.key.as_str(), kv.value.as_slice())),
-        top,
-    );
-    for kv in &kvs {
-        if view.endpoints.contains_key(&kv.key) {
-            view.endpoint_created
-                .insert(kv.key.clone(), kv.create_revision);
-        }
-    }
+    view.revision = top;
+    super::trim_heap();
     let mut logged = BTreeMap::new();
     log_rejected(&view, &mut logged);
+    // The view's maps are persistent: a published clone shares them, and the next batch
+    // copies only the paths it changes.
     if tx.send(Arc::new(view.clone())).is_err() {
         return Ok(());
     }

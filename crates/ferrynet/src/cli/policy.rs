@@ -133,7 +133,7 @@ pub async fn run(ctl: &Control, cmd: PolicyCmd) -> anyhow::Result<()> {
                 .list
                 .values()
                 .filter(|e| c.selects(e))
-                .map(|e| e.id.as_str())
+                .map(|e| &*e.id)
                 .collect();
             println!(
                 "# selects {} endpoint(s): {}",
@@ -215,7 +215,7 @@ fn resolve(
         many => bail!(
             "{who:?} is on several networks ({}); say NETWORK/NAME",
             many.iter()
-                .map(|e| e.network.as_str())
+                .map(|e| &*e.network)
                 .collect::<Vec<_>>()
                 .join(", ")
         ),

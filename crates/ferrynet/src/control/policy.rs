@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use ferrynet_model::network::{keys, Endpoint, Network, NetworkMode};
 use ferrynet_model::policy::document::keys as policy_keys;
 use ferrynet_model::policy::render::{self, Desired};
-use ferrynet_model::policy::{decide, EndpointIndex, Policy, PolicyBook, PolicyEndpoint, Proto};
+use ferrynet_model::policy::{
+    decide, EndpointIndex, Interner, Policy, PolicyBook, PolicyEndpoint, Proto,
+};
 use ferrynet_store::{Compare, Op};
 
 use super::{decode, decode_all, encode, Control};
@@ -23,14 +25,7 @@ pub fn policy_endpoint(ep: &Endpoint) -> Option<PolicyEndpoint> {
     if ep.ips.is_empty() {
         return None;
     }
-    Some(PolicyEndpoint {
-        id: format!("{}/{}/{}", ep.network, ep.container_id, ep.ifname),
-        name: ep.name.clone(),
-        network: ep.network.clone(),
-        host: ep.host.clone(),
-        addrs: ep.ips.iter().map(|i| i.addr()).collect(),
-        labels: ep.labels.clone(),
-    })
+    Some(PolicyEndpoint::of(ep.clone(), 0, &Interner::default()))
 }
 
 /// The book of `policies` with the default-deny networks among `networks`.

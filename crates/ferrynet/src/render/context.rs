@@ -217,14 +217,14 @@ fn service_ctx(view: &DiscoveryView, s: &Service) -> ServiceCtx {
 pub fn build(view: &DiscoveryView, host: &str) -> RenderContext {
     let mut endpoints: Vec<EndpointCtx> = view
         .endpoints
-        .values()
+        .iter()
         .map(|e| EndpointCtx {
-            name: e.name.clone().unwrap_or_else(|| e.container_id.clone()),
-            container_id: e.container_id.clone(),
-            network: e.network.clone(),
-            ips: e.ips.iter().map(|n| n.addr().to_string()).collect(),
+            name: e.name.as_deref().unwrap_or(e.container_id()).to_string(),
+            container_id: e.container_id().to_string(),
+            network: e.network.to_string(),
+            ips: e.addrs.iter().map(|a| a.to_string()).collect(),
             aliases: e.aliases.clone(),
-            host: e.host.clone(),
+            host: e.host.as_deref().map(str::to_string),
         })
         .collect();
     endpoints.sort_by(|a, b| (&a.network, &a.name).cmp(&(&b.network, &b.name)));

@@ -9,5 +9,6 @@ pub mod verdict;
 pub use document::{parse_documents, Action, Peer, Policy, PortRange, Proto, Rule};
 pub use selector::Selector;
 pub use verdict::{
-    decide, Decision, Direction, EndpointIndex, PolicyBook, PolicyEndpoint, Verdict,
+    decide, Decision, Direction, EndpointIndex, Interner, Labels, PolicyBook, PolicyEndpoint,
+    Verdict,
 };

@@ -1,17 +1,20 @@
 //! The policy table `inet ferrynet-policy` as nft batches, from a [`PolicyBook`].
 //!
-//! Two base chains on the forward hook (where bridged traffic arrives through `br_netfilter`
-//! and routed traffic anyway): `egress` looks the packet's source up in the verdict maps
-//! `out4`/`out6`, `ingress` its destination in `in4`/`in6`, after `ct state
-//! established,related accept` (replies of allowed connections pass). The maps hold this
-//! host's endpoints' addresses (anti-spoofing guarantees a container sends only from its own,
-//! so an address is as good a key as its port, and it is what the forward hook sees whether the
-//! endpoint sits on a bridge or is routed) and lead to a *profile* chain: the ordered jumps to
-//! the policy chains that select the endpoint, then `drop`. Endpoints with the same policies
-//! share a profile, so chains and rules grow with policies, not with endpoints. A policy chain
-//! holds its rules in order; a selector or network peer is a named set (`e_<hash>_4`/`_6`)
-//! of the addresses of every host's endpoints it names, shared by every rule naming it.
-//! Endpoint changes are element changes; a policy change rebuilds the table in one transaction.
+//! One base chain, `forward`, on the forward hook (where bridged traffic arrives through
+//! `br_netfilter` and routed traffic anyway), so a packet of an established flow costs one
+//! chain and one rule (`ct state established,related accept`: replies of allowed connections
+//! pass). A new flow's source is looked up in the verdict maps `out4`/`out6` (egress), then
+//! its destination in `in4`/`in6` (regular chain `ingress`, reached by `goto`). The maps hold
+//! this host's endpoints' addresses (anti-spoofing guarantees a container sends only from its
+//! own, so an address is as good a key as its port, and it is what the forward hook sees
+//! whether the endpoint sits on a bridge or is routed) and lead to a *profile* chain: the
+//! ordered jumps to the policy chains that select the endpoint, then `drop`. An egress allow
+//! is `goto ingress` (the destination's policies still decide), an ingress allow `accept`.
+//! Endpoints with the same policies share a profile, so chains and rules grow with policies,
+//! not with endpoints. A policy chain holds its rules in order; a selector or network peer is
+//! a named set (`e_<hash>_4`/`_6`) of the addresses of every host's endpoints it names,
+//! shared by every rule naming it. Endpoint changes are element changes; a policy change
+//! rebuilds the table in one transaction.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
@@ -40,8 +43,9 @@ const DENY_VERDICT: &str = "counter name policy_deny drop";
 pub struct Desired {
     /// Sets, maps and chains with their rules (no elements).
     pub skeleton: String,
-    /// Elements by set or map name: key -> value (`jump pr_…` for maps, "" for sets).
-    pub elements: BTreeMap<String, BTreeMap<String, String>>,
+    /// Elements by set or map name: address -> value (`jump pr_…` for maps, "" for sets).
+    /// Addresses, not their text: 100,000 set members are 100,000 small keys, not strings.
+    pub elements: BTreeMap<String, BTreeMap<IpAddr, String>>,
     /// Its counts.
     pub shape: Shape,
 }
@@ -84,9 +88,9 @@ pub fn desired(
     local: &dyn Fn(&PolicyEndpoint) -> bool,
 ) -> Option<Desired> {
     // Profiles: the ordered applicable policies per (local endpoint, direction).
-    let mut maps: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    let mut maps: BTreeMap<String, BTreeMap<IpAddr, String>> = BTreeMap::new();
     let mut profiles: BTreeMap<(Direction, Vec<usize>), String> = BTreeMap::new();
-    for ep in eps.list.values().filter(|e| local(e)) {
+    for ep in eps.iter().filter(|e| local(e) && !e.addrs.is_empty()) {
         for dir in [Direction::Ingress, Direction::Egress] {
             let applicable = book.applicable(ep, dir);
             if !book.restricted(ep, &applicable) {
@@ -104,7 +108,7 @@ pub fn desired(
                 let map = format!("{}{}", dir.short(), if a.is_ipv6() { 6 } else { 4 });
                 maps.entry(map)
                     .or_default()
-                    .insert(a.to_string(), format!("jump {chain}"));
+                    .insert(*a, format!("jump {chain}"));
             }
         }
     }
@@ -156,10 +160,10 @@ pub fn desired(
             let name = set_name(set, v6);
             let ty = if v6 { "ipv6_addr" } else { "ipv4_addr" };
             let _ = writeln!(decl, "  set {name} {{ type {ty}; }}");
-            let els: BTreeMap<String, String> = members
+            let els: BTreeMap<IpAddr, String> = members
                 .iter()
                 .flat_map(|e| e.addrs.iter().filter(|a| a.is_ipv6() == v6))
-                .map(|a| (a.to_string(), String::new()))
+                .map(|a| (*a, String::new()))
                 .collect();
             elements.insert(name, els);
         }
@@ -193,8 +197,8 @@ impl<'a> LabelIndex<'a> {
             .collect();
         let mut by: std::collections::HashMap<(&str, &str), Vec<&PolicyEndpoint>> =
             std::collections::HashMap::new();
-        for e in eps.list.values() {
-            for (k, v) in &e.labels {
+        for e in eps.iter() {
+            for (k, v) in e.labels.iter() {
                 if keys.contains(k) {
                     by.entry((k.as_str(), v.as_str())).or_default().push(e);
                 }
@@ -215,7 +219,7 @@ impl<'a> LabelIndex<'a> {
                     .flatten()
                     .copied(),
             ),
-            None => Box::new(self.eps.list.values()),
+            None => Box::new(self.eps.iter()),
         }
     }
 }
@@ -226,23 +230,26 @@ const MAPS: &str = "  map in4 { type ipv4_addr : verdict; }
   map out6 { type ipv6_addr : verdict; }
 ";
 
-/// Neighbour discovery between containers is bridged through the forward hook too; it is
-/// never policy's to stop (a lost advertisement would break allowed traffic afterwards).
-const BASE_CHAINS: &str = "  chain egress {
+/// The one base chain and the ingress half it continues to. Neighbour discovery between
+/// containers is bridged through the forward hook too; it is never policy's to stop (a lost
+/// advertisement would break allowed traffic afterwards).
+const BASE_CHAINS: &str = "  chain forward {
     type filter hook forward priority filter + 1; policy accept;
     ct state established,related accept
     icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept
     ip saddr vmap @out4
     ip6 saddr vmap @out6
+    goto ingress
   }
   chain ingress {
-    type filter hook forward priority filter + 2; policy accept;
-    ct state established,related accept
-    icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept
     ip daddr vmap @in4
     ip6 daddr vmap @in6
+    accept
   }
 ";
+
+/// The base chain's name (`table_exists` lists it).
+pub const BASE_CHAIN: &str = "forward";
 
 /// Adjacent rules with the same action and ports whose peers are all plain blocks become one:
 /// whichever of them matches first, the verdict is the same, so their peers can be unioned
@@ -301,9 +308,11 @@ fn rule_lines(rule: &RuleMatch, dir: Direction, sets: &mut BTreeSet<EndpointSet>
         peers.push(String::new());
     }
     let ports = port_matches(&rule.ports);
-    let verdict = match rule.action {
-        Action::Allow => "accept",
-        Action::Deny => DENY_VERDICT,
+    // An egress allow leaves the decision to the destination's ingress policies.
+    let verdict = match (rule.action, dir) {
+        (Action::Allow, Direction::Ingress) => "accept",
+        (Action::Allow, Direction::Egress) => "goto ingress",
+        (Action::Deny, _) => DENY_VERDICT,
     };
     let mut out = Vec::new();
     for p in &peers {
@@ -381,7 +390,7 @@ fn element_cmds(out: &mut String, verb: &str, set: &str, items: &[String]) {
     }
 }
 
-fn element(k: &str, v: &str) -> String {
+fn element(k: &IpAddr, v: &str) -> String {
     if v.is_empty() {
         k.to_string()
     } else {
@@ -412,7 +421,7 @@ pub fn element_diff(old: &Desired, new: &Desired) -> String {
         let gone: Vec<String> = els
             .iter()
             .filter(|(k, v)| now.get(*k) != Some(v))
-            .map(|(k, _)| k.clone())
+            .map(|(k, _)| k.to_string())
             .collect();
         element_cmds(&mut out, "delete", set, &gone);
     }

@@ -10,32 +10,138 @@
 //! destination endpoint; both must allow. Replies of allowed connections are not decided here:
 //! conntrack lets them pass.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 
 use ipnet::IpNet;
 use serde::Serialize;
 
 use super::document::{Action, Peer, Policy, PortRange, Proto, Rule};
 use super::selector::Selector;
+use crate::network::Endpoint;
+use crate::pod::PodIdentity;
+use crate::portmap::PortMapping;
 
-/// An endpoint as policy sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// Labels shared between the endpoints that carry the same set (see [`Interner`]).
+pub type Labels = Arc<BTreeMap<String, String>>;
+
+/// An endpoint as the agent holds it: what policy decides on, and what discovery's consumers
+/// (DNS, the load balancer, templates) read. One record per endpoint, shared through `Arc`
+/// by every consumer; strings that many endpoints repeat (network, host, label sets) are
+/// interned, so 100,000 endpoints cost a few hundred bytes each.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
 pub struct PolicyEndpoint {
     /// `network/container/ifname`.
-    pub id: String,
+    pub id: Arc<str>,
     /// Its DNS name (a `ferrynet run` container's name), when it has one.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
+    pub name: Option<Arc<str>>,
     /// Its network.
-    pub network: String,
+    pub network: Arc<str>,
     /// Its host (None: a single-host network's endpoint, on whichever host reads it).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub host: Option<String>,
+    pub host: Option<Arc<str>>,
     /// Its addresses.
     pub addrs: Vec<IpAddr>,
     /// Its labels.
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
+    /// Further DNS names on its network.
+    #[serde(skip)]
+    pub aliases: Vec<String>,
+    /// The Kubernetes pod it belongs to.
+    #[serde(skip)]
+    pub pod: Option<Box<PodIdentity>>,
+    /// Ports published for it.
+    #[serde(skip)]
+    pub port_mappings: Vec<PortMapping>,
+    /// The store revision that created its record (0: not told); the newest of a pod's
+    /// endpoints holds the pod's name.
+    #[serde(skip)]
+    pub created: u64,
+}
+
+impl PolicyEndpoint {
+    /// The record of `ep` (stored under `network/container/ifname`), its strings interned.
+    pub fn of(ep: Endpoint, created: u64, interner: &Interner) -> PolicyEndpoint {
+        PolicyEndpoint {
+            id: format!("{}/{}/{}", ep.network, ep.container_id, ep.ifname).into(),
+            name: ep.name.map(Arc::from),
+            network: interner.str(&ep.network),
+            host: ep.host.as_deref().map(|h| interner.str(h)),
+            addrs: ep.ips.iter().map(|i| i.addr()).collect(),
+            labels: interner.labels(ep.labels),
+            aliases: ep.aliases,
+            pod: ep.pod.map(Box::new),
+            port_mappings: ep.port_mappings,
+            created,
+        }
+    }
+
+    /// The container id (the middle of the id).
+    pub fn container_id(&self) -> &str {
+        self.id.split('/').nth(1).unwrap_or("")
+    }
+}
+
+/// Shares equal strings and label sets between endpoint records. Entries nobody else holds any
+/// more are dropped when the table has doubled since the last sweep. Clones share the table.
+#[derive(Debug, Clone, Default)]
+pub struct Interner(Arc<Mutex<Interned>>);
+
+#[derive(Debug, Default)]
+struct Interned {
+    strs: HashSet<Arc<str>>,
+    labels: HashSet<Labels>,
+    swept_at: usize,
+}
+
+impl Interned {
+    fn sweep(&mut self) {
+        let n = self.strs.len() + self.labels.len();
+        if n > 2 * self.swept_at.max(512) {
+            self.strs.retain(|s| Arc::strong_count(s) > 1);
+            self.labels.retain(|l| Arc::strong_count(l) > 1);
+            self.swept_at = self.strs.len() + self.labels.len();
+        }
+    }
+}
+
+/// Two views are equal whatever their interners hold (bookkeeping, not state).
+impl PartialEq for Interner {
+    fn eq(&self, _: &Interner) -> bool {
+        true
+    }
+}
+
+impl Interner {
+    /// The shared copy of `s`.
+    pub fn str(&self, s: &str) -> Arc<str> {
+        let Ok(mut t) = self.0.lock() else {
+            return s.into();
+        };
+        if let Some(x) = t.strs.get(s) {
+            return x.clone();
+        }
+        let x: Arc<str> = s.into();
+        t.strs.insert(x.clone());
+        t.sweep();
+        x
+    }
+
+    /// The shared copy of `labels`.
+    pub fn labels(&self, labels: BTreeMap<String, String>) -> Labels {
+        let Ok(mut t) = self.0.lock() else {
+            return Arc::new(labels);
+        };
+        if let Some(x) = t.labels.get(&labels) {
+            return x.clone();
+        }
+        let x = Arc::new(labels);
+        t.labels.insert(x.clone());
+        t.sweep();
+        x
+    }
 }
 
 /// A direction of traffic relative to a selected endpoint.
@@ -70,7 +176,7 @@ pub struct EndpointSet {
 impl EndpointSet {
     /// True when `ep` belongs to the set.
     pub fn matches(&self, ep: &PolicyEndpoint) -> bool {
-        self.network.as_ref().is_none_or(|n| *n == ep.network)
+        self.network.as_deref().is_none_or(|n| n == &*ep.network)
             && self.selector.as_ref().is_none_or(|s| s.matches(&ep.labels))
     }
 
@@ -137,8 +243,8 @@ impl Compiled {
     pub fn selects(&self, ep: &PolicyEndpoint) -> bool {
         self.policy
             .network
-            .as_ref()
-            .is_none_or(|n| *n == ep.network)
+            .as_deref()
+            .is_none_or(|n| n == &*ep.network)
             && self.selector.matches(&ep.labels)
     }
 }
@@ -219,7 +325,7 @@ impl PolicyBook {
 
     /// True when `dir` of `ep` is restricted (by a policy or its network's default-deny).
     pub fn restricted(&self, ep: &PolicyEndpoint, applicable: &[usize]) -> bool {
-        !applicable.is_empty() || self.default_deny.contains(&ep.network)
+        !applicable.is_empty() || self.default_deny.contains(&*ep.network)
     }
 
     /// Decide one side of a connection: `ep`'s `dir`, the other end being `peer_ip` (and the
@@ -321,16 +427,20 @@ pub fn rule_matches(
     peer_ok && port_ok
 }
 
-/// Endpoints by id and by address; kept up to date by upserts and removals (the agent's view).
-#[derive(Debug, Clone, Default)]
+/// Endpoints by id and by address; kept up to date by upserts and removals (the agent's
+/// discovery view holds one, shared with policy). Persistent maps: a clone shares every node,
+/// an update copies only its path.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct EndpointIndex {
     /// Every endpoint, by id.
-    pub list: BTreeMap<String, PolicyEndpoint>,
-    by_ip: HashMap<IpAddr, String>,
+    pub list: imbl::OrdMap<Arc<str>, Arc<PolicyEndpoint>>,
+    /// (address, id) of every address: an address two records claim belongs to the lower id,
+    /// whatever order they came in.
+    by_ip: imbl::OrdSet<(IpAddr, Arc<str>)>,
 }
 
 impl EndpointIndex {
-    /// Index `list` (the first endpoint holding an address wins).
+    /// Index `list`.
     pub fn new(list: Vec<PolicyEndpoint>) -> EndpointIndex {
         let mut idx = EndpointIndex::default();
         for e in list {
@@ -342,28 +452,45 @@ impl EndpointIndex {
     pub fn upsert(&mut self, e: PolicyEndpoint) {
         self.remove(&e.id.clone());
         for a in &e.addrs {
-            self.by_ip.entry(*a).or_insert_with(|| e.id.clone());
+            self.by_ip.insert((*a, e.id.clone()));
         }
-        self.list.insert(e.id.clone(), e);
+        self.list.insert(e.id.clone(), Arc::new(e));
     }
     /// Remove an endpoint by id.
-    pub fn remove(&mut self, id: &str) -> Option<PolicyEndpoint> {
+    pub fn remove(&mut self, id: &str) -> Option<Arc<PolicyEndpoint>> {
         let e = self.list.remove(id)?;
         for a in &e.addrs {
-            if self.by_ip.get(a).is_some_and(|h| h == id) {
-                self.by_ip.remove(a);
-            }
+            self.by_ip.remove(&(*a, e.id.clone()));
         }
         Some(e)
     }
+    /// How many endpoints.
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+    /// Every endpoint, in id order.
+    pub fn iter(&self) -> impl Iterator<Item = &PolicyEndpoint> {
+        self.list.values().map(|e| &**e)
+    }
+    /// True when both share the same maps (nothing changed between them).
+    pub fn same(&self, other: &EndpointIndex) -> bool {
+        self.list.ptr_eq(&other.list) && self.by_ip.ptr_eq(&other.by_ip)
+    }
     /// The endpoint holding `ip`.
     pub fn by_ip(&self, ip: IpAddr) -> Option<&PolicyEndpoint> {
-        self.by_ip.get(&ip).and_then(|id| self.list.get(id))
+        let (a, id) = self.by_ip.range((ip, Arc::from(""))..).next()?;
+        (*a == ip)
+            .then(|| self.list.get(id))
+            .flatten()
+            .map(|e| &**e)
     }
     /// Endpoints whose name, container id or `network/name` is `who`.
     pub fn by_name(&self, who: &str) -> Vec<&PolicyEndpoint> {
-        self.list
-            .values()
+        self.iter()
             .filter(|e| {
                 let mut parts = e.id.splitn(3, '/');
                 let (net, cid) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
@@ -408,7 +535,7 @@ pub fn decide(
 ) -> Verdict {
     let (s, d) = (eps.by_ip(src), eps.by_ip(dst));
     let side = |e: &PolicyEndpoint, dir, peer_ip, peer| Side {
-        endpoint: e.id.clone(),
+        endpoint: e.id.to_string(),
         decision: book.decide_side(e, dir, peer_ip, peer, proto, port),
     };
     let egress = s.map(|e| side(e, Direction::Egress, dst, d));

@@ -138,8 +138,8 @@ fn pods_of(view: &DiscoveryView, host: &str) -> Vec<PodStatus> {
             out.push(PodStatus {
                 name: pname,
                 network: name.clone(),
-                addresses: ep.ips.iter().map(|i| i.addr()).collect(),
-                container_id: ep.container_id.clone(),
+                addresses: ep.addrs.clone(),
+                container_id: ep.container_id().to_string(),
                 uid: ep.pod.as_ref().and_then(|p| p.uid.clone()),
             });
         }

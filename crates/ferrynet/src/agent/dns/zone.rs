@@ -153,7 +153,7 @@ impl Zone {
             };
             // Containers and aliases first; services overwrite them below.
             for ep in view.endpoints_on(name) {
-                let addrs: Vec<IpAddr> = ep.ips.iter().map(|i| i.addr()).collect();
+                let addrs = &ep.addrs;
                 let primary = ep.name.as_deref().map(str::to_ascii_lowercase);
                 for n in primary.iter().chain(
                     ep.aliases
@@ -163,12 +163,12 @@ impl Zone {
                         .iter(),
                 ) {
                     let e = z.names.entry(n.clone()).or_default();
-                    for a in &addrs {
+                    for a in addrs {
                         push_unique(e, *a);
                     }
                 }
                 if let Some(p) = &primary {
-                    for a in &addrs {
+                    for a in addrs {
                         z.ptr.insert(*a, p.clone());
                     }
                 }
@@ -179,7 +179,7 @@ impl Zone {
             // spelled the same, so a container or a namespace-less runtime cannot take a
             // pod's name; services, whose names have no dots, never meet them.
             for (pname, pep) in view.pods_on(name) {
-                let addrs: Vec<IpAddr> = pep.ips.iter().map(|i| i.addr()).collect();
+                let addrs: Vec<IpAddr> = pep.addrs.clone();
                 for a in &addrs {
                     z.ptr.insert(*a, pname.clone());
                 }

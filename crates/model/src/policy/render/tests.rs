@@ -4,15 +4,18 @@ use crate::policy::verdict::PolicyEndpoint;
 
 fn ep(id: &str, host: &str, ips: &[&str], labels: &[(&str, &str)]) -> PolicyEndpoint {
     PolicyEndpoint {
-        id: format!("blue/{id}/eth0"),
-        name: Some(id.to_string()),
+        id: format!("blue/{id}/eth0").into(),
+        name: Some(id.into()),
         network: "blue".into(),
         host: Some(host.into()),
         addrs: ips.iter().map(|i| i.parse().unwrap()).collect(),
-        labels: labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        labels: std::sync::Arc::new(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
+        ..Default::default()
     }
 }
 
@@ -50,7 +53,7 @@ fn rules_follow_policies_and_elements_follow_endpoints() {
     assert!(s.contains("counter policy_deny { }") && s.contains("counter policy_default { }"));
     assert!(DENY_VERDICT.contains(DENY_COUNTER));
     assert!(
-        s.contains("ip daddr 0.0.0.0/0 meta l4proto udp accept"),
+        s.contains("ip daddr 0.0.0.0/0 meta l4proto udp goto ingress"),
         "{s}"
     );
     let set4 = d
@@ -58,9 +61,10 @@ fn rules_follow_policies_and_elements_follow_endpoints() {
         .iter()
         .find(|(k, _)| k.starts_with("e_") && k.ends_with("_4"))
         .unwrap();
-    assert_eq!(set4.1.keys().collect::<Vec<_>>(), ["10.0.0.3"]);
-    assert!(d.elements["in4"]["10.0.0.2"].starts_with("jump pr_in_"));
-    assert!(d.elements["out6"]["fd00::2"].starts_with("jump pr_out_"));
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    assert_eq!(set4.1.keys().collect::<Vec<_>>(), [&ip("10.0.0.3")]);
+    assert!(d.elements["in4"][&ip("10.0.0.2")].starts_with("jump pr_in_"));
+    assert!(d.elements["out6"][&ip("fd00::2")].starts_with("jump pr_out_"));
     // Many more clients: the same skeleton, more elements; the change is elements only.
     let mut many = vec![web];
     for i in 0..50u8 {

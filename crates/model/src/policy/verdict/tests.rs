@@ -3,15 +3,18 @@ use crate::policy::document::parse_documents;
 
 fn ep(id: &str, net: &str, ip: &str, labels: &[(&str, &str)]) -> PolicyEndpoint {
     PolicyEndpoint {
-        id: format!("{net}/{id}/eth0"),
-        name: Some(id.to_string()),
-        network: net.to_string(),
+        id: format!("{net}/{id}/eth0").into(),
+        name: Some(id.into()),
+        network: net.into(),
         host: Some("h1".into()),
         addrs: vec![ip.parse().unwrap()],
-        labels: labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        labels: Arc::new(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
+        ..Default::default()
     }
 }
 
