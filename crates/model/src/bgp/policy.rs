@@ -63,7 +63,7 @@ pub fn host_prefixes(view: &DiscoveryView, me: &str) -> HostPrefixes {
             let Some(host) = ep.host.as_deref() else {
                 continue;
             };
-            for ip in ep.ips.iter().map(IpNet::addr) {
+            for ip in ep.addrs.iter().copied() {
                 if !pools.iter().any(|p| p.contains(&ip)) {
                     continue;
                 }
