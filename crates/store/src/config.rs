@@ -263,11 +263,14 @@ fn parse_file_url(whole: &str, rest: &str) -> std::result::Result<StoreConfig, C
     // file:///p has an empty host; file://localhost/p names this host, which is the same.
     let path = if rest.starts_with('/') {
         rest
-    } else if rest.len() > "localhost".len()
-        && rest[.."localhost".len()].eq_ignore_ascii_case("localhost")
-        && rest.as_bytes()["localhost".len()] == b'/'
+    } else if let Some(p) = rest
+        // `get`: the prefix may end inside a multi-byte character (found by fuzzing).
+        .get(.."localhost".len())
+        .filter(|h| h.eq_ignore_ascii_case("localhost"))
+        .and_then(|_| rest.get("localhost".len()..))
+        .filter(|p| p.starts_with('/'))
     {
-        &rest["localhost".len()..]
+        p
     } else {
         return Err(ConfigError::BadFileUrl(whole.into()));
     };
@@ -635,6 +638,15 @@ mod tests {
         assert!(matches!(
             ";/./\u{478}".parse::<StoreConfig>(),
             Ok(StoreConfig::Embedded(_))
+        ));
+        // Fuzzing regression: a file URL whose host ends inside a multi-byte character.
+        assert!(matches!(
+            err("file://&&00\u{14}\u{0}\u{85}\u{85}/\u{6}&0"),
+            ConfigError::BadFileUrl(_)
+        ));
+        assert!(matches!(
+            "file://LOCALHOST/var/x".parse::<StoreConfig>(),
+            Ok(StoreConfig::Embedded(p)) if p == std::path::Path::new("/var/x")
         ));
         assert_eq!(err("etcd://"), ConfigError::NoEndpoints("etcd://".into()));
         assert_eq!(err("etcd:///x"), ConfigError::UnexpectedPath("/x".into()));
