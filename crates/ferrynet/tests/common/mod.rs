@@ -258,31 +258,10 @@ pub fn links_in(ns: Option<&str>, prefixes: &[&str]) -> Vec<String> {
         .collect()
 }
 
-/// Elements of one of ferrynet's port maps in namespace `ns` (None: this one); none when the
-/// table is gone.
-pub fn map_elements(ns: Option<&str>, map: &str) -> Vec<Value> {
-    let list = ["nft", "-j", "list", "map", "inet", "ferrynet", map];
-    let o = match ns {
-        Some(ns) => {
-            let mut a = vec!["ip", "netns", "exec", ns];
-            a.extend_from_slice(&list);
-            sh(&a)
-        }
-        None => sh(&list),
-    };
-    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
-    v["nftables"]
-        .as_array()
-        .and_then(|a| a.iter().find_map(|x| x.get("map")))
-        .and_then(|m| m.get("elem"))
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default()
-}
-
-/// Elements of one set of the anti-spoofing table (`bridge ferrynet`), in `ns` or here.
-pub fn guard_elements(ns: Option<&str>, set: &str) -> Vec<Value> {
-    let list = ["nft", "-j", "list", "set", "bridge", "ferrynet", set];
+/// The elements of nft set or map `kind` `family table name` in namespace `ns` (None: this
+/// one); none when the table is gone.
+fn nft_elements(ns: Option<&str>, kind: &str, family: &str, table: &str, name: &str) -> Vec<Value> {
+    let list = ["nft", "-j", "list", kind, family, table, name];
     let o = match ns {
         Some(ns) => {
             let mut a = vec!["ip", "netns", "exec", ns];
@@ -296,10 +275,21 @@ pub fn guard_elements(ns: Option<&str>, set: &str) -> Vec<Value> {
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|x| x["set"]["elem"].as_array())
+        .filter_map(|x| x[kind]["elem"].as_array())
         .flatten()
         .cloned()
         .collect()
+}
+
+/// Elements of one of ferrynet's port maps in namespace `ns` (None: this one); none when the
+/// table is gone.
+pub fn map_elements(ns: Option<&str>, map: &str) -> Vec<Value> {
+    nft_elements(ns, "map", "inet", "ferrynet", map)
+}
+
+/// Elements of one set of the anti-spoofing table (`bridge ferrynet`), in `ns` or here.
+pub fn guard_elements(ns: Option<&str>, set: &str) -> Vec<Value> {
+    nft_elements(ns, "set", "bridge", "ferrynet", set)
 }
 
 /// Wait until `socket` accepts connections; fail with `log()` if `child` (then set to None)
