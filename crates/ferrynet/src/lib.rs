@@ -9,4 +9,5 @@ pub mod container;
 pub mod control;
 pub mod error;
 pub mod failpoint;
+pub mod feed;
 pub mod render;

@@ -31,11 +31,11 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::discovery::ViewRx;
 use super::status::AgentStatus;
 use super::underlay::Underlay;
 use super::view::ClusterView;
 use crate::control::bgp::{parse_records, BgpRecords};
+use crate::feed::ViewRx;
 
 /// What the reconciler's view holds that BGP needs (whether to run, and the mesh's hosts),
 /// published after every reconcile.

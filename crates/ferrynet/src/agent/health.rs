@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::discovery::ViewRx;
 use super::status::AgentStatus;
+use crate::feed::ViewRx;
 
 /// A producer: (service, id).
 type Key = (String, String);

@@ -15,8 +15,8 @@ use ferrynet_dataplane::firewall_compat::ensure_forward_accept;
 use ferrynet_dataplane::nft::NftExecutor;
 use ferrynet_model::lb::{absent_batch, desired, diff_batch, full_batch, LbState, TABLE};
 
-use super::discovery::ViewRx;
 use super::status::AgentStatus;
+use crate::feed::ViewRx;
 
 /// How often the table's presence is checked.
 pub const CHECK_EVERY: Duration = Duration::from_secs(5);

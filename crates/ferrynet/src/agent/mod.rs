@@ -8,7 +8,6 @@
 pub mod api;
 pub mod bgp;
 pub mod conntrack;
-pub mod discovery;
 pub mod dns;
 pub mod fabric_guard;
 pub mod health;
@@ -36,6 +35,7 @@ use futures::StreamExt;
 
 use crate::control::host::{LocalConfig, LocalDns};
 use crate::control::{Control, Paths};
+use crate::feed;
 use status::AgentStatus;
 use view::ClusterView;
 
@@ -66,17 +66,6 @@ pub struct AgentOptions {
     pub sleeve_queues: Option<usize>,
     /// Addresses of the HTTP listener (metrics, health, topology page); empty: none.
     pub http: Vec<std::net::SocketAddr>,
-}
-
-/// Give back to the system the heap glibc kept after a large transient (the discovery
-/// snapshot, a policy sync over 100,000 endpoints): freed memory otherwise stays in the
-/// process, in whichever thread's arena held it, and the agent's RSS would be its peak.
-pub fn trim_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks the allocator's own free lists; no pointer is passed.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 /// Run the agent until SIGINT/SIGTERM.
@@ -197,8 +186,8 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     };
     // Service discovery's feed; its consumers (DNS, load balancer, health checks) each hold a
     // receiver.
-    let (disc_tx, disc_rx) = discovery::channel();
-    let disc_task = tokio::spawn(discovery::follow(ctl.store_handle(), disc_tx));
+    let (disc_tx, disc_rx) = feed::channel();
+    let disc_task = tokio::spawn(feed::follow(ctl.store_handle(), disc_tx));
     // The host's current lease, for keys that must vanish with the host (health records).
     let (lease_tx, lease_rx) = tokio::sync::watch::channel(None);
     // Sockets are capped (DNS forwards, TCP), but the usual soft 1024 is below the caps' sum.
@@ -343,7 +332,7 @@ async fn follow(
     rec: &mut reconcile::Reconciler,
     view: &mut ClusterView,
     opts: &AgentOptions,
-    rejected: &(Arc<Mutex<AgentStatus>>, discovery::ViewRx),
+    rejected: &(Arc<Mutex<AgentStatus>>, feed::ViewRx),
 ) -> Result<(), StoreError> {
     // Refused records of both views go to `ferrynet status`, refreshed after every event and tick.
     let publish_rejected = |view: &ClusterView| {

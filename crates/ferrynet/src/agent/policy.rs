@@ -16,9 +16,9 @@ use ferrynet_model::policy::render::{self, Desired, Shape, TABLE};
 use ferrynet_model::policy::{Direction, EndpointIndex, PolicyBook};
 use serde::{Deserialize, Serialize};
 
-use super::discovery::ViewRx;
 use super::status::AgentStatus;
 use crate::control::policy::{book_of, cut_denied, is_local_on};
+use crate::feed::ViewRx;
 
 /// The policy table as `ferrynet status` shows it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -169,7 +169,7 @@ fn work(
         }
         if changed || applied.is_none() {
             sync(view, &nft, &host, &status, &mut applied);
-            super::trim_heap();
+            crate::feed::trim_heap();
         } else {
             // Nothing policy reads changed: the table reflects this revision too.
             report(

@@ -1,6 +1,6 @@
 //! The render job: per new discovery view, render every template, write the files whose
 //! content changed, then run the reload command once. Watch mode follows the store through the
-//! agent's discovery feed; `--once` renders one snapshot.
+//! cluster feed (`crate::feed`); `--once` renders one snapshot.
 
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use ferrynet_model::discovery::{prefixes, DiscoveryView};
-use ferrynet_store::{Store, StoreError};
+use ferrynet_model::discovery::DiscoveryView;
+use ferrynet_store::Store;
 
 use super::context::{self, RenderContext};
 use super::envfile;
 use super::output;
 use super::template::Template;
-use crate::agent::discovery::{self, ViewRx};
+use crate::feed::{self, ViewRx};
 
 /// What the output file holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,7 +202,7 @@ impl Job {
     /// Render one snapshot of the store; an error when a template, a write or the reload
     /// command failed.
     pub async fn once(&self, store: Arc<dyn Store>) -> anyhow::Result<()> {
-        let view = snapshot(store.as_ref())
+        let view = feed::snapshot(store.as_ref())
             .await
             .context("reading the store")?;
         let round = self.round(&view);
@@ -220,8 +220,8 @@ impl Job {
     /// SIGHUP reads the template files again and renders them.
     pub async fn watch(&mut self, store: Arc<dyn Store>) -> anyhow::Result<()> {
         use tokio::signal::unix::{signal, SignalKind};
-        let (tx, mut rx) = discovery::channel();
-        tokio::spawn(discovery::follow(store, tx));
+        let (tx, mut rx) = feed::channel();
+        tokio::spawn(feed::follow(store, tx));
         let stop = shutdown();
         tokio::pin!(stop);
         let mut hup = signal(SignalKind::hangup()).context("handling SIGHUP")?;
@@ -286,21 +286,4 @@ async fn shutdown() -> anyhow::Result<()> {
     }
     tracing::info!("stopping");
     Ok(())
-}
-
-/// The discovery view of the store now (what `follow` starts from, without the watches).
-pub async fn snapshot(store: &dyn Store) -> Result<DiscoveryView, StoreError> {
-    let mut kvs = Vec::new();
-    let mut top = 0;
-    for prefix in prefixes() {
-        let (mut part, rev) = store.range(&prefix).await?;
-        kvs.append(&mut part);
-        top = top.max(rev);
-    }
-    let mut view = DiscoveryView::default();
-    view.reset(
-        kvs.iter().map(|kv| (kv.key.as_str(), kv.value.as_slice())),
-        top,
-    );
-    Ok(view)
 }

@@ -20,8 +20,8 @@ use std::time::Duration;
 use ferrynet_model::discovery::DiscoveryView;
 use tokio::sync::watch;
 
-use super::discovery::ViewRx;
 use super::status::{AgentStatus, DnsStatus, PodStatus};
+use crate::feed::ViewRx;
 use clients::Clients;
 use server::{Ctx, Limits, Listener};
 use zone::Zone;

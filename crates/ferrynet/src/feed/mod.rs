@@ -1,4 +1,4 @@
-//! The agent's discovery feed: one snapshot of the discovery prefixes, then their watch events,
+//! The cluster feed: one snapshot of the discovery prefixes, then their watch events,
 //! folded into a [`DiscoveryView`] and published to every consumer (DNS server, load balancer,
 //! health checker) through a `tokio::sync::watch` channel, so each sees the newest state and
 //! skips intermediate ones when it is busy.
@@ -36,6 +36,17 @@ pub async fn follow(store: Arc<dyn Store>, tx: watch::Sender<Arc<DiscoveryView>>
     }
 }
 
+/// Give back to the system the heap glibc kept after a large transient (the discovery
+/// snapshot, a policy sync over 100,000 endpoints): freed memory otherwise stays in the
+/// process, in whichever thread's arena held it, and the agent's RSS would be its peak.
+pub fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists; no pointer is passed.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Log each record the view newly refuses, with its key (the view itself is pure).
 fn log_rejected(view: &DiscoveryView, logged: &mut BTreeMap<String, String>) {
     for (key, reason) in &view.rejected {
@@ -70,7 +81,7 @@ async fn follow_once(
         streams.push(store.watch(&prefix, rev).await?);
     }
     view.revision = top;
-    super::trim_heap();
+    trim_heap();
     let mut logged = BTreeMap::new();
     log_rejected(&view, &mut logged);
     // The view's maps are persistent: a published clone shares them, and the next batch
@@ -98,4 +109,21 @@ async fn follow_once(
         }
     }
     Err(StoreError::Unavailable("discovery watch ended".into()))
+}
+
+/// The discovery view of the store now (what `follow` starts from, without the watches).
+pub async fn snapshot(store: &dyn Store) -> Result<DiscoveryView, StoreError> {
+    let mut kvs = Vec::new();
+    let mut top = 0;
+    for prefix in prefixes() {
+        let (mut part, rev) = store.range(&prefix).await?;
+        kvs.append(&mut part);
+        top = top.max(rev);
+    }
+    let mut view = DiscoveryView::default();
+    view.reset(
+        kvs.iter().map(|kv| (kv.key.as_str(), kv.value.as_slice())),
+        top,
+    );
+    Ok(view)
 }
