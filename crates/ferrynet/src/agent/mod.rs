@@ -10,6 +10,7 @@ pub mod bgp;
 pub mod conntrack;
 pub mod dns;
 pub mod fabric_guard;
+pub mod follow;
 pub mod health;
 pub mod lb;
 pub mod metrics;
@@ -24,20 +25,16 @@ pub mod view;
 pub mod web;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use ferrynet_dataplane::netlink::Netlink;
 use ferrynet_model::host::HostRecord;
-use ferrynet_model::network::keys;
-use ferrynet_store::{Revision, StoreError};
-use futures::StreamExt;
 
 use crate::control::host::{LocalConfig, LocalDns};
 use crate::control::{Control, Paths};
 use crate::feed;
 use status::AgentStatus;
-use view::ClusterView;
 
 /// How the agent runs.
 #[derive(Debug, Clone)]
@@ -187,7 +184,8 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     // Service discovery's feed; its consumers (DNS, load balancer, health checks) each hold a
     // receiver.
     let (disc_tx, disc_rx) = feed::channel();
-    let disc_task = tokio::spawn(feed::follow(ctl.store_handle(), disc_tx));
+    let (subscribers, fabric_rx) = feed::Subscribers::with_fabric(disc_tx);
+    let disc_task = tokio::spawn(feed::follow(ctl.store_handle(), subscribers));
     // The host's current lease, for keys that must vanish with the host (health records).
     let (lease_tx, lease_rx) = tokio::sync::watch::channel(None);
     // Sockets are capped (DNS forwards, TCP), but the usual soft 1024 is below the caps' sum.
@@ -216,7 +214,7 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
         ctl.host().to_string(),
         status.clone(),
     ));
-    let rejected = (status.clone(), disc_rx.clone());
+    let disc_status = disc_rx.clone();
     let reassert_task = tokio::spawn(reassert::run(ctl.clone(), lease_rx.clone(), status.clone()));
     let disc_bgp = disc_rx.clone();
     let _discovery = (disc_rx, lease_rx);
@@ -278,26 +276,14 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     rec.probes = probes;
     rec.probe_targets = Some(probe_tx);
     rec.probe_changed = probe_changed;
-    let mut view = ClusterView::default();
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            r = follow(&mut rec, &mut view, &opts, &rejected) => {
-                let e = match r { Ok(()) => break, Err(e) => e };
-                tracing::warn!(error = %e, "store connection lost; the kernel keeps its last state; retrying");
-                if let Ok(mut s) = status.lock() {
-                    s.store_ok = false;
-                    s.store_error = Some(e.to_string());
-                }
-                tokio::select! {
-                    _ = &mut shutdown => break,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
+    let timing = follow::Timing {
+        grace: opts.grace,
+        resync: opts.resync,
+    };
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        _ = follow::follow(&mut rec, fabric_rx, timing, status.clone(), disc_status) => {
+            tracing::error!("the cluster feed stopped");
         }
     }
     // The lease is left to expire: a restarting agent finds its registration still there, and
@@ -325,79 +311,6 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     }
     tracing::info!("agent stopped");
     Ok(())
-}
-
-/// Read the cluster, reconcile, then follow the store's changes until an error.
-async fn follow(
-    rec: &mut reconcile::Reconciler,
-    view: &mut ClusterView,
-    opts: &AgentOptions,
-    rejected: &(Arc<Mutex<AgentStatus>>, feed::ViewRx),
-) -> Result<(), StoreError> {
-    // Refused records of both views go to `ferrynet status`, refreshed after every event and tick.
-    let publish_rejected = |view: &ClusterView| {
-        let list = status::rejected_list([&view.rejected, &rejected.1.borrow().rejected]);
-        if let Ok(mut s) = rejected.0.lock() {
-            s.rejected = list;
-        }
-    };
-    let store = rec.ctl.store_handle();
-    let mut kvs = Vec::new();
-    let mut streams = Vec::new();
-    let mut revs: Vec<Revision> = Vec::new();
-    for prefix in [keys::networks(), keys::hosts(), keys::all_blocks()] {
-        let (mut part, rev) = store.range(&prefix).await?;
-        kvs.append(&mut part);
-        revs.push(rev);
-        streams.push(store.watch(&prefix, rev).await?);
-    }
-    if !rec.reclaimed {
-        rec.reclaim_saved_blocks().await?;
-        rec.reclaimed = true;
-    }
-    view.reset(&kvs, Instant::now());
-    rec.mark_store_ok();
-    rec.run(view).await;
-    let mut events = futures::stream::select_all(streams);
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut last_full = Instant::now();
-    loop {
-        tokio::select! {
-            ev = events.next() => {
-                let ev = match ev {
-                    Some(ev) => ev?,
-                    None => return Err(StoreError::Unavailable("watch ended".into())),
-                };
-                let now = Instant::now();
-                view.apply(&ev, now);
-                // Take whatever else is already queued, then reconcile once.
-                while let Some(Some(more)) = futures::FutureExt::now_or_never(events.next()) {
-                    view.apply(&more?, now);
-                }
-                rec.run(view).await;
-                metrics::instruments().watch_lag(now.elapsed());
-            }
-            _ = tick.tick() => {
-                let now = Instant::now();
-                let expired = view.expired(now, opts.grace);
-                let probed = rec.probe_changed.swap(false, std::sync::atomic::Ordering::Relaxed);
-                if !expired.is_empty() {
-                    rec.release_departed(view, &expired).await?;
-                    for h in &expired {
-                        view.departed.remove(h);
-                    }
-                    rec.run(view).await;
-                } else if probed || now.duration_since(last_full) >= opts.resync {
-                    last_full = now;
-                    rec.run(view).await;
-                }
-                for h in view.unknown_owners() {
-                    view.departed.insert(h.clone(), (view::placeholder(&h), now));
-                }
-            }
-        }
-        publish_rejected(view);
-    }
 }
 
 async fn shutdown_signal() {

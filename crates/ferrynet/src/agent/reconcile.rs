@@ -151,14 +151,6 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Note that the store answered again.
-    pub fn mark_store_ok(&self) {
-        if let Ok(mut s) = self.status.lock() {
-            s.store_ok = true;
-            s.store_error = None;
-        }
-    }
-
     /// Bring the kernel in line with `view`; errors are recorded in the status, not returned,
     /// so one broken peer or network never stops the others from converging.
     pub async fn run(&mut self, view: &ClusterView) {

@@ -82,20 +82,52 @@ impl ClusterView {
                 }
             }
         } else if let Some((net, block)) = keys::parse_block(&kv.key) {
-            let claim = record::<BlockClaim>(&mut self.rejected, kv).filter(|_| {
-                match self.networks.get(&net).map(|n| check_block_on(&block, n)) {
-                    Some(Err(e)) => {
-                        tracing::warn!(key = %kv.key.escape_debug(), reason = %e, "rejected a store record");
-                        self.rejected.insert(kv.key.clone(), e.to_string());
-                        false
-                    }
-                    _ => true,
+            // A claim is kept whatever its network says (it is checked again at use, and when
+            // the network changes), so the view never depends on which record came first.
+            match record::<BlockClaim>(&mut self.rejected, kv) {
+                Some(c) => {
+                    self.blocks
+                        .entry(net.clone())
+                        .or_default()
+                        .insert(block, c.host);
+                    self.check_claim(&net, &block);
                 }
-            });
-            match claim {
-                Some(c) => self.blocks.entry(net).or_default().insert(block, c.host),
-                None => self.blocks.get_mut(&net).and_then(|m| m.remove(&block)),
-            };
+                None => {
+                    self.blocks.get_mut(&net).and_then(|m| m.remove(&block));
+                }
+            }
+        }
+        if let Some(name) = rest.strip_prefix("networks/") {
+            self.check_claims(name);
+        }
+    }
+
+    /// List (or unlist) the claim of `block` on `network` as refused when it lies outside the
+    /// network's pool; a claim of an unknown network is not judged.
+    fn check_claim(&mut self, network: &str, block: &IpNet) {
+        let key = keys::block(network, block);
+        match self.networks.get(network).map(|n| check_block_on(block, n)) {
+            Some(Err(e)) => {
+                if self.rejected.get(&key) != Some(&e.to_string()) {
+                    tracing::warn!(key = %key.escape_debug(), reason = %e, "rejected a store record");
+                }
+                self.rejected.insert(key, e.to_string());
+            }
+            _ => {
+                self.rejected.remove(&key);
+            }
+        }
+    }
+
+    /// Judge every claim on `network` again (its record changed or went).
+    fn check_claims(&mut self, network: &str) {
+        let claimed: Vec<IpNet> = self
+            .blocks
+            .get(network)
+            .map(|m| m.keys().copied().collect())
+            .unwrap_or_default();
+        for b in claimed {
+            self.check_claim(network, &b);
         }
     }
 
@@ -106,8 +138,10 @@ impl ClusterView {
             return;
         };
         if let Some(name) = rest.strip_prefix("networks/") {
+            // Its claims stay until their own deletes: they read as absent without their
+            // network (`block_fits`), and a network put back finds them, as a snapshot would.
             self.networks.remove(name);
-            self.blocks.remove(name);
+            self.check_claims(name);
         } else if let Some(name) = rest.strip_prefix("hosts/") {
             if let Some(h) = self.hosts.remove(name) {
                 self.departed.insert(name.to_string(), (h, now));
@@ -203,10 +237,12 @@ impl ClusterView {
     /// Owners of blocks that have no record at all (neither live nor departed): hosts that left
     /// while this agent was not watching. Their grace period starts now.
     pub fn unknown_owners(&self) -> Vec<String> {
+        // Claims outside their network's pool count as absent here too, as in `peers`.
         let mut out: Vec<String> = self
             .blocks
-            .values()
-            .flat_map(|m| m.values())
+            .iter()
+            .flat_map(|(net, m)| m.iter().filter(|(b, _)| self.block_fits(net, b)))
+            .map(|(_, h)| h)
             .filter(|h| self.host(h).is_none())
             .cloned()
             .collect();

@@ -221,7 +221,7 @@ impl Job {
     pub async fn watch(&mut self, store: Arc<dyn Store>) -> anyhow::Result<()> {
         use tokio::signal::unix::{signal, SignalKind};
         let (tx, mut rx) = feed::channel();
-        tokio::spawn(feed::follow(store, tx));
+        tokio::spawn(feed::follow(store, feed::Subscribers::views(tx)));
         let stop = shutdown();
         tokio::pin!(stop);
         let mut hup = signal(SignalKind::hangup()).context("handling SIGHUP")?;
