@@ -9,6 +9,7 @@ pub mod error;
 pub mod fabric;
 pub mod firewall_compat;
 pub mod hostpair;
+pub mod kernel;
 pub mod netlink;
 pub mod netns;
 pub mod nft;

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use ferrynet_dataplane::kernel::LinuxLinks;
 use ferrynet_dataplane::netlink::Netlink;
 use ferrynet_dataplane::vxlan::{VxlanSpec, VXLAN_PORT};
 use ferrynet_model::edge::EdgeNetwork;
@@ -202,7 +203,8 @@ impl Reconciler {
             }
             let hv = view.host_view(net, &me);
             if !hv.subnets.is_empty() {
-                if let Err(e) = self.ctl.ensure_bridge(&self.nl, &hv).await {
+                let links = LinuxLinks::host(self.nl.clone());
+                if let Err(e) = self.ctl.ensure_bridge(&links, &hv).await {
                     errors.push(format!("network {}: bridge: {e}", net.name));
                 }
             }

@@ -10,8 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Mutex;
 
-use ferrynet_dataplane::hostpair::{create_pair, PairSpec};
-use ferrynet_dataplane::netlink::Netlink;
+use ferrynet_dataplane::hostpair::PairSpec;
 use ferrynet_model::ipam::{plan_allocation, validate_network_subnets, IpamError, ResolvedSubnet};
 use ferrynet_model::network::{keys, Endpoint, Network, NetworkMode};
 use ferrynet_model::portmap::PortMapping;
@@ -450,30 +449,35 @@ impl Control {
         mac: Option<[u8; 6]>,
         ips: &[IpNet],
     ) -> Result<HostPair> {
-        let host = Netlink::current().map_err(ControlError::dataplane("opening netlink"))?;
-        let device = self.ensure_bridge(&host, net).await?;
+        let host = self.host_links()?;
+        let device = self.ensure_bridge(host.as_ref(), net).await?;
         let routed = net.mode == NetworkMode::Routed;
-        let pair = create_pair(
-            &host,
-            &PairSpec {
+        let pair = host
+            .create_pair(&PairSpec {
                 host_name: host_name.to_string(),
                 peer_name: peer_name.to_string(),
                 bridge_index: (!routed).then_some(device),
                 mtu: net.mtu,
                 peer_mac: mac,
                 hairpin: true,
-            },
-        )
-        .await
-        .map_err(ControlError::dataplane(format!(
-            "creating veth pair {host_name}/{peer_name} on {}",
-            net.bridge
-        )))?;
+            })
+            .await
+            .map_err(ControlError::dataplane(format!(
+                "creating veth pair {host_name}/{peer_name} on {}",
+                net.bridge
+            )))?;
         if routed {
             let subnets = validate_network_subnets(&net.subnets)
                 .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
             if let Err(e) = self
-                .plumb_routed_port(&host, net, &subnets, host_name, pair.host_index, ips)
+                .plumb_routed_port(
+                    host.as_ref(),
+                    net,
+                    &subnets,
+                    host_name,
+                    pair.host_index,
+                    ips,
+                )
                 .await
             {
                 let _ = host.delete_link(host_name).await;
@@ -491,8 +495,8 @@ impl Control {
     /// Delete a link of the host namespace (a veth end takes its peer with it); true if it
     /// existed.
     pub async fn delete_host_link(&self, name: &str) -> Result<bool> {
-        let host = Netlink::current().map_err(ControlError::dataplane("opening netlink"))?;
-        host.delete_link(name)
+        self.host_links()?
+            .delete_link(name)
             .await
             .map_err(ControlError::dataplane(format!("deleting {name}")))
     }

@@ -4,10 +4,11 @@
 //! table is found missing; a container ADD/DEL only adds or removes map elements, one atomic
 //! transaction each, so its cost does not depend on how many ports are already published.
 
-use ferrynet_dataplane::bridge::{delete_bridge, ensure_bridge, BridgeSpec};
-use ferrynet_dataplane::firewall_compat::{ensure_forward_accept, remove_forward_accept};
+use ferrynet_dataplane::bridge::{delete_bridge, BridgeSpec};
+use ferrynet_dataplane::firewall_compat::remove_forward_accept;
+use ferrynet_dataplane::kernel::Links;
 use ferrynet_dataplane::netlink::Netlink;
-use ferrynet_dataplane::routed::{ensure_gateways, remove_gateways};
+use ferrynet_dataplane::routed::remove_gateways;
 use ferrynet_model::conntrack::{published_flush, unpublished_flush, FlushRule};
 use ferrynet_model::edge::{
     add_ports, base_ruleset, delete_table, published_ports, remove_ports_tolerant, EdgeNetwork,
@@ -76,7 +77,7 @@ impl Control {
     /// gateways, see [`ferrynet_model::routed`]); on first creation also install the firewall
     /// skeleton and ferrynet's iptables FORWARD chain (after Docker's jumps). Returns the
     /// index of the device holding the gateways (`lo` for a routed network).
-    pub async fn ensure_bridge(&self, host: &Netlink, net: &Network) -> Result<u32> {
+    pub async fn ensure_bridge(&self, host: &dyn Links, net: &Network) -> Result<u32> {
         let subnets = validate_network_subnets(&net.subnets)
             .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
         let addresses: Vec<_> = subnets.iter().map(|s| s.gateway_net()).collect();
@@ -91,7 +92,7 @@ impl Control {
                     .any(|a| a.addr() == g.addr() && a.prefix_len() == a.max_prefix_len())
             });
             let sysctls = forwarding_sysctls(addresses.iter().map(|a| a.addr()));
-            ensure_gateways(host, &addresses, &sysctls)
+            host.ensure_gateways(&addresses, &sysctls)
                 .await
                 .map_err(ControlError::dataplane(what()))?;
             (LOOPBACK, existed)
@@ -110,15 +111,18 @@ impl Control {
                 addresses,
                 route_localnet: true,
             };
-            let index = ensure_bridge(host, &spec)
+            let index = host
+                .ensure_bridge(&spec)
                 .await
                 .map_err(ControlError::dataplane(what()))?;
             (index, existed)
         };
         if !existed {
-            ensure_forward_accept().map_err(ControlError::dataplane(
-                "allowing fn-* interfaces in iptables FORWARD",
-            ))?;
+            self.kernel
+                .ensure_forward_accept()
+                .map_err(ControlError::dataplane(
+                    "allowing fn-* interfaces in iptables FORWARD",
+                ))?;
             self.sync_edge().await?;
             // With every local endpoint's elements: containers attached before the guard
             // existed (an upgrade) keep sending.
@@ -202,9 +206,11 @@ impl Control {
         let nets = self.networks().await?;
         if !nets.is_empty() {
             // A firewall reload that wiped nft also wiped iptables: the FORWARD chain too.
-            ensure_forward_accept().map_err(ControlError::dataplane(
-                "placing ferrynet's iptables FORWARD chain",
-            ))?;
+            self.kernel
+                .ensure_forward_accept()
+                .map_err(ControlError::dataplane(
+                    "placing ferrynet's iptables FORWARD chain",
+                ))?;
         }
         let mut ports = Vec::new();
         for net in nets {

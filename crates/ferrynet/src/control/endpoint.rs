@@ -5,9 +5,9 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use ferrynet_dataplane::error::DataplaneError;
-use ferrynet_dataplane::netlink::{Netlink, RouteSpec};
-use ferrynet_dataplane::netns::Netns;
-use ferrynet_dataplane::veth::{self, ContainerIface, VethSpec};
+use ferrynet_dataplane::kernel::Links;
+use ferrynet_dataplane::netlink::RouteSpec;
+use ferrynet_dataplane::veth::{ContainerIface, VethSpec};
 use ferrynet_model::bandwidth::Bandwidth;
 use ferrynet_model::blocks::HostView;
 use ferrynet_model::gc::{gc_verdict, legacy_owner, GcVerdict};
@@ -175,14 +175,8 @@ impl Control {
             validate_network_subnets(&net.subnets)
                 .map_err(|e| ControlError::InvalidConfig(e.to_string()))?
         };
-        let container_ns = Netns::open(&req.netns).map_err(ControlError::dataplane(format!(
-            "opening netns {}",
-            req.netns
-        )))?;
-        let host = Netlink::current().map_err(ControlError::dataplane("opening netlink"))?;
-        let container = Netlink::in_netns(&container_ns).map_err(ControlError::dataplane(
-            format!("opening netlink in {}", req.netns),
-        ))?;
+        let links = self.container_links(&req.netns)?;
+        let host = links.as_ref();
 
         let (ep, fresh, view) = self.reserve(view, template, &req.static_ips).await?;
         crate::failpoint::hit("add-reserved");
@@ -198,7 +192,7 @@ impl Control {
                 )));
             }
             if let Some(state) =
-                veth::inspect(&container, &req.ifname)
+                host.inspect(&req.ifname)
                     .await
                     .map_err(ControlError::dataplane(format!(
                         "inspecting {} in {}",
@@ -220,13 +214,11 @@ impl Control {
                             // The interrupted attempt may have stopped before the host routes.
                             let subnets = validate_network_subnets(&view.net.subnets)
                                 .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
-                            self.ensure_bridge(&host, &view.net).await?;
-                            self.plumb_routed_port(
-                                &host, net, &subnets, &host_name, index, &ep.ips,
-                            )
-                            .await?;
+                            self.ensure_bridge(host, &view.net).await?;
+                            self.plumb_routed_port(host, net, &subnets, &host_name, index, &ep.ips)
+                                .await?;
                         }
-                        shaping::shape(&host, net, &ep, index).await?;
+                        shaping::shape(host, net, &ep, index).await?;
                     }
                     self.guard_endpoint(&ep, net.mode).await?;
                     self.publish_ports(&ep).await?;
@@ -250,10 +242,7 @@ impl Control {
         } else {
             subnets
         };
-        match self
-            .plumb(net, &subnets, &host, &container_ns, &container, &ep)
-            .await
-        {
+        match self.plumb(net, &subnets, host, &ep).await {
             Ok(done) => {
                 if let Err(e) = self.update_endpoint(&done).await {
                     // Superseded by a concurrent DEL/ADD of the container: the identity this
@@ -272,16 +261,25 @@ impl Control {
                 }
                 let host_name = host_veth_name(&net.name, &ep.container_id, &ep.ifname);
                 if !matches!(e, ControlError::IfaceExists(_)) {
-                    if let Err(u) =
-                        veth::detach(&host, Some(&container), &ep.ifname, &host_name).await
-                    {
+                    if let Err(u) = host.detach_veth(&ep.ifname, &host_name).await {
                         tracing::warn!(error = %u, "cleanup: removing the veth failed");
                     }
-                } else if let Err(u) = veth::detach(&host, None, &ep.ifname, &host_name).await {
-                    tracing::warn!(error = %u, "cleanup: removing the host veth failed");
+                } else {
+                    // The container's interface of that name is not ours: the host end only.
+                    let host_only = self.host_links();
+                    let undone = match &host_only {
+                        Ok(h) => h
+                            .detach_veth(&ep.ifname, &host_name)
+                            .await
+                            .map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    if let Err(u) = undone {
+                        tracing::warn!(error = %u, "cleanup: removing the host veth failed");
+                    }
                 }
                 if let Err(u) =
-                    shaping::unshape(&host, &net.name, &ep.container_id, &ep.ifname).await
+                    shaping::unshape(host, &net.name, &ep.container_id, &ep.ifname).await
                 {
                     tracing::warn!(error = %u, "cleanup: removing the IFB device failed");
                 }
@@ -298,9 +296,7 @@ impl Control {
         &self,
         net: &Network,
         subnets: &[ResolvedSubnet],
-        host: &Netlink,
-        container_ns: &Netns,
-        container: &Netlink,
+        host: &dyn Links,
         ep: &Endpoint,
     ) -> Result<Endpoint> {
         let device = self.ensure_bridge(host, net).await?;
@@ -327,15 +323,13 @@ impl Control {
                 routes: container_routes(net, subnets, &ep.ips),
             },
         };
-        let attached = veth::attach(host, container_ns, container, &spec)
-            .await
-            .map_err(|e| match e {
-                DataplaneError::Conflict(m) => ControlError::IfaceExists(m),
-                other => ControlError::Dataplane {
-                    context: format!("attaching {} to {}", ep.container_id, net.bridge),
-                    source: other,
-                },
-            })?;
+        let attached = host.attach_veth(&spec).await.map_err(|e| match e {
+            DataplaneError::Conflict(m) => ControlError::IfaceExists(m),
+            other => ControlError::Dataplane {
+                context: format!("attaching {} to {}", ep.container_id, net.bridge),
+                source: other,
+            },
+        })?;
         crate::failpoint::hit("add-veth");
         if routed {
             self.plumb_routed_port(host, net, subnets, &host_name, attached.host_index, &ep.ips)
@@ -362,7 +356,7 @@ impl Control {
     /// the container sourced from the network's gateways (see [`ferrynet_model::routed`]).
     pub(crate) async fn plumb_routed_port(
         &self,
-        host: &Netlink,
+        host: &dyn Links,
         net: &Network,
         subnets: &[ResolvedSubnet],
         port: &str,
@@ -371,7 +365,7 @@ impl Control {
     ) -> Result<()> {
         let gateways: Vec<IpAddr> = subnets.iter().map(|s| s.gateway).collect();
         let spec = routed::host_port(port, ips, &gateways);
-        ferrynet_dataplane::routed::plumb_port(host, index, &spec)
+        host.plumb_routed_port(index, &spec)
             .await
             .map_err(ControlError::dataplane(format!(
                 "routing {port} on network {}",
@@ -435,30 +429,33 @@ impl Control {
             .and_then(|e| self.unpublish_ports_in_background(e));
         // The port's anti-spoofing elements go while the kernel deletes the link.
         let unguarding = ep.as_ref().and_then(|e| self.unguard_in_background(e));
-        let host = Netlink::current().map_err(ControlError::dataplane("opening netlink"))?;
         let ns_path = netns
             .map(str::to_string)
             .or_else(|| ep.as_ref().and_then(|e| e.netns.clone()));
         // Only touch the container's interface when we recorded it: without a record it is not ours.
         let container = match (&ep, ns_path.as_deref()) {
-            (Some(_), Some(p)) if !p.is_empty() && Path::new(p).exists() => match Netns::open(p) {
-                Ok(ns) => Netlink::in_netns(&ns).ok(),
-                Err(_) => None,
-            },
+            (Some(_), Some(p)) if !p.is_empty() && Path::new(p).exists() => {
+                self.kernel.container(p).ok()
+            }
             _ => None,
+        };
+        let host = match container {
+            Some(links) => links,
+            None => self.host_links()?,
         };
         let host_name = ep
             .as_ref()
             .and_then(|e| e.host_veth.clone())
             .unwrap_or_else(|| host_veth_name(&net.name, container_id, ifname));
-        let unplugged = veth::detach(&host, container.as_ref(), ifname, &host_name)
-            .await
-            .map_err(ControlError::dataplane(format!(
-                "removing {ifname} of {container_id}"
-            )));
+        let unplugged =
+            host.detach_veth(ifname, &host_name)
+                .await
+                .map_err(ControlError::dataplane(format!(
+                    "removing {ifname} of {container_id}"
+                )));
         // The IFB of a bandwidth limit; without a record it may be a crashed ADD's.
         let unshaped = if ep.as_ref().is_none_or(|e| e.bandwidth.is_some()) {
-            shaping::unshape(&host, &net.name, container_id, ifname).await
+            shaping::unshape(host.as_ref(), &net.name, container_id, ifname).await
         } else {
             Ok(())
         };
@@ -509,10 +506,9 @@ impl Control {
         if net.mode == NetworkMode::Host {
             return Ok(ep);
         }
-        let ns = Netns::open(netns)
-            .map_err(ControlError::dataplane(format!("opening netns {netns}")))?;
-        let nl = Netlink::in_netns(&ns).map_err(ControlError::dataplane("opening netlink"))?;
-        let state = veth::inspect(&nl, ifname)
+        let links = self.container_links(netns)?;
+        let state = links
+            .inspect(ifname)
             .await
             .map_err(ControlError::dataplane(format!("inspecting {ifname}")))?
             .ok_or_else(|| {
@@ -553,9 +549,8 @@ impl Control {
                 )));
             }
         }
-        let host = Netlink::current().map_err(ControlError::dataplane("opening netlink"))?;
         if let Some(hv) = &ep.host_veth {
-            let Some(index) = host
+            let Some(index) = links
                 .link_index(hv)
                 .await
                 .map_err(ControlError::dataplane("looking up host veth"))?
@@ -564,7 +559,7 @@ impl Control {
                     "host interface {hv} is missing"
                 )));
             };
-            let missing = shaping::problems(&host, net, &ep, index).await?;
+            let missing = shaping::problems(links.as_ref(), net, &ep, index).await?;
             if !missing.is_empty() {
                 return Err(ControlError::CheckFailed(missing.join("; ")));
             }

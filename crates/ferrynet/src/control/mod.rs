@@ -23,9 +23,13 @@ pub mod stale;
 pub mod subnets;
 pub mod transact;
 
+#[cfg(test)]
+mod kernel_tests;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ferrynet_dataplane::kernel::{Kernel, Links, Linux};
 use ferrynet_dataplane::nft::{default_executor, NftExecutor};
 use ferrynet_model::validate::Validate;
 use ferrynet_store::config::StoreConfig;
@@ -70,6 +74,8 @@ pub struct Control {
     store: Arc<dyn Store>,
     /// nftables transactions (shared so a transaction can run on a blocking thread).
     nft: Arc<dyn NftExecutor>,
+    /// Links, addresses, routes and qdiscs (the real kernel, or a recording fake in tests).
+    kernel: Arc<dyn Kernel>,
     /// Where files live.
     paths: Paths,
     /// This host's name in the cluster (from host.json, else the system host name).
@@ -111,10 +117,25 @@ impl Control {
         Ok(Control {
             store,
             nft: Arc::from(default_executor()),
+            kernel: Arc::new(Linux),
             paths,
             host,
             store_url: url,
         })
+    }
+
+    /// Handles on the host's namespace for one operation.
+    pub(crate) fn host_links(&self) -> Result<Box<dyn Links>> {
+        self.kernel
+            .host()
+            .map_err(ControlError::dataplane("opening netlink"))
+    }
+
+    /// Handles on the host's namespace and the container's at `netns`, for one operation.
+    pub(crate) fn container_links(&self, netns: &str) -> Result<Box<dyn Links>> {
+        self.kernel
+            .container(netns)
+            .map_err(ControlError::dataplane(format!("opening netns {netns}")))
     }
 
     /// This host's name in the cluster.
@@ -167,10 +188,27 @@ impl Control {
     /// A control layer over `store` for unit tests (host `test`, the state in a temp path).
     #[cfg(test)]
     pub(crate) fn for_tests(store: Arc<dyn Store>) -> Control {
+        Control::with_parts(
+            store,
+            Arc::from(default_executor()),
+            Arc::new(Linux),
+            &std::env::temp_dir().join("ferrynet-unit"),
+        )
+    }
+
+    /// A control layer over given parts for unit tests (host `test`, the state in `dir`).
+    #[cfg(test)]
+    pub(crate) fn with_parts(
+        store: Arc<dyn Store>,
+        nft: Arc<dyn NftExecutor>,
+        kernel: Arc<dyn Kernel>,
+        dir: &Path,
+    ) -> Control {
         Control {
             store,
-            nft: Arc::from(default_executor()),
-            paths: Paths::resolve(Some(&std::env::temp_dir().join("ferrynet-unit"))),
+            nft,
+            kernel,
+            paths: Paths::resolve(Some(dir)),
             host: "test".into(),
             store_url: None,
         }

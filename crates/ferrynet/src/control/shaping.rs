@@ -1,8 +1,7 @@
 //! Bandwidth limits of an endpoint: the model's token buckets carried out by
 //! `ferrynet_dataplane::tc` on the host end of its veth and on its IFB device.
 
-use ferrynet_dataplane::netlink::Netlink;
-use ferrynet_dataplane::tc;
+use ferrynet_dataplane::kernel::Links;
 use ferrynet_model::names::ifb_name;
 use ferrynet_model::network::{Endpoint, Network};
 
@@ -13,7 +12,7 @@ pub const DEFAULT_MTU: u32 = 1500;
 
 /// Apply `ep`'s bandwidth limits to its host end `host_index` (idempotent; nothing to do
 /// without limits). Refused limits are a configuration error.
-pub async fn shape(host: &Netlink, net: &Network, ep: &Endpoint, host_index: u32) -> Result<()> {
+pub async fn shape(host: &dyn Links, net: &Network, ep: &Endpoint, host_index: u32) -> Result<()> {
     let Some(bw) = ep.bandwidth.filter(|b| !b.is_unlimited()) else {
         return Ok(());
     };
@@ -22,7 +21,7 @@ pub async fn shape(host: &Netlink, net: &Network, ep: &Endpoint, host_index: u32
         .shaping(mtu)
         .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
     let ifb = ifb_name(&ep.network, &ep.container_id, &ep.ifname);
-    tc::apply_shaping(host, host_index, &ifb, mtu, &shaping)
+    host.apply_shaping(host_index, &ifb, mtu, &shaping)
         .await
         .map_err(ControlError::dataplane(format!(
             "limiting the bandwidth of {} on {}",
@@ -32,13 +31,13 @@ pub async fn shape(host: &Netlink, net: &Network, ep: &Endpoint, host_index: u32
 
 /// Remove the endpoint's IFB device, if any (its veth's qdiscs go with the veth).
 pub async fn unshape(
-    host: &Netlink,
+    host: &dyn Links,
     network: &str,
     container_id: &str,
     ifname: &str,
 ) -> Result<()> {
     let ifb = ifb_name(network, container_id, ifname);
-    tc::remove_ifb(host, &ifb)
+    host.remove_ifb(&ifb)
         .await
         .map_err(ControlError::dataplane(format!(
             "removing IFB device {ifb}"
@@ -49,7 +48,7 @@ pub async fn unshape(
 /// What is missing of `ep`'s bandwidth limits on host end `host_index` (empty: in place, or no
 /// limits); for CNI CHECK.
 pub async fn problems(
-    host: &Netlink,
+    host: &dyn Links,
     net: &Network,
     ep: &Endpoint,
     host_index: u32,
@@ -61,7 +60,7 @@ pub async fn problems(
         .shaping(net.mtu.unwrap_or(DEFAULT_MTU))
         .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
     let ifb = ifb_name(&ep.network, &ep.container_id, &ep.ifname);
-    tc::shaping_problems(host, host_index, &ifb, &shaping)
+    host.shaping_problems(host_index, &ifb, &shaping)
         .await
         .map_err(ControlError::dataplane(format!(
             "reading the bandwidth limits of {}",
