@@ -67,6 +67,76 @@ pub struct AgentOptions {
 
 /// Run the agent until SIGINT/SIGTERM.
 pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
+    let ctl = open_control(&paths, &opts).await?;
+    let store_url = save_local_config(&paths, &opts, &ctl)?;
+    let nl = Netlink::current().context("opening netlink")?;
+    let underlay = underlay::find(&nl, opts.underlay_dev.as_deref()).await?;
+    let sleeve_key = sleeve_key(&paths, opts.sleeve_port);
+    let record = host_record(&ctl, &underlay, sleeve_key, opts.sleeve_port);
+    tracing::info!(host = %ctl.host(), underlay = %underlay.dev, addrs = ?underlay.addrs, store = store_url.as_deref().map(ferrynet_store::config::redact_url).unwrap_or_else(|| "embedded".into()), "agent starting");
+    let status = initial_status(&ctl, &paths, store_url.as_deref(), &underlay);
+    let mut tasks = Tasks::default();
+    spawn_listeners(&mut tasks, &ctl, &paths, &opts, &status).await?;
+    let feed = spawn_feed(&mut tasks, &ctl, &opts, &status)?;
+    tasks.spawn(register::keep_registered(
+        ctl.store_handle(),
+        record,
+        opts.lease_ttl,
+        feed.lease_tx,
+    ));
+    let mut rec = reconciler(
+        &mut tasks,
+        &ctl,
+        nl,
+        underlay,
+        sleeve_key,
+        &opts,
+        &status,
+        &feed.views,
+    );
+    let timing = follow::Timing {
+        grace: opts.grace,
+        resync: opts.resync,
+    };
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        _ = follow::follow(&mut rec, feed.fabric, timing, status.clone(), feed.views.clone()) => {
+            tracing::error!("the cluster feed stopped");
+        }
+    }
+    // The lease is left to expire: a restarting agent finds its registration still there, and
+    // peers keep routing to this host meanwhile. The load balancer's and policy's tables and
+    // BGP's routes stay in the kernel too: restarts must not drop traffic (peers hold our
+    // routes for the restart time).
+    tasks.stop();
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+/// The agent's tasks, and the sockets to remove when they stop.
+#[derive(Default)]
+struct Tasks {
+    handles: Vec<tokio::task::JoinHandle<()>>,
+    sockets: Vec<std::path::PathBuf>,
+}
+
+impl Tasks {
+    fn spawn(&mut self, f: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.handles.push(tokio::spawn(f));
+    }
+
+    fn stop(self) {
+        for t in self.handles {
+            t.abort();
+        }
+        for s in self.sockets {
+            let _ = std::fs::remove_file(s);
+        }
+    }
+}
+
+/// `/proc/sys` writable, the control layer open, and stale bridges gone.
+async fn open_control(paths: &Paths, opts: &AgentOptions) -> anyhow::Result<Arc<Control>> {
     // As a managed Docker plugin the agent gets /proc/sys read-only, but sets forwarding and
     // bridge sysctls; the remount affects only its own mount namespace.
     match ferrynet_dataplane::sysctl::ensure_writable() {
@@ -81,6 +151,16 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     if let Err(e) = ctl.remove_stale_bridges().await {
         tracing::warn!(error = %e, "could not remove stale bridges");
     }
+    Ok(ctl)
+}
+
+/// Write host.json (the CNI plugin and CLI on this host find the same identity and store
+/// there); the store URL in use.
+fn save_local_config(
+    paths: &Paths,
+    opts: &AgentOptions,
+    ctl: &Control,
+) -> anyhow::Result<Option<String>> {
     let store_url = opts
         .store
         .clone()
@@ -90,7 +170,6 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
                 .filter(|s| !s.is_empty())
         })
         .or(LocalConfig::load(&paths.state_dir)?.store);
-    // The CNI plugin and CLI on this host find the same identity and store here.
     LocalConfig {
         host: Some(ctl.host().to_string()),
         store: store_url.clone(),
@@ -99,55 +178,82 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
         }),
     }
     .save(&paths.state_dir)?;
+    Ok(store_url)
+}
 
-    let nl = Netlink::current().context("opening netlink")?;
-    let underlay = underlay::find(&nl, opts.underlay_dev.as_deref()).await?;
-    // The sleeve's key is made now and its public half registered; the datapath starts when
-    // the first network that can use it appears (`reconcile`), so a host without multi-host
-    // networks gets no TUN device and no open port.
-    let sleeve_key = match opts.sleeve_port {
-        0 => None,
-        _ => match sleeve::load_or_create_key(&paths.state_dir) {
-            Ok(k) => Some(k),
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "no sleeve key; this host runs without the sleeve");
-                None
-            }
-        },
-    };
+/// The sleeve's key, made now so its public half is registered; the datapath starts when the
+/// first network that can use it appears (`reconcile`), so a host without multi-host networks
+/// gets no TUN device and no open port.
+fn sleeve_key(paths: &Paths, port: u16) -> Option<[u8; 32]> {
+    if port == 0 {
+        return None;
+    }
+    match sleeve::load_or_create_key(&paths.state_dir) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "no sleeve key; this host runs without the sleeve");
+            None
+        }
+    }
+}
+
+/// This host's registration.
+fn host_record(
+    ctl: &Control,
+    underlay: &underlay::Underlay,
+    sleeve_key: Option<[u8; 32]>,
+    sleeve_port: u16,
+) -> HostRecord {
     let mut capabilities = vec!["route".to_string(), "vxlan".to_string(), "bgp".to_string()];
     if sleeve_key.is_some() {
         capabilities.push("sleeve".into());
     }
-    let record = HostRecord {
+    HostRecord {
         name: ctl.host().to_string(),
         underlay: underlay.addrs.clone(),
         underlay_mtu: underlay.mtu,
         capabilities,
         sleeve: sleeve_key.map(|k| ferrynet_model::sleeve::SleeveRecord {
             public_key: ferrynet_model::sleeve::encode_key(&ferrynet_sleeve::public_of(k)),
-            port: opts.sleeve_port,
+            port: sleeve_port,
         }),
         version: env!("CARGO_PKG_VERSION").into(),
         started_at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
-    };
-    tracing::info!(host = %ctl.host(), underlay = %underlay.dev, addrs = ?underlay.addrs, store = store_url.as_deref().map(ferrynet_store::config::redact_url).unwrap_or_else(|| "embedded".into()), "agent starting");
+    }
+}
 
-    let status = Arc::new(Mutex::new(AgentStatus {
+/// What `ferrynet status` shows before the first reconcile.
+fn initial_status(
+    ctl: &Control,
+    paths: &Paths,
+    store_url: Option<&str>,
+    underlay: &underlay::Underlay,
+) -> Arc<Mutex<AgentStatus>> {
+    Arc::new(Mutex::new(AgentStatus {
         host: ctl.host().to_string(),
         store: store_url
-            .as_deref()
             .map(ferrynet_store::config::redact_url)
             .unwrap_or_else(|| paths.store_file().display().to_string()),
         underlay_dev: underlay.dev.clone(),
         underlay: underlay.addrs.clone(),
         underlay_mtu: underlay.mtu,
         ..Default::default()
-    }));
-    // Bound before anything runs: an address that cannot be bound stops the agent at once.
+    }))
+}
+
+/// The HTTP listener (metrics, health, topology), the status socket and Docker's driver
+/// socket; each address is bound before anything runs, so one that cannot be bound stops the
+/// agent at once.
+async fn spawn_listeners(
+    tasks: &mut Tasks,
+    ctl: &Arc<Control>,
+    paths: &Paths,
+    opts: &AgentOptions,
+    status: &Arc<Mutex<AgentStatus>>,
+) -> anyhow::Result<()> {
     let http_listeners = web::bind(&opts.http).await?;
     ferrynet_dataplane::nft::set_batch_observer(|took, ok| {
         metrics::instruments().nft_batch(took, ok)
@@ -158,77 +264,110 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
         ctl.nft_handle(),
         status.clone(),
     );
-    let mut web_tasks = vec![tokio::spawn(web::follow(web_state.clone()))];
+    tasks.spawn(web::follow(web_state.clone()));
     for l in http_listeners {
         if let Ok(a) = l.local_addr() {
             tracing::info!(addr = %a, "serving metrics, health and the topology page over HTTP");
         }
-        web_tasks.push(tokio::spawn(web::serve(l, web_state.clone())));
+        tasks.spawn(web::serve(l, web_state.clone()));
     }
     let sock = api::socket_path(&paths.state_dir);
     let listener = api::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
-    let api_task = tokio::spawn(api::serve(listener, status.clone()));
-    let docker_task = match &opts.docker_socket {
-        Some(path) => {
-            let listener = crate::cnm::bind_socket(path)?;
-            tracing::info!(socket = %path.display(), "serving the Docker network and IPAM driver");
-            Some(tokio::spawn(crate::cnm::serve(
-                ctl.clone(),
-                listener,
-                opts.docker_scope,
-                std::future::pending::<()>(),
-            )))
-        }
-        None => None,
-    };
-    // Service discovery's feed; its consumers (DNS, load balancer, health checks) each hold a
-    // receiver.
+    tasks.spawn(api::serve(listener, status.clone()));
+    tasks.sockets.push(sock);
+    if let Some(path) = &opts.docker_socket {
+        let listener = crate::cnm::bind_socket(path)?;
+        tracing::info!(socket = %path.display(), "serving the Docker network and IPAM driver");
+        let serve = crate::cnm::serve(
+            ctl.clone(),
+            listener,
+            opts.docker_scope,
+            std::future::pending::<()>(),
+        );
+        tasks.spawn(async move {
+            let _ = serve.await;
+        });
+        tasks.sockets.push(path.clone());
+    }
+    Ok(())
+}
+
+/// The cluster feed as the agent holds it.
+struct AgentFeed {
+    /// The discovery view.
+    views: feed::ViewRx,
+    /// The fabric's updates (the reconciler's).
+    fabric: feed::FabricRx,
+    /// Where the registration task publishes the host's lease.
+    lease_tx: tokio::sync::watch::Sender<Option<ferrynet_store::LeaseId>>,
+}
+
+/// The cluster feed and its discovery consumers: DNS, health checks, load balancer, policy,
+/// and the re-assertion after each new lease.
+fn spawn_feed(
+    tasks: &mut Tasks,
+    ctl: &Arc<Control>,
+    opts: &AgentOptions,
+    status: &Arc<Mutex<AgentStatus>>,
+) -> anyhow::Result<AgentFeed> {
     let (disc_tx, disc_rx) = feed::channel();
-    let (subscribers, fabric_rx) = feed::Subscribers::with_fabric(disc_tx);
-    let disc_task = tokio::spawn(feed::follow(ctl.store_handle(), subscribers));
+    let (subscribers, fabric) = feed::Subscribers::with_fabric(disc_tx);
+    tasks.spawn(feed::follow(ctl.store_handle(), subscribers));
     // The host's current lease, for keys that must vanish with the host (health records).
     let (lease_tx, lease_rx) = tokio::sync::watch::channel(None);
     // Sockets are capped (DNS forwards, TCP), but the usual soft 1024 is below the caps' sum.
     dns::raise_nofile();
-    // Its own thread: it stops when the discovery feed (disc_task) is gone.
+    // Its own thread: it stops when the feed is gone.
     if let Some(d) = opts.dns.clone() {
         dns::spawn(ctl.host().to_string(), d, disc_rx.clone(), status.clone())
             .context("starting the DNS server")?;
     }
-    let health_task = tokio::spawn(health::run(
-        ctl.host().to_string(),
+    let me = ctl.host().to_string();
+    tasks.spawn(health::run(
+        me.clone(),
         ctl.store_handle(),
         disc_rx.clone(),
         lease_rx.clone(),
         status.clone(),
     ));
-    let lb_task = tokio::spawn(lb::run(
+    tasks.spawn(lb::run(
         ctl.nft_handle(),
         disc_rx.clone(),
-        ctl.host().to_string(),
+        me.clone(),
         status.clone(),
     ));
-    let policy_task = tokio::spawn(policy::run(
+    tasks.spawn(policy::run(
         disc_rx.clone(),
         ctl.nft_handle(),
-        ctl.host().to_string(),
+        me,
         status.clone(),
     ));
-    let disc_status = disc_rx.clone();
-    let reassert_task = tokio::spawn(reassert::run(ctl.clone(), lease_rx.clone(), status.clone()));
-    let disc_bgp = disc_rx.clone();
-    let _discovery = (disc_rx, lease_rx);
-    let reg_task = tokio::spawn(register::keep_registered(
-        ctl.store_handle(),
-        record,
-        opts.lease_ttl,
+    tasks.spawn(reassert::run(ctl.clone(), lease_rx, status.clone()));
+    Ok(AgentFeed {
+        views: disc_rx,
+        fabric,
         lease_tx,
-    ));
+    })
+}
 
+/// The reconciler with what it drives beside the kernel: the VXLAN path probe, the sleeve (and
+/// its status reporter) and the BGP speaker, which follows the reconciler's view and the
+/// `bgp/` records.
+#[allow(clippy::too_many_arguments)]
+fn reconciler(
+    tasks: &mut Tasks,
+    ctl: &Arc<Control>,
+    nl: Netlink,
+    underlay: underlay::Underlay,
+    sleeve_key: Option<[u8; 32]>,
+    opts: &AgentOptions,
+    status: &Arc<Mutex<AgentStatus>>,
+    views: &feed::ViewRx,
+) -> reconcile::Reconciler {
     let probes = sleeve::Probes::default();
     let probe_changed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (probe_tx, probe_rx) = tokio::sync::watch::channel(Vec::new());
-    let probe_task = tokio::spawn(sleeve::probe_loop(
+    tasks.spawn(sleeve::probe_loop(
         probe_rx,
         probes.clone(),
         opts.sleeve_port,
@@ -236,33 +375,18 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
         probe_changed.clone(),
     ));
     let sleeve_slot: Arc<std::sync::OnceLock<Arc<ferrynet_sleeve::Sleeve>>> = Default::default();
-    let sleeve_report_task = {
-        let (slot, status) = (sleeve_slot.clone(), status.clone());
-        tokio::spawn(async move {
-            loop {
-                if let Some(r) = slot.get().map(|s| s.report()) {
-                    if let Ok(mut st) = status.lock() {
-                        st.sleeve = Some(r);
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        })
-    };
-    // BGP follows the reconciler's view (networks, hosts, blocks) and the `bgp/` records.
+    tasks.spawn(report_sleeve(sleeve_slot.clone(), status.clone()));
     let (bgp_tx, bgp_rx) = tokio::sync::watch::channel(bgp::BgpView::default());
-    let bgp_task = tokio::spawn({
-        let (store, me, ul, disc, st) = (
-            ctl.store_handle(),
-            ctl.host().to_string(),
-            underlay.clone(),
-            disc_bgp,
-            status.clone(),
-        );
-        async move {
-            if let Err(e) = bgp::run(store, me, ul, bgp_rx, disc, st).await {
-                tracing::error!(error = %e, "BGP stopped");
-            }
+    let (store, me, ul, disc, st) = (
+        ctl.store_handle(),
+        ctl.host().to_string(),
+        underlay.clone(),
+        views.clone(),
+        status.clone(),
+    );
+    tasks.spawn(async move {
+        if let Err(e) = bgp::run(store, me, ul, bgp_rx, disc, st).await {
+            tracing::error!(error = %e, "BGP stopped");
         }
     });
     let mut rec = reconcile::Reconciler::new(ctl.clone(), nl, underlay, status.clone());
@@ -276,41 +400,22 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     rec.probes = probes;
     rec.probe_targets = Some(probe_tx);
     rec.probe_changed = probe_changed;
-    let timing = follow::Timing {
-        grace: opts.grace,
-        resync: opts.resync,
-    };
-    tokio::select! {
-        _ = shutdown_signal() => {}
-        _ = follow::follow(&mut rec, fabric_rx, timing, status.clone(), disc_status) => {
-            tracing::error!("the cluster feed stopped");
+    rec
+}
+
+/// Copy the sleeve's report into the status twice a second, once it runs.
+async fn report_sleeve(
+    slot: Arc<std::sync::OnceLock<Arc<ferrynet_sleeve::Sleeve>>>,
+    status: Arc<Mutex<AgentStatus>>,
+) {
+    loop {
+        if let Some(r) = slot.get().map(|s| s.report()) {
+            if let Ok(mut st) = status.lock() {
+                st.sleeve = Some(r);
+            }
         }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    // The lease is left to expire: a restarting agent finds its registration still there, and
-    // peers keep routing to this host meanwhile.
-    api_task.abort();
-    for t in web_tasks {
-        t.abort();
-    }
-    reg_task.abort();
-    disc_task.abort();
-    health_task.abort();
-    probe_task.abort();
-    sleeve_report_task.abort();
-    reassert_task.abort();
-    // The load balancer's table stays: restarts must not drop traffic.
-    lb_task.abort();
-    // So does the policy table.
-    policy_task.abort();
-    // BGP routes stay in the kernel too; peers hold ours for the restart time.
-    bgp_task.abort();
-    let _ = std::fs::remove_file(&sock);
-    if let (Some(t), Some(path)) = (docker_task, &opts.docker_socket) {
-        t.abort();
-        let _ = std::fs::remove_file(path);
-    }
-    tracing::info!("agent stopped");
-    Ok(())
 }
 
 async fn shutdown_signal() {

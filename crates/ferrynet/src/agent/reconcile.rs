@@ -157,12 +157,44 @@ impl Reconciler {
     pub async fn run(&mut self, view: &ClusterView) {
         let started = Instant::now();
         let me = self.ctl.host().to_string();
-        let mut errors = Vec::new();
-        let mut want = FabricState::default();
-        let mut vxlan_devs = Vec::new();
-        let mut networks = Vec::new();
-        let mut served = BTreeMap::new();
-        // BGP's sessions follow the hosts (its announcements follow the discovery feed).
+        self.publish_bgp_view(view);
+        let mut round = Round::default();
+        if let Err(e) = self.sync_edge_sets(view) {
+            round
+                .errors
+                .push(format!("applying the edge's isolation sets: {e}"));
+        }
+        let peers = PeerFacts {
+            probes: self.probes.lock().map(|p| p.clone()).unwrap_or_default(),
+            with_sleeve: view
+                .hosts
+                .values()
+                .chain(view.departed.values().map(|(h, _)| h))
+                .filter(|h| h.sleeve.is_some())
+                .map(|h| h.name.clone())
+                .collect(),
+        };
+        for net in view.fabric_networks() {
+            self.serve_network(view, net, &me, &peers, &mut round).await;
+        }
+        self.remove_unserved(view, &round.served, &mut round.errors)
+            .await;
+        self.served = std::mem::take(&mut round.served);
+        self.save_blocks(view);
+        self.sync_sleeve(view, &me, round.sleeve_needed, &mut round.errors);
+        self.publish_probe_targets(std::mem::take(&mut round.probe_targets));
+        round.changes = self
+            .apply_fabric(&round.vxlan_devs, &round.want, &mut round.errors)
+            .await;
+        let guard_report = self.sync_fabric_guard(view, &me, &mut round).await;
+        for e in &round.errors {
+            tracing::warn!(error = %e, "reconcile");
+        }
+        self.report(view, started, round, guard_report);
+    }
+
+    /// BGP's sessions follow the hosts (its announcements follow the discovery feed).
+    fn publish_bgp_view(&self, view: &ClusterView) {
         if let Some(tx) = &self.bgp {
             let bv = super::bgp::view_of(view);
             tx.send_if_modified(|old| {
@@ -173,142 +205,149 @@ impl Reconciler {
                 changed
             });
         }
-        let mut probe_targets = Vec::new();
-        let probes = self.probes.lock().map(|p| p.clone()).unwrap_or_default();
-        let with_sleeve: std::collections::BTreeSet<&str> = view
-            .hosts
-            .values()
-            .chain(view.departed.values().map(|(h, _)| h))
-            .filter(|h| h.sleeve.is_some())
-            .map(|h| h.name.as_str())
-            .collect();
-        let mut sleeve_needed = false;
-        if let Err(e) = self.sync_edge_sets(view) {
-            errors.push(format!("applying the edge's isolation sets: {e}"));
-        }
+    }
 
-        for net in view.fabric_networks() {
-            let Some(spec) = net.fabric else { continue };
-            let mine = view.blocks_of(&net.name, &me);
-            let families_wanted = net.subnets.iter().map(|s| s.cidr.addr().is_ipv6());
-            let missing = families_wanted
-                .clone()
-                .any(|v6| !mine.iter().any(|b| b.addr().is_ipv6() == v6));
-            if missing {
-                // Claim this host's first blocks now, so peers route to it before its first
-                // container; the claim comes back as a watch event and a new reconcile.
-                if let Err(e) = self.ctl.ensure_blocks(net).await {
-                    errors.push(format!("network {}: claiming blocks: {e}", net.name));
-                }
+    /// One multi-host network: this host's blocks and bridge, its VXLAN device, a backend per
+    /// peer, and the fabric state it wants.
+    async fn serve_network(
+        &mut self,
+        view: &ClusterView,
+        net: &Network,
+        me: &str,
+        facts: &PeerFacts,
+        round: &mut Round,
+    ) {
+        let Some(spec) = net.fabric else { return };
+        let mine = view.blocks_of(&net.name, me);
+        self.ensure_local(view, net, me, &mine, &mut round.errors)
+            .await;
+        let vxlan_dev = vxlan_dev_name(&net.name);
+        // An encrypted network sends nothing over VXLAN; a sleeve one neither.
+        let uses_vxlan = matches!(spec.backend, Backend::Vxlan | Backend::Auto) && !spec.encrypt;
+        if uses_vxlan {
+            match self.ensure_vxlan(net, spec.vni, me).await {
+                Ok(()) => round.vxlan_devs.push(vxlan_dev.clone()),
+                Err(e) => round.errors.push(e),
             }
-            let hv = view.host_view(net, &me);
-            if !hv.subnets.is_empty() {
-                let links = LinuxLinks::host(self.nl.clone());
-                if let Err(e) = self.ctl.ensure_bridge(&links, &hv).await {
-                    errors.push(format!("network {}: bridge: {e}", net.name));
-                }
-            }
-            let vxlan_dev = vxlan_dev_name(&net.name);
-            // An encrypted network sends nothing over VXLAN; a sleeve one neither.
-            let uses_vxlan =
-                matches!(spec.backend, Backend::Vxlan | Backend::Auto) && !spec.encrypt;
-            if uses_vxlan {
-                match vxlan_local(&self.underlay.addrs) {
-                    Some(local) => {
-                        let vx = VxlanSpec {
-                            name: vxlan_dev.clone(),
-                            vni: spec.vni,
-                            local,
-                            underlay_index: Some(self.underlay.index),
-                            port: VXLAN_PORT,
-                            mtu: vxlan_mtu(self.underlay.mtu, local.is_ipv6()),
-                            mac: vtep_mac(&me, &net.name),
-                        };
-                        match self.nl.ensure_vxlan(&vx).await {
-                            Ok(_) => vxlan_devs.push(vxlan_dev.clone()),
-                            Err(e) => errors.push(format!(
-                                "network {}: vxlan device {vxlan_dev}: {e}",
-                                net.name
-                            )),
-                        }
-                    }
-                    None => errors.push(format!(
-                        "network {}: the underlay has no address to tunnel from",
-                        net.name
-                    )),
-                }
-            }
-            let peers = view.peers(&net.name, &me);
-            let choices: BTreeMap<String, Choice> = peers
-                .iter()
-                .map(|p| {
-                    let probe = probes.get(&p.host).copied().unwrap_or_default();
-                    let has_key = with_sleeve.contains(p.host.as_str());
-                    let c = sleeve_model::choose(
-                        spec.backend,
-                        spec.encrypt,
-                        &self.underlay.addrs,
-                        p,
-                        has_key,
-                        probe,
-                    );
-                    (p.host.clone(), c)
-                })
-                .collect();
-            if spec.backend == Backend::Auto && uses_vxlan {
-                for p in &peers {
-                    let routed = choices.get(&p.host).map(|c| c.backend) == Some(Backend::Route);
-                    if let (false, Some(dst)) = (routed, sleeve_model::probe_target(p)) {
-                        probe_targets.push(super::sleeve::ProbeTarget {
-                            host: p.host.clone(),
-                            dst,
-                            dev: vxlan_dev.clone(),
-                        });
-                    }
-                }
-            }
-            sleeve_needed |= choices.values().any(|c| c.backend == Backend::Sleeve);
-            let (state, peer_status) = sleeve_model::desired(
-                &FabricInput {
-                    me: &me,
-                    my_underlay: &self.underlay.addrs,
-                    underlay_dev: &self.underlay.dev,
-                    vxlan_dev: &vxlan_dev,
-                    backend: spec.backend,
-                    peers: &peers,
-                },
-                SLEEVE_DEV,
-                &choices,
-            );
-            want.merge(state);
-            networks.push(NetworkStatus {
-                name: net.name.clone(),
-                backend: spec.backend.to_string(),
-                vni: spec.vni,
-                blocks: mine,
-                peers: peer_status
-                    .into_iter()
-                    .map(|p| PeerReport {
-                        blocks: peers
-                            .iter()
-                            .find(|q| q.host == p.host)
-                            .map(|q| q.blocks.clone())
-                            .unwrap_or_default(),
-                        reason: choices
-                            .get(&p.host)
-                            .map(|c| c.reason.clone())
-                            .unwrap_or_default(),
-                        host: p.host,
-                        backend: p.backend.map(|b| b.to_string()),
-                        errors: p.errors,
-                    })
-                    .collect(),
-            });
-            served.insert(net.name.clone(), net.clone());
         }
+        let peers = view.peers(&net.name, me);
+        let choices = self.choose(&spec, &peers, facts);
+        if spec.backend == Backend::Auto && uses_vxlan {
+            round
+                .probe_targets
+                .extend(probe_targets(&peers, &choices, &vxlan_dev));
+        }
+        round.sleeve_needed |= choices.values().any(|c| c.backend == Backend::Sleeve);
+        let (state, peer_status) = sleeve_model::desired(
+            &FabricInput {
+                me,
+                my_underlay: &self.underlay.addrs,
+                underlay_dev: &self.underlay.dev,
+                vxlan_dev: &vxlan_dev,
+                backend: spec.backend,
+                peers: &peers,
+            },
+            SLEEVE_DEV,
+            &choices,
+        );
+        round.want.merge(state);
+        round.networks.push(NetworkStatus {
+            name: net.name.clone(),
+            backend: spec.backend.to_string(),
+            vni: spec.vni,
+            blocks: mine,
+            peers: peer_reports(peer_status, &peers, &choices),
+        });
+        round.served.insert(net.name.clone(), net.clone());
+    }
 
-        // Networks removed from the store: their tunnel and (on hosts that did not remove them
-        // themselves) their bridge go too.
+    /// This host's first blocks (claimed ahead of its first container, so peers route to it
+    /// before; the claim comes back as a watch event and a new reconcile) and its bridge.
+    async fn ensure_local(
+        &self,
+        view: &ClusterView,
+        net: &Network,
+        me: &str,
+        mine: &[IpNet],
+        errors: &mut Vec<String>,
+    ) {
+        let missing = net
+            .subnets
+            .iter()
+            .map(|s| s.cidr.addr().is_ipv6())
+            .any(|v6| !mine.iter().any(|b| b.addr().is_ipv6() == v6));
+        if missing {
+            if let Err(e) = self.ctl.ensure_blocks(net).await {
+                errors.push(format!("network {}: claiming blocks: {e}", net.name));
+            }
+        }
+        let hv = view.host_view(net, me);
+        if !hv.subnets.is_empty() {
+            let links = LinuxLinks::host(self.nl.clone());
+            if let Err(e) = self.ctl.ensure_bridge(&links, &hv).await {
+                errors.push(format!("network {}: bridge: {e}", net.name));
+            }
+        }
+    }
+
+    /// The network's VXLAN device on the underlay.
+    async fn ensure_vxlan(&self, net: &Network, vni: u32, me: &str) -> Result<(), String> {
+        let vxlan_dev = vxlan_dev_name(&net.name);
+        let Some(local) = vxlan_local(&self.underlay.addrs) else {
+            return Err(format!(
+                "network {}: the underlay has no address to tunnel from",
+                net.name
+            ));
+        };
+        let vx = VxlanSpec {
+            name: vxlan_dev.clone(),
+            vni,
+            local,
+            underlay_index: Some(self.underlay.index),
+            port: VXLAN_PORT,
+            mtu: vxlan_mtu(self.underlay.mtu, local.is_ipv6()),
+            mac: vtep_mac(me, &net.name),
+        };
+        self.nl
+            .ensure_vxlan(&vx)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("network {}: vxlan device {vxlan_dev}: {e}", net.name))
+    }
+
+    /// The backend towards each peer (`model::sleeve::choose`).
+    fn choose(
+        &self,
+        spec: &ferrynet_model::network::FabricSpec,
+        peers: &[ferrynet_model::fabric::Peer],
+        facts: &PeerFacts,
+    ) -> BTreeMap<String, Choice> {
+        peers
+            .iter()
+            .map(|p| {
+                let probe = facts.probes.get(&p.host).copied().unwrap_or_default();
+                let has_key = facts.with_sleeve.contains(&p.host);
+                let c = sleeve_model::choose(
+                    spec.backend,
+                    spec.encrypt,
+                    &self.underlay.addrs,
+                    p,
+                    has_key,
+                    probe,
+                );
+                (p.host.clone(), c)
+            })
+            .collect()
+    }
+
+    /// Networks removed from the store: their tunnel and (on hosts that did not remove them
+    /// themselves) their bridge go too.
+    async fn remove_unserved(
+        &self,
+        view: &ClusterView,
+        served: &BTreeMap<String, Network>,
+        errors: &mut Vec<String>,
+    ) {
         for (name, old) in &self.served {
             if served.contains_key(name) {
                 continue;
@@ -322,71 +361,97 @@ impl Reconciler {
                 }
             }
         }
-        self.served = served;
-        self.save_blocks(view);
-        self.sync_sleeve(view, &me, sleeve_needed, &mut errors);
+    }
+
+    /// Tell the VXLAN path probe whom to probe (one target per host).
+    fn publish_probe_targets(&self, mut targets: Vec<super::sleeve::ProbeTarget>) {
         if let Some(tx) = &self.probe_targets {
-            probe_targets.sort_by(|a, b| a.host.cmp(&b.host));
-            probe_targets.dedup_by(|a, b| a.host == b.host);
+            targets.sort_by(|a, b| a.host.cmp(&b.host));
+            targets.dedup_by(|a, b| a.host == b.host);
             tx.send_if_modified(|t| {
-                let changed = *t != probe_targets;
-                *t = std::mem::take(&mut probe_targets);
+                let changed = *t != targets;
+                *t = targets;
                 changed
             });
         }
+    }
 
-        let mut changes = 0u64;
-        match self.nl.read_fabric(&vxlan_devs).await {
-            Ok(have) => {
-                let d = diff(&have, &want);
-                if !d.is_empty() {
-                    changes = (d.add_routes.len()
-                        + d.del_routes.len()
-                        + d.add_fdb.len()
-                        + d.del_fdb.len()
-                        + d.add_neigh.len()
-                        + d.del_neigh.len()) as u64;
-                    tracing::info!(
-                        add_routes = d.add_routes.len(),
-                        del_routes = d.del_routes.len(),
-                        add_fdb = d.add_fdb.len(),
-                        del_fdb = d.del_fdb.len(),
-                        add_neigh = d.add_neigh.len(),
-                        del_neigh = d.del_neigh.len(),
-                        "reconciling the fabric"
-                    );
-                    match self.nl.apply_fabric(&d).await {
-                        Ok(failed) => errors.extend(failed),
-                        Err(e) => errors.push(format!("applying the fabric: {e}")),
-                    }
-                    crate::failpoint::hit("agent-fabric-applied");
-                }
+    /// Read the kernel's fabric state, diff it with `want`, apply the difference; how many
+    /// changes were made.
+    async fn apply_fabric(
+        &self,
+        vxlan_devs: &[String],
+        want: &FabricState,
+        errors: &mut Vec<String>,
+    ) -> u64 {
+        let have = match self.nl.read_fabric(vxlan_devs).await {
+            Ok(have) => have,
+            Err(e) => {
+                errors.push(format!("reading the kernel's fabric state: {e}"));
+                return 0;
             }
-            Err(e) => errors.push(format!("reading the kernel's fabric state: {e}")),
+        };
+        let d = diff(&have, want);
+        if d.is_empty() {
+            return 0;
         }
-        // Only registered hosts may send to the VXLAN port (while this host has tunnels).
-        let guard = (!vxlan_devs.is_empty()).then(|| {
+        tracing::info!(
+            add_routes = d.add_routes.len(),
+            del_routes = d.del_routes.len(),
+            add_fdb = d.add_fdb.len(),
+            del_fdb = d.del_fdb.len(),
+            add_neigh = d.add_neigh.len(),
+            del_neigh = d.del_neigh.len(),
+            "reconciling the fabric"
+        );
+        match self.nl.apply_fabric(&d).await {
+            Ok(failed) => errors.extend(failed),
+            Err(e) => errors.push(format!("applying the fabric: {e}")),
+        }
+        crate::failpoint::hit("agent-fabric-applied");
+        (d.add_routes.len()
+            + d.del_routes.len()
+            + d.add_fdb.len()
+            + d.del_fdb.len()
+            + d.add_neigh.len()
+            + d.del_neigh.len()) as u64
+    }
+
+    /// Only registered hosts may send to the VXLAN port (while this host has tunnels). None:
+    /// the sync failed, the last report stays.
+    async fn sync_fabric_guard(
+        &self,
+        view: &ClusterView,
+        me: &str,
+        round: &mut Round,
+    ) -> Option<GuardReport> {
+        let guard = (!round.vxlan_devs.is_empty()).then(|| {
             let registered = view
                 .hosts
                 .values()
                 .chain(view.departed.values().map(|(h, _)| h));
-            fabric_guard::desired(VXLAN_PORT, &me, registered)
+            fabric_guard::desired(VXLAN_PORT, me, registered)
         });
-        // None: the sync failed, the last report stays.
-        let guard_report = match super::fabric_guard::sync(&self.ctl.nft_handle(), guard).await {
+        match super::fabric_guard::sync(&self.ctl.nft_handle(), guard).await {
             Ok(s) => {
-                changes += s.applied;
+                round.changes += s.applied;
                 Some(s.report.map(|r| (r, s.rebuilt)))
             }
             Err(e) => {
-                errors.push(e);
+                round.errors.push(e);
                 None
             }
-        };
-        for e in &errors {
-            tracing::warn!(error = %e, "reconcile");
         }
+    }
 
+    /// The round's outcome into the status and the metrics.
+    fn report(
+        &self,
+        view: &ClusterView,
+        started: Instant,
+        round: Round,
+        guard_report: Option<GuardReport>,
+    ) {
         let hosts = view
             .hosts
             .values()
@@ -407,12 +472,12 @@ impl Reconciler {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0);
             s.last_reconcile_took_ms = started.elapsed().as_secs_f64() * 1000.0;
-            super::metrics::instruments().reconciled(started.elapsed(), errors.len());
+            super::metrics::instruments().reconciled(started.elapsed(), round.errors.len());
             s.reconciles += 1;
-            s.changes += changes;
-            s.errors = errors;
+            s.changes += round.changes;
+            s.errors = round.errors;
             s.hosts = hosts;
-            s.networks = networks;
+            s.networks = round.networks;
             if let Some(report) = guard_report {
                 let rebuilds = s.vxlan_guard.as_ref().map_or(0, |g| g.rebuilds);
                 s.vxlan_guard = report.map(|(mut r, rebuilt)| {
@@ -564,4 +629,70 @@ impl Reconciler {
         }
         Ok(deleted)
     }
+}
+
+/// What one reconcile gathers on its way.
+#[derive(Default)]
+struct Round {
+    errors: Vec<String>,
+    want: FabricState,
+    vxlan_devs: Vec<String>,
+    networks: Vec<NetworkStatus>,
+    served: BTreeMap<String, Network>,
+    probe_targets: Vec<super::sleeve::ProbeTarget>,
+    sleeve_needed: bool,
+    changes: u64,
+}
+
+/// What the backend choice knows of the peers beside the view: probe results and sleeve keys.
+struct PeerFacts {
+    probes: BTreeMap<String, sleeve_model::Probe>,
+    with_sleeve: std::collections::BTreeSet<String>,
+}
+
+/// The VXLAN guard's report and whether its table was rebuilt (None: no guard).
+type GuardReport = Option<(super::status::VxlanGuardStatus, bool)>;
+
+/// The peers an `auto` network probes: those not routed on-link.
+fn probe_targets(
+    peers: &[ferrynet_model::fabric::Peer],
+    choices: &BTreeMap<String, Choice>,
+    vxlan_dev: &str,
+) -> Vec<super::sleeve::ProbeTarget> {
+    peers
+        .iter()
+        .filter(|p| choices.get(&p.host).map(|c| c.backend) != Some(Backend::Route))
+        .filter_map(|p| {
+            Some(super::sleeve::ProbeTarget {
+                host: p.host.clone(),
+                dst: sleeve_model::probe_target(p)?,
+                dev: vxlan_dev.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Each peer's status line: its blocks, backend, why, and errors.
+fn peer_reports(
+    status: Vec<ferrynet_model::fabric::PeerStatus>,
+    peers: &[ferrynet_model::fabric::Peer],
+    choices: &BTreeMap<String, Choice>,
+) -> Vec<PeerReport> {
+    status
+        .into_iter()
+        .map(|p| PeerReport {
+            blocks: peers
+                .iter()
+                .find(|q| q.host == p.host)
+                .map(|q| q.blocks.clone())
+                .unwrap_or_default(),
+            reason: choices
+                .get(&p.host)
+                .map(|c| c.reason.clone())
+                .unwrap_or_default(),
+            host: p.host,
+            backend: p.backend.map(|b| b.to_string()),
+            errors: p.errors,
+        })
+        .collect()
 }

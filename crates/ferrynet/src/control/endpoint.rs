@@ -117,6 +117,53 @@ pub fn container_routes(
         .collect()
 }
 
+/// The network's subnets with their gateways, or a configuration error.
+fn resolved(net: &Network) -> Result<Vec<ResolvedSubnet>> {
+    validate_network_subnets(&net.subnets).map_err(|e| ControlError::InvalidConfig(e.to_string()))
+}
+
+/// The endpoint an attach reserves, refused here when no reader would accept it or when the
+/// network cannot serve what is asked (limits or ports with host networking, ports on an
+/// internal network).
+fn endpoint_template(net: &Network, req: &AttachRequest) -> Result<Endpoint> {
+    let template = Endpoint {
+        netns: Some(req.netns.clone()),
+        mac: req.mac.map(|m| format_mac(&m)),
+        port_mappings: req.port_mappings.clone(),
+        name: req.name.clone(),
+        aliases: req.aliases.clone(),
+        owner: req.owner,
+        pod: req.pod.clone(),
+        labels: req.labels.clone(),
+        bandwidth: req.bandwidth.filter(|b| !b.is_unlimited()),
+        ..Endpoint::new(&net.name, &req.container_id, &req.ifname)
+    };
+    // Refuse at the write edge what every reader would refuse (ferrynet_model::validate).
+    template
+        .validate()
+        .map_err(|e| ControlError::InvalidConfig(format!("endpoint: {e}")))?;
+    if net.mode == NetworkMode::Host {
+        if template.bandwidth.is_some() {
+            return Err(ControlError::InvalidConfig(format!(
+                "network {} uses host networking: there is no interface of the container's own to limit",
+                net.name
+            )));
+        }
+        if !req.port_mappings.is_empty() {
+            return Err(ControlError::InvalidConfig(format!(
+                "network {} uses host networking: the container already listens on host ports, so portMappings cannot apply",
+                net.name
+            )));
+        }
+    } else if net.internal && !req.port_mappings.is_empty() {
+        return Err(ControlError::InvalidConfig(format!(
+            "network {} is internal: it takes no traffic from outside, so ports cannot be published on it",
+            net.name
+        )));
+    }
+    Ok(template)
+}
+
 impl Control {
     /// Attach a container to the network of `view` (derived once by the caller); safe to retry
     /// with the same container id and ifname. On failure nothing is left: no link, no
@@ -128,117 +175,31 @@ impl Control {
         req: AttachRequest,
     ) -> Result<(Endpoint, HostView)> {
         let net = &view.net;
-        let template = Endpoint {
-            netns: Some(req.netns.clone()),
-            mac: req.mac.map(|m| format_mac(&m)),
-            port_mappings: req.port_mappings.clone(),
-            name: req.name.clone(),
-            aliases: req.aliases.clone(),
-            owner: req.owner,
-            pod: req.pod.clone(),
-            labels: req.labels.clone(),
-            bandwidth: req.bandwidth.filter(|b| !b.is_unlimited()),
-            ..Endpoint::new(&net.name, &req.container_id, &req.ifname)
-        };
-        // Refuse at the write edge what every reader would refuse (ferrynet_model::validate).
-        template
-            .validate()
-            .map_err(|e| ControlError::InvalidConfig(format!("endpoint: {e}")))?;
+        let template = endpoint_template(net, &req)?;
         if net.mode == NetworkMode::Host {
-            if template.bandwidth.is_some() {
-                return Err(ControlError::InvalidConfig(format!(
-                    "network {} uses host networking: there is no interface of the container's own to limit",
-                    net.name
-                )));
-            }
-            if !req.port_mappings.is_empty() {
-                return Err(ControlError::InvalidConfig(format!(
-                    "network {} uses host networking: the container already listens on host ports, so portMappings cannot apply",
-                    net.name
-                )));
-            }
             let (ep, _) = self.reserve_host_mode(net, template).await?;
             return Ok((ep, view.clone()));
-        }
-
-        if net.internal && !req.port_mappings.is_empty() {
-            return Err(ControlError::InvalidConfig(format!(
-                "network {} is internal: it takes no traffic from outside, so ports cannot be published on it",
-                net.name
-            )));
         }
         // A multi-host network's view may hold no block yet (the reservation claims one), so
         // its subnets are checked after the reservation instead.
         let subnets = if net.fabric.is_some() {
             Vec::new()
         } else {
-            validate_network_subnets(&net.subnets)
-                .map_err(|e| ControlError::InvalidConfig(e.to_string()))?
+            resolved(net)?
         };
         let links = self.container_links(&req.netns)?;
         let host = links.as_ref();
 
         let (ep, fresh, view) = self.reserve(view, template, &req.static_ips).await?;
         crate::failpoint::hit("add-reserved");
-        if !fresh {
-            // A retried ADD: the same allocation, and nothing to do if the interface is in place.
-            if ep.netns.as_deref() != Some(req.netns.as_str()) {
-                return Err(ControlError::IfaceExists(format!(
-                    "container {} already has {} on network {} in netns {}",
-                    ep.container_id,
-                    ep.ifname,
-                    net.name,
-                    ep.netns.as_deref().unwrap_or("?")
-                )));
-            }
-            if let Some(state) =
-                host.inspect(&req.ifname)
-                    .await
-                    .map_err(ControlError::dataplane(format!(
-                        "inspecting {} in {}",
-                        req.ifname, req.netns
-                    )))?
-            {
-                if container_addresses(net, &ep.ips)
-                    .iter()
-                    .all(|ip| state.addresses.contains(ip))
-                {
-                    tracing::info!(container = %ep.container_id, "ADD repeated; endpoint already in place");
-                    let host_name = host_veth_name(&net.name, &ep.container_id, &ep.ifname);
-                    if let Some(index) = host
-                        .link_index(&host_name)
-                        .await
-                        .map_err(ControlError::dataplane(format!("looking up {host_name}")))?
-                    {
-                        if net.mode == NetworkMode::Routed {
-                            // The interrupted attempt may have stopped before the host routes.
-                            let subnets = validate_network_subnets(&view.net.subnets)
-                                .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
-                            self.ensure_bridge(host, &view.net).await?;
-                            self.plumb_routed_port(host, net, &subnets, &host_name, index, &ep.ips)
-                                .await?;
-                        }
-                        shaping::shape(host, net, &ep, index).await?;
-                    }
-                    self.guard_endpoint(&ep, net.mode).await?;
-                    self.publish_ports(&ep).await?;
-                    return Ok((ep, view));
-                }
-                return Err(ControlError::IfaceExists(format!(
-                    "interface {} already exists in netns {} with other addresses",
-                    req.ifname, req.netns
-                )));
-            }
-            tracing::info!(container = %ep.container_id, "resuming an interrupted ADD with its recorded addresses");
-            // The interrupted attempt's port may be guarded for a MAC the new link will not have.
-            self.unguard_endpoint(&ep);
+        if !fresh && self.resume(host, &view, &req, &ep).await? {
+            return Ok((ep, view));
         }
 
         // The reservation may have claimed a new block: plumb with the view it returned.
         let net = &view.net;
         let subnets = if view.is_multi_host() {
-            validate_network_subnets(&net.subnets)
-                .map_err(|e| ControlError::InvalidConfig(e.to_string()))?
+            resolved(net)?
         } else {
             subnets
         };
@@ -255,39 +216,104 @@ impl Control {
                 Ok((done, view))
             }
             Err(e) => {
-                // Undo in reverse: ports, link, reservation. Errors here are logged, the first kept.
-                if let Err(u) = self.unpublish_ports(&ep).await {
-                    tracing::warn!(error = %u, "cleanup: unpublishing ports failed");
-                }
-                let host_name = host_veth_name(&net.name, &ep.container_id, &ep.ifname);
-                if !matches!(e, ControlError::IfaceExists(_)) {
-                    if let Err(u) = host.detach_veth(&ep.ifname, &host_name).await {
-                        tracing::warn!(error = %u, "cleanup: removing the veth failed");
-                    }
-                } else {
-                    // The container's interface of that name is not ours: the host end only.
-                    let host_only = self.host_links();
-                    let undone = match &host_only {
-                        Ok(h) => h
-                            .detach_veth(&ep.ifname, &host_name)
-                            .await
-                            .map_err(|e| e.to_string()),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    if let Err(u) = undone {
-                        tracing::warn!(error = %u, "cleanup: removing the host veth failed");
-                    }
-                }
-                if let Err(u) =
-                    shaping::unshape(host, &net.name, &ep.container_id, &ep.ifname).await
-                {
-                    tracing::warn!(error = %u, "cleanup: removing the IFB device failed");
-                }
-                if let Err(u) = self.release_own(&ep).await {
-                    tracing::warn!(error = %u, "cleanup: releasing the reservation failed");
-                }
+                self.undo_attach(host, net, &ep, &e).await;
                 Err(e)
             }
+        }
+    }
+
+    /// A retried ADD (the reservation was there): true when the interface is in place with the
+    /// same addresses (whatever the interrupted attempt left undone after it is done now);
+    /// false when it is missing and the attach goes on with the recorded addresses.
+    async fn resume(
+        &self,
+        host: &dyn Links,
+        view: &HostView,
+        req: &AttachRequest,
+        ep: &Endpoint,
+    ) -> Result<bool> {
+        let net = &view.net;
+        if ep.netns.as_deref() != Some(req.netns.as_str()) {
+            return Err(ControlError::IfaceExists(format!(
+                "container {} already has {} on network {} in netns {}",
+                ep.container_id,
+                ep.ifname,
+                net.name,
+                ep.netns.as_deref().unwrap_or("?")
+            )));
+        }
+        let state = host
+            .inspect(&req.ifname)
+            .await
+            .map_err(ControlError::dataplane(format!(
+                "inspecting {} in {}",
+                req.ifname, req.netns
+            )))?;
+        let Some(state) = state else {
+            tracing::info!(container = %ep.container_id, "resuming an interrupted ADD with its recorded addresses");
+            // The interrupted attempt's port may be guarded for a MAC the new link will not have.
+            self.unguard_endpoint(ep);
+            return Ok(false);
+        };
+        if !container_addresses(net, &ep.ips)
+            .iter()
+            .all(|ip| state.addresses.contains(ip))
+        {
+            return Err(ControlError::IfaceExists(format!(
+                "interface {} already exists in netns {} with other addresses",
+                req.ifname, req.netns
+            )));
+        }
+        tracing::info!(container = %ep.container_id, "ADD repeated; endpoint already in place");
+        let host_name = host_veth_name(&net.name, &ep.container_id, &ep.ifname);
+        let index = host
+            .link_index(&host_name)
+            .await
+            .map_err(ControlError::dataplane(format!("looking up {host_name}")))?;
+        if let Some(index) = index {
+            if net.mode == NetworkMode::Routed {
+                // The interrupted attempt may have stopped before the host routes.
+                let subnets = resolved(net)?;
+                self.ensure_bridge(host, net).await?;
+                self.plumb_routed_port(host, net, &subnets, &host_name, index, &ep.ips)
+                    .await?;
+            }
+            shaping::shape(host, net, ep, index).await?;
+        }
+        self.guard_endpoint(ep, net.mode).await?;
+        self.publish_ports(ep).await?;
+        Ok(true)
+    }
+
+    /// Undo a failed attach in reverse: ports, link, limits, reservation. Errors here are
+    /// logged; the attach's own error is the one returned.
+    async fn undo_attach(&self, host: &dyn Links, net: &Network, ep: &Endpoint, e: &ControlError) {
+        if let Err(u) = self.unpublish_ports(ep).await {
+            tracing::warn!(error = %u, "cleanup: unpublishing ports failed");
+        }
+        let host_name = host_veth_name(&net.name, &ep.container_id, &ep.ifname);
+        if !matches!(e, ControlError::IfaceExists(_)) {
+            if let Err(u) = host.detach_veth(&ep.ifname, &host_name).await {
+                tracing::warn!(error = %u, "cleanup: removing the veth failed");
+            }
+        } else {
+            // The container's interface of that name is not ours: the host end only.
+            let undone = match self.host_links() {
+                Ok(h) => h
+                    .detach_veth(&ep.ifname, &host_name)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(u) = undone {
+                tracing::warn!(error = %u, "cleanup: removing the host veth failed");
+            }
+        }
+        if let Err(u) = shaping::unshape(host, &net.name, &ep.container_id, &ep.ifname).await {
+            tracing::warn!(error = %u, "cleanup: removing the IFB device failed");
+        }
+        if let Err(u) = self.release_own(ep).await {
+            tracing::warn!(error = %u, "cleanup: releasing the reservation failed");
         }
     }
 
