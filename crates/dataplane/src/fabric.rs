@@ -312,7 +312,23 @@ impl Netlink {
             nl: self,
             known: BTreeMap::new(),
         };
+        self.delete_fabric(diff, &mut idx, &mut failures).await?;
+        self.add_neighbours(diff, &mut idx, &mut failures).await?;
+        if !diff.add_routes.is_empty() {
+            self.add_routes(&diff.add_routes, &mut idx, &mut failures)
+                .await?;
+        }
+        Ok(failures)
+    }
 
+    /// The diff's deletions: routes, neighbours, FDB entries (a missing device or entry is no
+    /// failure).
+    async fn delete_fabric(
+        &self,
+        diff: &FabricDiff,
+        idx: &mut Indices<'_>,
+        failures: &mut Vec<String>,
+    ) -> Result<()> {
         for r in &diff.del_routes {
             let Some(oif) = idx.get(&r.dev).await? else {
                 continue;
@@ -359,7 +375,16 @@ impl Netlink {
                 _ => {}
             }
         }
+        Ok(())
+    }
 
+    /// The diff's FDB entries and neighbours (replacing what has the same key).
+    async fn add_neighbours(
+        &self,
+        diff: &FabricDiff,
+        idx: &mut Indices<'_>,
+        failures: &mut Vec<String>,
+    ) -> Result<()> {
         for f in &diff.add_fdb {
             let Some(i) = idx.get(&f.dev).await? else {
                 failures.push(format!("adding {f}: device {} does not exist", f.dev));
@@ -397,10 +422,16 @@ impl Netlink {
                 failures.push(format!("adding {n}: {e}"));
             }
         }
+        Ok(())
+    }
 
-        if diff.add_routes.is_empty() {
-            return Ok(failures);
-        }
+    /// The diff's routes, except where a route of another protocol holds the destination.
+    async fn add_routes(
+        &self,
+        routes: &[FabricRoute],
+        idx: &mut Indices<'_>,
+        failures: &mut Vec<String>,
+    ) -> Result<()> {
         // Destinations held by routes that are not ours: replacing them would clobber them.
         let mut foreign: BTreeMap<IpNet, u8> = BTreeMap::new();
         for r in self.main_routes().await? {
@@ -408,7 +439,7 @@ impl Netlink {
                 foreign.entry(r.dst).or_insert(r.protocol);
             }
         }
-        for r in &diff.add_routes {
+        for r in routes {
             if let Some(p) = foreign.get(&r.dst.trunc()) {
                 failures.push(format!(
                     "adding {r}: a route to {} with protocol {p} (not ferrynet's) is in the main table; left alone",
@@ -431,7 +462,7 @@ impl Netlink {
                 failures.push(format!("adding {r}: {e}"));
             }
         }
-        Ok(failures)
+        Ok(())
     }
 }
 

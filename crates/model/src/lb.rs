@@ -33,7 +33,7 @@ use std::net::IpAddr;
 
 use crate::discovery::DiscoveryView;
 use crate::portmap::Protocol;
-use crate::service::IngressPort;
+use crate::service::{IngressPort, Producer};
 
 /// The table's name (family `inet`).
 pub const TABLE: &str = "ferrynet-svc";
@@ -183,27 +183,8 @@ pub fn desired(view: &DiscoveryView, host: &str) -> LbState {
                 if vip.is_none() && ingress.is_empty() {
                     continue;
                 }
-                let mut backends: Vec<(Backend, bool)> = producers
-                    .iter()
-                    .filter_map(|pr| {
-                        let here = pr.host.as_deref() == Some(host);
-                        pr.addr(v6).map(|addr| {
-                            let be = Backend {
-                                id: pr.id.clone(),
-                                addr,
-                                port: pr.target_port(p.port),
-                            };
-                            (be, here)
-                        })
-                    })
-                    .collect();
-                backends.sort();
-                let local: Vec<Backend> = backends
-                    .iter()
-                    .filter(|(_, here)| *here)
-                    .map(|(b, _)| b.clone())
-                    .collect();
-                let backends: Vec<Backend> = backends.into_iter().map(|(b, _)| b).collect();
+                let (backends, local) =
+                    backends_of(&producers, host, v6, |pr| pr.target_port(p.port));
                 let name = chain_name(&svc.name, p.protocol, p.port, v6);
                 let loc_name = local_chain_name(&svc.name, p.protocol, p.port, v6);
                 let key = vip.map(|vip| VipPort {
@@ -264,7 +245,44 @@ pub fn desired(view: &DiscoveryView, host: &str) -> LbState {
             }
         }
     }
-    // A local chain nobody leads to (its port lost to a conflict) is not programmed.
+    drop_unused_local_chains(&mut st);
+    st.conflicts.sort();
+    st.conflicts.dedup();
+    st
+}
+
+/// The backends of one service port and family, sorted, and those of them on `host`.
+fn backends_of(
+    producers: &[&Producer],
+    host: &str,
+    v6: bool,
+    port_of: impl Fn(&Producer) -> u16,
+) -> (Vec<Backend>, Vec<Backend>) {
+    let mut backends: Vec<(Backend, bool)> = producers
+        .iter()
+        .filter_map(|pr| {
+            let here = pr.host.as_deref() == Some(host);
+            pr.addr(v6).map(|addr| {
+                let be = Backend {
+                    id: pr.id.clone(),
+                    addr,
+                    port: port_of(pr),
+                };
+                (be, here)
+            })
+        })
+        .collect();
+    backends.sort();
+    let local: Vec<Backend> = backends
+        .iter()
+        .filter(|(_, here)| *here)
+        .map(|(b, _)| b.clone())
+        .collect();
+    (backends.into_iter().map(|(b, _)| b).collect(), local)
+}
+
+/// A local chain nobody leads to (its port lost to a conflict) is not programmed.
+fn drop_unused_local_chains(st: &mut LbState) {
     let used: BTreeSet<&String> = st.vips.values().chain(st.ingress.values()).collect();
     let unused: Vec<String> = st
         .chains
@@ -275,9 +293,6 @@ pub fn desired(view: &DiscoveryView, host: &str) -> LbState {
     for c in unused {
         st.chains.remove(&c);
     }
-    st.conflicts.sort();
-    st.conflicts.dedup();
-    st
 }
 
 /// Where an ingress port leads on this host.

@@ -27,6 +27,9 @@ pub async fn follow(
     status: Arc<Mutex<AgentStatus>>,
     discovery: ViewRx,
 ) {
+    // Former blocks first, before the re-assertion after registration puts back records
+    // (with their blocks) and before the first reconcile claims new ones.
+    reclaimed(rec).await;
     let mut view = ClusterView::default();
     // Nothing is reconciled before the first snapshot (an empty view would remove everything).
     let mut have_snapshot = false;
