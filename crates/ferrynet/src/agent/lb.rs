@@ -45,13 +45,7 @@ pub async fn run(
         let view = rx.borrow_and_update().clone();
         let want = desired(&view, &host);
         if !want.ingress.is_empty() && !forward_accepted {
-            match tokio::task::spawn_blocking(ensure_forward_accept).await {
-                Ok(Ok(())) => forward_accepted = true,
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "cannot accept ingress in iptables FORWARD")
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot accept ingress in iptables FORWARD"),
-            }
+            forward_accepted = accept_ingress_forward().await;
         }
         let (batch, rebuild) = match &programmed {
             // Nothing to serve: no table at all, so a host without services keeps no rules of
@@ -69,27 +63,7 @@ pub async fn run(
                 .map_err(|e| e.to_string())
                 .and_then(|r| r.map_err(|e| e.to_string()));
             let took = started.elapsed();
-            if let Ok(mut s) = status.lock() {
-                let lb = &mut s.lb;
-                lb.applies += 1;
-                lb.rebuilds += u64::from(rebuild);
-                lb.last_apply_ms = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_millis() as u64)
-                    .unwrap_or(0);
-                lb.last_apply_took_ms = took.as_secs_f64() * 1000.0;
-                match &res {
-                    Ok(()) => {
-                        lb.error = None;
-                        lb.chains = want.chains.len();
-                        lb.vip_ports = want.service_ports();
-                        lb.ingress_ports = want.ingress.len();
-                        lb.revision = view.revision;
-                        lb.conflicts = want.conflicts.clone();
-                    }
-                    Err(e) => lb.error = Some(e.clone()),
-                }
-            }
+            record_apply(&status, &want, view.revision, rebuild, took, &res);
             match res {
                 Ok(()) => {
                     tracing::info!(
@@ -117,30 +91,83 @@ pub async fn run(
             }
             programmed = Some(want);
         }
-        // Wait for a new view; meanwhile check that the table is still there, and retry a
-        // failed transaction on every check.
-        loop {
-            tokio::select! {
-                r = rx.changed() => {
-                    if r.is_err() {
-                        return;
-                    }
-                    break;
+        if !wait_for_change(&mut rx, &mut check, &nft, &mut programmed).await {
+            return;
+        }
+    }
+}
+
+/// Wait for a new view (true) or the feed's end (false); meanwhile check that the table is
+/// still there (forgetting what was programmed when it is not), and retry a failed
+/// transaction on every check.
+async fn wait_for_change(
+    rx: &mut ViewRx,
+    check: &mut tokio::time::Interval,
+    nft: &Arc<dyn NftExecutor>,
+    programmed: &mut Option<LbState>,
+) -> bool {
+    loop {
+        tokio::select! {
+            r = rx.changed() => return r.is_ok(),
+            _ = check.tick() => {
+                match programmed {
+                    None => return true,
+                    Some(p) if p.is_empty() => continue,
+                    Some(_) => {}
                 }
-                _ = check.tick() => {
-                    match &programmed {
-                        None => break,
-                        Some(p) if p.is_empty() => continue,
-                        Some(_) => {}
-                    }
-                    if !table_present(&nft).await {
-                        tracing::warn!("table inet {TABLE} is gone; rebuilding it");
-                        programmed = None;
-                        break;
-                    }
+                if !table_present(nft).await {
+                    tracing::warn!("table inet {TABLE} is gone; rebuilding it");
+                    *programmed = None;
+                    return true;
                 }
             }
         }
+    }
+}
+
+/// Make sure ingress connections are accepted in iptables FORWARD; true when they are.
+async fn accept_ingress_forward() -> bool {
+    match tokio::task::spawn_blocking(ensure_forward_accept).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot accept ingress in iptables FORWARD");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot accept ingress in iptables FORWARD");
+            false
+        }
+    }
+}
+
+/// One transaction's outcome into the status.
+fn record_apply(
+    status: &Mutex<AgentStatus>,
+    want: &LbState,
+    revision: u64,
+    rebuild: bool,
+    took: Duration,
+    res: &Result<(), String>,
+) {
+    let Ok(mut s) = status.lock() else { return };
+    let lb = &mut s.lb;
+    lb.applies += 1;
+    lb.rebuilds += u64::from(rebuild);
+    lb.last_apply_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    lb.last_apply_took_ms = took.as_secs_f64() * 1000.0;
+    match res {
+        Ok(()) => {
+            lb.error = None;
+            lb.chains = want.chains.len();
+            lb.vip_ports = want.service_ports();
+            lb.ingress_ports = want.ingress.len();
+            lb.revision = revision;
+            lb.conflicts = want.conflicts.clone();
+        }
+        Err(e) => lb.error = Some(e.clone()),
     }
 }
 

@@ -75,6 +75,21 @@ fn referenced_only(
     Some(ips)
 }
 
+/// The subnet `cidr` of `net`, with a requested address checked to lie in it.
+fn subnet_for(net: &Network, cidr: IpNet, requested: Option<IpAddr>) -> Result<ResolvedSubnet> {
+    let subnet = validate_network_subnets(&net.subnets)
+        .map_err(|e| ControlError::InvalidConfig(e.to_string()))?
+        .into_iter()
+        .find(|s| s.cidr == cidr)
+        .ok_or_else(|| ControlError::Ipam(format!("network {} has no subnet {cidr}", net.name)))?;
+    if let Some(ip) = requested {
+        if !cidr.contains(&ip) {
+            return Err(ipam_error(net, IpamError::NotInPool(ip)));
+        }
+    }
+    Ok(subnet)
+}
+
 impl Control {
     /// Reserve one address of the subnet `cidr` of `net` for `owner`, without an endpoint
     /// record: `requested`, or else the next free one. The address comes back with the subnet's
@@ -90,47 +105,10 @@ impl Control {
         requested: Option<IpAddr>,
         owner: &str,
     ) -> Result<IpNet> {
-        let subnets = validate_network_subnets(&net.subnets)
-            .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
-        let subnet: ResolvedSubnet =
-            subnets
-                .into_iter()
-                .find(|s| s.cidr == cidr)
-                .ok_or_else(|| {
-                    ControlError::Ipam(format!("network {} has no subnet {cidr}", net.name))
-                })?;
-        if let Some(ip) = requested {
-            if !cidr.contains(&ip) {
-                return Err(ipam_error(net, IpamError::NotInPool(ip)));
-            }
-        }
+        let subnet = subnet_for(net, cidr, requested)?;
         if let (Some(ip), None) = (requested, net.fabric) {
-            // A requested address (`--ip`, Docker's preferred address) on a single-host network
-            // needs no read first: the subnet's own rules are checked here, and the
-            // transaction's `Missing` compare is the check against every holder. Only a taken
-            // address goes on to the read below, for the error naming its holder. (On a
-            // multi-host network the loop below also checks it lies in this host's blocks.)
-            let planned = plan_allocation(
-                std::slice::from_ref(&subnet),
-                &BTreeSet::new(),
-                &[ip],
-                &|_| None,
-            )
-            .map_err(|e| ipam_error(net, e))?;
-            if let Some(&got) = planned.first() {
-                let key = keys::ipam(&net.name, ip);
-                if self
-                    .store
-                    .txn(
-                        vec![Compare::Missing(key.clone())],
-                        vec![Op::put(key, owner.as_bytes().to_vec())],
-                    )
-                    .await?
-                    .succeeded
-                {
-                    tracing::debug!(network = %net.name, ip = %got, owner, "address reserved");
-                    return Ok(got);
-                }
+            if let Some(got) = self.reserve_requested(net, &subnet, ip, owner).await? {
+                return Ok(got);
             }
         }
         let blocks = match net.fabric {
@@ -146,34 +124,8 @@ impl Control {
         let ip = self
             .transact(what, || {
                 Box::pin(async move {
-                    // Where to pick from: the subnet, or this host's blocks inside it.
-                    let candidates = match blocks {
-                        None => vec![subnet.clone()],
-                        Some(b) => {
-                            // A borrowed address where the network allows it (as `reserve`).
-                            let asked: Vec<IpAddr> = requested.into_iter().collect();
-                            let view = lock(b).borrowing(&asked).net;
-                            validate_network_subnets(&view.subnets)
-                                .map_err(|e| ControlError::InvalidConfig(e.to_string()))?
-                                .into_iter()
-                                .filter(|s| cidr.contains(&s.cidr))
-                                .collect()
-                        }
-                    };
-                    if let (Some(ip), Some(_)) = (requested, blocks) {
-                        if !candidates.iter().any(|s| s.cidr.contains(&ip)) {
-                            return Err(ControlError::Ipam(format!(
-                                "network {}: address {ip} is not in a block of host {} ({}): on a multi-host network each host hands out the addresses of its own blocks",
-                                net.name,
-                                self.host,
-                                candidates
-                                    .iter()
-                                    .map(|s| s.cidr.to_string())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            )));
-                        }
-                    }
+                    let candidates =
+                        self.candidates(net, subnet, blocks.as_ref(), cidr, requested)?;
                     let held = self.held_addresses(&net.name).await?;
                     // The rotation hint only steers automatic picks.
                     let last = match requested {
@@ -210,6 +162,80 @@ impl Control {
             .await?;
         tracing::debug!(network = %net.name, %ip, owner, "address reserved");
         Ok(ip)
+    }
+
+    /// A requested address (`--ip`, Docker's preferred address) on a single-host network
+    /// needs no read first: the subnet's own rules are checked here, and the transaction's
+    /// `Missing` compare is the check against every holder. None: taken (the caller's read
+    /// names its holder). (On a multi-host network `reserve_address` also checks it lies in
+    /// this host's blocks.)
+    async fn reserve_requested(
+        &self,
+        net: &Network,
+        subnet: &ResolvedSubnet,
+        ip: IpAddr,
+        owner: &str,
+    ) -> Result<Option<IpNet>> {
+        let planned = plan_allocation(
+            std::slice::from_ref(subnet),
+            &BTreeSet::new(),
+            &[ip],
+            &|_| None,
+        )
+        .map_err(|e| ipam_error(net, e))?;
+        let Some(&got) = planned.first() else {
+            return Ok(None);
+        };
+        let key = keys::ipam(&net.name, ip);
+        let done = self
+            .store
+            .txn(
+                vec![Compare::Missing(key.clone())],
+                vec![Op::put(key, owner.as_bytes().to_vec())],
+            )
+            .await?
+            .succeeded;
+        if done {
+            tracing::debug!(network = %net.name, ip = %got, owner, "address reserved");
+        }
+        Ok(done.then_some(got))
+    }
+
+    /// Where to pick from: the subnet, or this host's blocks inside it (a borrowed address
+    /// where the network allows it, as `reserve`); a requested address must be in them.
+    fn candidates(
+        &self,
+        net: &Network,
+        subnet: &ResolvedSubnet,
+        blocks: Option<&Mutex<ferrynet_model::blocks::HostView>>,
+        cidr: IpNet,
+        requested: Option<IpAddr>,
+    ) -> Result<Vec<ResolvedSubnet>> {
+        let Some(b) = blocks else {
+            return Ok(vec![subnet.clone()]);
+        };
+        let asked: Vec<IpAddr> = requested.into_iter().collect();
+        let view = lock(b).borrowing(&asked).net;
+        let candidates: Vec<ResolvedSubnet> = validate_network_subnets(&view.subnets)
+            .map_err(|e| ControlError::InvalidConfig(e.to_string()))?
+            .into_iter()
+            .filter(|s| cidr.contains(&s.cidr))
+            .collect();
+        if let Some(ip) = requested {
+            if !candidates.iter().any(|s| s.cidr.contains(&ip)) {
+                return Err(ControlError::Ipam(format!(
+                    "network {}: address {ip} is not in a block of host {} ({}): on a multi-host network each host hands out the addresses of its own blocks",
+                    net.name,
+                    self.host,
+                    candidates
+                        .iter()
+                        .map(|s| s.cidr.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+        }
+        Ok(candidates)
     }
 
     /// Release an address if `owner` holds it; true when it did.
