@@ -138,29 +138,7 @@ impl Plugin {
         for p in &pools {
             records.push(ctl.docker_pool(&p.pool.to_string()).await?);
         }
-        let adopted: Vec<String> = records
-            .iter()
-            .flatten()
-            .filter(|(r, _)| r.adopted)
-            .filter_map(|(r, _)| r.network.clone())
-            .collect();
-        let name = match (adopted.first(), &opts.name) {
-            (Some(a), Some(n)) if a != n => {
-                return Err(CnmError::Invalid(format!(
-                    "the pools belong to ferrynet network {a} but -o ferrynet.network={n}"
-                )))
-            }
-            (Some(a), _) => {
-                if adopted.iter().any(|x| x != a) {
-                    return Err(CnmError::Invalid(
-                        "the pools belong to different ferrynet networks".into(),
-                    ));
-                }
-                a.clone()
-            }
-            (None, Some(n)) => n.clone(),
-            (None, None) => derived_name(&req.network_id)?,
-        };
+        let name = network_name(&records, &opts, &req.network_id)?;
         if let Some(other) = ctl
             .docker_bindings()
             .await?
@@ -182,26 +160,7 @@ impl Plugin {
                 true
             }
             None => {
-                let mut subnets: Vec<Subnet> = Vec::new();
-                for (p, rec) in pools.iter().zip(&records) {
-                    let sub_pool = rec.as_ref().and_then(|(r, _)| r.sub_pool);
-                    let gateway = match fabric {
-                        Some(_) => multi_host_gateway(p)?,
-                        None => p.gateway,
-                    };
-                    subnets.push(subnet_for_pool(p.pool, gateway, sub_pool, &p.aux)?);
-                }
-                let net = Network {
-                    name: name.clone(),
-                    mode: opts.mode,
-                    bridge: opts.bridge.clone().unwrap_or_default(),
-                    subnets,
-                    mtu: opts.mtu,
-                    internal: opts.internal,
-                    ip_masq: opts.masquerade.unwrap_or(true) && !opts.internal,
-                    fabric,
-                    default_deny: false,
-                };
+                let net = new_network(&name, &opts, &pools, &records, fabric)?;
                 ctl.create_network(net).await?;
                 false
             }
@@ -658,6 +617,66 @@ impl Plugin {
         }
         Ok(Empty {})
     }
+}
+
+/// The ferrynet network a Docker network becomes: the one its pools were adopted from, else
+/// `-o ferrynet.network`, else a name derived from Docker's id.
+fn network_name(
+    records: &[Option<(PoolRecord, u64)>],
+    opts: &NetworkOptions,
+    network_id: &str,
+) -> Result<String> {
+    let adopted: Vec<String> = records
+        .iter()
+        .flatten()
+        .filter(|(r, _)| r.adopted)
+        .filter_map(|(r, _)| r.network.clone())
+        .collect();
+    match (adopted.first(), &opts.name) {
+        (Some(a), Some(n)) if a != n => Err(CnmError::Invalid(format!(
+            "the pools belong to ferrynet network {a} but -o ferrynet.network={n}"
+        ))),
+        (Some(a), _) => {
+            if adopted.iter().any(|x| x != a) {
+                return Err(CnmError::Invalid(
+                    "the pools belong to different ferrynet networks".into(),
+                ));
+            }
+            Ok(a.clone())
+        }
+        (None, Some(n)) => Ok(n.clone()),
+        (None, None) => derived_name(network_id),
+    }
+}
+
+/// A new ferrynet network for Docker's pools (with the sub-ranges ferrynet's IPAM recorded).
+fn new_network(
+    name: &str,
+    opts: &NetworkOptions,
+    pools: &[PoolData],
+    records: &[Option<(PoolRecord, u64)>],
+    fabric: Option<ferrynet_model::network::FabricSpec>,
+) -> Result<Network> {
+    let mut subnets: Vec<Subnet> = Vec::new();
+    for (p, rec) in pools.iter().zip(records) {
+        let sub_pool = rec.as_ref().and_then(|(r, _)| r.sub_pool);
+        let gateway = match fabric {
+            Some(_) => multi_host_gateway(p)?,
+            None => p.gateway,
+        };
+        subnets.push(subnet_for_pool(p.pool, gateway, sub_pool, &p.aux)?);
+    }
+    Ok(Network {
+        name: name.to_string(),
+        mode: opts.mode,
+        bridge: opts.bridge.clone().unwrap_or_default(),
+        subnets,
+        mtu: opts.mtu,
+        internal: opts.internal,
+        ip_masq: opts.masquerade.unwrap_or(true) && !opts.internal,
+        fabric,
+        default_deny: false,
+    })
 }
 
 /// The gateway a multi-host network's subnet keeps for a Docker pool: none of its own, since
