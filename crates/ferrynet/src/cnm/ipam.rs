@@ -25,6 +25,67 @@ fn with_len(ip: IpAddr, pool: &IpNet) -> String {
     format!("{ip}/{}", pool.prefix_len())
 }
 
+/// The subnet of the existing network `name` a pool adopts: `want` when given, else its first
+/// of the family.
+fn adopted_subnet(net: &Network, name: &str, want: Option<IpNet>, v6: bool) -> Result<IpNet> {
+    let family: Vec<&Subnet> = net
+        .subnets
+        .iter()
+        .filter(|s| s.cidr.addr().is_ipv6() == v6)
+        .collect();
+    let s = match want {
+        Some(p) => family.iter().find(|s| s.cidr == p).ok_or_else(|| {
+            CnmError::Invalid(format!(
+                "ferrynet network {name} has no subnet {p} (it has {})",
+                subnet_list(net)
+            ))
+        })?,
+        None => family.first().ok_or_else(|| {
+            CnmError::Invalid(format!(
+                "ferrynet network {name} has no IPv{} subnet",
+                if v6 { 6 } else { 4 }
+            ))
+        })?,
+    };
+    Ok(s.cidr)
+}
+
+/// A pool overlaps no pool already given out, and its sub-range lies inside it and is not
+/// asked of an adopted network (`adopted`, its name).
+fn check_pool(
+    taken: &[PoolRecord],
+    pool: IpNet,
+    sub_pool: Option<IpNet>,
+    adopted: Option<&str>,
+) -> Result<()> {
+    if let Some(t) = taken.iter().find(|t| overlaps(&t.pool, &pool)) {
+        return Err(CnmError::Invalid(format!(
+            "pool {pool} overlaps pool {} already given to a Docker network{}",
+            t.pool,
+            t.network
+                .as_ref()
+                .map(|n| format!(" (ferrynet network {n})"))
+                .unwrap_or_default()
+        )));
+    }
+    if let Some(sp) = sub_pool {
+        if sp.addr().is_ipv4() != pool.addr().is_ipv4()
+            || !pool.contains(&sp.network())
+            || !pool.contains(&sp.broadcast())
+        {
+            return Err(CnmError::Invalid(format!(
+                "ip range {sp} is not inside the pool {pool}"
+            )));
+        }
+        if let Some(name) = adopted {
+            return Err(CnmError::Invalid(format!(
+                "--ip-range cannot change the existing ferrynet network {name}; set its range with ferrynet"
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl Plugin {
     /// `IpamDriver.GetCapabilities`.
     pub fn ipam_capabilities(&self) -> IpamCapabilitiesResponse {
@@ -79,26 +140,8 @@ impl Plugin {
                         "ferrynet network {name} (--ipam-opt {OPT_NETWORK}) does not exist; to name a new network use -o {OPT_NETWORK}={name}"
                     ))
                 })?;
-                let family: Vec<&Subnet> = net
-                    .subnets
-                    .iter()
-                    .filter(|s| s.cidr.addr().is_ipv6() == req.v6)
-                    .collect();
-                let s = match want_pool {
-                    Some(p) => family.iter().find(|s| s.cidr == p).ok_or_else(|| {
-                        CnmError::Invalid(format!(
-                            "ferrynet network {name} has no subnet {p} (it has {})",
-                            subnet_list(&net)
-                        ))
-                    })?,
-                    None => family.first().ok_or_else(|| {
-                        CnmError::Invalid(format!(
-                            "ferrynet network {name} has no IPv{} subnet",
-                            if req.v6 { 6 } else { 4 }
-                        ))
-                    })?,
-                };
-                (s.cidr, Some(net.clone()))
+                let cidr = adopted_subnet(&net, name, want_pool, req.v6)?;
+                (cidr, Some(net.clone()))
             }
             None => {
                 let space = ctl.subnet_space().await?;
@@ -119,32 +162,12 @@ impl Plugin {
                 (pool, None)
             }
         };
-        if let Some(t) = taken.iter().find(|t| overlaps(&t.pool, &pool)) {
-            return Err(CnmError::Invalid(format!(
-                "pool {pool} overlaps pool {} already given to a Docker network{}",
-                t.pool,
-                t.network
-                    .as_ref()
-                    .map(|n| format!(" (ferrynet network {n})"))
-                    .unwrap_or_default()
-            )));
-        }
-        if let Some(sp) = sub_pool {
-            if sp.addr().is_ipv4() != pool.addr().is_ipv4()
-                || !pool.contains(&sp.network())
-                || !pool.contains(&sp.broadcast())
-            {
-                return Err(CnmError::Invalid(format!(
-                    "ip range {sp} is not inside the pool {pool}"
-                )));
-            }
-            if adopted_net.is_some() {
-                return Err(CnmError::Invalid(format!(
-                    "--ip-range cannot change the existing ferrynet network {}; set its range with ferrynet",
-                    adopt.as_deref().unwrap_or_default()
-                )));
-            }
-        }
+        check_pool(
+            &taken,
+            pool,
+            sub_pool,
+            adopt.as_deref().filter(|_| adopted_net.is_some()),
+        )?;
         // Check the subnet is usable at all (size, host bits) before giving it out.
         validate_subnet(&Subnet::new(pool)).map_err(|e| CnmError::Invalid(e.to_string()))?;
         let id = pool.to_string();
