@@ -729,43 +729,20 @@ async fn run_container(ctl: &Control, a: RunArgs) -> anyhow::Result<()> {
         c.pid = Some(pid);
         c.start_ticks = Some(ticks);
         ctl.save_container(&c).await?;
-        for (svc, (ports, targets)) in &services {
-            let req = ferrynet_model::registry::ServiceRequest {
-                name: svc.clone(),
-                ensure_ports: ports.clone(),
-                ..Default::default()
-            };
-            let producer = ferrynet_model::service::Producer {
-                service: svc.clone(),
-                id: a.name.clone(),
-                host: Some(ctl.host().to_string()),
-                network: Some(net.name.clone()),
-                container: Some(a.name.clone()),
-                netns: c.netns.clone(),
-                addrs: c.ips.iter().map(|i| i.addr()).collect(),
-                ports: targets.clone(),
-                check: check.clone(),
-            };
-            ctl.register_service(&req, Some(producer))
-                .await
-                .with_context(|| format!("registering {} as a producer of {svc}", a.name))?;
-        }
+        register_producers(ctl, &c, &services, check.as_ref()).await?;
         anyhow::Ok(())
     }
     .await;
     if let Err(e) = result {
-        let _ = ctl.deregister_container(&a.name).await;
-        container::stop_process(&c, Duration::from_secs(2));
-        let _ = ctl
-            .detach(&net, &a.name, &a.ifname, c.netns.as_deref())
-            .await;
-        if !host_mode {
-            let _ = Netns::delete_named(&ns_name);
-            container::remove_netns_etc(&ns_name);
-        }
-        let _ = ctl.forget_container(&a.name).await;
+        undo_run(ctl, &net, &c, &ns_name).await;
         return Err(e);
     }
+    print_started(&c);
+    Ok(())
+}
+
+/// `NAME ADDRESSES pid=PID` (`host` for host networking).
+fn print_started(c: &Container) {
     let ips: Vec<String> = c.ips.iter().map(|i| i.addr().to_string()).collect();
     println!(
         "{} {} pid={}",
@@ -777,7 +754,51 @@ async fn run_container(ctl: &Control, a: RunArgs) -> anyhow::Result<()> {
         },
         c.pid.unwrap_or(0)
     );
+}
+
+/// The container as the producer of each of its `--service`s.
+async fn register_producers(
+    ctl: &Control,
+    c: &Container,
+    services: &service::RunServices,
+    check: Option<&ferrynet_model::service::HealthCheck>,
+) -> anyhow::Result<()> {
+    for (svc, (ports, targets)) in services {
+        let req = ferrynet_model::registry::ServiceRequest {
+            name: svc.clone(),
+            ensure_ports: ports.clone(),
+            ..Default::default()
+        };
+        let producer = ferrynet_model::service::Producer {
+            service: svc.clone(),
+            id: c.name.clone(),
+            host: Some(ctl.host().to_string()),
+            network: Some(c.network.clone()),
+            container: Some(c.name.clone()),
+            netns: c.netns.clone(),
+            addrs: c.ips.iter().map(|i| i.addr()).collect(),
+            ports: targets.clone(),
+            check: check.cloned(),
+        };
+        ctl.register_service(&req, Some(producer))
+            .await
+            .with_context(|| format!("registering {} as a producer of {svc}", c.name))?;
+    }
     Ok(())
+}
+
+/// Undo a `run` that failed half-way: producers, process, attachment, namespace, record.
+async fn undo_run(ctl: &Control, net: &Network, c: &Container, ns_name: &str) {
+    let _ = ctl.deregister_container(&c.name).await;
+    container::stop_process(c, Duration::from_secs(2));
+    let _ = ctl
+        .detach(net, &c.name, &c.ifname, c.netns.as_deref())
+        .await;
+    if net.mode != NetworkMode::Host {
+        let _ = Netns::delete_named(ns_name);
+        container::remove_netns_etc(ns_name);
+    }
+    let _ = ctl.forget_container(&c.name).await;
 }
 
 /// When this host's agent serves DNS: the container's resolv.conf (the gateways of its

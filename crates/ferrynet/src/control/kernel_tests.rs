@@ -115,10 +115,11 @@ async fn attach_plumbs_then_records_and_detach_undoes_it() {
         .detach(&net, "c1", "eth0", ep.netns.as_deref())
         .await
         .unwrap();
-    let st = lab.kernel.state();
-    assert!(!st.host_links.contains_key(&host_veth));
-    assert!(st.containers.values().all(|m| m.is_empty()));
-    drop(st);
+    {
+        let st = lab.kernel.state();
+        assert!(!st.host_links.contains_key(&host_veth));
+        assert!(st.containers.values().all(|m| m.is_empty()));
+    }
     assert!(lab.keys(&keys::all_endpoints()).await.is_empty());
     assert!(lab.keys(&keys::ipam_prefix("blue")).await.is_empty());
     // A repeated DEL succeeds and touches no container namespace.
@@ -180,15 +181,16 @@ async fn a_failure_after_the_veth_undoes_link_limits_and_reservation() {
     assert!(pos("attach_veth") < pos("apply_shaping"));
     assert!(pos("apply_shaping") < pos("detach_veth"));
     assert!(pos("detach_veth") < pos("remove_ifb"));
-    let st = lab.kernel.state();
-    assert!(st.containers.values().all(|m| m.is_empty()));
-    assert_eq!(
-        st.host_links.len(),
-        1,
-        "only the bridge is left: {:?}",
-        st.host_links
-    );
-    drop(st);
+    {
+        let st = lab.kernel.state();
+        assert!(st.containers.values().all(|m| m.is_empty()));
+        assert_eq!(
+            st.host_links.len(),
+            1,
+            "only the bridge is left: {:?}",
+            st.host_links
+        );
+    }
     assert!(lab.keys(&keys::all_endpoints()).await.is_empty());
     assert!(lab.keys(&keys::ipam_prefix("blue")).await.is_empty());
 }
