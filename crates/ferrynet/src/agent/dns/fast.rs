@@ -39,55 +39,13 @@ pub fn answer(
     udp: bool,
     out: &mut Vec<u8>,
 ) -> bool {
-    if packet.len() < 12 {
+    let Some(arcount) = plain_header(packet) else {
         return false;
-    }
-    // A query (QR 0), opcode QUERY, AA and TC clear; Z and RCODE clear.
-    if packet[2] & 0xfe != 0 || packet[3] & 0x4f != 0 {
-        return false;
-    }
-    if u16_at(packet, 4) != Some(1) || u16_at(packet, 6) != Some(0) || u16_at(packet, 8) != Some(0)
-    {
-        return false;
-    }
-    let arcount = u16_at(packet, 10).unwrap_or(u16::MAX);
-    if arcount > 1 {
-        return false;
-    }
-    // The question name: plain labels of letters, digits, `-` and `_` (so hickory's `to_ascii`
-    // would spell it the same), lower-cased into `lower` with dots between labels.
+    };
     let mut lower = [0u8; MAX_NAME];
-    let mut len = 0;
-    let mut i = 12;
-    loop {
-        let Some(&l) = packet.get(i) else {
-            return false;
-        };
-        let l = usize::from(l);
-        if l == 0 {
-            i += 1;
-            break;
-        }
-        // 0xc0 is a compression pointer, 0x40/0x80 extended labels: not in a plain query.
-        if l > 63 || i + 1 + l > packet.len() || len + l + 1 > MAX_NAME {
-            return false;
-        }
-        if len > 0 {
-            lower[len] = b'.';
-            len += 1;
-        }
-        for &c in &packet[i + 1..i + 1 + l] {
-            if !(c.is_ascii_alphanumeric() || c == b'-' || c == b'_') {
-                return false;
-            }
-            lower[len] = c.to_ascii_lowercase();
-            len += 1;
-        }
-        i += 1 + l;
-    }
-    if len == 0 || i - 12 > MAX_NAME {
+    let Some((len, i)) = question_name(packet, &mut lower) else {
         return false;
-    }
+    };
     let qend = i + 4;
     let (Some(qtype), Some(qclass)) = (u16_at(packet, i), u16_at(packet, i + 2)) else {
         return false;
@@ -95,26 +53,8 @@ pub fn answer(
     if qclass != CLASS_IN || (qtype != TYPE_A && qtype != TYPE_AAAA) {
         return false;
     }
-    // Nothing after the question but, optionally, one plain OPT record: root name, version 0,
-    // no flags but DO, no options.
-    let edns_payload = if arcount == 1 {
-        let opt = &packet[qend.min(packet.len())..];
-        if opt.len() != 11
-            || opt[0] != 0
-            || u16_at(opt, 1) != Some(TYPE_OPT)
-            || opt[5..7] != [0, 0]
-            || opt[7] & 0x7f != 0
-            || opt[8] != 0
-            || opt[9..11] != [0, 0]
-        {
-            return false;
-        }
-        u16_at(opt, 3)
-    } else {
-        if packet.len() != qend {
-            return false;
-        }
-        None
+    let Some(edns_payload) = plain_edns(packet, qend, arcount) else {
+        return false;
     };
     let Ok(lower) = std::str::from_utf8(&lower[..len]) else {
         return false;
@@ -167,6 +107,82 @@ pub fn answer(
         out.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
     }
     true
+}
+
+/// A plain query's header: QR 0, opcode QUERY, AA, TC, Z and RCODE clear, one question, no
+/// answers or authority, at most one additional record (its count).
+#[inline]
+fn plain_header(packet: &[u8]) -> Option<u16> {
+    if packet.len() < 12 {
+        return None;
+    }
+    if packet[2] & 0xfe != 0 || packet[3] & 0x4f != 0 {
+        return None;
+    }
+    if u16_at(packet, 4) != Some(1) || u16_at(packet, 6) != Some(0) || u16_at(packet, 8) != Some(0)
+    {
+        return None;
+    }
+    let arcount = u16_at(packet, 10).unwrap_or(u16::MAX);
+    (arcount <= 1).then_some(arcount)
+}
+
+/// The question name: plain labels of letters, digits, `-` and `_` (so hickory's `to_ascii`
+/// would spell it the same), lower-cased into `lower` with dots between labels; its length
+/// there and the offset after it in `packet`.
+#[inline]
+fn question_name(packet: &[u8], lower: &mut [u8; MAX_NAME]) -> Option<(usize, usize)> {
+    let mut len = 0;
+    let mut i = 12;
+    loop {
+        let l = usize::from(*packet.get(i)?);
+        if l == 0 {
+            i += 1;
+            break;
+        }
+        // 0xc0 is a compression pointer, 0x40/0x80 extended labels: not in a plain query.
+        if l > 63 || i + 1 + l > packet.len() || len + l + 1 > MAX_NAME {
+            return None;
+        }
+        if len > 0 {
+            lower[len] = b'.';
+            len += 1;
+        }
+        for &c in &packet[i + 1..i + 1 + l] {
+            if !(c.is_ascii_alphanumeric() || c == b'-' || c == b'_') {
+                return None;
+            }
+            lower[len] = c.to_ascii_lowercase();
+            len += 1;
+        }
+        i += 1 + l;
+    }
+    if len == 0 || i - 12 > MAX_NAME {
+        return None;
+    }
+    Some((len, i))
+}
+
+/// Nothing after the question (ending at `qend`) but, optionally, one plain OPT record: root
+/// name, version 0, no flags but DO, no options. None: not the common case; Some(payload): the
+/// client's EDNS payload size, if it sent one.
+#[inline]
+fn plain_edns(packet: &[u8], qend: usize, arcount: u16) -> Option<Option<u16>> {
+    if arcount != 1 {
+        return (packet.len() == qend).then_some(None);
+    }
+    let opt = &packet[qend.min(packet.len())..];
+    if opt.len() != 11
+        || opt[0] != 0
+        || u16_at(opt, 1) != Some(TYPE_OPT)
+        || opt[5..7] != [0, 0]
+        || opt[7] & 0x7f != 0
+        || opt[8] != 0
+        || opt[9..11] != [0, 0]
+    {
+        return None;
+    }
+    Some(u16_at(opt, 3))
 }
 
 #[cfg(test)]
