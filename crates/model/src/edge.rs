@@ -214,84 +214,127 @@ fn q(ifname: &str) -> String {
 pub fn base_ruleset(networks: &[EdgeNetwork]) -> String {
     let t = format!("inet {TABLE}");
     let mut b = String::new();
-    let mut line = |s: String| {
-        b.push_str(&s);
-        b.push('\n');
-    };
-    line(format!("add table {t}"));
-    line(format!(
+    declarations(&t, &mut b);
+    flush_and_fill(&t, networks, &mut b);
+    localnet_rules(&t, &mut b);
+    dnat_rules(&t, &mut b);
+    postrouting_rules(&t, networks, &mut b);
+    forward_rules(&t, networks, &mut b);
+    b
+}
+
+/// One line of a batch.
+fn line(b: &mut String, s: String) {
+    b.push_str(&s);
+    b.push('\n');
+}
+
+/// The table, its maps, sets, counter and base chains (`add` keeps what exists).
+fn declarations(t: &str, b: &mut String) {
+    line(b, format!("add table {t}"));
+    line(
+        b,
+        format!(
         "add map {t} {PM4_ANY} {{ type inet_proto . inet_service : ipv4_addr . inet_service; }}"
-    ));
-    line(format!("add map {t} {PM4_IP} {{ type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; }}"));
-    line(format!(
+    ),
+    );
+    line(b, format!("add map {t} {PM4_IP} {{ type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; }}"));
+    line(
+        b,
+        format!(
         "add map {t} {PM6_ANY} {{ type inet_proto . inet_service : ipv6_addr . inet_service; }}"
-    ));
-    line(format!("add map {t} {PM6_IP} {{ type ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service; }}"));
-    line(format!("add set {t} {BRIDGES} {{ type ifname; }}"));
+    ),
+    );
+    line(b, format!("add map {t} {PM6_IP} {{ type ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service; }}"));
+    line(b, format!("add set {t} {BRIDGES} {{ type ifname; }}"));
     // Isolation drops are counted by name, for the agent's drop metrics.
-    line(format!("add counter {t} {ISOLATION_COUNTER}"));
-    line(format!(
-        "add set {t} {NETS4} {{ type ipv4_addr; flags interval; }}"
-    ));
-    line(format!(
-        "add set {t} {NETS6} {{ type ipv6_addr; flags interval; }}"
-    ));
-    line(format!(
-        "add set {t} {SAME4} {{ type ipv4_addr . ipv4_addr; flags interval; }}"
-    ));
-    line(format!(
-        "add set {t} {SAME6} {{ type ipv6_addr . ipv6_addr; flags interval; }}"
-    ));
-    line(format!(
+    line(b, format!("add counter {t} {ISOLATION_COUNTER}"));
+    line(
+        b,
+        format!("add set {t} {NETS4} {{ type ipv4_addr; flags interval; }}"),
+    );
+    line(
+        b,
+        format!("add set {t} {NETS6} {{ type ipv6_addr; flags interval; }}"),
+    );
+    line(
+        b,
+        format!("add set {t} {SAME4} {{ type ipv4_addr . ipv4_addr; flags interval; }}"),
+    );
+    line(
+        b,
+        format!("add set {t} {SAME6} {{ type ipv6_addr . ipv6_addr; flags interval; }}"),
+    );
+    line(
+        b,
+        format!(
         "add chain {t} prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}"
-    ));
-    line(format!(
-        "add chain {t} output {{ type nat hook output priority -100; policy accept; }}"
-    ));
-    line(format!(
+    ),
+    );
+    line(
+        b,
+        format!("add chain {t} output {{ type nat hook output priority -100; policy accept; }}"),
+    );
+    line(
+        b,
+        format!(
         "add chain {t} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}"
-    ));
-    line(format!(
-        "add chain {t} forward {{ type filter hook forward priority filter; policy accept; }}"
-    ));
-    line(format!(
-        "add chain {t} {LOCALNET} {{ type filter hook input priority filter; policy accept; }}"
-    ));
+    ),
+    );
+    line(
+        b,
+        format!(
+            "add chain {t} forward {{ type filter hook forward priority filter; policy accept; }}"
+        ),
+    );
+    line(
+        b,
+        format!(
+            "add chain {t} {LOCALNET} {{ type filter hook input priority filter; policy accept; }}"
+        ),
+    );
+}
+
+/// The chains emptied and the sets refilled for `networks`.
+fn flush_and_fill(t: &str, networks: &[EdgeNetwork], b: &mut String) {
     for c in CHAINS {
-        line(format!("flush chain {t} {c}"));
+        line(b, format!("flush chain {t} {c}"));
     }
     for set in [BRIDGES, NETS4, NETS6, SAME4, SAME6] {
-        line(format!("flush set {t} {set}"));
+        line(b, format!("flush set {t} {set}"));
     }
     if !networks.is_empty() {
         let names: Vec<String> = networks.iter().map(|n| q(&n.bridge)).collect();
-        line(format!(
-            "add element {t} {BRIDGES} {{ {} }}",
-            names.join(", ")
-        ));
+        line(
+            b,
+            format!("add element {t} {BRIDGES} {{ {} }}", names.join(", ")),
+        );
     }
     let sets = isolation_sets(networks);
     if !sets.nets4.is_empty() {
-        line(format!(
-            "add element {t} {NETS4} {{ {} }}",
-            prefixes(&sets.nets4)
-        ));
-        line(format!(
-            "add element {t} {SAME4} {{ {} }}",
-            pairs(&sets.same4)
-        ));
+        line(
+            b,
+            format!("add element {t} {NETS4} {{ {} }}", prefixes(&sets.nets4)),
+        );
+        line(
+            b,
+            format!("add element {t} {SAME4} {{ {} }}", pairs(&sets.same4)),
+        );
     }
     if !sets.nets6.is_empty() {
-        line(format!(
-            "add element {t} {NETS6} {{ {} }}",
-            prefixes(&sets.nets6)
-        ));
-        line(format!(
-            "add element {t} {SAME6} {{ {} }}",
-            pairs(&sets.same6)
-        ));
+        line(
+            b,
+            format!("add element {t} {NETS6} {{ {} }}", prefixes(&sets.nets6)),
+        );
+        line(
+            b,
+            format!("add element {t} {SAME6} {{ {} }}", pairs(&sets.same6)),
+        );
     }
+}
 
+/// The `localnet` chain (input): loopback stays local.
+fn localnet_rules(t: &str, b: &mut String) {
     // Loopback stays local (CVE-2020-8558): bridges have route_localnet=1 so the host can reach
     // its 127.0.0.1:PORT published ports, which would also let anything on a bridge (or on an
     // interface someone else gave route_localnet) reach 127.0.0.1. A new flow to or from
@@ -299,16 +342,21 @@ pub fn base_ruleset(networks: &[EdgeNetwork]) -> String {
     // `forward` when a published 127.0.0.1 port DNATed it to a container. Replies (the host's own
     // 127.0.0.1:PORT hairpin comes back from the bridge to 127.0.0.1) are established. Input
     // only sees the host's own traffic, so container-to-container packets pay nothing.
-    line(format!("add rule {t} {LOCALNET} iif \"lo\" accept"));
-    line(format!(
-        "add rule {t} {LOCALNET} ct state established,related accept"
-    ));
+    line(b, format!("add rule {t} {LOCALNET} iif \"lo\" accept"));
+    line(
+        b,
+        format!("add rule {t} {LOCALNET} ct state established,related accept"),
+    );
     for m in LOOPBACK_MATCHES {
-        line(format!(
-            "add rule {t} {LOCALNET} {m} drop comment \"loopback from outside lo\""
-        ));
+        line(
+            b,
+            format!("add rule {t} {LOCALNET} {m} drop comment \"loopback from outside lo\""),
+        );
     }
+}
 
+/// DNAT of published ports, for traffic arriving and for the host's own.
+fn dnat_rules(t: &str, b: &mut String) {
     // DNAT of published ports: a host-address-specific mapping wins over an any-address one.
     let dnat = [
         (
@@ -334,10 +382,13 @@ pub fn base_ruleset(networks: &[EdgeNetwork]) -> String {
     ];
     for chain in ["prerouting", "output"] {
         for (nfproto, fam, lookup) in &dnat {
-            line(format!("add rule {t} {chain} fib daddr type local meta nfproto {nfproto} dnat {fam} to {lookup}"));
+            line(b, format!("add rule {t} {chain} fib daddr type local meta nfproto {nfproto} dnat {fam} to {lookup}"));
         }
     }
+}
 
+/// Hairpin and outbound masquerade per network, and the host's 127.0.0.1 hairpin.
+fn postrouting_rules(t: &str, networks: &[EdgeNetwork], b: &mut String) {
     for n in networks {
         let br = q(&n.bridge);
         // Hairpin: DNATed traffic from this network back into it must return through the
@@ -355,7 +406,7 @@ pub fn base_ruleset(networks: &[EdgeNetwork]) -> String {
         };
         for s in n.subnets.iter().filter(|_| !n.internal) {
             let fam = if s.addr().is_ipv4() { "ip" } else { "ip6" };
-            line(format!("add rule {t} postrouting oifname {out} {fam} saddr {s} ct status dnat ct mark & {LB_MARK:#x} == 0 masquerade comment \"hairpin {}\"", n.name));
+            line(b, format!("add rule {t} postrouting oifname {out} {fam} saddr {s} ct status dnat ct mark & {LB_MARK:#x} == 0 masquerade comment \"hairpin {}\"", n.name));
         }
         if n.ip_masq && !n.internal {
             // Traffic to the network's own subnets keeps its source: on a multi-host network it
@@ -371,55 +422,67 @@ pub fn base_ruleset(networks: &[EdgeNetwork]) -> String {
                 let own = own.join(", ");
                 // Nor does traffic to another ferrynet network's container on this host (a
                 // bridge, or a routed network's port).
-                line(format!("add rule {t} postrouting {fam} saddr {s} {fam} daddr != {{ {own} }} oifname != @{BRIDGES} oifname != {PORTS} masquerade comment \"outbound {}\"", n.name));
+                line(b, format!("add rule {t} postrouting {fam} saddr {s} {fam} daddr != {{ {own} }} oifname != @{BRIDGES} oifname != {PORTS} masquerade comment \"outbound {}\"", n.name));
             }
         }
     }
     // The host reaching 127.0.0.1:PORT: DNATed out of a bridge, the loopback source must go.
-    line(format!(
-        "add rule {t} postrouting ip saddr 127.0.0.0/8 oifname @{BRIDGES} masquerade"
-    ));
-    line(format!(
-        "add rule {t} postrouting ip saddr 127.0.0.0/8 oifname {PORTS} masquerade"
-    ));
+    line(
+        b,
+        format!("add rule {t} postrouting ip saddr 127.0.0.0/8 oifname @{BRIDGES} masquerade"),
+    );
+    line(
+        b,
+        format!("add rule {t} postrouting ip saddr 127.0.0.0/8 oifname {PORTS} masquerade"),
+    );
+}
 
-    line(format!(
-        "add rule {t} forward ct state established,related accept"
-    ));
+/// The `forward` chain: established first, loopback, internal networks, published ports,
+/// isolation, then ferrynet's bridges.
+fn forward_rules(t: &str, networks: &[EdgeNetwork], b: &mut String) {
+    line(
+        b,
+        format!("add rule {t} forward ct state established,related accept"),
+    );
     for fam in ["ip", "ip6"] {
         let lo = if fam == "ip" { "127.0.0.0/8" } else { "::1" };
         for dir in ["daddr", "saddr"] {
-            line(format!("add rule {t} forward ct original {fam} {dir} {lo} drop comment \"loopback from outside lo\""));
+            line(b, format!("add rule {t} forward ct original {fam} {dir} {lo} drop comment \"loopback from outside lo\""));
         }
     }
     // Internal routed networks are refused when created: their packets carry no device of
     // the network to match here.
     for n in networks.iter().filter(|n| n.internal && !n.routed) {
         let br = q(&n.bridge);
-        line(format!(
-            "add rule {t} forward iifname {br} oifname != {br} drop comment \"internal {}\"",
-            n.name
-        ));
-        line(format!(
-            "add rule {t} forward oifname {br} iifname != {br} drop comment \"internal {}\"",
-            n.name
-        ));
+        line(
+            b,
+            format!(
+                "add rule {t} forward iifname {br} oifname != {br} drop comment \"internal {}\"",
+                n.name
+            ),
+        );
+        line(
+            b,
+            format!(
+                "add rule {t} forward oifname {br} iifname != {br} drop comment \"internal {}\"",
+                n.name
+            ),
+        );
     }
     // A published port is reachable by whoever reaches the host, other networks included.
-    line(format!("add rule {t} forward ct status dnat accept"));
+    line(b, format!("add rule {t} forward ct status dnat accept"));
     // Isolation by the identity of the source network, not by device: a new connection from
     // one network's pool to another network's pool is dropped on every host it crosses (the
     // sending host, where it leaves a bridge, and the receiving one, where it comes from the
     // underlay or a tunnel). Destination first: traffic to the outside stops at one lookup.
-    line(format!("add rule {t} forward ip daddr @{NETS4} ip saddr @{NETS4} ip saddr . ip daddr != @{SAME4} counter name {ISOLATION_COUNTER} drop comment \"isolate networks\""));
-    line(format!("add rule {t} forward ip6 daddr @{NETS6} ip6 saddr @{NETS6} ip6 saddr . ip6 daddr != @{SAME6} counter name {ISOLATION_COUNTER} drop comment \"isolate networks\""));
+    line(b, format!("add rule {t} forward ip daddr @{NETS4} ip saddr @{NETS4} ip saddr . ip daddr != @{SAME4} counter name {ISOLATION_COUNTER} drop comment \"isolate networks\""));
+    line(b, format!("add rule {t} forward ip6 daddr @{NETS6} ip6 saddr @{NETS6} ip6 saddr . ip6 daddr != @{SAME6} counter name {ISOLATION_COUNTER} drop comment \"isolate networks\""));
     for n in networks.iter().filter(|n| !n.internal && !n.routed) {
         let br = q(&n.bridge);
-        line(format!("add rule {t} forward iifname {br} oifname @{BRIDGES} oifname != {br} counter name {ISOLATION_COUNTER} drop comment \"isolate {}\"", n.name));
+        line(b, format!("add rule {t} forward iifname {br} oifname @{BRIDGES} oifname != {br} counter name {ISOLATION_COUNTER} drop comment \"isolate {}\"", n.name));
     }
-    line(format!("add rule {t} forward iifname @{BRIDGES} accept"));
-    line(format!("add rule {t} forward oifname @{BRIDGES} accept"));
-    b
+    line(b, format!("add rule {t} forward iifname @{BRIDGES} accept"));
+    line(b, format!("add rule {t} forward oifname @{BRIDGES} accept"));
 }
 
 /// Publish ports: element adds, one transaction.
