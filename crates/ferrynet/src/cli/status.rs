@@ -4,6 +4,7 @@ use ipnet::IpNet;
 
 use super::table::Table;
 use crate::agent::api::{query_status, socket_path};
+use crate::agent::status::AgentStatus;
 use crate::control::Paths;
 
 fn list(v: &[IpNet]) -> String {
@@ -24,6 +25,21 @@ pub async fn show(paths: &Paths, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());
     }
+    print_summary(&s);
+    print_lb(&s);
+    print_policy(&s);
+    print_dns(&s);
+    print_rejected(&s);
+    print_hosts(&s);
+    print_networks(&s);
+    if let Some(sl) = &s.sleeve {
+        print_sleeve(sl);
+    }
+    Ok(())
+}
+
+/// The host, store, last reconcile and its errors.
+fn print_summary(s: &AgentStatus) {
     println!(
         "host {}  underlay {} {} mtu {}  store {} ({})",
         s.host,
@@ -46,6 +62,10 @@ pub async fn show(paths: &Paths, json: bool) -> anyhow::Result<()> {
     for e in &s.errors {
         println!("  error: {e}");
     }
+}
+
+/// The load balancer.
+fn print_lb(s: &AgentStatus) {
     let lb = &s.lb;
     println!(
         "load balancer: {} service chains, {} VIP ports, {} ingress ports; {} transactions ({} rebuilds), last {:.1} ms",
@@ -57,6 +77,10 @@ pub async fn show(paths: &Paths, json: bool) -> anyhow::Result<()> {
     for c in &lb.conflicts {
         println!("  not served: {c}");
     }
+}
+
+/// The policy table and this host's endpoints under policy.
+fn print_policy(s: &AgentStatus) {
     let p = &s.policy;
     match &p.table {
         Some(t) => println!(
@@ -86,6 +110,10 @@ pub async fn show(paths: &Paths, json: bool) -> anyhow::Result<()> {
             side(&e.egress)
         );
     }
+}
+
+/// The VXLAN guard and the DNS server.
+fn print_dns(s: &AgentStatus) {
     if let Some(g) = &s.vxlan_guard {
         let dropped: Vec<String> = g.dropped.iter().map(|(k, v)| format!("{k} {v}")).collect();
         println!(
@@ -133,6 +161,10 @@ pub async fn show(paths: &Paths, json: bool) -> anyhow::Result<()> {
         }
         None => println!("dns: off"),
     }
+}
+
+/// Records refused, treated as absent.
+fn print_rejected(s: &AgentStatus) {
     if !s.rejected.is_empty() {
         println!(
             "rejected records ({}), treated as absent:",
@@ -148,6 +180,10 @@ pub async fn show(paths: &Paths, json: bool) -> anyhow::Result<()> {
         }
         print!("{t}");
     }
+}
+
+/// Hosts and producers' health.
+fn print_hosts(s: &AgentStatus) {
     println!();
     let mut t = Table::new(&["HOST", "UNDERLAY", "STATE"]);
     for h in &s.hosts {
@@ -177,6 +213,10 @@ pub async fn show(paths: &Paths, json: bool) -> anyhow::Result<()> {
         }
         print!("{t}");
     }
+}
+
+/// Multi-host networks and their peers.
+fn print_networks(s: &AgentStatus) {
     for n in &s.networks {
         println!();
         println!(
@@ -206,10 +246,6 @@ pub async fn show(paths: &Paths, json: bool) -> anyhow::Result<()> {
         }
         print!("{t}");
     }
-    if let Some(sl) = &s.sleeve {
-        print_sleeve(sl);
-    }
-    Ok(())
 }
 
 fn print_sleeve(sl: &ferrynet_sleeve::SleeveReport) {
