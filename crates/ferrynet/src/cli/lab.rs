@@ -545,6 +545,29 @@ async fn up(a: &UpArgs, exe: &Path) -> anyhow::Result<()> {
 }
 
 async fn build(a: &UpArgs, exe: &Path, rec: &mut LabRecord) -> anyhow::Result<()> {
+    let ul = build_underlay(a, rec)?;
+    let store = start_store(a, &ul, rec)?;
+    rec.store = store.clone();
+    save(rec)?;
+    if a.racks > 0 {
+        lab_racks::start_routers(rec, a.racks, a.hosts, &a.router, a.bgp_password.as_deref())?;
+        save(rec)?;
+    }
+    build_hosts(a, &ul, rec)?;
+    wait_agents(a, rec).await?;
+    if a.racks > 0 {
+        for cmd in lab_racks::host_bgp_commands(a.racks, a.hosts, a.bgp_password.as_deref()) {
+            run_on_h1(a, exe, &cmd)?;
+        }
+    }
+    if let Some(b) = &a.backend {
+        create_fabric(a, exe, b, rec).await?;
+    }
+    Ok(())
+}
+
+/// The underlay namespace with its subnets' bridges (or the racks' fabric); its name.
+fn build_underlay(a: &UpArgs, rec: &mut LabRecord) -> anyhow::Result<String> {
     let ul = format!("{}-ul", a.name);
     ip(&["netns", "add", &ul])?;
     rec.namespaces.push(ul.clone());
@@ -581,8 +604,12 @@ async fn build(a: &UpArgs, exe: &Path, rec: &mut LabRecord) -> anyhow::Result<()
         sysctl_in(&ul, "net.ipv4.ip_forward", "1")?;
         sysctl_in(&ul, "net.ipv6.conf.all.forwarding", "1")?;
     }
+    Ok(ul)
+}
 
-    let store = match a.store.as_str() {
+/// The store the hosts share: etcd in a namespace of its own on the underlay, or a file; its URL.
+fn start_store(a: &UpArgs, ul: &str, rec: &mut LabRecord) -> anyhow::Result<String> {
+    Ok(match a.store.as_str() {
         "etcd" => {
             let etcd = Path::new("/usr/bin/etcd");
             if !etcd.exists() {
@@ -595,10 +622,10 @@ async fn build(a: &UpArgs, exe: &Path, rec: &mut LabRecord) -> anyhow::Result<()
             rec.namespaces.push(ns.clone());
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
             ip(&[
-                "-n", &ul, "link", "add", "etcd", "type", "veth", "peer", "name", "eth0", "netns",
+                "-n", ul, "link", "add", "etcd", "type", "veth", "peer", "name", "eth0", "netns",
                 &ns,
             ])?;
-            ip(&["-n", &ul, "link", "set", "etcd", "master", "ul0", "up"])?;
+            ip(&["-n", ul, "link", "set", "etcd", "master", "ul0", "up"])?;
             ip(&["-n", &ns, "addr", "add", "172.31.0.253/24", "dev", "eth0"])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             ip(&["-n", &ns, "route", "add", "default", "via", "172.31.0.254"])?;
@@ -606,14 +633,11 @@ async fn build(a: &UpArgs, exe: &Path, rec: &mut LabRecord) -> anyhow::Result<()
             "etcd://172.31.0.253:2379".to_string()
         }
         _ => format!("file://{}", lab_dir(&a.name).join("store.redb").display()),
-    };
-    rec.store = store.clone();
-    save(rec)?;
-    if a.racks > 0 {
-        lab_racks::start_routers(rec, a.racks, a.hosts, &a.router, a.bgp_password.as_deref())?;
-        save(rec)?;
-    }
+    })
+}
 
+/// The hosts: a namespace each, on the underlay (or behind NAT), with its agent.
+fn build_hosts(a: &UpArgs, ul: &str, rec: &mut LabRecord) -> anyhow::Result<()> {
     for i in 1..=a.hosts {
         let host = format!("h{i}");
         let ns = host_ns(&a.name, &host);
@@ -628,18 +652,21 @@ async fn build(a: &UpArgs, exe: &Path, rec: &mut LabRecord) -> anyhow::Result<()
         };
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         if a.nat.contains(&host) {
-            super::lab_nat::behind_nat(rec, &ul, &ns, i, s)?;
+            super::lab_nat::behind_nat(rec, ul, &ns, i, s)?;
         } else {
-            plug(&ul, &ns, &host, s, &v4, &v6)?;
+            plug(ul, &ns, &host, s, &v4, &v6)?;
         }
         if a.block_vxlan.contains(&host) {
-            super::lab_nat::block_vxlan(&ul, &host, &v4, &v6)?;
+            super::lab_nat::block_vxlan(ul, &host, &v4, &v6)?;
         }
         start_agent(rec, &host)?;
         save(rec)?;
     }
+    Ok(())
+}
 
-    // Wait until every agent answers and sees every host.
+/// Wait until every agent answers and sees every host (30 s at most).
+async fn wait_agents(a: &UpArgs, rec: &LabRecord) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     for host in &rec.hosts {
         let sock = socket_path(&lab_dir(&a.name).join(host));
@@ -671,47 +698,45 @@ async fn build(a: &UpArgs, exe: &Path, rec: &mut LabRecord) -> anyhow::Result<()
             }
         }
     }
-    if a.racks > 0 {
-        for cmd in lab_racks::host_bgp_commands(a.racks, a.hosts, a.bgp_password.as_deref()) {
-            run_on_h1(a, exe, &cmd)?;
-        }
-    }
-    if let Some(b) = &a.backend {
-        let state = lab_dir(&a.name).join("h1").display().to_string();
-        let out = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", host_ns(&a.name, "h1")))
-            .arg(exe)
-            .args([
-                "--state-dir",
-                &state,
-                "network",
-                "create",
-                "fabric",
-                "--subnet",
-                "10.20.0.0/16",
-                "--subnet",
-                "fd20::/64",
-                "--backend",
-                b,
-                "--mode",
-                &a.mode,
-            ])
-            .args(a.encrypt.then_some("--encrypt"))
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "creating network fabric: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        println!(
-            "network fabric (10.20.0.0/16, fd20::/64, backend {b}{}, mode {}) created",
-            if a.encrypt { ", encrypted" } else { "" },
-            a.mode
+    Ok(())
+}
+
+/// The `fabric` network (`--backend`), created on h1.
+async fn create_fabric(a: &UpArgs, exe: &Path, b: &str, rec: &LabRecord) -> anyhow::Result<()> {
+    let state = lab_dir(&a.name).join("h1").display().to_string();
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", host_ns(&a.name, "h1")))
+        .arg(exe)
+        .args([
+            "--state-dir",
+            &state,
+            "network",
+            "create",
+            "fabric",
+            "--subnet",
+            "10.20.0.0/16",
+            "--subnet",
+            "fd20::/64",
+            "--backend",
+            b,
+            "--mode",
+            &a.mode,
+        ])
+        .args(a.encrypt.then_some("--encrypt"))
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "creating network fabric: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
         );
-        if b == "bgp" {
-            wait_bgp(&a.name, &rec.hosts).await?;
-        }
+    }
+    println!(
+        "network fabric (10.20.0.0/16, fd20::/64, backend {b}{}, mode {}) created",
+        if a.encrypt { ", encrypted" } else { "" },
+        a.mode
+    );
+    if b == "bgp" {
+        wait_bgp(&a.name, &rec.hosts).await?;
     }
     Ok(())
 }
