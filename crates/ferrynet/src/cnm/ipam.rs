@@ -8,7 +8,7 @@ use ferrynet_model::network::{Network, NetworkMode, Subnet};
 use ipnet::IpNet;
 
 use super::error::{CnmError, Result};
-use super::options::{parse_addr, parse_pool, OPT_NETWORK};
+use super::options::{check_sub_pool, parse_addr, parse_pool, OPT_NETWORK};
 use super::protocol::*;
 use super::records::{PoolRecord, IPAM_OWNER};
 use super::Plugin;
@@ -69,14 +69,7 @@ fn check_pool(
         )));
     }
     if let Some(sp) = sub_pool {
-        if sp.addr().is_ipv4() != pool.addr().is_ipv4()
-            || !pool.contains(&sp.network())
-            || !pool.contains(&sp.broadcast())
-        {
-            return Err(CnmError::Invalid(format!(
-                "ip range {sp} is not inside the pool {pool}"
-            )));
-        }
+        check_sub_pool(sp, pool)?;
         if let Some(name) = adopted {
             return Err(CnmError::Invalid(format!(
                 "--ip-range cannot change the existing ferrynet network {name}; set its range with ferrynet"

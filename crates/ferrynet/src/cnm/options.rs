@@ -274,6 +274,19 @@ pub fn parse_pool(what: &str, s: &str) -> Result<IpNet, CnmError> {
     Ok(n)
 }
 
+/// An `--ip-range` lies inside its pool, of the same family.
+pub fn check_sub_pool(sp: IpNet, pool: IpNet) -> Result<(), CnmError> {
+    if sp.addr().is_ipv4() != pool.addr().is_ipv4()
+        || !pool.contains(&sp.network())
+        || !pool.contains(&sp.broadcast())
+    {
+        return Err(CnmError::Invalid(format!(
+            "ip range {sp} is not inside the pool {pool}"
+        )));
+    }
+    Ok(())
+}
+
 /// A ferrynet subnet for a Docker pool: its gateway, `--ip-range` as the allocation range and
 /// `--aux-address`es excluded.
 pub fn subnet_for_pool(
@@ -285,14 +298,7 @@ pub fn subnet_for_pool(
     let mut s = Subnet::new(pool);
     s.gateway = gateway;
     if let Some(sp) = sub_pool {
-        if sp.addr().is_ipv4() != pool.addr().is_ipv4()
-            || !pool.contains(&sp.network())
-            || !pool.contains(&sp.broadcast())
-        {
-            return Err(CnmError::Invalid(format!(
-                "ip range {sp} is not inside the pool {pool}"
-            )));
-        }
+        check_sub_pool(sp, pool)?;
         if sp.network() != pool.network() {
             s.range_start = Some(sp.network());
         }
