@@ -86,7 +86,7 @@ pub struct BgpStatus {
 
 /// Follow `bgp/` in the store into `tx` (a fresh read after every change; there are few).
 async fn follow_records(store: Arc<dyn Store>, tx: watch::Sender<Option<BgpRecords>>) {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = crate::feed::Backoff::default();
     loop {
         let res: Result<(), ferrynet_store::StoreError> = async {
             let (kvs, rev) = store.range(&keys::all()).await?;
@@ -103,8 +103,7 @@ async fn follow_records(store: Arc<dyn Store>, tx: watch::Sender<Option<BgpRecor
         if let Err(e) = res {
             tracing::warn!(error = %e, "following the BGP records");
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff.wait().await;
     }
 }
 
