@@ -206,8 +206,14 @@ pub fn render(
     status: &AgentStatus,
     drops: &[DropCount],
 ) -> String {
-    let mut reg = Registry::with_prefix("ferrynet");
+    render_with(ins, &render_topology(host, topo), status, drops)
+}
 
+/// The gauges derived from the followed topology alone, as text without the closing `# EOF`.
+/// They change only when the store does, so the listener keeps this text per view version and a
+/// scrape at 100,000 endpoints does not encode them again.
+pub fn render_topology(host: &str, topo: &Topology) -> String {
+    let mut reg = Registry::with_prefix("ferrynet");
     let endpoints = gauge_family();
     for ((net, h), n) in topo.endpoints_by_network_host(host) {
         set(&endpoints, vec![("network", net), ("host", h)], n);
@@ -256,7 +262,33 @@ pub fn render(
         "Store records refused as invalid",
         rejected,
     );
+    let mut out = encoded(&reg);
+    if out.ends_with(EOF) {
+        out.truncate(out.len() - EOF.len());
+    }
+    out
+}
 
+/// The text format's last line.
+const EOF: &str = "# EOF\n";
+
+fn encoded(reg: &Registry) -> String {
+    let mut out = String::new();
+    if let Err(e) = encode(&mut out, reg) {
+        tracing::warn!(error = %e, "encoding metrics");
+    }
+    out
+}
+
+/// The metrics document from the topology's text (`render_topology`) and the instruments,
+/// status and drop counters as they are now.
+pub fn render_with(
+    ins: &Instruments,
+    topology_text: &str,
+    status: &AgentStatus,
+    drops: &[DropCount],
+) -> String {
+    let mut reg = Registry::with_prefix("ferrynet");
     reg.register(
         "reconcile_runs",
         "Reconciles run",
@@ -440,10 +472,9 @@ pub fn render(
         );
     }
 
-    let mut out = String::new();
-    if let Err(e) = encode(&mut out, &reg) {
-        tracing::warn!(error = %e, "encoding metrics");
-    }
+    let mut out = String::with_capacity(topology_text.len() + 16 * 1024);
+    out.push_str(topology_text);
+    out.push_str(&encoded(&reg));
     out
 }
 

@@ -84,6 +84,10 @@ pub struct Web {
     nft: Arc<dyn NftExecutor>,
     status: Arc<Mutex<AgentStatus>>,
     topo: RwLock<Topology>,
+    /// The topology's metrics text and the view version it was made from.
+    topo_text: Mutex<(u64, Arc<str>)>,
+    /// The kernel's drop counters and when they were read.
+    drops: Mutex<Option<(Instant, Vec<DropCount>)>>,
     /// Bumped on every change of the followed view.
     version: watch::Sender<u64>,
     streams: Arc<Semaphore>,
@@ -103,6 +107,8 @@ impl Web {
             nft,
             status,
             topo: RwLock::new(Topology::default()),
+            topo_text: Mutex::new((u64::MAX, Arc::from(""))),
+            drops: Mutex::new(None),
             version: watch::channel(0).0,
             streams: Arc::new(Semaphore::new(MAX_STREAMS)),
         })
@@ -267,18 +273,56 @@ async fn route(web: &Arc<Web>, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
+/// Drop counters are read from the kernel at most this often; scrapes in between reuse them.
+const DROPS_MAX_AGE: Duration = Duration::from_secs(1);
+
 /// The metrics text now.
 pub async fn scrape(web: &Arc<Web>) -> String {
+    let drops = drops_now(web).await;
+    let status = web.status();
+    let topo_text = topology_text(web);
+    metrics::render_with(metrics::instruments(), &topo_text, &status, &drops)
+}
+
+/// The topology's metrics text, encoded again only when the followed view changed since.
+fn topology_text(web: &Web) -> Arc<str> {
+    let version = *web.version.borrow();
+    if let Ok(cached) = web.topo_text.lock() {
+        if cached.0 == version {
+            return cached.1.clone();
+        }
+    }
+    let text: Arc<str> = {
+        let topo = match web.topo.read() {
+            Ok(t) => t,
+            Err(p) => p.into_inner(),
+        };
+        Arc::from(metrics::render_topology(&web.host, &topo))
+    };
+    if let Ok(mut cached) = web.topo_text.lock() {
+        *cached = (version, text.clone());
+    }
+    text
+}
+
+/// The drop counters, read again when older than `DROPS_MAX_AGE` (each read lists several nft
+/// tables through libnftables, which costs more than the rest of a scrape).
+async fn drops_now(web: &Arc<Web>) -> Vec<DropCount> {
+    if let Ok(cached) = web.drops.lock() {
+        if let Some((at, d)) = cached.as_ref() {
+            if at.elapsed() < DROPS_MAX_AGE {
+                return d.clone();
+            }
+        }
+    }
     let nft = web.nft.clone();
     let drops = tokio::task::spawn_blocking(move || read_drops(nft.as_ref()))
         .await
         .unwrap_or_default();
-    let status = web.status();
-    let topo = match web.topo.read() {
-        Ok(t) => t,
-        Err(p) => p.into_inner(),
-    };
-    metrics::render(metrics::instruments(), &web.host, &topo, &status, &drops)
+    if let Ok(mut cached) = web.drops.lock() {
+        *cached = Some((Instant::now(), drops.clone()));
+    }
+    drops
 }
 
 /// The named drop counters of ferrynet's tables (absent tables count nothing).
