@@ -289,6 +289,23 @@ pub fn render_with(
     drops: &[DropCount],
 ) -> String {
     let mut reg = Registry::with_prefix("ferrynet");
+    register_instruments(&mut reg, ins, status);
+    register_drops(&mut reg, drops);
+    register_peers(&mut reg, status);
+    if let Some(b) = &status.bgp {
+        register_bgp(&mut reg, b);
+    }
+    if let Some(s) = &status.sleeve {
+        register_sleeve(&mut reg, s);
+    }
+    let mut out = String::with_capacity(topology_text.len() + 16 * 1024);
+    out.push_str(topology_text);
+    out.push_str(&encoded(&reg));
+    out
+}
+
+/// The counters and histograms the agent's loops update, and the store and reconcile state.
+fn register_instruments(reg: &mut Registry, ins: &Instruments, status: &AgentStatus) {
     reg.register(
         "reconcile_runs",
         "Reconciles run",
@@ -348,7 +365,10 @@ pub fn render_with(
         "Health checks run, by service and result",
         ins.health_checks.clone(),
     );
+}
 
+/// The kernel's drop counters, by reason.
+fn register_drops(reg: &mut Registry, drops: &[DropCount]) {
     let dropped_packets: Family<Labels, Counter> = Family::default();
     let dropped_bytes: Family<Labels, Counter> = Family::default();
     for d in drops {
@@ -370,7 +390,10 @@ pub fn render_with(
         Unit::Bytes,
         dropped_bytes,
     );
+}
 
+/// This host's peers per network, backend and state.
+fn register_peers(reg: &mut Registry, status: &AgentStatus) {
     let peers = gauge_family();
     for n in &status.networks {
         let mut by: BTreeMap<(String, &str), u64> = BTreeMap::new();
@@ -400,82 +423,79 @@ pub fn render_with(
         "This host's peers per network, backend and state",
         peers,
     );
+}
 
-    if let Some(b) = &status.bgp {
-        let sessions = gauge_family();
-        let mut by: BTreeMap<String, u64> = BTreeMap::new();
-        for p in &b.peers {
-            *by.entry(p.state.clone()).or_default() += 1;
-        }
-        for (state, c) in by {
-            set(&sessions, vec![("state", state)], c);
-        }
-        reg.register("bgp_sessions", "BGP sessions by state", sessions);
-        let exported = Gauge::<i64>::default();
-        exported.set(b.exported.len() as i64);
-        reg.register("bgp_prefixes_exported", "Prefixes announced", exported);
-        let received = gauge_family();
-        for p in &b.peers {
-            set(
-                &received,
-                vec![("peer", p.name.clone())],
-                p.prefixes_in as u64,
-            );
-        }
-        reg.register(
-            "bgp_prefixes_received",
-            "Prefixes received per peer",
-            received,
-        );
-        let installed = Gauge::<i64>::default();
-        installed.set(b.routes_installed as i64);
-        reg.register(
-            "bgp_routes_installed",
-            "BGP routes in the kernel",
-            installed,
+/// The BGP speaker's sessions and prefixes.
+fn register_bgp(reg: &mut Registry, b: &super::bgp::BgpStatus) {
+    let sessions = gauge_family();
+    let mut by: BTreeMap<String, u64> = BTreeMap::new();
+    for p in &b.peers {
+        *by.entry(p.state.clone()).or_default() += 1;
+    }
+    for (state, c) in by {
+        set(&sessions, vec![("state", state)], c);
+    }
+    reg.register("bgp_sessions", "BGP sessions by state", sessions);
+    let exported = Gauge::<i64>::default();
+    exported.set(b.exported.len() as i64);
+    reg.register("bgp_prefixes_exported", "Prefixes announced", exported);
+    let received = gauge_family();
+    for p in &b.peers {
+        set(
+            &received,
+            vec![("peer", p.name.clone())],
+            p.prefixes_in as u64,
         );
     }
+    reg.register(
+        "bgp_prefixes_received",
+        "Prefixes received per peer",
+        received,
+    );
+    let installed = Gauge::<i64>::default();
+    installed.set(b.routes_installed as i64);
+    reg.register(
+        "bgp_routes_installed",
+        "BGP routes in the kernel",
+        installed,
+    );
+}
 
-    if let Some(s) = &status.sleeve {
-        let peers = Gauge::<i64>::default();
-        peers.set(s.peers.len() as i64);
-        reg.register("sleeve_peers", "Sleeve peers", peers);
-        let tx: Family<Labels, Counter> = Family::default();
-        let rx: Family<Labels, Counter> = Family::default();
-        for p in &s.peers {
-            let l = esc(vec![("peer", p.host.clone())]);
-            tx.get_or_create(&l).inc_by(p.tx_bytes);
-            rx.get_or_create(&l).inc_by(p.rx_bytes);
-        }
-        reg.register_with_unit(
-            "sleeve_transmitted",
-            "Bytes sent to each sleeve peer",
-            Unit::Bytes,
-            tx,
-        );
-        reg.register_with_unit(
-            "sleeve_received",
-            "Bytes received from each sleeve peer",
-            Unit::Bytes,
-            rx,
-        );
-        let dropped: Family<Labels, Counter> = Family::default();
-        for (reason, n) in &s.dropped {
-            dropped
-                .get_or_create(&esc(vec![("reason", reason.clone())]))
-                .inc_by(*n);
-        }
-        reg.register(
-            "sleeve_dropped_packets",
-            "Packets the sleeve dropped, by reason",
-            dropped,
-        );
+/// The sleeve's peers and traffic.
+fn register_sleeve(reg: &mut Registry, s: &ferrynet_sleeve::SleeveReport) {
+    let peers = Gauge::<i64>::default();
+    peers.set(s.peers.len() as i64);
+    reg.register("sleeve_peers", "Sleeve peers", peers);
+    let tx: Family<Labels, Counter> = Family::default();
+    let rx: Family<Labels, Counter> = Family::default();
+    for p in &s.peers {
+        let l = esc(vec![("peer", p.host.clone())]);
+        tx.get_or_create(&l).inc_by(p.tx_bytes);
+        rx.get_or_create(&l).inc_by(p.rx_bytes);
     }
-
-    let mut out = String::with_capacity(topology_text.len() + 16 * 1024);
-    out.push_str(topology_text);
-    out.push_str(&encoded(&reg));
-    out
+    reg.register_with_unit(
+        "sleeve_transmitted",
+        "Bytes sent to each sleeve peer",
+        Unit::Bytes,
+        tx,
+    );
+    reg.register_with_unit(
+        "sleeve_received",
+        "Bytes received from each sleeve peer",
+        Unit::Bytes,
+        rx,
+    );
+    let dropped: Family<Labels, Counter> = Family::default();
+    for (reason, n) in &s.dropped {
+        dropped
+            .get_or_create(&esc(vec![("reason", reason.clone())]))
+            .inc_by(*n);
+    }
+    reg.register(
+        "sleeve_dropped_packets",
+        "Packets the sleeve dropped, by reason",
+        dropped,
+    );
 }
 
 #[cfg(test)]
