@@ -161,8 +161,12 @@ impl RouteLookup {
                 protocol,
                 ..
             } => format!(
-                "ip route get {dst}: {}dev {dev} proto {protocol}",
-                gateway.map(|g| format!("via {g} ")).unwrap_or_default()
+                "ip route get {dst}: {}dev {dev}{}",
+                gateway.map(|g| format!("via {g} ")).unwrap_or_default(),
+                match protocol {
+                    0 => String::new(),
+                    p => format!(" proto {p}"),
+                }
             ),
             RouteLookup::Error(e) => format!("ip route get {dst}: {e}"),
         }
@@ -541,11 +545,25 @@ pub fn trace(facts: &Facts, q: &Query) -> Result<Trace, TraceError> {
             Party::Address(a) => Ok(*a),
         }
     };
+    let dst = addr_of(&q.dst)?;
+    let mut lookups = Vec::new();
     let src = match (&q.src, q.spoof) {
         (_, Some(s)) => s,
+        // This host's own packets leave from the address its kernel prefers for the route
+        // (with no address on a VXLAN or sleeve device, another interface's: maybe a routed
+        // network's gateway on `lo`, which isolation then treats as that network's).
+        (Party::Host(h), None) if *h == f.me => match f.kernel.routes.get(&dst) {
+            Some(RouteLookup::Route {
+                prefsrc: Some(p), ..
+            }) => *p,
+            Some(_) => addr_of(&q.src)?,
+            None => {
+                lookups.push(dst);
+                addr_of(&q.src)?
+            }
+        },
         (p, None) => addr_of(p)?,
     };
-    let dst = addr_of(&q.dst)?;
     if src.is_ipv6() != dst.is_ipv6() {
         return Err(TraceError::BadSpec(
             format!("{src} -> {dst}"),
@@ -556,7 +574,7 @@ pub fn trace(facts: &Facts, q: &Query) -> Result<Trace, TraceError> {
         f,
         q,
         hops: Vec::new(),
-        lookups: Vec::new(),
+        lookups,
         guard_lookup: None,
     };
     let verdict = match walk(&mut w, src, dst) {
@@ -713,33 +731,12 @@ fn walk(w: &mut Walk, src: IpAddr, dst: IpAddr) -> Outcome {
             }
         }
     }
-    // 4. Isolation between networks (DNATed connections pass: `ct status dnat accept`).
-    let src_net = network_of(f, src).filter(|n| !n.subnets.is_empty());
+    // 4. Isolation between networks, in the forward hook: on the sending host, or for this
+    // host's own packets on the receiving one (they never cross the sender's forward hook).
+    let host_src = matches!(q.src, Party::Host(_));
     let dst_net = network_of(f, target.addr);
-    if let (Some(a), Some(b)) = (src_net, dst_net) {
-        let h = at.clone();
-        if a.name != b.name && !target.dnat {
-            return Err(w.drop(
-                h.as_deref(),
-                Step::Isolation,
-                Basis::Store,
-                format!(
-                    "{src} (network {}) and {} (network {}) are in different networks' pools: \
-                     inet ferrynet forward `ip daddr @nets . ip saddr @nets … != @same drop`",
-                    a.name, target.addr, b.name
-                ),
-            ));
-        }
-        w.hop(
-            h.as_deref(),
-            Step::Isolation,
-            Basis::Store,
-            if target.dnat {
-                "a DNATed connection: passes isolation (`ct status dnat accept`)".to_string()
-            } else {
-                format!("both in network {}: passes", a.name)
-            },
-        );
+    if !host_src {
+        isolation(w, at.as_deref(), src, &target)?;
     }
     // 5. Policy (egress at the source's host, ingress at the destination's).
     let dst_idx = endpoint_by_addr(f, target.addr);
@@ -813,6 +810,9 @@ fn walk(w: &mut Walk, src: IpAddr, dst: IpAddr) -> Outcome {
             reason: format!("delivered to host {h}'s own stack ({})", target.addr),
         });
     };
+    if host_src && q.src != Party::Host(h.clone()) {
+        isolation(w, Some(&h), src, &target)?;
+    }
     local_delivery(w, &h, e, target.addr)?;
     if let Some(side) = &v.ingress {
         let ok = side.decision.allows();
@@ -842,6 +842,40 @@ fn walk(w: &mut Walk, src: IpAddr, dst: IpAddr) -> Outcome {
         host: Some(h),
         reason: format!("delivered to {} ({}) {port}", ep_label(e), target.addr),
     })
+}
+
+/// Isolation by address (`nets4`/`same4`): a new connection between two networks' pools is
+/// dropped unless DNAT made it (`ct status dnat accept`).
+fn isolation(w: &mut Walk, h: Option<&str>, src: IpAddr, target: &Target) -> Result<(), Verdict> {
+    let f = w.f;
+    let src_net = network_of(f, src).filter(|n| !n.subnets.is_empty());
+    let dst_net = network_of(f, target.addr);
+    let (Some(a), Some(b)) = (src_net, dst_net) else {
+        return Ok(());
+    };
+    if a.name != b.name && !target.dnat {
+        return Err(w.drop(
+            h,
+            Step::Isolation,
+            Basis::Store,
+            format!(
+                "{src} (network {}) and {} (network {}) are in different networks' pools: \
+                 inet ferrynet forward `ip daddr @nets4 ip saddr @nets4 ip saddr . ip daddr != @same4 drop`",
+                a.name, target.addr, b.name
+            ),
+        ));
+    }
+    w.hop(
+        h,
+        Step::Isolation,
+        Basis::Store,
+        if target.dnat {
+            "a DNATed connection: passes isolation (`ct status dnat accept`)".to_string()
+        } else {
+            format!("both in network {}: passes", a.name)
+        },
+    );
+    Ok(())
 }
 
 fn port_str(q: &Query) -> String {
@@ -1380,15 +1414,17 @@ fn local_delivery(w: &mut Walk, h: &str, e: &Endpoint, addr: IpAddr) -> Result<(
             RouteLookup::Route { .. } if dev.is_empty() => {
                 w.hop(Some(h), Step::Route, Basis::Kernel, desc);
             }
-            _ => return Err(w.drop(
-                Some(h),
-                Step::Route,
-                Basis::Kernel,
-                format!(
+            _ => {
+                return Err(w.drop(
+                    Some(h),
+                    Step::Route,
+                    Basis::Kernel,
+                    format!(
                     "{desc}: expected dev {dev} (network {}): the route to the endpoint is missing",
                     e.network
                 ),
-            )),
+                ))
+            }
         }
     } else {
         w.hop(

@@ -458,3 +458,32 @@ fn json_shape() {
     assert_eq!(v["hops"][1]["step"], "anti-spoofing");
     assert_eq!(v["proto"], "tcp");
 }
+
+#[test]
+fn host_source_uses_the_kernels_preferred_source() {
+    let mut f = facts();
+    kernel_ok(&mut f);
+    // Its underlay address: not in any pool, passes.
+    let t = run(&f, "host", "a2:7000");
+    assert_eq!(verdict(&t), (true, Step::Destination), "{t:#?}");
+    assert_eq!(t.src, "172.31.0.11".parse::<IpAddr>().unwrap());
+    // A route whose preferred source is another network's address (a routed network's
+    // gateway on lo): isolation drops it on the receiving host.
+    f.kernel.routes.insert(
+        "10.20.2.5".parse().unwrap(),
+        RouteLookup::Route {
+            gateway: Some("10.20.2.1".parse().unwrap()),
+            dev: vxlan_dev_name("fab"),
+            protocol: 113,
+            prefsrc: Some("10.30.1.1".parse().unwrap()),
+        },
+    );
+    let t = run(&f, "host", "a2:7000");
+    assert_eq!(verdict(&t), (false, Step::Isolation), "{t:#?}");
+    assert_eq!(t.verdict.host.as_deref(), Some("h2"));
+    // To a container of its own: no forward hook, no isolation.
+    assert_eq!(
+        verdict(&run(&f, "host", "r1:7000")),
+        (true, Step::Destination)
+    );
+}
