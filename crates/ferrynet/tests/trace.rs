@@ -1,10 +1,10 @@
-//! `ferrynet trace` against real probes, in one 3-host etcd lab: a table of cases (same host,
-//! cross host per backend, published port, VIP, ingress, an isolated network, a policy deny,
-//! a spoofed source, an unused address, the outside, the host itself, a fabric route deleted
-//! in a host's namespace). For each case the trace's verdict (delivered, or dropped at a
-//! step) is what the test expects, and a real probe from the source's namespace (TCP or UDP
-//! to the echo server) agrees with it. Then `--live` on a passing and a dropped case (and its
-//! cleanup after SIGINT), and bad input.
+//! `ferrynet trace` against real probes, in one 3-host etcd lab: a table of cases (same
+//! host, cross host per backend, published port, VIP, ingress, an isolated network, a policy
+//! deny, a spoofed source, an unused address, the outside, the host itself, a fabric route
+//! and a VXLAN FDB entry deleted in a host's namespace). For each case the trace's verdict
+//! (delivered, or dropped at a step) is what the test expects, and a real probe from the
+//! source's namespace (TCP or UDP to the echo server) agrees with it. Then `--live` on a
+//! passing and a dropped case (and its cleanup after SIGINT), and bad input.
 
 mod common;
 
@@ -425,6 +425,7 @@ fn trace_matches_probes_live_and_bad_input() {
     // --live: a passing and a dropped case, the tables gone afterwards.
     let live = trace(&s.lab, "h1", &[&n("a1"), &d("a2"), "--live"]);
     assert_eq!(live["live"]["dropped"], false, "{live}");
+    assert_eq!(live["live"]["agrees"], true, "{live}");
     assert_eq!(live["live"]["probe"], "connected", "{live}");
     assert!(
         !live["live"]["rules"].as_array().unwrap().is_empty(),
@@ -432,6 +433,7 @@ fn trace_matches_probes_live_and_bad_input() {
     );
     let live = trace(&s.lab, "h1", &[&n("a1"), &d("i1"), "--live"]);
     assert_eq!(live["live"]["dropped"], true, "{live}");
+    assert_eq!(live["live"]["agrees"], true, "{live}");
     assert!(
         live["live"]["rules"]
             .as_array()
@@ -522,5 +524,48 @@ fn trace_matches_probes_live_and_bad_input() {
             &a1,
         ),
     );
-    eprintln!("{} cases matched their probes", table.len() + 1);
+    // And h2's FDB entry on h1's VXLAN device: dropped at h1's backend step.
+    let t = trace(&s.lab, "h1", &[&n("a1"), &d("a2")]);
+    let hop = t["hops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["step"] == "backend")
+        .unwrap_or_else(|| panic!("no backend hop: {t}"));
+    assert_eq!(hop["basis"], "kernel", "{t}");
+    let what = hop["what"].as_str().unwrap();
+    let words: Vec<&str> = what.split_whitespace().collect();
+    let at = words
+        .iter()
+        .position(|w| *w == "FDB")
+        .expect("FDB in the hop");
+    let (mac, vtep) = (words[at + 1], words[at + 3]);
+    let route = t["hops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["step"] == "route")
+        .unwrap()["what"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dev = route
+        .split_whitespace()
+        .skip_while(|w| *w != "dev")
+        .nth(1)
+        .expect("dev in the route hop")
+        .to_string();
+    must(&[
+        "bridge", "-n", &ns, "fdb", "del", mac, "dev", &dev, "dst", vtep, "self",
+    ]);
+    check(
+        &s,
+        &case(
+            "missing FDB entry",
+            &[&n("a1"), &d("a2")],
+            (false, "backend"),
+            &a1,
+        ),
+    );
+    eprintln!("{} cases matched their probes", table.len() + 2);
 }

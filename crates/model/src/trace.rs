@@ -182,6 +182,8 @@ pub struct KernelFacts {
     /// Whether the source port's anti-spoofing element for the source address is in the
     /// kernel (None: not read: the source is not on this host).
     pub guard_entry: Option<bool>,
+    /// What ferrynet programmed on VXLAN devices (FDB and neighbour entries), by device.
+    pub vxlan: BTreeMap<String, crate::fabric::FabricState>,
 }
 
 /// A producer with its health as discovery sees it.
@@ -392,6 +394,9 @@ pub struct Trace {
     /// caller has not read it yet: (port, MAC, address, routed).
     #[serde(skip)]
     pub guard_lookup: Option<(String, String, IpAddr, bool)>,
+    /// VXLAN devices of this host whose FDB and neighbour entries the caller must read.
+    #[serde(skip)]
+    pub vxlan_lookups: Vec<String>,
 }
 
 /// The endpoint holding `ip`.
@@ -466,6 +471,7 @@ struct Walk<'a> {
     hops: Vec<Hop>,
     lookups: Vec<IpAddr>,
     guard_lookup: Option<(String, String, IpAddr, bool)>,
+    vxlan_lookups: Vec<String>,
 }
 
 type Outcome = Result<Verdict, Verdict>;
@@ -576,6 +582,7 @@ pub fn trace(facts: &Facts, q: &Query) -> Result<Trace, TraceError> {
         hops: Vec::new(),
         lookups,
         guard_lookup: None,
+        vxlan_lookups: Vec::new(),
     };
     let verdict = match walk(&mut w, src, dst) {
         Ok(v) | Err(v) => v,
@@ -589,6 +596,7 @@ pub fn trace(facts: &Facts, q: &Query) -> Result<Trace, TraceError> {
         verdict,
         lookups: w.lookups,
         guard_lookup: w.guard_lookup,
+        vxlan_lookups: w.vxlan_lookups,
     })
 }
 
@@ -1127,8 +1135,10 @@ fn route_segment(
                     format!("{desc}: no route"),
                 ));
             }
-            (RouteLookup::Route { dev, gateway, .. }, Some(x)) if !x.devs.is_empty() => {
-                let dev_ok = x.devs.iter().any(|d| d == dev);
+            (RouteLookup::Route { dev, gateway, .. }, Some(x))
+                if !x.devs.is_empty() || matches!(x.gateway, Some(Some(_))) =>
+            {
+                let dev_ok = x.devs.is_empty() || x.devs.iter().any(|d| d == dev);
                 let gw_ok = match &x.gateway {
                     Some(Some(g)) => gateway.as_ref() == Some(g),
                     _ => true,
@@ -1289,7 +1299,12 @@ fn fabric_hop(
         crate::sleeve::Probe::Answered,
     );
     let v6 = dst.is_ipv6();
-    let basis = w.basis_on(from);
+    let mut basis = w.basis_on(from);
+    let why = if spec.backend == Backend::Auto || spec.encrypt {
+        format!(" ({})", choice.reason)
+    } else {
+        String::new()
+    };
     let (devs, gateway, what, backend_hop) = match choice.backend {
         Backend::Route | Backend::Auto => {
             let Some((_, gw)) = same_link(&mine, &peer.underlay, v6) else {
@@ -1304,36 +1319,69 @@ fn fabric_hop(
                 vec![],
                 Some(Some(gw)),
                 format!("fabric route {block} via {gw} ({to}'s underlay address)"),
-                format!(
-                    "backend route ({}): next hop {gw}, host {to}",
-                    choice.reason
-                ),
+                format!("backend route{why}: next hop {gw}, host {to}'s underlay address"),
             )
         }
         Backend::Vxlan => {
             let dev = vxlan_dev_name(&n.name);
             let gw = block_gateway(&block);
             let mac = format_mac(&peer.vtep_mac);
-            let vtep = vxlan_local(&mine)
-                .and_then(|l| {
-                    peer.underlay
-                        .iter()
-                        .map(|u| u.addr())
-                        .find(|a| a.is_ipv6() == l.is_ipv6())
-                })
-                .map(|a| a.to_string())
-                .unwrap_or_else(|| "?".into());
+            let vtep_ip = vxlan_local(&mine).and_then(|l| {
+                peer.underlay
+                    .iter()
+                    .map(|u| u.addr())
+                    .find(|a| a.is_ipv6() == l.is_ipv6())
+            });
+            let vtep = vtep_ip.map(|a| a.to_string()).unwrap_or_else(|| "?".into());
+            if from == f.me && spec.backend == Backend::Vxlan && !spec.encrypt {
+                match f.kernel.vxlan.get(&dev) {
+                    None => {
+                        if !w.vxlan_lookups.contains(&dev) {
+                            w.vxlan_lookups.push(dev.clone());
+                        }
+                        basis = Basis::Model;
+                    }
+                    Some(k) => {
+                        let fdb = k.fdb.iter().any(|e| {
+                            e.dev == dev && e.mac == peer.vtep_mac && Some(e.dst) == vtep_ip
+                        });
+                        let neigh = k
+                            .neigh
+                            .iter()
+                            .any(|e| e.dev == dev && e.ip == gw && e.mac == peer.vtep_mac);
+                        if !(fdb && neigh) {
+                            return Err(w.drop(
+                                Some(from),
+                                Step::Backend,
+                                Basis::Kernel,
+                                format!(
+                                    "backend vxlan: {} on {dev} (expected neighbour {gw} lladdr {mac}, FDB {mac} dst {vtep}): frames for {to} go nowhere",
+                                    match (fdb, neigh) {
+                                        (false, false) => "FDB and neighbour entries missing",
+                                        (false, true) => "FDB entry missing",
+                                        _ => "neighbour entry missing",
+                                    }
+                                ),
+                            ));
+                        }
+                    }
+                }
+            } else {
+                basis = Basis::Model;
+            }
             (
                 vec![dev.clone()],
                 Some(Some(gw)),
                 format!("fabric route {block} via {gw} dev {dev} onlink"),
                 format!(
-                    "backend vxlan ({}): neighbour {gw} lladdr {mac}, FDB {mac} dst {vtep} ({to}'s VTEP), VNI {}, UDP 4789",
-                    choice.reason, spec.vni
+                    "backend vxlan{why}: neighbour {gw} lladdr {mac}, FDB {mac} dst {vtep} ({to}'s VTEP), VNI {}, UDP 4789",
+                    spec.vni
                 ),
             )
         }
         Backend::Sleeve => {
+            // The sleeve's peer table lives in the agent; the store's record is what it holds.
+            basis = Basis::Model;
             let Some(s) = &peer_rec.sleeve else {
                 return Err(w.drop(
                     Some(from),
@@ -1361,12 +1409,13 @@ fn fabric_hop(
                     block_gateway(&block)
                 ),
                 format!(
-                    "backend sleeve ({}): peer {to} key {}, endpoint {ep} (encrypted, UDP)",
-                    choice.reason, s.public_key
+                    "backend sleeve{why}: peer {to} key {}, endpoint {ep} (encrypted, UDP)",
+                    s.public_key
                 ),
             )
         }
         Backend::Bgp => (
+            // The route is the kernel's (the route step); the announcement is the model's.
             vec![],
             None,
             format!("a BGP-learned route to {block} (announced by {to})"),

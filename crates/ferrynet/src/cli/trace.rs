@@ -65,8 +65,14 @@ pub async fn run(ctl: &Control, a: TraceArgs) -> anyhow::Result<()> {
     // Each pass may ask this host's kernel about more addresses (after DNAT, per hop).
     let mut t = trace(&facts, &q)?;
     for _ in 0..4 {
-        if t.lookups.is_empty() && t.guard_lookup.is_none() {
+        if t.lookups.is_empty() && t.guard_lookup.is_none() && t.vxlan_lookups.is_empty() {
             break;
+        }
+        if !t.vxlan_lookups.is_empty() {
+            let state = ctl.trace_vxlan(&t.vxlan_lookups).await?;
+            for dev in &t.vxlan_lookups {
+                facts.kernel.vxlan.insert(dev.clone(), state.clone());
+            }
         }
         for (addr, r) in ctl.trace_routes(&t.lookups).await? {
             facts.kernel.routes.insert(addr, r);
@@ -97,7 +103,10 @@ pub async fn run(ctl: &Control, a: TraceArgs) -> anyhow::Result<()> {
             .netns
             .clone()
             .with_context(|| format!("{} has no recorded network namespace", a.src))?;
-        Some(trace_live::run(&netns, t.src, t.dst, t.port, t.proto).await?)
+        let mut l = trace_live::run(&netns, t.src, t.dst, t.port, t.proto).await?;
+        let drops_here = !t.verdict.delivered && t.verdict.host.as_deref() == Some(&*facts.me);
+        l.agrees = l.dropped == drops_here;
+        Some(l)
     } else {
         None
     };

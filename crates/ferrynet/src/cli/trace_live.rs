@@ -24,6 +24,9 @@ pub struct Live {
     pub dropped: bool,
     /// The rule lines it hit (`nft monitor trace`), per packet, in order.
     pub rules: Vec<String>,
+    /// Whether that agrees with the trace (dropped here exactly when the trace drops it on
+    /// this host).
+    pub agrees: bool,
 }
 
 /// The temporary trace tables; deleted on drop.
@@ -254,18 +257,24 @@ fn parse(text: &str, ours: &str, probe: String) -> Live {
         probe,
         dropped,
         rules,
+        agrees: true,
     }
 }
 
 /// Print the live section.
 pub fn print(l: &Live) {
     println!(
-        "live on this host: probe {}; {}",
+        "live on this host: probe {}; {} ({} the trace)",
         l.probe,
         if l.dropped {
-            "DROPPED by the rule below"
+            "DROPPED by a rule below (verdict drop)"
         } else {
             "no rule dropped it"
+        },
+        if l.agrees {
+            "agrees with"
+        } else {
+            "DISAGREES with"
         }
     );
     if l.rules.is_empty() {

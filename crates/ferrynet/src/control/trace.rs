@@ -6,6 +6,7 @@ use std::net::IpAddr;
 
 use ferrynet_dataplane::netlink::Netlink;
 use ferrynet_dataplane::route_get::RouteAnswer;
+use ferrynet_model::fabric::FabricState;
 use ferrynet_model::host::{BlockClaim, HostRecord};
 use ferrynet_model::network::{keys, Endpoint};
 use ferrynet_model::policy::verdict::EndpointIndex;
@@ -83,6 +84,14 @@ impl Control {
             out.push((*a, r));
         }
         Ok(out)
+    }
+
+    /// The FDB and neighbour entries ferrynet programmed on these VXLAN devices of this host.
+    pub async fn trace_vxlan(&self, devs: &[String]) -> Result<FabricState> {
+        let nl = Netlink::current().map_err(ControlError::dataplane("opening netlink"))?;
+        nl.read_fabric(devs)
+            .await
+            .map_err(ControlError::dataplane("reading the VXLAN entries"))
     }
 
     /// Whether the anti-spoofing set of `port`'s table holds `port . mac . addr` (the kernel's

@@ -487,3 +487,38 @@ fn host_source_uses_the_kernels_preferred_source() {
         (true, Step::Destination)
     );
 }
+
+#[test]
+fn vxlan_entries_are_checked_in_this_hosts_kernel() {
+    use crate::fabric::{FabricState, FdbEntry, NeighEntry};
+    let mut f = facts();
+    kernel_ok(&mut f);
+    let dev = vxlan_dev_name("fab");
+    let t = run(&f, "a1", "a2:7000");
+    assert_eq!(t.vxlan_lookups, vec![dev.clone()]);
+    let mac = vtep_mac("h2", "fab");
+    let mut k = FabricState::default();
+    k.neigh.insert(NeighEntry {
+        dev: dev.clone(),
+        ip: "10.20.2.1".parse().unwrap(),
+        mac,
+    });
+    f.kernel.vxlan.insert(dev.clone(), k.clone());
+    let t = run(&f, "a1", "a2:7000");
+    assert_eq!(verdict(&t), (false, Step::Backend), "{t:#?}");
+    assert!(
+        t.verdict.reason.contains("FDB entry missing"),
+        "{}",
+        t.verdict.reason
+    );
+    k.fdb.insert(FdbEntry {
+        dev: dev.clone(),
+        mac,
+        dst: "172.31.0.12".parse().unwrap(),
+    });
+    f.kernel.vxlan.insert(dev, k);
+    let t = run(&f, "a1", "a2:7000");
+    assert_eq!(verdict(&t), (true, Step::Destination), "{t:#?}");
+    let b = t.hops.iter().find(|h| h.step == Step::Backend).unwrap();
+    assert_eq!(b.basis, Basis::Kernel);
+}
