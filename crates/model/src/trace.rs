@@ -564,8 +564,14 @@ pub fn trace(facts: &Facts, q: &Query) -> Result<Trace, TraceError> {
             }) => *p,
             Some(_) => addr_of(&q.src)?,
             None => {
+                // First pass: ask the kernel; a host without a record (no agent) has no other
+                // address to offer meanwhile.
                 lookups.push(dst);
-                addr_of(&q.src)?
+                addr_of(&q.src).unwrap_or(if dst.is_ipv6() {
+                    IpAddr::from([0u16; 8])
+                } else {
+                    IpAddr::from([0u8; 4])
+                })
             }
         },
         (p, None) => addr_of(p)?,

@@ -522,3 +522,32 @@ fn vxlan_entries_are_checked_in_this_hosts_kernel() {
     let b = t.hops.iter().find(|h| h.step == Step::Backend).unwrap();
     assert_eq!(b.basis, Basis::Kernel);
 }
+
+#[test]
+fn this_host_without_a_record_sends_from_its_preferred_source() {
+    let mut f = facts();
+    f.me = "solo".into();
+    f.endpoints[5].host = None;
+    let q = Query {
+        src: resolve(&f, "host").unwrap(),
+        dst: resolve(&f, "i1").unwrap(),
+        port: Some(7000),
+        l4: L4::Tcp,
+        v6: false,
+        spoof: None,
+    };
+    let t = trace(&f, &q).unwrap();
+    assert_eq!(t.lookups, vec!["10.40.0.5".parse::<IpAddr>().unwrap()]);
+    f.kernel.routes.insert(
+        "10.40.0.5".parse().unwrap(),
+        RouteLookup::Route {
+            gateway: None,
+            dev: f.networks[2].bridge.clone(),
+            protocol: 2,
+            prefsrc: Some("10.40.0.1".parse().unwrap()),
+        },
+    );
+    let t = trace(&f, &q).unwrap();
+    assert_eq!(t.src, "10.40.0.1".parse::<IpAddr>().unwrap());
+    assert_eq!(verdict(&t), (true, Step::Destination), "{t:#?}");
+}
