@@ -12,6 +12,7 @@ pub mod hostpair;
 pub mod netlink;
 pub mod netns;
 pub mod nft;
+pub mod route_get;
 pub mod routed;
 pub mod routes;
 pub mod sysctl;

@@ -12,6 +12,8 @@ pub mod service;
 mod sleeve_cmd;
 mod status;
 mod table;
+mod trace;
+mod trace_live;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -145,6 +147,11 @@ enum Cmd {
     /// sessions. See docs/BGP.md.
     #[command(subcommand)]
     Bgp(bgp::BgpCmd),
+    /// Explain where a packet from SRC to DST[:PORT[/tcp|udp]] goes and why, hop by hop:
+    /// anti-spoofing, DNAT, isolation, policy, routes and the backend hop per host, or the
+    /// step that drops it. Reads the store and this host's kernel (other hosts: from their
+    /// records); --live confirms it on this host with nftables tracing.
+    Trace(trace::TraceArgs),
 }
 
 #[derive(Args, Debug)]
@@ -466,6 +473,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Cmd::Policy(c) => policy::run(&ctl, c).await.map(|_| ExitCode::SUCCESS),
             Cmd::Label(a) => policy::label(&ctl, a).await.map(|_| ExitCode::SUCCESS),
             Cmd::Bgp(c) => bgp::run(ctl.paths(), Some(&ctl), c).await,
+            Cmd::Trace(a) => trace::run(&ctl, a).await.map(|_| ExitCode::SUCCESS),
         }
     })
 }

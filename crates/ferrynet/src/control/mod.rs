@@ -21,6 +21,7 @@ pub mod service;
 pub mod shaping;
 pub mod stale;
 pub mod subnets;
+pub mod trace;
 pub mod transact;
 
 use std::path::{Path, PathBuf};
