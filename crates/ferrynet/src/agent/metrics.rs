@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use ferrynet_model::topology::Topology;
+use ferrynet_model::discovery::DiscoveryView;
+use ferrynet_model::topology;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -202,29 +203,29 @@ fn set(f: &Family<Labels, Gauge>, labels: Labels, v: u64) {
 pub fn render(
     ins: &Instruments,
     host: &str,
-    topo: &Topology,
+    view: &DiscoveryView,
     status: &AgentStatus,
     drops: &[DropCount],
 ) -> String {
-    render_with(ins, &render_topology(host, topo), status, drops)
+    render_with(ins, &render_topology(host, view), status, drops)
 }
 
 /// The gauges derived from the followed topology alone, as text without the closing `# EOF`.
 /// They change only when the store does, so the listener keeps this text per view version and a
 /// scrape at 100,000 endpoints does not encode them again.
-pub fn render_topology(host: &str, topo: &Topology) -> String {
+pub fn render_topology(host: &str, view: &DiscoveryView) -> String {
     let mut reg = Registry::with_prefix("ferrynet");
     let endpoints = gauge_family();
-    for ((net, h), n) in topo.endpoints_by_network_host(host) {
+    for ((net, h), n) in topology::endpoints_by_network_host(view, host) {
         set(&endpoints, vec![("network", net), ("host", h)], n);
     }
     reg.register("endpoints", "Endpoints per network and host", endpoints);
     let hosts = Gauge::<i64>::default();
-    hosts.set(topo.hosts.len() as i64);
+    hosts.set(view.live_hosts.len() as i64);
     reg.register("hosts", "Live hosts", hosts);
     let free = gauge_family();
     let capacity = gauge_family();
-    for b in topo.block_usage() {
+    for b in topology::block_usage(view) {
         let l = vec![
             ("network", b.network.clone()),
             ("block", b.block.to_string()),
@@ -245,7 +246,7 @@ pub fn render_topology(host: &str, topo: &Topology) -> String {
     );
     let producers = gauge_family();
     let healthy = gauge_family();
-    for (svc, (all, ok)) in topo.producers_by_service() {
+    for (svc, (all, ok)) in topology::producers_by_service(view) {
         set(&producers, vec![("service", svc.clone())], all);
         set(&healthy, vec![("service", svc)], ok);
     }
@@ -256,7 +257,7 @@ pub fn render_topology(host: &str, topo: &Topology) -> String {
         healthy,
     );
     let rejected = Gauge::<i64>::default();
-    rejected.set(topo.rejected.len() as i64);
+    rejected.set(view.rejected.len() as i64);
     reg.register(
         "store_records_rejected",
         "Store records refused as invalid",
@@ -505,7 +506,7 @@ mod tests {
     use ferrynet_model::topology::is_metric_name;
 
     fn sample() -> String {
-        let mut t = Topology::default();
+        let mut t = DiscoveryView::default();
         let mut e = Endpoint::new("fabric", "c1", "eth0");
         e.ips = vec!["10.1.0.2/16".parse().unwrap()];
         t.put(

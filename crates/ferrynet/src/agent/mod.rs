@@ -172,7 +172,7 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
         ctl.nft_handle(),
         status.clone(),
     );
-    let mut web_tasks = vec![tokio::spawn(web::follow(web_state.clone()))];
+    let mut web_tasks = Vec::new();
     for l in http_listeners {
         if let Ok(a) = l.local_addr() {
             tracing::info!(addr = %a, "serving metrics, health and the topology page over HTTP");
@@ -199,6 +199,10 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     // receiver.
     let (disc_tx, disc_rx) = discovery::channel();
     let disc_task = tokio::spawn(discovery::follow(ctl.store_handle(), disc_tx));
+    web_tasks.push(tokio::spawn(web::follow(
+        web_state.clone(),
+        disc_rx.clone(),
+    )));
     // The host's current lease, for keys that must vanish with the host (health records).
     let (lease_tx, lease_rx) = tokio::sync::watch::channel(None);
     // Sockets are capped (DNS forwards, TCP), but the usual soft 1024 is below the caps' sum.

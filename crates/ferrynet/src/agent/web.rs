@@ -2,9 +2,9 @@
 //! text), `/healthz`, `/api/topology` (JSON), `/api/events` (server-sent events on every
 //! change) and `/`, the topology page.
 //!
-//! It follows its own view of the store (hosts, networks, blocks, endpoints, services,
-//! producers, health) with a watch, so it never slows the reconciler; everything it serves is
-//! read-only. It binds only the addresses it is given: anyone who can reach one can read the
+//! It reads the cluster feed's discovery view (hosts, networks, blocks, endpoints, services,
+//! producers, health), whose records DNS, the load balancer and policy share: it holds no copy
+//! of its own and never slows the reconciler; everything it serves is read-only. It binds only the addresses it is given: anyone who can reach one can read the
 //! whole topology, so the default is loopback.
 
 use std::convert::Infallible;
@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ferrynet_dataplane::nft::NftExecutor;
-use ferrynet_model::topology::{self, LocalPolicies, PeerLink, Topology};
-use ferrynet_store::{EventKind, Store, StoreError, WatchEvent};
-use futures::StreamExt;
+use ferrynet_model::discovery::DiscoveryView;
+use ferrynet_model::topology::{self, LocalPolicies, PeerLink};
+use ferrynet_store::Store;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::server::conn::http1;
@@ -26,6 +26,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
+use super::discovery::ViewRx;
 use super::metrics::{self, DropCount};
 use super::status::AgentStatus;
 
@@ -83,7 +84,8 @@ pub struct Web {
     store: Arc<dyn Store>,
     nft: Arc<dyn NftExecutor>,
     status: Arc<Mutex<AgentStatus>>,
-    topo: RwLock<Topology>,
+    /// The newest discovery view (shared with the feed's other consumers).
+    view: RwLock<Arc<DiscoveryView>>,
     /// The topology's metrics text and the view version it was made from.
     topo_text: Mutex<(u64, Arc<str>)>,
     /// The kernel's drop counters and when they were read.
@@ -106,7 +108,7 @@ impl Web {
             store,
             nft,
             status,
-            topo: RwLock::new(Topology::default()),
+            view: RwLock::new(Arc::new(DiscoveryView::default())),
             topo_text: Mutex::new((u64::MAX, Arc::from(""))),
             drops: Mutex::new(None),
             version: watch::channel(0).0,
@@ -123,57 +125,28 @@ impl Web {
     }
 }
 
-/// Follow the store into the view until the task is dropped, reconnecting after errors.
-pub async fn follow(web: Arc<Web>) {
-    let mut backoff = Duration::from_millis(200);
+/// Take each new discovery view until the feed ends (the agent is stopping).
+pub async fn follow(web: Arc<Web>, mut views: ViewRx) {
     loop {
-        match follow_once(&web).await {
-            Ok(()) => backoff = Duration::from_millis(200),
-            Err(e) => tracing::debug!(error = %e, "topology watch lost; retrying"),
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
-}
-
-fn apply(t: &mut Topology, ev: &WatchEvent) {
-    match ev.kind {
-        EventKind::Put => {
-            t.put(&ev.kv.key, &ev.kv.value);
-        }
-        EventKind::Delete => t.delete(&ev.kv.key),
-    }
-}
-
-async fn follow_once(web: &Web) -> Result<(), StoreError> {
-    let mut fresh = Topology::default();
-    let mut streams = Vec::new();
-    for prefix in topology::prefixes() {
-        let (kvs, rev) = web.store.range(&prefix).await?;
-        for kv in &kvs {
-            fresh.put(&kv.key, &kv.value);
-        }
-        streams.push(web.store.watch(&prefix, rev).await?);
-    }
-    if let Ok(mut t) = web.topo.write() {
-        *t = fresh;
-    }
-    web.bump();
-    let mut events = futures::stream::select_all(streams);
-    while let Some(ev) = events.next().await {
-        let ev = ev?;
-        let mut batch = vec![ev];
-        while let Some(Some(more)) = futures::FutureExt::now_or_never(events.next()) {
-            batch.push(more?);
-        }
-        if let Ok(mut t) = web.topo.write() {
-            for ev in &batch {
-                apply(&mut t, ev);
-            }
+        let v = views.borrow_and_update().clone();
+        if let Ok(mut held) = web.view.write() {
+            *held = v;
         }
         web.bump();
+        if views.changed().await.is_err() {
+            return;
+        }
     }
-    Err(StoreError::Unavailable("watch ended".into()))
+}
+
+impl Web {
+    /// The newest view.
+    fn view(&self) -> Arc<DiscoveryView> {
+        match self.view.read() {
+            Ok(v) => v.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
 }
 
 /// Bind every address (all must bind: an operator who asked for a listener expects it).
@@ -292,13 +265,7 @@ fn topology_text(web: &Web) -> Arc<str> {
             return cached.1.clone();
         }
     }
-    let text: Arc<str> = {
-        let topo = match web.topo.read() {
-            Ok(t) => t,
-            Err(p) => p.into_inner(),
-        };
-        Arc::from(metrics::render_topology(&web.host, &topo))
-    };
+    let text: Arc<str> = Arc::from(metrics::render_topology(&web.host, &web.view()));
     if let Ok(mut cached) = web.topo_text.lock() {
         *cached = (version, text.clone());
     }
@@ -402,12 +369,7 @@ pub fn links_of(status: &AgentStatus) -> (Vec<PeerLink>, Vec<LocalPolicies>) {
 fn topology_json(web: &Web) -> String {
     let status = web.status();
     let (peers, local) = links_of(&status);
-    let topo = match web.topo.read() {
-        Ok(t) => t,
-        Err(p) => p.into_inner(),
-    };
-    let doc = topo.document(&web.host, &peers, &local);
-    drop(topo);
+    let doc = topology::document(&web.view(), &web.host, &peers, &local);
     serde_json::to_string(&doc).unwrap_or_else(|e| format!("{{\"error\":{:?}}}", e.to_string()))
 }
 
