@@ -97,7 +97,7 @@ fn lint(docs: &[Value]) -> Vec<String> {
         .map(|v| v.var.as_str())
         .chain(OTHER_VARS.iter().copied())
         .collect();
-    for (k, _) in &cm_data {
+    for k in cm_data.keys() {
         if k.starts_with("FERRYNET_") && !known.contains(&k.as_str()) {
             bad.push(format!("ConfigMap: {k} is no variable ferrynet reads"));
         }
