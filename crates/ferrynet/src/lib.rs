@@ -9,4 +9,6 @@ pub mod container;
 pub mod control;
 pub mod error;
 pub mod failpoint;
+pub mod logging;
+pub mod notify;
 pub mod render;

@@ -179,7 +179,7 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
         }
         web_tasks.push(tokio::spawn(web::serve(l, web_state.clone())));
     }
-    let sock = api::socket_path(&paths.state_dir);
+    let sock = paths.agent_socket();
     let listener = api::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
     let api_task = tokio::spawn(api::serve(listener, status.clone()));
     let docker_task = match &opts.docker_socket {
@@ -303,6 +303,7 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
             r = follow(&mut rec, &mut view, &opts, &rejected) => {
                 let e = match r { Ok(()) => break, Err(e) => e };
                 tracing::warn!(error = %e, "store connection lost; the kernel keeps its last state; retrying");
+                crate::notify::status(&format!("store unreachable, retrying: {e}"));
                 if let Ok(mut s) = status.lock() {
                     s.store_ok = false;
                     s.store_error = Some(e.to_string());
@@ -315,6 +316,7 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
             }
         }
     }
+    crate::notify::stopping();
     // The lease is left to expire: a restarting agent finds its registration still there, and
     // peers keep routing to this host meanwhile.
     api_task.abort();
@@ -373,6 +375,9 @@ async fn follow(
     view.reset(&kvs, Instant::now());
     rec.mark_store_ok();
     rec.run(view).await;
+    // systemd (Type=notify) starts dependent units once the fabric is in the kernel; after a
+    // store outage this says so again, which systemd takes as a status update.
+    crate::notify::ready(&format!("following the store; {} hosts", view.hosts.len()));
     let mut events = futures::stream::select_all(streams);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_full = Instant::now();
@@ -415,14 +420,21 @@ async fn follow(
     }
 }
 
-async fn shutdown_signal() {
+/// Completes on SIGTERM or SIGINT. The handlers are installed by this call, not at the first
+/// poll: a SIGTERM right after READY=1 must stop the agent cleanly, not kill it.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            },
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
     }
 }
