@@ -166,12 +166,7 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     ferrynet_dataplane::nft::set_batch_observer(|took, ok| {
         metrics::instruments().nft_batch(took, ok)
     });
-    let web_state = web::Web::new(
-        ctl.host().to_string(),
-        ctl.store_handle(),
-        ctl.nft_handle(),
-        status.clone(),
-    );
+    let web_state = web::Web::new(ctl.clone(), status.clone());
     let mut web_tasks = Vec::new();
     for l in http_listeners {
         if let Ok(a) = l.local_addr() {

@@ -29,6 +29,9 @@ use tokio::sync::{watch, Semaphore};
 use super::discovery::ViewRx;
 use super::metrics::{self, DropCount};
 use super::status::AgentStatus;
+use crate::control::trace::TraceRequest;
+use crate::control::Control;
+use crate::error::ControlError;
 
 /// The default listener.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:9470";
@@ -81,6 +84,8 @@ pub fn parse_addrs(values: &[String]) -> Result<Vec<SocketAddr>, String> {
 /// What the listener serves from.
 pub struct Web {
     host: String,
+    /// For `/api/trace` (the same operation `ferrynet trace` runs).
+    ctl: Arc<Control>,
     store: Arc<dyn Store>,
     nft: Arc<dyn NftExecutor>,
     status: Arc<Mutex<AgentStatus>>,
@@ -97,16 +102,12 @@ pub struct Web {
 
 impl Web {
     /// A listener's state for host `host`.
-    pub fn new(
-        host: String,
-        store: Arc<dyn Store>,
-        nft: Arc<dyn NftExecutor>,
-        status: Arc<Mutex<AgentStatus>>,
-    ) -> Arc<Web> {
+    pub fn new(ctl: Arc<Control>, status: Arc<Mutex<AgentStatus>>) -> Arc<Web> {
         Arc::new(Web {
-            host,
-            store,
-            nft,
+            host: ctl.host().to_string(),
+            store: ctl.store_handle(),
+            nft: ctl.nft_handle(),
+            ctl,
             status,
             view: RwLock::new(Arc::new(DiscoveryView::default())),
             topo_text: Mutex::new((u64::MAX, Arc::from(""))),
@@ -242,6 +243,7 @@ async fn route(web: &Arc<Web>, req: Request<Incoming>) -> Response<Body> {
             full(StatusCode::OK, "application/json", body)
         }
         "/api/events" => events(web),
+        "/api/trace" => trace(web, req.uri().query().unwrap_or_default()).await,
         _ => full(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
 }
@@ -373,6 +375,86 @@ fn topology_json(web: &Web) -> String {
     serde_json::to_string(&doc).unwrap_or_else(|e| format!("{{\"error\":{:?}}}", e.to_string()))
 }
 
+/// Longest `src` or `dst` a trace request may carry (a name, an address and a port).
+const MAX_TRACE_WORD: usize = 300;
+
+/// The `src` and `dst` of a `/api/trace` query string, percent-decoded; None when either is
+/// missing, empty, too long or not UTF-8.
+pub fn trace_query(query: &str) -> Option<(String, String)> {
+    let mut src = None;
+    let mut dst = None;
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v)?;
+        if v.is_empty() || v.len() > MAX_TRACE_WORD {
+            return None;
+        }
+        match k {
+            "src" => src = Some(v),
+            "dst" => dst = Some(v),
+            _ => {}
+        }
+    }
+    Some((src?, dst?))
+}
+
+/// `%XX` and `+` decoded (a form's encoding); None on a bad escape or bytes that are not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = s.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `/api/trace?src=…&dst=…`: the hop-by-hop trace `ferrynet trace --json` prints (without
+/// `--live`: the page never injects packets).
+async fn trace(web: &Web, query: &str) -> Response<Body> {
+    let Some((src, dst)) = trace_query(query) else {
+        return full(
+            StatusCode::BAD_REQUEST,
+            "application/json",
+            "{\"error\":\"give src and dst (each 1-300 characters)\"}",
+        );
+    };
+    let req = TraceRequest {
+        src: &src,
+        dst: &dst,
+        ipv6: false,
+        spoof: None,
+    };
+    match web.ctl.trace(&req).await {
+        Ok((t, _, _)) => {
+            let body = serde_json::json!({ "host": web.host, "trace": t });
+            full(StatusCode::OK, "application/json", body.to_string())
+        }
+        Err(e) => {
+            let code = match e {
+                ControlError::Trace(_) => StatusCode::BAD_REQUEST,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            let body = serde_json::json!({ "error": e.to_string() });
+            full(code, "application/json", body.to_string())
+        }
+    }
+}
+
 async fn healthz(web: &Web) -> Response<Body> {
     let store = match tokio::time::timeout(STORE_PROBE, web.store.revision()).await {
         Ok(Ok(_)) => Ok(()),
@@ -496,6 +578,25 @@ fn sse(event: &str, version: u64) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trace_queries_are_decoded_and_bounded() {
+        assert_eq!(
+            trace_query("src=blue%2Fweb&dst=db%3A5432%2Ftcp"),
+            Some(("blue/web".into(), "db:5432/tcp".into()))
+        );
+        assert_eq!(
+            trace_query("dst=%5Bfd20%3A%3A5%5D%3A80&src=c1&x=1"),
+            Some(("c1".into(), "[fd20::5]:80".into()))
+        );
+        assert_eq!(trace_query("src=c1"), None);
+        assert_eq!(trace_query("src=&dst=c2"), None);
+        assert_eq!(trace_query("src=c1&dst=%zz"), None);
+        assert_eq!(trace_query("src=c1&dst=%ff%fe"), None, "not UTF-8");
+        assert_eq!(trace_query("src=c1&dst=%4"), None, "cut escape");
+        let long = "a".repeat(MAX_TRACE_WORD + 1);
+        assert_eq!(trace_query(&format!("src=c1&dst={long}")), None);
+    }
 
     #[test]
     fn http_flag_values() {

@@ -6,10 +6,11 @@ use std::net::IpAddr;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use ferrynet_model::trace::{parse_dst, resolve, trace, Basis, Party, Query, Trace};
+use ferrynet_model::trace::{Basis, Party, Trace};
 use serde::Serialize;
 
 use super::trace_live;
+use crate::control::trace::TraceRequest;
 use crate::control::Control;
 
 /// `ferrynet trace` options.
@@ -50,38 +51,13 @@ struct Output<'a> {
 
 /// Run `ferrynet trace`.
 pub async fn run(ctl: &Control, a: TraceArgs) -> anyhow::Result<()> {
-    let mut facts = ctl.trace_facts().await?;
-    let (dst_word, port, l4) = parse_dst(&a.dst)?;
-    let q = Query {
-        src: resolve(&facts, &a.src)?,
-        dst: resolve(&facts, &dst_word)?,
-        port,
-        l4,
-        v6: a.ipv6
-            || a.spoof.is_some_and(|s| s.is_ipv6())
-            || dst_word.parse::<IpAddr>().is_ok_and(|d| d.is_ipv6()),
+    let req = TraceRequest {
+        src: &a.src,
+        dst: &a.dst,
+        ipv6: a.ipv6,
         spoof: a.spoof,
     };
-    // Each pass may ask this host's kernel about more addresses (after DNAT, per hop).
-    let mut t = trace(&facts, &q)?;
-    for _ in 0..4 {
-        if t.lookups.is_empty() && t.guard_lookup.is_none() && t.vxlan_lookups.is_empty() {
-            break;
-        }
-        if !t.vxlan_lookups.is_empty() {
-            let state = ctl.trace_vxlan(&t.vxlan_lookups).await?;
-            for dev in &t.vxlan_lookups {
-                facts.kernel.vxlan.insert(dev.clone(), state.clone());
-            }
-        }
-        for (addr, r) in ctl.trace_routes(&t.lookups).await? {
-            facts.kernel.routes.insert(addr, r);
-        }
-        if let Some((port, mac, addr, routed)) = &t.guard_lookup {
-            facts.kernel.guard_entry = Some(ctl.trace_guard_entry(port, mac, *addr, *routed)?);
-        }
-        t = trace(&facts, &q)?;
-    }
+    let (t, facts, q) = ctl.trace(&req).await?;
     let live = if a.live {
         let Party::Endpoint(i) = &q.src else {
             bail!(

@@ -10,13 +10,69 @@ use ferrynet_model::fabric::FabricState;
 use ferrynet_model::host::{BlockClaim, HostRecord};
 use ferrynet_model::network::{keys, Endpoint};
 use ferrynet_model::policy::verdict::EndpointIndex;
-use ferrynet_model::trace::{Facts, ProducerFact, RouteLookup};
+use ferrynet_model::trace::{
+    parse_dst, resolve, trace, Facts, ProducerFact, Query, RouteLookup, Trace,
+};
 
 use super::policy::{book_of, policy_endpoint};
 use super::{decode, decode_all, Control};
 use crate::error::{ControlError, Result};
 
+/// What to trace, as the CLI and the agent's page ask it.
+#[derive(Debug, Clone)]
+pub struct TraceRequest<'a> {
+    /// The source: a container (`NAME` or `NETWORK/NAME`), an address, `host` or a host's name.
+    pub src: &'a str,
+    /// The destination, with `:PORT[/tcp|udp]` (no port: an ICMP echo).
+    pub dst: &'a str,
+    /// Use the IPv6 addresses of named containers and hosts.
+    pub ipv6: bool,
+    /// Send from this forged source instead of SRC's own.
+    pub spoof: Option<IpAddr>,
+}
+
+/// How many times a trace asks this host's kernel again (each pass may need more addresses
+/// looked up: after DNAT, per hop).
+const KERNEL_PASSES: usize = 4;
+
 impl Control {
+    /// Trace `req`: the store's facts, this host's kernel asked what the model needs, and the
+    /// model's hop-by-hop verdict; the facts and the query come back for `--live`.
+    pub async fn trace(&self, req: &TraceRequest<'_>) -> Result<(Trace, Facts, Query)> {
+        let mut facts = self.trace_facts().await?;
+        let (dst_word, port, l4) = parse_dst(req.dst)?;
+        let q = Query {
+            src: resolve(&facts, req.src)?,
+            dst: resolve(&facts, &dst_word)?,
+            port,
+            l4,
+            v6: req.ipv6
+                || req.spoof.is_some_and(|s| s.is_ipv6())
+                || dst_word.parse::<IpAddr>().is_ok_and(|d| d.is_ipv6()),
+            spoof: req.spoof,
+        };
+        let mut t = trace(&facts, &q)?;
+        for _ in 0..KERNEL_PASSES {
+            if t.lookups.is_empty() && t.guard_lookup.is_none() && t.vxlan_lookups.is_empty() {
+                break;
+            }
+            if !t.vxlan_lookups.is_empty() {
+                let state = self.trace_vxlan(&t.vxlan_lookups).await?;
+                for dev in &t.vxlan_lookups {
+                    facts.kernel.vxlan.insert(dev.clone(), state.clone());
+                }
+            }
+            for (addr, r) in self.trace_routes(&t.lookups).await? {
+                facts.kernel.routes.insert(addr, r);
+            }
+            if let Some((port, mac, addr, routed)) = &t.guard_lookup {
+                facts.kernel.guard_entry = Some(self.trace_guard_entry(port, mac, *addr, *routed)?);
+            }
+            t = trace(&facts, &q)?;
+        }
+        Ok((t, facts, q))
+    }
+
     /// Every store record a trace needs, read once (the kernel facts are left empty).
     pub async fn trace_facts(&self) -> Result<Facts> {
         let networks = self.networks().await?;
