@@ -25,8 +25,10 @@ packages_for() {
     # tests/cni_bandwidth.rs), and python3-pip installs their CRI client (below); tcpdump
     # captures the underlay in tests/sleeve.rs (no plaintext crosses it); bird2 and gobgpd
     # are the ToR routers of the BGP rack lab (tests/bgp.rs); prometheus scrapes the lab's
-    # agents and chromium (headless) loads the topology page (tests/observability.rs).
-    test) echo "$base containernetworking-plugins etcd-server openssl busybox-static dnsutils knot-dnsutils dnsmasq-base docker-compose containerd runc iperf3 python3-pip tcpdump bird2 gobgpd prometheus chromium" ;;
+    # agents and chromium (headless) loads the topology page (tests/observability.rs); dpkg-dev
+    # (dpkg-shlibdeps, for the package's dependencies) and systemd (systemd-analyze verify)
+    # build and check the .deb (tests/package.rs).
+    test) echo "$base dpkg-dev systemd containernetworking-plugins etcd-server openssl busybox-static dnsutils knot-dnsutils dnsmasq-base docker-compose containerd runc iperf3 python3-pip tcpdump bird2 gobgpd prometheus chromium" ;;
     # bench/docker.py imports the same busybox image as the Docker tests; bench/dns.py runs
     # dnsperf against ferrynet, aardvark-dns and dnsmasq (dig checks they answer).
     # bench/cri.py drives a private containerd over CRI, like the CRI tests.

@@ -32,7 +32,7 @@ else
     trap 'rm -rf "$dir"' EXIT
 fi
 root=$dir/rootfs
-mkdir -p "$root"/{usr/bin,usr/sbin,etc,tmp,run,proc,sys,dev,var/lib/ferrynet,var/run}
+mkdir -p "$root"/{usr/bin,usr/sbin,etc,tmp,run,run/ferrynet,proc,sys,dev,var/lib/ferrynet,var/run}
 # Debian's merged /usr: the usual top-level names are links into it.
 for d in bin sbin lib lib64; do
     mkdir -p "$root/usr/$d"
@@ -101,6 +101,9 @@ cat >"$dir/config.json" <<'JSON'
     { "name": "state", "description": "ferrynet's state directory, shared with the host's CLI and CNI plugin",
       "source": "/var/lib/ferrynet", "destination": "/var/lib/ferrynet",
       "type": "bind", "options": ["rbind"], "settable": ["source"] },
+    { "name": "run", "description": "the agent's socket (/run/ferrynet/agent.sock), for the host's `ferrynet status`",
+      "source": "/run/ferrynet", "destination": "/run/ferrynet",
+      "type": "bind", "options": ["rbind"], "settable": ["source"] },
     { "name": "docker-api", "description": "the Engine API socket (container names)",
       "source": "/var/run/docker.sock", "destination": "/var/run/docker.sock",
       "type": "bind", "options": ["rbind"], "settable": ["source"] },
@@ -111,6 +114,6 @@ cat >"$dir/config.json" <<'JSON'
 }
 JSON
 
-mkdir -p /var/lib/ferrynet /run/netns
+mkdir -p /var/lib/ferrynet /run/ferrynet /run/netns
 docker plugin create "$name" "$dir" >/dev/null
 echo "created Docker plugin $name; enable it with: docker plugin enable $name"

@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 . scripts/deps.sh
 need_root
 install_missing test
+# The packaging test (crates/ferrynet/tests/package.rs) builds a .deb with cargo-deb.
+. scripts/cargo-deb.sh
+ensure_cargo_deb
 export CARGO_TERM_COLOR=never
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

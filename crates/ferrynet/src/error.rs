@@ -85,6 +85,9 @@ pub enum ControlError {
         /// The JSON error.
         source: serde_json::Error,
     },
+    /// A trace request names nothing known, or its destination is malformed.
+    #[error(transparent)]
+    Trace(#[from] ferrynet_model::trace::TraceError),
     /// A stored record decoded but breaks the rules for names, addresses or ports.
     #[error("rejected record {key}: {source}")]
     Rejected {
@@ -121,6 +124,7 @@ impl ControlError {
         let msg = self.to_string();
         match self {
             ControlError::InvalidConfig(_)
+            | ControlError::Trace(_)
             | ControlError::AlreadyExists(_)
             | ControlError::PortsPublished(_) => CniError::invalid_config(msg),
             ControlError::Store(StoreError::Unavailable(_)) | ControlError::Superseded(_) => {

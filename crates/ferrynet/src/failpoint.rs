@@ -48,7 +48,17 @@ pub fn hit(_name: &str) {}
 
 /// `ferrynet --version`: a build that honours `FERRYNET_FAILPOINT` says so.
 #[cfg(feature = "failpoints")]
-pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (crash points enabled)");
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("FERRYNET_GIT_COMMIT"),
+    ", crash points enabled)"
+);
 /// `ferrynet --version`.
 #[cfg(not(feature = "failpoints"))]
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("FERRYNET_GIT_COMMIT"),
+    ")"
+);

@@ -10,4 +10,6 @@ pub mod control;
 pub mod error;
 pub mod failpoint;
 pub mod feed;
+pub mod logging;
+pub mod notify;
 pub mod render;

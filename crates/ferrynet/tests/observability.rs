@@ -317,7 +317,7 @@ fn topology_page_in_headless_chromium() {
         &["--hosts", "2", "--backend", "vxlan"],
     );
     let a = lab.container("h1", "a");
-    lab.container("h2", "b");
+    let bc = lab.container("h2", "b");
     let outside = lab.outside();
 
     // Forged records whose keys carry markup; their values are junk, so the agent refuses
@@ -366,6 +366,31 @@ fn topology_page_in_headless_chromium() {
         details.contains("Addresses") && (details.contains(&a.v4) || details.contains("10.20.")),
         "{details}"
     );
+
+    // The trace form asks the agent (`/api/trace`, as `ferrynet trace --json`): a on h1 to b
+    // on h2 over VXLAN is delivered; an address nobody holds is refused with the reason.
+    let ask = |b: &mut Browser, src: &str, dst: &str| {
+        b.eval(&format!(
+            "document.getElementById('tsrc').value = {src:?}; document.getElementById('tdst').value = {dst:?}; document.getElementById('verdict').dataset.delivered = ''; document.getElementById('traceform').requestSubmit(); 0"
+        ));
+    };
+    ask(&mut b, &a.v4, &bc.v4);
+    within(Duration::from_secs(20), || {
+        let v = b.eval("document.getElementById('verdict').dataset.delivered || ''");
+        let text = b.eval("document.getElementById('verdict').textContent");
+        let hops = b.eval("document.getElementById('trace').children.length");
+        (v.as_str() == Some("true") && hops.as_u64().unwrap_or(0) >= 3)
+            .then_some(())
+            .ok_or(format!("{v} {text} hops {hops}"))
+    });
+    ask(&mut b, &a.v4, "no-such-container");
+    within(Duration::from_secs(20), || {
+        let text = b.eval("document.getElementById('verdict').textContent");
+        text.as_str()
+            .is_some_and(|t| t.starts_with("error:") && t.contains("no-such-container"))
+            .then_some(())
+            .ok_or(format!("{text}"))
+    });
 
     // A container started now appears without a reload (server-sent events).
     let (_, _, updates) = b.counts();

@@ -5,11 +5,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 
-use crate::host::BlockClaim;
+use crate::host::{BlockClaim, HostRecord};
 use crate::validate::{check_host_name, check_producer_on, Validate};
 
 use crate::network::{keys as nkeys, Endpoint, Network};
@@ -45,6 +46,9 @@ pub struct DiscoveryView {
     pub policies: BTreeMap<String, Policy>,
     /// Hosts whose registration is live.
     pub live_hosts: BTreeSet<String>,
+    /// Their records, for the topology page (underlay, capabilities, version); a live host
+    /// whose record does not pass its checks is live by name but absent here.
+    pub host_records: imbl::OrdMap<String, Arc<HostRecord>>,
     /// Block claims of multi-host networks: (network, block) -> owning host.
     pub blocks: BTreeMap<(String, IpNet), String>,
     /// Services by name.
@@ -120,10 +124,18 @@ impl DiscoveryView {
             match check_host_name("host", name) {
                 Ok(()) => {
                     self.rejected.remove(key);
+                    let record = serde_json::from_slice::<HostRecord>(value)
+                        .ok()
+                        .filter(|h| h.validate_at(key).is_ok());
+                    match record {
+                        Some(h) => self.host_records.insert(name.to_string(), Arc::new(h)),
+                        None => self.host_records.remove(name),
+                    };
                     self.live_hosts.insert(name.to_string())
                 }
                 Err(e) => {
                     self.rejected.insert(key.to_string(), e.to_string());
+                    self.host_records.remove(name);
                     self.live_hosts.remove(name)
                 }
             };
@@ -199,6 +211,7 @@ impl DiscoveryView {
         } else if let Some(id) = endpoint_id(key) {
             self.endpoints.remove(id);
         } else if let Some(name) = rest.strip_prefix("hosts/") {
+            self.host_records.remove(name);
             self.live_hosts.remove(name);
         } else if let Some(block) = nkeys::parse_block(key) {
             self.blocks.remove(&block);

@@ -30,4 +30,5 @@ pub mod service;
 pub mod sleeve;
 pub mod subnets;
 pub mod topology;
+pub mod trace;
 pub mod validate;

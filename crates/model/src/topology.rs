@@ -1,9 +1,11 @@
 //! The cluster as the agent's observability listener shows it: hosts, networks, blocks,
-//! endpoints, services and producers, followed from the store, and what the metrics and the
-//! topology page derive from them. Pure: the agent feeds it store records and reads documents.
+//! endpoints, services and producers, and what the metrics and the topology page derive from
+//! them. Pure: it reads the cluster feed's view ([`DiscoveryView`]), whose records are shared
+//! with DNS, the load balancer and policy rather than held again here (at 100,000 endpoints a
+//! copy of its own cost the agent ~170 MiB).
 //!
-//! Every record is validated where it is decoded (a forged one is refused and listed by key,
-//! never shown), and every string handed on is data: the page escapes it, the Prometheus
+//! Every record was validated where the feed decoded it (a forged one is refused and listed by
+//! key, never shown), and every string handed on is data: the page escapes it, the Prometheus
 //! encoder quotes it.
 
 use std::collections::BTreeMap;
@@ -12,301 +14,174 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::host::{BlockClaim, HostRecord};
-use crate::network::{keys, Endpoint, Network};
-use crate::service::{keys as skeys, HealthRecord, Producer, Service};
-use crate::validate::Validate;
+use crate::discovery::DiscoveryView;
+use crate::policy::PolicyEndpoint;
+use crate::portmap::PortMapping;
 
-/// Refusal reasons are cut to this many characters (a forged record may carry megabytes).
-const MAX_REASON: usize = 200;
-
-/// What the agent follows for the page and the metrics.
-#[derive(Debug, Clone, Default)]
-pub struct Topology {
-    /// Live hosts by name.
-    pub hosts: BTreeMap<String, HostRecord>,
-    /// Networks by name.
-    pub networks: BTreeMap<String, Network>,
-    /// Block claims: (network, block) -> owning host.
-    pub blocks: BTreeMap<(String, IpNet), String>,
-    /// Endpoints by store key.
-    pub endpoints: BTreeMap<String, Endpoint>,
-    /// Services by name.
-    pub services: BTreeMap<String, Service>,
-    /// Producers by (service, id).
-    pub producers: BTreeMap<(String, String), Producer>,
-    /// Producer health by (service, id).
-    pub health: BTreeMap<(String, String), HealthRecord>,
-    /// Records refused as invalid, by key, with the reason.
-    pub rejected: BTreeMap<String, String>,
+/// Endpoints per (network, host); endpoints without a host (single-host networks) count
+/// under `local_host`, where they live.
+pub fn endpoints_by_network_host(
+    view: &DiscoveryView,
+    local_host: &str,
+) -> BTreeMap<(String, String), u64> {
+    // Counted under the shared (interned) strings first: no allocation per endpoint.
+    let mut shared: BTreeMap<(&str, Option<&str>), u64> = BTreeMap::new();
+    for e in view.endpoints.iter() {
+        *shared.entry((&e.network, e.host.as_deref())).or_default() += 1;
+    }
+    let mut out: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for ((net, host), n) in shared {
+        *out.entry((net.to_string(), host.unwrap_or(local_host).to_string()))
+            .or_default() += n;
+    }
+    out
 }
 
-/// The store prefixes the topology follows.
-pub fn prefixes() -> Vec<String> {
-    vec![
-        keys::networks(),
-        keys::hosts(),
-        keys::all_blocks(),
-        keys::all_endpoints(),
-        skeys::services(),
-        skeys::producers(),
-        skeys::all_health(),
-    ]
-}
-
-fn decode<T: serde::de::DeserializeOwned + Validate>(key: &str, value: &[u8]) -> Result<T, String> {
-    let v: T = serde_json::from_slice(value).map_err(|e| format!("undecodable: {e}"))?;
-    v.validate_at(key).map_err(|e| e.to_string())?;
-    Ok(v)
-}
-
-/// `(a, b)` from `PREFIX a/b`, both non-empty.
-fn two_parts<'a>(key: &'a str, prefix: &str) -> Option<(&'a str, &'a str)> {
-    let (a, b) = key.strip_prefix(prefix)?.split_once('/')?;
-    (!a.is_empty() && !b.is_empty() && !b.contains('/')).then_some((a, b))
-}
-
-impl Topology {
-    /// Apply a record written under `key`; returns false when the key is not followed.
-    pub fn put(&mut self, key: &str, value: &[u8]) -> bool {
-        let r = self.put_checked(key, value);
-        match r {
-            Some(Ok(())) => {
-                self.rejected.remove(key);
-                true
+/// Every claimed block with its addresses in use and free.
+pub fn block_usage(view: &DiscoveryView) -> Vec<BlockUsage> {
+    view.blocks
+        .iter()
+        .map(|((net, block), host)| {
+            let used = view.endpoints.addresses_in(net, block).count() as u64;
+            let capacity = block_capacity(block);
+            BlockUsage {
+                network: net.clone(),
+                block: *block,
+                host: host.clone(),
+                capacity,
+                used,
+                free: capacity.saturating_sub(used),
             }
-            Some(Err(why)) => {
-                // A refused record is absent: its predecessor under the key goes too.
-                self.delete(key);
-                self.rejected
-                    .insert(key.to_string(), why.chars().take(MAX_REASON).collect());
-                true
-            }
-            None => false,
+        })
+        .collect()
+}
+
+/// Producers per service: (all, healthy). A producer without a health record counts as
+/// healthy (it has no check, or its check has not decided yet).
+pub fn producers_by_service(view: &DiscoveryView) -> BTreeMap<String, (u64, u64)> {
+    let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for s in view.services.keys() {
+        out.insert(s.clone(), (0, 0));
+    }
+    for k in view.producers.keys() {
+        let e = out.entry(k.0.clone()).or_default();
+        e.0 += 1;
+        if view.health.get(k).is_none_or(|h| h.healthy) {
+            e.1 += 1;
         }
     }
+    out
+}
 
-    fn put_checked(&mut self, key: &str, value: &[u8]) -> Option<Result<(), String>> {
-        if let Some(name) = key.strip_prefix(&keys::networks()) {
-            return Some(decode::<Network>(key, value).map(|n| {
-                self.networks.insert(name.to_string(), n);
-            }));
-        }
-        if let Some(name) = key.strip_prefix(&keys::hosts()) {
-            return Some(decode::<HostRecord>(key, value).map(|h| {
-                self.hosts.insert(name.to_string(), h);
-            }));
-        }
-        if key.starts_with(&keys::all_blocks()) {
-            let Some((net, block)) = keys::parse_block(key) else {
-                return Some(Err("not a block key".into()));
-            };
-            return Some(decode::<BlockClaim>(key, value).map(|c| {
-                self.blocks.insert((net, block), c.host);
-            }));
-        }
-        if key.starts_with(&keys::all_endpoints()) {
-            return Some(decode::<Endpoint>(key, value).map(|e| {
-                self.endpoints.insert(key.to_string(), e);
-            }));
-        }
-        if let Some(name) = key.strip_prefix(&skeys::services()) {
-            return Some(decode::<Service>(key, value).map(|s| {
-                self.services.insert(name.to_string(), s);
-            }));
-        }
-        if let Some((svc, id)) = two_parts(key, &skeys::producers()) {
-            return Some(decode::<Producer>(key, value).map(|p| {
-                self.producers.insert((svc.to_string(), id.to_string()), p);
-            }));
-        }
-        if let Some((svc, id)) = two_parts(key, &skeys::all_health()) {
-            return Some(decode::<HealthRecord>(key, value).map(|h| {
-                self.health.insert((svc.to_string(), id.to_string()), h);
-            }));
-        }
-        None
-    }
+/// `[hostip:]port->port/proto`, as the page shows a published port.
+fn port_text(p: &PortMapping) -> String {
+    format!(
+        "{}{}->{}/{}",
+        p.host_ip.map(|i| format!("{i}:")).unwrap_or_default(),
+        p.host_port,
+        p.container_port,
+        p.protocol.as_str()
+    )
+}
 
-    /// Forget the record under `key`.
-    pub fn delete(&mut self, key: &str) {
-        self.rejected.remove(key);
-        if let Some(name) = key.strip_prefix(&keys::networks()) {
-            self.networks.remove(name);
-        } else if let Some(name) = key.strip_prefix(&keys::hosts()) {
-            self.hosts.remove(name);
-        } else if let Some(b) = keys::parse_block(key) {
-            self.blocks.remove(&b);
-        } else if key.starts_with(&keys::all_endpoints()) {
-            self.endpoints.remove(key);
-        } else if let Some(name) = key.strip_prefix(&skeys::services()) {
-            self.services.remove(name);
-        } else if let Some((svc, id)) = two_parts(key, &skeys::producers()) {
-            self.producers.remove(&(svc.to_string(), id.to_string()));
-        } else if let Some((svc, id)) = two_parts(key, &skeys::all_health()) {
-            self.health.remove(&(svc.to_string(), id.to_string()));
-        }
-    }
-
-    /// Endpoints per (network, host); endpoints without a host (single-host networks) count
-    /// under `local_host`, where they live.
-    pub fn endpoints_by_network_host(&self, local_host: &str) -> BTreeMap<(String, String), u64> {
-        let mut out: BTreeMap<(String, String), u64> = BTreeMap::new();
-        for e in self.endpoints.values() {
-            let host = e.host.as_deref().unwrap_or(local_host);
-            *out.entry((e.network.clone(), host.to_string()))
-                .or_default() += 1;
-        }
-        out
-    }
-
-    /// Every claimed block with its addresses in use and free.
-    pub fn block_usage(&self) -> Vec<BlockUsage> {
-        // Endpoint addresses per network, sorted, so each block counts its own by range.
-        let mut by_net: BTreeMap<&str, Vec<IpAddr>> = BTreeMap::new();
-        for e in self.endpoints.values() {
-            by_net
-                .entry(e.network.as_str())
-                .or_default()
-                .extend(e.ips.iter().map(|n| n.addr()));
-        }
-        for v in by_net.values_mut() {
-            v.sort_unstable();
-        }
-        self.blocks
+/// One endpoint as the page shows it, with this host's knowledge of its policies.
+fn endpoint_doc(e: &PolicyEndpoint, me: &str, pol: Option<&&LocalPolicies>) -> EndpointDoc {
+    let mut parts = e.id.splitn(3, '/');
+    let (_, container_id, ifname) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    EndpointDoc {
+        id: e.id.to_string(),
+        host: e.host.as_deref().unwrap_or(me).to_string(),
+        network: e.network.to_string(),
+        container_id: container_id.to_string(),
+        ifname: ifname.to_string(),
+        name: e.name.as_deref().map(str::to_string),
+        ips: e.addrs.clone(),
+        labels: e
+            .labels
             .iter()
-            .map(|((net, block), host)| {
-                let used = by_net
-                    .get(net.as_str())
-                    .map(|ips| {
-                        let lo = ips.partition_point(|a| *a < block.network());
-                        let hi = ips.partition_point(|a| *a <= block.broadcast());
-                        (hi - lo) as u64
-                    })
-                    .unwrap_or(0);
-                let capacity = block_capacity(block);
-                BlockUsage {
-                    network: net.clone(),
-                    block: *block,
-                    host: host.clone(),
-                    capacity,
-                    used,
-                    free: capacity.saturating_sub(used),
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ports: e.port_mappings.iter().map(port_text).collect(),
+        ingress_policies: pol.and_then(|p| p.ingress.clone()),
+        egress_policies: pol.and_then(|p| p.egress.clone()),
+        policies_known: pol.is_some(),
+    }
+}
+
+/// The document `/api/topology` serves: the cluster feed's view, plus this host's peers.
+pub fn document(
+    view: &DiscoveryView,
+    me: &str,
+    peers: &[PeerLink],
+    local: &[LocalPolicies],
+) -> Document {
+    let policies: BTreeMap<&str, &LocalPolicies> =
+        local.iter().map(|l| (l.id.as_str(), l)).collect();
+    Document {
+        host: me.to_string(),
+        hosts: view
+            .live_hosts
+            .iter()
+            .map(|name| {
+                let rec = view.host_records.get(name);
+                HostDoc {
+                    name: name.clone(),
+                    underlay: rec.map(|h| h.underlay.clone()).unwrap_or_default(),
+                    capabilities: rec.map(|h| h.capabilities.clone()).unwrap_or_default(),
+                    version: rec.map(|h| h.version.clone()).unwrap_or_default(),
                 }
             })
-            .collect()
-    }
-
-    /// Producers per service: (all, healthy). A producer without a health record counts as
-    /// healthy (it has no check, or its check has not decided yet).
-    pub fn producers_by_service(&self) -> BTreeMap<String, (u64, u64)> {
-        let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-        for s in self.services.keys() {
-            out.insert(s.clone(), (0, 0));
-        }
-        for (k, _) in self.producers.iter() {
-            let e = out.entry(k.0.clone()).or_default();
-            e.0 += 1;
-            if self.health.get(k).is_none_or(|h| h.healthy) {
-                e.1 += 1;
-            }
-        }
-        out
-    }
-
-    /// The document `/api/topology` serves: everything followed, plus this host's peers.
-    pub fn document(&self, me: &str, peers: &[PeerLink], local: &[LocalPolicies]) -> Document {
-        let policies: BTreeMap<&str, &LocalPolicies> =
-            local.iter().map(|l| (l.id.as_str(), l)).collect();
-        let blocks = self.block_usage();
-        Document {
-            host: me.to_string(),
-            hosts: self
-                .hosts
-                .values()
-                .map(|h| HostDoc {
-                    name: h.name.clone(),
-                    underlay: h.underlay.clone(),
-                    capabilities: h.capabilities.clone(),
-                    version: h.version.clone(),
-                })
-                .collect(),
-            networks: self
-                .networks
-                .values()
-                .map(|n| NetworkDoc {
-                    name: n.name.clone(),
-                    mode: n.mode.as_str().to_string(),
-                    subnets: n.subnets.iter().map(|s| s.cidr).collect(),
-                    backend: n.fabric.map(|f| f.backend.to_string()),
-                    internal: n.internal,
-                    default_deny: n.default_deny,
-                })
-                .collect(),
-            blocks,
-            endpoints: self
-                .endpoints
-                .values()
-                .map(|e| {
-                    let id = format!("{}/{}/{}", e.network, e.container_id, e.ifname);
-                    let pol = policies.get(id.as_str());
-                    EndpointDoc {
-                        host: e.host.clone().unwrap_or_else(|| me.to_string()),
-                        network: e.network.clone(),
-                        container_id: e.container_id.clone(),
-                        ifname: e.ifname.clone(),
-                        name: e.name.clone(),
-                        ips: e.ips.clone(),
-                        labels: e.labels.clone(),
-                        ports: e
-                            .port_mappings
-                            .iter()
-                            .map(|p| {
-                                format!(
-                                    "{}{}->{}/{}",
-                                    p.host_ip.map(|i| format!("{i}:")).unwrap_or_default(),
-                                    p.host_port,
-                                    p.container_port,
-                                    p.protocol.as_str()
-                                )
-                            })
-                            .collect(),
-                        ingress_policies: pol.and_then(|p| p.ingress.clone()),
-                        egress_policies: pol.and_then(|p| p.egress.clone()),
-                        policies_known: pol.is_some(),
-                        id,
-                    }
-                })
-                .collect(),
-            services: self
-                .services
-                .values()
-                .map(|s| ServiceDoc {
-                    name: s.name.clone(),
-                    vips: s.vips.clone(),
-                    ports: s
-                        .ports
-                        .iter()
-                        .map(|p| format!("{}/{}", p.port, p.protocol.as_str()))
-                        .collect(),
-                })
-                .collect(),
-            producers: self
-                .producers
-                .iter()
-                .map(|(k, p)| ProducerDoc {
-                    service: p.service.clone(),
-                    id: p.id.clone(),
-                    host: p.host.clone(),
-                    network: p.network.clone(),
-                    container: p.container.clone(),
-                    addrs: p.addrs.clone(),
-                    healthy: self.health.get(k).map(|h| h.healthy),
-                })
-                .collect(),
-            peers: peers.to_vec(),
-            rejected: self.rejected.keys().cloned().collect(),
-        }
+            .collect(),
+        networks: view
+            .networks
+            .values()
+            .map(|n| NetworkDoc {
+                name: n.name.clone(),
+                mode: n.mode.as_str().to_string(),
+                subnets: n.subnets.iter().map(|s| s.cidr).collect(),
+                backend: n.fabric.map(|f| f.backend.to_string()),
+                internal: n.internal,
+                default_deny: n.default_deny,
+            })
+            .collect(),
+        blocks: block_usage(view),
+        endpoints: view
+            .endpoints
+            .iter()
+            .map(|e| endpoint_doc(e, me, policies.get(&*e.id)))
+            .collect(),
+        services: view
+            .services
+            .values()
+            .map(|s| ServiceDoc {
+                name: s.name.clone(),
+                vips: s.vips.clone(),
+                ports: s
+                    .ports
+                    .iter()
+                    .map(|p| format!("{}/{}", p.port, p.protocol.as_str()))
+                    .collect(),
+            })
+            .collect(),
+        producers: view
+            .producers
+            .iter()
+            .map(|(k, p)| ProducerDoc {
+                service: p.service.clone(),
+                id: p.id.clone(),
+                host: p.host.clone(),
+                network: p.network.clone(),
+                container: p.container.clone(),
+                addrs: p.addrs.clone(),
+                healthy: view.health.get(k).map(|h| h.healthy),
+            })
+            .collect(),
+        peers: peers.to_vec(),
+        rejected: view.rejected.keys().cloned().collect(),
     }
 }
 
@@ -447,7 +322,7 @@ pub struct EndpointDoc {
     /// DNS name.
     pub name: Option<String>,
     /// Addresses.
-    pub ips: Vec<IpNet>,
+    pub ips: Vec<IpAddr>,
     /// Labels.
     pub labels: BTreeMap<String, String>,
     /// Published ports, `[hostip:]port->port/proto`.
@@ -504,12 +379,14 @@ pub fn is_metric_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::network::keys;
+    use crate::host::BlockClaim;
+    use crate::network::{keys, Endpoint, Network};
+    use crate::service::{keys as skeys, HealthRecord, Producer, Service};
 
-    fn ep(net: &str, id: &str, host: &str, ip: &str) -> (String, Vec<u8>) {
+    fn ep(net: &str, id: &str, host: Option<&str>, ips: &[&str]) -> (String, Vec<u8>) {
         let mut e = Endpoint::new(net, id, "eth0");
-        e.host = Some(host.into());
-        e.ips = vec![ip.parse().unwrap()];
+        e.host = host.map(str::to_string);
+        e.ips = ips.iter().map(|i| i.parse().unwrap()).collect();
         (
             keys::endpoint(net, id, "eth0"),
             serde_json::to_vec(&e).unwrap(),
@@ -522,51 +399,46 @@ mod tests {
 
     #[test]
     fn counts_endpoints_per_network_and_host() {
-        let mut t = Topology::default();
+        let mut v = DiscoveryView::default();
         for (i, h) in ["h1", "h1", "h2"].iter().enumerate() {
-            let (k, v) = ep(
-                "fabric",
-                &format!("c{i}"),
-                h,
-                &format!("10.1.0.{}/16", i + 2),
-            );
-            assert!(t.put(&k, &v));
+            let ip = format!("10.1.0.{}/16", i + 2);
+            let (k, val) = ep("fabric", &format!("c{i}"), Some(h), &[&ip]);
+            v.put(&k, &val);
         }
-        let mut local = Endpoint::new("solo", "c9", "eth0");
-        local.ips = vec!["10.9.0.2/24".parse().unwrap()];
-        t.put(
-            &keys::endpoint("solo", "c9", "eth0"),
-            &serde_json::to_vec(&local).unwrap(),
-        );
-        let c = t.endpoints_by_network_host("me");
+        let (k, val) = ep("solo", "c9", None, &["10.9.0.2/24"]);
+        v.put(&k, &val);
+        let c = endpoints_by_network_host(&v, "me");
         assert_eq!(c[&("fabric".into(), "h1".into())], 2);
         assert_eq!(c[&("fabric".into(), "h2".into())], 1);
         assert_eq!(c[&("solo".into(), "me".into())], 1);
-        t.delete(&keys::endpoint("fabric", "c0", "eth0"));
+        v.delete(&keys::endpoint("fabric", "c0", "eth0"));
         assert_eq!(
-            t.endpoints_by_network_host("me")[&("fabric".into(), "h1".into())],
+            endpoints_by_network_host(&v, "me")[&("fabric".into(), "h1".into())],
             1
         );
     }
 
     #[test]
     fn block_usage_counts_addresses_inside_each_block() {
-        let mut t = Topology::default();
+        let mut v = DiscoveryView::default();
         let b1: IpNet = "10.1.0.0/26".parse().unwrap();
         let b2: IpNet = "10.1.0.64/26".parse().unwrap();
-        t.put(&keys::block("fabric", &b1), &claim("h1"));
-        t.put(&keys::block("fabric", &b2), &claim("h2"));
+        v.put(&keys::block("fabric", &b1), &claim("h1"));
+        v.put(&keys::block("fabric", &b2), &claim("h2"));
         for (i, ip) in ["10.1.0.2/16", "10.1.0.3/16", "10.1.0.66/16"]
             .iter()
             .enumerate()
         {
-            let (k, v) = ep("fabric", &format!("c{i}"), "h1", ip);
-            t.put(&k, &v);
+            let (k, val) = ep("fabric", &format!("c{i}"), Some("h1"), &[ip]);
+            v.put(&k, &val);
         }
-        // Same addresses on another network do not count.
-        let (k, v) = ep("other", "x", "h1", "10.1.0.4/16");
-        t.put(&k, &v);
-        let u = t.block_usage();
+        // Same addresses on another network, or on a network whose name the block's network
+        // starts with, do not count.
+        for net in ["other", "fabric2"] {
+            let (k, val) = ep(net, "x", Some("h1"), &["10.1.0.4/16"]);
+            v.put(&k, &val);
+        }
+        let u = block_usage(&v);
         assert_eq!(u.len(), 2);
         assert_eq!((u[0].block, u[0].host.as_str()), (b1, "h1"));
         assert_eq!((u[0].capacity, u[0].used, u[0].free), (61, 2, 59));
@@ -575,12 +447,70 @@ mod tests {
         assert_eq!(block_capacity(&"10.0.0.0/32".parse().unwrap()), 1);
     }
 
+    /// The counts walked the plain way, over every endpoint.
+    fn walked(v: &DiscoveryView) -> (BTreeMap<(String, String), u64>, Vec<u64>) {
+        let mut per: BTreeMap<(String, String), u64> = BTreeMap::new();
+        for e in v.endpoints.iter() {
+            let h = e.host.as_deref().unwrap_or("me").to_string();
+            *per.entry((e.network.to_string(), h)).or_default() += 1;
+        }
+        let used = v
+            .blocks
+            .keys()
+            .map(|(net, b)| {
+                v.endpoints
+                    .iter()
+                    .filter(|e| &*e.network == net)
+                    .flat_map(|e| e.addrs.iter())
+                    .filter(|a| b.contains(*a))
+                    .count() as u64
+            })
+            .collect();
+        (per, used)
+    }
+
+    proptest::proptest! {
+        /// Any sequence of puts, rewrites, forged records and deletes gives the counts a walk
+        /// over every endpoint gives.
+        #[test]
+        fn counts_equal_a_plain_walk(ops in proptest::collection::vec(
+            (0u8..4, 0u8..6, 0u8..3, 0u8..8, proptest::option::of(0u8..3)), 0..60)) {
+            let mut v = DiscoveryView::default();
+            for b in ["10.1.0.0/29", "10.1.0.8/29", "fd00::/125"] {
+                let b: IpNet = b.parse().unwrap();
+                v.put(&keys::block("n0", &b), &claim("h0"));
+                v.put(&keys::block("n1", &b), &claim("h1"));
+            }
+            for (op, id, net, ip, host) in ops {
+                let net = format!("n{net}");
+                let key = keys::endpoint(&net, &format!("c{id}"), "eth0");
+                match op {
+                    0 | 1 => {
+                        let v4 = format!("10.1.0.{ip}/24");
+                        let v6 = format!("fd00::{ip}/64");
+                        let host = host.map(|h| format!("h{h}"));
+                        let ips: Vec<&str> = if ip % 3 == 0 { vec![&v4, &v6] } else { vec![&v4] };
+                        let (_, val) = ep(&net, &format!("c{id}"), host.as_deref(), &ips);
+                        v.put(&key, &val);
+                    }
+                    // A forged record under a held key.
+                    2 => v.put(&key, b"{not json"),
+                    _ => v.delete(&key),
+                }
+                let (per, used) = walked(&v);
+                proptest::prop_assert_eq!(endpoints_by_network_host(&v, "me"), per);
+                let got: Vec<u64> = block_usage(&v).iter().map(|u| u.used).collect();
+                proptest::prop_assert_eq!(got, used);
+            }
+        }
+    }
+
     #[test]
     fn producers_count_healthy_ones() {
-        let mut t = Topology::default();
+        let mut v = DiscoveryView::default();
         let s = Service::named("web");
-        t.put(&skeys::service("web"), &serde_json::to_vec(&s).unwrap());
-        t.put(
+        v.put(&skeys::service("web"), &serde_json::to_vec(&s).unwrap());
+        v.put(
             &skeys::service("idle"),
             &serde_json::to_vec(&Service::named("idle")).unwrap(),
         );
@@ -596,7 +526,7 @@ mod tests {
                 ports: BTreeMap::new(),
                 check: None,
             };
-            t.put(
+            v.put(
                 &skeys::producer("web", id),
                 &serde_json::to_vec(&p).unwrap(),
             );
@@ -607,48 +537,45 @@ mod tests {
             since_ms: 0,
             output: String::new(),
         };
-        t.put(&skeys::health("web", "b"), &serde_json::to_vec(&h).unwrap());
-        let c = t.producers_by_service();
+        v.put(&skeys::health("web", "b"), &serde_json::to_vec(&h).unwrap());
+        let c = producers_by_service(&v);
         assert_eq!(c["web"], (2, 1));
         assert_eq!(c["idle"], (0, 0));
     }
 
     #[test]
-    fn forged_records_are_refused_and_replace_nothing() {
-        let mut t = Topology::default();
-        let (k, v) = ep("fabric", "c1", "h1", "10.1.0.2/16");
-        t.put(&k, &v);
+    fn forged_records_are_listed_and_never_shown() {
+        let mut v = DiscoveryView::default();
+        let (k, val) = ep("fabric", "c1", Some("h1"), &["10.1.0.2/16"]);
+        v.put(&k, &val);
         // The same key rewritten with a name that is not a DNS label (HTML in it).
         let mut bad = Endpoint::new("fabric", "c1", "eth0");
         bad.name = Some("<img src=x onerror=alert(1)>".into());
-        assert!(t.put(&k, &serde_json::to_vec(&bad).unwrap()));
-        assert!(
-            t.endpoints.is_empty(),
-            "the forged record replaced the old one"
-        );
-        assert!(t.rejected.contains_key(&k));
-        // Junk bytes with a huge payload: refused, reason bounded.
-        let huge = vec![b'x'; 1 << 20];
-        t.put(&keys::network("big"), &huge);
-        assert!(t.rejected[&keys::network("big")].len() <= MAX_REASON);
-        assert!(t.networks.is_empty());
+        v.put(&k, &serde_json::to_vec(&bad).unwrap());
         // A network record under another name's key.
         let n = Network::bridged("blue", ["10.5.0.0/24".parse().unwrap()]);
-        t.put(&keys::network("red"), &serde_json::to_vec(&n).unwrap());
-        assert!(t.networks.is_empty());
+        v.put(&keys::network("red"), &serde_json::to_vec(&n).unwrap());
+        // A host record that does not decode: the host is live by name, with no details.
+        v.put(&keys::host("h9"), b"<script>");
+        let d = document(&v, "h1", &[], &[]);
+        assert!(d.endpoints.is_empty(), "{:?}", d.endpoints);
+        assert!(d.networks.is_empty());
+        assert!(d.rejected.contains(&k), "{:?}", d.rejected);
+        assert!(d.rejected.contains(&keys::network("red")));
+        assert_eq!(d.hosts.len(), 1);
+        assert!(d.hosts[0].underlay.is_empty() && d.hosts[0].version.is_empty());
         // A valid rewrite clears the refusal.
-        t.put(&k, &v);
-        assert!(!t.rejected.contains_key(&k));
-        assert_eq!(t.endpoints.len(), 1);
-        // Keys outside the followed prefixes are ignored.
-        assert!(!t.put("/ferrynet/v1/kv/x", b"{}"));
+        v.put(&k, &val);
+        let d = document(&v, "h1", &[], &[]);
+        assert_eq!(d.endpoints.len(), 1);
+        assert!(!d.rejected.contains(&k));
     }
 
     #[test]
     fn document_carries_local_policies_and_peers() {
-        let mut t = Topology::default();
-        let (k, v) = ep("fabric", "c1", "h1", "10.1.0.2/16");
-        t.put(&k, &v);
+        let mut v = DiscoveryView::default();
+        let (k, val) = ep("fabric", "c1", Some("h1"), &["10.1.0.2/16"]);
+        v.put(&k, &val);
         let peers = vec![PeerLink {
             network: "fabric".into(),
             host: "h2".into(),
@@ -662,13 +589,15 @@ mod tests {
             ingress: Some(vec!["web-in".into()]),
             egress: None,
         }];
-        let d = t.document("h1", &peers, &local);
+        let d = document(&v, "h1", &peers, &local);
         assert_eq!(d.endpoints.len(), 1);
         assert_eq!(d.endpoints[0].ingress_policies, Some(vec!["web-in".into()]));
         assert!(d.endpoints[0].policies_known);
         assert_eq!(d.peers, peers);
         let json = serde_json::to_value(&d).unwrap();
         assert_eq!(json["endpoints"][0]["containerId"], "c1");
+        assert_eq!(json["endpoints"][0]["ifname"], "eth0");
+        assert_eq!(json["endpoints"][0]["ips"][0], "10.1.0.2");
     }
 
     #[test]

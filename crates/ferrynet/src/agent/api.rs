@@ -10,9 +10,19 @@ use tokio::net::{UnixListener, UnixStream};
 
 use super::status::AgentStatus;
 
-/// Path of the agent socket in a state directory.
+/// Where the agent socket lives for the default state directory: a tmpfs, so no stale
+/// socket outlives a reboot, and where operators look for a daemon's socket.
+pub const RUN_DIR: &str = "/run/ferrynet";
+
+/// The default agent socket for a state directory: `/run/ferrynet/agent.sock` for the default
+/// one; a state directory of its own (a lab host, a test) keeps its socket inside, so several
+/// agents on one machine stay apart. `--agent-socket` overrides both.
 pub fn socket_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("agent.sock")
+    if state_dir == Path::new(crate::control::DEFAULT_STATE_DIR) {
+        Path::new(RUN_DIR).join("agent.sock")
+    } else {
+        state_dir.join("agent.sock")
+    }
 }
 
 /// The answer to one request line.
@@ -29,6 +39,9 @@ fn error_json(msg: &str) -> String {
 
 /// Bind the socket (replacing a stale one) and serve until the task is dropped.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
     let _ = std::fs::remove_file(path);
     UnixListener::bind(path)
 }

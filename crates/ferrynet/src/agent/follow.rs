@@ -33,6 +33,8 @@ pub async fn follow(
     let mut view = ClusterView::default();
     // Nothing is reconciled before the first snapshot (an empty view would remove everything).
     let mut have_snapshot = false;
+    // Set by each fresh snapshot: the reconcile after it tells systemd the agent is ready.
+    let mut fresh = false;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_full = Instant::now();
     loop {
@@ -40,14 +42,23 @@ pub async fn follow(
             update = updates.recv() => {
                 let Some(update) = update else { return };
                 let now = Instant::now();
-                let mut changed = fold(&mut view, update, now, &status, &mut have_snapshot);
+                let mut changed = fold(&mut view, update, now, &status, &mut have_snapshot, &mut fresh);
                 // Take whatever else is already queued, then reconcile once.
                 while let Ok(more) = updates.try_recv() {
-                    changed |= fold(&mut view, more, now, &status, &mut have_snapshot);
+                    changed |= fold(&mut view, more, now, &status, &mut have_snapshot, &mut fresh);
                 }
                 if changed && have_snapshot && reclaimed(rec).await {
                     rec.run(&view).await;
                     super::metrics::instruments().watch_lag(now.elapsed());
+                    if std::mem::take(&mut fresh) {
+                        // systemd (Type=notify) starts dependent units once the fabric is in
+                        // the kernel; after a store outage this says so again, which systemd
+                        // takes as a status update.
+                        crate::notify::ready(&format!(
+                            "following the store; {} hosts",
+                            view.hosts.len()
+                        ));
+                    }
                 }
             }
             _ = tick.tick() => {
@@ -71,11 +82,13 @@ fn fold(
     now: Instant,
     status: &Mutex<AgentStatus>,
     have_snapshot: &mut bool,
+    fresh: &mut bool,
 ) -> bool {
     match update {
         FabricUpdate::Reset(kvs) => {
             view.reset(&kvs, now);
             *have_snapshot = true;
+            *fresh = true;
             mark_store(status, None);
             true
         }
@@ -87,6 +100,7 @@ fn fold(
         }
         FabricUpdate::Lost(e) => {
             tracing::warn!(error = %e, "store connection lost; the kernel keeps its last state; retrying");
+            crate::notify::status(&format!("store unreachable, retrying: {e}"));
             mark_store(status, Some(e));
             false
         }

@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use ferrynet_model::topology::Topology;
+use ferrynet_model::discovery::DiscoveryView;
+use ferrynet_model::topology;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -202,23 +203,29 @@ fn set(f: &Family<Labels, Gauge>, labels: Labels, v: u64) {
 pub fn render(
     ins: &Instruments,
     host: &str,
-    topo: &Topology,
+    view: &DiscoveryView,
     status: &AgentStatus,
     drops: &[DropCount],
 ) -> String {
-    let mut reg = Registry::with_prefix("ferrynet");
+    render_with(ins, &render_topology(host, view), status, drops)
+}
 
+/// The gauges derived from the followed topology alone, as text without the closing `# EOF`.
+/// They change only when the store does, so the listener keeps this text per view version and a
+/// scrape at 100,000 endpoints does not encode them again.
+pub fn render_topology(host: &str, view: &DiscoveryView) -> String {
+    let mut reg = Registry::with_prefix("ferrynet");
     let endpoints = gauge_family();
-    for ((net, h), n) in topo.endpoints_by_network_host(host) {
+    for ((net, h), n) in topology::endpoints_by_network_host(view, host) {
         set(&endpoints, vec![("network", net), ("host", h)], n);
     }
     reg.register("endpoints", "Endpoints per network and host", endpoints);
     let hosts = Gauge::<i64>::default();
-    hosts.set(topo.hosts.len() as i64);
+    hosts.set(view.live_hosts.len() as i64);
     reg.register("hosts", "Live hosts", hosts);
     let free = gauge_family();
     let capacity = gauge_family();
-    for b in topo.block_usage() {
+    for b in topology::block_usage(view) {
         let l = vec![
             ("network", b.network.clone()),
             ("block", b.block.to_string()),
@@ -239,7 +246,7 @@ pub fn render(
     );
     let producers = gauge_family();
     let healthy = gauge_family();
-    for (svc, (all, ok)) in topo.producers_by_service() {
+    for (svc, (all, ok)) in topology::producers_by_service(view) {
         set(&producers, vec![("service", svc.clone())], all);
         set(&healthy, vec![("service", svc)], ok);
     }
@@ -250,13 +257,56 @@ pub fn render(
         healthy,
     );
     let rejected = Gauge::<i64>::default();
-    rejected.set(topo.rejected.len() as i64);
+    rejected.set(view.rejected.len() as i64);
     reg.register(
         "store_records_rejected",
         "Store records refused as invalid",
         rejected,
     );
+    let mut out = encoded(&reg);
+    if out.ends_with(EOF) {
+        out.truncate(out.len() - EOF.len());
+    }
+    out
+}
 
+/// The text format's last line.
+const EOF: &str = "# EOF\n";
+
+fn encoded(reg: &Registry) -> String {
+    let mut out = String::new();
+    if let Err(e) = encode(&mut out, reg) {
+        tracing::warn!(error = %e, "encoding metrics");
+    }
+    out
+}
+
+/// The metrics document from the topology's text (`render_topology`) and the instruments,
+/// status and drop counters as they are now.
+pub fn render_with(
+    ins: &Instruments,
+    topology_text: &str,
+    status: &AgentStatus,
+    drops: &[DropCount],
+) -> String {
+    let mut reg = Registry::with_prefix("ferrynet");
+    register_instruments(&mut reg, ins, status);
+    register_drops(&mut reg, drops);
+    register_peers(&mut reg, status);
+    if let Some(b) = &status.bgp {
+        register_bgp(&mut reg, b);
+    }
+    if let Some(s) = &status.sleeve {
+        register_sleeve(&mut reg, s);
+    }
+    let mut out = String::with_capacity(topology_text.len() + 16 * 1024);
+    out.push_str(topology_text);
+    out.push_str(&encoded(&reg));
+    out
+}
+
+/// The counters and histograms the agent's loops update, and the store and reconcile state.
+fn register_instruments(reg: &mut Registry, ins: &Instruments, status: &AgentStatus) {
     reg.register(
         "reconcile_runs",
         "Reconciles run",
@@ -316,7 +366,10 @@ pub fn render(
         "Health checks run, by service and result",
         ins.health_checks.clone(),
     );
+}
 
+/// The kernel's drop counters, by reason.
+fn register_drops(reg: &mut Registry, drops: &[DropCount]) {
     let dropped_packets: Family<Labels, Counter> = Family::default();
     let dropped_bytes: Family<Labels, Counter> = Family::default();
     for d in drops {
@@ -338,7 +391,10 @@ pub fn render(
         Unit::Bytes,
         dropped_bytes,
     );
+}
 
+/// This host's peers per network, backend and state.
+fn register_peers(reg: &mut Registry, status: &AgentStatus) {
     let peers = gauge_family();
     for n in &status.networks {
         let mut by: BTreeMap<(String, &str), u64> = BTreeMap::new();
@@ -368,83 +424,79 @@ pub fn render(
         "This host's peers per network, backend and state",
         peers,
     );
+}
 
-    if let Some(b) = &status.bgp {
-        let sessions = gauge_family();
-        let mut by: BTreeMap<String, u64> = BTreeMap::new();
-        for p in &b.peers {
-            *by.entry(p.state.clone()).or_default() += 1;
-        }
-        for (state, c) in by {
-            set(&sessions, vec![("state", state)], c);
-        }
-        reg.register("bgp_sessions", "BGP sessions by state", sessions);
-        let exported = Gauge::<i64>::default();
-        exported.set(b.exported.len() as i64);
-        reg.register("bgp_prefixes_exported", "Prefixes announced", exported);
-        let received = gauge_family();
-        for p in &b.peers {
-            set(
-                &received,
-                vec![("peer", p.name.clone())],
-                p.prefixes_in as u64,
-            );
-        }
-        reg.register(
-            "bgp_prefixes_received",
-            "Prefixes received per peer",
-            received,
-        );
-        let installed = Gauge::<i64>::default();
-        installed.set(b.routes_installed as i64);
-        reg.register(
-            "bgp_routes_installed",
-            "BGP routes in the kernel",
-            installed,
+/// The BGP speaker's sessions and prefixes.
+fn register_bgp(reg: &mut Registry, b: &super::bgp::BgpStatus) {
+    let sessions = gauge_family();
+    let mut by: BTreeMap<String, u64> = BTreeMap::new();
+    for p in &b.peers {
+        *by.entry(p.state.clone()).or_default() += 1;
+    }
+    for (state, c) in by {
+        set(&sessions, vec![("state", state)], c);
+    }
+    reg.register("bgp_sessions", "BGP sessions by state", sessions);
+    let exported = Gauge::<i64>::default();
+    exported.set(b.exported.len() as i64);
+    reg.register("bgp_prefixes_exported", "Prefixes announced", exported);
+    let received = gauge_family();
+    for p in &b.peers {
+        set(
+            &received,
+            vec![("peer", p.name.clone())],
+            p.prefixes_in as u64,
         );
     }
+    reg.register(
+        "bgp_prefixes_received",
+        "Prefixes received per peer",
+        received,
+    );
+    let installed = Gauge::<i64>::default();
+    installed.set(b.routes_installed as i64);
+    reg.register(
+        "bgp_routes_installed",
+        "BGP routes in the kernel",
+        installed,
+    );
+}
 
-    if let Some(s) = &status.sleeve {
-        let peers = Gauge::<i64>::default();
-        peers.set(s.peers.len() as i64);
-        reg.register("sleeve_peers", "Sleeve peers", peers);
-        let tx: Family<Labels, Counter> = Family::default();
-        let rx: Family<Labels, Counter> = Family::default();
-        for p in &s.peers {
-            let l = esc(vec![("peer", p.host.clone())]);
-            tx.get_or_create(&l).inc_by(p.tx_bytes);
-            rx.get_or_create(&l).inc_by(p.rx_bytes);
-        }
-        reg.register_with_unit(
-            "sleeve_transmitted",
-            "Bytes sent to each sleeve peer",
-            Unit::Bytes,
-            tx,
-        );
-        reg.register_with_unit(
-            "sleeve_received",
-            "Bytes received from each sleeve peer",
-            Unit::Bytes,
-            rx,
-        );
-        let dropped: Family<Labels, Counter> = Family::default();
-        for (reason, n) in &s.dropped {
-            dropped
-                .get_or_create(&esc(vec![("reason", reason.clone())]))
-                .inc_by(*n);
-        }
-        reg.register(
-            "sleeve_dropped_packets",
-            "Packets the sleeve dropped, by reason",
-            dropped,
-        );
+/// The sleeve's peers and traffic.
+fn register_sleeve(reg: &mut Registry, s: &ferrynet_sleeve::SleeveReport) {
+    let peers = Gauge::<i64>::default();
+    peers.set(s.peers.len() as i64);
+    reg.register("sleeve_peers", "Sleeve peers", peers);
+    let tx: Family<Labels, Counter> = Family::default();
+    let rx: Family<Labels, Counter> = Family::default();
+    for p in &s.peers {
+        let l = esc(vec![("peer", p.host.clone())]);
+        tx.get_or_create(&l).inc_by(p.tx_bytes);
+        rx.get_or_create(&l).inc_by(p.rx_bytes);
     }
-
-    let mut out = String::new();
-    if let Err(e) = encode(&mut out, &reg) {
-        tracing::warn!(error = %e, "encoding metrics");
+    reg.register_with_unit(
+        "sleeve_transmitted",
+        "Bytes sent to each sleeve peer",
+        Unit::Bytes,
+        tx,
+    );
+    reg.register_with_unit(
+        "sleeve_received",
+        "Bytes received from each sleeve peer",
+        Unit::Bytes,
+        rx,
+    );
+    let dropped: Family<Labels, Counter> = Family::default();
+    for (reason, n) in &s.dropped {
+        dropped
+            .get_or_create(&esc(vec![("reason", reason.clone())]))
+            .inc_by(*n);
     }
-    out
+    reg.register(
+        "sleeve_dropped_packets",
+        "Packets the sleeve dropped, by reason",
+        dropped,
+    );
 }
 
 #[cfg(test)]
@@ -454,7 +506,7 @@ mod tests {
     use ferrynet_model::topology::is_metric_name;
 
     fn sample() -> String {
-        let mut t = Topology::default();
+        let mut t = DiscoveryView::default();
         let mut e = Endpoint::new("fabric", "c1", "eth0");
         e.ips = vec!["10.1.0.2/16".parse().unwrap()];
         t.put(

@@ -76,8 +76,9 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     tracing::info!(host = %ctl.host(), underlay = %underlay.dev, addrs = ?underlay.addrs, store = store_url.as_deref().map(ferrynet_store::config::redact_url).unwrap_or_else(|| "embedded".into()), "agent starting");
     let status = initial_status(&ctl, &paths, store_url.as_deref(), &underlay);
     let mut tasks = Tasks::default();
-    spawn_listeners(&mut tasks, &ctl, &paths, &opts, &status).await?;
+    let web_state = spawn_listeners(&mut tasks, &ctl, &paths, &opts, &status).await?;
     let feed = spawn_feed(&mut tasks, &ctl, &opts, &status)?;
+    tasks.spawn(web::follow(web_state, feed.views.clone()));
     tasks.spawn(register::keep_registered(
         ctl.store_handle(),
         record,
@@ -108,6 +109,7 @@ pub async fn run(paths: Paths, opts: AgentOptions) -> anyhow::Result<()> {
     // peers keep routing to this host meanwhile. The load balancer's and policy's tables and
     // BGP's routes stay in the kernel too: restarts must not drop traffic (peers hold our
     // routes for the restart time).
+    crate::notify::stopping();
     tasks.stop();
     tracing::info!("agent stopped");
     Ok(())
@@ -253,25 +255,19 @@ async fn spawn_listeners(
     paths: &Paths,
     opts: &AgentOptions,
     status: &Arc<Mutex<AgentStatus>>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Arc<web::Web>> {
     let http_listeners = web::bind(&opts.http).await?;
     ferrynet_dataplane::nft::set_batch_observer(|took, ok| {
         metrics::instruments().nft_batch(took, ok)
     });
-    let web_state = web::Web::new(
-        ctl.host().to_string(),
-        ctl.store_handle(),
-        ctl.nft_handle(),
-        status.clone(),
-    );
-    tasks.spawn(web::follow(web_state.clone()));
+    let web_state = web::Web::new(ctl.clone(), status.clone());
     for l in http_listeners {
         if let Ok(a) = l.local_addr() {
             tracing::info!(addr = %a, "serving metrics, health and the topology page over HTTP");
         }
         tasks.spawn(web::serve(l, web_state.clone()));
     }
-    let sock = api::socket_path(&paths.state_dir);
+    let sock = paths.agent_socket();
     let listener = api::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
     tasks.spawn(api::serve(listener, status.clone()));
     tasks.sockets.push(sock);
@@ -289,7 +285,7 @@ async fn spawn_listeners(
         });
         tasks.sockets.push(path.clone());
     }
-    Ok(())
+    Ok(web_state)
 }
 
 /// The cluster feed as the agent holds it.
@@ -418,14 +414,21 @@ async fn report_sleeve(
     }
 }
 
-async fn shutdown_signal() {
+/// Completes on SIGTERM or SIGINT. The handlers are installed by this call, not at the first
+/// poll: a SIGTERM right after READY=1 must stop the agent cleanly, not kill it.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            },
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
     }
 }

@@ -2,9 +2,9 @@
 //! text), `/healthz`, `/api/topology` (JSON), `/api/events` (server-sent events on every
 //! change) and `/`, the topology page.
 //!
-//! It follows its own view of the store (hosts, networks, blocks, endpoints, services,
-//! producers, health) with a watch, so it never slows the reconciler; everything it serves is
-//! read-only. It binds only the addresses it is given: anyone who can reach one can read the
+//! It reads the cluster feed's discovery view (hosts, networks, blocks, endpoints, services,
+//! producers, health), whose records DNS, the load balancer and policy share: it holds no copy
+//! of its own and never slows the reconciler; everything it serves is read-only. It binds only the addresses it is given: anyone who can reach one can read the
 //! whole topology, so the default is loopback.
 
 use std::convert::Infallible;
@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ferrynet_dataplane::nft::NftExecutor;
-use ferrynet_model::topology::{self, LocalPolicies, PeerLink, Topology};
-use ferrynet_store::{EventKind, Store, StoreError, WatchEvent};
-use futures::StreamExt;
+use ferrynet_model::discovery::DiscoveryView;
+use ferrynet_model::topology::{self, LocalPolicies, PeerLink};
+use ferrynet_store::Store;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::server::conn::http1;
@@ -26,8 +26,12 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
+use crate::feed::ViewRx;
 use super::metrics::{self, DropCount};
 use super::status::AgentStatus;
+use crate::control::trace::TraceRequest;
+use crate::control::Control;
+use crate::error::ControlError;
 
 /// The default listener.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:9470";
@@ -80,10 +84,17 @@ pub fn parse_addrs(values: &[String]) -> Result<Vec<SocketAddr>, String> {
 /// What the listener serves from.
 pub struct Web {
     host: String,
+    /// For `/api/trace` (the same operation `ferrynet trace` runs).
+    ctl: Arc<Control>,
     store: Arc<dyn Store>,
     nft: Arc<dyn NftExecutor>,
     status: Arc<Mutex<AgentStatus>>,
-    topo: RwLock<Topology>,
+    /// The newest discovery view (shared with the feed's other consumers).
+    view: RwLock<Arc<DiscoveryView>>,
+    /// The topology's metrics text and the view version it was made from.
+    topo_text: Mutex<(u64, Arc<str>)>,
+    /// The kernel's drop counters and when they were read.
+    drops: Mutex<Option<(Instant, Vec<DropCount>)>>,
     /// Bumped on every change of the followed view.
     version: watch::Sender<u64>,
     streams: Arc<Semaphore>,
@@ -91,18 +102,16 @@ pub struct Web {
 
 impl Web {
     /// A listener's state for host `host`.
-    pub fn new(
-        host: String,
-        store: Arc<dyn Store>,
-        nft: Arc<dyn NftExecutor>,
-        status: Arc<Mutex<AgentStatus>>,
-    ) -> Arc<Web> {
+    pub fn new(ctl: Arc<Control>, status: Arc<Mutex<AgentStatus>>) -> Arc<Web> {
         Arc::new(Web {
-            host,
-            store,
-            nft,
+            host: ctl.host().to_string(),
+            store: ctl.store_handle(),
+            nft: ctl.nft_handle(),
+            ctl,
             status,
-            topo: RwLock::new(Topology::default()),
+            view: RwLock::new(Arc::new(DiscoveryView::default())),
+            topo_text: Mutex::new((u64::MAX, Arc::from(""))),
+            drops: Mutex::new(None),
             version: watch::channel(0).0,
             streams: Arc::new(Semaphore::new(MAX_STREAMS)),
         })
@@ -117,57 +126,28 @@ impl Web {
     }
 }
 
-/// Follow the store into the view until the task is dropped, reconnecting after errors.
-pub async fn follow(web: Arc<Web>) {
-    let mut backoff = Duration::from_millis(200);
+/// Take each new discovery view until the feed ends (the agent is stopping).
+pub async fn follow(web: Arc<Web>, mut views: ViewRx) {
     loop {
-        match follow_once(&web).await {
-            Ok(()) => backoff = Duration::from_millis(200),
-            Err(e) => tracing::debug!(error = %e, "topology watch lost; retrying"),
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
-}
-
-fn apply(t: &mut Topology, ev: &WatchEvent) {
-    match ev.kind {
-        EventKind::Put => {
-            t.put(&ev.kv.key, &ev.kv.value);
-        }
-        EventKind::Delete => t.delete(&ev.kv.key),
-    }
-}
-
-async fn follow_once(web: &Web) -> Result<(), StoreError> {
-    let mut fresh = Topology::default();
-    let mut streams = Vec::new();
-    for prefix in topology::prefixes() {
-        let (kvs, rev) = web.store.range(&prefix).await?;
-        for kv in &kvs {
-            fresh.put(&kv.key, &kv.value);
-        }
-        streams.push(web.store.watch(&prefix, rev).await?);
-    }
-    if let Ok(mut t) = web.topo.write() {
-        *t = fresh;
-    }
-    web.bump();
-    let mut events = futures::stream::select_all(streams);
-    while let Some(ev) = events.next().await {
-        let ev = ev?;
-        let mut batch = vec![ev];
-        while let Some(Some(more)) = futures::FutureExt::now_or_never(events.next()) {
-            batch.push(more?);
-        }
-        if let Ok(mut t) = web.topo.write() {
-            for ev in &batch {
-                apply(&mut t, ev);
-            }
+        let v = views.borrow_and_update().clone();
+        if let Ok(mut held) = web.view.write() {
+            *held = v;
         }
         web.bump();
+        if views.changed().await.is_err() {
+            return;
+        }
     }
-    Err(StoreError::Unavailable("watch ended".into()))
+}
+
+impl Web {
+    /// The newest view.
+    fn view(&self) -> Arc<DiscoveryView> {
+        match self.view.read() {
+            Ok(v) => v.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
 }
 
 /// Bind every address (all must bind: an operator who asked for a listener expects it).
@@ -263,22 +243,55 @@ async fn route(web: &Arc<Web>, req: Request<Incoming>) -> Response<Body> {
             full(StatusCode::OK, "application/json", body)
         }
         "/api/events" => events(web),
+        "/api/trace" => trace(web, req.uri().query().unwrap_or_default()).await,
         _ => full(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
 }
 
+/// Drop counters are read from the kernel at most this often; scrapes in between reuse them.
+const DROPS_MAX_AGE: Duration = Duration::from_secs(1);
+
 /// The metrics text now.
 pub async fn scrape(web: &Arc<Web>) -> String {
+    let drops = drops_now(web).await;
+    let status = web.status();
+    let topo_text = topology_text(web);
+    metrics::render_with(metrics::instruments(), &topo_text, &status, &drops)
+}
+
+/// The topology's metrics text, encoded again only when the followed view changed since.
+fn topology_text(web: &Web) -> Arc<str> {
+    let version = *web.version.borrow();
+    if let Ok(cached) = web.topo_text.lock() {
+        if cached.0 == version {
+            return cached.1.clone();
+        }
+    }
+    let text: Arc<str> = Arc::from(metrics::render_topology(&web.host, &web.view()));
+    if let Ok(mut cached) = web.topo_text.lock() {
+        *cached = (version, text.clone());
+    }
+    text
+}
+
+/// The drop counters, read again when older than `DROPS_MAX_AGE` (each read lists several nft
+/// tables through libnftables, which costs more than the rest of a scrape).
+async fn drops_now(web: &Arc<Web>) -> Vec<DropCount> {
+    if let Ok(cached) = web.drops.lock() {
+        if let Some((at, d)) = cached.as_ref() {
+            if at.elapsed() < DROPS_MAX_AGE {
+                return d.clone();
+            }
+        }
+    }
     let nft = web.nft.clone();
     let drops = tokio::task::spawn_blocking(move || read_drops(nft.as_ref()))
         .await
         .unwrap_or_default();
-    let status = web.status();
-    let topo = match web.topo.read() {
-        Ok(t) => t,
-        Err(p) => p.into_inner(),
-    };
-    metrics::render(metrics::instruments(), &web.host, &topo, &status, &drops)
+    if let Ok(mut cached) = web.drops.lock() {
+        *cached = Some((Instant::now(), drops.clone()));
+    }
+    drops
 }
 
 /// The named drop counters of ferrynet's tables (absent tables count nothing).
@@ -358,13 +371,88 @@ pub fn links_of(status: &AgentStatus) -> (Vec<PeerLink>, Vec<LocalPolicies>) {
 fn topology_json(web: &Web) -> String {
     let status = web.status();
     let (peers, local) = links_of(&status);
-    let topo = match web.topo.read() {
-        Ok(t) => t,
-        Err(p) => p.into_inner(),
-    };
-    let doc = topo.document(&web.host, &peers, &local);
-    drop(topo);
+    let doc = topology::document(&web.view(), &web.host, &peers, &local);
     serde_json::to_string(&doc).unwrap_or_else(|e| format!("{{\"error\":{:?}}}", e.to_string()))
+}
+
+/// Longest `src` or `dst` a trace request may carry (a name, an address and a port).
+const MAX_TRACE_WORD: usize = 300;
+
+/// The `src` and `dst` of a `/api/trace` query string, percent-decoded; None when either is
+/// missing, empty, too long or not UTF-8.
+pub fn trace_query(query: &str) -> Option<(String, String)> {
+    let mut src = None;
+    let mut dst = None;
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v)?;
+        if v.is_empty() || v.len() > MAX_TRACE_WORD {
+            return None;
+        }
+        match k {
+            "src" => src = Some(v),
+            "dst" => dst = Some(v),
+            _ => {}
+        }
+    }
+    Some((src?, dst?))
+}
+
+/// `%XX` and `+` decoded (a form's encoding); None on a bad escape or bytes that are not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = s.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `/api/trace?src=…&dst=…`: the hop-by-hop trace `ferrynet trace --json` prints (without
+/// `--live`: the page never injects packets).
+async fn trace(web: &Web, query: &str) -> Response<Body> {
+    let Some((src, dst)) = trace_query(query) else {
+        return full(
+            StatusCode::BAD_REQUEST,
+            "application/json",
+            "{\"error\":\"give src and dst (each 1-300 characters)\"}",
+        );
+    };
+    let req = TraceRequest {
+        src: &src,
+        dst: &dst,
+        ipv6: false,
+        spoof: None,
+    };
+    match web.ctl.trace(&req).await {
+        Ok((t, _, _)) => {
+            let body = serde_json::json!({ "host": web.host, "trace": t });
+            full(StatusCode::OK, "application/json", body.to_string())
+        }
+        Err(e) => {
+            let code = match e {
+                ControlError::Trace(_) => StatusCode::BAD_REQUEST,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            let body = serde_json::json!({ "error": e.to_string() });
+            full(code, "application/json", body.to_string())
+        }
+    }
 }
 
 async fn healthz(web: &Web) -> Response<Body> {
@@ -490,6 +578,25 @@ fn sse(event: &str, version: u64) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trace_queries_are_decoded_and_bounded() {
+        assert_eq!(
+            trace_query("src=blue%2Fweb&dst=db%3A5432%2Ftcp"),
+            Some(("blue/web".into(), "db:5432/tcp".into()))
+        );
+        assert_eq!(
+            trace_query("dst=%5Bfd20%3A%3A5%5D%3A80&src=c1&x=1"),
+            Some(("c1".into(), "[fd20::5]:80".into()))
+        );
+        assert_eq!(trace_query("src=c1"), None);
+        assert_eq!(trace_query("src=&dst=c2"), None);
+        assert_eq!(trace_query("src=c1&dst=%zz"), None);
+        assert_eq!(trace_query("src=c1&dst=%ff%fe"), None, "not UTF-8");
+        assert_eq!(trace_query("src=c1&dst=%4"), None, "cut escape");
+        let long = "a".repeat(MAX_TRACE_WORD + 1);
+        assert_eq!(trace_query(&format!("src=c1&dst={long}")), None);
+    }
 
     #[test]
     fn http_flag_values() {

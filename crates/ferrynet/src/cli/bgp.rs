@@ -8,7 +8,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use ferrynet_model::bgp::{BgpConfig, NodeConfig, PeerRecord};
 
 use super::table::Table;
-use crate::agent::api::{query_status, socket_path};
+use crate::agent::api::query_status;
 use crate::control::{Control, Paths};
 
 /// `ferrynet bgp` subcommands.
@@ -207,7 +207,7 @@ async fn config(ctl: &Control, a: ConfigArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn status(paths: &Paths, json: bool) -> anyhow::Result<ExitCode> {
-    let s = query_status(&socket_path(&paths.state_dir)).await?;
+    let s = query_status(&paths.agent_socket()).await?;
     let Some(b) = s.bgp else {
         bail!("BGP is not running on this host (no network with --backend bgp)");
     };

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Args;
 
 use crate::control::{Control, DEFAULT_STATE_DIR};
@@ -56,11 +56,10 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
 /// Copy the running binary to `<bin-dir>/ferrynet` and write `<conf-dir>/<prio>-ferrynet-<net>.conflist`.
 pub async fn install_cni(ctl: &Control, a: InstallArgs) -> anyhow::Result<()> {
     if ctl.network(&a.network).await?.is_none() {
-        bail!(
+        return Err(super::exit::not_found(format!(
             "network {} does not exist; create it first with `ferrynet network create {}`",
-            a.network,
-            a.network
-        );
+            a.network, a.network
+        )));
     }
     std::fs::create_dir_all(&a.bin_dir)
         .with_context(|| format!("creating {}", a.bin_dir.display()))?;

@@ -1,17 +1,23 @@
 //! The command line: networks, containers, CNI installation.
 
 mod bgp;
+mod docs;
+pub mod env;
+pub mod exit;
 mod install;
 mod lab;
 mod lab_gobgp_fib;
 mod lab_nat;
 mod lab_racks;
+mod logs;
 mod policy;
 mod render;
 pub mod service;
 mod sleeve_cmd;
 mod status;
 mod table;
+mod trace;
+mod trace_live;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -19,7 +25,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use ferrynet_dataplane::netns::Netns;
 use ferrynet_model::fabric::Backend;
 use ferrynet_model::names::{parse_mac, validate_container_name};
@@ -41,8 +47,12 @@ use table::Table;
 /// ferrynet acts as a CNI plugin instead (configuration on stdin, result on stdout), so the same
 /// binary is installed into the CNI bin directory by `ferrynet install-cni`. For several hosts,
 /// run `ferrynet agent` on each; try it on one machine with `ferrynet lab up`.
+///
+/// Every flag can also be set by an environment variable, named in its help: FERRYNET_, the
+/// subcommand path and the flag (`ferrynet agent --http` ← FERRYNET_AGENT_HTTP); global flags
+/// without a path (FERRYNET_STORE). The command line wins.
 #[derive(Parser, Debug)]
-#[command(name = "ferrynet", version = crate::failpoint::VERSION, about, long_about)]
+#[command(name = "ferrynet", version = crate::failpoint::VERSION, about, long_about, after_help = exit::HELP)]
 struct Cli {
     /// State directory holding the embedded store.
     #[arg(long, global = true, env = "FERRYNET_STATE_DIR", value_name = "DIR")]
@@ -51,6 +61,13 @@ struct Cli {
     /// this host's agent recorded in <state-dir>/host.json, else the embedded file.
     #[arg(long, global = true, env = "FERRYNET_STORE", value_name = "URL")]
     store: Option<String>,
+    /// Log lines as human text or one JSON object per line (on stderr; FERRYNET_LOG filters).
+    #[arg(long, global = true, value_enum, default_value_t = crate::logging::LogFormat::Text)]
+    log_format: crate::logging::LogFormat,
+    /// The agent's unix socket (`ferrynet status`). Default: /run/ferrynet/agent.sock with the
+    /// default state directory, else agent.sock inside the state directory.
+    #[arg(long, global = true, value_name = "PATH")]
+    agent_socket: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -64,6 +81,8 @@ enum Cmd {
     Run(RunArgs),
     /// List containers started with `ferrynet run`.
     Ps(JsonFlag),
+    /// Print the output (stdout and stderr) of a container started with `ferrynet run`.
+    Logs(logs::LogsArgs),
     /// Run a command inside a container's network namespace (in the foreground).
     Exec {
         /// Container name.
@@ -145,6 +164,39 @@ enum Cmd {
     /// sessions. See docs/BGP.md.
     #[command(subcommand)]
     Bgp(bgp::BgpCmd),
+    /// Explain where a packet from SRC to DST[:PORT[/tcp|udp]] goes and why, hop by hop:
+    /// anti-spoofing, DNAT, isolation, policy, routes and the backend hop per host, or the
+    /// step that drops it. Reads the store and this host's kernel (other hosts: from their
+    /// records); --live confirms it on this host with nftables tracing.
+    Trace(trace::TraceArgs),
+    /// Print a shell completion script (bash, zsh, fish), e.g.
+    /// `ferrynet completions bash > /etc/bash_completion.d/ferrynet`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: docs::Shell,
+    },
+    /// Write man pages (ferrynet.1 and one per subcommand) into DIR.
+    Man {
+        /// Directory to write the pages into (created if missing).
+        dir: PathBuf,
+    },
+}
+
+/// The command line definition with every flag's environment variable (`env`).
+pub fn command() -> clap::Command {
+    env::with_env(Cli::command())
+}
+
+/// Parse `args` (program name first) as the command line would be parsed, without running
+/// anything: for checking command lines written elsewhere (systemd units, manifests).
+pub fn check_args<I, T>(args: I) -> Result<(), clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let m = command().try_get_matches_from(args)?;
+    Cli::from_arg_matches(&m).map(|_| ())
 }
 
 #[derive(Args, Debug)]
@@ -280,6 +332,10 @@ enum NetworkCmd {
 struct CreateArgs {
     /// Network name: letters, digits, `_ . -`, at most 64 characters.
     name: String,
+    /// Succeed when the network exists already with the subnets and backend given (for
+    /// setups that run the same command on every node); it is not changed.
+    #[arg(long)]
+    exist_ok: bool,
     /// A subnet (IPv4 or IPv6 CIDR); repeat for several. Default: a free 10.89.N.0/24.
     #[arg(long, value_name = "CIDR")]
     subnet: Vec<IpNet>,
@@ -374,30 +430,53 @@ struct RunArgs {
     cmd: Vec<String>,
 }
 
-/// Parse arguments, run, and map failures to a message and exit code 1.
+/// Parse arguments, run, and map failures to a message and an exit code (`exit::HELP`).
 pub fn main() -> ExitCode {
-    let mut cli = Cli::parse();
+    let matches = command().get_matches();
+    let mut cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    crate::logging::init("info", cli.log_format);
     // An empty FERRYNET_STORE (as a container's or plugin's settable default) means unset.
     cli.store = cli.store.filter(|s| !s.trim().is_empty());
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("ferrynet: error: {e:#}");
-            ExitCode::from(1)
+            ExitCode::from(exit::code(&e))
         }
     }
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // Generated documentation needs neither root nor a store (package builds run it).
+    match &cli.cmd {
+        Cmd::Completions { shell } => {
+            docs::completions(command(), *shell, &mut std::io::stdout());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Man { dir } => {
+            let n = docs::man_pages(command(), dir)?;
+            println!("{n} man pages in {}", dir.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
     if !nix::unistd::geteuid().is_root() {
-        bail!("ferrynet must run as root: it creates network namespaces, links and nftables rules");
+        return Err(exit::CliError::System(
+            "ferrynet must run as root: it creates network namespaces, links and nftables rules"
+                .into(),
+        )
+        .into());
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
-        let paths = Paths::resolve(cli.state_dir.as_deref());
+        let mut paths = Paths::resolve(cli.state_dir.as_deref());
+        paths.agent_socket = cli.agent_socket.clone();
         match cli.cmd {
             Cmd::Agent(a) => {
                 let dns = dns_options(&a)?;
@@ -436,9 +515,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         let ctl = Control::open_with(paths, cli.store.as_deref(), None).await?;
         match cli.cmd {
-            Cmd::Agent(_) | Cmd::Status(_) | Cmd::Lab(_) | Cmd::Sleeve(_) => {
+            Cmd::Agent(_)
+            | Cmd::Status(_)
+            | Cmd::Lab(_)
+            | Cmd::Sleeve(_)
+            | Cmd::Completions { .. }
+            | Cmd::Man { .. } => {
                 unreachable!("handled above")
             }
+            Cmd::Logs(a) => logs::logs(&ctl, a).await.map(|_| ExitCode::SUCCESS),
             Cmd::Network(c) => network(&ctl, c).await.map(|_| ExitCode::SUCCESS),
             Cmd::Service(c) => service::run(&ctl, c).await.map(|_| ExitCode::SUCCESS),
             Cmd::Run(a) => run_container(&ctl, a).await.map(|_| ExitCode::SUCCESS),
@@ -466,6 +551,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Cmd::Policy(c) => policy::run(&ctl, c).await.map(|_| ExitCode::SUCCESS),
             Cmd::Label(a) => policy::label(&ctl, a).await.map(|_| ExitCode::SUCCESS),
             Cmd::Bgp(c) => bgp::run(ctl.paths(), Some(&ctl), c).await,
+            Cmd::Trace(a) => trace::run(&ctl, a).await.map(|_| ExitCode::SUCCESS),
         }
     })
 }
@@ -491,6 +577,27 @@ fn guard(ctl: &Control, json: bool) -> anyhow::Result<()> {
 async fn network(ctl: &Control, cmd: NetworkCmd) -> anyhow::Result<()> {
     match cmd {
         NetworkCmd::Create(a) => {
+            if a.exist_ok {
+                // Declarative setups (a DaemonSet on every node) create the same network.
+                let (name, subnets, backend) = (a.name.clone(), a.subnet.clone(), a.backend);
+                if let Some((have, _)) = ctl.network(&name).await? {
+                    same_network(&have, &subnets, backend)?;
+                    println!("{name}");
+                    return Ok(());
+                }
+                let net = network_from_args(ctl, a).await?;
+                match ctl.create_network(net).await {
+                    Ok(net) => println!("{}", net.name),
+                    Err(crate::error::ControlError::AlreadyExists(e)) => {
+                        let (have, _) =
+                            ctl.network(&name).await?.ok_or_else(|| exit::conflict(e))?;
+                        same_network(&have, &subnets, backend)?;
+                        println!("{name}");
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                return Ok(());
+            }
             let net = network_from_args(ctl, a).await?;
             let net = ctl.create_network(net).await?;
             println!("{}", net.name);
@@ -552,7 +659,7 @@ async fn network(ctl: &Control, cmd: NetworkCmd) -> anyhow::Result<()> {
             let (net, _) = ctl
                 .network(&name)
                 .await?
-                .with_context(|| format!("network {name} does not exist"))?;
+                .ok_or_else(|| exit::not_found(format!("network {name} does not exist")))?;
             let eps = ctl.endpoints(&name).await?;
             println!(
                 "{}",
@@ -580,6 +687,29 @@ async fn network(ctl: &Control, cmd: NetworkCmd) -> anyhow::Result<()> {
             ctl.delete_network(&name, force).await?;
             println!("{name}");
         }
+    }
+    Ok(())
+}
+
+/// `network create --exist-ok`: the existing network must have the subnets and backend asked
+/// for (those given); anything else is a conflict, not a silent success.
+fn same_network(have: &Network, subnets: &[IpNet], backend: Option<Backend>) -> anyhow::Result<()> {
+    let mut want: Vec<IpNet> = subnets.to_vec();
+    let mut got: Vec<IpNet> = have.subnets.iter().map(|s| s.cidr).collect();
+    want.sort();
+    got.sort();
+    if !want.is_empty() && want != got {
+        return Err(exit::conflict(format!(
+            "network {} exists with subnets {:?}, not {:?}",
+            have.name, got, want
+        )));
+    }
+    let have_backend = have.fabric.as_ref().map(|f| f.backend);
+    if backend.is_some() && backend != have_backend {
+        return Err(exit::conflict(format!(
+            "network {} exists with backend {:?}, not {:?}",
+            have.name, have_backend, backend
+        )));
     }
     Ok(())
 }
@@ -653,7 +783,7 @@ async fn run_container(ctl: &Control, a: RunArgs) -> anyhow::Result<()> {
     let (net, _) = ctl
         .network(&a.net)
         .await?
-        .with_context(|| format!("network {} does not exist", a.net))?;
+        .ok_or_else(|| exit::not_found(format!("network {} does not exist", a.net)))?;
     let mut ports = Vec::new();
     for spec in &a.publish {
         ports.extend(parse_publish(spec).map_err(anyhow::Error::msg)?);
@@ -930,7 +1060,7 @@ async fn exec(ctl: &Control, name: &str, cmd: &[String]) -> anyhow::Result<ExitC
     let c = ctl
         .container(name)
         .await?
-        .with_context(|| format!("no container named {name}"))?;
+        .ok_or_else(|| exit::not_found(format!("no container named {name}")))?;
     let ns = c.netns.as_ref().map(PathBuf::from);
     let resolv = container::resolv_conf_of(ns.as_deref());
     let code = container::exec_in(ns.as_deref(), resolv.as_deref(), cmd)?;
@@ -941,7 +1071,7 @@ async fn stop(ctl: &Control, name: &str, time: u64) -> anyhow::Result<()> {
     let c = ctl
         .container(name)
         .await?
-        .with_context(|| format!("no container named {name}"))?;
+        .ok_or_else(|| exit::not_found(format!("no container named {name}")))?;
     container::stop_process(&c, Duration::from_secs(time));
     println!("{name}");
     Ok(())
@@ -951,10 +1081,12 @@ async fn rm(ctl: &Control, name: &str, force: bool) -> anyhow::Result<()> {
     let c = ctl
         .container(name)
         .await?
-        .with_context(|| format!("no container named {name}"))?;
+        .ok_or_else(|| exit::not_found(format!("no container named {name}")))?;
     if c.running() {
         if !force {
-            bail!("container {name} is running; stop it first or use --force");
+            return Err(exit::conflict(format!(
+                "container {name} is running; stop it first or use --force"
+            )));
         }
         container::stop_process(&c, Duration::from_secs(5));
     }

@@ -3,7 +3,7 @@
 use ipnet::IpNet;
 
 use super::table::Table;
-use crate::agent::api::{query_status, socket_path};
+use crate::agent::api::query_status;
 use crate::agent::status::AgentStatus;
 use crate::control::Paths;
 
@@ -20,7 +20,7 @@ fn list(v: &[IpNet]) -> String {
 
 /// Print the status of the agent of the host whose state directory is `paths`.
 pub async fn show(paths: &Paths, json: bool) -> anyhow::Result<()> {
-    let s = query_status(&socket_path(&paths.state_dir)).await?;
+    let s = query_status(&paths.agent_socket()).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());

@@ -178,16 +178,18 @@ pub fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(l)
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn termination() -> anyhow::Result<()> {
+/// Completes on SIGTERM or SIGINT. The handlers are installed by this call, before READY=1
+/// is sent, not when the future is first polled.
+fn termination() -> anyhow::Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-    }
-    Ok(())
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+    })
 }
 
 /// `ferrynet docker-plugin`: serve in the foreground until SIGTERM/SIGINT, then remove the socket.
@@ -204,24 +206,21 @@ pub async fn run_plugin(ctl: Arc<Control>, args: PluginArgs) -> anyhow::Result<(
         state = %ctl.paths().state_dir.display(),
         "serving the Docker network and IPAM driver (docker network create -d {driver} --ipam-driver {driver} ...)"
     );
-    let (sig_tx, sig_rx) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
-    tokio::spawn(async move {
-        let _ = sig_tx.send(termination().await);
-    });
-    let mut signal_err = None;
+    let stop = termination()?;
+    // The socket listens: Docker can activate the driver from now on (Type=notify).
+    crate::notify::ready(&format!(
+        "serving driver {driver} on {}",
+        args.socket.display()
+    ));
     let served = serve(ctl, listener, args.docker_scope, async {
-        if let Ok(Err(e)) = sig_rx.await {
-            signal_err = Some(e);
-        }
+        stop.await;
+        crate::notify::stopping();
     })
     .await;
     if let Err(e) = std::fs::remove_file(&args.socket) {
         if e.kind() != std::io::ErrorKind::NotFound {
             tracing::warn!(error = %e, socket = %args.socket.display(), "removing the socket failed");
         }
-    }
-    if let Some(e) = signal_err {
-        return Err(e);
     }
     served.context("serving the plugin API")?;
     tracing::info!("stopped");

@@ -21,6 +21,7 @@ pub mod service;
 pub mod shaping;
 pub mod stale;
 pub mod subnets;
+pub mod trace;
 pub mod transact;
 
 #[cfg(test)]
@@ -47,6 +48,8 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferrynet";
 pub struct Paths {
     /// The state directory.
     pub state_dir: PathBuf,
+    /// The agent's unix socket when given (`--agent-socket`); else `agent::api::socket_path`.
+    pub agent_socket: Option<PathBuf>,
 }
 
 impl Paths {
@@ -56,7 +59,16 @@ impl Paths {
             .map(Path::to_path_buf)
             .or_else(|| std::env::var_os("FERRYNET_STATE_DIR").map(PathBuf::from))
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
-        Paths { state_dir }
+        Paths {
+            state_dir,
+            agent_socket: None,
+        }
+    }
+    /// The agent's unix socket (status API).
+    pub fn agent_socket(&self) -> PathBuf {
+        self.agent_socket
+            .clone()
+            .unwrap_or_else(|| crate::agent::api::socket_path(&self.state_dir))
     }
     /// The embedded store file.
     pub fn store_file(&self) -> PathBuf {

@@ -488,6 +488,23 @@ impl EndpointIndex {
             .flatten()
             .map(|e| &**e)
     }
+    /// Addresses inside `net` held by an endpoint of `network`, each with its endpoint's id, in
+    /// address order (the walk visits only addresses inside `net`).
+    pub fn addresses_in<'a>(
+        &'a self,
+        network: &'a str,
+        net: &IpNet,
+    ) -> impl Iterator<Item = (IpAddr, &'a Arc<str>)> + 'a {
+        let last = net.broadcast();
+        self.by_ip
+            .range((net.network(), Arc::from(""))..)
+            .take_while(move |(a, _)| *a <= last)
+            .filter(move |(_, id)| {
+                id.strip_prefix(network)
+                    .is_some_and(|rest| rest.starts_with('/'))
+            })
+            .map(|(a, id)| (*a, id))
+    }
     /// Endpoints whose name, container id or `network/name` is `who`.
     pub fn by_name(&self, who: &str) -> Vec<&PolicyEndpoint> {
         self.iter()
