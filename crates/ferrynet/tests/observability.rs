@@ -409,7 +409,18 @@ fn topology_page_in_headless_chromium() {
         .unwrap_or(0);
     assert!(n > 1000, "screenshot of {n} bytes");
     assert!(std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0) == n);
-    let errors = b.errors();
+    // The one error expected: Chromium logs the 400 the agent gave the deliberate trace of a
+    // name nobody has. Anything else fails the test.
+    let errors: Vec<Value> = b
+        .errors()
+        .into_iter()
+        .filter(|e| {
+            let e = e.as_str().unwrap_or_default();
+            !(e.contains("status of 400")
+                && e.contains("/api/trace?")
+                && e.contains("no-such-container"))
+        })
+        .collect();
     assert!(errors.is_empty(), "console errors: {errors:?}");
 }
 

@@ -26,12 +26,12 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-use crate::feed::ViewRx;
 use super::metrics::{self, DropCount};
 use super::status::AgentStatus;
 use crate::control::trace::TraceRequest;
 use crate::control::Control;
 use crate::error::ControlError;
+use crate::feed::ViewRx;
 
 /// The default listener.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:9470";
