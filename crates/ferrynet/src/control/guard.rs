@@ -130,11 +130,8 @@ impl Control {
             if !net.mode.gives_interfaces() {
                 continue;
             }
-            for ep in self.endpoints(&net.name).await? {
-                // Endpoints of other hosts (multi-host networks) have no port here.
-                if ep.host.as_deref().is_some_and(|h| h != self.host) {
-                    continue;
-                }
+            // Endpoints of other hosts (multi-host networks) have no port here.
+            for ep in self.local_endpoints(&net.name).await? {
                 ports.extend(guarded_port(&ep, net.mode));
             }
         }
