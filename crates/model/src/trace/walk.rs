@@ -155,14 +155,16 @@ fn anti_spoofing(w: &mut Walk, h: &str, e: &Endpoint, src: IpAddr) -> Result<(),
     let basis = if h == f.me {
         match f.kernel.guard_entry {
             Some(true) => Basis::Kernel,
-            Some(false) => return Err(w.drop(
-                Some(h),
-                Step::AntiSpoofing,
-                Basis::Kernel,
-                format!(
+            Some(false) => {
+                return Err(w.drop(
+                    Some(h),
+                    Step::AntiSpoofing,
+                    Basis::Kernel,
+                    format!(
                     "element {element} is missing from {table} {set}: the port drops every frame"
                 ),
-            )),
+                ))
+            }
             None => {
                 w.guard_lookup = Some((port.clone(), mac.clone(), src, routed));
                 Basis::Store
