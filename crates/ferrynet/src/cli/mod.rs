@@ -450,18 +450,8 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    // Generated documentation needs neither root nor a store (package builds run it).
-    match &cli.cmd {
-        Cmd::Completions { shell } => {
-            docs::completions(command(), *shell, &mut std::io::stdout());
-            return Ok(ExitCode::SUCCESS);
-        }
-        Cmd::Man { dir } => {
-            let n = docs::man_pages(command(), dir)?;
-            println!("{n} man pages in {}", dir.display());
-            return Ok(ExitCode::SUCCESS);
-        }
-        _ => {}
+    if let Some(code) = run_docs(&cli.cmd)? {
+        return Ok(code);
     }
     if !nix::unistd::geteuid().is_root() {
         return Err(exit::CliError::System(
@@ -477,83 +467,131 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     rt.block_on(async move {
         let mut paths = Paths::resolve(cli.state_dir.as_deref());
         paths.agent_socket = cli.agent_socket.clone();
-        match cli.cmd {
-            Cmd::Agent(a) => {
-                let dns = dns_options(&a)?;
-                let opts = crate::agent::AgentOptions {
-                    host: a.host_name,
-                    store: cli.store,
-                    underlay_dev: a.underlay_dev.filter(|d| !d.trim().is_empty()),
-                    lease_ttl: a.lease_ttl,
-                    grace: a.grace,
-                    resync: a.resync,
-                    docker_socket: a.docker_socket,
-                    docker_scope: a.docker_scope,
-                    dns,
-                    sleeve_port: a.sleeve_port,
-                    sleeve_queues: a.sleeve_queues.map(usize::from),
-                    http: crate::agent::web::parse_addrs(&a.http).map_err(anyhow::Error::msg)?,
-                };
-                return crate::agent::run(paths, opts)
-                    .await
-                    .map(|_| ExitCode::SUCCESS);
-            }
-            Cmd::Bgp(bgp::BgpCmd::Status { json }) => {
-                return bgp::run(&paths, None, bgp::BgpCmd::Status { json }).await;
-            }
-            Cmd::Status(f) => {
-                return status::show(&paths, f.json)
-                    .await
-                    .map(|_| ExitCode::SUCCESS)
-            }
-            Cmd::Lab(c) => {
-                let exe = std::env::current_exe().context("locating the ferrynet binary")?;
-                return lab::run(c, &exe).await;
-            }
-            Cmd::Sleeve(c) => return sleeve_cmd::run(&paths, c),
-            _ => {}
+        if !needs_store(&cli.cmd) {
+            return run_storeless(cli.cmd, paths, cli.store).await;
         }
         let ctl = Control::open_with(paths, cli.store.as_deref(), None).await?;
-        match cli.cmd {
-            Cmd::Agent(_)
+        run_with_store(ctl, cli.cmd).await
+    })
+}
+
+/// Generated documentation, which needs neither root nor a store (package builds run it):
+/// `Some` exit code when `cmd` was such a command.
+fn run_docs(cmd: &Cmd) -> anyhow::Result<Option<ExitCode>> {
+    match cmd {
+        Cmd::Completions { shell } => {
+            docs::completions(command(), *shell, &mut std::io::stdout());
+            Ok(Some(ExitCode::SUCCESS))
+        }
+        Cmd::Man { dir } => {
+            let n = docs::man_pages(command(), dir)?;
+            println!("{n} man pages in {}", dir.display());
+            Ok(Some(ExitCode::SUCCESS))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Whether `cmd` opens the store itself through `Control` (the others run without it, or
+/// reach it through the agent).
+fn needs_store(cmd: &Cmd) -> bool {
+    !matches!(
+        cmd,
+        Cmd::Agent(_)
+            | Cmd::Bgp(bgp::BgpCmd::Status { .. })
             | Cmd::Status(_)
             | Cmd::Lab(_)
             | Cmd::Sleeve(_)
-            | Cmd::Completions { .. }
-            | Cmd::Man { .. } => {
-                unreachable!("handled above")
-            }
-            Cmd::Logs(a) => logs::logs(&ctl, a).await.map(|_| ExitCode::SUCCESS),
-            Cmd::Network(c) => network(&ctl, c).await.map(|_| ExitCode::SUCCESS),
-            Cmd::Service(c) => service::run(&ctl, c).await.map(|_| ExitCode::SUCCESS),
-            Cmd::Run(a) => run_container(&ctl, a).await.map(|_| ExitCode::SUCCESS),
-            Cmd::Ps(f) => ps(&ctl, f.json).await.map(|_| ExitCode::SUCCESS),
-            Cmd::Exec { name, cmd } => exec(&ctl, &name, &cmd).await,
-            Cmd::Stop { name, time } => stop(&ctl, &name, time).await.map(|_| ExitCode::SUCCESS),
-            Cmd::Rm { name, force } => rm(&ctl, &name, force).await.map(|_| ExitCode::SUCCESS),
-            Cmd::InstallCni(a) => install::install_cni(&ctl, a)
+    )
+}
+
+/// Run a command that does not open the store through `Control` (see [`needs_store`]).
+async fn run_storeless(cmd: Cmd, paths: Paths, store: Option<String>) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Cmd::Agent(a) => {
+            let opts = agent_options(a, store)?;
+            crate::agent::run(paths, opts)
                 .await
-                .map(|_| ExitCode::SUCCESS),
-            Cmd::Reload => {
-                let n = ctl.reload_edge().await?;
-                println!("ruleset restored ({n} published port element(s))");
-                for b in ctl.remove_stale_bridges().await? {
-                    println!("removed bridge {b}: its network no longer exists");
-                }
-                Ok(ExitCode::SUCCESS)
-            }
-            Cmd::Guard(f) => guard(&ctl, f.json).map(|_| ExitCode::SUCCESS),
-            Cmd::DockerPlugin(a) => crate::cnm::run_plugin(std::sync::Arc::new(ctl), a)
-                .await
-                .map(|_| ExitCode::SUCCESS),
-            Cmd::Render(a) => render::render(&ctl, a).await.map(|_| ExitCode::SUCCESS),
-            Cmd::Kv(c) => render::kv(&ctl, c).await,
-            Cmd::Policy(c) => policy::run(&ctl, c).await.map(|_| ExitCode::SUCCESS),
-            Cmd::Label(a) => policy::label(&ctl, a).await.map(|_| ExitCode::SUCCESS),
-            Cmd::Bgp(c) => bgp::run(ctl.paths(), Some(&ctl), c).await,
-            Cmd::Trace(a) => trace::run(&ctl, a).await.map(|_| ExitCode::SUCCESS),
+                .map(|_| ExitCode::SUCCESS)
         }
+        Cmd::Bgp(bgp::BgpCmd::Status { json }) => {
+            bgp::run(&paths, None, bgp::BgpCmd::Status { json }).await
+        }
+        Cmd::Status(f) => status::show(&paths, f.json)
+            .await
+            .map(|_| ExitCode::SUCCESS),
+        Cmd::Lab(c) => {
+            let exe = std::env::current_exe().context("locating the ferrynet binary")?;
+            lab::run(c, &exe).await
+        }
+        Cmd::Sleeve(c) => sleeve_cmd::run(&paths, c),
+        _ => unreachable!("needs_store said no store"),
+    }
+}
+
+/// The agent's options from its arguments and the cluster store's address.
+fn agent_options(
+    a: AgentArgs,
+    store: Option<String>,
+) -> anyhow::Result<crate::agent::AgentOptions> {
+    let dns = dns_options(&a)?;
+    Ok(crate::agent::AgentOptions {
+        host: a.host_name,
+        store,
+        underlay_dev: a.underlay_dev.filter(|d| !d.trim().is_empty()),
+        lease_ttl: a.lease_ttl,
+        grace: a.grace,
+        resync: a.resync,
+        docker_socket: a.docker_socket,
+        docker_scope: a.docker_scope,
+        dns,
+        sleeve_port: a.sleeve_port,
+        sleeve_queues: a.sleeve_queues.map(usize::from),
+        http: crate::agent::web::parse_addrs(&a.http).map_err(anyhow::Error::msg)?,
     })
+}
+
+/// Run a command against the opened store and kernel.
+async fn run_with_store(ctl: Control, cmd: Cmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Cmd::Agent(_)
+        | Cmd::Status(_)
+        | Cmd::Lab(_)
+        | Cmd::Sleeve(_)
+        | Cmd::Completions { .. }
+        | Cmd::Man { .. } => {
+            unreachable!("handled above")
+        }
+        Cmd::Logs(a) => logs::logs(&ctl, a).await.map(|_| ExitCode::SUCCESS),
+        Cmd::Network(c) => network(&ctl, c).await.map(|_| ExitCode::SUCCESS),
+        Cmd::Service(c) => service::run(&ctl, c).await.map(|_| ExitCode::SUCCESS),
+        Cmd::Run(a) => run_container(&ctl, a).await.map(|_| ExitCode::SUCCESS),
+        Cmd::Ps(f) => ps(&ctl, f.json).await.map(|_| ExitCode::SUCCESS),
+        Cmd::Exec { name, cmd } => exec(&ctl, &name, &cmd).await,
+        Cmd::Stop { name, time } => stop(&ctl, &name, time).await.map(|_| ExitCode::SUCCESS),
+        Cmd::Rm { name, force } => rm(&ctl, &name, force).await.map(|_| ExitCode::SUCCESS),
+        Cmd::InstallCni(a) => install::install_cni(&ctl, a)
+            .await
+            .map(|_| ExitCode::SUCCESS),
+        Cmd::Reload => {
+            let n = ctl.reload_edge().await?;
+            println!("ruleset restored ({n} published port element(s))");
+            for b in ctl.remove_stale_bridges().await? {
+                println!("removed bridge {b}: its network no longer exists");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Guard(f) => guard(&ctl, f.json).map(|_| ExitCode::SUCCESS),
+        Cmd::DockerPlugin(a) => crate::cnm::run_plugin(std::sync::Arc::new(ctl), a)
+            .await
+            .map(|_| ExitCode::SUCCESS),
+        Cmd::Render(a) => render::render(&ctl, a).await.map(|_| ExitCode::SUCCESS),
+        Cmd::Kv(c) => render::kv(&ctl, c).await,
+        Cmd::Policy(c) => policy::run(&ctl, c).await.map(|_| ExitCode::SUCCESS),
+        Cmd::Label(a) => policy::label(&ctl, a).await.map(|_| ExitCode::SUCCESS),
+        Cmd::Bgp(c) => bgp::run(ctl.paths(), Some(&ctl), c).await,
+        Cmd::Trace(a) => trace::run(&ctl, a).await.map(|_| ExitCode::SUCCESS),
+    }
 }
 
 /// Print the guard's drop counters (a table, or JSON).
@@ -574,120 +612,139 @@ fn guard(ctl: &Control, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `ferrynet network`: one subcommand each.
 async fn network(ctl: &Control, cmd: NetworkCmd) -> anyhow::Result<()> {
     match cmd {
-        NetworkCmd::Create(a) => {
-            if a.exist_ok {
-                // Declarative setups (a DaemonSet on every node) create the same network.
-                let (name, subnets, backend) = (a.name.clone(), a.subnet.clone(), a.backend);
-                if let Some((have, _)) = ctl.network(&name).await? {
-                    same_network(&have, &subnets, backend)?;
-                    println!("{name}");
-                    return Ok(());
-                }
-                let net = network_from_args(ctl, a).await?;
-                match ctl.create_network(net).await {
-                    Ok(net) => println!("{}", net.name),
-                    Err(crate::error::ControlError::AlreadyExists(e)) => {
-                        let (have, _) =
-                            ctl.network(&name).await?.ok_or_else(|| exit::conflict(e))?;
-                        same_network(&have, &subnets, backend)?;
-                        println!("{name}");
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-                return Ok(());
-            }
-            let net = network_from_args(ctl, a).await?;
-            let net = ctl.create_network(net).await?;
-            println!("{}", net.name);
-        }
-        NetworkCmd::Ls(f) => {
-            let nets = ctl.networks().await?;
-            if f.json {
-                println!("{}", serde_json::to_string_pretty(&nets)?);
-                return Ok(());
-            }
-            let mut t = Table::new(&[
-                "NAME",
-                "MODE",
-                "BRIDGE",
-                "SUBNETS",
-                "MTU",
-                "FLAGS",
-                "ENDPOINTS",
-            ]);
-            // Networks that are Docker networks (ferrynet's CNM driver) say which.
-            let docker = ctl.docker_bindings().await.unwrap_or_default();
-            for n in &nets {
-                let eps = ctl.endpoints(&n.name).await?.len();
-                let mut flags = Vec::new();
-                let docker_flag = docker
-                    .iter()
-                    .find(|d| d.name == n.name)
-                    .map(|d| format!("docker={}", d.docker_id.get(..12).unwrap_or(&d.docker_id)));
-                if let Some(f) = &docker_flag {
-                    flags.push(f.as_str());
-                }
-                if n.internal {
-                    flags.push("internal");
-                }
-                if !n.ip_masq {
-                    flags.push("no-masq");
-                }
-                t.row(vec![
-                    n.name.clone(),
-                    format!("{:?}", n.mode).to_lowercase(),
-                    if n.mode == NetworkMode::Host {
-                        "-".into()
-                    } else {
-                        n.bridge.clone()
-                    },
-                    n.subnets
-                        .iter()
-                        .map(|s| s.cidr.to_string())
-                        .collect::<Vec<_>>()
-                        .join(","),
-                    n.mtu.map(|m| m.to_string()).unwrap_or_else(|| "-".into()),
-                    flags.join(","),
-                    eps.to_string(),
-                ]);
-            }
-            print!("{t}");
-        }
-        NetworkCmd::Inspect { name } => {
-            let (net, _) = ctl
-                .network(&name)
-                .await?
-                .ok_or_else(|| exit::not_found(format!("network {name} does not exist")))?;
-            let eps = ctl.endpoints(&name).await?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(
-                    &serde_json::json!({"network": net, "endpoints": eps})
-                )?
-            );
-        }
-        NetworkCmd::Rm { name, force } => {
-            // A Docker network's ferrynet network is removed through Docker, which owns it.
-            if let Some(d) = ctl
-                .docker_bindings()
-                .await
-                .unwrap_or_default()
-                .into_iter()
-                .find(|d| d.name == name)
-            {
-                if !force {
-                    bail!(
-                        "network {name} is Docker network {}; remove it with `docker network rm` (or use --force)",
-                        d.docker_id.get(..12).unwrap_or(&d.docker_id)
-                    );
-                }
-            }
-            ctl.delete_network(&name, force).await?;
+        NetworkCmd::Create(a) => network_create(ctl, a).await,
+        NetworkCmd::Ls(f) => network_ls(ctl, f.json).await,
+        NetworkCmd::Inspect { name } => network_inspect(ctl, &name).await,
+        NetworkCmd::Rm { name, force } => network_rm(ctl, &name, force).await,
+    }
+}
+
+/// `network create`: a new network, printed by name.
+async fn network_create(ctl: &Control, a: CreateArgs) -> anyhow::Result<()> {
+    if a.exist_ok {
+        return network_create_exist_ok(ctl, a).await;
+    }
+    let net = network_from_args(ctl, a).await?;
+    let net = ctl.create_network(net).await?;
+    println!("{}", net.name);
+    Ok(())
+}
+
+/// `network create --exist-ok`: success when the same network exists already (also when it
+/// appears between the look-up and the create).
+async fn network_create_exist_ok(ctl: &Control, a: CreateArgs) -> anyhow::Result<()> {
+    // Declarative setups (a DaemonSet on every node) create the same network.
+    let (name, subnets, backend) = (a.name.clone(), a.subnet.clone(), a.backend);
+    if let Some((have, _)) = ctl.network(&name).await? {
+        same_network(&have, &subnets, backend)?;
+        println!("{name}");
+        return Ok(());
+    }
+    let net = network_from_args(ctl, a).await?;
+    match ctl.create_network(net).await {
+        Ok(net) => println!("{}", net.name),
+        Err(crate::error::ControlError::AlreadyExists(e)) => {
+            let (have, _) = ctl.network(&name).await?.ok_or_else(|| exit::conflict(e))?;
+            same_network(&have, &subnets, backend)?;
             println!("{name}");
         }
+        Err(e) => return Err(e.into()),
     }
+    Ok(())
+}
+
+/// `network ls`: a table of networks with their flags and endpoint counts (or JSON).
+async fn network_ls(ctl: &Control, json: bool) -> anyhow::Result<()> {
+    let nets = ctl.networks().await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&nets)?);
+        return Ok(());
+    }
+    let mut t = Table::new(&[
+        "NAME",
+        "MODE",
+        "BRIDGE",
+        "SUBNETS",
+        "MTU",
+        "FLAGS",
+        "ENDPOINTS",
+    ]);
+    // Networks that are Docker networks (ferrynet's CNM driver) say which.
+    let docker = ctl.docker_bindings().await.unwrap_or_default();
+    for n in &nets {
+        let eps = ctl.endpoints(&n.name).await?.len();
+        let mut flags = Vec::new();
+        let docker_flag = docker
+            .iter()
+            .find(|d| d.name == n.name)
+            .map(|d| format!("docker={}", d.docker_id.get(..12).unwrap_or(&d.docker_id)));
+        if let Some(f) = &docker_flag {
+            flags.push(f.as_str());
+        }
+        if n.internal {
+            flags.push("internal");
+        }
+        if !n.ip_masq {
+            flags.push("no-masq");
+        }
+        t.row(vec![
+            n.name.clone(),
+            format!("{:?}", n.mode).to_lowercase(),
+            if n.mode == NetworkMode::Host {
+                "-".into()
+            } else {
+                n.bridge.clone()
+            },
+            n.subnets
+                .iter()
+                .map(|s| s.cidr.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            n.mtu.map(|m| m.to_string()).unwrap_or_else(|| "-".into()),
+            flags.join(","),
+            eps.to_string(),
+        ]);
+    }
+    print!("{t}");
+    Ok(())
+}
+
+/// `network inspect`: the network and its endpoints as JSON.
+async fn network_inspect(ctl: &Control, name: &str) -> anyhow::Result<()> {
+    let (net, _) = ctl
+        .network(name)
+        .await?
+        .ok_or_else(|| exit::not_found(format!("network {name} does not exist")))?;
+    let eps = ctl.endpoints(name).await?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({"network": net, "endpoints": eps}))?
+    );
+    Ok(())
+}
+
+/// `network rm`: a Docker network's ferrynet network only with --force (Docker owns it).
+async fn network_rm(ctl: &Control, name: &str, force: bool) -> anyhow::Result<()> {
+    // A Docker network's ferrynet network is removed through Docker, which owns it.
+    if let Some(d) = ctl
+        .docker_bindings()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .find(|d| d.name == name)
+    {
+        if !force {
+            bail!(
+                "network {name} is Docker network {}; remove it with `docker network rm` (or use --force)",
+                d.docker_id.get(..12).unwrap_or(&d.docker_id)
+            );
+        }
+    }
+    ctl.delete_network(name, force).await?;
+    println!("{name}");
     Ok(())
 }
 

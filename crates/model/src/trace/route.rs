@@ -1,6 +1,9 @@
 //! Routes and backend hops between hosts, and the last hop into the endpoint.
 
 use super::*;
+use crate::fabric::Peer;
+use crate::network::FabricSpec;
+use crate::sleeve::SleeveRecord;
 
 /// The path from host `from` (None: outside the cluster) to host `to` (None: outside) for
 /// `dst`: this host's kernel lookup when `from` is this host, the fabric model otherwise.
@@ -38,9 +41,41 @@ pub(super) fn route_segment(
             ));
         }
     }
+    let expect = expected(w, from, to, dst)?;
+    let basis = w.basis_on(from);
+    if from == f.me {
+        let Some(r) = w.kernel_route(dst) else {
+            return Ok(());
+        };
+        kernel_route_hop(w, from, to, src, dst, &r, expect.as_ref())?;
+    } else {
+        model_route_hop(w, from, to, src, dst, basis, expect.as_ref());
+    }
+    if let (Some(x), Some(t)) = (&expect, to) {
+        if let Some((b, basis)) = &x.backend_hop {
+            w.hop(Some(from), Step::Backend, *basis, b.clone());
+        }
+        w.hop(
+            Some(t),
+            Step::Arrival,
+            Basis::Model,
+            format!("arrives on host {t} from {from}"),
+        );
+    }
+    Ok(())
+}
+
+/// The fabric's expectation on `from` for `dst` on host `to`: which backend, which next hop
+/// (None: nothing to expect, as for a packet leaving the cluster or staying on `from`).
+fn expected(
+    w: &mut Walk,
+    from: &str,
+    to: Option<&str>,
+    dst: IpAddr,
+) -> Result<Option<Expected>, Verdict> {
+    let f = w.f;
     let dst_net = network_of(f, dst);
-    // The fabric's expectation: which backend, which next hop.
-    let expect: Option<Expected> = match (to, dst_net) {
+    Ok(match (to, dst_net) {
         (Some(t), Some(n)) if n.fabric.is_some() && t != from => {
             Some(fabric_hop(w, from, t, n, dst)?)
         }
@@ -61,97 +96,106 @@ pub(super) fn route_segment(
             })
         }
         _ => None,
-    };
-    let basis = w.basis_on(from);
-    if from == f.me {
-        let Some(r) = w.kernel_route(dst) else {
-            return Ok(());
-        };
-        let desc = r.describe(dst);
-        match (&r, &expect) {
-            (RouteLookup::Error(_), _) => {
+    })
+}
+
+/// This host's kernel route `r` for `dst`, held against the fabric's expectation: a hop, or
+/// the drop when there is no route or it is not the fabric's path.
+fn kernel_route_hop(
+    w: &mut Walk,
+    from: &str,
+    to: Option<&str>,
+    src: IpAddr,
+    dst: IpAddr,
+    r: &RouteLookup,
+    expect: Option<&Expected>,
+) -> Result<(), Verdict> {
+    let f = w.f;
+    let desc = r.describe(dst);
+    match (r, expect) {
+        (RouteLookup::Error(_), _) => {
+            return Err(w.drop(
+                Some(from),
+                Step::Route,
+                Basis::Kernel,
+                format!("{desc}: no route"),
+            ));
+        }
+        (RouteLookup::Route { dev, gateway, .. }, Some(x))
+            if !x.devs.is_empty() || matches!(x.gateway, Some(Some(_))) =>
+        {
+            let dev_ok = x.devs.is_empty() || x.devs.iter().any(|d| d == dev);
+            let gw_ok = match &x.gateway {
+                Some(Some(g)) => gateway.as_ref() == Some(g),
+                _ => true,
+            };
+            if !(dev_ok && gw_ok) {
                 return Err(w.drop(
                     Some(from),
                     Step::Route,
                     Basis::Kernel,
-                    format!("{desc}: no route"),
+                    format!(
+                        "{desc}: not the fabric's path ({}); the fabric route is missing or overridden",
+                        x.what
+                    ),
                 ));
             }
-            (RouteLookup::Route { dev, gateway, .. }, Some(x))
-                if !x.devs.is_empty() || matches!(x.gateway, Some(Some(_))) =>
-            {
-                let dev_ok = x.devs.is_empty() || x.devs.iter().any(|d| d == dev);
-                let gw_ok = match &x.gateway {
-                    Some(Some(g)) => gateway.as_ref() == Some(g),
-                    _ => true,
-                };
-                if !(dev_ok && gw_ok) {
-                    return Err(w.drop(
-                        Some(from),
-                        Step::Route,
-                        Basis::Kernel,
-                        format!(
-                            "{desc}: not the fabric's path ({}); the fabric route is missing or overridden",
-                            x.what
-                        ),
-                    ));
-                }
-                w.hop(
-                    Some(from),
-                    Step::Route,
-                    Basis::Kernel,
-                    format!("{desc} ({})", x.what),
-                );
-            }
-            (RouteLookup::Route { dev, .. }, None) if to.is_none() => {
-                let masq = masquerade_note(f, src, dst);
-                w.hop(
-                    Some(from),
-                    Step::Route,
-                    Basis::Kernel,
-                    format!("{desc}: out of the cluster through {dev}{masq}"),
-                );
-            }
-            _ => w.hop(Some(from), Step::Route, Basis::Kernel, desc),
+            w.hop(
+                Some(from),
+                Step::Route,
+                Basis::Kernel,
+                format!("{desc} ({})", x.what),
+            );
         }
-    } else {
-        match &expect {
-            Some(x) => w.hop(
+        (RouteLookup::Route { dev, .. }, None) if to.is_none() => {
+            let masq = masquerade_note(f, src, dst);
+            w.hop(
+                Some(from),
+                Step::Route,
+                Basis::Kernel,
+                format!("{desc}: out of the cluster through {dev}{masq}"),
+            );
+        }
+        _ => w.hop(Some(from), Step::Route, Basis::Kernel, desc),
+    }
+    Ok(())
+}
+
+/// The route on another host `from`, from the fabric model (its kernel is not read here).
+fn model_route_hop(
+    w: &mut Walk,
+    from: &str,
+    to: Option<&str>,
+    src: IpAddr,
+    dst: IpAddr,
+    basis: Basis,
+    expect: Option<&Expected>,
+) {
+    let f = w.f;
+    match expect {
+        Some(x) => w.hop(
+            Some(from),
+            Step::Route,
+            basis,
+            format!(
+                "{} (from the store; {from}'s kernel is not read here)",
+                x.what
+            ),
+        ),
+        None if to.is_none() => {
+            let masq = masquerade_note(f, src, dst);
+            w.hop(
                 Some(from),
                 Step::Route,
                 basis,
                 format!(
-                    "{} (from the store; {from}'s kernel is not read here)",
-                    x.what
+                    "{dst} is outside every network and host: {from}'s default route{masq} \
+                     (from the model; {from}'s kernel is not read here)"
                 ),
-            ),
-            None if to.is_none() => {
-                let masq = masquerade_note(f, src, dst);
-                w.hop(
-                    Some(from),
-                    Step::Route,
-                    basis,
-                    format!(
-                        "{dst} is outside every network and host: {from}'s default route{masq} \
-                         (from the model; {from}'s kernel is not read here)"
-                    ),
-                )
-            }
-            None => {}
+            )
         }
+        None => {}
     }
-    if let (Some(x), Some(t)) = (&expect, to) {
-        if let Some((b, basis)) = &x.backend_hop {
-            w.hop(Some(from), Step::Backend, *basis, b.clone());
-        }
-        w.hop(
-            Some(t),
-            Step::Arrival,
-            Basis::Model,
-            format!("arrives on host {t} from {from}"),
-        );
-    }
-    Ok(())
 }
 
 fn masquerade_note(f: &Facts, src: IpAddr, dst: IpAddr) -> String {
@@ -177,6 +221,33 @@ struct Expected {
     what: String,
 }
 
+/// One fabric hop's parties: the sending host and the block's owner in network `n`.
+struct Link<'l> {
+    from: &'l str,
+    to: &'l str,
+    n: &'l Network,
+    spec: &'l FabricSpec,
+    /// The sender's underlay addresses.
+    mine: &'l [IpNet],
+    peer: &'l Peer,
+    /// The owner's block holding the destination.
+    block: IpNet,
+    /// Why the backend was chosen (for auto or encrypted networks), else empty.
+    why: &'l str,
+}
+
+/// What one backend programs: the route's devices and next hop, its description, and the
+/// backend hop's description and basis.
+struct BackendPath {
+    devs: Vec<String>,
+    gateway: Option<Option<IpAddr>>,
+    what: String,
+    hop: String,
+    basis: Basis,
+}
+
+/// The fabric's expectation from `from` to block owner `to` in multi-host network `n`: the
+/// backend chosen for that peer and what it programs, or the drop when it cannot reach it.
 fn fabric_hop(
     w: &mut Walk,
     from: &str,
@@ -210,7 +281,7 @@ fn fabric_hop(
         .find(|(net, b, _)| *net == n.name && b.contains(&dst))
         .map(|(_, b, _)| *b)
         .unwrap_or_else(|| IpNet::from(dst));
-    let peer = crate::fabric::Peer {
+    let peer = Peer {
         host: to.to_string(),
         underlay: peer_rec.underlay.clone(),
         vtep_mac: vtep_mac(to, &n.name),
@@ -229,141 +300,201 @@ fn fabric_hop(
         peer_rec.sleeve.is_some(),
         crate::sleeve::Probe::Answered,
     );
-    let v6 = dst.is_ipv6();
-    let mut basis = w.basis_on(from);
     let why = if spec.backend == Backend::Auto || spec.encrypt {
         format!(" ({})", choice.reason)
     } else {
         String::new()
     };
-    let (devs, gateway, what, backend_hop) = match choice.backend {
-        Backend::Route | Backend::Auto => {
-            let Some((_, gw)) = same_link(&mine, &peer.underlay, v6) else {
-                return Err(w.drop(
-                    Some(from),
-                    Step::Backend,
-                    Basis::Model,
-                    format!("backend route: {to} is not on a shared link with {from} in this family: no route to block {block}"),
-                ));
-            };
-            (
-                vec![],
-                Some(Some(gw)),
-                format!("fabric route {block} via {gw} ({to}'s underlay address)"),
-                format!("backend route{why}: next hop {gw}, host {to}'s underlay address"),
-            )
-        }
-        Backend::Vxlan => {
-            let dev = vxlan_dev_name(&n.name);
-            let gw = block_gateway(&block);
-            let mac = format_mac(&peer.vtep_mac);
-            let vtep_ip = vxlan_local(&mine).and_then(|l| {
-                peer.underlay
-                    .iter()
-                    .map(|u| u.addr())
-                    .find(|a| a.is_ipv6() == l.is_ipv6())
-            });
-            let vtep = vtep_ip.map(|a| a.to_string()).unwrap_or_else(|| "?".into());
-            if from == f.me && spec.backend == Backend::Vxlan && !spec.encrypt {
-                match f.kernel.vxlan.get(&dev) {
-                    None => {
-                        if !w.vxlan_lookups.contains(&dev) {
-                            w.vxlan_lookups.push(dev.clone());
-                        }
-                        basis = Basis::Model;
-                    }
-                    Some(k) => {
-                        let fdb = k.fdb.iter().any(|e| {
-                            e.dev == dev && e.mac == peer.vtep_mac && Some(e.dst) == vtep_ip
-                        });
-                        let neigh = k
-                            .neigh
-                            .iter()
-                            .any(|e| e.dev == dev && e.ip == gw && e.mac == peer.vtep_mac);
-                        if !(fdb && neigh) {
-                            return Err(w.drop(
-                                Some(from),
-                                Step::Backend,
-                                Basis::Kernel,
-                                format!(
-                                    "backend vxlan: {} on {dev} (expected neighbour {gw} lladdr {mac}, FDB {mac} dst {vtep}): frames for {to} go nowhere",
-                                    match (fdb, neigh) {
-                                        (false, false) => "FDB and neighbour entries missing",
-                                        (false, true) => "FDB entry missing",
-                                        _ => "neighbour entry missing",
-                                    }
-                                ),
-                            ));
-                        }
-                    }
-                }
-            } else {
-                basis = Basis::Model;
-            }
-            (
-                vec![dev.clone()],
-                Some(Some(gw)),
-                format!("fabric route {block} via {gw} dev {dev} onlink"),
-                format!(
-                    "backend vxlan{why}: neighbour {gw} lladdr {mac}, FDB {mac} dst {vtep} ({to}'s VTEP), VNI {}, UDP 4789",
-                    spec.vni
-                ),
-            )
-        }
-        Backend::Sleeve => {
-            // The sleeve's peer table lives in the agent; the store's record is what it holds.
-            basis = Basis::Model;
-            let Some(s) = &peer_rec.sleeve else {
-                return Err(w.drop(
-                    Some(from),
-                    Step::Backend,
-                    Basis::Store,
-                    format!("backend sleeve: host {to} has no sleeve key: traffic to it is dropped in the sleeve"),
-                ));
-            };
-            let ep = peer
-                .underlay
-                .iter()
-                .map(|u| u.addr())
-                .find(|a| a.is_ipv4())
-                .or_else(|| peer.underlay.first().map(|u| u.addr()))
-                .map(|a| match a {
-                    IpAddr::V6(a) => format!("[{a}]:{}", s.port),
-                    a => format!("{a}:{}", s.port),
-                })
-                .unwrap_or_else(|| "?".into());
-            (
-                vec![SLEEVE_DEV.to_string()],
-                None,
-                format!(
-                    "fabric route {block} via {} dev {SLEEVE_DEV} onlink",
-                    block_gateway(&block)
-                ),
-                format!(
-                    "backend sleeve{why}: peer {to} key {}, endpoint {ep} (encrypted, UDP)",
-                    s.public_key
-                ),
-            )
-        }
-        Backend::Bgp => (
+    let l = Link {
+        from,
+        to,
+        n,
+        spec,
+        mine: &mine,
+        peer: &peer,
+        block,
+        why: &why,
+    };
+    let path = match choice.backend {
+        Backend::Route | Backend::Auto => route_backend(w, &l, dst.is_ipv6())?,
+        Backend::Vxlan => vxlan_backend(w, &l)?,
+        Backend::Sleeve => sleeve_backend(w, &l, peer_rec.sleeve.as_ref())?,
+        Backend::Bgp => BackendPath {
             // The route is the kernel's (the route step); the announcement is the model's.
-            vec![],
-            None,
-            format!("a BGP-learned route to {block} (announced by {to})"),
-            format!("backend bgp: {to} announces {block}; the route is the speaker's (proto 114)"),
-        ),
+            devs: vec![],
+            gateway: None,
+            what: format!("a BGP-learned route to {block} (announced by {to})"),
+            hop: format!(
+                "backend bgp: {to} announces {block}; the route is the speaker's (proto 114)"
+            ),
+            basis: w.basis_on(from),
+        },
     };
     // For auto, any backend's device is acceptable on this host's kernel.
     let (devs, gateway) = if spec.backend == Backend::Auto {
         (vec![], None)
     } else {
-        (devs, gateway)
+        (path.devs, path.gateway)
     };
     Ok(Expected {
-        backend_hop: Some((backend_hop, basis)),
+        backend_hop: Some((path.hop, path.basis)),
         devs,
         gateway,
-        what,
+        what: path.what,
+    })
+}
+
+/// Backend route: the peer's underlay address as next hop, when the two share a link in
+/// this family (else the drop).
+fn route_backend(w: &mut Walk, l: &Link, v6: bool) -> Result<BackendPath, Verdict> {
+    let Link {
+        from,
+        to,
+        block,
+        why,
+        ..
+    } = *l;
+    let Some((_, gw)) = same_link(l.mine, &l.peer.underlay, v6) else {
+        return Err(w.drop(
+            Some(from),
+            Step::Backend,
+            Basis::Model,
+            format!("backend route: {to} is not on a shared link with {from} in this family: no route to block {block}"),
+        ));
+    };
+    Ok(BackendPath {
+        devs: vec![],
+        gateway: Some(Some(gw)),
+        what: format!("fabric route {block} via {gw} ({to}'s underlay address)"),
+        hop: format!("backend route{why}: next hop {gw}, host {to}'s underlay address"),
+        basis: w.basis_on(from),
+    })
+}
+
+/// Backend vxlan: the route onlink through the network's VXLAN device, with the peer's
+/// neighbour and FDB entries (checked in this host's kernel when it holds them).
+fn vxlan_backend(w: &mut Walk, l: &Link) -> Result<BackendPath, Verdict> {
+    let Link { to, block, why, .. } = *l;
+    let dev = vxlan_dev_name(&l.n.name);
+    let gw = block_gateway(&block);
+    let mac = format_mac(&l.peer.vtep_mac);
+    let vtep_ip = vxlan_local(l.mine).and_then(|local| {
+        l.peer
+            .underlay
+            .iter()
+            .map(|u| u.addr())
+            .find(|a| a.is_ipv6() == local.is_ipv6())
+    });
+    let vtep = vtep_ip.map(|a| a.to_string()).unwrap_or_else(|| "?".into());
+    let basis = vxlan_entries(w, l, &dev, gw, vtep_ip)?;
+    Ok(BackendPath {
+        devs: vec![dev.clone()],
+        gateway: Some(Some(gw)),
+        what: format!("fabric route {block} via {gw} dev {dev} onlink"),
+        hop: format!(
+            "backend vxlan{why}: neighbour {gw} lladdr {mac}, FDB {mac} dst {vtep} ({to}'s VTEP), VNI {}, UDP 4789",
+            l.spec.vni
+        ),
+        basis,
+    })
+}
+
+/// Whether this host's kernel holds the peer's neighbour (`gw`) and FDB (`vtep_ip`) entries
+/// on `dev`: the hop's basis (the model's when not read here, or asked for), or the drop.
+fn vxlan_entries(
+    w: &mut Walk,
+    l: &Link,
+    dev: &str,
+    gw: IpAddr,
+    vtep_ip: Option<IpAddr>,
+) -> Result<Basis, Verdict> {
+    let f = w.f;
+    let (from, to) = (l.from, l.to);
+    if !(from == f.me && l.spec.backend == Backend::Vxlan && !l.spec.encrypt) {
+        return Ok(Basis::Model);
+    }
+    let Some(k) = f.kernel.vxlan.get(dev) else {
+        if !w.vxlan_lookups.iter().any(|d| d == dev) {
+            w.vxlan_lookups.push(dev.to_string());
+        }
+        return Ok(Basis::Model);
+    };
+    let peer_mac = l.peer.vtep_mac;
+    let fdb = k
+        .fdb
+        .iter()
+        .any(|e| e.dev == dev && e.mac == peer_mac && Some(e.dst) == vtep_ip);
+    let neigh = k
+        .neigh
+        .iter()
+        .any(|e| e.dev == dev && e.ip == gw && e.mac == peer_mac);
+    if !(fdb && neigh) {
+        let mac = format_mac(&peer_mac);
+        let vtep = vtep_ip.map(|a| a.to_string()).unwrap_or_else(|| "?".into());
+        return Err(w.drop(
+            Some(from),
+            Step::Backend,
+            Basis::Kernel,
+            format!(
+                "backend vxlan: {} on {dev} (expected neighbour {gw} lladdr {mac}, FDB {mac} dst {vtep}): frames for {to} go nowhere",
+                match (fdb, neigh) {
+                    (false, false) => "FDB and neighbour entries missing",
+                    (false, true) => "FDB entry missing",
+                    _ => "neighbour entry missing",
+                }
+            ),
+        ));
+    }
+    Ok(w.basis_on(from))
+}
+
+/// Backend sleeve: the route onlink through the sleeve device to the peer's sleeve
+/// endpoint, or the drop when the peer has no sleeve key.
+fn sleeve_backend(
+    w: &mut Walk,
+    l: &Link,
+    sleeve: Option<&SleeveRecord>,
+) -> Result<BackendPath, Verdict> {
+    let Link {
+        from,
+        to,
+        block,
+        why,
+        ..
+    } = *l;
+    // The sleeve's peer table lives in the agent; the store's record is what it holds.
+    let Some(s) = sleeve else {
+        return Err(w.drop(
+            Some(from),
+            Step::Backend,
+            Basis::Store,
+            format!("backend sleeve: host {to} has no sleeve key: traffic to it is dropped in the sleeve"),
+        ));
+    };
+    let ep = l
+        .peer
+        .underlay
+        .iter()
+        .map(|u| u.addr())
+        .find(|a| a.is_ipv4())
+        .or_else(|| l.peer.underlay.first().map(|u| u.addr()))
+        .map(|a| match a {
+            IpAddr::V6(a) => format!("[{a}]:{}", s.port),
+            a => format!("{a}:{}", s.port),
+        })
+        .unwrap_or_else(|| "?".into());
+    Ok(BackendPath {
+        devs: vec![SLEEVE_DEV.to_string()],
+        gateway: None,
+        what: format!(
+            "fabric route {block} via {} dev {SLEEVE_DEV} onlink",
+            block_gateway(&block)
+        ),
+        hop: format!(
+            "backend sleeve{why}: peer {to} key {}, endpoint {ep} (encrypted, UDP)",
+            s.public_key
+        ),
+        basis: Basis::Model,
     })
 }
 
