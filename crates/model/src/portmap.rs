@@ -71,6 +71,22 @@ pub struct PortMapping {
     pub host_ip: Option<IpAddr>,
 }
 
+/// `[hostip:]port->port/proto`, as `ferrynet ps` and the topology page show a published port.
+impl std::fmt::Display for PortMapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(ip) = self.host_ip {
+            write!(f, "{ip}:")?;
+        }
+        write!(
+            f,
+            "{}->{}/{}",
+            self.host_port,
+            self.container_port,
+            self.protocol.as_str()
+        )
+    }
+}
+
 /// CNI runtimes send `"hostIP": ""` for "any"; accept it as None.
 mod empty_ip {
     use serde::{Deserialize, Deserializer, Serializer};

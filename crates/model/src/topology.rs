@@ -16,7 +16,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::discovery::DiscoveryView;
 use crate::policy::PolicyEndpoint;
-use crate::portmap::PortMapping;
 
 /// Endpoints per (network, host); endpoints without a host (single-host networks) count
 /// under `local_host`, where they live.
@@ -73,17 +72,6 @@ pub fn producers_by_service(view: &DiscoveryView) -> BTreeMap<String, (u64, u64)
     out
 }
 
-/// `[hostip:]port->port/proto`, as the page shows a published port.
-fn port_text(p: &PortMapping) -> String {
-    format!(
-        "{}{}->{}/{}",
-        p.host_ip.map(|i| format!("{i}:")).unwrap_or_default(),
-        p.host_port,
-        p.container_port,
-        p.protocol.as_str()
-    )
-}
-
 /// One endpoint as the page shows it, with this host's knowledge of its policies.
 fn endpoint_doc(e: &PolicyEndpoint, me: &str, pol: Option<&&LocalPolicies>) -> EndpointDoc {
     let mut parts = e.id.splitn(3, '/');
@@ -105,7 +93,7 @@ fn endpoint_doc(e: &PolicyEndpoint, me: &str, pol: Option<&&LocalPolicies>) -> E
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
-        ports: e.port_mappings.iter().map(port_text).collect(),
+        ports: e.port_mappings.iter().map(|p| p.to_string()).collect(),
         ingress_policies: pol.and_then(|p| p.ingress.clone()),
         egress_policies: pol.and_then(|p| p.egress.clone()),
         policies_known: pol.is_some(),

@@ -16,8 +16,8 @@ use crate::fabric::{block_gateway, same_link, vtep_mac, vxlan_dev_name, vxlan_lo
 use crate::host::HostRecord;
 use crate::names::format_mac;
 use crate::network::{Endpoint, Network, NetworkMode};
-use crate::policy::verdict::{decide, Decision, EndpointIndex, PolicyBook};
-use crate::policy::{Action, Proto};
+use crate::policy::verdict::{decide, EndpointIndex, PolicyBook};
+use crate::policy::Proto;
 use crate::portmap::Protocol;
 use crate::service::{Producer, Service};
 use crate::sleeve::SLEEVE_DEV;
@@ -437,31 +437,6 @@ fn ep_host(e: &Endpoint, fallback: &str) -> String {
 
 fn ep_label(e: &Endpoint) -> String {
     e.name.clone().unwrap_or_else(|| e.container_id.clone())
-}
-
-fn describe_decision(d: &Decision) -> String {
-    match d {
-        Decision::Open => "open (no policy selects it)".into(),
-        Decision::Rule {
-            policy,
-            rule,
-            action,
-        } => format!(
-            "{} by policy {policy}, rule {rule}",
-            if *action == Action::Allow {
-                "allowed"
-            } else {
-                "denied"
-            }
-        ),
-        Decision::Default { policies } if policies.is_empty() => {
-            "denied: its network is default-deny and no policy allows it".into()
-        }
-        Decision::Default { policies } => format!(
-            "denied: selected by {} and no rule matches",
-            policies.join(", ")
-        ),
-    }
 }
 
 /// Where the packet is headed after DNAT: the address, port and (when known) the endpoint.

@@ -1060,15 +1060,7 @@ async fn ps(ctl: &Control, json: bool) -> anyhow::Result<()> {
                 .join(","),
             c.ports
                 .iter()
-                .map(|p| {
-                    format!(
-                        "{}{}->{}/{}",
-                        p.host_ip.map(|i| format!("{i}:")).unwrap_or_default(),
-                        p.host_port,
-                        p.container_port,
-                        p.protocol.as_str()
-                    )
-                })
+                .map(|p| p.to_string())
                 .collect::<Vec<_>>()
                 .join(","),
             if c.running() {

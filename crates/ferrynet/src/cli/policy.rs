@@ -8,8 +8,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use ferrynet_model::policy::verdict::{Decision, EndpointIndex, PolicyEndpoint};
-use ferrynet_model::policy::{decide, parse_documents, Action, Proto};
+use ferrynet_model::policy::verdict::{EndpointIndex, PolicyEndpoint};
+use ferrynet_model::policy::{decide, parse_documents, Proto};
 
 use super::table::Table;
 use crate::control::Control;
@@ -245,31 +245,6 @@ fn split_dst(dst: &str) -> anyhow::Result<(&str, u16, Proto)> {
     Ok((host, port, proto))
 }
 
-fn describe(d: &Decision) -> String {
-    match d {
-        Decision::Open => "open (no policy selects it)".into(),
-        Decision::Rule {
-            policy,
-            rule,
-            action,
-        } => format!(
-            "{} by policy {policy}, rule {rule}",
-            if *action == Action::Allow {
-                "allowed"
-            } else {
-                "denied"
-            }
-        ),
-        Decision::Default { policies } if policies.is_empty() => {
-            "denied: its network is default-deny and no policy allows it".into()
-        }
-        Decision::Default { policies } => format!(
-            "denied: selected by {} and no rule matches",
-            policies.join(", ")
-        ),
-    }
-}
-
 async fn test(ctl: &Control, src: &str, dst: &str, v6: bool, json: bool) -> anyhow::Result<()> {
     let (book, eps) = ctl.policy_inputs().await?;
     let (host, port, proto) = split_dst(dst)?;
@@ -286,11 +261,11 @@ async fn test(ctl: &Control, src: &str, dst: &str, v6: bool, json: bool) -> anyh
         if v.allowed { "ALLOW" } else { "DENY" }
     );
     match &v.egress {
-        Some(s) => println!("  egress of {}: {}", s.endpoint, describe(&s.decision)),
+        Some(s) => println!("  egress of {}: {}", s.endpoint, s.decision.describe()),
         None => println!("  egress: the source is no endpoint (not restricted here)"),
     }
     match &v.ingress {
-        Some(s) => println!("  ingress of {}: {}", s.endpoint, describe(&s.decision)),
+        Some(s) => println!("  ingress of {}: {}", s.endpoint, s.decision.describe()),
         None => println!("  ingress: the destination is no endpoint (not restricted here)"),
     }
     Ok(())

@@ -281,6 +281,32 @@ pub enum Decision {
 }
 
 impl Decision {
+    /// The decision in a sentence, as `ferrynet policy test` and `ferrynet trace` print it.
+    pub fn describe(&self) -> String {
+        match self {
+            Decision::Open => "open (no policy selects it)".into(),
+            Decision::Rule {
+                policy,
+                rule,
+                action,
+            } => format!(
+                "{} by policy {policy}, rule {rule}",
+                if *action == Action::Allow {
+                    "allowed"
+                } else {
+                    "denied"
+                }
+            ),
+            Decision::Default { policies } if policies.is_empty() => {
+                "denied: its network is default-deny and no policy allows it".into()
+            }
+            Decision::Default { policies } => format!(
+                "denied: selected by {} and no rule matches",
+                policies.join(", ")
+            ),
+        }
+    }
+
     /// True when the connection may pass this side.
     pub fn allows(&self) -> bool {
         matches!(

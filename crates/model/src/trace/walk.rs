@@ -229,11 +229,7 @@ fn dnat(w: &mut Walk, at: &mut Option<String>, src: IpAddr, dst: IpAddr) -> Flow
 /// One side's policy decision (`dir`: egress or ingress) on host `h`: a hop, or the drop.
 fn policy(w: &mut Walk, h: Option<&str>, dir: &str, side: &Side) -> Result<(), Verdict> {
     let ok = side.decision.allows();
-    let what = format!(
-        "{dir} of {}: {}",
-        side.endpoint,
-        describe_decision(&side.decision)
-    );
+    let what = format!("{dir} of {}: {}", side.endpoint, side.decision.describe());
     if !ok {
         return Err(w.drop(h, Step::Policy, Basis::Store, what));
     }
