@@ -198,6 +198,9 @@ fn table_exists(nft: &Arc<dyn NftExecutor>) -> bool {
     .is_ok()
 }
 
+/// Set elements above which the policy table counts as large for nft (see `sync`).
+const LARGE_TABLE_ELEMENTS: usize = 10_000;
+
 /// One sync: decide, one transaction, cut what is now denied, report.
 fn sync(
     view: &DiscoveryView,
@@ -220,7 +223,18 @@ fn sync(
     // Unknown kernel state (start, after an error): the table is built whole, or removed.
     let batch = render::plan(applied.as_ref().and_then(Option::as_ref), want.as_ref());
     let rebuilt = batch.starts_with("table ");
-    if let Err(e) = nft.apply(&batch) {
+    // A table this large is changed by a separate `nft` process (see
+    // `apply_touching_large_sets`); a small one in-process, which is faster.
+    let large = [applied.as_ref().and_then(Option::as_ref), want.as_ref()]
+        .into_iter()
+        .flatten()
+        .any(|d| d.shape.elements > LARGE_TABLE_ELEMENTS);
+    let applied_now = if large {
+        nft.apply_touching_large_sets(&batch)
+    } else {
+        nft.apply(&batch)
+    };
+    if let Err(e) = applied_now {
         let e = e.to_string();
         tracing::warn!(error = %e, "policy: programming table inet {TABLE}");
         *applied = None;
