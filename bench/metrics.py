@@ -37,11 +37,14 @@ ETCD = f"{LAB}-etcd"
 URL = "http://127.0.0.1:9470/metrics"
 
 SCRAPER = r"""
-import sys,time,urllib.request
+import sys,time,urllib.request,urllib.error
 url,n,every=sys.argv[1],int(sys.argv[2]),float(sys.argv[3])
 for _ in range(n):
     t=time.perf_counter()
-    body=urllib.request.urlopen(url,timeout=30).read()
+    try:
+        body=urllib.request.urlopen(url,timeout=30).read()
+    except urllib.error.HTTPError as e:
+        sys.exit(f"{url}: HTTP {e.code}: {e.read().decode(errors='replace')[:2000]}")
     dt=time.perf_counter()-t
     print(f"{dt:.6f} {len(body)}",flush=True)
     if every>0: time.sleep(max(0,every-dt))
@@ -61,8 +64,12 @@ urllib.request.urlopen(urllib.request.Request('http://172.31.0.253:2379/v3/kv/pu
 
 
 def in_ns(ns, *args, **kw):
-    return subprocess.run(["ip", "netns", "exec", ns, *args], check=True, capture_output=True,
-                          text=True, **kw)
+    r = subprocess.run(["ip", "netns", "exec", ns, *args], capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        # Say what failed (an HTTP status, a timeout), not only that it did.
+        sys.stderr.write(r.stderr[-2000:])
+        raise subprocess.CalledProcessError(r.returncode, r.args, r.stdout, r.stderr)
+    return r
 
 
 def metrics_text():
@@ -120,7 +127,9 @@ def main():
                 got = sample(metrics_text(), "ferrynet_endpoints")
             except subprocess.CalledProcessError:
                 got = 0
-            if got >= a.endpoints:
+            # Ready: every endpoint counted and the first reconcile done (/healthz answers 503
+            # until then, which would fail the anchor below).
+            if got >= a.endpoints and status().get("reconciles", 0) > 0:
                 break
             if time.time() - t0 > 600:
                 raise RuntimeError(f"the agent counts {got} endpoints")
