@@ -198,18 +198,6 @@ fn set(f: &Family<Labels, Gauge>, labels: Labels, v: u64) {
         .set(i64::try_from(v).unwrap_or(i64::MAX));
 }
 
-/// The metrics document for one scrape: the instruments' state, and gauges derived from the
-/// topology, the status and the drop counters as they are now.
-pub fn render(
-    ins: &Instruments,
-    host: &str,
-    view: &DiscoveryView,
-    status: &AgentStatus,
-    drops: &[DropCount],
-) -> String {
-    render_with(ins, &render_topology(host, view), status, drops)
-}
-
 /// The gauges derived from the followed topology alone, as text without the closing `# EOF`.
 /// They change only when the store does, so the listener keeps this text per view version and a
 /// scrape at 100,000 endpoints does not encode them again.
@@ -526,7 +514,12 @@ mod tests {
         }];
         // The endpoint has no host: it counts under this host's name, which carries a quote
         // and a newline here to prove the encoder escapes label values.
-        render(&ins, "h\"1\n", &t, &AgentStatus::default(), &drops)
+        render_with(
+            &ins,
+            &render_topology("h\"1\n", &t),
+            &AgentStatus::default(),
+            &drops,
+        )
     }
 
     #[test]

@@ -16,7 +16,6 @@ use bytes::Bytes;
 use ferrynet_dataplane::nft::NftExecutor;
 use ferrynet_model::discovery::DiscoveryView;
 use ferrynet_model::topology::{self, LocalPolicies, PeerLink};
-use ferrynet_store::Store;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::server::conn::http1;
@@ -83,11 +82,9 @@ pub fn parse_addrs(values: &[String]) -> Result<Vec<SocketAddr>, String> {
 
 /// What the listener serves from.
 pub struct Web {
-    host: String,
-    /// For `/api/trace` (the same operation `ferrynet trace` runs).
+    /// The host's name, store and nft executor, and `/api/trace` (the same operation
+    /// `ferrynet trace` runs).
     ctl: Arc<Control>,
-    store: Arc<dyn Store>,
-    nft: Arc<dyn NftExecutor>,
     status: Arc<Mutex<AgentStatus>>,
     /// The newest discovery view (shared with the feed's other consumers).
     view: RwLock<Arc<DiscoveryView>>,
@@ -104,9 +101,6 @@ impl Web {
     /// A listener's state for host `host`.
     pub fn new(ctl: Arc<Control>, status: Arc<Mutex<AgentStatus>>) -> Arc<Web> {
         Arc::new(Web {
-            host: ctl.host().to_string(),
-            store: ctl.store_handle(),
-            nft: ctl.nft_handle(),
             ctl,
             status,
             view: RwLock::new(Arc::new(DiscoveryView::default())),
@@ -267,7 +261,7 @@ fn topology_text(web: &Web) -> Arc<str> {
             return cached.1.clone();
         }
     }
-    let text: Arc<str> = Arc::from(metrics::render_topology(&web.host, &web.view()));
+    let text: Arc<str> = Arc::from(metrics::render_topology(web.ctl.host(), &web.view()));
     if let Ok(mut cached) = web.topo_text.lock() {
         *cached = (version, text.clone());
     }
@@ -284,7 +278,7 @@ async fn drops_now(web: &Arc<Web>) -> Vec<DropCount> {
             }
         }
     }
-    let nft = web.nft.clone();
+    let nft = web.ctl.nft_handle();
     let drops = tokio::task::spawn_blocking(move || read_drops(nft.as_ref()))
         .await
         .unwrap_or_default();
@@ -371,7 +365,7 @@ pub fn links_of(status: &AgentStatus) -> (Vec<PeerLink>, Vec<LocalPolicies>) {
 fn topology_json(web: &Web) -> String {
     let status = web.status();
     let (peers, local) = links_of(&status);
-    let doc = topology::document(&web.view(), &web.host, &peers, &local);
+    let doc = topology::document(&web.view(), web.ctl.host(), &peers, &local);
     serde_json::to_string(&doc).unwrap_or_else(|e| format!("{{\"error\":{:?}}}", e.to_string()))
 }
 
@@ -441,7 +435,7 @@ async fn trace(web: &Web, query: &str) -> Response<Body> {
     };
     match web.ctl.trace(&req).await {
         Ok((t, _, _)) => {
-            let body = serde_json::json!({ "host": web.host, "trace": t });
+            let body = serde_json::json!({ "host": web.ctl.host(), "trace": t });
             full(StatusCode::OK, "application/json", body.to_string())
         }
         Err(e) => {
@@ -456,7 +450,7 @@ async fn trace(web: &Web, query: &str) -> Response<Body> {
 }
 
 async fn healthz(web: &Web) -> Response<Body> {
-    let store = match tokio::time::timeout(STORE_PROBE, web.store.revision()).await {
+    let store = match tokio::time::timeout(STORE_PROBE, web.ctl.store_revision()).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no answer within {} s", STORE_PROBE.as_secs_f64())),
