@@ -8,12 +8,18 @@
 //! etcd semantics are emulated inside that transaction: a global revision in `meta`, a bounded
 //! `changes` table (revision -> events) that watchers read, and leases with expiry times that
 //! every operation sweeps first (there is no daemon to expire them).
+//!
+//! A long-running process may instead keep the store open between operations
+//! ([`EmbeddedStore::keep_open`]) and hand it over when another process asks (see `held`).
+
+mod held;
 
 use std::collections::{BTreeSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -42,6 +48,8 @@ const WATCH_FULL_POLL: Duration = Duration::from_secs(1);
 const WATCH_BATCH: usize = 1_000;
 /// redb page cache per open; the state is small and the database is reopened per operation.
 const CACHE_BYTES: usize = 4 * 1024 * 1024;
+/// While waiting for the lock, how often to open the lock file again (a knock for a holder).
+const KNOCK_EVERY: Duration = Duration::from_millis(50);
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -67,6 +75,27 @@ struct Inner {
     history: u64,
     /// Committed revisions, so watchers in this process wake without waiting for a poll.
     notify: broadcast::Sender<Revision>,
+    /// Set by [`EmbeddedStore::keep_open`]: the database kept open between operations.
+    holder: OnceLock<held::Holder>,
+    /// Whether operations go through `holder` (cleared if its hand-off listener fails).
+    holding: AtomicBool,
+}
+
+impl Inner {
+    /// The holder, while this process keeps the store open.
+    fn held(&self) -> Option<&held::Holder> {
+        self.holder
+            .get()
+            .filter(|_| self.holding.load(Ordering::Acquire))
+    }
+
+    /// Go back to one open per operation for good (the hand-off could no longer be heard).
+    fn stop_holding(&self) {
+        self.holding.store(false, Ordering::Release);
+        if let Some(h) = self.holder.get() {
+            h.state().release();
+        }
+    }
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -122,6 +151,8 @@ impl EmbeddedStore {
                 lock_timeout: DEFAULT_LOCK_TIMEOUT,
                 history: DEFAULT_HISTORY,
                 notify,
+                holder: OnceLock::new(),
+                holding: AtomicBool::new(false),
             }),
         };
         // Create the file and tables now so a bad path or foreign file fails here, not later.
@@ -151,6 +182,9 @@ impl EmbeddedStore {
             lock_timeout: self.inner.lock_timeout,
             history: self.inner.history,
             notify: self.inner.notify.clone(),
+            // A reconfigured handle starts per operation; call `keep_open` after configuring.
+            holder: OnceLock::new(),
+            holding: AtomicBool::new(false),
         };
         f(&mut inner);
         EmbeddedStore {
@@ -163,14 +197,26 @@ impl EmbeddedStore {
     /// Polling (rather than a blocking `flock`) lets the wait end at a deadline; the backoff is
     /// short because operations hold the lock for about a millisecond.
     fn lock(&self) -> Result<Flock<File>> {
-        let mut file = OpenOptions::new()
+        let file = self.open_lock_file()?;
+        // Opening the file was this process's first knock (see `held`).
+        self.acquire(file, Some(Instant::now()))
+    }
+
+    fn open_lock_file(&self) -> Result<File> {
+        OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(perms::FILE_MODE)
             .open(&self.inner.lock_path)
-            .map_err(|e| StoreError::Io(format!("open {}: {e}", self.inner.lock_path.display())))?;
+            .map_err(|e| StoreError::Io(format!("open {}: {e}", self.inner.lock_path.display())))
+    }
+
+    /// Lock `file` (the lock file), polling until the timeout. While waiting, open the file
+    /// again every [`KNOCK_EVERY`] (first at once if `knocked` is None): a process that keeps
+    /// the store open hands it over on each open it sees (module `held`).
+    fn acquire(&self, mut file: File, mut knocked: Option<Instant>) -> Result<Flock<File>> {
         let deadline = Instant::now() + self.inner.lock_timeout;
         let mut backoff = Duration::from_micros(50);
         loop {
@@ -186,6 +232,13 @@ impl EmbeddedStore {
                         )));
                     }
                     file = f;
+                    if knocked.is_none_or(|t| now.duration_since(t) >= KNOCK_EVERY) {
+                        // A holder may have missed (or not yet been asked by) our last open.
+                        if let Ok(again) = self.open_lock_file() {
+                            file = again;
+                        }
+                        knocked = Some(now);
+                    }
                     std::thread::sleep(backoff.min(deadline - now));
                     backoff = (backoff * 2).min(Duration::from_millis(2));
                 }
@@ -203,13 +256,19 @@ impl EmbeddedStore {
     ///
     /// When `f` committed a write it returns the new [`Hint`], published in the lock file
     /// (still under the lock) for other processes' watchers.
-    fn with_db<T>(&self, f: impl FnOnce(&Database) -> Result<(T, Option<Hint>)>) -> Result<T> {
+    fn with_db<T>(
+        &self,
+        f: impl FnOnce(&Database, redb::Durability) -> Result<(T, Option<Hint>)>,
+    ) -> Result<T> {
+        if let Some(holder) = self.inner.held() {
+            return self.with_held_db(holder, f);
+        }
         let lock = self.lock()?;
         let db = redb::Builder::new()
             .set_cache_size(CACHE_BYTES)
             .create(&self.inner.path)
             .map_err(db_err)?;
-        let out = f(&db);
+        let out = f(&db, redb::Durability::None);
         let closed = db.close().map_err(db_err);
         if let (Ok((_, Some(hint))), Ok(())) = (&out, &closed) {
             // Only a hint: a failed write just makes watchers poll the database.
@@ -225,10 +284,74 @@ impl EmbeddedStore {
         Ok(out)
     }
 
+    /// [`Self::with_db`] on the database this process keeps open: opened (under the lock) if
+    /// it is not, and closed again right away while another process is waiting its turn.
+    fn with_held_db<T>(
+        &self,
+        holder: &held::Holder,
+        f: impl FnOnce(&Database, redb::Durability) -> Result<(T, Option<Hint>)>,
+    ) -> Result<T> {
+        let mut st = holder.state();
+        let open = match st.open.take() {
+            Some(open) => open,
+            None => {
+                // Its own knocks make this holder yield too, which is fair when contended.
+                let lock = self.acquire(st.take_idle(&self.inner.lock_path)?, None)?;
+                match redb::Builder::new()
+                    .set_cache_size(CACHE_BYTES)
+                    .create(&self.inner.path)
+                {
+                    Ok(db) => held::Open { lock, db },
+                    Err(e) => {
+                        if let Ok(file) = lock.unlock() {
+                            st.put_idle(file);
+                        }
+                        return Err(db_err(e));
+                    }
+                }
+            }
+        };
+        // Held between operations, so each write is made durable by its own commit.
+        let out = f(&open.db, redb::Durability::Immediate);
+        if let Ok((_, Some(hint))) = &out {
+            open.write_hint(&hint.encode());
+        }
+        st.open = Some(open);
+        // After an error the next operation starts from a fresh open.
+        if out.is_err() || st.yielding(Instant::now()) {
+            st.release();
+        }
+        drop(st);
+        let (out, hint) = out?;
+        if let Some(hint) = hint.filter(|h| h.bumped) {
+            let _ = self.inner.notify.send(hint.revision);
+        }
+        Ok(out)
+    }
+
+    /// Keep the database open between operations, for a long-running process (the agent, the
+    /// Docker plugin); other processes still get it, each time they ask (module `held`).
+    /// Call it after `with_*` configuration. Idempotent.
+    pub fn keep_open(&self) -> Result<()> {
+        if self.inner.holder.get().is_none() {
+            // The holder opens its lock file before the listener starts, so that open is not
+            // mistaken for another process's.
+            let holder = held::Holder::new(&self.inner.lock_path)?;
+            if self.inner.holder.set(holder).is_err() {
+                return Ok(());
+            }
+            held::spawn_knock_listener(&self.inner.lock_path, Arc::downgrade(&self.inner))?;
+        }
+        self.inner.holding.store(true, Ordering::Release);
+        Ok(())
+    }
+
     /// Run `f` in one write transaction after the lease sweep; commits only if `f` succeeds.
+    /// `durability` is None where a close under the lock follows (see below).
     fn commit_write<T>(
         &self,
         db: &Database,
+        durability: redb::Durability,
         f: impl FnOnce(&mut Tx<'_>) -> Result<T>,
     ) -> Result<(T, Option<Hint>)> {
         let mut txn = db.begin_write().map_err(db_err)?;
@@ -241,7 +364,7 @@ impl EmbeddedStore {
         // caller gets its error; if the process dies before it, the file is marked for repair
         // (the writable open synced that mark) and the next open rolls back to the last durable
         // commit, so a write is either durable or was never reported.
-        txn.set_durability(redb::Durability::None).map_err(db_err)?;
+        txn.set_durability(durability).map_err(db_err)?;
         let (out, hint) = {
             let mut tx = Tx::open(&txn, self.inner.history)?;
             let start = tx.revision()?;
@@ -261,15 +384,18 @@ impl EmbeddedStore {
 
     /// One write transaction (after the lease sweep); commits only if `f` succeeds.
     fn write_blocking<T>(&self, f: impl FnOnce(&mut Tx<'_>) -> Result<T>) -> Result<T> {
-        self.with_db(|db| self.commit_write(db, f))
+        self.with_db(|db, durability| self.commit_write(db, durability, f))
     }
 
     /// A read; sweeps expired leases first (in a write transaction) only when one is due.
     fn read_blocking<T>(&self, f: impl Fn(&Reader) -> Result<T>) -> Result<T> {
-        if let Some(out) = self.read_only(&f)? {
-            return Ok(out);
+        // A held database is read in place; otherwise a read-only open avoids redb's syncs.
+        if self.inner.held().is_none() {
+            if let Some(out) = self.read_only(&f)? {
+                return Ok(out);
+            }
         }
-        self.with_db(|db| {
+        self.with_db(|db, durability| {
             {
                 let txn = db.begin_read().map_err(db_err)?;
                 let reader = Reader::open(&txn)?;
@@ -280,7 +406,7 @@ impl EmbeddedStore {
                     return Ok((f(&reader)?, None));
                 }
             }
-            let ((), hint) = self.commit_write(db, |_| Ok(()))?;
+            let ((), hint) = self.commit_write(db, durability, |_| Ok(()))?;
             let txn = db.begin_read().map_err(db_err)?;
             Ok((f(&Reader::open(&txn)?)?, hint))
         })
@@ -718,7 +844,12 @@ impl Store for EmbeddedStore {
             last: after,
             buf: VecDeque::new(),
             wake: self.inner.notify.subscribe(),
-            hint_file: File::open(&self.inner.lock_path).ok(),
+            // A holder's watchers read the open database (cheap) and are woken by `notify`;
+            // opening the lock file would look like another process asking for the store.
+            hint_file: match self.inner.held() {
+                Some(_) => None,
+                None => File::open(&self.inner.lock_path).ok(),
+            },
             last_full: Instant::now(),
             polled: false,
             done: false,
@@ -744,6 +875,10 @@ impl Store for EmbeddedStore {
     async fn revision(&self) -> Result<Revision> {
         self.blocking(move |s| s.read_blocking(|r| r.meta(META_REVISION)))
             .await
+    }
+
+    fn keep_open(&self) -> Result<()> {
+        EmbeddedStore::keep_open(self)
     }
 }
 

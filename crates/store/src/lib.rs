@@ -227,4 +227,10 @@ pub trait Store: Send + Sync {
     fn is_shared(&self) -> bool {
         false
     }
+
+    /// Called by long-running processes: the backend may keep resources open between
+    /// operations (the embedded file; an etcd client is a connection already).
+    fn keep_open(&self) -> Result<()> {
+        Ok(())
+    }
 }

@@ -26,6 +26,53 @@ async fn conformance_suite() {
     .await;
 }
 
+/// The same suite on stores kept open between operations (the agent, the Docker plugin).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_suite_on_held_stores() {
+    let dirs = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = dirs.clone();
+    conformance::run_all(move || {
+        let (dir, store) = fresh();
+        store.keep_open().unwrap();
+        keep.lock().unwrap().push(dir);
+        async move { Arc::new(store) as DynStore }.boxed()
+    })
+    .await;
+}
+
+/// A store kept open is handed to another opener each time it asks, and each side reads the
+/// other's writes; the holder's watcher sees the other's writes too. Without the hand-off the
+/// other side fails with "locked by another process" after its 3 s lock timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_store_is_handed_over_and_sees_other_writes() {
+    let (_dir, holder) = fresh();
+    holder.keep_open().unwrap();
+    let mut watch = holder.watch("/o", 0).await.unwrap();
+    let other = EmbeddedStore::open(holder.path())
+        .unwrap()
+        .with_lock_timeout(Duration::from_secs(3));
+    for i in 0..30u32 {
+        holder.put("/h", i.to_be_bytes().to_vec()).await.unwrap();
+        let seen = other.get("/h").await.unwrap().unwrap();
+        assert_eq!(seen.value, i.to_be_bytes());
+        other.put("/o", i.to_be_bytes().to_vec()).await.unwrap();
+        assert_eq!(
+            holder.get("/o").await.unwrap().unwrap().value,
+            i.to_be_bytes()
+        );
+        let ev = tokio::time::timeout(Duration::from_secs(10), watch.next())
+            .await
+            .expect("the holder's watcher saw the other's write")
+            .unwrap()
+            .unwrap();
+        assert_eq!(ev.kv.value, i.to_be_bytes());
+    }
+    // And after the holder has been left alone for longer than its yield, once more.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    holder.put("/h", b"last".to_vec()).await.unwrap();
+    assert_eq!(other.get("/h").await.unwrap().unwrap().value, b"last");
+}
+
 /// The suite must also pass on a single-threaded runtime (how CNI invocations run).
 #[tokio::test(flavor = "current_thread")]
 async fn conformance_concurrency_on_current_thread() {

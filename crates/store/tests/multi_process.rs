@@ -1,7 +1,9 @@
 //! Many processes on one store file: the proof that the flock protocol loses no write.
 //!
 //! The parent test re-runs this test binary as children (selected by an env var); each child
-//! claims slots with compare-and-swap, and the parent checks the result.
+//! claims slots with compare-and-swap, and the parent checks the result. In the second test
+//! some children keep the store open between operations (as the agent and the Docker plugin
+//! do) and must hand it over to the others, and to each other, every time they ask.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command};
@@ -29,6 +31,7 @@ impl Drop for Children {
 }
 
 fn child(spec: &str) {
+    let (spec, hold) = spec.rsplit_once(',').expect("path,writer,hold");
     let (path, writer) = spec.rsplit_once(',').expect("path,writer");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -36,6 +39,9 @@ fn child(spec: &str) {
         .unwrap();
     rt.block_on(async {
         let store = EmbeddedStore::open(path).unwrap();
+        if hold == "hold" {
+            store.keep_open().unwrap();
+        }
         for seq in 0..CLAIMS {
             claim_lowest_slot(&store, PREFIX, &format!("{writer}:{seq}"))
                 .await
@@ -46,6 +52,19 @@ fn child(spec: &str) {
 
 #[test]
 fn multi_process_slot_allocation() {
+    run_writers("multi_process_slot_allocation", 0);
+}
+
+/// Three of the eight writers keep the store open: nobody waits past the lock timeout (a
+/// holder that never handed over would fail the others with "locked by another process").
+#[test]
+fn multi_process_slot_allocation_with_holders() {
+    run_writers("multi_process_slot_allocation_with_holders", 3);
+}
+
+/// Run [`WRITERS`] children (the first `holders` of them keeping the store open), then check
+/// that every claim landed exactly once.
+fn run_writers(test: &str, holders: usize) {
     if let Ok(spec) = std::env::var(CHILD_ENV) {
         child(&spec);
         return;
@@ -57,13 +76,15 @@ fn multi_process_slot_allocation() {
     let mut children = Children(Vec::new());
     for w in 0..WRITERS {
         let c = Command::new(&exe)
-            .args([
-                "--exact",
-                "multi_process_slot_allocation",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_ENV, format!("{},w{w}", path.display()))
+            .args(["--exact", test, "--nocapture", "--test-threads=1"])
+            .env(
+                CHILD_ENV,
+                format!(
+                    "{},w{w},{}",
+                    path.display(),
+                    if w < holders { "hold" } else { "per-call" }
+                ),
+            )
             .spawn()
             .unwrap();
         children.0.push(c);
@@ -110,5 +131,85 @@ fn multi_process_slot_allocation() {
         assert!(per_writer.values().all(|&n| n == CLAIMS), "{per_writer:?}");
         let revs: BTreeSet<u64> = kvs.iter().map(|kv| kv.mod_revision).collect();
         assert_eq!(revs, (1..=total as u64).collect::<BTreeSet<_>>());
+    });
+}
+
+const HOLDER_ENV: &str = "FERRYNET_STORE_MP_HOLDER";
+
+/// A holder killed with SIGKILL while it keeps the store open (mid-write, or between writes)
+/// leaves a store that the next process opens, repairs and reads in full: every write the
+/// holder reported is there.
+#[test]
+fn a_killed_holder_leaves_a_usable_store() {
+    if let Ok(path) = std::env::var(HOLDER_ENV) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let store = EmbeddedStore::open(&path).unwrap();
+            store.keep_open().unwrap();
+            for i in 0u64.. {
+                store
+                    .put(&format!("/held/{i:08}"), i.to_string().into_bytes())
+                    .await
+                    .unwrap();
+                // Reported durable: the parent counts these lines.
+                println!("wrote {i}");
+            }
+        });
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    EmbeddedStore::open(&path).unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut children = Children(Vec::new());
+    let mut holder = Command::new(&exe)
+        .args([
+            "--exact",
+            "a_killed_holder_leaves_a_usable_store",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(HOLDER_ENV, &path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = holder.stdout.take().unwrap();
+    children.0.push(holder);
+    let mut reported = 0u64;
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(out));
+    while reported < 50 {
+        let line = lines.next().expect("the holder ended early").unwrap();
+        if let Some(n) = line.strip_prefix("wrote ") {
+            reported = n.parse::<u64>().unwrap() + 1;
+        }
+    }
+    let c = &mut children.0[0];
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    c.wait().unwrap();
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let store = EmbeddedStore::open(&path).unwrap();
+        let (kvs, rev) = store.range("/held/").await.unwrap();
+        assert!(
+            kvs.len() as u64 >= reported,
+            "{} keys, {reported} reported",
+            kvs.len()
+        );
+        assert_eq!(rev, kvs.len() as u64, "one revision per write, none torn");
+        for (i, kv) in kvs.iter().enumerate() {
+            assert_eq!(kv.key, format!("/held/{i:08}"));
+        }
+        store.put("/after", b"x".to_vec()).await.unwrap();
     });
 }

@@ -149,6 +149,7 @@ async fn open_control(paths: &Paths, opts: &AgentOptions) -> anyhow::Result<Arc<
     let ctl = Arc::new(
         Control::open_with(paths.clone(), opts.store.as_deref(), opts.host.as_deref()).await?,
     );
+    ctl.keep_store_open();
     // Bridges of networks removed while no agent ran would shadow newer ones on their subnets.
     if let Err(e) = ctl.remove_stale_bridges().await {
         tracing::warn!(error = %e, "could not remove stale bridges");

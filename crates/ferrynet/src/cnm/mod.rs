@@ -195,6 +195,7 @@ fn termination() -> anyhow::Result<impl Future<Output = ()>> {
 /// `ferrynet docker-plugin`: serve in the foreground until SIGTERM/SIGINT, then remove the socket.
 pub async fn run_plugin(ctl: Arc<Control>, args: PluginArgs) -> anyhow::Result<()> {
     let listener = bind_socket(&args.socket)?;
+    ctl.keep_store_open();
     let driver = args
         .socket
         .file_stem()

@@ -72,14 +72,35 @@ pub struct ContainerName {
     pub labels: std::collections::BTreeMap<String, String>,
 }
 
-/// From `GET /networks/<id>`: the id of the container whose endpoint is `endpoint_id`.
-pub fn container_of_endpoint(network: &Value, endpoint_id: &str) -> Option<String> {
-    network
-        .get("Containers")?
-        .as_object()?
+/// From `GET /containers/json?filters={"network":[…]}`: the id of the container whose
+/// endpoint on the network is `endpoint_id`.
+pub fn container_of_endpoint(list: &Value, endpoint_id: &str) -> Option<String> {
+    list.as_array()?
         .iter()
-        .find(|(_, c)| c.get("EndpointID").and_then(Value::as_str) == Some(endpoint_id))
-        .map(|(id, _)| id.clone())
+        .find(|c| {
+            c.get("NetworkSettings")
+                .and_then(|n| n.get("Networks"))
+                .and_then(Value::as_object)
+                .is_some_and(|nets| {
+                    nets.values()
+                        .any(|n| n.get("EndpointID").and_then(Value::as_str) == Some(endpoint_id))
+                })
+        })?
+        .get("Id")?
+        .as_str()
+        .map(str::to_string)
+}
+
+/// The Engine API path listing the containers on Docker network `network` (its id, which
+/// Docker made of hex digits; anything else is refused rather than put into a URL).
+fn containers_on(network: &str) -> Option<String> {
+    if network.is_empty() || !network.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return None;
+    }
+    // filters={"network":["<id>"]}, percent-encoded.
+    Some(format!(
+        "/containers/json?filters=%7B%22network%22%3A%5B%22{network}%22%5D%7D"
+    ))
 }
 
 /// From `GET /containers/<id>/json`: its name and its aliases on the endpoint `endpoint_id`.
@@ -181,13 +202,23 @@ async fn get_json_once(socket: &Path, path: &str) -> anyhow::Result<Option<Value
 }
 
 /// Ask Docker which container holds the endpoint: None while it does not list it (yet).
+///
+/// The container list comes from the daemon's in-memory view, without the network's locks and
+/// store reads that `GET /networks/<id>` takes, so asking does not slow the next container's
+/// start on the same network; the list has no aliases, so the one container is then inspected.
 async fn look_up(socket: &Path, job: &NameJob) -> anyhow::Result<Option<ContainerName>> {
-    let Some(net) = get_json(socket, &format!("/networks/{}", job.docker_network)).await? else {
+    let Some(path) = containers_on(&job.docker_network) else {
+        bail!("Docker network id {:?} is not an id", job.docker_network);
+    };
+    let Some(list) = get_json(socket, &path).await? else {
         return Ok(None);
     };
-    let Some(cid) = container_of_endpoint(&net, &job.endpoint_id) else {
+    let Some(cid) = container_of_endpoint(&list, &job.endpoint_id) else {
         return Ok(None);
     };
+    if !cid.chars().all(|c| c.is_ascii_alphanumeric()) {
+        bail!("Docker listed a container id {cid:?} that is not an id");
+    }
     let Some(c) = get_json(socket, &format!("/containers/{cid}/json")).await? else {
         return Ok(None);
     };
@@ -259,15 +290,26 @@ mod tests {
 
     #[test]
     fn finds_the_container_by_endpoint() {
-        let net = json!({"Containers": {
-            "c1": {"Name": "a", "EndpointID": "e1"},
-            "c2": {"Name": "b", "EndpointID": "e2"}}});
-        assert_eq!(container_of_endpoint(&net, "e2").as_deref(), Some("c2"));
-        assert_eq!(container_of_endpoint(&net, "e3"), None);
+        let list = json!([
+            {"Id": "c1", "NetworkSettings": {"Networks": {"front": {"EndpointID": "e1"}}}},
+            {"Id": "c2", "NetworkSettings": {"Networks": {
+                "other": {"EndpointID": "e9"}, "front": {"EndpointID": "e2"}}}},
+            {"Id": "c3", "NetworkSettings": null}]);
+        assert_eq!(container_of_endpoint(&list, "e2").as_deref(), Some("c2"));
+        assert_eq!(container_of_endpoint(&list, "e3"), None);
+        assert_eq!(container_of_endpoint(&json!({"message": "x"}), "e1"), None);
+        assert_eq!(container_of_endpoint(&json!([]), "e1"), None);
+    }
+
+    #[test]
+    fn only_ids_go_into_the_list_path() {
         assert_eq!(
-            container_of_endpoint(&json!({"Containers": null}), "e1"),
-            None
+            containers_on("ab12").as_deref(),
+            Some("/containers/json?filters=%7B%22network%22%3A%5B%22ab12%22%5D%7D")
         );
+        for bad in ["", "a/b", "a?b", "a%22", "a b", "é"] {
+            assert_eq!(containers_on(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -165,6 +165,15 @@ impl Control {
         self.store_url.as_deref()
     }
 
+    /// For long-running processes (the agent, the Docker plugin): keep the store open between
+    /// operations; CLI and CNI processes still get it whenever they ask.
+    pub fn keep_store_open(&self) {
+        if let Err(e) = self.store.keep_open() {
+            // Correct either way: operations then open the store per call, as before.
+            tracing::warn!(error = %e, "could not keep the store open; opening it per operation");
+        }
+    }
+
     /// The store, for the agent's and `render`'s watchers (the feed's consumers); every other
     /// caller goes through this layer's operations.
     pub(crate) fn store_handle(&self) -> Arc<dyn Store> {

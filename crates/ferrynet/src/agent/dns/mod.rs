@@ -24,7 +24,7 @@ use super::status::{AgentStatus, DnsStatus, PodStatus};
 use crate::feed::ViewRx;
 use clients::Clients;
 use server::{Ctx, Limits, Listener};
-use zone::Zone;
+use zone::{Zone, ZoneBuilder};
 
 /// How the DNS server runs.
 #[derive(Debug, Clone)]
@@ -58,7 +58,7 @@ pub fn spawn(
         .spawn(move || rt.block_on(serve(host, opts, views, status)))
 }
 
-/// Serve until the view channel closes: recompile the zone on every view change and keep one
+/// Serve until the view channel closes: update the zone on every view change and keep one
 /// listener per gateway of this host's networks, binding new ones and closing departed ones.
 pub async fn serve(
     host: String,
@@ -79,9 +79,10 @@ pub async fn serve(
     };
     tracing::info!(domain = %opts.domain, ttl = opts.ttl, upstreams = ?opts.upstreams, "dns: serving");
     let mut listeners: BTreeMap<IpAddr, (String, Listener)> = BTreeMap::new();
+    let mut zone = ZoneBuilder::new(&opts.domain);
     loop {
         let view = views.borrow_and_update().clone();
-        zone_tx.send_replace(Arc::new(Zone::build(&view, &opts.domain)));
+        zone_tx.send_replace(Arc::new(zone.update(&view)));
         clients_tx.send_replace(Arc::new(Clients::build(&view, &host)));
         let want = gateways::gateways(&view, &host);
         listeners.retain(|ip, (net, _)| {

@@ -1,12 +1,24 @@
 //! What the embedded DNS server answers, decided from a [`DiscoveryView`] alone (pure).
 //!
-//! A [`Zone`] is compiled once per view change: per network, a map from lower-case names to
-//! records, so a query costs a couple of hash lookups whatever the cluster's size.
+//! A [`Zone`] holds, per network, maps from lower-case names to records, so a query costs a
+//! couple of hash lookups whatever the cluster's size. A [`ZoneBuilder`] keeps it up to date
+//! per change: each endpoint added, changed or removed updates only its own names.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ferrynet_model::discovery::DiscoveryView;
+use ferrynet_model::policy::PolicyEndpoint;
+use imbl::ordmap::DiffItem;
+
+#[cfg(test)]
+mod incremental_tests;
+mod names;
+mod services;
+
+use names::EndpointNames;
+use services::{ServiceInputs, ServiceNames};
 
 /// Default cluster domain.
 pub const DEFAULT_DOMAIN: &str = "ferrynet.internal";
@@ -88,26 +100,37 @@ struct Task {
     addrs: Vec<IpAddr>,
 }
 
+/// One network's answers: its endpoints' names (kept per endpoint) under its services' names.
 #[derive(Debug, Default, Clone)]
 struct NetZone {
     /// Lower-case network name, the label(s) between a name and the domain.
     name: String,
-    /// `X` -> addresses: services (their VIPs, else their healthy producers) win over
-    /// containers and aliases.
-    names: HashMap<String, Vec<IpAddr>>,
-    /// Service `X` -> its healthy producers (`tasks.X`, `<id>.tasks.X`).
-    tasks: HashMap<String, Vec<Task>>,
-    /// `_<port>._<proto>.X` -> (producer label, port).
-    srv: HashMap<String, Vec<(String, u16)>>,
-    /// Address -> the name it reverses to (relative to the network's zone).
-    ptr: HashMap<IpAddr, String>,
+    /// Container, alias and pod names; services win over them.
+    eps: EndpointNames,
+    /// Service names, `tasks.` and SRV records.
+    svc: Arc<ServiceNames>,
     /// The network's pool: reverse lookups inside it never leave the host.
     subnets: Vec<ipnet::IpNet>,
     /// An internal network: its containers' queries are never forwarded.
     internal: bool,
-    /// Pod names (`POD.NAMESPACE`): answered as asked, without the network's domain, though
-    /// they have a dot (other dotted names outside the domain are forwarded).
-    pods: HashSet<String>,
+}
+
+impl NetZone {
+    /// The addresses a name answers with: a service's, else a pod's, else a container's.
+    fn addrs(&self, name: &str) -> Option<&[IpAddr]> {
+        match self.svc.names.get(name) {
+            Some(a) => Some(a),
+            None => self.eps.name(name),
+        }
+    }
+
+    /// The name an address reverses to: a VIP's service, else a pod's, else a container's.
+    fn ptr(&self, ip: &IpAddr) -> Option<&str> {
+        match self.svc.ptr.get(ip) {
+            Some(n) => Some(n),
+            None => self.eps.ptr(ip),
+        }
+    }
 }
 
 /// The compiled answers of one host's DNS server.
@@ -136,96 +159,99 @@ fn push_unique(v: &mut Vec<IpAddr>, a: IpAddr) {
     }
 }
 
-impl Zone {
-    /// Compile the answers for every bridged network of `view` under `domain`.
-    pub fn build(view: &DiscoveryView, domain: &str) -> Zone {
-        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+/// Keeps a zone up to date with successive views: endpoint changes are found by diffing the
+/// views' persistent endpoint maps (shared structure is skipped, so the cost follows the
+/// change, not the cluster) and applied one endpoint at a time; the service part is compiled
+/// again only when its inputs changed.
+#[derive(Debug, Default)]
+pub struct ZoneBuilder {
+    domain: String,
+    /// The endpoints the names below were built from.
+    seen: imbl::OrdMap<Arc<str>, Arc<PolicyEndpoint>>,
+    /// Endpoint names per network (also for networks not known yet: the record may follow).
+    by_network: HashMap<Arc<str>, EndpointNames>,
+    /// What the service names were compiled from, and the result per network.
+    svc_inputs: Option<ServiceInputs>,
+    svc: HashMap<String, Arc<ServiceNames>>,
+}
+
+impl ZoneBuilder {
+    /// A builder for names under `domain`.
+    pub fn new(domain: &str) -> ZoneBuilder {
+        ZoneBuilder {
+            domain: domain.trim_end_matches('.').to_ascii_lowercase(),
+            ..ZoneBuilder::default()
+        }
+    }
+
+    /// Bring the zone up to `view` and return it (a cheap copy: the maps are shared).
+    pub fn update(&mut self, view: &DiscoveryView) -> Zone {
+        let list = &view.endpoints.list;
+        for change in self.seen.diff(list) {
+            let (old, new) = match change {
+                DiffItem::Add(_, e) => (None, Some(e)),
+                DiffItem::Update { old, new } => (Some(old.1), Some(new.1)),
+                DiffItem::Remove(_, e) => (Some(e), None),
+            };
+            // An endpoint that moved networks leaves one and joins the other.
+            if let Some(o) = old {
+                self.by_network
+                    .entry(o.network.clone())
+                    .or_default()
+                    .apply(Some(o), None);
+            }
+            if let Some(n) = new {
+                self.by_network
+                    .entry(n.network.clone())
+                    .or_default()
+                    .apply(None, Some(n));
+            }
+        }
+        self.seen = list.clone();
+        if !self.svc_inputs.as_ref().is_some_and(|i| i.same_as(view)) {
+            self.svc = view
+                .networks
+                .keys()
+                .map(|n| (n.clone(), Arc::new(ServiceNames::on(view, n))))
+                .collect();
+            self.svc_inputs = Some(ServiceInputs::of(view));
+        }
+        self.zone(view)
+    }
+
+    /// The zone of every network that gives its containers interfaces.
+    fn zone(&self, view: &DiscoveryView) -> Zone {
         let mut nets = HashMap::new();
         for (name, net) in &view.networks {
             if !net.mode.gives_interfaces() {
                 continue;
             }
-            let mut z = NetZone {
+            let z = NetZone {
                 name: name.to_ascii_lowercase(),
+                eps: self
+                    .by_network
+                    .get(name.as_str())
+                    .cloned()
+                    .unwrap_or_default(),
+                svc: self.svc.get(name).cloned().unwrap_or_default(),
                 subnets: net.subnets.iter().map(|s| s.cidr).collect(),
                 internal: net.internal,
-                ..Default::default()
             };
-            // Containers and aliases first; services overwrite them below.
-            for ep in view.endpoints_on(name) {
-                let addrs = &ep.addrs;
-                let primary = ep.name.as_deref().map(str::to_ascii_lowercase);
-                for n in primary.iter().chain(
-                    ep.aliases
-                        .iter()
-                        .map(|a| a.to_ascii_lowercase())
-                        .collect::<Vec<_>>()
-                        .iter(),
-                ) {
-                    let e = z.names.entry(n.clone()).or_default();
-                    for a in addrs {
-                        push_unique(e, *a);
-                    }
-                }
-                if let Some(p) = &primary {
-                    for a in addrs {
-                        z.ptr.insert(*a, p.clone());
-                    }
-                }
-            }
-            // Pods: `POD.NAMESPACE`, from the newest endpoint of each pod only (a pod
-            // re-created under its name answers at its new address, whether or not the old
-            // sandbox's record is gone yet). They win over container names and aliases
-            // spelled the same, so a container or a namespace-less runtime cannot take a
-            // pod's name; services, whose names have no dots, never meet them.
-            for (pname, pep) in view.pods_on(name) {
-                let addrs: Vec<IpAddr> = pep.addrs.clone();
-                for a in &addrs {
-                    z.ptr.insert(*a, pname.clone());
-                }
-                z.names.insert(pname.clone(), addrs);
-                z.pods.insert(pname);
-            }
-            for svc in view.services_on(name) {
-                let sname = svc.name.to_ascii_lowercase();
-                let healthy = view.healthy_producers(&svc.name);
-                let tasks: Vec<Task> = healthy
-                    .iter()
-                    .map(|p| Task {
-                        label: label(&p.id),
-                        addrs: p.addrs.clone(),
-                    })
-                    .collect();
-                let addrs = if svc.vips.is_empty() {
-                    // No virtual IP: round robin over the producers, as Docker's dnsrr mode.
-                    let mut v = Vec::new();
-                    for t in &tasks {
-                        for a in &t.addrs {
-                            push_unique(&mut v, *a);
-                        }
-                    }
-                    v
-                } else {
-                    svc.vips.clone()
-                };
-                for v in &svc.vips {
-                    z.ptr.insert(*v, sname.clone());
-                }
-                for port in &svc.ports {
-                    let key = format!("_{}._{}.{sname}", label(&port.name), port.protocol.as_str());
-                    let targets = healthy
-                        .iter()
-                        .map(|p| (label(&p.id), p.target_port(port.port)))
-                        .collect();
-                    z.srv.insert(key, targets);
-                }
-                z.names.insert(sname.clone(), addrs);
-                z.tasks.insert(sname, tasks);
-            }
             // Keyed by the network's own name: the server asks with it.
             nets.insert(name.clone(), z);
         }
-        Zone { domain, nets }
+        Zone {
+            domain: self.domain.clone(),
+            nets,
+        }
+    }
+}
+
+impl Zone {
+    /// Compile the answers for every bridged network of `view` under `domain` from nothing
+    /// (the agent keeps a [`ZoneBuilder`] instead, and updates it per change).
+    pub fn build(view: &DiscoveryView, domain: &str) -> Zone {
+        ZoneBuilder::new(domain).update(view)
     }
 
     /// The answer to `qname`/`qtype` asked on `network` (the network whose gateway received it).
@@ -251,10 +277,10 @@ impl Zone {
         }
         let inner = match below(lower, &self.domain) {
             Some(rest) => below(rest, &net.name)?,
-            None if !lower.contains('.') || net.pods.contains(lower) => lower,
+            None if !lower.contains('.') || net.eps.is_pod(lower) => lower,
             None => return None,
         };
-        net.names.get(inner).map(Vec::as_slice)
+        net.addrs(inner)
     }
 
     fn local(&self, net: &NetZone, qname: &str, qtype: QType) -> Answer {
@@ -273,7 +299,7 @@ impl Zone {
                 // Another network's name, or nothing at all: invisible from here.
                 None => return Answer::NxDomain,
             }
-        } else if (!q.contains('.') || net.pods.contains(&q)) && net.names.contains_key(&q) {
+        } else if (!q.contains('.') || net.eps.is_pod(&q)) && net.addrs(&q).is_some() {
             // A bare name a resolver sent without the search domain, or a pod's
             // `POD.NAMESPACE`.
             q.as_str()
@@ -288,17 +314,18 @@ impl Zone {
     }
 
     fn lookup(&self, net: &NetZone, inner: &str, qtype: QType) -> Answer {
-        if let Some(addrs) = net.names.get(inner) {
+        if let Some(addrs) = net.addrs(inner) {
             return Answer::records(addr_recs(None, addrs, qtype));
         }
         if let Some(svc) = inner.strip_prefix("tasks.") {
-            if let Some(tasks) = net.tasks.get(svc) {
+            if let Some(tasks) = net.svc.tasks.get(svc) {
                 let all: Vec<IpAddr> = tasks.iter().flat_map(|t| t.addrs.clone()).collect();
                 return Answer::records(addr_recs(None, &all, qtype));
             }
         }
         if let Some((id, svc)) = inner.split_once(".tasks.") {
             if let Some(t) = net
+                .svc
                 .tasks
                 .get(svc)
                 .and_then(|ts| ts.iter().find(|t| t.label == id))
@@ -306,12 +333,17 @@ impl Zone {
                 return Answer::records(addr_recs(None, &t.addrs, qtype));
             }
         }
-        if let Some(targets) = net.srv.get(inner) {
+        if let Some(targets) = net.svc.srv.get(inner) {
             if qtype != QType::Srv {
                 return Answer::empty();
             }
             let svc = inner.splitn(3, '.').nth(2).unwrap_or_default();
-            let tasks = net.tasks.get(svc).map(Vec::as_slice).unwrap_or_default();
+            let tasks = net
+                .svc
+                .tasks
+                .get(svc)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
             let mut answers = Vec::new();
             let mut additionals = Vec::new();
             for (id, port) in targets {
@@ -341,7 +373,7 @@ impl Zone {
     }
 
     fn reverse(&self, net: &NetZone, ip: IpAddr, qtype: QType) -> Answer {
-        match net.ptr.get(&ip) {
+        match net.ptr(&ip) {
             Some(rel) if qtype == QType::Ptr => Answer::records(vec![Rec {
                 name: None,
                 data: RData::Ptr(self.fqdn(net, rel)),

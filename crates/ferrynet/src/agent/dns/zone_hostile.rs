@@ -28,10 +28,16 @@ fn names(z: &Zone) -> Vec<String> {
     let mut out = Vec::new();
     for net in z.nets.values() {
         let q = |rel: &str| format!("{rel}.{}.{}", net.name, z.domain);
-        out.extend(net.names.keys().map(|n| q(n)));
-        out.extend(net.ptr.values().map(|n| q(n)));
-        out.extend(net.srv.keys().map(|n| q(n)));
-        for (svc, tasks) in &net.tasks {
+        out.extend(net.eps.all_names().iter().map(|n| q(n)));
+        out.extend(net.svc.names.keys().map(|n| q(n)));
+        let ptrs = net
+            .eps
+            .all_ptrs()
+            .into_iter()
+            .chain(net.svc.ptr.keys().copied());
+        out.extend(ptrs.filter_map(|ip| net.ptr(&ip).map(q)));
+        out.extend(net.svc.srv.keys().map(|n| q(n)));
+        for (svc, tasks) in &net.svc.tasks {
             out.extend(tasks.iter().map(|t| q(&format!("{}.tasks.{svc}", t.label))));
         }
     }

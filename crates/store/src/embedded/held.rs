@@ -1,0 +1,190 @@
+//! A long-running process (the agent, the Docker plugin) keeps the embedded store open between
+//! operations, and hands it over whenever another process asks for it.
+//!
+//! redb admits one opener per file and CLI and CNI processes must keep opening it per call, so
+//! "open once" needs a hand-off: the holder keeps the cross-process lock and the database open,
+//! and watches the lock file with inotify. Every other process opens that file before it waits
+//! for the lock (and opens it again while it waits, see `KNOCK_EVERY`), so an `IN_OPEN` event
+//! means someone is waiting: the holder closes the database, unlocks, and goes back to one open
+//! per operation for [`YIELD_FOR`], then holds again. The holder opens its own lock file once, so
+//! its own operations never look like a knock.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::Flock;
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use redb::Database;
+
+use super::Inner;
+use crate::{Result, StoreError};
+
+/// After another process knocked, how long this process opens the store per operation again.
+pub(super) const YIELD_FOR: Duration = Duration::from_millis(200);
+
+/// The database a long-running process keeps open, and the lock that makes that safe.
+pub(super) struct Holder {
+    state: Mutex<HeldState>,
+}
+
+/// What the holder has now.
+pub(super) struct HeldState {
+    /// The lock file while it is unlocked (None after an error lost it: reopened on next use).
+    idle: Option<File>,
+    /// The locked file and the open database, between operations too.
+    pub(super) open: Option<Open>,
+    /// Until then, close and unlock after every operation (someone else wants the store).
+    yield_until: Option<Instant>,
+}
+
+/// The cross-process lock and the database opened under it.
+pub(super) struct Open {
+    /// The locked lock file; the hint for other processes' watchers is written into it.
+    pub(super) lock: Flock<File>,
+    pub(super) db: Database,
+}
+
+impl Holder {
+    /// A holder for the store whose lock file is `lock_path` (opened here, once).
+    pub(super) fn new(lock_path: &Path) -> Result<Holder> {
+        Ok(Holder {
+            state: Mutex::new(HeldState {
+                idle: Some(open_lock_file(lock_path)?),
+                open: None,
+                yield_until: None,
+            }),
+        })
+    }
+
+    /// The holder's state; a panic in another operation leaves it usable (it is only handles).
+    pub(super) fn state(&self) -> MutexGuard<'_, HeldState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Another process asked for the store: close it now and open per operation for a while.
+    fn knocked(&self) {
+        let mut st = self.state();
+        st.yield_until = Some(Instant::now() + YIELD_FOR);
+        st.release();
+    }
+}
+
+impl HeldState {
+    /// The lock file to lock next (reopened if an earlier failure lost it).
+    pub(super) fn take_idle(&mut self, lock_path: &Path) -> Result<File> {
+        match self.idle.take() {
+            Some(f) => Ok(f),
+            None => open_lock_file(lock_path),
+        }
+    }
+
+    /// Keep an unlocked lock file for next time.
+    pub(super) fn put_idle(&mut self, file: File) {
+        self.idle = Some(file);
+    }
+
+    /// Whether the store must be closed after this operation: another process knocked lately.
+    pub(super) fn yielding(&mut self, now: Instant) -> bool {
+        match self.yield_until {
+            Some(until) if now < until => true,
+            Some(_) => {
+                self.yield_until = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Close the database and unlock, keeping the lock file for the next hold.
+    pub(super) fn release(&mut self) {
+        let Some(Open { lock, db }) = self.open.take() else {
+            return;
+        };
+        // Every write was committed durably (Durability::Immediate) while held, so a failed
+        // close loses nothing; the next open repairs what it left.
+        if let Err(e) = db.close() {
+            tracing::warn!(error = %e, "closing the held store failed");
+        }
+        match lock.unlock() {
+            Ok(file) => self.idle = Some(file),
+            // Dropping the lock closes the file, which unlocks it too.
+            Err((lock, e)) => {
+                tracing::warn!(error = %e, "unlocking the held store failed");
+                drop(lock);
+            }
+        }
+    }
+}
+
+impl Open {
+    /// Publish the hint for other processes' watchers (best effort, as in the per-call path).
+    pub(super) fn write_hint(&self, hint: &[u8]) {
+        let _ = self.lock.write_all_at(hint, 0);
+    }
+}
+
+fn open_lock_file(lock_path: &Path) -> Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(lock_path)
+        .map_err(|e| StoreError::Io(format!("open {}: {e}", lock_path.display())))
+}
+
+/// Watch `lock_path` for other processes' opens and hand the store over on each; the thread
+/// ends at the first event after the store is dropped.
+pub(super) fn spawn_knock_listener(lock_path: &Path, store: Weak<Inner>) -> Result<()> {
+    let inotify = Inotify::init(InitFlags::IN_CLOEXEC)
+        .map_err(|e| StoreError::Io(format!("inotify: {e}")))?;
+    inotify
+        .add_watch(lock_path, AddWatchFlags::IN_OPEN)
+        .map_err(|e| StoreError::Io(format!("inotify watch {}: {e}", lock_path.display())))?;
+    std::thread::Builder::new()
+        .name("store-handoff".into())
+        .spawn(move || loop {
+            match inotify.read_events() {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    // Without the listener nobody could take the store from us: stop holding.
+                    tracing::warn!(error = %e, "store hand-off listener failed; opening per operation");
+                    if let Some(inner) = store.upgrade() {
+                        inner.stop_holding();
+                    }
+                    return;
+                }
+            }
+            let Some(inner) = store.upgrade() else {
+                return;
+            };
+            if let Some(holder) = inner.holder.get() {
+                holder.knocked();
+            }
+        })
+        .map_err(|e| StoreError::Io(format!("spawn the store hand-off listener: {e}")))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yielding_lasts_until_its_deadline_then_clears() {
+        let mut st = HeldState {
+            idle: None,
+            open: None,
+            yield_until: None,
+        };
+        let now = Instant::now();
+        assert!(!st.yielding(now));
+        st.yield_until = Some(now + YIELD_FOR);
+        assert!(st.yielding(now));
+        assert!(st.yielding(now + YIELD_FOR / 2));
+        assert!(!st.yielding(now + YIELD_FOR));
+        assert_eq!(st.yield_until, None);
+    }
+}
