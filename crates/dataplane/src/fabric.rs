@@ -85,6 +85,7 @@ pub(crate) struct MainRoute {
     pub(crate) oif: Option<u32>,
     pub(crate) protocol: u8,
     pub(crate) onlink: bool,
+    pub(crate) prefsrc: Option<IpAddr>,
 }
 
 /// A main-table unicast route; None for anything else.
@@ -95,11 +96,13 @@ fn parse_main_route(m: &RouteMessage) -> Option<MainRoute> {
     let mut dst = None;
     let mut gw = None;
     let mut oif = None;
+    let mut prefsrc = None;
     for a in &m.attributes {
         match a {
             RouteAttribute::Destination(d) => dst = route_ip(d),
             RouteAttribute::Gateway(g) => gw = route_ip(g),
             RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::PrefSource(s) => prefsrc = route_ip(s),
             _ => {}
         }
     }
@@ -115,6 +118,7 @@ fn parse_main_route(m: &RouteMessage) -> Option<MainRoute> {
         oif,
         protocol: m.header.protocol.into(),
         onlink: m.header.flags.contains(RouteFlags::Onlink),
+        prefsrc,
     })
 }
 
@@ -147,6 +151,16 @@ pub(crate) fn route_message_of(
     };
     if r.onlink {
         m.header.flags.insert(RouteFlags::Onlink);
+    }
+    match (r.src, r.gateway) {
+        (Some(IpAddr::V4(s)), IpAddr::V4(_)) => m
+            .attributes
+            .push(RouteAttribute::PrefSource(RouteAddress::Inet(s))),
+        (Some(IpAddr::V6(s)), IpAddr::V6(_)) => m
+            .attributes
+            .push(RouteAttribute::PrefSource(RouteAddress::Inet6(s))),
+        (Some(_), _) => return Err("source and gateway are of different families".into()),
+        (None, _) => {}
     }
     Ok(m)
 }
@@ -234,6 +248,7 @@ impl Netlink {
                 gateway,
                 dev,
                 onlink: r.onlink,
+                src: r.prefsrc,
             });
         }
 
@@ -477,6 +492,7 @@ mod tests {
             gateway: "10.1.2.1".parse().unwrap(),
             dev: "x".into(),
             onlink: true,
+            src: Some("10.1.1.1".parse().unwrap()),
         };
         let m = route_message(&r, 7).unwrap();
         assert_eq!(u8::from(m.header.protocol), RTPROT_FERRYNET);
@@ -489,15 +505,22 @@ mod tests {
                 gateway: Some(r.gateway),
                 oif: Some(7),
                 protocol: RTPROT_FERRYNET,
-                onlink: true
+                onlink: true,
+                prefsrc: r.src,
             })
         );
         let mixed = FabricRoute {
             gateway: "fd00::1".parse().unwrap(),
             onlink: false,
-            ..r
+            src: None,
+            ..r.clone()
         };
         assert!(route_message(&mixed, 7).is_err());
+        let mixed_src = FabricRoute {
+            src: Some("fd00::2".parse().unwrap()),
+            ..r
+        };
+        assert!(route_message(&mixed_src, 7).is_err());
     }
 
     #[test]

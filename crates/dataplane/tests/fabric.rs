@@ -259,6 +259,7 @@ impl Lab {
             vxlan_dev: &vx,
             backend,
             peers,
+            my_blocks: &host.blocks,
         });
         let current = nl
             .read_fabric(std::slice::from_ref(&vx))
