@@ -397,6 +397,88 @@ fn docker_endpoints_on_a_routed_network() {
     assert!(!macs.contains(&a_mac), "{macs}");
 }
 
+/// The proxy NDP entries on the host, as (address, port).
+fn proxies(rig: &common::docker_rig::DockerRig) -> Vec<(String, String)> {
+    let v: Value =
+        serde_json::from_str(&rig.host.must(&["ip", "-6", "-j", "neigh", "show", "proxy"]))
+            .expect("ip -j neigh");
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| {
+            (
+                n["dst"].as_str().unwrap_or("").to_string(),
+                n["dev"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Docker with its own IPAM on a routed network gives the containers the pool's prefix
+/// (`fd35::/64`): they solicit their neighbours, and each port answers (proxy NDP) for the
+/// other containers' addresses only: never its own container's (its DAD would fail), nor an
+/// address nobody holds. Removing a container takes its address out of the others' ports.
+#[test]
+fn proxy_ndp_for_addresses_from_another_ipam() {
+    use common::docker_rig::DockerRig;
+    let mut rig = DockerRig::with_network_ipam(
+        &[
+            "-o",
+            "ferrynet.mode=routed",
+            "--ipv6",
+            "--subnet",
+            "fd35::/64",
+        ],
+        false,
+    );
+    let a = rig.run("pa");
+    let _b = rig.run("pb");
+    let v6 = |name: &str| {
+        rig.docker.docker_ok(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.GlobalIPv6Address}}{{end}}",
+            name,
+        ])
+    };
+    let (a6, b6) = (v6("pa"), v6("pb"));
+    let addrs = common::must(&["ip", "-n", &a, "-6", "addr", "show", "eth0"]);
+    assert!(addrs.contains(&format!("{a6}/64")), "{addrs}");
+    assert!(
+        ping_from(&a, &b6),
+        "pa -> pb over IPv6 through the proxied neighbour"
+    );
+    assert!(
+        ping_from(&a, rig.ip_of("pb").trim()),
+        "pa -> pb over IPv4 (proxy ARP)"
+    );
+    let p = proxies(&rig);
+    let port_of = |addr: &str| -> Vec<String> {
+        p.iter()
+            .filter(|(d, _)| d == addr)
+            .map(|(_, dev)| dev.clone())
+            .collect()
+    };
+    let (on_a, on_b) = (port_of(&b6), port_of(&a6));
+    assert_eq!((on_a.len(), on_b.len()), (1, 1), "{p:?}");
+    assert_ne!(
+        on_a, on_b,
+        "a port proxies its own container's address: {p:?}"
+    );
+    // Hostile: an address of the prefix nobody holds is not answered for.
+    assert!(!ping_from(&a, "fd35::99"), "fd35::99 answered");
+    assert!(
+        !p.iter().any(|(d, _)| d == "fd35::99"),
+        "an unheld address is proxied: {p:?}"
+    );
+    let neigh = common::must(&["ip", "-n", &a, "-6", "neigh", "show", "fd35::99"]);
+    assert!(!neigh.contains("lladdr"), "{neigh}");
+    // pb goes: its address leaves pa's port.
+    rig.docker.docker_ok(&["rm", "-f", "pb"]);
+    let p = proxies(&rig);
+    assert!(!p.iter().any(|(d, _)| *d == b6), "{p:?}");
+}
+
 #[test]
 fn reload_removes_the_gateways_of_routed_networks_gone_meanwhile() {
     let lab = Lab::new();

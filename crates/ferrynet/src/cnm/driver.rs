@@ -419,6 +419,8 @@ impl Plugin {
         self.ctl.delete_host_link(&host).await?;
         crate::failpoint::hit("cnm-endpoint-unlinked");
         self.ctl.forget_endpoint(&ep).await?;
+        // Its addresses are no neighbour to proxy any more (routed networks).
+        self.ctl.resync_proxy_ndp(&b.name).await;
         tracing::info!(endpoint = %req.endpoint_id, network = %b.name, "Docker endpoint deleted");
         Ok(Empty {})
     }
