@@ -35,6 +35,7 @@ const RT_TABLE_MAIN: u8 = 254;
 const ENOENT: i32 = 2;
 const ESRCH: i32 = 3;
 const ENODEV: i32 = 19;
+const EINVAL: i32 = 22;
 
 /// Whether an error on a deletion means the object is already gone.
 pub(crate) fn gone(e: &rtnetlink::Error) -> bool {
@@ -473,9 +474,28 @@ impl Netlink {
                     continue;
                 }
             };
-            if let Err(e) = self.handle.route().add(msg).replace().execute().await {
-                failures.push(format!("adding {r}: {e}"));
-            }
+            let Err(e) = self.handle.route().add(msg).replace().execute().await else {
+                continue;
+            };
+            // A source this host does not hold (its gateway not yet on its bridge) must not
+            // cost the containers their route: added without it, only the host's own packets
+            // take the kernel's choice until the next reconcile puts the source back.
+            let bare = FabricRoute {
+                src: None,
+                ..r.clone()
+            };
+            let retried = match (r.src, errno(&e)) {
+                (Some(_), Some(EINVAL)) => match route_message(&bare, oif) {
+                    Ok(m) => self.handle.route().add(m).replace().execute().await.is_ok(),
+                    Err(_) => false,
+                },
+                _ => false,
+            };
+            failures.push(if retried {
+                format!("adding {r}: {e}; added without its source")
+            } else {
+                format!("adding {r}: {e}")
+            });
         }
         Ok(())
     }
