@@ -35,6 +35,7 @@ impl Netlink {
                 gateway,
                 dev: dev.clone(),
                 onlink: r.onlink,
+                src: r.prefsrc,
             });
         }
         Ok(out)

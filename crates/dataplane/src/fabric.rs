@@ -35,6 +35,7 @@ const RT_TABLE_MAIN: u8 = 254;
 const ENOENT: i32 = 2;
 const ESRCH: i32 = 3;
 const ENODEV: i32 = 19;
+const EINVAL: i32 = 22;
 
 /// Whether an error on a deletion means the object is already gone.
 pub(crate) fn gone(e: &rtnetlink::Error) -> bool {
@@ -85,6 +86,7 @@ pub(crate) struct MainRoute {
     pub(crate) oif: Option<u32>,
     pub(crate) protocol: u8,
     pub(crate) onlink: bool,
+    pub(crate) prefsrc: Option<IpAddr>,
 }
 
 /// A main-table unicast route; None for anything else.
@@ -95,11 +97,13 @@ fn parse_main_route(m: &RouteMessage) -> Option<MainRoute> {
     let mut dst = None;
     let mut gw = None;
     let mut oif = None;
+    let mut prefsrc = None;
     for a in &m.attributes {
         match a {
             RouteAttribute::Destination(d) => dst = route_ip(d),
             RouteAttribute::Gateway(g) => gw = route_ip(g),
             RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::PrefSource(s) => prefsrc = route_ip(s),
             _ => {}
         }
     }
@@ -115,6 +119,7 @@ fn parse_main_route(m: &RouteMessage) -> Option<MainRoute> {
         oif,
         protocol: m.header.protocol.into(),
         onlink: m.header.flags.contains(RouteFlags::Onlink),
+        prefsrc,
     })
 }
 
@@ -147,6 +152,16 @@ pub(crate) fn route_message_of(
     };
     if r.onlink {
         m.header.flags.insert(RouteFlags::Onlink);
+    }
+    match (r.src, r.gateway) {
+        (Some(IpAddr::V4(s)), IpAddr::V4(_)) => m
+            .attributes
+            .push(RouteAttribute::PrefSource(RouteAddress::Inet(s))),
+        (Some(IpAddr::V6(s)), IpAddr::V6(_)) => m
+            .attributes
+            .push(RouteAttribute::PrefSource(RouteAddress::Inet6(s))),
+        (Some(_), _) => return Err("source and gateway are of different families".into()),
+        (None, _) => {}
     }
     Ok(m)
 }
@@ -234,6 +249,7 @@ impl Netlink {
                 gateway,
                 dev,
                 onlink: r.onlink,
+                src: r.prefsrc,
             });
         }
 
@@ -458,9 +474,28 @@ impl Netlink {
                     continue;
                 }
             };
-            if let Err(e) = self.handle.route().add(msg).replace().execute().await {
-                failures.push(format!("adding {r}: {e}"));
-            }
+            let Err(e) = self.handle.route().add(msg).replace().execute().await else {
+                continue;
+            };
+            // A source this host does not hold (its gateway not yet on its bridge) must not
+            // cost the containers their route: added without it, only the host's own packets
+            // take the kernel's choice until the next reconcile puts the source back.
+            let bare = FabricRoute {
+                src: None,
+                ..r.clone()
+            };
+            let retried = match (r.src, errno(&e)) {
+                (Some(_), Some(EINVAL)) => match route_message(&bare, oif) {
+                    Ok(m) => self.handle.route().add(m).replace().execute().await.is_ok(),
+                    Err(_) => false,
+                },
+                _ => false,
+            };
+            failures.push(if retried {
+                format!("adding {r}: {e}; added without its source")
+            } else {
+                format!("adding {r}: {e}")
+            });
         }
         Ok(())
     }
@@ -477,6 +512,7 @@ mod tests {
             gateway: "10.1.2.1".parse().unwrap(),
             dev: "x".into(),
             onlink: true,
+            src: Some("10.1.1.1".parse().unwrap()),
         };
         let m = route_message(&r, 7).unwrap();
         assert_eq!(u8::from(m.header.protocol), RTPROT_FERRYNET);
@@ -489,15 +525,22 @@ mod tests {
                 gateway: Some(r.gateway),
                 oif: Some(7),
                 protocol: RTPROT_FERRYNET,
-                onlink: true
+                onlink: true,
+                prefsrc: r.src,
             })
         );
         let mixed = FabricRoute {
             gateway: "fd00::1".parse().unwrap(),
             onlink: false,
-            ..r
+            src: None,
+            ..r.clone()
         };
         assert!(route_message(&mixed, 7).is_err());
+        let mixed_src = FabricRoute {
+            src: Some("fd00::2".parse().unwrap()),
+            ..r
+        };
+        assert!(route_message(&mixed_src, 7).is_err());
     }
 
     #[test]

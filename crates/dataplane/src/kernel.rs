@@ -6,6 +6,9 @@
 
 pub mod fake;
 
+use std::collections::BTreeSet;
+use std::net::Ipv6Addr;
+
 use async_trait::async_trait;
 use ferrynet_model::bandwidth::Shaping;
 use ferrynet_model::routed::HostPort;
@@ -37,6 +40,12 @@ pub trait Links: Send + Sync {
     async fn create_pair(&self, spec: &PairSpec) -> Result<Pair>;
     /// Give a routed container's host end `index` what `port` says.
     async fn plumb_routed_port(&self, index: u32, port: &HostPort) -> Result<()>;
+    /// Make the proxy NDP entries on routed ports `ports` exactly `want`; per-entry failures.
+    async fn sync_proxy_ndp(
+        &self,
+        ports: &[String],
+        want: &BTreeSet<(String, Ipv6Addr)>,
+    ) -> Result<Vec<String>>;
     /// Shape host end `index` (IFB `ifb` for the container's egress).
     async fn apply_shaping(&self, index: u32, ifb: &str, mtu: u32, shaping: &Shaping)
         -> Result<()>;
@@ -139,6 +148,13 @@ impl Links for LinuxLinks {
     }
     async fn plumb_routed_port(&self, index: u32, port: &HostPort) -> Result<()> {
         crate::routed::plumb_port(&self.host, index, port).await
+    }
+    async fn sync_proxy_ndp(
+        &self,
+        ports: &[String],
+        want: &BTreeSet<(String, Ipv6Addr)>,
+    ) -> Result<Vec<String>> {
+        crate::routed::sync_proxy_ndp(&self.host, ports, want).await
     }
     async fn apply_shaping(
         &self,

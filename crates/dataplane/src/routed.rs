@@ -3,11 +3,17 @@
 //! routed port (the host end of its veth: link-local gateways as its own addresses, a /32 and
 //! /128 to the container).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ferrynet_model::routed::{HostPort, Route};
+use futures::TryStreamExt;
 use ipnet::IpNet;
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage,
+};
 use rtnetlink::packet_route::route::{RouteProtocol, RouteScope, RouteType};
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::RouteMessageBuilder;
 
 use crate::error::{errno, DataplaneError, Result};
@@ -16,6 +22,7 @@ use crate::netlink::Netlink;
 use crate::sysctl;
 
 const ESRCH: i32 = 3;
+const ENOENT: i32 = 2;
 
 /// The loopback device, the same index in every network namespace.
 const LOOPBACK: u32 = 1;
@@ -182,4 +189,75 @@ async fn add_host_route(nl: &Netlink, oif: u32, r: &Route) -> Result<()> {
             op: format!("adding route {} to link #{oif}", r.dst),
             source: e,
         })
+}
+
+/// Make the proxy NDP entries on the routed ports `ports` exactly `want` (`(port, address)`);
+/// entries on other devices are left alone, and a port that no longer exists has none.
+/// Per-entry failures come back as lines.
+pub async fn sync_proxy_ndp(
+    nl: &Netlink,
+    ports: &[String],
+    want: &BTreeSet<(String, Ipv6Addr)>,
+) -> Result<Vec<String>> {
+    let mut index: BTreeMap<u32, String> = BTreeMap::new();
+    for p in ports {
+        if let Some(i) = nl.link_index(p).await? {
+            index.insert(i, p.clone());
+        }
+    }
+    let mut have: BTreeSet<(String, Ipv6Addr)> = BTreeSet::new();
+    let mut dump = nl
+        .handle
+        .neighbours()
+        .get()
+        .set_address_family(AddressFamily::Inet6)
+        .proxies()
+        .execute();
+    while let Some(m) = dump.try_next().await.map_err(|e| DataplaneError::Netlink {
+        op: "listing proxy neighbours".into(),
+        source: e,
+    })? {
+        let Some(port) = index.get(&m.header.ifindex) else {
+            continue;
+        };
+        for a in &m.attributes {
+            if let NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) = a {
+                have.insert((port.clone(), *v6));
+            }
+        }
+    }
+    let idx_of = |p: &str| index.iter().find(|(_, n)| *n == p).map(|(i, _)| *i);
+    let mut failures = Vec::new();
+    for (p, a) in have.difference(want) {
+        let Some(i) = idx_of(p) else { continue };
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Inet6;
+        m.header.ifindex = i;
+        m.header.flags = NeighbourFlags::Proxy;
+        m.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet6(*a)));
+        if let Err(e) = nl.handle.neighbours().del(m).execute().await {
+            if errno(&e) != Some(ENOENT) {
+                failures.push(format!("deleting proxy {a} on {p}: {e}"));
+            }
+        }
+    }
+    for (p, a) in want.difference(&have) {
+        let Some(i) = idx_of(p) else {
+            // Not here (yet): the next sync after its attach adds it.
+            continue;
+        };
+        let res = nl
+            .handle
+            .neighbours()
+            .add(i, IpAddr::V6(*a))
+            .flags(NeighbourFlags::Proxy)
+            .replace()
+            .execute()
+            .await;
+        if let Err(e) = res {
+            failures.push(format!("adding proxy {a} on {p}: {e}"));
+        }
+    }
+    Ok(failures)
 }

@@ -259,6 +259,7 @@ impl Lab {
             vxlan_dev: &vx,
             backend,
             peers,
+            my_blocks: &host.blocks,
         });
         let current = nl
             .read_fabric(std::slice::from_ref(&vx))
@@ -497,8 +498,57 @@ async fn vxlan_case(underlay_v6: bool) {
         "the pings went through VXLAN"
     );
 
-    // ensure_vxlan is stable: same device, same index.
+    // Every route through the tunnel leaves from this host's gateway in the network (the
+    // device has no address): its first IPv4 and IPv6 block's first address.
+    for (s, me) in [(&s0, &lab.hosts[0]), (&s1, &lab.hosts[1])] {
+        for r in &s.routes {
+            let mine = me
+                .blocks
+                .iter()
+                .find(|b| b.addr().is_ipv6() == r.dst.addr().is_ipv6())
+                .expect("a block of the family");
+            assert_eq!(
+                r.src,
+                Some(ferrynet_model::fabric::block_gateway(mine)),
+                "{r}"
+            );
+        }
+    }
+    // A source this host does not hold: the route still goes in, without it, and says so;
+    // the next reconcile puts the right source back.
     let nl = lab.nl(0);
+    let r = s0
+        .routes
+        .iter()
+        .find(|r| r.dst.addr().is_ipv4())
+        .expect("v4 route");
+    let bad = ferrynet_model::fabric::FabricRoute {
+        src: Some("10.250.250.250".parse().unwrap()),
+        ..r.clone()
+    };
+    let failures = nl
+        .apply_fabric(&ferrynet_model::fabric::FabricDiff {
+            add_routes: vec![bad],
+            ..Default::default()
+        })
+        .await
+        .expect("apply");
+    assert!(
+        failures.len() == 1 && failures[0].contains("added without its source"),
+        "{failures:?}"
+    );
+    let read = lab.read(0).await;
+    let now = read
+        .routes
+        .iter()
+        .find(|x| x.dst == r.dst)
+        .expect("route kept");
+    assert_eq!(now.src, None, "{now}");
+    let (_, _, failures) = lab.reconcile(0, &u0, Backend::Vxlan, &lab.peers()).await;
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(lab.read(0).await, s0);
+
+    // ensure_vxlan is stable: same device, same index.
     let idx = nl.link_index(&lab.vx()).await.expect("lookup");
     lab.reconcile(0, &u0, Backend::Vxlan, &lab.peers()).await;
     assert_eq!(nl.link_index(&lab.vx()).await.expect("lookup"), idx);

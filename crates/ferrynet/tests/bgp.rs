@@ -4,7 +4,9 @@
 //! routers only; blocks appear in and leave the routers' tables; an agent killed with -9
 //! keeps a TCP stream flowing (graceful restart); a hostile neighbour's routes are refused and
 //! its malformed UPDATE gets a NOTIFICATION while the other sessions stay up; compressed
-//! session flaps leave no stale route. Every lab is removed on drop, also on failure.
+//! session flaps leave no stale route; a container cut off from the store while another host
+//! takes its block comes back with a borrowed address. Every lab is removed on drop, also on
+//! failure.
 
 mod common;
 
@@ -635,4 +637,158 @@ fn tcp_md5_sessions_come_up_only_with_the_key() {
             .then_some(())
             .ok_or(format!("not back with the key: {st}"))
     });
+}
+
+/// Partition → borrowed (issue 14): on a `bgp` + `routed` network whose pool has room for one
+/// block more than its 3 hosts hold, h2 is cut off from etcd past its lease and grace period;
+/// its records are released and, with no other block left, h1 claims h2's old block. When h2
+/// comes back its container keeps its address as a borrowed one (no conflict, nobody holds it
+/// twice): h2 announces it as a /32, and h1 (now the block's owner) and h3 reach it.
+#[test]
+fn a_container_cut_off_while_its_block_is_taken_comes_back_borrowed() {
+    need("bird", "bird2");
+    let net = "brw";
+    let mut lab = Lab::up(
+        "bgpprt",
+        &[
+            "--hosts",
+            "3",
+            "--racks",
+            "2",
+            "--router",
+            "bird",
+            "--backend",
+            "bgp",
+            "--mode",
+            "routed",
+            "--grace",
+            "3s",
+            "--lease-ttl",
+            "2s",
+        ],
+    );
+    // 4 blocks of 8 addresses: one each for the 3 hosts (claimed ahead), one spare.
+    lab.ok(
+        "h1",
+        &[
+            "network",
+            "create",
+            net,
+            "--subnet",
+            "10.78.0.0/27",
+            "--backend",
+            "bgp",
+            "--mode",
+            "routed",
+            "--block-size",
+            "29",
+        ],
+    );
+    let hosts = ["h1", "h2", "h3"];
+    within(Duration::from_secs(30), || {
+        let n: usize = hosts.iter().map(|h| blocks(&lab, h, net).len()).sum();
+        (n == 3)
+            .then_some(())
+            .ok_or(format!("{n} blocks claimed, want 3"))
+    });
+    let b2 = blocks(&lab, "h2", net).remove(0);
+    // The victim holds an address high in h2's block, so h1 filling the block later takes
+    // other addresses first.
+    let addr = {
+        let o: Vec<u8> = b2
+            .split('/')
+            .next()
+            .unwrap()
+            .split('.')
+            .map(|x| x.parse().unwrap())
+            .collect();
+        format!("{}.{}.{}.{}", o[0], o[1], o[2], o[3] + 5)
+    };
+    let v = lab.run_on(
+        "h2",
+        "v",
+        net,
+        &["--ip", &addr],
+        &["python3", "-c", ECHO_SERVER],
+    );
+    let c3 = lab.run_on("h3", "c3", net, &[], &["python3", "-c", ECHO_SERVER]);
+    echo(&c3, &addr, Duration::from_secs(30)).unwrap();
+
+    let holders = |lab: &Lab| -> Vec<String> {
+        let v: Value =
+            serde_json::from_str(&lab.ok("h1", &["network", "inspect", net])).expect("json");
+        v["endpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|ep| {
+                ep["ips"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|ip| ip.as_str().unwrap_or("").split('/').next() == Some(&addr))
+            })
+            .map(|ep| ep["containerId"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    lab.cut_from_store("h2", true);
+    within(Duration::from_secs(40), || {
+        let held = holders(&lab);
+        let owned = blocks(&lab, "h1", net).len() + blocks(&lab, "h3", net).len();
+        (held.is_empty() && owned == 2)
+            .then_some(())
+            .ok_or(format!("h2 not released yet: {held:?}"))
+    });
+    // h1 grows until it holds h2's old block: the spare one first, then, with no other
+    // block free, the released one.
+    let mut grown = Vec::new();
+    for i in 0..24 {
+        if blocks(&lab, "h1", net).contains(&b2) {
+            break;
+        }
+        grown.push(lab.run_on("h1", &format!("g{i}"), net, &[], &["sleep", "600"]));
+    }
+    assert!(
+        blocks(&lab, "h1", net).contains(&b2),
+        "h1 never took {b2}: {:?}",
+        blocks(&lab, "h1", net)
+    );
+    assert!(
+        grown.iter().all(|g| g.v4 != addr),
+        "h1 gave the victim's address away"
+    );
+    lab.cut_from_store("h2", false);
+
+    // Back: recorded once, as the victim's; no conflict; a borrowed /32 announced by h2.
+    within(Duration::from_secs(40), || {
+        let held = holders(&lab);
+        (held.len() == 1)
+            .then_some(())
+            .ok_or(format!("{addr} held by {held:?}"))
+    });
+    let st = lab.status("h2");
+    assert!(
+        st["reassert"]["restored"].as_u64().unwrap_or(0) >= 1,
+        "{}",
+        st["reassert"]
+    );
+    assert_eq!(st["reassert"]["conflicts"], serde_json::json!([]), "{st}");
+    assert!(
+        blocks(&lab, "h1", net).contains(&b2),
+        "the block stays h1's"
+    );
+    let host_route = format!("{addr}/32");
+    within(Duration::from_secs(20), || {
+        let exported = bgp_status(&lab, "h2")["exported"].to_string();
+        exported
+            .contains(&host_route)
+            .then_some(())
+            .ok_or(format!("h2 exports {exported}"))
+    });
+    // Reached from a container in the block on its new owner (round trips: the replies
+    // leave the borrowed address too) and from the other rack's host; and it reaches out.
+    let from_h1 = grown.last().expect("h1 grew");
+    echo(from_h1, &addr, Duration::from_secs(20)).unwrap();
+    echo(&c3, &addr, Duration::from_secs(20)).unwrap();
+    echo(&v, &c3.v4, Duration::from_secs(10)).unwrap();
 }

@@ -409,3 +409,137 @@ fn without_a_cluster_store_the_driver_stays_local() {
         "the ferrynet network stays: {nets}"
     );
 }
+
+/// Docker's borrowed reservation (issue 14): on a `bgp` + `routed` network spanning two racks,
+/// a container on h2 asks for an address of h1's block (`--ip`, through ferrynet's IPAM). It
+/// gets it as a borrowed address: h2 announces it as a /32, and h1's container and the
+/// borrower reach each other across the ToRs. An address someone holds, or the block's
+/// gateway, is still refused.
+#[test]
+fn docker_borrows_an_address_of_another_hosts_block_on_bgp_routed() {
+    require_tools();
+    common::need("bird", "bird2");
+    let t = tag();
+    let lab_name: String = format!("b{t}").chars().take(8).collect();
+    let driver = format!("fnb{t}");
+    let lab = Lab::up(
+        &lab_name,
+        &[
+            "--hosts",
+            "2",
+            "--racks",
+            "2",
+            "--router",
+            "bird",
+            "--backend",
+            "bgp",
+            "--mode",
+            "routed",
+            "--docker-driver",
+            &driver,
+        ],
+    );
+    let d1 = host_engine(&lab, "h1", &t);
+    let d2 = host_engine(&lab, "h2", &t);
+    let image = format!("fnb-busybox:{t}");
+    import_busybox(&d1.host(), &image);
+    import_busybox(&d2.host(), &image);
+    let mut made = Containers(Vec::new());
+    let net = format!("bnet{t}");
+    create_network(
+        &d1,
+        &driver,
+        &net,
+        &[
+            "--subnet",
+            "10.79.0.0/24",
+            "-o",
+            "ferrynet.backend=bgp",
+            "-o",
+            "ferrynet.mode=routed",
+        ],
+    );
+    eventually(
+        "h2's engine to list the network",
+        Duration::from_secs(20),
+        || {
+            d2.docker(&["network", "inspect", &net])
+                .status
+                .success()
+                .then_some(())
+        },
+    );
+    made.add(&d1, "a1");
+    web(&d1, "a1", &net, &image, &[]);
+    let a1 = ip_on(&d1, "a1", &net);
+    let a1n: std::net::Ipv4Addr = a1.parse().expect("a1's address");
+    // h1's block (default /26): its gateway, and a free address in it.
+    let base = u32::from(a1n) & !63;
+    let gw = std::net::Ipv4Addr::from(base + 1).to_string();
+    let in_h1 = std::net::Ipv4Addr::from(base + 40).to_string();
+
+    // Hostile first: a held address and the block's gateway are refused on h2.
+    for taken in [&a1, &gw] {
+        let o = d2.docker(&[
+            "run",
+            "--rm",
+            "--network",
+            &net,
+            "--ip",
+            taken,
+            &image,
+            "true",
+        ]);
+        assert!(!o.status.success(), "--ip {taken} on h2: {}", out(&o));
+    }
+
+    // The borrowed address.
+    made.add(&d2, "b1");
+    web(&d2, "b1", &net, &image, &["--ip", &in_h1]);
+    assert_eq!(ip_on(&d2, "b1", &net), in_h1);
+    let host_route = format!("{in_h1}/32");
+    eventually("h2 to export the /32", Duration::from_secs(20), || {
+        let st: Value = serde_json::from_str(&lab.ok("h2", &["bgp", "status", "--json"])).ok()?;
+        st["exported"]
+            .to_string()
+            .contains(&host_route)
+            .then_some(())
+    });
+    // h1 owns the block and still routes the borrowed address to h2 (its /32 over the
+    // block's unreachable route), both ways.
+    eventually("a1 to reach b1", Duration::from_secs(30), || {
+        fetch(&d1, "a1", &in_h1, 80)
+    });
+    eventually("b1 to reach a1", Duration::from_secs(30), || {
+        fetch(&d2, "b1", &a1, 80)
+    });
+    // Recorded once, as b1's.
+    let nets: Value = serde_json::from_str(&lab.ok("h1", &["network", "ls", "--json"])).unwrap();
+    let fname = nets
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["subnets"].to_string().contains("10.79.0.0/24"))
+        .and_then(|n| n["name"].as_str())
+        .unwrap_or_else(|| panic!("no ferrynet network for 10.79.0.0/24: {nets}"))
+        .to_string();
+    let v: Value =
+        serde_json::from_str(&lab.ok("h1", &["network", "inspect", &fname])).expect("inspect");
+    let holders = v["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["ips"].to_string().contains(&format!("\"{in_h1}/")))
+        .count();
+    assert_eq!(holders, 1, "{v}");
+
+    // Gone with its container: the /32 is withdrawn.
+    drop(made);
+    eventually("h2 to withdraw the /32", Duration::from_secs(20), || {
+        let st: Value = serde_json::from_str(&lab.ok("h2", &["bgp", "status", "--json"])).ok()?;
+        (!st["exported"].to_string().contains(&host_route)).then_some(())
+    });
+    d1.docker_ok(&["network", "rm", &net]);
+    drop(d2);
+    drop(d1);
+}

@@ -17,36 +17,6 @@ use serde_json::Value;
 
 const NET: &str = "part";
 
-/// Cut `host` off from the lab's etcd (both directions), or heal it.
-fn cut(lab: &Lab, host: &str, on: bool) {
-    let ns = lab.host_ns(host);
-    let script = if on {
-        "add table inet fnpartition\n\
-         add chain inet fnpartition out { type filter hook output priority -10; }\n\
-         add chain inet fnpartition in { type filter hook input priority -10; }\n\
-         add rule inet fnpartition out ip daddr 172.31.0.253 drop\n\
-         add rule inet fnpartition in ip saddr 172.31.0.253 drop\n"
-    } else {
-        "delete table inet fnpartition\n"
-    };
-    let o = Command::new("ip")
-        .args(["netns", "exec", &ns, "nft", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin
-                .take()
-                .expect("stdin")
-                .write_all(script.as_bytes())?;
-            c.wait_with_output()
-        })
-        .expect("nft");
-    assert!(o.status.success(), "nft in {ns}: {}", out(&o));
-}
-
 /// Every endpoint of the test network: address -> container ids holding it.
 fn holders(lab: &Lab, from: &str) -> BTreeMap<String, Vec<String>> {
     let v: Value = serde_json::from_str(&lab.ok(from, &["network", "inspect", NET])).expect("json");
@@ -144,7 +114,7 @@ fn partition_and_heal(name: &str, isolated: &[&str], busy: &[&str]) {
         wait("first contact", 20, || echo(&client, &v.v4));
     }
     for h in isolated {
-        cut(&lab, h, true);
+        lab.cut_from_store(h, true);
     }
     // The busy side releases the isolated hosts' records after lease and grace.
     wait("release of the isolated hosts", 40, || {
@@ -162,7 +132,7 @@ fn partition_and_heal(name: &str, isolated: &[&str], busy: &[&str]) {
     }
     std::thread::sleep(Duration::from_secs(8));
     for h in isolated {
-        cut(&lab, h, false);
+        lab.cut_from_store(h, false);
     }
     // Back: every isolated container is recorded again, with its own address.
     wait("re-assertion", 40, || {

@@ -1,7 +1,9 @@
 //! Routed endpoints (`--mode routed`) on a real kernel: no bridge, a /32 and /128 per
 //! container on its host-side `fnv*` port, the link-local gateways 169.254.1.1 and fe80::1.
 //! Single host through the CNI plugin (TCP both families, a published port from outside, another
-//! network refused, forged sources and ARP dropped at the routed guard), and 3-host labs on etcd
+//! network refused, forged sources and ARP dropped at the routed guard; an `--internal` routed
+//! network that neither gets out nor lets the outside in, forged sources included), and 3-host
+//! labs on etcd
 //! for the route and vxlan backends (all pairs over IPv4 and IPv6, names through the agents'
 //! DNS). Everything is removed on drop, also when a test fails.
 
@@ -395,6 +397,88 @@ fn docker_endpoints_on_a_routed_network() {
     assert!(!macs.contains(&a_mac), "{macs}");
 }
 
+/// The proxy NDP entries on the host, as (address, port).
+fn proxies(rig: &common::docker_rig::DockerRig) -> Vec<(String, String)> {
+    let v: Value =
+        serde_json::from_str(&rig.host.must(&["ip", "-6", "-j", "neigh", "show", "proxy"]))
+            .expect("ip -j neigh");
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| {
+            (
+                n["dst"].as_str().unwrap_or("").to_string(),
+                n["dev"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Docker with its own IPAM on a routed network gives the containers the pool's prefix
+/// (`fd35::/64`): they solicit their neighbours, and each port answers (proxy NDP) for the
+/// other containers' addresses only: never its own container's (its DAD would fail), nor an
+/// address nobody holds. Removing a container takes its address out of the others' ports.
+#[test]
+fn proxy_ndp_for_addresses_from_another_ipam() {
+    use common::docker_rig::DockerRig;
+    let mut rig = DockerRig::with_network_ipam(
+        &[
+            "-o",
+            "ferrynet.mode=routed",
+            "--ipv6",
+            "--subnet",
+            "fd35::/64",
+        ],
+        false,
+    );
+    let a = rig.run("pa");
+    let _b = rig.run("pb");
+    let v6 = |name: &str| {
+        rig.docker.docker_ok(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.GlobalIPv6Address}}{{end}}",
+            name,
+        ])
+    };
+    let (a6, b6) = (v6("pa"), v6("pb"));
+    let addrs = common::must(&["ip", "-n", &a, "-6", "addr", "show", "eth0"]);
+    assert!(addrs.contains(&format!("{a6}/64")), "{addrs}");
+    assert!(
+        ping_from(&a, &b6),
+        "pa -> pb over IPv6 through the proxied neighbour"
+    );
+    assert!(
+        ping_from(&a, rig.ip_of("pb").trim()),
+        "pa -> pb over IPv4 (proxy ARP)"
+    );
+    let p = proxies(&rig);
+    let port_of = |addr: &str| -> Vec<String> {
+        p.iter()
+            .filter(|(d, _)| d == addr)
+            .map(|(_, dev)| dev.clone())
+            .collect()
+    };
+    let (on_a, on_b) = (port_of(&b6), port_of(&a6));
+    assert_eq!((on_a.len(), on_b.len()), (1, 1), "{p:?}");
+    assert_ne!(
+        on_a, on_b,
+        "a port proxies its own container's address: {p:?}"
+    );
+    // Hostile: an address of the prefix nobody holds is not answered for.
+    assert!(!ping_from(&a, "fd35::99"), "fd35::99 answered");
+    assert!(
+        !p.iter().any(|(d, _)| d == "fd35::99"),
+        "an unheld address is proxied: {p:?}"
+    );
+    let neigh = common::must(&["ip", "-n", &a, "-6", "neigh", "show", "fd35::99"]);
+    assert!(!neigh.contains("lladdr"), "{neigh}");
+    // pb goes: its address leaves pa's port.
+    rig.docker.docker_ok(&["rm", "-f", "pb"]);
+    let p = proxies(&rig);
+    assert!(!p.iter().any(|(d, _)| *d == b6), "{p:?}");
+}
+
 #[test]
 fn reload_removes_the_gateways_of_routed_networks_gone_meanwhile() {
     let lab = Lab::new();
@@ -438,4 +522,100 @@ fn reload_removes_the_gateways_of_routed_networks_gone_meanwhile() {
         a.run(&["ping", "-c1", "-W2", "10.75.0.1"]).status.success(),
         "the container reaches its gateway"
     );
+}
+
+#[test]
+fn an_internal_routed_network_keeps_to_itself() {
+    let lab = Lab::new();
+    let mut conf = routed_conf(&lab, &format!("ri{}", lab.tag), "10.75.0.0/24", "fd75::/64");
+    conf["internal"] = json!(true);
+    let (a, b) = (Ns::new("ia"), Ns::new("ib"));
+    let ra = lab.add(&conf, "ctr-a", &a, "eth0");
+    let rb = lab.add(&conf, "ctr-b", &b, "eth0");
+    let (a4, b4) = (addr_of(&ra, false), addr_of(&rb, false));
+    // Inside the network: both families, each side seeing the other's own address.
+    let _srv = tcp_server(&b, 8080, "hello-b");
+    for v6 in [false, true] {
+        let got = tcp_get(&a, &addr_of(&rb, v6), 8080).expect("a -> b inside the network");
+        assert_eq!(got, format!("hello-b {}", addr_of(&ra, v6)));
+    }
+    // An outside namespace routed through the host, with a server of its own.
+    let (client, host_ip, client_ip) = lab.outside(75);
+    let _out = tcp_server(&client, 7100, "outside");
+    // The host itself reaches the outside (the path exists), a container does not: its own
+    // default route to the link-local gateway leads nowhere beyond the network.
+    assert!(
+        tcp_get(&lab.host, &client_ip, 7100).is_some(),
+        "host -> outside"
+    );
+    let routes = a.must(&["ip", "route"]);
+    assert!(routes.contains("default via 169.254.1.1"), "{routes}");
+    assert_eq!(
+        tcp_get(&a, &client_ip, 7100),
+        None,
+        "an internal container got out"
+    );
+    // Nor does the outside get in (it routes the subnet through the host).
+    client.must(&["ip", "route", "add", "10.75.0.0/24", "via", &host_ip]);
+    assert_eq!(tcp_get(&client, &b4, 8080), None, "the outside got in");
+    // A container of an ordinary routed network on the same host: refused both ways.
+    let other = routed_conf(&lab, &format!("ro{}", lab.tag), "10.76.0.0/24", "fd76::/64");
+    let x = Ns::new("ix");
+    let rx = lab.add(&other, "ctr-x", &x, "eth0");
+    let _srv_x = tcp_server(&x, 8081, "hello-x");
+    assert_eq!(tcp_get(&a, &addr_of(&rx, false), 8081), None);
+    assert_eq!(tcp_get(&x, &b4, 8080), None);
+    assert!(tcp_get(&x, &client_ip, 7100).is_some(), "x -> outside");
+
+    // Hostile: the outside forges a source inside the network. b logs every datagram's
+    // sender; the forged one is sent first, then a marker from a: when the marker is in, the
+    // forged datagram would have been too.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("senders");
+    let code = format!(
+        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.bind(('0.0.0.0',9999))\n\
+         print('ready',flush=True)\n\
+         while True:\n  d,p=s.recvfrom(100)\n  open('{}','a').write(p[0]+'\\n')\n",
+        log.display()
+    );
+    let mut child = Command::new("nsenter")
+        .args([b.enter().as_str(), "python3", "-u", "-c", &code])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("udp logger");
+    let mut ready = [0u8; 6];
+    std::io::Read::read_exact(child.stdout.as_mut().expect("stdout"), &mut ready)
+        .expect("udp logger did not start");
+    let _logger = common::Proc(child);
+    client.must(&["ip", "addr", "add", "10.75.0.99/32", "dev", "ext0"]);
+    let send = |ns: &Ns, src: &str| {
+        let (ok, o) = py(
+            ns,
+            &format!(
+                "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('{src}',0))\ns.sendto(b'x',('{b4}',9999))\n"
+            ),
+        );
+        assert!(ok, "sending from {src}: {o}");
+    };
+    send(&client, "10.75.0.99");
+    send(&a, &a4);
+    let seen = common::within(Duration::from_secs(10), || {
+        let s = std::fs::read_to_string(&log).unwrap_or_default();
+        s.contains(&a4)
+            .then_some(s.clone())
+            .ok_or_else(|| format!("no marker yet: {s:?}"))
+    });
+    assert!(
+        !seen.contains("10.75.0.99"),
+        "a forged source from outside reached the network: {seen}"
+    );
+    for (id, ns, c) in [
+        ("ctr-a", &a, &conf),
+        ("ctr-b", &b, &conf),
+        ("ctr-x", &x, &other),
+    ] {
+        let d = lab.del(c, id, Some(ns), "eth0");
+        assert_eq!(d.code, 0, "{}", d.stderr);
+    }
 }

@@ -203,9 +203,11 @@ fn setup() -> Setup {
             .then_some(())
             .ok_or_else(|| "VIP not yet".to_string())
     });
-    // Ingress on h3 (172.31.0.3 in the lab's layout) from outside.
+    // Ingress on h2 (172.31.0.2 in the lab's layout) from outside, to the producer a3 on h3:
+    // the connection leaves h2 through the VXLAN device from h2's gateway in `fabric`, not
+    // from network ro's gateway on lo (which h3's isolation would drop).
     within(Duration::from_secs(30), || {
-        probe(&out_ns, "172.31.0.3", 30080, false, None)
+        probe(&out_ns, "172.31.0.2", 30080, false, None)
             .then_some(())
             .ok_or_else(|| "ingress not yet".to_string())
     });
@@ -344,7 +346,7 @@ fn trace_matches_probes_live_and_bad_input() {
         case("VIP", &[&n("a1"), &vip], (true, "destination"), &a1),
         case(
             "ingress from outside",
-            &["172.31.0.200", "h3:30080"],
+            &["172.31.0.200", "h2:30080"],
             (true, "destination"),
             &s.out_ns,
         ),
@@ -368,12 +370,19 @@ fn trace_matches_probes_live_and_bad_input() {
             &a1,
         ),
         // h1's own packets to a2 leave through the VXLAN device, which has no address: the
-        // kernel's preferred source is then another interface's, here network ro's gateway on
-        // lo, and isolation drops them on h2 (ro's pool to fabric's). The trace says so.
+        // fabric route's preferred source is h1's gateway in `fabric` (else the kernel would
+        // pick network ro's gateway on lo, and isolation would drop them on h2).
         case(
             "host to container",
             &["host", &d("a2")],
-            (false, "isolation"),
+            (true, "destination"),
+            &h1,
+        ),
+        // The same through the sleeve's device.
+        case(
+            "host to sleeve container",
+            &["host", &d("s2")],
+            (true, "destination"),
             &h1,
         ),
         case(

@@ -450,8 +450,9 @@ fn forward_rules(t: &str, networks: &[EdgeNetwork], b: &mut String) {
             line(b, format!("add rule {t} forward ct original {fam} {dir} {lo} drop comment \"loopback from outside lo\""));
         }
     }
-    // Internal routed networks are refused when created: their packets carry no device of
-    // the network to match here.
+    for n in networks.iter().filter(|n| n.internal && n.routed) {
+        internal_routed_rules(t, n, b);
+    }
     for n in networks.iter().filter(|n| n.internal && !n.routed) {
         let br = q(&n.bridge);
         line(
@@ -483,6 +484,31 @@ fn forward_rules(t: &str, networks: &[EdgeNetwork], b: &mut String) {
     }
     line(b, format!("add rule {t} forward iifname @{BRIDGES} accept"));
     line(b, format!("add rule {t} forward oifname @{BRIDGES} accept"));
+}
+
+/// An internal routed network: no bridge to match, and its containers' ports (`fnv…`) are
+/// named per container, so the network is matched by its addresses. A packet from its
+/// subnets may only go to them, one to them only come from them, and from a container port:
+/// the routed guard makes sure a port's source is its container's own, while a packet from
+/// the underlay or another interface could carry any source.
+fn internal_routed_rules(t: &str, n: &EdgeNetwork, b: &mut String) {
+    for v6 in [false, true] {
+        let own: Vec<String> = n
+            .subnets
+            .iter()
+            .filter(|s| s.addr().is_ipv6() == v6)
+            .map(|s| s.trunc().to_string())
+            .collect();
+        if own.is_empty() {
+            continue;
+        }
+        let fam = if v6 { "ip6" } else { "ip" };
+        let set = format!("{{ {} }}", own.join(", "));
+        let name = &n.name;
+        line(b, format!("add rule {t} forward {fam} saddr {set} {fam} daddr != {set} drop comment \"internal {name}\""));
+        line(b, format!("add rule {t} forward {fam} daddr {set} {fam} saddr != {set} drop comment \"internal {name}\""));
+        line(b, format!("add rule {t} forward {fam} daddr {set} iifname != {PORTS} drop comment \"internal {name}\""));
+    }
 }
 
 /// Publish ports: element adds, one transaction.
@@ -571,6 +597,28 @@ mod tests {
         assert!(r.contains("add element inet ferrynet bridges { \"fn-a\", \"fn-i\" }"));
         // Internal drops come before the accept of DNATed traffic.
         assert!(r.find("internal i").unwrap() < r.find("ct status dnat accept").unwrap());
+    }
+
+    #[test]
+    fn internal_routed_networks_are_matched_by_address() {
+        let mut i = net("ri", "10.3.0.0/24", true);
+        i.routed = true;
+        i.subnets.push("fd03::/64".parse().unwrap());
+        let r = base_ruleset(&[net("a", "10.1.0.0/24", false), i]);
+        for rule in [
+            "forward ip saddr { 10.3.0.0/24 } ip daddr != { 10.3.0.0/24 } drop comment \"internal ri\"",
+            "forward ip daddr { 10.3.0.0/24 } ip saddr != { 10.3.0.0/24 } drop comment \"internal ri\"",
+            "forward ip daddr { 10.3.0.0/24 } iifname != \"fnv*\" drop comment \"internal ri\"",
+            "forward ip6 saddr { fd03::/64 } ip6 daddr != { fd03::/64 } drop comment \"internal ri\"",
+            "forward ip6 daddr { fd03::/64 } iifname != \"fnv*\" drop comment \"internal ri\"",
+        ] {
+            assert!(r.contains(rule), "{rule}\n{r}");
+        }
+        // No masquerade or hairpin for it, and its drops come before the accept of DNATed
+        // traffic (a published port would otherwise open it).
+        assert!(!r.contains("saddr 10.3.0.0/24 ct status dnat"));
+        assert!(!r.contains("outbound ri"));
+        assert!(r.find("internal ri").unwrap() < r.find("ct status dnat accept").unwrap());
     }
 
     #[test]

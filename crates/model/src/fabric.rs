@@ -92,6 +92,9 @@ pub struct FabricInput<'a> {
     pub backend: Backend,
     /// All hosts of the fabric with their blocks in this network.
     pub peers: &'a [Peer],
+    /// This host's own blocks in this network (their gateways source its packets through a
+    /// tunnel, see [`tunnel_source`]).
+    pub my_blocks: &'a [IpNet],
 }
 
 /// A route in the main table, marked with ferrynet's route protocol.
@@ -105,6 +108,10 @@ pub struct FabricRoute {
     pub dev: String,
     /// The next hop is on the link even without a matching connected route.
     pub onlink: bool,
+    /// Preferred source of this host's own packets (a tunnel device has no address of its
+    /// own, see [`tunnel_source`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src: Option<IpAddr>,
 }
 
 /// A static entry of a VXLAN device's forwarding database: frames for `mac` go to `dst`.
@@ -138,6 +145,9 @@ impl fmt::Display for FabricRoute {
         )?;
         if self.onlink {
             f.write_str(" onlink")?;
+        }
+        if let Some(src) = self.src {
+            write!(f, " src {src}")?;
         }
         Ok(())
     }
@@ -303,6 +313,25 @@ pub fn block_gateway(block: &IpNet) -> IpAddr {
     }
 }
 
+/// The preferred source of this host's own packets to `dst` through a tunnel (a VXLAN device
+/// or the sleeve's): the gateway of this host's first block of that family in the same network
+/// (`my_blocks`, smallest first), None when it has none.
+///
+/// A tunnel device has no address, so without it the kernel takes another interface's: often
+/// a routed network's gateway on `lo`, which the receiving host's isolation reads as a
+/// container of that other network (and drops), and which no peer routes back through the
+/// tunnel. This host's gateway in the destination's own network passes isolation there, is
+/// inside the blocks the sleeve accepts from this host, and its replies come back the way the
+/// packet went (peers route this host's blocks to it).
+pub fn tunnel_source(my_blocks: &[IpNet], dst: &IpNet) -> Option<IpAddr> {
+    my_blocks
+        .iter()
+        .filter(|b| b.addr().is_ipv6() == dst.addr().is_ipv6())
+        .map(IpNet::trunc)
+        .min()
+        .map(|b| block_gateway(&b))
+}
+
 /// The first of my underlay subnets of the family (IPv6 if `family_v6`) that holds one of the
 /// peer's underlay addresses of that family: (my subnet, truncated; the peer's address).
 pub fn same_link(mine: &[IpNet], peer: &[IpNet], family_v6: bool) -> Option<(IpNet, IpAddr)> {
@@ -363,7 +392,8 @@ fn join<T: fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
 /// - `Vxlan`: the tunnel family is IPv4 when both hosts have an IPv4 underlay, else IPv6. As a
 ///   VXLAN device carries one family (its local address, [`vxlan_local`]: IPv4 whenever this host
 ///   has one), a peer lacking that family, or no underlay on either side, is an error. Each block
-///   (IPv4 and IPv6 alike) gets `dst=block via block_gateway(block) dev vxlan_dev onlink` and a
+///   (IPv4 and IPv6 alike) gets `dst=block via block_gateway(block) dev vxlan_dev onlink` (with
+///   `src` [`tunnel_source`] when this host has a block of the family) and a
 ///   neighbour `block_gateway(block) -> peer.vtep_mac` on `vxlan_dev`; the peer gets one FDB entry
 ///   `peer.vtep_mac -> peer tunnel address` on `vxlan_dev` (none when it has no block).
 /// - `Auto`: per peer, `Route` when it shares a link in every family its blocks need (with no
@@ -487,11 +517,13 @@ fn route_peer(
         }
         if let Some((_, gw)) = same_link(input.my_underlay, &peer.underlay, v6) {
             for b in wanted {
+                // The underlay device has an address: the kernel's choice is right.
                 state.routes.insert(FabricRoute {
                     dst: *b,
                     gateway: gw,
                     dev: input.underlay_dev.to_string(),
                     onlink: false,
+                    src: None,
                 });
             }
             programmed = true;
@@ -584,6 +616,7 @@ fn vxlan_peer<'p>(
             gateway: gw,
             dev: input.vxlan_dev.to_string(),
             onlink: true,
+            src: tunnel_source(input.my_blocks, b),
         });
         state.neigh.insert(NeighEntry {
             dev: input.vxlan_dev.to_string(),
@@ -627,6 +660,7 @@ mod tests {
             vxlan_dev: "fnx0",
             backend,
             peers,
+            my_blocks: &[],
         })
     }
     fn route(dst: &str, gw: &str, dev: &str, onlink: bool) -> FabricRoute {
@@ -635,6 +669,7 @@ mod tests {
             gateway: ip(gw),
             dev: dev.into(),
             onlink,
+            src: None,
         }
     }
     fn status<'a>(s: &'a [PeerStatus], host: &str) -> &'a PeerStatus {
@@ -760,6 +795,68 @@ mod tests {
         assert_eq!(s.neigh, neigh);
         assert_eq!(st[0].backend, Some(Backend::Vxlan));
         assert!(st[0].errors.is_empty());
+    }
+
+    #[test]
+    fn tunnel_source_is_my_gateway_of_the_family() {
+        let mine = [
+            net("10.1.1.64/26"),
+            net("fd10:1:1::/64"),
+            net("10.1.1.0/26"),
+        ];
+        // The smallest block of the family, whatever the order.
+        assert_eq!(
+            tunnel_source(&mine, &net("10.1.2.0/24")),
+            Some(ip("10.1.1.1"))
+        );
+        assert_eq!(
+            tunnel_source(&mine, &net("fd10:1:2::/64")),
+            Some(ip("fd10:1:1::1"))
+        );
+        // No block of the family: the kernel keeps its choice.
+        assert_eq!(tunnel_source(&mine[..1], &net("fd10:1:2::/64")), None);
+        assert_eq!(tunnel_source(&[], &net("10.1.2.0/24")), None);
+    }
+
+    #[test]
+    fn vxlan_routes_leave_from_my_gateway_route_routes_from_the_underlay() {
+        let my_underlay = [net("192.168.1.1/24")];
+        let blocks = [net("10.1.1.0/24")];
+        let input = |backend| FabricInput {
+            me: "h1",
+            my_underlay: &my_underlay,
+            underlay_dev: "eth0",
+            vxlan_dev: "fnx0",
+            backend,
+            peers: &[],
+            my_blocks: &blocks,
+        };
+        let peers = lan();
+        let (s, _) = desired(&FabricInput {
+            peers: &peers,
+            ..input(Backend::Vxlan)
+        });
+        let srcs: Vec<_> = s.routes.iter().map(|r| (r.dst, r.src)).collect();
+        // The IPv6 block gets none: this host has no IPv6 block.
+        assert_eq!(
+            srcs,
+            vec![
+                (net("10.1.2.0/24"), Some(ip("10.1.1.1"))),
+                (net("fd10:1:2::/64"), None)
+            ]
+        );
+        assert!(s
+            .routes
+            .first()
+            .unwrap()
+            .to_string()
+            .ends_with(" src 10.1.1.1"));
+        let (s, _) = desired(&FabricInput {
+            peers: &peers,
+            ..input(Backend::Route)
+        });
+        assert!(!s.routes.is_empty());
+        assert!(s.routes.iter().all(|r| r.src.is_none()), "{:?}", s.routes);
     }
 
     #[test]
@@ -991,6 +1088,7 @@ mod tests {
                     gateway: g,
                     dev,
                     onlink,
+                    src: None,
                 }
             });
         let fdb = (dev.clone(), mac.clone(), arb_ip()).prop_map(|(dev, mac, dst)| FdbEntry {

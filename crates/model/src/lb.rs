@@ -9,7 +9,9 @@
 //!   a VIP to its service port's chain: one lookup whatever the number of services;
 //! - `ingress4`/`ingress6` keyed by `l4proto . dport` do the same for connections to any local
 //!   address of the host (published ports of the routing mesh); they are marked
-//!   ([`INGRESS_MARK`]) and masqueraded when the producer is not on this host; a `local`
+//!   ([`INGRESS_MARK`]) and leave for a producer on another host from this host's gateway in
+//!   the producer's network (`ingress_src4`/`ingress_src6`, see [`LbState::ingress_src`]),
+//!   else masqueraded; a `local`
 //!   ingress port leads to a chain of this host's producers only (`loc-…`), and where there
 //!   is none it is in `noingress4`/`noingress6` and refused in the input filter;
 //! - every connection a service chain takes is marked [`LB_MARK`] (conntrack mark): the
@@ -31,7 +33,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use std::net::IpAddr;
 
+use ipnet::IpNet;
+
 use crate::discovery::DiscoveryView;
+use crate::fabric::tunnel_source;
 use crate::portmap::Protocol;
 use crate::service::{IngressPort, Producer};
 
@@ -109,6 +114,12 @@ pub struct LbState {
     /// Every producer address in a chain: a connection from one of them to itself (a
     /// producer picked by its own service) is masqueraded.
     pub hairpin: BTreeSet<IpAddr>,
+    /// Pool prefix of a multi-host network → this host's gateway in it
+    /// ([`crate::fabric::tunnel_source`]): the source of ingress connections sent to a producer
+    /// of that network on another host. Masquerade would take the output device's address,
+    /// and a tunnel device has none: the kernel then picks another interface's (a routed
+    /// network's gateway on `lo`), which the producer's host drops as another network's.
+    pub ingress_src: BTreeMap<IpNet, IpAddr>,
     /// Ingress ports not programmed here, and why.
     pub conflicts: Vec<String>,
 }
@@ -246,9 +257,29 @@ pub fn desired(view: &DiscoveryView, host: &str) -> LbState {
         }
     }
     drop_unused_local_chains(&mut st);
+    st.ingress_src = ingress_sources(view, host);
     st.conflicts.sort();
     st.conflicts.dedup();
     st
+}
+
+/// Per pool prefix of every multi-host network where `host` has a block of the family, its
+/// gateway there. A prefix overlapping one kept earlier (an inconsistent store) is left out:
+/// nft refuses overlapping intervals, and one bad record must not fail the whole table.
+fn ingress_sources(view: &DiscoveryView, host: &str) -> BTreeMap<IpNet, IpAddr> {
+    let mut out: BTreeMap<IpNet, IpAddr> = BTreeMap::new();
+    for net in view.networks.values().filter(|n| n.fabric.is_some()) {
+        let mine = view.blocks_of(&net.name, host);
+        for pool in net.subnets.iter().map(|s| s.cidr.trunc()) {
+            if out.keys().any(|k| k.contains(&pool) || pool.contains(k)) {
+                continue;
+            }
+            if let Some(gw) = tunnel_source(&mine, &pool) {
+                out.insert(pool, gw);
+            }
+        }
+    }
+    out
 }
 
 /// The backends of one service port and family, sorted, and those of them on `host`.
@@ -485,6 +516,14 @@ fn hairpin_elem(a: &IpAddr) -> String {
     format!("{a} . {a}")
 }
 
+fn src_map(pool: &IpNet) -> &'static str {
+    if pool.addr().is_ipv6() {
+        "ingress_src6"
+    } else {
+        "ingress_src4"
+    }
+}
+
 fn ingress_map(k: &IngressKey) -> &'static str {
     if k.v6 {
         "ingress6"
@@ -525,6 +564,8 @@ fn skeleton(b: &mut String) {
         format!("add set {T} noingress6 {{ type inet_proto . inet_service; }}"),
         format!("add set {T} hairpin4 {{ type ipv4_addr . ipv4_addr; }}"),
         format!("add set {T} hairpin6 {{ type ipv6_addr . ipv6_addr; }}"),
+        format!("add map {T} ingress_src4 {{ type ipv4_addr : ipv4_addr; flags interval; }}"),
+        format!("add map {T} ingress_src6 {{ type ipv6_addr : ipv6_addr; flags interval; }}"),
         // Before `inet ferrynet` (dstnat) and Docker's nat PREROUTING (-100): the first NAT of
         // a connection wins, and VIPs are never local addresses, so they meet no other DNAT.
         format!("add chain {T} prerouting {{ type nat hook prerouting priority dstnat - 10; policy accept; }}"),
@@ -552,7 +593,11 @@ fn skeleton(b: &mut String) {
         format!("add rule {T} output meta nfproto ipv4 ip daddr != 127.0.0.0/8 fib daddr type local jump ingress"),
         format!("add rule {T} output meta nfproto ipv6 ip6 daddr != ::1 fib daddr type local jump ingress"),
         // Return traffic of ingress connections sent to another host must come back through
-        // this one; a producer on a local bridge (`fn-*`) sees the client's own address.
+        // this one; a producer on a local bridge (`fn-*`) sees the client's own address. A
+        // producer in a multi-host network gets this host's gateway there (a missing map
+        // element ends the rule); anything else the output device's address.
+        format!("add rule {T} postrouting meta mark & {m:#x} != 0 oifname != \"fn-*\" meta nfproto ipv4 snat ip to ip daddr map @ingress_src4"),
+        format!("add rule {T} postrouting meta mark & {m:#x} != 0 oifname != \"fn-*\" meta nfproto ipv6 snat ip6 to ip6 daddr map @ingress_src6"),
         format!("add rule {T} postrouting meta mark & {m:#x} != 0 oifname != \"fn-*\" masquerade"),
         // A producer its own service picked: its packet comes back to itself, which would
         // drop a packet from its own address, so it comes from the gateway instead. Every other
@@ -607,6 +652,9 @@ pub fn full_batch(st: &LbState) -> String {
     }
     for a in &st.hairpin {
         add.push(hairpin_set(a), hairpin_elem(a));
+    }
+    for (pool, gw) in &st.ingress_src {
+        add.push(src_map(pool), format!("{pool} : {gw}"));
     }
     add.write(&mut b, "add");
     b
@@ -676,6 +724,16 @@ pub fn diff_batch(old: &LbState, new: &LbState) -> String {
     }
     for a in new.hairpin.difference(&old.hairpin) {
         add.push(hairpin_set(a), hairpin_elem(a));
+    }
+    for (pool, gw) in &old.ingress_src {
+        if new.ingress_src.get(pool) != Some(gw) {
+            del.push(src_map(pool), pool.to_string());
+        }
+    }
+    for (pool, gw) in &new.ingress_src {
+        if old.ingress_src.get(pool) != Some(gw) {
+            add.push(src_map(pool), format!("{pool} : {gw}"));
+        }
     }
     del.write(&mut b, "delete");
     add.write(&mut b, "add");
@@ -776,6 +834,87 @@ mod tests {
         assert_eq!(
             desired(&v, "h1").chains["svc-web-tcp-80-4"].backends.len(),
             1
+        );
+    }
+
+    #[test]
+    fn ingress_leaves_from_my_gateway_in_the_producers_network() {
+        use crate::fabric::Backend as Fb;
+        use crate::network::{FabricSpec, Network};
+        let mut v = view(false);
+        let multi = |name: &str, cidrs: &[&str]| {
+            let mut n = Network::bridged(name, cidrs.iter().map(|c| c.parse().unwrap()));
+            n.fabric = Some(FabricSpec {
+                backend: Fb::Vxlan,
+                vni: 7,
+                block_v4: 26,
+                block_v6: 122,
+                encrypt: false,
+            });
+            n
+        };
+        v.put(
+            &nkeys::network("fabric"),
+            &enc(&multi("fabric", &["10.20.0.0/16", "fd20::/64"])),
+        );
+        // Single-host networks and pools without a block of mine get no element; an
+        // overlapping pool (a bad record) is left out.
+        v.put(
+            &nkeys::network("single"),
+            &enc(&Network::bridged(
+                "single",
+                ["10.50.0.0/24".parse().unwrap()],
+            )),
+        );
+        v.put(
+            &nkeys::network("other"),
+            &enc(&multi("other", &["10.60.0.0/16"])),
+        );
+        v.put(
+            &nkeys::network("overlap"),
+            &enc(&multi("overlap", &["10.20.5.0/24"])),
+        );
+        for (net, block, host) in [
+            ("fabric", "10.20.0.64/26", "h1"),
+            ("fabric", "10.20.0.0/26", "h2"),
+            ("fabric", "10.20.1.0/26", "h1"),
+            ("other", "10.60.0.0/26", "h2"),
+            ("overlap", "10.20.5.0/26", "h1"),
+        ] {
+            v.put(
+                &nkeys::block(net, &block.parse().unwrap()),
+                format!("{{\"host\":\"{host}\"}}").as_bytes(),
+            );
+        }
+        let st = desired(&v, "h1");
+        let want: BTreeMap<IpNet, IpAddr> = [(
+            "10.20.0.0/16".parse().unwrap(),
+            "10.20.0.65".parse().unwrap(),
+        )]
+        .into();
+        assert_eq!(st.ingress_src, want);
+        let b = full_batch(&st);
+        assert!(
+            b.contains("add element inet ferrynet-svc ingress_src4 { 10.20.0.0/16 : 10.20.0.65 }"),
+            "{b}"
+        );
+        // The SNAT to the gateway comes before the masquerade that takes everything else.
+        let snat = b
+            .find("snat ip to ip daddr map @ingress_src4")
+            .expect("snat rule");
+        assert!(
+            snat < b.find("oifname != \"fn-*\" masquerade").unwrap(),
+            "{b}"
+        );
+        // A block of the other family appears: its element is added, nothing else changes.
+        v.put(
+            &nkeys::block("fabric", &"fd20::40/122".parse().unwrap()),
+            br#"{"host":"h1"}"#,
+        );
+        let d = diff_batch(&st, &desired(&v, "h1"));
+        assert_eq!(
+            d,
+            "add element inet ferrynet-svc ingress_src6 { fd20::/64 : fd20::41 }\n"
         );
     }
 

@@ -18,6 +18,7 @@
 //! routes back to the underlay or out of a default route, where it could loop between hosts
 //! that route the block to each other. A container's /32 and /128 win over it by longest prefix.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
@@ -110,6 +111,10 @@ pub fn host_port(port: &str, ips: &[IpNet], gateways: &[IpAddr]) -> HostPort {
         sysctls.push((format!("net/ipv6/conf/{port}/disable_ipv6"), "0".into()));
         // The host routes for the container; a router advertisement from it means nothing.
         sysctls.push((format!("net/ipv6/conf/{port}/accept_ra"), "0".into()));
+        // A container given its pool's prefix by another IPAM solicits its neighbours: the
+        // host answers for the entries of `proxy_ndp`, at once.
+        sysctls.push((format!("net/ipv6/conf/{port}/proxy_ndp"), "1".into()));
+        sysctls.push((format!("net/ipv6/neigh/{port}/proxy_delay"), "0".into()));
     }
     let routes = ips
         .iter()
@@ -131,6 +136,36 @@ pub fn host_port(port: &str, ips: &[IpNet], gateways: &[IpAddr]) -> HostPort {
         routes,
         sysctls,
     }
+}
+
+/// The proxy NDP entries of this host's routed ports of one network, `(port, address)`:
+/// `ports` are the ports with their containers' addresses, `held` every address of the
+/// network someone holds (on any host).
+///
+/// A container whose IPv6 address has a prefix shorter than /128 got it from another IPAM
+/// (Docker then sets the pool's prefix): it solicits its on-link neighbours itself, and
+/// IPv6 has no proxy ARP, so its port answers for each listed address. Listed: every held
+/// address inside that prefix but the container's own (its duplicate address detection must
+/// go unanswered); never an address outside the prefix or one nobody holds.
+pub fn proxy_ndp(ports: &[(String, Vec<IpNet>)], held: &[IpAddr]) -> BTreeSet<(String, Ipv6Addr)> {
+    let mut out = BTreeSet::new();
+    for (port, ips) in ports {
+        let own: Vec<IpAddr> = ips.iter().map(IpNet::addr).collect();
+        for prefix in ips
+            .iter()
+            .filter(|i| i.addr().is_ipv6() && i.prefix_len() < 128)
+        {
+            let prefix = prefix.trunc();
+            for a in held {
+                if let IpAddr::V6(v6) = a {
+                    if prefix.contains(a) && !own.contains(a) {
+                        out.insert((port.clone(), *v6));
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Host-wide settings a routed network needs: forwarding in each family it has.
@@ -157,6 +192,32 @@ mod tests {
 
     fn nets(v: &[&str]) -> Vec<IpNet> {
         v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn proxy_ndp_only_for_ports_of_another_ipam_and_never_their_own_address() {
+        let held: Vec<IpAddr> = ["fd05::2", "fd05::3", "fd05::4", "fd06::9", "10.5.0.3"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let ports = vec![
+            // Docker with another IPAM: the pool's prefix.
+            ("fnva".to_string(), nets(&["10.5.0.2/24", "fd05::2/64"])),
+            // ferrynet's IPAM: host prefixes, nothing to proxy.
+            ("fnvb".to_string(), nets(&["10.5.0.3/32", "fd05::3/128"])),
+        ];
+        let got = proxy_ndp(&ports, &held);
+        let want: BTreeSet<(String, Ipv6Addr)> = [
+            ("fnva".to_string(), "fd05::3".parse().unwrap()),
+            ("fnva".to_string(), "fd05::4".parse().unwrap()),
+        ]
+        .into();
+        // Not fd05::2 (fnva's own), not fd06::9 (outside its prefix), not IPv4.
+        assert_eq!(got, want);
+        assert!(proxy_ndp(&ports[1..], &held).is_empty());
+        let sys = host_port("fnva", &ports[0].1, &[]).sysctls;
+        assert!(sys.contains(&("net/ipv6/conf/fnva/proxy_ndp".into(), "1".into())));
+        assert!(sys.contains(&("net/ipv6/neigh/fnva/proxy_delay".into(), "0".into())));
     }
 
     #[test]

@@ -12,8 +12,8 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::fabric::{
-    block_gateway, desired as fabric_desired, routes_reach, Backend, FabricInput, FabricRoute,
-    FabricState, Peer, PeerStatus,
+    block_gateway, desired as fabric_desired, routes_reach, tunnel_source, Backend, FabricInput,
+    FabricRoute, FabricState, Peer, PeerStatus,
 };
 use crate::host::HostRecord;
 
@@ -240,13 +240,17 @@ pub fn choose(
 }
 
 /// The route into the sleeve for a block: via its gateway, on-link on the TUN device (which
-/// has no neighbours, so the gateway only keeps the route's shape the fabric's).
-pub fn sleeve_route(block: IpNet, dev: &str) -> FabricRoute {
+/// has no neighbours, so the gateway only keeps the route's shape the fabric's), from this
+/// host's gateway in the network ([`tunnel_source`] of `my_blocks`: the TUN device has no
+/// address, and the peer accepts only this host's blocks as sources).
+pub fn sleeve_route(block: IpNet, dev: &str, my_blocks: &[IpNet]) -> FabricRoute {
+    let dst = block.trunc();
     FabricRoute {
-        dst: block.trunc(),
+        dst,
         gateway: block_gateway(&block),
         dev: dev.to_string(),
         onlink: true,
+        src: tunnel_source(my_blocks, &dst),
     }
 }
 
@@ -322,7 +326,9 @@ pub fn desired(
                 continue;
             }
             taken.insert(b);
-            state.routes.insert(sleeve_route(b, sleeve_dev));
+            state
+                .routes
+                .insert(sleeve_route(b, sleeve_dev, input.my_blocks));
         }
         statuses.push(st);
     }

@@ -538,8 +538,9 @@ pub fn trace(facts: &Facts, q: &Query) -> Result<Trace, TraceError> {
     let src = match (&q.src, q.spoof) {
         (_, Some(s)) => s,
         // This host's own packets leave from the address its kernel prefers for the route
-        // (with no address on a VXLAN or sleeve device, another interface's: maybe a routed
-        // network's gateway on `lo`, which isolation then treats as that network's).
+        // (ferrynet's vxlan and sleeve routes carry this host's gateway in the network; a
+        // route without `src` through an addressless device takes another interface's, maybe
+        // a routed network's gateway on `lo`, which isolation then treats as that network's).
         (Party::Host(h), None) if *h == f.me => match f.kernel.routes.get(&dst) {
             Some(RouteLookup::Route {
                 prefsrc: Some(p), ..

@@ -170,6 +170,16 @@ impl Links for FakeLinks {
             .state()
             .record("plumb_routed_port", index.to_string())
     }
+    async fn sync_proxy_ndp(
+        &self,
+        ports: &[String],
+        want: &std::collections::BTreeSet<(String, std::net::Ipv6Addr)>,
+    ) -> Result<Vec<String>> {
+        self.k
+            .state()
+            .record("sync_proxy_ndp", format!("{ports:?} {want:?}"))?;
+        Ok(Vec::new())
+    }
     async fn apply_shaping(
         &self,
         index: u32,

@@ -246,6 +246,7 @@ impl Reconciler {
                 vxlan_dev: &vxlan_dev,
                 backend: spec.backend,
                 peers: &peers,
+                my_blocks: &mine,
             },
             SLEEVE_DEV,
             &choices,

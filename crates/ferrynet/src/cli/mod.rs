@@ -345,7 +345,8 @@ struct CreateArgs {
     /// MTU of the bridge and the containers' interfaces.
     #[arg(long)]
     mtu: Option<u32>,
-    /// No outside access: no default route, no masquerade.
+    /// No outside access: no masquerade, no default route (a routed network's containers keep
+    /// their on-link one, and the host forwards nothing of theirs beyond the network).
     #[arg(long)]
     internal: bool,
     /// Do not masquerade traffic leaving the network.
@@ -366,9 +367,9 @@ struct CreateArgs {
     /// Calico); each container's host-side veth carries a /32 and /128 route to it, the
     /// container holds its addresses as /32 and /128 and its default routes go on-link to
     /// 169.254.1.1 and fe80::1, which the host end answers; every packet, also between two
-    /// containers of one host, is routed by the host. Works with every --backend; not with
-    /// --internal.
-    #[arg(long, value_name = "MODE", default_value = "bridge", value_parser = ["bridge", "routed"], conflicts_with = "internal")]
+    /// containers of one host, is routed by the host. Works with every --backend, and with
+    /// --internal on one host.
+    #[arg(long, value_name = "MODE", default_value = "bridge", value_parser = ["bridge", "routed"])]
     mode: String,
     /// Make the network span hosts (needs `ferrynet agent` on each host and a shared store):
     /// route (hosts share a link), vxlan (kernel overlay over UDP 4789), sleeve (encrypted

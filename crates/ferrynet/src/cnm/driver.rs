@@ -285,9 +285,11 @@ impl Plugin {
             "" => None,
             m => Some(parse_mac(m).map_err(|e| CnmError::Invalid(e.to_string()))?),
         };
-        // On a multi-host network the endpoint lives in this host's view: its blocks.
+        // On a multi-host network the endpoint lives in this host's view: its blocks, and
+        // where the network lets containers borrow (bgp + routed) the blocks of the requested
+        // addresses, as ferrynet's IPAM reserved them.
         let net = match net.fabric {
-            Some(_) => self.ctl.host_view(&net).await?.net,
+            Some(_) => self.ctl.host_view(&net).await?.borrowing(&requested).net,
             None => net,
         };
         if net.fabric.is_some() {
@@ -417,6 +419,8 @@ impl Plugin {
         self.ctl.delete_host_link(&host).await?;
         crate::failpoint::hit("cnm-endpoint-unlinked");
         self.ctl.forget_endpoint(&ep).await?;
+        // Its addresses are no neighbour to proxy any more (routed networks).
+        self.ctl.resync_proxy_ndp(&b.name).await;
         tracing::info!(endpoint = %req.endpoint_id, network = %b.name, "Docker endpoint deleted");
         Ok(Empty {})
     }

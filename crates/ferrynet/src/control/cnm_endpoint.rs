@@ -509,6 +509,7 @@ impl Control {
                 let _ = host.delete_link(host_name).await;
                 return Err(e);
             }
+            self.sync_proxy_ndp(host.as_ref(), net).await;
         }
         Ok(HostPair {
             host_name: host_name.to_string(),

@@ -360,6 +360,7 @@ impl Control {
         if routed {
             self.plumb_routed_port(host, net, subnets, &host_name, attached.host_index, &ep.ips)
                 .await?;
+            self.sync_proxy_ndp(host, net).await;
         }
         // Limits before anything is published: the container never sends unshaped.
         shaping::shape(host, net, ep, attached.host_index).await?;
@@ -397,6 +398,54 @@ impl Control {
                 "routing {port} on network {}",
                 net.name
             )))
+    }
+
+    /// A routed network's proxy NDP entries on this host's ports, made exactly what
+    /// `routed::proxy_ndp` says from the store (this host's endpoints and every held address
+    /// of the network). Best effort: a failure is logged, never fails the caller (only
+    /// containers given their pool's prefix by another IPAM depend on it).
+    pub async fn sync_proxy_ndp(&self, host: &dyn Links, net: &Network) {
+        if net.mode != NetworkMode::Routed {
+            return;
+        }
+        let res: Result<Vec<String>> = async {
+            let ports: Vec<(String, Vec<IpNet>)> = self
+                .local_endpoints(&net.name)
+                .await?
+                .into_iter()
+                .filter_map(|e| Some((e.host_veth?, e.ips)))
+                .collect();
+            let held: Vec<IpAddr> = self.held_addresses(&net.name).await?.into_keys().collect();
+            let want = routed::proxy_ndp(&ports, &held);
+            let names: Vec<String> = ports.into_iter().map(|(p, _)| p).collect();
+            host.sync_proxy_ndp(&names, &want)
+                .await
+                .map_err(ControlError::dataplane(format!(
+                    "proxy NDP entries of network {}",
+                    net.name
+                )))
+        }
+        .await;
+        match res {
+            Ok(failures) => {
+                for f in failures {
+                    tracing::warn!(network = %net.name, error = %f, "proxy NDP");
+                }
+            }
+            Err(e) => tracing::warn!(network = %net.name, error = %e, "proxy NDP"),
+        }
+    }
+
+    /// [`Control::sync_proxy_ndp`] for network `name` in the host's namespace.
+    pub async fn resync_proxy_ndp(&self, name: &str) {
+        let net = match self.network(name).await {
+            Ok(Some((net, _))) if net.mode == NetworkMode::Routed => net,
+            _ => return,
+        };
+        match self.host_links() {
+            Ok(host) => self.sync_proxy_ndp(host.as_ref(), &net).await,
+            Err(e) => tracing::warn!(network = %name, error = %e, "proxy NDP"),
+        }
     }
 
     /// Host networking: record the endpoint (so GC and `ps` know it) and create nothing.
@@ -508,6 +557,8 @@ impl Control {
             self.release(ep).await?;
             crate::failpoint::hit("del-released");
             tracing::info!(container = %container_id, network = %net.name, "detached");
+            // Its addresses are no neighbour to proxy any more.
+            self.sync_proxy_ndp(host.as_ref(), net).await;
         }
         Ok(())
     }

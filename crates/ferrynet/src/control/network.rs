@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 
 use ferrynet_model::ipam::{find_overlap, validate_network_subnets};
 use ferrynet_model::names::{bridge_name, validate_network_name};
-use ferrynet_model::network::{keys, Endpoint, Network, NetworkMode};
+use ferrynet_model::network::{keys, Endpoint, Network};
 use ferrynet_model::validate::check_bridge_name;
 use ferrynet_store::{Compare, Op, Revision};
 use ipnet::IpNet;
@@ -27,13 +27,6 @@ pub fn validate_network(net: &Network) -> Result<()> {
     if net.mode.gives_interfaces() {
         validate_network_subnets(&net.subnets)
             .map_err(|e| ControlError::InvalidConfig(format!("network {}: {e}", net.name)))?;
-    }
-    if net.mode == NetworkMode::Routed && net.internal {
-        // The edge's internal rules match the network's bridge, which a routed network has not.
-        return Err(ControlError::InvalidConfig(format!(
-            "network {}: a routed network cannot be internal (use a bridged one)",
-            net.name
-        )));
     }
     if let Some(f) = &net.fabric {
         if !net.mode.gives_interfaces() || net.internal {
@@ -326,6 +319,7 @@ pub(crate) fn subnet_list(n: &Network) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferrynet_model::network::NetworkMode;
 
     fn net(name: &str, cidr: &str) -> Network {
         with_defaults(Network::bridged(name, [cidr.parse().unwrap()]))
@@ -356,15 +350,23 @@ mod tests {
     }
 
     #[test]
-    fn routed_networks_may_span_hosts_but_not_be_internal() {
+    fn routed_networks_may_be_internal_on_one_host() {
         let mut n = net("blue", "10.1.2.0/24");
         n.mode = NetworkMode::Routed;
         assert!(validate_network(&n).is_ok());
         n.internal = true;
+        assert!(validate_network(&n).is_ok());
+        n.fabric = Some(ferrynet_model::network::FabricSpec {
+            backend: ferrynet_model::fabric::Backend::Vxlan,
+            vni: 9,
+            block_v4: 26,
+            block_v6: 122,
+            encrypt: false,
+        });
         assert!(validate_network(&n)
             .unwrap_err()
             .to_string()
-            .contains("routed network cannot be internal"));
+            .contains("non-internal"));
     }
 
     #[test]

@@ -33,6 +33,12 @@ impl DockerRig {
 
     /// The rig with a network on 10.234.0.0/24 created with `extra` arguments (`-o …`).
     pub fn with_network(extra: &[&str]) -> DockerRig {
+        DockerRig::with_network_ipam(extra, true)
+    }
+
+    /// [`DockerRig::with_network`], with ferrynet's IPAM driver or Docker's own (`ours`
+    /// false: another IPAM, which gives the pool's prefix).
+    pub fn with_network_ipam(extra: &[&str], ours: bool) -> DockerRig {
         assert!(
             std::path::Path::new("/bin/busybox").exists(),
             "apt-get install busybox-static"
@@ -76,16 +82,11 @@ impl DockerRig {
         let image = format!("fnt-busybox:{t}");
         import_busybox(&docker.host(), &image);
         let net = format!("{driver}-net");
-        let mut args = vec![
-            "network",
-            "create",
-            "-d",
-            &driver,
-            "--ipam-driver",
-            &driver,
-            "--subnet",
-            "10.234.0.0/24",
-        ];
+        let mut args = vec!["network", "create", "-d", &driver];
+        if ours {
+            args.extend_from_slice(&["--ipam-driver", &driver]);
+        }
+        args.extend_from_slice(&["--subnet", "10.234.0.0/24"]);
         args.extend_from_slice(extra);
         args.push(&net);
         docker.docker_ok(&args);

@@ -226,6 +226,37 @@ impl Lab {
         self.containers.retain(|(_, n)| *n != c.name);
     }
 
+    /// Cut `host` off from the lab's etcd (172.31.0.253, both directions, by an nftables drop
+    /// in its namespace), or heal it.
+    pub fn cut_from_store(&self, host: &str, on: bool) {
+        let ns = self.host_ns(host);
+        let script = if on {
+            "add table inet fnpartition\n\
+             add chain inet fnpartition out { type filter hook output priority -10; }\n\
+             add chain inet fnpartition in { type filter hook input priority -10; }\n\
+             add rule inet fnpartition out ip daddr 172.31.0.253 drop\n\
+             add rule inet fnpartition in ip saddr 172.31.0.253 drop\n"
+        } else {
+            "delete table inet fnpartition\n"
+        };
+        let o = Command::new("ip")
+            .args(["netns", "exec", &ns, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin
+                    .take()
+                    .expect("stdin")
+                    .write_all(script.as_bytes())?;
+                c.wait_with_output()
+            })
+            .expect("nft");
+        assert!(o.status.success(), "nft in {ns}: {}", out(&o));
+    }
+
     /// Create namespace `ns` (removed after the lab on drop); `ip netns add` must succeed.
     pub fn add_netns(&mut self, ns: &str) {
         let o = Command::new("ip")

@@ -180,6 +180,7 @@ pub fn kernel_routes(rib: &Rib, underlay_dev: &str) -> FabricState {
             gateway: p.next_hop,
             dev: underlay_dev.to_string(),
             onlink: false,
+            src: None,
         })
         .collect();
     FabricState {

@@ -162,6 +162,7 @@ fn desired_mixes_backends_per_peer() {
         vxlan_dev: "fnx0",
         backend: Backend::Auto,
         peers: &peers,
+        my_blocks: &[],
     };
     let choices = BTreeMap::from([
         (
@@ -220,6 +221,7 @@ fn desired_mixes_backends_per_peer() {
 #[test]
 fn encrypted_vxlan_has_no_vxlan_entries() {
     let mine = [net("172.31.0.1/24")];
+    let blocks = [net("10.20.0.0/26")];
     let peers = [peer("h2", &["172.31.0.2/24"], &["10.20.0.64/26"])];
     let input = FabricInput {
         me: "h1",
@@ -228,6 +230,7 @@ fn encrypted_vxlan_has_no_vxlan_entries() {
         vxlan_dev: "fnx0",
         backend: Backend::Vxlan,
         peers: &peers,
+        my_blocks: &blocks,
     };
     let choices = BTreeMap::from([(
         "h2".to_string(),
@@ -235,10 +238,11 @@ fn encrypted_vxlan_has_no_vxlan_entries() {
     )]);
     let (state, st) = desired(&input, SLEEVE_DEV, &choices);
     assert!(state.fdb.is_empty() && state.neigh.is_empty());
-    assert_eq!(
-        state.routes.iter().next(),
-        Some(&sleeve_route(net("10.20.0.64/26"), SLEEVE_DEV))
-    );
+    let route = sleeve_route(net("10.20.0.64/26"), SLEEVE_DEV, &blocks);
+    assert_eq!(state.routes.iter().next(), Some(&route));
+    // This host's own packets into the sleeve leave from its gateway in the network: the
+    // peer accepts only this host's blocks as sources.
+    assert_eq!(route.src, Some("10.20.0.1".parse::<IpAddr>().unwrap()));
     assert_eq!(st[0].backend, Some(Backend::Sleeve));
     assert_eq!(
         probe_target(&peers[0]),
