@@ -309,7 +309,7 @@ mod tests {
         let mut v = ((4 + value.len()) as u16).to_ne_bytes().to_vec();
         v.extend(kind.to_ne_bytes());
         v.extend(value);
-        while v.len() % 4 != 0 {
+        while !v.len().is_multiple_of(4) {
             v.push(0);
         }
         v
