@@ -13,6 +13,7 @@ pub mod kernel;
 pub mod netlink;
 pub mod netns;
 pub mod nft;
+pub mod nft_netlink;
 pub mod route_get;
 pub mod routed;
 pub mod routes;

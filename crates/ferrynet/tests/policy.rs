@@ -121,7 +121,12 @@ impl Suite {
     }
 
     fn wait_for(&self, ok: impl Fn(&Value) -> bool, what: &str) {
-        for h in ["h1", "h2", "h3"] {
+        self.wait_for_on(&["h1", "h2", "h3"], ok, what)
+    }
+
+    /// Wait until `ok` holds for the status of each of `hosts` (30 s each at most).
+    fn wait_for_on(&self, hosts: &[&str], ok: impl Fn(&Value) -> bool, what: &str) {
+        for &h in hosts {
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
                 let st = self.lab.status(h);
@@ -378,6 +383,7 @@ fn truth_table() {
         udp6: None,
     });
     labels_changed_on_a_running_container(&s);
+    a_deleted_table_is_rebuilt(&s);
     established_connections_are_cut(&s);
     bad_files_are_refused_whole(&s);
 }
@@ -401,6 +407,36 @@ fn labels_changed_on_a_running_container(s: &Suite) {
     assert!(ps.contains("\"app\": \"c\""), "{ps}");
     let inspect = s.lab.ok("h1", &["network", "inspect", "fabric"]);
     assert!(inspect.contains("\"labels\""), "{inspect}");
+}
+
+/// Someone deletes h2's policy table (as `nft flush ruleset` would): its agent notices and
+/// builds it again (within its 5 s check), and what was denied is denied again.
+fn a_deleted_table_is_rebuilt(s: &Suite) {
+    s.remove_all();
+    s.apply(cases::A_FROM_B);
+    let rebuilds = || {
+        s.lab.status("h2")["policy"]["rebuilds"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = rebuilds();
+    must(&[
+        "ip",
+        "netns",
+        "exec",
+        &s.lab.host_ns("h2"),
+        "nft",
+        "delete",
+        "table",
+        "inet",
+        "ferrynet-policy",
+    ]);
+    s.wait_for_on(
+        &["h2"],
+        |st| st["policy"]["rebuilds"].as_u64().unwrap_or(0) > before,
+        "the policy table rebuilt",
+    );
+    s.check(&cases::A_FROM_B_CASE);
 }
 
 /// A long-lived connection b1 -> a2 echoes; a policy that denies it cuts it (its conntrack

@@ -474,26 +474,9 @@ pub fn delete_table() -> String {
         .collect()
 }
 
-/// Drop counters read back from `nft -j list table bridge ferrynet`: (reason, packets, bytes).
-pub fn counters_from_json(table: &serde_json::Value) -> Vec<(String, u64, u64)> {
-    let mut out = Vec::new();
-    let items = table
-        .get("nftables")
-        .and_then(|v| v.as_array())
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    for item in items {
-        let Some(c) = item.get("counter") else {
-            continue;
-        };
-        let Some(name) = c.get("name").and_then(|n| n.as_str()) else {
-            continue;
-        };
-        let num = |k: &str| c.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-        out.push((name.to_string(), num("packets"), num("bytes")));
-    }
-    out.sort_by_key(|(n, _, _)| REASONS.iter().position(|r| r == n).unwrap_or(usize::MAX));
-    out
+/// Sort (name, packets, bytes) counters in the order of [`REASONS`] (others last).
+pub fn in_reason_order(counters: &mut [(String, u64, u64)]) {
+    counters.sort_by_key(|(n, _, _)| REASONS.iter().position(|r| r == n).unwrap_or(usize::MAX));
 }
 
 #[cfg(test)]
@@ -697,20 +680,14 @@ mod tests {
     }
 
     #[test]
-    fn counters_are_read_back_in_reason_order() {
-        let j: serde_json::Value = serde_json::from_str(
-            r#"{"nftables":[{"metainfo":{}},{"table":{"family":"bridge","name":"ferrynet"}},
-            {"counter":{"family":"bridge","name":"ip4_spoof","table":"ferrynet","packets":3,"bytes":252}},
-            {"counter":{"family":"bridge","name":"mac_spoof","table":"ferrynet","packets":1,"bytes":60}}]}"#,
-        )
-        .unwrap();
-        assert_eq!(
-            counters_from_json(&j),
-            vec![
-                ("mac_spoof".to_string(), 1, 60),
-                ("ip4_spoof".to_string(), 3, 252)
-            ]
-        );
-        assert!(counters_from_json(&serde_json::json!({})).is_empty());
+    fn counters_are_put_in_reason_order() {
+        let mut c = vec![
+            ("other".to_string(), 0, 0),
+            ("ip4_spoof".to_string(), 3, 252),
+            ("mac_spoof".to_string(), 1, 60),
+        ];
+        in_reason_order(&mut c);
+        let names: Vec<&str> = c.iter().map(|(n, _, _)| n.as_str()).collect();
+        assert_eq!(names, ["mac_spoof", "ip4_spoof", "other"]);
     }
 }

@@ -7,12 +7,14 @@
 //! someone else (then it is a conflict, reported, never overwritten). This module decides; the
 //! control layer reads the journal, the kernel and the store, and commits.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::network::{Endpoint, FabricSpec};
+use crate::blocks::{block_subnets, next_block};
+use crate::ipam::{next_free, validate_subnet};
+use crate::network::{Endpoint, FabricSpec, Subnet};
 
 /// What the store holds now for one journaled endpoint.
 #[derive(Debug, Clone, Default)]
@@ -98,6 +100,129 @@ pub fn plan(
         }
     }
     Reassert::Restore { blocks: claim }
+}
+
+/// Where a returning container's addresses go when another host took the block of some of
+/// them while its host was cut off (and the network does not let it borrow them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Move {
+    /// Its addresses as journaled.
+    pub from: Vec<IpNet>,
+    /// Its addresses after the move: each one whose block is still this host's (or free) is
+    /// kept; each other one is replaced by a free address of the same family.
+    pub to: Vec<IpNet>,
+    /// Free blocks to claim for the new addresses (empty when this host's blocks had room).
+    pub claim: Vec<IpNet>,
+    /// The blocks other hosts took, with the taker (for the event and the status).
+    pub taken: Vec<(IpNet, String)>,
+}
+
+/// The network as a move sees it (read from the store in the same transaction).
+#[derive(Debug, Clone, Copy)]
+pub struct NetworkFacts<'a> {
+    /// The network's pool.
+    pub subnets: &'a [Subnet],
+    /// Its block sizes.
+    pub spec: &'a FabricSpec,
+    /// Every claimed block of the network, with its host.
+    pub claims: &'a BTreeMap<IpNet, String>,
+    /// Blocks kept for other hosts that are cut off (never taken by a move).
+    pub orphans: &'a [IpNet],
+    /// Every address held in the network (its address keys).
+    pub used: &'a BTreeSet<IpAddr>,
+}
+
+/// Plan the move of journaled endpoint `ep` of `host`: keep the addresses whose block is not
+/// another host's, and give each other one a free address of its family, first from this
+/// host's own blocks, then from a free block to claim (never an orphan kept for another cut-off
+/// host). Err (the reason, for the conflict report) when nothing needs moving or no address
+/// is free.
+pub fn plan_move(ep: &Endpoint, host: &str, net: &NetworkFacts) -> Result<Move, String> {
+    let block_of = |a: IpAddr| {
+        IpNet::new(a, net.spec.block_len(a.is_ipv6()))
+            .map(|b| b.trunc())
+            .ok()
+    };
+    let mut taken: Vec<(IpNet, String)> = Vec::new();
+    let mut claim: Vec<IpNet> = Vec::new();
+    let mut picked: BTreeSet<IpAddr> = BTreeSet::new();
+    let mut to = Vec::new();
+    for ip in &ep.ips {
+        let Some(b) = block_of(ip.addr()) else {
+            return Err(format!("address {} fits no block", ip.addr()));
+        };
+        match net.claims.get(&b) {
+            Some(h) if h != host => taken.push((b, h.clone())),
+            _ => {
+                to.push(*ip);
+                continue;
+            }
+        }
+        let v6 = ip.addr().is_ipv6();
+        let mine = net
+            .claims
+            .iter()
+            .filter(|(_, h)| *h == host)
+            .map(|(b, _)| *b)
+            .chain(claim.iter().copied())
+            .filter(|b| b.addr().is_ipv6() == v6)
+            .collect::<Vec<_>>();
+        let free_in = |b: &IpNet| {
+            let sub = block_subnets(net.subnets, &[*b]).pop()?;
+            let r = validate_subnet(&sub).ok()?;
+            let held: BTreeSet<IpAddr> = net
+                .used
+                .iter()
+                .chain(picked.iter())
+                .filter(|a| b.contains(*a))
+                .copied()
+                .collect();
+            next_free(&r, &held, None).and_then(|a| IpNet::new(a, b.prefix_len()).ok())
+        };
+        let mut new = mine.iter().find_map(free_in);
+        if new.is_none() {
+            let avoid: Vec<IpNet> = net
+                .claims
+                .keys()
+                .chain(net.orphans)
+                .chain(claim.iter())
+                .copied()
+                .collect();
+            if let Some(b) = next_block(net.subnets, net.spec, v6, &avoid) {
+                new = free_in(&b);
+                if new.is_some() {
+                    claim.push(b);
+                }
+            }
+        }
+        match new {
+            Some(n) => {
+                picked.insert(n.addr());
+                to.push(n);
+            }
+            _ => {
+                return Err(format!(
+                    "block {b} of network {} (container {}) now belongs to host {}, and no \
+                     address of the pool is free to move it to",
+                    ep.network,
+                    ep.container_id,
+                    net.claims.get(&b).map(String::as_str).unwrap_or("?")
+                ))
+            }
+        }
+    }
+    if taken.is_empty() {
+        return Err(format!(
+            "container {} on network {}: none of its blocks is another host's",
+            ep.container_id, ep.network
+        ));
+    }
+    Ok(Move {
+        from: ep.ips.clone(),
+        to,
+        claim,
+        taken,
+    })
 }
 
 /// The blocks of a multi-host network (`spec`) that hold `ep`'s addresses.
@@ -214,6 +339,116 @@ mod tests {
             blocks_of(&ep(), &spec),
             vec![block(), "fd00::/120".parse::<IpNet>().unwrap()]
         );
+    }
+
+    /// A vxlan network 10.7.0.0/27 + fd07::/125 in blocks of 8 (/29, /125).
+    fn pool() -> (Vec<Subnet>, FabricSpec) {
+        let subnets = vec![
+            serde_json::from_value(serde_json::json!({"cidr": "10.7.0.0/27"})).unwrap(),
+            serde_json::from_value(serde_json::json!({"cidr": "fd07::/120"})).unwrap(),
+        ];
+        let spec = serde_json::from_value(serde_json::json!({
+            "backend": "vxlan", "vni": 1, "blockV4": 29, "blockV6": 125
+        }))
+        .unwrap();
+        (subnets, spec)
+    }
+
+    fn moving() -> Endpoint {
+        serde_json::from_value(serde_json::json!({
+            "network": "blue", "containerId": "c1", "ifname": "eth0",
+            "ips": ["10.7.0.10/29", "fd07::a/125"]
+        }))
+        .unwrap()
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn claims(list: &[(&str, &str)]) -> BTreeMap<IpNet, String> {
+        list.iter().map(|(b, h)| (net(b), h.to_string())).collect()
+    }
+
+    fn used(list: &[&str]) -> BTreeSet<IpAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_taken_block_moves_the_container_to_a_free_block_and_keeps_the_rest() {
+        let (subnets, spec) = pool();
+        // h3 took h2's v4 block 10.7.0.8/29 (and gave .10 away); h2 got its v6 block back.
+        let c = claims(&[
+            ("10.7.0.0/29", "h1"),
+            ("10.7.0.8/29", "h3"),
+            ("fd07::8/125", "h2"),
+        ]);
+        let u = used(&["10.7.0.10", "fd07::a"]);
+        let f = NetworkFacts {
+            subnets: &subnets,
+            spec: &spec,
+            claims: &c,
+            orphans: &[],
+            used: &u,
+        };
+        let m = plan_move(&moving(), "h2", &f).unwrap();
+        // The first free block (10.7.0.16/29): its first address is the gateway.
+        assert_eq!(m.claim, vec![net("10.7.0.16/29")]);
+        assert_eq!(m.to, vec![net("10.7.0.18/29"), net("fd07::a/125")]);
+        assert_eq!(m.from, moving().ips);
+        assert_eq!(m.taken, vec![(net("10.7.0.8/29"), "h3".to_string())]);
+    }
+
+    #[test]
+    fn a_move_prefers_room_in_its_own_blocks_and_never_takes_an_orphan() {
+        let (subnets, spec) = pool();
+        // h2 already holds 10.7.0.24/29 with .26 used; 10.7.0.16/29 is kept for a cut-off h4.
+        let c = claims(&[
+            ("10.7.0.0/29", "h1"),
+            ("10.7.0.8/29", "h3"),
+            ("10.7.0.24/29", "h2"),
+            ("fd07::8/125", "h2"),
+        ]);
+        let u = used(&["10.7.0.26", "fd07::a"]);
+        let orphans = [net("10.7.0.16/29")];
+        let f = NetworkFacts {
+            subnets: &subnets,
+            spec: &spec,
+            claims: &c,
+            orphans: &orphans,
+            used: &u,
+        };
+        let m = plan_move(&moving(), "h2", &f).unwrap();
+        assert_eq!(m.claim, vec![]);
+        assert_eq!(m.to[0], net("10.7.0.27/29"));
+        // Its own block full and only the orphan free: no move, a reason naming the taker.
+        let full: Vec<String> = (25..32).map(|i| format!("10.7.0.{i}")).collect();
+        let u = used(&full.iter().map(String::as_str).collect::<Vec<_>>());
+        let f = NetworkFacts { used: &u, ..f };
+        let e = plan_move(&moving(), "h2", &f).unwrap_err();
+        assert!(e.contains("10.7.0.8/29") && e.contains("h3"), "{e}");
+    }
+
+    #[test]
+    fn both_families_taken_move_together_and_nothing_taken_is_no_move() {
+        let (subnets, spec) = pool();
+        let c = claims(&[("10.7.0.8/29", "h3"), ("fd07::8/125", "h1")]);
+        let u = used(&[]);
+        let f = NetworkFacts {
+            subnets: &subnets,
+            spec: &spec,
+            claims: &c,
+            orphans: &[],
+            used: &u,
+        };
+        let m = plan_move(&moving(), "h2", &f).unwrap();
+        assert_eq!(m.claim, vec![net("10.7.0.0/29"), net("fd07::/125")]);
+        assert_eq!(m.to, vec![net("10.7.0.2/29"), net("fd07::2/125")]);
+        assert_eq!(m.taken.len(), 2);
+        // Blocks free or its own: nothing to move.
+        let c = claims(&[("10.7.0.8/29", "h2")]);
+        let f = NetworkFacts { claims: &c, ..f };
+        assert!(plan_move(&moving(), "h2", &f).is_err());
     }
 
     #[test]

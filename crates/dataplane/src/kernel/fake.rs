@@ -299,8 +299,19 @@ impl NftExecutor for RecordingNft {
         &self,
         _family: &str,
         _table: &str,
-    ) -> std::result::Result<Option<serde_json::Value>, NftError> {
+    ) -> std::result::Result<Option<Vec<crate::nft::NamedCounter>>, NftError> {
         Ok(None)
+    }
+    fn table_exists(&self, _family: &str, _table: &str) -> std::result::Result<bool, NftError> {
+        Ok(false)
+    }
+    fn chain_exists(
+        &self,
+        _family: &str,
+        _table: &str,
+        _chain: &str,
+    ) -> std::result::Result<bool, NftError> {
+        Ok(false)
     }
     fn name(&self) -> &'static str {
         "recording"

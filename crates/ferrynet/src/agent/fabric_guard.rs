@@ -30,10 +30,19 @@ pub async fn sync(nft: &Arc<dyn NftExecutor>, want: Option<GuardState>) -> Resul
     let exec = nft.clone();
     tokio::task::spawn_blocking(move || {
         let port = want.as_ref().map(|w| w.port).unwrap_or_default();
-        let have = exec
-            .list_table("inet", TABLE)
-            .map_err(|e| format!("listing table inet {TABLE}: {e}"))?
-            .map(|l| read(&l, port));
+        // A listing through libnftables reads the whole ruleset (every policy set element):
+        // when no table is wanted, the kernel is asked first whether there is one at all.
+        let listed = if want.is_none()
+            && !exec
+                .table_exists("inet", TABLE)
+                .map_err(|e| format!("checking table inet {TABLE}: {e}"))?
+        {
+            None
+        } else {
+            exec.list_table("inet", TABLE)
+                .map_err(|e| format!("listing table inet {TABLE}: {e}"))?
+        };
+        let have = listed.map(|l| read(&l, port));
         let report = want.as_ref().map(|w| VxlanGuardStatus {
             peers: w.peers4.len() + w.peers6.len(),
             dropped: have.as_ref().map(|h| h.dropped.clone()).unwrap_or_default(),

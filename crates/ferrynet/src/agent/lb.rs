@@ -171,13 +171,20 @@ fn record_apply(
     }
 }
 
-/// True when the table and its VIP dispatch chain exist (a cheap listing, whatever the number
-/// of services).
+/// True when the table and its VIP dispatch chain exist. The kernel is asked for that chain
+/// alone: a `list chain` through libnftables reads the whole ruleset into its cache, every
+/// policy set element included. An error counts as present (no rebuild once a tick).
 async fn table_present(nft: &Arc<dyn NftExecutor>) -> bool {
     let exec = nft.clone();
-    tokio::task::spawn_blocking(move || exec.apply(&format!("list chain inet {TABLE} vip")).is_ok())
-        .await
-        .unwrap_or(false)
+    tokio::task::spawn_blocking(move || match exec.chain_exists("inet", TABLE, "vip") {
+        Ok(present) => present,
+        Err(e) => {
+            tracing::debug!(error = %e, "lb: checking table inet {TABLE}");
+            true
+        }
+    })
+    .await
+    .unwrap_or(true)
 }
 
 #[cfg(test)]

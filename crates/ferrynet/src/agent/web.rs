@@ -290,7 +290,7 @@ async fn drops_now(web: &Arc<Web>) -> Vec<DropCount> {
 
 /// The named drop counters of ferrynet's tables (absent tables count nothing).
 fn read_drops(nft: &dyn NftExecutor) -> Vec<DropCount> {
-    use ferrynet_model::guard::counters_from_json;
+    use ferrynet_model::guard::in_reason_order;
     let mut sources: Vec<(&'static str, &str, &str)> = ferrynet_model::guard::TABLES
         .iter()
         .map(|(f, t)| ("spoofing", *f, *t))
@@ -308,7 +308,9 @@ fn read_drops(nft: &dyn NftExecutor) -> Vec<DropCount> {
                 continue;
             }
         };
-        for (counter, packets, bytes) in counters_from_json(&listed) {
+        let mut listed = listed;
+        in_reason_order(&mut listed);
+        for (counter, packets, bytes) in listed {
             match out
                 .iter_mut()
                 .find(|d| d.reason == reason && d.counter == counter)

@@ -7,8 +7,8 @@
 use std::net::IpAddr;
 
 use ferrynet_model::guard::{
-    add_port, add_ports, counters_from_json, delete_table, remove_listed_port,
-    remove_port_tolerant, skeleton, GuardedPort, TABLES,
+    add_port, add_ports, delete_table, in_reason_order, remove_listed_port, remove_port_tolerant,
+    skeleton, GuardedPort, TABLES,
 };
 use ferrynet_model::names::{host_veth_name, parse_mac};
 use ferrynet_model::network::{Endpoint, NetworkMode};
@@ -155,13 +155,14 @@ impl Control {
     pub fn guard_counters(&self) -> Result<Vec<GuardCounter>> {
         let mut out: Vec<GuardCounter> = Vec::new();
         for (family, name) in TABLES {
-            let table = self
+            // The counters alone: a listing of the table would read the whole ruleset.
+            let mut counters = self
                 .nft
-                .list_table(family, name)
-                .map_err(ControlError::firewall("listing the anti-spoofing tables"))?;
-            for (reason, packets, bytes) in
-                table.map(|t| counters_from_json(&t)).unwrap_or_default()
-            {
+                .list_counters(family, name)
+                .map_err(ControlError::firewall("reading the anti-spoofing counters"))?
+                .unwrap_or_default();
+            in_reason_order(&mut counters);
+            for (reason, packets, bytes) in counters {
                 match out.iter_mut().find(|c| c.reason == reason) {
                     Some(c) => {
                         c.packets += packets;

@@ -248,7 +248,7 @@ const BASE_CHAINS: &str = "  chain forward {
   }
 ";
 
-/// The base chain's name (`table_exists` lists it).
+/// The base chain's name (the agent checks that it exists).
 pub const BASE_CHAIN: &str = "forward";
 
 /// Adjacent rules with the same action and ports whose peers are all plain blocks become one:
