@@ -317,6 +317,7 @@ impl EmbeddedStore {
             open.write_hint(&hint.encode());
         }
         st.open = Some(open);
+        st.used(Instant::now());
         // After an error the next operation starts from a fresh open.
         if out.is_err() || st.yielding(Instant::now()) {
             st.release();
@@ -389,8 +390,9 @@ impl EmbeddedStore {
 
     /// A read; sweeps expired leases first (in a write transaction) only when one is due.
     fn read_blocking<T>(&self, f: impl Fn(&Reader) -> Result<T>) -> Result<T> {
-        // A held database is read in place; otherwise a read-only open avoids redb's syncs.
-        if self.inner.held().is_none() {
+        // A database held open now is read in place; otherwise a read-only open avoids
+        // redb's syncs (a holder starts holding at its next write, not for a read).
+        if !self.inner.held().is_some_and(|h| h.is_open()) {
             if let Some(out) = self.read_only(&f)? {
                 return Ok(out);
             }
@@ -844,12 +846,8 @@ impl Store for EmbeddedStore {
             last: after,
             buf: VecDeque::new(),
             wake: self.inner.notify.subscribe(),
-            // A holder's watchers read the open database (cheap) and are woken by `notify`;
-            // opening the lock file would look like another process asking for the store.
-            hint_file: match self.inner.held() {
-                Some(_) => None,
-                None => File::open(&self.inner.lock_path).ok(),
-            },
+            // Opened once: a holder (this process too) takes the open for one knock and hands over.
+            hint_file: File::open(&self.inner.lock_path).ok(),
             last_full: Instant::now(),
             polled: false,
             done: false,

@@ -41,12 +41,25 @@ async fn conformance_suite_on_held_stores() {
 }
 
 /// A store kept open is handed to another opener each time it asks, and each side reads the
-/// other's writes; the holder's watcher sees the other's writes too. Without the hand-off the
-/// other side fails with "locked by another process" after its 3 s lock timeout.
+/// other's writes; the holder's watcher sees the other's writes too. The holder writes without
+/// pause meanwhile (so it is never idle long enough to close on its own): without the hand-off
+/// the other side fails with "locked by another process" after its 3 s lock timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_store_is_handed_over_and_sees_other_writes() {
     let (_dir, holder) = fresh();
     holder.keep_open().unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy = {
+        let (holder, stop) = (holder.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                holder.put("/busy", n.to_be_bytes().to_vec()).await.unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
     let mut watch = holder.watch("/o", 0).await.unwrap();
     let other = EmbeddedStore::open(holder.path())
         .unwrap()
@@ -71,6 +84,8 @@ async fn a_held_store_is_handed_over_and_sees_other_writes() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     holder.put("/h", b"last".to_vec()).await.unwrap();
     assert_eq!(other.get("/h").await.unwrap().unwrap().value, b"last");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(busy.await.unwrap() > 0);
 }
 
 /// The suite must also pass on a single-threaded runtime (how CNI invocations run).

@@ -8,14 +8,21 @@
 //! means someone is waiting: the holder closes the database, unlocks, and goes back to one open
 //! per operation for [`YIELD_FOR`], then holds again. The holder opens its own lock file once, so
 //! its own operations never look like a knock.
+//!
+//! Holding starts at a write (reads of a file not held use the cheap read-only open) and ends
+//! after [`IDLE_FOR`] without an operation: the close then happens on the listener's thread,
+//! off every caller's path, and an idle agent leaves the file free, so a CNI call beside it
+//! pays no hand-off.
 
 use std::fs::File;
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::Flock;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use redb::Database;
 
@@ -24,6 +31,10 @@ use crate::{Result, StoreError};
 
 /// After another process knocked, how long this process opens the store per operation again.
 pub(super) const YIELD_FOR: Duration = Duration::from_millis(200);
+/// A held store unused for this long is closed (a burst of a container's calls fits in it).
+pub(super) const IDLE_FOR: Duration = Duration::from_millis(250);
+/// How often the listener looks for an idle store.
+const IDLE_CHECK: u16 = 50;
 
 /// The database a long-running process keeps open, and the lock that makes that safe.
 pub(super) struct Holder {
@@ -38,6 +49,8 @@ pub(super) struct HeldState {
     pub(super) open: Option<Open>,
     /// Until then, close and unlock after every operation (someone else wants the store).
     yield_until: Option<Instant>,
+    /// When the held database was last used.
+    last_used: Option<Instant>,
 }
 
 /// The cross-process lock and the database opened under it.
@@ -55,8 +68,26 @@ impl Holder {
                 idle: Some(open_lock_file(lock_path)?),
                 open: None,
                 yield_until: None,
+                last_used: None,
             }),
         })
+    }
+
+    /// Whether the database is held open right now.
+    pub(super) fn is_open(&self) -> bool {
+        self.state().open.is_some()
+    }
+
+    /// Close the database if it has not been used for [`IDLE_FOR`].
+    fn close_if_idle(&self, now: Instant) {
+        let mut st = self.state();
+        if st.open.is_some()
+            && st
+                .last_used
+                .is_none_or(|t| now.duration_since(t) >= IDLE_FOR)
+        {
+            st.release();
+        }
     }
 
     /// The holder's state; a panic in another operation leaves it usable (it is only handles).
@@ -79,6 +110,11 @@ impl HeldState {
             Some(f) => Ok(f),
             None => open_lock_file(lock_path),
         }
+    }
+
+    /// Note a use of the held database (for the idle close).
+    pub(super) fn used(&mut self, now: Instant) {
+        self.last_used = Some(now);
     }
 
     /// Keep an unlocked lock file for next time.
@@ -137,7 +173,7 @@ fn open_lock_file(lock_path: &Path) -> Result<File> {
 /// Watch `lock_path` for other processes' opens and hand the store over on each; the thread
 /// ends at the first event after the store is dropped.
 pub(super) fn spawn_knock_listener(lock_path: &Path, store: Weak<Inner>) -> Result<()> {
-    let inotify = Inotify::init(InitFlags::IN_CLOEXEC)
+    let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
         .map_err(|e| StoreError::Io(format!("inotify: {e}")))?;
     inotify
         .add_watch(lock_path, AddWatchFlags::IN_OPEN)
@@ -145,9 +181,24 @@ pub(super) fn spawn_knock_listener(lock_path: &Path, store: Weak<Inner>) -> Resu
     std::thread::Builder::new()
         .name("store-handoff".into())
         .spawn(move || loop {
+            let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
+            let ready = match poll(&mut fds, PollTimeout::from(IDLE_CHECK)) {
+                Ok(n) => n > 0,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => false,
+            };
+            if !ready {
+                let Some(inner) = store.upgrade() else {
+                    return;
+                };
+                if let Some(holder) = inner.holder.get() {
+                    holder.close_if_idle(Instant::now());
+                }
+                continue;
+            }
             match inotify.read_events() {
                 Ok(_) => {}
-                Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::EINTR) | Err(nix::errno::Errno::EAGAIN) => continue,
                 Err(e) => {
                     // Without the listener nobody could take the store from us: stop holding.
                     tracing::warn!(error = %e, "store hand-off listener failed; opening per operation");
@@ -178,6 +229,7 @@ mod tests {
             idle: None,
             open: None,
             yield_until: None,
+            last_used: None,
         };
         let now = Instant::now();
         assert!(!st.yielding(now));
