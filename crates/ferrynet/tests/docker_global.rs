@@ -11,7 +11,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::dockerd::{import_busybox, Dockerd, DockerdOpts};
+use common::capture::Capture;
+use common::dockerd::{import_busybox, import_busybox_page, Dockerd, DockerdOpts};
 use common::lab::Lab;
 use common::{out, tag};
 use serde_json::Value;
@@ -370,6 +371,120 @@ fn one_docker_network_spans_two_hosts() {
         let eps = lab.ok(h, &["ps", "--json"]);
         assert!(!eps.contains(&fname), "endpoints left on {h}: {eps}");
     }
+    drop(d2);
+    drop(d1);
+}
+
+/// Served by the encrypted network's container; it must never appear on the underlay.
+const MARKER: &str = "FERRYNET-DOCKER-ENCRYPT-PLAINTEXT-MARKER";
+
+#[test]
+fn an_encrypted_docker_network_goes_through_the_sleeve() {
+    require_tools();
+    let t = tag();
+    let lab_name: String = format!("e{t}").chars().take(8).collect();
+    let driver = format!("fne{t}");
+    let lab = Lab::up(&lab_name, &["--hosts", "2", "--docker-driver", &driver]);
+    let d1 = host_engine(&lab, "h1", &t);
+    let d2 = host_engine(&lab, "h2", &t);
+    let image = format!("fne-busybox:{t}");
+    import_busybox(&d1.host(), &image);
+    // h2's web server serves the marker (many times over, so full-size segments carry it).
+    import_busybox_page(&d2.host(), &image, &MARKER.repeat(100));
+    let mut made = Containers(Vec::new());
+
+    let net = format!("enet{t}");
+    create_network(
+        &d1,
+        &driver,
+        &net,
+        &[
+            "-o",
+            "ferrynet.backend=vxlan",
+            "-o",
+            "ferrynet.encrypt=true",
+            "--subnet",
+            "10.74.0.0/16",
+        ],
+    );
+    let nets: Value = serde_json::from_str(&lab.ok("h1", &["network", "ls", "--json"])).unwrap();
+    let fnet = nets
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["subnets"].to_string().contains("10.74.0.0/16"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no ferrynet network for 10.74.0.0/16: {nets}"));
+    assert_eq!(fnet["fabric"]["encrypt"], true, "{fnet}");
+    assert_eq!(fnet["fabric"]["backend"], "vxlan", "{fnet}");
+    eventually(
+        "h2's engine to list the network",
+        Duration::from_secs(20),
+        || {
+            d2.docker(&["network", "inspect", &net])
+                .status
+                .success()
+                .then_some(())
+        },
+    );
+    made.add(&d1, "a1");
+    web(&d1, "a1", &net, &image, &[]);
+    made.add(&d2, "b1");
+    web(&d2, "b1", &net, &image, &[]);
+    let a1 = ip_on(&d1, "a1", &net);
+    let b1 = ip_on(&d2, "b1", &net);
+    eventually("a1 to reach b1", Duration::from_secs(30), || {
+        fetch(&d1, "a1", &b1, 80)
+    });
+    eventually("b1 to reach a1", Duration::from_secs(30), || {
+        fetch(&d2, "b1", &a1, 80)
+    });
+    // Both hosts send the other through the sleeve, and say why.
+    for (me, peer) in [("h1", "h2"), ("h2", "h1")] {
+        let s = lab.status(me);
+        let p = s["networks"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["name"] == fnet["name"]))
+            .and_then(|n| n["peers"].as_array())
+            .and_then(|ps| ps.iter().find(|p| p["host"] == peer))
+            .cloned()
+            .unwrap_or(Value::Null);
+        assert_eq!(p["backend"], "sleeve", "{me} -> {peer}: {s}");
+        assert!(
+            p["reason"].as_str().unwrap_or("").contains("encrypted"),
+            "{p}"
+        );
+    }
+
+    // The page with the marker crosses the underlay, both ways as requests and answers, and
+    // the capture holds sleeve datagrams but neither the marker nor VXLAN.
+    let mut cap = Capture::start(&lab);
+    let page = fetch(&d1, "a1", &b1, 80).expect("the marker page over the sleeve");
+    assert!(page.contains(MARKER), "{page}");
+    let o = d2.docker(&[
+        "exec",
+        "b1",
+        "sh",
+        "-c",
+        &format!("printf 'GET /{MARKER} HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {a1} 80"),
+    ]);
+    assert!(o.status.success(), "{}", out(&o));
+    cap.stop();
+    assert!(
+        !cap.contains(MARKER),
+        "the marker crossed the underlay in clear"
+    );
+    assert!(
+        !cap.matching("udp port 6784").is_empty(),
+        "no sleeve traffic on the underlay"
+    );
+    assert!(
+        cap.matching("udp port 4789").is_empty(),
+        "VXLAN on the underlay of an encrypted network"
+    );
+
+    drop(made);
+    d1.docker_ok(&["network", "rm", &net]);
     drop(d2);
     drop(d1);
 }

@@ -8,12 +8,12 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::capture::Capture;
 use common::lab::{Container, Lab};
-use common::{bin, need, out, try_within, within, Proc};
+use common::{bin, out, try_within, within};
 use serde_json::Value;
 
 /// The marker sent between containers; it must never appear on the underlay.
@@ -47,119 +47,10 @@ fn all_pairs(cs: &[Container]) {
     common::lab::all_pairs_with(cs, |a, addr| echo(a, addr, Duration::from_secs(10)));
 }
 
-/// tcpdump on every port of the lab's underlay bridge (in the underlay namespace), to a file.
-struct Capture {
-    file: PathBuf,
-    proc: Option<Proc>,
-}
-
-impl Capture {
-    fn start(lab: &Lab) -> Capture {
-        need("tcpdump", "tcpdump");
-        let file = PathBuf::from(format!("/run/ferrynet-lab/{}/underlay.pcap", lab.name));
-        let _ = std::fs::remove_file(&file);
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &format!("{}-ul", lab.name),
-                "tcpdump",
-                "-i",
-                "any",
-            ])
-            .args(["-U", "-n", "-s", "0", "-w"])
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tcpdump");
-        let cap = Capture {
-            file,
-            proc: Some(Proc(child)),
-        };
-        // The file exists (with its header) once tcpdump captures.
-        within(Duration::from_secs(10), || {
-            match std::fs::metadata(&cap.file) {
-                Ok(m) if m.len() >= 24 => Ok(()),
-                _ => Err("tcpdump has not started".into()),
-            }
-        });
-        std::thread::sleep(Duration::from_millis(300));
-        cap
-    }
-
-    /// Stop capturing; the packets matching `filter` as tcpdump prints them.
-    fn stop(&mut self) {
-        if let Some(p) = self.proc.take() {
-            std::thread::sleep(Duration::from_millis(300));
-            p.kill();
-        }
-    }
-
-    fn matching(&self, filter: &str) -> Vec<String> {
-        let o = Command::new("tcpdump")
-            .args(["-r"])
-            .arg(&self.file)
-            .args(["-n", filter])
-            .output()
-            .expect("tcpdump -r");
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .map(str::to_string)
-            .collect()
-    }
-
-    /// The UDP payloads of packets matching `filter` (hex dumps parsed back).
-    fn payloads(&self, filter: &str) -> Vec<Vec<u8>> {
-        let o = Command::new("tcpdump")
-            .args(["-r"])
-            .arg(&self.file)
-            .args(["-n", "-x", filter])
-            .output()
-            .expect("tcpdump -r -x");
-        let mut packets: Vec<Vec<u8>> = Vec::new();
-        for line in String::from_utf8_lossy(&o.stdout).lines() {
-            let t = line.trim_start();
-            if let Some(hex) = t.strip_prefix("0x").and_then(|r| r.split_once(':')) {
-                let bytes = hex.1.split_whitespace().flat_map(|w| {
-                    (0..w.len() / 2).map(move |i| u8::from_str_radix(&w[2 * i..2 * i + 2], 16))
-                });
-                if let Some(p) = packets.last_mut() {
-                    p.extend(bytes.filter_map(Result::ok));
-                }
-            } else {
-                packets.push(Vec::new());
-            }
-        }
-        packets
-            .into_iter()
-            .filter_map(|ip| {
-                let hdr = match ip.first()? >> 4 {
-                    4 => usize::from(ip[0] & 0x0f) * 4,
-                    6 => 40,
-                    _ => return None,
-                };
-                ip.get(hdr + 8..).map(<[u8]>::to_vec)
-            })
-            .collect()
-    }
-
-    fn contains_marker(&self) -> bool {
-        let raw = std::fs::read(&self.file).expect("read capture");
-        raw.windows(MARKER.len()).any(|w| w == MARKER.as_bytes())
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 /// The capture holds no marker and nothing between hosts but the sleeve's UDP.
 fn assert_encrypted(cap: &Capture) {
     assert!(
-        !cap.contains_marker(),
+        !cap.contains(MARKER),
         "the marker crossed the underlay in clear"
     );
     let clear = clear_traffic(cap);
@@ -227,8 +118,8 @@ fn sleeve_all_pairs_encrypted_replay_tamper_unknown_key_restart_and_rekey() {
         .collect();
     let mtu = common::must(&["ip", "-n", &cs[0].netns(), "-o", "link", "show", "eth0"]);
     assert!(
-        mtu.contains("mtu 1420"),
-        "sleeve MTU = underlay - 80: {mtu}"
+        mtu.contains("mtu 1408"),
+        "sleeve MTU = underlay - 92: {mtu}"
     );
     // Sessions first, so the capture holds data messages.
     all_pairs(&cs);
@@ -241,7 +132,7 @@ fn sleeve_all_pairs_encrypted_replay_tamper_unknown_key_restart_and_rekey() {
     let to_h2 = cap.payloads("udp dst port 6784 and dst host 172.31.0.2");
     let data = to_h2
         .iter()
-        .find(|p| p.first() == Some(&4) && p.len() > 64 && p.len() <= 1452)
+        .find(|p| p.first() == Some(&4) && p.len() > 64 && p.len() <= 1440)
         .cloned()
         .expect("a captured data message to h2");
     let status = lab.status("h2");
@@ -513,4 +404,181 @@ fn auto_picks_route_vxlan_and_sleeve_through_nat_and_a_blocked_port() {
         ep.starts_with("172.31.0.103:") || ep.starts_with("[fd31::67]:"),
         "{h3}"
     );
+}
+
+/// The sleeve's view of `peer` in a host's status.
+fn sleeve_peer(status: &Value, peer: &str) -> Value {
+    sleeve_of(status)["peers"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["host"] == peer))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// Send `payload` as one UDP datagram from `src` to `dst` (socket addresses of one family)
+/// out of namespace `ns`, through a raw socket: a relay can send from the port its agent holds.
+fn inject_raw(ns: &str, src: &str, dst: &str, payload: &[u8]) {
+    let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
+    let split = |a: &str| {
+        let (h, p) = a.rsplit_once(':').expect("addr:port");
+        (h.trim_matches(['[', ']']).to_string(), p.to_string())
+    };
+    let ((sa, sp), (da, dp)) = (split(src), split(dst));
+    let code = [
+        format!("p=bytes.fromhex('{hex}')"),
+        format!("sa,sp,da,dp='{sa}',{sp},'{da}',{dp}"),
+        "import socket,struct".into(),
+        "def csum(b):".into(),
+        "  b+=bytes(len(b)%2)".into(),
+        "  s=sum(struct.unpack('!%dH'%(len(b)//2),b))".into(),
+        "  while s>>16: s=(s&0xffff)+(s>>16)".into(),
+        "  return (~s)&0xffff".into(),
+        "n=8+len(p)".into(),
+        "if ':' in da:".into(),
+        "  s6=socket.inet_pton(socket.AF_INET6,sa);d6=socket.inet_pton(socket.AF_INET6,da)".into(),
+        "  c=csum(s6+d6+struct.pack('!I3xB',n,17)+struct.pack('!HHHH',sp,dp,n,0)+p) or 0xffff".into(),
+        "  pkt=struct.pack('!IHBB',6<<28,n,17,64)+s6+d6+struct.pack('!HHHH',sp,dp,n,c)+p".into(),
+        "  s=socket.socket(socket.AF_INET6,socket.SOCK_RAW,socket.IPPROTO_RAW)".into(),
+        "else:".into(),
+        "  udp=struct.pack('!HHHH',sp,dp,n,0)+p".into(),
+        "  pkt=struct.pack('!BBHHHBBH4s4s',0x45,0,20+n,0,0,64,17,0,socket.inet_aton(sa),socket.inet_aton(da))+udp".into(),
+        "  s=socket.socket(socket.AF_INET,socket.SOCK_RAW,socket.IPPROTO_RAW)".into(),
+        "s.sendto(pkt,(da,0))".into(),
+    ]
+    .join("\n");
+    let o = Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c", &code])
+        .output()
+        .expect("python3");
+    assert!(o.status.success(), "raw send in {ns}: {}", out(&o));
+}
+
+/// The address part of a socket address as JSON gives it (`a.b.c.d:p`, `[v6]:p`).
+fn host_part(ep: &Value) -> String {
+    let s = ep.as_str().unwrap_or("");
+    s.rsplit_once(':')
+        .map(|(h, _)| h.trim_matches(['[', ']']).to_string())
+        .unwrap_or_default()
+}
+
+/// Wait until `host`'s drop counter `counter` rises above `before`.
+fn rises(lab: &Lab, host: &str, counter: &str, before: u64) {
+    within(Duration::from_secs(5), || {
+        let n = dropped(lab, host, counter);
+        (n > before)
+            .then_some(())
+            .ok_or(format!("{counter} on {host} still {n}"))
+    });
+}
+
+#[test]
+fn two_hosts_each_behind_its_own_nat_talk_through_a_relay() {
+    // h2 and h3 each behind its own masquerading router: neither reaches the other's private
+    // address nor passes its router's filter; both reach h1.
+    let mut lab = Lab::up(
+        "slvE",
+        &["--hosts", "3", "--backend", "sleeve", "--nat", "h2,h3"],
+    );
+    let cs: Vec<Container> = ["h1", "h2", "h3"]
+        .iter()
+        .enumerate()
+        .map(|(i, h)| lab.echo_container(h, &format!("c{i}")))
+        .collect();
+    // Each side tries the other's endpoints (5 s each unanswered), then relays through h1.
+    echo(&cs[1], &cs[2].v4, Duration::from_secs(60)).expect("h2 -> h3 through a relay");
+    all_pairs(&cs);
+    for (me, peer) in [("h2", "h3"), ("h3", "h2")] {
+        let s = lab.status(me);
+        let p = sleeve_peer(&s, peer);
+        assert_eq!(p["via"], "h1", "{me} -> {peer}: {p}");
+        let path = p["path"].as_str().unwrap_or("");
+        assert!(path.starts_with("relayed through h1"), "{path}");
+        assert!(path.contains("end-to-end encrypted"), "{path}");
+        // Sent to h1's address (whichever family reached it first).
+        assert_eq!(p["endpoint"], sleeve_peer(&s, "h1")["endpoint"], "{s}");
+    }
+    // h1 reaches both directly, at their routers' addresses (learned), and relays for them.
+    let s1 = lab.status("h1");
+    for (peer, router) in [
+        ("h2", ["172.31.0.102", "fd31::66"]),
+        ("h3", ["172.31.0.103", "fd31::67"]),
+    ] {
+        let p = sleeve_peer(&s1, peer);
+        assert!(p["via"].is_null(), "{p}");
+        assert!(router.contains(&host_part(&p["endpoint"]).as_str()), "{p}");
+        assert!(
+            p["path"].as_str().unwrap_or("").contains("behind NAT"),
+            "{p}"
+        );
+    }
+    assert!(sleeve_of(&s1)["relayed"].as_u64() > Some(0), "{s1}");
+    // Where h1 sends to h3 (h3's router), and from which of h1's addresses (as h3 sees it).
+    let h3_at = sleeve_peer(&s1, "h3")["endpoint"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let h1_for_h3 = sleeve_peer(&lab.status("h3"), "h1")["endpoint"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let h2_router = host_part(&sleeve_peer(&s1, "h2")["endpoint"]);
+    let h1_for_h2 = host_part(&sleeve_peer(&lab.status("h2"), "h1")["endpoint"]);
+
+    // A capture at the relay's underlay port while every pair talks: the marker never
+    // appears, though h2's and h3's traffic passes through h1.
+    let h1_ns = lab.host_ns("h1");
+    let mut cap = Capture::start_on(&lab, &h1_ns, "eth0");
+    all_pairs(&cs);
+    cap.stop();
+    assert!(
+        !cap.contains(MARKER),
+        "the marker crossed the relay in clear"
+    );
+    // What h1 forwards to h3: the forwarded envelope (6, h2's key prefix) round a data message.
+    let fwd = cap.payloads(&format!(
+        "udp and src host {} and dst host {}",
+        host_part(&Value::from(h1_for_h3.clone())),
+        host_part(&Value::from(h3_at.clone()))
+    ));
+    let data = fwd
+        .iter()
+        .find(|p| p.len() > 64 && p[..4] == [6, 0, 0, 0] && p[12] == 4)
+        .cloned()
+        .expect("a data message h1 forwarded to h3");
+    let asked = cap
+        .payloads(&format!(
+            "udp and src host {h2_router} and dst host {h1_for_h2}"
+        ))
+        .into_iter()
+        .find(|p| p.len() > 64 && p[..4] == [5, 0, 0, 0])
+        .expect("a datagram h2 asked h1 to relay");
+
+    // The relay (or anyone on its address) replaying a forwarded message: dropped, counted.
+    let before = dropped(&lab, "h3", "replayed");
+    inject_raw(&h1_ns, &h1_for_h3, &h3_at, &data);
+    rises(&lab, "h3", "replayed", before);
+    // The relay forging one (a counter never used, a flipped byte): dropped, counted.
+    let before = dropped(&lab, "h3", "authFailed");
+    let mut forged = data.clone();
+    let counter = u64::from_le_bytes(forged[20..28].try_into().unwrap()) + 1_000;
+    forged[20..28].copy_from_slice(&counter.to_le_bytes());
+    let last = forged.len() - 20;
+    forged[last] ^= 0x55;
+    inject_raw(&h1_ns, &h1_for_h3, &h3_at, &forged);
+    rises(&lab, "h3", "authFailed", before);
+    // The relay naming another sender than the session's: dropped, counted.
+    let before = dropped(&lab, "h3", "authFailed");
+    let mut renamed = data.clone();
+    renamed[4..12].copy_from_slice(&[0xee; 8]);
+    inject_raw(&h1_ns, &h1_for_h3, &h3_at, &renamed);
+    rises(&lab, "h3", "authFailed", before);
+    // A neighbour that is no peer asking h1 to relay: refused, counted (h1 is no open relay).
+    let before = dropped(&lab, "h1", "relayRefused");
+    inject(&lab, "172.31.0.1", &asked);
+    rises(&lab, "h1", "relayRefused", before);
+
+    // None of that moved anyone's path.
+    let p = sleeve_peer(&lab.status("h3"), "h2");
+    assert_eq!(p["via"], "h1", "{p}");
+    all_pairs(&cs);
 }

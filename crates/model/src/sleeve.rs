@@ -27,8 +27,9 @@ pub const KEY_FILE_NAME: &str = "sleeve.key";
 pub const SLEEVE_DEV: &str = "fns0";
 
 /// Bytes the sleeve adds to an inner packet: outer IPv6 (40) + UDP (8) + WireGuard's data
-/// header and tag (32). Counted for IPv6 so one MTU serves peers of either family.
-pub const SLEEVE_OVERHEAD: u32 = 80;
+/// header and tag (32) + the relay envelope (12, [`path::RELAY_HEADER`]). Counted for IPv6 and
+/// a relayed path so one MTU serves every peer however it is reached.
+pub const SLEEVE_OVERHEAD: u32 = 92;
 
 /// Probes over the VXLAN port left unanswered before `auto` sends a peer through the sleeve.
 pub const PROBE_MISSES: u32 = 3;
@@ -361,6 +362,8 @@ pub fn probe_target(peer: &Peer) -> Option<IpAddr> {
     blocks.sort_by_key(|b| b.addr().is_ipv6());
     blocks.first().map(block_gateway)
 }
+
+pub mod path;
 
 #[cfg(test)]
 mod tests;

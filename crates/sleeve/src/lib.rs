@@ -2,7 +2,9 @@
 //! tunnel reaches (through NAT, across sites). WireGuard's protocol through boringtun's `noise`
 //! module; a multi-queue TUN device with the kernel's offloads (TSO segments read whole and cut
 //! here, received segments coalesced back by GRO before they are written); batched UDP (GSO
-//! sends, GRO receives); one encrypt thread and one decrypt thread per queue.
+//! sends, GRO receives); one encrypt thread and one decrypt thread per queue. A peer no direct
+//! path reaches (both ends behind NAT) goes through a third peer both reach, which forwards the
+//! end-to-end encrypted datagrams in an envelope it can neither read nor forge.
 
 mod peers;
 mod rx;
@@ -19,11 +21,12 @@ use std::time::Duration;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::TunnResult;
 use boringtun::x25519::{PublicKey, StaticSecret};
+use ferrynet_model::sleeve::path::{self, PathCandidate, PathView};
 use ferrynet_model::sleeve::SleevePeer;
 use serde::{Deserialize, Serialize};
 use tun_rs::{DeviceBuilder, SyncDevice};
 
-use peers::{Table, TableBuilder};
+use peers::{Dest, Table, TableBuilder};
 
 /// Handshakes per second before the sleeve answers with cookies (WireGuard's DoS defence).
 const HANDSHAKE_RATE: u64 = 100;
@@ -89,6 +92,12 @@ pub struct Counters {
     pub other: AtomicU64,
     /// VXLAN path probes answered.
     pub probes_answered: AtomicU64,
+    /// Datagrams this host was asked to relay and refused (`model::sleeve::path::RelayRefusal`:
+    /// from an address no peer is heard at directly, to an unknown key, to a peer not reached
+    /// directly, or back to the sender).
+    pub relay_refused: AtomicU64,
+    /// Datagrams this host relayed between two peers.
+    pub relayed: AtomicU64,
 }
 
 impl Counters {
@@ -103,6 +112,7 @@ impl Counters {
             ("noPeer".to_string(), g(&self.no_peer)),
             ("malformed".to_string(), g(&self.malformed)),
             ("other".to_string(), g(&self.other)),
+            ("relayRefused".to_string(), g(&self.relay_refused)),
         ])
     }
 }
@@ -142,11 +152,18 @@ pub struct PeerReport {
     pub host: String,
     /// Its public key (base64).
     pub public_key: String,
-    /// Where its packets go (learned from it, else registered).
+    /// Where its packets go (learned from it, else the path being tried): the peer's address,
+    /// or the relay's when relayed.
     pub endpoint: Option<SocketAddr>,
     /// True when learned from an authenticated packet (it may differ from the registered one
     /// behind NAT).
     pub learned: bool,
+    /// The relay its traffic goes through (None: direct).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
+    /// How it is reached and why (`model::sleeve::path::reason`).
+    #[serde(default)]
+    pub path: String,
     /// Seconds since the last completed handshake (none: no session).
     pub last_handshake_secs: Option<f64>,
     /// Inner bytes sent.
@@ -173,6 +190,9 @@ pub struct SleeveReport {
     pub dropped: BTreeMap<String, u64>,
     /// VXLAN path probes answered.
     pub probes_answered: u64,
+    /// Datagrams relayed for other peers.
+    #[serde(default)]
+    pub relayed: u64,
 }
 
 impl Sleeve {
@@ -265,7 +285,8 @@ impl Sleeve {
         let peers = t
             .entries
             .iter()
-            .map(|e| {
+            .enumerate()
+            .map(|(i, e)| {
                 let learned = e.peer.path.lock().ok().and_then(|p| p.learned);
                 let since = e
                     .peer
@@ -273,11 +294,17 @@ impl Sleeve {
                     .lock()
                     .ok()
                     .and_then(|t| t.time_since_last_handshake());
+                let (view, via) = t.view(i);
                 PeerReport {
                     host: e.peer.host.clone(),
                     public_key: ferrynet_model::sleeve::encode_key(&e.peer.key),
-                    endpoint: e.peer.endpoint(e),
+                    endpoint: t.dest(i).map(|d| d.addr),
                     learned: learned.is_some(),
+                    via: via.or_else(|| match &view {
+                        PathView::Trying(PathCandidate::Relay(h)) => Some(h.clone()),
+                        _ => None,
+                    }),
+                    path: path::reason(&view, &e.endpoints),
                     last_handshake_secs: since.map(|d| d.as_secs_f64()),
                     tx_bytes: e.peer.tx_bytes.load(Ordering::Relaxed),
                     rx_bytes: e.peer.rx_bytes.load(Ordering::Relaxed),
@@ -292,6 +319,7 @@ impl Sleeve {
             peers,
             dropped: self.shared.counters.snapshot(),
             probes_answered: self.shared.counters.probes_answered.load(Ordering::Relaxed),
+            relayed: self.shared.counters.relayed.load(Ordering::Relaxed),
         }
     }
 }
@@ -310,7 +338,7 @@ fn spawn(
 fn initiate(shared: &Shared, table: &Table, i: usize) {
     let e = &table.entries[i];
     let mut buf = [0u8; 256];
-    let Some(dst) = e.peer.endpoint(e) else {
+    let Some(dst) = table.dest(i) else {
         return;
     };
     let Ok(mut t) = e.peer.tunn.lock() else {
@@ -318,8 +346,17 @@ fn initiate(shared: &Shared, table: &Table, i: usize) {
     };
     if let TunnResult::WriteToNetwork(p) = t.format_handshake_initiation(&mut buf, false) {
         e.peer.sent(p);
-        let _ = udp::send_one(&shared.sockets[0], dst, p);
+        send_to(shared, dst, p);
     }
+}
+
+/// Send one message (a handshake, a keepalive) the way `dst` says, enveloped when relayed.
+fn send_to(shared: &Shared, dst: Dest, msg: &[u8]) {
+    let _ = if dst.relay_to.is_some() {
+        udp::send_one(&shared.sockets[0], dst.addr, &dst.frame(msg))
+    } else {
+        udp::send_one(&shared.sockets[0], dst.addr, msg)
+    };
 }
 
 /// WireGuard's timers (rekey every 2 minutes, retries, keepalives) for every peer, 4 times a
@@ -335,21 +372,20 @@ fn timers(shared: Arc<Shared>) {
         }
         let table = shared.table();
         let now = std::time::Instant::now();
-        for e in &table.entries {
-            if e.peer.rotate_if_stuck(e, now) {
+        for (i, e) in table.entries.iter().enumerate() {
+            if table.rotate_if_stuck(i, now) {
                 if let Ok(mut t) = e.peer.tunn.lock() {
-                    // A fresh initiation, to the new endpoint.
-                    if let (TunnResult::WriteToNetwork(p), Some(dst)) = (
-                        t.format_handshake_initiation(&mut buf, true),
-                        e.peer.endpoint(e),
-                    ) {
+                    // A fresh initiation, on the new path.
+                    if let (TunnResult::WriteToNetwork(p), Some(dst)) =
+                        (t.format_handshake_initiation(&mut buf, true), table.dest(i))
+                    {
                         e.peer.sent(p);
-                        let _ = udp::send_one(&shared.sockets[0], dst, p);
+                        send_to(&shared, dst, p);
                     }
                 }
                 continue;
             }
-            let Some(dst) = e.peer.endpoint(e) else {
+            let Some(dst) = table.dest(i) else {
                 continue;
             };
             let Ok(mut t) = e.peer.tunn.lock() else {
@@ -358,7 +394,7 @@ fn timers(shared: Arc<Shared>) {
             match t.update_timers(&mut buf) {
                 TunnResult::WriteToNetwork(p) => {
                     e.peer.sent(p);
-                    let _ = udp::send_one(&shared.sockets[0], dst, p);
+                    send_to(&shared, dst, p);
                 }
                 TunnResult::Err(boringtun::noise::errors::WireGuardError::ConnectionExpired) => {
                     // Traffic stopped long ago; the next packet starts a handshake again.

@@ -1,11 +1,13 @@
 //! One queue's outbound path: read the TUN queue (a TSO packet comes out cut into segments),
 //! encrypt each for the peer its destination is routed to (one lock per run of packets to one
-//! peer), and send the ciphertexts as GSO runs per peer.
+//! peer), and send the ciphertexts as GSO runs per peer (each in a relay envelope when the
+//! peer is reached through a relay).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use boringtun::noise::{Tunn, TunnResult};
+use ferrynet_model::sleeve::path::RELAY_HEADER;
 use tun_rs::{SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use crate::peers::add;
@@ -33,7 +35,7 @@ pub(crate) fn run(shared: Arc<Shared>, dev: Arc<SyncDevice>, q: usize) {
     let seg_cap = shared.mtu.max(1280) + 64;
     let pools = (0..POOLS)
         .map(|_| Batch {
-            out: vec![0u8; IDEAL_BATCH_SIZE * (seg_cap + MIN_OUT)],
+            out: vec![0u8; IDEAL_BATCH_SIZE * (seg_cap + MIN_OUT + RELAY_HEADER)],
             runs: Vec::with_capacity(IDEAL_BATCH_SIZE),
         })
         .collect();
@@ -108,7 +110,8 @@ fn seal(
             continue;
         };
         let e = &table.entries[p];
-        let endpoint = e.peer.endpoint(e);
+        let dest = table.dest(p);
+        let hdr = dest.map_or(0, |d| d.header_len());
         let Ok(mut tunn) = e.peer.tunn.lock() else {
             i += 1;
             continue;
@@ -122,13 +125,16 @@ fn seal(
                 break;
             }
             let room = (pkt.len() + OVERHEAD).max(MIN_OUT);
-            if let TunnResult::WriteToNetwork(c) = tunn.encapsulate(pkt, &mut out[off..off + room])
+            // Relayed: the envelope first, the ciphertext right after it (one GSO segment).
+            if let TunnResult::WriteToNetwork(c) =
+                tunn.encapsulate(pkt, &mut out[off + hdr..off + hdr + room])
             {
                 let l = c.len();
                 e.peer.sent(c);
-                if let Some(ep) = endpoint {
-                    sent.push((ep, off, l));
-                    off += l;
+                if let Some(d) = dest {
+                    d.write_header(&mut out[off..off + hdr]);
+                    sent.push((d.addr, off, hdr + l));
+                    off += hdr + l;
                 }
             }
             bytes += pkt.len() as u64;

@@ -102,8 +102,9 @@ pub struct UpArgs {
     pub encrypt: bool,
     /// Put this host behind NAT (repeatable): a router namespace on the underlay masquerades
     /// its traffic and passes only connections it started; the host's own underlay is the
-    /// private 172.30.N.0/24 and fd30:N::/64.
-    #[arg(long, value_name = "HOST")]
+    /// private 172.30.N.0/24 and fd30:N::/64. Each such host has its own router, so two of
+    /// them (`--nat h2,h3`) reach each other only through a third host (the sleeve's relay).
+    #[arg(long, value_name = "HOST", value_delimiter = ',')]
     pub nat: Vec<String>,
     /// Drop UDP to port 4789 (VXLAN) to and from this host on the underlay (repeatable), as a
     /// firewall between sites would.

@@ -259,7 +259,10 @@ fn print_sleeve(sl: &ferrynet_sleeve::SleeveReport) {
         sl.public_key,
         dropped.join(", ")
     );
-    let mut t = Table::new(&["PEER", "ENDPOINT", "HANDSHAKE", "TX", "RX"]);
+    if sl.relayed > 0 {
+        println!("relayed for other peers: {} datagrams", sl.relayed);
+    }
+    let mut t = Table::new(&["PEER", "ENDPOINT", "HANDSHAKE", "TX", "RX", "PATH"]);
     for p in &sl.peers {
         t.row(vec![
             p.host.clone(),
@@ -272,6 +275,7 @@ fn print_sleeve(sl: &ferrynet_sleeve::SleeveReport) {
                 .map_or_else(|| "never".into(), |s| format!("{s:.0}s ago")),
             p.tx_bytes.to_string(),
             p.rx_bytes.to_string(),
+            p.path.clone(),
         ]);
     }
     print!("{t}");

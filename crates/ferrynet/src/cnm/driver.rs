@@ -743,6 +743,11 @@ fn check_adoptable(net: &Network, pools: &[PoolData], opts: &NetworkOptions) -> 
     if let Some(b) = opts.bridge.as_ref().filter(|b| **b != net.bridge) {
         return Err(mismatch("bridge", b.clone(), net.bridge.clone()));
     }
+    // An encrypted Docker network over a clear ferrynet network would send in clear what the
+    // user asked to encrypt.
+    if opts.encrypt && !net.fabric.is_some_and(|f| f.encrypt) {
+        return Err(mismatch("encrypt", "true".into(), "false".into()));
+    }
     if let Some(b) = opts.backend {
         if net.fabric.map(|f| f.backend) != Some(b) {
             return Err(mismatch(

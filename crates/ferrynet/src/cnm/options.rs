@@ -37,12 +37,15 @@ pub const OPT_BLOCK: &str = "ferrynet.block-size";
 pub const OPT_BLOCK6: &str = "ferrynet.block-size6";
 /// `-o ferrynet.vni=N`: the VXLAN network identifier (multi-host; default: the lowest free).
 pub const OPT_VNI: &str = "ferrynet.vni";
+/// `-o ferrynet.encrypt=true`: cross-host traffic through the sleeve, encrypted and
+/// authenticated (as `network create --encrypt`; multi-host networks only).
+pub const OPT_ENCRYPT: &str = "ferrynet.encrypt";
 /// Docker's conventional MTU option.
 pub const DOCKER_MTU: &str = "com.docker.network.driver.mtu";
 /// Docker's bridge-driver masquerade option, honoured for familiarity.
 pub const DOCKER_MASQ: &str = "com.docker.network.bridge.enable_ip_masquerade";
 /// Every `ferrynet.*` option; anything else under that prefix is a typo and refused.
-pub const KNOWN_OPTIONS: [&str; 10] = [
+pub const KNOWN_OPTIONS: [&str; 11] = [
     OPT_NETWORK,
     OPT_MODE,
     OPT_BRIDGE,
@@ -53,6 +56,7 @@ pub const KNOWN_OPTIONS: [&str; 10] = [
     OPT_BLOCK,
     OPT_BLOCK6,
     OPT_VNI,
+    OPT_ENCRYPT,
 ];
 
 /// First host port handed out for `-p PORT` (no host port given), as Docker's own default.
@@ -85,6 +89,8 @@ pub struct NetworkOptions {
     pub vni: Option<u32>,
     /// `ferrynet.mode`: bridge (default) or routed.
     pub mode: NetworkMode,
+    /// `ferrynet.encrypt`: cross-host traffic through the sleeve.
+    pub encrypt: bool,
 }
 
 impl NetworkOptions {
@@ -93,9 +99,13 @@ impl NetworkOptions {
     /// a VNI without a backend are refused rather than ignored.
     pub fn fabric(&self, default: Option<Backend>) -> Result<Option<FabricSpec>, CnmError> {
         let Some(backend) = self.backend.or(default) else {
-            if self.block_v4.is_some() || self.block_v6.is_some() || self.vni.is_some() {
+            if self.block_v4.is_some()
+                || self.block_v6.is_some()
+                || self.vni.is_some()
+                || self.encrypt
+            {
                 return Err(CnmError::Invalid(format!(
-                    "{OPT_BLOCK}, {OPT_BLOCK6} and {OPT_VNI} are for multi-host networks: add -o {OPT_BACKEND}=route|vxlan|auto"
+                    "{OPT_BLOCK}, {OPT_BLOCK6}, {OPT_VNI} and {OPT_ENCRYPT} are for multi-host networks: add -o {OPT_BACKEND}=route|vxlan|auto"
                 )));
             }
             return Ok(None);
@@ -122,7 +132,7 @@ impl NetworkOptions {
             vni: self.vni.unwrap_or(0),
             block_v4,
             block_v6,
-            encrypt: false,
+            encrypt: self.encrypt,
         }))
     }
 }
@@ -222,6 +232,7 @@ pub fn network_options(options: &BTreeMap<String, Value>) -> Result<NetworkOptio
                     out.block_v6 = Some(n);
                 }
             }
+            OPT_ENCRYPT => out.encrypt = parse_bool(k, v)?,
             OPT_VNI => {
                 out.vni = Some(v.trim().parse().map_err(|_| {
                     CnmError::Invalid(format!("option {k}={v:?}: expected a number"))
@@ -609,6 +620,33 @@ mod tests {
             .fabric(None)
             .unwrap_err();
         assert!(e.to_string().contains("16777215"), "{e}");
+    }
+
+    #[test]
+    fn encrypt_option_sends_a_fabric_through_the_sleeve() {
+        let g = |m: Value| network_options(&opts(json!({ "com.docker.network.generic": m })));
+        let f = g(json!({"ferrynet.backend": "vxlan", "ferrynet.encrypt": "true"}))
+            .unwrap()
+            .fabric(None)
+            .unwrap()
+            .unwrap();
+        assert!(f.encrypt && f.backend == Backend::Vxlan, "{f:?}");
+        // A global-scope driver's default fabric (auto) may be encrypted without a backend.
+        let o = g(json!({"ferrynet.encrypt": "1"})).unwrap();
+        let f = o.fabric(Some(Backend::Auto)).unwrap().unwrap();
+        assert!(f.encrypt && f.backend == Backend::Auto, "{f:?}");
+        // Without any fabric there is no cross-host traffic to encrypt: refused, not ignored.
+        let e = o.fabric(None).unwrap_err().to_string();
+        assert!(
+            e.contains("ferrynet.encrypt") && e.contains("ferrynet.backend"),
+            "{e}"
+        );
+        let plain = g(json!({"ferrynet.backend": "route", "ferrynet.encrypt": "false"}));
+        assert!(!plain.unwrap().fabric(None).unwrap().unwrap().encrypt);
+        let e = g(json!({"ferrynet.encrypt": "maybe"}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expected true or false"), "{e}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod capture;
 pub mod containerd;
 pub mod docker;
 pub mod docker_rig;

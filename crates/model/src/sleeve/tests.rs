@@ -36,7 +36,8 @@ fn keys_round_trip_and_bad_ones_are_refused() {
     assert!(decode_key("AAAA").is_err());
     assert!(decode_key("not base64!").is_err());
     assert!(decode_key(&encode_key(&k).repeat(2)).is_err());
-    assert_eq!(sleeve_mtu(1500), 1420);
+    assert_eq!(sleeve_mtu(1500), 1408);
+    assert_eq!(SLEEVE_OVERHEAD as usize, 80 + path::RELAY_HEADER);
     assert_eq!(sleeve_mtu(40), 0);
 }
 
