@@ -4,17 +4,25 @@
 //! (`model::journal` decides). Single-host networks are not journaled: nobody else releases
 //! them.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 use ferrynet_dataplane::netlink::Netlink;
+use ferrynet_dataplane::netns::Netns;
 use ferrynet_model::host::BlockClaim;
-use ferrynet_model::journal::{blocks_of, plan, Reassert, StoreFacts};
+use ferrynet_model::ipam::validate_network_subnets;
+use ferrynet_model::journal::{
+    blocks_of, plan, plan_move, Move, NetworkFacts, Reassert, StoreFacts,
+};
 use ferrynet_model::names::host_veth_name;
-use ferrynet_model::network::{keys, Endpoint};
+use ferrynet_model::network::{keys, Endpoint, EndpointOwner, Network, NetworkMode};
 use ferrynet_model::service::{keys as skeys, Producer};
 use ferrynet_store::{Compare, Op};
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use super::endpoint::{container_addresses, container_routes};
 use super::transact::Round;
 use super::{decode, encode, Control};
 use crate::error::{ControlError, Result};
@@ -31,6 +39,56 @@ pub struct ReassertReport {
     pub forgotten: usize,
     /// What others hold now that this host's containers still use.
     pub conflicts: Vec<String>,
+    /// Containers given new addresses because another host took their block.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moved: Vec<Moved>,
+}
+
+/// A container `ferrynet run` started, moved to other addresses after a partition.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Moved {
+    /// The container.
+    pub container: String,
+    /// The network.
+    pub network: String,
+    /// Its addresses before.
+    pub from: Vec<IpNet>,
+    /// Its addresses now.
+    pub to: Vec<IpNet>,
+    /// Why: which block which host took.
+    pub reason: String,
+}
+
+/// `ep`'s moved record: the new addresses, the rest as journaled.
+fn moved_endpoint(ep: &Endpoint, mv: &Move) -> Endpoint {
+    Endpoint {
+        ips: mv.to.clone(),
+        ..ep.clone()
+    }
+}
+
+/// The reason a move gives in the status and the event.
+fn move_reason(mv: &Move) -> String {
+    mv.taken
+        .iter()
+        .map(|(b, h)| format!("block {b} was taken by host {h}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Producer addresses after a move: each moved address replaced by its successor.
+fn moved_addrs(addrs: &[IpAddr], mv: &Move) -> Vec<IpAddr> {
+    addrs
+        .iter()
+        .map(|a| {
+            mv.from
+                .iter()
+                .zip(&mv.to)
+                .find(|(f, _)| f.addr() == *a)
+                .map_or(*a, |(_, t)| t.addr())
+        })
+        .collect()
 }
 
 impl ReassertReport {
@@ -42,7 +100,16 @@ impl ReassertReport {
         self.producers_restored += later.producers_restored;
         self.forgotten += later.forgotten;
         self.conflicts = later.conflicts;
+        // Moves happened: a later pass that finds nothing to do must not hide them.
+        self.moved.extend(later.moved);
     }
+}
+
+fn list(ips: &[IpNet]) -> String {
+    ips.iter()
+        .map(|i| i.addr().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A producer's journal file name, when its names are safe as one.
@@ -186,6 +253,36 @@ impl Control {
                     tracing::error!(conflict = %m, "cannot re-assert a container's records");
                     report.conflicts.push(m);
                 }
+                Reassert::Taken(m) if ep.owner != EndpointOwner::Cli => {
+                    // The runtime (CNI, Docker) recorded the address and hands it on (pod
+                    // status, service endpoints): renumbering behind its back would send its
+                    // clients to whoever gets that address next.
+                    let m = format!(
+                        "{m}; the container keeps its address because its runtime recorded it: \
+                         restart it to give it a new one"
+                    );
+                    tracing::error!(conflict = %m, "cannot re-assert a container's records");
+                    report.conflicts.push(m);
+                }
+                Reassert::Taken(m) => match self.move_endpoint(&ep, &net).await? {
+                    Err(why) => {
+                        let m = format!("{m}; not moved: {why}");
+                        tracing::error!(conflict = %m, "cannot re-assert a container's records");
+                        report.conflicts.push(m);
+                    }
+                    Ok(mv) => {
+                        let moved = self.finish_move(&file, &ep, &net, &mv).await;
+                        tracing::warn!(
+                            container = %ep.container_id,
+                            network = %ep.network,
+                            from = %list(&mv.from),
+                            to = %list(&mv.to),
+                            reason = %moved.reason,
+                            "moved a container to addresses of this host: another host took its block while this host was cut off"
+                        );
+                        report.moved.push(moved);
+                    }
+                },
             }
         }
         for (file, p) in self.journal_entries::<Producer>("producers") {
@@ -215,6 +312,7 @@ impl Control {
         }
         if report != ReassertReport::default() {
             tracing::info!(
+                moved = report.moved.len(),
                 restored = report.restored,
                 producers = report.producers_restored,
                 forgotten = report.forgotten,
@@ -223,6 +321,207 @@ impl Control {
             );
         }
         Ok(report)
+    }
+
+    /// Move journaled endpoint `ep` of multi-host network `pool` off the blocks other hosts
+    /// took: plan from the network's claims and held addresses, and write its new record,
+    /// address keys and block claims in one transaction guarded by what was read. Err (the
+    /// reason) when no move is possible.
+    async fn move_endpoint(
+        &self,
+        ep: &Endpoint,
+        pool: &Network,
+    ) -> Result<std::result::Result<Move, String>> {
+        let Some(spec) = &pool.fabric else {
+            return Ok(Err("the network is not multi-host".into()));
+        };
+        let ep_key = &keys::endpoint(&ep.network, &ep.container_id, &ep.ifname);
+        let owner = &format!("{}/{}", ep.container_id, ep.ifname);
+        let what = || format!("move {} on network {}", ep.container_id, ep.network);
+        self.transact(what, || {
+            Box::pin(async move {
+                if self.store.get(ep_key).await?.is_some() {
+                    return Ok(Round::Done(Err("its record came back meanwhile".into())));
+                }
+                let mut compares = vec![Compare::Missing(ep_key.clone())];
+                let (kvs, _) = self.store.range(&keys::blocks(&ep.network)).await?;
+                let mut claims = BTreeMap::new();
+                let mut revision = BTreeMap::new();
+                for kv in &kvs {
+                    if let Some((_, b)) = keys::parse_block(&kv.key) {
+                        let c: BlockClaim = decode(kv)?;
+                        claims.insert(b, c.host);
+                        revision.insert(b, kv.mod_revision);
+                    }
+                }
+                let prefix = keys::orphan_blocks(&ep.network);
+                let (kvs, _) = self.store.range(&prefix).await?;
+                let orphans: Vec<IpNet> = kvs
+                    .iter()
+                    .filter_map(|kv| kv.key.strip_prefix(&prefix)?.replace('_', "/").parse().ok())
+                    .collect();
+                let held = self.held_addresses(&ep.network).await?;
+                let used: BTreeSet<IpAddr> = held.keys().copied().collect();
+                let facts = NetworkFacts {
+                    subnets: &pool.subnets,
+                    spec,
+                    claims: &claims,
+                    orphans: &orphans,
+                    used: &used,
+                };
+                let mv = match plan_move(ep, self.host(), &facts) {
+                    Ok(m) => m,
+                    Err(why) => return Ok(Round::Done(Err(why))),
+                };
+                let mut ops = vec![Op::put(ep_key.clone(), encode(&moved_endpoint(ep, &mv)))];
+                for a in &mv.to {
+                    let k = keys::ipam(&ep.network, a.addr());
+                    match held.get(&a.addr()) {
+                        // A kept address someone else holds now: no move takes it over.
+                        Some(o) if o != owner => {
+                            return Ok(Round::Done(Err(format!(
+                                "address {} is now held by {o}",
+                                a.addr()
+                            ))))
+                        }
+                        Some(o) => compares.push(Compare::Value(k.clone(), o.as_bytes().to_vec())),
+                        None => compares.push(Compare::Missing(k.clone())),
+                    }
+                    ops.push(Op::put(k, owner.clone()));
+                }
+                // Its own keys of the addresses it leaves (none after a release) go.
+                for a in mv.from.iter().filter(|a| !mv.to.contains(a)) {
+                    let k = keys::ipam(&ep.network, a.addr());
+                    if held.get(&a.addr()) == Some(owner) {
+                        compares.push(Compare::Value(k.clone(), owner.as_bytes().to_vec()));
+                        ops.push(Op::delete(k));
+                    }
+                }
+                // Every block it leaves or lands in is as read: taken, this host's, or free
+                // and claimed now.
+                let touched: BTreeSet<IpNet> = mv
+                    .from
+                    .iter()
+                    .chain(&mv.to)
+                    .filter_map(|a| claims.keys().find(|b| b.contains(&a.addr())).copied())
+                    .collect();
+                for b in touched {
+                    if let Some(r) = revision.get(&b) {
+                        compares.push(Compare::ModRevision(keys::block(&ep.network, &b), *r));
+                    }
+                }
+                for b in &mv.claim {
+                    let k = keys::block(&ep.network, b);
+                    let c = BlockClaim {
+                        host: self.host().to_string(),
+                    };
+                    compares.push(Compare::Missing(k.clone()));
+                    ops.push(Op::put(k, encode(&c)));
+                    ops.push(Op::delete(keys::orphan_block(&ep.network, b)));
+                }
+                Ok(Round::commit(compares, ops, Ok(mv)))
+            })
+        })
+        .await
+    }
+
+    /// After a move is recorded: the container's interface, the bridge's gateways, the port's
+    /// anti-spoofing elements, published ports, the journal and the container's producers
+    /// follow. A kernel step that fails is logged and named in the returned entry's reason:
+    /// the store holds the new addresses and the next move or restart finishes the job.
+    async fn finish_move(&self, file: &str, ep: &Endpoint, pool: &Network, mv: &Move) -> Moved {
+        let moved = moved_endpoint(ep, mv);
+        let mut reason = move_reason(mv);
+        if let Err(e) = self.renumber(ep, &moved, pool).await {
+            tracing::error!(error = %e, container = %ep.container_id, "renumbering a moved container");
+            reason = format!("{reason}; renumbering its interface failed: {e}");
+        }
+        self.journal_write("endpoints", file, &moved);
+        for (f, mut p) in self.journal_entries::<Producer>("producers") {
+            let mine = p.container.as_deref() == Some(ep.container_id.as_str())
+                && p.network.as_deref() == Some(ep.network.as_str());
+            if !mine {
+                continue;
+            }
+            p.addrs = moved_addrs(&p.addrs, mv);
+            self.journal_write("producers", &f, &p);
+            // A producer still recorded (its service kept it) gets the new addresses too.
+            let key = skeys::producer(&p.service, &p.id);
+            let res = match self.store.get(&key).await {
+                Ok(Some(kv)) => self
+                    .store
+                    .txn(
+                        vec![Compare::ModRevision(key.clone(), kv.mod_revision)],
+                        vec![Op::put(key, encode(&p))],
+                    )
+                    .await
+                    .map(|_| ()),
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = res {
+                tracing::warn!(error = %e, service = %p.service, "updating a moved producer");
+            }
+        }
+        Moved {
+            container: ep.container_id.clone(),
+            network: ep.network.clone(),
+            from: mv.from.clone(),
+            to: mv.to.clone(),
+            reason,
+        }
+    }
+
+    /// The kernel side of a move: the bridge gets this host's blocks' gateways (a block claimed
+    /// for the move included), the container's interface its new addresses and default routes,
+    /// and its port's anti-spoofing elements and published ports follow.
+    async fn renumber(&self, old: &Endpoint, new: &Endpoint, pool: &Network) -> Result<()> {
+        let view = self.host_view(pool).await?;
+        let net = &view.net;
+        let subnets = validate_network_subnets(&net.subnets)
+            .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+        let host = self
+            .kernel
+            .host()
+            .map_err(ControlError::dataplane("opening the host's namespace"))?;
+        self.ensure_bridge(&*host, net).await?;
+        let netns = old.netns.as_deref().ok_or_else(|| {
+            ControlError::InvalidConfig(format!(
+                "container {} has no recorded namespace",
+                old.container_id
+            ))
+        })?;
+        let what = || format!("renumbering {} in {netns}", old.container_id);
+        let ns = Netns::open(netns).map_err(ControlError::dataplane(what()))?;
+        let nl = Netlink::in_netns(&ns).map_err(ControlError::dataplane(what()))?;
+        ferrynet_dataplane::veth::renumber(
+            &nl,
+            &old.ifname,
+            &container_addresses(net, &old.ips),
+            &container_addresses(net, &new.ips),
+            &container_routes(net, &subnets, &new.ips),
+        )
+        .await
+        .map_err(ControlError::dataplane(what()))?;
+        if net.mode == NetworkMode::Routed {
+            let port = new
+                .host_veth
+                .clone()
+                .unwrap_or_else(|| host_veth_name(&new.network, &new.container_id, &new.ifname));
+            if let Some(index) = host
+                .link_index(&port)
+                .await
+                .map_err(ControlError::dataplane(what()))?
+            {
+                self.plumb_routed_port(&*host, net, &subnets, &port, index, &new.ips)
+                    .await?;
+            }
+        }
+        self.unguard_endpoint(old);
+        self.guard_endpoint(new, net.mode).await?;
+        let h = self.unpublish_ports_in_background(old);
+        self.finish_unpublish(old, h).await?;
+        self.publish_ports(new).await
     }
 
     /// One journaled endpoint: read what the store holds, decide, and put it back in one
@@ -307,6 +606,7 @@ mod tests {
             producers_restored: 1,
             forgotten: 3,
             conflicts: vec!["new".into()],
+            ..Default::default()
         });
         assert_eq!(
             (r.restored, r.producers_restored, r.forgotten, r.conflicts),
