@@ -590,7 +590,142 @@ impl Control {
 
 #[cfg(test)]
 mod tests {
-    use super::{producer_file, ReassertReport};
+    use std::sync::Arc;
+
+    use ferrynet_model::host::BlockClaim;
+    use ferrynet_model::network::{keys, Endpoint, EndpointOwner, Network};
+    use ferrynet_store::{EmbeddedStore, Store};
+    use ipnet::IpNet;
+
+    use super::{encode, moved_addrs, producer_file, Control, ReassertReport};
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    /// Network blue, 10.7.0.0/27 in blocks of 8, and a store where `claims` are written and
+    /// `held` addresses given to other containers.
+    async fn lab(claims: &[(&str, &str)], held: &[&str]) -> (tempfile::TempDir, Control, Network) {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path().join("s")).unwrap());
+        let mut pool = Network::bridged("blue", [net("10.7.0.0/27")]);
+        pool.fabric = Some(
+            serde_json::from_value(serde_json::json!({
+                "backend": "vxlan", "vni": 7, "blockV4": 29, "blockV6": 125
+            }))
+            .unwrap(),
+        );
+        for (b, h) in claims {
+            let c = BlockClaim {
+                host: h.to_string(),
+            };
+            store
+                .put(&keys::block("blue", &net(b)), encode(&c))
+                .await
+                .unwrap();
+        }
+        for a in held {
+            let k = keys::ipam("blue", a.parse().unwrap());
+            store.put(&k, b"other/eth0".to_vec()).await.unwrap();
+        }
+        (dir, Control::for_tests(store), pool)
+    }
+
+    fn journaled() -> Endpoint {
+        let mut ep = Endpoint::new("blue", "c1", "eth0");
+        ep.ips = vec![net("10.7.0.10/29")];
+        ep.owner = EndpointOwner::Cli;
+        ep.host = Some("test".into());
+        ep
+    }
+
+    async fn get(ctl: &Control, key: &str) -> Option<String> {
+        let kv = ctl.store.get(key).await.unwrap()?;
+        Some(String::from_utf8_lossy(&kv.value).into_owned())
+    }
+
+    #[tokio::test]
+    async fn a_move_records_new_addresses_and_claims_a_free_block_in_one_write() {
+        // h3 took this host's block 10.7.0.8/29 and gave .10 away; h1 holds 10.7.0.0/29.
+        let (_d, ctl, pool) = lab(
+            &[("10.7.0.0/29", "h1"), ("10.7.0.8/29", "h3")],
+            &["10.7.0.2", "10.7.0.10"],
+        )
+        .await;
+        let mv = ctl
+            .move_endpoint(&journaled(), &pool)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(mv.to, vec![net("10.7.0.18/29")]);
+        assert_eq!(mv.claim, vec![net("10.7.0.16/29")]);
+        let rec: Endpoint = serde_json::from_str(
+            &get(&ctl, &keys::endpoint("blue", "c1", "eth0"))
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(rec.ips, mv.to);
+        let k = |a: &str| keys::ipam("blue", a.parse().unwrap());
+        assert_eq!(get(&ctl, &k("10.7.0.18")).await.as_deref(), Some("c1/eth0"));
+        // What the other host gave away stays its container's.
+        assert_eq!(
+            get(&ctl, &k("10.7.0.10")).await.as_deref(),
+            Some("other/eth0")
+        );
+        assert_eq!(ctl.block_claims("blue").await.unwrap().len(), 3);
+        assert!(ctl.my_blocks("blue").await.unwrap() == vec![net("10.7.0.16/29")]);
+        // Its record back meanwhile (another pass): no second move.
+        let again = ctl.move_endpoint(&journaled(), &pool).await.unwrap();
+        assert!(again.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_forged_claim_cannot_renumber_a_container_onto_held_addresses() {
+        // A store writer gives this host's block to h3, gives h1's full block (.2 to .6 held)
+        // to this host, and claims the rest of the pool for a made-up host.
+        let (_d, ctl, pool) = lab(
+            &[
+                ("10.7.0.0/29", "test"),
+                ("10.7.0.8/29", "h3"),
+                ("10.7.0.16/29", "h9"),
+                ("10.7.0.24/29", "h9"),
+            ],
+            &["10.7.0.2", "10.7.0.3", "10.7.0.4", "10.7.0.5", "10.7.0.6"],
+        )
+        .await;
+        let why = ctl
+            .move_endpoint(&journaled(), &pool)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(why.contains("no address of the pool is free"), "{why}");
+        assert!(ctl
+            .store
+            .get(&keys::endpoint("blue", "c1", "eth0"))
+            .await
+            .unwrap()
+            .is_none());
+        for a in 2..=6 {
+            let k = keys::ipam("blue", format!("10.7.0.{a}").parse().unwrap());
+            assert_eq!(get(&ctl, &k).await.as_deref(), Some("other/eth0"));
+        }
+    }
+
+    #[test]
+    fn producers_follow_the_moved_addresses() {
+        let mv = ferrynet_model::journal::Move {
+            from: vec![net("10.7.0.10/29"), net("fd07::a/125")],
+            to: vec![net("10.7.0.18/29"), net("fd07::a/125")],
+            claim: vec![],
+            taken: vec![],
+        };
+        let addrs = ["10.7.0.10", "fd07::a", "192.0.2.1"].map(|a| a.parse().unwrap());
+        assert_eq!(
+            moved_addrs(&addrs, &mv),
+            ["10.7.0.18", "fd07::a", "192.0.2.1"].map(|a| a.parse::<std::net::IpAddr>().unwrap())
+        );
+    }
 
     #[test]
     fn later_passes_add_up_and_keep_only_current_conflicts() {
