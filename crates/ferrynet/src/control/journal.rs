@@ -437,6 +437,9 @@ impl Control {
             reason = format!("{reason}; renumbering its interface failed: {e}");
         }
         self.journal_write("endpoints", file, &moved);
+        if let Err(e) = self.move_container_record(&moved).await {
+            tracing::warn!(error = %e, container = %ep.container_id, "updating a moved container's record");
+        }
         for (f, mut p) in self.journal_entries::<Producer>("producers") {
             let mine = p.container.as_deref() == Some(ep.container_id.as_str())
                 && p.network.as_deref() == Some(ep.network.as_str());
@@ -470,6 +473,27 @@ impl Control {
             to: mv.to.clone(),
             reason,
         }
+    }
+
+    /// `ferrynet ps` and `inspect` show the new addresses: the CLI container's record follows
+    /// its endpoint, unless it was removed or replaced meanwhile.
+    async fn move_container_record(&self, moved: &Endpoint) -> Result<()> {
+        let key = keys::container(&moved.container_id);
+        let Some(kv) = self.store.get(&key).await? else {
+            return Ok(());
+        };
+        let mut c: crate::container::Container = decode(&kv)?;
+        if c.network != moved.network || c.ifname != moved.ifname {
+            return Ok(());
+        }
+        c.ips = moved.ips.clone();
+        self.store
+            .txn(
+                vec![Compare::ModRevision(key.clone(), kv.mod_revision)],
+                vec![Op::put(key, encode(&c))],
+            )
+            .await?;
+        Ok(())
     }
 
     /// The kernel side of a move: the bridge gets this host's blocks' gateways (a block claimed
