@@ -541,11 +541,46 @@ impl Control {
                     .await?;
             }
         }
+        self.move_resolver(netns, net, &subnets, new)?;
         self.unguard_endpoint(old);
         self.guard_endpoint(new, net.mode).await?;
         let h = self.unpublish_ports_in_background(old);
         self.finish_unpublish(old, h).await?;
         self.publish_ports(new).await
+    }
+
+    /// The resolv.conf ferrynet wrote for a container names its old block's gateway (now
+    /// another host's): rewrite it in place (the container sees it through a bind mount).
+    fn move_resolver(
+        &self,
+        netns: &str,
+        net: &Network,
+        subnets: &[ferrynet_model::ipam::ResolvedSubnet],
+        new: &Endpoint,
+    ) -> Result<()> {
+        let path = std::path::Path::new(netns);
+        let (Some(_), Some(name)) = (
+            crate::container::resolv_conf_of(Some(path)),
+            path.file_name().and_then(|n| n.to_str()),
+        ) else {
+            return Ok(());
+        };
+        let Some(dns) = super::host::LocalConfig::load(&self.paths().state_dir)?.dns else {
+            return Ok(());
+        };
+        let mut gws: Vec<IpAddr> = Vec::new();
+        for ip in &new.ips {
+            if let Some(g) = super::endpoint::gateway_for(subnets, ip.addr()) {
+                if !gws.contains(&g) {
+                    gws.push(g);
+                }
+            }
+        }
+        if !gws.is_empty() {
+            let content = crate::container::resolv_conf(&gws, &net.name, &dns.domain);
+            crate::container::write_resolv_conf(name, &content)?;
+        }
+        Ok(())
     }
 
     /// One journaled endpoint: read what the store holds, decide, and put it back in one
