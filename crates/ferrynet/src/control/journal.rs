@@ -437,6 +437,9 @@ impl Control {
             reason = format!("{reason}; renumbering its interface failed: {e}");
         }
         self.journal_write("endpoints", file, &moved);
+        if let Err(e) = self.drop_taken_gateways(pool, mv).await {
+            tracing::warn!(error = %e, network = %pool.name, "removing a taken block's gateway from the bridge");
+        }
         if let Err(e) = self.move_container_record(&moved).await {
             tracing::warn!(error = %e, container = %ep.container_id, "updating a moved container's record");
         }
@@ -473,6 +476,44 @@ impl Control {
             to: mv.to.clone(),
             reason,
         }
+    }
+
+    /// The bridge keeps the gateway of each block another host took until no journaled
+    /// container of this host is left in it; then it goes, so the block's connected route goes
+    /// with it and the fabric routes the block to the host that took it.
+    async fn drop_taken_gateways(&self, pool: &Network, mv: &Move) -> Result<()> {
+        let left: Vec<Endpoint> = self
+            .journal_entries::<Endpoint>("endpoints")
+            .into_iter()
+            .map(|(_, e)| e)
+            .filter(|e| e.network == pool.name)
+            .collect();
+        let nl = Netlink::current().map_err(ControlError::dataplane("opening netlink"))?;
+        let what = || format!("bridge {}", pool.bridge);
+        let Some(index) = nl
+            .link_index(&pool.bridge)
+            .await
+            .map_err(ControlError::dataplane(what()))?
+        else {
+            return Ok(());
+        };
+        for (b, _) in &mv.taken {
+            if left
+                .iter()
+                .any(|e| e.ips.iter().any(|a| b.contains(&a.addr())))
+            {
+                continue;
+            }
+            let subs = ferrynet_model::blocks::block_subnets(&pool.subnets, &[*b]);
+            let resolved = validate_network_subnets(&subs)
+                .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+            for r in resolved {
+                nl.delete_address(index, r.gateway_net())
+                    .await
+                    .map_err(ControlError::dataplane(what()))?;
+            }
+        }
+        Ok(())
     }
 
     /// `ferrynet ps` and `inspect` show the new addresses: the CLI container's record follows
