@@ -129,7 +129,8 @@ pub struct Move {
     /// Its addresses after the move: each one whose block is still this host's (or free) is
     /// kept; each other one is replaced by a free address of the same family.
     pub to: Vec<IpNet>,
-    /// Free blocks to claim for the new addresses (empty when this host's blocks had room).
+    /// Free blocks to claim: for the new addresses (none when this host's blocks had room),
+    /// and the released blocks of the addresses it keeps.
     pub claim: Vec<IpNet>,
     /// The blocks other hosts took, with the taker (for the event and the status).
     pub taken: Vec<(IpNet, String)>,
@@ -171,7 +172,15 @@ pub fn plan_move(ep: &Endpoint, host: &str, net: &NetworkFacts) -> Result<Move, 
         };
         match net.claims.get(&b) {
             Some(h) if h != host => taken.push((b, h.clone())),
-            _ => {
+            Some(_) => {
+                to.push(*ip);
+                continue;
+            }
+            // Kept in a block released meanwhile: claimed again with the move.
+            None => {
+                if !claim.contains(&b) {
+                    claim.push(b);
+                }
                 to.push(*ip);
                 continue;
             }
@@ -472,6 +481,12 @@ mod tests {
         assert_eq!(m.claim, vec![net("10.7.0.0/29"), net("fd07::/125")]);
         assert_eq!(m.to, vec![net("10.7.0.2/29"), net("fd07::2/125")]);
         assert_eq!(m.taken.len(), 2);
+        // Its v6 block released meanwhile: kept, and claimed again with the move.
+        let c = claims(&[("10.7.0.8/29", "h3")]);
+        let f2 = NetworkFacts { claims: &c, ..f };
+        let m = plan_move(&moving(), "h2", &f2).unwrap();
+        assert_eq!(m.to[1], net("fd07::a/125"));
+        assert_eq!(m.claim, vec![net("10.7.0.0/29"), net("fd07::8/125")]);
         // Blocks free or its own: nothing to move.
         let c = claims(&[("10.7.0.8/29", "h2")]);
         let f = NetworkFacts { claims: &c, ..f };
