@@ -329,6 +329,17 @@ fn a_container_whose_block_another_host_took_moves_to_a_block_of_its_own_host() 
         addrs.contains(&format!("\"{new4}\"")) && !addrs.contains(&format!("\"{}\"", v.v4)),
         "{addrs}"
     );
+    // h2's bridge gave up the taken block's gateway (the block is h3's to route now).
+    let gw = std::net::Ipv4Addr::from(u32::from(block) + 1).to_string();
+    let o = Command::new("ip")
+        .args(["-n", &lab.host_ns("h2"), "-j", "addr", "show"])
+        .output()
+        .expect("ip");
+    let host_addrs = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        !host_addrs.contains(&format!("\"{gw}\"")),
+        "{gw} still on h2: {host_addrs}"
+    );
     // ps shows it, its producer follows, DNS answers it.
     assert!(lab.ok("h2", &["ps", "--json"]).contains(&new4));
     wait("the producer's new address", 30, || {

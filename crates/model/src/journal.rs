@@ -15,7 +15,7 @@ use ipnet::IpNet;
 
 use crate::blocks::{block_subnets, next_block};
 use crate::ipam::{next_free, validate_subnet};
-use crate::network::{Endpoint, FabricSpec, Subnet};
+use crate::network::{Endpoint, EndpointOwner, FabricSpec, Subnet};
 
 /// What the store holds now for one journaled endpoint.
 #[derive(Debug, Clone, Default)]
@@ -118,6 +118,14 @@ pub fn plan(
         return Reassert::Taken(m);
     }
     Reassert::Restore { blocks: claim }
+}
+
+/// Whether a container whose block another host took moves ([`plan_move`]): only those
+/// `ferrynet run` started. A runtime (CNI, Docker) recorded the address it was given and hands
+/// it on (pod status, service endpoints, `docker inspect`); renumbering behind its back would
+/// send its clients to whoever gets that address next, so those stay a reported conflict.
+pub fn moves(owner: EndpointOwner) -> bool {
+    owner == EndpointOwner::Cli
 }
 
 /// Where a returning container's addresses go when another host took the block of some of
@@ -491,6 +499,18 @@ mod tests {
         let c = claims(&[("10.7.0.8/29", "h2")]);
         let f = NetworkFacts { claims: &c, ..f };
         assert!(plan_move(&moving(), "h2", &f).is_err());
+    }
+
+    #[test]
+    fn only_containers_ferrynet_started_move() {
+        assert!(moves(EndpointOwner::Cli));
+        for o in [
+            EndpointOwner::Cni,
+            EndpointOwner::Docker,
+            EndpointOwner::Unknown,
+        ] {
+            assert!(!moves(o), "{o:?}");
+        }
     }
 
     #[test]

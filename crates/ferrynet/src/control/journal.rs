@@ -13,10 +13,10 @@ use ferrynet_dataplane::netns::Netns;
 use ferrynet_model::host::BlockClaim;
 use ferrynet_model::ipam::validate_network_subnets;
 use ferrynet_model::journal::{
-    blocks_of, plan, plan_move, Move, NetworkFacts, Reassert, StoreFacts,
+    blocks_of, moves, plan, plan_move, Move, NetworkFacts, Reassert, StoreFacts,
 };
 use ferrynet_model::names::host_veth_name;
-use ferrynet_model::network::{keys, Endpoint, EndpointOwner, Network, NetworkMode};
+use ferrynet_model::network::{keys, Endpoint, Network, NetworkMode};
 use ferrynet_model::service::{keys as skeys, Producer};
 use ferrynet_store::{Compare, Op};
 use ipnet::IpNet;
@@ -253,10 +253,7 @@ impl Control {
                     tracing::error!(conflict = %m, "cannot re-assert a container's records");
                     report.conflicts.push(m);
                 }
-                Reassert::Taken(m) if ep.owner != EndpointOwner::Cli => {
-                    // The runtime (CNI, Docker) recorded the address and hands it on (pod
-                    // status, service endpoints): renumbering behind its back would send its
-                    // clients to whoever gets that address next.
+                Reassert::Taken(m) if !moves(ep.owner) => {
                     let m = format!(
                         "{m}; the container keeps its address because its runtime recorded it: \
                          restart it to give it a new one"
