@@ -19,6 +19,7 @@ use crate::netns::Netns;
 const EEXIST: i32 = 17;
 const ENODEV: i32 = 19;
 const ESRCH: i32 = 3;
+const EADDRNOTAVAIL: i32 = 99;
 const RT_TABLE_MAIN: u8 = 254;
 
 /// A link as seen by netlink.
@@ -277,6 +278,25 @@ impl Netlink {
         }
     }
 
+    /// Remove an address from a link; false when it was not there.
+    pub async fn delete_address(&self, index: u32, addr: IpNet) -> Result<bool> {
+        // The add request builds the message the kernel matches a delete by (family,
+        // prefix length, link, local address).
+        let mut add = self
+            .handle
+            .address()
+            .add(index, addr.addr(), addr.prefix_len());
+        let msg = add.message_mut().clone();
+        match self.handle.address().del(msg).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if matches!(errno(&e), Some(EADDRNOTAVAIL) | Some(ESRCH)) => Ok(false),
+            Err(e) => Err(DataplaneError::Netlink {
+                op: format!("removing {addr} from link #{index}"),
+                source: e,
+            }),
+        }
+    }
+
     /// Routes of the main table leaving through link `index`, both families.
     pub async fn routes(&self, index: u32) -> Result<Vec<RouteInfo>> {
         let mut out = Vec::new();
@@ -298,6 +318,15 @@ impl Netlink {
 
     /// Add a route out of link `oif` (no-op if it exists).
     pub async fn add_route(&self, route: &RouteSpec, oif: u32) -> Result<()> {
+        self.put_route(route, oif, false).await
+    }
+
+    /// Add a route out of link `oif`, replacing one to the same destination (another gateway).
+    pub async fn replace_route(&self, route: &RouteSpec, oif: u32) -> Result<()> {
+        self.put_route(route, oif, true).await
+    }
+
+    async fn put_route(&self, route: &RouteSpec, oif: u32, replace: bool) -> Result<()> {
         let mut msg = match (route.dst, route.gateway) {
             (IpNet::V4(d), gw) => {
                 let mut b = RouteMessageBuilder::<std::net::Ipv4Addr>::new()
@@ -321,7 +350,9 @@ impl Netlink {
         if route.onlink {
             msg.header.flags.insert(RouteFlags::Onlink);
         }
-        match self.handle.route().add(msg).execute().await {
+        let req = self.handle.route().add(msg);
+        let req = if replace { req.replace() } else { req };
+        match req.execute().await {
             Ok(()) => Ok(()),
             Err(e) if matches!(errno(&e), Some(EEXIST)) => Ok(()),
             Err(e) => Err(DataplaneError::Netlink {

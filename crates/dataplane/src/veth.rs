@@ -232,3 +232,28 @@ pub async fn inspect(container: &Netlink, ifname: &str) -> Result<Option<IfaceSt
         routes: container.routes(l.index).await?,
     }))
 }
+
+/// Give container interface `ifname` (in the namespace `container` is open in) the addresses
+/// `add` and the routes `routes` (replacing routes to the same destinations), then remove
+/// `remove`. New before old, so the new gateway is on-link when the default route moves to it.
+pub async fn renumber(
+    container: &Netlink,
+    ifname: &str,
+    remove: &[IpNet],
+    add: &[IpNet],
+    routes: &[RouteSpec],
+) -> Result<()> {
+    let index = container.link_index(ifname).await?.ok_or_else(|| {
+        DataplaneError::NotFound(format!("interface {ifname} in the container's namespace"))
+    })?;
+    for a in add {
+        container.add_address(index, *a).await?;
+    }
+    for r in routes {
+        container.replace_route(r, index).await?;
+    }
+    for a in remove.iter().filter(|a| !add.contains(a)) {
+        container.delete_address(index, *a).await?;
+    }
+    Ok(())
+}

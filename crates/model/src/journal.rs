@@ -4,7 +4,8 @@
 //! release its blocks, endpoints and producers while its containers keep running. The host
 //! keeps a local journal of what it recorded; on re-registering, each journaled endpoint whose
 //! link is still in the kernel is put back, unless the store now gives its address or block to
-//! someone else (then it is a conflict, reported, never overwritten). This module decides; the
+//! someone else (then it is a conflict, reported, never overwritten). A container whose block
+//! another host took may move to free addresses instead ([`plan_move`]). This module decides; the
 //! control layer reads the journal, the kernel and the store, and commits.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -14,7 +15,7 @@ use ipnet::IpNet;
 
 use crate::blocks::{block_subnets, next_block};
 use crate::ipam::{next_free, validate_subnet};
-use crate::network::{Endpoint, FabricSpec, Subnet};
+use crate::network::{Endpoint, EndpointOwner, FabricSpec, Subnet};
 
 /// What the store holds now for one journaled endpoint.
 #[derive(Debug, Clone, Default)]
@@ -39,6 +40,9 @@ pub enum Reassert {
         /// Blocks to claim again for this host.
         blocks: Vec<IpNet>,
     },
+    /// Another host took the block of some of its addresses (and the network does not let it
+    /// borrow them): not taken back; the container may move ([`plan_move`]). The reason.
+    Taken(String),
     /// Someone else holds what it needs now; it is reported, not taken back.
     Conflict(String),
 }
@@ -73,9 +77,17 @@ pub fn plan(
             list(&ep.ips)
         ));
     }
+    // A block another host took: its addresses there are that host's to give now.
+    let taken = |a: IpAddr| {
+        blocks
+            .iter()
+            .filter(|b| b.contains(&a))
+            .find_map(|b| facts.block_owners.get(b).filter(|h| *h != host && !borrow))
+            .is_some()
+    };
     for ip in &ep.ips {
         if let Some(o) = facts.address_owners.get(&ip.addr()) {
-            if *o != owner {
+            if *o != owner && !taken(ip.addr()) {
                 return Reassert::Conflict(format!(
                     "address {} of container {} on network {} is now held by {o}",
                     ip.addr(),
@@ -86,20 +98,34 @@ pub fn plan(
         }
     }
     let mut claim = Vec::new();
+    let mut lost = None;
     for b in blocks {
         match facts.block_owners.get(b) {
             Some(h) if h == host => {}
             Some(_) if borrow => {}
             Some(h) => {
-                return Reassert::Conflict(format!(
-                    "block {b} of network {} (container {}) now belongs to host {h}",
-                    ep.network, ep.container_id
-                ))
+                lost.get_or_insert_with(|| {
+                    format!(
+                        "block {b} of network {} (container {}) now belongs to host {h}",
+                        ep.network, ep.container_id
+                    )
+                });
             }
             None => claim.push(*b),
         }
     }
+    if let Some(m) = lost {
+        return Reassert::Taken(m);
+    }
     Reassert::Restore { blocks: claim }
+}
+
+/// Whether a container whose block another host took moves ([`plan_move`]): only those
+/// `ferrynet run` started. A runtime (CNI, Docker) recorded the address it was given and hands
+/// it on (pod status, service endpoints, `docker inspect`); renumbering behind its back would
+/// send its clients to whoever gets that address next, so those stay a reported conflict.
+pub fn moves(owner: EndpointOwner) -> bool {
+    owner == EndpointOwner::Cli
 }
 
 /// Where a returning container's addresses go when another host took the block of some of
@@ -111,7 +137,8 @@ pub struct Move {
     /// Its addresses after the move: each one whose block is still this host's (or free) is
     /// kept; each other one is replaced by a free address of the same family.
     pub to: Vec<IpNet>,
-    /// Free blocks to claim for the new addresses (empty when this host's blocks had room).
+    /// Free blocks to claim: for the new addresses (none when this host's blocks had room),
+    /// and the released blocks of the addresses it keeps.
     pub claim: Vec<IpNet>,
     /// The blocks other hosts took, with the taker (for the event and the status).
     pub taken: Vec<(IpNet, String)>,
@@ -153,7 +180,15 @@ pub fn plan_move(ep: &Endpoint, host: &str, net: &NetworkFacts) -> Result<Move, 
         };
         match net.claims.get(&b) {
             Some(h) if h != host => taken.push((b, h.clone())),
-            _ => {
+            Some(_) => {
+                to.push(*ip);
+                continue;
+            }
+            // Kept in a block released meanwhile: claimed again with the move.
+            None => {
+                if !claim.contains(&b) {
+                    claim.push(b);
+                }
                 to.push(*ip);
                 continue;
             }
@@ -305,10 +340,19 @@ mod tests {
         let e = ep();
         let mut facts = StoreFacts::default();
         facts.block_owners.insert(block(), "h1".into());
-        let Reassert::Conflict(m) = plan(&e, "h2", true, &facts, &[block()], false) else {
-            panic!("expected a conflict");
+        let Reassert::Taken(m) = plan(&e, "h2", true, &facts, &[block()], false) else {
+            panic!("expected a taken block");
         };
         assert!(m.contains("h1") && m.contains("10.1.0.0/26"), "{m}");
+        // Its address in the taken block given away meanwhile: still a taken block (a move
+        // fixes both), not an address conflict.
+        facts
+            .address_owners
+            .insert("10.1.0.5".parse().unwrap(), "other/eth0".into());
+        assert!(matches!(
+            plan(&e, "h2", true, &facts, &[block()], false),
+            Reassert::Taken(_)
+        ));
         let mut facts = StoreFacts::default();
         facts
             .address_owners
@@ -445,10 +489,61 @@ mod tests {
         assert_eq!(m.claim, vec![net("10.7.0.0/29"), net("fd07::/125")]);
         assert_eq!(m.to, vec![net("10.7.0.2/29"), net("fd07::2/125")]);
         assert_eq!(m.taken.len(), 2);
+        // Its v6 block released meanwhile: kept, and claimed again with the move.
+        let c = claims(&[("10.7.0.8/29", "h3")]);
+        let f2 = NetworkFacts { claims: &c, ..f };
+        let m = plan_move(&moving(), "h2", &f2).unwrap();
+        assert_eq!(m.to[1], net("fd07::a/125"));
+        assert_eq!(m.claim, vec![net("10.7.0.0/29"), net("fd07::8/125")]);
         // Blocks free or its own: nothing to move.
         let c = claims(&[("10.7.0.8/29", "h2")]);
         let f = NetworkFacts { claims: &c, ..f };
         assert!(plan_move(&moving(), "h2", &f).is_err());
+    }
+
+    #[test]
+    fn only_containers_ferrynet_started_move() {
+        assert!(moves(EndpointOwner::Cli));
+        for o in [
+            EndpointOwner::Cni,
+            EndpointOwner::Docker,
+            EndpointOwner::Unknown,
+        ] {
+            assert!(!moves(o), "{o:?}");
+        }
+    }
+
+    #[test]
+    fn a_forged_claim_never_moves_a_container_onto_a_held_address() {
+        let (subnets, spec) = pool();
+        // A store writer gives h2's block to h3, gives h1's block 10.7.0.0/29 (its containers
+        // hold .2 to .6) to h2, and claims every other block for a made-up host.
+        let c = claims(&[
+            ("10.7.0.0/29", "h2"),
+            ("10.7.0.8/29", "h3"),
+            ("10.7.0.16/29", "h9"),
+            ("10.7.0.24/29", "h9"),
+            ("fd07::8/125", "h2"),
+        ]);
+        let held = ["10.7.0.2", "10.7.0.3", "10.7.0.4", "10.7.0.5", "10.7.0.6"];
+        let u = used(&held);
+        let f = NetworkFacts {
+            subnets: &subnets,
+            spec: &spec,
+            claims: &c,
+            orphans: &[],
+            used: &u,
+        };
+        // Every address of the block it is offered is held: no move, h1's addresses stay h1's.
+        let e = plan_move(&moving(), "h2", &f).unwrap_err();
+        assert!(e.contains("no address of the pool is free"), "{e}");
+        // With one address released there, the move takes only that one.
+        let u = used(&held[..4]);
+        let f = NetworkFacts { used: &u, ..f };
+        let m = plan_move(&moving(), "h2", &f).unwrap();
+        assert_eq!(m.to[0], net("10.7.0.6/29"));
+        assert!(m.to.iter().all(|a| !u.contains(&a.addr())));
+        assert!(m.claim.is_empty());
     }
 
     #[test]

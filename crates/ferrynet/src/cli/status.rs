@@ -26,6 +26,7 @@ pub async fn show(paths: &Paths, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     print_summary(&s);
+    print_reassert(&s);
     print_lb(&s);
     print_policy(&s);
     print_dns(&s);
@@ -36,6 +37,24 @@ pub async fn show(paths: &Paths, json: bool) -> anyhow::Result<()> {
         print_sleeve(sl);
     }
     Ok(())
+}
+
+/// What re-asserting after a partition moved or could not put back.
+fn print_reassert(s: &AgentStatus) {
+    let Some(r) = &s.reassert else { return };
+    for m in &r.moved {
+        println!(
+            "moved after a partition: {} on {}: {} -> {} ({})",
+            m.container,
+            m.network,
+            list(&m.from),
+            list(&m.to),
+            m.reason
+        );
+    }
+    for c in &r.conflicts {
+        println!("re-assert conflict: {c}");
+    }
 }
 
 /// The host, store, last reconcile and its errors.

@@ -4,17 +4,25 @@
 //! (`model::journal` decides). Single-host networks are not journaled: nobody else releases
 //! them.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 use ferrynet_dataplane::netlink::Netlink;
+use ferrynet_dataplane::netns::Netns;
 use ferrynet_model::host::BlockClaim;
-use ferrynet_model::journal::{blocks_of, plan, Reassert, StoreFacts};
+use ferrynet_model::ipam::validate_network_subnets;
+use ferrynet_model::journal::{
+    blocks_of, moves, plan, plan_move, Move, NetworkFacts, Reassert, StoreFacts,
+};
 use ferrynet_model::names::host_veth_name;
-use ferrynet_model::network::{keys, Endpoint};
+use ferrynet_model::network::{keys, Endpoint, Network, NetworkMode};
 use ferrynet_model::service::{keys as skeys, Producer};
 use ferrynet_store::{Compare, Op};
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use super::endpoint::{container_addresses, container_routes};
 use super::transact::Round;
 use super::{decode, encode, Control};
 use crate::error::{ControlError, Result};
@@ -31,6 +39,56 @@ pub struct ReassertReport {
     pub forgotten: usize,
     /// What others hold now that this host's containers still use.
     pub conflicts: Vec<String>,
+    /// Containers given new addresses because another host took their block.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moved: Vec<Moved>,
+}
+
+/// A container `ferrynet run` started, moved to other addresses after a partition.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Moved {
+    /// The container.
+    pub container: String,
+    /// The network.
+    pub network: String,
+    /// Its addresses before.
+    pub from: Vec<IpNet>,
+    /// Its addresses now.
+    pub to: Vec<IpNet>,
+    /// Why: which block which host took.
+    pub reason: String,
+}
+
+/// `ep`'s moved record: the new addresses, the rest as journaled.
+fn moved_endpoint(ep: &Endpoint, mv: &Move) -> Endpoint {
+    Endpoint {
+        ips: mv.to.clone(),
+        ..ep.clone()
+    }
+}
+
+/// The reason a move gives in the status and the event.
+fn move_reason(mv: &Move) -> String {
+    mv.taken
+        .iter()
+        .map(|(b, h)| format!("block {b} was taken by host {h}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Producer addresses after a move: each moved address replaced by its successor.
+fn moved_addrs(addrs: &[IpAddr], mv: &Move) -> Vec<IpAddr> {
+    addrs
+        .iter()
+        .map(|a| {
+            mv.from
+                .iter()
+                .zip(&mv.to)
+                .find(|(f, _)| f.addr() == *a)
+                .map_or(*a, |(_, t)| t.addr())
+        })
+        .collect()
 }
 
 impl ReassertReport {
@@ -42,7 +100,16 @@ impl ReassertReport {
         self.producers_restored += later.producers_restored;
         self.forgotten += later.forgotten;
         self.conflicts = later.conflicts;
+        // Moves happened: a later pass that finds nothing to do must not hide them.
+        self.moved.extend(later.moved);
     }
+}
+
+fn list(ips: &[IpNet]) -> String {
+    ips.iter()
+        .map(|i| i.addr().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A producer's journal file name, when its names are safe as one.
@@ -186,6 +253,33 @@ impl Control {
                     tracing::error!(conflict = %m, "cannot re-assert a container's records");
                     report.conflicts.push(m);
                 }
+                Reassert::Taken(m) if !moves(ep.owner) => {
+                    let m = format!(
+                        "{m}; the container keeps its address because its runtime recorded it: \
+                         restart it to give it a new one"
+                    );
+                    tracing::error!(conflict = %m, "cannot re-assert a container's records");
+                    report.conflicts.push(m);
+                }
+                Reassert::Taken(m) => match self.move_endpoint(&ep, &net).await? {
+                    Err(why) => {
+                        let m = format!("{m}; not moved: {why}");
+                        tracing::error!(conflict = %m, "cannot re-assert a container's records");
+                        report.conflicts.push(m);
+                    }
+                    Ok(mv) => {
+                        let moved = self.finish_move(&file, &ep, &net, &mv).await;
+                        tracing::warn!(
+                            container = %ep.container_id,
+                            network = %ep.network,
+                            from = %list(&mv.from),
+                            to = %list(&mv.to),
+                            reason = %moved.reason,
+                            "moved a container to addresses of this host: another host took its block while this host was cut off"
+                        );
+                        report.moved.push(moved);
+                    }
+                },
             }
         }
         for (file, p) in self.journal_entries::<Producer>("producers") {
@@ -215,6 +309,7 @@ impl Control {
         }
         if report != ReassertReport::default() {
             tracing::info!(
+                moved = report.moved.len(),
                 restored = report.restored,
                 producers = report.producers_restored,
                 forgotten = report.forgotten,
@@ -223,6 +318,307 @@ impl Control {
             );
         }
         Ok(report)
+    }
+
+    /// Move journaled endpoint `ep` of multi-host network `pool` off the blocks other hosts
+    /// took: plan from the network's claims and held addresses, and write its new record,
+    /// address keys and block claims in one transaction guarded by what was read. Err (the
+    /// reason) when no move is possible.
+    async fn move_endpoint(
+        &self,
+        ep: &Endpoint,
+        pool: &Network,
+    ) -> Result<std::result::Result<Move, String>> {
+        let Some(spec) = &pool.fabric else {
+            return Ok(Err("the network is not multi-host".into()));
+        };
+        let ep_key = &keys::endpoint(&ep.network, &ep.container_id, &ep.ifname);
+        let owner = &format!("{}/{}", ep.container_id, ep.ifname);
+        let what = || format!("move {} on network {}", ep.container_id, ep.network);
+        self.transact(what, || {
+            Box::pin(async move {
+                if self.store.get(ep_key).await?.is_some() {
+                    return Ok(Round::Done(Err("its record came back meanwhile".into())));
+                }
+                let mut compares = vec![Compare::Missing(ep_key.clone())];
+                let (kvs, _) = self.store.range(&keys::blocks(&ep.network)).await?;
+                let mut claims = BTreeMap::new();
+                let mut revision = BTreeMap::new();
+                for kv in &kvs {
+                    if let Some((_, b)) = keys::parse_block(&kv.key) {
+                        let c: BlockClaim = decode(kv)?;
+                        claims.insert(b, c.host);
+                        revision.insert(b, kv.mod_revision);
+                    }
+                }
+                let prefix = keys::orphan_blocks(&ep.network);
+                let (kvs, _) = self.store.range(&prefix).await?;
+                let orphans: Vec<IpNet> = kvs
+                    .iter()
+                    .filter_map(|kv| kv.key.strip_prefix(&prefix)?.replace('_', "/").parse().ok())
+                    .collect();
+                let held = self.held_addresses(&ep.network).await?;
+                let used: BTreeSet<IpAddr> = held.keys().copied().collect();
+                let facts = NetworkFacts {
+                    subnets: &pool.subnets,
+                    spec,
+                    claims: &claims,
+                    orphans: &orphans,
+                    used: &used,
+                };
+                let mv = match plan_move(ep, self.host(), &facts) {
+                    Ok(m) => m,
+                    Err(why) => return Ok(Round::Done(Err(why))),
+                };
+                let mut ops = vec![Op::put(ep_key.clone(), encode(&moved_endpoint(ep, &mv)))];
+                for a in &mv.to {
+                    let k = keys::ipam(&ep.network, a.addr());
+                    match held.get(&a.addr()) {
+                        // A kept address someone else holds now: no move takes it over.
+                        Some(o) if o != owner => {
+                            return Ok(Round::Done(Err(format!(
+                                "address {} is now held by {o}",
+                                a.addr()
+                            ))))
+                        }
+                        Some(o) => compares.push(Compare::Value(k.clone(), o.as_bytes().to_vec())),
+                        None => compares.push(Compare::Missing(k.clone())),
+                    }
+                    ops.push(Op::put(k, owner.clone()));
+                }
+                // Its own keys of the addresses it leaves (none after a release) go.
+                for a in mv.from.iter().filter(|a| !mv.to.contains(a)) {
+                    let k = keys::ipam(&ep.network, a.addr());
+                    if held.get(&a.addr()) == Some(owner) {
+                        compares.push(Compare::Value(k.clone(), owner.as_bytes().to_vec()));
+                        ops.push(Op::delete(k));
+                    }
+                }
+                // Every block it leaves or lands in is as read: taken, this host's, or free
+                // and claimed now.
+                let touched: BTreeSet<IpNet> = mv
+                    .from
+                    .iter()
+                    .chain(&mv.to)
+                    .filter_map(|a| claims.keys().find(|b| b.contains(&a.addr())).copied())
+                    .collect();
+                for b in touched {
+                    if let Some(r) = revision.get(&b) {
+                        compares.push(Compare::ModRevision(keys::block(&ep.network, &b), *r));
+                    }
+                }
+                for b in &mv.claim {
+                    let k = keys::block(&ep.network, b);
+                    let c = BlockClaim {
+                        host: self.host().to_string(),
+                    };
+                    compares.push(Compare::Missing(k.clone()));
+                    ops.push(Op::put(k, encode(&c)));
+                    ops.push(Op::delete(keys::orphan_block(&ep.network, b)));
+                }
+                Ok(Round::commit(compares, ops, Ok(mv)))
+            })
+        })
+        .await
+    }
+
+    /// After a move is recorded: the container's interface, the bridge's gateways, the port's
+    /// anti-spoofing elements, published ports, the journal and the container's producers
+    /// follow. A kernel step that fails is logged and named in the returned entry's reason:
+    /// the store holds the new addresses and the next move or restart finishes the job.
+    async fn finish_move(&self, file: &str, ep: &Endpoint, pool: &Network, mv: &Move) -> Moved {
+        let moved = moved_endpoint(ep, mv);
+        let mut reason = move_reason(mv);
+        if let Err(e) = self.renumber(ep, &moved, pool).await {
+            tracing::error!(error = %e, container = %ep.container_id, "renumbering a moved container");
+            reason = format!("{reason}; renumbering its interface failed: {e}");
+        }
+        self.journal_write("endpoints", file, &moved);
+        if let Err(e) = self.drop_taken_gateways(pool, mv).await {
+            tracing::warn!(error = %e, network = %pool.name, "removing a taken block's gateway from the bridge");
+        }
+        if let Err(e) = self.move_container_record(&moved).await {
+            tracing::warn!(error = %e, container = %ep.container_id, "updating a moved container's record");
+        }
+        for (f, mut p) in self.journal_entries::<Producer>("producers") {
+            let mine = p.container.as_deref() == Some(ep.container_id.as_str())
+                && p.network.as_deref() == Some(ep.network.as_str());
+            if !mine {
+                continue;
+            }
+            p.addrs = moved_addrs(&p.addrs, mv);
+            self.journal_write("producers", &f, &p);
+            // A producer still recorded (its service kept it) gets the new addresses too.
+            let key = skeys::producer(&p.service, &p.id);
+            let res = match self.store.get(&key).await {
+                Ok(Some(kv)) => self
+                    .store
+                    .txn(
+                        vec![Compare::ModRevision(key.clone(), kv.mod_revision)],
+                        vec![Op::put(key, encode(&p))],
+                    )
+                    .await
+                    .map(|_| ()),
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = res {
+                tracing::warn!(error = %e, service = %p.service, "updating a moved producer");
+            }
+        }
+        Moved {
+            container: ep.container_id.clone(),
+            network: ep.network.clone(),
+            from: mv.from.clone(),
+            to: mv.to.clone(),
+            reason,
+        }
+    }
+
+    /// The bridge keeps the gateway of each block another host took until no journaled
+    /// container of this host is left in it; then it goes, so the block's connected route goes
+    /// with it and the fabric routes the block to the host that took it.
+    async fn drop_taken_gateways(&self, pool: &Network, mv: &Move) -> Result<()> {
+        let left: Vec<Endpoint> = self
+            .journal_entries::<Endpoint>("endpoints")
+            .into_iter()
+            .map(|(_, e)| e)
+            .filter(|e| e.network == pool.name)
+            .collect();
+        let nl = Netlink::current().map_err(ControlError::dataplane("opening netlink"))?;
+        let what = || format!("bridge {}", pool.bridge);
+        let Some(index) = nl
+            .link_index(&pool.bridge)
+            .await
+            .map_err(ControlError::dataplane(what()))?
+        else {
+            return Ok(());
+        };
+        for (b, _) in &mv.taken {
+            if left
+                .iter()
+                .any(|e| e.ips.iter().any(|a| b.contains(&a.addr())))
+            {
+                continue;
+            }
+            let subs = ferrynet_model::blocks::block_subnets(&pool.subnets, &[*b]);
+            let resolved = validate_network_subnets(&subs)
+                .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+            for r in resolved {
+                nl.delete_address(index, r.gateway_net())
+                    .await
+                    .map_err(ControlError::dataplane(what()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `ferrynet ps` and `inspect` show the new addresses: the CLI container's record follows
+    /// its endpoint, unless it was removed or replaced meanwhile.
+    async fn move_container_record(&self, moved: &Endpoint) -> Result<()> {
+        let key = keys::container(&moved.container_id);
+        let Some(kv) = self.store.get(&key).await? else {
+            return Ok(());
+        };
+        let mut c: crate::container::Container = decode(&kv)?;
+        if c.network != moved.network || c.ifname != moved.ifname {
+            return Ok(());
+        }
+        c.ips = moved.ips.clone();
+        self.store
+            .txn(
+                vec![Compare::ModRevision(key.clone(), kv.mod_revision)],
+                vec![Op::put(key, encode(&c))],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The kernel side of a move: the bridge gets this host's blocks' gateways (a block claimed
+    /// for the move included), the container's interface its new addresses and default routes,
+    /// and its port's anti-spoofing elements and published ports follow.
+    async fn renumber(&self, old: &Endpoint, new: &Endpoint, pool: &Network) -> Result<()> {
+        let view = self.host_view(pool).await?;
+        let net = &view.net;
+        let subnets = validate_network_subnets(&net.subnets)
+            .map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+        let host = self
+            .kernel
+            .host()
+            .map_err(ControlError::dataplane("opening the host's namespace"))?;
+        self.ensure_bridge(&*host, net).await?;
+        let netns = old.netns.as_deref().ok_or_else(|| {
+            ControlError::InvalidConfig(format!(
+                "container {} has no recorded namespace",
+                old.container_id
+            ))
+        })?;
+        let what = || format!("renumbering {} in {netns}", old.container_id);
+        let ns = Netns::open(netns).map_err(ControlError::dataplane(what()))?;
+        let nl = Netlink::in_netns(&ns).map_err(ControlError::dataplane(what()))?;
+        ferrynet_dataplane::veth::renumber(
+            &nl,
+            &old.ifname,
+            &container_addresses(net, &old.ips),
+            &container_addresses(net, &new.ips),
+            &container_routes(net, &subnets, &new.ips),
+        )
+        .await
+        .map_err(ControlError::dataplane(what()))?;
+        if net.mode == NetworkMode::Routed {
+            let port = new
+                .host_veth
+                .clone()
+                .unwrap_or_else(|| host_veth_name(&new.network, &new.container_id, &new.ifname));
+            if let Some(index) = host
+                .link_index(&port)
+                .await
+                .map_err(ControlError::dataplane(what()))?
+            {
+                self.plumb_routed_port(&*host, net, &subnets, &port, index, &new.ips)
+                    .await?;
+            }
+        }
+        self.move_resolver(netns, net, &subnets, new)?;
+        self.unguard_endpoint(old);
+        self.guard_endpoint(new, net.mode).await?;
+        let h = self.unpublish_ports_in_background(old);
+        self.finish_unpublish(old, h).await?;
+        self.publish_ports(new).await
+    }
+
+    /// The resolv.conf ferrynet wrote for a container names its old block's gateway (now
+    /// another host's): rewrite it in place (the container sees it through a bind mount).
+    fn move_resolver(
+        &self,
+        netns: &str,
+        net: &Network,
+        subnets: &[ferrynet_model::ipam::ResolvedSubnet],
+        new: &Endpoint,
+    ) -> Result<()> {
+        let path = std::path::Path::new(netns);
+        let (Some(_), Some(name)) = (
+            crate::container::resolv_conf_of(Some(path)),
+            path.file_name().and_then(|n| n.to_str()),
+        ) else {
+            return Ok(());
+        };
+        let Some(dns) = super::host::LocalConfig::load(&self.paths().state_dir)?.dns else {
+            return Ok(());
+        };
+        let mut gws: Vec<IpAddr> = Vec::new();
+        for ip in &new.ips {
+            if let Some(g) = super::endpoint::gateway_for(subnets, ip.addr()) {
+                if !gws.contains(&g) {
+                    gws.push(g);
+                }
+            }
+        }
+        if !gws.is_empty() {
+            let content = crate::container::resolv_conf(&gws, &net.name, &dns.domain);
+            crate::container::write_resolv_conf(name, &content)?;
+        }
+        Ok(())
     }
 
     /// One journaled endpoint: read what the store holds, decide, and put it back in one
@@ -291,7 +687,142 @@ impl Control {
 
 #[cfg(test)]
 mod tests {
-    use super::{producer_file, ReassertReport};
+    use std::sync::Arc;
+
+    use ferrynet_model::host::BlockClaim;
+    use ferrynet_model::network::{keys, Endpoint, EndpointOwner, Network};
+    use ferrynet_store::{EmbeddedStore, Store};
+    use ipnet::IpNet;
+
+    use super::{encode, moved_addrs, producer_file, Control, ReassertReport};
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    /// Network blue, 10.7.0.0/27 in blocks of 8, and a store where `claims` are written and
+    /// `held` addresses given to other containers.
+    async fn lab(claims: &[(&str, &str)], held: &[&str]) -> (tempfile::TempDir, Control, Network) {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path().join("s")).unwrap());
+        let mut pool = Network::bridged("blue", [net("10.7.0.0/27")]);
+        pool.fabric = Some(
+            serde_json::from_value(serde_json::json!({
+                "backend": "vxlan", "vni": 7, "blockV4": 29, "blockV6": 125
+            }))
+            .unwrap(),
+        );
+        for (b, h) in claims {
+            let c = BlockClaim {
+                host: h.to_string(),
+            };
+            store
+                .put(&keys::block("blue", &net(b)), encode(&c))
+                .await
+                .unwrap();
+        }
+        for a in held {
+            let k = keys::ipam("blue", a.parse().unwrap());
+            store.put(&k, b"other/eth0".to_vec()).await.unwrap();
+        }
+        (dir, Control::for_tests(store), pool)
+    }
+
+    fn journaled() -> Endpoint {
+        let mut ep = Endpoint::new("blue", "c1", "eth0");
+        ep.ips = vec![net("10.7.0.10/29")];
+        ep.owner = EndpointOwner::Cli;
+        ep.host = Some("test".into());
+        ep
+    }
+
+    async fn get(ctl: &Control, key: &str) -> Option<String> {
+        let kv = ctl.store.get(key).await.unwrap()?;
+        Some(String::from_utf8_lossy(&kv.value).into_owned())
+    }
+
+    #[tokio::test]
+    async fn a_move_records_new_addresses_and_claims_a_free_block_in_one_write() {
+        // h3 took this host's block 10.7.0.8/29 and gave .10 away; h1 holds 10.7.0.0/29.
+        let (_d, ctl, pool) = lab(
+            &[("10.7.0.0/29", "h1"), ("10.7.0.8/29", "h3")],
+            &["10.7.0.2", "10.7.0.10"],
+        )
+        .await;
+        let mv = ctl
+            .move_endpoint(&journaled(), &pool)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(mv.to, vec![net("10.7.0.18/29")]);
+        assert_eq!(mv.claim, vec![net("10.7.0.16/29")]);
+        let rec: Endpoint = serde_json::from_str(
+            &get(&ctl, &keys::endpoint("blue", "c1", "eth0"))
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(rec.ips, mv.to);
+        let k = |a: &str| keys::ipam("blue", a.parse().unwrap());
+        assert_eq!(get(&ctl, &k("10.7.0.18")).await.as_deref(), Some("c1/eth0"));
+        // What the other host gave away stays its container's.
+        assert_eq!(
+            get(&ctl, &k("10.7.0.10")).await.as_deref(),
+            Some("other/eth0")
+        );
+        assert_eq!(ctl.block_claims("blue").await.unwrap().len(), 3);
+        assert!(ctl.my_blocks("blue").await.unwrap() == vec![net("10.7.0.16/29")]);
+        // Its record back meanwhile (another pass): no second move.
+        let again = ctl.move_endpoint(&journaled(), &pool).await.unwrap();
+        assert!(again.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_forged_claim_cannot_renumber_a_container_onto_held_addresses() {
+        // A store writer gives this host's block to h3, gives h1's full block (.2 to .6 held)
+        // to this host, and claims the rest of the pool for a made-up host.
+        let (_d, ctl, pool) = lab(
+            &[
+                ("10.7.0.0/29", "test"),
+                ("10.7.0.8/29", "h3"),
+                ("10.7.0.16/29", "h9"),
+                ("10.7.0.24/29", "h9"),
+            ],
+            &["10.7.0.2", "10.7.0.3", "10.7.0.4", "10.7.0.5", "10.7.0.6"],
+        )
+        .await;
+        let why = ctl
+            .move_endpoint(&journaled(), &pool)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(why.contains("no address of the pool is free"), "{why}");
+        assert!(ctl
+            .store
+            .get(&keys::endpoint("blue", "c1", "eth0"))
+            .await
+            .unwrap()
+            .is_none());
+        for a in 2..=6 {
+            let k = keys::ipam("blue", format!("10.7.0.{a}").parse().unwrap());
+            assert_eq!(get(&ctl, &k).await.as_deref(), Some("other/eth0"));
+        }
+    }
+
+    #[test]
+    fn producers_follow_the_moved_addresses() {
+        let mv = ferrynet_model::journal::Move {
+            from: vec![net("10.7.0.10/29"), net("fd07::a/125")],
+            to: vec![net("10.7.0.18/29"), net("fd07::a/125")],
+            claim: vec![],
+            taken: vec![],
+        };
+        let addrs = ["10.7.0.10", "fd07::a", "192.0.2.1"].map(|a| a.parse().unwrap());
+        assert_eq!(
+            moved_addrs(&addrs, &mv),
+            ["10.7.0.18", "fd07::a", "192.0.2.1"].map(|a| a.parse::<std::net::IpAddr>().unwrap())
+        );
+    }
 
     #[test]
     fn later_passes_add_up_and_keep_only_current_conflicts() {
@@ -307,6 +838,7 @@ mod tests {
             producers_restored: 1,
             forgotten: 3,
             conflicts: vec!["new".into()],
+            ..Default::default()
         });
         assert_eq!(
             (r.restored, r.producers_restored, r.forgotten, r.conflicts),
