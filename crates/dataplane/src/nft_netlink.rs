@@ -187,9 +187,15 @@ pub fn chain_exists(family: &str, table: &str, chain: &str) -> Result<bool, NftE
         0,
         1,
     );
+    exists(&req, NFT_MSG_NEWCHAIN, "asking nf_tables for a chain")
+}
+
+/// Send a get request for one object: true when the kernel answers with a message of type
+/// `answer`, false when it says ENOENT.
+fn exists(req: &[u8], answer: u16, what: &str) -> Result<bool, NftError> {
     let mut found = None;
-    Query::open()?.exchange(&req, |r| match r {
-        Reply::NfTables(NFT_MSG_NEWCHAIN, _) => {
+    Query::open()?.exchange(req, |r| match r {
+        Reply::NfTables(t, _) if t == answer => {
             found = Some(true);
             Ok(false)
         }
@@ -198,7 +204,7 @@ pub fn chain_exists(family: &str, table: &str, chain: &str) -> Result<bool, NftE
             found = Some(false);
             Ok(false)
         }
-        Reply::Error(e) => Err(errno("asking nf_tables for a chain", e)),
+        Reply::Error(e) => Err(errno(what, e)),
         _ => Ok(true),
     })?;
     Ok(found.unwrap_or(false))
@@ -249,21 +255,8 @@ pub fn table_exists(family: &str, table: &str) -> Result<bool, NftError> {
         0,
         1,
     );
-    let mut found = None;
-    Query::open()?.exchange(&req, |r| match r {
-        Reply::NfTables(0, _) => {
-            found = Some(true);
-            Ok(false)
-        }
-        Reply::Error(0) => Ok(found.is_none()),
-        Reply::Error(e) if -e == libc::ENOENT => {
-            found = Some(false);
-            Ok(false)
-        }
-        Reply::Error(e) => Err(errno("asking nf_tables for a table", e)),
-        _ => Ok(true),
-    })?;
-    Ok(found.unwrap_or(false))
+    // NFT_MSG_NEWTABLE (0) is the answer.
+    exists(&req, 0, "asking nf_tables for a table")
 }
 
 fn nul_terminated(s: &str) -> Vec<u8> {
