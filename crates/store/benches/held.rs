@@ -4,9 +4,9 @@
 //!     cargo bench -p ferrynet-store --bench held [-- ROUNDS OPS]
 //!
 //! Prints per-operation medians and the held / per-operation ratios (docs/BENCHMARKS.md), then
-//! the cost of the hand-off: a per-operation put (a CNI call) on a file that another handle
-//! keeps open and idle (an agent), against the same put on a file nobody holds, 250 ms apart
-//! so the holder has taken the file back each time.
+//! the cost of the hand-off: a per-operation put (a CNI call) on a file another handle keeps
+//! open (an agent), right after the holder's write and 400 ms after it, against the same put
+//! on a file nobody holds.
 
 use std::time::{Duration, Instant};
 
@@ -98,43 +98,43 @@ fn main() {
             hg.as_secs_f64() / pg.as_secs_f64()
         );
 
-        // The hand-off: `caller` opens per operation, `holder` keeps the same file open.
+        // The hand-off: `caller` opens per operation, `holder` keeps the same file open. The
+        // holder writes either just before the caller (it holds the file: a hand-off) or
+        // 400 ms before (it has closed the file on its own after 250 ms idle).
         let caller = EmbeddedStore::open(held.path()).expect("open");
-        let (mut alone, mut beside) = (vec![], vec![]);
+        let mut times: [Vec<Duration>; 3] = [vec![], vec![], vec![]];
         for i in 0..rounds * 4 {
-            for with_holder in [i % 2 == 0, i % 2 != 0] {
-                let (store, other) = if with_holder {
-                    (&caller, &held)
-                } else {
-                    (&per_call, &per_call)
+            for case in [i % 3, (i + 1) % 3, (i + 2) % 3] {
+                let (store, other, gap) = match case {
+                    0 => (&per_call, &per_call, 0),
+                    1 => (&caller, &held, 0),
+                    _ => (&caller, &held, 400),
                 };
-                // The holder's own write takes the file back (after its 200 ms yield).
                 tokio::time::sleep(Duration::from_millis(250)).await;
                 other.put("/bench/tick", b"x".to_vec()).await.expect("put");
+                tokio::time::sleep(Duration::from_millis(gap)).await;
                 let t = Instant::now();
                 store
-                    .put(&format!("/bench/handoff/{i}"), b"x".to_vec())
+                    .put(&format!("/bench/handoff/{i}/{case}"), b"x".to_vec())
                     .await
                     .expect("put");
-                if with_holder {
-                    beside.push(t.elapsed());
-                } else {
-                    alone.push(t.elapsed());
-                }
+                times[case].push(t.elapsed());
             }
         }
-        let (a, b) = (median(alone), median(beside));
-        println!("\n| a per-operation put (a CNI call) | median (us) |");
-        println!("|---|---|");
-        println!("| on a file nobody holds | {} |", a.as_micros());
-        println!(
-            "| on a file another process keeps open (hand-off) | {} |",
-            b.as_micros()
-        );
-        println!(
-            "\nwith a holder / alone: {:.3} ({} puts each)",
-            b.as_secs_f64() / a.as_secs_f64(),
-            rounds * 4
-        );
+        let [alone, busy, idle] = times.map(median);
+        println!("\n| a per-operation put (a CNI call) | median (us) | / alone |");
+        println!("|---|---|---|");
+        for (what, d) in [
+            ("on a file nobody holds", alone),
+            ("right after the holder wrote (a hand-off)", busy),
+            ("400 ms after the holder wrote (closed when idle)", idle),
+        ] {
+            println!(
+                "| {what} | {} | {:.3} |",
+                d.as_micros(),
+                d.as_secs_f64() / alone.as_secs_f64()
+            );
+        }
+        println!("\n({} puts each)", rounds * 4);
     });
 }
