@@ -699,29 +699,37 @@ fn a_spare_block_is_claimed_ahead_and_routed_before_a_container_needs_it() {
     });
     let mut cs: Vec<Container> = Vec::new();
     for i in 0..3 {
+        let mine = blocks(&lab, "h1", "sp");
         let before = spares(&lab, "h1", "sp", &cs.iter().collect::<Vec<_>>());
         let h2_routes = kernel_routes(&lab, "h2");
         let c = lab.run_on("h1", &format!("s{i}"), "sp", &[], &["sleep", "infinity"]);
-        // The container's blocks are the spares that were there, already in h2's kernel.
+        // The container's blocks were h1's before its ADD and already in h2's kernel.
         for ip in [&c.v4, &c.v6] {
             let b = block_of(ip);
-            assert!(
-                before.contains(&b),
-                "{} in {b}, spares were {before:?}",
-                c.name
-            );
+            assert!(mine.contains(&b), "{} in {b}, h1 held {mine:?}", c.name);
             assert!(
                 h2_routes.iter().any(|r| r.starts_with(&format!("{b} "))),
                 "{b} not in h2's kernel before the ADD: {h2_routes:?}"
             );
         }
+        // A /30 holds one container: the IPv4 spare is taken into use. A /126 holds two: the
+        // second container fills the first one's block before the spare.
+        let v4 = block_of(&c.v4);
+        assert!(
+            before.contains(&v4),
+            "{} in {v4}, spares were {before:?}",
+            c.name
+        );
+        if i == 1 {
+            assert_eq!(block_of(&c.v6), block_of(&cs[0].v6), "v6 spare taken early");
+        }
         cs.push(c);
-        // The ADD filled the host's blocks (a /30 holds one container): new spares follow,
-        // routed by h2.
+        // New spares follow (one empty block per family again), routed by h2.
         let refs: Vec<&Container> = cs.iter().collect();
         within(Duration::from_secs(20), || {
             let s = spares(&lab, "h1", "sp", &refs);
-            if s.len() != 2 || s.iter().any(|b| before.contains(b)) {
+            let v6 = s.iter().filter(|b| b.contains(':')).count();
+            if s.len() != 2 || v6 != 1 || s.contains(&v4) {
                 return Err(format!("h1's spares after {}: {s:?}", i + 1));
             }
             converged(&lab, &hosts, &["fabric", "sp"])
