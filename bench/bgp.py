@@ -156,7 +156,7 @@ def ours_propagation(n, starts):
             t0 = time.monotonic()
             dt, out = cni_net(lab, "h1", "prop", f"p{i}", ns)
             adds.append(dt)
-            ip = json.loads(out)["ips"][0]["address"].split("/")[0]
+            ip = out["ips"][0]["address"].split("/")[0]
             block = ".".join(ip.split(".")[:3] + [str(int(ip.split(".")[3]) & ~3)]) + "/30"
             if any(line.split()[:1] == [block] for line in have.splitlines()):
                 ahead += 1
