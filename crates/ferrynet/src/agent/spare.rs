@@ -89,3 +89,62 @@ fn wanted(
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrynet_model::fabric::Backend;
+    use ferrynet_model::network::{keys, Endpoint, FabricSpec, Network};
+
+    fn view() -> DiscoveryView {
+        let mut v = DiscoveryView::default();
+        let net = Network {
+            fabric: Some(FabricSpec {
+                backend: Backend::Bgp,
+                vni: 1,
+                block_v4: 30,
+                block_v6: 122,
+                encrypt: false,
+            }),
+            ..Network::bridged("sp", ["10.50.0.0/16".parse().unwrap()])
+        };
+        v.put(&keys::network("sp"), &serde_json::to_vec(&net).unwrap());
+        v.put(
+            &keys::block("sp", &"10.50.0.0/30".parse().unwrap()),
+            br#"{"host":"h1"}"#,
+        );
+        v
+    }
+
+    #[test]
+    fn a_claim_in_flight_is_not_made_twice_and_a_lost_one_is_retried() {
+        let mut v = view();
+        let mut pending = Pending::new();
+        let t = Instant::now();
+        // The block is empty: it is the spare.
+        assert!(wanted(&v, "h1", &mut pending, t).is_empty());
+        let mut e = Endpoint::new("sp", "c1", "eth0");
+        e.ips = vec!["10.50.0.2/30".parse().unwrap()];
+        v.put(
+            &keys::endpoint("sp", "c1", "eth0"),
+            &serde_json::to_vec(&e).unwrap(),
+        );
+        assert_eq!(
+            wanted(&v, "h1", &mut pending, t),
+            vec![("sp".to_string(), false)]
+        );
+        assert!(wanted(&v, "h2", &mut pending, t).is_empty(), "not h2's");
+        // Claimed, not yet in the view: not wanted again until the claim shows or times out.
+        let spare: IpNet = "10.50.0.4/30".parse().unwrap();
+        pending.insert(("sp".into(), false), (spare, t));
+        assert!(wanted(&v, "h1", &mut pending, t + Duration::from_secs(1)).is_empty());
+        assert_eq!(
+            wanted(&v, "h1", &mut pending, t + PENDING_FOR),
+            vec![("sp".to_string(), false)]
+        );
+        pending.insert(("sp".into(), false), (spare, t));
+        v.put(&keys::block("sp", &spare), br#"{"host":"h1"}"#);
+        assert!(wanted(&v, "h1", &mut pending, t).is_empty());
+        assert!(pending.is_empty(), "the claim came back");
+    }
+}
