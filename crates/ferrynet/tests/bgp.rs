@@ -792,3 +792,109 @@ fn a_container_cut_off_while_its_block_is_taken_comes_back_borrowed() {
     echo(&c3, &addr, Duration::from_secs(20)).unwrap();
     echo(&v, &c3.v4, Duration::from_secs(10)).unwrap();
 }
+
+/// The /30 (or /126) block holding `ip`.
+fn block_of(ip: &str) -> String {
+    if ip.contains(':') {
+        let a: std::net::Ipv6Addr = ip.parse().unwrap();
+        let b = std::net::Ipv6Addr::from(u128::from(a) & !3);
+        format!("{b}/126")
+    } else {
+        let a: std::net::Ipv4Addr = ip.parse().unwrap();
+        let b = std::net::Ipv4Addr::from(u32::from(a) & !3);
+        format!("{b}/30")
+    }
+}
+
+/// `host`'s blocks of `net` that no container of `cs` is in: its spares.
+fn spares(lab: &Lab, host: &str, net: &str, cs: &[&Container]) -> Vec<String> {
+    let used: Vec<String> = cs
+        .iter()
+        .flat_map(|c| c.ips.iter().map(|i| block_of(i)))
+        .collect();
+    blocks(lab, host, net)
+        .into_iter()
+        .filter(|b| !used.contains(b))
+        .collect()
+}
+
+/// Each host keeps one spare block per family claimed ahead, already routed by its peers; a
+/// container takes the spare into use (its block was in the other host's kernel before its
+/// ADD started) and the agent claims the next one.
+#[test]
+fn a_spare_block_is_claimed_ahead_and_routed_before_a_container_needs_it() {
+    let mut lab = rack_lab("bgpspare", 2, "bird");
+    let hosts = ["h1", "h2"];
+    lab.ok(
+        "h1",
+        &[
+            "network",
+            "create",
+            "sp",
+            "--subnet",
+            "10.31.0.0/24",
+            "--subnet",
+            "fd31:5::/64",
+            "--backend",
+            "bgp",
+            "--block-size",
+            "30",
+            "--block-size6",
+            "126",
+        ],
+    );
+    // Before any container: one empty block per family on each host, routed by the other.
+    within(Duration::from_secs(30), || {
+        for h in hosts {
+            let s = spares(&lab, h, "sp", &[]);
+            if s.len() != 2 {
+                return Err(format!("{h}'s spare blocks: {s:?}"));
+            }
+        }
+        converged(&lab, &hosts, &["fabric", "sp"])
+    });
+    let mut cs: Vec<Container> = Vec::new();
+    for i in 0..3 {
+        let mine = blocks(&lab, "h1", "sp");
+        let before = spares(&lab, "h1", "sp", &cs.iter().collect::<Vec<_>>());
+        let h2_routes = kernel_routes(&lab, "h2");
+        let c = lab.run_on("h1", &format!("s{i}"), "sp", &[], &["sleep", "infinity"]);
+        // The container's blocks were h1's before its ADD and already in h2's kernel.
+        for ip in [&c.v4, &c.v6] {
+            let b = block_of(ip);
+            assert!(mine.contains(&b), "{} in {b}, h1 held {mine:?}", c.name);
+            assert!(
+                h2_routes.iter().any(|r| r.starts_with(&format!("{b} "))),
+                "{b} not in h2's kernel before the ADD: {h2_routes:?}"
+            );
+        }
+        // A /30 holds one container: the IPv4 spare is taken into use. A /126 holds two: the
+        // second container fills the first one's block before the spare.
+        let v4 = block_of(&c.v4);
+        assert!(
+            before.contains(&v4),
+            "{} in {v4}, spares were {before:?}",
+            c.name
+        );
+        if i == 1 {
+            assert_eq!(block_of(&c.v6), block_of(&cs[0].v6), "v6 spare taken early");
+        }
+        cs.push(c);
+        // New spares follow (one empty block per family again), routed by h2.
+        let refs: Vec<&Container> = cs.iter().collect();
+        within(Duration::from_secs(20), || {
+            let s = spares(&lab, "h1", "sp", &refs);
+            let v6 = s.iter().filter(|b| b.contains(':')).count();
+            if s.len() != 2 || v6 != 1 || s.contains(&v4) {
+                return Err(format!("h1's spares after {}: {s:?}", i + 1));
+            }
+            converged(&lab, &hosts, &["fabric", "sp"])
+        });
+    }
+    // h2, which ran nothing, still holds just its first (spare) blocks.
+    assert_eq!(blocks(&lab, "h2", "sp").len(), 2);
+    for c in &cs {
+        lab.rm(c);
+    }
+    lab.ok("h1", &["network", "rm", "sp"]);
+}

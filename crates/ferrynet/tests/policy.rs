@@ -312,14 +312,21 @@ impl Suite {
         self.check(case);
     }
 
+    /// `host`'s block holding its containers (beside it the host keeps an empty spare).
     fn block_of(&self, host: &str, v6: bool) -> String {
         let st = self.lab.status(host);
+        let c = self
+            .cs
+            .iter()
+            .find(|c| c.host == host)
+            .expect("a container");
+        let ip: std::net::IpAddr = if v6 { &c.v6 } else { &c.v4 }.parse().expect("address");
         st["networks"][0]["blocks"]
             .as_array()
             .and_then(|b| {
                 b.iter()
                     .filter_map(Value::as_str)
-                    .find(|b| b.contains(':') == v6)
+                    .find(|b| b.parse::<ipnet::IpNet>().is_ok_and(|n| n.contains(&ip)))
             })
             .unwrap_or_else(|| panic!("no block on {host}: {}", st["networks"]))
             .to_string()

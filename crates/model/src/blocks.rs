@@ -46,6 +46,77 @@ pub fn next_block(
         .find_map(|s| free_block(&s.cidr, spec.block_len(v6), taken))
 }
 
+/// What the spare-block decision reads about one multi-host network.
+#[derive(Clone, Copy)]
+pub struct SpareInput<'a> {
+    /// The network as stored (its whole pool).
+    pub pool: &'a Network,
+    /// This host's name.
+    pub me: &'a str,
+    /// Every block claim of the network with its owner.
+    pub claims: &'a [(IpNet, &'a str)],
+    /// Hosts whose registration is live (this one included or not).
+    pub live_hosts: &'a [&'a str],
+    /// Whether an endpoint holds an address inside a block.
+    pub in_use: &'a dyn Fn(&IpNet) -> bool,
+}
+
+/// How many blocks of prefix `len` the subnets of one family hold (saturating: an IPv6 pool
+/// has more than any count needs).
+fn pool_blocks(subnets: &[Subnet], v6: bool, len: u8) -> u128 {
+    subnets
+        .iter()
+        .filter(|s| s.cidr.addr().is_ipv6() == v6 && len >= s.cidr.prefix_len())
+        .map(|s| {
+            1u128
+                .checked_shl(u32::from(len - s.cidr.prefix_len()))
+                .unwrap_or(u128::MAX)
+        })
+        .fold(0u128, u128::saturating_add)
+}
+
+/// The address families (false: IPv4, true: IPv6) of which this host should claim a spare
+/// block now: a block claimed ahead, so a container's ADD never waits for a claim and the
+/// block's route is in every peer's kernel before a container needs it.
+///
+/// A family wants one when this host holds blocks of it (the first is the reconciler's:
+/// `ensure_blocks`) and every one of them has an endpoint in it. Scarcity rule, so a spare
+/// never starves another host of its first block: a spare is claimed only when, after it, the
+/// pool still has a free block for every live host without one plus one more (a host joining
+/// next), and at least half of the family's blocks stay free.
+pub fn spare_families(input: &SpareInput<'_>) -> Vec<bool> {
+    let Some(spec) = input.pool.fabric else {
+        return Vec::new();
+    };
+    [false, true]
+        .into_iter()
+        .filter(|&v6| {
+            let of_family = |b: &&(IpNet, &str)| b.0.addr().is_ipv6() == v6;
+            let mine: Vec<&IpNet> = input
+                .claims
+                .iter()
+                .filter(of_family)
+                .filter(|(_, h)| *h == input.me)
+                .map(|(b, _)| b)
+                .collect();
+            if mine.is_empty() || mine.iter().any(|b| !(input.in_use)(b)) {
+                return false;
+            }
+            let total = pool_blocks(&input.pool.subnets, v6, spec.block_len(v6));
+            let claimed = input.claims.iter().filter(of_family).count() as u128;
+            let free = total.saturating_sub(claimed);
+            let without = input
+                .live_hosts
+                .iter()
+                .filter(|h| **h != input.me)
+                .filter(|h| !input.claims.iter().filter(of_family).any(|(_, o)| o == *h))
+                .count() as u128;
+            // After the claim: free - 1 >= without + 1, and (free - 1) * 2 >= total.
+            free >= without.saturating_add(2) && (free - 1).saturating_mul(2) >= total
+        })
+        .collect()
+}
+
 /// A host's view of a multi-host network's pool: one subnet per block it owns, gatewayed by
 /// the block's first address, carrying the network's exclusions that fall inside it.
 pub fn block_subnets(network_subnets: &[Subnet], my_blocks: &[IpNet]) -> Vec<Subnet> {
@@ -380,5 +451,116 @@ mod tests {
         let single = HostView::single(Network::bridged("s", [n("10.9.0.0/24")]));
         assert!(!single.is_multi_host() && single.families_without_block().is_empty());
         assert_eq!(single.net, single.pool);
+    }
+
+    fn spare_pool(cidrs: &[&str], v4: u8) -> Network {
+        Network {
+            fabric: Some(FabricSpec {
+                backend: Backend::Bgp,
+                block_v4: v4,
+                ..spec()
+            }),
+            ..Network::bridged("sp", cidrs.iter().map(|c| n(c)))
+        }
+    }
+
+    #[test]
+    fn a_spare_is_wanted_once_every_block_of_the_host_is_in_use() {
+        let pool = spare_pool(&["10.50.0.0/16", "fd50::/64"], 30);
+        let used = [n("10.50.0.0/30"), n("10.50.0.4/30")];
+        let in_use = |b: &IpNet| used.contains(b);
+        let claims = [(n("10.50.0.0/30"), "h1"), (n("fd50::/122"), "h1")];
+        let input = SpareInput {
+            pool: &pool,
+            me: "h1",
+            claims: &claims,
+            live_hosts: &["h1", "h2"],
+            in_use: &in_use,
+        };
+        // The IPv4 block holds a container, the IPv6 one is still empty (it is the spare).
+        assert_eq!(spare_families(&input), vec![false]);
+        // With an empty IPv4 block beside the used one, nothing is wanted.
+        let claims = [
+            (n("10.50.0.0/30"), "h1"),
+            (n("10.50.0.8/30"), "h1"),
+            (n("fd50::/122"), "h1"),
+        ];
+        assert!(spare_families(&SpareInput {
+            claims: &claims,
+            ..input
+        })
+        .is_empty());
+        // Another host's used block is not this host's business; nor is a host without blocks
+        // (its first block is the reconciler's).
+        let claims = [(n("10.50.0.4/30"), "h2")];
+        assert!(spare_families(&SpareInput {
+            claims: &claims,
+            ..input
+        })
+        .is_empty());
+        // A single-host network never has spares.
+        let single = Network::bridged("s", [n("10.9.0.0/24")]);
+        assert!(spare_families(&SpareInput {
+            pool: &single,
+            ..input
+        })
+        .is_empty());
+    }
+
+    #[test]
+    fn spares_never_take_the_blocks_hosts_without_one_need() {
+        // A /27 of /30 blocks: 8 blocks.
+        let pool = spare_pool(&["10.60.0.0/27"], 30);
+        let all_used = |_: &IpNet| true;
+        let blocks: Vec<IpNet> = n("10.60.0.0/27").subnets(30).unwrap().collect();
+        let claims_of = |owners: &[&'static str]| -> Vec<(IpNet, &'static str)> {
+            blocks.iter().copied().zip(owners.iter().copied()).collect()
+        };
+        let want = |claims: &[(IpNet, &str)], live: &[&str]| {
+            spare_families(&SpareInput {
+                pool: &pool,
+                me: "h1",
+                claims,
+                live_hosts: live,
+                in_use: &all_used,
+            })
+        };
+        // 1 of 8 claimed: after a spare 6 stay free, enough for h2..h4 and one more, and
+        // more than half of the pool.
+        assert_eq!(
+            want(&claims_of(&["h1"]), &["h1", "h2", "h3", "h4"]),
+            vec![false]
+        );
+        // Six hosts without a block and 7 free: after a spare 6 would be left, not one more
+        // than they need.
+        let seven = ["h1", "h2", "h3", "h4", "h5", "h6", "h7"];
+        assert!(want(&claims_of(&["h1"]), &seven).is_empty());
+        assert_eq!(want(&claims_of(&["h1"]), &seven[..6]), vec![false]);
+        // 4 of 8 claimed, everyone has one: a spare would leave 3 free, under half the pool.
+        assert!(want(
+            &claims_of(&["h1", "h2", "h3", "h4"]),
+            &["h1", "h2", "h3", "h4"]
+        )
+        .is_empty());
+        // 3 of 8 claimed: a spare leaves 4, half of the pool: allowed.
+        assert_eq!(
+            want(&claims_of(&["h1", "h2", "h3"]), &["h1", "h2", "h3"]),
+            vec![false]
+        );
+        // An exhausted pool: nothing.
+        let owners = ["h1"; 8];
+        assert!(want(&claims_of(&owners), &["h1"]).is_empty());
+    }
+
+    #[test]
+    fn pool_blocks_counts_and_saturates() {
+        let s = |c: &str| Subnet::new(n(c));
+        assert_eq!(
+            pool_blocks(&[s("10.0.0.0/24"), s("10.1.0.0/25")], false, 26),
+            6
+        );
+        assert_eq!(pool_blocks(&[s("10.0.0.0/24")], false, 23), 0);
+        assert_eq!(pool_blocks(&[s("fd00::/64")], true, 122), 1 << 58);
+        assert_eq!(pool_blocks(&[s("fd00::/0")], true, 128), u128::MAX);
     }
 }

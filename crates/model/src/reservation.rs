@@ -131,7 +131,7 @@ pub fn plan_reservation(req: &AddressRequest<'_>) -> Result<ReservationPlan, Res
         }
     }
     let have = |ips: &[IpNet], v4: bool| ips.iter().any(|i| i.addr().is_ipv4() == v4);
-    let missing: Vec<ResolvedSubnet> = req
+    let mut missing: Vec<ResolvedSubnet> = req
         .subnets
         .iter()
         .filter(|s| {
@@ -140,6 +140,16 @@ pub fn plan_reservation(req: &AddressRequest<'_>) -> Result<ReservationPlan, Res
         })
         .cloned()
         .collect();
+    if req.can_claim_block {
+        // A host's blocks: fill those already in use before taking an empty one (the spare
+        // block the agent claimed ahead) into use, so the host holds one spare, not several
+        // half-used blocks. Stable: among used (or empty) blocks the view's order stays.
+        missing.sort_by_key(|s| {
+            used.range(s.cidr.network()..=s.cidr.broadcast())
+                .next()
+                .is_none()
+        });
+    }
     let mut last = None;
     if !missing.is_empty() {
         let picked = plan_allocation(&missing, &used, &[], &|c| {
@@ -227,6 +237,35 @@ mod tests {
         // The next plan continues after the hint.
         let p2 = plan_reservation(&req(&s, &BTreeMap::new(), &[], &hint)).unwrap();
         assert_eq!(p2.ips[0], "10.1.0.4/24".parse().unwrap());
+    }
+
+    #[test]
+    fn a_hosts_blocks_in_use_fill_before_its_empty_spare() {
+        // The spare (10.1.0.0/26) comes first in the view; the used block still has room.
+        let s = subnets(&["10.1.0.0/26", "10.1.0.64/26"]);
+        let held = BTreeMap::from([(ip("10.1.0.66"), "other/eth0".to_string())]);
+        let last = BTreeMap::new();
+        let multi = AddressRequest {
+            can_claim_block: true,
+            ..req(&s, &held, &[], &last)
+        };
+        assert_eq!(
+            plan_reservation(&multi).unwrap().claim,
+            vec![ip("10.1.0.67")]
+        );
+        // A single-host network keeps its subnets' order.
+        let single = plan_reservation(&req(&s, &held, &[], &last)).unwrap();
+        assert_eq!(single.claim, vec![ip("10.1.0.2")]);
+        // Nothing in use: the first block, as before.
+        let none = BTreeMap::new();
+        let fresh = AddressRequest {
+            can_claim_block: true,
+            ..req(&s, &none, &[], &last)
+        };
+        assert_eq!(
+            plan_reservation(&fresh).unwrap().claim,
+            vec![ip("10.1.0.2")]
+        );
     }
 
     #[test]

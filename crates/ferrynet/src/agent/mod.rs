@@ -19,6 +19,7 @@ pub mod reassert;
 pub mod reconcile;
 pub mod register;
 pub mod sleeve;
+pub mod spare;
 pub mod status;
 pub mod underlay;
 pub mod view;
@@ -340,6 +341,7 @@ fn spawn_feed(
         status.clone(),
     ));
     tasks.spawn(reassert::run(ctl.clone(), lease_rx, status.clone()));
+    tasks.spawn(spare::run(ctl.clone(), disc_rx.clone()));
     Ok(AgentFeed {
         views: disc_rx,
         fabric,
