@@ -12,18 +12,15 @@ use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 
 use ferrynet_model::conntrack::{is_stale, Flow, FlushRule};
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
-};
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP};
 use netlink_packet_netfilter::conntrack::{
     ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Status, Tuple,
 };
-use netlink_packet_netfilter::{
-    NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
-};
+use netlink_packet_netfilter::{NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily};
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 
 use crate::error::{DataplaneError, Result};
+use crate::netfilter::request;
 
 /// How long one read from ctnetlink may wait.
 const RECV_TIMEOUT_SECS: i64 = 5;
@@ -162,26 +159,6 @@ pub fn delete_message(e: &Entry, seq: u32) -> NetlinkMessage<NetfilterMessage> {
         NetfilterProtoFamily::IPv4
     };
     request(family, ConntrackMessage::Delete(attrs), NLM_F_ACK, seq)
-}
-
-fn request(
-    family: NetfilterProtoFamily,
-    msg: ConntrackMessage,
-    flags: u16,
-    seq: u32,
-) -> NetlinkMessage<NetfilterMessage> {
-    let mut hdr = NetlinkHeader::default();
-    hdr.flags = NLM_F_REQUEST | flags;
-    hdr.sequence_number = seq;
-    let mut m = NetlinkMessage::new(
-        hdr,
-        NetlinkPayload::from(NetfilterMessage::new(
-            NetfilterHeader::new(family, 0, 0),
-            msg,
-        )),
-    );
-    m.finalize();
-    m
 }
 
 /// A ctnetlink socket in the calling thread's network namespace.
@@ -384,6 +361,7 @@ fn local_addresses() -> Result<BTreeSet<IpAddr>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use netlink_packet_core::NLM_F_REQUEST;
     use netlink_packet_netfilter::conntrack::Protocol as CtProto;
 
     fn tuple(src: &str, dst: &str, proto: u8, sport: u16, dport: u16) -> Vec<Tuple> {
@@ -402,16 +380,12 @@ mod tests {
 
     /// An entry as the kernel sends it in a dump, through the wire format and back.
     fn wire(attrs: Vec<ConntrackAttribute>) -> Vec<ConntrackAttribute> {
-        let mut hdr = NetlinkHeader::default();
-        hdr.flags = NLM_F_REQUEST;
-        let mut m = NetlinkMessage::new(
-            hdr,
-            NetlinkPayload::from(NetfilterMessage::new(
-                NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 0),
-                ConntrackMessage::New(attrs),
-            )),
+        let m = request(
+            NetfilterProtoFamily::IPv4,
+            ConntrackMessage::New(attrs),
+            0,
+            0,
         );
-        m.finalize();
         let mut buf = vec![0u8; m.buffer_len()];
         m.serialize(&mut buf);
         match NetlinkMessage::<NetfilterMessage>::deserialize(&buf)

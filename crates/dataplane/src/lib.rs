@@ -10,6 +10,7 @@ pub mod fabric;
 pub mod firewall_compat;
 pub mod hostpair;
 pub mod kernel;
+pub mod netfilter;
 pub mod netlink;
 pub mod netns;
 pub mod nft;

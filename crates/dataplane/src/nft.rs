@@ -293,17 +293,7 @@ pub fn default_executor() -> Box<dyn NftExecutor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Run `f` in a thread-private network namespace (gone when the thread ends).
-    fn in_private_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-        std::thread::spawn(move || {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-                .expect("unshare (run as root)");
-            f()
-        })
-        .join()
-        .expect("thread")
-    }
+    use crate::netfilter::in_private_netns;
 
     #[test]
     fn libnftables_applies_atomically_and_lists() {

@@ -9,14 +9,12 @@
 
 use std::os::fd::AsRawFd;
 
-use netlink_packet_core::{
-    DefaultNla, NetlinkHeader, NetlinkMessage, NetlinkPayload, NlasIterator, NLM_F_DUMP,
-    NLM_F_REQUEST,
-};
+use netlink_packet_core::{DefaultNla, NlasIterator, NLM_F_DUMP};
 use netlink_packet_netfilter::nftables::{ChainAttribute, ChainMessage, NfTablesMessage};
-use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
+use netlink_packet_netfilter::NetfilterProtoFamily;
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 
+use crate::netfilter::request;
 use crate::nft::NftError;
 
 /// How long one read may wait for the kernel.
@@ -59,18 +57,13 @@ fn family_of(family: &str) -> Result<NetfilterProtoFamily, NftError> {
 }
 
 /// One request's bytes.
-fn request(family: NetfilterProtoFamily, msg: NfTablesMessage, flags: u16, seq: u32) -> Vec<u8> {
-    let mut hdr = NetlinkHeader::default();
-    hdr.flags = NLM_F_REQUEST | flags;
-    hdr.sequence_number = seq;
-    let mut m = NetlinkMessage::new(
-        hdr,
-        NetlinkPayload::from(NetfilterMessage::new(
-            NetfilterHeader::new(family, 0, 0),
-            msg,
-        )),
-    );
-    m.finalize();
+fn request_bytes(
+    family: NetfilterProtoFamily,
+    msg: NfTablesMessage,
+    flags: u16,
+    seq: u32,
+) -> Vec<u8> {
+    let m = request(family, msg, flags, seq);
     let mut out = vec![0u8; m.buffer_len()];
     m.serialize(&mut out);
     out
@@ -176,7 +169,7 @@ fn errno(op: &str, code: i32) -> NftError {
 /// True when chain `chain` of table `family table` exists, in the calling thread's network
 /// namespace; the kernel answers with that chain alone.
 pub fn chain_exists(family: &str, table: &str, chain: &str) -> Result<bool, NftError> {
-    let req = request(
+    let req = request_bytes(
         family_of(family)?,
         NfTablesMessage::GetChain(ChainMessage {
             attributes: vec![
@@ -214,7 +207,7 @@ fn exists(req: &[u8], answer: u16, what: &str) -> Result<bool, NftError> {
 /// thread's network namespace; the kernel sends those objects alone.
 pub fn counters(family: &str, table: &str) -> Result<Option<Vec<NamedCounter>>, NftError> {
     // A dump filtered by table and object type (the kernel honours both).
-    let req = request(
+    let req = request_bytes(
         family_of(family)?,
         NfTablesMessage::GetObject(vec![
             DefaultNla::new(NFTA_OBJ_TABLE, nul_terminated(table)),
@@ -246,7 +239,7 @@ pub fn counters(family: &str, table: &str) -> Result<Option<Vec<NamedCounter>>, 
 /// True when table `family table` exists.
 pub fn table_exists(family: &str, table: &str) -> Result<bool, NftError> {
     // NFT_MSG_GETTABLE with NFTA_TABLE_NAME (1): the kernel answers with that table alone.
-    let req = request(
+    let req = request_bytes(
         family_of(family)?,
         NfTablesMessage::Other {
             message_type: 1,
@@ -297,6 +290,7 @@ fn counter_of(attrs: &[u8]) -> Option<NamedCounter> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::netfilter::in_private_netns;
 
     fn nla(kind: u16, value: &[u8]) -> Vec<u8> {
         let mut v = ((4 + value.len()) as u16).to_ne_bytes().to_vec();
@@ -350,17 +344,6 @@ mod tests {
             ]
         );
         assert!(replies(&d[..d.len() - 2], 1).is_err());
-    }
-
-    /// Run `f` in a thread-private network namespace (gone when the thread ends).
-    fn in_private_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-        std::thread::spawn(move || {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-                .expect("unshare (run as root)");
-            f()
-        })
-        .join()
-        .expect("thread")
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! /122). A host claims blocks as it needs them and hands out addresses only from its own, so
 //! hosts never coordinate per address and every other host routes a whole block to its owner.
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -91,25 +92,23 @@ pub fn spare_families(input: &SpareInput<'_>) -> Vec<bool> {
     [false, true]
         .into_iter()
         .filter(|&v6| {
-            let of_family = |b: &&(IpNet, &str)| b.0.addr().is_ipv6() == v6;
-            let mine: Vec<&IpNet> = input
+            let family: Vec<&(IpNet, &str)> = input
                 .claims
                 .iter()
-                .filter(of_family)
-                .filter(|(_, h)| *h == input.me)
-                .map(|(b, _)| b)
+                .filter(|(b, _)| b.addr().is_ipv6() == v6)
                 .collect();
-            if mine.is_empty() || mine.iter().any(|b| !(input.in_use)(b)) {
+            let mut mine = family.iter().filter(|(_, h)| *h == input.me).peekable();
+            if mine.peek().is_none() || mine.any(|(b, _)| !(input.in_use)(b)) {
                 return false;
             }
             let total = pool_blocks(&input.pool.subnets, v6, spec.block_len(v6));
-            let claimed = input.claims.iter().filter(of_family).count() as u128;
-            let free = total.saturating_sub(claimed);
+            let free = total.saturating_sub(family.len() as u128);
+            // Owners as a set: a thousand hosts against a thousand claims stays linear.
+            let owners: BTreeSet<&str> = family.iter().map(|(_, h)| *h).collect();
             let without = input
                 .live_hosts
                 .iter()
-                .filter(|h| **h != input.me)
-                .filter(|h| !input.claims.iter().filter(of_family).any(|(_, o)| o == *h))
+                .filter(|h| **h != input.me && !owners.contains(**h))
                 .count() as u128;
             // After the claim: free - 1 >= without + 1, and (free - 1) * 2 >= total.
             free >= without.saturating_add(2) && (free - 1).saturating_mul(2) >= total
