@@ -521,6 +521,19 @@ fn a_port_without_elements_passes_nothing() {
     lab.host.must(&["ip", "link", "del", &port]);
 }
 
+/// The IPv4 default gateway of network namespace `netns`.
+fn default_gateway(netns: &str) -> String {
+    let o = Command::new("ip")
+        .args(["-n", netns, "-j", "-4", "route", "show", "default"])
+        .output()
+        .expect("ip route");
+    let v: Value = serde_json::from_slice(&o.stdout).expect("ip -j route");
+    v[0]["gateway"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no default gateway in {netns}: {v}"))
+        .to_string()
+}
+
 /// Across hosts on `backend`'s fabric: a forged source from h1's container never reaches h2's
 /// container (the frame is dropped at h1's port, before the fabric), while its honest
 /// datagrams do; both families.
@@ -544,6 +557,10 @@ fn forged_sources_do_not_cross_the_fabric(name: &str, backend: &str) {
     // h3's container's addresses, forged on h1.
     udp(&c1.netns(), &c3.v4, 0, &c2.v4, 5000, "forged-c3-v4");
     udp(&c1.netns(), &c3.v6, 0, &c2.v6, 5000, "forged-c3-v6");
+    // h1's own gateway in the network: the source h1's host packets cross the fabric with
+    // (`fabric::tunnel_source`), which the other hosts accept; a container must not borrow it.
+    let gw4 = default_gateway(&c1.netns());
+    udp(&c1.netns(), &gw4, 0, &c2.v4, 5000, "forged-gw-v4");
     udp(&c1.netns(), &c1.v4, 0, &c2.v4, 5000, "honest4");
     udp(&c1.netns(), &c1.v6, 0, &c2.v6, 5000, "honest6");
     rec.wait_for("honest4");
