@@ -18,7 +18,8 @@ The ferrynet driver is `target/release/ferrynet docker-plugin` (or the agent, --
 with a fresh state directory, on /run/docker/plugins/fnb-<pid>.sock. Everything this script
 makes -- containers, networks, the image, namespaces, veths, processes, temp dirs -- is removed
 at the end, also on failure or Ctrl-C; Docker objects that existed before are never touched.
-Results are printed as Markdown tables (progress on stderr).
+Results are printed as Markdown tables (progress on stderr). FNB_DRIVER_LOG=path keeps the
+driver's log there; with FERRYNET_LOG=debug it times every handler in microseconds.
 """
 
 import argparse
@@ -242,6 +243,11 @@ def cleanup():
     for n in MADE["netns"]:
         sh("ip", "netns", "del", n, check=False)  # takes the veth pair with it
     MADE["netns"].clear()
+    keep = os.environ.get("FNB_DRIVER_LOG")
+    for i, d in enumerate(DRIVERS):
+        # FNB_DRIVER_LOG=path keeps the driver's log (FERRYNET_LOG=debug adds each handler's µs).
+        if keep and os.path.exists(os.path.join(d.state, "driver.log")):
+            shutil.copy(os.path.join(d.state, "driver.log"), f"{keep}.{i}" if i else keep)
     for d in MADE["dirs"]:
         shutil.rmtree(d, ignore_errors=True)
     MADE["dirs"].clear()

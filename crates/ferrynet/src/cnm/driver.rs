@@ -19,8 +19,44 @@ use super::options::{
 use super::protocol::*;
 use super::records::{DockerNetwork, PoolRecord, DOCKER_IFNAME, IPAM_OWNER};
 use super::Plugin;
+use crate::control::cnm_endpoint::HostPair;
 use crate::control::ipam::HeldPort;
+use crate::control::Control;
 use crate::error::ControlError;
+
+/// A Docker endpoint's port being built in the background (see `Plugin::ports`).
+pub(crate) type PortTask = tokio::task::JoinHandle<std::result::Result<HostPair, ControlError>>;
+
+/// Build a Docker endpoint's port: the veth pair on the bridge of `net` (this host's view of
+/// it: a multi-host network's bridge carries this host's block gateways) and its anti-spoofing
+/// elements. A pair whose guard fails is removed again.
+async fn build_port(
+    ctl: &Control,
+    net: &Network,
+    ep: &Endpoint,
+) -> std::result::Result<HostPair, ControlError> {
+    let host_name = ep
+        .host_veth
+        .clone()
+        .unwrap_or_else(|| host_veth_name(&net.name, &ep.container_id, DOCKER_IFNAME));
+    let peer_name = temp_peer_name(&net.name, &ep.container_id, DOCKER_IFNAME);
+    let mac = match &ep.mac {
+        Some(m) => Some(parse_mac(m).map_err(|e| ControlError::InvalidConfig(e.to_string()))?),
+        None => None,
+    };
+    let pair = ctl
+        .create_host_pair(net, &host_name, &peer_name, mac, &ep.ips)
+        .await?;
+    // The container's MAC is the one CreateEndpoint recorded (the peer is born with it).
+    let mut guarded = ep.clone();
+    guarded.host_veth = Some(host_name.clone());
+    guarded.mac = Some(format_mac(&pair.peer_mac));
+    if let Err(e) = ctl.guard_endpoint(&guarded, net.mode).await {
+        let _ = ctl.delete_host_link(&host_name).await;
+        return Err(e);
+    }
+    Ok(pair)
+}
 
 /// Prefix Docker gives the interface in the container (it appends a number: `eth0`).
 pub const DST_PREFIX: &str = "eth";
@@ -239,6 +275,29 @@ impl Plugin {
     }
 
     /// The recorded endpoint of a Docker endpoint.
+    /// Start building `ep`'s port in the background (see `Plugin::ports`).
+    fn start_port(&self, net: &Network, ep: &Endpoint) {
+        let (ctl, net, ep) = (self.ctl.clone(), net.clone(), ep.clone());
+        let id = ep.container_id.clone();
+        let task = tokio::spawn(async move {
+            let net = match net.fabric {
+                Some(_) => ctl.host_view(&net).await?.net,
+                None => net,
+            };
+            build_port(&ctl, &net, &ep).await
+        });
+        if let Ok(mut ports) = self.ports.lock() {
+            // A repeated CreateEndpoint replaces the task; the older one still runs to its end
+            // and builds the same port (both steps are idempotent).
+            ports.insert(id, task);
+        }
+    }
+
+    /// The background task building endpoint `id`'s port, if one was started.
+    fn take_port(&self, id: &str) -> Option<PortTask> {
+        self.ports.lock().ok()?.remove(id)
+    }
+
     async fn docker_endpoint(
         &self,
         network_id: &str,
@@ -285,6 +344,7 @@ impl Plugin {
             "" => None,
             m => Some(parse_mac(m).map_err(|e| CnmError::Invalid(e.to_string()))?),
         };
+        let base = net.clone();
         // On a multi-host network the endpoint lives in this host's view: its blocks, and
         // where the network lets containers borrow (bgp + routed) the blocks of the requested
         // addresses, as ferrynet's IPAM reserved them.
@@ -338,6 +398,7 @@ impl Plugin {
         if !fresh {
             tracing::info!(endpoint = %req.endpoint_id, "CreateEndpoint repeated");
         }
+        self.start_port(&base, &ep);
         let mut out = EndpointInterface::default();
         for ip in &ep.ips {
             if requested.contains(&ip.addr()) {
@@ -401,6 +462,10 @@ impl Plugin {
     /// what the endpoint holds. Unknown endpoints succeed.
     pub async fn delete_endpoint(&self, req: EndpointRequest) -> Result<Empty> {
         need("EndpointID", &req.endpoint_id)?;
+        // A port still being built (Docker gave up before Join) is finished first, then removed.
+        if let Some(task) = self.take_port(&req.endpoint_id) {
+            let _ = task.await;
+        }
         let Some(b) = self.binding(&req.network_id).await? else {
             return Ok(Empty {});
         };
@@ -417,6 +482,11 @@ impl Plugin {
             .clone()
             .unwrap_or_else(|| host_veth_name(&b.name, &req.endpoint_id, DOCKER_IFNAME));
         self.ctl.delete_host_link(&host).await?;
+        // Leave removes the guard of a joined endpoint; one never joined has it from its
+        // CreateEndpoint. Removal is tolerant of elements already gone.
+        let mut guarded = ep.clone();
+        guarded.host_veth = Some(host.clone());
+        self.ctl.unguard_endpoint(&guarded);
         crate::failpoint::hit("cnm-endpoint-unlinked");
         self.ctl.forget_endpoint(&ep).await?;
         // Its addresses are no neighbour to proxy any more (routed networks).
@@ -431,35 +501,28 @@ impl Plugin {
         let (net, ep) = self
             .docker_endpoint(&req.network_id, &req.endpoint_id)
             .await?;
-        let host_name = ep
-            .host_veth
-            .clone()
-            .unwrap_or_else(|| host_veth_name(&net.name, &ep.container_id, DOCKER_IFNAME));
-        let peer_name = temp_peer_name(&net.name, &ep.container_id, DOCKER_IFNAME);
         // A multi-host network's bridge carries this host's block gateways.
         let net = match net.fabric {
             Some(_) => self.ctl.host_view(&net).await?.net,
             None => net,
         };
-        let mac = match &ep.mac {
-            Some(m) => Some(parse_mac(m).map_err(|e| CnmError::Invalid(e.to_string()))?),
-            None => None,
+        // Built since CreateEndpoint; built here when that task is gone (a repeated Join, or a
+        // plugin restarted in between). The record already names the host end; its
+        // kernel-chosen MAC has no reader for Docker endpoints, so the Join writes nothing.
+        let pair = match self.take_port(&req.endpoint_id) {
+            Some(task) => match task.await {
+                Ok(built) => built?,
+                Err(e) => {
+                    tracing::warn!(error = %e, endpoint = %ep.container_id, "the port's task ended early; building it again");
+                    let _g = self.lock.lock().await;
+                    build_port(&self.ctl, &net, &ep).await?
+                }
+            },
+            None => {
+                let _g = self.lock.lock().await;
+                build_port(&self.ctl, &net, &ep).await?
+            }
         };
-        let _g = self.lock.lock().await;
-        // The record already names the host end (CreateEndpoint); its kernel-chosen MAC has no
-        // reader for Docker endpoints, so the Join writes nothing to the store.
-        let pair = self
-            .ctl
-            .create_host_pair(&net, &host_name, &peer_name, mac, &ep.ips)
-            .await?;
-        // The container's MAC is the one CreateEndpoint recorded (the peer is born with it).
-        let mut guarded = ep.clone();
-        guarded.host_veth = Some(host_name.clone());
-        guarded.mac = Some(format_mac(&pair.peer_mac));
-        if let Err(e) = self.ctl.guard_endpoint(&guarded, net.mode).await {
-            let _ = self.ctl.delete_host_link(&host_name).await;
-            return Err(e.into());
-        }
         crate::failpoint::hit("cnm-joined");
         let mut resp = JoinResponse {
             interface_name: InterfaceName {

@@ -46,6 +46,11 @@ pub struct Plugin {
     /// `CreateEndpoint`: only a hint that lets `CreateEndpoint` try one transaction without reads
     /// first (a wrong hint costs a failed transaction, never a wrong record).
     pub(crate) reserved: std::sync::Mutex<HashSet<(String, IpAddr)>>,
+    /// Endpoint id → its port (veth pair and anti-spoofing elements) being built since
+    /// `CreateEndpoint`. Docker creates the container's sandbox between `CreateEndpoint` and
+    /// `Join`, so the port is ready by then and off the path `docker run` waits on; `Join`
+    /// (or `DeleteEndpoint`, if Docker gives up first) takes and awaits it.
+    pub(crate) ports: std::sync::Mutex<HashMap<String, driver::PortTask>>,
     /// Joined endpoints go here to get their container's name from the Engine API (None: no
     /// naming, e.g. no Engine API socket).
     pub(crate) namer: Option<tokio::sync::mpsc::UnboundedSender<names::NameJob>>,
@@ -67,6 +72,7 @@ impl Plugin {
             lock: tokio::sync::Mutex::new(()),
             bindings: std::sync::Mutex::new(HashMap::new()),
             reserved: std::sync::Mutex::new(HashSet::new()),
+            ports: std::sync::Mutex::new(HashMap::new()),
             namer: None,
             scope_setting: scope::ScopeSetting::Auto,
             api_socket: names::docker_api_socket(),
