@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use ferrynet_dataplane::kernel::fake::{Recording, RecordingNft};
+use ferrynet_dataplane::kernel::fake::{Recording, RecordingNft, LOOPBACK};
 use ferrynet_model::bandwidth::Bandwidth;
 use ferrynet_model::blocks::HostView;
 use ferrynet_model::network::{keys, EndpointOwner, Network};
@@ -247,6 +247,23 @@ impl Lab {
         self.ctl.ensure_bridge(&*host, net).await.unwrap();
     }
 
+    /// Create `net` and plumb its bridge or gateways, as its first ADD would.
+    async fn create_plumbed(&self, net: Network) -> Network {
+        let net = self.ctl.create_network(net).await.unwrap();
+        self.plumb(&net).await;
+        net
+    }
+
+    /// The host addresses on `lo` and ferrynet's `unreachable` routes.
+    fn gateways(&self) -> (Vec<ipnet::IpNet>, Vec<ipnet::IpNet>) {
+        let st = self.kernel.state();
+        let lo = st.addresses.get(&LOOPBACK).into_iter().flatten();
+        (
+            lo.copied().collect(),
+            st.unreachable.iter().copied().collect(),
+        )
+    }
+
     fn pos(&self, call: &str) -> usize {
         let calls = self.kernel.calls();
         calls
@@ -275,13 +292,10 @@ async fn removing_the_last_network_detaches_then_deletes_its_bridge_then_the_for
 #[tokio::test]
 async fn removing_one_of_two_networks_keeps_the_other_bridge_and_the_forward_chain() {
     let lab = Lab::new().await;
-    let red = lab
-        .ctl
-        .create_network(Network::bridged("red", [cidr("10.6.0.0/24")]))
-        .await
-        .unwrap();
     lab.plumb(&lab.view.net).await;
-    lab.plumb(&red).await;
+    let red = lab
+        .create_plumbed(Network::bridged("red", [cidr("10.6.0.0/24")]))
+        .await;
     lab.ctl.delete_network("blue", false).await.unwrap();
     assert_eq!(
         lab.kernel.calls_of("delete_bridge"),
@@ -317,23 +331,10 @@ async fn a_bridge_that_cannot_be_deleted_fails_the_removal_and_the_sweep_takes_i
 #[tokio::test]
 async fn removing_a_routed_network_takes_only_its_gateways_and_unreachable_routes() {
     let lab = Lab::new().await;
-    let green = lab
-        .ctl
-        .create_network(routed("green", "10.8.0.0/24"))
-        .await
-        .unwrap();
-    let teal = lab
-        .ctl
-        .create_network(routed("teal", "10.9.0.0/24"))
-        .await
-        .unwrap();
-    lab.plumb(&green).await;
-    lab.plumb(&teal).await;
-    {
-        let st = lab.kernel.state();
-        assert_eq!(st.addresses[&1].len(), 2);
-        assert_eq!(st.unreachable.len(), 2);
-    }
+    lab.create_plumbed(routed("green", "10.8.0.0/24")).await;
+    lab.create_plumbed(routed("teal", "10.9.0.0/24")).await;
+    let (lo, unreachable) = lab.gateways();
+    assert_eq!((lo.len(), unreachable.len()), (2, 2));
     lab.ctl.delete_network("green", false).await.unwrap();
     // No bridge to delete: the gateways of green's pool go, teal's stay.
     assert!(lab.kernel.calls_of("delete_bridge").is_empty());
@@ -341,55 +342,42 @@ async fn removing_a_routed_network_takes_only_its_gateways_and_unreachable_route
         lab.kernel.calls_of("remove_gateways"),
         vec![format!("remove_gateways {:?}", vec![cidr("10.8.0.0/24")])]
     );
-    let st = lab.kernel.state();
     assert_eq!(
-        st.addresses[&1].iter().collect::<Vec<_>>(),
-        vec![&cidr("10.9.0.1/32")]
-    );
-    assert_eq!(
-        st.unreachable.iter().collect::<Vec<_>>(),
-        vec![&cidr("10.9.0.0/24")]
+        lab.gateways(),
+        (vec![cidr("10.9.0.1/32")], vec![cidr("10.9.0.0/24")])
     );
 }
 
 #[tokio::test]
 async fn the_sweep_removes_only_what_no_stored_network_uses() {
     let lab = Lab::new().await;
-    let teal = lab
-        .ctl
-        .create_network(routed("teal", "10.9.0.0/24"))
-        .await
-        .unwrap();
     lab.plumb(&lab.view.net).await;
-    lab.plumb(&teal).await;
+    lab.create_plumbed(routed("teal", "10.9.0.0/24")).await;
     {
         let mut st = lab.kernel.state();
         // Left by networks removed while this host was away, and the host's own bridge.
         st.add_bridge("fn-gone", &[cidr("10.5.0.1/24")]);
         st.add_bridge("docker0", &[cidr("172.17.0.1/16")]);
-        st.addresses
-            .entry(1)
-            .or_default()
-            .insert(cidr("10.10.0.1/32"));
         st.unreachable.insert(cidr("10.10.0.0/24"));
-        // Someone's host address on lo outside any ferrynet route stays.
-        st.addresses
-            .entry(1)
-            .or_default()
-            .insert(cidr("192.0.2.7/32"));
+        // A removed routed network's gateway goes with its route; someone's host address on
+        // lo outside any ferrynet route stays.
+        let lo = st.addresses.entry(LOOPBACK).or_default();
+        lo.insert(cidr("10.10.0.1/32"));
+        lo.insert(cidr("192.0.2.7/32"));
     }
     let removed = lab.ctl.remove_stale_bridges().await.unwrap();
     assert_eq!(removed, vec!["fn-gone".to_string()]);
-    let st = lab.kernel.state();
-    let bridges: Vec<_> = st.bridges.iter().map(String::as_str).collect();
-    assert_eq!(bridges, vec!["docker0", lab.view.net.bridge.as_str()]);
+    let bridges: Vec<_> = lab.kernel.state().bridges.iter().cloned().collect();
     assert_eq!(
-        st.unreachable.iter().collect::<Vec<_>>(),
-        vec![&cidr("10.9.0.0/24")]
+        bridges,
+        vec!["docker0".to_string(), lab.view.net.bridge.clone()]
     );
     assert_eq!(
-        st.addresses[&1].iter().collect::<Vec<_>>(),
-        vec![&cidr("10.9.0.1/32"), &cidr("192.0.2.7/32")]
+        lab.gateways(),
+        (
+            vec![cidr("10.9.0.1/32"), cidr("192.0.2.7/32")],
+            vec![cidr("10.9.0.0/24")]
+        )
     );
 }
 
@@ -503,10 +491,11 @@ impl Lab {
             .clone()
     }
 
-    /// The journaled endpoints' addresses, as the journal files hold them.
-    fn journaled_ips(&self) -> Vec<Vec<ipnet::IpNet>> {
+    /// c1's addresses in the store, and every journaled endpoint's as the files hold them.
+    async fn recorded(&self) -> (Vec<ipnet::IpNet>, Vec<Vec<ipnet::IpNet>>) {
+        let rec = self.ctl.endpoint("far", "c1", "eth0").await.unwrap();
         let dir = self.ctl.paths().state_dir.join("journal/endpoints");
-        std::fs::read_dir(dir)
+        let journaled = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| {
                 let bytes = std::fs::read(e.unwrap().path()).unwrap();
@@ -514,8 +503,15 @@ impl Lab {
                     .unwrap()
                     .ips
             })
-            .collect()
+            .collect();
+        (rec.unwrap().ips, journaled)
     }
+}
+
+/// What [`Lab::recorded`] reads after c1 moved to 10.7.0`last`/29.
+fn moved_to(last: &str) -> (Vec<ipnet::IpNet>, Vec<Vec<ipnet::IpNet>>) {
+    let a = cidr(&format!("10.7.0{last}/29"));
+    (vec![a], vec![vec![a]])
 }
 
 #[tokio::test]
@@ -558,14 +554,7 @@ async fn a_moved_container_is_renumbered_new_addresses_first_and_the_taken_gatew
         .batches()
         .iter()
         .any(|b| b.contains("fn-c1port") && b.contains("10.7.0.18")));
-    assert_eq!(lab.journaled_ips(), vec![vec![cidr("10.7.0.18/29")]]);
-    let rec = lab
-        .ctl
-        .endpoint("far", "c1", "eth0")
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(rec.ips, vec![cidr("10.7.0.18/29")]);
+    assert_eq!(lab.recorded().await, moved_to(".18"));
 }
 
 #[tokio::test]
@@ -585,14 +574,7 @@ async fn a_renumbering_that_fails_is_reported_and_stops_before_the_port_follows(
     assert_eq!(lab.c1_addresses(&ep), vec![cidr("10.7.0.10/29")]);
     assert!(!lab.nft.batches().iter().any(|b| b.contains("10.7.0.18")));
     // The move itself stands (store and journal): a restart or the next move finishes the job.
-    let rec = lab
-        .ctl
-        .endpoint("far", "c1", "eth0")
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(rec.ips, vec![cidr("10.7.0.18/29")]);
-    assert_eq!(lab.journaled_ips(), vec![vec![cidr("10.7.0.18/29")]]);
+    assert_eq!(lab.recorded().await, moved_to(".18"));
 }
 
 #[tokio::test]
