@@ -388,7 +388,8 @@ fn reconciler(
             tracing::error!(error = %e, "BGP stopped");
         }
     });
-    let mut rec = reconcile::Reconciler::new(ctl.clone(), nl, underlay, status.clone());
+    let links = Box::new(ferrynet_dataplane::kernel::LinuxLinks::host(nl));
+    let mut rec = reconcile::Reconciler::new(ctl.clone(), links, underlay, status.clone());
     rec.bgp = Some(bgp_tx);
     rec.sleeve_launch = sleeve_key.map(|key| reconcile::SleeveLaunch {
         key,

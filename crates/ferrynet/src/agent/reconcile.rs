@@ -4,8 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use ferrynet_dataplane::kernel::LinuxLinks;
-use ferrynet_dataplane::netlink::Netlink;
+use ferrynet_dataplane::kernel::Links;
 use ferrynet_dataplane::vxlan::{VxlanSpec, VXLAN_PORT};
 use ferrynet_model::edge::EdgeNetwork;
 use ferrynet_model::fabric::{
@@ -40,7 +39,8 @@ pub struct SleeveLaunch {
 pub struct Reconciler {
     /// The control plane (store, firewall, bridges).
     pub ctl: Arc<Control>,
-    nl: Netlink,
+    /// The host's namespace, held for the agent's life (the real kernel, or a fake in tests).
+    links: Box<dyn Links>,
     underlay: Underlay,
     status: Arc<Mutex<AgentStatus>>,
     /// Multi-host networks served at the last reconcile, to clean up after removed ones.
@@ -66,16 +66,16 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    /// A reconciler for this host.
+    /// A reconciler for this host, acting through `links`.
     pub fn new(
         ctl: Arc<Control>,
-        nl: Netlink,
+        links: Box<dyn Links>,
         underlay: Underlay,
         status: Arc<Mutex<AgentStatus>>,
     ) -> Self {
         Reconciler {
             ctl,
-            nl,
+            links,
             underlay,
             status,
             served: BTreeMap::new(),
@@ -284,8 +284,7 @@ impl Reconciler {
         }
         let hv = view.host_view(net, me);
         if !hv.subnets.is_empty() {
-            let links = LinuxLinks::host(self.nl.clone());
-            if let Err(e) = self.ctl.ensure_bridge(&links, &hv).await {
+            if let Err(e) = self.ctl.ensure_bridge(&*self.links, &hv).await {
                 errors.push(format!("network {}: bridge: {e}", net.name));
             }
         }
@@ -309,7 +308,7 @@ impl Reconciler {
             mtu: vxlan_mtu(self.underlay.mtu, local.is_ipv6()),
             mac: vtep_mac(me, &net.name),
         };
-        self.nl
+        self.links
             .ensure_vxlan(&vx)
             .await
             .map(|_| ())
@@ -353,7 +352,7 @@ impl Reconciler {
             if served.contains_key(name) {
                 continue;
             }
-            if let Err(e) = self.nl.delete_link(&vxlan_dev_name(name)).await {
+            if let Err(e) = self.links.delete_link(&vxlan_dev_name(name)).await {
                 errors.push(format!("network {name}: removing its vxlan device: {e}"));
             }
             if !view.networks.contains_key(name) {
@@ -385,7 +384,7 @@ impl Reconciler {
         want: &FabricState,
         errors: &mut Vec<String>,
     ) -> u64 {
-        let have = match self.nl.read_fabric(vxlan_devs).await {
+        let have = match self.links.read_fabric(vxlan_devs).await {
             Ok(have) => have,
             Err(e) => {
                 errors.push(format!("reading the kernel's fabric state: {e}"));
@@ -405,7 +404,7 @@ impl Reconciler {
             del_neigh = d.del_neigh.len(),
             "reconciling the fabric"
         );
-        match self.nl.apply_fabric(&d).await {
+        match self.links.apply_fabric(&d).await {
             Ok(failed) => errors.extend(failed),
             Err(e) => errors.push(format!("applying the fabric: {e}")),
         }
@@ -697,3 +696,6 @@ fn peer_reports(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests;

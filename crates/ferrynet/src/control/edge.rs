@@ -4,11 +4,8 @@
 //! table is found missing; a container ADD/DEL only adds or removes map elements, one atomic
 //! transaction each, so its cost does not depend on how many ports are already published.
 
-use ferrynet_dataplane::bridge::{delete_bridge, BridgeSpec};
-use ferrynet_dataplane::firewall_compat::remove_forward_accept;
+use ferrynet_dataplane::bridge::BridgeSpec;
 use ferrynet_dataplane::kernel::Links;
-use ferrynet_dataplane::netlink::Netlink;
-use ferrynet_dataplane::routed::remove_gateways;
 use ferrynet_model::conntrack::{published_flush, unpublished_flush, FlushRule};
 use ferrynet_model::edge::{
     add_ports, base_ruleset, delete_table, published_ports, remove_ports_tolerant, EdgeNetwork,
@@ -145,9 +142,11 @@ impl Control {
                 .map_err(ControlError::firewall("deleting the ferrynet table"))?;
         }
         self.remove_guard()?;
-        remove_forward_accept().map_err(ControlError::dataplane(
-            "removing the iptables FORWARD accepts",
-        ))?;
+        self.kernel
+            .remove_forward_accept()
+            .map_err(ControlError::dataplane(
+                "removing the iptables FORWARD accepts",
+            ))?;
         tracing::info!("no networks left: removed the ferrynet nftables table and FORWARD accepts");
         Ok(())
     }
@@ -157,17 +156,18 @@ impl Control {
         if !net.mode.gives_interfaces() {
             return Ok(());
         }
-        let host = Netlink::current().map_err(ControlError::dataplane("opening netlink"))?;
+        let host = self.host_links()?;
         if net.mode == NetworkMode::Routed {
             let pool: Vec<_> = net.subnets.iter().map(|s| s.cidr).collect();
-            return remove_gateways(&host, &pool)
+            return host
+                .remove_gateways(&pool)
                 .await
                 .map_err(ControlError::dataplane(format!(
                     "removing the gateways of network {}",
                     net.name
                 )));
         }
-        delete_bridge(&host, &net.bridge)
+        host.delete_bridge(&net.bridge)
             .await
             .map_err(ControlError::dataplane(format!(
                 "deleting bridge {}",

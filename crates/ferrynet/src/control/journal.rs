@@ -8,8 +8,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use ferrynet_dataplane::netlink::Netlink;
-use ferrynet_dataplane::netns::Netns;
 use ferrynet_model::host::BlockClaim;
 use ferrynet_model::ipam::validate_network_subnets;
 use ferrynet_model::journal::{
@@ -222,7 +220,7 @@ impl Control {
     /// container still runs. What someone else holds now is reported, never taken.
     pub async fn reassert_local(&self) -> Result<ReassertReport> {
         let mut report = ReassertReport::default();
-        let nl = Netlink::current().map_err(ControlError::dataplane("opening netlink"))?;
+        let nl = self.host_links()?;
         for (file, ep) in self.journal_entries::<Endpoint>("endpoints") {
             let port = host_veth_name(&ep.network, &ep.container_id, &ep.ifname);
             let alive = nl
@@ -485,7 +483,7 @@ impl Control {
             .map(|(_, e)| e)
             .filter(|e| e.network == pool.name)
             .collect();
-        let nl = Netlink::current().map_err(ControlError::dataplane("opening netlink"))?;
+        let nl = self.host_links()?;
         let what = || format!("bridge {}", pool.bridge);
         let Some(index) = nl
             .link_index(&pool.bridge)
@@ -554,17 +552,19 @@ impl Control {
             ))
         })?;
         let what = || format!("renumbering {} in {netns}", old.container_id);
-        let ns = Netns::open(netns).map_err(ControlError::dataplane(what()))?;
-        let nl = Netlink::in_netns(&ns).map_err(ControlError::dataplane(what()))?;
-        ferrynet_dataplane::veth::renumber(
-            &nl,
-            &old.ifname,
-            &container_addresses(net, &old.ips),
-            &container_addresses(net, &new.ips),
-            &container_routes(net, &subnets, &new.ips),
-        )
-        .await
-        .map_err(ControlError::dataplane(what()))?;
+        let container = self
+            .kernel
+            .container(netns)
+            .map_err(ControlError::dataplane(what()))?;
+        container
+            .renumber(
+                &old.ifname,
+                &container_addresses(net, &old.ips),
+                &container_addresses(net, &new.ips),
+                &container_routes(net, &subnets, &new.ips),
+            )
+            .await
+            .map_err(ControlError::dataplane(what()))?;
         if net.mode == NetworkMode::Routed {
             let port = new
                 .host_veth

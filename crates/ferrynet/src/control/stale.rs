@@ -2,9 +2,7 @@
 //! bridge's gateway address and `linkdown` route, or a routed network's `unreachable` route,
 //! cannot shadow a newer network on the same subnet.
 
-use ferrynet_dataplane::bridge::delete_bridge;
-use ferrynet_dataplane::netlink::Netlink;
-use ferrynet_dataplane::routed::{remove_gateways, unreachable_prefixes};
+use ferrynet_dataplane::kernel::Links;
 use ferrynet_model::gc::{stale_bridges, stale_unreachable};
 use ferrynet_model::network::{keys, Network};
 use ferrynet_store::{Compare, Op};
@@ -22,34 +20,31 @@ impl Control {
     /// Delete the `fn-*` bridges of this namespace that no stored network uses; returns their
     /// names. Run by `ferrynet reload` and at agent start.
     pub async fn remove_stale_bridges(&self) -> Result<Vec<String>> {
-        let nl = Netlink::current().map_err(ControlError::dataplane("opening netlink"))?;
-        let links = nl
-            .links()
+        let host = self.host_links()?;
+        let bridges = host
+            .bridges()
             .await
             .map_err(ControlError::dataplane("listing links"))?;
         // Links first, networks second: a bridge is made after its network's record, so any
         // bridge listed here whose network exists is found in the read below.
-        let bridges = links
-            .iter()
-            .filter(|l| l.kind.as_deref() == Some("bridge"))
-            .map(|l| l.name.as_str());
-        let stale = stale_bridges(bridges, &self.networks().await?);
+        let stale = stale_bridges(bridges.iter().map(String::as_str), &self.networks().await?);
         for b in &stale {
-            delete_bridge(&nl, b)
+            host.delete_bridge(b)
                 .await
                 .map_err(ControlError::dataplane(format!(
                     "deleting stale bridge {b}"
                 )))?;
             tracing::info!(bridge = %b, "removed a bridge whose network no longer exists");
         }
-        self.remove_stale_gateways(&nl).await?;
+        self.remove_stale_gateways(&*host).await?;
         Ok(stale)
     }
 
     /// Remove the gateways (`lo` host addresses) and `unreachable` routes of routed networks
     /// that no longer exist (removed while this host's agent was away).
-    async fn remove_stale_gateways(&self, nl: &Netlink) -> Result<()> {
-        let unreachable = unreachable_prefixes(nl)
+    async fn remove_stale_gateways(&self, host: &dyn Links) -> Result<()> {
+        let unreachable = host
+            .unreachable_prefixes()
             .await
             .map_err(ControlError::dataplane("listing routes"))?;
         if unreachable.is_empty() {
@@ -57,7 +52,7 @@ impl Control {
         }
         let stale = stale_unreachable(&unreachable, &self.networks().await?);
         if !stale.is_empty() {
-            remove_gateways(nl, &stale)
+            host.remove_gateways(&stale)
                 .await
                 .map_err(ControlError::dataplane("removing stale routed gateways"))?;
             tracing::info!(prefixes = ?stale, "removed the gateways of routed networks that no longer exist");
@@ -92,19 +87,13 @@ impl Control {
             return Ok(false);
         }
         // A port of the bridge means an ADD is plumbing right now.
-        let nl = Netlink::current().map_err(ControlError::dataplane("opening netlink"))?;
-        if let Some(br) = nl
-            .link_by_name(&net.bridge)
+        let ports = self
+            .host_links()?
+            .bridge_ports(&net.bridge)
             .await
-            .map_err(ControlError::dataplane("looking up the bridge"))?
-        {
-            let links = nl
-                .links()
-                .await
-                .map_err(ControlError::dataplane("listing links"))?;
-            if links.iter().any(|l| l.master == Some(br.index)) {
-                return Ok(false);
-            }
+            .map_err(ControlError::dataplane("listing the bridge's ports"))?;
+        if !ports.is_empty() {
+            return Ok(false);
         }
         let key = keys::network(&net.name);
         let res = self
