@@ -155,9 +155,16 @@ impl Lab {
 
     /// `ferrynet status --json` on `host`.
     pub fn status(&self, host: &str) -> Value {
+        self.try_status(host).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `status --json` on `host`, or why not (e.g. an agent just started, not yet listening).
+    pub fn try_status(&self, host: &str) -> Result<Value, String> {
         let o = self.exec(host, &["status", "--json"]);
-        assert!(o.status.success(), "status on {host}: {}", out(&o));
-        serde_json::from_slice(&o.stdout).expect("status json")
+        if !o.status.success() {
+            return Err(format!("status on {host}: {}", out(&o)));
+        }
+        serde_json::from_slice(&o.stdout).map_err(|e| format!("status on {host}: {e}"))
     }
 
     /// `ferrynet run --name LAB+short --net fabric EXTRA -- CMD` on `host`, removed with the
