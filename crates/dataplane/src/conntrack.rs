@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 
-use ferrynet_model::conntrack::{is_stale, Flow, FlushRule};
+use ferrynet_model::conntrack::{involves, is_stale, Flow, FlushRule};
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP};
 use netlink_packet_netfilter::conntrack::{
     ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Status, Tuple,
@@ -314,13 +314,46 @@ impl Conntrack {
             local = Some(local_addresses()?);
         }
         let is_local = |a: IpAddr| local.as_ref().is_some_and(|l| l.contains(&a));
-        for e in &entries {
-            if is_stale(rules, &e.flow, &is_local) && self.delete(e)? {
+        self.delete_where(&entries, &mut stats, |f| is_stale(rules, f, &is_local))?;
+        Ok(stats)
+    }
+
+    /// Delete every entry with one of `addrs` at either end (`model::conntrack::involves`).
+    pub fn flush_addresses(&mut self, addrs: &BTreeSet<IpAddr>) -> Result<FlushStats> {
+        if addrs.is_empty() {
+            return Ok(FlushStats::default());
+        }
+        let entries = self.dump()?;
+        let mut stats = FlushStats {
+            scanned: entries.len(),
+            deleted: 0,
+        };
+        self.delete_where(&entries, &mut stats, |f| involves(f, addrs))?;
+        Ok(stats)
+    }
+
+    fn delete_where(
+        &mut self,
+        entries: &[Entry],
+        stats: &mut FlushStats,
+        stale: impl Fn(&Flow) -> bool,
+    ) -> Result<()> {
+        for e in entries {
+            if stale(&e.flow) && self.delete(e)? {
                 stats.deleted += 1;
             }
         }
-        Ok(stats)
+        Ok(())
     }
+}
+
+/// Delete the entries with one of `addrs` at either end, in the calling thread's network
+/// namespace.
+pub fn flush_addresses(addrs: &BTreeSet<IpAddr>) -> Result<FlushStats> {
+    if addrs.is_empty() {
+        return Ok(FlushStats::default());
+    }
+    Conntrack::open()?.flush_addresses(addrs)
 }
 
 /// The environment variable that, set to `off`, keeps stale entries: only `bench/failover.py`

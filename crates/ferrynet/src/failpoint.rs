@@ -41,6 +41,35 @@ pub fn hit(name: &str) {
     }
 }
 
+/// Points where a step fails once (returns an error) instead of aborting, so a test can check
+/// that the agent retries it: the first time `FERRYNET_FAILPOINT` names one, [`fails_once`] is
+/// true.
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+pub const ERRORS: &[&str] = &["move-renumber"];
+
+/// True the first time the process reaches `name` when `FERRYNET_FAILPOINT` names it
+/// (feature `failpoints` only).
+#[cfg(feature = "failpoints")]
+pub fn fails_once(name: &str) -> bool {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // One flag is enough: the variable names one point.
+    static FIRED: AtomicBool = AtomicBool::new(false);
+    debug_assert!(ERRORS.contains(&name), "unlisted fail point {name}");
+    let on = std::env::var("FERRYNET_FAILPOINT").is_ok_and(|v| v == name);
+    if on && !FIRED.swap(true, Ordering::SeqCst) {
+        eprintln!("ferrynet: fail point {name} reached: failing once");
+        return true;
+    }
+    false
+}
+
+/// Fail points are compiled out without the `failpoints` feature.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn fails_once(_name: &str) -> bool {
+    false
+}
+
 /// Crash points are compiled out without the `failpoints` feature.
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]

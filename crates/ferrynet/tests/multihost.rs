@@ -546,8 +546,16 @@ fn spare_blocks_never_starve_a_host_of_its_first_block() {
     assert!(c3.v4.starts_with("10.33.0."), "{}", c3.v4);
     // Neither h1 nor h2 took a spare meanwhile (the agents saw the endpoints before h3's
     // ADD: its container's record is what made h3's block used).
-    assert_eq!(net_blocks(&lab, "h1").map(|b| b.len()), Ok(1), "h1 took a spare");
-    assert_eq!(net_blocks(&lab, "h2").map(|b| b.len()), Ok(1), "h2 took a spare");
+    assert_eq!(
+        net_blocks(&lab, "h1").map(|b| b.len()),
+        Ok(1),
+        "h1 took a spare"
+    );
+    assert_eq!(
+        net_blocks(&lab, "h2").map(|b| b.len()),
+        Ok(1),
+        "h2 took a spare"
+    );
     for c in [&c1, &c2, &c3] {
         lab.rm(c);
     }

@@ -33,6 +33,42 @@ fn etcd_put(lab: &Lab, host: &str, key: &str, value: &str) {
     assert!(o.status.success(), "etcd put {key}: {}", out(&o));
 }
 
+/// The block claims of the test network in the lab's etcd, read from `host`'s namespace:
+/// block (as keyed, `_` for `/`) -> owner.
+fn store_blocks(lab: &Lab, host: &str) -> BTreeMap<String, String> {
+    let prefix = format!("/ferrynet/v1/blocks/{NET}/");
+    let code = format!(
+        "import base64,json,urllib.request\n\
+         b=lambda s: base64.b64encode(s.encode()).decode()\n\
+         p={prefix:?}\n\
+         end=p[:-1]+chr(ord(p[-1])+1)\n\
+         d=json.dumps({{'key':b(p),'range_end':b(end)}}).encode()\n\
+         r=json.load(urllib.request.urlopen(urllib.request.Request('http://172.31.0.253:2379/v3/kv/range',data=d),timeout=5))\n\
+         for kv in r.get('kvs',[]):\n  \
+         k=base64.b64decode(kv['key']).decode()[len(p):]\n  \
+         print(k, json.loads(base64.b64decode(kv['value']))['host'])\n"
+    );
+    let o = Command::new("ip")
+        .args(["netns", "exec", &lab.host_ns(host), "python3", "-c", &code])
+        .output()
+        .expect("python3");
+    assert!(o.status.success(), "etcd range {prefix}: {}", out(&o));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(b, h)| (b.to_string(), h.to_string()))
+        .collect()
+}
+
+/// The blocks `owner` holds in the store.
+fn blocks_of(lab: &Lab, from: &str, owner: &str) -> Vec<String> {
+    store_blocks(lab, from)
+        .into_iter()
+        .filter(|(_, h)| h == owner)
+        .map(|(b, _)| b)
+        .collect()
+}
+
 /// Every endpoint of the test network: address -> container ids holding it.
 fn holders(lab: &Lab, from: &str) -> BTreeMap<String, Vec<String>> {
     let v: Value = serde_json::from_str(&lab.ok(from, &["network", "inspect", NET])).expect("json");
@@ -132,6 +168,20 @@ fn partition_and_heal(name: &str, isolated: &[&str], busy: &[&str]) {
     for v in &victims {
         wait("first contact", 20, || echo(&client, &v.v4));
     }
+    // Each isolated host holds its container's blocks and, beside them, an empty spare of
+    // each family: all of them must be its own again after the partition.
+    let mut before = BTreeMap::new();
+    for h in isolated {
+        wait("spare blocks", 30, || {
+            let mine = blocks_of(&lab, client_host, h);
+            let v6 = mine.iter().filter(|b| b.contains(':')).count();
+            match (mine.len() - v6 >= 2, v6 >= 2) {
+                (true, true) => Ok(()),
+                _ => Err(format!("{h}: {mine:?}")),
+            }
+        });
+        before.insert(*h, blocks_of(&lab, client_host, h));
+    }
     for h in isolated {
         lab.cut_from_store(h, true);
     }
@@ -166,6 +216,21 @@ fn partition_and_heal(name: &str, isolated: &[&str], busy: &[&str]) {
         }
         Ok(())
     });
+    // Each isolated host has every block it had back (the empty spares too): the busy hosts
+    // grew into other blocks, and the returning host took its quarantined ones back.
+    for h in isolated {
+        wait("the isolated host's blocks back", 40, || {
+            let now = blocks_of(&lab, client_host, h);
+            let missing: Vec<&String> = before[h].iter().filter(|b| !now.contains(b)).collect();
+            match missing.is_empty() {
+                true => Ok(()),
+                false => Err(format!(
+                    "{h} lacks {missing:?}; claims: {:?}",
+                    store_blocks(&lab, client_host)
+                )),
+            }
+        });
+    }
     // No address is held twice, by the store's records.
     let held = holders(&lab, client_host);
     let twice: Vec<_> = held.iter().filter(|(_, ids)| ids.len() > 1).collect();
@@ -231,9 +296,73 @@ fn moved_to(m: &Value, v6: bool) -> String {
         .to_string()
 }
 
+/// A TCP connection from `from` to `addr`:7000 held open (idle after one round trip), so
+/// the hosts on its path keep a conntrack entry of it; killed with the lab.
+fn held_connection(lab: &mut Lab, from: &Container, addr: &str) {
+    let code = format!(
+        "import socket,time\ns=socket.create_connection(('{addr}',7000),timeout=5)\n\
+         s.sendall(b'ping');assert s.recv(4)==b'ping'\nprint('connected',flush=True)\ntime.sleep(900)\n"
+    );
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &from.netns(), "python3", "-u", "-c", &code])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("stdout");
+    lab.procs.push(common::Proc(child));
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("read");
+    assert_eq!(line.trim(), "connected", "TCP connection to {addr}");
+}
+
+/// The conntrack entries of `host`'s namespace that name `addr`.
+fn conntrack_of(lab: &Lab, host: &str, addr: &str) -> Vec<String> {
+    let o = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.host_ns(host),
+            "cat",
+            "/proc/net/nf_conntrack",
+        ])
+        .output()
+        .expect("cat");
+    let want = [format!("src={addr} "), format!("dst={addr} ")];
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter(|l| want.iter().any(|w| l.contains(w.as_str())))
+        .map(str::to_string)
+        .collect()
+}
+
 #[test]
 fn a_container_whose_block_another_host_took_moves_to_a_block_of_its_own_host() {
-    let mut lab = Lab::up("ptmove", &LAB_ARGS);
+    move_scenario("ptmove", false);
+}
+
+/// The same move with the container-side renumbering failing once (fail point
+/// `move-renumber`): the agent renumbers it again and it converges.
+#[test]
+fn a_moved_container_whose_renumbering_failed_converges() {
+    move_scenario("ptmvfail", true);
+}
+
+fn move_scenario(name: &str, fail_renumber: bool) {
+    let mut lab = Lab::up(name, &LAB_ARGS);
+    if fail_renumber {
+        lab.lab(&["stop-agent", "h2"]);
+        let o = Command::new(common::bin())
+            .args(["lab", "start-agent", "h2", "--name", &lab.name])
+            .env("FERRYNET_FAILPOINT", "move-renumber")
+            .output()
+            .expect("lab start-agent");
+        assert!(o.status.success(), "start-agent: {}", out(&o));
+        wait("h2's agent", 30, || {
+            let o = lab.exec("h2", &["status", "--json"]);
+            o.status.success().then_some(()).ok_or_else(|| out(&o))
+        });
+    }
     create_net(&lab);
     let v = lab.run_on(
         "h2",
@@ -244,6 +373,13 @@ fn a_container_whose_block_another_host_took_moves_to_a_block_of_its_own_host() 
     );
     let client = lab.run_on("h1", "cl", NET, &[], &["python3", "-c", SERVER]);
     wait("first contact", 20, || echo(&client, &v.v4));
+    // A connection to the old address: h2 keeps a conntrack entry of it.
+    held_connection(&mut lab, &client, &v.v4);
+    assert!(
+        !conntrack_of(&lab, "h2", &v.v4).is_empty(),
+        "no conntrack entry of {} on h2",
+        v.v4
+    );
     lab.cut_from_store("h2", true);
     wait("release of h2", 40, || {
         match holders(&lab, "h1").contains_key(&v.v4) {
@@ -272,6 +408,15 @@ fn a_container_whose_block_another_host_took_moves_to_a_block_of_its_own_host() 
         m["reason"].as_str().unwrap_or_default().contains("h3"),
         "{m}"
     );
+    if fail_renumber {
+        assert!(
+            m["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("renumbering its interface failed"),
+            "the fail point did not fire: {m}"
+        );
+    }
     let new4 = moved_to(m, false);
     let n: std::net::Ipv4Addr = new4.parse().expect("moved v4");
     assert_ne!(
@@ -289,16 +434,23 @@ fn a_container_whose_block_another_host_took_moves_to_a_block_of_its_own_host() 
         "{held:?}"
     );
     assert!(held.values().all(|ids| ids.len() == 1), "{held:?}");
-    // The container itself: the new address, not the old one.
-    let o = Command::new("ip")
-        .args(["-n", &v.netns(), "-j", "addr", "show"])
-        .output()
-        .expect("ip");
-    let addrs = String::from_utf8_lossy(&o.stdout).to_string();
-    assert!(
-        addrs.contains(&format!("\"{new4}\"")) && !addrs.contains(&format!("\"{}\"", v.v4)),
-        "{addrs}"
-    );
+    // The container itself: the new address, not the old one (after a failed renumbering,
+    // once the agent renumbered it again).
+    wait("the container's interface", 60, || {
+        let o = Command::new("ip")
+            .args(["-n", &v.netns(), "-j", "addr", "show"])
+            .output()
+            .expect("ip");
+        let addrs = String::from_utf8_lossy(&o.stdout).to_string();
+        let done =
+            addrs.contains(&format!("\"{new4}\"")) && !addrs.contains(&format!("\"{}\"", v.v4));
+        done.then_some(()).ok_or(addrs)
+    });
+    // h2 forgot the old address's flows (the held connection's entry went with the move).
+    wait("conntrack entries of the old address gone", 30, || {
+        let left = conntrack_of(&lab, "h2", &v.v4);
+        left.is_empty().then_some(()).ok_or(format!("{left:?}"))
+    });
     // h2's bridge gave up the taken block's gateway (the block is h3's to route now).
     let gw = std::net::Ipv4Addr::from(u32::from(block) + 1).to_string();
     let o = Command::new("ip")

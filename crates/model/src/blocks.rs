@@ -47,6 +47,126 @@ pub fn next_block(
         .find_map(|s| free_block(&s.cidr, spec.block_len(v6), taken))
 }
 
+/// A block's quarantine: its peers released it from a departed host (which may return with
+/// containers still using it), so others take it last. Stored at `keys::orphan_block`; the
+/// returning host takes it back first and the record goes. Store input: a record that does not
+/// parse, or names a block that is not one of the pool's, is ignored (the block is then just
+/// free), and a forged one can only change the order in which free blocks are taken.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Quarantine {
+    /// The host that held the block.
+    pub host: String,
+    /// When it was released (seconds since the Unix epoch; 0: unknown, a record of an older
+    /// agent that wrote the bare host name).
+    #[serde(default)]
+    pub released_at: u64,
+}
+
+/// Whether `s` can be a host name in a quarantine record (what registration keys allow).
+fn plausible_host(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+}
+
+impl Quarantine {
+    /// The stored form (JSON).
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// A stored value: the JSON record, or the bare host name older agents wrote; None when
+    /// it is neither.
+    pub fn parse(value: &[u8]) -> Option<Quarantine> {
+        let q = match serde_json::from_slice::<Quarantine>(value) {
+            Ok(q) => q,
+            Err(_) => Quarantine {
+                host: std::str::from_utf8(value).ok()?.to_string(),
+                released_at: 0,
+            },
+        };
+        plausible_host(&q.host).then_some(q)
+    }
+}
+
+/// One quarantine record of a network's pool as read from the store (`cidr` is the key's last
+/// part, `/` written `_`): None unless it names a whole block of the pool at its family's
+/// block size and its value parses.
+pub fn parse_quarantine(
+    subnets: &[Subnet],
+    spec: &FabricSpec,
+    cidr: &str,
+    value: &[u8],
+) -> Option<(IpNet, Quarantine)> {
+    let block: IpNet = cidr.replace('_', "/").parse().ok()?;
+    let v6 = block.addr().is_ipv6();
+    let whole = block.trunc() == block && block.prefix_len() == spec.block_len(v6);
+    let in_pool = subnets.iter().any(|s| s.cidr.contains(&block));
+    (whole && in_pool).then_some(())?;
+    Some((block, Quarantine::parse(value)?))
+}
+
+/// This host's own quarantined blocks (released from it while it was cut off) that nobody
+/// claimed since: what it takes back when it returns.
+pub fn own_quarantined(
+    me: &str,
+    taken: &[IpNet],
+    quarantined: &[(IpNet, Quarantine)],
+) -> Vec<IpNet> {
+    let mut out: Vec<IpNet> = quarantined
+        .iter()
+        .filter(|(b, q)| q.host == me && !taken.iter().any(|t| overlaps(t, b)))
+        .map(|(b, _)| *b)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The block `me` claims next for one address family, and the quarantine record it ends (if
+/// any): first one of its own quarantined blocks (it returned), then the first free block
+/// nobody is quarantined for, and only when none is left a block quarantined for another
+/// host, the longest released first (that host is the least likely to return).
+pub fn choose_block(
+    subnets: &[Subnet],
+    spec: &FabricSpec,
+    v6: bool,
+    me: &str,
+    taken: &[IpNet],
+    quarantined: &[(IpNet, Quarantine)],
+) -> Option<(IpNet, Option<Quarantine>)> {
+    let family: Vec<&(IpNet, Quarantine)> = quarantined
+        .iter()
+        .filter(|(b, _)| {
+            b.addr().is_ipv6() == v6
+                && b.prefix_len() == spec.block_len(v6)
+                && subnets.iter().any(|s| s.cidr.contains(b))
+                && !taken.iter().any(|t| overlaps(t, b))
+        })
+        .collect();
+    if let Some((b, q)) = family
+        .iter()
+        .filter(|(_, q)| q.host == me)
+        .min_by_key(|(b, _)| *b)
+    {
+        return Some((*b, Some(q.clone())));
+    }
+    let avoid: Vec<IpNet> = taken
+        .iter()
+        .copied()
+        .chain(family.iter().map(|(b, _)| *b))
+        .collect();
+    if let Some(b) = next_block(subnets, spec, v6, &avoid) {
+        return Some((b, None));
+    }
+    family
+        .iter()
+        .min_by_key(|(b, q)| (q.released_at, *b))
+        .map(|(b, q)| (*b, Some(q.clone())))
+}
+
 /// What the spare-block decision reads about one multi-host network.
 #[derive(Clone, Copy)]
 pub struct SpareInput<'a> {
@@ -372,6 +492,106 @@ mod tests {
         );
         let only_v4 = vec![Subnet::new(n("10.20.0.0/16"))];
         assert_eq!(next_block(&only_v4, &spec(), true, &[]), None);
+    }
+
+    fn q(host: &str, at: u64) -> Quarantine {
+        Quarantine {
+            host: host.into(),
+            released_at: at,
+        }
+    }
+
+    #[test]
+    fn quarantined_blocks_are_taken_last_and_by_their_host_first() {
+        let subnets = vec![Subnet::new(n("10.20.0.0/24")), Subnet::new(n("fd20::/64"))];
+        let quarantined = vec![
+            (n("10.20.0.0/26"), q("h2", 100)),
+            (n("10.20.0.64/26"), q("h3", 50)),
+        ];
+        let taken = [n("10.20.0.128/26")];
+        // Another host takes the first block nobody is quarantined for.
+        assert_eq!(
+            choose_block(&subnets, &spec(), false, "h1", &taken, &quarantined),
+            Some((n("10.20.0.192/26"), None))
+        );
+        // The returning host takes its own back, and the record goes with it.
+        assert_eq!(
+            choose_block(&subnets, &spec(), false, "h2", &taken, &quarantined),
+            Some((n("10.20.0.0/26"), Some(q("h2", 100))))
+        );
+        assert_eq!(
+            own_quarantined("h2", &taken, &quarantined),
+            vec![n("10.20.0.0/26")]
+        );
+        // Nothing else free: the one released longest ago (h3's), then the other.
+        let full = [n("10.20.0.128/25")];
+        assert_eq!(
+            choose_block(&subnets, &spec(), false, "h1", &full, &quarantined),
+            Some((n("10.20.0.64/26"), Some(q("h3", 50))))
+        );
+        let more = [n("10.20.0.64/26"), n("10.20.0.128/25")];
+        assert_eq!(
+            choose_block(&subnets, &spec(), false, "h1", &more, &quarantined),
+            Some((n("10.20.0.0/26"), Some(q("h2", 100))))
+        );
+        // A quarantined block claimed since is neither reclaimed nor chosen.
+        let claimed = [n("10.20.0.0/26")];
+        assert!(own_quarantined("h2", &claimed, &quarantined).is_empty());
+        assert_eq!(
+            choose_block(&subnets, &spec(), false, "h2", &claimed, &quarantined),
+            Some((n("10.20.0.128/26"), None))
+        );
+        // Families stay apart.
+        assert_eq!(
+            choose_block(&subnets, &spec(), true, "h2", &[], &quarantined),
+            Some((n("fd20::/122"), None))
+        );
+        // First-free order, what the quarantine replaces, would hand h2's block to h1.
+        assert_eq!(
+            next_block(&subnets, &spec(), false, &taken),
+            Some(n("10.20.0.0/26"))
+        );
+    }
+
+    #[test]
+    fn malformed_or_foreign_quarantine_records_are_ignored() {
+        let subnets = vec![Subnet::new(n("10.20.0.0/24"))];
+        let p = |cidr: &str, v: &[u8]| parse_quarantine(&subnets, &spec(), cidr, v);
+        let rec = q("h2", 7).encode();
+        assert_eq!(
+            p("10.20.0.64_26", &rec),
+            Some((n("10.20.0.64/26"), q("h2", 7)))
+        );
+        // What older agents wrote: the bare host name.
+        assert_eq!(
+            p("10.20.0.64_26", b"h2"),
+            Some((n("10.20.0.64/26"), q("h2", 0)))
+        );
+        for (cidr, v) in [
+            ("10.20.0.64_26", &b""[..]),
+            ("10.20.0.64_26", b"\xff\xfe"),
+            ("10.20.0.64_26", b"h2/../x"),
+            ("10.20.0.64_26", br#"{"host":"h2","releasedAt":-1}"#),
+            ("10.20.0.64_26", br#"{"host":"","releasedAt":1}"#),
+            ("10.20.0.64_26", br#"{"host":"h2","extra":1}"#),
+            // Not a block of the pool: outside it, unaligned, another size, not a CIDR.
+            ("10.99.0.0_26", &rec[..]),
+            ("10.20.0.65_26", &rec[..]),
+            ("10.20.0.0_25", &rec[..]),
+            ("10.20.0.0_24", &rec[..]),
+            ("nonsense", &rec[..]),
+        ] {
+            assert_eq!(p(cidr, v), None, "{cidr} {:?}", String::from_utf8_lossy(v));
+        }
+        // Even unvalidated, a record outside the pool or of another size is never chosen.
+        let forged = vec![
+            (n("10.99.0.0/26"), q("h1", 0)),
+            (n("10.20.0.0/25"), q("h1", 0)),
+        ];
+        assert_eq!(
+            choose_block(&subnets, &spec(), false, "h1", &[], &forged),
+            Some((n("10.20.0.0/26"), None))
+        );
     }
 
     #[test]

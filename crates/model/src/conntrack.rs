@@ -143,6 +143,15 @@ pub fn is_stale(rules: &[FlushRule], flow: &Flow, local: &dyn Fn(IpAddr) -> bool
     rules.iter().any(|r| r.matches(flow, local))
 }
 
+/// True when `flow` has one of `addrs` at either end (before or after translation): after a
+/// container moved to other addresses (`model::journal::plan_move`), its host's entries of the
+/// addresses it left go, so a flow of the block's new owner is never matched to them.
+pub fn involves(flow: &Flow, addrs: &BTreeSet<IpAddr>) -> bool {
+    [flow.orig_src, flow.orig_dst, flow.reply_src]
+        .iter()
+        .any(|a| addrs.contains(a))
+}
+
 /// Every frontend the load balancer serves, with its protocol and current targets (empty
 /// for a VIP port without healthy producers).
 fn lb_frontends(st: &LbState) -> BTreeMap<(Protocol, Frontend), BTreeSet<Target>> {
@@ -445,6 +454,37 @@ mod tests {
     }
     fn host_addr(a: IpAddr) -> bool {
         a == ip("192.168.7.1")
+    }
+
+    #[test]
+    fn a_moved_containers_old_addresses_are_matched_at_either_end() {
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        let old: BTreeSet<IpAddr> = [a("10.7.0.10"), a("fd07::a")].into();
+        let flow = |src: &str, dst: &str, reply: &str| Flow {
+            protocol: 6,
+            orig_src: a(src),
+            orig_dst: a(dst),
+            orig_sport: 40000,
+            orig_dport: 7000,
+            reply_src: a(reply),
+            reply_sport: 7000,
+            dnat: src != reply && dst != reply,
+        };
+        assert!(involves(&flow("10.7.0.10", "10.7.0.3", "10.7.0.3"), &old));
+        assert!(involves(&flow("10.7.0.3", "10.7.0.10", "10.7.0.10"), &old));
+        // DNATed to it through a published port or a VIP.
+        assert!(involves(
+            &flow("192.0.2.9", "10.96.0.20", "10.7.0.10"),
+            &old
+        ));
+        assert!(involves(&flow("fd07::3", "fd07::a", "fd07::a"), &old));
+        // Its new address and everyone else's stay.
+        assert!(!involves(&flow("10.7.0.18", "10.7.0.3", "10.7.0.3"), &old));
+        assert!(!involves(&flow("10.7.0.3", "10.7.0.11", "10.7.0.11"), &old));
+        assert!(!involves(
+            &flow("10.7.0.3", "10.7.0.11", "10.7.0.11"),
+            &BTreeSet::new()
+        ));
     }
 
     #[test]

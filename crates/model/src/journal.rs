@@ -280,6 +280,42 @@ fn list(ips: &[IpNet]) -> String {
         .join(", ")
 }
 
+/// What a moved container's interface still needs, by comparing what its moved record wants
+/// there with what the kernel shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Renumber {
+    /// The interface (or its namespace) is gone: the container left, nothing to converge.
+    Gone,
+    /// The interface holds every wanted address and none it left: converged.
+    Done,
+    /// Addresses are missing or left ones are still there: renumber again.
+    Again,
+}
+
+/// Compare `want` (the addresses the moved record gives the interface) and `left` (the ones
+/// it had before the move) with `kernel` (the interface's addresses; None: it is gone).
+/// Link-local and other addresses the kernel adds itself are not compared.
+pub fn renumber_needed(want: &[IpNet], left: &[IpNet], kernel: Option<&[IpNet]>) -> Renumber {
+    let Some(kernel) = kernel else {
+        return Renumber::Gone;
+    };
+    let has = |a: &IpNet| kernel.iter().any(|k| k.addr() == a.addr());
+    let complete = want.iter().all(|w| {
+        kernel
+            .iter()
+            .any(|k| k.addr() == w.addr() && k.prefix_len() == w.prefix_len())
+    });
+    let stale = left
+        .iter()
+        .filter(|l| !want.iter().any(|w| w.addr() == l.addr()))
+        .any(has);
+    if complete && !stale {
+        Renumber::Done
+    } else {
+        Renumber::Again
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,6 +330,30 @@ mod tests {
 
     fn block() -> IpNet {
         "10.1.0.0/26".parse().unwrap()
+    }
+
+    #[test]
+    fn a_moved_interface_converges_to_its_record() {
+        let n = |s: &str| s.parse::<IpNet>().unwrap();
+        let want = [n("10.7.0.18/24"), n("fd07::a/64")];
+        let left = [n("10.7.0.10/24"), n("fd07::a/64")];
+        let ll = n("fe80::1/64");
+        // The renumber never ran: still the old addresses.
+        let before = [n("10.7.0.10/24"), n("fd07::a/64"), ll];
+        assert_eq!(
+            renumber_needed(&want, &left, Some(&before)),
+            Renumber::Again
+        );
+        // Half done: the new one added, the old one still there.
+        let half = [n("10.7.0.10/24"), n("10.7.0.18/24"), n("fd07::a/64")];
+        assert_eq!(renumber_needed(&want, &left, Some(&half)), Renumber::Again);
+        // A wanted address with the wrong prefix is not converged.
+        let wrong = [n("10.7.0.18/32"), n("fd07::a/64")];
+        assert_eq!(renumber_needed(&want, &left, Some(&wrong)), Renumber::Again);
+        // Done: the kept IPv6 address is wanted, not stale; link-local is ignored.
+        let done = [n("10.7.0.18/24"), n("fd07::a/64"), ll];
+        assert_eq!(renumber_needed(&want, &left, Some(&done)), Renumber::Done);
+        assert_eq!(renumber_needed(&want, &left, None), Renumber::Gone);
     }
 
     #[test]

@@ -187,6 +187,9 @@ impl Reconciler {
             .apply_fabric(&round.vxlan_devs, &round.want, &mut round.errors)
             .await;
         let guard_report = self.sync_fabric_guard(view, &me, &mut round).await;
+        // A moved container whose renumbering failed is renumbered again until it holds what
+        // its record says.
+        round.errors.extend(self.ctl.converge_moves().await);
         for e in &round.errors {
             tracing::warn!(error = %e, "reconcile");
         }
@@ -561,6 +564,9 @@ impl Reconciler {
         hosts: &[String],
     ) -> Result<(), StoreError> {
         let store = &self.ctl.store_handle();
+        let released_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         for h in hosts {
             // Its service producers (its agent no longer checks them).
             let (producers, _) = store.range(&service_keys::producers()).await?;
@@ -591,11 +597,17 @@ impl Reconciler {
                         groups.push(group);
                     }
                 }
-                // Marked, so others take it last and the host finds it when it returns.
+                // Quarantined, so others take it last and the host takes it back when it
+                // returns (`model::blocks::choose_block`).
+                let record = ferrynet_model::blocks::Quarantine {
+                    host: h.clone(),
+                    released_at,
+                }
+                .encode();
                 block_groups.extend(view.blocks_of(&net.name, h).iter().map(|b| {
                     vec![
                         Op::delete(keys::block(&net.name, b)),
-                        Op::put(keys::orphan_block(&net.name, b), h.clone()),
+                        Op::put(keys::orphan_block(&net.name, b), record.clone()),
                     ]
                 }));
             }

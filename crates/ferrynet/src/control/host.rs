@@ -3,7 +3,9 @@
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use ferrynet_model::blocks::{next_block, view_needs_underlay, HostView};
+use ferrynet_model::blocks::{
+    choose_block, own_quarantined, parse_quarantine, view_needs_underlay, HostView, Quarantine,
+};
 use ferrynet_model::host::{BlockClaim, HostRecord};
 use ferrynet_model::network::{keys, Endpoint, Network};
 use ferrynet_store::{Compare, Op};
@@ -90,6 +92,42 @@ impl Control {
         Ok(out)
     }
 
+    /// The quarantine records of `net`'s pool that parse and name one of its blocks (others
+    /// are ignored: store input).
+    pub async fn quarantined(&self, net: &Network) -> Result<Vec<(IpNet, Quarantine)>> {
+        let Some(spec) = &net.fabric else {
+            return Ok(Vec::new());
+        };
+        let prefix = keys::orphan_blocks(&net.name);
+        let (kvs, _) = self.store.range(&prefix).await?;
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| {
+                let cidr = kv.key.strip_prefix(&prefix)?;
+                parse_quarantine(&net.subnets, spec, cidr, &kv.value)
+            })
+            .collect())
+    }
+
+    /// Take back every block of `net` released from this host while it was cut off that
+    /// nobody claimed since (each guarded by "still unclaimed"); returns the blocks taken.
+    pub async fn reclaim_quarantined(&self, net: &Network) -> Result<Vec<IpNet>> {
+        let taken: Vec<IpNet> = self
+            .block_claims(&net.name)
+            .await?
+            .into_iter()
+            .map(|(b, _)| b)
+            .collect();
+        let mut got = Vec::new();
+        for b in own_quarantined(&self.host, &taken, &self.quarantined(net).await?) {
+            if self.reclaim_block(&net.name, &b).await? {
+                tracing::info!(network = %net.name, block = %b, "took back a block released from this host while it was cut off");
+                got.push(b);
+            }
+        }
+        Ok(got)
+    }
+
     /// This host's blocks of `network`.
     pub async fn my_blocks(&self, network: &str) -> Result<Vec<IpNet>> {
         Ok(self
@@ -143,24 +181,11 @@ impl Control {
                         .into_iter()
                         .map(|(b, _)| b)
                         .collect();
-                    // Blocks released from a departed host come last: its containers may
-                    // still run and return with their addresses (control::journal).
-                    let (orphans, _) = self.store.range(&keys::orphan_blocks(&net.name)).await?;
-                    let orphaned: Vec<(IpNet, String)> = orphans
-                        .iter()
-                        .filter_map(|kv| {
-                            let b = kv.key.strip_prefix(&keys::orphan_blocks(&net.name))?;
-                            let b = b.replace('_', "/").parse().ok()?;
-                            Some((b, String::from_utf8_lossy(&kv.value).into_owned()))
-                        })
-                        .collect();
-                    let avoid: Vec<IpNet> = taken
-                        .iter()
-                        .copied()
-                        .chain(orphaned.iter().map(|(b, _)| *b))
-                        .collect();
-                    let Some(block) = next_block(&net.subnets, spec, v6, &avoid)
-                        .or_else(|| next_block(&net.subnets, spec, v6, &taken))
+                    // Blocks released from a departed host come last (its containers may
+                    // still run and return with their addresses), except to that host.
+                    let quarantined = self.quarantined(net).await?;
+                    let Some((block, ends)) =
+                        choose_block(&net.subnets, spec, v6, &self.host, &taken, &quarantined)
                     else {
                         return Ok(Round::Done(None));
                     };
@@ -169,9 +194,16 @@ impl Control {
                         host: self.host.clone(),
                     };
                     let mut ops = vec![Op::put(key.clone(), encode(&claim))];
-                    if let Some((_, from)) = orphaned.iter().find(|(b, _)| *b == block) {
-                        tracing::warn!(network = %net.name, %block, departed = %from, "no other block is free: taking one released from a departed host; its containers cannot return to it");
-                        ops.push(Op::delete(keys::orphan_block(&net.name, &block)));
+                    match ends {
+                        Some(q) if q.host == self.host => {
+                            tracing::info!(network = %net.name, %block, "took back a block released from this host while it was cut off");
+                            ops.push(Op::delete(keys::orphan_block(&net.name, &block)));
+                        }
+                        Some(q) => {
+                            tracing::warn!(network = %net.name, %block, departed = %q.host, released_at = q.released_at, "no other block is free: taking one released from a departed host; its containers cannot return to it");
+                            ops.push(Op::delete(keys::orphan_block(&net.name, &block)));
+                        }
+                        None => {}
                     }
                     Ok(Round::commit(
                         vec![Compare::Missing(key.clone())],

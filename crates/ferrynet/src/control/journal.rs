@@ -11,7 +11,8 @@ use std::path::PathBuf;
 use ferrynet_model::host::BlockClaim;
 use ferrynet_model::ipam::validate_network_subnets;
 use ferrynet_model::journal::{
-    blocks_of, moves, plan, plan_move, Move, NetworkFacts, Reassert, StoreFacts,
+    blocks_of, moves, plan, plan_move, renumber_needed, Move, NetworkFacts, Reassert, Renumber,
+    StoreFacts,
 };
 use ferrynet_model::names::host_veth_name;
 use ferrynet_model::network::{keys, Endpoint, Network, NetworkMode};
@@ -87,6 +88,40 @@ fn moved_addrs(addrs: &[IpAddr], mv: &Move) -> Vec<IpAddr> {
                 .map_or(*a, |(_, t)| t.addr())
         })
         .collect()
+}
+
+/// One move (or its retry) at a time: the re-assertion and the reconciler both renumber.
+static MOVES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// After a container left addresses: delete this host's conntrack entries with one of them
+/// at either end, so no flow of the block's new owner is matched to this container's old
+/// ones (and NAT state of the old address does not linger). Logged, not returned: the move is
+/// done, a stale entry costs a flow.
+async fn flush_left_addresses(old: &Endpoint, new: &Endpoint) {
+    let left: BTreeSet<IpAddr> = old
+        .ips
+        .iter()
+        .map(|a| a.addr())
+        .filter(|a| !new.ips.iter().any(|n| n.addr() == *a))
+        .collect();
+    if left.is_empty() || !ferrynet_dataplane::conntrack::flush_enabled() {
+        return;
+    }
+    let res =
+        tokio::task::spawn_blocking(move || ferrynet_dataplane::conntrack::flush_addresses(&left))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+    match res {
+        Ok(st) => tracing::info!(
+            container = %new.container_id,
+            deleted = st.deleted,
+            "conntrack entries of a moved container's old addresses deleted"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, container = %new.container_id, "deleting a moved container's conntrack entries failed")
+        }
+    }
 }
 
 impl ReassertReport {
@@ -220,6 +255,15 @@ impl Control {
     /// container still runs. What someone else holds now is reported, never taken.
     pub async fn reassert_local(&self) -> Result<ReassertReport> {
         let mut report = ReassertReport::default();
+        // A move whose renumbering failed before is finished first (errors are logged).
+        let _still = self.converge_moves().await;
+        // Blocks released from this host while it was cut off and still unclaimed come back
+        // first, its empty ones included, so its journaled containers find them its own.
+        for net in self.networks().await? {
+            if net.fabric.is_some() {
+                self.reclaim_quarantined(&net).await?;
+            }
+        }
         let nl = self.host_links()?;
         for (file, ep) in self.journal_entries::<Endpoint>("endpoints") {
             let port = host_veth_name(&ep.network, &ep.container_id, &ep.ifname);
@@ -349,11 +393,13 @@ impl Control {
                         revision.insert(b, kv.mod_revision);
                     }
                 }
-                let prefix = keys::orphan_blocks(&ep.network);
-                let (kvs, _) = self.store.range(&prefix).await?;
-                let orphans: Vec<IpNet> = kvs
-                    .iter()
-                    .filter_map(|kv| kv.key.strip_prefix(&prefix)?.replace('_', "/").parse().ok())
+                // Blocks kept for other cut-off hosts; this host's own are its to take.
+                let orphans: Vec<IpNet> = self
+                    .quarantined(pool)
+                    .await?
+                    .into_iter()
+                    .filter(|(_, q)| q.host != self.host())
+                    .map(|(b, _)| b)
                     .collect();
                 let held = self.held_addresses(&ep.network).await?;
                 let used: BTreeSet<IpAddr> = held.keys().copied().collect();
@@ -425,13 +471,20 @@ impl Control {
     /// follow. A kernel step that fails is logged and named in the returned entry's reason:
     /// the store holds the new addresses and the next move or restart finishes the job.
     async fn finish_move(&self, file: &str, ep: &Endpoint, pool: &Network, mv: &Move) -> Moved {
+        let _one = MOVES.lock().await;
         let moved = moved_endpoint(ep, mv);
         let mut reason = move_reason(mv);
-        if let Err(e) = self.renumber(ep, &moved, pool).await {
-            tracing::error!(error = %e, container = %ep.container_id, "renumbering a moved container");
-            reason = format!("{reason}; renumbering its interface failed: {e}");
-        }
+        // Until the kernel side is done, a marker keeps what the container had: the agent's
+        // next reconcile renumbers it again (`converge_moves`).
+        self.journal_write("renumber", file, ep);
         self.journal_write("endpoints", file, &moved);
+        match self.renumber(ep, &moved, pool).await {
+            Ok(()) => self.journal_remove("renumber", file),
+            Err(e) => {
+                tracing::error!(error = %e, container = %ep.container_id, "renumbering a moved container; retried at the next reconcile");
+                reason = format!("{reason}; renumbering its interface failed (retried): {e}");
+            }
+        }
         if let Err(e) = self.drop_taken_gateways(pool, mv).await {
             tracing::warn!(error = %e, network = %pool.name, "removing a taken block's gateway from the bridge");
         }
@@ -532,10 +585,99 @@ impl Control {
         Ok(())
     }
 
+    /// Finish the kernel side of moves whose renumbering failed (each has a marker in the
+    /// journal holding the container's record before the move): compare what its moved record
+    /// wants on the interface with what the kernel shows (`model::journal::renumber_needed`),
+    /// renumber again where they differ, and drop the marker once they agree or the container
+    /// left. Returns the errors of the containers still not converged.
+    pub async fn converge_moves(&self) -> Vec<String> {
+        let pending = self.journal_entries::<Endpoint>("renumber");
+        if pending.is_empty() {
+            return Vec::new();
+        }
+        let _one = MOVES.lock().await;
+        let mut errors = Vec::new();
+        // Read again under the lock: a move that just finished removed its marker.
+        for (file, old) in self.journal_entries::<Endpoint>("renumber") {
+            if let Err(e) = self.converge_move(&file, &old).await {
+                tracing::warn!(error = %e, container = %old.container_id, "renumbering a moved container again failed; retrying at the next reconcile");
+                errors.push(format!(
+                    "renumbering moved container {}: {e}",
+                    old.container_id
+                ));
+            }
+        }
+        errors
+    }
+
+    async fn converge_move(&self, file: &str, old: &Endpoint) -> Result<()> {
+        let current = self
+            .journal_entries::<Endpoint>("endpoints")
+            .into_iter()
+            .find(|(f, _)| f == file)
+            .map(|(_, e)| e);
+        let network = self.network(&old.network).await?;
+        let (Some(new), Some((pool, _))) = (current, network) else {
+            // The container left (its entry went) or its network did: nothing to converge.
+            self.journal_remove("renumber", file);
+            return Ok(());
+        };
+        let kernel = self.interface_addresses(&new).await?;
+        let want = container_addresses(&pool, &new.ips);
+        let left = container_addresses(&pool, &old.ips);
+        match renumber_needed(&want, &left, kernel.as_deref()) {
+            Renumber::Gone | Renumber::Done => {}
+            Renumber::Again => {
+                self.renumber(old, &new, &pool).await?;
+                tracing::info!(container = %new.container_id, network = %new.network, to = %list(&new.ips), "renumbered a moved container");
+            }
+        }
+        self.journal_remove("renumber", file);
+        Ok(())
+    }
+
+    /// The addresses of `ep`'s interface in its container; None when the namespace or the
+    /// interface is gone.
+    async fn interface_addresses(&self, ep: &Endpoint) -> Result<Option<Vec<IpNet>>> {
+        let Some(netns) = ep.netns.as_deref() else {
+            return Ok(None);
+        };
+        if !std::path::Path::new(netns).exists() {
+            return Ok(None);
+        }
+        let what = || format!("reading {}'s addresses in {netns}", ep.container_id);
+        let container = self
+            .kernel
+            .container(netns)
+            .map_err(ControlError::dataplane(what()))?;
+        let Some(index) = container
+            .link_index(&ep.ifname)
+            .await
+            .map_err(ControlError::dataplane(what()))?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(
+            container
+                .addresses(index)
+                .await
+                .map_err(ControlError::dataplane(what()))?,
+        ))
+    }
+
     /// The kernel side of a move: the bridge gets this host's blocks' gateways (a block claimed
-    /// for the move included), the container's interface its new addresses and default routes,
-    /// and its port's anti-spoofing elements and published ports follow.
+    /// for the move included), the port's routes, anti-spoofing elements and published ports
+    /// follow, then the container's interface gets its new addresses and default routes, and
+    /// the host's conntrack entries of the old addresses go. Idempotent: a retry redoes it.
     async fn renumber(&self, old: &Endpoint, new: &Endpoint, pool: &Network) -> Result<()> {
+        if crate::failpoint::fails_once("move-renumber") {
+            return Err(ControlError::dataplane(format!(
+                "renumbering {} (fail point move-renumber)",
+                old.container_id
+            ))(
+                ferrynet_dataplane::error::DataplaneError::NotFound("fail point".into()),
+            ));
+        }
         let view = self.host_view(pool).await?;
         let net = &view.net;
         let subnets = validate_network_subnets(&net.subnets)
@@ -552,19 +694,8 @@ impl Control {
             ))
         })?;
         let what = || format!("renumbering {} in {netns}", old.container_id);
-        let container = self
-            .kernel
-            .container(netns)
-            .map_err(ControlError::dataplane(what()))?;
-        container
-            .renumber(
-                &old.ifname,
-                &container_addresses(net, &old.ips),
-                &container_addresses(net, &new.ips),
-                &container_routes(net, &subnets, &new.ips),
-            )
-            .await
-            .map_err(ControlError::dataplane(what()))?;
+        // The container's interface comes last: once it holds the record's addresses, every
+        // step before it is done, which is what `converge_moves` checks.
         if net.mode == NetworkMode::Routed {
             let port = new
                 .host_veth
@@ -584,7 +715,22 @@ impl Control {
         self.guard_endpoint(new, net.mode).await?;
         let h = self.unpublish_ports_in_background(old);
         self.finish_unpublish(old, h).await?;
-        self.publish_ports(new).await
+        self.publish_ports(new).await?;
+        let container = self
+            .kernel
+            .container(netns)
+            .map_err(ControlError::dataplane(what()))?;
+        container
+            .renumber(
+                &old.ifname,
+                &container_addresses(net, &old.ips),
+                &container_addresses(net, &new.ips),
+                &container_routes(net, &subnets, &new.ips),
+            )
+            .await
+            .map_err(ControlError::dataplane(what()))?;
+        flush_left_addresses(old, new).await;
+        Ok(())
     }
 
     /// The resolv.conf ferrynet wrote for a container names its old block's gateway (now
@@ -807,6 +953,64 @@ mod tests {
             let k = keys::ipam("blue", format!("10.7.0.{a}").parse().unwrap());
             assert_eq!(get(&ctl, &k).await.as_deref(), Some("other/eth0"));
         }
+    }
+
+    #[tokio::test]
+    async fn quarantined_blocks_go_back_to_their_host_and_to_others_last() {
+        // "test" is this host. h1 holds the first block; the second was released from this
+        // host, the third from h9 long ago; a forged record names a block outside the pool,
+        // and a malformed one the last block.
+        let (_d, ctl, pool) = lab(&[("10.7.0.0/29", "h1")], &[]).await;
+        ctl.store
+            .put(&keys::network("blue"), encode(&pool))
+            .await
+            .unwrap();
+        let quarantine = |host: &str, at: u64| {
+            ferrynet_model::blocks::Quarantine {
+                host: host.into(),
+                released_at: at,
+            }
+            .encode()
+        };
+        let put = |b: &str, v: Vec<u8>| {
+            let k = keys::orphan_block("blue", &net(b));
+            let store = ctl.store.clone();
+            async move { store.put(&k, v).await.unwrap() }
+        };
+        put("10.7.0.8/29", quarantine("test", 200)).await;
+        put("10.7.0.16/29", quarantine("h9", 100)).await;
+        put("10.99.0.0/29", quarantine("test", 1)).await;
+        put("10.7.0.24/29", b"{not json".to_vec()).await;
+        // Another host takes the one block nobody is quarantined for (the malformed record
+        // is ignored), then, with nothing else free, h9's (released longest ago).
+        let mut other = Control::for_tests(ctl.store.clone());
+        other.host = "h3".into();
+        assert_eq!(
+            other.claim_block(&pool, false).await.unwrap(),
+            Some(net("10.7.0.24/29"))
+        );
+        assert_eq!(
+            other.claim_block(&pool, false).await.unwrap(),
+            Some(net("10.7.0.16/29"))
+        );
+        assert!(get(&ctl, &keys::orphan_block("blue", &net("10.7.0.16/29")))
+            .await
+            .is_none());
+        // This host takes its own back, and only what lies in the pool.
+        assert_eq!(
+            ctl.reclaim_quarantined(&pool).await.unwrap(),
+            vec![net("10.7.0.8/29")]
+        );
+        assert_eq!(
+            ctl.my_blocks("blue").await.unwrap(),
+            vec![net("10.7.0.8/29")]
+        );
+        assert!(get(&ctl, &keys::orphan_block("blue", &net("10.7.0.8/29")))
+            .await
+            .is_none());
+        assert!(ctl.reclaim_quarantined(&pool).await.unwrap().is_empty());
+        // The pool is full now.
+        assert_eq!(other.claim_block(&pool, false).await.unwrap(), None);
     }
 
     #[test]
