@@ -615,6 +615,39 @@ fn the_driver_api_without_docker_publishes_and_cleans_up() {
         "IpamDriver.ReleaseAddress",
         json!({"PoolID": pool_id, "Address": addr.split('/').next()}),
     );
+    // Docker may give up between CreateEndpoint and Join (its sandbox failed): the port that
+    // CreateEndpoint started building goes with DeleteEndpoint, its guard elements included.
+    let addr2 = ok(
+        "IpamDriver.RequestAddress",
+        json!({"PoolID": pool_id, "Address": "", "Options": {}}),
+    );
+    let addr2 = addr2["Address"].as_str().expect("address").to_string();
+    let ep2 = format!("{:e>64}", tag());
+    let ce2 = ok(
+        "NetworkDriver.CreateEndpoint",
+        json!({"NetworkID": netid, "EndpointID": ep2, "Interface": {"Address": addr2}, "Options": {}}),
+    );
+    let mac2 = ce2["Interface"]["MacAddress"]
+        .as_str()
+        .expect("the driver picks a MAC")
+        .to_string();
+    ok(
+        "NetworkDriver.DeleteEndpoint",
+        json!({"NetworkID": netid, "EndpointID": ep2}),
+    );
+    assert!(host_links(&["fnv", "fnp"]).is_empty());
+    let guard =
+        String::from_utf8_lossy(&sh(&["nft", "list", "table", "bridge", "ferrynet"]).stdout)
+            .to_string();
+    let ip2 = addr2.split('/').next().expect("address").to_string();
+    assert!(
+        !guard.contains(&mac2) && !guard.contains(&ip2),
+        "an endpoint never joined left guard elements: {guard}"
+    );
+    ok(
+        "IpamDriver.ReleaseAddress",
+        json!({"PoolID": pool_id, "Address": ip2}),
+    );
     ok("NetworkDriver.DeleteNetwork", json!({"NetworkID": netid}));
     ok(
         "IpamDriver.ReleaseAddress",

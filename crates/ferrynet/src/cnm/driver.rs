@@ -462,7 +462,8 @@ impl Plugin {
     /// what the endpoint holds. Unknown endpoints succeed.
     pub async fn delete_endpoint(&self, req: EndpointRequest) -> Result<Empty> {
         need("EndpointID", &req.endpoint_id)?;
-        // A port still being built (Docker gave up before Join) is finished first, then removed.
+        // A port still being built (Docker gave up before Join) is finished first, then removed
+        // (`forget_endpoint` takes its guard elements).
         if let Some(task) = self.take_port(&req.endpoint_id) {
             let _ = task.await;
         }
@@ -482,11 +483,6 @@ impl Plugin {
             .clone()
             .unwrap_or_else(|| host_veth_name(&b.name, &req.endpoint_id, DOCKER_IFNAME));
         self.ctl.delete_host_link(&host).await?;
-        // Leave removes the guard of a joined endpoint; one never joined has it from its
-        // CreateEndpoint. Removal is tolerant of elements already gone.
-        let mut guarded = ep.clone();
-        guarded.host_veth = Some(host.clone());
-        self.ctl.unguard_endpoint(&guarded);
         crate::failpoint::hit("cnm-endpoint-unlinked");
         self.ctl.forget_endpoint(&ep).await?;
         // Its addresses are no neighbour to proxy any more (routed networks).
