@@ -92,6 +92,16 @@ impl Control {
         Ok(out)
     }
 
+    /// The blocks of `network` someone holds, whoever it is.
+    async fn claimed_blocks(&self, network: &str) -> Result<Vec<IpNet>> {
+        Ok(self
+            .block_claims(network)
+            .await?
+            .into_iter()
+            .map(|(b, _)| b)
+            .collect())
+    }
+
     /// The quarantine records of `net`'s pool that parse and name one of its blocks (others
     /// are ignored: store input).
     pub async fn quarantined(&self, net: &Network) -> Result<Vec<(IpNet, Quarantine)>> {
@@ -112,12 +122,7 @@ impl Control {
     /// Take back every block of `net` released from this host while it was cut off that
     /// nobody claimed since (each guarded by "still unclaimed"); returns the blocks taken.
     pub async fn reclaim_quarantined(&self, net: &Network) -> Result<Vec<IpNet>> {
-        let taken: Vec<IpNet> = self
-            .block_claims(&net.name)
-            .await?
-            .into_iter()
-            .map(|(b, _)| b)
-            .collect();
+        let taken = self.claimed_blocks(&net.name).await?;
         let mut got = Vec::new();
         for b in own_quarantined(&self.host, &taken, &self.quarantined(net).await?) {
             if self.reclaim_block(&net.name, &b).await? {
@@ -175,12 +180,7 @@ impl Control {
         let block = self
             .transact(what, || {
                 Box::pin(async move {
-                    let taken: Vec<IpNet> = self
-                        .block_claims(&net.name)
-                        .await?
-                        .into_iter()
-                        .map(|(b, _)| b)
-                        .collect();
+                    let taken = self.claimed_blocks(&net.name).await?;
                     // Blocks released from a departed host come last (its containers may
                     // still run and return with their addresses), except to that host.
                     let quarantined = self.quarantined(net).await?;
