@@ -1,7 +1,7 @@
 //! One queue's outbound path: read the TUN queue (a TSO packet comes out cut into segments),
-//! encrypt each for the peer its destination is routed to (one route lookup per run of packets
-//! to one peer, the peer's lock per packet), and send the ciphertexts as GSO runs per peer
-//! (each in a relay envelope when the peer is reached through a relay).
+//! encrypt each for the peer its destination is routed to (one lock per run of packets to one
+//! peer), and send the ciphertexts as GSO runs per peer (each in a relay envelope when the
+//! peer is reached through a relay).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -84,8 +84,8 @@ fn send(sender: &mut Sender, b: &mut Batch) {
     }
 }
 
-/// Encrypt the `sizes.len()` packets of `bufs` for their peers into `out`, one route lookup
-/// per run of packets to one peer; `sent` gets (endpoint, offset, length) per ciphertext.
+/// Encrypt the `sizes.len()` packets of `bufs` for their peers into `out`, one lock per run
+/// of packets to one peer; `sent` gets (endpoint, offset, length) per ciphertext.
 fn seal(
     shared: &Shared,
     bufs: &[Vec<u8>],
@@ -112,6 +112,10 @@ fn seal(
         let e = &table.entries[p];
         let dest = table.dest(p);
         let hdr = dest.map_or(0, |d| d.header_len());
+        let Ok(mut tunn) = e.peer.tunn.lock() else {
+            i += 1;
+            continue;
+        };
         let mut bytes = 0u64;
         let start = i;
         // The run: this packet and those after it routed to the same peer.
@@ -120,12 +124,6 @@ fn seal(
             if i > start && !same_peer(&table, pkt, p) {
                 break;
             }
-            // The lock per packet, not per run: the receive thread decrypting this peer's
-            // answers (TCP's ACKs) waits for one packet's encryption (~1.4 µs), not a run's.
-            let Ok(mut tunn) = e.peer.tunn.lock() else {
-                i += 1;
-                continue;
-            };
             let room = (pkt.len() + OVERHEAD).max(MIN_OUT);
             // Relayed: the envelope first, the ciphertext right after it (one GSO segment).
             if let TunnResult::WriteToNetwork(c) =
@@ -139,10 +137,10 @@ fn seal(
                     off += hdr + l;
                 }
             }
-            drop(tunn);
             bytes += pkt.len() as u64;
             i += 1;
         }
+        drop(tunn);
         add(&e.peer.tx_bytes, bytes);
     }
 }
