@@ -161,24 +161,7 @@ fn handle(
         add(&c.malformed, 1);
         return None;
     };
-    let i = match &packet {
-        Packet::HandshakeInit(h) => {
-            let Ok(half) = parse_handshake_anon(&shared.secret, &shared.public, h) else {
-                add(&c.auth_failed, 1);
-                return None;
-            };
-            match table.by_key(&half.peer_static_public) {
-                Some(i) => i,
-                None => {
-                    add(&c.unknown_key, 1);
-                    return None;
-                }
-            }
-        }
-        Packet::HandshakeResponse(h) => by_index(table, h.receiver_idx, c)?,
-        Packet::PacketCookieReply(h) => by_index(table, h.receiver_idx, c)?,
-        Packet::PacketData(d) => by_index(table, d.receiver_idx, c)?,
-    };
+    let i = peer_of(shared, table, &packet)?;
     let e = &table.entries[i];
     // A relay naming another sender than the session's is lying about who it forwards for.
     if relayed_by.is_some_and(|k| k != e.prefix) {
@@ -231,6 +214,28 @@ fn handle(
             add(counter_for(&err, c), 1);
             None
         }
+    }
+}
+
+/// The peer entry a WireGuard message belongs to: by the static key a handshake initiation
+/// carries, else by the session index; None (counted) for a key or index nobody has.
+fn peer_of(shared: &Shared, table: &Table, packet: &Packet<'_>) -> Option<usize> {
+    let c = &shared.counters;
+    match packet {
+        Packet::HandshakeInit(h) => {
+            let Ok(half) = parse_handshake_anon(&shared.secret, &shared.public, h) else {
+                add(&c.auth_failed, 1);
+                return None;
+            };
+            let i = table.by_key(&half.peer_static_public);
+            if i.is_none() {
+                add(&c.unknown_key, 1);
+            }
+            i
+        }
+        Packet::HandshakeResponse(h) => by_index(table, h.receiver_idx, c),
+        Packet::PacketCookieReply(h) => by_index(table, h.receiver_idx, c),
+        Packet::PacketData(d) => by_index(table, d.receiver_idx, c),
     }
 }
 

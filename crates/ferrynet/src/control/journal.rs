@@ -324,6 +324,23 @@ impl Control {
                 },
             }
         }
+        self.reassert_producers(&mut report).await?;
+        if report != ReassertReport::default() {
+            tracing::info!(
+                moved = report.moved.len(),
+                restored = report.restored,
+                producers = report.producers_restored,
+                forgotten = report.forgotten,
+                conflicts = report.conflicts.len(),
+                "re-asserted this host's records"
+            );
+        }
+        Ok(report)
+    }
+
+    /// Put back every journaled producer whose container still runs and whose service still
+    /// exists (only where the store has none); forget those whose container is gone.
+    async fn reassert_producers(&self, report: &mut ReassertReport) -> Result<()> {
         for (file, p) in self.journal_entries::<Producer>("producers") {
             let gone = p
                 .netns
@@ -349,17 +366,7 @@ impl Control {
                 report.producers_restored += 1;
             }
         }
-        if report != ReassertReport::default() {
-            tracing::info!(
-                moved = report.moved.len(),
-                restored = report.restored,
-                producers = report.producers_restored,
-                forgotten = report.forgotten,
-                conflicts = report.conflicts.len(),
-                "re-asserted this host's records"
-            );
-        }
-        Ok(report)
+        Ok(())
     }
 
     /// Move journaled endpoint `ep` of multi-host network `pool` off the blocks other hosts
