@@ -218,16 +218,18 @@ pub(crate) fn ip(args: &[&str]) -> anyhow::Result<()> {
 }
 
 fn save(rec: &LabRecord) -> anyhow::Result<()> {
-    let dir = lab_dir(&rec.name);
-    std::fs::write(dir.join("lab.json"), serde_json::to_vec_pretty(rec)?)
-        .with_context(|| format!("writing {}", dir.display()))
+    let p = lab_dir(&rec.name).join("lab.json");
+    // Atomically: `lab exec` and the others read it while `start-agent` or `stop-etcd` rewrite
+    // it (a plain write let a reader see it empty).
+    crate::render::output::write_atomic(&p, &serde_json::to_vec_pretty(rec)?)
+        .with_context(|| format!("writing {}", p.display()))
 }
 
 fn load(name: &str) -> anyhow::Result<LabRecord> {
     let p = lab_dir(name).join("lab.json");
     let b =
         std::fs::read(&p).with_context(|| format!("no lab {name} ({} missing)", p.display()))?;
-    Ok(serde_json::from_slice(&b)?)
+    serde_json::from_slice(&b).with_context(|| format!("reading {}", p.display()))
 }
 
 /// Start `cmd` in namespace `ns` in the background, its output to `log`; returns its PID.
