@@ -260,8 +260,17 @@ impl EmbeddedStore {
         &self,
         f: impl FnOnce(&Database, redb::Durability) -> Result<(T, Option<Hint>)>,
     ) -> Result<T> {
+        self.with_db_as(false, f)
+    }
+
+    /// [`Self::with_db`]; `deferred` writes on a held database commit without syncing.
+    fn with_db_as<T>(
+        &self,
+        deferred: bool,
+        f: impl FnOnce(&Database, redb::Durability) -> Result<(T, Option<Hint>)>,
+    ) -> Result<T> {
         if let Some(holder) = self.inner.held() {
-            return self.with_held_db(holder, f);
+            return self.with_held_db(holder, deferred, f);
         }
         let lock = self.lock()?;
         let db = redb::Builder::new()
@@ -289,6 +298,7 @@ impl EmbeddedStore {
     fn with_held_db<T>(
         &self,
         holder: &held::Holder,
+        deferred: bool,
         f: impl FnOnce(&Database, redb::Durability) -> Result<(T, Option<Hint>)>,
     ) -> Result<T> {
         let mut st = holder.state();
@@ -311,8 +321,18 @@ impl EmbeddedStore {
                 }
             }
         };
-        // Held between operations, so each write is made durable by its own commit.
-        let out = f(&open.db, redb::Durability::Immediate);
+        // Held between operations, so each write is made durable by its own commit, unless
+        // its caller deferred that to a later sync (which any durable commit or the close
+        // also does, for every deferred commit before it).
+        let durability = match deferred {
+            true => redb::Durability::None,
+            false => redb::Durability::Immediate,
+        };
+        let out = f(&open.db, durability);
+        // A commit happened when `f` returns a hint; a durable one synced the deferred before it.
+        if let Ok((_, Some(_))) = &out {
+            st.deferred = deferred;
+        }
         if let Ok((_, Some(hint))) = &out {
             open.write_hint(&hint.encode());
         }
@@ -385,7 +405,39 @@ impl EmbeddedStore {
 
     /// One write transaction (after the lease sweep); commits only if `f` succeeds.
     fn write_blocking<T>(&self, f: impl FnOnce(&mut Tx<'_>) -> Result<T>) -> Result<T> {
-        self.with_db(|db, durability| self.commit_write(db, durability, f))
+        self.write_blocking_as(false, f)
+    }
+
+    /// [`Self::write_blocking`], its durability deferred when `deferred` (see
+    /// [`crate::deferring_durability`]; only a held store defers).
+    fn write_blocking_as<T>(
+        &self,
+        deferred: bool,
+        f: impl FnOnce(&mut Tx<'_>) -> Result<T>,
+    ) -> Result<T> {
+        self.with_db_as(deferred, |db, durability| {
+            self.commit_write(db, durability, f)
+        })
+    }
+
+    /// Make deferred writes durable: one empty durable commit on the held database when one
+    /// is pending (a closed one synced them when it closed).
+    fn sync_blocking(&self) -> Result<()> {
+        let Some(holder) = self.inner.held() else {
+            return Ok(());
+        };
+        let mut st = holder.state();
+        if !st.deferred {
+            return Ok(());
+        }
+        if let Some(open) = &st.open {
+            let mut txn = open.db.begin_write().map_err(db_err)?;
+            txn.set_durability(redb::Durability::Immediate)
+                .map_err(db_err)?;
+            txn.commit().map_err(db_err)?;
+        }
+        st.deferred = false;
+        Ok(())
     }
 
     /// A read; sweeps expired leases first (in a write transaction) only when one is due.
@@ -831,8 +883,14 @@ impl Store for EmbeddedStore {
 
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnResult> {
         crate::check_txn_size(&compares, &ops)?;
-        self.blocking(move |s| s.write_blocking(|tx| tx.txn(&compares, ops)))
+        // Read here, in the caller's task: the blocking thread does not see its task-locals.
+        let deferred = crate::durability_deferred();
+        self.blocking(move |s| s.write_blocking_as(deferred, |tx| tx.txn(&compares, ops)))
             .await
+    }
+
+    async fn sync(&self) -> Result<()> {
+        self.blocking(|s| s.sync_blocking()).await
     }
 
     async fn watch(

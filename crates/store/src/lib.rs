@@ -19,6 +19,27 @@ pub mod perms;
 pub mod testing;
 
 pub use config::{open, ConfigError, EtcdConfig, StoreConfig};
+
+tokio::task_local! {
+    static DEFERRED: ();
+}
+
+/// Run `f` with the durability of its writes deferred. On an embedded store this process keeps
+/// open ([`EmbeddedStore::keep_open`]) each write then commits without syncing: it is visible at
+/// once, here and to every other process (they get the store only after it is closed, which
+/// syncs), and durable at the next [`Store::sync`], the next write made without deferral, or
+/// when the store is closed (idle or handed over). Only the death of this process before then
+/// loses it. For a caller that puts a [`Store::sync`] before anything outside depends on the
+/// write (the Docker plugin syncs before `Join` answers, while Docker builds the sandbox).
+/// Everywhere else writes are durable when they return, as before.
+pub async fn deferring_durability<F: std::future::Future>(f: F) -> F::Output {
+    DEFERRED.scope((), f).await
+}
+
+/// Whether the current task runs inside [`deferring_durability`].
+pub(crate) fn durability_deferred() -> bool {
+    DEFERRED.try_with(|_| ()).is_ok()
+}
 pub use embedded::EmbeddedStore;
 pub use etcd::EtcdStore;
 
@@ -189,6 +210,12 @@ pub trait Store: Send + Sync {
 
     /// Apply `ops` atomically if every compare holds; otherwise change nothing.
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnResult>;
+
+    /// Make every write this process deferred (see [`deferring_durability`]) durable now.
+    /// Stores whose writes are always durable have nothing to do.
+    async fn sync(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// Set one key unconditionally.
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<Revision> {

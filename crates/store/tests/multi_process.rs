@@ -135,25 +135,44 @@ fn run_writers(test: &str, holders: usize) {
 }
 
 const HOLDER_ENV: &str = "FERRYNET_STORE_MP_HOLDER";
+const DEFER_ENV: &str = "FERRYNET_STORE_MP_DEFER";
 
 /// A holder killed with SIGKILL while it keeps the store open (mid-write, or between writes)
 /// leaves a store that the next process opens, repairs and reads in full: every write the
 /// holder reported is there.
 #[test]
 fn a_killed_holder_leaves_a_usable_store() {
+    killed_holder("a_killed_holder_leaves_a_usable_store", false);
+}
+
+/// The same with every write's durability deferred and then synced (`deferring_durability`
+/// then `Store::sync`, as the Docker plugin does before `Join` answers): every write reported
+/// after its sync survives the kill. With a `sync` that syncs nothing, the last writes before
+/// the kill are rolled back by the repair and this fails.
+#[test]
+fn a_killed_holder_keeps_every_synced_deferred_write() {
+    killed_holder("a_killed_holder_keeps_every_synced_deferred_write", true);
+}
+
+fn killed_holder(test: &str, defer: bool) {
     if let Ok(path) = std::env::var(HOLDER_ENV) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
+        let defer = std::env::var_os(DEFER_ENV).is_some();
         rt.block_on(async {
             let store = EmbeddedStore::open(&path).unwrap();
             store.keep_open().unwrap();
             for i in 0u64.. {
-                store
-                    .put(&format!("/held/{i:08}"), i.to_string().into_bytes())
-                    .await
-                    .unwrap();
+                let key = format!("/held/{i:08}");
+                let put = store.put(&key, i.to_string().into_bytes());
+                if defer {
+                    ferrynet_store::deferring_durability(put).await.unwrap();
+                    store.sync().await.unwrap();
+                } else {
+                    put.await.unwrap();
+                }
                 // Reported durable: the parent counts these lines.
                 println!("wrote {i}");
             }
@@ -165,17 +184,14 @@ fn a_killed_holder_leaves_a_usable_store() {
     EmbeddedStore::open(&path).unwrap();
     let exe = std::env::current_exe().unwrap();
     let mut children = Children(Vec::new());
-    let mut holder = Command::new(&exe)
-        .args([
-            "--exact",
-            "a_killed_holder_leaves_a_usable_store",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+    let mut cmd = Command::new(&exe);
+    cmd.args(["--exact", test, "--nocapture", "--test-threads=1"])
         .env(HOLDER_ENV, &path)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stdout(std::process::Stdio::piped());
+    if defer {
+        cmd.env(DEFER_ENV, "1");
+    }
+    let mut holder = cmd.spawn().unwrap();
     let out = holder.stdout.take().unwrap();
     children.0.push(holder);
     let mut reported = 0u64;

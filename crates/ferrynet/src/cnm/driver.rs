@@ -284,7 +284,11 @@ impl Plugin {
                 Some(_) => ctl.host_view(&net).await?.net,
                 None => net,
             };
-            build_port(&ctl, &net, &ep).await
+            let pair = build_port(&ctl, &net, &ep).await?;
+            // The records RequestAddress and CreateEndpoint wrote become durable here, while
+            // Docker builds the sandbox; Join awaits this task.
+            ctl.sync_store().await?;
+            Ok(pair)
         });
         if let Ok(mut ports) = self.ports.lock() {
             // A repeated CreateEndpoint replaces the task; the older one still runs to its end
@@ -383,17 +387,17 @@ impl Plugin {
             expect_shared &= self.take_reserved(&net.name, *ip);
         }
         let _g = self.lock.lock().await;
-        let (ep, fresh) = self
-            .ctl
-            .record_endpoint(
-                &net,
-                template,
-                &requested,
-                allocate,
-                IPAM_OWNER,
-                expect_shared,
-            )
-            .await?;
+        // Synced by the port task below before Join answers: no container runs on a record
+        // that could still be lost (see `deferring_durability`).
+        let (ep, fresh) = ferrynet_store::deferring_durability(self.ctl.record_endpoint(
+            &net,
+            template,
+            &requested,
+            allocate,
+            IPAM_OWNER,
+            expect_shared,
+        ))
+        .await?;
         crate::failpoint::hit("cnm-endpoint-recorded");
         if !fresh {
             tracing::info!(endpoint = %req.endpoint_id, "CreateEndpoint repeated");
@@ -511,12 +515,16 @@ impl Plugin {
                 Err(e) => {
                     tracing::warn!(error = %e, endpoint = %ep.container_id, "the port's task ended early; building it again");
                     let _g = self.lock.lock().await;
-                    build_port(&self.ctl, &net, &ep).await?
+                    let pair = build_port(&self.ctl, &net, &ep).await?;
+                    self.ctl.sync_store().await?;
+                    pair
                 }
             },
             None => {
                 let _g = self.lock.lock().await;
-                build_port(&self.ctl, &net, &ep).await?
+                let pair = build_port(&self.ctl, &net, &ep).await?;
+                self.ctl.sync_store().await?;
+                pair
             }
         };
         crate::failpoint::hit("cnm-joined");

@@ -273,9 +273,15 @@ impl Plugin {
         }
         match (&net, wanted) {
             (Some(net), _) => {
-                let ip = ctl
-                    .reserve_address(net, pool, wanted, IPAM_OWNER)
-                    .await?;
+                // Not synced here: CreateEndpoint follows at once, and the port it starts syncs
+                // before Join answers (see `deferring_durability`).
+                let ip = ferrynet_store::deferring_durability(ctl.reserve_address(
+                    net,
+                    pool,
+                    wanted,
+                    IPAM_OWNER,
+                ))
+                .await?;
                 self.note_reserved(&net.name, ip.addr());
                 // A routed network's container holds a host prefix (as Calico's IPAM answers):
                 // everything, its neighbours included, goes through its link-local gateway.

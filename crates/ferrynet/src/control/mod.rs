@@ -174,6 +174,12 @@ impl Control {
         }
     }
 
+    /// Make the writes this process deferred durable (see
+    /// [`ferrynet_store::deferring_durability`]).
+    pub async fn sync_store(&self) -> Result<()> {
+        Ok(self.store.sync().await?)
+    }
+
     /// The store, for the agent's and `render`'s watchers (the feed's consumers); every other
     /// caller goes through this layer's operations.
     pub(crate) fn store_handle(&self) -> Arc<dyn Store> {

@@ -51,6 +51,8 @@ pub(super) struct HeldState {
     yield_until: Option<Instant>,
     /// When the held database was last used.
     last_used: Option<Instant>,
+    /// A deferred write is not yet durable (see `crate::deferring_durability`).
+    pub(super) deferred: bool,
 }
 
 /// The cross-process lock and the database opened under it.
@@ -69,6 +71,7 @@ impl Holder {
                 open: None,
                 yield_until: None,
                 last_used: None,
+                deferred: false,
             }),
         })
     }
@@ -139,10 +142,12 @@ impl HeldState {
         let Some(Open { lock, db }) = self.open.take() else {
             return;
         };
-        // Every write was committed durably (Durability::Immediate) while held, so a failed
-        // close loses nothing; the next open repairs what it left.
+        // Every write was committed durably (Durability::Immediate) while held, except
+        // deferred ones, which the close makes durable with its own durable commit. A failed
+        // close loses only those; the next open repairs what it left.
+        self.deferred = false;
         if let Err(e) = db.close() {
-            tracing::warn!(error = %e, "closing the held store failed");
+            tracing::error!(error = %e, "closing the held store failed: writes whose durability was deferred since the last sync may be lost");
         }
         match lock.unlock() {
             Ok(file) => self.idle = Some(file),
@@ -230,6 +235,7 @@ mod tests {
             open: None,
             yield_until: None,
             last_used: None,
+            deferred: false,
         };
         let now = Instant::now();
         assert!(!st.yielding(now));
