@@ -471,7 +471,7 @@ impl EmbeddedStore {
     /// when a writer must go first: a lease is due for its sweep, or the last writer died and
     /// left the file for a writable open to repair.
     fn read_only<T>(&self, f: &impl Fn(&Reader) -> Result<T>) -> Result<Option<T>> {
-        let lock = self.lock()?;
+        let lock = self.read_lock()?;
         let db = match redb::Builder::new()
             .set_cache_size(CACHE_BYTES)
             .open_read_only(&self.inner.path)
@@ -492,10 +492,36 @@ impl EmbeddedStore {
             f(&reader).map(Some)
         })();
         let closed = db.close().map_err(db_err);
-        drop(lock);
+        self.read_unlock(lock);
         let out = out?;
         closed?;
         Ok(out)
+    }
+
+    /// The lock for a read-only open. A holder locks the lock file it keeps open (it knocks
+    /// only if someone else has the store): opening the file anew would be a knock on itself,
+    /// and its next writes would then go through an open of their own each, for the yield.
+    fn read_lock(&self) -> Result<Flock<File>> {
+        match self.inner.held() {
+            Some(holder) => {
+                let file = holder.state().take_idle(&self.inner.lock_path)?;
+                self.acquire(file, None)
+            }
+            None => self.lock(),
+        }
+    }
+
+    /// Unlock after [`Self::read_lock`]; a holder keeps the file for next time.
+    fn read_unlock(&self, lock: Flock<File>) {
+        let Some(holder) = self.inner.held() else {
+            drop(lock);
+            return;
+        };
+        match lock.unlock() {
+            Ok(file) => holder.state().put_idle(file),
+            // Dropping the lock closes the file, which unlocks it too.
+            Err((lock, _)) => drop(lock),
+        }
     }
 
     async fn blocking<T: Send + 'static>(
@@ -1155,6 +1181,34 @@ fn db_err(e: impl Into<redb::Error>) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A holder's own read-only reads (made while its database is closed, idle) are no knock:
+    /// its next write holds the database again instead of yielding to itself. Opening the lock
+    /// file anew for those reads made the Docker plugin, which reads before every write,
+    /// open the file for every write.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_holders_own_reads_do_not_make_it_yield() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path().join("store.redb")).unwrap();
+        store.keep_open().unwrap();
+        store.put("/a", b"1".to_vec()).await.unwrap();
+        let holder = store.inner.held().unwrap();
+        assert!(holder.is_open());
+        // Closed after the idle time, by the listener.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while holder.is_open() {
+            assert!(Instant::now() < deadline, "the idle close never came");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Give the listener time to see any open of the lock file the read makes.
+        assert_eq!(store.get("/a").await.unwrap().unwrap().value, b"1");
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        store.put("/b", b"2".to_vec()).await.unwrap();
+        assert!(
+            holder.is_open(),
+            "the holder yielded to its own read and closed after its write"
+        );
+    }
 
     fn kv(mod_revision: Revision, value: &[u8]) -> KeyValue {
         KeyValue {
