@@ -277,6 +277,14 @@ impl Plugin {
     /// The recorded endpoint of a Docker endpoint.
     /// Start building `ep`'s port in the background (see `Plugin::ports`).
     fn start_port(&self, net: &Network, ep: &Endpoint) {
+        let Ok(mut ports) = self.ports.lock() else {
+            return; // Join then builds the port itself.
+        };
+        // A repeated CreateEndpoint keeps the task already building (or built) this port: a
+        // second one would delete and recreate the same pair under the first.
+        if ports.contains_key(&ep.container_id) {
+            return;
+        }
         let (ctl, net, ep) = (self.ctl.clone(), net.clone(), ep.clone());
         let id = ep.container_id.clone();
         let task = tokio::spawn(async move {
@@ -290,11 +298,7 @@ impl Plugin {
             ctl.sync_store().await?;
             Ok(pair)
         });
-        if let Ok(mut ports) = self.ports.lock() {
-            // A repeated CreateEndpoint replaces the task; the older one still runs to its end
-            // and builds the same port (both steps are idempotent).
-            ports.insert(id, task);
-        }
+        ports.insert(id, task);
     }
 
     /// The background task building endpoint `id`'s port, if one was started.
