@@ -24,8 +24,28 @@ use crate::control::ipam::HeldPort;
 use crate::control::Control;
 use crate::error::ControlError;
 
-/// A Docker endpoint's port being built in the background (see `Plugin::ports`).
-pub(crate) type PortTask = tokio::task::JoinHandle<std::result::Result<HostPair, ControlError>>;
+/// A Docker endpoint's port being built in the background (see `Plugin::ports`): the pair and
+/// this host's view of the network it was built on.
+pub(crate) type PortTask =
+    tokio::task::JoinHandle<std::result::Result<(HostPair, Network), ControlError>>;
+
+/// Everything `Join` needs before it answers: this host's view of `net` (a multi-host
+/// network's bridge carries this host's block gateways), the port built on it, and the store
+/// synced, so the records RequestAddress and CreateEndpoint wrote with deferred durability are
+/// durable before a container can run on them.
+async fn ready_port(
+    ctl: &Control,
+    net: &Network,
+    ep: &Endpoint,
+) -> std::result::Result<(HostPair, Network), ControlError> {
+    let view = match net.fabric {
+        Some(_) => ctl.host_view(net).await?.net,
+        None => net.clone(),
+    };
+    let pair = build_port(ctl, &view, ep).await?;
+    ctl.sync_store().await?;
+    Ok((pair, view))
+}
 
 /// Build a Docker endpoint's port: the veth pair on the bridge of `net` (this host's view of
 /// it: a multi-host network's bridge carries this host's block gateways) and its anti-spoofing
@@ -287,17 +307,8 @@ impl Plugin {
         }
         let (ctl, net, ep) = (self.ctl.clone(), net.clone(), ep.clone());
         let id = ep.container_id.clone();
-        let task = tokio::spawn(async move {
-            let net = match net.fabric {
-                Some(_) => ctl.host_view(&net).await?.net,
-                None => net,
-            };
-            let pair = build_port(&ctl, &net, &ep).await?;
-            // The records RequestAddress and CreateEndpoint wrote become durable here, while
-            // Docker builds the sandbox; Join awaits this task.
-            ctl.sync_store().await?;
-            Ok(pair)
-        });
+        // Docker builds the sandbox meanwhile; Join awaits this task.
+        let task = tokio::spawn(async move { ready_port(&ctl, &net, &ep).await });
         ports.insert(id, task);
     }
 
@@ -505,30 +516,20 @@ impl Plugin {
         let (net, ep) = self
             .docker_endpoint(&req.network_id, &req.endpoint_id)
             .await?;
-        // A multi-host network's bridge carries this host's block gateways.
-        let net = match net.fabric {
-            Some(_) => self.ctl.host_view(&net).await?.net,
-            None => net,
-        };
         // Built since CreateEndpoint; built here when that task is gone (a repeated Join, or a
         // plugin restarted in between). The record already names the host end; its
         // kernel-chosen MAC has no reader for Docker endpoints, so the Join writes nothing.
-        let pair = match self.take_port(&req.endpoint_id) {
-            Some(task) => match task.await {
-                Ok(built) => built?,
-                Err(e) => {
-                    tracing::warn!(error = %e, endpoint = %ep.container_id, "the port's task ended early; building it again");
-                    let _g = self.lock.lock().await;
-                    let pair = build_port(&self.ctl, &net, &ep).await?;
-                    self.ctl.sync_store().await?;
-                    pair
-                }
-            },
+        let built = match self.take_port(&req.endpoint_id) {
+            Some(task) => task.await.map_err(|e| {
+                tracing::warn!(error = %e, endpoint = %ep.container_id, "the port's task ended early; building it again");
+            }).ok(),
+            None => None,
+        };
+        let (pair, net) = match built {
+            Some(built) => built?,
             None => {
                 let _g = self.lock.lock().await;
-                let pair = build_port(&self.ctl, &net, &ep).await?;
-                self.ctl.sync_store().await?;
-                pair
+                ready_port(&self.ctl, &net, &ep).await?
             }
         };
         crate::failpoint::hit("cnm-joined");
