@@ -27,6 +27,7 @@ import http.client
 import ipaddress
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -307,7 +308,7 @@ class Prober:
         return float(words[1]), int(words[2]), words[3]
 
 
-def bench_startup(n, served_by):
+def bench_startup(n, served_by, raw=None):
     if not 1 <= n <= 150:
         raise SystemExit("--n must be 1..150 (addresses .100 and up of a /24)")
     _, nets = create_networks(served_by)
@@ -360,6 +361,24 @@ def bench_startup(n, served_by):
     f, b = res["ferrynet"]["total"], res["bridge"]["total"]
     print(f"\nferrynet / bridge: p50 {pct(f, .5) / pct(b, .5):.2f}, p95 {pct(f, .95) / pct(b, .95):.2f} "
           f"(target <= 1.0)")
+    lo50, hi50 = ratio_interval(f, b, .5)
+    lo95, hi95 = ratio_interval(f, b, .95)
+    print(f"95% bootstrap intervals of the ratios (pairs resampled): p50 {lo50:.3f}-{hi50:.3f}, "
+          f"p95 {lo95:.3f}-{hi95:.3f}")
+    if raw:
+        with open(raw, "w") as out:
+            json.dump({"served_by": served_by, "n": n, "seconds": res}, out)
+
+
+def ratio_interval(f, b, q, rounds=2000):
+    """The 2.5th and 97.5th percentiles of pct(f, q) / pct(b, q) over bootstrap resamples of
+    the (ferrynet, bridge) pairs -- the runs alternate, so a pair shares the machine's moment."""
+    rng = random.Random(1)
+    ratios = []
+    for _ in range(rounds):
+        idx = [rng.randrange(len(f)) for _ in f]
+        ratios.append(pct([f[i] for i in idx], q) / pct([b[i] for i in idx], q))
+    return pct(ratios, .025), pct(ratios, .975)
 
 
 # --- ports -------------------------------------------------------------------------------------
@@ -479,6 +498,7 @@ def main():
     ap.add_argument("--count", type=int, default=1000, help="other published ports (ports)")
     ap.add_argument("--served-by", choices=["plugin", "agent"], default="plugin",
                     help="serve the driver with `ferrynet docker-plugin` or `ferrynet agent`")
+    ap.add_argument("--raw", metavar="PATH", help="write every startup sample (seconds) there as JSON")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root")
@@ -494,7 +514,7 @@ def main():
     try:
         build_image()
         if a.which == "startup":
-            bench_startup(a.n, a.served_by)
+            bench_startup(a.n, a.served_by, a.raw)
         else:
             bench_ports(a.reps, a.served_by, a.count)
     finally:

@@ -54,6 +54,9 @@ pub fn checks() -> Vec<(&'static str, Check)> {
             watch_live_under_prefix(s).boxed()
         }),
         ("watch_after_revision", |s| watch_after_revision(s).boxed()),
+        ("watch_many_each_from_its_revision", |s| {
+            watch_many_each_from_its_revision(s).boxed()
+        }),
         ("lease_expiry", |s| lease_expiry(s).boxed()),
         ("lease_keep_alive", |s| lease_keep_alive(s).boxed()),
         ("lease_revoke", |s| lease_revoke(s).boxed()),
@@ -427,6 +430,38 @@ pub async fn watch_live_under_prefix(s: DynStore) {
             (EventKind::Put, "/w/a".into(), b"1".to_vec()),
             (EventKind::Delete, "/w/a".into(), vec![]),
             (EventKind::Put, "/w/c".into(), b"2".to_vec()),
+        ]
+    );
+    no_more_events(&mut w, Duration::from_millis(300)).await;
+}
+
+/// One watch of several prefixes gives each prefix's changes after that prefix's own
+/// revision, and nothing outside them.
+pub async fn watch_many_each_from_its_revision(s: DynStore) {
+    let r1 = s.put("/m1/a", b"old".to_vec()).await.unwrap();
+    s.put("/m2/a", b"seen".to_vec()).await.unwrap();
+    let r2 = s.put("/m2/b", b"seen".to_vec()).await.unwrap();
+    // /m1/ is followed from after r1, so its write below (after r2) is wanted; /m2/ from
+    // after r2, so its two writes up to r2 are not.
+    s.put("/m1/b", b"between".to_vec()).await.unwrap();
+    let mut w = s
+        .watch_many(&[("/m1/".into(), r1), ("/m2/".into(), r2)])
+        .await
+        .unwrap();
+    s.put("/m2/c", b"new".to_vec()).await.unwrap();
+    s.put("/other/x", b"no".to_vec()).await.unwrap();
+    s.txn(vec![], vec![Op::delete("/m1/a")]).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(brief(&next_event(&mut w).await));
+    }
+    got.sort_by(|a, b| a.1.cmp(&b.1));
+    assert_eq!(
+        got,
+        vec![
+            (EventKind::Delete, "/m1/a".into(), vec![]),
+            (EventKind::Put, "/m1/b".into(), b"between".to_vec()),
+            (EventKind::Put, "/m2/c".into(), b"new".to_vec()),
         ]
     );
     no_more_events(&mut w, Duration::from_millis(300)).await;

@@ -367,6 +367,15 @@ impl EmbeddedStore {
         Ok(())
     }
 
+    /// Keep the held database open for at least `d` from now, even idle (a burst of calls is
+    /// coming); a no-op unless [`EmbeddedStore::keep_open`] was called. Another process's
+    /// knock still has it handed over at once.
+    pub fn hold_for(&self, d: Duration) {
+        if let Some(h) = self.inner.holder.get() {
+            h.hold_until(Instant::now() + d);
+        }
+    }
+
     /// Run `f` in one write transaction after the lease sweep; commits only if `f` succeeds.
     /// `durability` is None where a close under the lock follows (see below).
     fn commit_write<T>(
@@ -536,7 +545,11 @@ impl EmbeddedStore {
 
     /// Events under `prefix` after revision `after` (at most one batch), and the revision
     /// the caller has now seen up to.
-    fn changes_since(&self, prefix: &str, after: Revision) -> Result<(Vec<WatchEvent>, Revision)> {
+    fn changes_since(
+        &self,
+        prefixes: &[(String, Revision)],
+        after: Revision,
+    ) -> Result<(Vec<WatchEvent>, Revision)> {
         self.read_blocking(|r| {
             check_watch_start(after, r.meta(META_COMPACTED)?)?;
             let current = r.meta(META_REVISION)?;
@@ -546,7 +559,7 @@ impl EmbeddedStore {
             for entry in r.changes.range(after.saturating_add(1)..).map_err(db_err)? {
                 let (rev, data) = entry.map_err(db_err)?;
                 for ev in decode::<Vec<StoredEvent>>(data.value())? {
-                    if ev.kv.key.starts_with(prefix) {
+                    if watched(prefixes, &ev.kv.key, rev.value()) {
                         events.push(WatchEvent {
                             kind: ev.kind,
                             kv: ev.kv,
@@ -562,6 +575,14 @@ impl EmbeddedStore {
             Ok((events, seen.max(current)))
         })
     }
+}
+
+/// Whether a watcher of `prefixes` (each followed from after its own revision) wants the
+/// change of `key` at `rev`.
+fn watched(prefixes: &[(String, Revision)], key: &str, rev: Revision) -> bool {
+    prefixes
+        .iter()
+        .any(|(p, after)| rev > *after && key.starts_with(p.as_str()))
 }
 
 /// Read-only view of the tables.
@@ -924,10 +945,18 @@ impl Store for EmbeddedStore {
         prefix: &str,
         after: Revision,
     ) -> Result<BoxStream<'static, Result<WatchEvent>>> {
+        self.watch_many(&[(prefix.to_string(), after)]).await
+    }
+
+    /// One watcher for every prefix: one history read per change, whatever their number.
+    async fn watch_many(
+        &self,
+        prefixes: &[(String, Revision)],
+    ) -> Result<BoxStream<'static, Result<WatchEvent>>> {
         let state = WatchState {
             store: self.clone(),
-            prefix: prefix.to_string(),
-            last: after,
+            prefixes: prefixes.into(),
+            last: prefixes.iter().map(|(_, r)| *r).min().unwrap_or(0),
             buf: VecDeque::new(),
             wake: self.inner.notify.subscribe(),
             // Opened once: a holder (this process too) takes the open for one knock and hands over.
@@ -962,12 +991,17 @@ impl Store for EmbeddedStore {
     fn keep_open(&self) -> Result<()> {
         EmbeddedStore::keep_open(self)
     }
+
+    fn hold_for(&self, d: Duration) {
+        EmbeddedStore::hold_for(self, d)
+    }
 }
 
 /// A watcher: drains its buffer, then reads new history when woken or on the poll interval.
 struct WatchState {
     store: EmbeddedStore,
-    prefix: String,
+    /// The prefixes followed, each from after its own revision.
+    prefixes: Arc<[(String, Revision)]>,
     last: Revision,
     buf: VecDeque<WatchEvent>,
     wake: broadcast::Receiver<Revision>,
@@ -1001,10 +1035,10 @@ impl WatchState {
             }
             self.polled = true;
             self.last_full = Instant::now();
-            let (prefix, last) = (self.prefix.clone(), self.last);
+            let (prefixes, last) = (self.prefixes.clone(), self.last);
             match self
                 .store
-                .blocking(move |s| s.changes_since(&prefix, last))
+                .blocking(move |s| s.changes_since(&prefixes, last))
                 .await
             {
                 Ok((events, seen)) => {
@@ -1180,6 +1214,20 @@ fn db_err(e: impl Into<redb::Error>) -> StoreError {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_watcher_of_several_prefixes_wants_each_after_its_own_revision() {
+        let prefixes = [("/a/".to_string(), 5), ("/b/".to_string(), 9)];
+        assert!(watched(&prefixes, "/a/x", 6));
+        assert!(
+            !watched(&prefixes, "/a/x", 5),
+            "at the prefix's own revision: already read"
+        );
+        assert!(!watched(&prefixes, "/b/x", 7), "before /b/'s revision");
+        assert!(watched(&prefixes, "/b/x", 10));
+        assert!(!watched(&prefixes, "/c/x", 10), "outside every prefix");
+        assert!(!watched(&[], "/a/x", 10));
+    }
+
     use super::*;
 
     /// A holder's own read-only reads (made while its database is closed, idle) are no knock:

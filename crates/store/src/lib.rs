@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 pub mod config;
@@ -238,6 +239,20 @@ pub trait Store: Send + Sync {
         after: Revision,
     ) -> Result<BoxStream<'static, Result<WatchEvent>>>;
 
+    /// One stream of every change under any of `prefixes`, each followed from after its own
+    /// revision (as [`Store::watch`] would). The default merges one watch per prefix; the
+    /// embedded store reads each change once for all of them, in revision order.
+    async fn watch_many(
+        &self,
+        prefixes: &[(String, Revision)],
+    ) -> Result<BoxStream<'static, Result<WatchEvent>>> {
+        let mut streams = Vec::with_capacity(prefixes.len());
+        for (prefix, after) in prefixes {
+            streams.push(self.watch(prefix, *after).await?);
+        }
+        Ok(futures::stream::select_all(streams).boxed())
+    }
+
     /// Create a lease that expires `ttl` after its last keep-alive.
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId>;
 
@@ -260,4 +275,8 @@ pub trait Store: Send + Sync {
     fn keep_open(&self) -> Result<()> {
         Ok(())
     }
+
+    /// A burst of operations is coming: a backend that keeps resources open (see
+    /// [`Store::keep_open`]) keeps them for at least `d`, even idle. A no-op by default.
+    fn hold_for(&self, _d: Duration) {}
 }

@@ -327,3 +327,42 @@ async fn reads_leave_the_file_untouched() {
         ["/r/a", "/r/b"]
     );
 }
+
+/// Whether some process holds a flock on `path`, read from /proc/locks by inode: opening the
+/// lock file to probe it would be a knock, which makes a holder close at once.
+fn flocked(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(path).unwrap().ino();
+    let locks = std::fs::read_to_string("/proc/locks").unwrap();
+    locks.lines().any(|l| {
+        l.contains("FLOCK")
+            && l.split_whitespace()
+                .any(|f| f.rsplit(':').next() == Some(ino.to_string().as_str()))
+    })
+}
+
+/// A hold keeps a held store open past its idle time (without one it closes), and another
+/// opener still gets the store at once: a hold never makes a CLI or CNI call wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_keeps_the_store_open_and_still_yields_to_a_knock() {
+    let (_dir, holder) = fresh();
+    holder.keep_open().unwrap();
+    let mut lock = holder.path().as_os_str().to_owned();
+    lock.push(".lock");
+    let lock = std::path::PathBuf::from(lock);
+    holder.put("/k", b"1".to_vec()).await.unwrap();
+    assert!(flocked(&lock), "held after a write");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!flocked(&lock), "closed once idle, without a hold");
+
+    holder.put("/k", b"2".to_vec()).await.unwrap();
+    holder.hold_for(Duration::from_secs(60));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(flocked(&lock), "still held during the hold, idle as it is");
+    let other = EmbeddedStore::open(holder.path())
+        .unwrap()
+        .with_lock_timeout(Duration::from_secs(3));
+    // Within the 3 s lock timeout, or this fails: the hold gave way to the knock.
+    other.put("/k", b"3".to_vec()).await.unwrap();
+    assert_eq!(holder.get("/k").await.unwrap().unwrap().value, b"3");
+}

@@ -169,7 +169,10 @@ fn work(
         }
         if changed || applied.is_none() {
             sync(view, &nft, &host, &status, &mut applied);
-            crate::feed::trim_heap();
+            let elements = status_shape(&applied).map_or(0, |s| s.elements);
+            if worth_trimming(view.endpoints.len(), elements) {
+                crate::feed::trim_heap();
+            }
         } else {
             // Nothing policy reads changed: the table reflects this revision too.
             report(
@@ -182,6 +185,18 @@ fn work(
             );
         }
     }
+}
+
+/// Views of this many endpoints, or tables of this many elements, leave megabytes of freed
+/// heap behind a sync. Below that, trimming costs more than it gives back: the pages it
+/// returns to the kernel are faulted in again by the next allocations (libnftables alone
+/// touches ~3 MB of fresh hash tables per transaction, every container's guard included).
+const TRIM_AFTER: usize = 10_000;
+
+/// Whether a sync over `endpoints` endpoints, leaving a table of `elements` elements, was a
+/// transient worth handing back to the system.
+fn worth_trimming(endpoints: usize, elements: usize) -> bool {
+    endpoints >= TRIM_AFTER || elements >= TRIM_AFTER
 }
 
 fn status_shape(applied: &Option<Option<Desired>>) -> Option<Shape> {
@@ -286,5 +301,20 @@ fn report(
         p.last_took_ms = start.elapsed().as_secs_f64() * 1000.0;
         p.error = error;
         f(p);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_large_syncs_trim_the_heap() {
+        // A container's endpoint on a small host: trimming would only make the next
+        // transaction fault its pages in again.
+        assert!(!worth_trimming(40, 0));
+        assert!(!worth_trimming(TRIM_AFTER - 1, TRIM_AFTER - 1));
+        assert!(worth_trimming(TRIM_AFTER, 0));
+        assert!(worth_trimming(12, 100_000));
     }
 }

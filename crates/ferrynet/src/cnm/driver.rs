@@ -42,8 +42,8 @@ async fn ready_port(
         Some(_) => ctl.host_view(net).await?.net,
         None => net.clone(),
     };
-    let pair = build_port(ctl, &view, ep).await?;
-    ctl.sync_store().await?;
+    // The sync waits on the disk in the blocking pool while the port is built.
+    let (pair, ()) = tokio::try_join!(build_port(ctl, &view, ep), ctl.sync_store())?;
     Ok((pair, view))
 }
 

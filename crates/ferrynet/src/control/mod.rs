@@ -174,6 +174,12 @@ impl Control {
         }
     }
 
+    /// Keep the store held open for at least `d` (a burst of calls is under way); see
+    /// [`ferrynet_store::Store::hold_for`].
+    pub fn hold_store_for(&self, d: std::time::Duration) {
+        self.store.hold_for(d);
+    }
+
     /// Make the writes this process deferred durable (see
     /// [`ferrynet_store::deferring_durability`]).
     pub async fn sync_store(&self) -> Result<()> {

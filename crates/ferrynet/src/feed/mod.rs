@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use ferrynet_model::discovery::{prefixes, DiscoveryView};
 use ferrynet_store::{Store, StoreError, WatchEvent};
-use futures::stream::BoxStream;
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 
@@ -143,28 +142,23 @@ fn log_rejected(view: &DiscoveryView, logged: &mut BTreeMap<String, String>) {
     logged.clone_from(&view.rejected);
 }
 
-/// The watch streams `follow_once` merges.
-type Streams = Vec<BoxStream<'static, Result<WatchEvent, StoreError>>>;
-
-/// Read every prefix page by page into `state`, and when `watches` is given, start each
-/// prefix's watch right after its own read, at its revision (no event between two prefixes'
-/// reads is lost); the highest revision read.
+/// Read every prefix page by page into `state`; the highest revision read, and each prefix
+/// with the revision its read saw (where its watch starts: no event between two prefixes'
+/// reads is lost, none is applied twice).
 async fn read_snapshot(
     store: &dyn Store,
     state: &mut FeedState,
-    mut watches: Option<&mut Streams>,
-) -> Result<u64, StoreError> {
+) -> Result<(u64, Vec<(String, u64)>), StoreError> {
     let mut top = 0;
+    let mut read = Vec::new();
     for prefix in prefixes() {
         let rev = store
             .range_pages(&prefix, &mut |page| state.snapshot_page(page))
             .await?;
         top = top.max(rev);
-        if let Some(w) = watches.as_deref_mut() {
-            w.push(store.watch(&prefix, rev).await?);
-        }
+        read.push((prefix, rev));
     }
-    Ok(top)
+    Ok((top, read))
 }
 
 /// One snapshot, then the watch until it fails (an error) or nobody listens (`Ok`).
@@ -175,15 +169,15 @@ async fn follow_once(
 ) -> Result<(), StoreError> {
     // Into the interner the published view already uses, so a resync shares its strings.
     let mut state = FeedState::new(subs.views.borrow().interner.clone());
-    let mut streams = Vec::new();
-    let top = read_snapshot(store.as_ref(), &mut state, Some(&mut streams)).await?;
+    let (top, read) = read_snapshot(store.as_ref(), &mut state).await?;
+    // One watch for every prefix: the embedded store then reads each change once.
+    let mut events = store.watch_many(&read).await?;
     backoff.reset();
     trim_heap();
     let mut logged = BTreeMap::new();
     log_rejected(&state.view, &mut logged);
     subs.fabric(state.finish(top));
     subs.publish(&state.view);
-    let mut events = futures::stream::select_all(streams);
     while let Some(ev) = events.next().await {
         let mut batch: Vec<WatchEvent> = vec![ev?];
         // Fold whatever else is already queued into the same publication.
@@ -207,7 +201,7 @@ async fn follow_once(
 /// The discovery view of the store now (what `follow` starts from, without the watches).
 pub async fn snapshot(store: &dyn Store) -> Result<DiscoveryView, StoreError> {
     let mut state = FeedState::default();
-    let top = read_snapshot(store, &mut state, None).await?;
+    let (top, _) = read_snapshot(store, &mut state).await?;
     state.finish(top);
     Ok(state.view)
 }

@@ -51,6 +51,8 @@ pub(super) struct HeldState {
     yield_until: Option<Instant>,
     /// When the held database was last used.
     last_used: Option<Instant>,
+    /// Kept open until then even when idle: a burst of calls is under way (see `hold_for`).
+    hold_until: Option<Instant>,
     /// A deferred write is not yet durable (see `crate::deferring_durability`).
     pub(super) deferred: bool,
 }
@@ -71,6 +73,7 @@ impl Holder {
                 open: None,
                 yield_until: None,
                 last_used: None,
+                hold_until: None,
                 deferred: false,
             }),
         })
@@ -81,16 +84,19 @@ impl Holder {
         self.state().open.is_some()
     }
 
-    /// Close the database if it has not been used for [`IDLE_FOR`].
+    /// Close the database if it has not been used for [`IDLE_FOR`] and no hold runs.
     fn close_if_idle(&self, now: Instant) {
         let mut st = self.state();
-        if st.open.is_some()
-            && st
-                .last_used
-                .is_none_or(|t| now.duration_since(t) >= IDLE_FOR)
-        {
+        if st.open.is_some() && idle(st.last_used, st.hold_until, now) {
             st.release();
         }
+    }
+
+    /// Keep the database open until at least `until`, idle or not; another process's knock
+    /// still closes it at once.
+    pub(super) fn hold_until(&self, until: Instant) {
+        let mut st = self.state();
+        st.hold_until = Some(st.hold_until.map_or(until, |t| t.max(until)));
     }
 
     /// The holder's state; a panic in another operation leaves it usable (it is only handles).
@@ -104,6 +110,12 @@ impl Holder {
         st.yield_until = Some(Instant::now() + YIELD_FOR);
         st.release();
     }
+}
+
+/// Whether a held database last used at `last_used`, held until `hold_until`, is idle at `now`.
+fn idle(last_used: Option<Instant>, hold_until: Option<Instant>, now: Instant) -> bool {
+    last_used.is_none_or(|t| now.duration_since(t) >= IDLE_FOR)
+        && hold_until.is_none_or(|t| now >= t)
 }
 
 impl HeldState {
@@ -235,6 +247,7 @@ mod tests {
             open: None,
             yield_until: None,
             last_used: None,
+            hold_until: None,
             deferred: false,
         };
         let now = Instant::now();
@@ -244,5 +257,20 @@ mod tests {
         assert!(st.yielding(now + YIELD_FOR / 2));
         assert!(!st.yielding(now + YIELD_FOR));
         assert_eq!(st.yield_until, None);
+    }
+
+    #[test]
+    fn a_hold_keeps_an_idle_store_open_until_it_ends() {
+        let t0 = Instant::now();
+        assert!(idle(None, None, t0), "never used");
+        assert!(!idle(Some(t0), None, t0 + IDLE_FOR / 2));
+        assert!(idle(Some(t0), None, t0 + IDLE_FOR));
+        let hold = t0 + IDLE_FOR * 8;
+        assert!(
+            !idle(Some(t0), Some(hold), t0 + IDLE_FOR),
+            "held past the idle time"
+        );
+        assert!(idle(Some(t0), Some(hold), hold), "the hold has ended");
+        assert!(!idle(Some(hold), Some(hold), hold), "used again just now");
     }
 }
