@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """ferrynet as Docker's network driver, beside Docker's own bridge driver, in one run.
 
-    sudo python3 bench/docker.py startup [--n 50] [--served-by plugin|agent]
+    sudo python3 bench/docker.py startup [--n 50] [--served-by plugin|agent] [--raw PATH]
     sudo python3 bench/docker.py ports   [--reps 3] [--served-by plugin|agent]
 
 startup: time from `docker run -d --network N IMAGE <tcp server>` to the first TCP connection the
@@ -9,6 +9,8 @@ startup: time from `docker run -d --network N IMAGE <tcp server>` to the first T
          The client is a prober container on the same network: a Python loop run in the prober's
          network namespace (nsenter --net), connecting to the container's address (given with
          --ip, so no `docker inspect` sits between `docker run` returning and the first try).
+         Each ratio comes with a 95% bootstrap interval (the rounds' pairs resampled);
+         --raw PATH keeps every sample as JSON.
 ports:   new TCP connections per second through a published port (`-p HOSTPORT:80`) with 0 and
          1,000 other ports published (five containers, `-p 20000-20199:20000-20199` and so on),
          ferrynet and Docker's bridge (iptables DNAT + docker-proxy) alternating. The client

@@ -67,6 +67,15 @@ def fn(host, *args, check=True, timeout=120):
                check=check, timeout=timeout)
 
 
+def log_tail(host, lines=40):
+    """The last lines of a lab host's agent log (for a failure's report)."""
+    try:
+        with open(f"/run/ferrynet-lab/{LAB}/{host}/agent.log", errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError as e:
+        return f"(no log: {e})"
+
+
 def lab(*args, check=True):
     return run(FERRYNET, "lab", *args, "--name", LAB, check=check)
 
@@ -250,7 +259,11 @@ def audit():
             if prods:
                 leaks.append(f"store: service {svc} keeps {len(prods)} producers")
     # Routes and FDB entries only towards live hosts' blocks (every host is live here).
-    st = json.loads(fn("h1", "status", "--json").stdout)
+    p = fn("h1", "status", "--json", check=False)
+    if p.returncode != 0:
+        raise RuntimeError(f"h1's agent does not answer: {p.stderr.strip()}\n"
+                           f"the end of its log:\n{log_tail('h1')}")
+    st = json.loads(p.stdout)
     peers = {p["host"] for n in st.get("networks", []) for p in n.get("peers", [])}
     if peers - set(HOSTS):
         leaks.append(f"h1 routes to departed hosts {peers - set(HOSTS)}")
