@@ -12,7 +12,8 @@
 //! Holding starts at a write (reads of a file not held use the cheap read-only open) and ends
 //! after [`IDLE_FOR`] without an operation: the close then happens on the listener's thread,
 //! off every caller's path, and an idle agent leaves the file free, so a CNI call beside it
-//! pays no hand-off.
+//! pays no hand-off. A caller that knows a burst is coming (the Docker server) extends that
+//! with a hold (`Holder::hold_until`); a knock still ends a hold at once.
 
 use std::fs::File;
 use std::os::fd::AsFd;
